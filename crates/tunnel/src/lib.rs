@@ -1,1 +1,65 @@
-//! Placeholder.
+//! `tower-tunnel`: the transport between tower-agent and tower-server.
+//!
+//! * [`tls`]: rustls configurations — a server identity, and an agent that trusts only
+//!   the CA from its manifest (a PEM or a `sha256:` pin), never "anything".
+//! * [`dial`]: the agent's side of a tunnel: TCP (through an HTTP CONNECT proxy when
+//!   `HTTPS_PROXY` says so), TLS, then the `GET /v1/tunnel` upgrade.
+//! * [`session`]: one yamux connection driven by one task ([`session::Driver`]), used
+//!   through a cloneable [`SessionHandle`].
+//! * [`control`]: the control stream: keepalive pings with a pong deadline, drain.
+//! * [`stream`]: a yamux stream as tokio and hyper I/O, and its preamble.
+
+pub mod control;
+pub mod dial;
+pub mod session;
+pub mod stream;
+pub mod tls;
+
+pub use session::{SessionConfig, SessionHandle};
+pub use stream::TunnelStream;
+
+/// Errors of the tunnel layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// A socket operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS setup or handshake failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The server answered the tunnel upgrade with a refusal.
+    #[error("server refused the tunnel ({status}): {reason}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The server's plain-text reason.
+        reason: String,
+    },
+    /// The peer broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The yamux session is closed or failed.
+    #[error("tunnel closed: {0}")]
+    Closed(String),
+    /// The tunnel carries as many streams as it may.
+    #[error("tunnel has reached its limit of {0} concurrent streams")]
+    StreamLimit(usize),
+    /// A timeout expired.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+}
+
+impl TunnelError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        TunnelError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

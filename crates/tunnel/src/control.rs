@@ -1,0 +1,186 @@
+//! The control stream: keepalive with a pong deadline, drain and server info.
+//!
+//! The server opens one control stream per tunnel right after the handshake. Both sides
+//! then run [`run`]: every `interval` each sends a ping and expects the pong within
+//! `timeout`; a missed pong ends the loop with [`TunnelError::Timeout`], and the caller
+//! closes the tunnel. A half-open link (blackholed, frozen peer, a load balancer that
+//! silently dropped the flow) is so noticed within `interval + timeout`.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tower_proto::ControlMessage;
+
+use crate::{TunnelError, TunnelStream};
+
+/// Keepalive timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// How often to ping.
+    pub interval: Duration,
+    /// How long a pong may take.
+    pub timeout: Duration,
+}
+
+impl Keepalive {
+    /// Pings every `interval`, allowing each pong as long again (at least 2 s).
+    pub fn new(interval: Duration) -> Self {
+        Keepalive {
+            interval,
+            timeout: interval.max(Duration::from_secs(2)),
+        }
+    }
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive::new(Duration::from_secs(10))
+    }
+}
+
+/// Runs the control stream until it ends, a pong is late, or the peer breaks protocol.
+///
+/// Messages on `outgoing` are sent to the peer; every message from the peer other than
+/// ping and pong goes to `events`. Returns `Ok` when the peer closes the stream cleanly.
+pub async fn run(
+    stream: TunnelStream,
+    keepalive: Keepalive,
+    mut outgoing: mpsc::Receiver<ControlMessage>,
+    events: mpsc::Sender<ControlMessage>,
+) -> Result<(), TunnelError> {
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut ticker = tokio::time::interval(keepalive.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.reset(); // the first ping after one interval, not at once
+    let mut buf = BytesMut::with_capacity(256);
+    let mut out = BytesMut::with_capacity(64);
+    let mut nonce: u64 = rand::random();
+    let mut awaiting: Option<(u64, Instant)> = None;
+    let mut outgoing_open = true;
+    loop {
+        let deadline = awaiting.map(|(_, sent)| sent + keepalive.timeout);
+        tokio::select! {
+            read = reader.read_buf(&mut buf) => {
+                let n = read.map_err(|e| TunnelError::io("reading control stream", e))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                while let Some(message) = ControlMessage::decode(&mut buf)
+                    .map_err(|e| TunnelError::Protocol(format!("control stream: {e}")))?
+                {
+                    match message {
+                        ControlMessage::Ping { nonce } => {
+                            ControlMessage::Pong { nonce }.encode(&mut out).map_err(protocol)?;
+                        }
+                        ControlMessage::Pong { nonce } => {
+                            if awaiting.is_some_and(|(want, _)| want == nonce) {
+                                awaiting = None;
+                            }
+                        }
+                        ControlMessage::Unknown { kind } => {
+                            tracing::debug!(kind, "skipping unknown control message");
+                        }
+                        other => {
+                            let _ = events.send(other).await;
+                        }
+                    }
+                }
+            }
+            _ = ticker.tick(), if awaiting.is_none() => {
+                nonce = nonce.wrapping_add(1);
+                ControlMessage::Ping { nonce }.encode(&mut out).map_err(protocol)?;
+                awaiting = Some((nonce, Instant::now()));
+            }
+            () = sleep_until(deadline) => {
+                return Err(TunnelError::Timeout("no pong within the keepalive deadline"));
+            }
+            message = outgoing.recv(), if outgoing_open => match message {
+                Some(message) => message.encode(&mut out).map_err(protocol)?,
+                None => outgoing_open = false,
+            },
+        }
+        if !out.is_empty() {
+            let budget = keepalive.timeout;
+            tokio::time::timeout(budget, writer.write_all(&out))
+                .await
+                .map_err(|_| TunnelError::Timeout("control stream write stalled"))?
+                .map_err(|e| TunnelError::io("writing control stream", e))?;
+            out.clear();
+        }
+    }
+}
+
+fn protocol(e: tower_proto::DecodeError) -> TunnelError {
+    TunnelError::Protocol(e.to_string())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::session::{self, Role, SessionConfig};
+
+    async fn control_pair() -> (TunnelStream, TunnelStream, Vec<session::SessionHandle>) {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let config = SessionConfig::default();
+        let (server, _, sd) = session::start(a, Role::Server, &config);
+        let (agent, mut inbound, ad) = session::start(b, Role::Agent, &config);
+        tokio::spawn(sd.run());
+        tokio::spawn(ad.run());
+        let mut s = server.open_stream().await.unwrap();
+        s.write_all(&[0]).await.unwrap(); // make the stream known to the peer
+        let mut a = inbound.recv().await.unwrap();
+        let mut one = [0u8; 1];
+        a.read_exact(&mut one).await.unwrap();
+        (s, a, vec![server, agent])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn live_peers_keep_pinging_and_deliver_drain() {
+        let (s, a, _handles) = control_pair().await;
+        let ka = Keepalive::new(Duration::from_secs(5));
+        let (to_agent, server_out) = mpsc::channel(4);
+        let (_keep, agent_out) = mpsc::channel(4);
+        let (server_events, _se) = mpsc::channel(4);
+        let (agent_events, mut ae) = mpsc::channel(4);
+        let server = tokio::spawn(run(s, ka, server_out, server_events));
+        let agent = tokio::spawn(run(a, ka, agent_out, agent_events));
+        // A minute of pings both ways: nobody times out.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!server.is_finished() && !agent.is_finished());
+        to_agent
+            .send(ControlMessage::Drain { grace_ms: 1000 })
+            .await
+            .unwrap();
+        assert_eq!(
+            ae.recv().await,
+            Some(ControlMessage::Drain { grace_ms: 1000 })
+        );
+        server.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_detected_within_interval_plus_timeout() {
+        let (s, _silent_agent, _handles) = control_pair().await;
+        let ka = Keepalive {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(3),
+        };
+        let (_out_tx, out) = mpsc::channel(1);
+        let (events, _rx) = mpsc::channel(1);
+        let started = Instant::now();
+        let result = run(s, ka, out, events).await;
+        assert!(matches!(result, Err(TunnelError::Timeout(_))), "{result:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(8));
+    }
+}

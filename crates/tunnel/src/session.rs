@@ -1,0 +1,304 @@
+//! One yamux connection, driven by one task.
+//!
+//! yamux only makes progress while its connection is polled, so [`start`] moves the
+//! connection into a [`Driver`] future that the caller spawns; everything else talks to
+//! it through a cloneable [`SessionHandle`] (open a stream, close, wait for the end).
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::{TunnelError, TunnelStream};
+
+/// Which end of the tunnel this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// tower-server: opens streams, accepts none.
+    Server,
+    /// tower-agent: accepts streams, opens none.
+    Agent,
+}
+
+/// Session limits.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Most streams open at once on one tunnel.
+    pub max_streams: usize,
+    /// Largest yamux data frame.
+    pub split_send_size: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_streams: 16_384,
+            split_send_size: 64 * 1024,
+        }
+    }
+}
+
+enum Command {
+    Open(oneshot::Sender<Result<yamux::Stream, TunnelError>>),
+}
+
+/// A cloneable handle on a running session.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    slots: Arc<Semaphore>,
+    max_streams: usize,
+    close: CancellationToken,
+    closed: CancellationToken,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Open")
+    }
+}
+
+impl SessionHandle {
+    /// Opens a stream toward the peer. Fails at once when the tunnel is closed or carries
+    /// its maximum of streams (never waits for a slot, so callers can answer 503).
+    pub async fn open_stream(&self) -> Result<TunnelStream, TunnelError> {
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| TunnelError::StreamLimit(self.max_streams))?;
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Open(tx))
+            .map_err(|_| TunnelError::Closed("session driver has stopped".into()))?;
+        let stream = rx
+            .await
+            .map_err(|_| TunnelError::Closed("session driver has stopped".into()))??;
+        Ok(TunnelStream::new(stream, Some(slot)))
+    }
+
+    /// Streams open now (through this handle's slots).
+    pub fn open_streams(&self) -> usize {
+        self.max_streams - self.slots.available_permits()
+    }
+
+    /// Asks the driver to close the connection (a yamux GoAway, then the socket).
+    pub fn close(&self) {
+        self.close.cancel();
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves when the session has ended.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+}
+
+/// Streams the peer opened (only the agent receives any).
+pub type Inbound = mpsc::Receiver<TunnelStream>;
+
+/// Starts a session on an established connection.
+///
+/// Returns the handle, the peer-opened streams (always empty for [`Role::Server`]: the
+/// agent never opens streams toward the host, and such streams are reset), and the
+/// driver to spawn.
+pub fn start<T>(io: T, role: Role, config: &SessionConfig) -> (SessionHandle, Inbound, Driver<T>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut yamux_config = yamux::Config::default();
+    // Stream credit is a promise, not an allocation; yamux asserts this bound.
+    yamux_config.set_max_connection_receive_window(None);
+    // Twice the limit: yamux fails the whole connection when asked for one stream too
+    // many, and it forgets dropped streams only when the driver next runs.
+    yamux_config.set_max_num_streams(config.max_streams * 2);
+    yamux_config.set_split_send_size(config.split_send_size);
+    let mode = match role {
+        Role::Server => yamux::Mode::Client,
+        Role::Agent => yamux::Mode::Server,
+    };
+    let connection = yamux::Connection::new(io.compat(), yamux_config, mode);
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (inbound_tx, inbound) = mpsc::channel(1024);
+    let handle = SessionHandle {
+        commands,
+        slots: Arc::new(Semaphore::new(config.max_streams)),
+        max_streams: config.max_streams,
+        close: CancellationToken::new(),
+        closed: CancellationToken::new(),
+    };
+    let driver = Driver {
+        connection,
+        commands: command_rx,
+        inbound: (role == Role::Agent).then_some(inbound_tx),
+        close: handle.close.clone(),
+        closed: handle.closed.clone(),
+    };
+    (handle, inbound, driver)
+}
+
+/// Owns the yamux connection; run it with [`Driver::run`] on its own task.
+pub struct Driver<T> {
+    connection: yamux::Connection<Compat<T>>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    inbound: Option<mpsc::Sender<TunnelStream>>,
+    close: CancellationToken,
+    closed: CancellationToken,
+}
+
+enum Event {
+    Inbound(yamux::Stream),
+    Close,
+    Ended(Result<(), yamux::ConnectionError>),
+}
+
+impl<T> Driver<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Drives the connection until it ends; returns why it ended.
+    pub async fn run(mut self) -> Result<(), TunnelError> {
+        let result = self.drive().await;
+        self.closed.cancel();
+        result.map_err(|e| TunnelError::Closed(e.to_string()))
+    }
+
+    async fn drive(&mut self) -> Result<(), yamux::ConnectionError> {
+        let mut pending: VecDeque<oneshot::Sender<Result<yamux::Stream, TunnelError>>> =
+            VecDeque::new();
+        let close = self.close.clone();
+        let mut close_requested = std::pin::pin!(close.cancelled());
+        loop {
+            let event = poll_fn(|cx| {
+                if close_requested.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Close);
+                }
+                while let Poll::Ready(Some(Command::Open(reply))) = self.commands.poll_recv(cx) {
+                    pending.push_back(reply);
+                }
+                while !pending.is_empty() {
+                    match self.connection.poll_new_outbound(cx) {
+                        Poll::Ready(Ok(stream)) => {
+                            if let Some(reply) = pending.pop_front() {
+                                let _ = reply.send(Ok(stream));
+                            }
+                        }
+                        Poll::Ready(Err(e)) => {
+                            for reply in pending.drain(..) {
+                                let _ = reply.send(Err(TunnelError::Closed(e.to_string())));
+                            }
+                            return Poll::Ready(Event::Ended(Err(e)));
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                match self.connection.poll_next_inbound(cx) {
+                    Poll::Ready(Some(Ok(stream))) => Poll::Ready(Event::Inbound(stream)),
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Event::Ended(Err(e))),
+                    Poll::Ready(None) => Poll::Ready(Event::Ended(Ok(()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            match event {
+                Event::Inbound(stream) => match &self.inbound {
+                    Some(tx) => {
+                        if let Err(e) = tx.try_send(TunnelStream::new(stream, None)) {
+                            tracing::warn!(error = %e, "dropping a stream the peer opened: nobody takes it");
+                        }
+                    }
+                    None => {
+                        tracing::warn!("the agent opened a stream; agents may not, resetting it");
+                        drop(stream);
+                    }
+                },
+                Event::Close => {
+                    for reply in pending.drain(..) {
+                        let _ = reply.send(Err(TunnelError::Closed("session closing".into())));
+                    }
+                    let connection = &mut self.connection;
+                    return poll_fn(|cx| connection.poll_close(cx)).await;
+                }
+                Event::Ended(result) => {
+                    for reply in pending.drain(..) {
+                        let _ = reply.send(Err(TunnelError::Closed("session ended".into())));
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn pair(max_streams: usize) -> (SessionHandle, SessionHandle, Inbound) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let config = SessionConfig {
+            max_streams,
+            ..SessionConfig::default()
+        };
+        let (server, mut server_inbound, server_driver) = start(a, Role::Server, &config);
+        let (agent, agent_inbound, agent_driver) = start(b, Role::Agent, &config);
+        tokio::spawn(server_driver.run());
+        tokio::spawn(agent_driver.run());
+        server_inbound.close();
+        (server, agent, agent_inbound)
+    }
+
+    #[tokio::test]
+    async fn server_opens_streams_and_bytes_flow_both_ways() {
+        let (server, _agent, mut inbound) = pair(8);
+        let echo = tokio::spawn(async move {
+            let mut s = inbound.recv().await.unwrap();
+            let mut buf = vec![0; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+            s.shutdown().await.unwrap();
+        });
+        let mut s = server.open_stream().await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"hello");
+        echo.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stream_limit_refuses_at_once_and_frees_on_drop() {
+        let (server, _agent, _inbound) = pair(2);
+        let a = server.open_stream().await.unwrap();
+        let _b = server.open_stream().await.unwrap();
+        assert!(matches!(
+            server.open_stream().await,
+            Err(TunnelError::StreamLimit(2))
+        ));
+        assert_eq!(server.open_streams(), 2);
+        drop(a);
+        assert!(server.open_stream().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn close_ends_both_sides() {
+        let (server, agent, _inbound) = pair(8);
+        server.close();
+        tokio::time::timeout(std::time::Duration::from_secs(5), agent.closed())
+            .await
+            .unwrap();
+        server.closed().await;
+        assert!(server.open_stream().await.is_err());
+    }
+}

@@ -1,0 +1,97 @@
+//! A yamux stream as tokio I/O (and so as hyper I/O through `TokioIo`), with its preamble.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tower_proto::Preamble;
+
+use crate::TunnelError;
+
+/// One stream of a tunnel. Holds a slot of its session's stream limit until dropped.
+pub struct TunnelStream {
+    inner: Compat<yamux::Stream>,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl std::fmt::Debug for TunnelStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelStream")
+            .field("id", &self.inner.get_ref().id())
+            .finish()
+    }
+}
+
+impl TunnelStream {
+    pub(crate) fn new(stream: yamux::Stream, slot: Option<OwnedSemaphorePermit>) -> Self {
+        TunnelStream {
+            inner: stream.compat(),
+            _slot: slot,
+        }
+    }
+
+    /// Writes `preamble` at the start of the stream.
+    pub async fn write_preamble(&mut self, preamble: &Preamble) -> Result<(), TunnelError> {
+        let mut buf = BytesMut::with_capacity(64);
+        preamble
+            .encode(&mut buf)
+            .map_err(|e| TunnelError::Protocol(e.to_string()))?;
+        self.write_all(&buf)
+            .await
+            .map_err(|e| TunnelError::io("writing stream preamble", e))
+    }
+
+    /// Reads the preamble at the start of the stream, and not a byte more.
+    pub async fn read_preamble(&mut self) -> Result<Preamble, TunnelError> {
+        let mut buf = BytesMut::with_capacity(64);
+        let mut want = 4;
+        loop {
+            let start = buf.len();
+            buf.resize(want, 0);
+            self.read_exact(&mut buf[start..])
+                .await
+                .map_err(|e| TunnelError::io("reading stream preamble", e))?;
+            let mut view = &buf[..];
+            match Preamble::decode(&mut view) {
+                Ok(Some(preamble)) => return Ok(preamble),
+                Ok(None) => {
+                    // The header says how long the body is; ask for exactly that.
+                    let body = u16::from_be_bytes([buf[2], buf[3]]) as usize;
+                    want = 4 + body;
+                }
+                Err(e) => return Err(TunnelError::Protocol(e.to_string())),
+            }
+        }
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

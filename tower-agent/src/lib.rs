@@ -1,1 +1,465 @@
-//! Placeholder.
+//! `tower-agent`: the member side of Tower.
+//!
+//! The agent dials *out* to tower-server ([`tower_tunnel::dial`]), holds the tunnel, and
+//! serves each stream the server opens: a control stream (keepalive, drain) or an HTTP
+//! stream for one of its targets. For the `kubernetes` target it verifies the caller's
+//! JWT with its own copy of the jwtSecret, removes the caller's `Authorization` and any
+//! `Impersonate-*` headers, and calls its kube-apiserver with its own credentials plus
+//! `Impersonate-User`/`Impersonate-Group`, so member RBAC applies to the real user.
+//! Other targets exist only when configured ([`Config::targets`]); anything else is
+//! refused. The agent never opens streams toward the host.
+//!
+//! Key types: [`Config`], [`upstream::Upstream`]; entry point [`run`].
+
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_auth::Verifier;
+use tower_proto::preamble::KUBERNETES_TARGET;
+use tower_proto::{ControlMessage, StreamKind};
+use tower_tunnel::control::{self, Keepalive};
+use tower_tunnel::dial::{self, DialConfig};
+use tower_tunnel::http::{failure, strip_hop_by_hop};
+use tower_tunnel::session::{self, Role};
+use tower_tunnel::{SessionConfig, TunnelStream};
+
+use crate::upstream::{Credentials, Upstream};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Reconnect backoff: exponential with full jitter, capped, reset after a healthy tunnel.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// First delay's upper bound.
+    pub base: Duration,
+    /// Largest delay.
+    pub max: Duration,
+    /// A tunnel up this long resets the backoff.
+    pub healthy_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+            healthy_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `attempt` (0-based): uniform in `[0, min(max, base·2^attempt)]`.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+            .min(self.max);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+}
+
+/// Everything `run` needs, validated.
+pub struct Config {
+    /// How to reach the server.
+    pub dial: DialConfig,
+    /// Checks callers' JWTs.
+    pub verifier: Verifier,
+    /// The targets this agent serves; always holds `kubernetes`.
+    pub targets: HashMap<String, Upstream>,
+    /// Keepalive on the tunnel (the server's wish wins when it asks for more often).
+    pub keepalive: Keepalive,
+    /// Reconnect policy.
+    pub backoff: Backoff,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("server", &format!("{}:{}", self.dial.host, self.dial.port))
+            .field("cluster", &self.dial.cluster)
+            .field("targets", &self.targets.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Serving the admin listener failed.
+    #[error("admin listener: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Runs the agent until `shutdown`: keeps a tunnel up, and serves `/healthz` and
+/// `/readyz` (ready = tunnel up) on `admin`.
+pub async fn run(
+    config: Config,
+    admin: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(listener) = admin {
+        tokio::spawn(serve_admin(listener, ready.clone(), shutdown.clone()));
+    }
+    let config = Arc::new(config);
+    let mut attempt: u32 = 0;
+    while !shutdown.is_cancelled() {
+        let started = Instant::now();
+        let outcome = match dial::dial(&config.dial).await {
+            Ok(dialed) => {
+                tracing::info!(
+                    server = %format!("{}:{}", config.dial.host, config.dial.port),
+                    server_id = %dialed.hello.server_id,
+                    "tunnel up"
+                );
+                ready.store(true, Ordering::SeqCst);
+                let outcome = hold_tunnel(dialed, config.clone(), shutdown.clone()).await;
+                ready.store(false, Ordering::SeqCst);
+                outcome
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dialing tower-server failed");
+                Ended::Failed
+            }
+        };
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if started.elapsed() >= config.backoff.healthy_after {
+            attempt = 0;
+        }
+        let delay = match outcome {
+            // The server asked us to go: dial again at once (another replica answers).
+            Ended::Drained => Duration::ZERO,
+            Ended::Closed | Ended::Failed => {
+                let delay = config.backoff.delay(attempt);
+                attempt = attempt.saturating_add(1);
+                delay
+            }
+        };
+        tracing::info!(?delay, "reconnecting");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    Ok(())
+}
+
+enum Ended {
+    Closed,
+    Drained,
+    Failed,
+}
+
+/// Serves one tunnel until it closes, the server drains it, or shutdown.
+async fn hold_tunnel(
+    dialed: dial::Dialed,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) -> Ended {
+    let (handle, mut inbound, driver) =
+        session::start(dialed.io, Role::Agent, &SessionConfig::default());
+    let driver = tokio::spawn(driver.run());
+    let keepalive = Keepalive {
+        interval: config
+            .keepalive
+            .interval
+            .min(Duration::from_millis(dialed.hello.keepalive_ms.max(100))),
+        ..config.keepalive
+    };
+    let (drained_tx, mut drained_rx) = mpsc::channel::<()>(1);
+    let streams = TaskTracker::new();
+    let serving = {
+        let handle = handle.clone();
+        let config = config.clone();
+        let streams = streams.clone();
+        tokio::spawn(async move {
+            while let Some(stream) = inbound.recv().await {
+                let config = config.clone();
+                let handle = handle.clone();
+                let drained_tx = drained_tx.clone();
+                streams.spawn(async move {
+                    serve_stream(stream, config, keepalive, handle, drained_tx).await;
+                });
+            }
+        })
+    };
+    let ended = tokio::select! {
+        () = handle.closed() => Ended::Closed,
+        Some(()) = drained_rx.recv() => Ended::Drained,
+        () = shutdown.cancelled() => {
+            handle.close();
+            Ended::Closed
+        }
+    };
+    if matches!(ended, Ended::Drained) {
+        // Let in-flight streams finish on the old tunnel while we dial a new one; the
+        // server closes it when its grace period ends.
+        tokio::spawn(async move {
+            let _ = driver.await;
+            let _ = serving.await;
+        });
+    } else {
+        let _ = driver.await;
+        serving.abort();
+    }
+    ended
+}
+
+async fn serve_stream(
+    mut stream: TunnelStream,
+    config: Arc<Config>,
+    keepalive: Keepalive,
+    session: tower_tunnel::SessionHandle,
+    drained: mpsc::Sender<()>,
+) {
+    let preamble = match tokio::time::timeout(Duration::from_secs(10), stream.read_preamble()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "bad stream preamble");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("stream preamble did not arrive in time");
+            return;
+        }
+    };
+    match preamble.kind {
+        StreamKind::Control => {
+            let (_out_tx, out_rx) = mpsc::channel(1);
+            let (events_tx, mut events_rx) = mpsc::channel(8);
+            let watch_events = async {
+                while let Some(event) = events_rx.recv().await {
+                    if let ControlMessage::Drain { grace_ms } = event {
+                        tracing::info!(grace_ms, server_id = %preamble.server_id, "server is draining this tunnel");
+                        let _ = drained.send(()).await;
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(
+                control::run(stream, keepalive, out_rx, events_tx),
+                watch_events
+            );
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "control stream failed: closing the tunnel");
+            }
+            session.close();
+        }
+        StreamKind::Http => {
+            let target = preamble.target;
+            let service = service_fn(move |req| {
+                let config = config.clone();
+                let target = target.clone();
+                async move { Ok::<_, Infallible>(handle_request(&config, &target, req).await) }
+            });
+            let result = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(300))
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "tunnel stream ended with an error");
+            }
+        }
+    }
+}
+
+fn reply(response: Response<Full<Bytes>>) -> Response<Body> {
+    response.map(|b| b.map_err(|never| match never {}).boxed())
+}
+
+/// Checks, rewrites and forwards one request to `target`.
+async fn handle_request(config: &Config, target: &str, mut req: Request<Incoming>) -> Response<Body> {
+    let Some(upstream) = config.targets.get(target) else {
+        return reply(failure(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("target {target:?} is not on this agent's allowlist"),
+        ));
+    };
+    let token = tower_auth::bearer(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    let identity = match config.verifier.verify_user(token) {
+        Ok(identity) => identity,
+        Err(e) => {
+            return reply(failure(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                &format!("tower-agent: {e}"),
+            ));
+        }
+    };
+    let client_upgrade = req
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    parts.uri = match upstream.uri_for(&path) {
+        Ok(uri) => uri,
+        Err(e) => {
+            return reply(failure(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()));
+        }
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    if let Some(credentials) = &upstream.credentials {
+        // The member is the authority: replace whatever the caller sent with our own
+        // credentials and the verified identity.
+        parts.headers.remove(header::AUTHORIZATION);
+        let impersonation: Vec<_> = parts
+            .headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("impersonate-"))
+            .cloned()
+            .collect();
+        for name in impersonation {
+            parts.headers.remove(name);
+        }
+        match credentials {
+            Credentials::Token(token) => set_bearer(&mut parts.headers, token),
+            Credentials::TokenFile(file) => match file.token() {
+                Ok(token) => set_bearer(&mut parts.headers, &token),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the ServiceAccount token");
+                    return reply(failure(
+                        StatusCode::BAD_GATEWAY,
+                        "InternalError",
+                        "tower-agent cannot read its ServiceAccount token",
+                    ));
+                }
+            },
+            Credentials::ClientCertificate | Credentials::None => {}
+        }
+        match header::HeaderValue::from_str(&identity.user) {
+            Ok(user) => {
+                parts.headers.insert("impersonate-user", user);
+            }
+            Err(_) => {
+                return reply(failure(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the token's user name cannot be sent as a header",
+                ));
+            }
+        }
+        for group in &identity.groups {
+            if let Ok(group) = header::HeaderValue::from_str(group) {
+                parts.headers.append("impersonate-group", group);
+            }
+        }
+    }
+    let request = Request::from_parts(parts, body.boxed_unsync());
+    let mut response = match upstream.send(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::warn!(%target, error = %e, "upstream request failed");
+            return reply(failure(
+                StatusCode::BAD_GATEWAY,
+                "InternalError",
+                &format!("tower-agent could not reach its {target} upstream: {e}"),
+            ));
+        }
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tower_tunnel::http::join_upgrades(client_upgrade, upstream_upgrade));
+        }
+    } else {
+        strip_hop_by_hop(response.headers_mut());
+    }
+    response.map(|b| b.boxed())
+}
+
+fn set_bearer(headers: &mut http::HeaderMap, token: &str) {
+    if let Ok(value) = header::HeaderValue::from_str(&format!("Bearer {token}")) {
+        headers.insert(header::AUTHORIZATION, value);
+    }
+}
+
+async fn serve_admin(listener: TcpListener, ready: Arc<AtomicBool>, shutdown: CancellationToken) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => continue,
+            },
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let ready = ready.load(Ordering::SeqCst);
+                async move {
+                    let (code, body) = match req.uri().path() {
+                        "/healthz" | "/livez" => (StatusCode::OK, "ok\n"),
+                        "/readyz" if ready => (StatusCode::OK, "ok: tunnel up\n"),
+                        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "tunnel down\n"),
+                        _ => (StatusCode::NOT_FOUND, "endpoints: /healthz /readyz\n"),
+                    };
+                    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    *response.status_mut() = code;
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+/// The one target every agent serves.
+pub const DEFAULT_TARGET: &str = KUBERNETES_TARGET;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+            healthy_after: Duration::from_secs(1),
+        };
+        for attempt in 0..40 {
+            let d = b.delay(attempt);
+            assert!(d <= Duration::from_secs(2), "{d:?}");
+            assert!(d <= Duration::from_millis(100) * 2u32.pow(attempt.min(10)));
+        }
+        let samples: std::collections::HashSet<_> = (0..20).map(|_| b.delay(5)).collect();
+        assert!(samples.len() > 1, "full jitter varies");
+    }
+}

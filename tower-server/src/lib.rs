@@ -1,1 +1,293 @@
-//! Placeholder.
+//! `tower-server`: the host side of Tower.
+//!
+//! Agents dial the **tunnel** listener and are upgraded to yamux sessions
+//! ([`agents`](crate::agents)); callers reach `/clusters/{name}/…` on the **frontend**
+//! listener, are checked against the jwtSecret and proxied through that cluster's tunnel
+//! ([`frontend`](crate::frontend)); the **admin** listener serves health, metrics and the
+//! cluster table. [`run`] wires them together on listeners the caller has bound.
+//!
+//! Key types: [`Config`], [`Listeners`], [`registry::Registry`], [`metrics::Metrics`].
+
+mod admin;
+mod agents;
+mod frontend;
+pub mod metrics;
+pub mod pki;
+pub mod registry;
+mod status;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_auth::{Secret, Verifier};
+use tower_proto::ControlMessage;
+use tower_proto::handshake::ServerHello;
+use tower_tunnel::SessionConfig;
+use tower_tunnel::control::Keepalive;
+
+use crate::pki::TlsMaterial;
+use crate::registry::{ClusterSpec, Registry};
+use crate::status::Body;
+
+/// Limits on what callers and agents may send.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// How long a client may take to send its request headers.
+    pub header_read_timeout: Duration,
+    /// Largest request header block (beyond it: 431).
+    pub max_header_bytes: usize,
+    /// Streams per tunnel.
+    pub max_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_streams: SessionConfig::default().max_streams,
+        }
+    }
+}
+
+/// Everything `run` needs, validated.
+#[derive(Debug)]
+pub struct Config {
+    /// The jwtSecret.
+    pub secret: Secret,
+    /// Serving certificates.
+    pub tls: TlsMaterial,
+    /// The clusters file's entries; `None` admits any validly-tokened agent.
+    pub clusters: Option<Vec<ClusterSpec>>,
+    /// This replica's id.
+    pub server_id: String,
+    /// How many replicas serve the published address.
+    pub server_count: u16,
+    /// Keepalive on tunnels.
+    pub keepalive: Keepalive,
+    /// How long in-flight requests get on shutdown.
+    pub shutdown_grace: Duration,
+    /// Accept agents without TLS (only behind a load balancer that terminates TLS).
+    pub plaintext_tunnel: bool,
+    /// Limits.
+    pub limits: Limits,
+}
+
+/// The three listeners, bound by the caller (tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Agents dial this.
+    pub tunnel: TcpListener,
+    /// Callers reach clusters here.
+    pub frontend: TcpListener,
+    /// Health, metrics, cluster table.
+    pub admin: TcpListener,
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The TLS configuration is unusable.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
+
+/// Runs the server until `shutdown` is cancelled, then drains: refuses new tunnels, tells
+/// agents to go, gives in-flight requests up to the grace period, and closes.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let tls = tower_tunnel::tls::server_config(config.tls.chain.clone(), config.tls.key.clone_key())
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let acceptor = TlsAcceptor::from(tls);
+    let verifier = Verifier::new(&config.secret);
+    let registry = Registry::new(config.clusters.clone());
+    let metrics = Arc::new(metrics::Metrics::default());
+    let mut metrics_registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut metrics_registry);
+    let draining = CancellationToken::new();
+    let sessions = TaskTracker::new();
+
+    let agents = Arc::new(agents::Acceptor {
+        registry: registry.clone(),
+        verifier: verifier.clone(),
+        metrics: metrics.clone(),
+        hello: ServerHello {
+            server_id: config.server_id.clone(),
+            server_count: config.server_count,
+            keepalive_ms: config.keepalive.interval.as_millis() as u64,
+        },
+        keepalive: config.keepalive,
+        session: SessionConfig {
+            max_streams: config.limits.max_streams,
+            ..SessionConfig::default()
+        },
+        draining: draining.clone(),
+        sessions: sessions.clone(),
+        grace: config.shutdown_grace,
+    });
+    let frontend = Arc::new(frontend::Frontend::new(
+        registry.clone(),
+        verifier,
+        metrics.clone(),
+        config.server_id.clone(),
+    ));
+    let admin = Arc::new(admin::Admin {
+        registry: registry.clone(),
+        metrics: metrics_registry,
+        draining: draining.clone(),
+    });
+
+    let stop_accepting = CancellationToken::new();
+    let frontend_conns = Connections::default();
+    let other_conns = Connections::default();
+    let loops = TaskTracker::new();
+    let tunnel_tls = (!config.plaintext_tunnel).then(|| acceptor.clone());
+    loops.spawn(serve(
+        listeners.tunnel,
+        tunnel_tls,
+        config.limits.clone(),
+        stop_accepting.clone(),
+        other_conns.clone(),
+        move |req, remote| agents.clone().handle(req, remote),
+    ));
+    loops.spawn(serve(
+        listeners.frontend,
+        Some(acceptor),
+        config.limits.clone(),
+        stop_accepting.clone(),
+        frontend_conns.clone(),
+        move |req, _| frontend.clone().handle(req),
+    ));
+    loops.spawn(serve(
+        listeners.admin,
+        None,
+        config.limits.clone(),
+        stop_accepting.clone(),
+        other_conns.clone(),
+        move |req, _| admin.clone().handle(req),
+    ));
+    loops.close();
+
+    shutdown.cancelled().await;
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining tunnels");
+    draining.cancel();
+    let grace_ms = config.shutdown_grace.as_millis().min(u128::from(u32::MAX)) as u32;
+    for tunnel in registry.tunnels() {
+        let _ = tunnel.control.try_send(ControlMessage::Drain { grace_ms });
+    }
+    stop_accepting.cancel();
+    loops.wait().await;
+    frontend_conns.finish.cancel();
+    frontend_conns.tracker.close();
+    if tokio::time::timeout(config.shutdown_grace, frontend_conns.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over: closing requests still in flight");
+    }
+    for tunnel in registry.tunnels() {
+        tunnel.session.close();
+    }
+    sessions.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), sessions.wait()).await;
+    Ok(())
+}
+
+/// The connections of a listener, and the signal that asks them to finish.
+#[derive(Clone, Default)]
+struct Connections {
+    tracker: TaskTracker,
+    finish: CancellationToken,
+}
+
+/// Accepts connections on `listener` until `stop`, serving HTTP/1.1 (with upgrades) with
+/// `handler`, over TLS when `tls` is given.
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: Limits,
+    stop: CancellationToken,
+    connections: Connections,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    loop {
+        let (tcp, remote) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let tls = tls.clone();
+        let handler = handler.clone();
+        let limits = limits.clone();
+        let finish = connections.finish.clone();
+        connections.tracker.spawn(async move {
+            let io = match tls {
+                Some(tls) => {
+                    match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => Either::Left(stream),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+                None => Either::Right(tcp),
+            };
+            let service = service_fn(move |req| {
+                let response = handler(req, remote);
+                async move { Ok::<_, Infallible>(response.await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192))
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = finish.cancelled() => {
+                    // Finish the request in flight, then close.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}

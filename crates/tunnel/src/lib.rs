@@ -6,11 +6,13 @@
 //!   `HTTPS_PROXY` says so), TLS, then the `GET /v1/tunnel` upgrade.
 //! * [`session`]: one yamux connection driven by one task ([`session::Driver`]), used
 //!   through a cloneable [`SessionHandle`].
+//! * [`http`]: what both proxies share: hop-by-hop headers, upgrades, `Status` errors.
 //! * [`control`]: the control stream: keepalive pings with a pong deadline, drain.
 //! * [`stream`]: a yamux stream as tokio and hyper I/O, and its preamble.
 
 pub mod control;
 pub mod dial;
+pub mod http;
 pub mod session;
 pub mod stream;
 pub mod tls;

@@ -1,0 +1,116 @@
+//! HTTP helpers both proxies (server frontend, agent) share: hop-by-hop header removal,
+//! joining two upgraded connections, and Kubernetes `Status` error bodies.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+
+/// A Kubernetes `Status` failure with `code`, a machine `reason` and a human `message`.
+pub fn failure(code: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
+    let status = format!(
+        "{{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{{}},\"status\":\"Failure\",\"message\":{},\"reason\":{},\"code\":{}}}",
+        json_string(message),
+        json_string(reason),
+        code.as_u16()
+    );
+    let mut response = Response::new(Full::new(Bytes::from(status)));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Copies bytes both ways between two upgraded connections until both are done.
+pub async fn join_upgrades(a: hyper::upgrade::OnUpgrade, b: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(a, b) {
+        Ok((a, b)) => {
+            let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, keeping `Connection: Upgrade` and `Upgrade` when asked.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let upgrading = headers.contains_key(header::UPGRADE);
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .filter(|name| !(upgrading && name == header::UPGRADE))
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    if upgrading {
+        headers.insert(header::CONNECTION, header::HeaderValue::from_static("Upgrade"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_but_upgrades_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::ACCEPT, "application/json".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        let mut up = HeaderMap::new();
+        up.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        up.insert(header::UPGRADE, "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut up);
+        assert_eq!(up.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(up.get(header::CONNECTION).unwrap(), "Upgrade");
+    }
+
+    #[test]
+    fn failure_is_a_status_object() {
+        let r = failure(StatusCode::FORBIDDEN, "Forbidden", "say \"no\"\\");
+        assert_eq!(r.status(), 403);
+        let body = r.into_body();
+        let _ = body;
+    }
+}

@@ -1,0 +1,172 @@
+//! The agent's upstreams: the member's kube-apiserver (with the agent's own credentials
+//! and impersonation) and optional named targets.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Uri;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use kube::client::ConfigExt;
+use secrecy::ExposeSecret;
+
+/// Request bodies sent upstream.
+pub(crate) type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// How the agent authenticates to its kube-apiserver.
+#[derive(Debug)]
+pub enum Credentials {
+    /// A client certificate (in the TLS config); nothing to add to requests.
+    ClientCertificate,
+    /// A fixed bearer token from the kubeconfig.
+    Token(String),
+    /// A ServiceAccount token file, re-read when it rotates.
+    TokenFile(TokenFile),
+    /// No credentials.
+    None,
+}
+
+/// A token file read at most every `refresh`, so a rotated token is picked up.
+#[derive(Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+    refresh: Duration,
+    cached: Mutex<Option<(String, Instant)>>,
+}
+
+impl TokenFile {
+    /// Reads `path` now (to fail early) and again whenever the cached copy is older
+    /// than `refresh`.
+    pub fn new(path: PathBuf, refresh: Duration) -> Result<Self, String> {
+        let file = TokenFile {
+            path,
+            refresh,
+            cached: Mutex::new(None),
+        };
+        file.token()?;
+        Ok(file)
+    }
+
+    /// The current token.
+    pub fn token(&self) -> Result<String, String> {
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((token, read_at)) = cached.as_ref()
+            && read_at.elapsed() < self.refresh
+        {
+            return Ok(token.clone());
+        }
+        let token = std::fs::read_to_string(&self.path)
+            .map_err(|e| format!("reading token file {}: {e}", self.path.display()))?
+            .trim()
+            .to_owned();
+        *cached = Some((token.clone(), Instant::now()));
+        Ok(token)
+    }
+}
+
+/// One upstream the agent forwards to.
+pub struct Upstream {
+    /// Scheme and authority (and any path prefix) of the upstream.
+    base: Uri,
+    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    /// Credentials for the kube-apiserver; `None` for named targets, which get the
+    /// caller's own Authorization header.
+    pub(crate) credentials: Option<Credentials>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base", &self.base)
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// The kube-apiserver described by a kube-rs `Config` (from a kubeconfig or in-cluster).
+    pub fn kubernetes(config: &kube::Config, override_address: Option<&str>) -> Result<Self, String> {
+        let mut tls = config
+            .rustls_client_config()
+            .map_err(|e| format!("TLS for the kube-apiserver: {e}"))?;
+        // HTTP/1.1 only: upgrades (exec, port-forward) need it, and streams pool per request.
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let auth = &config.auth_info;
+        let credentials = if auth.client_certificate.is_some() || auth.client_certificate_data.is_some() {
+            Credentials::ClientCertificate
+        } else if let Some(token) = &auth.token {
+            Credentials::Token(token.expose_secret().to_owned())
+        } else if let Some(path) = &auth.token_file {
+            Credentials::TokenFile(TokenFile::new(path.into(), Duration::from_secs(60))?)
+        } else if auth.exec.is_some() || auth.auth_provider.is_some() {
+            return Err("the kubeconfig's user authenticates with an exec plugin or auth provider, which tower-agent does not run: use a token or client certificate".into());
+        } else {
+            Credentials::None
+        };
+        let base = match override_address {
+            Some(address) => format!("https://{address}")
+                .parse()
+                .map_err(|e| format!("--kubernetes-service {address:?}: {e}"))?,
+            None => config.cluster_url.clone(),
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let connector = HttpsConnector::from((http, Arc::new(tls)));
+        Ok(Upstream {
+            base,
+            client: client(connector),
+            credentials: Some(credentials),
+        })
+    }
+
+    /// A named target reached over plain HTTP inside the member (`HOST:PORT`).
+    pub fn named(address: &str) -> Result<Self, String> {
+        let base: Uri = format!("http://{address}")
+            .parse()
+            .map_err(|e| format!("target address {address:?}: {e}"))?;
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        let tls = rustls::ClientConfig::builder_with_provider(tower_tunnel::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let connector = HttpsConnector::from((http, Arc::new(tls)));
+        Ok(Upstream {
+            base,
+            client: client(connector),
+            credentials: None,
+        })
+    }
+
+    /// The upstream URI for a request's path and query.
+    pub(crate) fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        let prefix = self.base.path().trim_end_matches('/');
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = Some(format!("{prefix}{path_and_query}").parse()?);
+        Ok(Uri::from_parts(parts)?)
+    }
+
+    /// Sends a request.
+    pub(crate) async fn send(
+        &self,
+        request: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        self.client.request(request).await
+    }
+}
+
+fn client(connector: HttpsConnector<HttpConnector>) -> Client<HttpsConnector<HttpConnector>, UpstreamBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}

@@ -1,0 +1,278 @@
+//! The tunnel listener: agents dial in with `GET /v1/tunnel` and are upgraded to a
+//! yamux session, which is then registered for its cluster.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_auth::Verifier;
+use tower_proto::handshake::{self, Refusal, ServerHello};
+use tower_proto::names::validate_cluster_name;
+use tower_proto::{ControlMessage, Preamble};
+use tower_tunnel::control::{self, Keepalive};
+use tower_tunnel::session::{self, Role};
+use tower_tunnel::SessionConfig;
+
+use crate::metrics::Metrics;
+use crate::registry::{Registry, Tunnel};
+use crate::status::{Body, text};
+
+/// Accepts agent tunnels.
+pub(crate) struct Acceptor {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) verifier: Verifier,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) hello: ServerHello,
+    pub(crate) keepalive: Keepalive,
+    pub(crate) session: SessionConfig,
+    pub(crate) draining: CancellationToken,
+    pub(crate) sessions: TaskTracker,
+    pub(crate) grace: Duration,
+}
+
+impl Acceptor {
+    /// Answers one request on the tunnel listener.
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Response<Body> {
+        if req.uri().path() == "/healthz" {
+            return text(StatusCode::OK, "ok");
+        }
+        match self.admit(&req) {
+            Ok(admitted) => self.upgrade(req, admitted, remote),
+            Err((refusal, reason)) => {
+                self.metrics.refused_tunnels.inc();
+                tracing::info!(%remote, status = refusal.status(), %reason, "refused a tunnel");
+                let mut response = text(
+                    StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                    reason,
+                );
+                if refusal == Refusal::UnsupportedVersion {
+                    response.headers_mut().insert(
+                        header::UPGRADE,
+                        header::HeaderValue::from_static(handshake::UPGRADE_PROTOCOL),
+                    );
+                }
+                response
+            }
+        }
+    }
+
+    fn admit(&self, req: &Request<Incoming>) -> Result<Admitted, (Refusal, String)> {
+        if req.uri().path() != handshake::TUNNEL_PATH {
+            return Err((
+                Refusal::UnknownCluster,
+                format!(
+                    "this is tower's tunnel listener: agents dial GET {}",
+                    handshake::TUNNEL_PATH
+                ),
+            ));
+        }
+        if self.draining.is_cancelled() {
+            return Err((
+                Refusal::Draining,
+                "this server is draining: dial again".into(),
+            ));
+        }
+        let upgrade = req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if req.method() != Method::GET || upgrade.is_empty() {
+            return Err((
+                Refusal::BadRequest,
+                format!(
+                    "expected GET {} with Connection: Upgrade and Upgrade: {}",
+                    handshake::TUNNEL_PATH,
+                    handshake::UPGRADE_PROTOCOL
+                ),
+            ));
+        }
+        if !handshake::upgrade_matches(upgrade) {
+            return Err((
+                Refusal::UnsupportedVersion,
+                format!(
+                    "this server speaks {}, not {upgrade:?}: upgrade the agent or the server",
+                    handshake::UPGRADE_PROTOCOL
+                ),
+            ));
+        }
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+        };
+        let token = tower_auth::bearer(header(header::AUTHORIZATION.as_str()))
+            .ok_or((Refusal::BadToken, tower_auth::AuthError::Missing.to_string()))?;
+        let claims = self
+            .verifier
+            .verify_agent(token)
+            .map_err(|e| (Refusal::BadToken, format!("agent token refused: {e}")))?;
+        let name = header(handshake::HEADER_CLUSTER);
+        if name.is_empty() {
+            return Err((
+                Refusal::BadRequest,
+                format!("missing {} header (the agent's --name)", handshake::HEADER_CLUSTER),
+            ));
+        }
+        validate_cluster_name(name).map_err(|e| (Refusal::BadRequest, e.to_string()))?;
+        if name != claims.sub {
+            return Err((
+                Refusal::Forbidden,
+                format!(
+                    "agent --name {name:?} does not match its token, which is for cluster {:?}",
+                    claims.sub
+                ),
+            ));
+        }
+        if !self.registry.admits(name) {
+            return Err((
+                Refusal::Forbidden,
+                format!("cluster {name:?} is not in this server's clusters file"),
+            ));
+        }
+        Ok(Admitted {
+            cluster: claims.sub,
+            agent_version: header(handshake::HEADER_AGENT_VERSION).chars().take(64).collect(),
+            targets: handshake::list(header(handshake::HEADER_TARGETS))
+                .take(16)
+                .map(String::from)
+                .collect(),
+        })
+    }
+
+    fn upgrade(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        admitted: Admitted,
+        remote: SocketAddr,
+    ) -> Response<Body> {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let this = self.clone();
+        self.sessions.spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    this.run_session(hyper_util::rt::TokioIo::new(upgraded), admitted, remote)
+                        .await
+                }
+                Err(e) => tracing::info!(%remote, error = %e, "tunnel upgrade failed"),
+            }
+        });
+        let mut response = Response::new(crate::status::full(""));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(header::CONNECTION, header::HeaderValue::from_static("Upgrade"));
+        headers.insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static(handshake::UPGRADE_PROTOCOL),
+        );
+        for (name, value) in self.hello.headers() {
+            if let Ok(value) = header::HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+        response
+    }
+
+    async fn run_session<T>(&self, io: T, admitted: Admitted, remote: SocketAddr)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let cluster = admitted.cluster;
+        let (handle, _inbound, driver) = session::start(io, Role::Server, &self.session);
+        let driver = tokio::spawn(driver.run());
+        let control_stream = async {
+            let mut stream = handle.open_stream().await?;
+            stream
+                .write_preamble(&Preamble::control(&self.hello.server_id))
+                .await?;
+            Ok::<_, tower_tunnel::TunnelError>(stream)
+        };
+        let control_stream = match control_stream.await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(%cluster, %remote, error = %e, "could not open the control stream");
+                handle.close();
+                let _ = driver.await;
+                return;
+            }
+        };
+        let (control_tx, control_rx) = mpsc::channel(8);
+        let (events_tx, mut events_rx) = mpsc::channel(8);
+        let id = self.registry.next_id();
+        let tunnel = Tunnel {
+            id,
+            session: handle.clone(),
+            control: control_tx,
+            since: SystemTime::now(),
+            agent_version: admitted.agent_version,
+            remote_addr: remote.to_string(),
+            targets: admitted.targets,
+        };
+        let (replaced, reconnect) = self.registry.insert(&cluster, tunnel);
+        if reconnect {
+            self.metrics.reconnects.inc();
+        }
+        if let Some(old) = replaced {
+            retire(old, self.grace);
+        }
+        self.metrics.tunnels.inc();
+        tracing::info!(%cluster, %remote, tunnel = id, "agent connected");
+
+        let control = control::run(control_stream, self.keepalive, control_rx, events_tx);
+        tokio::pin!(control);
+        loop {
+            tokio::select! {
+                result = &mut control => {
+                    match result {
+                        Ok(()) => tracing::info!(%cluster, tunnel = id, "agent closed its control stream"),
+                        Err(e) => tracing::warn!(%cluster, tunnel = id, error = %e, "closing tunnel"),
+                    }
+                    break;
+                }
+                Some(event) = events_rx.recv() => {
+                    tracing::debug!(%cluster, ?event, "control message from agent");
+                }
+                () = handle.closed() => break,
+            }
+        }
+        handle.close();
+        let _ = driver.await;
+        self.registry.remove(&cluster, id);
+        self.metrics.tunnels.dec();
+        tracing::info!(%cluster, %remote, tunnel = id, "agent disconnected");
+    }
+}
+
+struct Admitted {
+    cluster: String,
+    agent_version: String,
+    targets: Vec<String>,
+}
+
+/// Drains a tunnel that a newer one replaced: tells the agent (which stops using it), then
+/// closes it after `grace`, so requests still running on it can finish.
+pub(crate) fn retire(tunnel: Tunnel, grace: Duration) {
+    tokio::spawn(async move {
+        let _ = tunnel
+            .control
+            .send(ControlMessage::Drain {
+                grace_ms: grace.as_millis().min(u128::from(u32::MAX)) as u32,
+            })
+            .await;
+        tokio::select! {
+            () = tokio::time::sleep(grace) => {}
+            () = tunnel.session.closed() => return,
+        }
+        tunnel.session.close();
+    });
+}

@@ -1,0 +1,414 @@
+//! The frontend listener: `/clusters/{name}/…` → that cluster's tunnel.
+//!
+//! The caller's JWT is checked here before anything is routed, then the request goes
+//! unchanged (but for hop-by-hop headers) down a pooled tunnel stream to the agent,
+//! which checks it again. Bodies stream both ways; upgrades (exec, attach,
+//! port-forward) are joined end to end once both sides have switched protocols.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower_auth::Verifier;
+use tower_proto::Preamble;
+use tower_proto::names::validate_cluster_name;
+use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
+use tower_tunnel::TunnelStream;
+
+use crate::metrics::{DirectionLabels, Metrics};
+use crate::registry::{Lookup, Registry};
+use crate::status::{Body, failure};
+
+type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Routes frontend requests into tunnels.
+pub(crate) struct Frontend {
+    registry: Arc<Registry>,
+    verifier: Verifier,
+    client: Client<TunnelConnector, UpstreamBody>,
+    metrics: Arc<Metrics>,
+}
+
+impl Frontend {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        verifier: Verifier,
+        metrics: Arc<Metrics>,
+        server_id: String,
+    ) -> Self {
+        let connector = TunnelConnector {
+            registry: registry.clone(),
+            server_id: server_id.into(),
+            metrics: metrics.clone(),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Frontend {
+            registry,
+            verifier,
+            client,
+            metrics,
+        }
+    }
+
+    /// Answers one frontend request.
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let in_flight = InFlight::new(self.metrics.clone());
+        let response = match self.route(req).await {
+            Ok(response) => response,
+            Err(response) => response,
+        };
+        self.metrics.count_status(response.status().as_u16());
+        let metrics = self.metrics.clone();
+        let (parts, body) = response.into_parts();
+        let body = body
+            .map_frame(move |frame| {
+                let _held_until_the_body_ends = &in_flight;
+                if let Some(data) = frame.data_ref() {
+                    metrics
+                        .bytes
+                        .get_or_create(&DirectionLabels {
+                            direction: "response",
+                        })
+                        .inc_by(data.len() as u64);
+                }
+                frame
+            })
+            .boxed();
+        Response::from_parts(parts, body)
+    }
+
+    async fn route(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Response<Body>> {
+        let route = Route::parse(req.uri())?;
+        let caller = tower_auth::bearer(
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default(),
+        )
+        .ok_or_else(|| {
+            failure(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                &tower_auth::AuthError::Missing.to_string(),
+            )
+        })
+        .and_then(|token| {
+            self.verifier.verify_user(token).map_err(|e| {
+                failure(StatusCode::UNAUTHORIZED, "Unauthorized", &e.to_string())
+            })
+        })?;
+        if !self.registry.target_allowed(&route.cluster, &route.target) {
+            return Err(failure(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &format!(
+                    "target {:?} of cluster {:?} is not allowed by the clusters file",
+                    route.target, route.cluster
+                ),
+            ));
+        }
+        match self.registry.tunnel(&route.cluster) {
+            Ok(_) => {}
+            Err(Lookup::Unknown) => {
+                return Err(failure(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("cluster {:?} is not registered with tower", route.cluster),
+                ));
+            }
+            Err(Lookup::Disconnected) => {
+                return Err(failure(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &format!(
+                        "cluster {:?} has no agent connected: its tower-agent is down or cannot reach this server",
+                        route.cluster
+                    ),
+                ));
+            }
+        }
+        tracing::debug!(cluster = %route.cluster, target = %route.target, user = %caller.user, method = %req.method(), path = %route.path, "proxying");
+
+        let client_upgrade = req
+            .headers()
+            .contains_key(header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        parts.uri = route.upstream_uri().map_err(|e| {
+            failure(StatusCode::BAD_REQUEST, "BadRequest", &format!("bad path: {e}"))
+        })?;
+        tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
+        let metrics = self.metrics.clone();
+        let body = body
+            .map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    metrics
+                        .bytes
+                        .get_or_create(&DirectionLabels {
+                            direction: "request",
+                        })
+                        .inc_by(data.len() as u64);
+                }
+                frame
+            })
+            .boxed_unsync();
+        let upstream = Request::from_parts(parts, body);
+        let mut response = self
+            .client
+            .request(upstream)
+            .await
+            .map_err(|e| {
+                tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
+                failure(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    &format!("cluster {:?}: the tunnel failed: {}", route.cluster, error_chain(&e)),
+                )
+            })?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(failure(
+                    StatusCode::BAD_GATEWAY,
+                    "BadGateway",
+                    "the member switched protocols on a request that did not ask to",
+                ));
+            };
+            let agent_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tower_tunnel::http::join_upgrades(client_upgrade, agent_upgrade));
+        } else {
+            tower_tunnel::http::strip_hop_by_hop(response.headers_mut());
+        }
+        Ok(response.map(|b| b.boxed()))
+    }
+}
+
+/// Where a frontend path leads.
+#[derive(Debug, PartialEq, Eq)]
+struct Route {
+    cluster: String,
+    target: String,
+    /// Path and query to send to the member, starting with `/`.
+    path: String,
+}
+
+impl Route {
+    /// `/clusters/{name}/{rest}` → kubernetes; `/clusters/{name}/targets/{target}/{rest}`
+    /// → a named target.
+    fn parse(uri: &Uri) -> Result<Route, Response<Body>> {
+        let bad = |message: String| failure(StatusCode::BAD_REQUEST, "BadRequest", &message);
+        let path = uri.path();
+        let Some(rest) = path.strip_prefix("/clusters/") else {
+            return Err(failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "tower routes only /clusters/{name}/…",
+            ));
+        };
+        let (cluster, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        validate_cluster_name(cluster).map_err(|e| bad(e.to_string()))?;
+        let (target, rest) = match rest.strip_prefix("targets/") {
+            Some(named) => {
+                let (target, rest) = named.split_once('/').unwrap_or((named, ""));
+                if !is_target_name(target) {
+                    return Err(bad(format!(
+                        "invalid target name {:?}: a target is a DNS label",
+                        target.chars().take(64).collect::<String>()
+                    )));
+                }
+                (target.to_owned(), rest)
+            }
+            None => (KUBERNETES_TARGET.to_owned(), rest),
+        };
+        let mut path = format!("/{rest}");
+        if let Some(query) = uri.query() {
+            path.push('?');
+            path.push_str(query);
+        }
+        Ok(Route {
+            cluster: cluster.to_owned(),
+            target,
+            path,
+        })
+    }
+
+    /// The URI the pooled client sends: the authority names target and cluster, which
+    /// also keys the connection pool.
+    fn upstream_uri(&self) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme("http")
+            .authority(format!("{}.{}", self.target, self.cluster))
+            .path_and_query(self.path.as_str())
+            .build()
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight(Arc<Metrics>);
+
+impl InFlight {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.in_flight.inc();
+        InFlight(metrics)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+/// Opens a tunnel stream per pooled connection; `http://{target}.{cluster}/`.
+#[derive(Clone)]
+pub(crate) struct TunnelConnector {
+    registry: Arc<Registry>,
+    server_id: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+type ConnectError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for TunnelConnector {
+    type Response = TunnelConn;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<TunnelConn, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri.host().ok_or("upstream URI without a host")?;
+            let (target, cluster) = host.split_once('.').ok_or("upstream URI without a target")?;
+            let tunnel = this
+                .registry
+                .tunnel(cluster)
+                .map_err(|_| format!("cluster {cluster:?} has no agent connected"))?;
+            let mut stream = tunnel.session.open_stream().await?;
+            stream
+                .write_preamble(&Preamble::http(target, &*this.server_id))
+                .await?;
+            this.metrics.streams.inc();
+            Ok(TunnelConn {
+                io: TokioIo::new(stream),
+                metrics: this.metrics.clone(),
+            })
+        })
+    }
+}
+
+/// A pooled connection: one tunnel stream.
+pub(crate) struct TunnelConn {
+    io: TokioIo<TunnelStream>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for TunnelConn {
+    fn drop(&mut self) {
+        self.metrics.streams.dec();
+    }
+}
+
+impl Connection for TunnelConn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for TunnelConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TunnelConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(path: &str) -> Result<Route, StatusCode> {
+        Route::parse(&path.parse().unwrap()).map_err(|r| r.status())
+    }
+
+    #[test]
+    fn routes_kubernetes_and_named_targets() {
+        assert_eq!(
+            parse("/clusters/member-1/api/v1/pods?watch=1").unwrap(),
+            Route {
+                cluster: "member-1".into(),
+                target: "kubernetes".into(),
+                path: "/api/v1/pods?watch=1".into()
+            }
+        );
+        assert_eq!(parse("/clusters/m").unwrap().path, "/");
+        let ks = parse("/clusters/m/targets/kubesphere/kapis/x").unwrap();
+        assert_eq!((ks.target.as_str(), ks.path.as_str()), ("kubesphere", "/kapis/x"));
+        assert_eq!(
+            ks.upstream_uri().unwrap().to_string(),
+            "http://kubesphere.m/kapis/x"
+        );
+    }
+
+    #[test]
+    fn refuses_path_tricks_and_bad_names() {
+        for bad in [
+            "/clusters/../api",
+            "/clusters/a%2fb/api",
+            "/clusters/A/api",
+            "/clusters//api",
+            "/clusters/a/targets/../x",
+            "/clusters/a/targets/Not_A_Label/x",
+        ] {
+            assert_eq!(parse(bad), Err(StatusCode::BAD_REQUEST), "{bad}");
+        }
+        assert_eq!(parse("/api/v1"), Err(StatusCode::NOT_FOUND));
+    }
+}

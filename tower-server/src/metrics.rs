@@ -1,0 +1,83 @@
+//! Prometheus metrics of the server (`/metrics` on the admin listener).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of `tower_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// HTTP status class or code ("200", "503", …).
+    pub code: String,
+}
+
+/// Labels of `tower_bytes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `request` (caller → member) or `response` (member → caller).
+    pub direction: &'static str,
+}
+
+/// Every metric the server exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Tunnels open now.
+    pub tunnels: Gauge,
+    /// Tunnel streams open now.
+    pub streams: Gauge,
+    /// Frontend requests in flight.
+    pub in_flight: Gauge,
+    /// Frontend requests answered, by status.
+    pub requests: Family<StatusLabels, Counter>,
+    /// Body bytes proxied, by direction.
+    pub bytes: Family<DirectionLabels, Counter>,
+    /// Tunnels accepted for a cluster that had connected before.
+    pub reconnects: Counter,
+    /// Tunnel handshakes refused.
+    pub refused_tunnels: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric under the `tower` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("tower");
+        r.register("tunnels", "Agent tunnels open now", self.tunnels.clone());
+        r.register("streams", "Tunnel streams open now", self.streams.clone());
+        r.register(
+            "requests_in_flight",
+            "Frontend requests being served",
+            self.in_flight.clone(),
+        );
+        r.register(
+            "requests",
+            "Frontend requests answered, by status code",
+            self.requests.clone(),
+        );
+        r.register(
+            "bytes",
+            "Body bytes proxied, by direction",
+            self.bytes.clone(),
+        );
+        r.register(
+            "tunnel_reconnects",
+            "Tunnels accepted for a cluster that had been connected before",
+            self.reconnects.clone(),
+        );
+        r.register(
+            "tunnel_refusals",
+            "Tunnel handshakes refused",
+            self.refused_tunnels.clone(),
+        );
+    }
+
+    /// Counts a response with `code`.
+    pub fn count_status(&self, code: u16) {
+        self.requests
+            .get_or_create(&StatusLabels {
+                code: code.to_string(),
+            })
+            .inc();
+    }
+}

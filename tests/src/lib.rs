@@ -1,1 +1,645 @@
-//! Placeholder.
+//! Tower's end-to-end harness.
+//!
+//! Starts the real `tower-server` and `tower-agent` binaries (built beside the test
+//! executable, see [`bin_path`]) against a [`tower_kube_stand_in::StandIn`] member API
+//! server, and drives them with real clients: `kubectl` and a small HTTPS client.
+//!
+//! ```ignore
+//! let member = Member::start().await;
+//! let server = server().start();
+//! let agent = agent(&server, &member, "member-1").connect();
+//! let kc = server.kubeconfig("member-1", "alice", &["devs"]);
+//! kubectl(&kc, &["get", "pods"]).success();
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tower_auth::{Minter, Secret};
+use tower_kube_stand_in::{KubeconfigAuth, StandIn};
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new, empty directory under the system temp dir.
+    pub fn new(prefix: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "tower-{prefix}-{}-{n}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Where a workspace binary was built: next to the directory of the test executable.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which .ci/run does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` every 20 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed on drop, whose stderr goes to a log file.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(mut command: Command, log: PathBuf) -> (Self, ChildStdout) {
+        let err = std::fs::File::create(&log).expect("log file");
+        command.stdout(Stdio::piped()).stderr(err).stdin(Stdio::null());
+        let mut child = command.spawn().expect("spawn binary");
+        let stdout = child.stdout.take().expect("stdout");
+        (Process { child, log }, stdout)
+    }
+
+    /// The process's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB (Linux), from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Sends SIGKILL and reaps.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = &mut self.child;
+        let status = wait_for("process exit", timeout, || child.try_wait().ok().flatten());
+        status.code()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn first_json_line(stdout: ChildStdout) -> serde_json::Value {
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the address line");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("address line {line:?}: {e}"))
+}
+
+/// The member side of a test: the stand-in API server on its own runtime thread.
+pub struct Member {
+    /// The stand-in.
+    pub api: Arc<StandIn>,
+    /// Kubeconfig (token auth) for the agent.
+    pub kubeconfig: PathBuf,
+    _runtime: tokio::runtime::Runtime,
+    _dir: TempDir,
+}
+
+impl Member {
+    /// Starts a stand-in API server on 127.0.0.1:0.
+    pub fn start() -> Self {
+        Self::start_with(KubeconfigAuth::Token)
+    }
+
+    /// Starts one whose agent kubeconfig uses `auth`.
+    pub fn start_with(auth: KubeconfigAuth) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let api = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            StandIn::start(listener, "member-sa-token").await.expect("stand-in")
+        });
+        let dir = TempDir::new("member");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig_yaml(auth)).expect("write kubeconfig");
+        Member {
+            api: Arc::new(api),
+            kubeconfig,
+            _runtime: runtime,
+            _dir: dir,
+        }
+    }
+}
+
+/// A builder for a tower-server process.
+#[derive(Debug, Default)]
+pub struct ServerBuilder {
+    args: Vec<String>,
+    state: Option<PathBuf>,
+    addrs: Option<(String, String, String)>,
+}
+
+/// Starts building a server.
+pub fn server() -> ServerBuilder {
+    ServerBuilder::default()
+}
+
+/// The shared jwtSecret of every test.
+pub const SECRET: &str = "e2e-jwt-secret-shared-by-host-and-members";
+
+impl ServerBuilder {
+    /// Adds flags.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Starts the process and waits until it listens.
+    pub fn start(self) -> Server {
+        let dir = TempDir::new("server");
+        let state = self.state.unwrap_or_else(|| dir.path().join("state"));
+        let secret = dir.path().join("jwt-secret");
+        std::fs::write(&secret, SECRET).expect("secret");
+        let (tunnel, frontend, admin) = self.addrs.unwrap_or_else(|| {
+            ("127.0.0.1:0".into(), "127.0.0.1:0".into(), "127.0.0.1:0".into())
+        });
+        let mut command = Command::new(bin_path("tower-server"));
+        command
+            .arg("serve")
+            .args(["--tunnel-addr", &tunnel, "--proxy-addr", &frontend, "--admin-addr", &admin])
+            .arg("--jwt-secret-file")
+            .arg(&secret)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--keepalive", "2s", "--shutdown-grace", "3s"])
+            .args(&self.args)
+            .env("TOWER_LOG", "info,tower_server=debug");
+        let (process, stdout) = Process::spawn(command, dir.path().join("server.log"));
+        let addrs = first_json_line(stdout);
+        let addr = |k: &str| -> SocketAddr {
+            addrs[k].as_str().expect("address").parse().expect("socket address")
+        };
+        let server = Server {
+            tunnel: addr("tunnel"),
+            frontend: addr("frontend"),
+            admin: addr("admin"),
+            ca_pem: std::fs::read_to_string(state.join("ca.crt")).unwrap_or_default(),
+            state,
+            secret_file: secret,
+            process,
+            extra_args: self.args,
+            dir,
+        };
+        wait_for("server /healthz", Duration::from_secs(10), || {
+            (admin_get(server.admin, "/healthz").0 == 200).then_some(())
+        });
+        server
+    }
+}
+
+/// A running tower-server.
+#[derive(Debug)]
+pub struct Server {
+    /// Tunnel listener.
+    pub tunnel: SocketAddr,
+    /// Frontend listener.
+    pub frontend: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Its CA (PEM).
+    pub ca_pem: String,
+    /// Its state dir.
+    pub state: PathBuf,
+    /// The jwtSecret file.
+    pub secret_file: PathBuf,
+    /// The process.
+    pub process: Process,
+    extra_args: Vec<String>,
+    dir: TempDir,
+}
+
+impl Server {
+    /// Mints tokens with the shared secret.
+    pub fn minter() -> Minter {
+        Minter::new(&Secret::new(SECRET).expect("secret"))
+    }
+
+    /// Kills the process and starts it again on the same addresses and state dir.
+    pub fn restart(&mut self) {
+        self.process.kill();
+        let builder = ServerBuilder {
+            args: self.extra_args.clone(),
+            state: Some(self.state.clone()),
+            addrs: Some((
+                self.tunnel.to_string(),
+                self.frontend.to_string(),
+                self.admin.to_string(),
+            )),
+        };
+        let fresh = builder.start();
+        let Server { process, dir, .. } = fresh;
+        self.process = process;
+        self.dir = dir;
+    }
+
+    /// The `/v1/clusters` table.
+    pub fn clusters(&self) -> serde_json::Value {
+        let (code, body) = admin_get(self.admin, "/v1/clusters");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("clusters JSON")
+    }
+
+    /// Whether `cluster` has a live tunnel.
+    pub fn connected(&self, cluster: &str) -> bool {
+        self.clusters()
+            .as_array()
+            .is_some_and(|list| list.iter().any(|c| c["name"] == cluster && c["connected"] == true))
+    }
+
+    /// A kubeconfig (written by `tower-server kubeconfig`) for `user` in `groups`.
+    pub fn kubeconfig(&self, cluster: &str, user: &str, groups: &[&str]) -> PathBuf {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let token = Self::minter().user_token(user, &groups, Some(Duration::from_secs(3600)));
+        self.kubeconfig_with_token(cluster, &token)
+    }
+
+    /// A kubeconfig with an arbitrary token.
+    pub fn kubeconfig_with_token(&self, cluster: &str, token: &str) -> PathBuf {
+        let out = Command::new(bin_path("tower-server"))
+            .args(["kubeconfig", "--cluster", cluster])
+            .arg("--server")
+            .arg(format!("https://{}", self.frontend))
+            .args(["--token", token])
+            .arg("--ca-cert")
+            .arg(self.state.join("ca.crt"))
+            .output()
+            .expect("tower-server kubeconfig");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.path().join(format!("kubeconfig-{cluster}-{n}"));
+        std::fs::write(&path, out.stdout).expect("write kubeconfig");
+        path
+    }
+}
+
+/// A builder for a tower-agent process.
+#[derive(Debug)]
+pub struct AgentBuilder {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    name: String,
+    token: Option<String>,
+    kubeconfig: PathBuf,
+    tunnel: SocketAddr,
+    ca_file: PathBuf,
+    secret_file: PathBuf,
+}
+
+/// Starts building an agent for `server` that serves `member` as `name`.
+pub fn agent(server: &Server, member: &Member, name: &str) -> AgentBuilder {
+    AgentBuilder {
+        args: Vec::new(),
+        env: Vec::new(),
+        name: name.to_owned(),
+        token: None,
+        kubeconfig: member.kubeconfig.clone(),
+        tunnel: server.tunnel,
+        ca_file: server.state.join("ca.crt"),
+        secret_file: server.secret_file.clone(),
+    }
+}
+
+impl AgentBuilder {
+    /// Adds flags.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Sets an environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Uses this token instead of a fresh one for `name`.
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+
+    /// Starts the process (it may or may not manage to connect).
+    pub fn spawn(self) -> Agent {
+        let token = self
+            .token
+            .unwrap_or_else(|| Server::minter().agent_token(&self.name, None));
+        let dir = TempDir::new("agent");
+        let mut command = Command::new(bin_path("tower-agent"));
+        command
+            .args(["--name", &self.name, "--token", &token])
+            .arg("--proxy-server")
+            .arg(format!("https://{}", self.tunnel))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--jwt-secret-file")
+            .arg(&self.secret_file)
+            .args(["--admin-addr", "127.0.0.1:0", "--keepalive", "2s", "--reconnect-max", "2s"])
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env("TOWER_LOG", "info,tower_agent=debug");
+        if !self.args.iter().any(|a| a == "--ca-hash") {
+            command.arg("--ca-file").arg(&self.ca_file);
+        }
+        command.args(&self.args);
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        let (process, stdout) = Process::spawn(command, dir.path().join("agent.log"));
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let admin = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v["admin"].as_str().and_then(|a| a.parse().ok()));
+        Agent {
+            process,
+            admin,
+            name: self.name,
+            _dir: dir,
+        }
+    }
+
+    /// Starts the process and waits until `server` shows the cluster connected.
+    pub fn connect(self, server: &Server) -> Agent {
+        let agent = self.spawn();
+        wait_for(
+            &format!("cluster {} to connect\n{}", agent.name, agent.process.log()),
+            Duration::from_secs(20),
+            || server.connected(&agent.name).then_some(()),
+        );
+        agent
+    }
+}
+
+/// A running tower-agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// The process.
+    pub process: Process,
+    /// Its admin address, once it printed one.
+    pub admin: Option<SocketAddr>,
+    /// Its cluster name.
+    pub name: String,
+    _dir: TempDir,
+}
+
+impl Agent {
+    /// `/readyz` status code.
+    pub fn readyz(&self) -> u16 {
+        self.admin.map_or(0, |a| admin_get(a, "/readyz").0)
+    }
+}
+
+/// A plain-HTTP GET to an admin listener: (status, body); (0, error) when unreachable.
+pub fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut tcp) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, "connect failed".into());
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if tcp.write_all(request.as_bytes()).is_err() {
+        return (0, "write failed".into());
+    }
+    let mut response = Vec::new();
+    let _ = tcp.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    (code, decode_chunked_if_needed(&text, body))
+}
+
+fn decode_chunked_if_needed(head: &str, body: &str) -> String {
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return body.to_owned();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The result of a kubectl run.
+#[derive(Debug)]
+pub struct Kubectl(pub Output);
+
+impl Kubectl {
+    /// Asserts success; returns stdout.
+    pub fn success(&self) -> String {
+        assert!(
+            self.0.status.success(),
+            "kubectl failed ({}): {}\n{}",
+            self.0.status,
+            String::from_utf8_lossy(&self.0.stderr),
+            String::from_utf8_lossy(&self.0.stdout)
+        );
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+
+    /// Stderr.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+
+    /// Exit code.
+    pub fn code(&self) -> Option<i32> {
+        self.0.status.code()
+    }
+}
+
+/// The kubectl binary (from PATH), with a clear failure when it is absent.
+pub fn kubectl_command(kubeconfig: &Path) -> Command {
+    let mut command = Command::new("kubectl");
+    command
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--request-timeout=30s")
+        .env_remove("KUBECONFIG")
+        .env("HOME", std::env::temp_dir());
+    command
+}
+
+/// Runs kubectl to completion with `stdin` as input.
+pub fn kubectl_with_input(kubeconfig: &Path, args: &[&str], stdin: &[u8]) -> Kubectl {
+    use std::io::Write;
+    let mut child = kubectl_command(kubeconfig)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl must be installed (see README)");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).expect("write stdin");
+    drop(input);
+    Kubectl(child.wait_with_output().expect("kubectl"))
+}
+
+/// Runs kubectl to completion.
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> Kubectl {
+    kubectl_with_input(kubeconfig, args, b"")
+}
+
+/// A minimal HTTPS client for the frontend, trusting the server's CA.
+pub struct Https {
+    runtime: tokio::runtime::Runtime,
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status.
+    pub status: u16,
+    /// Body text.
+    pub body: String,
+}
+
+impl Https {
+    /// A client for `server`'s frontend.
+    pub fn frontend(server: &Server) -> Self {
+        Self::to(server, server.frontend)
+    }
+
+    /// A client for `addr`, trusting `server`'s CA.
+    pub fn to(server: &Server, addr: SocketAddr) -> Self {
+        let certs = tower_tunnel::tls::certs_from_pem(server.ca_pem.as_bytes()).expect("CA");
+        let tls = tower_tunnel::tls::client_config(&tower_tunnel::tls::CaTrust::Certificates(certs))
+            .expect("tls");
+        Https {
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime"),
+            tls,
+            addr,
+        }
+    }
+
+    /// Sends a request with optional bearer token and extra headers; reads it whole.
+    pub fn request(&self, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)]) -> Reply {
+        self.runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(self.addr).await.expect("connect");
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect("localhost".try_into().expect("name"), tcp)
+                .await
+                .expect("TLS");
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            let mut builder = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "localhost");
+            if let Some(token) = token {
+                builder = builder.header("authorization", format!("Bearer {token}"));
+            }
+            for (k, v) in headers {
+                builder = builder.header(*k, *v);
+            }
+            let response = sender
+                .send_request(builder.body(Empty::<Bytes>::new()).expect("request"))
+                .await
+                .expect("response");
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            Reply {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            }
+        })
+    }
+
+    /// GET with a token.
+    pub fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        self.request("GET", path, token, &[])
+    }
+}

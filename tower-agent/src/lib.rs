@@ -11,6 +11,7 @@
 //!
 //! Key types: [`Config`], [`upstream::Upstream`]; entry point [`run`].
 
+pub mod cli;
 pub mod upstream;
 
 use std::collections::HashMap;

@@ -10,6 +10,7 @@
 
 mod admin;
 mod agents;
+pub mod cli;
 mod frontend;
 pub mod metrics;
 pub mod pki;

@@ -9,10 +9,10 @@ use std::time::Duration;
 use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tower_auth::{Minter, Secret};
+use tower_auth::Minter;
 use tower_proto::names::validate_cluster_name;
-use tower_server::{Config, Limits, Listeners, pki, registry};
-use tower_tunnel::control::Keepalive;
+use tower_server::Listeners;
+use tower_server::cli::{SecretArgs, ServeArgs, build_config};
 
 #[derive(Parser)]
 #[command(name = "tower-server", version, about = "Tower's host side: accepts agent tunnels and proxies the Kubernetes API through them")]
@@ -31,99 +31,6 @@ enum Command {
     UserToken(UserTokenArgs),
     /// Print a kubeconfig that reaches a cluster through tower.
     Kubeconfig(KubeconfigArgs),
-}
-
-#[derive(Args)]
-struct SecretArgs {
-    /// File holding the jwtSecret shared by host and members.
-    #[arg(long, env = "TOWER_JWT_SECRET_FILE")]
-    jwt_secret_file: Option<PathBuf>,
-    /// The jwtSecret itself (prefer the file).
-    #[arg(long, env = "TOWER_JWT_SECRET", hide_env_values = true)]
-    jwt_secret: Option<String>,
-}
-
-impl SecretArgs {
-    fn load(&self) -> Result<Secret, String> {
-        let bytes = match (&self.jwt_secret_file, &self.jwt_secret) {
-            (Some(path), _) => std::fs::read(path)
-                .map_err(|e| format!("reading --jwt-secret-file {}: {e}", path.display()))?,
-            (None, Some(secret)) => secret.clone().into_bytes(),
-            (None, None) => {
-                return Err("a jwtSecret is required: --jwt-secret-file PATH or TOWER_JWT_SECRET".into());
-            }
-        };
-        Secret::new(bytes).ok_or_else(|| "the jwtSecret is empty".into())
-    }
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Where agents dial in (TLS).
-    #[arg(long, env = "TOWER_TUNNEL_ADDR", default_value = "0.0.0.0:8080")]
-    tunnel_addr: SocketAddr,
-    /// Where callers reach /clusters/{name}/… (TLS).
-    #[arg(long, env = "TOWER_PROXY_ADDR", default_value = "0.0.0.0:9443")]
-    proxy_addr: SocketAddr,
-    /// Health, readiness, metrics and the cluster table (plain HTTP).
-    #[arg(long, env = "TOWER_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
-    admin_addr: SocketAddr,
-    #[command(flatten)]
-    secret: SecretArgs,
-    /// Where a generated CA and serving certificate are kept.
-    #[arg(long, env = "TOWER_STATE_DIR", default_value = "/var/lib/tower")]
-    state_dir: PathBuf,
-    /// Serving certificate (PEM) instead of a generated one; needs --tls-key and --ca-cert.
-    #[arg(long, env = "TOWER_TLS_CERT", requires_all = ["tls_key", "ca_cert"])]
-    tls_cert: Option<PathBuf>,
-    /// Key of --tls-cert.
-    #[arg(long, env = "TOWER_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// CA that signed --tls-cert (what agents trust).
-    #[arg(long, env = "TOWER_CA_CERT", requires = "tls_cert")]
-    ca_cert: Option<PathBuf>,
-    /// Extra names or IPs for the generated certificate.
-    #[arg(long = "tls-san", env = "TOWER_TLS_SANS", value_delimiter = ',')]
-    tls_sans: Vec<String>,
-    /// YAML list of clusters that may connect; without it any valid agent token may.
-    #[arg(long, env = "TOWER_CLUSTERS", conflicts_with = "kubernetes")]
-    clusters: Option<PathBuf>,
-    /// Take clusters from Cluster objects in Kubernetes.
-    #[arg(long, env = "TOWER_KUBERNETES")]
-    kubernetes: bool,
-    /// Kubeconfig for --kubernetes (else in-cluster).
-    #[arg(long, env = "TOWER_KUBECONFIG", requires = "kubernetes")]
-    kubeconfig: Option<PathBuf>,
-    /// Namespace of tower's own objects.
-    #[arg(long, env = "TOWER_NAMESPACE", default_value = "ke-system")]
-    namespace: String,
-    /// The address agents dial (goes into the certificate's names).
-    #[arg(long, env = "TOWER_PROXY_PUBLISH_ADDRESS")]
-    proxy_publish_address: Option<String>,
-    /// This replica's id (default: the host name).
-    #[arg(long, env = "TOWER_SERVER_ID")]
-    server_id: Option<String>,
-    /// How many replicas serve the published address.
-    #[arg(long, env = "TOWER_SERVER_COUNT", default_value_t = 1)]
-    server_count: u16,
-    /// Keepalive ping interval on tunnels; a pong may take as long again.
-    #[arg(long, env = "TOWER_KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
-    keepalive: Duration,
-    /// How long in-flight requests get on SIGTERM.
-    #[arg(long, env = "TOWER_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
-    shutdown_grace: Duration,
-    /// Accept agents without TLS: only behind a load balancer that terminates TLS.
-    #[arg(long, env = "TOWER_TUNNEL_PLAINTEXT")]
-    tunnel_plaintext: bool,
-    /// How long a client may take to send its request headers.
-    #[arg(long, env = "TOWER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    header_read_timeout: Duration,
-    /// Largest request header block, in bytes.
-    #[arg(long, env = "TOWER_MAX_HEADER_BYTES", default_value_t = 65536)]
-    max_header_bytes: usize,
-    /// Most concurrent streams on one tunnel.
-    #[arg(long, env = "TOWER_MAX_STREAMS_PER_TUNNEL", default_value_t = 16384)]
-    max_streams_per_tunnel: usize,
 }
 
 #[derive(Args)]
@@ -303,69 +210,6 @@ fn serve(args: ServeArgs) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-    })
-}
-
-fn build_config(args: &ServeArgs) -> Result<Config, String> {
-    if args.kubernetes {
-        return Err("--kubernetes (Cluster objects as the registry) is not implemented yet; use --clusters FILE or no registry".into());
-    }
-    let secret = args.secret.load()?;
-    let clusters = args
-        .clusters
-        .as_deref()
-        .map(registry::load_clusters_file)
-        .transpose()?;
-    let own = match (&args.tls_cert, &args.tls_key, &args.ca_cert) {
-        (Some(cert), Some(key), Some(ca)) => Some(pki::OwnFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            ca: ca.clone(),
-        }),
-        _ => None,
-    };
-    let mut extra_sans = args.tls_sans.clone();
-    if let Some(address) = &args.proxy_publish_address {
-        let parsed = tower_tunnel::dial::ServerAddress::parse(address)
-            .map_err(|e| format!("--proxy-publish-address: {e}"))?;
-        extra_sans.push(parsed.host);
-    }
-    let tls = pki::load_or_generate(own.as_ref(), &args.state_dir, &pki::default_sans(&extra_sans))?;
-    if args.server_count == 0 {
-        return Err("--server-count must be at least 1".into());
-    }
-    if args.keepalive < Duration::from_millis(100) {
-        return Err("--keepalive must be at least 100ms".into());
-    }
-    if args.max_streams_per_tunnel == 0 {
-        return Err("--max-streams-per-tunnel must be at least 1".into());
-    }
-    let server_id = match &args.server_id {
-        Some(id) if !id.trim().is_empty() => id.clone(),
-        Some(_) => return Err("--server-id must not be empty".into()),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "tower-0".into()),
-    };
-    let _ = &args.namespace;
-    let _ = &args.kubeconfig;
-    Ok(Config {
-        secret,
-        tls,
-        clusters,
-        server_id,
-        server_count: args.server_count,
-        keepalive: Keepalive::new(args.keepalive),
-        shutdown_grace: args.shutdown_grace,
-        plaintext_tunnel: args.tunnel_plaintext,
-        limits: Limits {
-            header_read_timeout: args.header_read_timeout,
-            max_header_bytes: args.max_header_bytes,
-            max_streams: args.max_streams_per_tunnel,
-            ..Limits::default()
-        },
     })
 }
 

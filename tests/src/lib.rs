@@ -200,7 +200,7 @@ impl Member {
 #[derive(Debug, Default)]
 pub struct ServerBuilder {
     args: Vec<String>,
-    state: Option<PathBuf>,
+    dir: Option<TempDir>,
     addrs: Option<(String, String, String)>,
 }
 
@@ -221,8 +221,8 @@ impl ServerBuilder {
 
     /// Starts the process and waits until it listens.
     pub fn start(self) -> Server {
-        let dir = TempDir::new("server");
-        let state = self.state.unwrap_or_else(|| dir.path().join("state"));
+        let dir = self.dir.unwrap_or_else(|| TempDir::new("server"));
+        let state = dir.path().join("state");
         let secret = dir.path().join("jwt-secret");
         std::fs::write(&secret, SECRET).expect("secret");
         let (tunnel, frontend, admin) = self.addrs.unwrap_or_else(|| {
@@ -239,7 +239,11 @@ impl ServerBuilder {
             .args(["--keepalive", "2s", "--shutdown-grace", "3s"])
             .args(&self.args)
             .env("TOWER_LOG", "info,tower_server=debug");
-        let (process, stdout) = Process::spawn(command, dir.path().join("server.log"));
+        let log = (0..)
+            .map(|n| dir.path().join(format!("server-{n}.log")))
+            .find(|p| !p.exists())
+            .expect("a free log name");
+        let (process, stdout) = Process::spawn(command, log);
         let addrs = first_json_line(stdout);
         let addr = |k: &str| -> SocketAddr {
             addrs[k].as_str().expect("address").parse().expect("socket address")
@@ -292,9 +296,10 @@ impl Server {
     /// Kills the process and starts it again on the same addresses and state dir.
     pub fn restart(&mut self) {
         self.process.kill();
+        let dir = std::mem::replace(&mut self.dir, TempDir::new("placeholder"));
         let builder = ServerBuilder {
             args: self.extra_args.clone(),
-            state: Some(self.state.clone()),
+            dir: Some(dir),
             addrs: Some((
                 self.tunnel.to_string(),
                 self.frontend.to_string(),
@@ -413,7 +418,7 @@ impl AgentBuilder {
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")
             .env("TOWER_LOG", "info,tower_agent=debug");
-        if !self.args.iter().any(|a| a == "--ca-hash") {
+        if !self.args.iter().any(|a| a.starts_with("--ca-hash")) {
             command.arg("--ca-file").arg(&self.ca_file);
         }
         command.args(&self.args);
@@ -604,8 +609,18 @@ impl Https {
     }
 
     /// Sends a request with optional bearer token and extra headers; reads it whole.
+    /// Panics if the answer takes more than 30 s (tower must never hang a caller).
     pub fn request(&self, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)]) -> Reply {
-        self.runtime.block_on(async {
+        match self.try_request(method, path, token, headers) {
+            Ok(reply) => reply,
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    }
+
+    /// Like [`Https::request`], but a body that ends in an error (a truncated stream)
+    /// is an `Err` rather than a panic.
+    pub fn try_request(&self, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)]) -> Result<Reply, String> {
+        let exchange = async {
             let tcp = tokio::net::TcpStream::connect(self.addr).await.expect("connect");
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
                 .connect("localhost".try_into().expect("name"), tcp)
@@ -630,16 +645,103 @@ impl Https {
                 .await
                 .expect("response");
             let status = response.status().as_u16();
-            let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            Reply {
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body of a {status} response failed: {e}"))?
+                .to_bytes();
+            Ok(Reply {
                 status,
                 body: String::from_utf8_lossy(&body).into_owned(),
-            }
+            })
+        };
+        self.runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), exchange)
+                .await
+                .map_err(|_| "no complete answer within 30 s".to_string())?
         })
     }
 
     /// GET with a token.
     pub fn get(&self, path: &str, token: Option<&str>) -> Reply {
         self.request("GET", path, token, &[])
+    }
+}
+
+/// A long-running kubectl (watch, logs -f, port-forward) whose stdout lines arrive on a
+/// channel; killed on drop.
+pub struct KubectlStream {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl KubectlStream {
+    /// Starts `kubectl args…`.
+    pub fn spawn(kubeconfig: &Path, args: &[&str]) -> Self {
+        Self::spawn_with_env(kubeconfig, args, &[])
+    }
+
+    /// Starts `kubectl args…` with extra environment variables.
+    pub fn spawn_with_env(kubeconfig: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = kubectl_command(kubeconfig);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl must be installed (see README)");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        KubectlStream { child, lines }
+    }
+
+    /// The next stdout line, or `None` after `timeout` or at the end of output.
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Waits for a line satisfying `want`, skipping others.
+    pub fn wait_line(&self, what: &str, timeout: Duration, want: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if want(&line) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+    }
+
+    /// Waits for kubectl to exit; returns (exit code, stderr).
+    pub fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String) {
+        use std::io::Read;
+        let child = &mut self.child;
+        let status = wait_for("kubectl to exit", timeout, || child.try_wait().ok().flatten());
+        let mut stderr = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut stderr);
+        }
+        (status.code(), stderr)
+    }
+}
+
+impl Drop for KubectlStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

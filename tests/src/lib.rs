@@ -663,6 +663,43 @@ impl Https {
         })
     }
 
+    /// Downloads `path` (the stand-in's `/debug/bytes` pattern: byte i = i % 251),
+    /// checking every byte as it streams in; returns the count. Panics on a mismatch or
+    /// a body that ends in an error.
+    pub fn download_checked(&self, path: &str, token: &str) -> u64 {
+        self.runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(self.addr).await.expect("connect");
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect("localhost".try_into().expect("name"), tcp)
+                .await
+                .expect("TLS");
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            let request = http::Request::get(path)
+                .header("host", "localhost")
+                .header("authorization", format!("Bearer {token}"))
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let response = sender.send_request(request).await.expect("response");
+            assert_eq!(response.status(), 200);
+            let mut body = response.into_body();
+            let mut offset: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.expect("the body must not end in an error");
+                if let Some(data) = frame.data_ref() {
+                    for (i, byte) in data.iter().enumerate() {
+                        let want = ((offset + i as u64) % 251) as u8;
+                        assert_eq!(*byte, want, "byte {} is wrong", offset + i as u64);
+                    }
+                    offset += data.len() as u64;
+                }
+            }
+            offset
+        })
+    }
+
     /// GET with a token.
     pub fn get(&self, path: &str, token: Option<&str>) -> Reply {
         self.request("GET", path, token, &[])

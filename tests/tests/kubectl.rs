@@ -127,3 +127,56 @@ fn exec_and_port_forward_upgrade_end_to_end() {
         assert!(back == payload, "1 MiB round-trips through port-forward (websockets={websockets})");
     }
 }
+
+/// Bodies stream through both processes: a download far larger than either process's
+/// memory budget arrives complete and correct while their RSS stays flat.
+#[test]
+fn large_downloads_stream_without_buffering() {
+    let member = Member::start();
+    let server = server().start();
+    let agent = agent(&server, &member, "member-1").connect(&server);
+    let https = tower_e2e::Https::frontend(&server);
+    let user = tower_e2e::Server::minter().user_token("alice", &[], None);
+    let size: u64 = 256 << 20;
+    let before = (server.process.rss_kib(), agent.process.rss_kib());
+    let peak = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        let (s, a) = (server.process.pid(), agent.process.pid());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let (rs, ra) = (rss_of(s), rss_of(a));
+                let mut p = peak.lock().expect("lock");
+                *p = (p.0.max(rs), p.1.max(ra));
+                drop(p);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let summary = https.download_checked(&format!("/clusters/member-1/debug/bytes?size={size}"), &user);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().expect("sampler");
+    assert_eq!(summary, size, "every byte arrived, in order");
+    let (server_peak, agent_peak) = *peak.lock().expect("lock");
+    eprintln!(
+        "RSS KiB before/peak during a {} MiB download: server {}/{}, agent {}/{}",
+        size >> 20,
+        before.0,
+        server_peak,
+        before.1,
+        agent_peak
+    );
+    // Buffering even a tenth of the body would show here.
+    assert!(server_peak < before.0 + 24 * 1024, "server grew from {} to {server_peak} KiB", before.0);
+    assert!(agent_peak < before.1 + 24 * 1024, "agent grew from {} to {agent_peak} KiB", before.1);
+}
+
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}

@@ -109,15 +109,9 @@ impl Process {
         self.child.id()
     }
 
-    /// Resident set size in KiB (Linux), from /proc.
+    /// Resident set size in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+        rss_kib(self.pid())
     }
 
     /// Sends SIGKILL and reaps.
@@ -145,6 +139,16 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Resident set size of `pid` in KiB (Linux, from /proc); 0 when it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn first_json_line(stdout: ChildStdout) -> serde_json::Value {
@@ -595,7 +599,12 @@ impl Https {
 
     /// A client for `addr`, trusting `server`'s CA.
     pub fn to(server: &Server, addr: SocketAddr) -> Self {
-        let certs = tower_tunnel::tls::certs_from_pem(server.ca_pem.as_bytes()).expect("CA");
+        Self::with_ca(&server.ca_pem, addr)
+    }
+
+    /// A client for `addr`, trusting the CA in `ca_pem`.
+    pub fn with_ca(ca_pem: &str, addr: SocketAddr) -> Self {
+        let certs = tower_tunnel::tls::certs_from_pem(ca_pem.as_bytes()).expect("CA");
         let tls = tower_tunnel::tls::client_config(&tower_tunnel::tls::CaTrust::Certificates(certs))
             .expect("tls");
         Https {

@@ -146,7 +146,7 @@ fn large_downloads_stream_without_buffering() {
         let (s, a) = (server.process.pid(), agent.process.pid());
         std::thread::spawn(move || {
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                let (rs, ra) = (rss_of(s), rss_of(a));
+                let (rs, ra) = (tower_e2e::rss_kib(s), tower_e2e::rss_kib(a));
                 let mut p = peak.lock().expect("lock");
                 *p = (p.0.max(rs), p.1.max(ra));
                 drop(p);
@@ -170,13 +170,4 @@ fn large_downloads_stream_without_buffering() {
     // Buffering even a tenth of the body would show here.
     assert!(server_peak < before.0 + 24 * 1024, "server grew from {} to {server_peak} KiB", before.0);
     assert!(agent_peak < before.1 + 24 * 1024, "agent grew from {} to {agent_peak} KiB", before.1);
-}
-
-fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }

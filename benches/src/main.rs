@@ -30,7 +30,9 @@ fn main() {
     let mut peak = (0u64, 0u64);
     let idle = (server.process.rss_kib(), agent.process.rss_kib());
     for _ in 0..rounds {
-        direct_mbps.push(mbps(size, || direct.download_checked(&path, member.api.token())));
+        direct_mbps.push(mbps(size, || {
+            direct.download_checked(&path, member.api.token())
+        }));
         let sampled = Arc::new(Mutex::new((0u64, 0u64)));
         let done = Arc::new(AtomicBool::new(false));
         let sampler = {
@@ -39,7 +41,10 @@ fn main() {
             std::thread::spawn(move || {
                 while !done.load(Ordering::SeqCst) {
                     let mut p = sampled.lock().expect("lock");
-                    *p = (p.0.max(tower_e2e::rss_kib(s)), p.1.max(tower_e2e::rss_kib(a)));
+                    *p = (
+                        p.0.max(tower_e2e::rss_kib(s)),
+                        p.1.max(tower_e2e::rss_kib(a)),
+                    );
                     drop(p);
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -82,7 +87,10 @@ fn main() {
         }
     });
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-results.json");
-    if let Err(e) = std::fs::write(&out, serde_json::to_string_pretty(&results).unwrap_or_default()) {
+    if let Err(e) = std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&results).unwrap_or_default(),
+    ) {
         eprintln!("tower-bench: writing {}: {e}", out.display());
     }
 }

@@ -155,12 +155,11 @@ impl ControlMessage {
                     });
                 }
                 let server_count = payload.get_u16();
-                let server_id = String::from_utf8(payload.to_vec()).map_err(|_| {
-                    DecodeError::Invalid {
+                let server_id =
+                    String::from_utf8(payload.to_vec()).map_err(|_| DecodeError::Invalid {
                         what: "server id",
                         reason: "not UTF-8",
-                    }
-                })?;
+                    })?;
                 ControlMessage::ServerInfo {
                     server_id,
                     server_count,

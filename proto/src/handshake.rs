@@ -108,9 +108,7 @@ impl ServerHello {
     }
 
     /// Reads a hello from a header lookup; `Err` names the missing or malformed header.
-    pub fn from_headers<'a>(
-        get: impl Fn(&str) -> Option<&'a str>,
-    ) -> Result<Self, &'static str> {
+    pub fn from_headers<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<Self, &'static str> {
         let server_id = get(HEADER_SERVER_ID).ok_or(HEADER_SERVER_ID)?;
         let server_count = get(HEADER_SERVER_COUNT)
             .and_then(|v| v.trim().parse().ok())

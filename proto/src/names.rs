@@ -50,6 +50,9 @@ mod tests {
             assert!(err.to_string().contains("DNS-1123 subdomain"), "{err}");
         }
         assert!(validate_cluster_name(&"a".repeat(254)).is_err());
-        assert!(validate_cluster_name(&"a".repeat(64)).is_err(), "label over 63");
+        assert!(
+            validate_cluster_name(&"a".repeat(64)).is_err(),
+            "label over 63"
+        );
     }
 }

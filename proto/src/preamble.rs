@@ -293,7 +293,10 @@ mod tests {
         );
         assert!(matches!(
             Preamble::decode(&mut &[1u8, 7, 0, 0][..]),
-            Err(DecodeError::Invalid { what: "stream kind", .. })
+            Err(DecodeError::Invalid {
+                what: "stream kind",
+                ..
+            })
         ));
         // An HTTP stream with no target.
         assert!(matches!(
@@ -307,7 +310,11 @@ mod tests {
             Preamble::decode(&mut bad),
             Err(DecodeError::Invalid { what: "target", .. })
         ));
-        assert!(Preamble::http("Bad_Name", "").encode(&mut BytesMut::new()).is_err());
+        assert!(
+            Preamble::http("Bad_Name", "")
+                .encode(&mut BytesMut::new())
+                .is_err()
+        );
     }
 
     #[test]

@@ -78,7 +78,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -93,7 +96,10 @@ pub struct Process {
 impl Process {
     fn spawn(mut command: Command, log: PathBuf) -> (Self, ChildStdout) {
         let err = std::fs::File::create(&log).expect("log file");
-        command.stdout(Stdio::piped()).stderr(err).stdin(Stdio::null());
+        command
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .stdin(Stdio::null());
         let mut child = command.spawn().expect("spawn binary");
         let stdout = child.stdout.take().expect("stdout");
         (Process { child, log }, stdout)
@@ -186,7 +192,9 @@ impl Member {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
-            StandIn::start(listener, "member-sa-token").await.expect("stand-in")
+            StandIn::start(listener, "member-sa-token")
+                .await
+                .expect("stand-in")
         });
         let dir = TempDir::new("member");
         let kubeconfig = dir.path().join("kubeconfig");
@@ -230,12 +238,23 @@ impl ServerBuilder {
         let secret = dir.path().join("jwt-secret");
         std::fs::write(&secret, SECRET).expect("secret");
         let (tunnel, frontend, admin) = self.addrs.unwrap_or_else(|| {
-            ("127.0.0.1:0".into(), "127.0.0.1:0".into(), "127.0.0.1:0".into())
+            (
+                "127.0.0.1:0".into(),
+                "127.0.0.1:0".into(),
+                "127.0.0.1:0".into(),
+            )
         });
         let mut command = Command::new(bin_path("tower-server"));
         command
             .arg("serve")
-            .args(["--tunnel-addr", &tunnel, "--proxy-addr", &frontend, "--admin-addr", &admin])
+            .args([
+                "--tunnel-addr",
+                &tunnel,
+                "--proxy-addr",
+                &frontend,
+                "--admin-addr",
+                &admin,
+            ])
             .arg("--jwt-secret-file")
             .arg(&secret)
             .arg("--state-dir")
@@ -250,7 +269,11 @@ impl ServerBuilder {
         let (process, stdout) = Process::spawn(command, log);
         let addrs = first_json_line(stdout);
         let addr = |k: &str| -> SocketAddr {
-            addrs[k].as_str().expect("address").parse().expect("socket address")
+            addrs[k]
+                .as_str()
+                .expect("address")
+                .parse()
+                .expect("socket address")
         };
         let server = Server {
             tunnel: addr("tunnel"),
@@ -325,9 +348,10 @@ impl Server {
 
     /// Whether `cluster` has a live tunnel.
     pub fn connected(&self, cluster: &str) -> bool {
-        self.clusters()
-            .as_array()
-            .is_some_and(|list| list.iter().any(|c| c["name"] == cluster && c["connected"] == true))
+        self.clusters().as_array().is_some_and(|list| {
+            list.iter()
+                .any(|c| c["name"] == cluster && c["connected"] == true)
+        })
     }
 
     /// A kubeconfig (written by `tower-server kubeconfig`) for `user` in `groups`.
@@ -348,7 +372,11 @@ impl Server {
             .arg(self.state.join("ca.crt"))
             .output()
             .expect("tower-server kubeconfig");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.dir.path().join(format!("kubeconfig-{cluster}-{n}"));
@@ -418,7 +446,14 @@ impl AgentBuilder {
             .arg(&self.kubeconfig)
             .arg("--jwt-secret-file")
             .arg(&self.secret_file)
-            .args(["--admin-addr", "127.0.0.1:0", "--keepalive", "2s", "--reconnect-max", "2s"])
+            .args([
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--keepalive",
+                "2s",
+                "--reconnect-max",
+                "2s",
+            ])
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")
             .env("TOWER_LOG", "info,tower_agent=debug");
@@ -493,18 +528,26 @@ pub fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
     (code, decode_chunked_if_needed(&text, body))
 }
 
 fn decode_chunked_if_needed(head: &str, body: &str) -> String {
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return body.to_owned();
     }
     let mut out = String::new();
     let mut rest = body;
     while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || after.len() < n {
             break;
         }
@@ -605,8 +648,9 @@ impl Https {
     /// A client for `addr`, trusting the CA in `ca_pem`.
     pub fn with_ca(ca_pem: &str, addr: SocketAddr) -> Self {
         let certs = tower_tunnel::tls::certs_from_pem(ca_pem.as_bytes()).expect("CA");
-        let tls = tower_tunnel::tls::client_config(&tower_tunnel::tls::CaTrust::Certificates(certs))
-            .expect("tls");
+        let tls =
+            tower_tunnel::tls::client_config(&tower_tunnel::tls::CaTrust::Certificates(certs))
+                .expect("tls");
         Https {
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -619,7 +663,13 @@ impl Https {
 
     /// Sends a request with optional bearer token and extra headers; reads it whole.
     /// Panics if the answer takes more than 30 s (tower must never hang a caller).
-    pub fn request(&self, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)]) -> Reply {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
         match self.try_request(method, path, token, headers) {
             Ok(reply) => reply,
             Err(e) => panic!("{method} {path}: {e}"),
@@ -628,9 +678,17 @@ impl Https {
 
     /// Like [`Https::request`], but a body that ends in an error (a truncated stream)
     /// is an `Err` rather than a panic.
-    pub fn try_request(&self, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)]) -> Result<Reply, String> {
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, String> {
         let exchange = async {
-            let tcp = tokio::net::TcpStream::connect(self.addr).await.expect("connect");
+            let tcp = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .expect("connect");
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
                 .connect("localhost".try_into().expect("name"), tcp)
                 .await
@@ -677,7 +735,9 @@ impl Https {
     /// a body that ends in an error.
     pub fn download_checked(&self, path: &str, token: &str) -> u64 {
         self.runtime.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(self.addr).await.expect("connect");
+            let tcp = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .expect("connect");
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
                 .connect("localhost".try_into().expect("name"), tcp)
                 .await
@@ -776,7 +836,9 @@ impl KubectlStream {
     pub fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String) {
         use std::io::Read;
         let child = &mut self.child;
-        let status = wait_for("kubectl to exit", timeout, || child.try_wait().ok().flatten());
+        let status = wait_for("kubectl to exit", timeout, || {
+            child.try_wait().ok().flatten()
+        });
         let mut stderr = String::new();
         if let Some(mut err) = self.child.stderr.take() {
             let _ = err.read_to_string(&mut stderr);

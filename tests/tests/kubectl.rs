@@ -15,7 +15,10 @@ fn get_create_replace_delete_and_large_lists() {
     let kc = server.kubeconfig("member-1", "alice", &["devs", "ops"]);
 
     let pods = kubectl(&kc, &["get", "pods", "-n", "default", "-o", "name"]).success();
-    assert!(pods.contains("pod/web-0") && pods.contains("pod/web-1"), "{pods}");
+    assert!(
+        pods.contains("pod/web-0") && pods.contains("pod/web-1"),
+        "{pods}"
+    );
     let table = kubectl(&kc, &["get", "pods", "-A"]).success();
     assert!(table.contains("web-0"), "{table}");
 
@@ -33,24 +36,64 @@ fn get_create_replace_delete_and_large_lists() {
     let v2 = manifest("two");
     kubectl(&kc, &["create", "-f", v1.to_str().expect("path")]).success();
     let get_value = || {
-        kubectl(&kc, &["get", "configmap", "tower-e2e", "-n", "default", "-o", "jsonpath={.data.key}"])
+        kubectl(
+            &kc,
+            &[
+                "get",
+                "configmap",
+                "tower-e2e",
+                "-n",
+                "default",
+                "-o",
+                "jsonpath={.data.key}",
+            ],
+        )
     };
     assert_eq!(get_value().success(), "one");
     kubectl(&kc, &["replace", "-f", v2.to_str().expect("path")]).success();
     assert_eq!(get_value().success(), "two");
     let again = kubectl(&kc, &["create", "-f", v1.to_str().expect("path")]);
     assert_ne!(again.code(), Some(0));
-    assert!(again.stderr().contains("AlreadyExists") || again.stderr().contains("already exists"), "{}", again.stderr());
+    assert!(
+        again.stderr().contains("AlreadyExists") || again.stderr().contains("already exists"),
+        "{}",
+        again.stderr()
+    );
     kubectl(&kc, &["delete", "configmap", "tower-e2e", "-n", "default"]).success();
     let gone = get_value();
     assert_ne!(gone.code(), Some(0));
-    assert!(gone.stderr().contains("NotFound") || gone.stderr().contains("not found"), "{}", gone.stderr());
+    assert!(
+        gone.stderr().contains("NotFound") || gone.stderr().contains("not found"),
+        "{}",
+        gone.stderr()
+    );
 
     // A list of more than 50 MB arrives whole.
     let json = kubectl(&kc, &["get", "configmaps", "-n", "bulk", "-o", "json"]).success();
-    assert!(json.len() >= 50 * 1024 * 1024, "list was {} bytes", json.len());
+    assert!(
+        json.len() >= 50 * 1024 * 1024,
+        "list was {} bytes",
+        json.len()
+    );
     let list: serde_json::Value = serde_json::from_str(&json).expect("complete JSON");
     assert!(list["items"].as_array().expect("items").len() >= 500);
+
+    // A caller cannot pick its own identity: impersonation headers it sends are dropped.
+    let spoofed = kubectl(
+        &kc,
+        &[
+            "get",
+            "pods",
+            "--as",
+            "root",
+            "--as-group",
+            "system:masters",
+            "-o",
+            "name",
+        ],
+    )
+    .success();
+    assert!(spoofed.contains("pod/web-0"));
 
     // The member saw the agent's own credential and the JWT's user and groups, never
     // the caller's JWT.
@@ -70,10 +113,15 @@ fn watch_and_logs_stream_event_by_event() {
     let _agent = agent(&server, &member, "member-1").connect(&server);
     let kc = server.kubeconfig("member-1", "bob", &[]);
 
-    let watch = KubectlStream::spawn(&kc, &["get", "configmaps", "-n", "default", "-w", "-o", "name"]);
+    let watch = KubectlStream::spawn(
+        &kc,
+        &["get", "configmaps", "-n", "default", "-w", "-o", "name"],
+    );
     watch.wait_line("the initial list", WAIT, |l| l == "configmap/settings");
     for name in ["watched-1", "watched-2"] {
-        let manifest = format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: default\n");
+        let manifest = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: default\n"
+        );
         kubectl_with_input(&kc, &["create", "-f", "-"], manifest.as_bytes()).success();
         let expected = format!("configmap/{name}");
         watch.wait_line(&expected, WAIT, |l| l == expected);
@@ -81,7 +129,9 @@ fn watch_and_logs_stream_event_by_event() {
 
     // logs -f: the first lines, then lines the stand-in writes every 100 ms.
     let logs = KubectlStream::spawn(&kc, &["logs", "-f", "web-0", "-n", "default"]);
-    logs.wait_line("followed log line 25", WAIT, |l| l == "log line 25 from web-0");
+    logs.wait_line("followed log line 25", WAIT, |l| {
+        l == "log line 25 from web-0"
+    });
 }
 
 #[test]
@@ -91,12 +141,26 @@ fn exec_and_port_forward_upgrade_end_to_end() {
     let _agent = agent(&server, &member, "member-1").connect(&server);
     let kc = server.kubeconfig("member-1", "carol", &["devs"]);
 
-    let echoed = kubectl_with_input(&kc, &["exec", "-i", "web-0", "--", "cat"], b"hello through tower\n").success();
+    let echoed = kubectl_with_input(
+        &kc,
+        &["exec", "-i", "web-0", "--", "cat"],
+        b"hello through tower\n",
+    )
+    .success();
     assert_eq!(echoed, "hello through tower\n");
-    let big: Vec<u8> = (0..200_000u32).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+    let big: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
     let echoed = kubectl_with_input(&kc, &["exec", "-i", "web-0", "--", "cat"], &big).success();
-    assert!(echoed.as_bytes() == big.as_slice(), "stdin of {} bytes round-trips", big.len());
-    assert_eq!(kubectl(&kc, &["exec", "web-0", "--", "whoami"]).success(), "carol\n");
+    assert!(
+        echoed.as_bytes() == big.as_slice(),
+        "stdin of {} bytes round-trips",
+        big.len()
+    );
+    assert_eq!(
+        kubectl(&kc, &["exec", "web-0", "--", "whoami"]).success(),
+        "carol\n"
+    );
     let failed = kubectl(&kc, &["exec", "web-0", "--", "sh", "-c", "exit 3"]);
     assert_eq!(failed.code(), Some(3), "{}", failed.stderr());
 
@@ -106,14 +170,17 @@ fn exec_and_port_forward_upgrade_end_to_end() {
             &["port-forward", "pod/web-0", ":80", "-n", "default"],
             &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)],
         );
-        let line = forward.wait_line("port-forward to listen", WAIT, |l| l.starts_with("Forwarding from 127.0.0.1:"));
+        let line = forward.wait_line("port-forward to listen", WAIT, |l| {
+            l.starts_with("Forwarding from 127.0.0.1:")
+        });
         let port: u16 = line
             .trim_start_matches("Forwarding from 127.0.0.1:")
             .split_whitespace()
             .next()
             .and_then(|p| p.parse().ok())
             .expect("local port");
-        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the forwarded port");
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))
+            .expect("connect to the forwarded port");
         conn.set_read_timeout(Some(WAIT)).expect("timeout");
         let payload: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i % 251) as u8).collect();
         let writer = {
@@ -124,7 +191,10 @@ fn exec_and_port_forward_upgrade_end_to_end() {
         let mut back = vec![0; payload.len()];
         conn.read_exact(&mut back).expect("echoed bytes");
         writer.join().expect("writer").expect("write");
-        assert!(back == payload, "1 MiB round-trips through port-forward (websockets={websockets})");
+        assert!(
+            back == payload,
+            "1 MiB round-trips through port-forward (websockets={websockets})"
+        );
     }
 }
 
@@ -154,7 +224,10 @@ fn large_downloads_stream_without_buffering() {
             }
         })
     };
-    let summary = https.download_checked(&format!("/clusters/member-1/debug/bytes?size={size}"), &user);
+    let summary = https.download_checked(
+        &format!("/clusters/member-1/debug/bytes?size={size}"),
+        &user,
+    );
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     sampler.join().expect("sampler");
     assert_eq!(summary, size, "every byte arrived, in order");
@@ -168,6 +241,14 @@ fn large_downloads_stream_without_buffering() {
         agent_peak
     );
     // Buffering even a tenth of the body would show here.
-    assert!(server_peak < before.0 + 24 * 1024, "server grew from {} to {server_peak} KiB", before.0);
-    assert!(agent_peak < before.1 + 24 * 1024, "agent grew from {} to {agent_peak} KiB", before.1);
+    assert!(
+        server_peak < before.0 + 24 * 1024,
+        "server grew from {} to {server_peak} KiB",
+        before.0
+    );
+    assert!(
+        agent_peak < before.1 + 24 * 1024,
+        "agent grew from {} to {agent_peak} KiB",
+        before.1
+    );
 }

@@ -16,8 +16,13 @@ fn killing_the_agent_mid_watch_is_an_error_and_a_new_agent_serves_at_once() {
     let mut first = agent(&server, &member, "member-1").connect(&server);
     let kc = server.kubeconfig("member-1", "alice", &[]);
 
-    let watch = KubectlStream::spawn(&kc, &["get", "configmaps", "-n", "default", "-w", "-o", "name"]);
-    watch.wait_line("the initial list", Duration::from_secs(30), |l| l == "configmap/settings");
+    let watch = KubectlStream::spawn(
+        &kc,
+        &["get", "configmaps", "-n", "default", "-w", "-o", "name"],
+    );
+    watch.wait_line("the initial list", Duration::from_secs(30), |l| {
+        l == "configmap/settings"
+    });
 
     // A raw watch too: its chunked body must end in an error, not a clean end.
     let https = Https::frontend(&server);
@@ -35,24 +40,41 @@ fn killing_the_agent_mid_watch_is_an_error_and_a_new_agent_serves_at_once() {
             .api
             .calls()
             .iter()
-            .any(|c| c.path_and_query.contains("watch=1") && !c.path_and_query.contains("fieldSelector") && c.impersonate_user.is_some())
+            .any(|c| {
+                c.path_and_query.contains("watch=1")
+                    && !c.path_and_query.contains("fieldSelector")
+                    && c.impersonate_user.is_some()
+            })
             .then_some(())
     });
 
     first.process.kill();
     let raw = raw.join().expect("raw watch thread");
-    assert!(raw.is_err(), "a watch cut by a dead agent must not look complete: {raw:?}");
+    assert!(
+        raw.is_err(),
+        "a watch cut by a dead agent must not look complete: {raw:?}"
+    );
     // kubectl itself treats any end of a watch as the end (it exits 0 even on an
     // unexpected EOF); what matters is that it ends instead of hanging.
     let (_code, _stderr) = watch.wait_exit(Duration::from_secs(30));
 
-    wait_for("the server to notice", Duration::from_secs(10), || (!server.connected("member-1")).then_some(()));
+    wait_for("the server to notice", Duration::from_secs(10), || {
+        (!server.connected("member-1")).then_some(())
+    });
     let down = kubectl(&kc, &["get", "pods"]);
     assert_ne!(down.code(), Some(0));
-    assert!(down.stderr().contains("no agent connected"), "{}", down.stderr());
+    assert!(
+        down.stderr().contains("no agent connected"),
+        "{}",
+        down.stderr()
+    );
 
     let _second = agent(&server, &member, "member-1").connect(&server);
-    assert!(kubectl(&kc, &["get", "pods", "-o", "name"]).success().contains("pod/web-0"));
+    assert!(
+        kubectl(&kc, &["get", "pods", "-o", "name"])
+            .success()
+            .contains("pod/web-0")
+    );
 }
 
 #[test]
@@ -66,10 +88,19 @@ fn the_agent_comes_back_within_its_backoff_cap_after_a_server_restart() {
     server.restart();
     let restarted = Instant::now();
     // The agent runs with --reconnect-max 2s; allow the dial and handshake on top.
-    wait_for("the agent to reconnect", Duration::from_secs(7), || server.connected("member-1").then_some(()));
-    eprintln!("agent back {:?} after the server restart", restarted.elapsed());
+    wait_for("the agent to reconnect", Duration::from_secs(7), || {
+        server.connected("member-1").then_some(())
+    });
+    eprintln!(
+        "agent back {:?} after the server restart",
+        restarted.elapsed()
+    );
     // The same kubeconfig works: the CA and certificates were reused from the state dir.
-    assert!(kubectl(&kc, &["get", "pods", "-o", "name"]).success().contains("pod/web-0"));
+    assert!(
+        kubectl(&kc, &["get", "pods", "-o", "name"])
+            .success()
+            .contains("pod/web-0")
+    );
     assert!(agent.process.log().contains("tunnel up"));
 }
 
@@ -93,7 +124,10 @@ fn connect_proxy() -> (u16, Arc<AtomicUsize>) {
                     head.push(byte[0]);
                 }
                 let head = String::from_utf8_lossy(&head).to_string();
-                let Some(target) = head.strip_prefix("CONNECT ").and_then(|r| r.split_whitespace().next()) else {
+                let Some(target) = head
+                    .strip_prefix("CONNECT ")
+                    .and_then(|r| r.split_whitespace().next())
+                else {
                     let _ = client.write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n");
                     return;
                 };
@@ -108,7 +142,10 @@ fn connect_proxy() -> (u16, Arc<AtomicUsize>) {
                 };
                 count.fetch_add(1, Ordering::SeqCst);
                 let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
-                let (mut c2, mut u2) = (client.try_clone().expect("clone"), upstream.try_clone().expect("clone"));
+                let (mut c2, mut u2) = (
+                    client.try_clone().expect("clone"),
+                    upstream.try_clone().expect("clone"),
+                );
                 let mut upstream = upstream;
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut c2, &mut upstream);
@@ -131,10 +168,28 @@ fn the_agent_dials_through_https_proxy_and_authenticates_with_a_client_certifica
         .env("HTTPS_PROXY", &format!("http://127.0.0.1:{port}"))
         .env("NO_PROXY", "")
         .connect(&server);
-    assert_eq!(relayed.load(Ordering::SeqCst), 1, "the tunnel went through the proxy");
+    assert_eq!(
+        relayed.load(Ordering::SeqCst),
+        1,
+        "the tunnel went through the proxy"
+    );
     let kc = server.kubeconfig("member-1", "dave", &["qa"]);
-    assert!(kubectl(&kc, &["get", "pods", "-o", "name"]).success().contains("pod/web-0"));
+    assert!(
+        kubectl(&kc, &["get", "pods", "-o", "name"])
+            .success()
+            .contains("pod/web-0")
+    );
     let calls = member.api.calls();
-    assert!(calls.iter().all(|c| c.credential.starts_with("client-cert:")), "{calls:?}");
-    assert!(calls.iter().all(|c| c.impersonate_user.as_deref() == Some("dave") && !c.saw_authorization), "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.credential.starts_with("client-cert:")),
+        "{calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.impersonate_user.as_deref() == Some("dave") && !c.saw_authorization),
+        "{calls:?}"
+    );
 }

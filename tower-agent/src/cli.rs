@@ -18,13 +18,23 @@ use crate::{Backoff, Config};
 
 /// The agent's flags (a public contract: existing agent.yaml files use them).
 #[derive(Parser, Debug)]
-#[command(name = "tower-agent", version, about = "Tower's member side: dials out to tower-server and serves this cluster's API through the tunnel")]
+#[command(
+    name = "tower-agent",
+    version,
+    about = "Tower's member side: dials out to tower-server and serves this cluster's API through the tunnel"
+)]
 pub struct Cli {
     /// This member cluster's name (must equal the token's subject).
     #[arg(long, env = "TOWER_NAME")]
     pub name: String,
     /// The agent token (JWT).
-    #[arg(long, env = "TOWER_TOKEN", hide_env_values = true, conflicts_with = "token_file", required_unless_present = "token_file")]
+    #[arg(
+        long,
+        env = "TOWER_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file",
+        required_unless_present = "token_file"
+    )]
     pub token: Option<String>,
     /// File holding the agent token.
     #[arg(long, env = "TOWER_TOKEN_FILE")]
@@ -102,7 +112,8 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         Ok(_) => {}
         Err(e) => return Err(format!("agent token refused: {e}")),
     }
-    let address = ServerAddress::parse(&cli.proxy_server).map_err(|e| format!("--proxy-server: {e}"))?;
+    let address =
+        ServerAddress::parse(&cli.proxy_server).map_err(|e| format!("--proxy-server: {e}"))?;
     let tls = if cli.insecure_plaintext_tunnel {
         tracing::warn!("--insecure-plaintext-tunnel: the tunnel is not encrypted by tower");
         None
@@ -114,7 +125,9 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
             (Some(path), _) => {
                 let pem = std::fs::read(path)
                     .map_err(|e| format!("reading --ca-file {}: {e}", path.display()))?;
-                CaTrust::Certificates(tls::certs_from_pem(&pem).map_err(|e| format!("--ca-file: {e}"))?)
+                CaTrust::Certificates(
+                    tls::certs_from_pem(&pem).map_err(|e| format!("--ca-file: {e}"))?,
+                )
             }
             (None, Some(pin)) => CaTrust::parse_pin(pin).map_err(|e| format!("--ca-hash: {e}"))?,
             (None, None) => return Err("--ca-file or --ca-hash is required".into()),
@@ -129,13 +142,15 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| format!("reading --kubeconfig {}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?
         }
-        None => kube::Config::incluster().map_err(|e| {
-            format!("no --kubeconfig and not running in a cluster: {e}")
-        })?,
+        None => kube::Config::incluster()
+            .map_err(|e| format!("no --kubeconfig and not running in a cluster: {e}"))?,
     };
     let mut targets = HashMap::new();
     targets.insert(
@@ -171,4 +186,3 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         },
     })
 }
-

@@ -232,7 +232,8 @@ async fn serve_stream(
     session: tower_tunnel::SessionHandle,
     drained: mpsc::Sender<()>,
 ) {
-    let preamble = match tokio::time::timeout(Duration::from_secs(10), stream.read_preamble()).await {
+    let preamble = match tokio::time::timeout(Duration::from_secs(10), stream.read_preamble()).await
+    {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "bad stream preamble");
@@ -289,7 +290,11 @@ fn reply(response: Response<Full<Bytes>>) -> Response<Body> {
 }
 
 /// Checks, rewrites and forwards one request to `target`.
-async fn handle_request(config: &Config, target: &str, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle_request(
+    config: &Config,
+    target: &str,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let Some(upstream) = config.targets.get(target) else {
         return reply(failure(
             StatusCode::FORBIDDEN,
@@ -327,7 +332,11 @@ async fn handle_request(config: &Config, target: &str, mut req: Request<Incoming
     parts.uri = match upstream.uri_for(&path) {
         Ok(uri) => uri,
         Err(e) => {
-            return reply(failure(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()));
+            return reply(failure(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &e.to_string(),
+            ));
         }
     };
     strip_hop_by_hop(&mut parts.headers);
@@ -393,7 +402,10 @@ async fn handle_request(config: &Config, target: &str, mut req: Request<Incoming
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tower_tunnel::http::join_upgrades(client_upgrade, upstream_upgrade));
+            tokio::spawn(tower_tunnel::http::join_upgrades(
+                client_upgrade,
+                upstream_upgrade,
+            ));
         }
     } else {
         strip_hop_by_hop(response.headers_mut());
@@ -427,7 +439,8 @@ async fn serve_admin(listener: TcpListener, ready: Arc<AtomicBool>, shutdown: Ca
                         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "tunnel down\n"),
                         _ => (StatusCode::NOT_FOUND, "endpoints: /healthz /readyz\n"),
                     };
-                    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    let mut response =
+                        Response::new(Full::new(Bytes::from_static(body.as_bytes())));
                     *response.status_mut() = code;
                     Ok::<_, Infallible>(response)
                 }

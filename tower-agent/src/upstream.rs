@@ -92,14 +92,19 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// The kube-apiserver described by a kube-rs `Config` (from a kubeconfig or in-cluster).
-    pub fn kubernetes(config: &kube::Config, override_address: Option<&str>) -> Result<Self, String> {
+    pub fn kubernetes(
+        config: &kube::Config,
+        override_address: Option<&str>,
+    ) -> Result<Self, String> {
         let mut tls = config
             .rustls_client_config()
             .map_err(|e| format!("TLS for the kube-apiserver: {e}"))?;
         // HTTP/1.1 only: upgrades (exec, port-forward) need it, and streams pool per request.
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let auth = &config.auth_info;
-        let credentials = if auth.client_certificate.is_some() || auth.client_certificate_data.is_some() {
+        let credentials = if auth.client_certificate.is_some()
+            || auth.client_certificate_data.is_some()
+        {
             Credentials::ClientCertificate
         } else if let Some(token) = &auth.token {
             Credentials::Token(token.expose_secret().to_owned())
@@ -164,9 +169,52 @@ impl Upstream {
     }
 }
 
-fn client(connector: HttpsConnector<HttpConnector>) -> Client<HttpsConnector<HttpConnector>, UpstreamBody> {
+fn client(
+    connector: HttpsConnector<HttpConnector>,
+) -> Client<HttpsConnector<HttpConnector>, UpstreamBody> {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
         .build(connector)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_rotated_token_file_is_picked_up_after_refresh() {
+        let path = std::env::temp_dir().join(format!("tower-token-{}", std::process::id()));
+        std::fs::write(&path, "first\n").unwrap();
+        let cached = TokenFile::new(path.clone(), Duration::from_secs(3600)).unwrap();
+        let fresh = TokenFile::new(path.clone(), Duration::ZERO).unwrap();
+        std::fs::write(&path, "second\n").unwrap();
+        assert_eq!(
+            cached.token().unwrap(),
+            "first",
+            "within the refresh period"
+        );
+        assert_eq!(fresh.token().unwrap(), "second", "after it");
+        std::fs::remove_file(&path).unwrap();
+        assert!(fresh.token().unwrap_err().contains("reading token file"));
+    }
+
+    #[test]
+    fn upstream_uris_keep_the_base_path() {
+        let config = kube::Config::new("https://10.0.0.1:6443/k8s/clusters/c-1/".parse().unwrap());
+        let upstream = Upstream::kubernetes(&config, None).unwrap();
+        assert_eq!(
+            upstream
+                .uri_for("/api/v1/pods?watch=1")
+                .unwrap()
+                .to_string(),
+            "https://10.0.0.1:6443/k8s/clusters/c-1/api/v1/pods?watch=1"
+        );
+        let named = Upstream::named("ks-apiserver.kubesphere-system.svc:80").unwrap();
+        assert_eq!(
+            named.uri_for("/kapis/x").unwrap().to_string(),
+            "http://ks-apiserver.kubesphere-system.svc/kapis/x"
+        );
+    }
 }

@@ -14,9 +14,9 @@ use tower_auth::Verifier;
 use tower_proto::handshake::{self, Refusal, ServerHello};
 use tower_proto::names::validate_cluster_name;
 use tower_proto::{ControlMessage, Preamble};
+use tower_tunnel::SessionConfig;
 use tower_tunnel::control::{self, Keepalive};
 use tower_tunnel::session::{self, Role};
-use tower_tunnel::SessionConfig;
 
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Tunnel};
@@ -111,8 +111,10 @@ impl Acceptor {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
         };
-        let token = tower_auth::bearer(header(header::AUTHORIZATION.as_str()))
-            .ok_or((Refusal::BadToken, tower_auth::AuthError::Missing.to_string()))?;
+        let token = tower_auth::bearer(header(header::AUTHORIZATION.as_str())).ok_or((
+            Refusal::BadToken,
+            tower_auth::AuthError::Missing.to_string(),
+        ))?;
         let claims = self
             .verifier
             .verify_agent(token)
@@ -121,7 +123,10 @@ impl Acceptor {
         if name.is_empty() {
             return Err((
                 Refusal::BadRequest,
-                format!("missing {} header (the agent's --name)", handshake::HEADER_CLUSTER),
+                format!(
+                    "missing {} header (the agent's --name)",
+                    handshake::HEADER_CLUSTER
+                ),
             ));
         }
         validate_cluster_name(name).map_err(|e| (Refusal::BadRequest, e.to_string()))?;
@@ -142,7 +147,10 @@ impl Acceptor {
         }
         Ok(Admitted {
             cluster: claims.sub,
-            agent_version: header(handshake::HEADER_AGENT_VERSION).chars().take(64).collect(),
+            agent_version: header(handshake::HEADER_AGENT_VERSION)
+                .chars()
+                .take(64)
+                .collect(),
             targets: handshake::list(header(handshake::HEADER_TARGETS))
                 .take(16)
                 .map(String::from)
@@ -170,7 +178,10 @@ impl Acceptor {
         let mut response = Response::new(crate::status::full(""));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();
-        headers.insert(header::CONNECTION, header::HeaderValue::from_static("Upgrade"));
+        headers.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("Upgrade"),
+        );
         headers.insert(
             header::UPGRADE,
             header::HeaderValue::from_static(handshake::UPGRADE_PROTOCOL),

@@ -30,7 +30,9 @@ impl SecretArgs {
                 .map_err(|e| format!("reading --jwt-secret-file {}: {e}", path.display()))?,
             (None, Some(secret)) => secret.clone().into_bytes(),
             (None, None) => {
-                return Err("a jwtSecret is required: --jwt-secret-file PATH or TOWER_JWT_SECRET".into());
+                return Err(
+                    "a jwtSecret is required: --jwt-secret-file PATH or TOWER_JWT_SECRET".into(),
+                );
             }
         };
         Secret::new(bytes).ok_or_else(|| "the jwtSecret is empty".into())
@@ -133,7 +135,11 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
             .map_err(|e| format!("--proxy-publish-address: {e}"))?;
         extra_sans.push(parsed.host);
     }
-    let tls = pki::load_or_generate(own.as_ref(), &args.state_dir, &pki::default_sans(&extra_sans))?;
+    let tls = pki::load_or_generate(
+        own.as_ref(),
+        &args.state_dir,
+        &pki::default_sans(&extra_sans),
+    )?;
     if args.server_count == 0 {
         return Err("--server-count must be at least 1".into());
     }
@@ -171,4 +177,3 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         },
     })
 }
-

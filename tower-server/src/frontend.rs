@@ -106,9 +106,9 @@ impl Frontend {
             )
         })
         .and_then(|token| {
-            self.verifier.verify_user(token).map_err(|e| {
-                failure(StatusCode::UNAUTHORIZED, "Unauthorized", &e.to_string())
-            })
+            self.verifier
+                .verify_user(token)
+                .map_err(|e| failure(StatusCode::UNAUTHORIZED, "Unauthorized", &e.to_string()))
         })?;
         if !self.registry.target_allowed(&route.cluster, &route.target) {
             return Err(failure(
@@ -148,7 +148,11 @@ impl Frontend {
             .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         parts.uri = route.upstream_uri().map_err(|e| {
-            failure(StatusCode::BAD_REQUEST, "BadRequest", &format!("bad path: {e}"))
+            failure(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("bad path: {e}"),
+            )
         })?;
         tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
         let metrics = self.metrics.clone();
@@ -166,18 +170,18 @@ impl Frontend {
             })
             .boxed_unsync();
         let upstream = Request::from_parts(parts, body);
-        let mut response = self
-            .client
-            .request(upstream)
-            .await
-            .map_err(|e| {
-                tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
-                failure(
-                    StatusCode::BAD_GATEWAY,
-                    "ServiceUnavailable",
-                    &format!("cluster {:?}: the tunnel failed: {}", route.cluster, error_chain(&e)),
-                )
-            })?;
+        let mut response = self.client.request(upstream).await.map_err(|e| {
+            tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
+            failure(
+                StatusCode::BAD_GATEWAY,
+                "ServiceUnavailable",
+                &format!(
+                    "cluster {:?}: the tunnel failed: {}",
+                    route.cluster,
+                    error_chain(&e)
+                ),
+            )
+        })?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
                 return Err(failure(
@@ -187,7 +191,10 @@ impl Frontend {
                 ));
             };
             let agent_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tower_tunnel::http::join_upgrades(client_upgrade, agent_upgrade));
+            tokio::spawn(tower_tunnel::http::join_upgrades(
+                client_upgrade,
+                agent_upgrade,
+            ));
         } else {
             tower_tunnel::http::strip_hop_by_hop(response.headers_mut());
         }
@@ -305,7 +312,9 @@ impl tower_service::Service<Uri> for TunnelConnector {
         let this = self.clone();
         Box::pin(async move {
             let host = uri.host().ok_or("upstream URI without a host")?;
-            let (target, cluster) = host.split_once('.').ok_or("upstream URI without a target")?;
+            let (target, cluster) = host
+                .split_once('.')
+                .ok_or("upstream URI without a target")?;
             let tunnel = this
                 .registry
                 .tunnel(cluster)
@@ -390,7 +399,10 @@ mod tests {
         );
         assert_eq!(parse("/clusters/m").unwrap().path, "/");
         let ks = parse("/clusters/m/targets/kubesphere/kapis/x").unwrap();
-        assert_eq!((ks.target.as_str(), ks.path.as_str()), ("kubesphere", "/kapis/x"));
+        assert_eq!(
+            (ks.target.as_str(), ks.path.as_str()),
+            ("kubesphere", "/kapis/x")
+        );
         assert_eq!(
             ks.upstream_uri().unwrap().to_string(),
             "http://kubesphere.m/kapis/x"

@@ -115,8 +115,9 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let tls = tower_tunnel::tls::server_config(config.tls.chain.clone(), config.tls.key.clone_key())
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let tls =
+        tower_tunnel::tls::server_config(config.tls.chain.clone(), config.tls.key.clone_key())
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
     let acceptor = TlsAcceptor::from(tls);
     let verifier = Verifier::new(&config.secret);
     let registry = Registry::new(config.clusters.clone());

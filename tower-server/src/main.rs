@@ -15,7 +15,11 @@ use tower_server::Listeners;
 use tower_server::cli::{SecretArgs, ServeArgs, build_config};
 
 #[derive(Parser)]
-#[command(name = "tower-server", version, about = "Tower's host side: accepts agent tunnels and proxies the Kubernetes API through them")]
+#[command(
+    name = "tower-server",
+    version,
+    about = "Tower's host side: accepts agent tunnels and proxies the Kubernetes API through them"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -182,9 +186,8 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        let local = |l: &tokio::net::TcpListener| {
-            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
-        };
+        let local =
+            |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         // One line on stdout says where everything listens (tests bind port 0).
         println!(
             "{}",

@@ -39,9 +39,7 @@ pub fn load_or_generate(
     state_dir: &Path,
     sans: &[String],
 ) -> Result<TlsMaterial, String> {
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))
-    };
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
     let (cert_pem, key_pem, ca_pem) = match own {
         Some(own) => (read(&own.cert)?, read(&own.key)?, read(&own.ca)?),
         None => {
@@ -97,9 +95,15 @@ fn write_file(path: &Path, content: &[u8], secret: bool) -> Result<(), String> {
 
 /// The names a generated certificate covers: loopback, this host, and what was asked.
 pub fn default_sans(extra: &[String]) -> Vec<String> {
-    let mut sans: Vec<String> = ["localhost", "127.0.0.1", "::1", "tower", "tower.ke-system.svc"]
-        .map(String::from)
-        .to_vec();
+    let mut sans: Vec<String> = [
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        "tower",
+        "tower.ke-system.svc",
+    ]
+    .map(String::from)
+    .to_vec();
     if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         sans.push(host.trim().to_owned());
     }

@@ -134,7 +134,9 @@ impl Registry {
                 .allowed
                 .as_ref()
                 .and_then(|allowed| allowed.get(name))
-                .is_none_or(|spec| spec.targets.is_empty() || spec.targets.iter().any(|t| t == target))
+                .is_none_or(|spec| {
+                    spec.targets.is_empty() || spec.targets.iter().any(|t| t == target)
+                })
     }
 
     /// A fresh tunnel id.
@@ -167,7 +169,10 @@ impl Registry {
 
     /// The live tunnel of `name`, or why there is none.
     pub fn tunnel(&self, name: &str) -> Result<Tunnel, Lookup> {
-        if let Some(t) = read(&self.tunnels).get(name).filter(|t| !t.session.is_closed()) {
+        if let Some(t) = read(&self.tunnels)
+            .get(name)
+            .filter(|t| !t.session.is_closed())
+        {
             return Ok(t.clone());
         }
         let known = match &self.allowed {
@@ -196,26 +201,30 @@ impl Registry {
         names.sort();
         names
             .into_iter()
-            .map(|name| match tunnels.get(&name).filter(|t| !t.session.is_closed()) {
-                Some(t) => ClusterStatus {
-                    connected: true,
-                    connected_since: Some(humantime::format_rfc3339_seconds(t.since).to_string()),
-                    agent_version: Some(t.agent_version.clone()),
-                    remote_address: Some(t.remote_addr.clone()),
-                    targets: t.targets.clone(),
-                    streams: t.session.open_streams(),
-                    name,
+            .map(
+                |name| match tunnels.get(&name).filter(|t| !t.session.is_closed()) {
+                    Some(t) => ClusterStatus {
+                        connected: true,
+                        connected_since: Some(
+                            humantime::format_rfc3339_seconds(t.since).to_string(),
+                        ),
+                        agent_version: Some(t.agent_version.clone()),
+                        remote_address: Some(t.remote_addr.clone()),
+                        targets: t.targets.clone(),
+                        streams: t.session.open_streams(),
+                        name,
+                    },
+                    None => ClusterStatus {
+                        name,
+                        connected: false,
+                        connected_since: None,
+                        agent_version: None,
+                        remote_address: None,
+                        targets: Vec::new(),
+                        streams: 0,
+                    },
                 },
-                None => ClusterStatus {
-                    name,
-                    connected: false,
-                    connected_since: None,
-                    agent_version: None,
-                    remote_address: None,
-                    targets: Vec::new(),
-                    streams: 0,
-                },
-            })
+            )
             .collect()
     }
 }
@@ -225,5 +234,6 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

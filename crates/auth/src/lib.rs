@@ -265,7 +265,8 @@ impl Verifier {
 /// Looks at the JOSE header before any cryptography so the refusal can name the problem.
 fn check_header(token: &str) -> Result<(), AuthError> {
     let mut parts = token.split('.');
-    let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(AuthError::Malformed("a JWT has three dot-separated parts"));
     };
@@ -336,8 +337,7 @@ impl Minter {
     /// Signs arbitrary claims with HS256 (tests use it to build odd tokens).
     pub fn sign<T: Serialize>(&self, claims: &T) -> String {
         // HS256 over serde-serializable claims cannot fail.
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.key)
-            .unwrap_or_default()
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.key).unwrap_or_default()
     }
 }
 

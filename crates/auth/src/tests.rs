@@ -79,15 +79,24 @@ fn each_bad_token_has_its_own_error() {
         v.verify_user("garbage"),
         Err(AuthError::Malformed("a JWT has three dot-separated parts"))
     );
-    assert!(matches!(v.verify_user("a.b.c"), Err(AuthError::Malformed(_))));
+    assert!(matches!(
+        v.verify_user("a.b.c"),
+        Err(AuthError::Malformed(_))
+    ));
     assert_eq!(v.verify_user(&other), Err(AuthError::BadSignature));
     assert_eq!(v.verify_user(&expired), Err(AuthError::Expired));
     assert_eq!(v.verify_user(&none), Err(AuthError::Unsigned));
     assert_eq!(v.verify_agent(&none), Err(AuthError::Unsigned));
-    assert_eq!(v.verify_user(&rs256), Err(AuthError::WrongAlgorithm("RS256".into())));
+    assert_eq!(
+        v.verify_user(&rs256),
+        Err(AuthError::WrongAlgorithm("RS256".into()))
+    );
     assert_eq!(v.verify_user(&agent), Err(AuthError::AgentTokenAsUser));
     assert_eq!(v.verify_agent(&user), Err(AuthError::UserTokenAsAgent));
-    assert_eq!(v.verify_agent(&wrong_aud), Err(AuthError::WrongAudience("kubernetes".into())));
+    assert_eq!(
+        v.verify_agent(&wrong_aud),
+        Err(AuthError::WrongAudience("kubernetes".into()))
+    );
     assert_eq!(
         v.verify_user(&refresh),
         Err(AuthError::WrongTokenType("refresh_token".into()))
@@ -113,7 +122,10 @@ fn tampered_claims_fail_the_signature() {
     let mut parts: Vec<&str> = token.split('.').collect();
     let evil = URL_SAFE_NO_PAD.encode(r#"{"username":"admin","token_type":"access_token"}"#);
     parts[1] = &evil;
-    assert_eq!(verifier().verify_user(&parts.join(".")), Err(AuthError::BadSignature));
+    assert_eq!(
+        verifier().verify_user(&parts.join(".")),
+        Err(AuthError::BadSignature)
+    );
 }
 
 #[test]

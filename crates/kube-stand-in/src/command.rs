@@ -51,7 +51,10 @@ pub async fn run_command(
             0
         }
         "sh" if command.len() == 3 && command[1] == "-c" => {
-            match command[2].strip_prefix("exit ").map(|n| n.trim().parse::<i32>()) {
+            match command[2]
+                .strip_prefix("exit ")
+                .map(|n| n.trim().parse::<i32>())
+            {
                 Some(Ok(code)) => code,
                 _ => {
                     let _ = stderr

@@ -1,3 +1,321 @@
 //! A stand-in for a member cluster's kube-apiserver, for Tower's tests and benchmarks.
+//!
+//! [`StandIn::start`] serves HTTPS (HTTP/1.1) on a listener the caller bound, with a CA and
+//! serving certificate it generates itself. It speaks enough of the Kubernetes API that the
+//! real `kubectl` works against it unchanged:
+//!
+//! * discovery (`/version`, `/api`, `/api/v1`, `/apis`, `/openapi/v2`, `/openapi/v3`);
+//! * `namespaces`, `pods` and `configmaps` in memory: get, list, create, replace, merge and
+//!   strategic-merge patch, delete, server-side `Table` printing, and watches that replay an
+//!   in-memory history and then fan out live events from one broadcast channel;
+//! * pod logs (`follow` streams a line every 100 ms), exec and attach over WebSocket
+//!   (`v5.channel.k8s.io`, `v4.channel.k8s.io`) running [`command::run_command`], and the
+//!   SPDY upgrades (exec, port-forward) handed to [`spdy`];
+//! * a seeded namespace `bulk` whose configmaps total more than 55 MB, and
+//!   `/debug/bytes?size=N` for raw throughput;
+//! * bearer-token or client-certificate authentication, recording every call (with its
+//!   `Impersonate-*` headers) for tests to inspect through [`StandIn::calls`].
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod api;
+mod clock;
 pub mod command;
+mod exec_ws;
+mod logs;
+mod openapi;
+pub mod spdy;
+pub mod status;
+mod store;
+mod table;
+mod tls;
+mod watch;
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open connections get to finish after [`StandIn::shutdown`].
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// One request the stand-in served (or refused), as [`StandIn::calls`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// HTTP method, e.g. `GET`.
+    pub method: String,
+    /// Path and query as sent, e.g. `/api/v1/namespaces/default/pods?limit=500`.
+    pub path_and_query: String,
+    /// How the caller authenticated: `token`, `client-cert:<CN>` or `anonymous`.
+    pub credential: String,
+    /// The `Impersonate-User` header, if any.
+    pub impersonate_user: Option<String>,
+    /// Every `Impersonate-Group` header, in order.
+    pub impersonate_groups: Vec<String>,
+    /// Whether the request carried an `Authorization` header at all.
+    pub saw_authorization: bool,
+}
+
+/// Which credential [`StandIn::kubeconfig_yaml`] embeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KubeconfigAuth {
+    /// The bearer ("ServiceAccount") token.
+    Token,
+    /// The client certificate and key (CN `tower-agent-client`).
+    ClientCert,
+}
+
+/// State shared by the accept loop, every connection and every stream.
+pub(crate) struct Shared {
+    pub(crate) store: store::Store,
+    pub(crate) token: String,
+    pub(crate) calls: Mutex<Vec<Call>>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) open_streams: AtomicUsize,
+}
+
+/// Counts an open long-lived stream (watch, log follow, exec session) while alive.
+pub(crate) struct StreamGuard(Arc<Shared>);
+
+impl StreamGuard {
+    pub(crate) fn new(shared: &Arc<Shared>) -> StreamGuard {
+        shared.open_streams.fetch_add(1, Ordering::SeqCst);
+        StreamGuard(shared.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A running stand-in kube-apiserver. Dropping it shuts it down.
+pub struct StandIn {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    ca_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
+}
+
+impl std::fmt::Debug for StandIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandIn")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StandIn {
+    /// Serves on an already-bound listener (tests bind `127.0.0.1:0`). Generates its own CA
+    /// and serving certificate (SANs 127.0.0.1, ::1, localhost) and seeds the store.
+    pub async fn start(listener: TcpListener, token: impl Into<String>) -> anyhow::Result<StandIn> {
+        let token = token.into();
+        anyhow::ensure!(!token.is_empty(), "the stand-in's token must not be empty");
+        let addr = listener
+            .local_addr()
+            .context("reading the listener's address")?;
+        let pki = tls::Pki::generate()?;
+        let acceptor = TlsAcceptor::from(pki.server_config()?);
+        let store = tokio::task::spawn_blocking(store::Store::seeded)
+            .await
+            .context("seeding the store")?;
+        let shared = Arc::new(Shared {
+            store,
+            token,
+            calls: Mutex::new(Vec::new()),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            open_streams: AtomicUsize::new(0),
+        });
+        shared
+            .tracker
+            .spawn(accept_loop(shared.clone(), listener, acceptor));
+        tracing::info!(%addr, "kube stand-in listening");
+        Ok(StandIn {
+            shared,
+            addr,
+            ca_pem: pki.ca_pem,
+            client_cert_pem: pki.client_cert_pem,
+            client_key_pem: pki.client_key_pem,
+        })
+    }
+
+    /// `https://127.0.0.1:PORT` (or the listener's address).
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// PEM of the CA that signed the serving certificate and the client certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The accepted bearer ("ServiceAccount") token.
+    pub fn token(&self) -> &str {
+        &self.shared.token
+    }
+
+    /// PEM of a client certificate (CN `tower-agent-client`) accepted instead of the token.
+    pub fn client_cert_pem(&self) -> &str {
+        &self.client_cert_pem
+    }
+
+    /// PEM (PKCS#8) of the client certificate's key.
+    pub fn client_key_pem(&self) -> &str {
+        &self.client_key_pem
+    }
+
+    /// A kubeconfig for this stand-in (CA inline) with either the token or the client
+    /// certificate and key inline. Context, cluster and user are all named `stand-in`.
+    pub fn kubeconfig_yaml(&self, auth: KubeconfigAuth) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let user = match auth {
+            // A JSON string is a valid YAML scalar whatever the token contains.
+            KubeconfigAuth::Token => format!(
+                "    token: {}\n",
+                serde_json::Value::String(self.shared.token.clone())
+            ),
+            KubeconfigAuth::ClientCert => format!(
+                "    client-certificate-data: {}\n    client-key-data: {}\n",
+                b64(&self.client_cert_pem),
+                b64(&self.client_key_pem)
+            ),
+        };
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: stand-in\n  user:\n{user}contexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: stand-in\n    namespace: default\ncurrent-context: stand-in\n",
+            self.url(),
+            b64(&self.ca_pem),
+        )
+    }
+
+    /// Every request served so far, in order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.shared
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many long-lived streams (watches, followed logs, exec sessions) are open now.
+    /// Tests use it to check that a client going away ends its stream.
+    pub fn open_streams(&self) -> usize {
+        self.shared.open_streams.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, ends open watches and streams, and closes connections (after a
+    /// short grace period for responses in flight). Returns at once; see
+    /// [`StandIn::wait_stopped`].
+    pub fn shutdown(&self) {
+        self.shared.cancel.cancel();
+        self.shared.tracker.close();
+    }
+
+    /// Waits until every connection and task has ended after [`StandIn::shutdown`].
+    pub async fn wait_stopped(&self) {
+        self.shared.tracker.wait().await;
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
+    loop {
+        let accepted = tokio::select! {
+            () = shared.cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                shared.tracker.spawn(serve_connection(
+                    shared.clone(),
+                    acceptor.clone(),
+                    tcp,
+                    peer,
+                ));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::select! {
+                    () = shared.cancel.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+    let tls = tokio::select! {
+        () = shared.cancel.cancelled() => return,
+        tls = handshake => match tls {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    let client_cn: Option<Arc<str>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(|cert| tls::subject_common_name(cert).unwrap_or_else(|| "unknown".to_owned()))
+        .map(Arc::from);
+    let service_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let shared = service_shared.clone();
+        let client_cn = client_cn.clone();
+        async move { Ok::<_, std::convert::Infallible>(api::handle(shared, client_cn, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .serve_connection(TokioIo::new(tls), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        }
+        () = shared.cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
+    }
+}

@@ -107,7 +107,9 @@ impl ProxyUrl {
             .parse()
             .map_err(|e| format!("proxy {text:?} is not a URL: {e}"))?;
         if uri.scheme_str() != Some("http") {
-            return Err(format!("proxy {text:?}: only http:// proxies are supported"));
+            return Err(format!(
+                "proxy {text:?}: only http:// proxies are supported"
+            ));
         }
         let authority = uri
             .authority()
@@ -156,7 +158,9 @@ pub fn no_proxy_matches(list: &str, host: &str) -> bool {
         .any(|entry| {
             let entry = entry
                 .rsplit_once(':')
-                .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()) && !entry.contains(']'))
+                .filter(|(_, port)| {
+                    port.chars().all(|c| c.is_ascii_digit()) && !entry.contains(']')
+                })
                 .map_or(entry.as_str(), |(h, _)| h)
                 .trim_start_matches('[')
                 .trim_end_matches(']')
@@ -177,7 +181,9 @@ pub struct Dialed {
 
 impl std::fmt::Debug for Dialed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dialed").field("hello", &self.hello).finish()
+        f.debug_struct("Dialed")
+            .field("hello", &self.hello)
+            .finish()
     }
 }
 
@@ -248,7 +254,9 @@ pub async fn connect_through_proxy<S: AsyncRead + AsyncWrite + Unpin>(
     let mut head = Vec::with_capacity(256);
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() > 8 * 1024 {
-            return Err(TunnelError::Protocol("proxy answer header is too long".into()));
+            return Err(TunnelError::Protocol(
+                "proxy answer header is too long".into(),
+            ));
         }
         let byte = io
             .read_u8()
@@ -293,7 +301,10 @@ where
         .header(header::AUTHORIZATION, format!("Bearer {}", config.token))
         .header(handshake::HEADER_CLUSTER, &config.cluster)
         .header(handshake::HEADER_AGENT_VERSION, &config.agent_version)
-        .header(handshake::HEADER_CAPABILITIES, handshake::CAPABILITIES.join(","))
+        .header(
+            handshake::HEADER_CAPABILITIES,
+            handshake::CAPABILITIES.join(","),
+        )
         .header(handshake::HEADER_TARGETS, config.targets.join(","))
         .body(Empty::<Bytes>::new())
         .map_err(|e| TunnelError::Protocol(format!("building the upgrade request: {e}")))?;
@@ -314,10 +325,7 @@ where
         });
     }
     let hello = ServerHello::from_headers(|name| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
+        response.headers().get(name).and_then(|v| v.to_str().ok())
     })
     .map_err(|bad| TunnelError::Protocol(format!("101 without a valid {bad} header")))?;
     let upgraded = hyper::upgrade::on(response)
@@ -346,7 +354,10 @@ mod tests {
         );
         let v6 = ServerAddress::parse("https://[::1]:9000").unwrap();
         assert_eq!((v6.host.as_str(), v6.port), ("::1", 9000));
-        assert_eq!(ServerAddress::parse("tower.example.com").unwrap().port, 8080);
+        assert_eq!(
+            ServerAddress::parse("tower.example.com").unwrap().port,
+            8080
+        );
         assert!(ServerAddress::parse("ftp://x").is_err());
         assert!(ServerAddress::parse("https://x/path").is_err());
     }
@@ -358,7 +369,10 @@ mod tests {
         assert_eq!(p.port, 3128);
         assert_eq!(p.credentials.as_deref(), Some("user:pw"));
         assert!(ProxyUrl::parse("socks5://x").is_err());
-        assert!(no_proxy_matches("localhost,.corp.example", "a.corp.example"));
+        assert!(no_proxy_matches(
+            "localhost,.corp.example",
+            "a.corp.example"
+        ));
         assert!(no_proxy_matches("corp.example", "corp.example"));
         assert!(no_proxy_matches("10.0.0.1:8080", "10.0.0.1"));
         assert!(no_proxy_matches("*", "anything"));

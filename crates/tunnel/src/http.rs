@@ -80,7 +80,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     if upgrading {
-        headers.insert(header::CONNECTION, header::HeaderValue::from_static("Upgrade"));
+        headers.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("Upgrade"),
+        );
     }
 }
 

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
@@ -156,16 +156,14 @@ impl ServerCertVerifier for PinnedCaVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let Some(ca) = intermediates.iter().find(|c| self.matches(c)) else {
             return Err(rustls::Error::General(
-                "the server's certificate chain does not contain the CA pinned by --ca-hash"
-                    .into(),
+                "the server's certificate chain does not contain the CA pinned by --ca-hash".into(),
             ));
         };
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let verifier =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
@@ -273,8 +271,8 @@ mod tests {
 
     #[test]
     fn generated_pki_builds_configs_and_pins() {
-        let pki = GeneratedPki::generate("test", &["localhost".into(), "127.0.0.1".into()])
-            .unwrap();
+        let pki =
+            GeneratedPki::generate("test", &["localhost".into(), "127.0.0.1".into()]).unwrap();
         let ca = certs_from_pem(pki.ca_cert_pem.as_bytes()).unwrap();
         let pin = spki_pin(&ca[0]).unwrap();
         assert!(pin.starts_with("sha256:") && pin.len() == 7 + 64);

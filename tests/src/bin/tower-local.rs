@@ -10,7 +10,10 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "tower-local", about = "Run tower-server + tower-agent + an upstream locally")]
+#[command(
+    name = "tower-local",
+    about = "Run tower-server + tower-agent + an upstream locally"
+)]
 struct Args {
     /// Your member cluster's kubeconfig (else a stand-in API server is started).
     #[arg(long)]
@@ -66,8 +69,14 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let api = tower_kube_stand_in::StandIn::start(listener, "stand-in-sa-token").await?;
             let path = dir.join("member-kubeconfig");
-            std::fs::write(&path, api.kubeconfig_yaml(tower_kube_stand_in::KubeconfigAuth::Token))?;
-            eprintln!("tower-local: no --kubeconfig given: serving a stand-in member API server at {}", api.url());
+            std::fs::write(
+                &path,
+                api.kubeconfig_yaml(tower_kube_stand_in::KubeconfigAuth::Token),
+            )?;
+            eprintln!(
+                "tower-local: no --kubeconfig given: serving a stand-in member API server at {}",
+                api.url()
+            );
             (path, Some(api))
         }
     };
@@ -122,7 +131,11 @@ async fn main() -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let agent = tokio::spawn(tower_agent::run(agent_config, None, shutdown.clone()));
 
-    let user_token = minter.user_token(&args.user, &args.groups, Some(Duration::from_secs(24 * 3600)));
+    let user_token = minter.user_token(
+        &args.user,
+        &args.groups,
+        Some(Duration::from_secs(24 * 3600)),
+    );
     let kubeconfig = dir.join("kubeconfig");
     let ca = base64_encode(&std::fs::read(state.join("ca.crt"))?);
     std::fs::write(
@@ -133,8 +146,13 @@ async fn main() -> anyhow::Result<()> {
             u = args.user
         ),
     )?;
-    eprintln!("tower-local: tunnel {tunnel}, frontend {frontend}, admin http://{admin}/v1/clusters");
-    eprintln!("tower-local: try  kubectl --kubeconfig {} get pods -A", kubeconfig.display());
+    eprintln!(
+        "tower-local: tunnel {tunnel}, frontend {frontend}, admin http://{admin}/v1/clusters"
+    );
+    eprintln!(
+        "tower-local: try  kubectl --kubeconfig {} get pods -A",
+        kubeconfig.display()
+    );
 
     if args.check {
         let ok = check(&kubeconfig).await;

@@ -1,0 +1,665 @@
+//! Request handling: authentication, the call log, routing, discovery and the object verbs.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming, SizeHint};
+use serde_json::{Value, json};
+
+use crate::status::ApiError;
+use crate::store::{Filter, PatchKind, Resource, Since};
+use crate::table::{self, IncludeObject};
+use crate::{Call, Shared, exec_ws, logs, openapi, spdy, watch};
+
+/// The response body type of every handler.
+pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Largest request body accepted (objects are small; the bulk data is generated server-side).
+const MAX_REQUEST_BODY: usize = 16 * 1024 * 1024;
+/// Lists smaller than this are sent with a Content-Length; larger ones are streamed.
+const STREAM_LIST_ABOVE: usize = 1024 * 1024;
+/// Chunk size of `/debug/bytes`.
+const DEBUG_CHUNK: usize = 64 * 1024;
+
+/// A whole body.
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+/// A JSON response.
+pub(crate) fn json_response(code: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
+    resp
+}
+
+/// A `Status` error response.
+pub(crate) fn error_response(err: &ApiError) -> Response<Body> {
+    json_response(
+        StatusCode::from_u16(err.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        err.to_bytes(),
+    )
+}
+
+/// Decoded query parameters, in order (repeated keys such as `command` are kept).
+#[derive(Debug, Default)]
+pub(crate) struct Query(Vec<(String, String)>);
+
+impl Query {
+    pub(crate) fn parse(query: Option<&str>) -> Query {
+        Query(
+            query
+                .unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect(),
+        )
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub(crate) fn all(&self, key: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    pub(crate) fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("1" | "true" | "True" | "yes"))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Authenticates, records and routes one request.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    client_cn: Option<Arc<str>>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let credential =
+        if bearer.is_some_and(|t| constant_time_eq(t.as_bytes(), shared.token.as_bytes())) {
+            "token".to_owned()
+        } else if let Some(cn) = &client_cn {
+            format!("client-cert:{cn}")
+        } else {
+            "anonymous".to_owned()
+        };
+    let call = Call {
+        method: req.method().to_string(),
+        path_and_query: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned()),
+        credential: credential.clone(),
+        impersonate_user: header_str(headers, "impersonate-user").map(str::to_owned),
+        impersonate_groups: headers
+            .get_all("impersonate-group")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect(),
+        saw_authorization: headers.contains_key(header::AUTHORIZATION),
+    };
+    tracing::debug!(method = %call.method, path = %call.path_and_query, credential = %call.credential, "request");
+    let user = call
+        .impersonate_user
+        .clone()
+        .unwrap_or_else(|| credential.clone());
+    shared
+        .calls
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(call);
+    if credential == "anonymous" {
+        return error_response(&ApiError::unauthorized());
+    }
+    match route(&shared, user, req).await {
+        Ok(resp) => resp,
+        Err(err) => error_response(&err),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn route(
+    shared: &Arc<Shared>,
+    user: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let query = Query::parse(req.uri().query());
+    let segments: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let method = req.method().clone();
+    let get_only = |resp: Response<Body>| {
+        if method == Method::GET || method == Method::HEAD {
+            Ok(resp)
+        } else {
+            Err(ApiError::method_not_allowed())
+        }
+    };
+    match segments.as_slice() {
+        ["version"] => get_only(json_response(StatusCode::OK, version_json())),
+        ["healthz"] | ["livez"] | ["readyz"] => get_only(text_response("ok")),
+        ["api"] => get_only(json_response(StatusCode::OK, api_versions_json(&req))),
+        ["api", "v1"] => get_only(json_response(StatusCode::OK, api_resources_json())),
+        ["apis"] => get_only(json_response(
+            StatusCode::OK,
+            r#"{"kind":"APIGroupList","apiVersion":"v1","groups":[]}"#,
+        )),
+        ["openapi", "v3"] => get_only(json_response(StatusCode::OK, openapi::v3_root())),
+        ["openapi", "v3", "api", "v1"] => {
+            get_only(json_response(StatusCode::OK, openapi::v3_core()))
+        }
+        ["debug", "bytes"] => get_only(debug_bytes(&query)?),
+        ["api", "v1", "watch", rest @ ..] => {
+            resource_route(shared, user, req, rest, query, true).await
+        }
+        ["api", "v1", rest @ ..] => resource_route(shared, user, req, rest, query, false).await,
+        _ => Err(ApiError::path_not_found()),
+    }
+}
+
+fn text_response(text: &'static str) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from_static(text.as_bytes())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Routes `/api/v1/…` below the version.
+async fn resource_route(
+    shared: &Arc<Shared>,
+    user: String,
+    req: Request<Incoming>,
+    rest: &[&str],
+    query: Query,
+    watch_path: bool,
+) -> Result<Response<Body>, ApiError> {
+    let resource =
+        |plural: &str| Resource::from_plural(plural).ok_or_else(ApiError::path_not_found);
+    match rest {
+        // Cluster-wide collections: namespaces, or pods/configmaps across all namespaces.
+        [plural] => {
+            let r = resource(plural)?;
+            collection(shared, req, r, None, query, watch_path).await
+        }
+        // A namespace object.
+        ["namespaces", name] => {
+            if watch_path {
+                let mut query = query;
+                query
+                    .0
+                    .push(("fieldSelector".into(), format!("metadata.name={name}")));
+                return collection(shared, req, Resource::Namespaces, None, query, true).await;
+            }
+            object(shared, req, Resource::Namespaces, "", name, &query).await
+        }
+        ["namespaces", ns, plural] => {
+            let r = resource(plural)?;
+            if !r.namespaced() {
+                return Err(ApiError::path_not_found());
+            }
+            collection(shared, req, r, Some(ns), query, watch_path).await
+        }
+        ["namespaces", ns, plural, name] => {
+            let r = resource(plural)?;
+            if !r.namespaced() {
+                return Err(ApiError::path_not_found());
+            }
+            if watch_path {
+                let mut query = query;
+                query
+                    .0
+                    .push(("fieldSelector".into(), format!("metadata.name={name}")));
+                return collection(shared, req, r, Some(ns), query, true).await;
+            }
+            object(shared, req, r, ns, name, &query).await
+        }
+        ["namespaces", ns, "pods", name, sub] if !watch_path => {
+            pod_subresource(shared, user, req, ns, name, sub, &query)
+        }
+        _ => Err(ApiError::path_not_found()),
+    }
+}
+
+/// GET (list or watch) and POST (create) on a collection.
+async fn collection(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    resource: Resource,
+    namespace: Option<&str>,
+    query: Query,
+    watch_path: bool,
+) -> Result<Response<Body>, ApiError> {
+    match *req.method() {
+        Method::GET => {
+            let filter = Filter::new(
+                namespace.map(str::to_owned),
+                query.get("fieldSelector"),
+                query.get("labelSelector"),
+            )?;
+            let as_table = header_str(req.headers(), "accept").is_some_and(table::wants_table);
+            let include = IncludeObject::from_query(query.get("includeObject"));
+            if watch_path || query.flag("watch") {
+                // `sendInitialEvents=true` (the watch-list protocol): the current state as
+                // ADDED events, then a bookmark marking their end.
+                let initial_events = query.flag("sendInitialEvents");
+                let since = match query.get("resourceVersion") {
+                    _ if initial_events => Since::Now,
+                    None | Some("") | Some("0") => Since::Now,
+                    Some(rv) => Since::Version(rv.parse().map_err(|_| {
+                        ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))
+                    })?),
+                };
+                let timeout = query
+                    .get("timeoutSeconds")
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let options = watch::Options {
+                    since,
+                    timeout,
+                    as_table,
+                    include,
+                    initial_events_end_bookmark: initial_events
+                        && query.flag("allowWatchBookmarks"),
+                };
+                return Ok(watch::serve(shared, resource, filter, options));
+            }
+            let (rv, items) = shared.store.list(resource, &filter);
+            if as_table {
+                let objects: Vec<Value> = items
+                    .iter()
+                    .filter_map(|b| serde_json::from_slice(b).ok())
+                    .collect();
+                let t = table::table(resource, &objects, &rv.to_string(), true, include);
+                return Ok(json_response(StatusCode::OK, t.to_string()));
+            }
+            Ok(list_response(resource, rv, items))
+        }
+        Method::POST => {
+            let Some(ns) = namespace.or((!resource.namespaced()).then_some("")) else {
+                return Err(ApiError::method_not_allowed());
+            };
+            let body = read_json(req).await?;
+            let created = shared.store.create(resource, ns, body)?;
+            Ok(json_response(StatusCode::CREATED, created))
+        }
+        _ => Err(ApiError::method_not_allowed()),
+    }
+}
+
+/// A `…List` body: small lists in one piece, large ones streamed item by item straight from
+/// the store's shared buffers.
+fn list_response(resource: Resource, rv: u64, items: Vec<Bytes>) -> Response<Body> {
+    let head = Bytes::from(format!(
+        "{{\"kind\":\"{}\",\"apiVersion\":\"v1\",\"metadata\":{{\"resourceVersion\":\"{rv}\"}},\"items\":[",
+        resource.list_kind()
+    ));
+    let total: usize = items.iter().map(Bytes::len).sum();
+    if total < STREAM_LIST_ABOVE {
+        let mut body = Vec::with_capacity(head.len() + total + items.len() + 2);
+        body.extend_from_slice(&head);
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(item);
+        }
+        body.extend_from_slice(b"]}");
+        return json_response(StatusCode::OK, body);
+    }
+    let frames = std::iter::once(head)
+        .chain(items.into_iter().enumerate().flat_map(|(i, item)| {
+            let sep = (i > 0).then(|| Bytes::from_static(b","));
+            sep.into_iter().chain(std::iter::once(item))
+        }))
+        .chain(std::iter::once(Bytes::from_static(b"]}")))
+        .map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let mut resp = Response::new(StreamBody::new(futures::stream::iter(frames)).boxed_unsync());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// GET, PUT, PATCH and DELETE on one object.
+async fn object(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    resource: Resource,
+    namespace: &str,
+    name: &str,
+    query: &Query,
+) -> Result<Response<Body>, ApiError> {
+    match *req.method() {
+        Method::GET => {
+            let json = shared.store.get(resource, namespace, name)?;
+            if header_str(req.headers(), "accept").is_some_and(table::wants_table) {
+                let object: Value =
+                    serde_json::from_slice(&json).map_err(|e| ApiError::internal(e.to_string()))?;
+                let rv = object["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
+                let include = IncludeObject::from_query(query.get("includeObject"));
+                let t = table::table(resource, &[object], &rv, true, include);
+                return Ok(json_response(StatusCode::OK, t.to_string()));
+            }
+            Ok(json_response(StatusCode::OK, json))
+        }
+        Method::PUT => {
+            let body = read_json(req).await?;
+            let json = shared.store.replace(resource, namespace, name, body)?;
+            Ok(json_response(StatusCode::OK, json))
+        }
+        Method::PATCH => {
+            let content_type = header_str(req.headers(), "content-type")
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            let kind = match content_type.as_str() {
+                "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+                    PatchKind::Merge
+                }
+                "application/json-patch+json" => PatchKind::Json,
+                other => return Err(ApiError::unsupported_media_type(other)),
+            };
+            let patch = read_json(req).await?;
+            let json = shared
+                .store
+                .patch(resource, namespace, name, kind, &patch)?;
+            Ok(json_response(StatusCode::OK, json))
+        }
+        Method::DELETE => {
+            let json = shared.store.delete(resource, namespace, name)?;
+            Ok(json_response(StatusCode::OK, json))
+        }
+        _ => Err(ApiError::method_not_allowed()),
+    }
+}
+
+/// `pods/{name}/log|exec|attach|portforward`.
+fn pod_subresource(
+    shared: &Arc<Shared>,
+    user: String,
+    req: Request<Incoming>,
+    namespace: &str,
+    name: &str,
+    sub: &str,
+    query: &Query,
+) -> Result<Response<Body>, ApiError> {
+    let known = matches!(sub, "log" | "exec" | "attach" | "portforward");
+    if !known {
+        return Err(ApiError::path_not_found());
+    }
+    if !shared.store.pod_exists(namespace, name) {
+        return Err(ApiError::not_found("pods", name));
+    }
+    let upgrade = header_str(req.headers(), "upgrade")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match sub {
+        "log" => {
+            if req.method() != Method::GET {
+                return Err(ApiError::method_not_allowed());
+            }
+            Ok(logs::serve(shared, name, query))
+        }
+        "portforward" => {
+            if upgrade.is_empty() {
+                return Err(ApiError::bad_request("Upgrade request required"));
+            }
+            Ok(spdy::portforward(req).map(BodyExt::boxed_unsync))
+        }
+        _ => {
+            if req.method() != Method::GET && req.method() != Method::POST {
+                return Err(ApiError::method_not_allowed());
+            }
+            let command = if sub == "attach" {
+                vec!["cat".to_owned()]
+            } else {
+                let command = query.all("command");
+                if command.is_empty() {
+                    return Err(ApiError::bad_request("you must specify at least 1 command"));
+                }
+                command
+            };
+            let streams = exec_ws::Streams {
+                stdin: query.flag("stdin"),
+                stdout: query.flag("stdout"),
+                stderr: query.flag("stderr"),
+                tty: query.flag("tty"),
+            };
+            if upgrade == "websocket" {
+                exec_ws::serve(shared, req, command, user, streams)
+            } else if upgrade.starts_with("spdy/") {
+                Ok(spdy::exec(req, command, user).map(BodyExt::boxed_unsync))
+            } else {
+                Err(ApiError::bad_request("Upgrade request required"))
+            }
+        }
+    }
+}
+
+/// Reads a JSON request body (at most [`MAX_REQUEST_BODY`]).
+async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the request body is not valid JSON (the stand-in accepts JSON only): {e}"
+        ))
+    })
+}
+
+fn version_json() -> &'static str {
+    r#"{"major":"1","minor":"32","gitVersion":"v1.32.0","gitCommit":"70d3cc986aa8221cd1dfb1121852688902d3bf53","gitTreeState":"clean","buildDate":"2024-12-11T17:59:15Z","goVersion":"go1.23.3","compiler":"gc","platform":"linux/amd64"}"#
+}
+
+fn api_versions_json(req: &Request<Incoming>) -> String {
+    let host = header_str(req.headers(), "host").unwrap_or("127.0.0.1");
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}],
+    })
+    .to_string()
+}
+
+fn api_resources_json() -> String {
+    let crud = [
+        "create", "delete", "get", "list", "patch", "update", "watch",
+    ];
+    json!({
+        "kind": "APIResourceList",
+        "groupVersion": "v1",
+        "resources": [
+            {"name": "configmaps", "singularName": "configmap", "namespaced": true, "kind": "ConfigMap",
+             "verbs": crud, "shortNames": ["cm"], "storageVersionHash": "qFsyl6wFWjQ="},
+            {"name": "namespaces", "singularName": "namespace", "namespaced": false, "kind": "Namespace",
+             "verbs": crud, "shortNames": ["ns"], "storageVersionHash": "Q3oi5N2YM8M="},
+            {"name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod",
+             "verbs": crud, "shortNames": ["po"], "categories": ["all"], "storageVersionHash": "xPOwRZ+Yhw8="},
+            {"name": "pods/attach", "singularName": "", "namespaced": true, "kind": "PodAttachOptions",
+             "verbs": ["create", "get"]},
+            {"name": "pods/exec", "singularName": "", "namespaced": true, "kind": "PodExecOptions",
+             "verbs": ["create", "get"]},
+            {"name": "pods/log", "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get"]},
+            {"name": "pods/portforward", "singularName": "", "namespaced": true, "kind": "PodPortForwardOptions",
+             "verbs": ["create", "get"]},
+        ],
+    })
+    .to_string()
+}
+
+/// `GET /debug/bytes?size=N[&chunked=1]`.
+fn debug_bytes(query: &Query) -> Result<Response<Body>, ApiError> {
+    let size: u64 = query
+        .get("size")
+        .ok_or_else(|| ApiError::bad_request("size is required"))?
+        .parse()
+        .map_err(|_| ApiError::bad_request("size must be a non-negative integer"))?;
+    let chunked = query.flag("chunked");
+    let body = PatternBody {
+        offset: 0,
+        size,
+        exact: !chunked,
+    };
+    let mut resp = Response::new(body.boxed_unsync());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if !chunked {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    Ok(resp)
+}
+
+/// 64 KiB plus one period of the `i % 251` pattern, built once.
+fn pattern() -> &'static Bytes {
+    static PATTERN: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    PATTERN.get_or_init(|| {
+        (0..DEBUG_CHUNK + 251)
+            .map(|i| u8::try_from(i % 251).unwrap_or(0))
+            .collect::<Vec<u8>>()
+            .into()
+    })
+}
+
+/// Byte `i` of the body is `(i % 251) as u8`, generated chunk by chunk.
+struct PatternBody {
+    offset: u64,
+    size: u64,
+    exact: bool,
+}
+
+impl hyper::body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let remaining = self.size - self.offset;
+        if remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let len = usize::try_from(remaining.min(DEBUG_CHUNK as u64)).unwrap_or(DEBUG_CHUNK);
+        // Byte i is i % 251, so every chunk is a window of one shared buffer.
+        let start = usize::try_from(self.offset % 251).unwrap_or(0);
+        let chunk = pattern().slice(start..start + len);
+        self.offset += len as u64;
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.offset == self.size
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.exact {
+            SizeHint::with_exact(self.size - self.offset)
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding_keeps_repeats() {
+        let q = Query::parse(Some(
+            "command=sh&command=-c&command=exit%203&stdin=true&x=a+b",
+        ));
+        assert_eq!(q.all("command"), ["sh", "-c", "exit 3"]);
+        assert!(q.flag("stdin"));
+        assert_eq!(q.get("x"), Some("a b"));
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+}

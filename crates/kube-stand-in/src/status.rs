@@ -1,0 +1,159 @@
+//! Kubernetes `Status` errors: every failure the stand-in answers with, as the JSON body and
+//! HTTP code a real kube-apiserver would use.
+
+use bytes::Bytes;
+use serde_json::json;
+
+/// A failed API call, rendered as a `Status` object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code} {reason}: {message}")]
+pub struct ApiError {
+    /// HTTP status code (also `Status.code`).
+    pub code: u16,
+    /// `Status.reason`, e.g. `NotFound`.
+    pub reason: &'static str,
+    /// Human-readable message; kubectl prints it.
+    pub message: String,
+    /// `Status.details` as (kind, name), when the error is about one object.
+    pub details: Option<(String, String)>,
+}
+
+impl ApiError {
+    /// 401 Unauthorized.
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(401, "Unauthorized", "Unauthorized")
+    }
+
+    /// 404 for a path the stand-in does not serve.
+    pub fn path_not_found() -> ApiError {
+        ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+    }
+
+    /// 404 for a missing object, e.g. `pods "web-9" not found`.
+    pub fn not_found(plural: &str, name: &str) -> ApiError {
+        ApiError::new(404, "NotFound", format!("{plural} \"{name}\" not found"))
+            .with_details(plural, name)
+    }
+
+    /// 409 when creating an object that exists.
+    pub fn already_exists(plural: &str, name: &str) -> ApiError {
+        ApiError::new(
+            409,
+            "AlreadyExists",
+            format!("{plural} \"{name}\" already exists"),
+        )
+        .with_details(plural, name)
+    }
+
+    /// 409 when an update carries a stale `resourceVersion`.
+    pub fn conflict(plural: &str, name: &str) -> ApiError {
+        ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {plural} \"{name}\": the object has been \
+                 modified; please apply your changes to the latest version and try again"
+            ),
+        )
+        .with_details(plural, name)
+    }
+
+    /// 400 Bad Request.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, "BadRequest", message)
+    }
+
+    /// 422 Invalid.
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(422, "Invalid", message)
+    }
+
+    /// 405 Method Not Allowed.
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        )
+    }
+
+    /// 415 for a patch or body type the stand-in does not handle.
+    pub fn unsupported_media_type(content_type: &str) -> ApiError {
+        ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type:?})"
+            ),
+        )
+    }
+
+    /// 410 Gone: a watch asked for history the stand-in no longer has.
+    pub fn expired(requested: u64, oldest: u64) -> ApiError {
+        ApiError::new(
+            410,
+            "Expired",
+            format!("too old resource version: {requested} ({oldest})"),
+        )
+    }
+
+    /// 500 Internal Error.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(500, "InternalError", message)
+    }
+
+    fn new(code: u16, reason: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    fn with_details(mut self, plural: &str, name: &str) -> ApiError {
+        self.details = Some((plural.to_owned(), name.to_owned()));
+        self
+    }
+
+    /// The `Status` object.
+    pub fn to_value(&self) -> serde_json::Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        if let Some((kind, name)) = &self.details {
+            status["details"] = json!({ "name": name, "kind": kind });
+        }
+        status
+    }
+
+    /// The `Status` object as JSON bytes.
+    pub fn to_bytes(&self) -> Bytes {
+        Bytes::from(self.to_value().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthorized_matches_the_apiserver_body() {
+        let v = ApiError::unauthorized().to_value();
+        assert_eq!(
+            v,
+            json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
+                   "message":"Unauthorized","reason":"Unauthorized","code":401})
+        );
+    }
+}

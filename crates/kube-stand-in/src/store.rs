@@ -1,0 +1,1279 @@
+//! The in-memory object store: namespaces, pods and configmaps as JSON, one global
+//! resourceVersion counter, a bounded event history and one broadcast channel that every
+//! watch subscribes to (a watch costs a receiver, never a copy of the store).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use tokio::sync::broadcast;
+
+use crate::clock;
+use crate::status::ApiError;
+
+/// How many events the history keeps for watches that resume from a resourceVersion.
+const HISTORY_CAP: usize = 4096;
+/// Capacity of the broadcast channel; a watch that falls this far behind is ended with 410.
+const BROADCAST_CAP: usize = 4096;
+/// The node every pod runs on.
+const NODE_NAME: &str = "stand-in-node";
+/// Number of configmaps in namespace `bulk`.
+pub(crate) const BULK_COUNT: usize = 550;
+/// Size of each bulk configmap's `data.payload`.
+pub(crate) const BULK_VALUE_LEN: usize = 100 * 1024;
+
+/// A resource type the stand-in serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Resource {
+    Namespaces,
+    Pods,
+    ConfigMaps,
+}
+
+impl Resource {
+    pub(crate) fn from_plural(plural: &str) -> Option<Resource> {
+        match plural {
+            "namespaces" => Some(Resource::Namespaces),
+            "pods" => Some(Resource::Pods),
+            "configmaps" => Some(Resource::ConfigMaps),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn plural(self) -> &'static str {
+        match self {
+            Resource::Namespaces => "namespaces",
+            Resource::Pods => "pods",
+            Resource::ConfigMaps => "configmaps",
+        }
+    }
+
+    pub(crate) fn kind(self) -> &'static str {
+        match self {
+            Resource::Namespaces => "Namespace",
+            Resource::Pods => "Pod",
+            Resource::ConfigMaps => "ConfigMap",
+        }
+    }
+
+    pub(crate) fn list_kind(self) -> &'static str {
+        match self {
+            Resource::Namespaces => "NamespaceList",
+            Resource::Pods => "PodList",
+            Resource::ConfigMaps => "ConfigMapList",
+        }
+    }
+
+    pub(crate) fn namespaced(self) -> bool {
+        !matches!(self, Resource::Namespaces)
+    }
+}
+
+/// The type of a watch event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, shared (behind an `Arc`) by the history and every watch that sees it.
+#[derive(Debug)]
+pub(crate) struct Event {
+    pub(crate) kind: EventType,
+    pub(crate) resource: Resource,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) rv: u64,
+    pub(crate) object: Bytes,
+    line: OnceLock<Bytes>,
+    table_line: OnceLock<Bytes>,
+}
+
+impl Event {
+    /// `{"type":"…","object":{…}}\n`, rendered once and shared by every watch.
+    pub(crate) fn line(&self) -> Bytes {
+        self.line
+            .get_or_init(|| event_line(self.kind, &self.object))
+            .clone()
+    }
+
+    /// The same event with a one-row `Table` as its object (for `as=Table` watches).
+    pub(crate) fn table_line(&self) -> Bytes {
+        self.table_line
+            .get_or_init(|| {
+                let object: Value = serde_json::from_slice(&self.object).unwrap_or(Value::Null);
+                let table = crate::table::table(
+                    self.resource,
+                    std::slice::from_ref(&object),
+                    &self.rv.to_string(),
+                    false,
+                    crate::table::IncludeObject::Metadata,
+                );
+                let mut line = json!({"type": self.kind.as_str(), "object": table}).to_string();
+                line.push('\n');
+                Bytes::from(line)
+            })
+            .clone()
+    }
+}
+
+/// Renders one watch event line.
+pub(crate) fn event_line(kind: EventType, object: &[u8]) -> Bytes {
+    let prefix = format!("{{\"type\":\"{}\",\"object\":", kind.as_str());
+    let mut line = Vec::with_capacity(prefix.len() + object.len() + 2);
+    line.extend_from_slice(prefix.as_bytes());
+    line.extend_from_slice(object);
+    line.extend_from_slice(b"}\n");
+    Bytes::from(line)
+}
+
+/// One requirement of a label selector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Requirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    NotExists(String),
+}
+
+/// Which objects a list or watch is about.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Filter {
+    pub(crate) namespace: Option<String>,
+    name: Option<String>,
+    not_name: Option<String>,
+    field_namespace: Option<String>,
+    labels: Vec<Requirement>,
+}
+
+impl Filter {
+    /// Builds a filter from the path's namespace and the `fieldSelector`/`labelSelector`
+    /// query parameters.
+    pub(crate) fn new(
+        namespace: Option<String>,
+        field_selector: Option<&str>,
+        label_selector: Option<&str>,
+    ) -> Result<Filter, ApiError> {
+        let mut filter = Filter {
+            namespace,
+            ..Filter::default()
+        };
+        for term in field_selector
+            .unwrap_or("")
+            .split(',')
+            .filter(|t| !t.is_empty())
+        {
+            let (field, value, negated) = if let Some((f, v)) = term.split_once("!=") {
+                (f, v, true)
+            } else if let Some((f, v)) = term.split_once("==") {
+                (f, v, false)
+            } else if let Some((f, v)) = term.split_once('=') {
+                (f, v, false)
+            } else {
+                return Err(ApiError::bad_request(format!(
+                    "invalid selector: '{term}'; can't understand '{term}'"
+                )));
+            };
+            match (field.trim(), negated) {
+                ("metadata.name", false) => filter.name = Some(value.trim().to_owned()),
+                ("metadata.name", true) => filter.not_name = Some(value.trim().to_owned()),
+                ("metadata.namespace", false) => {
+                    filter.field_namespace = Some(value.trim().to_owned());
+                }
+                (other, _) => {
+                    return Err(ApiError::bad_request(format!(
+                        "field label not supported: {other}"
+                    )));
+                }
+            }
+        }
+        filter.labels = parse_label_selector(label_selector.unwrap_or(""))?;
+        Ok(filter)
+    }
+
+    fn matches(&self, namespace: &str, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        if self.namespace.as_deref().is_some_and(|ns| ns != namespace)
+            || self
+                .field_namespace
+                .as_deref()
+                .is_some_and(|ns| ns != namespace)
+            || self.name.as_deref().is_some_and(|n| n != name)
+            || self.not_name.as_deref().is_some_and(|n| n == name)
+        {
+            return false;
+        }
+        self.labels.iter().all(|req| match req {
+            Requirement::Equals(k, v) => labels.get(k) == Some(v),
+            Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
+            Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+            Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
+            Requirement::Exists(k) => labels.contains_key(k),
+            Requirement::NotExists(k) => !labels.contains_key(k),
+        })
+    }
+
+    pub(crate) fn matches_event(&self, resource: Resource, event: &Event) -> bool {
+        event.resource == resource && self.matches(&event.namespace, &event.name, &event.labels)
+    }
+}
+
+fn parse_label_selector(selector: &str) -> Result<Vec<Requirement>, ApiError> {
+    // Split on commas outside parentheses.
+    let mut terms = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in selector.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                terms.push(&selector[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&selector[start..]);
+    let bad = |t: &str| ApiError::bad_request(format!("unable to parse requirement: {t:?}"));
+    let set = |s: &str| -> Option<Vec<String>> {
+        let inner = s.trim().strip_prefix('(')?.strip_suffix(')')?;
+        Some(inner.split(',').map(|v| v.trim().to_owned()).collect())
+    };
+    let mut reqs = Vec::new();
+    for term in terms.into_iter().map(str::trim).filter(|t| !t.is_empty()) {
+        let req = if let Some((k, v)) = term.split_once("!=") {
+            Requirement::NotEquals(k.trim().to_owned(), v.trim().to_owned())
+        } else if let Some((k, v)) = term.split_once("==") {
+            Requirement::Equals(k.trim().to_owned(), v.trim().to_owned())
+        } else if let Some((k, v)) = term.split_once('=') {
+            Requirement::Equals(k.trim().to_owned(), v.trim().to_owned())
+        } else if let Some((k, v)) = term.split_once(" notin ") {
+            Requirement::NotIn(k.trim().to_owned(), set(v).ok_or_else(|| bad(term))?)
+        } else if let Some((k, v)) = term.split_once(" in ") {
+            Requirement::In(k.trim().to_owned(), set(v).ok_or_else(|| bad(term))?)
+        } else if let Some(k) = term.strip_prefix('!') {
+            Requirement::NotExists(k.trim().to_owned())
+        } else if term.contains(char::is_whitespace) {
+            return Err(bad(term));
+        } else {
+            Requirement::Exists(term.to_owned())
+        };
+        reqs.push(req);
+    }
+    Ok(reqs)
+}
+
+#[derive(Debug)]
+struct Stored {
+    json: Bytes,
+    rv: u64,
+    labels: BTreeMap<String, String>,
+}
+
+type Key = (Resource, String, String);
+
+#[derive(Debug)]
+struct Inner {
+    objects: BTreeMap<Key, Stored>,
+    rv: u64,
+    history: VecDeque<Arc<Event>>,
+    /// Every event with an rv above this is in `history`.
+    history_floor: u64,
+    seq: u64,
+}
+
+/// Where a watch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Since {
+    /// `resourceVersion` unset or `0`: synthetic ADDED events for the current state first.
+    Now,
+    /// Events after this resourceVersion.
+    Version(u64),
+}
+
+/// What a new watch replays before it turns to live events.
+pub(crate) struct WatchStart {
+    /// Current objects (JSON) to send as ADDED events.
+    pub(crate) initial: Vec<Bytes>,
+    /// Past events to replay.
+    pub(crate) replay: Vec<Arc<Event>>,
+    /// Live events from here on.
+    pub(crate) live: broadcast::Receiver<Arc<Event>>,
+    /// The resourceVersion the watch starts at.
+    pub(crate) rv: u64,
+}
+
+/// The object store. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub(crate) struct Store {
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<Arc<Event>>,
+    seed: u64,
+}
+
+impl Store {
+    /// A store with the seed objects: namespaces `default`, `kube-system`, `bulk`; pods
+    /// `default/web-0`, `default/web-1`; configmap `default/settings`; and the bulk configmaps.
+    pub(crate) fn seeded() -> Store {
+        let (events, _) = broadcast::channel(BROADCAST_CAP);
+        let seed = clock::unix_now().unsigned_abs();
+        let store = Store {
+            inner: Mutex::new(Inner {
+                objects: BTreeMap::new(),
+                rv: 1000,
+                history: VecDeque::new(),
+                history_floor: 0,
+                seq: 0,
+            }),
+            events,
+            seed,
+        };
+        let seeds = [
+            (
+                Resource::Namespaces,
+                "",
+                json!({"metadata": {"name": "default"}}),
+            ),
+            (
+                Resource::Namespaces,
+                "",
+                json!({"metadata": {"name": "kube-system"}}),
+            ),
+            (
+                Resource::Namespaces,
+                "",
+                json!({"metadata": {"name": "bulk"}}),
+            ),
+            (Resource::Pods, "default", seed_pod("web-0")),
+            (Resource::Pods, "default", seed_pod("web-1")),
+            (
+                Resource::ConfigMaps,
+                "default",
+                json!({"metadata": {"name": "settings", "labels": {"app": "web"}},
+                       "data": {"mode": "stand-in", "replicas": "2"}}),
+            ),
+        ];
+        for (resource, ns, obj) in seeds {
+            // The seeds are valid by construction.
+            let _ = store.create(resource, ns, obj);
+        }
+        {
+            let mut inner = store.lock();
+            store.seed_bulk(&mut inner);
+            // Seeding is not history: watches start after it.
+            inner.history.clear();
+            inner.history_floor = inner.rv;
+        }
+        store
+    }
+
+    /// Fills namespace `bulk` with [`BULK_COUNT`] configmaps of [`BULK_VALUE_LEN`] bytes of
+    /// deterministic text each. The JSON is written directly (the payload needs no escaping),
+    /// so seeding stays fast even in unoptimised builds.
+    fn seed_bulk(&self, inner: &mut Inner) {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        let base: Vec<u8> = ALPHABET
+            .iter()
+            .copied()
+            .cycle()
+            .take(BULK_VALUE_LEN + ALPHABET.len())
+            .collect();
+        let created = clock::now_rfc3339();
+        let labels: BTreeMap<String, String> = [("tier".to_owned(), "bulk".to_owned())].into();
+        for i in 0..BULK_COUNT {
+            inner.rv += 1;
+            inner.seq += 1;
+            let name = format!("bulk-{i:04}");
+            let head = format!(
+                "{{\"kind\":\"ConfigMap\",\"apiVersion\":\"v1\",\"metadata\":{{\"name\":\"{name}\",\"namespace\":\"bulk\",\"uid\":\"{}\",\"resourceVersion\":\"{}\",\"creationTimestamp\":\"{created}\",\"labels\":{{\"tier\":\"bulk\"}}}},\"data\":{{\"index\":\"{i}\",\"payload\":\"",
+                uid(self.seed, inner.seq),
+                inner.rv
+            );
+            let offset = i % ALPHABET.len();
+            let mut json = Vec::with_capacity(head.len() + BULK_VALUE_LEN + 3);
+            json.extend_from_slice(head.as_bytes());
+            json.extend_from_slice(&base[offset..offset + BULK_VALUE_LEN]);
+            json.extend_from_slice(b"\"}}");
+            inner.objects.insert(
+                (Resource::ConfigMaps, "bulk".to_owned(), name),
+                Stored {
+                    json: Bytes::from(json),
+                    rv: inner.rv,
+                    labels: labels.clone(),
+                },
+            );
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current resourceVersion.
+    pub(crate) fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// Whether a pod exists.
+    pub(crate) fn pod_exists(&self, namespace: &str, name: &str) -> bool {
+        self.lock()
+            .objects
+            .contains_key(&(Resource::Pods, namespace.to_owned(), name.to_owned()))
+    }
+
+    /// One object.
+    pub(crate) fn get(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Bytes, ApiError> {
+        self.lock()
+            .objects
+            .get(&(resource, namespace.to_owned(), name.to_owned()))
+            .map(|s| s.json.clone())
+            .ok_or_else(|| ApiError::not_found(resource.plural(), name))
+    }
+
+    /// The list's resourceVersion and the matching objects, in (namespace, name) order. The
+    /// returned `Bytes` share the store's buffers.
+    pub(crate) fn list(&self, resource: Resource, filter: &Filter) -> (u64, Vec<Bytes>) {
+        let inner = self.lock();
+        let items = Self::matching(&inner, resource, filter)
+            .map(|s| s.json.clone())
+            .collect();
+        (inner.rv, items)
+    }
+
+    fn matching<'a>(
+        inner: &'a Inner,
+        resource: Resource,
+        filter: &'a Filter,
+    ) -> impl Iterator<Item = &'a Stored> + 'a {
+        let start = (
+            resource,
+            filter.namespace.clone().unwrap_or_default(),
+            String::new(),
+        );
+        inner
+            .objects
+            .range(start..)
+            .take_while(move |((r, ns, _), _)| {
+                *r == resource && filter.namespace.as_deref().is_none_or(|want| want == ns)
+            })
+            .filter(move |((_, ns, name), s)| filter.matches(ns, name, &s.labels))
+            .map(|(_, s)| s)
+    }
+
+    /// Creates an object (POST).
+    pub(crate) fn create(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        object: Value,
+    ) -> Result<Bytes, ApiError> {
+        let mut inner = self.lock();
+        self.write_locked(&mut inner, resource, namespace, None, object, Write::Create)
+    }
+
+    /// Replaces an object (PUT).
+    pub(crate) fn replace(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+        object: Value,
+    ) -> Result<Bytes, ApiError> {
+        let mut inner = self.lock();
+        self.write_locked(
+            &mut inner,
+            resource,
+            namespace,
+            Some(name),
+            object,
+            Write::Replace,
+        )
+    }
+
+    /// Applies a patch: JSON merge patch, strategic merge patch (treated as a merge patch with
+    /// its `$`-directives dropped) or RFC 6902 JSON patch.
+    pub(crate) fn patch(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+        kind: PatchKind,
+        patch: &Value,
+    ) -> Result<Bytes, ApiError> {
+        let mut inner = self.lock();
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        let stored = inner
+            .objects
+            .get(&key)
+            .ok_or_else(|| ApiError::not_found(resource.plural(), name))?;
+        let mut object: Value = serde_json::from_slice(&stored.json)
+            .map_err(|e| ApiError::internal(format!("stored object is not JSON: {e}")))?;
+        let current_rv = stored.rv.to_string();
+        match kind {
+            PatchKind::Merge => {
+                let patch = strip_directives(patch);
+                if let Some(rv) = patch
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    && rv != current_rv
+                {
+                    return Err(ApiError::conflict(resource.plural(), name));
+                }
+                merge_patch(&mut object, &patch);
+            }
+            PatchKind::Json => {
+                json_patch(&mut object, patch).map_err(ApiError::invalid)?;
+                if let Some(rv) = object
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    && rv != current_rv
+                {
+                    return Err(ApiError::conflict(resource.plural(), name));
+                }
+            }
+        }
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("resourceVersion".into(), Value::String(current_rv));
+        }
+        self.write_locked(
+            &mut inner,
+            resource,
+            namespace,
+            Some(name),
+            object,
+            Write::Replace,
+        )
+    }
+
+    /// Deletes an object and returns it (with the deletion's resourceVersion).
+    pub(crate) fn delete(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Bytes, ApiError> {
+        let mut inner = self.lock();
+        let deleted = self.delete_locked(&mut inner, resource, namespace, name)?;
+        if resource == Resource::Namespaces {
+            let children: Vec<Key> = inner
+                .objects
+                .keys()
+                .filter(|(r, ns, _)| r.namespaced() && ns == name)
+                .cloned()
+                .collect();
+            for (r, ns, n) in children {
+                let _ = self.delete_locked(&mut inner, r, &ns, &n);
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn delete_locked(
+        &self,
+        inner: &mut Inner,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Bytes, ApiError> {
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        let stored = inner
+            .objects
+            .remove(&key)
+            .ok_or_else(|| ApiError::not_found(resource.plural(), name))?;
+        inner.rv += 1;
+        let rv = inner.rv;
+        let json = match serde_json::from_slice::<Value>(&stored.json) {
+            Ok(mut v) => {
+                if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+                    meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
+                }
+                Bytes::from(v.to_string())
+            }
+            Err(_) => stored.json,
+        };
+        self.publish(
+            inner,
+            EventType::Deleted,
+            resource,
+            namespace,
+            name,
+            stored.labels,
+            json.clone(),
+        );
+        Ok(json)
+    }
+
+    fn write_locked(
+        &self,
+        inner: &mut Inner,
+        resource: Resource,
+        namespace: &str,
+        path_name: Option<&str>,
+        object: Value,
+        write: Write,
+    ) -> Result<Bytes, ApiError> {
+        let Value::Object(mut obj) = object else {
+            return Err(ApiError::bad_request(
+                "the request body is not a JSON object",
+            ));
+        };
+        match obj.get("kind").and_then(Value::as_str) {
+            None | Some("") => {}
+            Some(k) if k == resource.kind() => {}
+            Some(k) => {
+                return Err(ApiError::bad_request(format!(
+                    "the kind of the object ({k}) does not match the resource ({})",
+                    resource.plural()
+                )));
+            }
+        }
+        match obj.get("apiVersion").and_then(Value::as_str) {
+            None | Some("") | Some("v1") => {}
+            Some(v) => {
+                return Err(ApiError::bad_request(format!(
+                    "the API version in the data ({v}) does not match the expected API version (v1)"
+                )));
+            }
+        }
+        let mut meta = match obj.remove("metadata") {
+            Some(Value::Object(m)) => m,
+            None | Some(Value::Null) => Map::new(),
+            Some(_) => return Err(ApiError::bad_request("metadata must be an object")),
+        };
+        // Name.
+        let body_name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned);
+        let name = match (path_name, body_name) {
+            (Some(p), Some(b)) if p != b => {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({b}) does not match the name on the URL ({p})"
+                )));
+            }
+            (Some(p), _) => p.to_owned(),
+            (None, Some(b)) => b,
+            (None, None) => match meta.get("generateName").and_then(Value::as_str) {
+                Some(prefix) if !prefix.is_empty() => {
+                    inner.seq += 1;
+                    format!("{prefix}{}", short_suffix(self.seed ^ inner.seq))
+                }
+                _ => {
+                    return Err(ApiError::invalid(format!(
+                        "{} \"\" is invalid: metadata.name: Required value: name or generateName is required",
+                        resource.kind()
+                    )));
+                }
+            },
+        };
+        if !valid_name(&name) {
+            return Err(ApiError::invalid(format!(
+                "{} \"{name}\" is invalid: metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'",
+                resource.kind()
+            )));
+        }
+        meta.insert("name".into(), Value::String(name.clone()));
+        // Namespace.
+        if resource.namespaced() {
+            match meta.get("namespace").and_then(Value::as_str) {
+                Some(ns) if !ns.is_empty() && ns != namespace => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+                _ => {}
+            }
+            if !inner.objects.contains_key(&(
+                Resource::Namespaces,
+                String::new(),
+                namespace.to_owned(),
+            )) {
+                return Err(ApiError::not_found("namespaces", namespace));
+            }
+            meta.insert("namespace".into(), Value::String(namespace.to_owned()));
+        } else {
+            meta.remove("namespace");
+        }
+        let key = (resource, namespace.to_owned(), name.clone());
+        let existing = inner.objects.get(&key);
+        let existing_value: Option<Value> = match (write, existing) {
+            (Write::Create, Some(_)) => {
+                return Err(ApiError::already_exists(resource.plural(), &name));
+            }
+            (Write::Replace, None) => return Err(ApiError::not_found(resource.plural(), &name)),
+            (Write::Replace, Some(s)) => {
+                if let Some(rv) = meta.get("resourceVersion").and_then(Value::as_str)
+                    && !rv.is_empty()
+                    && rv != s.rv.to_string()
+                {
+                    return Err(ApiError::conflict(resource.plural(), &name));
+                }
+                serde_json::from_slice(&s.json).ok()
+            }
+            (Write::Create, None) => None,
+        };
+        let old_meta = existing_value.as_ref().and_then(|v| v.get("metadata"));
+        let uid = old_meta
+            .and_then(|m| m.get("uid"))
+            .cloned()
+            .unwrap_or_else(|| {
+                inner.seq += 1;
+                Value::String(uid(self.seed, inner.seq))
+            });
+        let created = old_meta
+            .and_then(|m| m.get("creationTimestamp"))
+            .cloned()
+            .unwrap_or_else(|| Value::String(clock::now_rfc3339()));
+        inner.rv += 1;
+        let rv = inner.rv;
+        meta.insert("uid".into(), uid);
+        meta.insert("creationTimestamp".into(), created);
+        meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
+        meta.remove("generateName");
+        let labels: BTreeMap<String, String> = meta
+            .get("labels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        // Status defaults.
+        let old_status = existing_value
+            .as_ref()
+            .and_then(|v| v.get("status"))
+            .cloned();
+        match resource {
+            Resource::Namespaces => {
+                obj.insert("spec".into(), json!({"finalizers": ["kubernetes"]}));
+                obj.insert("status".into(), json!({"phase": "Active"}));
+            }
+            Resource::Pods => {
+                // The "scheduler": every pod lands on the one node.
+                if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+                    spec.entry("nodeName")
+                        .or_insert_with(|| Value::String(NODE_NAME.to_owned()));
+                }
+                let has_status = obj
+                    .get("status")
+                    .and_then(Value::as_object)
+                    .is_some_and(|s| !s.is_empty());
+                if !has_status {
+                    let status = old_status.unwrap_or_else(|| {
+                        pod_status(&obj, u8::try_from(rv % 250).unwrap_or(0) + 2)
+                    });
+                    obj.insert("status".into(), status);
+                }
+            }
+            Resource::ConfigMaps => {}
+        }
+
+        let mut out = Map::new();
+        out.insert("kind".into(), Value::String(resource.kind().into()));
+        out.insert("apiVersion".into(), Value::String("v1".into()));
+        out.insert("metadata".into(), Value::Object(meta));
+        out.extend(
+            obj.into_iter()
+                .filter(|(k, _)| k != "kind" && k != "apiVersion"),
+        );
+        let json = Bytes::from(
+            serde_json::to_vec(&Value::Object(out))
+                .map_err(|e| ApiError::internal(format!("serializing: {e}")))?,
+        );
+        let kind = if existing_value.is_some() {
+            EventType::Modified
+        } else {
+            EventType::Added
+        };
+        inner.objects.insert(
+            key,
+            Stored {
+                json: json.clone(),
+                rv,
+                labels: labels.clone(),
+            },
+        );
+        self.publish(
+            inner,
+            kind,
+            resource,
+            namespace,
+            &name,
+            labels,
+            json.clone(),
+        );
+        Ok(json)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &self,
+        inner: &mut Inner,
+        kind: EventType,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        object: Bytes,
+    ) {
+        let event = Arc::new(Event {
+            kind,
+            resource,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            labels,
+            rv: inner.rv,
+            object,
+            line: OnceLock::new(),
+            table_line: OnceLock::new(),
+        });
+        inner.history.push_back(event.clone());
+        while inner.history.len() > HISTORY_CAP {
+            if let Some(old) = inner.history.pop_front() {
+                inner.history_floor = old.rv;
+            }
+        }
+        // No receivers is fine.
+        let _ = self.events.send(event);
+    }
+
+    /// Starts a watch: what to replay, and a receiver for what comes next. Subscribing and
+    /// snapshotting happen under one lock, so no event is missed or seen twice.
+    pub(crate) fn watch(
+        &self,
+        resource: Resource,
+        filter: &Filter,
+        since: Since,
+    ) -> Result<WatchStart, ApiError> {
+        let inner = self.lock();
+        let live = self.events.subscribe();
+        match since {
+            Since::Now => Ok(WatchStart {
+                initial: Self::matching(&inner, resource, filter)
+                    .map(|s| s.json.clone())
+                    .collect(),
+                replay: Vec::new(),
+                live,
+                rv: inner.rv,
+            }),
+            Since::Version(rv) => {
+                if rv < inner.history_floor {
+                    return Err(ApiError::expired(rv, inner.history_floor));
+                }
+                Ok(WatchStart {
+                    initial: Vec::new(),
+                    replay: inner
+                        .history
+                        .iter()
+                        .filter(|e| e.rv > rv && filter.matches_event(resource, e))
+                        .cloned()
+                        .collect(),
+                    live,
+                    rv: inner.rv,
+                })
+            }
+        }
+    }
+}
+
+/// The flavour of a PATCH body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PatchKind {
+    /// `application/merge-patch+json` or `application/strategic-merge-patch+json`.
+    Merge,
+    /// `application/json-patch+json`.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Create,
+    Replace,
+}
+
+fn seed_pod(name: &str) -> Value {
+    json!({
+        "metadata": {"name": name, "labels": {"app": "web"}},
+        "spec": {
+            "containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}],
+        },
+    })
+}
+
+fn pod_status(pod: &Map<String, Value>, ip_octet: u8) -> Value {
+    let now = clock::now_rfc3339();
+    let containers: Vec<Value> = pod
+        .get("spec")
+        .and_then(|s| s.get("containers"))
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    json!({
+                        "name": c.get("name").cloned().unwrap_or(Value::Null),
+                        "image": c.get("image").cloned().unwrap_or(Value::Null),
+                        "imageID": "",
+                        "ready": true,
+                        "restartCount": 0,
+                        "started": true,
+                        "state": {"running": {"startedAt": now}},
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "phase": "Running",
+        "conditions": [
+            {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+            {"type": "Ready", "status": "True", "lastTransitionTime": now},
+            {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+        ],
+        "hostIP": "10.0.0.10",
+        "podIP": format!("10.244.0.{ip_octet}"),
+        "podIPs": [{"ip": format!("10.244.0.{ip_octet}")}],
+        "startTime": now,
+        "containerStatuses": containers,
+        "qosClass": "BestEffort",
+    })
+}
+
+fn uid(seed: u64, seq: u64) -> String {
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        (seed & 0xffff_ffff),
+        (seed >> 32) & 0xffff,
+        (seq >> 48) & 0xfff,
+        (seq >> 36) & 0xfff,
+        seq & 0xffff_ffff_ffff
+    )
+}
+
+fn short_suffix(mut n: u64) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    n = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (0..5)
+        .map(|_| {
+            let c = ALPHABET[usize::try_from(n % 27).unwrap_or(0)];
+            n /= 27;
+            char::from(c)
+        })
+        .collect()
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Drops strategic-merge-patch directives (`$setElementOrder/…`, `$patch`, `$retainKeys`, …).
+fn strip_directives(patch: &Value) -> Value {
+    match patch {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(k, _)| !k.starts_with('$'))
+                .map(|(k, v)| (k.clone(), strip_directives(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(strip_directives).collect()),
+        other => other.clone(),
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    if let Value::Object(target) = target {
+        for (key, value) in patch {
+            if value.is_null() {
+                target.remove(key);
+            } else {
+                merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
+}
+
+/// RFC 6902 JSON patch.
+fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
+    let ops = ops
+        .as_array()
+        .ok_or("a JSON patch must be an array of operations")?;
+    for op in ops {
+        let name = op["op"].as_str().ok_or("each operation needs an \"op\"")?;
+        let path = op["path"]
+            .as_str()
+            .ok_or("each operation needs a \"path\"")?;
+        let value = || {
+            op.get("value")
+                .cloned()
+                .ok_or(format!("{name} needs a value"))
+        };
+        let from = || op["from"].as_str().ok_or(format!("{name} needs \"from\""));
+        match name {
+            "add" => pointer_add(doc, path, value()?)?,
+            "remove" => {
+                pointer_remove(doc, path)?;
+            }
+            "replace" => {
+                pointer_remove(doc, path)?;
+                pointer_add(doc, path, value()?)?;
+            }
+            "move" => {
+                let v = pointer_remove(doc, from()?)?;
+                pointer_add(doc, path, v)?;
+            }
+            "copy" => {
+                let v = doc
+                    .pointer(from()?)
+                    .cloned()
+                    .ok_or(format!("copy: {} does not exist", from()?))?;
+                pointer_add(doc, path, v)?;
+            }
+            "test" => {
+                if doc.pointer(path) != Some(&value()?) {
+                    return Err(format!("test failed at {path}"));
+                }
+            }
+            other => return Err(format!("unknown JSON patch operation {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+fn split_pointer(path: &str) -> Result<(&str, String), String> {
+    let (parent, last) = path
+        .rsplit_once('/')
+        .ok_or(format!("invalid JSON pointer {path:?}"))?;
+    Ok((parent, last.replace("~1", "/").replace("~0", "~")))
+}
+
+fn pointer_add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
+    if path.is_empty() {
+        *doc = value;
+        return Ok(());
+    }
+    let (parent, key) = split_pointer(path)?;
+    match doc.pointer_mut(parent) {
+        Some(Value::Object(map)) => {
+            map.insert(key, value);
+            Ok(())
+        }
+        Some(Value::Array(items)) => {
+            if key == "-" {
+                items.push(value);
+                return Ok(());
+            }
+            match key.parse::<usize>() {
+                Ok(i) if i <= items.len() => {
+                    items.insert(i, value);
+                    Ok(())
+                }
+                _ => Err(format!("add: index {key} out of range at {path}")),
+            }
+        }
+        _ => Err(format!("add: parent of {path} does not exist")),
+    }
+}
+
+fn pointer_remove(doc: &mut Value, path: &str) -> Result<Value, String> {
+    let (parent, key) = split_pointer(path)?;
+    let removed = match doc.pointer_mut(parent) {
+        Some(Value::Object(map)) => map.remove(&key),
+        Some(Value::Array(items)) => match key.parse::<usize>() {
+            Ok(i) if i < items.len() => Some(items.remove(i)),
+            _ => None,
+        },
+        _ => None,
+    };
+    removed.ok_or(format!("{path} does not exist"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(b: &Bytes) -> Value {
+        serde_json::from_slice(b).expect("json")
+    }
+
+    #[test]
+    fn seeds_are_present_and_bulk_is_large() {
+        let store = Store::seeded();
+        let (_, pods) = store.list(
+            Resource::Pods,
+            &Filter::new(Some("default".into()), None, None).expect("filter"),
+        );
+        assert_eq!(pods.len(), 2);
+        let (_, bulk) = store.list(
+            Resource::ConfigMaps,
+            &Filter::new(Some("bulk".into()), None, None).expect("filter"),
+        );
+        assert_eq!(bulk.len(), BULK_COUNT);
+        let total: usize = bulk.iter().map(Bytes::len).sum();
+        let last = value(&bulk[BULK_COUNT - 1]);
+        assert_eq!(last["metadata"]["name"], "bulk-0549");
+        assert_eq!(
+            last["data"]["payload"].as_str().map(str::len),
+            Some(BULK_VALUE_LEN)
+        );
+        assert!(total >= 55_000_000, "bulk total {total}");
+        let (_, all) = store.list(Resource::ConfigMaps, &Filter::default());
+        assert_eq!(all.len(), BULK_COUNT + 1);
+    }
+
+    #[test]
+    fn create_conflicts_and_stale_replace() {
+        let store = Store::seeded();
+        let cm = json!({"metadata": {"name": "a"}, "data": {"k": "v"}});
+        let created = value(
+            &store
+                .create(Resource::ConfigMaps, "default", cm.clone())
+                .expect("create"),
+        );
+        let err = store
+            .create(Resource::ConfigMaps, "default", cm)
+            .expect_err("duplicate");
+        assert_eq!((err.code, err.reason), (409, "AlreadyExists"));
+        let mut stale = created.clone();
+        stale["metadata"]["resourceVersion"] = json!("1");
+        let err = store
+            .replace(Resource::ConfigMaps, "default", "a", stale)
+            .expect_err("stale");
+        assert_eq!((err.code, err.reason), (409, "Conflict"));
+        let replaced = value(
+            &store
+                .replace(Resource::ConfigMaps, "default", "a", created.clone())
+                .expect("replace"),
+        );
+        assert_eq!(replaced["metadata"]["uid"], created["metadata"]["uid"]);
+        assert_ne!(
+            replaced["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
+        let err = store
+            .create(
+                Resource::ConfigMaps,
+                "nope",
+                json!({"metadata": {"name": "x"}}),
+            )
+            .expect_err("missing namespace");
+        assert_eq!(err.code, 404);
+    }
+
+    #[test]
+    fn patch_merges_and_drops_directives() {
+        let store = Store::seeded();
+        let patched = value(
+            &store
+                .patch(
+                    Resource::Pods,
+                    "default",
+                    "web-0",
+                    PatchKind::Merge,
+                    &json!({"metadata": {"labels": {"tier": "front", "app": null}},
+                            "$setElementOrder/containers": [{"name": "app"}]}),
+                )
+                .expect("patch"),
+        );
+        assert_eq!(patched["metadata"]["labels"], json!({"tier": "front"}));
+        assert!(patched.get("$setElementOrder/containers").is_none());
+        assert_eq!(patched["status"]["phase"], "Running");
+    }
+
+    #[test]
+    fn json_patch_operations() {
+        let mut doc = json!({"a": {"b": [1, 2]}, "c": "x"});
+        json_patch(
+            &mut doc,
+            &json!([
+                {"op": "add", "path": "/a/b/-", "value": 3},
+                {"op": "replace", "path": "/c", "value": "y"},
+                {"op": "move", "from": "/c", "path": "/d"},
+                {"op": "remove", "path": "/a/b/0"},
+                {"op": "add", "path": "/e~1f", "value": true},
+                {"op": "test", "path": "/d", "value": "y"},
+            ]),
+        )
+        .expect("patch applies");
+        assert_eq!(doc, json!({"a": {"b": [2, 3]}, "d": "y", "e/f": true}));
+        assert!(json_patch(&mut doc, &json!([{"op": "remove", "path": "/zz"}])).is_err());
+    }
+
+    #[test]
+    fn watch_replays_history_after_a_version() {
+        let store = Store::seeded();
+        let start = store.resource_version();
+        let _ = store
+            .create(
+                Resource::ConfigMaps,
+                "default",
+                json!({"metadata": {"name": "w1"}}),
+            )
+            .expect("create");
+        let _ = store
+            .delete(Resource::ConfigMaps, "default", "w1")
+            .expect("delete");
+        let filter = Filter::new(Some("default".into()), None, None).expect("filter");
+        let w = store
+            .watch(Resource::ConfigMaps, &filter, Since::Version(start))
+            .expect("watch");
+        let kinds: Vec<_> = w.replay.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventType::Added, EventType::Deleted]);
+        let err = store
+            .watch(Resource::ConfigMaps, &filter, Since::Version(5))
+            .err()
+            .expect("too old");
+        assert_eq!(err.code, 410);
+        let by_name = Filter::new(None, Some("metadata.name=web-1"), None).expect("filter");
+        let w = store
+            .watch(Resource::Pods, &by_name, Since::Now)
+            .expect("watch");
+        assert_eq!(w.initial.len(), 1);
+    }
+
+    #[test]
+    fn label_selectors() {
+        let store = Store::seeded();
+        let f = Filter::new(None, None, Some("app=web")).expect("filter");
+        assert_eq!(store.list(Resource::Pods, &f).1.len(), 2);
+        let f = Filter::new(None, None, Some("app in (db, cache)")).expect("filter");
+        assert_eq!(store.list(Resource::Pods, &f).1.len(), 0);
+        let f = Filter::new(None, None, Some("!app")).expect("filter");
+        assert_eq!(store.list(Resource::Pods, &f).1.len(), 0);
+    }
+}

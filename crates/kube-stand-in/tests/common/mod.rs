@@ -1,0 +1,279 @@
+//! Shared test harness: a stand-in on 127.0.0.1:0, a scratch directory, kubectl runners and
+//! a small HTTPS client.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::process::Command;
+use tower_kube_stand_in::{KubeconfigAuth, StandIn};
+
+pub const TOKEN: &str = "stand-in-test-token";
+pub const KUBECTL: &str = "kubectl";
+/// Upper bound for any single kubectl invocation.
+pub const KUBECTL_DEADLINE: Duration = Duration::from_secs(60);
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+/// A running stand-in plus a scratch directory holding its kubeconfigs.
+pub struct Harness {
+    pub stand_in: StandIn,
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stand_in = StandIn::start(listener, TOKEN).await.unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "kube-stand-in-test-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("token.kubeconfig");
+        std::fs::write(&kubeconfig, stand_in.kubeconfig_yaml(KubeconfigAuth::Token)).unwrap();
+        Harness {
+            stand_in,
+            dir,
+            kubeconfig,
+        }
+    }
+
+    /// Writes a file into the scratch directory and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    /// A kubectl command for the token kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        self.kubectl_with(&self.kubeconfig)
+    }
+
+    /// A kubectl command for the given kubeconfig, with its own discovery cache.
+    pub fn kubectl_with(&self, kubeconfig: &Path) -> Command {
+        let mut cmd = Command::new(KUBECTL);
+        cmd.arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.join("cache"))
+            .arg("--request-timeout=30s")
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs kubectl to completion (bounded by [`KUBECTL_DEADLINE`]).
+    pub async fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = self.kubectl();
+        cmd.args(args);
+        run_output(cmd, args).await
+    }
+
+    /// Runs kubectl and insists on success; returns stdout.
+    pub async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// An HTTPS client connection to the stand-in (trusting its CA, no client cert).
+    pub async fn connect(&self) -> Client {
+        Client::connect(&self.stand_in).await
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub async fn run_output(mut cmd: Command, what: &[&str]) -> Output {
+    let child = cmd.spawn().unwrap();
+    match tokio::time::timeout(KUBECTL_DEADLINE, child.wait_with_output()).await {
+        Ok(out) => out.unwrap(),
+        Err(_) => panic!("kubectl {what:?} did not finish within {KUBECTL_DEADLINE:?}"),
+    }
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub async fn eventually(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One HTTP/1.1-over-TLS connection.
+pub struct Client {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    authority: String,
+}
+
+impl Client {
+    pub async fn connect(stand_in: &StandIn) -> Client {
+        let tls = tls_connect(stand_in).await;
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Client {
+            send,
+            authority: stand_in.addr().to_string(),
+        }
+    }
+
+    /// Sends a request; `token` adds `Authorization: Bearer`.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> hyper::Response<Incoming> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.authority);
+        if let Some(token) = token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let body = match body {
+            Some(v) => {
+                req = req.header("content-type", "application/json");
+                Full::new(Bytes::from(v.to_string()))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        self.send.ready().await.unwrap();
+        self.send
+            .send_request(req.body(body).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// GET with the token.
+    pub async fn get(&mut self, path: &str) -> hyper::Response<Incoming> {
+        self.request("GET", path, Some(TOKEN), None).await
+    }
+}
+
+/// Reads a whole body.
+pub async fn body_bytes(resp: hyper::Response<Incoming>) -> Bytes {
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
+
+/// Reads a whole body as JSON.
+pub async fn body_json(resp: hyper::Response<Incoming>) -> serde_json::Value {
+    serde_json::from_slice(&body_bytes(resp).await).unwrap()
+}
+
+/// Reads newline-delimited JSON events from a streaming body.
+pub struct EventReader {
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+impl EventReader {
+    pub fn new(resp: hyper::Response<Incoming>) -> EventReader {
+        EventReader {
+            body: resp.into_body(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next event, `None` at the end of the stream; panics after `deadline`.
+    pub async fn next(&mut self, deadline: Duration) -> Option<serde_json::Value> {
+        tokio::time::timeout(deadline, async {
+            loop {
+                if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                    return Some(serde_json::from_slice(&line).unwrap());
+                }
+                match self.body.frame().await {
+                    Some(frame) => {
+                        if let Ok(data) = frame.unwrap().into_data() {
+                            self.buf.extend_from_slice(&data);
+                        }
+                    }
+                    None => {
+                        assert!(self.buf.is_empty(), "stream ended mid-event");
+                        return None;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("watch event within the deadline")
+    }
+}
+
+/// A TLS stream to the stand-in (trusting its CA).
+pub async fn tls_connect(stand_in: &StandIn) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut stand_in.ca_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(stand_in.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// A WebSocket to `path` offering `protocols`; returns the socket and the chosen protocol.
+pub async fn ws_connect(
+    stand_in: &StandIn,
+    path: &str,
+    protocols: &str,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>,
+    String,
+) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut req = format!("wss://{}{path}", stand_in.addr())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", protocols.parse().unwrap());
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let tls = tls_connect(stand_in).await;
+    let (ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let chosen = resp.headers()["sec-websocket-protocol"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    (ws, chosen)
+}

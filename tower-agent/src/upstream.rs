@@ -214,7 +214,7 @@ mod tests {
         let named = Upstream::named("ks-apiserver.kubesphere-system.svc:80").unwrap();
         assert_eq!(
             named.uri_for("/kapis/x").unwrap().to_string(),
-            "http://ks-apiserver.kubesphere-system.svc/kapis/x"
+            "http://ks-apiserver.kubesphere-system.svc:80/kapis/x"
         );
     }
 }

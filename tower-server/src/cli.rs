@@ -158,8 +158,6 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "tower-0".into()),
     };
-    let _ = &args.namespace;
-    let _ = &args.kubeconfig;
     Ok(Config {
         secret,
         tls,

@@ -68,7 +68,7 @@ impl Frontend {
         let in_flight = InFlight::new(self.metrics.clone());
         let response = match self.route(req).await {
             Ok(response) => response,
-            Err(response) => response,
+            Err(e) => e.response(),
         };
         self.metrics.count_status(response.status().as_u16());
         let metrics = self.metrics.clone();
@@ -90,7 +90,7 @@ impl Frontend {
         Response::from_parts(parts, body)
     }
 
-    async fn route(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Response<Body>> {
+    async fn route(&self, mut req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
         let route = Route::parse(req.uri())?;
         let caller = tower_auth::bearer(
             req.headers()
@@ -98,46 +98,28 @@ impl Frontend {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default(),
         )
-        .ok_or_else(|| {
-            failure(
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                &tower_auth::AuthError::Missing.to_string(),
-            )
-        })
-        .and_then(|token| {
-            self.verifier
-                .verify_user(token)
-                .map_err(|e| failure(StatusCode::UNAUTHORIZED, "Unauthorized", &e.to_string()))
-        })?;
+        .ok_or(tower_auth::AuthError::Missing)
+        .and_then(|token| self.verifier.verify_user(token))
+        .map_err(|e| ProxyError::Unauthorized(e.to_string()))?;
         if !self.registry.target_allowed(&route.cluster, &route.target) {
-            return Err(failure(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                &format!(
-                    "target {:?} of cluster {:?} is not allowed by the clusters file",
-                    route.target, route.cluster
-                ),
-            ));
+            return Err(ProxyError::Forbidden(format!(
+                "target {:?} of cluster {:?} is not allowed by the clusters file",
+                route.target, route.cluster
+            )));
         }
         match self.registry.tunnel(&route.cluster) {
             Ok(_) => {}
             Err(Lookup::Unknown) => {
-                return Err(failure(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("cluster {:?} is not registered with tower", route.cluster),
-                ));
+                return Err(ProxyError::NotFound(format!(
+                    "cluster {:?} is not registered with tower",
+                    route.cluster
+                )));
             }
             Err(Lookup::Disconnected) => {
-                return Err(failure(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    &format!(
-                        "cluster {:?} has no agent connected: its tower-agent is down or cannot reach this server",
-                        route.cluster
-                    ),
-                ));
+                return Err(ProxyError::Unavailable(format!(
+                    "cluster {:?} has no agent connected: its tower-agent is down or cannot reach this server",
+                    route.cluster
+                )));
             }
         }
         tracing::debug!(cluster = %route.cluster, target = %route.target, user = %caller.user, method = %req.method(), path = %route.path, "proxying");
@@ -147,13 +129,9 @@ impl Frontend {
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        parts.uri = route.upstream_uri().map_err(|e| {
-            failure(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                &format!("bad path: {e}"),
-            )
-        })?;
+        parts.uri = route
+            .upstream_uri()
+            .map_err(|e| ProxyError::BadRequest(format!("bad path: {e}")))?;
         tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
         let metrics = self.metrics.clone();
         let body = body
@@ -172,22 +150,16 @@ impl Frontend {
         let upstream = Request::from_parts(parts, body);
         let mut response = self.client.request(upstream).await.map_err(|e| {
             tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
-            failure(
-                StatusCode::BAD_GATEWAY,
-                "ServiceUnavailable",
-                &format!(
-                    "cluster {:?}: the tunnel failed: {}",
-                    route.cluster,
-                    error_chain(&e)
-                ),
-            )
+            ProxyError::BadGateway(format!(
+                "cluster {:?}: the tunnel failed: {}",
+                route.cluster,
+                error_chain(&e)
+            ))
         })?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
-                return Err(failure(
-                    StatusCode::BAD_GATEWAY,
-                    "BadGateway",
-                    "the member switched protocols on a request that did not ask to",
+                return Err(ProxyError::BadGateway(
+                    "the member switched protocols on a request that did not ask to".into(),
                 ));
             };
             let agent_upgrade = hyper::upgrade::on(&mut response);
@@ -199,6 +171,53 @@ impl Frontend {
             tower_tunnel::http::strip_hop_by_hop(response.headers_mut());
         }
         Ok(response.map(|b| b.boxed()))
+    }
+}
+
+/// Why a frontend request was not proxied; each maps to a status and a `Status` reason.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProxyError {
+    /// The caller's path is malformed (bad cluster or target name).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The caller's token is missing or refused.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The clusters file does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such cluster, or not a tower path.
+    #[error("{0}")]
+    NotFound(String),
+    /// The cluster's agent is not connected.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The tunnel or the agent failed mid-request.
+    #[error("{0}")]
+    BadGateway(String),
+}
+
+impl ProxyError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn response(&self) -> Response<Body> {
+        let reason = match self {
+            ProxyError::BadRequest(_) => "BadRequest",
+            ProxyError::Unauthorized(_) => "Unauthorized",
+            ProxyError::Forbidden(_) => "Forbidden",
+            ProxyError::NotFound(_) => "NotFound",
+            ProxyError::Unavailable(_) | ProxyError::BadGateway(_) => "ServiceUnavailable",
+        };
+        failure(self.status(), reason, &self.to_string())
     }
 }
 
@@ -214,14 +233,12 @@ struct Route {
 impl Route {
     /// `/clusters/{name}/{rest}` → kubernetes; `/clusters/{name}/targets/{target}/{rest}`
     /// → a named target.
-    fn parse(uri: &Uri) -> Result<Route, Response<Body>> {
-        let bad = |message: String| failure(StatusCode::BAD_REQUEST, "BadRequest", &message);
+    fn parse(uri: &Uri) -> Result<Route, ProxyError> {
+        let bad = ProxyError::BadRequest;
         let path = uri.path();
         let Some(rest) = path.strip_prefix("/clusters/") else {
-            return Err(failure(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                "tower routes only /clusters/{name}/…",
+            return Err(ProxyError::NotFound(
+                "tower routes only /clusters/{name}/…".into(),
             ));
         };
         let (cluster, rest) = rest.split_once('/').unwrap_or((rest, ""));
@@ -384,7 +401,7 @@ mod tests {
     use super::*;
 
     fn parse(path: &str) -> Result<Route, StatusCode> {
-        Route::parse(&path.parse().unwrap()).map_err(|r| r.status())
+        Route::parse(&path.parse().unwrap()).map_err(|e| e.status())
     }
 
     #[test]

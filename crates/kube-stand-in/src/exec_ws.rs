@@ -196,10 +196,13 @@ async fn session(
             }
             !broken
         };
+        // The command and the writer run together: `cat` blocks on a full stdout channel
+        // until the writer drains it.
         let run = async {
-            let code = command::run_command(&command, &user, stdin_rx, stdout_tx, stderr_tx).await;
-            let writer_ok = writer.await;
-            (code, writer_ok)
+            tokio::join!(
+                command::run_command(&command, &user, stdin_rx, stdout_tx, stderr_tx),
+                writer
+            )
         };
         tokio::pin!(reader, run);
         let mut reader_done = false;

@@ -425,6 +425,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Trusts this CA file instead of the server's generated one.
+    pub fn ca_file(mut self, path: &Path) -> Self {
+        self.ca_file = path.to_path_buf();
+        self
+    }
+
     /// Uses this token instead of a fresh one for `name`.
     pub fn token(mut self, token: &str) -> Self {
         self.token = Some(token.to_owned());
@@ -766,6 +772,28 @@ impl Https {
                 }
             }
             offset
+        })
+    }
+
+    /// Opens TLS, sends `partial` (headers that never end) and reads until the server
+    /// closes; returns what it answered. Fails if it keeps the connection past 20 s.
+    pub fn stall(&self, partial: &[u8]) -> Result<Vec<u8>, String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect("localhost".try_into().expect("name"), tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            tls.write_all(partial).await.map_err(|e| e.to_string())?;
+            let mut answer = Vec::new();
+            match tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut answer)).await
+            {
+                Ok(_) => Ok(answer),
+                Err(_) => Err("the server kept a stalled connection open".into()),
+            }
         })
     }
 

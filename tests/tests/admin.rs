@@ -71,3 +71,86 @@ fn cluster_table_metrics_and_probes_tell_the_truth() {
     let _second = agent(&server, &member, "member-1").connect(&server);
     assert_eq!(metric("tower_tunnel_reconnects_total"), 1.0);
 }
+
+#[test]
+fn operators_can_bring_their_own_certificates() {
+    let dir = tower_e2e::TempDir::new("byo");
+    let pki = tower_tunnel::tls::GeneratedPki::generate(
+        "operator-ca",
+        &["localhost".into(), "127.0.0.1".into()],
+    )
+    .expect("pki");
+    let file = |name: &str, content: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).expect("write");
+        path.to_str().expect("path").to_owned()
+    };
+    let (cert, key, ca) = (
+        file("tls.crt", &pki.cert_pem),
+        file("tls.key", &pki.key_pem),
+        file("ca.crt", &pki.ca_cert_pem),
+    );
+    let member = Member::start();
+    let server = server()
+        .args(&["--tls-cert", &cert, "--tls-key", &key, "--ca-cert", &ca])
+        .start();
+    assert!(
+        !server.state.join("ca.crt").exists(),
+        "nothing generated when certificates are given"
+    );
+    let _agent = agent(&server, &member, "member-1")
+        .ca_file(std::path::Path::new(&ca))
+        .connect(&server);
+    let token = tower_e2e::Server::minter().user_token("alice", &[], None);
+    let https = tower_e2e::Https::with_ca(&pki.ca_cert_pem, server.frontend);
+    assert_eq!(
+        https.get("/clusters/member-1/version", Some(&token)).status,
+        200
+    );
+}
+
+#[test]
+fn the_kubesphere_target_reaches_its_own_service_with_the_callers_token() {
+    use std::io::{BufRead, BufReader, Write};
+    // A stand-in for ks-apiserver: answers with the Authorization header it received.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let ks = listener.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut auth = String::new();
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                if let Some(v) = line
+                    .to_ascii_lowercase()
+                    .strip_prefix("authorization: bearer ")
+                {
+                    auth = v.trim().chars().take(12).collect();
+                }
+                line.clear();
+            }
+            let body = format!("ks saw {auth}");
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let member = Member::start();
+    let server = server().start();
+    let _agent = agent(&server, &member, "member-1")
+        .args(&["--kubesphere-service", &ks])
+        .connect(&server);
+    let token = tower_e2e::Server::minter().user_token("alice", &[], None);
+    let reply = tower_e2e::Https::frontend(&server).get(
+        "/clusters/member-1/targets/kubesphere/kapis/version",
+        Some(&token),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.body,
+        format!("ks saw {}", &token.to_ascii_lowercase()[..12])
+    );
+}

@@ -290,11 +290,11 @@ fn reply(response: Response<Full<Bytes>>) -> Response<Body> {
 }
 
 /// Checks, rewrites and forwards one request to `target`.
-async fn handle_request(
-    config: &Config,
-    target: &str,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+async fn handle_request<B>(config: &Config, target: &str, mut req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<upstream::BoxError>,
+{
     let Some(upstream) = config.targets.get(target) else {
         return reply(failure(
             StatusCode::FORBIDDEN,
@@ -387,7 +387,7 @@ async fn handle_request(
             }
         }
     }
-    let request = Request::from_parts(parts, body.boxed_unsync());
+    let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
     let mut response = match upstream.send(request).await {
         Ok(response) => response,
         Err(e) => {
@@ -459,7 +459,9 @@ pub const DEFAULT_TARGET: &str = KUBERNETES_TARGET;
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use tower_auth::{Minter, Secret};
 
     #[test]
     fn backoff_is_capped_and_jittered() {
@@ -475,5 +477,109 @@ mod tests {
         }
         let samples: std::collections::HashSet<_> = (0..20).map(|_| b.delay(5)).collect();
         assert!(samples.len() > 1, "full jitter varies");
+    }
+
+    /// An upstream that records the headers of every request it gets.
+    async fn recording_upstream() -> (String, mpsc::UnboundedReceiver<http::HeaderMap>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let _ = tx.send(req.headers().clone());
+                        async {
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}"), rx)
+    }
+
+    fn config(upstream: &str, secret: &Secret) -> Config {
+        let mut kube = kube::Config::new(upstream.parse().unwrap());
+        kube.auth_info.token = Some("member-sa-token".to_string().into());
+        let mut targets = HashMap::new();
+        targets.insert(
+            KUBERNETES_TARGET.to_owned(),
+            Upstream::kubernetes(&kube, None).unwrap(),
+        );
+        Config {
+            dial: DialConfig {
+                host: "unused".into(),
+                port: 1,
+                tls: None,
+                proxy: None,
+                token: String::new(),
+                cluster: "c1".into(),
+                agent_version: "test".into(),
+                targets: vec![KUBERNETES_TARGET.into()],
+                timeout: Duration::from_secs(1),
+            },
+            verifier: Verifier::new(secret),
+            targets,
+            keepalive: Keepalive::default(),
+            backoff: Backoff::default(),
+        }
+    }
+
+    fn request(token: &str, extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
+        let mut builder = Request::get("/api/v1/pods")
+            .header("host", "tower-frontend:9443")
+            .header("authorization", format!("Bearer {token}"));
+        for (k, v) in extra {
+            builder = builder.header(*k, *v);
+        }
+        builder.body(Full::new(Bytes::new())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_agent_verifies_again_and_impersonates_only_the_token_identity() {
+        let secret = Secret::new("member-secret").unwrap();
+        let (url, mut seen) = recording_upstream().await;
+        let config = config(&url, &secret);
+        let alice = Minter::new(&secret).user_token("alice", &["devs".into()], None);
+
+        let spoofing = request(
+            &alice,
+            &[
+                ("impersonate-user", "root"),
+                ("impersonate-group", "system:masters"),
+                ("impersonate-extra-scopes", "x"),
+            ],
+        );
+        let response = handle_request(&config, KUBERNETES_TARGET, spoofing).await;
+        assert_eq!(response.status(), 200);
+        let headers = seen.recv().await.unwrap();
+        assert_eq!(headers["authorization"], "Bearer member-sa-token");
+        assert_eq!(headers["impersonate-user"], "alice");
+        let groups: Vec<_> = headers.get_all("impersonate-group").iter().collect();
+        assert_eq!(groups, ["devs"]);
+        assert!(headers.get("impersonate-extra-scopes").is_none());
+        assert_ne!(headers["host"], "tower-frontend:9443");
+
+        // A token the host accepted but this member's secret did not sign.
+        let host_only =
+            Minter::new(&Secret::new("host-secret").unwrap()).user_token("alice", &[], None);
+        let refused = handle_request(&config, KUBERNETES_TARGET, request(&host_only, &[])).await;
+        assert_eq!(refused.status(), 401);
+        let body = refused.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains("tower-agent: token signature does not match")
+        );
+
+        let elsewhere = handle_request(&config, "dashboard", request(&alice, &[])).await;
+        assert_eq!(elsewhere.status(), 403);
+        assert!(
+            seen.try_recv().is_err(),
+            "refused requests never reach the upstream"
+        );
     }
 }

@@ -15,7 +15,10 @@ use kube::client::ConfigExt;
 use secrecy::ExposeSecret;
 
 /// Request bodies sent upstream.
-pub(crate) type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
+pub(crate) type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Any body error.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How the agent authenticates to its kube-apiserver.
 #[derive(Debug)]

@@ -252,3 +252,92 @@ fn large_downloads_stream_without_buffering() {
         before.1
     );
 }
+
+/// Request bodies stream too: a large upload passes through both processes (to a
+/// target that checks every byte) while their RSS stays flat.
+#[test]
+fn large_uploads_stream_without_buffering() {
+    use std::io::{BufRead, BufReader};
+    // The upstream: reads the headers, then checks and counts the body.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let sink = listener.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let (mut line, mut length) = (String::new(), 0u64);
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let (mut seen, mut good, mut buf) = (0u64, true, vec![0u8; 64 * 1024]);
+            while seen < length {
+                let Ok(n) = reader.read(&mut buf) else { break };
+                if n == 0 {
+                    break;
+                }
+                good &= buf[..n]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, b)| *b == ((seen + i as u64) % 251) as u8);
+                seen += n as u64;
+            }
+            let body = format!("received {seen} intact={good}");
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let member = Member::start();
+    let server = server().start();
+    let agent = agent(&server, &member, "member-1")
+        .args(&["--kubesphere-service", &sink])
+        .connect(&server);
+    let https = tower_e2e::Https::frontend(&server);
+    let user = tower_e2e::Server::minter().user_token("alice", &[], None);
+    let before = (server.process.rss_kib(), agent.process.rss_kib());
+    let size: u64 = 256 << 20;
+    let peak = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        let (s, a) = (server.process.pid(), agent.process.pid());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut p = peak.lock().expect("lock");
+                *p = (
+                    p.0.max(tower_e2e::rss_kib(s)),
+                    p.1.max(tower_e2e::rss_kib(a)),
+                );
+                drop(p);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let reply = https.upload("/clusters/member-1/targets/kubesphere/upload", &user, size);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().expect("sampler");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body, format!("received {size} intact=true"));
+    let (server_peak, agent_peak) = *peak.lock().expect("lock");
+    eprintln!(
+        "RSS KiB before/peak during a {} MiB upload: server {}/{server_peak}, agent {}/{agent_peak}",
+        size >> 20,
+        before.0,
+        before.1
+    );
+    assert!(
+        server_peak < before.0 + 24 * 1024,
+        "server grew from {} to {server_peak} KiB",
+        before.0
+    );
+    assert!(
+        agent_peak < before.1 + 24 * 1024,
+        "agent grew from {} to {agent_peak} KiB",
+        before.1
+    );
+}

@@ -8,11 +8,9 @@
 //! Scenarios so far: B1 bulk download (MB/s, and the peak RSS of tower-server and
 //! tower-agent while it runs). Results also go to `target/bench-results.json`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tower_e2e::{Https, Member, Server, agent, server};
+use tower_e2e::{Https, Member, RssPeaks, Server, agent, server};
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -33,30 +31,12 @@ fn main() {
         direct_mbps.push(mbps(size, || {
             direct.download_checked(&path, member.api.token())
         }));
-        let sampled = Arc::new(Mutex::new((0u64, 0u64)));
-        let done = Arc::new(AtomicBool::new(false));
-        let sampler = {
-            let (sampled, done) = (sampled.clone(), done.clone());
-            let (s, a) = (server.process.pid(), agent.process.pid());
-            std::thread::spawn(move || {
-                while !done.load(Ordering::SeqCst) {
-                    let mut p = sampled.lock().expect("lock");
-                    *p = (
-                        p.0.max(tower_e2e::rss_kib(s)),
-                        p.1.max(tower_e2e::rss_kib(a)),
-                    );
-                    drop(p);
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        };
+        let sampler = RssPeaks::start(&[server.process.pid(), agent.process.pid()]);
         tunnel_mbps.push(mbps(size, || {
             tunnel.download_checked(&format!("/clusters/bench{path}"), &user)
         }));
-        done.store(true, Ordering::SeqCst);
-        let _ = sampler.join();
-        let s = *sampled.lock().expect("lock");
-        peak = (peak.0.max(s.0), peak.1.max(s.1));
+        let s = sampler.stop();
+        peak = (peak.0.max(s[0]), peak.1.max(s[1]));
     }
     let (d, t) = (median(&mut direct_mbps), median(&mut tunnel_mbps));
     println!("scenario                 direct        tunnel        ratio   target");

@@ -667,6 +667,27 @@ impl Https {
         }
     }
 
+    /// An HTTP/1.1 connection over TLS to the address, ready for requests.
+    async fn connect<B>(&self) -> hyper::client::conn::http1::SendRequest<B>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tcp = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect("localhost".try_into().expect("name"), tcp)
+            .await
+            .expect("TLS");
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        sender
+    }
+
     /// Sends a request with optional bearer token and extra headers; reads it whole.
     /// Panics if the answer takes more than 30 s (tower must never hang a caller).
     pub fn request(
@@ -692,17 +713,7 @@ impl Https {
         headers: &[(&str, &str)],
     ) -> Result<Reply, String> {
         let exchange = async {
-            let tcp = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .expect("connect");
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-                .connect("localhost".try_into().expect("name"), tcp)
-                .await
-                .expect("TLS");
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .expect("handshake");
-            tokio::spawn(conn);
+            let mut sender = self.connect().await;
             let mut builder = http::Request::builder()
                 .method(method)
                 .uri(path)
@@ -741,17 +752,7 @@ impl Https {
     /// a body that ends in an error.
     pub fn download_checked(&self, path: &str, token: &str) -> u64 {
         self.runtime.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .expect("connect");
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-                .connect("localhost".try_into().expect("name"), tcp)
-                .await
-                .expect("TLS");
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .expect("handshake");
-            tokio::spawn(conn);
+            let mut sender = self.connect().await;
             let request = http::Request::get(path)
                 .header("host", "localhost")
                 .header("authorization", format!("Bearer {token}"))
@@ -802,17 +803,7 @@ impl Https {
     pub fn upload(&self, path: &str, token: &str, size: u64) -> Reply {
         use http_body_util::StreamBody;
         self.runtime.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .expect("connect");
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-                .connect("localhost".try_into().expect("name"), tcp)
-                .await
-                .expect("TLS");
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .expect("handshake");
-            tokio::spawn(conn);
+            let mut sender = self.connect().await;
             const CHUNK: u64 = 64 * 1024;
             let mut offset = 0u64;
             let chunks = futures::stream::poll_fn(move |_| {
@@ -850,6 +841,48 @@ impl Https {
     /// GET with a token.
     pub fn get(&self, path: &str, token: Option<&str>) -> Reply {
         self.request("GET", path, token, &[])
+    }
+}
+
+/// Samples the resident set size of some processes until stopped, keeping the peaks.
+pub struct RssPeaks {
+    peaks: Arc<std::sync::Mutex<Vec<u64>>>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<()>,
+}
+
+impl RssPeaks {
+    /// Starts sampling `pids` every 20 ms.
+    pub fn start(pids: &[u32]) -> Self {
+        let pids = pids.to_vec();
+        let peaks = Arc::new(std::sync::Mutex::new(vec![0; pids.len()]));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (peaks, done) = (peaks.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    let now: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+                    let mut peaks = peaks.lock().expect("lock");
+                    for (peak, now) in peaks.iter_mut().zip(now) {
+                        *peak = (*peak).max(now);
+                    }
+                    drop(peaks);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        RssPeaks {
+            peaks,
+            done,
+            sampler,
+        }
+    }
+
+    /// Stops sampling; returns each process's peak in KiB.
+    pub fn stop(self) -> Vec<u64> {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.sampler.join();
+        self.peaks.lock().expect("lock").clone()
     }
 }
 

@@ -209,29 +209,14 @@ fn large_downloads_stream_without_buffering() {
     let user = tower_e2e::Server::minter().user_token("alice", &[], None);
     let size: u64 = 256 << 20;
     let before = (server.process.rss_kib(), agent.process.rss_kib());
-    let peak = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64)));
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let (peak, done) = (peak.clone(), done.clone());
-        let (s, a) = (server.process.pid(), agent.process.pid());
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                let (rs, ra) = (tower_e2e::rss_kib(s), tower_e2e::rss_kib(a));
-                let mut p = peak.lock().expect("lock");
-                *p = (p.0.max(rs), p.1.max(ra));
-                drop(p);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let sampler = tower_e2e::RssPeaks::start(&[server.process.pid(), agent.process.pid()]);
     let summary = https.download_checked(
         &format!("/clusters/member-1/debug/bytes?size={size}"),
         &user,
     );
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    sampler.join().expect("sampler");
+    let peaks = sampler.stop();
     assert_eq!(summary, size, "every byte arrived, in order");
-    let (server_peak, agent_peak) = *peak.lock().expect("lock");
+    let (server_peak, agent_peak) = (peaks[0], peaks[1]);
     eprintln!(
         "RSS KiB before/peak during a {} MiB download: server {}/{}, agent {}/{}",
         size >> 20,
@@ -301,29 +286,12 @@ fn large_uploads_stream_without_buffering() {
     let user = tower_e2e::Server::minter().user_token("alice", &[], None);
     let before = (server.process.rss_kib(), agent.process.rss_kib());
     let size: u64 = 256 << 20;
-    let peak = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64)));
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let (peak, done) = (peak.clone(), done.clone());
-        let (s, a) = (server.process.pid(), agent.process.pid());
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                let mut p = peak.lock().expect("lock");
-                *p = (
-                    p.0.max(tower_e2e::rss_kib(s)),
-                    p.1.max(tower_e2e::rss_kib(a)),
-                );
-                drop(p);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let sampler = tower_e2e::RssPeaks::start(&[server.process.pid(), agent.process.pid()]);
     let reply = https.upload("/clusters/member-1/targets/kubesphere/upload", &user, size);
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    sampler.join().expect("sampler");
+    let peaks = sampler.stop();
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.body, format!("received {size} intact=true"));
-    let (server_peak, agent_peak) = *peak.lock().expect("lock");
+    let (server_peak, agent_peak) = (peaks[0], peaks[1]);
     eprintln!(
         "RSS KiB before/peak during a {} MiB upload: server {}/{server_peak}, agent {}/{agent_peak}",
         size >> 20,

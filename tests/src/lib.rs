@@ -425,6 +425,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Dials this address instead of the server's tunnel listener (a relay, a proxy).
+    pub fn proxy_server(mut self, addr: SocketAddr) -> Self {
+        self.tunnel = addr;
+        self
+    }
+
     /// Trusts this CA file instead of the server's generated one.
     pub fn ca_file(mut self, path: &Path) -> Self {
         self.ca_file = path.to_path_buf();
@@ -962,5 +968,72 @@ impl Drop for KubectlStream {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A TCP relay on loopback that the test can freeze: a frozen connection moves no more
+/// bytes in either direction and closes nothing, like a blackholed link or a load
+/// balancer that silently dropped the flow. Connections made later flow normally.
+pub struct Relay {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    connections: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl Relay {
+    /// Relays every connection to `target`.
+    pub fn start(target: SocketAddr) -> Self {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().expect("addr");
+        let connections: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>> =
+            Arc::default();
+        let registry = connections.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(upstream) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                registry.lock().expect("lock").push(frozen.clone());
+                let pairs = [
+                    (
+                        client.try_clone().expect("clone"),
+                        upstream.try_clone().expect("clone"),
+                    ),
+                    (upstream, client),
+                ];
+                for (mut from, mut to) in pairs {
+                    let frozen = frozen.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n) = std::io::Read::read(&mut from, &mut buf) {
+                            if frozen.load(std::sync::atomic::Ordering::SeqCst) {
+                                // Swallow everything, answer nothing, close nothing (the
+                                // socket stays open while the other direction's thread
+                                // holds it).
+                                if n == 0 {
+                                    break;
+                                }
+                                continue;
+                            }
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Relay { addr, connections }
+    }
+
+    /// Freezes every connection open now.
+    pub fn freeze(&self) {
+        for frozen in self.connections.lock().expect("lock").iter() {
+            frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }

@@ -193,3 +193,46 @@ fn the_agent_dials_through_https_proxy_and_authenticates_with_a_client_certifica
         "{calls:?}"
     );
 }
+
+#[test]
+fn a_blackholed_tunnel_is_noticed_on_both_sides_and_replaced() {
+    let member = Member::start();
+    let server = server().start();
+    let relay = tower_e2e::Relay::start(server.tunnel);
+    let agent = agent(&server, &member, "member-1")
+        .proxy_server(relay.addr)
+        .connect(&server);
+    let kc = server.kubeconfig("member-1", "alice", &[]);
+    kubectl(&kc, &["get", "pods"]).success();
+
+    relay.freeze();
+    let frozen = Instant::now();
+    // Keepalive is 2 s on both sides, so a pong is due within 2 s of a ping: 4 s at most.
+    wait_for(
+        "the server to drop the silent tunnel",
+        Duration::from_secs(10),
+        || (!server.connected("member-1")).then_some(()),
+    );
+    let server_noticed = frozen.elapsed();
+    wait_for("the agent to notice", Duration::from_secs(10), || {
+        agent
+            .process
+            .log()
+            .contains("control stream failed")
+            .then_some(())
+    });
+    let agent_noticed = frozen.elapsed();
+    // New connections through the relay flow again: the agent dials a fresh tunnel.
+    wait_for("the agent to be back", Duration::from_secs(15), || {
+        server.connected("member-1").then_some(())
+    });
+    eprintln!(
+        "dead link noticed by the server after {server_noticed:?}, by the agent after {agent_noticed:?}, back after {:?}",
+        frozen.elapsed()
+    );
+    assert!(
+        kubectl(&kc, &["get", "pods", "-o", "name"])
+            .success()
+            .contains("pod/web-0")
+    );
+}

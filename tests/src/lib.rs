@@ -245,6 +245,20 @@ impl ServerBuilder {
             )
         });
         let mut command = Command::new(bin_path("tower-server"));
+        // Short defaults so tests notice things quickly, unless the test sets its own.
+        for (flag, value) in [("--keepalive", "2s"), ("--shutdown-grace", "3s")] {
+            if !self.args.iter().any(|a| a.starts_with(flag)) {
+                command.env(
+                    format!(
+                        "TOWER_{}",
+                        flag.trim_start_matches("--")
+                            .replace('-', "_")
+                            .to_uppercase()
+                    ),
+                    value,
+                );
+            }
+        }
         command
             .arg("serve")
             .args([
@@ -259,7 +273,6 @@ impl ServerBuilder {
             .arg(&secret)
             .arg("--state-dir")
             .arg(&state)
-            .args(["--keepalive", "2s", "--shutdown-grace", "3s"])
             .args(&self.args)
             .env("TOWER_LOG", "info,tower_server=debug");
         let log = (0..)

@@ -236,3 +236,36 @@ fn a_blackholed_tunnel_is_noticed_on_both_sides_and_replaced() {
             .contains("pod/web-0")
     );
 }
+
+#[test]
+fn sigterm_lets_a_download_in_flight_finish_then_exits() {
+    let member = Member::start();
+    let mut server = server().args(&["--shutdown-grace", "60s"]).start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let https = Https::frontend(&server);
+    let user = Server::minter().user_token("alice", &[], None);
+    let size: u64 = 96 << 20;
+    let download = std::thread::spawn(move || {
+        https.download_checked(
+            &format!("/clusters/member-1/debug/bytes?size={size}"),
+            &user,
+        )
+    });
+    wait_for("the download to start", Duration::from_secs(10), || {
+        member
+            .api
+            .calls()
+            .iter()
+            .any(|c| c.path_and_query.starts_with("/debug/bytes"))
+            .then_some(())
+    });
+    server.process.terminate();
+    let got = download.join().expect("the download completes");
+    assert_eq!(got, size);
+    let started = Instant::now();
+    assert_eq!(server.process.wait_exit(Duration::from_secs(30)), Some(0));
+    eprintln!(
+        "server exited {:?} after the download finished",
+        started.elapsed()
+    );
+}

@@ -288,11 +288,19 @@ impl ServerBuilder {
                 .parse()
                 .expect("socket address")
         };
+        // The CA agents and callers trust: the operator's (--ca-cert) or the generated one.
+        let ca_file = self
+            .args
+            .iter()
+            .position(|a| a == "--ca-cert")
+            .and_then(|i| self.args.get(i + 1))
+            .map_or_else(|| state.join("ca.crt"), PathBuf::from);
         let server = Server {
             tunnel: addr("tunnel"),
             frontend: addr("frontend"),
             admin: addr("admin"),
-            ca_pem: std::fs::read_to_string(state.join("ca.crt")).unwrap_or_default(),
+            ca_pem: std::fs::read_to_string(&ca_file).unwrap_or_default(),
+            ca_file,
             state,
             secret_file: secret,
             process,
@@ -317,6 +325,8 @@ pub struct Server {
     pub admin: SocketAddr,
     /// Its CA (PEM).
     pub ca_pem: String,
+    /// Its CA's file.
+    pub ca_file: PathBuf,
     /// Its state dir.
     pub state: PathBuf,
     /// The jwtSecret file.
@@ -382,7 +392,7 @@ impl Server {
             .arg(format!("https://{}", self.frontend))
             .args(["--token", token])
             .arg("--ca-cert")
-            .arg(self.state.join("ca.crt"))
+            .arg(&self.ca_file)
             .output()
             .expect("tower-server kubeconfig");
         assert!(
@@ -420,7 +430,7 @@ pub fn agent(server: &Server, member: &Member, name: &str) -> AgentBuilder {
         token: None,
         kubeconfig: member.kubeconfig.clone(),
         tunnel: server.tunnel,
-        ca_file: server.state.join("ca.crt"),
+        ca_file: server.ca_file.clone(),
         secret_file: server.secret_file.clone(),
     }
 }
@@ -984,27 +994,45 @@ impl Drop for KubectlStream {
     }
 }
 
-/// A TCP relay on loopback that the test can freeze: a frozen connection moves no more
-/// bytes in either direction and closes nothing, like a blackholed link or a load
-/// balancer that silently dropped the flow. Connections made later flow normally.
+/// A TCP relay on loopback: a round-robin load balancer over its targets, which the test
+/// can also freeze. A frozen connection moves no more bytes in either direction and
+/// closes nothing, like a blackholed link or a load balancer that silently dropped the
+/// flow. Connections made later flow normally.
 pub struct Relay {
     /// Where clients connect.
     pub addr: SocketAddr,
     connections: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+    targets: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
 }
 
 impl Relay {
     /// Relays every connection to `target`.
     pub fn start(target: SocketAddr) -> Self {
+        Self::balance(&[target])
+    }
+
+    /// Spreads connections over `targets`, round robin.
+    pub fn balance(targets: &[SocketAddr]) -> Self {
         use std::io::Write;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
         let addr = listener.local_addr().expect("addr");
         let connections: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>> =
             Arc::default();
         let registry = connections.clone();
+        let targets = Arc::new(std::sync::Mutex::new(targets.to_vec()));
+        let choices = targets.clone();
         std::thread::spawn(move || {
+            let mut next = 0usize;
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
+                let target = {
+                    let choices = choices.lock().expect("lock");
+                    if choices.is_empty() {
+                        continue;
+                    }
+                    next = next.wrapping_add(1);
+                    choices[next % choices.len()]
+                };
                 let Ok(upstream) = std::net::TcpStream::connect(target) else {
                     continue;
                 };
@@ -1040,7 +1068,16 @@ impl Relay {
                 }
             }
         });
-        Relay { addr, connections }
+        Relay {
+            addr,
+            connections,
+            targets,
+        }
+    }
+
+    /// Replaces the targets (as a load balancer's health checks would).
+    pub fn set_targets(&self, targets: &[SocketAddr]) {
+        *self.targets.lock().expect("lock") = targets.to_vec();
     }
 
     /// Freezes every connection open now.

@@ -14,10 +14,10 @@
 pub mod cli;
 pub mod upstream;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -109,56 +109,92 @@ pub enum AgentError {
 }
 
 /// Runs the agent until `shutdown`: keeps a tunnel up, and serves `/healthz` and
-/// `/readyz` (ready = tunnel up) on `admin`.
+/// `/readyz` (ready = at least one tunnel up) on `admin`. Holds one tunnel per server
+/// replica behind the published address.
 pub async fn run(
     config: Config,
     admin: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let ready = Arc::new(AtomicBool::new(false));
+    let up = Arc::new(AtomicUsize::new(0));
     if let Some(listener) = admin {
-        tokio::spawn(serve_admin(listener, ready.clone(), shutdown.clone()));
+        tokio::spawn(serve_admin(listener, up.clone(), shutdown.clone()));
     }
     let config = Arc::new(config);
+    let server = format!("{}:{}", config.dial.host, config.dial.port);
+    // One tunnel per server replica behind the one published address: the 101 names the
+    // replica and how many there are; dial until every one holds a tunnel.
+    let mut held: HashSet<String> = HashSet::new();
+    let mut replicas: usize = 1;
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(String, Ended, Duration)>();
     let mut attempt: u32 = 0;
-    while !shutdown.is_cancelled() {
-        let started = Instant::now();
-        let outcome = match dial::dial(&config.dial).await {
+    let mut duplicates: u32 = 0;
+    let mut delay = Duration::ZERO;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some((server_id, ended, lasted)) = ended_rx.recv() => {
+                held.remove(&server_id);
+                if lasted >= config.backoff.healthy_after {
+                    attempt = 0;
+                }
+                delay = match ended {
+                    // The replica asked us to go: dial again at once (another answers).
+                    Ended::Drained => Duration::ZERO,
+                    Ended::Closed => {
+                        attempt = attempt.saturating_add(1);
+                        config.backoff.delay(attempt - 1)
+                    }
+                };
+                tracing::info!(%server_id, ?delay, tunnels = held.len(), "tunnel ended; reconnecting");
+                continue;
+            }
+            () = tokio::time::sleep(delay), if held.len() < replicas => {}
+        }
+        let dialed = tokio::select! {
+            dialed = dial::dial(&config.dial) => dialed,
+            () = shutdown.cancelled() => break,
+        };
+        match dialed {
             Ok(dialed) => {
-                tracing::info!(
-                    server = %format!("{}:{}", config.dial.host, config.dial.port),
-                    server_id = %dialed.hello.server_id,
-                    "tunnel up"
+                replicas = usize::from(dialed.hello.server_count.max(1));
+                let server_id = dialed.hello.server_id.clone();
+                if held.contains(&server_id) {
+                    // The load balancer sent us to a replica we already hold: drop this
+                    // one and try again soon (jittered, so we do not hammer it).
+                    duplicates = duplicates.saturating_add(1);
+                    delay = Backoff {
+                        base: Duration::from_millis(50),
+                        max: Duration::from_secs(2),
+                        ..config.backoff
+                    }
+                    .delay(duplicates.min(6));
+                    tracing::debug!(%server_id, "duplicate tunnel to a replica already held: closed");
+                    continue;
+                }
+                duplicates = 0;
+                tracing::info!(%server, %server_id, replicas, tunnels = held.len() + 1, "tunnel up");
+                held.insert(server_id.clone());
+                delay = Duration::ZERO;
+                let (config, shutdown, up, ended_tx) = (
+                    config.clone(),
+                    shutdown.clone(),
+                    up.clone(),
+                    ended_tx.clone(),
                 );
-                ready.store(true, Ordering::SeqCst);
-                let outcome = hold_tunnel(dialed, config.clone(), shutdown.clone()).await;
-                ready.store(false, Ordering::SeqCst);
-                outcome
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    up.fetch_add(1, Ordering::SeqCst);
+                    let ended = hold_tunnel(dialed, config, shutdown).await;
+                    up.fetch_sub(1, Ordering::SeqCst);
+                    let _ = ended_tx.send((server_id, ended, started.elapsed()));
+                });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "dialing tower-server failed");
-                Ended::Failed
-            }
-        };
-        if shutdown.is_cancelled() {
-            break;
-        }
-        if started.elapsed() >= config.backoff.healthy_after {
-            attempt = 0;
-        }
-        let delay = match outcome {
-            // The server asked us to go: dial again at once (another replica answers).
-            Ended::Drained => Duration::ZERO,
-            Ended::Closed | Ended::Failed => {
-                let delay = config.backoff.delay(attempt);
+                tracing::warn!(%server, error = %e, "dialing tower-server failed");
+                delay = config.backoff.delay(attempt);
                 attempt = attempt.saturating_add(1);
-                delay
             }
-        };
-        tracing::info!(?delay, "reconnecting");
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => break,
         }
     }
     Ok(())
@@ -167,7 +203,6 @@ pub async fn run(
 enum Ended {
     Closed,
     Drained,
-    Failed,
 }
 
 /// Serves one tunnel until it closes, the server drains it, or shutdown.
@@ -419,7 +454,7 @@ fn set_bearer(headers: &mut http::HeaderMap, token: &str) {
     }
 }
 
-async fn serve_admin(listener: TcpListener, ready: Arc<AtomicBool>, shutdown: CancellationToken) {
+async fn serve_admin(listener: TcpListener, up: Arc<AtomicUsize>, shutdown: CancellationToken) {
     loop {
         let (tcp, _) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -428,10 +463,10 @@ async fn serve_admin(listener: TcpListener, ready: Arc<AtomicBool>, shutdown: Ca
                 Err(_) => continue,
             },
         };
-        let ready = ready.clone();
+        let up = up.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let ready = ready.load(Ordering::SeqCst);
+                let ready = up.load(Ordering::SeqCst) > 0;
                 async move {
                     let (code, body) = match req.uri().path() {
                         "/healthz" | "/livez" => (StatusCode::OK, "ok\n"),

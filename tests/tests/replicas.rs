@@ -1,0 +1,107 @@
+//! Several tower-server replicas behind one address: the agent holds a tunnel to each,
+//! so every replica routes every cluster, and losing one costs nothing but its tunnel.
+
+use std::time::{Duration, Instant};
+
+use tower_e2e::{Https, Member, Relay, Server, agent, server, wait_for};
+
+/// Replicas share one CA and serving certificate, as they would from one Secret.
+struct SharedPki {
+    _dir: tower_e2e::TempDir,
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+impl SharedPki {
+    fn new() -> Self {
+        let dir = tower_e2e::TempDir::new("pki");
+        let pki = tower_tunnel::tls::GeneratedPki::generate(
+            "tower",
+            &["localhost".into(), "127.0.0.1".into()],
+        )
+        .expect("pki");
+        let file = |name: &str, content: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).expect("write");
+            path.to_str().expect("path").to_owned()
+        };
+        SharedPki {
+            cert: file("tls.crt", &pki.cert_pem),
+            key: file("tls.key", &pki.key_pem),
+            ca: file("ca.crt", &pki.ca_cert_pem),
+            _dir: dir,
+        }
+    }
+
+    fn replica(&self, id: &str, count: &str) -> Server {
+        server()
+            .args(&["--server-id", id, "--server-count", count])
+            .args(&[
+                "--tls-cert",
+                &self.cert,
+                "--tls-key",
+                &self.key,
+                "--ca-cert",
+                &self.ca,
+            ])
+            .start()
+    }
+}
+
+#[test]
+fn an_agent_holds_one_tunnel_per_replica_and_survives_losing_one() {
+    let member = Member::start();
+    let pki = SharedPki::new();
+    let mut replicas: Vec<Server> = ["tower-a", "tower-b", "tower-c"]
+        .iter()
+        .map(|id| pki.replica(id, "3"))
+        .collect();
+    let balancer = Relay::balance(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>());
+    let _agent = agent(&replicas[0], &member, "member-1")
+        .proxy_server(balancer.addr)
+        .spawn();
+    let started = Instant::now();
+    wait_for("a tunnel on every replica", Duration::from_secs(20), || {
+        replicas
+            .iter()
+            .all(|r| r.connected("member-1"))
+            .then_some(())
+    });
+    eprintln!("tunnels to all 3 replicas after {:?}", started.elapsed());
+
+    let user = Server::minter().user_token("alice", &[], None);
+    for r in &replicas {
+        let reply = Https::frontend(r).get(
+            "/clusters/member-1/api/v1/namespaces/default/pods",
+            Some(&user),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let table = r.clusters();
+        assert_eq!(table[0]["connected"], true);
+    }
+
+    // Lose one replica: the others keep serving, with no new dial needed.
+    let mut lost = replicas.remove(1);
+    lost.process.kill();
+    balancer.set_targets(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>());
+    for r in &replicas {
+        let reply = Https::frontend(r).get("/clusters/member-1/version", Some(&user));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+
+    // A replacement replica appears behind the balancer: the agent finds it.
+    let fresh = pki.replica("tower-d", "3");
+    let mut targets: Vec<_> = replicas.iter().map(|r| r.tunnel).collect();
+    targets.push(fresh.tunnel);
+    balancer.set_targets(&targets);
+    let appeared = Instant::now();
+    wait_for(
+        "a tunnel on the new replica",
+        Duration::from_secs(15),
+        || fresh.connected("member-1").then_some(()),
+    );
+    eprintln!("tunnel to the new replica after {:?}", appeared.elapsed());
+    let reply = Https::frontend(&fresh).get("/clusters/member-1/version", Some(&user));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}

@@ -58,9 +58,10 @@ pub struct Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Backoff {
-            base: Duration::from_millis(500),
+            // Small first steps: a restarted server is usually back within a second.
+            base: Duration::from_millis(100),
             max: Duration::from_secs(30),
-            healthy_after: Duration::from_secs(60),
+            healthy_after: Duration::from_secs(5),
         }
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tower_e2e::{Https, KubectlStream, Member, Server, agent, kubectl, server, wait_for};
+use tower_e2e::{
+    Https, KubectlStream, Member, Server, agent, kubectl, server, wait_for, wait_for_with,
+};
 
 #[test]
 fn killing_the_agent_mid_watch_is_an_error_and_a_new_agent_serves_at_once() {
@@ -207,25 +209,41 @@ fn a_blackholed_tunnel_is_noticed_on_both_sides_and_replaced() {
 
     relay.freeze();
     let frozen = Instant::now();
+    let logs = || {
+        format!(
+            "server log:\n{}\nagent log:\n{}",
+            server.process.log(),
+            agent.process.log()
+        )
+    };
     // Keepalive is 2 s on both sides, so a pong is due within 2 s of a ping: 4 s at most.
-    wait_for(
+    wait_for_with(
         "the server to drop the silent tunnel",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         || (!server.connected("member-1")).then_some(()),
+        logs,
     );
     let server_noticed = frozen.elapsed();
-    wait_for("the agent to notice", Duration::from_secs(10), || {
-        agent
-            .process
-            .log()
-            .contains("control stream failed")
-            .then_some(())
-    });
+    wait_for_with(
+        "the agent to notice",
+        Duration::from_secs(20),
+        || {
+            agent
+                .process
+                .log()
+                .contains("control stream failed")
+                .then_some(())
+        },
+        logs,
+    );
     let agent_noticed = frozen.elapsed();
     // New connections through the relay flow again: the agent dials a fresh tunnel.
-    wait_for("the agent to be back", Duration::from_secs(15), || {
-        server.connected("member-1").then_some(())
-    });
+    wait_for_with(
+        "the agent to be back",
+        Duration::from_secs(20),
+        || server.connected("member-1").then_some(()),
+        logs,
+    );
     eprintln!(
         "dead link noticed by the server after {server_noticed:?}, by the agent after {agent_noticed:?}, back after {:?}",
         frozen.elapsed()

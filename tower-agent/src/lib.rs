@@ -255,7 +255,7 @@ async fn hold_tunnel(
             let _ = serving.await;
         });
     } else {
-        let _ = driver.await;
+        tower_tunnel::session::finish(driver).await;
         serving.abort();
     }
     ended

@@ -213,7 +213,7 @@ impl Acceptor {
             Err(e) => {
                 tracing::warn!(%cluster, %remote, error = %e, "could not open the control stream");
                 handle.close();
-                let _ = driver.await;
+                tower_tunnel::session::finish(driver).await;
                 return;
             }
         };
@@ -256,10 +256,11 @@ impl Acceptor {
                 () = handle.closed() => break,
             }
         }
-        handle.close();
-        let _ = driver.await;
+        // Unroute first, so callers get a fast 503 instead of a dying tunnel; then close.
         self.registry.remove(&cluster, id);
         self.metrics.tunnels.dec();
+        handle.close();
+        tower_tunnel::session::finish(driver).await;
         tracing::info!(%cluster, %remote, tunnel = id, "agent disconnected");
     }
 }

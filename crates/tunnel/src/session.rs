@@ -167,9 +167,11 @@ where
 {
     /// Drives the connection until it ends; returns why it ended.
     pub async fn run(mut self) -> Result<(), TunnelError> {
-        let result = self.drive().await;
-        self.closed.cancel();
-        result.map_err(|e| TunnelError::Closed(e.to_string()))
+        // Marks the session closed however this ends, aborted tasks included.
+        let _closed = self.closed.clone().drop_guard();
+        self.drive()
+            .await
+            .map_err(|e| TunnelError::Closed(e.to_string()))
     }
 
     async fn drive(&mut self) -> Result<(), yamux::ConnectionError> {
@@ -238,6 +240,20 @@ where
         }
     }
 }
+
+/// Waits for a closing session's driver task, but not forever: a dead link can leave the
+/// last write of a close (GoAway, TLS close_notify) hanging, so after `CLOSE_TIMEOUT` the
+/// task is aborted, which drops the socket.
+pub async fn finish(driver: tokio::task::JoinHandle<Result<(), TunnelError>>) {
+    let abort = driver.abort_handle();
+    if tokio::time::timeout(CLOSE_TIMEOUT, driver).await.is_err() {
+        tracing::debug!("session did not close in time: dropping its connection");
+        abort.abort();
+    }
+}
+
+/// How long a closing session may take.
+pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

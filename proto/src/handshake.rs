@@ -9,9 +9,10 @@
 //!                  Tower-Agent-Version: 0.1.0
 //!                  Tower-Capabilities: control,drain
 //!                  Tower-Targets: kubernetes,kubesphere
+//!                  Tower-Held-Servers: tower-0,tower-2   (replicas already held)
 //! server → agent   101 Switching Protocols            (then yamux)
 //!                  Tower-Server-Id, Tower-Server-Count, Tower-Keepalive-Ms
-//!            or    401/403/404/426/503 with a plain-text reason
+//!            or    400/401/403/404/409/426/503 with a plain-text reason
 //! ```
 
 /// The path agents dial.
@@ -26,6 +27,9 @@ pub const HEADER_AGENT_VERSION: &str = "tower-agent-version";
 pub const HEADER_CAPABILITIES: &str = "tower-capabilities";
 /// Comma-separated targets the agent serves.
 pub const HEADER_TARGETS: &str = "tower-targets";
+/// Comma-separated ids of the replicas this agent already holds a tunnel to; a replica
+/// that finds its own id here answers 409 instead of replacing the tunnel it has.
+pub const HEADER_HELD: &str = "tower-held-servers";
 /// The replica's id, in the 101.
 pub const HEADER_SERVER_ID: &str = "tower-server-id";
 /// The replica count the server knows of, in the 101.
@@ -51,6 +55,8 @@ pub enum Refusal {
     UnsupportedVersion,
     /// The server is draining; dial again (another replica will answer).
     Draining,
+    /// The agent already holds a tunnel to this replica (the load balancer sent it back).
+    Duplicate,
 }
 
 impl Refusal {
@@ -63,6 +69,7 @@ impl Refusal {
             Refusal::UnknownCluster => 404,
             Refusal::UnsupportedVersion => 426,
             Refusal::Draining => 503,
+            Refusal::Duplicate => 409,
         }
     }
 
@@ -75,6 +82,7 @@ impl Refusal {
             404 => Refusal::UnknownCluster,
             426 => Refusal::UnsupportedVersion,
             503 => Refusal::Draining,
+            409 => Refusal::Duplicate,
             _ => return None,
         })
     }
@@ -82,7 +90,7 @@ impl Refusal {
     /// Whether dialing again unchanged can succeed (a draining or restarting server),
     /// as opposed to a refusal only a change of configuration fixes.
     pub fn is_transient(self) -> bool {
-        matches!(self, Refusal::Draining)
+        matches!(self, Refusal::Draining | Refusal::Duplicate)
     }
 }
 
@@ -181,6 +189,7 @@ mod tests {
             Refusal::UnknownCluster,
             Refusal::UnsupportedVersion,
             Refusal::Draining,
+            Refusal::Duplicate,
         ] {
             assert_eq!(Refusal::from_status(r.status()), Some(r));
         }

@@ -98,7 +98,12 @@ fn tunnel_handshake_refusals_are_plain_http() {
     let clusters = dir.path().join("clusters.yaml");
     std::fs::write(&clusters, "clusters:\n- name: member-1\n").expect("clusters file");
     let server = server()
-        .args(&["--clusters", clusters.to_str().expect("path")])
+        .args(&[
+            "--clusters",
+            clusters.to_str().expect("path"),
+            "--server-id",
+            "tower-x",
+        ])
         .start();
     let tunnel = Https::to(&server, server.tunnel);
     let minter = Server::minter();
@@ -169,6 +174,26 @@ fn tunnel_handshake_refusals_are_plain_http() {
             .contains("not in this server's clusters file"),
         "{}",
         not_listed.body
+    );
+
+    let duplicate = tunnel.request(
+        "GET",
+        "/v1/tunnel",
+        Some(&good),
+        &[
+            ("connection", "Upgrade"),
+            ("upgrade", "tower-tunnel/1"),
+            ("tower-cluster", "member-1"),
+            ("tower-held-servers", "tower-w,tower-x"),
+        ],
+    );
+    assert_eq!(duplicate.status, 409, "{}", duplicate.body);
+    assert!(
+        duplicate
+            .body
+            .contains("already holds a tunnel to replica \"tower-x\""),
+        "{}",
+        duplicate.body
     );
 
     // The agent binary refuses a --name that is not its token's before dialing.

@@ -70,6 +70,11 @@ fn an_agent_holds_one_tunnel_per_replica_and_survives_losing_one() {
     });
     eprintln!("tunnels to all 3 replicas after {:?}", started.elapsed());
 
+    // Each replica's tunnel is the one it got first: landing on a replica it already holds
+    // makes the agent back off (409), never replaces a working tunnel.
+    let since = |r: &Server| r.clusters()[0]["connected_since"].clone();
+    let first: Vec<_> = replicas.iter().map(since).collect();
+
     let user = Server::minter().user_token("alice", &[], None);
     for r in &replicas {
         let reply = Https::frontend(r).get(
@@ -104,4 +109,14 @@ fn an_agent_holds_one_tunnel_per_replica_and_survives_losing_one() {
     eprintln!("tunnel to the new replica after {:?}", appeared.elapsed());
     let reply = Https::frontend(&fresh).get("/clusters/member-1/version", Some(&user));
     assert_eq!(reply.status, 200, "{}", reply.body);
+    let kept: Vec<_> = [&first[0], &first[2]].into_iter().cloned().collect();
+    let now: Vec<_> = replicas.iter().map(since).collect();
+    assert_eq!(now, kept, "the surviving replicas kept their first tunnels");
+    for r in &replicas {
+        let (_, metrics) = tower_e2e::admin_get(r.admin, "/metrics");
+        assert!(
+            metrics.contains("tower_tunnel_reconnects_total 0"),
+            "{metrics}"
+        );
+    }
 }

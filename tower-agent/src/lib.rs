@@ -152,8 +152,9 @@ pub async fn run(
             }
             () = tokio::time::sleep(delay), if held.len() < replicas => {}
         }
+        let held_ids: Vec<String> = held.iter().cloned().collect();
         let dialed = tokio::select! {
-            dialed = dial::dial(&config.dial) => dialed,
+            dialed = dial::dial(&config.dial, &held_ids) => dialed,
             () = shutdown.cancelled() => break,
         };
         match dialed {
@@ -164,12 +165,7 @@ pub async fn run(
                     // The load balancer sent us to a replica we already hold: drop this
                     // one and try again soon (jittered, so we do not hammer it).
                     duplicates = duplicates.saturating_add(1);
-                    delay = Backoff {
-                        base: Duration::from_millis(50),
-                        max: Duration::from_secs(2),
-                        ..config.backoff
-                    }
-                    .delay(duplicates.min(6));
+                    delay = duplicate_delay(&config.backoff, duplicates);
                     tracing::debug!(%server_id, "duplicate tunnel to a replica already held: closed");
                     continue;
                 }
@@ -191,6 +187,13 @@ pub async fn run(
                     let _ = ended_tx.send((server_id, ended, started.elapsed()));
                 });
             }
+            Err(tower_tunnel::TunnelError::Refused { status: 409, .. }) => {
+                // The load balancer sent us to a replica we already hold, which said so
+                // before touching its tunnel: try again soon, jittered.
+                duplicates = duplicates.saturating_add(1);
+                delay = duplicate_delay(&config.backoff, duplicates);
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(%server, error = %e, "dialing tower-server failed");
                 delay = config.backoff.delay(attempt);
@@ -204,6 +207,16 @@ pub async fn run(
 enum Ended {
     Closed,
     Drained,
+}
+
+/// The pause before dialing again after landing on a replica already held.
+fn duplicate_delay(backoff: &Backoff, duplicates: u32) -> Duration {
+    Backoff {
+        base: Duration::from_millis(50),
+        max: Duration::from_secs(2).min(backoff.max),
+        ..*backoff
+    }
+    .delay(duplicates.min(6))
 }
 
 /// Serves one tunnel until it closes, the server drains it, or shutdown.

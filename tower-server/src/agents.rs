@@ -139,6 +139,15 @@ impl Acceptor {
                 ),
             ));
         }
+        if handshake::list(header(handshake::HEADER_HELD)).any(|id| id == self.hello.server_id) {
+            return Err((
+                Refusal::Duplicate,
+                format!(
+                    "this agent already holds a tunnel to replica {:?}",
+                    self.hello.server_id
+                ),
+            ));
+        }
         if !self.registry.admits(name) {
             return Err((
                 Refusal::Forbidden,

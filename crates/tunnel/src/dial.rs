@@ -187,14 +187,15 @@ impl std::fmt::Debug for Dialed {
     }
 }
 
-/// Dials the server and performs the tunnel upgrade.
-pub async fn dial(config: &DialConfig) -> Result<Dialed, TunnelError> {
-    tokio::time::timeout(config.timeout, dial_inner(config))
+/// Dials the server and performs the tunnel upgrade, telling it which replicas (by id)
+/// this agent already holds.
+pub async fn dial(config: &DialConfig, held: &[String]) -> Result<Dialed, TunnelError> {
+    tokio::time::timeout(config.timeout, dial_inner(config, held))
         .await
         .map_err(|_| TunnelError::Timeout("dialing the tunnel server"))?
 }
 
-async fn dial_inner(config: &DialConfig) -> Result<Dialed, TunnelError> {
+async fn dial_inner(config: &DialConfig, held: &[String]) -> Result<Dialed, TunnelError> {
     let tcp = match &config.proxy {
         None => connect_tcp(&config.host, config.port).await?,
         Some(proxy) => {
@@ -211,9 +212,9 @@ async fn dial_inner(config: &DialConfig) -> Result<Dialed, TunnelError> {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| TunnelError::Tls(format!("handshake with {}: {e}", config.host)))?;
-            upgrade(stream, config).await
+            upgrade(stream, config, held).await
         }
-        None => upgrade(tcp, config).await,
+        None => upgrade(tcp, config, held).await,
     }
 }
 
@@ -277,7 +278,7 @@ pub async fn connect_through_proxy<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn upgrade<S>(io: S, config: &DialConfig) -> Result<Dialed, TunnelError>
+async fn upgrade<S>(io: S, config: &DialConfig, held: &[String]) -> Result<Dialed, TunnelError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -306,6 +307,7 @@ where
             handshake::CAPABILITIES.join(","),
         )
         .header(handshake::HEADER_TARGETS, config.targets.join(","))
+        .header(handshake::HEADER_HELD, held.join(","))
         .body(Empty::<Bytes>::new())
         .map_err(|e| TunnelError::Protocol(format!("building the upgrade request: {e}")))?;
     let response = sender

@@ -34,11 +34,7 @@ impl TempDir {
     pub fn new(prefix: &str) -> Self {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "tower-{prefix}-{}-{n}-{}",
-            std::process::id(),
-            Instant::now().elapsed().as_nanos()
-        ));
+        let path = std::env::temp_dir().join(format!("tower-{prefix}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
     }

@@ -226,6 +226,66 @@ impl Member {
     }
 }
 
+/// An operator's own CA and serving certificate (for `localhost` and `127.0.0.1`) in
+/// files, for `--tls-cert`/`--tls-key`/`--ca-cert`; replicas share one, as they would
+/// from one Secret.
+#[derive(Debug)]
+pub struct OperatorPki {
+    /// The CA (PEM).
+    pub ca_pem: String,
+    cert: String,
+    key: String,
+    ca: String,
+    _dir: TempDir,
+}
+
+impl OperatorPki {
+    /// Generates the CA and certificate and writes them out.
+    pub fn new() -> Self {
+        let dir = TempDir::new("pki");
+        let pki = tower_tunnel::tls::GeneratedPki::generate(
+            "operator-ca",
+            &["localhost".into(), "127.0.0.1".into()],
+        )
+        .expect("pki");
+        let file = |name: &str, content: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).expect("write");
+            path.to_str().expect("path").to_owned()
+        };
+        OperatorPki {
+            cert: file("tls.crt", &pki.cert_pem),
+            key: file("tls.key", &pki.key_pem),
+            ca: file("ca.crt", &pki.ca_cert_pem),
+            ca_pem: pki.ca_cert_pem,
+            _dir: dir,
+        }
+    }
+
+    /// The flags that make a server use it.
+    pub fn flags(&self) -> [&str; 6] {
+        [
+            "--tls-cert",
+            &self.cert,
+            "--tls-key",
+            &self.key,
+            "--ca-cert",
+            &self.ca,
+        ]
+    }
+
+    /// The CA file.
+    pub fn ca_file(&self) -> &Path {
+        Path::new(&self.ca)
+    }
+}
+
+impl Default for OperatorPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A builder for a tower-server process.
 #[derive(Debug, Default)]
 pub struct ServerBuilder {

@@ -74,35 +74,18 @@ fn cluster_table_metrics_and_probes_tell_the_truth() {
 
 #[test]
 fn operators_can_bring_their_own_certificates() {
-    let dir = tower_e2e::TempDir::new("byo");
-    let pki = tower_tunnel::tls::GeneratedPki::generate(
-        "operator-ca",
-        &["localhost".into(), "127.0.0.1".into()],
-    )
-    .expect("pki");
-    let file = |name: &str, content: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, content).expect("write");
-        path.to_str().expect("path").to_owned()
-    };
-    let (cert, key, ca) = (
-        file("tls.crt", &pki.cert_pem),
-        file("tls.key", &pki.key_pem),
-        file("ca.crt", &pki.ca_cert_pem),
-    );
+    let pki = tower_e2e::OperatorPki::new();
     let member = Member::start();
-    let server = server()
-        .args(&["--tls-cert", &cert, "--tls-key", &key, "--ca-cert", &ca])
-        .start();
+    let server = server().args(&pki.flags()).start();
     assert!(
         !server.state.join("ca.crt").exists(),
         "nothing generated when certificates are given"
     );
     let _agent = agent(&server, &member, "member-1")
-        .ca_file(std::path::Path::new(&ca))
+        .ca_file(pki.ca_file())
         .connect(&server);
     let token = tower_e2e::Server::minter().user_token("alice", &[], None);
-    let https = tower_e2e::Https::with_ca(&pki.ca_cert_pem, server.frontend);
+    let https = tower_e2e::Https::with_ca(&pki.ca_pem, server.frontend);
     assert_eq!(
         https.get("/clusters/member-1/version", Some(&token)).status,
         200

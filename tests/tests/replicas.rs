@@ -3,59 +3,23 @@
 
 use std::time::{Duration, Instant};
 
-use tower_e2e::{Https, Member, Relay, Server, agent, server, wait_for};
+use tower_e2e::{Https, Member, OperatorPki, Relay, Server, agent, server, wait_for};
 
-/// Replicas share one CA and serving certificate, as they would from one Secret.
-struct SharedPki {
-    _dir: tower_e2e::TempDir,
-    cert: String,
-    key: String,
-    ca: String,
-}
-
-impl SharedPki {
-    fn new() -> Self {
-        let dir = tower_e2e::TempDir::new("pki");
-        let pki = tower_tunnel::tls::GeneratedPki::generate(
-            "tower",
-            &["localhost".into(), "127.0.0.1".into()],
-        )
-        .expect("pki");
-        let file = |name: &str, content: &str| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, content).expect("write");
-            path.to_str().expect("path").to_owned()
-        };
-        SharedPki {
-            cert: file("tls.crt", &pki.cert_pem),
-            key: file("tls.key", &pki.key_pem),
-            ca: file("ca.crt", &pki.ca_cert_pem),
-            _dir: dir,
-        }
-    }
-
-    fn replica(&self, id: &str, count: &str) -> Server {
-        server()
-            .args(&["--server-id", id, "--server-count", count])
-            .args(&[
-                "--tls-cert",
-                &self.cert,
-                "--tls-key",
-                &self.key,
-                "--ca-cert",
-                &self.ca,
-            ])
-            .start()
-    }
+/// A replica with the shared operator certificates.
+fn replica(pki: &OperatorPki, id: &str, count: &str) -> Server {
+    server()
+        .args(&["--server-id", id, "--server-count", count])
+        .args(&pki.flags())
+        .start()
 }
 
 #[test]
 fn an_agent_holds_one_tunnel_per_replica_and_survives_losing_one() {
     let member = Member::start();
-    let pki = SharedPki::new();
+    let pki = OperatorPki::new();
     let mut replicas: Vec<Server> = ["tower-a", "tower-b", "tower-c"]
         .iter()
-        .map(|id| pki.replica(id, "3"))
+        .map(|id| replica(&pki, id, "3"))
         .collect();
     let balancer = Relay::balance(&replicas.iter().map(|r| r.tunnel).collect::<Vec<_>>());
     let _agent = agent(&replicas[0], &member, "member-1")
@@ -96,7 +60,7 @@ fn an_agent_holds_one_tunnel_per_replica_and_survives_losing_one() {
     }
 
     // A replacement replica appears behind the balancer: the agent finds it.
-    let fresh = pki.replica("tower-d", "3");
+    let fresh = replica(&pki, "tower-d", "3");
     let mut targets: Vec<_> = replicas.iter().map(|r| r.tunnel).collect();
     targets.push(fresh.tunnel);
     balancer.set_targets(&targets);

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 
 /// Where to send requests.
 #[derive(Clone)]
@@ -32,19 +31,7 @@ impl Target {
     }
 
     async fn connect(&self) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
-        let tcp = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .expect("connect");
-        tcp.set_nodelay(true).expect("nodelay");
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect("localhost".try_into().expect("name"), tcp)
-            .await
-            .expect("TLS");
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
-        sender
+        tower_e2e::http1_over_tls(self.addr, self.tls.clone()).await
     }
 }
 

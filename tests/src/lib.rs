@@ -738,6 +738,30 @@ pub struct Https {
     addr: SocketAddr,
 }
 
+/// An HTTP/1.1 connection over TLS (server name `localhost`, TCP_NODELAY) to `addr`,
+/// its connection task spawned on the current runtime.
+pub async fn http1_over_tls<B>(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+        .expect("TLS");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
 /// A response read whole.
 #[derive(Debug)]
 pub struct Reply {
@@ -781,18 +805,7 @@ impl Https {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let tcp = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .expect("connect");
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect("localhost".try_into().expect("name"), tcp)
-            .await
-            .expect("TLS");
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
-        sender
+        http1_over_tls(self.addr, self.tls.clone()).await
     }
 
     /// Sends a request with optional bearer token and extra headers; reads it whole.

@@ -154,7 +154,7 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
     };
     let mut targets = HashMap::new();
     targets.insert(
-        crate::DEFAULT_TARGET.to_owned(),
+        tower_proto::preamble::KUBERNETES_TARGET.to_owned(),
         Upstream::kubernetes(&kube_config, cli.kubernetes_service.as_deref())?,
     );
     if let Some(address) = &cli.kubesphere_service {

@@ -32,7 +32,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_auth::Verifier;
-use tower_proto::preamble::KUBERNETES_TARGET;
 use tower_proto::{ControlMessage, StreamKind};
 use tower_tunnel::control::{self, Keepalive};
 use tower_tunnel::dial::{self, DialConfig};
@@ -503,14 +502,12 @@ async fn serve_admin(listener: TcpListener, up: Arc<AtomicUsize>, shutdown: Canc
     }
 }
 
-/// The one target every agent serves.
-pub const DEFAULT_TARGET: &str = KUBERNETES_TARGET;
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use tower_auth::{Minter, Secret};
+    use tower_proto::preamble::KUBERNETES_TARGET;
 
     #[test]
     fn backoff_is_capped_and_jittered() {

@@ -113,7 +113,14 @@ mod tests {
     fn failure_is_a_status_object() {
         let r = failure(StatusCode::FORBIDDEN, "Forbidden", "say \"no\"\\");
         assert_eq!(r.status(), 403);
-        let body = r.into_body();
-        let _ = body;
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let body = futures::executor::block_on(http_body_util::BodyExt::collect(r.into_body()))
+            .unwrap()
+            .to_bytes();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"say \"no\"\\","reason":"Forbidden","code":403}"#
+        );
+        assert_eq!(json_string("tab\tend"), r#""tab\u0009end""#);
     }
 }

@@ -15,9 +15,9 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use serde_json::{Value, json};
 
 use crate::status::ApiError;
-use crate::store::{Filter, PatchKind, Resource, Since};
+use crate::store::{Filter, PatchKind, Resource, Since, Target};
 use crate::table::{self, IncludeObject};
-use crate::{Call, Shared, exec_ws, logs, openapi, spdy, watch};
+use crate::{Call, Shared, discovery, exec_ws, logs, openapi, spdy, watch};
 
 /// The response body type of every handler.
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -212,20 +212,51 @@ async fn route(
         ["version"] => get_only(json_response(StatusCode::OK, version_json())),
         ["healthz"] | ["livez"] | ["readyz"] => get_only(text_response("ok")),
         ["api"] => get_only(json_response(StatusCode::OK, api_versions_json(&req))),
-        ["api", "v1"] => get_only(json_response(StatusCode::OK, api_resources_json())),
+        ["api", "v1"] => get_only(json_response(
+            StatusCode::OK,
+            discovery::api_resources_json("v1").ok_or_else(ApiError::path_not_found)?,
+        )),
+        // Legacy discovery only: kubectl's aggregated-discovery `Accept`
+        // (`…;as=APIGroupDiscoveryList`) gets a plain `application/json` APIGroupList, and
+        // client-go falls back to fetching each group-version's APIResourceList.
         ["apis"] => get_only(json_response(
             StatusCode::OK,
-            r#"{"kind":"APIGroupList","apiVersion":"v1","groups":[]}"#,
+            discovery::api_group_list_json(),
+        )),
+        ["apis", group] => get_only(json_response(
+            StatusCode::OK,
+            discovery::api_group_json(group).ok_or_else(ApiError::path_not_found)?,
+        )),
+        ["apis", group, version] => get_only(json_response(
+            StatusCode::OK,
+            discovery::api_resources_json(&format!("{group}/{version}"))
+                .ok_or_else(ApiError::path_not_found)?,
         )),
         ["openapi", "v3"] => get_only(json_response(StatusCode::OK, openapi::v3_root())),
-        ["openapi", "v3", "api", "v1"] => {
-            get_only(json_response(StatusCode::OK, openapi::v3_core()))
-        }
+        ["openapi", "v3", "api", "v1"] => get_only(json_response(
+            StatusCode::OK,
+            openapi::v3_group_version("v1").ok_or_else(ApiError::path_not_found)?,
+        )),
+        ["openapi", "v3", "apis", group, version] => get_only(json_response(
+            StatusCode::OK,
+            openapi::v3_group_version(&format!("{group}/{version}"))
+                .ok_or_else(ApiError::path_not_found)?,
+        )),
         ["debug", "bytes"] => get_only(debug_bytes(&query)?),
         ["api", "v1", "watch", rest @ ..] => {
-            resource_route(shared, user, req, rest, query, true).await
+            resource_route(shared, user, req, "v1", rest, query, true).await
         }
-        ["api", "v1", rest @ ..] => resource_route(shared, user, req, rest, query, false).await,
+        ["api", "v1", rest @ ..] => {
+            resource_route(shared, user, req, "v1", rest, query, false).await
+        }
+        ["apis", group, version, "watch", rest @ ..] => {
+            let group_version = format!("{group}/{version}");
+            resource_route(shared, user, req, &group_version, rest, query, true).await
+        }
+        ["apis", group, version, rest @ ..] => {
+            let group_version = format!("{group}/{version}");
+            resource_route(shared, user, req, &group_version, rest, query, false).await
+        }
         _ => Err(ApiError::path_not_found()),
     }
 }
@@ -239,57 +270,60 @@ fn text_response(text: &'static str) -> Response<Body> {
     resp
 }
 
-/// Routes `/api/v1/…` below the version.
+/// Routes `/api/v1/…` and `/apis/{group}/{version}/…` below the version (`watch_path`: below
+/// `…/watch/`).
 async fn resource_route(
     shared: &Arc<Shared>,
     user: String,
     req: Request<Incoming>,
+    group_version: &str,
     rest: &[&str],
     query: Query,
     watch_path: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let resource =
-        |plural: &str| Resource::from_plural(plural).ok_or_else(ApiError::path_not_found);
+    let lookup = |plural: &str| Resource::lookup(group_version, plural);
+    // `…/watch/{plural}/{name}` watches one object.
+    let one = |mut query: Query, name: &str| {
+        query
+            .0
+            .push(("fieldSelector".into(), format!("metadata.name={name}")));
+        query
+    };
     match rest {
-        // Cluster-wide collections: namespaces, or pods/configmaps across all namespaces.
+        // Cluster-scoped collections, or namespaced ones across all namespaces.
         [plural] => {
-            let r = resource(plural)?;
+            let r = lookup(plural).ok_or_else(ApiError::path_not_found)?;
             collection(shared, req, r, None, query, watch_path).await
         }
-        // A namespace object.
-        ["namespaces", name] => {
-            if watch_path {
-                let mut query = query;
-                query
-                    .0
-                    .push(("fieldSelector".into(), format!("metadata.name={name}")));
-                return collection(shared, req, Resource::Namespaces, None, query, true).await;
+        ["namespaces", ns, plural, tail @ ..]
+            if lookup(plural).is_some_and(Resource::namespaced) =>
+        {
+            let r = lookup(plural).ok_or_else(ApiError::path_not_found)?;
+            match tail {
+                [] => collection(shared, req, r, Some(ns), query, watch_path).await,
+                [name] if watch_path => {
+                    collection(shared, req, r, Some(ns), one(query, name), true).await
+                }
+                [name] => object(shared, req, r, ns, name, Target::Object, &query).await,
+                [name, "status"] if r.has_status_subresource() && !watch_path => {
+                    object(shared, req, r, ns, name, Target::Status, &query).await
+                }
+                [name, sub] if r == Resource::Pods && !watch_path => {
+                    pod_subresource(shared, user, req, ns, name, sub, &query)
+                }
+                _ => Err(ApiError::path_not_found()),
             }
-            object(shared, req, Resource::Namespaces, "", name, &query).await
         }
-        ["namespaces", ns, plural] => {
-            let r = resource(plural)?;
-            if !r.namespaced() {
-                return Err(ApiError::path_not_found());
+        [plural, name, tail @ ..] if lookup(plural).is_some_and(|r| !r.namespaced()) => {
+            let r = lookup(plural).ok_or_else(ApiError::path_not_found)?;
+            match tail {
+                [] if watch_path => collection(shared, req, r, None, one(query, name), true).await,
+                [] => object(shared, req, r, "", name, Target::Object, &query).await,
+                ["status"] if r.has_status_subresource() && !watch_path => {
+                    object(shared, req, r, "", name, Target::Status, &query).await
+                }
+                _ => Err(ApiError::path_not_found()),
             }
-            collection(shared, req, r, Some(ns), query, watch_path).await
-        }
-        ["namespaces", ns, plural, name] => {
-            let r = resource(plural)?;
-            if !r.namespaced() {
-                return Err(ApiError::path_not_found());
-            }
-            if watch_path {
-                let mut query = query;
-                query
-                    .0
-                    .push(("fieldSelector".into(), format!("metadata.name={name}")));
-                return collection(shared, req, r, Some(ns), query, true).await;
-            }
-            object(shared, req, r, ns, name, &query).await
-        }
-        ["namespaces", ns, "pods", name, sub] if !watch_path => {
-            pod_subresource(shared, user, req, ns, name, sub, &query)
         }
         _ => Err(ApiError::path_not_found()),
     }
@@ -365,8 +399,9 @@ async fn collection(
 /// the store's shared buffers.
 fn list_response(resource: Resource, rv: u64, items: Vec<Bytes>) -> Response<Body> {
     let head = Bytes::from(format!(
-        "{{\"kind\":\"{}\",\"apiVersion\":\"v1\",\"metadata\":{{\"resourceVersion\":\"{rv}\"}},\"items\":[",
-        resource.list_kind()
+        "{{\"kind\":\"{}\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{rv}\"}},\"items\":[",
+        resource.list_kind(),
+        resource.api_version()
     ));
     let total: usize = items.iter().map(Bytes::len).sum();
     if total < STREAM_LIST_ABOVE {
@@ -396,13 +431,15 @@ fn list_response(resource: Resource, rv: u64, items: Vec<Bytes>) -> Response<Bod
     resp
 }
 
-/// GET, PUT, PATCH and DELETE on one object.
+/// GET, PUT, PATCH and DELETE on one object; GET, PUT and PATCH on its `status`
+/// subresource (`target`).
 async fn object(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
     resource: Resource,
     namespace: &str,
     name: &str,
+    target: Target,
     query: &Query,
 ) -> Result<Response<Body>, ApiError> {
     match *req.method() {
@@ -423,7 +460,9 @@ async fn object(
         }
         Method::PUT => {
             let body = read_json(req).await?;
-            let json = shared.store.replace(resource, namespace, name, body)?;
+            let json = shared
+                .store
+                .replace(resource, namespace, name, target, body)?;
             Ok(json_response(StatusCode::OK, json))
         }
         Method::PATCH => {
@@ -435,7 +474,9 @@ async fn object(
                 .trim()
                 .to_owned();
             let kind = match content_type.as_str() {
-                "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+                "application/merge-patch+json" => PatchKind::Merge,
+                // Like a real apiserver: custom resources have no strategic merge.
+                "application/strategic-merge-patch+json" if resource.group().is_empty() => {
                     PatchKind::Merge
                 }
                 "application/json-patch+json" => PatchKind::Json,
@@ -444,10 +485,10 @@ async fn object(
             let patch = read_json(req).await?;
             let json = shared
                 .store
-                .patch(resource, namespace, name, kind, &patch)?;
+                .patch(resource, namespace, name, target, kind, &patch)?;
             Ok(json_response(StatusCode::OK, json))
         }
-        Method::DELETE => {
+        Method::DELETE if target == Target::Object => {
             let json = shared.store.delete(resource, namespace, name)?;
             Ok(json_response(StatusCode::OK, json))
         }
@@ -542,32 +583,6 @@ fn api_versions_json(req: &Request<Incoming>) -> String {
         "kind": "APIVersions",
         "versions": ["v1"],
         "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}],
-    })
-    .to_string()
-}
-
-fn api_resources_json() -> String {
-    let crud = [
-        "create", "delete", "get", "list", "patch", "update", "watch",
-    ];
-    json!({
-        "kind": "APIResourceList",
-        "groupVersion": "v1",
-        "resources": [
-            {"name": "configmaps", "singularName": "configmap", "namespaced": true, "kind": "ConfigMap",
-             "verbs": crud, "shortNames": ["cm"], "storageVersionHash": "qFsyl6wFWjQ="},
-            {"name": "namespaces", "singularName": "namespace", "namespaced": false, "kind": "Namespace",
-             "verbs": crud, "shortNames": ["ns"], "storageVersionHash": "Q3oi5N2YM8M="},
-            {"name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod",
-             "verbs": crud, "shortNames": ["po"], "categories": ["all"], "storageVersionHash": "xPOwRZ+Yhw8="},
-            {"name": "pods/attach", "singularName": "", "namespaced": true, "kind": "PodAttachOptions",
-             "verbs": ["create", "get"]},
-            {"name": "pods/exec", "singularName": "", "namespaced": true, "kind": "PodExecOptions",
-             "verbs": ["create", "get"]},
-            {"name": "pods/log", "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get"]},
-            {"name": "pods/portforward", "singularName": "", "namespaced": true, "kind": "PodPortForwardOptions",
-             "verbs": ["create", "get"]},
-        ],
     })
     .to_string()
 }

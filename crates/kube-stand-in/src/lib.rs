@@ -4,20 +4,28 @@
 //! serving certificate it generates itself. It speaks enough of the Kubernetes API that the
 //! real `kubectl` works against it unchanged:
 //!
-//! * discovery (`/version`, `/api`, `/api/v1`, `/apis`, `/openapi/v2`, `/openapi/v3`);
-//! * `namespaces`, `pods` and `configmaps` in memory: get, list, create, replace, merge and
-//!   strategic-merge patch, delete, server-side `Table` printing, and watches that replay an
-//!   in-memory history and then fan out live events from one broadcast channel;
+//! * discovery (`/version`, `/api`, `/api/v1`, `/apis`, `/apis/{group}[/{version}]`,
+//!   `/openapi/v3`; `/openapi/v2` is a 404 on purpose);
+//! * `namespaces`, `pods`, `configmaps`, `services` and KubeSphere `clusters` in memory: get,
+//!   list, create, replace, merge and strategic-merge patch, JSON patch, delete, server-side
+//!   `Table` printing, and watches that replay an in-memory history and then fan out live
+//!   events from one broadcast channel. No services or clusters are seeded;
 //! * pod logs (`follow` streams a line every 100 ms), exec and attach over WebSocket
 //!   (`v5.channel.k8s.io`, `v4.channel.k8s.io`) running [`command::run_command`], and the
 //!   SPDY upgrades (exec, port-forward) handed to [`spdy`];
 //! * a seeded namespace `bulk` whose configmaps total more than 55 MB, and
 //!   `/debug/bytes?size=N` for raw throughput;
+//! * `services` (core `v1`: a cluster IP and node ports are allocated) and KubeSphere's
+//!   cluster-scoped, free-form `clusters` (`cluster.kubesphere.io/v1alpha1`, served like a
+//!   custom resource) both have a `status` subresource: only `…/status` changes `.status`;
 //! * bearer-token or client-certificate authentication, recording every call (with its
-//!   `Impersonate-*` headers) for tests to inspect through [`StandIn::calls`].
+//!   `Impersonate-*` headers) for tests to inspect through [`StandIn::calls`];
+//! * faults for clients that must survive an apiserver restart:
+//!   [`StandIn::drop_connections`] cuts every open connection, and
+//!   [`StandIn::set_available`] refuses connections until it is turned back on.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +34,7 @@ use base64::Engine as _;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +42,8 @@ use tokio_util::task::TaskTracker;
 mod api;
 mod clock;
 pub mod command;
+mod connections;
+mod discovery;
 mod exec_ws;
 mod logs;
 mod openapi;
@@ -83,6 +93,12 @@ pub(crate) struct Shared {
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) open_streams: AtomicUsize,
+    /// Every open connection, for [`StandIn::drop_connections`].
+    pub(crate) connections: Arc<connections::Connections>,
+    /// Cleared by [`StandIn::set_available`]: new connections are closed at once.
+    pub(crate) available: AtomicBool,
+    /// Connections closed at once because the stand-in was unavailable.
+    pub(crate) refused: AtomicU64,
 }
 
 /// Counts an open long-lived stream (watch, log follow, exec session) while alive.
@@ -139,6 +155,9 @@ impl StandIn {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             open_streams: AtomicUsize::new(0),
+            connections: Arc::new(connections::Connections::default()),
+            available: AtomicBool::new(true),
+            refused: AtomicU64::new(0),
         });
         shared
             .tracker
@@ -221,6 +240,43 @@ impl StandIn {
         self.shared.open_streams.load(Ordering::SeqCst)
     }
 
+    /// Abruptly closes every open connection, as if the apiserver had died: in-flight
+    /// watches and streams end without a clean end of their body (and without a TLS
+    /// `close_notify`), upgraded exec and port-forward sessions are cut too. The listener
+    /// keeps accepting, so the next request on a new connection succeeds.
+    pub fn drop_connections(&self) {
+        self.shared.connections.cut_all();
+    }
+
+    /// `false`: every newly accepted connection is closed at once (after accept, before the
+    /// TLS handshake) and every open one is cut as by [`StandIn::drop_connections`] — the
+    /// apiserver is down. `true`: it serves again.
+    pub fn set_available(&self, available: bool) {
+        // Store first, then cut: a connection registered after the cut sees the flag.
+        self.shared.available.store(available, Ordering::SeqCst);
+        if !available {
+            self.shared.connections.cut_all();
+        }
+        tracing::info!(available, "stand-in availability changed");
+    }
+
+    /// Whether it serves (see [`StandIn::set_available`]).
+    pub fn is_available(&self) -> bool {
+        self.shared.available.load(Ordering::SeqCst)
+    }
+
+    /// How many connections were closed at once while unavailable. Tests poll it to know
+    /// that a client has tried (and failed) to reach the stand-in.
+    pub fn refused_connections(&self) -> u64 {
+        self.shared.refused.load(Ordering::SeqCst)
+    }
+
+    /// How many TCP connections are open now (including upgraded exec and port-forward
+    /// sessions). Tests use it to see that a cut connection is gone.
+    pub fn open_connections(&self) -> usize {
+        self.shared.connections.len()
+    }
+
     /// Stops accepting, ends open watches and streams, and closes connections (after a
     /// short grace period for responses in flight). Returns at once; see
     /// [`StandIn::wait_stopped`].
@@ -250,6 +306,21 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAc
         match accepted {
             Ok((tcp, peer)) => {
                 let _ = tcp.set_nodelay(true);
+                // Registered before the availability check, so `set_available(false)`
+                // either cuts it or this sees the flag.
+                let tcp = match shared.connections.register(tcp) {
+                    Ok(tcp) => tcp,
+                    Err(error) => {
+                        tracing::warn!(%peer, %error, "registering a connection failed");
+                        continue;
+                    }
+                };
+                if !shared.available.load(Ordering::SeqCst) {
+                    tracing::debug!(%peer, "unavailable: closing a new connection");
+                    shared.refused.fetch_add(1, Ordering::SeqCst);
+                    drop(tcp);
+                    continue;
+                }
                 shared.tracker.spawn(serve_connection(
                     shared.clone(),
                     acceptor.clone(),
@@ -272,7 +343,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAc
 async fn serve_connection(
     shared: Arc<Shared>,
     acceptor: TlsAcceptor,
-    tcp: TcpStream,
+    tcp: connections::TrackedStream,
     peer: SocketAddr,
 ) {
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));

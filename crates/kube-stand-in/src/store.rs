@@ -1,6 +1,10 @@
-//! The in-memory object store: namespaces, pods and configmaps as JSON, one global
-//! resourceVersion counter, a bounded event history and one broadcast channel that every
-//! watch subscribes to (a watch costs a receiver, never a copy of the store).
+//! The in-memory object store: namespaces, pods, configmaps, services and KubeSphere
+//! clusters as JSON, one global resourceVersion counter, a bounded event history and one
+//! broadcast channel that every watch subscribes to (a watch costs a receiver, never a copy
+//! of the store).
+//!
+//! Services and clusters have a `status` subresource with the apiserver's semantics: a write
+//! to the object keeps the stored `.status`, a write to `…/status` changes nothing else.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -23,22 +27,43 @@ pub(crate) const BULK_COUNT: usize = 550;
 /// Size of each bulk configmap's `data.payload`.
 pub(crate) const BULK_VALUE_LEN: usize = 100 * 1024;
 
+/// The group of the KubeSphere multi-cluster API (`Cluster` objects).
+pub(crate) const KUBESPHERE_CLUSTER_GROUP: &str = "cluster.kubesphere.io";
+/// The version of [`KUBESPHERE_CLUSTER_GROUP`] that is served.
+pub(crate) const KUBESPHERE_CLUSTER_VERSION: &str = "v1alpha1";
+
 /// A resource type the stand-in serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Resource {
+    /// Core `v1` `Namespace`, cluster-scoped.
     Namespaces,
+    /// Core `v1` `Pod`.
     Pods,
+    /// Core `v1` `ConfigMap`.
     ConfigMaps,
+    /// Core `v1` `Service`, with a `status` subresource.
+    Services,
+    /// KubeSphere's `cluster.kubesphere.io/v1alpha1` `Cluster`, cluster-scoped, free-form,
+    /// with a `status` subresource (served like a custom resource).
+    Clusters,
 }
 
 impl Resource {
-    pub(crate) fn from_plural(plural: &str) -> Option<Resource> {
-        match plural {
-            "namespaces" => Some(Resource::Namespaces),
-            "pods" => Some(Resource::Pods),
-            "configmaps" => Some(Resource::ConfigMaps),
-            _ => None,
-        }
+    /// Every resource, in discovery order.
+    pub(crate) const ALL: [Resource; 5] = [
+        Resource::ConfigMaps,
+        Resource::Namespaces,
+        Resource::Pods,
+        Resource::Services,
+        Resource::Clusters,
+    ];
+
+    /// The resource served at `/api/v1/{plural}` (`group_version` `v1`) or
+    /// `/apis/{group_version}/{plural}`.
+    pub(crate) fn lookup(group_version: &str, plural: &str) -> Option<Resource> {
+        Resource::ALL
+            .into_iter()
+            .find(|r| r.api_version() == group_version && r.plural() == plural)
     }
 
     pub(crate) fn plural(self) -> &'static str {
@@ -46,6 +71,18 @@ impl Resource {
             Resource::Namespaces => "namespaces",
             Resource::Pods => "pods",
             Resource::ConfigMaps => "configmaps",
+            Resource::Services => "services",
+            Resource::Clusters => "clusters",
+        }
+    }
+
+    pub(crate) fn singular(self) -> &'static str {
+        match self {
+            Resource::Namespaces => "namespace",
+            Resource::Pods => "pod",
+            Resource::ConfigMaps => "configmap",
+            Resource::Services => "service",
+            Resource::Clusters => "cluster",
         }
     }
 
@@ -54,6 +91,8 @@ impl Resource {
             Resource::Namespaces => "Namespace",
             Resource::Pods => "Pod",
             Resource::ConfigMaps => "ConfigMap",
+            Resource::Services => "Service",
+            Resource::Clusters => "Cluster",
         }
     }
 
@@ -62,11 +101,67 @@ impl Resource {
             Resource::Namespaces => "NamespaceList",
             Resource::Pods => "PodList",
             Resource::ConfigMaps => "ConfigMapList",
+            Resource::Services => "ServiceList",
+            Resource::Clusters => "ClusterList",
+        }
+    }
+
+    /// The API group; empty for the core group.
+    pub(crate) fn group(self) -> &'static str {
+        match self {
+            Resource::Clusters => KUBESPHERE_CLUSTER_GROUP,
+            _ => "",
+        }
+    }
+
+    /// The API version within the group.
+    pub(crate) fn version(self) -> &'static str {
+        match self {
+            Resource::Clusters => KUBESPHERE_CLUSTER_VERSION,
+            _ => "v1",
+        }
+    }
+
+    /// The objects' `apiVersion`: `v1` or `group/version`.
+    pub(crate) fn api_version(self) -> &'static str {
+        match self {
+            Resource::Clusters => "cluster.kubesphere.io/v1alpha1",
+            _ => "v1",
+        }
+    }
+
+    /// How error messages name the resource: `pods`, or `clusters.cluster.kubesphere.io`.
+    pub(crate) fn qualified_plural(self) -> String {
+        match self.group() {
+            "" => self.plural().to_owned(),
+            group => format!("{}.{group}", self.plural()),
+        }
+    }
+
+    pub(crate) fn short_names(self) -> &'static [&'static str] {
+        match self {
+            Resource::Namespaces => &["ns"],
+            Resource::Pods => &["po"],
+            Resource::ConfigMaps => &["cm"],
+            Resource::Services => &["svc"],
+            Resource::Clusters => &[],
         }
     }
 
     pub(crate) fn namespaced(self) -> bool {
-        !matches!(self, Resource::Namespaces)
+        !matches!(self, Resource::Namespaces | Resource::Clusters)
+    }
+
+    /// Whether `…/{name}/status` is served: writes there change only `.status`, and writes
+    /// to the object itself keep the stored `.status`.
+    pub(crate) fn has_status_subresource(self) -> bool {
+        matches!(self, Resource::Services | Resource::Clusters)
+    }
+
+    /// Custom resources (not built-in types) refuse a PUT without a
+    /// `metadata.resourceVersion` and count `metadata.generation` up on spec changes.
+    fn is_custom(self) -> bool {
+        matches!(self, Resource::Clusters)
     }
 }
 
@@ -294,6 +389,10 @@ struct Inner {
     /// Every event with an rv above this is in `history`.
     history_floor: u64,
     seq: u64,
+    /// Cluster IPs handed out so far (the next service gets 10.96.x.y from this counter).
+    cluster_ips: u32,
+    /// Node ports handed out so far.
+    node_ports: u32,
 }
 
 /// Where a watch starts.
@@ -338,6 +437,8 @@ impl Store {
                 history: VecDeque::new(),
                 history_floor: 0,
                 seq: 0,
+                cluster_ips: 0,
+                node_ports: 0,
             }),
             events,
             seed,
@@ -446,7 +547,7 @@ impl Store {
             .objects
             .get(&(resource, namespace.to_owned(), name.to_owned()))
             .map(|s| s.json.clone())
-            .ok_or_else(|| ApiError::not_found(resource.plural(), name))
+            .ok_or_else(|| ApiError::not_found(&resource.qualified_plural(), name))
     }
 
     /// The list's resourceVersion and the matching objects, in (namespace, name) order. The
@@ -490,12 +591,13 @@ impl Store {
         self.write_locked(&mut inner, resource, namespace, None, object, Write::Create)
     }
 
-    /// Replaces an object (PUT).
+    /// Replaces an object (PUT), or with [`Target::Status`] only its `.status`.
     pub(crate) fn replace(
         &self,
         resource: Resource,
         namespace: &str,
         name: &str,
+        target: Target,
         object: Value,
     ) -> Result<Bytes, ApiError> {
         let mut inner = self.lock();
@@ -505,17 +607,21 @@ impl Store {
             namespace,
             Some(name),
             object,
-            Write::Replace,
+            target.write(),
         )
     }
 
     /// Applies a patch: JSON merge patch, strategic merge patch (treated as a merge patch with
-    /// its `$`-directives dropped) or RFC 6902 JSON patch.
+    /// its `$`-directives dropped) or RFC 6902 JSON patch. The patch applies to the whole
+    /// object either way; with [`Target::Status`] only the resulting `.status` is kept, with
+    /// [`Target::Object`] the stored `.status` is kept if the resource has a status
+    /// subresource.
     pub(crate) fn patch(
         &self,
         resource: Resource,
         namespace: &str,
         name: &str,
+        target: Target,
         kind: PatchKind,
         patch: &Value,
     ) -> Result<Bytes, ApiError> {
@@ -524,7 +630,7 @@ impl Store {
         let stored = inner
             .objects
             .get(&key)
-            .ok_or_else(|| ApiError::not_found(resource.plural(), name))?;
+            .ok_or_else(|| ApiError::not_found(&resource.qualified_plural(), name))?;
         let mut object: Value = serde_json::from_slice(&stored.json)
             .map_err(|e| ApiError::internal(format!("stored object is not JSON: {e}")))?;
         let current_rv = stored.rv.to_string();
@@ -536,7 +642,7 @@ impl Store {
                     .and_then(Value::as_str)
                     && rv != current_rv
                 {
-                    return Err(ApiError::conflict(resource.plural(), name));
+                    return Err(ApiError::conflict(&resource.qualified_plural(), name));
                 }
                 merge_patch(&mut object, &patch);
             }
@@ -547,7 +653,7 @@ impl Store {
                     .and_then(Value::as_str)
                     && rv != current_rv
                 {
-                    return Err(ApiError::conflict(resource.plural(), name));
+                    return Err(ApiError::conflict(&resource.qualified_plural(), name));
                 }
             }
         }
@@ -560,7 +666,7 @@ impl Store {
             namespace,
             Some(name),
             object,
-            Write::Replace,
+            target.write(),
         )
     }
 
@@ -598,7 +704,7 @@ impl Store {
         let stored = inner
             .objects
             .remove(&key)
-            .ok_or_else(|| ApiError::not_found(resource.plural(), name))?;
+            .ok_or_else(|| ApiError::not_found(&resource.qualified_plural(), name))?;
         inner.rv += 1;
         let rv = inner.rv;
         let json = match serde_json::from_slice::<Value>(&stored.json) {
@@ -622,6 +728,10 @@ impl Store {
         Ok(json)
     }
 
+    /// The one write path: validates `object` against `resource`, fills in server-owned
+    /// metadata and defaults, stores it and publishes the event. [`Write::Status`] keeps the
+    /// stored object and takes only `.status` (and the resourceVersion precondition) from
+    /// `object`.
     fn write_locked(
         &self,
         inner: &mut Inner,
@@ -636,24 +746,7 @@ impl Store {
                 "the request body is not a JSON object",
             ));
         };
-        match obj.get("kind").and_then(Value::as_str) {
-            None | Some("") => {}
-            Some(k) if k == resource.kind() => {}
-            Some(k) => {
-                return Err(ApiError::bad_request(format!(
-                    "the kind of the object ({k}) does not match the resource ({})",
-                    resource.plural()
-                )));
-            }
-        }
-        match obj.get("apiVersion").and_then(Value::as_str) {
-            None | Some("") | Some("v1") => {}
-            Some(v) => {
-                return Err(ApiError::bad_request(format!(
-                    "the API version in the data ({v}) does not match the expected API version (v1)"
-                )));
-            }
-        }
+        check_type(resource, &obj)?;
         let mut meta = match obj.remove("metadata") {
             Some(Value::Object(m)) => m,
             None | Some(Value::Null) => Map::new(),
@@ -716,23 +809,64 @@ impl Store {
         }
         let key = (resource, namespace.to_owned(), name.clone());
         let existing = inner.objects.get(&key);
-        let existing_value: Option<Value> = match (write, existing) {
+        let existing_value: Option<Map<String, Value>> = match (write, existing) {
             (Write::Create, Some(_)) => {
-                return Err(ApiError::already_exists(resource.plural(), &name));
+                return Err(ApiError::already_exists(
+                    &resource.qualified_plural(),
+                    &name,
+                ));
             }
-            (Write::Replace, None) => return Err(ApiError::not_found(resource.plural(), &name)),
-            (Write::Replace, Some(s)) => {
-                if let Some(rv) = meta.get("resourceVersion").and_then(Value::as_str)
-                    && !rv.is_empty()
-                    && rv != s.rv.to_string()
-                {
-                    return Err(ApiError::conflict(resource.plural(), &name));
+            (Write::Replace | Write::Status, None) => {
+                return Err(ApiError::not_found(&resource.qualified_plural(), &name));
+            }
+            (Write::Replace | Write::Status, Some(s)) => {
+                match meta.get("resourceVersion").and_then(Value::as_str) {
+                    Some(rv) if !rv.is_empty() && rv != s.rv.to_string() => {
+                        return Err(ApiError::conflict(&resource.qualified_plural(), &name));
+                    }
+                    Some(rv) if !rv.is_empty() => {}
+                    // Custom resources do not allow unconditional updates.
+                    _ if resource.is_custom() => {
+                        return Err(ApiError::invalid(format!(
+                            "{}.{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
+                            resource.kind(),
+                            resource.group()
+                        )));
+                    }
+                    _ => {}
                 }
-                serde_json::from_slice(&s.json).ok()
+                match serde_json::from_slice(&s.json) {
+                    Ok(Value::Object(old)) => Some(old),
+                    _ => return Err(ApiError::internal("stored object is not a JSON object")),
+                }
             }
             (Write::Create, None) => None,
         };
-        let old_meta = existing_value.as_ref().and_then(|v| v.get("metadata"));
+        let old_meta = existing_value
+            .as_ref()
+            .and_then(|v| v.get("metadata"))
+            .and_then(Value::as_object);
+        let old_status = existing_value
+            .as_ref()
+            .and_then(|v| v.get("status"))
+            .cloned();
+        if write == Write::Status {
+            // Only `.status` comes from the request; everything else stays as stored.
+            let status = obj.remove("status");
+            obj = existing_value.clone().unwrap_or_default();
+            obj.remove("metadata");
+            match status {
+                Some(status) => obj.insert("status".into(), status),
+                None => obj.remove("status"),
+            };
+            meta = old_meta.cloned().unwrap_or_default();
+        } else if resource.has_status_subresource() {
+            // Writes to the object itself never change `.status`.
+            match old_status.clone() {
+                Some(status) => obj.insert("status".into(), status),
+                None => obj.remove("status"),
+            };
+        }
         let uid = old_meta
             .and_then(|m| m.get("uid"))
             .cloned()
@@ -744,6 +878,26 @@ impl Store {
             .and_then(|m| m.get("creationTimestamp"))
             .cloned()
             .unwrap_or_else(|| Value::String(clock::now_rfc3339()));
+        if resource.is_custom() {
+            // `metadata.generation` counts changes to anything but metadata and status.
+            let old_generation = old_meta
+                .and_then(|m| m.get("generation"))
+                .and_then(Value::as_i64);
+            let generation = match (&existing_value, old_generation) {
+                (Some(old), Some(g)) => {
+                    if spec_part(old) == spec_part(&obj) {
+                        g
+                    } else {
+                        g + 1
+                    }
+                }
+                _ => 1,
+            };
+            meta.insert("generation".into(), Value::from(generation));
+        }
+        if resource == Resource::Services {
+            service_defaults(inner, &name, &mut obj, existing_value.as_ref())?;
+        }
         inner.rv += 1;
         let rv = inner.rv;
         meta.insert("uid".into(), uid);
@@ -761,10 +915,6 @@ impl Store {
             .unwrap_or_default();
 
         // Status defaults.
-        let old_status = existing_value
-            .as_ref()
-            .and_then(|v| v.get("status"))
-            .cloned();
         match resource {
             Resource::Namespaces => {
                 obj.insert("spec".into(), json!({"finalizers": ["kubernetes"]}));
@@ -787,12 +937,20 @@ impl Store {
                     obj.insert("status".into(), status);
                 }
             }
-            Resource::ConfigMaps => {}
+            Resource::Services => {
+                if !obj.get("status").is_some_and(Value::is_object) {
+                    obj.insert("status".into(), json!({"loadBalancer": {}}));
+                }
+            }
+            Resource::ConfigMaps | Resource::Clusters => {}
         }
 
         let mut out = Map::new();
         out.insert("kind".into(), Value::String(resource.kind().into()));
-        out.insert("apiVersion".into(), Value::String("v1".into()));
+        out.insert(
+            "apiVersion".into(),
+            Value::String(resource.api_version().into()),
+        );
         out.insert("metadata".into(), Value::Object(meta));
         out.extend(
             obj.into_iter()
@@ -907,10 +1065,191 @@ pub(crate) enum PatchKind {
     Json,
 }
 
+/// What a PUT or PATCH is addressed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The object itself (`…/{name}`).
+    Object,
+    /// Its `status` subresource (`…/{name}/status`).
+    Status,
+}
+
+impl Target {
+    fn write(self) -> Write {
+        match self {
+            Target::Object => Write::Replace,
+            Target::Status => Write::Status,
+        }
+    }
+}
+
+/// What a write may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Write {
+    /// POST: a new object.
     Create,
+    /// PUT or PATCH of the object itself (its `.status` is kept if it has a status
+    /// subresource).
     Replace,
+    /// PUT or PATCH of the `status` subresource: only `.status` changes.
+    Status,
+}
+
+/// Everything `metadata.generation` counts changes of: all but metadata, status and the type.
+fn spec_part(obj: &Map<String, Value>) -> BTreeMap<&str, &Value> {
+    obj.iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status" | "kind" | "apiVersion"))
+        .map(|(k, v)| (k.as_str(), v))
+        .collect()
+}
+
+/// Checks `kind` and `apiVersion` of a request body (both may be left out).
+fn check_type(resource: Resource, obj: &Map<String, Value>) -> Result<(), ApiError> {
+    match obj.get("kind").and_then(Value::as_str) {
+        None | Some("") => {}
+        Some(k) if k == resource.kind() => {}
+        Some(k) => {
+            return Err(ApiError::bad_request(format!(
+                "the kind of the object ({k}) does not match the resource ({})",
+                resource.plural()
+            )));
+        }
+    }
+    match obj.get("apiVersion").and_then(Value::as_str) {
+        None | Some("") => Ok(()),
+        Some(v) if v == resource.api_version() => Ok(()),
+        Some(v) => Err(ApiError::bad_request(format!(
+            "the API version in the data ({v}) does not match the expected API version ({})",
+            resource.api_version()
+        ))),
+    }
+}
+
+/// The service types the apiserver accepts.
+const SERVICE_TYPES: [&str; 4] = ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
+/// The first node port handed out (the apiserver's default range is 30000-32767).
+const NODE_PORT_BASE: u32 = 30000;
+/// How many node ports the default range holds.
+const NODE_PORT_RANGE: u32 = 2768;
+
+/// A Service's defaults and allocations, as the apiserver's service REST storage fills them
+/// in: `type` (ClusterIP), `sessionAffinity`, port protocols and target ports, a cluster IP
+/// from 10.96.0.0/16 (kept across updates; changing it is refused), and node ports for
+/// NodePort and LoadBalancer services.
+fn service_defaults(
+    inner: &mut Inner,
+    name: &str,
+    obj: &mut Map<String, Value>,
+    old: Option<&Map<String, Value>>,
+) -> Result<(), ApiError> {
+    let invalid = |field: &str, detail: String| {
+        ApiError::invalid(format!("Service \"{name}\" is invalid: {field}: {detail}"))
+    };
+    let old_spec = old
+        .and_then(|o| o.get("spec"))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let spec = match obj
+        .entry("spec")
+        .or_insert_with(|| Value::Object(Map::new()))
+    {
+        Value::Object(spec) => spec,
+        _ => return Err(invalid("spec", "Invalid value: must be an object".into())),
+    };
+    let ty = spec
+        .entry("type")
+        .or_insert_with(|| Value::String("ClusterIP".into()))
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    if !SERVICE_TYPES.contains(&ty.as_str()) {
+        return Err(invalid(
+            "spec.type",
+            format!(
+                "Unsupported value: \"{ty}\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""
+            ),
+        ));
+    }
+    spec.entry("sessionAffinity")
+        .or_insert_with(|| Value::String("None".into()));
+    if ty == "ExternalName" {
+        return Ok(());
+    }
+    // The cluster IP is allocated once and immutable afterwards.
+    let requested = spec
+        .get("clusterIP")
+        .and_then(Value::as_str)
+        .filter(|ip| !ip.is_empty())
+        .map(str::to_owned);
+    let previous = old_spec
+        .get("clusterIP")
+        .and_then(Value::as_str)
+        .filter(|ip| !ip.is_empty())
+        .map(str::to_owned);
+    let cluster_ip = match (requested, previous) {
+        (Some(new), Some(old)) if new != old => {
+            return Err(invalid(
+                "spec.clusterIPs[0]",
+                format!("Invalid value: []string{{\"{new}\"}}: may not change once set"),
+            ));
+        }
+        (Some(ip), _) | (None, Some(ip)) => ip,
+        (None, None) => {
+            inner.cluster_ips += 1;
+            let n = inner.cluster_ips;
+            format!("10.96.{}.{}", (n / 254) % 256, n % 254 + 1)
+        }
+    };
+    spec.insert("clusterIP".into(), Value::String(cluster_ip.clone()));
+    spec.insert("clusterIPs".into(), json!([cluster_ip]));
+    spec.entry("ipFamilies").or_insert_with(|| json!(["IPv4"]));
+    spec.entry("ipFamilyPolicy")
+        .or_insert_with(|| Value::String("SingleStack".into()));
+    spec.entry("internalTrafficPolicy")
+        .or_insert_with(|| Value::String("Cluster".into()));
+    let node_ports = ty == "NodePort" || ty == "LoadBalancer";
+    if node_ports {
+        spec.entry("externalTrafficPolicy")
+            .or_insert_with(|| Value::String("Cluster".into()));
+    }
+    if ty == "LoadBalancer" {
+        spec.entry("allocateLoadBalancerNodePorts")
+            .or_insert(Value::Bool(true));
+    }
+    let old_ports = old_spec
+        .get("ports")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+        for port in ports.iter_mut().filter_map(Value::as_object_mut) {
+            port.entry("protocol")
+                .or_insert_with(|| Value::String("TCP".into()));
+            if let Some(number) = port.get("port").cloned() {
+                port.entry("targetPort").or_insert(number);
+            }
+            if node_ports
+                && port
+                    .get("nodePort")
+                    .is_none_or(|p| p.as_u64().unwrap_or(0) == 0)
+            {
+                let kept = old_ports
+                    .iter()
+                    .find(|old| old["port"] == port["port"] && old["protocol"] == port["protocol"])
+                    .and_then(|old| old.get("nodePort"))
+                    .filter(|p| p.as_u64().is_some_and(|p| p > 0))
+                    .cloned();
+                let node_port = kept.unwrap_or_else(|| {
+                    let n = inner.node_ports % NODE_PORT_RANGE;
+                    inner.node_ports += 1;
+                    Value::from(NODE_PORT_BASE + n)
+                });
+                port.insert("nodePort".into(), node_port);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn seed_pod(name: &str) -> Value {
@@ -1172,12 +1511,18 @@ mod tests {
         let mut stale = created.clone();
         stale["metadata"]["resourceVersion"] = json!("1");
         let err = store
-            .replace(Resource::ConfigMaps, "default", "a", stale)
+            .replace(Resource::ConfigMaps, "default", "a", Target::Object, stale)
             .expect_err("stale");
         assert_eq!((err.code, err.reason), (409, "Conflict"));
         let replaced = value(
             &store
-                .replace(Resource::ConfigMaps, "default", "a", created.clone())
+                .replace(
+                    Resource::ConfigMaps,
+                    "default",
+                    "a",
+                    Target::Object,
+                    created.clone(),
+                )
                 .expect("replace"),
         );
         assert_eq!(replaced["metadata"]["uid"], created["metadata"]["uid"]);
@@ -1204,6 +1549,7 @@ mod tests {
                     Resource::Pods,
                     "default",
                     "web-0",
+                    Target::Object,
                     PatchKind::Merge,
                     &json!({"metadata": {"labels": {"tier": "front", "app": null}},
                             "$setElementOrder/containers": [{"name": "app"}]}),
@@ -1275,5 +1621,410 @@ mod tests {
         assert_eq!(store.list(Resource::Pods, &f).1.len(), 0);
         let f = Filter::new(None, None, Some("!app")).expect("filter");
         assert_eq!(store.list(Resource::Pods, &f).1.len(), 0);
+    }
+
+    fn cluster(name: &str, connection: &str) -> Value {
+        json!({
+            "apiVersion": "cluster.kubesphere.io/v1alpha1",
+            "kind": "Cluster",
+            "metadata": {"name": name},
+            "spec": {"connection": {"type": connection, "token": "t0k3n"}},
+        })
+    }
+
+    fn service(name: &str) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"type": "LoadBalancer", "selector": {"app": name},
+                     "ports": [{"name": "https", "port": 443}]},
+        })
+    }
+
+    #[test]
+    fn service_defaults_and_allocations() {
+        let store = Store::seeded();
+        let svc = value(
+            &store
+                .create(Resource::Services, "default", service("tower"))
+                .expect("create"),
+        );
+        let ip = svc["spec"]["clusterIP"].as_str().expect("cluster IP");
+        assert!(ip.starts_with("10.96."), "{ip}");
+        assert_eq!(svc["spec"]["clusterIPs"], json!([ip]));
+        assert_eq!(svc["spec"]["ports"][0]["protocol"], "TCP");
+        assert_eq!(svc["spec"]["ports"][0]["targetPort"], 443);
+        let node_port = svc["spec"]["ports"][0]["nodePort"]
+            .as_u64()
+            .expect("node port");
+        assert!((30000..=32767).contains(&node_port));
+        assert_eq!(svc["status"], json!({"loadBalancer": {}}));
+
+        let plain = value(
+            &store
+                .create(
+                    Resource::Services,
+                    "default",
+                    json!({"metadata": {"name": "plain"}, "spec": {"ports": [{"port": 80}]},
+                           "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}}),
+                )
+                .expect("create"),
+        );
+        assert_eq!(plain["spec"]["type"], "ClusterIP");
+        assert_ne!(
+            plain["spec"]["clusterIP"], ip,
+            "each service gets its own IP"
+        );
+        assert!(plain["spec"]["ports"][0].get("nodePort").is_none());
+        // Like the apiserver: status in a create is dropped.
+        assert_eq!(plain["status"], json!({"loadBalancer": {}}));
+
+        // A replace without the allocated fields keeps them; changing the IP is refused.
+        let mut replacement = service("tower");
+        replacement["spec"]["ports"][0]["port"] = json!(443);
+        let replaced = value(
+            &store
+                .replace(
+                    Resource::Services,
+                    "default",
+                    "tower",
+                    Target::Object,
+                    replacement.clone(),
+                )
+                .expect("replace"),
+        );
+        assert_eq!(replaced["spec"]["clusterIP"], ip);
+        assert_eq!(replaced["spec"]["ports"][0]["nodePort"], node_port);
+        replacement["spec"]["clusterIP"] = json!("10.96.200.200");
+        let err = store
+            .replace(
+                Resource::Services,
+                "default",
+                "tower",
+                Target::Object,
+                replacement,
+            )
+            .expect_err("immutable");
+        assert_eq!((err.code, err.reason), (422, "Invalid"));
+        let err = store
+            .create(
+                Resource::Services,
+                "default",
+                json!({"metadata": {"name": "odd"}, "spec": {"type": "Weird"}}),
+            )
+            .expect_err("bad type");
+        assert_eq!(err.code, 422);
+    }
+
+    #[test]
+    fn status_subresource_is_the_only_way_to_change_status() {
+        let store = Store::seeded();
+        let created = value(
+            &store
+                .create(Resource::Services, "default", service("tower"))
+                .expect("create"),
+        );
+        let ingress = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}});
+
+        // A status write changes only the status, whatever else the body says.
+        let mut body = created.clone();
+        body["status"] = ingress.clone();
+        body["spec"]["ports"][0]["port"] = json!(8443);
+        body["metadata"]["labels"] = json!({"sneaky": "yes"});
+        let after_status = value(
+            &store
+                .replace(Resource::Services, "default", "tower", Target::Status, body)
+                .expect("status write"),
+        );
+        assert_eq!(after_status["status"], ingress);
+        assert_eq!(after_status["spec"], created["spec"]);
+        assert!(after_status["metadata"].get("labels").is_none());
+        assert_ne!(
+            after_status["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
+
+        // A main-object write keeps the stored status, even if it sends another one.
+        let mut body = after_status.clone();
+        body["status"] = json!({"loadBalancer": {}});
+        body["metadata"]["labels"] = json!({"app": "tower"});
+        let after_main = value(
+            &store
+                .replace(Resource::Services, "default", "tower", Target::Object, body)
+                .expect("main write"),
+        );
+        assert_eq!(after_main["status"], ingress);
+        assert_eq!(after_main["metadata"]["labels"], json!({"app": "tower"}));
+        let patched = value(
+            &store
+                .patch(
+                    Resource::Services,
+                    "default",
+                    "tower",
+                    Target::Object,
+                    PatchKind::Merge,
+                    &json!({"status": null, "metadata": {"annotations": {"a": "b"}}}),
+                )
+                .expect("main patch"),
+        );
+        assert_eq!(patched["status"], ingress);
+        assert_eq!(patched["metadata"]["annotations"]["a"], "b");
+
+        // A status patch changes only the status.
+        let patched = value(
+            &store
+                .patch(
+                    Resource::Services,
+                    "default",
+                    "tower",
+                    Target::Status,
+                    PatchKind::Merge,
+                    &json!({"status": {"loadBalancer": {"ingress": [{"hostname": "lb.example"}]}},
+                            "spec": {"type": "ClusterIP"}}),
+                )
+                .expect("status patch"),
+        );
+        assert_eq!(
+            patched["status"]["loadBalancer"]["ingress"],
+            json!([{"hostname": "lb.example"}])
+        );
+        assert_eq!(patched["spec"]["type"], "LoadBalancer");
+        let err = store
+            .replace(
+                Resource::Services,
+                "default",
+                "nope",
+                Target::Status,
+                json!({}),
+            )
+            .expect_err("missing");
+        assert_eq!(err.code, 404);
+    }
+
+    #[test]
+    fn clusters_are_free_form_custom_resources() {
+        let store = Store::seeded();
+        let mut body = cluster("member-1", "proxy");
+        body["spec"]["connection"]["kubernetesAPIEndpoint"] = json!("https://10.0.0.1:6443");
+        body["spec"]["anything"] = json!({"nested": [1, 2, 3]});
+        body["status"] = json!({"conditions": [{"type": "Ready", "status": "True"}]});
+        let created = value(
+            &store
+                .create(Resource::Clusters, "", body.clone())
+                .expect("create"),
+        );
+        assert_eq!(created["apiVersion"], "cluster.kubesphere.io/v1alpha1");
+        assert_eq!(created["kind"], "Cluster");
+        assert_eq!(created["spec"], body["spec"]);
+        assert!(created["metadata"].get("namespace").is_none());
+        assert_eq!(created["metadata"]["generation"], 1);
+        assert!(
+            created.get("status").is_none(),
+            "status on create is dropped"
+        );
+
+        let wrong = json!({"apiVersion": "v1", "kind": "Cluster", "metadata": {"name": "x"}});
+        let err = store
+            .create(Resource::Clusters, "", wrong)
+            .expect_err("wrong apiVersion");
+        assert_eq!(err.code, 400);
+        assert!(
+            err.message.contains("cluster.kubesphere.io/v1alpha1"),
+            "{}",
+            err.message
+        );
+        let err = store
+            .create(Resource::Clusters, "", cluster("member-1", "direct"))
+            .expect_err("duplicate");
+        assert_eq!((err.code, err.reason), (409, "AlreadyExists"));
+        assert_eq!(
+            err.message,
+            "clusters.cluster.kubesphere.io \"member-1\" already exists"
+        );
+
+        // Status through the subresource; generation counts spec changes only.
+        let mut status_body = created.clone();
+        status_body["status"] =
+            json!({"conditions": [{"type": "Ready", "status": "True", "reason": "Connected"}]});
+        let with_status = value(
+            &store
+                .replace(
+                    Resource::Clusters,
+                    "",
+                    "member-1",
+                    Target::Status,
+                    status_body,
+                )
+                .expect("status"),
+        );
+        assert_eq!(
+            with_status["status"]["conditions"][0]["reason"],
+            "Connected"
+        );
+        assert_eq!(with_status["metadata"]["generation"], 1);
+        let respec = value(
+            &store
+                .patch(
+                    Resource::Clusters,
+                    "",
+                    "member-1",
+                    Target::Object,
+                    PatchKind::Merge,
+                    &json!({"spec": {"connection": {"type": "direct"}}, "status": {"conditions": []}}),
+                )
+                .expect("patch"),
+        );
+        assert_eq!(respec["spec"]["connection"]["type"], "direct");
+        assert_eq!(respec["spec"]["connection"]["token"], "t0k3n");
+        assert_eq!(respec["status"], with_status["status"]);
+        assert_eq!(respec["metadata"]["generation"], 2);
+        let relabelled = value(
+            &store
+                .patch(
+                    Resource::Clusters,
+                    "",
+                    "member-1",
+                    Target::Object,
+                    PatchKind::Json,
+                    &json!([{"op": "add", "path": "/metadata/labels", "value": {"a": "b"}}]),
+                )
+                .expect("json patch"),
+        );
+        assert_eq!(relabelled["metadata"]["generation"], 2);
+    }
+
+    #[test]
+    fn cluster_updates_need_a_current_resource_version() {
+        let store = Store::seeded();
+        let created = value(
+            &store
+                .create(Resource::Clusters, "", cluster("member-2", "proxy"))
+                .expect("create"),
+        );
+        let rv = created["metadata"]["resourceVersion"].clone();
+        let mut update = created.clone();
+        update["spec"]["connection"]["type"] = json!("direct");
+        let updated = value(
+            &store
+                .replace(
+                    Resource::Clusters,
+                    "",
+                    "member-2",
+                    Target::Object,
+                    update.clone(),
+                )
+                .expect("replace at the current version"),
+        );
+        assert_ne!(updated["metadata"]["resourceVersion"], rv);
+
+        // The same body again carries the old version now.
+        for target in [Target::Object, Target::Status] {
+            let err = store
+                .replace(Resource::Clusters, "", "member-2", target, update.clone())
+                .expect_err("stale");
+            assert_eq!((err.code, err.reason), (409, "Conflict"), "{target:?}");
+            assert!(
+                err.message
+                    .contains("clusters.cluster.kubesphere.io \"member-2\"")
+            );
+        }
+        let err = store
+            .patch(
+                Resource::Clusters,
+                "",
+                "member-2",
+                Target::Status,
+                PatchKind::Merge,
+                &json!({"metadata": {"resourceVersion": rv}, "status": {"x": 1}}),
+            )
+            .expect_err("stale patch");
+        assert_eq!(err.code, 409);
+        // Custom resources refuse unconditional updates; patches need no version.
+        let mut unconditional = update;
+        unconditional["metadata"]
+            .as_object_mut()
+            .expect("metadata")
+            .remove("resourceVersion");
+        let err = store
+            .replace(
+                Resource::Clusters,
+                "",
+                "member-2",
+                Target::Object,
+                unconditional,
+            )
+            .expect_err("no resourceVersion");
+        assert_eq!((err.code, err.reason), (422, "Invalid"));
+        store
+            .patch(
+                Resource::Clusters,
+                "",
+                "member-2",
+                Target::Status,
+                PatchKind::Merge,
+                &json!({"status": {"x": 1}}),
+            )
+            .expect("unconditional patch");
+    }
+
+    #[test]
+    fn cluster_watches_see_their_events_only() {
+        let store = Store::seeded();
+        let start = store.resource_version();
+        let all = Filter::new(None, None, None).expect("filter");
+        let mut live = store
+            .watch(Resource::Clusters, &all, Since::Now)
+            .expect("watch");
+        assert!(live.initial.is_empty(), "no clusters are seeded");
+        let created = value(
+            &store
+                .create(Resource::Clusters, "", cluster("member-3", "proxy"))
+                .expect("create"),
+        );
+        let _ = store
+            .create(
+                Resource::ConfigMaps,
+                "default",
+                json!({"metadata": {"name": "noise"}}),
+            )
+            .expect("create");
+        let _ = store
+            .patch(
+                Resource::Clusters,
+                "",
+                "member-3",
+                Target::Status,
+                PatchKind::Merge,
+                &json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+            )
+            .expect("status");
+        let _ = store
+            .delete(Resource::Clusters, "", "member-3")
+            .expect("delete");
+
+        let replay = store
+            .watch(Resource::Clusters, &all, Since::Version(start))
+            .expect("watch");
+        let kinds: Vec<_> = replay.replay.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [EventType::Added, EventType::Modified, EventType::Deleted]
+        );
+        let modified: Value = serde_json::from_slice(&replay.replay[1].object).expect("json");
+        assert_eq!(modified["status"]["conditions"][0]["type"], "Ready");
+        assert_eq!(modified["apiVersion"], "cluster.kubesphere.io/v1alpha1");
+        assert!(replay.replay.iter().all(|e| e.namespace.is_empty()));
+
+        // The live receiver sees the same cluster events among the rest.
+        let mut seen = Vec::new();
+        while let Ok(event) = live.live.try_recv() {
+            if all.matches_event(Resource::Clusters, &event) {
+                seen.push((event.kind, event.name.clone()));
+            }
+        }
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0], (EventType::Added, "member-3".to_owned()));
+        assert_eq!(created["metadata"]["name"], "member-3");
     }
 }

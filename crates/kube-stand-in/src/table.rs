@@ -102,6 +102,134 @@ fn columns(resource: Resource) -> Value {
             ),
             age
         ]),
+        Resource::Services => json!([
+            name,
+            column(
+                "Type",
+                "string",
+                "",
+                0,
+                "type determines how the Service is exposed."
+            ),
+            column(
+                "Cluster-IP",
+                "string",
+                "",
+                0,
+                "clusterIP is the IP address of the service."
+            ),
+            column(
+                "External-IP",
+                "string",
+                "",
+                0,
+                "The list of external IPs of the service, or the load balancer's ingress points."
+            ),
+            column(
+                "Port(s)",
+                "string",
+                "",
+                0,
+                "The list of ports that are exposed by this service."
+            ),
+            age,
+            column(
+                "Selector",
+                "string",
+                "",
+                1,
+                "Route service traffic to pods with label keys and values matching this selector."
+            ),
+        ]),
+        // Like a custom resource's additionalPrinterColumns.
+        Resource::Clusters => json!([
+            name,
+            column(
+                "Connection",
+                "string",
+                "",
+                0,
+                "How the member cluster is reached (spec.connection.type)."
+            ),
+            column(
+                "Ready",
+                "string",
+                "",
+                0,
+                "The status of the cluster's Ready condition."
+            ),
+            column(
+                "Age",
+                "date",
+                "",
+                0,
+                "Custom resource definition column (in JSONPath format): .metadata.creationTimestamp"
+            ),
+        ]),
+    }
+}
+
+/// `EXTERNAL-IP` as kubectl prints it: load balancer ingress (or `<pending>`), external IPs,
+/// or the external name.
+fn service_external_ip(object: &Value) -> String {
+    let spec = &object["spec"];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let external_ips = strings(&spec["externalIPs"]);
+    match spec["type"].as_str().unwrap_or("ClusterIP") {
+        "LoadBalancer" => {
+            let mut ips: Vec<String> = object["status"]["loadBalancer"]["ingress"]
+                .as_array()
+                .map(|ingress| {
+                    ingress
+                        .iter()
+                        .filter_map(|i| i["ip"].as_str().or_else(|| i["hostname"].as_str()))
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            ips.extend(external_ips);
+            if ips.is_empty() {
+                "<pending>".to_owned()
+            } else {
+                ips.join(",")
+            }
+        }
+        "ExternalName" => spec["externalName"].as_str().unwrap_or("").to_owned(),
+        _ if external_ips.is_empty() => "<none>".to_owned(),
+        _ => external_ips.join(","),
+    }
+}
+
+/// `PORT(S)`: `80/TCP`, or `80:31234/TCP` with a node port.
+fn service_ports(object: &Value) -> String {
+    let ports: Vec<String> = object["spec"]["ports"]
+        .as_array()
+        .map(|ports| {
+            ports
+                .iter()
+                .map(|p| {
+                    let port = p["port"].as_i64().unwrap_or(0);
+                    let protocol = p["protocol"].as_str().unwrap_or("TCP");
+                    match p["nodePort"].as_i64().filter(|n| *n > 0) {
+                        Some(node_port) => format!("{port}:{node_port}/{protocol}"),
+                        None => format!("{port}/{protocol}"),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if ports.is_empty() {
+        "<none>".to_owned()
+    } else {
+        ports.join(",")
     }
 }
 
@@ -136,6 +264,42 @@ fn cells(resource: Resource, object: &Value) -> Value {
             let data = object["data"].as_object().map_or(0, |d| d.len())
                 + object["binaryData"].as_object().map_or(0, |d| d.len());
             json!([name, data, age])
+        }
+        Resource::Services => {
+            let spec = &object["spec"];
+            let selector = spec["selector"]
+                .as_object()
+                .filter(|s| !s.is_empty())
+                .map_or_else(
+                    || "<none>".to_owned(),
+                    |s| {
+                        s.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
+                );
+            json!([
+                name,
+                spec["type"].as_str().unwrap_or("ClusterIP"),
+                spec["clusterIP"]
+                    .as_str()
+                    .filter(|ip| !ip.is_empty())
+                    .unwrap_or("<none>"),
+                service_external_ip(object),
+                service_ports(object),
+                age,
+                selector,
+            ])
+        }
+        Resource::Clusters => {
+            // A custom resource's cells: the raw value, or null when the path is missing.
+            let ready = object["status"]["conditions"].as_array().and_then(|cs| {
+                cs.iter()
+                    .find(|c| c["type"] == "Ready")
+                    .map(|c| c["status"].clone())
+            });
+            json!([name, object["spec"]["connection"]["type"], ready, age,])
         }
     }
 }
@@ -198,5 +362,76 @@ mod tests {
         assert_eq!(t["rows"][0]["cells"][1], "1/1");
         assert_eq!(t["rows"][0]["object"]["metadata"]["name"], "p");
         assert_eq!(t["columnDefinitions"].as_array().map(Vec::len), Some(7));
+    }
+}
+
+#[cfg(test)]
+mod service_and_cluster_tests {
+    use super::*;
+
+    #[test]
+    fn service_rows_show_ports_and_ingress() {
+        let svc = json!({"metadata": {"name": "tower"},
+                         "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.2",
+                                  "ports": [{"port": 443, "nodePort": 30001, "protocol": "TCP"},
+                                            {"port": 80, "protocol": "UDP"}],
+                                  "selector": {"app": "tower"}},
+                         "status": {"loadBalancer": {}}});
+        let t = table(
+            Resource::Services,
+            std::slice::from_ref(&svc),
+            "1",
+            true,
+            IncludeObject::None,
+        );
+        assert_eq!(
+            t["rows"][0]["cells"],
+            json!([
+                "tower",
+                "LoadBalancer",
+                "10.96.0.2",
+                "<pending>",
+                "443:30001/TCP,80/UDP",
+                "<unknown>",
+                "app=tower"
+            ])
+        );
+        let mut with_ingress = svc;
+        with_ingress["status"]["loadBalancer"]["ingress"] =
+            json!([{"ip": "203.0.113.7"}, {"hostname": "lb.example"}]);
+        assert_eq!(service_external_ip(&with_ingress), "203.0.113.7,lb.example");
+        assert_eq!(
+            service_external_ip(&json!({"spec": {"type": "ClusterIP"}})),
+            "<none>"
+        );
+    }
+
+    #[test]
+    fn cluster_rows_are_raw_values() {
+        let cluster = json!({"metadata": {"name": "member", "creationTimestamp": "2020-01-01T00:00:00Z"},
+                             "spec": {"connection": {"type": "proxy"}},
+                             "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+        let t = table(
+            Resource::Clusters,
+            &[cluster],
+            "1",
+            true,
+            IncludeObject::None,
+        );
+        assert_eq!(
+            t["rows"][0]["cells"],
+            json!([
+                "member",
+                "proxy",
+                "True",
+                clock::age("2020-01-01T00:00:00Z")
+            ])
+        );
+        let bare = json!({"metadata": {"name": "bare"}});
+        let t = table(Resource::Clusters, &[bare], "1", false, IncludeObject::None);
+        assert_eq!(
+            t["rows"][0]["cells"],
+            json!(["bare", null, null, "<unknown>"])
+        );
     }
 }

@@ -112,7 +112,7 @@ pub(crate) fn serve(
 fn bookmark_line(resource: Resource, rv: u64) -> Bytes {
     let mut line = json!({"type": "BOOKMARK", "object": {
         "kind": resource.kind(),
-        "apiVersion": "v1",
+        "apiVersion": resource.api_version(),
         "metadata": {
             "resourceVersion": rv.to_string(),
             "annotations": {"k8s.io/initial-events-end": "true"},

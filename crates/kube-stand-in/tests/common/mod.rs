@@ -156,6 +156,17 @@ impl Client {
         token: Option<&str>,
         body: Option<serde_json::Value>,
     ) -> hyper::Response<Incoming> {
+        self.try_request(method, path, token, body).await.unwrap()
+    }
+
+    /// Sends a request, or says why the connection could not carry it.
+    pub async fn try_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> Result<hyper::Response<Incoming>, hyper::Error> {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -170,11 +181,8 @@ impl Client {
             }
             None => Full::new(Bytes::new()),
         };
-        self.send.ready().await.unwrap();
-        self.send
-            .send_request(req.body(body).unwrap())
-            .await
-            .unwrap()
+        self.send.ready().await?;
+        self.send.send_request(req.body(body).unwrap()).await
     }
 
     /// GET with the token.
@@ -207,6 +215,11 @@ impl EventReader {
         }
     }
 
+    /// The body, for reading past the events (e.g. to see how the stream ends).
+    pub fn into_body(self) -> Incoming {
+        self.body
+    }
+
     /// The next event, `None` at the end of the stream; panics after `deadline`.
     pub async fn next(&mut self, deadline: Duration) -> Option<serde_json::Value> {
         tokio::time::timeout(deadline, async {
@@ -235,6 +248,13 @@ impl EventReader {
 
 /// A TLS stream to the stand-in (trusting its CA).
 pub async fn tls_connect(stand_in: &StandIn) -> tokio_rustls::client::TlsStream<TcpStream> {
+    try_tls_connect(stand_in).await.unwrap()
+}
+
+/// A TLS stream to the stand-in, or why the TCP connect or the handshake failed.
+pub async fn try_tls_connect(
+    stand_in: &StandIn,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut stand_in.ca_pem().as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -247,9 +267,9 @@ pub async fn tls_connect(stand_in: &StandIn) -> tokio_rustls::client::TlsStream<
     .with_root_certificates(roots)
     .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = TcpStream::connect(stand_in.addr()).await.unwrap();
+    let tcp = TcpStream::connect(stand_in.addr()).await?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    connector.connect(name, tcp).await.unwrap()
+    connector.connect(name, tcp).await
 }
 
 /// A WebSocket to `path` offering `protocols`; returns the socket and the chosen protocol.

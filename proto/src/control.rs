@@ -9,7 +9,9 @@
 //! Both sides send [`ControlMessage::Ping`] on an interval and answer each with a
 //! [`ControlMessage::Pong`] carrying the same nonce; a side whose pong misses its deadline
 //! closes the tunnel. The server sends [`ControlMessage::Drain`] before it goes away and
-//! [`ControlMessage::ServerInfo`] when what it told the agent in the handshake changes.
+//! [`ControlMessage::ServerInfo`] when what it told the agent in the handshake changes;
+//! the agent sends [`ControlMessage::Held`] whenever the set of replicas it holds tunnels
+//! to changes, so every replica can show which others serve the cluster.
 //! Types this code does not know decode as [`ControlMessage::Unknown`] so that newer
 //! peers can add messages.
 
@@ -25,6 +27,7 @@ const PING: u8 = 1;
 const PONG: u8 = 2;
 const DRAIN: u8 = 3;
 const SERVER_INFO: u8 = 4;
+const HELD: u8 = 5;
 
 /// One control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +54,11 @@ pub enum ControlMessage {
         server_id: String,
         /// How many replicas serve the published address.
         server_count: u16,
+    },
+    /// The replicas the agent holds a tunnel to now (comma-separated ids on the wire).
+    Held {
+        /// Their server ids; none contains a comma.
+        server_ids: Vec<String>,
     },
     /// A message type this code does not know; skipped.
     Unknown {
@@ -81,6 +89,23 @@ impl ControlMessage {
                 let dst = put_header(dst, SERVER_INFO, len);
                 dst.put_u16(*server_count);
                 dst.put_slice(server_id.as_bytes());
+            }
+            ControlMessage::Held { server_ids } => {
+                if server_ids.iter().any(|id| id.contains(',')) {
+                    return Err(DecodeError::Invalid {
+                        what: "server id",
+                        reason: "contains a comma",
+                    });
+                }
+                let list = server_ids.join(",");
+                if list.len() > MAX_PAYLOAD {
+                    return Err(DecodeError::TooLong {
+                        what: "held server ids",
+                        len: list.len(),
+                        max: MAX_PAYLOAD,
+                    });
+                }
+                put_header(dst, HELD, list.len()).put_slice(list.as_bytes());
             }
             ControlMessage::Unknown { kind } => {
                 return Err(DecodeError::Invalid {
@@ -165,6 +190,19 @@ impl ControlMessage {
                     server_count,
                 }
             }
+            HELD => {
+                let list = std::str::from_utf8(&payload).map_err(|_| DecodeError::Invalid {
+                    what: "held server ids",
+                    reason: "not UTF-8",
+                })?;
+                ControlMessage::Held {
+                    server_ids: list
+                        .split(',')
+                        .filter(|id| !id.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                }
+            }
             0 => {
                 return Err(DecodeError::Invalid {
                     what: "control message",
@@ -213,6 +251,17 @@ mod tests {
             server_id: "tower-7d9f-0".into(),
             server_count: 3,
         });
+        round_trip(ControlMessage::Held {
+            server_ids: vec!["tower-0".into(), "tower-1".into()],
+        });
+        round_trip(ControlMessage::Held { server_ids: vec![] });
+        assert!(
+            ControlMessage::Held {
+                server_ids: vec!["a,b".into()]
+            }
+            .encode(&mut BytesMut::new())
+            .is_err()
+        );
     }
 
     #[test]
@@ -236,6 +285,14 @@ mod tests {
         #[test]
         fn server_info_round_trips(id in ".{0,300}", count in any::<u16>()) {
             let m = ControlMessage::ServerInfo { server_id: id, server_count: count };
+            let mut buf = BytesMut::new();
+            m.encode(&mut buf).unwrap();
+            prop_assert_eq!(ControlMessage::decode(&mut buf).unwrap(), Some(m));
+        }
+
+        #[test]
+        fn held_round_trips(ids in proptest::collection::vec("[a-z0-9.-]{1,40}", 0..20)) {
+            let m = ControlMessage::Held { server_ids: ids };
             let mut buf = BytesMut::new();
             m.encode(&mut buf).unwrap();
             prop_assert_eq!(ControlMessage::decode(&mut buf).unwrap(), Some(m));

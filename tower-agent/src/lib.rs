@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_auth::Verifier;
@@ -125,6 +125,13 @@ pub async fn run(
     // One tunnel per server replica behind the one published address: the 101 names the
     // replica and how many there are; dial until every one holds a tunnel.
     let mut held: HashSet<String> = HashSet::new();
+    // Every tunnel's control stream tells its replica which replicas are held now.
+    let (held_tx, _) = watch::channel(Vec::<String>::new());
+    let publish_held = |held: &HashSet<String>| {
+        let mut ids: Vec<String> = held.iter().cloned().collect();
+        ids.sort();
+        held_tx.send_replace(ids);
+    };
     let mut replicas: usize = 1;
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(String, Ended, Duration)>();
     let mut attempt: u32 = 0;
@@ -135,6 +142,7 @@ pub async fn run(
             () = shutdown.cancelled() => break,
             Some((server_id, ended, lasted)) = ended_rx.recv() => {
                 held.remove(&server_id);
+                publish_held(&held);
                 if lasted >= config.backoff.healthy_after {
                     attempt = 0;
                 }
@@ -171,17 +179,19 @@ pub async fn run(
                 duplicates = 0;
                 tracing::info!(%server, %server_id, replicas, tunnels = held.len() + 1, "tunnel up");
                 held.insert(server_id.clone());
+                publish_held(&held);
                 delay = Duration::ZERO;
-                let (config, shutdown, up, ended_tx) = (
+                let (config, shutdown, up, ended_tx, held_rx) = (
                     config.clone(),
                     shutdown.clone(),
                     up.clone(),
                     ended_tx.clone(),
+                    held_tx.subscribe(),
                 );
                 tokio::spawn(async move {
                     let started = Instant::now();
                     up.fetch_add(1, Ordering::SeqCst);
-                    let ended = hold_tunnel(dialed, config, shutdown).await;
+                    let ended = hold_tunnel(dialed, config, shutdown, held_rx).await;
                     up.fetch_sub(1, Ordering::SeqCst);
                     let _ = ended_tx.send((server_id, ended, started.elapsed()));
                 });
@@ -223,6 +233,7 @@ async fn hold_tunnel(
     dialed: dial::Dialed,
     config: Arc<Config>,
     shutdown: CancellationToken,
+    held: watch::Receiver<Vec<String>>,
 ) -> Ended {
     let (handle, mut inbound, driver) =
         session::start(dialed.io, Role::Agent, &SessionConfig::default());
@@ -245,8 +256,9 @@ async fn hold_tunnel(
                 let config = config.clone();
                 let handle = handle.clone();
                 let drained_tx = drained_tx.clone();
+                let held = held.clone();
                 streams.spawn(async move {
-                    serve_stream(stream, config, keepalive, handle, drained_tx).await;
+                    serve_stream(stream, config, keepalive, handle, drained_tx, held).await;
                 });
             }
         })
@@ -279,6 +291,7 @@ async fn serve_stream(
     keepalive: Keepalive,
     session: tower_tunnel::SessionHandle,
     drained: mpsc::Sender<()>,
+    mut held: watch::Receiver<Vec<String>>,
 ) {
     let preamble = match tokio::time::timeout(Duration::from_secs(10), stream.read_preamble()).await
     {
@@ -294,8 +307,23 @@ async fn serve_stream(
     };
     match preamble.kind {
         StreamKind::Control => {
-            let (_out_tx, out_rx) = mpsc::channel(1);
+            let (out_tx, out_rx) = mpsc::channel(1);
             let (events_tx, mut events_rx) = mpsc::channel(8);
+            // Tell the replica which replicas hold this cluster, now and on every change.
+            let tell_held = async move {
+                loop {
+                    let server_ids = held.borrow_and_update().clone();
+                    if out_tx
+                        .send(ControlMessage::Held { server_ids })
+                        .await
+                        .is_err()
+                        || held.changed().await.is_err()
+                    {
+                        break;
+                    }
+                }
+            };
+            let tell_held = tokio::spawn(tell_held);
             let watch_events = async {
                 while let Some(event) = events_rx.recv().await {
                     if let ControlMessage::Drain { grace_ms } = event {
@@ -308,6 +336,7 @@ async fn serve_stream(
                 control::run(stream, keepalive, out_rx, events_tx),
                 watch_events
             );
+            tell_held.abort();
             if let Err(e) = result {
                 tracing::warn!(error = %e, "control stream failed: closing the tunnel");
             }

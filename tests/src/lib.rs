@@ -112,7 +112,8 @@ pub struct Process {
 }
 
 impl Process {
-    fn spawn(mut command: Command, log: PathBuf) -> (Self, ChildStdout) {
+    /// Spawns `command` with stderr going to `log`; returns its stdout.
+    pub fn spawn(mut command: Command, log: PathBuf) -> (Self, ChildStdout) {
         let err = std::fs::File::create(&log).expect("log file");
         command
             .stdout(Stdio::piped())
@@ -624,12 +625,21 @@ impl Agent {
 
 /// A plain-HTTP GET to an admin listener: (status, body); (0, error) when unreachable.
 pub fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    admin_get_as(addr, path, None)
+}
+
+/// [`admin_get`] with a bearer token.
+pub fn admin_get_as(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let Ok(mut tcp) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
         return (0, "connect failed".into());
     };
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n");
     if tcp.write_all(request.as_bytes()).is_err() {
         return (0, "write failed".into());
     }

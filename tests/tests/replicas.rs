@@ -33,6 +33,18 @@ fn an_agent_holds_one_tunnel_per_replica_and_survives_losing_one() {
             .then_some(())
     });
     eprintln!("tunnels to all 3 replicas after {:?}", started.elapsed());
+    // Every replica knows, from the agent, which replicas serve the cluster.
+    let holders = |r: &Server| r.clusters()[0]["replicas"].clone();
+    wait_for(
+        "every replica to see all holders",
+        Duration::from_secs(10),
+        || {
+            replicas
+                .iter()
+                .all(|r| holders(r) == serde_json::json!(["tower-a", "tower-b", "tower-c"]))
+                .then_some(())
+        },
+    );
 
     // Each replica's tunnel is the one it got first: landing on a replica it already holds
     // makes the agent back off (409), never replaces a working tunnel.
@@ -73,6 +85,17 @@ fn an_agent_holds_one_tunnel_per_replica_and_survives_losing_one() {
     eprintln!("tunnel to the new replica after {:?}", appeared.elapsed());
     let reply = Https::frontend(&fresh).get("/clusters/member-1/version", Some(&user));
     assert_eq!(reply.status, 200, "{}", reply.body);
+    wait_for(
+        "the holders to follow the loss and the newcomer",
+        Duration::from_secs(10),
+        || {
+            replicas
+                .iter()
+                .chain([&fresh])
+                .all(|r| holders(r) == serde_json::json!(["tower-a", "tower-c", "tower-d"]))
+                .then_some(())
+        },
+    );
     let kept: Vec<_> = [&first[0], &first[2]].into_iter().cloned().collect();
     let now: Vec<_> = replicas.iter().map(since).collect();
     assert_eq!(now, kept, "the surviving replicas kept their first tunnels");

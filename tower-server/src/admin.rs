@@ -1,4 +1,5 @@
-//! The admin listener (plain HTTP): `/healthz`, `/readyz`, `/metrics`, `GET /v1/clusters`.
+//! The admin listener (plain HTTP): `/healthz`, `/readyz`, `/metrics`, `GET /v1/clusters`,
+//! and `GET /v1/clusters/{name}/agent.yaml` for callers in the admin group.
 
 use std::sync::Arc;
 
@@ -7,7 +8,9 @@ use hyper::body::Incoming;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::Registry;
+use crate::kubernetes;
+use crate::manifest::AgentManifest;
+use crate::registry::{Registry, Source};
 use crate::status::{Body, full, text};
 
 /// Serves admin requests.
@@ -15,6 +18,19 @@ pub(crate) struct Admin {
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: MetricsRegistry,
     pub(crate) draining: CancellationToken,
+    pub(crate) manifests: Manifests,
+}
+
+/// What agent.yaml is made from.
+pub(crate) struct Manifests {
+    pub(crate) verifier: tower_auth::Verifier,
+    pub(crate) minter: tower_auth::Minter,
+    pub(crate) secret: tower_auth::Secret,
+    pub(crate) ca_pem: String,
+    pub(crate) image: String,
+    pub(crate) publish_address: Option<String>,
+    pub(crate) kube: Option<(kube::Client, String)>,
+    pub(crate) admin_group: String,
 }
 
 impl Admin {
@@ -27,6 +43,10 @@ impl Admin {
             "/readyz" if self.draining.is_cancelled() => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining")
             }
+            "/readyz" if !self.registry.is_synced() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "waiting for the first list of Cluster objects",
+            ),
             "/readyz" => text(StatusCode::OK, "ok"),
             "/metrics" => {
                 let mut out = String::new();
@@ -52,10 +72,110 @@ impl Admin {
                 );
                 response
             }
+            path if path.starts_with("/v1/clusters/") && path.ends_with("/agent.yaml") => {
+                let name = &path["/v1/clusters/".len()..path.len() - "/agent.yaml".len()];
+                match self.agent_yaml(&req, name).await {
+                    Ok(yaml) => {
+                        let mut response = Response::new(full(yaml));
+                        response.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            header::HeaderValue::from_static("application/yaml"),
+                        );
+                        response
+                    }
+                    Err((code, message)) => text(code, message),
+                }
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "admin endpoints: /healthz /readyz /metrics /v1/clusters",
+                "admin endpoints: /healthz /readyz /metrics /v1/clusters /v1/clusters/{name}/agent.yaml",
             ),
         }
+    }
+}
+
+impl Admin {
+    /// agent.yaml for `name`, for a caller whose user token puts it in the admin group:
+    /// the file holds the jwtSecret, so it is as sensitive as the secret itself.
+    async fn agent_yaml(
+        &self,
+        req: &Request<Incoming>,
+        name: &str,
+    ) -> Result<String, (StatusCode, String)> {
+        let m = &self.manifests;
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let token = tower_auth::bearer(header).ok_or((
+            StatusCode::UNAUTHORIZED,
+            tower_auth::AuthError::Missing.to_string(),
+        ))?;
+        let identity = m
+            .verifier
+            .verify_user(token)
+            .map_err(|e| (StatusCode::UNAUTHORIZED, format!("user token refused: {e}")))?;
+        if !identity.groups.contains(&m.admin_group) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!(
+                    "user {:?} is not in group {:?}, which agent.yaml (it holds the jwtSecret) requires",
+                    identity.user, m.admin_group
+                ),
+            ));
+        }
+        tower_proto::names::validate_cluster_name(name)
+            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+        let token = match self.registry.source() {
+            Source::Open => m.minter.agent_token(name, None),
+            Source::File | Source::Kubernetes => match self.registry.entry(name) {
+                None => {
+                    return Err((
+                        StatusCode::NOT_FOUND,
+                        match self.registry.source() {
+                            Source::Kubernetes => format!(
+                                "there is no Cluster {name:?} with spec.connection.type \"proxy\""
+                            ),
+                            _ => format!("cluster {name:?} is not in the clusters file"),
+                        },
+                    ));
+                }
+                Some(entry) => match entry.token {
+                    Some(token) => token,
+                    None if self.registry.source() == Source::File => {
+                        m.minter.agent_token(name, None)
+                    }
+                    None => {
+                        return Err((
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("Cluster {name:?} has no token yet: try again in a moment"),
+                        ));
+                    }
+                },
+            },
+        };
+        let proxy_server = match &m.kube {
+            Some((client, namespace)) => {
+                kubernetes::publish_address(client, namespace, m.publish_address.as_deref()).await
+            }
+            None => match &m.publish_address {
+                Some(address) => {
+                    crate::manifest::normalize_publish_address(address).map(|(a, _)| a)
+                }
+                None => Err("no publish address: set --proxy-publish-address (proxyPublishAddress) to the https://HOST:PORT that members dial".into()),
+            },
+        }
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+        AgentManifest {
+            cluster: name,
+            proxy_server: &proxy_server,
+            token: &token,
+            jwt_secret: m.secret.expose(),
+            ca_pem: &m.ca_pem,
+            image: &m.image,
+        }
+        .render()
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))
     }
 }

@@ -148,13 +148,25 @@ impl Acceptor {
                 ),
             ));
         }
-        if !self.registry.admits(name) {
+        if !self.registry.is_synced() {
             return Err((
-                Refusal::Forbidden,
-                format!("cluster {name:?} is not in this server's clusters file"),
+                Refusal::Draining,
+                "this server has not listed its Cluster objects yet: dial again".into(),
             ));
         }
+        self.registry
+            .admits(name, token)
+            .map_err(|e| (Refusal::Forbidden, e.to_string()))?;
+        let mut replicas: Vec<String> = handshake::list(header(handshake::HEADER_HELD))
+            .take(64)
+            .map(String::from)
+            .chain(std::iter::once(self.hello.server_id.clone()))
+            .collect();
+        replicas.sort();
+        replicas.dedup();
         Ok(Admitted {
+            replicas,
+            token: token.into(),
             cluster: claims.sub,
             agent_version: header(handshake::HEADER_AGENT_VERSION)
                 .chars()
@@ -237,8 +249,17 @@ impl Acceptor {
             agent_version: admitted.agent_version,
             remote_addr: remote.to_string(),
             targets: admitted.targets,
+            token: admitted.token,
+            replicas: Arc::new(std::sync::RwLock::new(admitted.replicas)),
         };
+        let token = tunnel.token.clone();
+        let replicas = tunnel.replicas.clone();
         let (replaced, reconnect) = self.registry.insert(&cluster, tunnel);
+        // The Cluster may have changed (token rotated, deleted) since the handshake.
+        if let Err(e) = self.registry.admits(&cluster, &token) {
+            tracing::warn!(%cluster, tunnel = id, error = %e, "no longer admitted: closing");
+            handle.close();
+        }
         if reconnect {
             self.metrics.reconnects.inc();
         }
@@ -259,9 +280,17 @@ impl Acceptor {
                     }
                     break;
                 }
-                Some(event) = events_rx.recv() => {
-                    tracing::debug!(%cluster, ?event, "control message from agent");
-                }
+                Some(event) = events_rx.recv() => match event {
+                    ControlMessage::Held { mut server_ids } => {
+                        // What the agent says, bounded; this replica is held by definition.
+                        server_ids.truncate(64);
+                        server_ids.push(self.hello.server_id.clone());
+                        server_ids.sort();
+                        server_ids.dedup();
+                        *replicas.write().unwrap_or_else(|e| e.into_inner()) = server_ids;
+                    }
+                    event => tracing::debug!(%cluster, ?event, "control message from agent"),
+                },
                 () = handle.closed() => break,
             }
         }
@@ -276,6 +305,8 @@ impl Acceptor {
 
 struct Admitted {
     cluster: String,
+    token: Arc<str>,
+    replicas: Vec<String>,
     agent_version: String,
     targets: Vec<String>,
 }

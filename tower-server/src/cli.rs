@@ -9,7 +9,9 @@ use clap::Args;
 use tower_auth::Secret;
 use tower_tunnel::control::Keepalive;
 
-use crate::{Config, Limits, pki, registry};
+use tower_proto::names::validate_cluster_name;
+
+use crate::{Config, Limits, RegistryConfig, pki, registry};
 
 /// Where the jwtSecret comes from.
 #[derive(Args, Debug)]
@@ -81,9 +83,21 @@ pub struct ServeArgs {
     /// Namespace of tower's own objects.
     #[arg(long, env = "TOWER_NAMESPACE", default_value = "ke-system")]
     pub namespace: String,
-    /// The address agents dial (goes into the certificate's names).
+    /// The address members dial, https://HOST:PORT (goes into agent.yaml and the
+    /// certificate's names); with --kubernetes the `tower` Service's LoadBalancer ingress
+    /// wins when it has one.
     #[arg(long, env = "TOWER_PROXY_PUBLISH_ADDRESS")]
     pub proxy_publish_address: Option<String>,
+    /// This server's frontend as the host reaches it; Clusters get
+    /// {URL}/clusters/{name} as kubernetesAPIEndpoint (default: the tower-proxy Service).
+    #[arg(long, env = "TOWER_FRONTEND_URL")]
+    pub frontend_url: Option<String>,
+    /// The image agent.yaml tells members to run.
+    #[arg(long, env = "TOWER_AGENT_IMAGE")]
+    pub agent_image: Option<String>,
+    /// Users in this group may fetch agent.yaml from the admin listener.
+    #[arg(long, env = "TOWER_ADMIN_GROUP", default_value = "system:masters")]
+    pub admin_group: String,
     /// This replica's id (default: the host name).
     #[arg(long, env = "TOWER_SERVER_ID")]
     pub server_id: Option<String>,
@@ -112,14 +126,35 @@ pub struct ServeArgs {
 
 /// Validates the flags into a [`Config`]; the error says which flag is wrong.
 pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
-    if args.kubernetes {
-        return Err("--kubernetes (Cluster objects as the registry) is not implemented yet; use --clusters FILE or no registry".into());
-    }
     let secret = args.secret.load()?;
-    let clusters = args
-        .clusters
+    let registry = match (&args.clusters, args.kubernetes) {
+        (Some(path), _) => RegistryConfig::File(registry::load_clusters_file(path)?),
+        (None, true) => {
+            validate_cluster_name(&args.namespace).map_err(|e| format!("--namespace: {e}"))?;
+            RegistryConfig::Kubernetes {
+                kubeconfig: args.kubeconfig.clone(),
+                namespace: args.namespace.clone(),
+            }
+        }
+        (None, false) => RegistryConfig::Open,
+    };
+    let frontend_url = args
+        .frontend_url
+        .clone()
+        .unwrap_or_else(|| format!("https://tower-proxy.{}.svc:9443", args.namespace));
+    if !frontend_url.starts_with("https://") {
+        return Err(format!(
+            "--frontend-url {frontend_url:?} must be an https:// URL"
+        ));
+    }
+    let publish_address = args
+        .proxy_publish_address
         .as_deref()
-        .map(registry::load_clusters_file)
+        .map(|a| {
+            crate::manifest::normalize_publish_address(a)
+                .map(|(a, _)| a)
+                .map_err(|e| format!("--proxy-publish-address: {e}"))
+        })
         .transpose()?;
     let own = match (&args.tls_cert, &args.tls_key, &args.ca_cert) {
         (Some(cert), Some(key), Some(ca)) => Some(pki::OwnFiles {
@@ -130,7 +165,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         _ => None,
     };
     let mut extra_sans = args.tls_sans.clone();
-    if let Some(address) = &args.proxy_publish_address {
+    if let Some(address) = &publish_address {
         let parsed = tower_tunnel::dial::ServerAddress::parse(address)
             .map_err(|e| format!("--proxy-publish-address: {e}"))?;
         extra_sans.push(parsed.host);
@@ -161,7 +196,14 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
     Ok(Config {
         secret,
         tls,
-        clusters,
+        registry,
+        publish_address,
+        frontend_url,
+        agent_image: args
+            .agent_image
+            .clone()
+            .unwrap_or_else(crate::manifest::default_image),
+        admin_group: args.admin_group.clone(),
         server_id,
         server_count: args.server_count,
         keepalive: Keepalive::new(args.keepalive),

@@ -12,6 +12,8 @@ mod admin;
 mod agents;
 pub mod cli;
 mod frontend;
+pub mod kubernetes;
+pub mod manifest;
 pub mod metrics;
 pub mod pki;
 pub mod registry;
@@ -32,14 +34,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_auth::{Secret, Verifier};
+use tower_auth::{Minter, Secret, Verifier};
 use tower_proto::ControlMessage;
 use tower_proto::handshake::ServerHello;
 use tower_tunnel::SessionConfig;
 use tower_tunnel::control::Keepalive;
 
 use crate::pki::TlsMaterial;
-use crate::registry::{ClusterSpec, Registry};
+use crate::registry::{ClusterSpec, Registry, Source};
 use crate::status::Body;
 
 /// Limits on what callers and agents may send.
@@ -73,8 +75,16 @@ pub struct Config {
     pub secret: Secret,
     /// Serving certificates.
     pub tls: TlsMaterial,
-    /// The clusters file's entries; `None` admits any validly-tokened agent.
-    pub clusters: Option<Vec<ClusterSpec>>,
+    /// Which clusters may connect.
+    pub registry: RegistryConfig,
+    /// The address members dial, when configured (`proxyPublishAddress`).
+    pub publish_address: Option<String>,
+    /// This server's frontend as the host reaches it (Clusters' kubernetesAPIEndpoint).
+    pub frontend_url: String,
+    /// The image agent.yaml tells members to run.
+    pub agent_image: String,
+    /// Callers in this group may fetch agent.yaml from the admin listener.
+    pub admin_group: String,
     /// This replica's id.
     pub server_id: String,
     /// How many replicas serve the published address.
@@ -87,6 +97,23 @@ pub struct Config {
     pub plaintext_tunnel: bool,
     /// Limits.
     pub limits: Limits,
+}
+
+/// Where the list of clusters comes from.
+#[derive(Debug, Clone)]
+pub enum RegistryConfig {
+    /// Any agent with a valid token registers its cluster.
+    Open,
+    /// The entries of a `--clusters` file.
+    File(Vec<ClusterSpec>),
+    /// `Cluster` objects, read with this kubeconfig (else in-cluster); tower's own objects
+    /// (the `tower` Service) live in `namespace`.
+    Kubernetes {
+        /// `--kubeconfig`.
+        kubeconfig: Option<std::path::PathBuf>,
+        /// `--namespace`.
+        namespace: String,
+    },
 }
 
 /// The three listeners, bound by the caller (tests bind port 0).
@@ -106,6 +133,9 @@ pub enum ServerError {
     /// The TLS configuration is unusable.
     #[error("TLS configuration: {0}")]
     Tls(String),
+    /// The Kubernetes API cannot be used.
+    #[error("{0}")]
+    Kubernetes(String),
 }
 
 /// Runs the server until `shutdown` is cancelled, then drains: refuses new tunnels, tells
@@ -120,7 +150,35 @@ pub async fn run(
             .map_err(|e| ServerError::Tls(e.to_string()))?;
     let acceptor = TlsAcceptor::from(tls);
     let verifier = Verifier::new(&config.secret);
-    let registry = Registry::new(config.clusters.clone());
+    let (registry, kube) = match &config.registry {
+        RegistryConfig::Open => (Registry::new(None), None),
+        RegistryConfig::File(list) => (Registry::new(Some(list.clone())), None),
+        RegistryConfig::Kubernetes {
+            kubeconfig,
+            namespace,
+        } => {
+            let client = kubernetes::client(kubeconfig.as_deref())
+                .await
+                .map_err(ServerError::Kubernetes)?;
+            (
+                Registry::with_source(Source::Kubernetes),
+                Some((client, namespace.clone())),
+            )
+        }
+    };
+    let controller_stop = CancellationToken::new();
+    let controller = kube.as_ref().map(|(client, _)| {
+        tokio::spawn(
+            kubernetes::Controller {
+                client: client.clone(),
+                registry: registry.clone(),
+                minter: Minter::new(&config.secret),
+                frontend_url: config.frontend_url.clone(),
+                server_id: config.server_id.clone(),
+            }
+            .run(controller_stop.clone()),
+        )
+    });
     let metrics = Arc::new(metrics::Metrics::default());
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut metrics_registry);
@@ -147,7 +205,7 @@ pub async fn run(
     });
     let frontend = Arc::new(frontend::Frontend::new(
         registry.clone(),
-        verifier,
+        verifier.clone(),
         metrics.clone(),
         config.server_id.clone(),
     ));
@@ -155,6 +213,16 @@ pub async fn run(
         registry: registry.clone(),
         metrics: metrics_registry,
         draining: draining.clone(),
+        manifests: admin::Manifests {
+            verifier: verifier.clone(),
+            minter: Minter::new(&config.secret),
+            secret: config.secret.clone(),
+            ca_pem: config.tls.ca_pem.clone(),
+            image: config.agent_image.clone(),
+            publish_address: config.publish_address.clone(),
+            kube: kube.clone(),
+            admin_group: config.admin_group.clone(),
+        },
     });
 
     let stop_accepting = CancellationToken::new();
@@ -210,6 +278,10 @@ pub async fn run(
     }
     sessions.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), sessions.wait()).await;
+    controller_stop.cancel();
+    if let Some(controller) = controller {
+        let _ = tokio::time::timeout(Duration::from_secs(5), controller).await;
+    }
     Ok(())
 }
 

@@ -13,6 +13,9 @@ use tower_auth::Minter;
 use tower_proto::names::validate_cluster_name;
 use tower_server::Listeners;
 use tower_server::cli::{SecretArgs, ServeArgs, build_config};
+use tower_server::kubernetes;
+use tower_server::manifest::{AgentManifest, normalize_publish_address};
+use tower_server::registry::ClusterStatus;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +38,55 @@ enum Command {
     UserToken(UserTokenArgs),
     /// Print a kubeconfig that reaches a cluster through tower.
     Kubeconfig(KubeconfigArgs),
+    /// Print a member cluster's agent.yaml (kubectl create -f it on the member).
+    AgentManifest(Box<AgentManifestArgs>),
+    /// Print what a running server sees: a table of clusters.
+    Clusters(ClustersArgs),
+}
+
+#[derive(Args)]
+struct AgentManifestArgs {
+    /// The member cluster.
+    #[arg(long)]
+    cluster: String,
+    /// The address members dial, https://HOST:PORT (with --kubernetes, the `tower`
+    /// Service's LoadBalancer ingress wins when it has one).
+    #[arg(long, env = "TOWER_PROXY_PUBLISH_ADDRESS")]
+    proxy_publish_address: Option<String>,
+    #[command(flatten)]
+    secret: SecretArgs,
+    /// The CA agents trust (PEM); else the one in --state-dir.
+    #[arg(long, env = "TOWER_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Where `serve` keeps its generated CA.
+    #[arg(long, env = "TOWER_STATE_DIR", default_value = "/var/lib/tower")]
+    state_dir: PathBuf,
+    /// The agent token; else the Cluster's spec.connection.token (--kubernetes), else a
+    /// freshly minted one.
+    #[arg(long)]
+    token: Option<String>,
+    /// The image holding /tower-agent.
+    #[arg(long, env = "TOWER_AGENT_IMAGE")]
+    image: Option<String>,
+    /// Read the Cluster and the `tower` Service from Kubernetes.
+    #[arg(long, env = "TOWER_KUBERNETES")]
+    kubernetes: bool,
+    /// Kubeconfig for --kubernetes (else in-cluster).
+    #[arg(long, env = "TOWER_KUBECONFIG", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of tower's own objects.
+    #[arg(long, env = "TOWER_NAMESPACE", default_value = "ke-system")]
+    namespace: String,
+}
+
+#[derive(Args)]
+struct ClustersArgs {
+    /// The server's admin listener.
+    #[arg(long, env = "TOWER_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+    admin_url: String,
+    /// Print the JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -94,10 +146,24 @@ fn main() -> ExitCode {
         Command::Token(args) => token(args),
         Command::UserToken(args) => user_token(args),
         Command::Kubeconfig(args) => kubeconfig(args),
+        Command::AgentManifest(args) => block_on(agent_manifest(*args)),
+        Command::Clusters(args) => {
+            // The server being unreachable is a runtime failure (1), not bad usage (2).
+            return match block_on(clusters(args)) {
+                Ok(table) => {
+                    print!("{table}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tower-server: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
     };
     match result {
         Ok(out) => {
-            println!("{out}");
+            println!("{}", out.trim_end());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -105,6 +171,156 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?
+        .block_on(future)
+}
+
+async fn agent_manifest(args: AgentManifestArgs) -> Result<String, String> {
+    validate_cluster_name(&args.cluster).map_err(|e| e.to_string())?;
+    let secret = args.secret.load()?;
+    let ca_path = args
+        .ca_cert
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("ca.crt"));
+    let ca_pem = std::fs::read_to_string(&ca_path).map_err(|e| {
+        format!(
+            "reading the CA {} (give --ca-cert, or --state-dir of a server that has run): {e}",
+            ca_path.display()
+        )
+    })?;
+    tower_tunnel::tls::certs_from_pem(ca_pem.as_bytes())
+        .map_err(|e| format!("{}: {e}", ca_path.display()))?;
+    let (proxy_server, cluster_token) = if args.kubernetes {
+        let client = kubernetes::client(args.kubeconfig.as_deref()).await?;
+        let address = kubernetes::publish_address(
+            &client,
+            &args.namespace,
+            args.proxy_publish_address.as_deref(),
+        )
+        .await?;
+        let clusters: kube::Api<kubernetes::Cluster> = kube::Api::all(client);
+        let cluster = clusters
+            .get_opt(&args.cluster)
+            .await
+            .map_err(|e| format!("reading Cluster {}: {e}", args.cluster))?
+            .ok_or_else(|| format!("there is no Cluster {:?}: create it first", args.cluster))?;
+        if !cluster.is_proxy() {
+            return Err(format!(
+                "Cluster {:?} has spec.connection.type {:?}; agents serve only type \"proxy\"",
+                args.cluster, cluster.spec.connection.type_
+            ));
+        }
+        let token = Some(cluster.spec.connection.token).filter(|t| !t.is_empty());
+        if token.is_none() && args.token.is_none() {
+            return Err(format!(
+                "Cluster {:?} has no spec.connection.token yet (tower-server writes one within seconds of seeing the Cluster): try again, or pass --token",
+                args.cluster
+            ));
+        }
+        (address, token)
+    } else {
+        let address = args.proxy_publish_address.as_deref().ok_or(
+            "no publish address: give --proxy-publish-address https://HOST:PORT (what members dial), or --kubernetes to read the tower Service",
+        )?;
+        let (address, rewritten) = normalize_publish_address(address)?;
+        if rewritten {
+            eprintln!("tower-server: the tunnel is TLS: writing the address as {address}");
+        }
+        (address, None)
+    };
+    let token = args
+        .token
+        .or(cluster_token)
+        .unwrap_or_else(|| Minter::new(&secret).agent_token(&args.cluster, None));
+    AgentManifest {
+        cluster: &args.cluster,
+        proxy_server: &proxy_server,
+        token: &token,
+        jwt_secret: secret.expose(),
+        ca_pem: &ca_pem,
+        image: &args
+            .image
+            .unwrap_or_else(tower_server::manifest::default_image),
+    }
+    .render()
+}
+
+async fn clusters(args: ClustersArgs) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let url = format!("{}/v1/clusters", args.admin_url.trim_end_matches('/'));
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("--admin-url {:?}: {e}", args.admin_url))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let response = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+        .await
+        .map_err(|_| format!("{url}: no answer within 10s"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!(
+            "{url}: {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    if args.json {
+        return Ok(String::from_utf8_lossy(&body).into_owned());
+    }
+    let list: Vec<ClusterStatus> =
+        serde_json::from_slice(&body).map_err(|e| format!("{url}: not a cluster list: {e}"))?;
+    Ok(cluster_table(&list))
+}
+
+/// NAME CONNECTED SINCE REPLICAS VERSION, aligned like kubectl's tables.
+fn cluster_table(list: &[ClusterStatus]) -> String {
+    let mut rows = vec![[
+        "NAME".to_owned(),
+        "CONNECTED".to_owned(),
+        "SINCE".to_owned(),
+        "REPLICAS".to_owned(),
+        "VERSION".to_owned(),
+    ]];
+    for c in list {
+        let dash = || "-".to_owned();
+        rows.push([
+            c.name.clone(),
+            c.connected.to_string(),
+            c.connected_since.clone().unwrap_or_else(dash),
+            if c.replicas.is_empty() {
+                dash()
+            } else {
+                c.replicas.join(",")
+            },
+            c.agent_version.clone().unwrap_or_else(dash),
+        ]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn token(args: TokenArgs) -> Result<String, String> {

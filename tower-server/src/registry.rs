@@ -2,12 +2,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tower_proto::ControlMessage;
 use tower_proto::names::validate_cluster_name;
 use tower_tunnel::SessionHandle;
@@ -67,28 +67,37 @@ pub struct Tunnel {
     pub remote_addr: String,
     /// Targets the agent announced.
     pub targets: Vec<String>,
+    /// The token the agent authenticated with (a rotated Cluster token revokes it).
+    pub token: Arc<str>,
+    /// The replicas the agent holds tunnels to, this one included.
+    pub replicas: Arc<RwLock<Vec<String>>>,
 }
 
 /// What `/v1/clusters` shows of one cluster.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterStatus {
     /// The cluster name.
     pub name: String,
     /// Whether a tunnel is up.
     pub connected: bool,
     /// When the current tunnel was accepted (RFC 3339).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connected_since: Option<String>,
     /// The agent's version.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
     /// The agent's address as seen by this replica.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_address: Option<String>,
     /// Targets the agent serves.
+    #[serde(default)]
     pub targets: Vec<String>,
     /// Streams open on the tunnel now.
+    #[serde(default)]
     pub streams: usize,
+    /// The tower-server replicas the agent holds a tunnel to (as the agent last said).
+    #[serde(default)]
+    pub replicas: Vec<String>,
 }
 
 /// Why a cluster cannot be reached.
@@ -100,43 +109,178 @@ pub enum Lookup {
     Disconnected,
 }
 
+/// Where the list of clusters that may connect comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Any agent with a valid token registers its cluster.
+    Open,
+    /// A `--clusters` file.
+    File,
+    /// `Cluster` objects in Kubernetes.
+    Kubernetes,
+}
+
+/// A cluster that may connect.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Entry {
+    /// Targets callers may reach besides `kubernetes`; empty = whatever the agent serves.
+    pub targets: Vec<String>,
+    /// When set, the agent's token must be exactly this (a Cluster's `spec.connection.token`).
+    pub token: Option<String>,
+}
+
+/// Why an agent may not connect.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// The cluster is not registered.
+    #[error("{0}")]
+    NotRegistered(String),
+    /// The token is valid but not the one registered for the cluster.
+    #[error(
+        "the agent's token is not the one in Cluster {0:?} spec.connection.token (rotated?): give the agent the current token"
+    )]
+    TokenMismatch(String),
+}
+
 /// The cluster table.
 #[derive(Debug)]
 pub struct Registry {
-    allowed: Option<HashMap<String, ClusterSpec>>,
+    source: Source,
+    allowed: RwLock<HashMap<String, Entry>>,
     tunnels: RwLock<HashMap<String, Tunnel>>,
     seen: RwLock<HashSet<String>>,
     next_id: AtomicU64,
+    changed: Notify,
+    synced: AtomicBool,
 }
 
 impl Registry {
     /// A registry that admits only `clusters`, or any validly-tokened agent for `None`.
     pub fn new(clusters: Option<Vec<ClusterSpec>>) -> Arc<Self> {
+        match clusters {
+            None => Self::with_source(Source::Open),
+            Some(list) => {
+                let registry = Self::with_source(Source::File);
+                for spec in list {
+                    registry.upsert(
+                        &spec.name,
+                        Entry {
+                            targets: spec.targets,
+                            token: None,
+                        },
+                    );
+                }
+                registry
+            }
+        }
+    }
+
+    /// An empty registry fed from `source`.
+    pub fn with_source(source: Source) -> Arc<Self> {
         Arc::new(Registry {
-            allowed: clusters.map(|list| list.into_iter().map(|c| (c.name.clone(), c)).collect()),
+            source,
+            allowed: RwLock::new(HashMap::new()),
             tunnels: RwLock::new(HashMap::new()),
             seen: RwLock::new(HashSet::new()),
             next_id: AtomicU64::new(1),
+            changed: Notify::new(),
+            // Only Kubernetes has to list its clusters before it knows them.
+            synced: AtomicBool::new(source != Source::Kubernetes),
         })
     }
 
-    /// Whether an agent for `name` may connect.
-    pub fn admits(&self, name: &str) -> bool {
-        self.allowed
-            .as_ref()
-            .is_none_or(|allowed| allowed.contains_key(name))
+    /// Whether the registry has its first full list of clusters.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Marks the first full list as received.
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::Release);
+    }
+
+    /// Where the registry's clusters come from.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    /// Whether an agent for `name` holding `token` may connect.
+    pub fn admits(&self, name: &str, token: &str) -> Result<(), Denied> {
+        if self.source == Source::Open {
+            return Ok(());
+        }
+        let allowed = read(&self.allowed);
+        let Some(entry) = allowed.get(name) else {
+            return Err(Denied::NotRegistered(match self.source {
+                Source::Kubernetes => format!(
+                    "there is no Cluster {name:?} with spec.connection.type \"proxy\" on this host"
+                ),
+                _ => format!("cluster {name:?} is not in this server's clusters file"),
+            }));
+        };
+        match &entry.token {
+            Some(expected)
+                if !tower_auth::constant_time_eq(expected.as_bytes(), token.as_bytes()) =>
+            {
+                Err(Denied::TokenMismatch(name.to_owned()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Registers or updates `name`. A tunnel whose token no longer matches is closed.
+    pub fn upsert(&self, name: &str, entry: Entry) {
+        let revoked = entry.token.as_ref().and_then(|expected| {
+            read(&self.tunnels)
+                .get(name)
+                .filter(|t| !tower_auth::constant_time_eq(expected.as_bytes(), t.token.as_bytes()))
+                .cloned()
+        });
+        let changed = write(&self.allowed).insert(name.to_owned(), entry.clone()) != Some(entry);
+        if let Some(tunnel) = revoked {
+            tracing::warn!(cluster = %name, tunnel = tunnel.id, "the cluster's token changed: closing the tunnel that used the old one");
+            tunnel.session.close();
+        }
+        if changed {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Unregisters `name` and closes its tunnel.
+    pub fn forget(&self, name: &str) {
+        let was = write(&self.allowed).remove(name).is_some();
+        write(&self.seen).remove(name);
+        if let Some(tunnel) = read(&self.tunnels).get(name) {
+            tracing::info!(cluster = %name, tunnel = tunnel.id, "the cluster is no longer registered: closing its tunnel");
+            tunnel.session.close();
+        }
+        if was {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Every registered cluster name.
+    pub fn registered(&self) -> Vec<String> {
+        read(&self.allowed).keys().cloned().collect()
+    }
+
+    /// The registered entry of `name`.
+    pub fn entry(&self, name: &str) -> Option<Entry> {
+        read(&self.allowed).get(name).cloned()
+    }
+
+    /// Resolves when a tunnel comes or goes or the registered set changes. Register
+    /// interest (`enable`) before looking at the state, so no change is missed.
+    pub fn changed(&self) -> &Notify {
+        &self.changed
     }
 
     /// Whether callers may reach `target` of `name` (the agent still has the last word).
     pub fn target_allowed(&self, name: &str, target: &str) -> bool {
         target == tower_proto::preamble::KUBERNETES_TARGET
-            || self
-                .allowed
-                .as_ref()
-                .and_then(|allowed| allowed.get(name))
-                .is_none_or(|spec| {
-                    spec.targets.is_empty() || spec.targets.iter().any(|t| t == target)
-                })
+            || read(&self.allowed).get(name).is_none_or(|entry| {
+                entry.targets.is_empty() || entry.targets.iter().any(|t| t == target)
+            })
     }
 
     /// A fresh tunnel id.
@@ -147,24 +291,34 @@ impl Registry {
     /// Installs `tunnel` for `name`; returns the tunnel it replaces, and whether the
     /// cluster had connected before.
     pub fn insert(&self, name: &str, tunnel: Tunnel) -> (Option<Tunnel>, bool) {
-        let before = !self.seen_insert(name);
+        let before = !write(&self.seen).insert(name.to_owned());
         let old = write(&self.tunnels).insert(name.to_owned(), tunnel);
+        self.changed.notify_waiters();
         (old, before)
-    }
-
-    fn seen_insert(&self, name: &str) -> bool {
-        write(&self.seen).insert(name.to_owned())
     }
 
     /// Removes the tunnel `id` of `name` if it is still the current one.
     pub fn remove(&self, name: &str, id: u64) -> bool {
-        let mut tunnels = write(&self.tunnels);
-        if tunnels.get(name).is_some_and(|t| t.id == id) {
-            tunnels.remove(name);
-            true
-        } else {
-            false
+        let removed = {
+            let mut tunnels = write(&self.tunnels);
+            if tunnels.get(name).is_some_and(|t| t.id == id) {
+                tunnels.remove(name);
+                true
+            } else {
+                false
+            }
+        };
+        if removed {
+            self.changed.notify_waiters();
         }
+        removed
+    }
+
+    /// Whether `name` has a live tunnel on this replica.
+    pub fn is_connected(&self, name: &str) -> bool {
+        read(&self.tunnels)
+            .get(name)
+            .is_some_and(|t| !t.session.is_closed())
     }
 
     /// The live tunnel of `name`, or why there is none.
@@ -175,9 +329,9 @@ impl Registry {
         {
             return Ok(t.clone());
         }
-        let known = match &self.allowed {
-            Some(allowed) => allowed.contains_key(name),
-            None => read(&self.seen).contains(name),
+        let known = match self.source {
+            Source::Open => read(&self.seen).contains(name),
+            _ => read(&self.allowed).contains_key(name),
         };
         Err(if known {
             Lookup::Disconnected
@@ -194,9 +348,9 @@ impl Registry {
     /// Status of every known cluster, sorted by name.
     pub fn status(&self) -> Vec<ClusterStatus> {
         let tunnels = read(&self.tunnels);
-        let mut names: Vec<String> = match &self.allowed {
-            Some(allowed) => allowed.keys().cloned().collect(),
-            None => read(&self.seen).iter().cloned().collect(),
+        let mut names: Vec<String> = match self.source {
+            Source::Open => read(&self.seen).iter().cloned().collect(),
+            _ => read(&self.allowed).keys().cloned().collect(),
         };
         names.sort();
         names
@@ -212,6 +366,7 @@ impl Registry {
                         remote_address: Some(t.remote_addr.clone()),
                         targets: t.targets.clone(),
                         streams: t.session.open_streams(),
+                        replicas: read(&t.replicas).clone(),
                         name,
                     },
                     None => ClusterStatus {
@@ -222,6 +377,7 @@ impl Registry {
                         remote_address: None,
                         targets: Vec::new(),
                         streams: 0,
+                        replicas: Vec::new(),
                     },
                 },
             )

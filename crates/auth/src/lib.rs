@@ -76,6 +76,11 @@ impl Secret {
             .map_or(0, |i| i + 1);
         (end > 0).then(|| Secret(bytes[..end].to_vec()))
     }
+
+    /// The secret's bytes, for handing it to a member (its agent.yaml).
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for Secret {

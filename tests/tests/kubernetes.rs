@@ -1,0 +1,520 @@
+//! `serve --kubernetes`: Cluster objects on a host API server (the stand-in, driven with
+//! kubectl) decide which agents connect; tower writes the token, the endpoint and the
+//! `AgentAvailable` condition back, and produces agent.yaml from the publish address.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tower_e2e::{
+    Https, Member, SECRET, Server, TempDir, admin_get, admin_get_as, agent, bin_path, kubectl,
+    kubectl_with_input, server, wait_for, wait_for_with,
+};
+
+const FRONTEND_URL: &str = "https://tower.example.com:9443";
+
+/// A tower-server whose registry is `host`'s Cluster objects, ready (first list done).
+fn tower_on(host: &Member, extra: &[&str]) -> Server {
+    let kubeconfig = host.kubeconfig.to_str().expect("path");
+    let mut args = vec![
+        "--kubernetes",
+        "--kubeconfig",
+        kubeconfig,
+        "--frontend-url",
+        FRONTEND_URL,
+    ];
+    args.extend_from_slice(extra);
+    let server = server().args(&args).start();
+    wait_for(
+        "the first list of Clusters",
+        Duration::from_secs(20),
+        || (admin_get(server.admin, "/readyz").0 == 200).then_some(()),
+    );
+    server
+}
+
+fn create(host: &Member, yaml: &str) {
+    kubectl_with_input(&host.kubeconfig, &["create", "-f", "-"], yaml.as_bytes()).success();
+}
+
+fn proxy_cluster(name: &str, token: &str) -> String {
+    format!(
+        "apiVersion: cluster.kubesphere.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: {name}\nspec:\n  joinFederation: true\n  connection:\n    type: proxy\n    token: \"{token}\"\n"
+    )
+}
+
+fn cluster(host: &Member, name: &str) -> Option<Value> {
+    let out = kubectl(&host.kubeconfig, &["get", "cluster", name, "-o", "json"]);
+    (out.code() == Some(0)).then(|| serde_json::from_str(&out.success()).expect("cluster JSON"))
+}
+
+/// `AgentAvailable`'s (status, reason).
+fn available(cluster: &Value) -> Option<(String, String)> {
+    cluster["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "AgentAvailable")
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+}
+
+fn wait_available(host: &Member, server: &Server, name: &str, want: &str) -> Value {
+    wait_for_with(
+        &format!("Cluster {name} AgentAvailable={want}"),
+        Duration::from_secs(20),
+        || cluster(host, name).filter(|c| available(c).is_some_and(|(status, _)| status == want)),
+        || server.process.log(),
+    )
+}
+
+fn token_of(cluster: &Value) -> String {
+    cluster["spec"]["connection"]["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_proxy_cluster_gets_a_token_an_endpoint_and_its_condition_follows_the_agent() {
+    let host = Member::start();
+    let member = Member::start();
+    let server = tower_on(&host, &[]);
+    create(&host, &proxy_cluster("member-1", ""));
+
+    // Tower mints the token and writes the endpoint; with no agent the condition is False.
+    let minted = wait_for_with(
+        "the token and endpoint to be written",
+        Duration::from_secs(20),
+        || {
+            cluster(&host, "member-1").filter(|c| {
+                !token_of(c).is_empty()
+                    && c["spec"]["connection"]["kubernetesAPIEndpoint"]
+                        == format!("{FRONTEND_URL}/clusters/member-1")
+            })
+        },
+        || server.process.log(),
+    );
+    let token = token_of(&minted);
+    assert_eq!(
+        minted["spec"]["joinFederation"], true,
+        "fields tower does not know survive its writes"
+    );
+    let down = wait_available(&host, &server, "member-1", "False");
+    assert_eq!(available(&down).unwrap().1, "AgentNotConnected");
+
+    // Another valid JWT for the same name is not the Cluster's token: refused.
+    let tunnel = Https::to(&server, server.tunnel);
+    let upgrade = [
+        ("connection", "Upgrade"),
+        ("upgrade", "tower-tunnel/1"),
+        ("tower-cluster", "member-1"),
+    ];
+    let other = Server::minter().agent_token("member-1", None);
+    let refused = tunnel.request("GET", "/v1/tunnel", Some(&other), &upgrade);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(
+        refused.body.contains("spec.connection.token"),
+        "{}",
+        refused.body
+    );
+
+    // The Cluster's own token connects, the condition turns True, kubectl works.
+    let first = agent(&server, &member, "member-1")
+        .token(&token)
+        .connect(&server);
+    let up = wait_available(&host, &server, "member-1", "True");
+    let condition = up["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "AgentAvailable")
+        .unwrap()
+        .clone();
+    assert_eq!(condition["reason"], "AgentConnected");
+    assert!(condition["lastTransitionTime"].is_string(), "{condition}");
+    let kc = server.kubeconfig("member-1", "alice", &[]);
+    assert!(
+        kubectl(&kc, &["get", "pods", "-o", "name"])
+            .success()
+            .contains("pod/web-0")
+    );
+
+    // Rotating the token revokes the agent that holds the old one.
+    let rotated = Server::minter().agent_token("member-1", Some(Duration::from_secs(7200)));
+    kubectl(
+        &host.kubeconfig,
+        &[
+            "patch",
+            "cluster",
+            "member-1",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"spec":{{"connection":{{"token":"{rotated}"}}}}}}"#),
+        ],
+    )
+    .success();
+    wait_for(
+        "the revoked tunnel to close",
+        Duration::from_secs(10),
+        || (!server.connected("member-1")).then_some(()),
+    );
+    wait_available(&host, &server, "member-1", "False");
+    wait_for(
+        "the old agent to be refused",
+        Duration::from_secs(10),
+        || {
+            first
+                .process
+                .log()
+                .contains("spec.connection.token")
+                .then_some(())
+        },
+    );
+    assert!(!server.connected("member-1"), "the old token must stay out");
+    drop(first);
+    let second = agent(&server, &member, "member-1")
+        .token(&rotated)
+        .connect(&server);
+    wait_available(&host, &server, "member-1", "True");
+
+    // Deleting the Cluster closes its tunnel within seconds, and it stays closed.
+    kubectl(&host.kubeconfig, &["delete", "cluster", "member-1"]).success();
+    wait_for(
+        "the deleted cluster's tunnel to close",
+        Duration::from_secs(10),
+        || (!server.connected("member-1")).then_some(()),
+    );
+    let gone = kubectl(&kc, &["get", "pods"]);
+    assert_ne!(gone.code(), Some(0));
+    assert!(gone.stderr().contains("member-1"), "{}", gone.stderr());
+    drop(second);
+}
+
+#[test]
+fn only_clusters_of_type_proxy_may_connect() {
+    let host = Member::start();
+    let member = Member::start();
+    let server = tower_on(&host, &[]);
+    create(
+        &host,
+        "apiVersion: cluster.kubesphere.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: direct-1\nspec:\n  connection:\n    type: direct\n",
+    );
+    let tunnel = Https::to(&server, server.tunnel);
+    let token = Server::minter().agent_token("direct-1", None);
+    let upgrade = [
+        ("connection", "Upgrade"),
+        ("upgrade", "tower-tunnel/1"),
+        ("tower-cluster", "direct-1"),
+    ];
+    let refused = tunnel.request("GET", "/v1/tunnel", Some(&token), &upgrade);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(refused.body.contains("proxy"), "{}", refused.body);
+
+    // Turned into a proxy cluster (with a token of the operator's choosing), it connects;
+    // turned back, its tunnel closes.
+    kubectl(
+        &host.kubeconfig,
+        &[
+            "patch",
+            "cluster",
+            "direct-1",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"spec":{{"connection":{{"type":"proxy","token":"{token}"}}}}}}"#),
+        ],
+    )
+    .success();
+    let _agent = agent(&server, &member, "direct-1")
+        .token(&token)
+        .connect(&server);
+    kubectl(
+        &host.kubeconfig,
+        &[
+            "patch",
+            "cluster",
+            "direct-1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"connection":{"type":"direct"}}}"#,
+        ],
+    )
+    .success();
+    wait_for("the tunnel to close", Duration::from_secs(10), || {
+        (!server.connected("direct-1")).then_some(())
+    });
+}
+
+#[test]
+fn the_registry_follows_clusters_across_api_server_outages() {
+    let host = Member::start();
+    let member = Member::start();
+    let server = tower_on(&host, &[]);
+    // One token per cluster: the agent must present exactly the Cluster's.
+    let tokens: std::collections::HashMap<&str, String> = ["member-1", "member-2", "member-3"]
+        .into_iter()
+        .map(|name| (name, Server::minter().agent_token(name, None)))
+        .collect();
+    let token = |name: &str| tokens[name].clone();
+    create(&host, &proxy_cluster("member-1", &token("member-1")));
+    let _one = agent(&server, &member, "member-1")
+        .token(&token("member-1"))
+        .connect(&server);
+
+    // The API server drops every connection (a restart): the watch resumes, and a Cluster
+    // created afterwards is seen.
+    host.api.drop_connections();
+    create(&host, &proxy_cluster("member-2", &token("member-2")));
+    let _two = agent(&server, &member, "member-2")
+        .token(&token("member-2"))
+        .connect(&server);
+
+    // The API server is away for a while: tunnels keep serving; once it is back, a
+    // Cluster created then is seen too.
+    host.api.set_available(false);
+    let kc = server.kubeconfig("member-1", "alice", &[]);
+    kubectl(&kc, &["get", "pods"]).success();
+    let calls_before = host.api.calls().len();
+    // Long enough for several watch retries; the watcher must back off, not spin.
+    let outage = std::time::Instant::now();
+    wait_for("the outage to be noticed", Duration::from_secs(30), || {
+        server
+            .process
+            .log()
+            .contains("watching Cluster objects")
+            .then_some(())
+    });
+    host.api.set_available(true);
+    create(&host, &proxy_cluster("member-3", &token("member-3")));
+    let _three = agent(&server, &member, "member-3")
+        .token(&token("member-3"))
+        .connect(&server);
+    let calls = host.api.calls().len() - calls_before;
+    eprintln!(
+        "outage of {:?}: {calls} calls reached the API server during and after it",
+        outage.elapsed()
+    );
+    assert!(server.connected("member-1") && server.connected("member-2"));
+    // Deletions made right after an outage are seen too.
+    kubectl(&host.kubeconfig, &["delete", "cluster", "member-2"]).success();
+    wait_for("member-2 to be dropped", Duration::from_secs(15), || {
+        (!server.connected("member-2")).then_some(())
+    });
+    let watch_calls = host
+        .api
+        .calls()
+        .iter()
+        .filter(|c| c.path_and_query.contains("/clusters?") && c.path_and_query.contains("watch"))
+        .count();
+    assert!(
+        watch_calls < 30,
+        "the watcher must back off, not hot-loop: {watch_calls} watch calls"
+    );
+}
+
+fn agent_manifest_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin_path("tower-server"))
+        .arg("agent-manifest")
+        .args(args)
+        .env("TOWER_JWT_SECRET", SECRET)
+        .output()
+        .expect("tower-server agent-manifest")
+}
+
+#[test]
+fn the_publish_address_comes_from_the_load_balancer_then_the_setting_else_an_error() {
+    let host = Member::start();
+    let server = tower_on(&host, &[]);
+    create(
+        &host,
+        &proxy_cluster("member-1", &Server::minter().agent_token("member-1", None)),
+    );
+    let kubeconfig = host.kubeconfig.to_str().unwrap();
+    let ca = server.ca_file.to_str().unwrap();
+    let cli = |extra: &[&str]| {
+        let mut args = vec![
+            "--cluster",
+            "member-1",
+            "--kubernetes",
+            "--kubeconfig",
+            kubeconfig,
+            "--ca-cert",
+            ca,
+        ];
+        args.extend_from_slice(extra);
+        agent_manifest_cli(&args)
+    };
+
+    // No Service at all.
+    let none = cli(&[]);
+    assert_eq!(none.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&none.stderr);
+    assert!(message.contains("proxyPublishAddress"), "{message}");
+
+    // The Service exists, its LoadBalancer is pending.
+    create(
+        &host,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ke-system\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: tower\n  namespace: ke-system\nspec:\n  type: LoadBalancer\n  selector:\n    app.kubernetes.io/name: tower\n  ports:\n  - name: tunnel\n    port: 8080\n    targetPort: 8080\n",
+    );
+    let pending = cli(&[]);
+    assert_eq!(pending.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&pending.stderr);
+    assert!(
+        message.contains("no EXTERNAL-IP yet") && message.contains("proxyPublishAddress"),
+        "{message}"
+    );
+
+    // proxyPublishAddress, written the old way, still gets a TLS tunnel.
+    let configured = cli(&["--proxy-publish-address", "http://139.198.120.120:8080"]);
+    assert_eq!(configured.status.code(), Some(0), "{configured:?}");
+    let yaml = String::from_utf8_lossy(&configured.stdout);
+    assert!(yaml.contains("https://139.198.120.120:8080"), "{yaml}");
+    assert!(!yaml.contains("http://139"), "{yaml}");
+
+    // Once the LoadBalancer has an address, it wins.
+    kubectl(
+        &host.kubeconfig,
+        &[
+            "-n",
+            "ke-system",
+            "patch",
+            "service",
+            "tower",
+            "--subresource",
+            "status",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"status":{"loadBalancer":{"ingress":[{"ip":"203.0.113.7"}]}}}"#,
+        ],
+    )
+    .success();
+    let balanced = cli(&["--proxy-publish-address", "https://other.example.com:8080"]);
+    assert_eq!(balanced.status.code(), Some(0), "{balanced:?}");
+    let yaml = String::from_utf8_lossy(&balanced.stdout);
+    assert!(yaml.contains("https://203.0.113.7:8080"), "{yaml}");
+}
+
+/// The documents of a YAML stream.
+fn documents(yaml: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).expect("YAML document"))
+        .collect()
+}
+
+#[test]
+fn agent_yaml_from_the_host_connects_the_member() {
+    let host = Member::start();
+    let member = Member::start();
+    let server = tower_on(
+        &host,
+        &["--proxy-publish-address", "https://tower.example.com:8080"],
+    );
+    create(&host, &proxy_cluster("member-1", ""));
+    wait_for("the token to be minted", Duration::from_secs(20), || {
+        cluster(&host, "member-1").filter(|c| !token_of(c).is_empty())
+    });
+    let path = "/v1/clusters/member-1/agent.yaml";
+
+    // agent.yaml holds the jwtSecret: only the admin group gets it.
+    assert_eq!(admin_get(server.admin, path).0, 401);
+    let alice = Server::minter().user_token("alice", &["developers".into()], None);
+    let (code, body) = admin_get_as(server.admin, path, Some(&alice));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("system:masters"), "{body}");
+    let admin = Server::minter().user_token("admin", &["system:masters".into()], None);
+    let (code, body) = admin_get_as(server.admin, "/v1/clusters/nobody/agent.yaml", Some(&admin));
+    assert_eq!(code, 404, "{body}");
+    let (code, yaml) = admin_get_as(server.admin, path, Some(&admin));
+    assert_eq!(code, 200, "{yaml}");
+
+    // The CLI, reading the same Cluster, says the same thing.
+    let cli = agent_manifest_cli(&[
+        "--cluster",
+        "member-1",
+        "--kubernetes",
+        "--kubeconfig",
+        host.kubeconfig.to_str().unwrap(),
+        "--ca-cert",
+        server.ca_file.to_str().unwrap(),
+        "--proxy-publish-address",
+        "https://tower.example.com:8080",
+    ]);
+    assert_eq!(cli.status.code(), Some(0), "{cli:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&cli.stdout).trim_end(),
+        yaml.trim_end()
+    );
+
+    // Run the agent exactly as the Deployment would, with the Secret's files, only the
+    // address swapped for this machine's loopback listener.
+    let docs = documents(&yaml);
+    let secret = docs.iter().find(|d| d["kind"] == "Secret").expect("Secret");
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("Deployment");
+    let dir = TempDir::new("agent-yaml");
+    let etc = dir.path().join("etc-tower");
+    std::fs::create_dir_all(&etc).unwrap();
+    for (key, value) in secret["data"].as_object().expect("data") {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(value.as_str().unwrap())
+            .expect("base64");
+        std::fs::write(etc.join(key), bytes).unwrap();
+    }
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            if a == "https://tower.example.com:8080" {
+                format!("https://{}", server.tunnel)
+            } else if let Some(file) = a.strip_prefix("/etc/tower/") {
+                etc.join(file).to_string_lossy().into_owned()
+            } else if a.starts_with("0.0.0.0:") {
+                "127.0.0.1:0".to_owned()
+            } else {
+                a.to_owned()
+            }
+        })
+        .collect();
+    let mut command = std::process::Command::new(bin_path("tower-agent"));
+    command
+        .args(&args)
+        .arg("--kubeconfig")
+        .arg(&member.kubeconfig)
+        .env("TOWER_LOG", "info");
+    let (_agent, _stdout) = tower_e2e::Process::spawn(command, dir.path().join("agent.log"));
+    wait_for("the member to connect", Duration::from_secs(20), || {
+        server.connected("member-1").then_some(())
+    });
+    wait_available(&host, &server, "member-1", "True");
+
+    // And the host's table shows it.
+    let table = std::process::Command::new(bin_path("tower-server"))
+        .args(["clusters", "--admin-url"])
+        .arg(format!("http://{}", server.admin))
+        .output()
+        .expect("tower-server clusters");
+    assert_eq!(table.status.code(), Some(0), "{table:?}");
+    let table = String::from_utf8_lossy(&table.stdout);
+    let mut lines = table.lines();
+    let head: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(head, ["NAME", "CONNECTED", "SINCE", "REPLICAS", "VERSION"]);
+    let row: Vec<&str> = lines.next().expect("a row").split_whitespace().collect();
+    assert_eq!(row[0], "member-1");
+    assert_eq!(row[1], "true");
+    assert_eq!(row[4], env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,623 @@
+//! `serve --kubernetes`: KubeSphere `Cluster` objects are the registry.
+//!
+//! One task watches `clusters.cluster.kubesphere.io` (kube-runtime's watcher: relists
+//! after a lost watch, backs off while the API server is away). A Cluster whose
+//! `spec.connection.type` is `proxy` may connect; its `spec.connection.token`, when set,
+//! is the only token accepted (rotate it to revoke), and when empty this server mints one
+//! and writes it there, together with `spec.connection.kubernetesAPIEndpoint`. The same
+//! task keeps condition `AgentAvailable` true while this replica holds the cluster's
+//! tunnel. The publish address (what members dial) comes from the `tower` Service.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tower_auth::Minter;
+use tower_proto::names::validate_cluster_name;
+
+use crate::manifest::normalize_publish_address;
+use crate::registry::{Entry, Registry};
+
+/// The API group of KubeSphere's Cluster.
+pub const GROUP: &str = "cluster.kubesphere.io";
+/// Its version.
+pub const VERSION: &str = "v1alpha1";
+/// The condition this server keeps.
+pub const AGENT_AVAILABLE: &str = "AgentAvailable";
+/// The connection type whose clusters connect through tower.
+pub const PROXY: &str = "proxy";
+/// The Service whose LoadBalancer ingress is the publish address.
+pub const TOWER_SERVICE: &str = "tower";
+/// The tunnel port when the Service does not say.
+const DEFAULT_TUNNEL_PORT: i32 = 8080;
+/// How often failed writes are retried.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// A KubeSphere `Cluster` (only the fields tower reads or writes; writes are patches, so
+/// fields tower does not know are never lost).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Cluster {
+    /// Standard metadata.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// The spec.
+    #[serde(default)]
+    pub spec: ClusterSpec,
+    /// The status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ClusterStatus>,
+}
+
+/// `Cluster.spec`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    /// How the host reaches the member.
+    #[serde(default)]
+    pub connection: Connection,
+}
+
+/// `Cluster.spec.connection`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    /// `direct` or `proxy`.
+    #[serde(default, rename = "type")]
+    pub type_: String,
+    /// The agent token (`proxy` only).
+    #[serde(default)]
+    pub token: String,
+    /// Where the host reaches the member's Kubernetes API.
+    #[serde(default, rename = "kubernetesAPIEndpoint")]
+    pub kubernetes_api_endpoint: String,
+}
+
+/// `Cluster.status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Conditions, KubeSphere's shape.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// One entry of `Cluster.status.conditions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// E.g. `AgentAvailable`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Last time the condition was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update_time: Option<String>,
+    /// Last time `status` changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// A CamelCase reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl kube::Resource for Cluster {
+    type DynamicType = ();
+    type Scope = kube::core::ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Cluster".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        GROUP.into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        VERSION.into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "clusters".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl Cluster {
+    fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// Whether agents may connect for this cluster.
+    pub fn is_proxy(&self) -> bool {
+        self.spec.connection.type_ == PROXY
+    }
+
+    /// The status of condition `type_`, if present.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+    }
+}
+
+/// A client from `--kubeconfig`, else in-cluster (or `KUBECONFIG`).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("reading --kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| format!("no in-cluster Kubernetes configuration: {e}"))?,
+    };
+    Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+}
+
+/// The address members dial: the `tower` Service's LoadBalancer ingress, else the
+/// configured `proxyPublishAddress`, else an error that says what to set.
+pub async fn publish_address(
+    client: &Client,
+    namespace: &str,
+    configured: Option<&str>,
+) -> Result<String, String> {
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let service = services
+        .get_opt(TOWER_SERVICE)
+        .await
+        .map_err(|e| format!("reading Service {namespace}/{TOWER_SERVICE}: {e}"))?;
+    let ingress = service.as_ref().and_then(load_balancer_address);
+    choose_publish_address(ingress, configured, namespace, service.is_some())
+}
+
+/// The rule of [`publish_address`], without the API call.
+pub fn choose_publish_address(
+    ingress: Option<String>,
+    configured: Option<&str>,
+    namespace: &str,
+    service_exists: bool,
+) -> Result<String, String> {
+    let address = match (ingress, configured) {
+        (Some(ingress), _) => ingress,
+        (None, Some(configured)) => configured.to_owned(),
+        (None, None) if service_exists => {
+            return Err(format!(
+                "Service {namespace}/{TOWER_SERVICE} has no EXTERNAL-IP yet (its LoadBalancer is pending, or the cluster has none): set proxyPublishAddress (--proxy-publish-address or TOWER_PROXY_PUBLISH_ADDRESS) to an https://HOST:PORT that members can reach"
+            ));
+        }
+        (None, None) => {
+            return Err(format!(
+                "there is no Service {namespace}/{TOWER_SERVICE} of type LoadBalancer: create it (deploy/host/service.yaml) or set proxyPublishAddress (--proxy-publish-address or TOWER_PROXY_PUBLISH_ADDRESS) to an https://HOST:PORT that members can reach"
+            ));
+        }
+    };
+    let (address, rewritten) = normalize_publish_address(&address)?;
+    if rewritten {
+        tracing::info!(%address, "the publish address gets a TLS tunnel: wrote it as https://");
+    }
+    Ok(address)
+}
+
+/// `https://{ip or hostname}:{port}` from a LoadBalancer Service's first ingress.
+fn load_balancer_address(service: &Service) -> Option<String> {
+    let ingress = service
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .iter()
+        .find_map(|i| {
+            i.ip.clone()
+                .filter(|s| !s.is_empty())
+                .or_else(|| i.hostname.clone().filter(|s| !s.is_empty()))
+        })?;
+    let ports = service.spec.as_ref()?.ports.as_deref().unwrap_or_default();
+    let port = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some("tunnel"))
+        .or_else(|| ports.first())
+        .map_or(DEFAULT_TUNNEL_PORT, |p| p.port);
+    let host = if ingress.contains(':') {
+        format!("[{ingress}]")
+    } else {
+        ingress
+    };
+    Some(format!("https://{host}:{port}"))
+}
+
+/// The Cluster watch and the writes it drives.
+pub struct Controller {
+    /// Client for the host's API server.
+    pub client: Client,
+    /// The registry this replica routes with.
+    pub registry: Arc<Registry>,
+    /// Mints tokens for Clusters that have none.
+    pub minter: Minter,
+    /// Base URL of this server's frontend as the host reaches it.
+    pub frontend_url: String,
+    /// This replica's id (in condition messages).
+    pub server_id: String,
+}
+
+/// What this replica still has to write into a Cluster's condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owed {
+    Available,
+    Unavailable,
+}
+
+impl Controller {
+    /// Runs until `stop`: keeps the registry in step with the Cluster objects and the
+    /// Cluster objects in step with the tunnels.
+    pub async fn run(self, stop: CancellationToken) {
+        let api: Api<Cluster> = Api::all(self.client.clone());
+        let mut events = watcher::watcher(api.clone(), watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut clusters: HashMap<String, Cluster> = HashMap::new();
+        let mut listing: Option<HashSet<String>> = None;
+        let mut held: HashSet<String> = HashSet::new();
+        let mut owed: HashMap<String, Owed> = HashMap::new();
+        let mut retry = tokio::time::interval(RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let changed = self.registry.changed().notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = &mut changed => {}
+                _ = retry.tick() => {}
+                event = events.next() => match event {
+                    None => break,
+                    Some(Err(e)) => {
+                        // The watcher backs off and relists by itself.
+                        tracing::warn!(error = %e, "watching Cluster objects");
+                        continue;
+                    }
+                    Some(Ok(event)) => self.apply(&api, event, &mut clusters, &mut listing).await,
+                },
+            }
+            self.reconcile_conditions(&api, &mut clusters, &mut held, &mut owed)
+                .await;
+        }
+        // Say so before going: whichever replica still holds a tunnel says it back.
+        for name in &held {
+            owed.insert(name.clone(), Owed::Unavailable);
+        }
+        held.clear();
+        let last_words = self.reconcile_conditions(&api, &mut clusters, &mut held, &mut owed);
+        let _ = tokio::time::timeout(Duration::from_secs(2), last_words).await;
+    }
+
+    async fn apply(
+        &self,
+        api: &Api<Cluster>,
+        event: Event<Cluster>,
+        clusters: &mut HashMap<String, Cluster>,
+        listing: &mut Option<HashSet<String>>,
+    ) {
+        match event {
+            Event::Init => *listing = Some(HashSet::new()),
+            Event::InitApply(cluster) => {
+                if let Some(listed) = listing.as_mut() {
+                    listed.insert(cluster.name().to_owned());
+                }
+                self.upsert(api, cluster, clusters).await;
+            }
+            Event::InitDone => {
+                let listed = listing.take().unwrap_or_default();
+                for name in self.registry.registered() {
+                    if !listed.contains(&name) {
+                        self.forget(&name, clusters);
+                    }
+                }
+                if !self.registry.is_synced() {
+                    tracing::info!(
+                        clusters = self.registry.registered().len(),
+                        "listed the Cluster objects: accepting agents"
+                    );
+                }
+                self.registry.set_synced();
+            }
+            Event::Apply(cluster) => self.upsert(api, cluster, clusters).await,
+            Event::Delete(cluster) => self.forget(cluster.name(), clusters),
+        }
+    }
+
+    async fn upsert(
+        &self,
+        api: &Api<Cluster>,
+        cluster: Cluster,
+        clusters: &mut HashMap<String, Cluster>,
+    ) {
+        let name = cluster.name().to_owned();
+        if !cluster.is_proxy() {
+            self.forget(&name, clusters);
+            return;
+        }
+        if let Err(e) = validate_cluster_name(&name) {
+            tracing::warn!(cluster = %name, error = %e, "ignoring a Cluster whose name tower cannot route");
+            return;
+        }
+        let token = &cluster.spec.connection.token;
+        self.registry.upsert(
+            &name,
+            Entry {
+                targets: Vec::new(),
+                token: (!token.is_empty()).then(|| token.clone()),
+            },
+        );
+        let endpoint = format!(
+            "{}/clusters/{name}",
+            self.frontend_url.trim_end_matches('/')
+        );
+        if token.is_empty() || cluster.spec.connection.kubernetes_api_endpoint != endpoint {
+            self.write_spec(api, &cluster, &endpoint).await;
+        }
+        clusters.insert(name, cluster);
+    }
+
+    /// Fills the token (minted) and the endpoint. The patch carries the resourceVersion it
+    /// was computed from, so two replicas cannot both mint: the second gets a conflict and
+    /// sees the first one's token in its next event.
+    async fn write_spec(&self, api: &Api<Cluster>, cluster: &Cluster, endpoint: &str) {
+        let name = cluster.name();
+        let mut connection = json!({ "kubernetesAPIEndpoint": endpoint });
+        if cluster.spec.connection.token.is_empty() {
+            connection["token"] = self.minter.agent_token(name, None).into();
+        }
+        let patch = json!({
+            "metadata": { "resourceVersion": cluster.metadata.resource_version },
+            "spec": { "connection": connection },
+        });
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(cluster = %name, %endpoint, minted = connection.get("token").is_some(), "wrote the Cluster's connection")
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                tracing::debug!(cluster = %name, "Cluster changed meanwhile; the next event brings it");
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %name, error = %e, "writing the Cluster's connection")
+            }
+        }
+    }
+
+    fn forget(&self, name: &str, clusters: &mut HashMap<String, Cluster>) {
+        clusters.remove(name);
+        if self.registry.entry(name).is_some() {
+            tracing::info!(cluster = %name, "Cluster deleted or no longer of type proxy");
+            self.registry.forget(name);
+        }
+    }
+
+    /// Writes `AgentAvailable` where this replica's view says it must change: `True` while
+    /// it holds the tunnel, `False` once when it loses it (or when the condition is
+    /// missing). Replicas that still hold a tunnel see the `False` and write `True` back.
+    async fn reconcile_conditions(
+        &self,
+        api: &Api<Cluster>,
+        clusters: &mut HashMap<String, Cluster>,
+        held: &mut HashSet<String>,
+        owed: &mut HashMap<String, Owed>,
+    ) {
+        for (name, cluster) in clusters.iter() {
+            let connected = self.registry.is_connected(name);
+            if connected {
+                held.insert(name.clone());
+                owed.insert(name.clone(), Owed::Available);
+            } else if held.remove(name) || cluster.condition(AGENT_AVAILABLE).is_none() {
+                owed.insert(name.clone(), Owed::Unavailable);
+            } else if owed.get(name) == Some(&Owed::Available) {
+                owed.remove(name);
+            }
+        }
+        held.retain(|name| clusters.contains_key(name));
+        owed.retain(|name, _| clusters.contains_key(name));
+        let due: Vec<(String, Owed)> = owed.iter().map(|(n, o)| (n.clone(), *o)).collect();
+        for (name, want) in due {
+            let Some(cluster) = clusters.get_mut(&name) else {
+                continue;
+            };
+            let (status, reason, message) = match want {
+                Owed::Available => (
+                    "True",
+                    "AgentConnected",
+                    format!(
+                        "the agent holds a tunnel to tower-server {}",
+                        self.server_id
+                    ),
+                ),
+                Owed::Unavailable => (
+                    "False",
+                    "AgentNotConnected",
+                    format!("no agent tunnel on tower-server {}", self.server_id),
+                ),
+            };
+            if cluster
+                .condition(AGENT_AVAILABLE)
+                .is_some_and(|c| c.status == status)
+            {
+                owed.remove(&name);
+                continue;
+            }
+            let conditions = with_condition(cluster, status, reason, &message);
+            let patch = json!({ "status": { "conditions": conditions } });
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(cluster = %name, %status, "set condition {AGENT_AVAILABLE}");
+                    // Until the watch brings the object back, remember what was written.
+                    cluster.status.get_or_insert_default().conditions = conditions;
+                    owed.remove(&name);
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    owed.remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %name, error = %e, "writing condition {AGENT_AVAILABLE}; retrying");
+                }
+            }
+        }
+    }
+}
+
+/// `cluster`'s conditions with `AgentAvailable` set; the transition time moves only when
+/// the status does.
+fn with_condition(cluster: &Cluster, status: &str, reason: &str, message: &str) -> Vec<Condition> {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let mut conditions = cluster
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let previous = conditions
+        .iter()
+        .position(|c| c.type_ == AGENT_AVAILABLE)
+        .map(|i| conditions.remove(i));
+    let transition = match &previous {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => None,
+    };
+    conditions.push(Condition {
+        type_: AGENT_AVAILABLE.into(),
+        status: status.into(),
+        last_update_time: Some(now.clone()),
+        last_transition_time: Some(transition.unwrap_or(now)),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+    });
+    conditions
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        LoadBalancerIngress, LoadBalancerStatus, ServicePort, ServiceSpec, ServiceStatus,
+    };
+
+    fn service(ingress: Option<LoadBalancerIngress>) -> Service {
+        Service {
+            spec: Some(ServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                ports: Some(vec![ServicePort {
+                    name: Some("tunnel".into()),
+                    port: 8080,
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            status: Some(ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: ingress.map(|i| vec![i]),
+                }),
+                ..ServiceStatus::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    #[test]
+    fn load_balancer_ingress_ip_or_hostname_becomes_the_address() {
+        let ip = service(Some(LoadBalancerIngress {
+            ip: Some("203.0.113.7".into()),
+            ..LoadBalancerIngress::default()
+        }));
+        assert_eq!(
+            load_balancer_address(&ip).as_deref(),
+            Some("https://203.0.113.7:8080")
+        );
+        let host = service(Some(LoadBalancerIngress {
+            hostname: Some("lb.example.com".into()),
+            ..LoadBalancerIngress::default()
+        }));
+        assert_eq!(
+            load_balancer_address(&host).as_deref(),
+            Some("https://lb.example.com:8080")
+        );
+        assert_eq!(load_balancer_address(&service(None)), None);
+    }
+
+    #[test]
+    fn publish_address_prefers_the_ingress_then_the_setting_then_says_what_to_do() {
+        assert_eq!(
+            choose_publish_address(
+                Some("https://203.0.113.7:8080".into()),
+                Some("https://other:8080"),
+                "ke-system",
+                true
+            )
+            .unwrap(),
+            "https://203.0.113.7:8080"
+        );
+        assert_eq!(
+            choose_publish_address(None, Some("http://139.198.120.120:8080"), "ke-system", true)
+                .unwrap(),
+            "https://139.198.120.120:8080"
+        );
+        let pending = choose_publish_address(None, None, "ke-system", true).unwrap_err();
+        assert!(pending.contains("no EXTERNAL-IP"), "{pending}");
+        assert!(pending.contains("proxyPublishAddress"), "{pending}");
+    }
+
+    #[test]
+    fn the_transition_time_moves_only_with_the_status() {
+        let mut cluster = Cluster::default();
+        let first = with_condition(&cluster, "True", "AgentConnected", "m");
+        let mut old = first[0].clone();
+        old.last_transition_time = Some("2020-01-01T00:00:00Z".into());
+        cluster.status = Some(ClusterStatus {
+            conditions: vec![
+                Condition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..Condition::default()
+                },
+                old,
+            ],
+        });
+        let same = with_condition(&cluster, "True", "AgentConnected", "m");
+        assert_eq!(same.len(), 2, "other conditions are kept");
+        assert_eq!(
+            same[1].last_transition_time.as_deref(),
+            Some("2020-01-01T00:00:00Z")
+        );
+        let flipped = with_condition(&cluster, "False", "AgentNotConnected", "m");
+        assert_ne!(
+            flipped[1].last_transition_time.as_deref(),
+            Some("2020-01-01T00:00:00Z")
+        );
+        assert_eq!(flipped[1].status, "False");
+    }
+}

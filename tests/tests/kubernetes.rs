@@ -197,6 +197,21 @@ fn a_proxy_cluster_gets_a_token_an_endpoint_and_its_condition_follows_the_agent(
 }
 
 #[test]
+fn the_condition_is_written_where_kubesphere_crds_have_no_status_subresource() {
+    let host = Member::start();
+    host.api.set_cluster_status_subresource(false);
+    let member = Member::start();
+    let server = tower_on(&host, &[]);
+    let token = Server::minter().agent_token("member-1", None);
+    create(&host, &proxy_cluster("member-1", &token));
+    wait_available(&host, &server, "member-1", "False");
+    let _agent = agent(&server, &member, "member-1")
+        .token(&token)
+        .connect(&server);
+    wait_available(&host, &server, "member-1", "True");
+}
+
+#[test]
 fn only_clusters_of_type_proxy_may_connect() {
     let host = Member::start();
     let member = Member::start();

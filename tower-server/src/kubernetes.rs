@@ -470,10 +470,16 @@ impl Controller {
             }
             let conditions = with_condition(cluster, status, reason, &message);
             let patch = json!({ "status": { "conditions": conditions } });
-            match api
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
+            let params = PatchParams::default();
+            let mut written = api
+                .patch_status(&name, &params, &Patch::Merge(&patch))
+                .await;
+            if matches!(&written, Err(kube::Error::Api(e)) if e.code == 404) {
+                // KubeSphere's own CRD has no status subresource: status is written with
+                // the object itself there.
+                written = api.patch(&name, &params, &Patch::Merge(&patch)).await;
+            }
+            match written {
                 Ok(_) => {
                     tracing::info!(cluster = %name, %status, "set condition {AGENT_AVAILABLE}");
                     // Until the watch brings the object back, remember what was written.

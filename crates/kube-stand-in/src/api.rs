@@ -305,7 +305,7 @@ async fn resource_route(
                     collection(shared, req, r, Some(ns), one(query, name), true).await
                 }
                 [name] => object(shared, req, r, ns, name, Target::Object, &query).await,
-                [name, "status"] if r.has_status_subresource() && !watch_path => {
+                [name, "status"] if shared.store.status_subresource(r) && !watch_path => {
                     object(shared, req, r, ns, name, Target::Status, &query).await
                 }
                 [name, sub] if r == Resource::Pods && !watch_path => {
@@ -319,7 +319,7 @@ async fn resource_route(
             match tail {
                 [] if watch_path => collection(shared, req, r, None, one(query, name), true).await,
                 [] => object(shared, req, r, "", name, Target::Object, &query).await,
-                ["status"] if r.has_status_subresource() && !watch_path => {
+                ["status"] if shared.store.status_subresource(r) && !watch_path => {
                     object(shared, req, r, "", name, Target::Status, &query).await
                 }
                 _ => Err(ApiError::path_not_found()),

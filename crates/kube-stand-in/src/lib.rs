@@ -240,6 +240,13 @@ impl StandIn {
         self.shared.open_streams.load(Ordering::SeqCst)
     }
 
+    /// Serves Clusters with (the default) or without the status subresource, as
+    /// KubeSphere's own CRD does: without it, `…/status` is 404 and writes to the object
+    /// change `.status` too.
+    pub fn set_cluster_status_subresource(&self, on: bool) {
+        self.shared.store.set_cluster_status_subresource(on);
+    }
+
     /// Abruptly closes every open connection, as if the apiserver had died: in-flight
     /// watches and streams end without a clean end of their body (and without a TLS
     /// `close_notify`), upgraded exec and port-forward sessions are cut too. The listener

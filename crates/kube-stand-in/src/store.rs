@@ -422,9 +422,26 @@ pub(crate) struct Store {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Arc<Event>>,
     seed: u64,
+    /// KubeSphere's own Cluster CRD has no status subresource; this turns it off.
+    cluster_status_subresource: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
+    /// Whether `resource` serves `…/status` now (see [`Resource::has_status_subresource`]).
+    pub(crate) fn status_subresource(&self, resource: Resource) -> bool {
+        resource.has_status_subresource()
+            && (resource != Resource::Clusters
+                || self
+                    .cluster_status_subresource
+                    .load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Serves Clusters with or without the status subresource.
+    pub(crate) fn set_cluster_status_subresource(&self, on: bool) {
+        self.cluster_status_subresource
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// A store with the seed objects: namespaces `default`, `kube-system`, `bulk`; pods
     /// `default/web-0`, `default/web-1`; configmap `default/settings`; and the bulk configmaps.
     pub(crate) fn seeded() -> Store {
@@ -442,6 +459,7 @@ impl Store {
             }),
             events,
             seed,
+            cluster_status_subresource: std::sync::atomic::AtomicBool::new(true),
         };
         let seeds = [
             (
@@ -860,7 +878,7 @@ impl Store {
                 None => obj.remove("status"),
             };
             meta = old_meta.cloned().unwrap_or_default();
-        } else if resource.has_status_subresource() {
+        } else if self.status_subresource(resource) {
             // Writes to the object itself never change `.status`.
             match old_status.clone() {
                 Some(status) => obj.insert("status".into(), status),

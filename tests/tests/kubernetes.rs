@@ -212,6 +212,79 @@ fn the_condition_is_written_where_kubesphere_crds_have_no_status_subresource() {
 }
 
 #[test]
+fn two_replicas_share_one_minted_token_and_keep_the_condition_true_when_one_leaves() {
+    let host = Member::start();
+    let member = Member::start();
+    let pki = tower_e2e::OperatorPki::new();
+    let kubeconfig = host.kubeconfig.to_str().unwrap().to_owned();
+    let replica = |id: &str| {
+        let mut args = vec![
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--server-id",
+            id,
+            "--server-count",
+            "2",
+        ];
+        args.extend(pki.flags());
+        let server = server().args(&args).start();
+        wait_for(
+            "the first list of Clusters",
+            Duration::from_secs(20),
+            || (admin_get(server.admin, "/readyz").0 == 200).then_some(()),
+        );
+        server
+    };
+    let a = replica("tower-a");
+    let b = replica("tower-b");
+    create(&host, &proxy_cluster("member-1", ""));
+    let minted = wait_for("a token", Duration::from_secs(20), || {
+        cluster(&host, "member-1")
+            .map(|c| token_of(&c))
+            .filter(|t| !t.is_empty())
+    });
+    let balancer = tower_e2e::Relay::balance(&[a.tunnel, b.tunnel]);
+    let _agent = agent(&a, &member, "member-1")
+        .token(&minted)
+        .proxy_server(balancer.addr)
+        .spawn();
+    wait_for("tunnels to both replicas", Duration::from_secs(20), || {
+        (a.connected("member-1") && b.connected("member-1")).then_some(())
+    });
+    wait_available(&host, &a, "member-1", "True");
+    // Both replicas saw the empty token; only one token was ever written.
+    let now = cluster(&host, "member-1").expect("cluster");
+    assert_eq!(
+        token_of(&now),
+        minted,
+        "a second replica overwrote the token"
+    );
+
+    // Replica a leaves (SIGTERM): it says False on its way out; b still holds the
+    // cluster's tunnel and says True again.
+    let status_writes = || {
+        host.api
+            .calls()
+            .iter()
+            .filter(|c| {
+                c.method == "PATCH" && c.path_and_query.contains("/clusters/member-1/status")
+            })
+            .count()
+    };
+    let before = status_writes();
+    a.process.terminate();
+    wait_for(
+        "False from a, then True from b",
+        Duration::from_secs(20),
+        || (status_writes() >= before + 2).then_some(()),
+    );
+    let after = wait_available(&host, &b, "member-1", "True");
+    assert!(b.connected("member-1"));
+    eprintln!("condition after replica a left: {:?}", available(&after));
+}
+
+#[test]
 fn only_clusters_of_type_proxy_may_connect() {
     let host = Member::start();
     let member = Member::start();

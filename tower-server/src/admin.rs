@@ -16,6 +16,7 @@ use crate::status::{Body, full, text};
 /// Serves admin requests.
 pub(crate) struct Admin {
     pub(crate) registry: Arc<Registry>,
+    pub(crate) counters: Arc<crate::metrics::Metrics>,
     pub(crate) metrics: MetricsRegistry,
     pub(crate) draining: CancellationToken,
     pub(crate) manifests: Manifests,
@@ -49,6 +50,12 @@ impl Admin {
             ),
             "/readyz" => text(StatusCode::OK, "ok"),
             "/metrics" => {
+                let tasks = tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_alive_tasks();
+                self.counters
+                    .live_tasks
+                    .set(i64::try_from(tasks).unwrap_or(i64::MAX));
                 let mut out = String::new();
                 if prometheus_client::encoding::text::encode(&mut out, &self.metrics).is_err() {
                     return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed");

@@ -119,9 +119,17 @@ pub struct ServeArgs {
     /// Largest request header block, in bytes.
     #[arg(long, env = "TOWER_MAX_HEADER_BYTES", default_value_t = 65536)]
     pub max_header_bytes: usize,
-    /// Most concurrent streams on one tunnel.
+    /// Most concurrent streams on one tunnel (beyond it: 503).
     #[arg(long, env = "TOWER_MAX_STREAMS_PER_TUNNEL", default_value_t = 16384)]
     pub max_streams_per_tunnel: usize,
+    /// Most requests in flight to one cluster through this server, watches included
+    /// (beyond it: 429).
+    #[arg(long, env = "TOWER_MAX_REQUESTS_PER_CLUSTER", default_value_t = 16384)]
+    pub max_requests_per_cluster: usize,
+    /// A proxied request whose bytes stop moving this long is ended: 504 before the
+    /// member answers, a cut body after (the kubelet's streaming idle timeout is 4h too).
+    #[arg(long, env = "TOWER_STREAM_IDLE_TIMEOUT", default_value = "4h", value_parser = humantime::parse_duration)]
+    pub stream_idle_timeout: Duration,
 }
 
 /// Validates the flags into a [`Config`]; the error says which flag is wrong.
@@ -184,6 +192,12 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
     if args.max_streams_per_tunnel == 0 {
         return Err("--max-streams-per-tunnel must be at least 1".into());
     }
+    if args.max_requests_per_cluster == 0 {
+        return Err("--max-requests-per-cluster must be at least 1".into());
+    }
+    if args.stream_idle_timeout < Duration::from_secs(1) {
+        return Err("--stream-idle-timeout must be at least 1s".into());
+    }
     let server_id = match &args.server_id {
         Some(id) if !id.trim().is_empty() => id.clone(),
         Some(_) => return Err("--server-id must not be empty".into()),
@@ -213,6 +227,8 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
             header_read_timeout: args.header_read_timeout,
             max_header_bytes: args.max_header_bytes,
             max_streams: args.max_streams_per_tunnel,
+            max_requests_per_cluster: args.max_requests_per_cluster,
+            stream_idle_timeout: args.stream_idle_timeout,
             ..Limits::default()
         },
     })

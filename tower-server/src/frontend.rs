@@ -5,9 +5,10 @@
 //! which checks it again. Bodies stream both ways; upgrades (exec, attach,
 //! port-forward) are joined end to end once both sides have switched protocols.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,12 +20,14 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_auth::Verifier;
 use tower_proto::Preamble;
 use tower_proto::names::validate_cluster_name;
 use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
-use tower_tunnel::TunnelStream;
+use tower_tunnel::{TunnelError, TunnelStream};
 
+use crate::idle::{Activity, IdleBody, unless_idle};
 use crate::metrics::{DirectionLabels, Metrics};
 use crate::registry::{Lookup, Registry};
 use crate::status::{Body, failure};
@@ -37,6 +40,10 @@ pub(crate) struct Frontend {
     verifier: Verifier,
     client: Client<TunnelConnector, UpstreamBody>,
     metrics: Arc<Metrics>,
+    /// Requests in flight per cluster, each bounded by `max_requests_per_cluster`.
+    per_cluster: Mutex<HashMap<String, Arc<Semaphore>>>,
+    max_requests_per_cluster: usize,
+    idle_timeout: Duration,
 }
 
 impl Frontend {
@@ -45,6 +52,7 @@ impl Frontend {
         verifier: Verifier,
         metrics: Arc<Metrics>,
         server_id: String,
+        limits: &crate::Limits,
     ) -> Self {
         let connector = TunnelConnector {
             registry: registry.clone(),
@@ -60,22 +68,43 @@ impl Frontend {
             verifier,
             client,
             metrics,
+            per_cluster: Mutex::new(HashMap::new()),
+            max_requests_per_cluster: limits.max_requests_per_cluster,
+            idle_timeout: limits.stream_idle_timeout,
         }
+    }
+
+    /// A slot among the cluster's requests in flight, or 429 when they are all taken.
+    fn cluster_slot(&self, cluster: &str) -> Result<OwnedSemaphorePermit, ProxyError> {
+        let semaphore = self
+            .per_cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(cluster.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.max_requests_per_cluster)))
+            .clone();
+        semaphore.try_acquire_owned().map_err(|_| {
+            self.metrics.count_limited("cluster_concurrency");
+            ProxyError::TooManyRequests(format!(
+                "cluster {cluster:?} already has {} requests in flight through this server (--max-requests-per-cluster): retry later",
+                self.max_requests_per_cluster
+            ))
+        })
     }
 
     /// Answers one frontend request.
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let in_flight = InFlight::new(self.metrics.clone());
-        let response = match self.route(req).await {
-            Ok(response) => response,
-            Err(e) => e.response(),
+        let (response, slot) = match self.route(req).await {
+            Ok(routed) => routed,
+            Err(e) => (e.response(), None),
         };
         self.metrics.count_status(response.status().as_u16());
         let metrics = self.metrics.clone();
         let (parts, body) = response.into_parts();
         let body = body
             .map_frame(move |frame| {
-                let _held_until_the_body_ends = &in_flight;
+                let _held_until_the_body_ends = (&in_flight, &slot);
                 if let Some(data) = frame.data_ref() {
                     metrics
                         .bytes
@@ -90,7 +119,11 @@ impl Frontend {
         Response::from_parts(parts, body)
     }
 
-    async fn route(&self, mut req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    /// Proxies `req`; the response comes with the cluster slot it holds until its body ends.
+    async fn route(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Body>, Option<OwnedSemaphorePermit>), ProxyError> {
         let route = Route::parse(req.uri())?;
         let caller = tower_auth::bearer(
             req.headers()
@@ -122,7 +155,9 @@ impl Frontend {
                 )));
             }
         }
+        let slot = self.cluster_slot(&route.cluster)?;
         tracing::debug!(cluster = %route.cluster, target = %route.target, user = %caller.user, method = %req.method(), path = %route.path, "proxying");
+        let activity = Activity::new();
 
         let client_upgrade = req
             .headers()
@@ -134,8 +169,10 @@ impl Frontend {
             .map_err(|e| ProxyError::BadRequest(format!("bad path: {e}")))?;
         tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
         let metrics = self.metrics.clone();
+        let request_activity = activity.clone();
         let body = body
             .map_frame(move |frame| {
+                request_activity.touch();
                 if let Some(data) = frame.data_ref() {
                     metrics
                         .bytes
@@ -148,7 +185,24 @@ impl Frontend {
             })
             .boxed_unsync();
         let upstream = Request::from_parts(parts, body);
-        let mut response = self.client.request(upstream).await.map_err(|e| {
+        let answer = unless_idle(self.client.request(upstream), &activity, self.idle_timeout)
+            .await
+            .map_err(|e| {
+                self.metrics.count_limited("idle_timeout");
+                ProxyError::GatewayTimeout(format!(
+                    "cluster {:?} did not answer: {e}",
+                    route.cluster
+                ))
+            })?;
+        let mut response = answer.map_err(|e| {
+            if tunnel_error(&e).is_some_and(|t| matches!(t, TunnelError::StreamLimit(_))) {
+                self.metrics.count_limited("stream_limit");
+                return ProxyError::Unavailable(format!(
+                    "cluster {:?}: {} (--max-streams-per-tunnel): retry later",
+                    route.cluster,
+                    error_chain(&e)
+                ));
+            }
             tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
             ProxyError::BadGateway(format!(
                 "cluster {:?}: the tunnel failed: {}",
@@ -170,8 +224,27 @@ impl Frontend {
         } else {
             tower_tunnel::http::strip_hop_by_hop(response.headers_mut());
         }
-        Ok(response.map(|b| b.boxed()))
+        let metrics = self.metrics.clone();
+        let response = response.map(|b| {
+            IdleBody::new(b, activity, self.idle_timeout, move || {
+                metrics.count_limited("idle_timeout");
+            })
+            .boxed()
+        });
+        Ok((response, Some(slot)))
     }
+}
+
+/// The [`TunnelError`] somewhere in `e`'s chain of causes.
+fn tunnel_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a TunnelError> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(t) = c.downcast_ref::<TunnelError>() {
+            return Some(t);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Why a frontend request was not proxied; each maps to a status and a `Status` reason.
@@ -195,6 +268,12 @@ pub(crate) enum ProxyError {
     /// The tunnel or the agent failed mid-request.
     #[error("{0}")]
     BadGateway(String),
+    /// The cluster has as many requests in flight as it may.
+    #[error("{0}")]
+    TooManyRequests(String),
+    /// The member did not answer while nothing moved for the idle timeout.
+    #[error("{0}")]
+    GatewayTimeout(String),
 }
 
 impl ProxyError {
@@ -206,6 +285,8 @@ impl ProxyError {
             ProxyError::NotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -216,8 +297,19 @@ impl ProxyError {
             ProxyError::Forbidden(_) => "Forbidden",
             ProxyError::NotFound(_) => "NotFound",
             ProxyError::Unavailable(_) | ProxyError::BadGateway(_) => "ServiceUnavailable",
+            ProxyError::TooManyRequests(_) => "TooManyRequests",
+            ProxyError::GatewayTimeout(_) => "Timeout",
         };
-        failure(self.status(), reason, &self.to_string())
+        let mut response = failure(self.status(), reason, &self.to_string());
+        if matches!(
+            self,
+            ProxyError::TooManyRequests(_) | ProxyError::Unavailable(_)
+        ) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 

@@ -12,6 +12,7 @@ mod admin;
 mod agents;
 pub mod cli;
 mod frontend;
+mod idle;
 pub mod kubernetes;
 pub mod manifest;
 pub mod metrics;
@@ -55,6 +56,10 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Streams per tunnel.
     pub max_streams: usize,
+    /// Requests in flight per cluster (beyond it: 429).
+    pub max_requests_per_cluster: usize,
+    /// A proxied request whose bytes stop moving this long is ended (504 or cut).
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -64,6 +69,8 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_streams: SessionConfig::default().max_streams,
+            max_requests_per_cluster: SessionConfig::default().max_streams,
+            stream_idle_timeout: Duration::from_secs(4 * 3600),
         }
     }
 }
@@ -208,9 +215,11 @@ pub async fn run(
         verifier.clone(),
         metrics.clone(),
         config.server_id.clone(),
+        &config.limits,
     ));
     let admin = Arc::new(admin::Admin {
         registry: registry.clone(),
+        counters: metrics.clone(),
         metrics: metrics_registry,
         draining: draining.clone(),
         manifests: admin::Manifests {

@@ -37,6 +37,17 @@ pub struct Metrics {
     pub reconnects: Counter,
     /// Tunnel handshakes refused.
     pub refused_tunnels: Counter,
+    /// Requests turned away or cut by a limit, by which limit.
+    pub limited: Family<ReasonLabels, Counter>,
+    /// Tokio tasks alive in the process (set when scraped).
+    pub live_tasks: Gauge,
+}
+
+/// Which limit turned a request away.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `cluster_concurrency`, `stream_limit` or `idle_timeout`.
+    pub reason: &'static str,
 }
 
 impl Metrics {
@@ -70,6 +81,21 @@ impl Metrics {
             "Tunnel handshakes refused",
             self.refused_tunnels.clone(),
         );
+        r.register(
+            "requests_limited",
+            "Requests refused (429, 503) or cut (504, idle) by a limit, by limit",
+            self.limited.clone(),
+        );
+        r.register(
+            "live_tasks",
+            "Tokio tasks alive in the process",
+            self.live_tasks.clone(),
+        );
+    }
+
+    /// Counts a request hit by limit `reason`.
+    pub fn count_limited(&self, reason: &'static str) {
+        self.limited.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Counts a response with `code`.

@@ -4,8 +4,11 @@ use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
+/// Any error a body may end with.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body type every listener answers with.
-pub(crate) type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+pub(crate) type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 /// A body from bytes.
 pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {

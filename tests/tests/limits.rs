@@ -1,0 +1,221 @@
+//! Limits: requests per cluster (429), streams per tunnel (503), idle streams (cut), each
+//! a clear status counted in `/metrics`; and nothing left behind once callers are gone.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use tower_e2e::{
+    Https, KubectlStream, Member, Server, admin_get, agent, kubectl, kubectl_with_input, server,
+    wait_for,
+};
+
+fn metric(server: &Server, name: &str) -> f64 {
+    let (_, text) = admin_get(server.admin, "/metrics");
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Opens a `kubectl get -w` and waits until its watch is open at the member.
+fn open_watch(kc: &std::path::Path, member: &Member, namespace: &str) -> KubectlStream {
+    let before = watches(member, namespace);
+    let watch = KubectlStream::spawn(kc, &["get", "configmaps", "-n", namespace, "-w"]);
+    wait_for("the watch to open", Duration::from_secs(30), || {
+        (watches(member, namespace) > before).then_some(())
+    });
+    watch
+}
+
+fn watches(member: &Member, namespace: &str) -> usize {
+    member
+        .api
+        .calls()
+        .iter()
+        .filter(|c| {
+            c.path_and_query
+                .starts_with(&format!("/api/v1/namespaces/{namespace}/configmaps?"))
+                && c.path_and_query.contains("watch=")
+        })
+        .count()
+}
+
+#[test]
+fn requests_beyond_the_per_cluster_limit_get_429_and_the_slot_comes_back() {
+    let member = Member::start();
+    let server = server().args(&["--max-requests-per-cluster", "2"]).start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let kc = server.kubeconfig("member-1", "alice", &[]);
+    let https = Https::frontend(&server);
+    let user = Server::minter().user_token("alice", &[], None);
+
+    let first = open_watch(&kc, &member, "default");
+    let second = open_watch(&kc, &member, "kube-system");
+    let refused = https.get("/clusters/member-1/version", Some(&user));
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(
+        refused.body.contains("--max-requests-per-cluster"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "tower_requests_limited_total{reason=\"cluster_concurrency\"}"
+        ),
+        1.0
+    );
+    // kubectl shows the reason too.
+    let out = kubectl(&kc, &["get", "pods"]);
+    assert_ne!(out.code(), Some(0));
+
+    drop(first);
+    wait_for("a slot to come back", Duration::from_secs(10), || {
+        (https.get("/clusters/member-1/version", Some(&user)).status == 200).then_some(())
+    });
+    drop(second);
+}
+
+#[test]
+fn a_full_tunnel_answers_503_and_recovers() {
+    let member = Member::start();
+    // The control stream takes one of the three.
+    let server = server().args(&["--max-streams-per-tunnel", "3"]).start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let kc = server.kubeconfig("member-1", "alice", &[]);
+    let https = Https::frontend(&server);
+    let user = Server::minter().user_token("alice", &[], None);
+
+    let first = open_watch(&kc, &member, "default");
+    let second = open_watch(&kc, &member, "kube-system");
+    let refused = https.get("/clusters/member-1/version", Some(&user));
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(
+        refused.body.contains("concurrent streams"),
+        "{}",
+        refused.body
+    );
+    assert!(
+        metric(
+            &server,
+            "tower_requests_limited_total{reason=\"stream_limit\"}"
+        ) >= 1.0
+    );
+    drop(first);
+    drop(second);
+    wait_for("a stream to come back", Duration::from_secs(10), || {
+        (https.get("/clusters/member-1/version", Some(&user)).status == 200).then_some(())
+    });
+}
+
+#[test]
+fn a_silent_stream_is_cut_at_the_idle_timeout_and_a_busy_one_is_not() {
+    let member = Member::start();
+    let server = server().args(&["--stream-idle-timeout", "2s"]).start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let https = Https::frontend(&server);
+    let user = Server::minter().user_token("alice", &[], None);
+
+    // Nothing happens in the namespace: the watch is cut, and the caller sees an error.
+    let started = Instant::now();
+    let silent = https.try_request(
+        "GET",
+        "/clusters/member-1/api/v1/namespaces/kube-system/configmaps?watch=1&timeoutSeconds=30",
+        Some(&user),
+        &[],
+    );
+    let lasted = started.elapsed();
+    assert!(
+        silent.is_err(),
+        "a cut watch must not look complete: {silent:?}"
+    );
+    assert!(
+        lasted >= Duration::from_secs(2) && lasted < Duration::from_secs(10),
+        "cut after {lasted:?}"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "tower_requests_limited_total{reason=\"idle_timeout\"}"
+        ),
+        1.0
+    );
+
+    // Events every second keep a watch alive past the timeout, to its own clean end.
+    let pacer = {
+        let kubeconfig = member.kubeconfig.clone();
+        std::thread::spawn(move || {
+            for i in 0..5 {
+                std::thread::sleep(Duration::from_secs(1));
+                let yaml = format!(
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: tick-{i}\n  namespace: default\n"
+                );
+                kubectl_with_input(&kubeconfig, &["create", "-f", "-"], yaml.as_bytes()).success();
+            }
+        })
+    };
+    let busy = https
+        .try_request(
+            "GET",
+            "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=5",
+            Some(&user),
+            &[],
+        )
+        .expect("a busy watch ends cleanly");
+    assert_eq!(busy.status, 200);
+    assert!(busy.body.contains("tick-2"), "{}", busy.body);
+    pacer.join().unwrap();
+    assert_eq!(
+        metric(
+            &server,
+            "tower_requests_limited_total{reason=\"idle_timeout\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn tasks_streams_and_requests_return_to_their_baseline() {
+    let member = Member::start();
+    let server = server().start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let kc = server.kubeconfig("member-1", "alice", &[]);
+    // Pooled tunnel streams each keep one connection task; count tasks net of them.
+    let net_tasks = |s: &Server| metric(s, "tower_live_tasks ") - metric(s, "tower_streams ");
+    let settle = |what: &str| {
+        wait_for(what, Duration::from_secs(15), || {
+            (metric(&server, "tower_requests_in_flight ") == 0.0).then_some(())
+        })
+    };
+    kubectl(&kc, &["get", "pods"]).success();
+    settle("warm-up");
+    let baseline = net_tasks(&server);
+    assert!(baseline > 0.0, "tower_live_tasks is exported");
+
+    for _ in 0..3 {
+        kubectl(&kc, &["get", "pods", "-A"]).success();
+        let watch = open_watch(&kc, &member, "default");
+        drop(watch);
+        kubectl(&kc, &["logs", "web-0", "--tail", "1"]).success();
+        let exec = kubectl(&kc, &["exec", "web-0", "--", "echo", "hi"]);
+        assert!(exec.success().contains("hi"));
+        let _ = kubectl(&kc, &["get", "pods", "nope"]);
+    }
+    let unauthorized = Https::frontend(&server).get("/clusters/member-1/version", Some("x"));
+    assert_eq!(unauthorized.status, 401);
+    settle("the requests to finish");
+    wait_for(
+        "live tasks to return to their baseline",
+        Duration::from_secs(20),
+        || (net_tasks(&server) <= baseline).then_some(()),
+    );
+    eprintln!(
+        "live tasks net of pooled streams: baseline {baseline}, after {} (tasks {}, streams {})",
+        net_tasks(&server),
+        metric(&server, "tower_live_tasks "),
+        metric(&server, "tower_streams ")
+    );
+    assert_eq!(metric(&server, "tower_tunnels "), 1.0);
+}

@@ -75,6 +75,10 @@ pub struct Cli {
     /// Largest reconnect delay.
     #[arg(long, env = "TOWER_RECONNECT_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     pub reconnect_max: Duration,
+    /// On SIGTERM, how long requests in flight get to finish (watches end at once,
+    /// cleanly); keep it below the pod's terminationGracePeriodSeconds (30s default).
+    #[arg(long, env = "TOWER_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
     /// Dial without TLS: only when a load balancer in front of the server terminates TLS.
     #[arg(long, env = "TOWER_INSECURE_PLAINTEXT_TUNNEL")]
     pub insecure_plaintext_tunnel: bool,
@@ -180,6 +184,7 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         verifier,
         targets,
         keepalive: Keepalive::new(cli.keepalive),
+        shutdown_grace: cli.shutdown_grace,
         backoff: Backoff {
             max: cli.reconnect_max.max(Duration::from_millis(100)),
             ..Backoff::default()

@@ -88,6 +88,9 @@ pub struct Config {
     pub keepalive: Keepalive,
     /// Reconnect policy.
     pub backoff: Backoff,
+    /// On shutdown, how long requests in flight get to finish (watches end at once,
+    /// cleanly).
+    pub shutdown_grace: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -134,6 +137,7 @@ pub async fn run(
     };
     let mut replicas: usize = 1;
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(String, Ended, Duration)>();
+    let tunnels = TaskTracker::new();
     let mut attempt: u32 = 0;
     let mut duplicates: u32 = 0;
     let mut delay = Duration::ZERO;
@@ -188,7 +192,7 @@ pub async fn run(
                     ended_tx.clone(),
                     held_tx.subscribe(),
                 );
-                tokio::spawn(async move {
+                tunnels.spawn(async move {
                     let started = Instant::now();
                     up.fetch_add(1, Ordering::SeqCst);
                     let ended = hold_tunnel(dialed, config, shutdown, held_rx).await;
@@ -210,6 +214,9 @@ pub async fn run(
             }
         }
     }
+    // Every tunnel drains on the same signal: wait for them (each bounds its own wait).
+    tunnels.close();
+    tunnels.wait().await;
     Ok(())
 }
 
@@ -247,18 +254,25 @@ async fn hold_tunnel(
     };
     let (drained_tx, mut drained_rx) = mpsc::channel::<()>(1);
     let streams = TaskTracker::new();
+    // Only HTTP streams count for a drain: the control stream lives as long as the tunnel.
+    let requests = TaskTracker::new();
     let serving = {
         let handle = handle.clone();
         let config = config.clone();
         let streams = streams.clone();
+        let tunnel = TunnelContext {
+            session: handle.clone(),
+            drained: drained_tx,
+            held,
+            shutdown: shutdown.clone(),
+            requests: requests.clone(),
+        };
         tokio::spawn(async move {
             while let Some(stream) = inbound.recv().await {
                 let config = config.clone();
-                let handle = handle.clone();
-                let drained_tx = drained_tx.clone();
-                let held = held.clone();
+                let tunnel = tunnel.clone();
                 streams.spawn(async move {
-                    serve_stream(stream, config, keepalive, handle, drained_tx, held).await;
+                    serve_stream(stream, config, keepalive, tunnel).await;
                 });
             }
         })
@@ -267,6 +281,12 @@ async fn hold_tunnel(
         () = handle.closed() => Ended::Closed,
         Some(()) = drained_rx.recv() => Ended::Drained,
         () = shutdown.cancelled() => {
+            // Drain: the server was told (control stream) and routes nothing new here;
+            // idle streams close, watches end cleanly, the rest get the grace period.
+            requests.close();
+            if tokio::time::timeout(config.shutdown_grace, requests.wait()).await.is_err() {
+                tracing::warn!(grace = ?config.shutdown_grace, "grace period over: closing requests still in flight");
+            }
             handle.close();
             Ended::Closed
         }
@@ -285,14 +305,33 @@ async fn hold_tunnel(
     ended
 }
 
+/// What every stream of one tunnel shares.
+#[derive(Clone)]
+struct TunnelContext {
+    session: tower_tunnel::SessionHandle,
+    /// Told when the server drains this tunnel.
+    drained: mpsc::Sender<()>,
+    /// The replicas held, for `Held` messages.
+    held: watch::Receiver<Vec<String>>,
+    /// The agent is shutting down: drain.
+    shutdown: CancellationToken,
+    /// HTTP streams in flight.
+    requests: TaskTracker,
+}
+
 async fn serve_stream(
     mut stream: TunnelStream,
     config: Arc<Config>,
     keepalive: Keepalive,
-    session: tower_tunnel::SessionHandle,
-    drained: mpsc::Sender<()>,
-    mut held: watch::Receiver<Vec<String>>,
+    tunnel: TunnelContext,
 ) {
+    let TunnelContext {
+        session,
+        drained,
+        mut held,
+        shutdown,
+        requests,
+    } = tunnel;
     let preamble = match tokio::time::timeout(Duration::from_secs(10), stream.read_preamble()).await
     {
         Ok(Ok(p)) => p,
@@ -307,7 +346,8 @@ async fn serve_stream(
     };
     match preamble.kind {
         StreamKind::Control => {
-            let (out_tx, out_rx) = mpsc::channel(1);
+            let (out_tx, out_rx) = mpsc::channel(2);
+            let out_tx_drain = out_tx.clone();
             let (events_tx, mut events_rx) = mpsc::channel(8);
             // Tell the replica which replicas hold this cluster, now and on every change.
             let tell_held = async move {
@@ -324,6 +364,17 @@ async fn serve_stream(
                 }
             };
             let tell_held = tokio::spawn(tell_held);
+            // On shutdown, tell the server to stop routing here (it keeps the tunnel
+            // until the requests on it are done).
+            let grace_ms = config.shutdown_grace.as_millis().min(u128::from(u32::MAX)) as u32;
+            let announce_drain = {
+                let shutdown = shutdown.clone();
+                let out = out_tx_drain;
+                tokio::spawn(async move {
+                    shutdown.cancelled().await;
+                    let _ = out.send(ControlMessage::Drain { grace_ms }).await;
+                })
+            };
             let watch_events = async {
                 while let Some(event) = events_rx.recv().await {
                     if let ControlMessage::Drain { grace_ms } = event {
@@ -337,24 +388,47 @@ async fn serve_stream(
                 watch_events
             );
             tell_held.abort();
+            announce_drain.abort();
             if let Err(e) = result {
                 tracing::warn!(error = %e, "control stream failed: closing the tunnel");
             }
             session.close();
         }
         StreamKind::Http => {
+            let _in_flight = requests.token();
             let target = preamble.target;
+            let ending = shutdown.clone();
             let service = service_fn(move |req| {
                 let config = config.clone();
                 let target = target.clone();
-                async move { Ok::<_, Infallible>(handle_request(&config, &target, req).await) }
+                let ending = ending.clone();
+                async move {
+                    let watch = tower_tunnel::watch_end::is_watch(req.uri());
+                    let response = handle_request(&config, &target, req).await;
+                    // A watch ends cleanly when the agent drains; clients watch again.
+                    Ok::<_, Infallible>(if watch {
+                        response.map(|body| {
+                            tower_tunnel::watch_end::EndOnSignal::new(body, ending).boxed()
+                        })
+                    } else {
+                        response
+                    })
+                }
             });
-            let result = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(300))
                 .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+                .with_upgrades();
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = shutdown.cancelled() => {
+                    // Finish the request in progress (if any), then close the stream.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "tunnel stream ended with an error");
             }
@@ -602,6 +676,7 @@ mod tests {
             targets,
             keepalive: Keepalive::default(),
             backoff: Backoff::default(),
+            shutdown_grace: Duration::from_secs(1),
         }
     }
 

@@ -289,6 +289,12 @@ impl Acceptor {
                         server_ids.dedup();
                         *replicas.write().unwrap_or_else(|e| e.into_inner()) = server_ids;
                     }
+                    ControlMessage::Drain { grace_ms } => {
+                        // The agent is going away: route nothing new here; what runs on
+                        // the tunnel finishes, and the agent closes it.
+                        tracing::info!(%cluster, tunnel = id, grace_ms, "agent is draining: unrouted");
+                        self.registry.remove(&cluster, id);
+                    }
                     event => tracing::debug!(%cluster, ?event, "control message from agent"),
                 },
                 () = handle.closed() => break,

@@ -21,10 +21,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tower_auth::Verifier;
 use tower_proto::Preamble;
 use tower_proto::names::validate_cluster_name;
 use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
+use tower_tunnel::watch_end::EndOnSignal;
 use tower_tunnel::{TunnelError, TunnelStream};
 
 use crate::idle::{Activity, IdleBody, unless_idle};
@@ -44,6 +46,8 @@ pub(crate) struct Frontend {
     per_cluster: Mutex<HashMap<String, Arc<Semaphore>>>,
     max_requests_per_cluster: usize,
     idle_timeout: Duration,
+    /// Cancelled when the server drains: open watches end cleanly.
+    draining: CancellationToken,
 }
 
 impl Frontend {
@@ -53,6 +57,7 @@ impl Frontend {
         metrics: Arc<Metrics>,
         server_id: String,
         limits: &crate::Limits,
+        draining: CancellationToken,
     ) -> Self {
         let connector = TunnelConnector {
             registry: registry.clone(),
@@ -71,6 +76,7 @@ impl Frontend {
             per_cluster: Mutex::new(HashMap::new()),
             max_requests_per_cluster: limits.max_requests_per_cluster,
             idle_timeout: limits.stream_idle_timeout,
+            draining,
         }
     }
 
@@ -156,6 +162,7 @@ impl Frontend {
             }
         }
         let slot = self.cluster_slot(&route.cluster)?;
+        let watch = tower_tunnel::watch_end::is_watch(req.uri());
         tracing::debug!(cluster = %route.cluster, target = %route.target, user = %caller.user, method = %req.method(), path = %route.path, "proxying");
         let activity = Activity::new();
 
@@ -225,11 +232,17 @@ impl Frontend {
             tower_tunnel::http::strip_hop_by_hop(response.headers_mut());
         }
         let metrics = self.metrics.clone();
+        let draining = self.draining.clone();
         let response = response.map(|b| {
-            IdleBody::new(b, activity, self.idle_timeout, move || {
+            let body = IdleBody::new(b, activity, self.idle_timeout, move || {
                 metrics.count_limited("idle_timeout");
-            })
-            .boxed()
+            });
+            // A watch ends cleanly when this server drains; clients watch again elsewhere.
+            if watch {
+                EndOnSignal::new(body, draining).boxed()
+            } else {
+                body.boxed()
+            }
         });
         Ok((response, Some(slot)))
     }

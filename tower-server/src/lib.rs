@@ -216,6 +216,7 @@ pub async fn run(
         metrics.clone(),
         config.server_id.clone(),
         &config.limits,
+        draining.clone(),
     ));
     let admin = Arc::new(admin::Admin {
         registry: registry.clone(),

@@ -16,6 +16,7 @@ pub mod http;
 pub mod session;
 pub mod stream;
 pub mod tls;
+pub mod watch_end;
 
 pub use session::{SessionConfig, SessionHandle};
 pub use stream::TunnelStream;

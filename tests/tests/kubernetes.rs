@@ -285,6 +285,89 @@ fn two_replicas_share_one_minted_token_and_keep_the_condition_true_when_one_leav
 }
 
 #[test]
+fn the_replica_count_follows_the_deployment_and_agents_follow_it() {
+    let host = Member::start();
+    let member = Member::start();
+    create(
+        &host,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ke-system\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: tower\n  namespace: ke-system\nspec:\n  replicas: 1\n  selector:\n    matchLabels:\n      app: tower\n  template:\n    metadata:\n      labels:\n        app: tower\n    spec:\n      containers:\n      - name: tower\n        image: tower:test\n",
+    );
+    let pki = tower_e2e::OperatorPki::new();
+    let kubeconfig = host.kubeconfig.to_str().unwrap().to_owned();
+    // No --server-count: the Deployment says how many replicas there are.
+    let replica = |id: &str| {
+        let mut args = vec![
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--server-id",
+            id,
+        ];
+        args.extend(pki.flags());
+        let server = server().args(&args).start();
+        wait_for(
+            "the first list of Clusters",
+            Duration::from_secs(20),
+            || (admin_get(server.admin, "/readyz").0 == 200).then_some(()),
+        );
+        server
+    };
+    let token = Server::minter().agent_token("member-1", None);
+    create(&host, &proxy_cluster("member-1", &token));
+    let a = replica("tower-a");
+    let b = replica("tower-b");
+    let balancer = tower_e2e::Relay::balance(&[a.tunnel, b.tunnel]);
+    let agent = agent(&a, &member, "member-1")
+        .token(&token)
+        .proxy_server(balancer.addr)
+        .spawn();
+    wait_for("a first tunnel", Duration::from_secs(20), || {
+        (a.connected("member-1") || b.connected("member-1")).then_some(())
+    });
+    let holders = |s: &Server| s.clusters()[0]["replicas"].clone();
+    let one = if a.connected("member-1") { &a } else { &b };
+    assert_eq!(holders(one).as_array().map(Vec::len), Some(1));
+
+    // Scale to two: both replicas learn it, tell the agent, and it dials the other one.
+    let scaled = std::time::Instant::now();
+    kubectl(
+        &host.kubeconfig,
+        &[
+            "-n",
+            "ke-system",
+            "patch",
+            "deployment",
+            "tower",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"replicas":2}}"#,
+        ],
+    )
+    .success();
+    wait_for_with(
+        "a tunnel to each replica",
+        Duration::from_secs(15),
+        || (a.connected("member-1") && b.connected("member-1")).then_some(()),
+        || agent.process.log(),
+    );
+    eprintln!(
+        "tunnels to both replicas {:?} after scaling",
+        scaled.elapsed()
+    );
+    wait_for(
+        "both replicas to see both holders",
+        Duration::from_secs(10),
+        || {
+            [&a, &b]
+                .iter()
+                .all(|s| holders(s) == serde_json::json!(["tower-a", "tower-b"]))
+                .then_some(())
+        },
+    );
+}
+
+#[test]
 fn only_clusters_of_type_proxy_may_connect() {
     let host = Member::start();
     let member = Member::start();

@@ -138,12 +138,20 @@ pub async fn run(
     let mut replicas: usize = 1;
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(String, Ended, Duration)>();
     let tunnels = TaskTracker::new();
+    let (count_tx, mut count_rx) = mpsc::unbounded_channel::<usize>();
     let mut attempt: u32 = 0;
     let mut duplicates: u32 = 0;
     let mut delay = Duration::ZERO;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            Some(count) = count_rx.recv() => {
+                if count != replicas {
+                    tracing::info!(replicas = count, tunnels = held.len(), "the server count changed");
+                    replicas = count;
+                }
+                continue;
+            }
             Some((server_id, ended, lasted)) = ended_rx.recv() => {
                 held.remove(&server_id);
                 publish_held(&held);
@@ -185,17 +193,18 @@ pub async fn run(
                 held.insert(server_id.clone());
                 publish_held(&held);
                 delay = Duration::ZERO;
-                let (config, shutdown, up, ended_tx, held_rx) = (
+                let (config, shutdown, up, ended_tx, held_rx, count_tx) = (
                     config.clone(),
                     shutdown.clone(),
                     up.clone(),
                     ended_tx.clone(),
                     held_tx.subscribe(),
+                    count_tx.clone(),
                 );
                 tunnels.spawn(async move {
                     let started = Instant::now();
                     up.fetch_add(1, Ordering::SeqCst);
-                    let ended = hold_tunnel(dialed, config, shutdown, held_rx).await;
+                    let ended = hold_tunnel(dialed, config, shutdown, held_rx, count_tx).await;
                     up.fetch_sub(1, Ordering::SeqCst);
                     let _ = ended_tx.send((server_id, ended, started.elapsed()));
                 });
@@ -241,6 +250,7 @@ async fn hold_tunnel(
     config: Arc<Config>,
     shutdown: CancellationToken,
     held: watch::Receiver<Vec<String>>,
+    replicas: mpsc::UnboundedSender<usize>,
 ) -> Ended {
     let (handle, mut inbound, driver) =
         session::start(dialed.io, Role::Agent, &SessionConfig::default());
@@ -266,6 +276,7 @@ async fn hold_tunnel(
             held,
             shutdown: shutdown.clone(),
             requests: requests.clone(),
+            replicas,
         };
         tokio::spawn(async move {
             while let Some(stream) = inbound.recv().await {
@@ -317,6 +328,8 @@ struct TunnelContext {
     shutdown: CancellationToken,
     /// HTTP streams in flight.
     requests: TaskTracker,
+    /// Replica counts the server announces.
+    replicas: mpsc::UnboundedSender<usize>,
 }
 
 async fn serve_stream(
@@ -331,6 +344,7 @@ async fn serve_stream(
         mut held,
         shutdown,
         requests,
+        replicas,
     } = tunnel;
     let preamble = match tokio::time::timeout(Duration::from_secs(10), stream.read_preamble()).await
     {
@@ -377,9 +391,16 @@ async fn serve_stream(
             };
             let watch_events = async {
                 while let Some(event) = events_rx.recv().await {
-                    if let ControlMessage::Drain { grace_ms } = event {
-                        tracing::info!(grace_ms, server_id = %preamble.server_id, "server is draining this tunnel");
-                        let _ = drained.send(()).await;
+                    match event {
+                        ControlMessage::Drain { grace_ms } => {
+                            tracing::info!(grace_ms, server_id = %preamble.server_id, "server is draining this tunnel");
+                            let _ = drained.send(()).await;
+                        }
+                        ControlMessage::ServerInfo { server_count, .. } => {
+                            // The replicas behind the address changed: hold one each.
+                            let _ = replicas.send(usize::from(server_count.max(1)));
+                        }
+                        _ => {}
                     }
                 }
             };

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::{Method, Request, Response, StatusCode, header};
@@ -28,6 +29,8 @@ pub(crate) struct Acceptor {
     pub(crate) verifier: Verifier,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) hello: ServerHello,
+    /// The replica count now (`hello.server_count` is only the start value).
+    pub(crate) server_count: Arc<AtomicU16>,
     pub(crate) keepalive: Keepalive,
     pub(crate) session: SessionConfig,
     pub(crate) draining: CancellationToken,
@@ -207,7 +210,11 @@ impl Acceptor {
             header::UPGRADE,
             header::HeaderValue::from_static(handshake::UPGRADE_PROTOCOL),
         );
-        for (name, value) in self.hello.headers() {
+        let hello = ServerHello {
+            server_count: self.server_count.load(Ordering::Relaxed),
+            ..self.hello.clone()
+        };
+        for (name, value) in hello.headers() {
             if let Ok(value) = header::HeaderValue::from_str(&value) {
                 headers.insert(name, value);
             }

@@ -101,9 +101,14 @@ pub struct ServeArgs {
     /// This replica's id (default: the host name).
     #[arg(long, env = "TOWER_SERVER_ID")]
     pub server_id: Option<String>,
-    /// How many replicas serve the published address.
-    #[arg(long, env = "TOWER_SERVER_COUNT", default_value_t = 1)]
-    pub server_count: u16,
+    /// How many replicas serve the published address (default 1; with --kubernetes,
+    /// spec.replicas of --deployment, followed as it scales).
+    #[arg(long, env = "TOWER_SERVER_COUNT")]
+    pub server_count: Option<u16>,
+    /// With --kubernetes: the Deployment in --namespace whose replicas serve the
+    /// published address.
+    #[arg(long, env = "TOWER_DEPLOYMENT", default_value = "tower")]
+    pub deployment: String,
     /// Keepalive ping interval on tunnels; a pong may take as long again.
     #[arg(long, env = "TOWER_KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive: Duration,
@@ -183,7 +188,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         &args.state_dir,
         &pki::default_sans(&extra_sans),
     )?;
-    if args.server_count == 0 {
+    if args.server_count == Some(0) {
         return Err("--server-count must be at least 1".into());
     }
     if args.keepalive < Duration::from_millis(100) {
@@ -219,7 +224,9 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
             .unwrap_or_else(crate::manifest::default_image),
         admin_group: args.admin_group.clone(),
         server_id,
-        server_count: args.server_count,
+        server_count: args.server_count.unwrap_or(1),
+        server_count_from: (args.kubernetes && args.server_count.is_none())
+            .then(|| args.deployment.clone()),
         keepalive: Keepalive::new(args.keepalive),
         shutdown_grace: args.shutdown_grace,
         plaintext_tunnel: args.tunnel_plaintext,

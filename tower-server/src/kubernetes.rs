@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_auth::Minter;
+use tower_proto::ControlMessage;
 use tower_proto::names::validate_cluster_name;
 
 use crate::manifest::normalize_publish_address;
@@ -246,6 +248,51 @@ fn load_balancer_address(service: &Service) -> Option<String> {
         ingress
     };
     Some(format!("https://{host}:{port}"))
+}
+
+/// Keeps `count` equal to `spec.replicas` of Deployment `namespace/deployment` (the
+/// replicas behind the published address) and tells every agent when it changes, so
+/// agents hold one tunnel per replica as the Deployment scales.
+pub async fn follow_replica_count(
+    client: Client,
+    namespace: String,
+    deployment: String,
+    count: Arc<std::sync::atomic::AtomicU16>,
+    registry: Arc<Registry>,
+    server_id: String,
+    stop: CancellationToken,
+) {
+    use std::sync::atomic::Ordering;
+    let api: Api<Deployment> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={deployment}"));
+    let mut events = watcher::watcher(api, config)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    loop {
+        let found = tokio::select! {
+            () = stop.cancelled() => return,
+            found = events.next() => found,
+        };
+        let replicas = match found {
+            None => return,
+            Some(Err(e)) => {
+                tracing::warn!(%namespace, %deployment, error = %e, "watching the Deployment for the replica count");
+                continue;
+            }
+            Some(Ok(d)) => d.spec.replicas.unwrap_or(1),
+        };
+        let replicas = u16::try_from(replicas.max(1)).unwrap_or(u16::MAX);
+        if count.swap(replicas, Ordering::Relaxed) != replicas {
+            tracing::info!(%deployment, replicas, "replica count changed: telling the agents");
+            for tunnel in registry.tunnels() {
+                let _ = tunnel.control.try_send(ControlMessage::ServerInfo {
+                    server_id: server_id.clone(),
+                    server_count: replicas,
+                });
+            }
+        }
+    }
 }
 
 /// The Cluster watch and the writes it drives.

@@ -94,8 +94,12 @@ pub struct Config {
     pub admin_group: String,
     /// This replica's id.
     pub server_id: String,
-    /// How many replicas serve the published address.
+    /// How many replicas serve the published address (at start, with
+    /// `server_count_from`).
     pub server_count: u16,
+    /// With `--kubernetes` and no `--server-count`: the Deployment whose `spec.replicas`
+    /// is the replica count.
+    pub server_count_from: Option<String>,
     /// Keepalive on tunnels.
     pub keepalive: Keepalive,
     /// How long in-flight requests get on shutdown.
@@ -174,6 +178,21 @@ pub async fn run(
         }
     };
     let controller_stop = CancellationToken::new();
+    let server_count = Arc::new(std::sync::atomic::AtomicU16::new(config.server_count));
+    let replica_counter = match (&kube, &config.server_count_from) {
+        (Some((client, namespace)), Some(deployment)) => {
+            Some(tokio::spawn(kubernetes::follow_replica_count(
+                client.clone(),
+                namespace.clone(),
+                deployment.clone(),
+                server_count.clone(),
+                registry.clone(),
+                config.server_id.clone(),
+                controller_stop.clone(),
+            )))
+        }
+        _ => None,
+    };
     let controller = kube.as_ref().map(|(client, _)| {
         tokio::spawn(
             kubernetes::Controller {
@@ -193,6 +212,7 @@ pub async fn run(
     let sessions = TaskTracker::new();
 
     let agents = Arc::new(agents::Acceptor {
+        server_count: server_count.clone(),
         registry: registry.clone(),
         verifier: verifier.clone(),
         metrics: metrics.clone(),
@@ -291,6 +311,9 @@ pub async fn run(
     controller_stop.cancel();
     if let Some(controller) = controller {
         let _ = tokio::time::timeout(Duration::from_secs(5), controller).await;
+    }
+    if let Some(counter) = replica_counter {
+        let _ = counter.await;
     }
     Ok(())
 }

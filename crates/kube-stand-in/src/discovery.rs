@@ -60,6 +60,7 @@ fn storage_version_hash(resource: Resource) -> Option<&'static str> {
         Resource::Pods => Some("xPOwRZ+Yhw8="),
         Resource::Services => Some("0/CO1lhkEBI="),
         Resource::Clusters => None,
+        Resource::Deployments => Some("8aSe+NMegvE="),
     }
 }
 

@@ -46,16 +46,20 @@ pub(crate) enum Resource {
     /// KubeSphere's `cluster.kubesphere.io/v1alpha1` `Cluster`, cluster-scoped, free-form,
     /// with a `status` subresource (served like a custom resource).
     Clusters,
+    /// `apps/v1` `Deployment`, stored as given (no controller acts on it), with a `status`
+    /// subresource.
+    Deployments,
 }
 
 impl Resource {
     /// Every resource, in discovery order.
-    pub(crate) const ALL: [Resource; 5] = [
+    pub(crate) const ALL: [Resource; 6] = [
         Resource::ConfigMaps,
         Resource::Namespaces,
         Resource::Pods,
         Resource::Services,
         Resource::Clusters,
+        Resource::Deployments,
     ];
 
     /// The resource served at `/api/v1/{plural}` (`group_version` `v1`) or
@@ -73,6 +77,7 @@ impl Resource {
             Resource::ConfigMaps => "configmaps",
             Resource::Services => "services",
             Resource::Clusters => "clusters",
+            Resource::Deployments => "deployments",
         }
     }
 
@@ -83,6 +88,7 @@ impl Resource {
             Resource::ConfigMaps => "configmap",
             Resource::Services => "service",
             Resource::Clusters => "cluster",
+            Resource::Deployments => "deployment",
         }
     }
 
@@ -93,6 +99,7 @@ impl Resource {
             Resource::ConfigMaps => "ConfigMap",
             Resource::Services => "Service",
             Resource::Clusters => "Cluster",
+            Resource::Deployments => "Deployment",
         }
     }
 
@@ -103,6 +110,7 @@ impl Resource {
             Resource::ConfigMaps => "ConfigMapList",
             Resource::Services => "ServiceList",
             Resource::Clusters => "ClusterList",
+            Resource::Deployments => "DeploymentList",
         }
     }
 
@@ -110,6 +118,7 @@ impl Resource {
     pub(crate) fn group(self) -> &'static str {
         match self {
             Resource::Clusters => KUBESPHERE_CLUSTER_GROUP,
+            Resource::Deployments => "apps",
             _ => "",
         }
     }
@@ -126,6 +135,7 @@ impl Resource {
     pub(crate) fn api_version(self) -> &'static str {
         match self {
             Resource::Clusters => "cluster.kubesphere.io/v1alpha1",
+            Resource::Deployments => "apps/v1",
             _ => "v1",
         }
     }
@@ -145,6 +155,7 @@ impl Resource {
             Resource::ConfigMaps => &["cm"],
             Resource::Services => &["svc"],
             Resource::Clusters => &[],
+            Resource::Deployments => &["deploy"],
         }
     }
 
@@ -155,7 +166,10 @@ impl Resource {
     /// Whether `…/{name}/status` is served: writes there change only `.status`, and writes
     /// to the object itself keep the stored `.status`.
     pub(crate) fn has_status_subresource(self) -> bool {
-        matches!(self, Resource::Services | Resource::Clusters)
+        matches!(
+            self,
+            Resource::Services | Resource::Clusters | Resource::Deployments
+        )
     }
 
     /// Custom resources (not built-in types) refuse a PUT without a
@@ -960,7 +974,7 @@ impl Store {
                     obj.insert("status".into(), json!({"loadBalancer": {}}));
                 }
             }
-            Resource::ConfigMaps | Resource::Clusters => {}
+            Resource::ConfigMaps | Resource::Clusters | Resource::Deployments => {}
         }
 
         let mut out = Map::new();

@@ -166,6 +166,24 @@ fn columns(resource: Resource) -> Value {
                 "Custom resource definition column (in JSONPath format): .metadata.creationTimestamp"
             ),
         ]),
+        Resource::Deployments => json!([
+            name,
+            column(
+                "Replicas",
+                "integer",
+                "",
+                0,
+                "Desired pods (spec.replicas)."
+            ),
+            column(
+                "Ready",
+                "integer",
+                "",
+                0,
+                "Ready pods (status.readyReplicas)."
+            ),
+            age,
+        ]),
     }
 }
 
@@ -301,6 +319,12 @@ fn cells(resource: Resource, object: &Value) -> Value {
             });
             json!([name, object["spec"]["connection"]["type"], ready, age,])
         }
+        Resource::Deployments => json!([
+            name,
+            object["spec"]["replicas"],
+            object["status"]["readyReplicas"],
+            age,
+        ]),
     }
 }
 

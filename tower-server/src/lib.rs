@@ -266,6 +266,7 @@ pub async fn run(
         config.limits.clone(),
         stop_accepting.clone(),
         other_conns.clone(),
+        metrics.clone(),
         move |req, remote| agents.clone().handle(req, remote),
     ));
     loops.spawn(serve(
@@ -274,6 +275,7 @@ pub async fn run(
         config.limits.clone(),
         stop_accepting.clone(),
         frontend_conns.clone(),
+        metrics.clone(),
         move |req, _| frontend.clone().handle(req),
     ));
     loops.spawn(serve(
@@ -282,6 +284,7 @@ pub async fn run(
         config.limits.clone(),
         stop_accepting.clone(),
         other_conns.clone(),
+        metrics.clone(),
         move |req, _| admin.clone().handle(req),
     ));
     loops.close();
@@ -333,6 +336,7 @@ async fn serve<F, Fut>(
     limits: Limits,
     stop: CancellationToken,
     connections: Connections,
+    metrics: Arc<metrics::Metrics>,
     handler: F,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
@@ -356,6 +360,7 @@ async fn serve<F, Fut>(
         let handler = handler.clone();
         let limits = limits.clone();
         let finish = connections.finish.clone();
+        let metrics = metrics.clone();
         connections.tracker.spawn(async move {
             let io = match tls {
                 Some(tls) => {
@@ -367,6 +372,7 @@ async fn serve<F, Fut>(
                         }
                         Err(_) => {
                             tracing::debug!(%remote, "TLS handshake timed out");
+                            metrics.count_limited("tls_handshake_timeout");
                             return;
                         }
                     }
@@ -393,6 +399,12 @@ async fn serve<F, Fut>(
                 }
             };
             if let Err(e) = result {
+                // hyper answered 431 itself, or cut a client too slow with its headers.
+                if e.is_parse_too_large() {
+                    metrics.count_limited("header_too_large");
+                } else if e.is_timeout() {
+                    metrics.count_limited("header_read_timeout");
+                }
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
         });

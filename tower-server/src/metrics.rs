@@ -46,7 +46,8 @@ pub struct Metrics {
 /// Which limit turned a request away.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    /// `cluster_concurrency`, `stream_limit` or `idle_timeout`.
+    /// `cluster_concurrency`, `stream_limit`, `idle_timeout`, `header_too_large`,
+    /// `header_read_timeout` or `tls_handshake_timeout`.
     pub reason: &'static str,
 }
 
@@ -83,7 +84,7 @@ impl Metrics {
         );
         r.register(
             "requests_limited",
-            "Requests refused (429, 503) or cut (504, idle) by a limit, by limit",
+            "Requests refused (429, 431, 503) or cut (504, idle, slow headers) by a limit, by limit",
             self.limited.clone(),
         );
         r.register(

@@ -329,8 +329,11 @@ impl Registry {
         {
             return Ok(t.clone());
         }
+        // With no list of clusters, an unknown name may be a cluster whose agent has not
+        // (re)connected yet, after a restart say: 503 (retry), never 404, which clients
+        // read as "this object does not exist".
         let known = match self.source {
-            Source::Open => read(&self.seen).contains(name),
+            Source::Open => true,
             _ => read(&self.allowed).contains_key(name),
         };
         Err(if known {

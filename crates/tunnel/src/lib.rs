@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod dial;
+mod goaway;
 pub mod http;
 pub mod session;
 pub mod stream;

@@ -12,6 +12,8 @@ use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+use crate::goaway::WatchGoAway;
 use tokio_util::sync::CancellationToken;
 
 use crate::{TunnelError, TunnelStream};
@@ -126,6 +128,8 @@ where
         Role::Server => yamux::Mode::Client,
         Role::Agent => yamux::Mode::Server,
     };
+    let violated = CancellationToken::new();
+    let io = WatchGoAway::new(io, violated.clone());
     let connection = yamux::Connection::new(io.compat(), yamux_config, mode);
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (inbound_tx, inbound) = mpsc::channel(1024);
@@ -142,22 +146,26 @@ where
         inbound: (role == Role::Agent).then_some(inbound_tx),
         close: handle.close.clone(),
         closed: handle.closed.clone(),
+        violated,
     };
     (handle, inbound, driver)
 }
 
 /// Owns the yamux connection; run it with [`Driver::run`] on its own task.
 pub struct Driver<T> {
-    connection: yamux::Connection<Compat<T>>,
+    connection: yamux::Connection<Compat<WatchGoAway<T>>>,
     commands: mpsc::UnboundedReceiver<Command>,
     inbound: Option<mpsc::Sender<TunnelStream>>,
     close: CancellationToken,
     closed: CancellationToken,
+    /// yamux sent the peer an error GoAway: it broke the protocol.
+    violated: CancellationToken,
 }
 
 enum Event {
     Inbound(yamux::Stream),
     Close,
+    Violated,
     Ended(Result<(), yamux::ConnectionError>),
 }
 
@@ -169,20 +177,24 @@ where
     pub async fn run(mut self) -> Result<(), TunnelError> {
         // Marks the session closed however this ends, aborted tasks included.
         let _closed = self.closed.clone().drop_guard();
-        self.drive()
-            .await
-            .map_err(|e| TunnelError::Closed(e.to_string()))
+        self.drive().await
     }
 
-    async fn drive(&mut self) -> Result<(), yamux::ConnectionError> {
+    async fn drive(&mut self) -> Result<(), TunnelError> {
         let mut pending: VecDeque<oneshot::Sender<Result<yamux::Stream, TunnelError>>> =
             VecDeque::new();
         let close = self.close.clone();
         let mut close_requested = std::pin::pin!(close.cancelled());
+        let violated = self.violated.clone();
+        let mut violation = std::pin::pin!(violated.cancelled());
+        let mut warned_inbound = false;
         loop {
             let event = poll_fn(|cx| {
                 if close_requested.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Close);
+                }
+                if violation.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Violated);
                 }
                 while let Poll::Ready(Some(Command::Open(reply))) = self.commands.poll_recv(cx) {
                     pending.push_back(reply);
@@ -219,7 +231,15 @@ where
                         }
                     }
                     None => {
-                        tracing::warn!("the agent opened a stream; agents may not, resetting it");
+                        // Once per tunnel at warn: a flood must not flood the log too.
+                        if !warned_inbound {
+                            warned_inbound = true;
+                            tracing::warn!(
+                                "the agent opened a stream; agents may not: resetting it (and any more, logged at debug)"
+                            );
+                        } else {
+                            tracing::debug!("resetting another stream the agent opened");
+                        }
                         drop(stream);
                     }
                 },
@@ -228,13 +248,25 @@ where
                         let _ = reply.send(Err(TunnelError::Closed("session closing".into())));
                     }
                     let connection = &mut self.connection;
-                    return poll_fn(|cx| connection.poll_close(cx)).await;
+                    return poll_fn(|cx| connection.poll_close(cx))
+                        .await
+                        .map_err(|e| TunnelError::Closed(e.to_string()));
+                }
+                Event::Violated => {
+                    for reply in pending.drain(..) {
+                        let _ = reply.send(Err(TunnelError::Closed("session ended".into())));
+                    }
+                    // yamux has told the peer why (the GoAway); dropping the connection
+                    // closes the socket.
+                    return Err(TunnelError::Protocol(
+                        "the peer broke the yamux protocol (window, stream id or frame): tunnel closed".into(),
+                    ));
                 }
                 Event::Ended(result) => {
                     for reply in pending.drain(..) {
                         let _ = reply.send(Err(TunnelError::Closed("session ended".into())));
                     }
-                    return result;
+                    return result.map_err(|e| TunnelError::Closed(e.to_string()));
                 }
             }
         }

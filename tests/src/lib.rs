@@ -1188,3 +1188,263 @@ impl Relay {
         }
     }
 }
+
+// Helpers for the chaos, bad-input-after-the-upgrade and HAProxy suites.
+
+/// How a GET of the stand-in's `/debug/bytes` pattern ended, as the caller saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// No response: connect, TLS or the exchange failed before a status line came.
+    NoResponse(String),
+    /// A response whose body ended in an error the client sees (a cut stream).
+    Cut {
+        /// Its status.
+        status: u16,
+        /// Body bytes that came before the error.
+        received: u64,
+        /// The error.
+        error: String,
+    },
+    /// A response whose body ended cleanly.
+    Complete {
+        /// Its status.
+        status: u16,
+        /// Body bytes received.
+        received: u64,
+        /// The offset of the first byte that is not the pattern (200 responses only).
+        first_mismatch: Option<u64>,
+        /// How the body was delimited.
+        framing: Framing,
+        /// The start of a non-200 body (a `Status` message, say); empty for a 200.
+        excerpt: String,
+    },
+    /// No complete answer within the deadline.
+    TimedOut {
+        /// Body bytes that came before the deadline.
+        received: u64,
+    },
+}
+
+/// How an HTTP/1.1 response body was delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Neither: the body ends where the connection does, so a cut looks like an end.
+    UntilClose,
+}
+
+/// `len` bytes of the `/debug/bytes` pattern (byte i = i % 251) starting at `offset`;
+/// `len` is at most 64 KiB.
+pub fn pattern_slice(offset: u64, len: usize) -> &'static [u8] {
+    static PATTERN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    const MAX: usize = 64 * 1024;
+    assert!(len <= MAX, "pattern slices are at most 64 KiB");
+    let pattern = PATTERN.get_or_init(|| (0..MAX + 251).map(|i| (i % 251) as u8).collect());
+    let start = (offset % 251) as usize;
+    &pattern[start..start + len]
+}
+
+/// The offset of the first byte of `data` (which starts at `offset` of a body) that is
+/// not the pattern; compares 64 KiB slices, so it is fast even in a debug build.
+pub fn pattern_mismatch(offset: u64, data: &[u8]) -> Option<u64> {
+    let mut at = 0usize;
+    for piece in data.chunks(64 * 1024) {
+        let want = pattern_slice(offset + at as u64, piece.len());
+        if piece != want {
+            let i = piece
+                .iter()
+                .zip(want)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            return Some(offset + (at + i) as u64);
+        }
+        at += piece.len();
+    }
+    None
+}
+
+/// Like [`http1_over_tls`], but a failure to connect is an error rather than a panic.
+pub async fn try_http1_over_tls<B>(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+impl Https {
+    /// GETs `path` (the stand-in's `/debug/bytes`), checking a 200's body against the
+    /// pattern as it streams in, never panicking: every way it can end is a [`Fetched`].
+    /// A body that hyper ends with an error (short of its `Content-Length`, a chunked
+    /// body without its last chunk, a reset) is [`Fetched::Cut`].
+    pub fn fetch_pattern(&self, path: &str, token: &str, deadline: Duration) -> Fetched {
+        let mut received = 0u64;
+        let exchange = async {
+            let mut sender = match try_http1_over_tls(self.addr, self.tls.clone()).await {
+                Ok(sender) => sender,
+                Err(e) => return Fetched::NoResponse(e),
+            };
+            let request = http::Request::get(path)
+                .header("host", "localhost")
+                .header("authorization", format!("Bearer {token}"))
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let response = match sender.send_request(request).await {
+                Ok(response) => response,
+                Err(e) => return Fetched::NoResponse(format!("request: {e}")),
+            };
+            let status = response.status().as_u16();
+            let headers = response.headers();
+            let framing = if let Some(length) = headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+            {
+                Framing::Length(length)
+            } else if headers
+                .get(http::header::TRANSFER_ENCODING)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+            {
+                Framing::Chunked
+            } else {
+                Framing::UntilClose
+            };
+            let mut body = response.into_body();
+            let mut first_mismatch = None;
+            let mut excerpt = Vec::new();
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => {
+                        if let Some(data) = frame.data_ref() {
+                            if status == 200 && first_mismatch.is_none() {
+                                first_mismatch = pattern_mismatch(received, data);
+                            }
+                            if status != 200 && excerpt.len() < 300 {
+                                excerpt.extend(data.iter().take(300 - excerpt.len()));
+                            }
+                            received += data.len() as u64;
+                        }
+                    }
+                    Err(e) => {
+                        return Fetched::Cut {
+                            status,
+                            received,
+                            error: e.to_string(),
+                        };
+                    }
+                }
+            }
+            Fetched::Complete {
+                status,
+                received,
+                first_mismatch,
+                framing,
+                excerpt: String::from_utf8_lossy(&excerpt).into_owned(),
+            }
+        };
+        let outcome = self
+            .runtime
+            .block_on(async { tokio::time::timeout(deadline, exchange).await });
+        outcome.unwrap_or(Fetched::TimedOut { received })
+    }
+
+    /// POSTs `size` pattern bytes to `path` like [`Https::upload`], but every failure
+    /// (connect, a request body cut, a response cut, the deadline) is an `Err`.
+    pub fn try_upload(
+        &self,
+        path: &str,
+        token: &str,
+        size: u64,
+        deadline: Duration,
+    ) -> Result<Reply, String> {
+        use http_body_util::StreamBody;
+        let exchange = async {
+            let mut sender = try_http1_over_tls(self.addr, self.tls.clone()).await?;
+            const CHUNK: u64 = 64 * 1024;
+            let mut offset = 0u64;
+            let chunks = futures::stream::poll_fn(move |_| {
+                if offset >= size {
+                    return std::task::Poll::Ready(None);
+                }
+                let n = CHUNK.min(size - offset);
+                let data = Bytes::from_static(pattern_slice(offset, n as usize));
+                offset += n;
+                std::task::Poll::Ready(Some(Ok::<_, std::convert::Infallible>(
+                    hyper::body::Frame::data(data),
+                )))
+            });
+            let request = http::Request::post(path)
+                .header("host", "localhost")
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-length", size.to_string())
+                .body(StreamBody::new(chunks))
+                .expect("request");
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| format!("request: {e}"))?;
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body of a {status} response failed: {e}"))?
+                .to_bytes();
+            Ok(Reply {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })
+        };
+        self.runtime.block_on(async {
+            tokio::time::timeout(deadline, exchange)
+                .await
+                .map_err(|_| format!("no complete answer within {deadline:?}"))?
+        })
+    }
+}
+
+impl Process {
+    /// Whether the process is still running (it has not exited, by a panic or otherwise).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (bound on port 0, then released), for
+/// programs that cannot be handed a listener (HAProxy).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("addr").port()
+}
+
+/// The value of the unlabelled sample `name` on an admin listener's `/metrics`.
+pub fn metric_value(admin: SocketAddr, name: &str) -> Option<f64> {
+    let (code, text) = admin_get(admin, "/metrics");
+    if code != 200 {
+        return None;
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .find_map(|rest| rest.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}

@@ -140,3 +140,29 @@ fn bearer_and_secret_parsing() {
     assert!(!constant_time_eq(b"abc", b"ab"));
     assert_eq!(format!("{:?}", secret()), "Secret(..)");
 }
+
+#[test]
+fn verified_user_tokens_are_remembered_until_they_expire() {
+    let secret = Secret::new("cache-secret").unwrap();
+    let verifier = Verifier::new(&secret);
+    let token =
+        Minter::new(&secret).user_token("alice", &["dev".into()], Some(Duration::from_secs(60)));
+    let first = verifier.verify_user(&token).unwrap();
+    assert_eq!(verifier.users.lock().unwrap().len(), 1);
+    // A clone shares what was learnt.
+    assert_eq!(verifier.clone().verify_user(&token).unwrap(), first);
+    // Once past its exp (plus leeway) a remembered token is refused, and forgotten.
+    verifier
+        .users
+        .lock()
+        .unwrap()
+        .get_mut(token.as_str())
+        .unwrap()
+        .valid_until = Some(now() - 1);
+    assert_eq!(verifier.verify_user(&token), Err(AuthError::Expired));
+    assert!(verifier.users.lock().unwrap().is_empty());
+    // Refusals are never remembered.
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    assert!(verifier.verify_user(&forged).is_err());
+    assert!(verifier.users.lock().unwrap().is_empty());
+}

@@ -10,6 +10,7 @@
 //! * [`control`]: the control stream: keepalive pings with a pong deadline, drain.
 //! * [`stream`]: a yamux stream as tokio and hyper I/O, and its preamble.
 
+mod coalesce;
 pub mod control;
 pub mod dial;
 mod goaway;

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
+use crate::coalesce::Coalesce;
 use crate::goaway::WatchGoAway;
 use tokio_util::sync::CancellationToken;
 
@@ -129,7 +130,7 @@ where
         Role::Agent => yamux::Mode::Server,
     };
     let violated = CancellationToken::new();
-    let io = WatchGoAway::new(io, violated.clone());
+    let io = WatchGoAway::new(Coalesce::new(io), violated.clone());
     let connection = yamux::Connection::new(io.compat(), yamux_config, mode);
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (inbound_tx, inbound) = mpsc::channel(1024);
@@ -153,7 +154,7 @@ where
 
 /// Owns the yamux connection; run it with [`Driver::run`] on its own task.
 pub struct Driver<T> {
-    connection: yamux::Connection<Compat<WatchGoAway<T>>>,
+    connection: yamux::Connection<Compat<WatchGoAway<Coalesce<T>>>>,
     commands: mpsc::UnboundedReceiver<Command>,
     inbound: Option<mpsc::Sender<TunnelStream>>,
     close: CancellationToken,

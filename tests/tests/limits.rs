@@ -60,12 +60,12 @@ fn requests_beyond_the_per_cluster_limit_get_429_and_the_slot_comes_back() {
         "{}",
         refused.body
     );
-    assert_eq!(
+    // At least this one (the watching kubectls may have been turned away too).
+    assert!(
         metric(
             &server,
             "tower_requests_limited_total{reason=\"cluster_concurrency\"}"
-        ),
-        1.0
+        ) >= 1.0
     );
     // kubectl shows the reason too.
     let out = kubectl(&kc, &["get", "pods"]);
@@ -113,7 +113,8 @@ fn a_full_tunnel_answers_503_and_recovers() {
 #[test]
 fn a_silent_stream_is_cut_at_the_idle_timeout_and_a_busy_one_is_not() {
     let member = Member::start();
-    let server = server().args(&["--stream-idle-timeout", "2s"]).start();
+    // 3 s: well above the gaps between the events below, even on a loaded machine.
+    let server = server().args(&["--stream-idle-timeout", "3s"]).start();
     let _agent = agent(&server, &member, "member-1").connect(&server);
     let https = Https::frontend(&server);
     let user = Server::minter().user_token("alice", &[], None);
@@ -132,7 +133,7 @@ fn a_silent_stream_is_cut_at_the_idle_timeout_and_a_busy_one_is_not() {
         "a cut watch must not look complete: {silent:?}"
     );
     assert!(
-        lasted >= Duration::from_secs(2) && lasted < Duration::from_secs(10),
+        lasted >= Duration::from_secs(3) && lasted < Duration::from_secs(12),
         "cut after {lasted:?}"
     );
     assert_eq!(
@@ -159,7 +160,7 @@ fn a_silent_stream_is_cut_at_the_idle_timeout_and_a_busy_one_is_not() {
     let busy = https
         .try_request(
             "GET",
-            "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=5",
+            "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=6",
             Some(&user),
             &[],
         )

@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::{Connection, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 /// Where to send requests.
 #[derive(Clone)]
@@ -30,10 +34,43 @@ impl Target {
         }
     }
 
-    async fn connect(&self) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    async fn connect(&self) -> SendRequest<Empty<Bytes>> {
         tower_e2e::http1_over_tls(self.addr, self.tls.clone()).await
     }
+
+    /// Like `connect`, but fallible, and the connection is the caller's to drive (so
+    /// aborting the caller's task closes it).
+    pub(crate) async fn handshake<B>(&self) -> Result<(SendRequest<B>, Conn<B>), String>
+    where
+        B: hyper::body::Body + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect("localhost".try_into().expect("name"), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))
+    }
+
+    /// A GET of `path` with this target's token.
+    pub(crate) fn get<B: Default>(&self, path: &str) -> http::Request<B> {
+        http::Request::get(path)
+            .header("host", "localhost")
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(B::default())
+            .expect("request")
+    }
 }
+
+/// A client connection over TLS, to be polled by whoever owns it.
+pub(crate) type Conn<B> = Connection<TokioIo<TlsStream<TcpStream>>, B>;
 
 /// What a run measured.
 pub(crate) struct Run {
@@ -48,13 +85,18 @@ impl Run {
     }
 
     pub(crate) fn percentile(&mut self, p: f64) -> Duration {
-        self.latencies.sort();
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let i = ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len());
-        self.latencies[i - 1]
+        percentile(&mut self.latencies, p)
     }
+}
+
+/// The `p` quantile (0..=1, nearest rank) of `values`; zero when empty. Sorts in place.
+pub(crate) fn percentile(values: &mut [Duration], p: f64) -> Duration {
+    values.sort();
+    if values.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((values.len() as f64 * p).ceil() as usize).clamp(1, values.len());
+    values[i - 1]
 }
 
 /// Runs `concurrency` workers until each has sent `per_worker` requests or `limit` passed.
@@ -77,11 +119,7 @@ pub(crate) async fn run(
                 if Instant::now() >= deadline {
                     break;
                 }
-                let request = http::Request::get(target.path.as_str())
-                    .header("host", "localhost")
-                    .header("authorization", format!("Bearer {}", target.token))
-                    .body(Empty::<Bytes>::new())
-                    .expect("request");
+                let request = target.get::<Empty<Bytes>>(&target.path);
                 let sent = Instant::now();
                 let ok = match sender.send_request(request).await {
                     Ok(response) => {

@@ -220,3 +220,32 @@ fn tasks_streams_and_requests_return_to_their_baseline() {
     );
     assert_eq!(metric(&server, "tower_tunnels "), 1.0);
 }
+
+#[test]
+fn a_client_that_never_finishes_its_tls_handshake_is_dropped_and_counted() {
+    use std::io::Read;
+    let server = server().args(&["--handshake-timeout", "1s"]).start();
+    let mut silent = std::net::TcpStream::connect(server.frontend).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    // Closed by the server: end of stream (or a reset), not our own read timeout.
+    match silent.read(&mut buf) {
+        Ok(n) => assert_eq!(n, 0),
+        Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    wait_for("the timeout to be counted", Duration::from_secs(5), || {
+        (metric(
+            &server,
+            "tower_requests_limited_total{reason=\"tls_handshake_timeout\"}",
+        ) >= 1.0)
+            .then_some(())
+    });
+}

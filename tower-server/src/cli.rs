@@ -118,6 +118,9 @@ pub struct ServeArgs {
     /// Accept agents without TLS: only behind a load balancer that terminates TLS.
     #[arg(long, env = "TOWER_TUNNEL_PLAINTEXT")]
     pub tunnel_plaintext: bool,
+    /// How long a TLS handshake may take (agents and callers).
+    #[arg(long, env = "TOWER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
     /// How long a client may take to send its request headers.
     #[arg(long, env = "TOWER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
@@ -197,6 +200,9 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
     if args.max_streams_per_tunnel == 0 {
         return Err("--max-streams-per-tunnel must be at least 1".into());
     }
+    if args.handshake_timeout < Duration::from_millis(100) {
+        return Err("--handshake-timeout must be at least 100ms".into());
+    }
     if args.max_requests_per_cluster == 0 {
         return Err("--max-requests-per-cluster must be at least 1".into());
     }
@@ -231,12 +237,12 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         shutdown_grace: args.shutdown_grace,
         plaintext_tunnel: args.tunnel_plaintext,
         limits: Limits {
+            handshake_timeout: args.handshake_timeout,
             header_read_timeout: args.header_read_timeout,
             max_header_bytes: args.max_header_bytes,
             max_streams: args.max_streams_per_tunnel,
             max_requests_per_cluster: args.max_requests_per_cluster,
             stream_idle_timeout: args.stream_idle_timeout,
-            ..Limits::default()
         },
     })
 }

@@ -161,6 +161,6 @@ mod tests {
             core["paths"]["/api/v1/namespaces/{namespace}/services/{name}"]["put"]["operationId"],
             "replaceCoreV1NamespacedService"
         );
-        assert!(v3_group_version("apps/v1").is_none());
+        assert!(v3_group_version("batch/v1").is_none());
     }
 }

@@ -772,6 +772,21 @@ where
     sender
 }
 
+/// Reads `response` whole; a body that ends in an error is an `Err`, never a short reply.
+async fn read_reply(response: http::Response<hyper::body::Incoming>) -> Result<Reply, String> {
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body of a {status} response failed: {e}"))?
+        .to_bytes();
+    Ok(Reply {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
 /// A response read whole.
 #[derive(Debug)]
 pub struct Reply {
@@ -858,17 +873,7 @@ impl Https {
                 .send_request(builder.body(Empty::<Bytes>::new()).expect("request"))
                 .await
                 .expect("response");
-            let status = response.status().as_u16();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("body of a {status} response failed: {e}"))?
-                .to_bytes();
-            Ok(Reply {
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            })
+            read_reply(response).await
         };
         self.runtime.block_on(async {
             tokio::time::timeout(Duration::from_secs(30), exchange)
@@ -1403,17 +1408,7 @@ impl Https {
                 .send_request(request)
                 .await
                 .map_err(|e| format!("request: {e}"))?;
-            let status = response.status().as_u16();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("body of a {status} response failed: {e}"))?
-                .to_bytes();
-            Ok(Reply {
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            })
+            read_reply(response).await
         };
         self.runtime.block_on(async {
             tokio::time::timeout(deadline, exchange)

@@ -8,61 +8,58 @@ use std::time::{Duration, Instant};
 
 use tower_e2e::{Https, Member, Server, agent, server, wait_for};
 
-/// A raw watch on configmaps of `default`, read to its end on a thread.
+/// A raw watch on configmaps of `default`, read to its end on a thread, once it is open.
 fn raw_watch(
     server: &Server,
     member: &Member,
 ) -> std::thread::JoinHandle<Result<tower_e2e::Reply, String>> {
     let https = Https::frontend(server);
     let user = Server::minter().user_token("alice", &[], None);
-    let before = watch_calls(member);
-    let watch = std::thread::spawn(move || {
+    once_called(member, "configmaps?watch=1", move || {
         https.try_request(
             "GET",
             "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1",
             Some(&user),
             &[],
         )
-    });
-    wait_for("the watch to be open", Duration::from_secs(10), || {
-        (watch_calls(member) > before).then_some(())
-    });
-    watch
-}
-
-fn watch_calls(member: &Member) -> usize {
-    member
-        .api
-        .calls()
-        .iter()
-        .filter(|c| c.path_and_query.contains("configmaps?watch=1"))
-        .count()
+    })
 }
 
 /// A byte-checked download of `size` bytes, on a thread, once it has started.
 fn download(server: &Server, member: &Member, size: u64) -> std::thread::JoinHandle<u64> {
     let https = Https::frontend(server);
     let user = Server::minter().user_token("alice", &[], None);
-    let before = downloads(member);
-    let thread = std::thread::spawn(move || {
+    once_called(member, "/debug/bytes", move || {
         https.download_checked(
             &format!("/clusters/member-1/debug/bytes?size={size}"),
             &user,
         )
-    });
-    wait_for("the download to start", Duration::from_secs(10), || {
-        (downloads(member) > before).then_some(())
-    });
-    thread
+    })
 }
 
-fn downloads(member: &Member) -> usize {
-    member
-        .api
-        .calls()
-        .iter()
-        .filter(|c| c.path_and_query.starts_with("/debug/bytes"))
-        .count()
+/// Runs `request` on a thread and returns once the member has seen one more call whose
+/// path contains `path`.
+fn once_called<T: Send + 'static>(
+    member: &Member,
+    path: &str,
+    request: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let calls = || {
+        member
+            .api
+            .calls()
+            .iter()
+            .filter(|c| c.path_and_query.contains(path))
+            .count()
+    };
+    let before = calls();
+    let thread = std::thread::spawn(request);
+    wait_for(
+        &format!("a call to {path}"),
+        Duration::from_secs(10),
+        || (calls() > before).then_some(()),
+    );
+    thread
 }
 
 /// Every line of a watch body is a whole JSON event.

@@ -34,6 +34,16 @@ fn tower_on(host: &Member, extra: &[&str]) -> Server {
     server
 }
 
+/// The tunnel handshake an agent for `cluster` would send, with `token`.
+fn dial_tunnel(server: &Server, cluster: &str, token: &str) -> tower_e2e::Reply {
+    let upgrade = [
+        ("connection", "Upgrade"),
+        ("upgrade", "tower-tunnel/1"),
+        ("tower-cluster", cluster),
+    ];
+    Https::to(server, server.tunnel).request("GET", "/v1/tunnel", Some(token), &upgrade)
+}
+
 fn create(host: &Member, yaml: &str) {
     kubectl_with_input(&host.kubeconfig, &["create", "-f", "-"], yaml.as_bytes()).success();
 }
@@ -108,14 +118,8 @@ fn a_proxy_cluster_gets_a_token_an_endpoint_and_its_condition_follows_the_agent(
     assert_eq!(available(&down).unwrap().1, "AgentNotConnected");
 
     // Another valid JWT for the same name is not the Cluster's token: refused.
-    let tunnel = Https::to(&server, server.tunnel);
-    let upgrade = [
-        ("connection", "Upgrade"),
-        ("upgrade", "tower-tunnel/1"),
-        ("tower-cluster", "member-1"),
-    ];
     let other = Server::minter().agent_token("member-1", None);
-    let refused = tunnel.request("GET", "/v1/tunnel", Some(&other), &upgrade);
+    let refused = dial_tunnel(&server, "member-1", &other);
     assert_eq!(refused.status, 403, "{}", refused.body);
     assert!(
         refused.body.contains("spec.connection.token"),
@@ -216,25 +220,10 @@ fn two_replicas_share_one_minted_token_and_keep_the_condition_true_when_one_leav
     let host = Member::start();
     let member = Member::start();
     let pki = tower_e2e::OperatorPki::new();
-    let kubeconfig = host.kubeconfig.to_str().unwrap().to_owned();
     let replica = |id: &str| {
-        let mut args = vec![
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig,
-            "--server-id",
-            id,
-            "--server-count",
-            "2",
-        ];
+        let mut args = vec!["--server-id", id, "--server-count", "2"];
         args.extend(pki.flags());
-        let server = server().args(&args).start();
-        wait_for(
-            "the first list of Clusters",
-            Duration::from_secs(20),
-            || (admin_get(server.admin, "/readyz").0 == 200).then_some(()),
-        );
-        server
+        tower_on(&host, &args)
     };
     let a = replica("tower-a");
     let b = replica("tower-b");
@@ -293,24 +282,11 @@ fn the_replica_count_follows_the_deployment_and_agents_follow_it() {
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ke-system\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: tower\n  namespace: ke-system\nspec:\n  replicas: 1\n  selector:\n    matchLabels:\n      app: tower\n  template:\n    metadata:\n      labels:\n        app: tower\n    spec:\n      containers:\n      - name: tower\n        image: tower:test\n",
     );
     let pki = tower_e2e::OperatorPki::new();
-    let kubeconfig = host.kubeconfig.to_str().unwrap().to_owned();
     // No --server-count: the Deployment says how many replicas there are.
     let replica = |id: &str| {
-        let mut args = vec![
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig,
-            "--server-id",
-            id,
-        ];
+        let mut args = vec!["--server-id", id];
         args.extend(pki.flags());
-        let server = server().args(&args).start();
-        wait_for(
-            "the first list of Clusters",
-            Duration::from_secs(20),
-            || (admin_get(server.admin, "/readyz").0 == 200).then_some(()),
-        );
-        server
+        tower_on(&host, &args)
     };
     let token = Server::minter().agent_token("member-1", None);
     create(&host, &proxy_cluster("member-1", &token));
@@ -376,14 +352,8 @@ fn only_clusters_of_type_proxy_may_connect() {
         &host,
         "apiVersion: cluster.kubesphere.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: direct-1\nspec:\n  connection:\n    type: direct\n",
     );
-    let tunnel = Https::to(&server, server.tunnel);
     let token = Server::minter().agent_token("direct-1", None);
-    let upgrade = [
-        ("connection", "Upgrade"),
-        ("upgrade", "tower-tunnel/1"),
-        ("tower-cluster", "direct-1"),
-    ];
-    let refused = tunnel.request("GET", "/v1/tunnel", Some(&token), &upgrade);
+    let refused = dial_tunnel(&server, "direct-1", &token);
     assert_eq!(refused.status, 403, "{}", refused.body);
     assert!(refused.body.contains("proxy"), "{}", refused.body);
 

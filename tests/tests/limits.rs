@@ -3,20 +3,42 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tower_e2e::{
-    Https, KubectlStream, Member, Server, admin_get, agent, kubectl, kubectl_with_input, server,
+    Agent, Https, KubectlStream, Member, Server, agent, kubectl, kubectl_with_input, server,
     wait_for,
 };
 
+/// A metric's value (an exact name, labels included), 0 when absent.
 fn metric(server: &Server, name: &str) -> f64 {
-    let (_, text) = admin_get(server.admin, "/metrics");
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    tower_e2e::metric_value(server.admin, name).unwrap_or(0.0)
+}
+
+/// A stand-in member, a server with `flags`, member-1's agent, and alice's ways in. Bind
+/// `_agent` when destructuring: fields left to `..` are dropped at once.
+struct Rig {
+    member: Member,
+    server: Server,
+    _agent: Agent,
+    kc: PathBuf,
+    https: Https,
+    user: String,
+}
+
+fn rig(flags: &[&str]) -> Rig {
+    let member = Member::start();
+    let server = server().args(flags).start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    Rig {
+        kc: server.kubeconfig("member-1", "alice", &[]),
+        https: Https::frontend(&server),
+        user: Server::minter().user_token("alice", &[], None),
+        member,
+        server,
+        _agent,
+    }
 }
 
 /// Opens a `kubectl get -w` and waits until its watch is open at the member.
@@ -44,12 +66,15 @@ fn watches(member: &Member, namespace: &str) -> usize {
 
 #[test]
 fn requests_beyond_the_per_cluster_limit_get_429_and_the_slot_comes_back() {
-    let member = Member::start();
-    let server = server().args(&["--max-requests-per-cluster", "2"]).start();
-    let _agent = agent(&server, &member, "member-1").connect(&server);
-    let kc = server.kubeconfig("member-1", "alice", &[]);
-    let https = Https::frontend(&server);
-    let user = Server::minter().user_token("alice", &[], None);
+    let Rig {
+        member,
+        server,
+        kc,
+        https,
+        user,
+        _agent,
+        ..
+    } = rig(&["--max-requests-per-cluster", "2"]);
 
     let first = open_watch(&kc, &member, "default");
     let second = open_watch(&kc, &member, "kube-system");
@@ -80,13 +105,16 @@ fn requests_beyond_the_per_cluster_limit_get_429_and_the_slot_comes_back() {
 
 #[test]
 fn a_full_tunnel_answers_503_and_recovers() {
-    let member = Member::start();
     // The control stream takes one of the three.
-    let server = server().args(&["--max-streams-per-tunnel", "3"]).start();
-    let _agent = agent(&server, &member, "member-1").connect(&server);
-    let kc = server.kubeconfig("member-1", "alice", &[]);
-    let https = Https::frontend(&server);
-    let user = Server::minter().user_token("alice", &[], None);
+    let Rig {
+        member,
+        server,
+        kc,
+        https,
+        user,
+        _agent,
+        ..
+    } = rig(&["--max-streams-per-tunnel", "3"]);
 
     let first = open_watch(&kc, &member, "default");
     let second = open_watch(&kc, &member, "kube-system");
@@ -112,12 +140,15 @@ fn a_full_tunnel_answers_503_and_recovers() {
 
 #[test]
 fn a_silent_stream_is_cut_at_the_idle_timeout_and_a_busy_one_is_not() {
-    let member = Member::start();
     // 3 s: well above the gaps between the events below, even on a loaded machine.
-    let server = server().args(&["--stream-idle-timeout", "3s"]).start();
-    let _agent = agent(&server, &member, "member-1").connect(&server);
-    let https = Https::frontend(&server);
-    let user = Server::minter().user_token("alice", &[], None);
+    let Rig {
+        member,
+        server,
+        https,
+        user,
+        _agent,
+        ..
+    } = rig(&["--stream-idle-timeout", "3s"]);
 
     // Nothing happens in the namespace: the watch is cut, and the caller sees an error.
     let started = Instant::now();
@@ -179,15 +210,19 @@ fn a_silent_stream_is_cut_at_the_idle_timeout_and_a_busy_one_is_not() {
 
 #[test]
 fn tasks_streams_and_requests_return_to_their_baseline() {
-    let member = Member::start();
-    let server = server().start();
-    let _agent = agent(&server, &member, "member-1").connect(&server);
-    let kc = server.kubeconfig("member-1", "alice", &[]);
+    let Rig {
+        member,
+        server,
+        kc,
+        https,
+        _agent,
+        ..
+    } = rig(&[]);
     // Pooled tunnel streams each keep one connection task; count tasks net of them.
-    let net_tasks = |s: &Server| metric(s, "tower_live_tasks ") - metric(s, "tower_streams ");
+    let net_tasks = |s: &Server| metric(s, "tower_live_tasks") - metric(s, "tower_streams");
     let settle = |what: &str| {
         wait_for(what, Duration::from_secs(15), || {
-            (metric(&server, "tower_requests_in_flight ") == 0.0).then_some(())
+            (metric(&server, "tower_requests_in_flight") == 0.0).then_some(())
         })
     };
     kubectl(&kc, &["get", "pods"]).success();
@@ -204,7 +239,7 @@ fn tasks_streams_and_requests_return_to_their_baseline() {
         assert!(exec.success().contains("hi"));
         let _ = kubectl(&kc, &["get", "pods", "nope"]);
     }
-    let unauthorized = Https::frontend(&server).get("/clusters/member-1/version", Some("x"));
+    let unauthorized = https.get("/clusters/member-1/version", Some("x"));
     assert_eq!(unauthorized.status, 401);
     settle("the requests to finish");
     wait_for(
@@ -215,10 +250,10 @@ fn tasks_streams_and_requests_return_to_their_baseline() {
     eprintln!(
         "live tasks net of pooled streams: baseline {baseline}, after {} (tasks {}, streams {})",
         net_tasks(&server),
-        metric(&server, "tower_live_tasks "),
-        metric(&server, "tower_streams ")
+        metric(&server, "tower_live_tasks"),
+        metric(&server, "tower_streams")
     );
-    assert_eq!(metric(&server, "tower_tunnels "), 1.0);
+    assert_eq!(metric(&server, "tower_tunnels"), 1.0);
 }
 
 #[test]

@@ -134,33 +134,26 @@ impl Admin {
         }
         tower_proto::names::validate_cluster_name(name)
             .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-        let token = match self.registry.source() {
-            Source::Open => m.minter.agent_token(name, None),
-            Source::File | Source::Kubernetes => match self.registry.entry(name) {
-                None => {
-                    return Err((
-                        StatusCode::NOT_FOUND,
-                        match self.registry.source() {
-                            Source::Kubernetes => format!(
-                                "there is no Cluster {name:?} with spec.connection.type \"proxy\""
-                            ),
-                            _ => format!("cluster {name:?} is not in the clusters file"),
-                        },
-                    ));
-                }
-                Some(entry) => match entry.token {
-                    Some(token) => token,
-                    None if self.registry.source() == Source::File => {
-                        m.minter.agent_token(name, None)
-                    }
-                    None => {
-                        return Err((
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("Cluster {name:?} has no token yet: try again in a moment"),
-                        ));
-                    }
-                },
-            },
+        let source = self.registry.source();
+        let entry = match source {
+            Source::Open => Default::default(),
+            Source::File | Source::Kubernetes => self.registry.entry(name).ok_or_else(|| {
+                (
+                    StatusCode::NOT_FOUND,
+                    self.registry.not_registered(name).to_string(),
+                )
+            })?,
+        };
+        let token = match entry.token {
+            Some(token) => token,
+            // Kubernetes: the Cluster's token is the only one accepted; tower writes it.
+            None if source == Source::Kubernetes => {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("Cluster {name:?} has no token yet: try again in a moment"),
+                ));
+            }
+            None => m.minter.agent_token(name, None),
         };
         let proxy_server = match &m.kube {
             Some((client, namespace)) => {

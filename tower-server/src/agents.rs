@@ -160,15 +160,8 @@ impl Acceptor {
         self.registry
             .admits(name, token)
             .map_err(|e| (Refusal::Forbidden, e.to_string()))?;
-        let mut replicas: Vec<String> = handshake::list(header(handshake::HEADER_HELD))
-            .take(64)
-            .map(String::from)
-            .chain(std::iter::once(self.hello.server_id.clone()))
-            .collect();
-        replicas.sort();
-        replicas.dedup();
         Ok(Admitted {
-            replicas,
+            replicas: self.holders(handshake::list(header(handshake::HEADER_HELD))),
             token: token.into(),
             cluster: claims.sub,
             agent_version: header(handshake::HEADER_AGENT_VERSION)
@@ -288,13 +281,9 @@ impl Acceptor {
                     break;
                 }
                 Some(event) = events_rx.recv() => match event {
-                    ControlMessage::Held { mut server_ids } => {
-                        // What the agent says, bounded; this replica is held by definition.
-                        server_ids.truncate(64);
-                        server_ids.push(self.hello.server_id.clone());
-                        server_ids.sort();
-                        server_ids.dedup();
-                        *replicas.write().unwrap_or_else(|e| e.into_inner()) = server_ids;
+                    ControlMessage::Held { server_ids } => {
+                        let holders = self.holders(server_ids.iter().map(String::as_str));
+                        *replicas.write().unwrap_or_else(|e| e.into_inner()) = holders;
                     }
                     ControlMessage::Drain { grace_ms } => {
                         // The agent is going away: route nothing new here; what runs on
@@ -313,6 +302,21 @@ impl Acceptor {
         handle.close();
         tower_tunnel::session::finish(driver).await;
         tracing::info!(%cluster, %remote, tunnel = id, "agent disconnected");
+    }
+}
+
+impl Acceptor {
+    /// The replicas an agent says it holds, bounded, sorted, with this one (held by
+    /// definition).
+    fn holders<'a>(&self, said: impl Iterator<Item = &'a str>) -> Vec<String> {
+        let mut holders: Vec<String> = said
+            .take(64)
+            .map(String::from)
+            .chain(std::iter::once(self.hello.server_id.clone()))
+            .collect();
+        holders.sort();
+        holders.dedup();
+        holders
     }
 }
 

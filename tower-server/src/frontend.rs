@@ -82,13 +82,17 @@ impl Frontend {
 
     /// A slot among the cluster's requests in flight, or 429 when they are all taken.
     fn cluster_slot(&self, cluster: &str) -> Result<OwnedSemaphorePermit, ProxyError> {
-        let semaphore = self
-            .per_cluster
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(cluster.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.max_requests_per_cluster)))
-            .clone();
+        let semaphore = {
+            let mut per_cluster = self.per_cluster.lock().unwrap_or_else(|e| e.into_inner());
+            // Look up before inserting: no key allocated on the per-request path.
+            match per_cluster.get(cluster) {
+                Some(semaphore) => semaphore.clone(),
+                None => per_cluster
+                    .entry(cluster.to_owned())
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.max_requests_per_cluster)))
+                    .clone(),
+            }
+        };
         semaphore.try_acquire_owned().map_err(|_| {
             self.metrics.count_limited("cluster_concurrency");
             ProxyError::TooManyRequests(format!(

@@ -211,12 +211,7 @@ impl Registry {
         }
         let allowed = read(&self.allowed);
         let Some(entry) = allowed.get(name) else {
-            return Err(Denied::NotRegistered(match self.source {
-                Source::Kubernetes => format!(
-                    "there is no Cluster {name:?} with spec.connection.type \"proxy\" on this host"
-                ),
-                _ => format!("cluster {name:?} is not in this server's clusters file"),
-            }));
+            return Err(self.not_registered(name));
         };
         match &entry.token {
             Some(expected)
@@ -226,6 +221,16 @@ impl Registry {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Why `name` may not connect when it is not registered, in the registry's own terms.
+    pub fn not_registered(&self, name: &str) -> Denied {
+        Denied::NotRegistered(match self.source {
+            Source::Kubernetes => format!(
+                "there is no Cluster {name:?} with spec.connection.type \"proxy\" on this host"
+            ),
+            _ => format!("cluster {name:?} is not in this server's clusters file"),
+        })
     }
 
     /// Registers or updates `name`. A tunnel whose token no longer matches is closed.

@@ -395,16 +395,40 @@ impl Bench {
             .rt
             .block_on(load::run(&small_tunnel, 1, n, limit))
             .percentile(0.99);
-        let t_t = self.probe_during_download(true, &small_tunnel, n, size);
-        let d_d = self.probe_during_download(false, &small_direct, n, size);
-        let t_d = self.probe_during_download(false, &small_tunnel, n, size);
+        let t_t = self.probe_during_download(true, &small_tunnel, n, size, None);
+        let d_t = self.probe_during_download(true, &small_direct, n, size, None);
+        let d_d = self.probe_during_download(false, &small_direct, n, size, None);
+        let t_d = self.probe_during_download(false, &small_tunnel, n, size, None);
+        // A slow reader: the bulk stream is held back by its flow-control window, so the
+        // tunnel carries it at a fraction of the CPU (what stalls a Konnectivity tunnel).
+        let slow_size = SLOW_READER_RATE * if self.quick { 3 } else { 6 };
+        let t_slow =
+            self.probe_during_download(true, &small_tunnel, n, slow_size, Some(SLOW_READER_RATE));
         let shift = |idle: Duration, busy: Duration| format!("{:.0}->{:.0}", us(idle), us(busy));
         let times = |idle: Duration, busy: Duration| format!("{:.1}x", us(busy) / us(idle));
         row(
             "B3 p99 us idle->busy, tunnel bulk",
-            "",
+            &shift(idle_direct, d_t.p99),
             &shift(idle_tunnel, t_t.p99),
-            &times(idle_tunnel, t_t.p99),
+            &format!(
+                "{}/{}",
+                times(idle_direct, d_t.p99),
+                times(idle_tunnel, t_t.p99)
+            ),
+            "<= 3x",
+        );
+        row(
+            "B3 tunnel probe p99 / direct probe p99",
+            "",
+            "",
+            &format!("{:.1}x", us(t_t.p99) / us(d_t.p99)),
+            "(same tunnel bulk)",
+        );
+        row(
+            "B3 p99 us idle->busy, slow reader",
+            "",
+            &shift(idle_tunnel, t_slow.p99),
+            &times(idle_tunnel, t_slow.p99),
             "<= 3x",
         );
         row(
@@ -420,6 +444,8 @@ impl Bench {
         );
         for (what, probe) in [
             ("tunnel probe, tunnel bulk", &t_t),
+            ("direct probe, tunnel bulk", &d_t),
+            ("tunnel probe, slow reader", &t_slow),
             ("direct probe, direct bulk", &d_d),
             ("tunnel probe, direct bulk", &t_d),
         ] {
@@ -437,6 +463,9 @@ impl Bench {
                 "download_bytes": size,
                 "idle_p99_us": {"direct": us(idle_direct), "tunnel": us(idle_tunnel)},
                 "tunnel_probe_tunnel_bulk": t_t.to_json(),
+                "direct_probe_tunnel_bulk": d_t.to_json(),
+                "slow_reader_bytes_per_second": SLOW_READER_RATE,
+                "tunnel_probe_slow_reader": t_slow.to_json(),
                 "direct_probe_direct_bulk": d_d.to_json(),
                 "tunnel_probe_direct_bulk": t_d.to_json(),
             }),
@@ -451,6 +480,7 @@ impl Bench {
         probe: &Target,
         n: usize,
         size: u64,
+        pace: Option<u64>,
     ) -> Probe {
         let marker = format!("size={size}");
         let downloads = || {
@@ -476,7 +506,7 @@ impl Bench {
                     self.member.api.token().to_owned(),
                 )
             };
-            std::thread::spawn(move || client.download_checked(&path, &token))
+            std::thread::spawn(move || client.download_paced(&path, &token, pace))
         };
         tower_e2e::wait_for(
             "the bulk download to reach the member",
@@ -558,6 +588,9 @@ impl Bench {
         self.results.insert("B6".into(), json!({"restarts": times.len(), "p50_ms": p50.as_secs_f64() * 1e3, "p99_ms": p99.as_secs_f64() * 1e3}));
     }
 }
+
+/// How fast B3's slow reader reads its download (bytes per second).
+const SLOW_READER_RATE: u64 = 16 << 20;
 
 /// What a B3 probe measured.
 struct Probe {

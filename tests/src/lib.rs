@@ -886,7 +886,14 @@ impl Https {
     /// checking every byte as it streams in; returns the count. Panics on a mismatch or
     /// a body that ends in an error.
     pub fn download_checked(&self, path: &str, token: &str) -> u64 {
+        self.download_paced(path, token, None)
+    }
+
+    /// [`Https::download_checked`], reading no faster than `bytes_per_second` when given
+    /// (a slow reader: the sender is held back by flow control, not by CPU).
+    pub fn download_paced(&self, path: &str, token: &str, bytes_per_second: Option<u64>) -> u64 {
         self.runtime.block_on(async {
+            let started = tokio::time::Instant::now();
             let mut sender = self.connect().await;
             let request = http::Request::get(path)
                 .header("host", "localhost")
@@ -905,6 +912,10 @@ impl Https {
                         assert_eq!(*byte, want, "byte {} is wrong", offset + i as u64);
                     }
                     offset += data.len() as u64;
+                    if let Some(rate) = bytes_per_second {
+                        let due = Duration::from_secs_f64(offset as f64 / rate as f64);
+                        tokio::time::sleep_until(started + due).await;
+                    }
                 }
             }
             offset

@@ -371,11 +371,13 @@ impl Bench {
         cpu_small
     }
 
-    /// B3: small-request latency (one at a time) while a bulk download runs. Three
+    /// B3: small-request latency (one at a time) while a bulk download runs. Five
     /// pairings separate head-of-line blocking in the tunnel from CPU contention on a
     /// small machine: the tunnel probe during a tunnel download (both), the direct probe
-    /// during a direct download (contention only, no tunnel anywhere), and the tunnel
-    /// probe during a direct download (contention, but no shared tunnel).
+    /// during the same tunnel download (the same contention, no tunnel on the probe's
+    /// path), the direct probe during a direct download (no tunnel anywhere), the tunnel
+    /// probe during a direct download (contention, but no shared tunnel), and the tunnel
+    /// probe during a tunnel download whose reader is slow (flow control, little CPU).
     fn b3(&mut self) {
         let n = if self.quick { 500 } else { 2500 };
         let size: u64 = if self.quick {

@@ -7,10 +7,9 @@
 //! directly against the stand-in and through a fresh tower-server + tower-agent pair
 //! (fresh, so that the processes' idle RSS is a clean baseline for memory per watch).
 //!
-//! The stand-in runs as its own process (`kube-stand-in`) here: it holds two descriptors
-//! per connection (it keeps a duplicate of each socket to be able to cut them all), so
-//! with N watches it needs 2N open files and the clients N more, too many for one
-//! process under a 20,000 limit. Its RSS per watch is the direct column's memory figure.
+//! The stand-in runs as its own process (`kube-stand-in`) here, so that its descriptors
+//! (one per connection) and memory are its own: its RSS per watch is the direct column's
+//! memory figure.
 
 use std::io::BufRead as _;
 use std::net::SocketAddr;
@@ -45,10 +44,9 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// Open files the stand-in needs besides its connections (listener, epoll, stdio, …).
 const STAND_IN_SPARE_FILES: u64 = 64;
 
-/// The largest N a stand-in process can serve with `open_files` (two per connection),
-/// in hundreds.
+/// The largest N a process can serve with `open_files` (one per connection), in hundreds.
 pub(crate) fn most_watches(open_files: u64) -> usize {
-    (open_files.saturating_sub(STAND_IN_SPARE_FILES) / 2 / 100 * 100) as usize
+    (open_files.saturating_sub(STAND_IN_SPARE_FILES) / 100 * 100) as usize
 }
 
 /// What one side (direct or tunnel) measured for one N.

@@ -103,6 +103,8 @@ fn get_create_replace_delete_and_large_lists() {
         assert_eq!(call.credential, "token", "{call:?}");
         assert_eq!(call.impersonate_user.as_deref(), Some("alice"), "{call:?}");
         assert_eq!(call.impersonate_groups, ["devs", "ops"], "{call:?}");
+        // The agent multiplexes its requests on HTTP/2 (kubectl spoke HTTP/1.1 to tower).
+        assert_eq!(call.version, http::Version::HTTP_2, "{call:?}");
     }
 }
 
@@ -163,6 +165,20 @@ fn exec_and_port_forward_upgrade_end_to_end() {
     );
     let failed = kubectl(&kc, &["exec", "web-0", "--", "sh", "-c", "exit 3"]);
     assert_eq!(failed.code(), Some(3), "{}", failed.stderr());
+    // Upgrades need HTTP/1.1 all the way; everything else took HTTP/2 to the member.
+    let calls = member.api.calls();
+    let (upgrades, others): (Vec<_>, Vec<_>) = calls
+        .iter()
+        .partition(|c| c.path_and_query.contains("/exec?"));
+    assert!(!upgrades.is_empty() && !others.is_empty(), "{calls:?}");
+    assert!(
+        upgrades.iter().all(|c| c.version == http::Version::HTTP_11),
+        "{upgrades:?}"
+    );
+    assert!(
+        others.iter().all(|c| c.version == http::Version::HTTP_2),
+        "{others:?}"
+    );
 
     for websockets in ["true", "false"] {
         let forward = KubectlStream::spawn_with_env(

@@ -66,6 +66,11 @@ pub struct Cli {
     /// The kube-apiserver's HOST:PORT, overriding the kubeconfig's or in-cluster address.
     #[arg(long, env = "TOWER_KUBERNETES_SERVICE")]
     pub kubernetes_service: Option<String>,
+    /// Requests multiplexed on one HTTP/2 connection to the kube-apiserver before another
+    /// connection is opened (keep it at or below the apiserver's
+    /// --http2-max-streams-per-connection); 0 = HTTP/1.1 only, one connection per request.
+    #[arg(long, env = "TOWER_UPSTREAM_STREAMS_PER_CONNECTION", default_value_t = crate::upstream::DEFAULT_STREAMS_PER_CONNECTION)]
+    pub upstream_streams_per_connection: usize,
     /// KubeSphere's API (HOST:PORT, plain HTTP inside the member): enables target `kubesphere`.
     #[arg(long, env = "TOWER_KUBESPHERE_SERVICE")]
     pub kubesphere_service: Option<String>,
@@ -159,7 +164,11 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
     let mut targets = HashMap::new();
     targets.insert(
         tower_proto::preamble::KUBERNETES_TARGET.to_owned(),
-        Upstream::kubernetes(&kube_config, cli.kubernetes_service.as_deref())?,
+        Upstream::kubernetes(
+            &kube_config,
+            cli.kubernetes_service.as_deref(),
+            cli.upstream_streams_per_connection,
+        )?,
     );
     if let Some(address) = &cli.kubesphere_service {
         targets.insert("kubesphere".to_owned(), Upstream::named(address)?);

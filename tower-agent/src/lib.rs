@@ -12,6 +12,7 @@
 //! Key types: [`Config`], [`upstream::Upstream`]; entry point [`run`].
 
 pub mod cli;
+mod http2;
 pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
@@ -582,7 +583,7 @@ where
     } else {
         strip_hop_by_hop(response.headers_mut());
     }
-    response.map(|b| b.boxed())
+    response
 }
 
 fn set_bearer(headers: &mut http::HeaderMap, token: &str) {
@@ -679,7 +680,7 @@ mod tests {
         let mut targets = HashMap::new();
         targets.insert(
             KUBERNETES_TARGET.to_owned(),
-            Upstream::kubernetes(&kube, None).unwrap(),
+            Upstream::kubernetes(&kube, None, upstream::DEFAULT_STREAMS_PER_CONNECTION).unwrap(),
         );
         Config {
             dial: DialConfig {

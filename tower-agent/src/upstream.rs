@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Uri;
+use http::{Request, Response, Uri, header};
+use http_body_util::BodyExt as _;
+use http_body_util::combinators::BoxBody;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -14,11 +16,20 @@ use hyper_util::rt::TokioExecutor;
 use kube::client::ConfigExt;
 use secrecy::ExposeSecret;
 
+use crate::http2::{Http2Pool, Sent};
+
 /// Request bodies sent upstream.
 pub(crate) type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// Any body error.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Response bodies from upstream.
+pub(crate) type ResponseBody = BoxBody<Bytes, hyper::Error>;
+
+/// Requests multiplexed on one HTTP/2 connection to the kube-apiserver by default: below
+/// every server cap in use (Go's default is 250, kube-apiserver's own default 1,000).
+pub const DEFAULT_STREAMS_PER_CONNECTION: usize = 100;
 
 /// How the agent authenticates to its kube-apiserver.
 #[derive(Debug)]
@@ -78,7 +89,10 @@ impl TokenFile {
 pub struct Upstream {
     /// Scheme and authority (and any path prefix) of the upstream.
     base: Uri,
+    /// HTTP/1.1: upgrades, plain-HTTP targets, and servers without HTTP/2.
     client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    /// HTTP/2 for everything else, when the upstream is the kube-apiserver over TLS.
+    http2: Option<Http2Pool>,
     /// Credentials for the kube-apiserver; `None` for named targets, which get the
     /// caller's own Authorization header.
     pub(crate) credentials: Option<Credentials>,
@@ -95,15 +109,19 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// The kube-apiserver described by a kube-rs `Config` (from a kubeconfig or in-cluster).
+    /// Requests go over HTTP/2, up to `streams_per_connection` on each connection (0: HTTP/1.1
+    /// only), and upgrades over HTTP/1.1.
     pub fn kubernetes(
         config: &kube::Config,
         override_address: Option<&str>,
+        streams_per_connection: usize,
     ) -> Result<Self, String> {
-        let mut tls = config
+        let tls = config
             .rustls_client_config()
             .map_err(|e| format!("TLS for the kube-apiserver: {e}"))?;
-        // HTTP/1.1 only: upgrades (exec, port-forward) need it, and streams pool per request.
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut http1_tls = tls.clone();
+        // Upgrades (exec, port-forward) need HTTP/1.1.
+        http1_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let auth = &config.auth_info;
         let credentials = if auth.client_certificate.is_some()
             || auth.client_certificate_data.is_some()
@@ -127,10 +145,14 @@ impl Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
-        let connector = HttpsConnector::from((http, Arc::new(tls)));
+        let http2 = (streams_per_connection > 0 && base.scheme_str() == Some("https"))
+            .then(|| Http2Pool::new(&base, tls, streams_per_connection))
+            .transpose()?;
+        let connector = HttpsConnector::from((http, Arc::new(http1_tls)));
         Ok(Upstream {
             base,
             client: client(connector),
+            http2,
             credentials: Some(credentials),
         })
     }
@@ -151,6 +173,7 @@ impl Upstream {
         Ok(Upstream {
             base,
             client: client(connector),
+            http2: None,
             credentials: None,
         })
     }
@@ -163,12 +186,21 @@ impl Upstream {
         Ok(Uri::from_parts(parts)?)
     }
 
-    /// Sends a request.
+    /// Sends a request: over HTTP/2 when there is a pool and it is no upgrade.
     pub(crate) async fn send(
         &self,
-        request: http::Request<UpstreamBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(request).await
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<ResponseBody>, BoxError> {
+        let request = match &self.http2 {
+            Some(pool) if !request.headers().contains_key(header::UPGRADE) => {
+                match pool.send(request).await? {
+                    Sent::Response(response) => return Ok(response.map(|b| b.boxed())),
+                    Sent::Declined(request) => request,
+                }
+            }
+            _ => request,
+        };
+        Ok(self.client.request(request).await?.map(|b| b.boxed()))
     }
 }
 
@@ -206,7 +238,7 @@ mod tests {
     #[test]
     fn upstream_uris_keep_the_base_path() {
         let config = kube::Config::new("https://10.0.0.1:6443/k8s/clusters/c-1/".parse().unwrap());
-        let upstream = Upstream::kubernetes(&config, None).unwrap();
+        let upstream = Upstream::kubernetes(&config, None, DEFAULT_STREAMS_PER_CONNECTION).unwrap();
         assert_eq!(
             upstream
                 .uri_for("/api/v1/pods?watch=1")

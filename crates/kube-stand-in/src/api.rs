@@ -160,6 +160,7 @@ pub(crate) async fn handle(
             .map(str::to_owned)
             .collect(),
         saw_authorization: headers.contains_key(header::AUTHORIZATION),
+        version: req.version(),
     };
     tracing::debug!(method = %call.method, path = %call.path_and_query, credential = %call.credential, "request");
     let user = call

@@ -2,10 +2,11 @@
 //! them all at once, whoever owns them by then (hyper, or an exec/port-forward session that
 //! took over an upgraded connection).
 //!
-//! Each accepted socket is registered with a duplicate of its descriptor; cutting calls
-//! `shutdown(Both)` on the duplicates. The peers see the TCP connection end without a TLS
-//! `close_notify` (a watch ends mid-chunked-body), and the stand-in's own reads and writes
-//! fail, so every task serving a cut connection ends on its own.
+//! Each accepted socket is shared between its connection and the registry (one descriptor
+//! per connection, so a stand-in under a 20,000 descriptor limit can serve ~19,900
+//! connections); cutting calls `shutdown(Both)` on it. The peers see the TCP connection end
+//! without a TLS `close_notify` (a watch ends mid-chunked-body), and the stand-in's own
+//! reads and writes fail, so every task serving a cut connection ends on its own.
 
 use std::collections::HashMap;
 use std::io;
@@ -13,26 +14,25 @@ use std::net::Shutdown;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
+use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Every open connection, by id, as a duplicate descriptor that can shut it down.
+/// Every open connection, by id.
 #[derive(Debug, Default)]
 pub(crate) struct Connections {
     next_id: AtomicU64,
-    open: Mutex<HashMap<u64, std::net::TcpStream>>,
+    open: Mutex<HashMap<u64, Arc<TcpStream>>>,
 }
 
 impl Connections {
     /// Registers an accepted socket; it stays registered until the returned stream drops.
     pub(crate) fn register(self: &Arc<Self>, tcp: TcpStream) -> io::Result<TrackedStream> {
-        let std_stream = tcp.into_std()?;
-        let handle = std_stream.try_clone()?;
-        let tcp = TcpStream::from_std(std_stream)?;
+        let tcp = Arc::new(tcp);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, handle);
+        self.lock().insert(id, tcp.clone());
         Ok(TrackedStream {
             tcp,
             id,
@@ -43,9 +43,9 @@ impl Connections {
     /// Shuts down every registered connection (both directions) at once.
     pub(crate) fn cut_all(&self) {
         let open = self.lock();
-        for handle in open.values() {
+        for tcp in open.values() {
             // A socket the peer already closed may refuse; it is going away anyway.
-            let _ = handle.shutdown(Shutdown::Both);
+            let _ = SockRef::from(tcp.as_ref()).shutdown(Shutdown::Both);
         }
         tracing::debug!(connections = open.len(), "cut every open connection");
     }
@@ -55,7 +55,7 @@ impl Connections {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, std::net::TcpStream>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<TcpStream>>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -63,55 +63,83 @@ impl Connections {
 /// An accepted TCP stream that is registered in [`Connections`] while it lives.
 #[derive(Debug)]
 pub(crate) struct TrackedStream {
-    tcp: TcpStream,
+    tcp: Arc<TcpStream>,
     id: u64,
     registry: Arc<Connections>,
 }
 
 impl Drop for TrackedStream {
     fn drop(&mut self) {
-        // Closing the duplicate too, so the socket really closes with `tcp`.
+        // The registry's is the last other reference: the socket closes with this.
         self.registry.lock().remove(&self.id);
+    }
+}
+
+/// Retries `op` until the socket stops saying it would block.
+fn retry<T>(
+    cx: &mut Context<'_>,
+    mut ready: impl FnMut(&mut Context<'_>) -> Poll<io::Result<()>>,
+    mut op: impl FnMut() -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        ready!(ready(cx))?;
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return Poll::Ready(result),
+        }
     }
 }
 
 impl AsyncRead for TrackedStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        let tcp = &self.tcp;
+        let n = ready!(retry(
+            cx,
+            |cx| tcp.poll_read_ready(cx),
+            || tcp.try_read(buf.initialize_unfilled())
+        ))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
 impl AsyncWrite for TrackedStream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        let tcp = &self.tcp;
+        retry(cx, |cx| tcp.poll_write_ready(cx), || tcp.try_write(buf))
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        let tcp = &self.tcp;
+        retry(
+            cx,
+            |cx| tcp.poll_write_ready(cx),
+            || tcp.try_write_vectored(bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        true
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(SockRef::from(self.tcp.as_ref()).shutdown(Shutdown::Write))
     }
 }
 

@@ -31,9 +31,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use base64::Engine as _;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,9 @@ mod watch;
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most requests at once on one HTTP/2 connection (kube-apiserver's own limit is set by
+/// `--http2-max-streams-per-connection`; 100 is the low end of what clients meet).
+pub const HTTP2_MAX_STREAMS: u32 = 100;
 /// How long open connections get to finish after [`StandIn::shutdown`].
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -74,6 +77,8 @@ pub struct Call {
     pub impersonate_groups: Vec<String>,
     /// Whether the request carried an `Authorization` header at all.
     pub saw_authorization: bool,
+    /// The HTTP version it came over (HTTP/1.1 or HTTP/2).
+    pub version: http::Version,
 }
 
 /// Which credential [`StandIn::kubeconfig_yaml`] embeds.
@@ -381,9 +386,11 @@ async fn serve_connection(
         let client_cn = client_cn.clone();
         async move { Ok::<_, std::convert::Infallible>(api::handle(shared, client_cn, req).await) }
     });
-    let conn = http1::Builder::new()
-        .serve_connection(TokioIo::new(tls), service)
-        .with_upgrades();
+    // HTTP/2 when the client's ALPN asks for it (as kube-apiserver), HTTP/1.1 otherwise
+    // (upgrades: exec, attach, port-forward).
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().max_concurrent_streams(HTTP2_MAX_STREAMS);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => {

@@ -93,7 +93,7 @@ impl Pki {
         })
     }
 
-    /// A rustls server configuration: ring provider, ALPN `http/1.1`, optional client
+    /// A rustls server configuration: ring provider, ALPN `h2` and `http/1.1`, optional client
     /// certificates that must chain to the stand-in's CA when presented.
     pub(crate) fn server_config(&self) -> anyhow::Result<Arc<ServerConfig>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -110,7 +110,7 @@ impl Pki {
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![self.server_cert_der.clone(), self.ca_der.clone()], key)
             .context("installing the serving certificate")?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
 }

@@ -66,9 +66,9 @@ pub struct Cli {
     /// The kube-apiserver's HOST:PORT, overriding the kubeconfig's or in-cluster address.
     #[arg(long, env = "TOWER_KUBERNETES_SERVICE")]
     pub kubernetes_service: Option<String>,
-    /// Requests multiplexed on one HTTP/2 connection to the kube-apiserver before another
+    /// Watches multiplexed on one HTTP/2 connection to the kube-apiserver before another
     /// connection is opened (keep it at or below the apiserver's
-    /// --http2-max-streams-per-connection); 0 = HTTP/1.1 only, one connection per request.
+    /// --http2-max-streams-per-connection); 0 = HTTP/1.1 only, one connection per watch.
     #[arg(long, env = "TOWER_UPSTREAM_STREAMS_PER_CONNECTION", default_value_t = crate::upstream::DEFAULT_STREAMS_PER_CONNECTION)]
     pub upstream_streams_per_connection: usize,
     /// KubeSphere's API (HOST:PORT, plain HTTP inside the member): enables target `kubesphere`.

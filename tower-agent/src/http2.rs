@@ -1,4 +1,4 @@
-//! HTTP/2 to the kube-apiserver: many requests on a few connections.
+//! HTTP/2 to the kube-apiserver: many watches on a few connections.
 //!
 //! Over HTTP/1.1 every watch held open needs a connection of its own, and with it a TLS
 //! session and buffers in the agent and in the apiserver; ten thousand watches are ten
@@ -10,9 +10,8 @@
 //! every one has `streams_per_connection` open, packing requests into the oldest
 //! connections first so the pool shrinks back as watches end.
 //!
-//! Requests that need HTTP/1.1 (upgrades: exec, attach, port-forward) never come here;
-//! a server that does not negotiate `h2` turns the pool off for good and everything goes
-//! over HTTP/1.1.
+//! Only watches come here ([`crate::upstream::Upstream::send`] says why); a server that
+//! does not negotiate `h2` turns the pool off for good and watches go over HTTP/1.1 too.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -127,6 +127,26 @@ pub enum RegistryConfig {
     },
 }
 
+/// Connections the kernel completes and queues for a listener before it drops SYNs.
+///
+/// The default (128, as std and mio use) is too small for the tunnel listener: after a
+/// server restart every agent of a fleet dials within the first backoff step, and a SYN
+/// dropped from a full queue is retried only after 1 s. The kernel caps this at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4).
+pub const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds a listener on `addr` with [`ACCEPT_BACKLOG`].
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// The three listeners, bound by the caller (tests bind port 0).
 #[derive(Debug)]
 pub struct Listeners {
@@ -408,5 +428,35 @@ async fn serve<F, Fut>(
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Connects `n` clients to a listener that accepts none; how many completed within
+    /// `each` (a connect past a full accept queue waits for a SYN retry, 1 s).
+    async fn queued(listener: &TcpListener, n: usize, each: Duration) -> usize {
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            match tokio::time::timeout(each, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(client)) => clients.push(client),
+                _ => break,
+            }
+        }
+        clients.len()
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_dials_fits_the_accept_queue() {
+        let each = Duration::from_millis(700);
+        let ours = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(queued(&ours, 600, each).await, 600);
+        // What the default backlog does with the same burst.
+        let default = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(queued(&default, 600, each).await < 200);
     }
 }

@@ -383,8 +383,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     runtime.block_on(async move {
         let bind = |addr: SocketAddr, what: &'static str| async move {
-            tokio::net::TcpListener::bind(addr)
-                .await
+            tower_server::listen(addr)
                 .map_err(|e| format!("binding the {what} listener on {addr}: {e}"))
         };
         let listeners = match async {

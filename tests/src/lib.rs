@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower_auth::{Minter, Secret};
 use tower_kube_stand_in::{KubeconfigAuth, StandIn};
 
@@ -772,6 +772,38 @@ where
     sender
 }
 
+/// An HTTP/2 connection over TLS (ALPN `h2`, which the server must choose; server name
+/// `localhost`) to `addr`, its connection task spawned on the current runtime.
+pub async fn http2_over_tls<B>(
+    addr: SocketAddr,
+    tls: &rustls::ClientConfig,
+) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+        .expect("TLS");
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "the server chose HTTP/2"
+    );
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tls))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
 /// Reads `response` whole; a body that ends in an error is an `Err`, never a short reply.
 async fn read_reply(response: http::Response<hyper::body::Incoming>) -> Result<Reply, String> {
     let status = response.status().as_u16();
@@ -797,6 +829,11 @@ pub struct Reply {
 }
 
 impl Https {
+    /// The TLS configuration this client dials with (trusting the server's CA).
+    pub fn tls(&self) -> &rustls::ClientConfig {
+        &self.tls
+    }
+
     /// A client for `server`'s frontend.
     pub fn frontend(server: &Server) -> Self {
         Self::to(server, server.frontend)

@@ -179,6 +179,8 @@ impl Frontend {
             .upstream_uri()
             .map_err(|e| ProxyError::BadRequest(format!("bad path: {e}")))?;
         tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
+        // Streams in the tunnel carry HTTP/1.1, whatever the caller spoke.
+        parts.version = http::Version::HTTP_11;
         let metrics = self.metrics.clone();
         let request_activity = activity.clone();
         let body = body

@@ -29,7 +29,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
@@ -179,6 +179,11 @@ pub async fn run(
     let tls =
         tower_tunnel::tls::server_config(config.tls.chain.clone(), config.tls.key.clone_key())
             .map_err(|e| ServerError::Tls(e.to_string()))?;
+    // Callers may multiplex over HTTP/2 (as kubectl and client-go do when offered);
+    // agents' tunnels are an HTTP/1.1 upgrade.
+    let mut frontend_tls = (*tls).clone();
+    frontend_tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let frontend_acceptor = TlsAcceptor::from(Arc::new(frontend_tls));
     let acceptor = TlsAcceptor::from(tls);
     let verifier = Verifier::new(&config.secret);
     let (registry, kube) = match &config.registry {
@@ -283,6 +288,7 @@ pub async fn run(
     loops.spawn(serve(
         listeners.tunnel,
         tunnel_tls,
+        Protocols::Http1,
         config.limits.clone(),
         stop_accepting.clone(),
         other_conns.clone(),
@@ -291,7 +297,8 @@ pub async fn run(
     ));
     loops.spawn(serve(
         listeners.frontend,
-        Some(acceptor),
+        Some(frontend_acceptor),
+        Protocols::Http1AndHttp2,
         config.limits.clone(),
         stop_accepting.clone(),
         frontend_conns.clone(),
@@ -301,6 +308,7 @@ pub async fn run(
     loops.spawn(serve(
         listeners.admin,
         None,
+        Protocols::Http1,
         config.limits.clone(),
         stop_accepting.clone(),
         other_conns.clone(),
@@ -348,11 +356,28 @@ struct Connections {
     finish: CancellationToken,
 }
 
-/// Accepts connections on `listener` until `stop`, serving HTTP/1.1 (with upgrades) with
-/// `handler`, over TLS when `tls` is given.
+/// What a listener speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocols {
+    /// HTTP/1.1 (with upgrades) only.
+    Http1,
+    /// HTTP/1.1, and HTTP/2 to clients that ask for it (ALPN `h2`, or its preface).
+    Http1AndHttp2,
+}
+
+/// Requests open at once on one HTTP/2 connection from a caller. Go's clients (kubectl,
+/// client-go) open another connection when a server's cap is reached.
+const HTTP2_MAX_STREAMS: u32 = 1000;
+/// HTTP/2 pings to callers, so a dead client's watches are noticed and freed.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Accepts connections on `listener` until `stop`, serving `protocols` with `handler`,
+/// over TLS when `tls` is given.
+#[allow(clippy::too_many_arguments)]
 async fn serve<F, Fut>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    protocols: Protocols,
     limits: Limits,
     stop: CancellationToken,
     connections: Connections,
@@ -403,12 +428,22 @@ async fn serve<F, Fut>(
                 let response = handler(req, remote);
                 async move { Ok::<_, Infallible>(response.await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
-                .max_buf_size(limits.max_header_bytes.max(8192))
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
+                .max_buf_size(limits.max_header_bytes.max(8192));
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(HTTP2_MAX_STREAMS)
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                .keep_alive_interval(HTTP2_KEEPALIVE);
+            if protocols == Protocols::Http1 {
+                builder = builder.http1_only();
+            }
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
@@ -420,10 +455,10 @@ async fn serve<F, Fut>(
             };
             if let Err(e) = result {
                 // hyper answered 431 itself, or cut a client too slow with its headers.
-                if e.is_parse_too_large() {
-                    metrics.count_limited("header_too_large");
-                } else if e.is_timeout() {
-                    metrics.count_limited("header_read_timeout");
+                match e.downcast_ref::<hyper::Error>() {
+                    Some(e) if e.is_parse_too_large() => metrics.count_limited("header_too_large"),
+                    Some(e) if e.is_timeout() => metrics.count_limited("header_read_timeout"),
+                    _ => {}
                 }
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }

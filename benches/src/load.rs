@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::{Connection, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -59,6 +60,35 @@ impl Target {
             .map_err(|e| format!("HTTP handshake: {e}"))
     }
 
+    /// An HTTP/2 connection (ALPN `h2`; the server must choose it), to be driven by the
+    /// caller.
+    pub(crate) async fn handshake_http2<B>(
+        &self,
+    ) -> Result<(http2::SendRequest<B>, Http2Conn<B>), String>
+    where
+        B: hyper::body::Body + Unpin + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut tls = (*self.tls).clone();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect("localhost".try_into().expect("name"), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err("the server did not choose HTTP/2".into());
+        }
+        http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))
+    }
+
     /// A GET of `path` with this target's token.
     pub(crate) fn get<B: Default>(&self, path: &str) -> http::Request<B> {
         http::Request::get(path)
@@ -71,6 +101,8 @@ impl Target {
 
 /// A client connection over TLS, to be polled by whoever owns it.
 pub(crate) type Conn<B> = Connection<TokioIo<TlsStream<TcpStream>>, B>;
+/// An HTTP/2 client connection over TLS, to be polled by whoever owns it.
+pub(crate) type Http2Conn<B> = http2::Connection<TokioIo<TlsStream<TcpStream>>, B, TokioExecutor>;
 
 /// What a run measured.
 pub(crate) struct Run {

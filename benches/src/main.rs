@@ -108,12 +108,19 @@ fn main() {
         };
         if sizes.iter().any(|n| *n > most) {
             println!(
-                "tower-bench: B4: {open_files} open files per process allow the stand-in (two per connection) at most {most} watches; capping"
+                "tower-bench: B4: {open_files} open files per process allow the stand-in (one per connection) at most {most} watches; capping"
             );
             sizes = sizes.into_iter().map(|n| n.min(most)).collect();
         }
         let open_limit = Duration::from_secs(if quick { 30 } else { 60 });
-        let b4 = watch::b4(&rt, &user, &sizes, 3, open_limit);
+        // Then the largest N again with clients that multiplex over HTTP/2.
+        let largest = sizes.last().copied().unwrap_or(0);
+        let runs: Vec<_> = sizes
+            .iter()
+            .map(|n| (watch::Protocol::Http1, *n))
+            .chain([(watch::Protocol::Http2, largest)])
+            .collect();
+        let b4 = watch::b4(&rt, &user, &runs, 3, open_limit);
         results.insert("B4".into(), b4);
     }
     if selected("B5") {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http2;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, mpsc};
@@ -37,6 +38,19 @@ const EVENT_PREFIX: &[u8] = b"bench-event-";
 /// the opening measures the processes, not the kernel's 1 s SYN retransmit after an
 /// overflowing burst.
 const OPENING_AT_ONCE: usize = 96;
+/// Watches per HTTP/2 connection in the HTTP/2 runs: the stand-in's stream cap (a Go
+/// client such as client-go opens another connection at a server's cap).
+const WATCHES_PER_HTTP2_CONNECTION: usize = 100;
+
+/// How the bench's watchers talk to the frontend or the stand-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    /// One HTTP/1.1 connection per watch.
+    Http1,
+    /// [`WATCHES_PER_HTTP2_CONNECTION`] watches per HTTP/2 connection.
+    Http2,
+}
+
 /// How long one event may take to reach every watcher.
 const DELIVERY_LIMIT: Duration = Duration::from_secs(30);
 /// How long the stand-in may take to notice that closed watches are gone.
@@ -127,7 +141,7 @@ impl Side {
 pub(crate) fn b4(
     rt: &Runtime,
     user: &str,
-    sizes: &[usize],
+    runs: &[(Protocol, usize)],
     events: usize,
     open_limit: Duration,
 ) -> Value {
@@ -135,11 +149,11 @@ pub(crate) fn b4(
     let direct_target =
         |path: &str| Target::new(&upstream.ca_pem, upstream.addr, path.into(), UPSTREAM_TOKEN);
     let mut out = serde_json::Map::new();
-    for &n in sizes {
+    for &(protocol, n) in runs {
         let direct = measure(
             rt,
             &upstream,
-            n,
+            (protocol, n),
             events,
             open_limit,
             &direct_target,
@@ -159,11 +173,19 @@ pub(crate) fn b4(
         };
         // Warm both processes up (first connections, pools, TLS state) with one watch
         // and one event, so that their idle RSS is not their start-up RSS.
-        measure(rt, &upstream, 1, 1, open_limit, &tunnel_target, &[]);
+        measure(
+            rt,
+            &upstream,
+            (protocol, 1),
+            1,
+            open_limit,
+            &tunnel_target,
+            &[],
+        );
         let tunnel = measure(
             rt,
             &upstream,
-            n,
+            (protocol, n),
             events,
             open_limit,
             &tunnel_target,
@@ -172,9 +194,13 @@ pub(crate) fn b4(
         drop(agent);
         drop(server);
 
-        print_rows(n, &direct, &tunnel);
+        print_rows(protocol, n, &direct, &tunnel);
+        let key = match protocol {
+            Protocol::Http1 => n.to_string(),
+            Protocol::Http2 => format!("{n} http2"),
+        };
         out.insert(
-            n.to_string(),
+            key,
             json!({
                 "direct": direct.to_json(&["stand_in"]),
                 "tunnel": tunnel.to_json(&["server", "agent"]),
@@ -184,14 +210,23 @@ pub(crate) fn b4(
     Value::Object(out)
 }
 
-fn print_rows(n: usize, direct: &Side, tunnel: &Side) {
-    let label = |what: &str| format!("B4 N={n} {what}");
+fn print_rows(protocol: Protocol, n: usize, direct: &Side, tunnel: &Side) {
+    let h2 = if protocol == Protocol::Http2 {
+        " h2"
+    } else {
+        ""
+    };
+    let label = |what: &str| format!("B4 N={n}{h2} {what}");
     crate::row(
         &label("open all (s)"),
         &format!("{:.2}", direct.open_time.as_secs_f64()),
         &format!("{:.2}", tunnel.open_time.as_secs_f64()),
         &ratio(tunnel.open_time, direct.open_time),
-        if n >= 10_000 { "< 10 s" } else { "" },
+        if n >= 10_000 && protocol == Protocol::Http1 {
+            "< 10 s"
+        } else {
+            ""
+        },
     );
     let (d, t) = (direct.event_stats(), tunnel.event_stats());
     let stats = |s: [Duration; 3]| format!("{:.1}/{:.1}/{:.1}", ms(s[0]), ms(s[1]), ms(s[2]));
@@ -255,7 +290,7 @@ fn ms(d: Duration) -> f64 {
 fn measure(
     rt: &Runtime,
     upstream: &Upstream,
-    n: usize,
+    (protocol, n): (Protocol, usize),
     events: usize,
     open_limit: Duration,
     target_for: &dyn Fn(&str) -> Target,
@@ -293,7 +328,7 @@ fn measure(
     ));
     let idle = rss();
     let cpu_idle = cpu();
-    let (mut watches, mut side) = rt.block_on(Watches::open(&target, n, open_limit));
+    let (mut watches, mut side) = rt.block_on(Watches::open(&target, protocol, n, open_limit));
     let open = rss();
     let cpu_open = cpu();
     for _ in 0..events {
@@ -369,7 +404,7 @@ impl Upstream {
         }
     }
 
-    /// Its open file descriptors (two per connection).
+    /// Its open file descriptors (one per connection).
     fn open_files(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.process.pid())).map_or(0, |d| d.count())
     }
@@ -415,27 +450,65 @@ struct Agent {
 
 /// Open watches: one task per watch drives its own connection and reports each event.
 struct Watches {
+    /// The watches, then the HTTP/2 connections' tasks (if any).
     tasks: Vec<JoinHandle<()>>,
     events: mpsc::UnboundedReceiver<(u64, Instant)>,
 }
 
+/// How one watch reaches its target.
+enum Link {
+    /// A connection of its own.
+    Http1(Target),
+    /// A stream on a shared connection.
+    Http2(Target, http2::SendRequest<Empty<Bytes>>),
+}
+
 impl Watches {
     /// Opens `n` watches, [`OPENING_AT_ONCE`] at a time; gives up waiting after `limit`.
-    async fn open(target: &Target, n: usize, limit: Duration) -> (Watches, Side) {
+    /// Over HTTP/2 the connections are dialed first, as part of the time to open all.
+    async fn open(
+        target: &Target,
+        protocol: Protocol,
+        n: usize,
+        limit: Duration,
+    ) -> (Watches, Side) {
         let (opened_tx, mut opened_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let permits = Arc::new(Semaphore::new(OPENING_AT_ONCE));
         let started = Instant::now();
-        let tasks = (0..n)
-            .map(|_| {
+        let mut connections = Vec::new();
+        let mut senders = Vec::new();
+        if protocol == Protocol::Http2 {
+            for _ in 0..n.div_ceil(WATCHES_PER_HTTP2_CONNECTION) {
+                match target.handshake_http2().await {
+                    Ok((sender, connection)) => {
+                        senders.push(sender);
+                        connections.push(tokio::spawn(async move {
+                            let _ = connection.await;
+                        }));
+                    }
+                    Err(e) => panic!("B4: an HTTP/2 connection: {e}"),
+                }
+            }
+        }
+        let mut tasks: Vec<JoinHandle<()>> = (0..n)
+            .map(|i| {
+                let link = match protocol {
+                    Protocol::Http1 => Link::Http1(target.clone()),
+                    Protocol::Http2 => Link::Http2(
+                        target.clone(),
+                        senders[i / WATCHES_PER_HTTP2_CONNECTION].clone(),
+                    ),
+                };
                 tokio::spawn(watch(
-                    target.clone(),
+                    link,
                     permits.clone(),
                     opened_tx.clone(),
                     events_tx.clone(),
                 ))
             })
             .collect();
+        tasks.extend(connections);
         drop(opened_tx);
         let mut side = Side::default();
         let deadline = tokio::time::Instant::from_std(started + limit);
@@ -499,27 +572,46 @@ impl Watches {
 /// One watch: connects, reports when the response head arrives (or why it did not), then
 /// reports the id of every bench event it sees, with the time it saw it.
 async fn watch(
-    target: Target,
+    link: Link,
     permits: Arc<Semaphore>,
     opened: mpsc::UnboundedSender<Result<Instant, String>>,
     events: mpsc::UnboundedSender<(u64, Instant)>,
 ) {
     let permit = permits.acquire_owned().await;
-    let (mut sender, conn) = match target.handshake::<Empty<Bytes>>().await {
-        Ok(pair) => pair,
-        Err(e) => {
-            let _ = opened.send(Err(e));
-            return;
+    // Over HTTP/1.1 this task drives its own connection (aborting it closes it); over
+    // HTTP/2 the shared connection has a task of its own.
+    let (response, conn) = match link {
+        Link::Http1(target) => {
+            let (mut sender, conn) = match target.handshake::<Empty<Bytes>>().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    let _ = opened.send(Err(e));
+                    return;
+                }
+            };
+            let mut conn = Box::pin(conn);
+            let response = tokio::select! {
+                response = sender.send_request(target.get(&target.path)) => response,
+                _ = &mut conn => {
+                    let _ = opened.send(Err("connection closed before the response".into()));
+                    return;
+                }
+            };
+            (response, Some(conn))
+        }
+        Link::Http2(target, mut sender) => {
+            let request = target.get(&target.path);
+            (sender.send_request(request).await, None)
         }
     };
-    let mut conn = std::pin::pin!(conn);
-    let response = tokio::select! {
-        response = sender.send_request(target.get(&target.path)) => response,
-        _ = &mut conn => {
-            let _ = opened.send(Err("connection closed before the response".into()));
-            return;
+    let mut conn = std::pin::pin!(async move {
+        match conn {
+            Some(conn) => {
+                let _ = conn.await;
+            }
+            None => std::future::pending().await,
         }
-    };
+    });
     let response = match response {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => {

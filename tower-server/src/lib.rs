@@ -361,7 +361,7 @@ struct Connections {
 enum Protocols {
     /// HTTP/1.1 (with upgrades) only.
     Http1,
-    /// HTTP/1.1, and HTTP/2 to clients that ask for it (ALPN `h2`, or its preface).
+    /// HTTP/1.1, and HTTP/2 to clients that ask for it (ALPN `h2`).
     Http1AndHttp2,
 }
 
@@ -428,37 +428,49 @@ async fn serve<F, Fut>(
                 let response = handler(req, remote);
                 async move { Ok::<_, Infallible>(response.await) }
             });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .max_buf_size(limits.max_header_bytes.max(8192));
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(HTTP2_MAX_STREAMS)
-                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-                .keep_alive_interval(HTTP2_KEEPALIVE);
-            if protocols == Protocols::Http1 {
-                builder = builder.http1_only();
-            }
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = finish.cancelled() => {
-                    // Finish the request in flight, then close.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            // Each protocol's connection is boxed on its own: an enum of both would cost
+            // every HTTP/1.1 connection the size of an HTTP/2 one.
+            let http2 = protocols == Protocols::Http1AndHttp2
+                && matches!(&io, Either::Left(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2"));
+            let result = if http2 {
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(HTTP2_MAX_STREAMS)
+                    .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                    .keep_alive_interval(HTTP2_KEEPALIVE)
+                    .serve_connection(TokioIo::new(io), service);
+                let mut connection = Box::pin(connection);
+                tokio::select! {
+                    result = connection.as_mut() => result,
+                    () = finish.cancelled() => {
+                        // A GOAWAY: requests in flight finish, new ones go elsewhere.
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                }
+            } else {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_buf_size(limits.max_header_bytes.max(8192))
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades();
+                let mut connection = Box::pin(connection);
+                tokio::select! {
+                    result = connection.as_mut() => result,
+                    () = finish.cancelled() => {
+                        // Finish the request in flight, then close.
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
                 }
             };
             if let Err(e) = result {
                 // hyper answered 431 itself, or cut a client too slow with its headers.
-                match e.downcast_ref::<hyper::Error>() {
-                    Some(e) if e.is_parse_too_large() => metrics.count_limited("header_too_large"),
-                    Some(e) if e.is_timeout() => metrics.count_limited("header_read_timeout"),
-                    _ => {}
+                if e.is_parse_too_large() {
+                    metrics.count_limited("header_too_large");
+                } else if e.is_timeout() {
+                    metrics.count_limited("header_read_timeout");
                 }
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }

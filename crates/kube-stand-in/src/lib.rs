@@ -33,7 +33,6 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -387,20 +386,36 @@ async fn serve_connection(
         async move { Ok::<_, std::convert::Infallible>(api::handle(shared, client_cn, req).await) }
     });
     // HTTP/2 when the client's ALPN asks for it (as kube-apiserver), HTTP/1.1 otherwise
-    // (upgrades: exec, attach, port-forward).
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(HTTP2_MAX_STREAMS);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+    // (upgrades: exec, attach, port-forward). Each boxed on its own, so that an HTTP/1.1
+    // connection does not cost the size of an HTTP/2 one.
+    let result = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(HTTP2_MAX_STREAMS)
+            .serve_connection(TokioIo::new(tls), service);
+        let mut conn = Box::pin(conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            () = shared.cancel.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+                Ok(())
             }
         }
-        () = shared.cancel.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tls), service)
+            .with_upgrades();
+        let mut conn = Box::pin(conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            () = shared.cancel.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+                Ok(())
+            }
         }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }

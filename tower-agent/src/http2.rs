@@ -120,7 +120,8 @@ impl Http2Pool {
     pub(crate) async fn send(&self, mut request: Request<UpstreamBody>) -> Result<Sent, BoxError> {
         // A connection that went away between the pick and the send gives the request
         // back untouched; one more try on another connection.
-        for attempt in 0..2 {
+        let mut retried = false;
+        loop {
             let Some(slot) = self.slot().await? else {
                 return Ok(Sent::Declined(request));
             };
@@ -132,15 +133,15 @@ impl Http2Pool {
                     ));
                 }
                 Err(mut refused) => match refused.take_message() {
-                    Some(unsent) if attempt == 0 => {
+                    Some(unsent) if !retried => {
                         slot.0.retired.store(true, Ordering::Release);
                         request = unsent;
+                        retried = true;
                     }
                     _ => return Err(refused.into_error().into()),
                 },
             }
         }
-        unreachable!("the second attempt returns")
     }
 
     /// Connections open now (for tests and diagnostics).

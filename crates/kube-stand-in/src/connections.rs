@@ -29,15 +29,15 @@ pub(crate) struct Connections {
 
 impl Connections {
     /// Registers an accepted socket; it stays registered until the returned stream drops.
-    pub(crate) fn register(self: &Arc<Self>, tcp: TcpStream) -> io::Result<TrackedStream> {
+    pub(crate) fn register(self: &Arc<Self>, tcp: TcpStream) -> TrackedStream {
         let tcp = Arc::new(tcp);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.lock().insert(id, tcp.clone());
-        Ok(TrackedStream {
+        TrackedStream {
             tcp,
             id,
             registry: self.clone(),
-        })
+        }
     }
 
     /// Shuts down every registered connection (both directions) at once.
@@ -157,7 +157,7 @@ mod tests {
         let registry = Arc::new(Connections::default());
         let mut client = TcpStream::connect(addr).await.expect("connect");
         let (accepted, _) = listener.accept().await.expect("accept");
-        let mut server = registry.register(accepted).expect("register");
+        let mut server = registry.register(accepted);
         assert_eq!(registry.len(), 1);
 
         server.write_all(b"hi").await.expect("write");

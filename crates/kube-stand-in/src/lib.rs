@@ -319,13 +319,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAc
                 let _ = tcp.set_nodelay(true);
                 // Registered before the availability check, so `set_available(false)`
                 // either cuts it or this sees the flag.
-                let tcp = match shared.connections.register(tcp) {
-                    Ok(tcp) => tcp,
-                    Err(error) => {
-                        tracing::warn!(%peer, %error, "registering a connection failed");
-                        continue;
-                    }
-                };
+                let tcp = shared.connections.register(tcp);
                 if !shared.available.load(Ordering::SeqCst) {
                     tracing::debug!(%peer, "unavailable: closing a new connection");
                     shared.refused.fetch_add(1, Ordering::SeqCst);

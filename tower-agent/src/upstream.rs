@@ -27,8 +27,9 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Response bodies from upstream.
 pub(crate) type ResponseBody = BoxBody<Bytes, hyper::Error>;
 
-/// Watches multiplexed on one HTTP/2 connection to the kube-apiserver by default: below
-/// every server cap in use (Go's default is 250, kube-apiserver's own default 1,000).
+/// Watches multiplexed on one HTTP/2 connection to the kube-apiserver by default:
+/// kube-apiserver's own cap since its HTTP/2 rapid-reset fix (kubernetes#121120; it had
+/// Go's 250 before), so the pool never asks one connection for more than it may carry.
 pub const DEFAULT_STREAMS_PER_CONNECTION: usize = 100;
 
 /// How the agent authenticates to its kube-apiserver.

@@ -55,8 +55,8 @@ mod watch;
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most requests at once on one HTTP/2 connection (kube-apiserver's own limit is set by
-/// `--http2-max-streams-per-connection`; 100 is the low end of what clients meet).
+/// Most requests at once on one HTTP/2 connection: kube-apiserver's default (its
+/// `--http2-max-streams-per-connection`) since kubernetes#121120.
 pub const HTTP2_MAX_STREAMS: u32 = 100;
 /// How long open connections get to finish after [`StandIn::shutdown`].
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

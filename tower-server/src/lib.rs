@@ -288,7 +288,6 @@ pub async fn run(
     loops.spawn(serve(
         listeners.tunnel,
         tunnel_tls,
-        Protocols::Http1,
         config.limits.clone(),
         stop_accepting.clone(),
         other_conns.clone(),
@@ -298,7 +297,6 @@ pub async fn run(
     loops.spawn(serve(
         listeners.frontend,
         Some(frontend_acceptor),
-        Protocols::Http1AndHttp2,
         config.limits.clone(),
         stop_accepting.clone(),
         frontend_conns.clone(),
@@ -308,7 +306,6 @@ pub async fn run(
     loops.spawn(serve(
         listeners.admin,
         None,
-        Protocols::Http1,
         config.limits.clone(),
         stop_accepting.clone(),
         other_conns.clone(),
@@ -356,28 +353,18 @@ struct Connections {
     finish: CancellationToken,
 }
 
-/// What a listener speaks.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Protocols {
-    /// HTTP/1.1 (with upgrades) only.
-    Http1,
-    /// HTTP/1.1, and HTTP/2 to clients that ask for it (ALPN `h2`).
-    Http1AndHttp2,
-}
-
 /// Requests open at once on one HTTP/2 connection from a caller. Go's clients (kubectl,
 /// client-go) open another connection when a server's cap is reached.
 const HTTP2_MAX_STREAMS: u32 = 1000;
 /// HTTP/2 pings to callers, so a dead client's watches are noticed and freed.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
 
-/// Accepts connections on `listener` until `stop`, serving `protocols` with `handler`,
-/// over TLS when `tls` is given.
-#[allow(clippy::too_many_arguments)]
+/// Accepts connections on `listener` until `stop`, serving `handler` over TLS when `tls`
+/// is given: HTTP/2 when the TLS handshake chose it (only the frontend's ALPN offers
+/// `h2`), else HTTP/1.1 with upgrades.
 async fn serve<F, Fut>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    protocols: Protocols,
     limits: Limits,
     stop: CancellationToken,
     connections: Connections,
@@ -430,13 +417,15 @@ async fn serve<F, Fut>(
             });
             // Each protocol's connection is boxed on its own: an enum of both would cost
             // every HTTP/1.1 connection the size of an HTTP/2 one.
-            let http2 = protocols == Protocols::Http1AndHttp2
-                && matches!(&io, Either::Left(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2"));
+            let http2 =
+                matches!(&io, Either::Left(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2"));
             let result = if http2 {
                 let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(HTTP2_MAX_STREAMS)
-                    .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                    .max_header_list_size(
+                        u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
+                    )
                     .keep_alive_interval(HTTP2_KEEPALIVE)
                     .serve_connection(TokioIo::new(io), service);
                 let mut connection = Box::pin(connection);

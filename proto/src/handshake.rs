@@ -7,7 +7,7 @@
 //!                  Authorization: Bearer <agent JWT>
 //!                  Tower-Cluster: <--name>
 //!                  Tower-Agent-Version: 0.1.0
-//!                  Tower-Capabilities: control,drain
+//!                  Tower-Capabilities: control,drain,http2
 //!                  Tower-Targets: kubernetes,kubesphere
 //!                  Tower-Held-Servers: tower-0,tower-2   (replicas already held)
 //! server → agent   101 Switching Protocols            (then yamux)
@@ -37,8 +37,12 @@ pub const HEADER_SERVER_COUNT: &str = "tower-server-count";
 /// The keepalive interval the server wants, in milliseconds, in the 101.
 pub const HEADER_KEEPALIVE_MS: &str = "tower-keepalive-ms";
 
+/// The agent serves [`crate::StreamKind::Http2`] streams: the server may multiplex
+/// requests on one stream instead of opening a stream per request in flight.
+pub const CAPABILITY_HTTP2: &str = "http2";
+
 /// Capabilities this version of the protocol defines.
-pub const CAPABILITIES: &[&str] = &["control", "drain"];
+pub const CAPABILITIES: &[&str] = &["control", "drain", CAPABILITY_HTTP2];
 
 /// Why a server refuses a tunnel, and the HTTP status that says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,9 +6,11 @@
 //! |   u8    |  u8  | u16 big-endian | (unknown tags are skipped)            |
 //! +---------+------+----------------+---------------------------------------+
 //! ```
-//! Fields: `1` target name (required for [`StreamKind::Http`]), `2` id of the server
-//! replica that opened the stream. After the preamble an HTTP stream carries plain
-//! HTTP/1.1 (so upgrades work) and a control stream carries [`crate::ControlMessage`]s.
+//! Fields: `1` target name (required for [`StreamKind::Http`] and [`StreamKind::Http2`]),
+//! `2` id of the server replica that opened the stream. After the preamble an HTTP stream
+//! carries plain HTTP/1.1 (so upgrades work), an HTTP/2 stream carries one HTTP/2
+//! connection (prior knowledge, no upgrades) with many requests multiplexed on it, and a
+//! control stream carries [`crate::ControlMessage`]s.
 //!
 //! The caller's identity is deliberately *not* a preamble field: the server pools HTTP
 //! streams like keep-alive connections, so one stream carries requests of many users.
@@ -34,10 +36,13 @@ const HEADER_LEN: usize = 4;
 /// What a stream carries after its preamble.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamKind {
-    /// HTTP/1.1 requests for a target.
+    /// HTTP/1.1 requests for a target, one at a time; upgrades (exec, port-forward).
     Http,
     /// Control messages (keepalive, drain, server info); one per tunnel.
     Control,
+    /// One HTTP/2 connection for a target: many requests at once on one stream. Only
+    /// toward agents that announce [`crate::handshake::CAPABILITY_HTTP2`].
+    Http2,
 }
 
 impl StreamKind {
@@ -45,6 +50,7 @@ impl StreamKind {
         match self {
             StreamKind::Http => 1,
             StreamKind::Control => 2,
+            StreamKind::Http2 => 3,
         }
     }
 
@@ -52,6 +58,7 @@ impl StreamKind {
         match code {
             1 => Ok(StreamKind::Http),
             2 => Ok(StreamKind::Control),
+            3 => Ok(StreamKind::Http2),
             _ => Err(DecodeError::Invalid {
                 what: "stream kind",
                 reason: "unknown code",
@@ -76,6 +83,15 @@ impl Preamble {
     pub fn http(target: impl Into<String>, server_id: impl Into<String>) -> Self {
         Preamble {
             kind: StreamKind::Http,
+            target: target.into(),
+            server_id: server_id.into(),
+        }
+    }
+
+    /// A preamble for an HTTP/2 stream toward `target`.
+    pub fn http2(target: impl Into<String>, server_id: impl Into<String>) -> Self {
+        Preamble {
+            kind: StreamKind::Http2,
             target: target.into(),
             server_id: server_id.into(),
         }
@@ -208,7 +224,7 @@ fn validate_target(kind: StreamKind, target: &str) -> Result<(), DecodeError> {
             what: "target",
             reason: "a control stream has no target",
         }),
-        StreamKind::Http => {
+        StreamKind::Http | StreamKind::Http2 => {
             if target.len() > MAX_TARGET {
                 return Err(DecodeError::TooLong {
                     what: "target",
@@ -298,11 +314,13 @@ mod tests {
                 ..
             })
         ));
-        // An HTTP stream with no target.
-        assert!(matches!(
-            Preamble::decode(&mut &[1u8, 1, 0, 0][..]),
-            Err(DecodeError::Invalid { what: "target", .. })
-        ));
+        // An HTTP stream (either version) with no target.
+        for kind in [1u8, 3] {
+            assert!(matches!(
+                Preamble::decode(&mut &[1u8, kind, 0, 0][..]),
+                Err(DecodeError::Invalid { what: "target", .. })
+            ));
+        }
         let mut bad = BytesMut::new();
         bad.extend_from_slice(&[1, 1, 0, 6, 1, 0, 3]);
         bad.extend_from_slice(b"../");
@@ -351,8 +369,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_valid_preamble_round_trips(target in "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", id in ".{0,200}") {
-            let p = Preamble::http(target, id);
+        fn any_valid_preamble_round_trips(target in "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", id in ".{0,200}", http2 in any::<bool>()) {
+            let p = if http2 { Preamble::http2(target, id) } else { Preamble::http(target, id) };
             let mut buf = encoded(&p);
             prop_assert_eq!(Preamble::decode(&mut buf).unwrap(), Some(p));
             prop_assert!(buf.is_empty());

@@ -819,6 +819,15 @@ async fn read_reply(response: http::Response<hyper::body::Incoming>) -> Result<R
     })
 }
 
+/// A response whose head was read and whose body is left open ([`Https::open`]).
+pub struct OpenResponse {
+    /// Status.
+    pub status: u16,
+    /// The head as received (and the start of the body when the status is not 200).
+    pub head: String,
+    _stream: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+}
+
 /// A response read whole.
 #[derive(Debug)]
 pub struct Reply {
@@ -957,6 +966,50 @@ impl Https {
             }
             offset
         })
+    }
+
+    /// Sends a GET over its own HTTP/1.1 connection and reads only the response head;
+    /// the response (a watch, say) stays open until the returned value is dropped.
+    pub fn open(&self, path: &str, token: &str) -> OpenResponse {
+        use std::io::{Read, Write};
+        let tcp = std::net::TcpStream::connect(self.addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let connection =
+            rustls::ClientConnection::new(self.tls.clone(), "localhost".try_into().expect("name"))
+                .expect("TLS");
+        let mut stream = rustls::StreamOwned::new(connection, tcp);
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .expect("send");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                other => panic!("GET {path}: the head ended early ({other:?})"),
+            }
+        }
+        let mut head = String::from_utf8_lossy(&head).into_owned();
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("GET {path}: no status in {head:?}"));
+        if status != 200 {
+            // An error's body is short: keep its first bytes for the message.
+            let mut body = [0u8; 1024];
+            if let Ok(n) = stream.read(&mut body) {
+                head.push_str(&String::from_utf8_lossy(&body[..n]));
+            }
+        }
+        OpenResponse {
+            status,
+            head,
+            _stream: stream,
+        }
     }
 
     /// Opens TLS, sends `partial` (headers that never end) and reads until the server

@@ -1,6 +1,7 @@
 //! Callers that speak HTTP/2 to the frontend (as kubectl and client-go do when offered):
-//! many watches on one connection, each event delivered to every watch, and the agent's
-//! watches multiplexed on HTTP/2 to the member past one connection's stream cap.
+//! many watches on one connection, each event delivered to every watch, carried through
+//! the tunnel on one shared HTTP/2 stream, and multiplexed on HTTP/2 by the agent to the
+//! member past one connection's stream cap.
 
 use std::time::Duration;
 
@@ -67,6 +68,14 @@ fn many_watches_share_one_http2_connection_and_all_see_an_event() {
             assert_eq!(response.version(), http::Version::HTTP_2);
             bodies.push(response.into_body());
         }
+        // Through the tunnel they share one HTTP/2 stream; the list before them left one
+        // pooled HTTP/1.1 stream. A stream each would be 150.
+        let streams = tower_e2e::metric_value(server.admin, "tower_streams");
+        assert_eq!(
+            streams,
+            Some(2.0),
+            "tunnel streams with {WATCHES} watches open"
+        );
 
         let created = h2
             .send_request(request(

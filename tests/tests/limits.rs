@@ -105,19 +105,32 @@ fn requests_beyond_the_per_cluster_limit_get_429_and_the_slot_comes_back() {
 
 #[test]
 fn a_full_tunnel_answers_503_and_recovers() {
-    // The control stream takes one of the three.
+    // The control stream takes one of the three, each watch one (watches share one
+    // HTTP/2 stream toward the agent, which takes none itself).
     let Rig {
         member,
         server,
-        kc,
         https,
         user,
         _agent,
         ..
     } = rig(&["--max-streams-per-tunnel", "3"]);
-
-    let first = open_watch(&kc, &member, "default");
-    let second = open_watch(&kc, &member, "kube-system");
+    let watch = |namespace: &str| {
+        let before = watches(&member, namespace);
+        let open = https.open(
+            &format!("/clusters/member-1/api/v1/namespaces/{namespace}/configmaps?watch=1"),
+            &user,
+        );
+        assert_eq!(open.status, 200, "{}", open.head);
+        wait_for(
+            "the watch to reach the member",
+            Duration::from_secs(10),
+            || (watches(&member, namespace) > before).then_some(()),
+        );
+        open
+    };
+    let first = watch("default");
+    let second = watch("kube-system");
     let refused = https.get("/clusters/member-1/version", Some(&user));
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert!(
@@ -125,11 +138,16 @@ fn a_full_tunnel_answers_503_and_recovers() {
         "{}",
         refused.body
     );
+    let third = https.open(
+        "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1",
+        &user,
+    );
+    assert_eq!(third.status, 503, "a watch is refused too: {}", third.head);
     assert!(
         metric(
             &server,
             "tower_requests_limited_total{reason=\"stream_limit\"}"
-        ) >= 1.0
+        ) >= 2.0
     );
     drop(first);
     drop(second);
@@ -225,7 +243,10 @@ fn tasks_streams_and_requests_return_to_their_baseline() {
             (metric(&server, "tower_requests_in_flight") == 0.0).then_some(())
         })
     };
+    // Warm up both kinds of stream: pooled HTTP/1.1 ones, and the HTTP/2 one that
+    // watches share (its connection runs two tasks for its one stream).
     kubectl(&kc, &["get", "pods"]).success();
+    drop(open_watch(&kc, &member, "default"));
     settle("warm-up");
     let baseline = net_tasks(&server);
     assert!(baseline > 0.0, "tower_live_tasks is exported");

@@ -1,8 +1,9 @@
 //! `tower-agent`: the member side of Tower.
 //!
 //! The agent dials *out* to tower-server ([`tower_tunnel::dial`]), holds the tunnel, and
-//! serves each stream the server opens: a control stream (keepalive, drain) or an HTTP
-//! stream for one of its targets. For the `kubernetes` target it verifies the caller's
+//! serves each stream the server opens: a control stream (keepalive, drain), an HTTP/1.1
+//! stream for one of its targets, or an HTTP/2 stream that carries many requests (the
+//! server's watches) for one of its targets. For the `kubernetes` target it verifies the caller's
 //! JWT with its own copy of the jwtSecret, removes the caller's `Authorization` and any
 //! `Impersonate-*` headers, and calls its kube-apiserver with its own credentials plus
 //! `Impersonate-User`/`Impersonate-Group`, so member RBAC applies to the real user.
@@ -17,6 +18,8 @@ pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -27,7 +30,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -418,25 +421,7 @@ async fn serve_stream(
         }
         StreamKind::Http => {
             let _in_flight = requests.token();
-            let target = preamble.target;
-            let ending = shutdown.clone();
-            let service = service_fn(move |req| {
-                let config = config.clone();
-                let target = target.clone();
-                let ending = ending.clone();
-                async move {
-                    let watch = tower_tunnel::watch_end::is_watch(req.uri());
-                    let response = handle_request(&config, &target, req).await;
-                    // A watch ends cleanly when the agent drains; clients watch again.
-                    Ok::<_, Infallible>(if watch {
-                        response.map(|body| {
-                            tower_tunnel::watch_end::EndOnSignal::new(body, ending).boxed()
-                        })
-                    } else {
-                        response
-                    })
-                }
-            });
+            let service = proxy_service(config, preamble.target, shutdown.clone());
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(300))
@@ -455,7 +440,66 @@ async fn serve_stream(
                 tracing::debug!(error = %e, "tunnel stream ended with an error");
             }
         }
+        StreamKind::Http2 => {
+            let _in_flight = requests.token();
+            let service = proxy_service(config, preamble.target, shutdown.clone());
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                // The session's own limit; the server counts these requests against it.
+                .max_concurrent_streams(SessionConfig::default().max_streams as u32)
+                .max_header_list_size(HTTP2_MAX_HEADER_LIST)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = shutdown.cancelled() => {
+                    // No new requests (GOAWAY); watches end cleanly, the rest finish.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "HTTP/2 tunnel stream ended with an error");
+            }
+        }
     }
+}
+
+/// Largest request header block an HTTP/2 tunnel stream accepts; the server bounded the
+/// caller's headers already (`--max-header-bytes`).
+const HTTP2_MAX_HEADER_LIST: u32 = 1024 * 1024;
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+/// Serves the requests of one tunnel stream toward `target`.
+fn proxy_service(
+    config: Arc<Config>,
+    target: String,
+    ending: CancellationToken,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = ResponseFuture,
+> + Clone {
+    service_fn(move |req: Request<Incoming>| {
+        let config = config.clone();
+        let target = target.clone();
+        let ending = ending.clone();
+        // Boxed: checking and sending a request (dialing the upstream, perhaps) is a
+        // large future, and unboxed it would sit in the task of every HTTP/2 stream for
+        // as long as its response runs: 9.3 KiB per watch (heaptrack), for hours.
+        Box::pin(async move {
+            let watch = tower_tunnel::watch_end::is_watch(req.uri());
+            let response = handle_request(&config, &target, req).await;
+            // A watch ends cleanly when the agent drains; clients watch again.
+            Ok::<_, Infallible>(if watch {
+                response.map(|body| tower_tunnel::watch_end::EndOnSignal::new(body, ending).boxed())
+            } else {
+                response
+            })
+        }) as ResponseFuture
+    })
 }
 
 fn reply(response: Response<Full<Bytes>>) -> Response<Body> {
@@ -497,6 +541,8 @@ where
         .contains_key(header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // Whatever the tunnel stream spoke; the upstream pools pick their own version.
+    parts.version = http::Version::HTTP_11;
     let path = parts
         .uri
         .path_and_query()

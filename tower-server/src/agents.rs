@@ -19,6 +19,7 @@ use tower_tunnel::SessionConfig;
 use tower_tunnel::control::{self, Keepalive};
 use tower_tunnel::session::{self, Role};
 
+use crate::http2::Http2Channel;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Tunnel};
 use crate::status::{Body, text};
@@ -172,6 +173,8 @@ impl Acceptor {
                 .take(16)
                 .map(String::from)
                 .collect(),
+            http2: handshake::list(header(handshake::HEADER_CAPABILITIES))
+                .any(|c| c == handshake::CAPABILITY_HTTP2),
         })
     }
 
@@ -251,6 +254,13 @@ impl Acceptor {
             targets: admitted.targets,
             token: admitted.token,
             replicas: Arc::new(std::sync::RwLock::new(admitted.replicas)),
+            http2: admitted.http2.then(|| {
+                Arc::new(Http2Channel::new(
+                    handle.clone(),
+                    self.hello.server_id.as_str().into(),
+                    self.metrics.clone(),
+                ))
+            }),
         };
         let token = tunnel.token.clone();
         let replicas = tunnel.replicas.clone();
@@ -326,6 +336,8 @@ struct Admitted {
     replicas: Vec<String>,
     agent_version: String,
     targets: Vec<String>,
+    /// The agent serves HTTP/2 streams.
+    http2: bool,
 }
 
 /// Drains a tunnel that a newer one replaced: tells the agent (which stops using it), then

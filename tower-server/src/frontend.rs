@@ -2,7 +2,7 @@
 //!
 //! The caller's JWT is checked here before anything is routed, then the request goes
 //! unchanged (but for hop-by-hop headers) down a pooled tunnel stream to the agent,
-//! which checks it again. Bodies stream both ways; upgrades (exec, attach,
+//! which checks it again; watches share one HTTP/2 stream ([`crate::http2`]). Bodies stream both ways; upgrades (exec, attach,
 //! port-forward) are joined end to end once both sides have switched protocols.
 
 use std::collections::HashMap;
@@ -32,7 +32,7 @@ use tower_tunnel::{TunnelError, TunnelStream};
 use crate::idle::{Activity, IdleBody, unless_idle};
 use crate::metrics::{DirectionLabels, Metrics};
 use crate::registry::{Lookup, Registry};
-use crate::status::{Body, failure};
+use crate::status::{Body, BoxError, failure};
 
 type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -133,7 +133,7 @@ impl Frontend {
     async fn route(
         &self,
         mut req: Request<Incoming>,
-    ) -> Result<(Response<Body>, Option<OwnedSemaphorePermit>), ProxyError> {
+    ) -> Result<(Response<Body>, Option<Slots>), ProxyError> {
         let route = Route::parse(req.uri())?;
         let caller = tower_auth::bearer(
             req.headers()
@@ -150,8 +150,8 @@ impl Frontend {
                 route.target, route.cluster
             )));
         }
-        match self.registry.tunnel(&route.cluster) {
-            Ok(_) => {}
+        let tunnel = match self.registry.tunnel(&route.cluster) {
+            Ok(tunnel) => tunnel,
             Err(Lookup::Unknown) => {
                 return Err(ProxyError::NotFound(format!(
                     "cluster {:?} is not registered with tower",
@@ -164,7 +164,7 @@ impl Frontend {
                     route.cluster
                 )));
             }
-        }
+        };
         let slot = self.cluster_slot(&route.cluster)?;
         let watch = tower_tunnel::watch_end::is_watch(req.uri());
         tracing::debug!(cluster = %route.cluster, target = %route.target, user = %caller.user, method = %req.method(), path = %route.path, "proxying");
@@ -198,7 +198,25 @@ impl Frontend {
             })
             .boxed_unsync();
         let upstream = Request::from_parts(parts, body);
-        let answer = unless_idle(self.client.request(upstream), &activity, self.idle_timeout)
+        // Watches ride the tunnel's HTTP/2 connection when the agent serves one: by the
+        // thousand, a stream and an HTTP/1.1 codec each would cost both sides ~25 KiB.
+        // Only for targets the agent announced: one shared stream each, at most 16.
+        let channel = tunnel.http2.as_ref().filter(|_| {
+            watch && client_upgrade.is_none() && tunnel.targets.contains(&route.target)
+        });
+        let sent = async {
+            match channel {
+                Some(channel) => channel
+                    .send(&route.target, upstream)
+                    .await
+                    .map(|(response, slot)| (response, Some(slot))),
+                None => match self.client.request(upstream).await {
+                    Ok(response) => Ok((response, None)),
+                    Err(e) => Err(e.into()),
+                },
+            }
+        };
+        let answer = unless_idle(sent, &activity, self.idle_timeout)
             .await
             .map_err(|e| {
                 self.metrics.count_limited("idle_timeout");
@@ -207,20 +225,20 @@ impl Frontend {
                     route.cluster
                 ))
             })?;
-        let mut response = answer.map_err(|e| {
-            if tunnel_error(&e).is_some_and(|t| matches!(t, TunnelError::StreamLimit(_))) {
+        let (mut response, stream_slot) = answer.map_err(|e: BoxError| {
+            if tunnel_error(&*e).is_some_and(|t| matches!(t, TunnelError::StreamLimit(_))) {
                 self.metrics.count_limited("stream_limit");
                 return ProxyError::Unavailable(format!(
                     "cluster {:?}: {} (--max-streams-per-tunnel): retry later",
                     route.cluster,
-                    error_chain(&e)
+                    error_chain(&*e)
                 ));
             }
             tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
             ProxyError::BadGateway(format!(
                 "cluster {:?}: the tunnel failed: {}",
                 route.cluster,
-                error_chain(&e)
+                error_chain(&*e)
             ))
         })?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -250,8 +268,21 @@ impl Frontend {
                 body.boxed()
             }
         });
-        Ok((response, Some(slot)))
+        Ok((
+            response,
+            Some(Slots {
+                _cluster: slot,
+                _stream: stream_slot,
+            }),
+        ))
     }
+}
+
+/// What a proxied response holds until its body ends: its place among the cluster's
+/// requests in flight, and among the tunnel's streams when it shares an HTTP/2 stream.
+struct Slots {
+    _cluster: OwnedSemaphorePermit,
+    _stream: Option<OwnedSemaphorePermit>,
 }
 
 /// The [`TunnelError`] somewhere in `e`'s chain of causes.

@@ -12,6 +12,7 @@ mod admin;
 mod agents;
 pub mod cli;
 mod frontend;
+pub mod http2;
 mod idle;
 pub mod kubernetes;
 pub mod manifest;
@@ -412,7 +413,11 @@ async fn serve<F, Fut>(
                 None => Either::Right(tcp),
             };
             let service = service_fn(move |req| {
-                let response = handler(req, remote);
+                // Boxed: the request's future is large (routing, dialing a stream) and
+                // would otherwise be inline in the task of every HTTP/2 stream, or in
+                // every HTTP/1.1 connection's task, for as long as the response runs:
+                // about 9 KiB each for a watch that lasts hours.
+                let response = Box::pin(handler(req, remote));
                 async move { Ok::<_, Infallible>(response.await) }
             });
             // Each protocol's connection is boxed on its own: an enum of both would cost

@@ -12,6 +12,8 @@ use tower_proto::ControlMessage;
 use tower_proto::names::validate_cluster_name;
 use tower_tunnel::SessionHandle;
 
+use crate::http2::Http2Channel;
+
 /// One entry of a `--clusters` file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +73,8 @@ pub struct Tunnel {
     pub token: Arc<str>,
     /// The replicas the agent holds tunnels to, this one included.
     pub replicas: Arc<RwLock<Vec<String>>>,
+    /// HTTP/2 connections inside the tunnel, when the agent serves them.
+    pub http2: Option<Arc<Http2Channel>>,
 }
 
 /// What `/v1/clusters` shows of one cluster.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 use crate::coalesce::Coalesce;
@@ -70,11 +70,17 @@ impl SessionHandle {
     /// Opens a stream toward the peer. Fails at once when the tunnel is closed or carries
     /// its maximum of streams (never waits for a slot, so callers can answer 503).
     pub async fn open_stream(&self) -> Result<TunnelStream, TunnelError> {
-        let slot = self
-            .slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| TunnelError::StreamLimit(self.max_streams))?;
+        let slot = self.reserve()?;
+        self.open(Some(slot)).await
+    }
+
+    /// Opens a stream that takes no slot of its own because every request it carries
+    /// takes one ([`SessionHandle::reserve`]): one HTTP/2 connection per target.
+    pub async fn open_shared_stream(&self) -> Result<TunnelStream, TunnelError> {
+        self.open(None).await
+    }
+
+    async fn open(&self, slot: Option<OwnedSemaphorePermit>) -> Result<TunnelStream, TunnelError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Open(tx))
@@ -82,10 +88,20 @@ impl SessionHandle {
         let stream = rx
             .await
             .map_err(|_| TunnelError::Closed("session driver has stopped".into()))??;
-        Ok(TunnelStream::new(stream, Some(slot)))
+        Ok(TunnelStream::new(stream, slot))
     }
 
-    /// Streams open now (through this handle's slots).
+    /// Takes one of the session's stream slots without opening a yamux stream, for a
+    /// request multiplexed inside a stream already open (HTTP/2): it counts against
+    /// the same limit as a stream of its own. Fails at once when all are taken.
+    pub fn reserve(&self) -> Result<OwnedSemaphorePermit, TunnelError> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| TunnelError::StreamLimit(self.max_streams))
+    }
+
+    /// Streams open now (through this handle's slots), multiplexed requests included.
     pub fn open_streams(&self) -> usize {
         self.max_streams - self.slots.available_permits()
     }
@@ -122,8 +138,9 @@ where
     // Stream credit is a promise, not an allocation; yamux asserts this bound.
     yamux_config.set_max_connection_receive_window(None);
     // Twice the limit: yamux fails the whole connection when asked for one stream too
-    // many, and it forgets dropped streams only when the driver next runs.
-    yamux_config.set_max_num_streams(config.max_streams * 2);
+    // many, and it forgets dropped streams only when the driver next runs. Plus room
+    // for the shared streams, which take no slot (one per target; agents have ≤ 16).
+    yamux_config.set_max_num_streams(config.max_streams * 2 + 64);
     yamux_config.set_split_send_size(config.split_send_size);
     let mode = match role {
         Role::Server => yamux::Mode::Client,
@@ -338,6 +355,21 @@ mod tests {
         assert_eq!(server.open_streams(), 2);
         drop(a);
         assert!(server.open_stream().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn reserved_slots_count_against_the_same_limit() {
+        let (server, _agent, _inbound) = pair(2);
+        let _stream = server.open_stream().await.unwrap();
+        let request = server.reserve().unwrap();
+        assert_eq!(server.open_streams(), 2);
+        assert!(matches!(server.reserve(), Err(TunnelError::StreamLimit(2))));
+        assert!(matches!(
+            server.open_stream().await,
+            Err(TunnelError::StreamLimit(2))
+        ));
+        drop(request);
+        assert!(server.reserve().is_ok());
     }
 
     #[tokio::test]

@@ -1,0 +1,122 @@
+//! HTTP/2 inside a tunnel: one yamux stream per target carries one HTTP/2 connection, and
+//! requests ride on it side by side instead of each holding a stream of its own.
+//!
+//! An HTTP/1.1 tunnel stream costs both sides a full HTTP/1.1 codec (two 8 KiB buffers
+//! and more) for as long as its request is open, which for a watch is hours. On the
+//! shared HTTP/2 connection a request costs one HTTP/2 stream's state. Only agents that
+//! announce [`CAPABILITY_HTTP2`](tower_proto::handshake::CAPABILITY_HTTP2) get these
+//! streams; upgrades (exec, attach, port-forward) always keep a stream of their own.
+//!
+//! Every request takes one of the session's stream slots ([`SessionHandle::reserve`])
+//! as if it had a stream of its own, so `--max-streams-per-tunnel` counts it like one;
+//! the shared stream itself takes none.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::OwnedSemaphorePermit;
+use tower_proto::Preamble;
+use tower_tunnel::SessionHandle;
+
+use crate::metrics::Metrics;
+use crate::status::BoxError;
+
+type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Receive window of each request's response: how far a reader that stops reading may
+/// fall behind before the agent stops sending it (yamux's own stream window is 256 KiB).
+const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Receive window of the whole connection: as large as HTTP/2 allows, so that readers
+/// that stop reading hold back only their own streams, never the others'.
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// Largest header block either side accepts; callers' headers were bounded by the
+/// frontend's `--max-header-bytes` already.
+pub(crate) const MAX_HEADER_LIST: u32 = 1024 * 1024;
+
+/// The HTTP/2 connections of one tunnel, one per target, opened when first needed.
+#[derive(Debug)]
+pub struct Http2Channel {
+    session: SessionHandle,
+    server_id: Arc<str>,
+    metrics: Arc<Metrics>,
+    connections: tokio::sync::Mutex<HashMap<String, SendRequest<RequestBody>>>,
+}
+
+impl Http2Channel {
+    /// Channels over `session`, which must lead to an agent that serves HTTP/2 streams.
+    pub(crate) fn new(session: SessionHandle, server_id: Arc<str>, metrics: Arc<Metrics>) -> Self {
+        Http2Channel {
+            session,
+            server_id,
+            metrics,
+            connections: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sends `request` to `target`; the response comes with the stream slot it holds
+    /// until its body is done. `request` must carry an absolute URI and no upgrade.
+    pub(crate) async fn send(
+        &self,
+        target: &str,
+        mut request: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, OwnedSemaphorePermit), BoxError> {
+        let slot = self.session.reserve()?;
+        request.headers_mut().remove(http::header::HOST);
+        *request.version_mut() = http::Version::HTTP_2;
+        // A connection that ended between the lookup and the send gives the request
+        // back unsent: one more try on a fresh connection.
+        let mut retried = false;
+        loop {
+            let mut sender = self.sender(target).await?;
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, slot)),
+                Err(mut refused) => match refused.take_message() {
+                    Some(unsent) if !retried => {
+                        request = unsent;
+                        retried = true;
+                    }
+                    _ => return Err(refused.into_error().into()),
+                },
+            }
+        }
+    }
+
+    /// The live connection to `target`, opened now if there is none.
+    async fn sender(&self, target: &str) -> Result<SendRequest<RequestBody>, BoxError> {
+        let mut connections = self.connections.lock().await;
+        if let Some(sender) = connections.get(target)
+            && !sender.is_closed()
+        {
+            return Ok(sender.clone());
+        }
+        let mut stream = self.session.open_shared_stream().await?;
+        stream
+            .write_preamble(&Preamble::http2(target, &*self.server_id))
+            .await?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            // Until the agent's settings arrive; they raise it to its own stream limit.
+            .initial_max_send_streams(1024)
+            .handshake(TokioIo::new(stream))
+            .await?;
+        let metrics = self.metrics.clone();
+        metrics.streams.inc();
+        let target_name = target.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(target = %target_name, error = %e, "HTTP/2 tunnel stream ended");
+            }
+            metrics.streams.dec();
+        });
+        connections.insert(target.to_owned(), sender.clone());
+        Ok(sender)
+    }
+}

@@ -120,3 +120,95 @@ impl Http2Channel {
         Ok(sender)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Empty, Full};
+    use tower_proto::StreamKind;
+    use tower_tunnel::session::{self, Role};
+    use tower_tunnel::{SessionConfig, TunnelError};
+
+    /// A tunnel whose agent side answers every request with the ordinal of the HTTP/2
+    /// stream it came on; the first stream is cut as soon as it opens when `cut_first`.
+    fn tunnel(max_streams: usize, cut_first: bool) -> SessionHandle {
+        let (server_io, agent_io) = tokio::io::duplex(1 << 20);
+        let config = SessionConfig {
+            max_streams,
+            ..SessionConfig::default()
+        };
+        let (server, _, driver) = session::start(server_io, Role::Server, &config);
+        tokio::spawn(driver.run());
+        let (_agent, mut inbound, driver) =
+            session::start(agent_io, Role::Agent, &SessionConfig::default());
+        tokio::spawn(driver.run());
+        tokio::spawn(async move {
+            let opened = AtomicUsize::new(0);
+            while let Some(mut stream) = inbound.recv().await {
+                let preamble = stream.read_preamble().await.unwrap();
+                assert_eq!(preamble.kind, StreamKind::Http2);
+                assert_eq!(preamble.target, "kubernetes");
+                let n = opened.fetch_add(1, Ordering::Relaxed);
+                if cut_first && n == 0 {
+                    continue;
+                }
+                let service = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(n.to_string()))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        server
+    }
+
+    fn get() -> Request<RequestBody> {
+        Request::get("http://kubernetes.c1/api")
+            .body(Empty::new().map_err(|never| match never {}).boxed_unsync())
+            .unwrap()
+    }
+
+    async fn text(response: Response<Incoming>) -> String {
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_share_one_stream_and_each_takes_a_slot() {
+        let session = tunnel(3, false);
+        let channel = Http2Channel::new(session.clone(), "s".into(), Arc::default());
+        let (a, _a) = channel.send("kubernetes", get()).await.unwrap();
+        let (b, _b) = channel.send("kubernetes", get()).await.unwrap();
+        assert_eq!((text(a).await, text(b).await), ("0".into(), "0".into()));
+        assert_eq!(
+            session.open_streams(),
+            2,
+            "two requests; the shared stream takes none"
+        );
+        let (_c, c) = channel.send("kubernetes", get()).await.unwrap();
+        let refused = channel.send("kubernetes", get()).await.unwrap_err();
+        assert!(matches!(
+            refused.downcast_ref::<TunnelError>(),
+            Some(TunnelError::StreamLimit(3))
+        ));
+        drop(c);
+        assert!(channel.send("kubernetes", get()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_ended_is_replaced() {
+        let channel = Http2Channel::new(tunnel(8, true), "s".into(), Arc::default());
+        // The request on the cut stream fails, or is given back unsent and retried.
+        let response = match channel.send("kubernetes", get()).await {
+            Ok((response, _)) => response,
+            Err(_) => channel.send("kubernetes", get()).await.unwrap().0,
+        };
+        assert_eq!(text(response).await, "1");
+    }
+}

@@ -305,3 +305,29 @@ fn a_client_that_never_finishes_its_tls_handshake_is_dropped_and_counted() {
             .then_some(())
     });
 }
+
+#[test]
+fn a_stream_limit_above_what_agents_accept_is_refused_with_the_bound() {
+    let state = tower_e2e::TempDir::new("bound");
+    for value in ["0", "40000"] {
+        let out = std::process::Command::new(tower_e2e::bin_path("tower-server"))
+            .args(["serve", "--max-streams-per-tunnel", value])
+            .args([
+                "--tunnel-addr",
+                "127.0.0.1:0",
+                "--proxy-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--admin-addr", "127.0.0.1:0", "--state-dir"])
+            .arg(state.path())
+            .env("TOWER_JWT_SECRET", tower_e2e::SECRET)
+            .output()
+            .expect("tower-server");
+        assert!(!out.status.success(), "--max-streams-per-tunnel {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--max-streams-per-tunnel must be between 1 and 32768"),
+            "{stderr}"
+        );
+    }
+}

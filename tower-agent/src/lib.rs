@@ -445,8 +445,9 @@ async fn serve_stream(
             let service = proxy_service(config, preamble.target, shutdown.clone());
             let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                // The session's own limit; the server counts these requests against it.
-                .max_concurrent_streams(SessionConfig::default().max_streams as u32)
+                // The server counts these requests against its own limit, which is at
+                // most this.
+                .max_concurrent_streams(session::AGENT_MAX_REQUESTS as u32)
                 .max_header_list_size(HTTP2_MAX_HEADER_LIST)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);

@@ -127,7 +127,8 @@ pub struct ServeArgs {
     /// Largest request header block, in bytes.
     #[arg(long, env = "TOWER_MAX_HEADER_BYTES", default_value_t = 65536)]
     pub max_header_bytes: usize,
-    /// Most concurrent streams on one tunnel (beyond it: 503).
+    /// Most concurrent streams on one tunnel (beyond it: 503); each watch on the tunnel's
+    /// shared HTTP/2 stream counts as one. At most 32768.
     #[arg(long, env = "TOWER_MAX_STREAMS_PER_TUNNEL", default_value_t = 16384)]
     pub max_streams_per_tunnel: usize,
     /// Most requests in flight to one cluster through this server, watches included
@@ -197,8 +198,13 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
     if args.keepalive < Duration::from_millis(100) {
         return Err("--keepalive must be at least 100ms".into());
     }
-    if args.max_streams_per_tunnel == 0 {
-        return Err("--max-streams-per-tunnel must be at least 1".into());
+    if args.max_streams_per_tunnel == 0
+        || args.max_streams_per_tunnel > tower_tunnel::session::AGENT_MAX_REQUESTS
+    {
+        return Err(format!(
+            "--max-streams-per-tunnel must be between 1 and {} (what an agent accepts)",
+            tower_tunnel::session::AGENT_MAX_REQUESTS
+        ));
     }
     if args.handshake_timeout < Duration::from_millis(100) {
         return Err("--handshake-timeout must be at least 100ms".into());

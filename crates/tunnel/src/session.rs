@@ -28,6 +28,12 @@ pub enum Role {
     Agent,
 }
 
+/// Most requests an agent takes at once on one tunnel, as streams of their own or on a
+/// shared HTTP/2 stream: what its yamux session (twice the default limit) and its HTTP/2
+/// streams accept. A server may not set its own limit higher, or requests past this
+/// would fail the session (yamux) or wait for a free place (HTTP/2).
+pub const AGENT_MAX_REQUESTS: usize = 2 * 16_384;
+
 /// Session limits.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {

@@ -1,0 +1,94 @@
+#!/bin/bash
+# B2's reference point: what relays cost on this machine with no Tower code at all.
+#
+# Measures small-request latency (c=1) and throughput (c=64) with wrk against the
+# stand-in directly, through one haproxy hop, and through two chained hops, every leg
+# over TLS and haproxy in HTTP mode with keep-alive to its upstream: the topology of
+# caller -> tower-server -> tower-agent -> kube-apiserver, done by a mature C proxy.
+# Then the same through a TCP-mode haproxy (no TLS termination, no HTTP parsing), and
+# through Tower itself (tower-server + tower-agent, user JWT), all with the same client.
+#
+# Needs: release builds (see BENCHMARKS.md), haproxy, wrk, openssl, curl, python3 (to pick
+# free ports: haproxy cannot bind port 0). Everything listens on 127.0.0.1 only.
+set -euo pipefail
+B=${B:-$(cd "$(dirname "$0")/../.." && pwd)/target/release}
+D=$(mktemp -d)
+SI=; SV=; AG=
+trap 'kill $(cat "$D"/*.pid 2>/dev/null) $SI $SV $AG 2>/dev/null; rm -rf "$D"' EXIT
+free_port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
+
+"$B/kube-stand-in" --listen 127.0.0.1:0 --token T --kubeconfig-out "$D/kc" > "$D/si.out" 2>/dev/null &
+SI=$!
+for _ in $(seq 50); do grep -q listening "$D/si.out" 2>/dev/null && break; sleep 0.1; done
+UP=$(sed 's|listening on https://||' "$D/si.out")
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$D/k.pem" \
+  -out "$D/c.pem" -days 1 -subj /CN=localhost 2>/dev/null
+cat "$D/c.pem" "$D/k.pem" > "$D/ck.pem"
+P1=$(free_port); P2=$(free_port); P3=$(free_port)
+cat > "$D/http.cfg" <<CFG
+global
+  maxconn 2000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend one
+  bind 127.0.0.1:$P1 ssl crt $D/ck.pem
+  default_backend to_two
+backend to_two
+  http-reuse always
+  server s 127.0.0.1:$P2 ssl verify none
+frontend two
+  bind 127.0.0.1:$P2 ssl crt $D/ck.pem
+  default_backend to_upstream
+backend to_upstream
+  http-reuse always
+  server s $UP ssl verify none
+CFG
+cat > "$D/tcp.cfg" <<CFG
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend f
+  bind 127.0.0.1:$P3
+  default_backend b
+backend b
+  server s $UP
+CFG
+echo -n "reference-run-jwt-secret-0123456789" > "$D/secret"
+TOWER_LOG=warn "$B/tower-server" serve --tunnel-addr 127.0.0.1:0 --proxy-addr 127.0.0.1:0 \
+  --admin-addr 127.0.0.1:0 --jwt-secret-file "$D/secret" --state-dir "$D/st" > "$D/sv.out" 2>/dev/null &
+SV=$!
+for _ in $(seq 50); do grep -q frontend "$D/sv.out" 2>/dev/null && break; sleep 0.1; done
+TUNNEL=$(grep -o '"tunnel":"[^"]*"' "$D/sv.out" | cut -d'"' -f4)
+FRONTEND=$(grep -o '"frontend":"[^"]*"' "$D/sv.out" | cut -d'"' -f4)
+TOWER_LOG=warn "$B/tower-agent" --name c1 --proxy-server "https://$TUNNEL" \
+  --token "$("$B/tower-server" token --jwt-secret-file "$D/secret" --cluster c1)" \
+  --ca-file "$D/st/ca.crt" --kubeconfig "$D/kc" --jwt-secret-file "$D/secret" > /dev/null 2>&1 &
+AG=$!
+USER_TOKEN=$("$B/tower-server" user-token --jwt-secret-file "$D/secret" --user alice)
+for _ in $(seq 100); do
+  curl -sfk -o /dev/null -H "Authorization: Bearer $USER_TOKEN" \
+    "https://$FRONTEND/clusters/c1/version" && break
+  sleep 0.1
+done
+haproxy -f "$D/http.cfg" -D -p "$D/http.pid"
+haproxy -f "$D/tcp.cfg" -D -p "$D/tcp.pid"
+sleep 0.5
+run() {
+  local name=$1 addr=$2 token=${3:-T}
+  local one many
+  one=$(wrk -t1 -c1 -d5s --latency -H "Authorization: Bearer $token" "https://$addr/version")
+  many=$(wrk -t2 -c64 -d5s -H "Authorization: Bearer $token" "https://$addr/version")
+  printf '%-34s c=1 p50 %8s  p99 %8s   c=64 %10s req/s\n' "$name" \
+    "$(awk '$1=="50%"{print $2}' <<<"$one")" "$(awk '$1=="99%"{print $2}' <<<"$one")" \
+    "$(awk '/Requests\/sec/{print $2}' <<<"$many")"
+}
+run "direct" "$UP"
+run "haproxy TCP relay (1 hop)" "127.0.0.1:$P3"
+run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2"
+run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1"
+run "tower (server + agent)" "$FRONTEND/clusters/c1" "$USER_TOKEN"

@@ -3,10 +3,10 @@
 //! The agent dials *out* to tower-server ([`tower_tunnel::dial`]), holds the tunnel, and
 //! serves each stream the server opens: a control stream (keepalive, drain), an HTTP/1.1
 //! stream for one of its targets, or an HTTP/2 stream that carries many requests (the
-//! server's watches) for one of its targets. For the `kubernetes` target it verifies the caller's
-//! JWT with its own copy of the jwtSecret, removes the caller's `Authorization` and any
-//! `Impersonate-*` headers, and calls its kube-apiserver with its own credentials plus
-//! `Impersonate-User`/`Impersonate-Group`, so member RBAC applies to the real user.
+//! server's watches) for one of its targets. For the `kubernetes` target it verifies the
+//! caller's JWT with its own copy of the jwtSecret, removes the caller's `Authorization`
+//! and any `Impersonate-*` headers, and calls its kube-apiserver with its own credentials
+//! plus `Impersonate-User`/`Impersonate-Group`, so member RBAC applies to the real user.
 //! Other targets exist only when configured ([`Config::targets`]); anything else is
 //! refused. The agent never opens streams toward the host.
 //!

@@ -2,8 +2,9 @@
 //!
 //! The caller's JWT is checked here before anything is routed, then the request goes
 //! unchanged (but for hop-by-hop headers) down a pooled tunnel stream to the agent,
-//! which checks it again; watches share one HTTP/2 stream ([`crate::http2`]). Bodies stream both ways; upgrades (exec, attach,
-//! port-forward) are joined end to end once both sides have switched protocols.
+//! which checks it again; watches share one HTTP/2 stream ([`crate::http2`]). Bodies
+//! stream both ways; upgrades (exec, attach, port-forward) are joined end to end once
+//! both sides have switched protocols.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -427,15 +427,8 @@ async fn serve_stream(
                 .header_read_timeout(Duration::from_secs(300))
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    // Finish the request in progress (if any), then close the stream.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
+            // On shutdown: finish the request in progress (if any), then close the stream.
+            let result = until_done(connection, &shutdown, |c| c.graceful_shutdown()).await;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "tunnel stream ended with an error");
             }
@@ -450,18 +443,28 @@ async fn serve_stream(
                 .max_concurrent_streams(session::AGENT_MAX_REQUESTS as u32)
                 .max_header_list_size(HTTP2_MAX_HEADER_LIST)
                 .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    // No new requests (GOAWAY); watches end cleanly, the rest finish.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
+            // On shutdown: no new requests (GOAWAY); watches end cleanly, the rest finish.
+            let result = until_done(connection, &shutdown, |c| c.graceful_shutdown()).await;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "HTTP/2 tunnel stream ended with an error");
             }
+        }
+    }
+}
+
+/// Runs `connection` to its end; when `shutdown` comes first, asks it to finish
+/// gracefully (`graceful_shutdown`) and waits for that.
+async fn until_done<C: Future>(
+    connection: C,
+    shutdown: &CancellationToken,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.cancelled() => {
+            graceful_shutdown(connection.as_mut());
+            connection.await
         }
     }
 }

@@ -28,11 +28,14 @@ pub enum Role {
     Agent,
 }
 
+/// [`SessionConfig::max_streams`] by default (the agent always uses it).
+const DEFAULT_MAX_STREAMS: usize = 16_384;
+
 /// Most requests an agent takes at once on one tunnel, as streams of their own or on a
-/// shared HTTP/2 stream: what its yamux session (twice the default limit) and its HTTP/2
-/// streams accept. A server may not set its own limit higher, or requests past this
-/// would fail the session (yamux) or wait for a free place (HTTP/2).
-pub const AGENT_MAX_REQUESTS: usize = 2 * 16_384;
+/// shared HTTP/2 stream: what its yamux session (twice its limit, see [`start`]) and its
+/// HTTP/2 streams accept. A server may not set its own limit higher, or requests past
+/// this would fail the session (yamux) or wait for a free place (HTTP/2).
+pub const AGENT_MAX_REQUESTS: usize = 2 * DEFAULT_MAX_STREAMS;
 
 /// Session limits.
 #[derive(Debug, Clone)]
@@ -46,7 +49,7 @@ pub struct SessionConfig {
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
-            max_streams: 16_384,
+            max_streams: DEFAULT_MAX_STREAMS,
             split_send_size: 64 * 1024,
         }
     }

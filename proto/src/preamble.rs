@@ -28,6 +28,10 @@ pub const MAX_BODY: usize = 1024;
 pub const MAX_TARGET: usize = 63;
 /// The target every agent serves: its cluster's kube-apiserver.
 pub const KUBERNETES_TARGET: &str = "kubernetes";
+/// Largest header block either end of an [`StreamKind::Http2`] stream accepts (its
+/// `SETTINGS_MAX_HEADER_LIST_SIZE`); callers' headers were bounded by the server's
+/// `--max-header-bytes` before they entered the tunnel.
+pub const HTTP2_MAX_HEADER_LIST: u32 = 1024 * 1024;
 
 const TAG_TARGET: u8 = 1;
 const TAG_SERVER_ID: u8 = 2;

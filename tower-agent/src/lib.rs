@@ -441,7 +441,7 @@ async fn serve_stream(
                 // The server counts these requests against its own limit, which is at
                 // most this.
                 .max_concurrent_streams(session::AGENT_MAX_REQUESTS as u32)
-                .max_header_list_size(HTTP2_MAX_HEADER_LIST)
+                .max_header_list_size(tower_proto::preamble::HTTP2_MAX_HEADER_LIST)
                 .serve_connection(TokioIo::new(stream), service);
             // On shutdown: no new requests (GOAWAY); watches end cleanly, the rest finish.
             let result = until_done(connection, &shutdown, |c| c.graceful_shutdown()).await;
@@ -468,10 +468,6 @@ async fn until_done<C: Future>(
         }
     }
 }
-
-/// Largest request header block an HTTP/2 tunnel stream accepts; the server bounded the
-/// caller's headers already (`--max-header-bytes`).
-const HTTP2_MAX_HEADER_LIST: u32 = 1024 * 1024;
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 

@@ -21,6 +21,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::OwnedSemaphorePermit;
 use tower_proto::Preamble;
+use tower_proto::preamble::HTTP2_MAX_HEADER_LIST;
 use tower_tunnel::SessionHandle;
 
 use crate::metrics::Metrics;
@@ -34,9 +35,6 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Receive window of the whole connection: as large as HTTP/2 allows, so that readers
 /// that stop reading hold back only their own streams, never the others'.
 const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
-/// Largest header block either side accepts; callers' headers were bounded by the
-/// frontend's `--max-header-bytes` already.
-pub(crate) const MAX_HEADER_LIST: u32 = 1024 * 1024;
 
 /// The HTTP/2 connections of one tunnel, one per target, opened when first needed.
 #[derive(Debug)]
@@ -102,7 +100,7 @@ impl Http2Channel {
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_header_list_size(MAX_HEADER_LIST)
+            .max_header_list_size(HTTP2_MAX_HEADER_LIST)
             // Until the agent's settings arrive; they raise it to its own stream limit.
             .initial_max_send_streams(1024)
             .handshake(TokioIo::new(stream))

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser as _;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use tower_e2e::{Member, Server, server};
+use tower_e2e::{Member, Server};
 
 /// How often `/v1/clusters` is polled while the agents connect.
 const POLL: Duration = Duration::from_millis(100);
@@ -23,7 +23,7 @@ const SETTLE: Duration = Duration::from_secs(3);
 /// Connects `n` in-process agents to a fresh server, waiting at most `limit`; prints the
 /// rows and returns the JSON.
 pub(crate) fn b5(member: &Member, n: usize, limit: Duration) -> Value {
-    let server = server().args(&["--keepalive", "10s"]).start();
+    let server = crate::tower_server().args(&["--keepalive", "10s"]).start();
     let idle = server.process.rss_kib();
     let bench_idle = tower_e2e::rss_kib(std::process::id());
     let runtime = tokio::runtime::Builder::new_multi_thread()

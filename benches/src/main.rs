@@ -31,6 +31,15 @@ use crate::load::{Target, cpu_time};
 /// server and in the agent, and 20,000 descriptors in the stand-in.
 const WANT_OPEN_FILES: u64 = 65_536;
 
+/// The log filter tower-server and tower-agent run with here: their own default. The e2e
+/// harness turns their debug logging on, which formats a line for every request.
+pub(crate) const TOWER_LOG: &str = "info";
+
+/// A tower-server as the e2e harness starts it, but logging as in production.
+pub(crate) fn tower_server() -> tower_e2e::ServerBuilder {
+    server().env("TOWER_LOG", TOWER_LOG)
+}
+
 const USAGE: &str = "usage: tower-bench [--quick] [--only B1,B2,B3,B4,B5,B6,B7]";
 
 fn main() {
@@ -217,8 +226,10 @@ impl Bench {
     fn start(quick: bool) -> Bench {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let member = Member::start();
-        let server = server().start();
-        let agent = agent(&server, &member, "bench").connect(&server);
+        let server = tower_server().start();
+        let agent = agent(&server, &member, "bench")
+            .env("TOWER_LOG", TOWER_LOG)
+            .connect(&server);
         let user = Server::minter().user_token("bench", &[], None);
         Bench {
             quick,

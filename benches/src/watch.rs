@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
-use tower_e2e::{Process, Server, TempDir, bin_path, server};
+use tower_e2e::{Process, Server, TempDir, bin_path};
 
 use crate::load::{Target, cpu_time, percentile};
 
@@ -160,7 +160,7 @@ pub(crate) fn b4(
             &[&upstream.process],
         );
 
-        let server = server().start();
+        let server = crate::tower_server().start();
         let cluster = format!("watch-{n}");
         let agent = upstream.agent(&server, &cluster);
         let tunnel_target = |path: &str| {
@@ -426,7 +426,7 @@ impl Upstream {
             .arg(&server.secret_file)
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")
-            .env("TOWER_LOG", "warn");
+            .env("TOWER_LOG", crate::TOWER_LOG);
         let log = self.dir.path().join(format!("agent-{cluster}.log"));
         let (process, stdout) = Process::spawn(command, log);
         tower_e2e::wait_for_with(

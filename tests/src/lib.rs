@@ -291,6 +291,7 @@ impl Default for OperatorPki {
 #[derive(Debug, Default)]
 pub struct ServerBuilder {
     args: Vec<String>,
+    env: Vec<(String, String)>,
     dir: Option<TempDir>,
     addrs: Option<(String, String, String)>,
 }
@@ -307,6 +308,12 @@ impl ServerBuilder {
     /// Adds flags.
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Sets an environment variable, after (and over) the test defaults.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -353,7 +360,8 @@ impl ServerBuilder {
             .arg("--state-dir")
             .arg(&state)
             .args(&self.args)
-            .env("TOWER_LOG", "info,tower_server=debug");
+            .env("TOWER_LOG", "info,tower_server=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let log = (0..)
             .map(|n| dir.path().join(format!("server-{n}.log")))
             .find(|p| !p.exists())
@@ -384,6 +392,7 @@ impl ServerBuilder {
             secret_file: secret,
             process,
             extra_args: self.args,
+            extra_env: self.env,
             dir,
         };
         wait_for("server /healthz", Duration::from_secs(10), || {
@@ -413,6 +422,7 @@ pub struct Server {
     /// The process.
     pub process: Process,
     extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
     dir: TempDir,
 }
 
@@ -428,6 +438,7 @@ impl Server {
         let dir = std::mem::replace(&mut self.dir, TempDir::new("placeholder"));
         let builder = ServerBuilder {
             args: self.extra_args.clone(),
+            env: self.extra_env.clone(),
             dir: Some(dir),
             addrs: Some((
                 self.tunnel.to_string(),

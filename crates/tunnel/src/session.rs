@@ -381,6 +381,61 @@ mod tests {
         assert!(server.reserve().is_ok());
     }
 
+    /// Reads as hyper does through `TokioIo`: a fresh, uninitialized 512 KiB buffer each
+    /// time. Returns the bytes of one read.
+    async fn read_fresh(s: &mut crate::TunnelStream) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(512 * 1024);
+        s.read_buf(&mut buf).await.unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn reads_offer_what_the_stream_needs_and_lose_nothing() {
+        let (server, _agent, mut inbound) = pair(8);
+        let sizes = [1, 300, 5_000, 65_536, 200_000, 17, 1_000_000, 3];
+        let total: usize = sizes.iter().sum();
+        let sender = tokio::spawn(async move {
+            let mut s = inbound.recv().await.unwrap();
+            let mut n = 0u8;
+            for size in sizes {
+                let chunk: Vec<u8> = (0..size)
+                    .map(|_| {
+                        n = n.wrapping_add(1);
+                        n
+                    })
+                    .collect();
+                s.write_all(&chunk).await.unwrap();
+            }
+            s.shutdown().await.unwrap();
+        });
+        let mut s = server.open_stream().await.unwrap();
+        s.write_all(b"go").await.unwrap();
+        let (mut got, mut reads) = (Vec::new(), Vec::new());
+        loop {
+            let read = read_fresh(&mut s).await;
+            if read.is_empty() {
+                break;
+            }
+            reads.push(read.len());
+            got.extend_from_slice(&read);
+        }
+        sender.await.unwrap();
+        assert_eq!(got.len(), total);
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(k, &b)| b == ((k + 1) % 256) as u8),
+            "bytes lost or out of order"
+        );
+        // A small first read, then reads that grow with a long stream instead of
+        // staying at the small size (which would multiply the work of a bulk transfer).
+        assert!(reads[0] <= 2 * 1024, "first read {} bytes", reads[0]);
+        assert!(
+            reads.iter().any(|&n| n >= 128 * 1024),
+            "reads never grew: {reads:?}"
+        );
+    }
+
     #[tokio::test]
     async fn close_ends_both_sides() {
         let (server, agent, _inbound) = pair(8);

@@ -1,39 +1,68 @@
 //! Write coalescing under TLS.
 //!
 //! yamux writes every frame as two writes (the 12-byte header, then the body) and flushes
-//! between frames. Straight onto a TLS stream, each write becomes its own TLS record — a
-//! header alone costs a whole record (22 bytes of overhead and an AEAD seal) — and each
-//! flush a syscall. [`Coalesce`] gathers writes until the next flush, so a frame (and any
-//! frames written before that flush) leaves as one record per 16 KiB and one syscall.
+//! after every frame. Straight onto a TLS stream, each write becomes its own TLS record (a
+//! header alone costs a whole record: 22 bytes of overhead and an AEAD seal) and each
+//! flush a syscall. [`Coalesce`] gathers writes, and its flushes only mark the buffer as
+//! due: the session's driver pushes it out with [`Flusher::poll_flush`] once yamux has
+//! nothing more to do in that turn. So every frame written in one turn of the driver
+//! (with 64 requests in flight, often several) leaves as one record per 16 KiB and one
+//! syscall.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Writes are gathered up to this size before they are pushed on without a flush.
-const CAPACITY: usize = 64 * 1024;
+/// Writes are gathered up to this size before they are pushed on without a flush: a
+/// 64 KiB frame (yamux's largest here) and its header fit.
+const CAPACITY: usize = 80 * 1024;
 
-/// Buffers writes until flush (or until [`CAPACITY`] is reached).
+/// Buffers writes until the driver flushes (or until [`CAPACITY`] is reached).
 pub(crate) struct Coalesce<T> {
+    state: Arc<Mutex<State<T>>>,
+}
+
+/// The driver's hand on the same buffer: flushes what yamux asked to flush.
+pub(crate) struct Flusher<T> {
+    state: Arc<Mutex<State<T>>>,
+}
+
+struct State<T> {
     inner: T,
     buf: Vec<u8>,
     /// How much of `buf` the inner stream has taken.
     written: usize,
+    /// yamux flushed since the buffer last went out.
+    due: bool,
 }
 
-impl<T> Coalesce<T> {
-    pub(crate) fn new(inner: T) -> Self {
+/// A coalescing writer over `inner`, and the flusher its driver calls.
+pub(crate) fn coalesce<T>(inner: T) -> (Coalesce<T>, Flusher<T>) {
+    let state = Arc::new(Mutex::new(State {
+        inner,
+        buf: Vec::with_capacity(CAPACITY),
+        written: 0,
+        due: false,
+    }));
+    (
         Coalesce {
-            inner,
-            buf: Vec::with_capacity(CAPACITY),
-            written: 0,
-        }
-    }
+            state: state.clone(),
+        },
+        Flusher { state },
+    )
 }
 
-impl<T: AsyncWrite + Unpin> Coalesce<T> {
+/// Only the driver task touches the state (yamux's socket and the flusher are both
+/// polled by it), so the lock is never contended; a poisoned one is still consistent
+/// (a buffer and an offset), so it is used as is.
+fn lock<T>(state: &Mutex<State<T>>) -> MutexGuard<'_, State<T>> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<T: AsyncWrite + Unpin> State<T> {
     /// Hands the whole buffer to the inner stream.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.buf.len() {
@@ -47,44 +76,64 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
         self.written = 0;
         Poll::Ready(Ok(()))
     }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        self.due = false;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Flusher<T> {
+    /// Pushes out what yamux flushed since the last time; ready at once if nothing is due.
+    pub(crate) fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = lock(&self.state);
+        if !state.due {
+            return Poll::Ready(Ok(()));
+        }
+        state.poll_flush(cx)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        Pin::new(&mut lock(&self.state).inner).poll_read(cx, buf)
     }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if this.buf.len() + data.len() > CAPACITY && !this.buf.is_empty() {
-            ready!(this.poll_drain(cx))?;
+        let mut state = lock(&self.state);
+        if state.buf.len() + data.len() > CAPACITY && !state.buf.is_empty() {
+            ready!(state.poll_drain(cx))?;
         }
         if data.len() >= CAPACITY {
             // Too big to gather: pass it straight on.
-            return Pin::new(&mut this.inner).poll_write(cx, data);
+            return Pin::new(&mut state.inner).poll_write(cx, data);
         }
-        this.buf.extend_from_slice(data);
+        state.buf.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.poll_drain(cx))?;
-        Pin::new(&mut self.inner).poll_flush(cx)
+    /// Marks the buffer due; the driver's [`Flusher`] sends it at the end of its turn.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        lock(&self.state).due = true;
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.poll_drain(cx))?;
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = lock(&self.state);
+        ready!(state.poll_drain(cx))?;
+        Pin::new(&mut state.inner).poll_shutdown(cx)
     }
 }
 
@@ -117,33 +166,60 @@ mod tests {
         }
     }
 
+    /// What reached the inner stream, write by write.
+    fn writes(c: &Coalesce<Counting>) -> Vec<usize> {
+        lock(&c.state).inner.writes.iter().map(Vec::len).collect()
+    }
+
+    async fn driver_flush<T: AsyncWrite + Unpin>(f: &Flusher<T>) {
+        std::future::poll_fn(|cx| f.poll_flush(cx)).await.unwrap();
+    }
+
     #[tokio::test]
-    async fn writes_until_a_flush_leave_as_one() {
-        let mut c = Coalesce::new(Counting::default());
-        c.write_all(&[0u8; 12]).await.unwrap();
-        c.write_all(&[1u8; 100]).await.unwrap();
-        assert!(c.inner.writes.is_empty(), "nothing leaves before the flush");
-        c.flush().await.unwrap();
-        assert_eq!(c.inner.writes.len(), 1);
-        assert_eq!(c.inner.writes[0].len(), 112);
-        // Big writes go straight through, after what was gathered.
+    async fn frames_flushed_in_one_turn_leave_as_one_write() {
+        let (mut c, flusher) = coalesce(Counting::default());
+        // Two frames, each header then body and a flush, as yamux writes them.
+        for body in [100, 40] {
+            c.write_all(&[0u8; 12]).await.unwrap();
+            c.write_all(&vec![1u8; body]).await.unwrap();
+            c.flush().await.unwrap();
+        }
+        assert!(
+            writes(&c).is_empty(),
+            "nothing leaves before the driver's flush"
+        );
+        driver_flush(&flusher).await;
+        assert_eq!(writes(&c), [164]);
+        // Nothing due: the driver's flush writes nothing.
+        driver_flush(&flusher).await;
+        assert_eq!(writes(&c), [164]);
+        // Written but not flushed by yamux: not due either.
         c.write_all(&[2u8; 5]).await.unwrap();
-        c.write_all(&vec![3u8; CAPACITY]).await.unwrap();
+        driver_flush(&flusher).await;
+        assert_eq!(writes(&c), [164]);
+        // A largest frame and its header fit; bigger writes go straight through, after
+        // what was gathered; shutdown sends what is left.
+        c.write_all(&[0u8; 12]).await.unwrap();
+        c.write_all(&vec![3u8; 64 * 1024]).await.unwrap();
+        c.write_all(&vec![4u8; CAPACITY]).await.unwrap();
+        c.write_all(&[5u8; 7]).await.unwrap();
         c.shutdown().await.unwrap();
-        let sizes: Vec<usize> = c.inner.writes.iter().map(Vec::len).collect();
-        assert_eq!(sizes, [112, 5, CAPACITY]);
+        assert_eq!(writes(&c), [164, 5 + 12 + 64 * 1024, CAPACITY, 7]);
     }
 
     #[tokio::test]
     async fn bytes_arrive_intact_through_a_pipe() {
         let (a, mut b) = tokio::io::duplex(1024);
-        let mut c = Coalesce::new(a);
+        let (mut c, flusher) = coalesce(a);
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
         let writer = tokio::spawn(async move {
-            for chunk in data.chunks(777) {
+            for (i, chunk) in data.chunks(777).enumerate() {
                 c.write_all(chunk).await.unwrap();
                 c.flush().await.unwrap();
+                if i % 3 == 0 {
+                    driver_flush(&flusher).await;
+                }
             }
             c.shutdown().await.unwrap();
         });

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
-use crate::coalesce::Coalesce;
+use crate::coalesce::{Coalesce, Flusher, coalesce};
 use crate::goaway::WatchGoAway;
 use tokio_util::sync::CancellationToken;
 
@@ -156,7 +156,8 @@ where
         Role::Agent => yamux::Mode::Server,
     };
     let violated = CancellationToken::new();
-    let io = WatchGoAway::new(Coalesce::new(io), violated.clone());
+    let (io, flusher) = coalesce(io);
+    let io = WatchGoAway::new(io, violated.clone());
     let connection = yamux::Connection::new(io.compat(), yamux_config, mode);
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (inbound_tx, inbound) = mpsc::channel(1024);
@@ -169,6 +170,7 @@ where
     };
     let driver = Driver {
         connection,
+        flusher,
         commands: command_rx,
         inbound: (role == Role::Agent).then_some(inbound_tx),
         close: handle.close.clone(),
@@ -181,6 +183,8 @@ where
 /// Owns the yamux connection; run it with [`Driver::run`] on its own task.
 pub struct Driver<T> {
     connection: yamux::Connection<Compat<WatchGoAway<Coalesce<T>>>>,
+    /// Sends what yamux wrote in a turn, once the turn is over.
+    flusher: Flusher<T>,
     commands: mpsc::UnboundedReceiver<Command>,
     inbound: Option<mpsc::Sender<TunnelStream>>,
     close: CancellationToken,
@@ -217,36 +221,16 @@ where
         let mut warned_inbound = false;
         loop {
             let event = poll_fn(|cx| {
-                if close_requested.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Close);
-                }
-                if violation.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Violated);
-                }
-                while let Poll::Ready(Some(Command::Open(reply))) = self.commands.poll_recv(cx) {
-                    pending.push_back(reply);
-                }
-                while !pending.is_empty() {
-                    match self.connection.poll_new_outbound(cx) {
-                        Poll::Ready(Ok(stream)) => {
-                            if let Some(reply) = pending.pop_front() {
-                                let _ = reply.send(Ok(stream));
-                            }
-                        }
-                        Poll::Ready(Err(e)) => {
-                            for reply in pending.drain(..) {
-                                let _ = reply.send(Err(TunnelError::Closed(e.to_string())));
-                            }
-                            return Poll::Ready(Event::Ended(Err(e)));
-                        }
-                        Poll::Pending => break,
-                    }
-                }
-                match self.connection.poll_next_inbound(cx) {
-                    Poll::Ready(Some(Ok(stream))) => Poll::Ready(Event::Inbound(stream)),
-                    Poll::Ready(Some(Err(e))) => Poll::Ready(Event::Ended(Err(e))),
-                    Poll::Ready(None) => Poll::Ready(Event::Ended(Ok(()))),
-                    Poll::Pending => Poll::Pending,
+                let event = self.turn(
+                    cx,
+                    &mut pending,
+                    close_requested.as_mut(),
+                    violation.as_mut(),
+                );
+                // Whatever the turn brought, what yamux wrote in it leaves now, together.
+                match self.flusher.poll_flush(cx) {
+                    Poll::Ready(Err(e)) => Poll::Ready(Event::Ended(Err(e.into()))),
+                    Poll::Ready(Ok(())) | Poll::Pending => event,
                 }
             })
             .await;
@@ -296,6 +280,47 @@ where
                     return result.map_err(|e| TunnelError::Closed(e.to_string()));
                 }
             }
+        }
+    }
+
+    /// One turn of the driver: commands, new outbound streams, then yamux's own work.
+    fn turn(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        pending: &mut VecDeque<oneshot::Sender<Result<yamux::Stream, TunnelError>>>,
+        close_requested: std::pin::Pin<&mut impl Future<Output = ()>>,
+        violation: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Poll<Event> {
+        if close_requested.poll(cx).is_ready() {
+            return Poll::Ready(Event::Close);
+        }
+        if violation.poll(cx).is_ready() {
+            return Poll::Ready(Event::Violated);
+        }
+        while let Poll::Ready(Some(Command::Open(reply))) = self.commands.poll_recv(cx) {
+            pending.push_back(reply);
+        }
+        while !pending.is_empty() {
+            match self.connection.poll_new_outbound(cx) {
+                Poll::Ready(Ok(stream)) => {
+                    if let Some(reply) = pending.pop_front() {
+                        let _ = reply.send(Ok(stream));
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    for reply in pending.drain(..) {
+                        let _ = reply.send(Err(TunnelError::Closed(e.to_string())));
+                    }
+                    return Poll::Ready(Event::Ended(Err(e)));
+                }
+                Poll::Pending => break,
+            }
+        }
+        match self.connection.poll_next_inbound(cx) {
+            Poll::Ready(Some(Ok(stream))) => Poll::Ready(Event::Inbound(stream)),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Event::Ended(Err(e))),
+            Poll::Ready(None) => Poll::Ready(Event::Ended(Ok(()))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -432,6 +432,15 @@ impl Bench {
             slow_size,
             Some(SLOW_READER_RATE),
         );
+        // The direct probe during the same slow tunnel download: what the bulk's CPU
+        // (little, at this rate) does to a request that does not cross the tunnel.
+        let d_slow = self.probe_during_download(
+            true,
+            &small_direct,
+            slow_n,
+            slow_size,
+            Some(SLOW_READER_RATE),
+        );
         let shift = |idle: Duration, busy: Duration| format!("{:.0}->{:.0}", us(idle), us(busy));
         let times = |idle: Duration, busy: Duration| format!("{:.1}x", us(busy) / us(idle));
         row(
@@ -454,9 +463,13 @@ impl Bench {
         );
         row(
             "B3 p99 us idle->busy, slow reader",
-            "",
+            &shift(idle_direct, d_slow.p99),
             &shift(idle_tunnel, t_slow.p99),
-            &times(idle_tunnel, t_slow.p99),
+            &format!(
+                "{}/{}",
+                times(idle_direct, d_slow.p99),
+                times(idle_tunnel, t_slow.p99)
+            ),
             "<= 3x",
         );
         row(
@@ -474,6 +487,7 @@ impl Bench {
             ("tunnel probe, tunnel bulk", &t_t),
             ("direct probe, tunnel bulk", &d_t),
             ("tunnel probe, slow reader", &t_slow),
+            ("direct probe, slow reader", &d_slow),
             ("direct probe, direct bulk", &d_d),
             ("tunnel probe, direct bulk", &t_d),
         ] {
@@ -495,6 +509,7 @@ impl Bench {
                 "slow_reader_bytes_per_second": SLOW_READER_RATE,
                 "slow_reader_probe_requests": slow_n,
                 "tunnel_probe_slow_reader": t_slow.to_json(),
+                "direct_probe_slow_reader": d_slow.to_json(),
                 "direct_probe_direct_bulk": d_d.to_json(),
                 "tunnel_probe_direct_bulk": t_d.to_json(),
             }),

@@ -406,12 +406,16 @@ mod tests {
         assert!(server.reserve().is_ok());
     }
 
-    /// Reads as hyper does through `TokioIo`: a fresh, uninitialized 512 KiB buffer each
-    /// time. Returns the bytes of one read.
-    async fn read_fresh(s: &mut crate::TunnelStream) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(512 * 1024);
-        s.read_buf(&mut buf).await.unwrap();
-        buf
+    /// Reads as hyper does through `TokioIo`: into a fresh, uninitialized 512 KiB buffer
+    /// each time. Returns the bytes of one read and how much of the buffer it initialized
+    /// (zeroed before yamux copied into it).
+    async fn read_fresh(s: &mut crate::TunnelStream) -> (Vec<u8>, usize) {
+        let mut memory = vec![std::mem::MaybeUninit::<u8>::uninit(); 512 * 1024];
+        let mut buf = tokio::io::ReadBuf::uninit(&mut memory);
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut *s).poll_read(cx, &mut buf))
+            .await
+            .unwrap();
+        (buf.filled().to_vec(), buf.initialized().len())
     }
 
     #[tokio::test]
@@ -435,13 +439,14 @@ mod tests {
         });
         let mut s = server.open_stream().await.unwrap();
         s.write_all(b"go").await.unwrap();
-        let (mut got, mut reads) = (Vec::new(), Vec::new());
+        let (mut got, mut reads, mut zeroed) = (Vec::new(), Vec::new(), Vec::new());
         loop {
-            let read = read_fresh(&mut s).await;
+            let (read, initialized) = read_fresh(&mut s).await;
             if read.is_empty() {
                 break;
             }
             reads.push(read.len());
+            zeroed.push(initialized);
             got.extend_from_slice(&read);
         }
         sender.await.unwrap();
@@ -452,8 +457,24 @@ mod tests {
                 .all(|(k, &b)| b == ((k + 1) % 256) as u8),
             "bytes lost or out of order"
         );
-        // A small first read, then reads that grow with a long stream instead of
-        // staying at the small size (which would multiply the work of a bulk transfer).
+        // No read zeroes the whole buffer it is offered: the first offers 2 KiB, and
+        // each later one at most twice the one before, up to 256 KiB.
+        assert!(
+            zeroed[0] <= 2 * 1024,
+            "first read zeroed {} bytes",
+            zeroed[0]
+        );
+        for (i, pair) in zeroed.windows(2).enumerate() {
+            assert!(
+                pair[1] <= (2 * pair[0]).clamp(2 * 1024, 256 * 1024),
+                "read {} zeroed {} bytes after {}: {zeroed:?}",
+                i + 1,
+                pair[1],
+                pair[0]
+            );
+        }
+        // Yet reads grow with a long stream instead of staying at the small size (which
+        // would multiply the work of a bulk transfer).
         assert!(reads[0] <= 2 * 1024, "first read {} bytes", reads[0]);
         assert!(
             reads.iter().any(|&n| n >= 128 * 1024),

@@ -87,10 +87,9 @@ impl AsyncRead for TunnelStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let offer = buf.remaining().min(self.read_size);
-        let this = &mut *self;
         let dst = buf.initialize_unfilled_to(offer);
         let n = std::task::ready!(futures::AsyncRead::poll_read(
-            Pin::new(this.inner.get_mut()),
+            Pin::new(self.inner.get_mut()),
             cx,
             dst
         ))?;

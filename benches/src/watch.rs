@@ -150,6 +150,7 @@ pub(crate) fn b4(
         |path: &str| Target::new(&upstream.ca_pem, upstream.addr, path.into(), UPSTREAM_TOKEN);
     let mut out = serde_json::Map::new();
     for &(protocol, n) in runs {
+        let files_before = upstream.open_files();
         let direct = measure(
             rt,
             &upstream,
@@ -159,6 +160,7 @@ pub(crate) fn b4(
             &direct_target,
             &[&upstream.process],
         );
+        upstream.wait_released(files_before);
 
         let server = crate::tower_server().start();
         let cluster = format!("watch-{n}");
@@ -191,8 +193,10 @@ pub(crate) fn b4(
             &tunnel_target,
             &[&server.process, &agent.process],
         );
+        // The agent keeps its connections to the stand-in pooled until it exits.
         drop(agent);
         drop(server);
+        upstream.wait_released(files_before);
 
         print_rows(protocol, n, &direct, &tunnel);
         let key = match protocol {
@@ -310,7 +314,6 @@ fn measure(
             .map(|(b, a)| a.saturating_sub(*b).as_secs_f64())
             .collect::<Vec<_>>()
     };
-    let files_before = upstream.open_files();
     let writer = Target::new(
         &upstream.ca_pem,
         upstream.addr,
@@ -342,11 +345,6 @@ fn measure(
     side.cpu = [spent(&cpu_idle, &cpu_open), spent(&cpu_open, &cpu())];
     rt.block_on(watches.close());
     drop(writer);
-    // The next run starts only when the stand-in has let go of these connections.
-    let deadline = Instant::now() + DRAIN_LIMIT;
-    while upstream.open_files() > files_before && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     side
 }
 
@@ -407,6 +405,15 @@ impl Upstream {
     /// Its open file descriptors (one per connection).
     fn open_files(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.process.pid())).map_or(0, |d| d.count())
+    }
+
+    /// Waits (at most [`DRAIN_LIMIT`]) until the stand-in holds no more descriptors than
+    /// `files`: the next run starts only once it has let go of the last one's connections.
+    fn wait_released(&self, files: usize) {
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        while self.open_files() > files && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts a tower-agent process serving this stand-in as `cluster`, as the e2e harness

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -199,4 +200,114 @@ pub(crate) fn cpu_time(pid: u32) -> Duration {
     // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name.
     let hz = 100.0; // USER_HZ on Linux
     Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / hz)
+}
+
+/// A bulk download on a thread of its own, with its own runtime (so that checking its
+/// bytes does not take the workers of the requests measured meanwhile), checking every
+/// byte against the stand-in's pattern as it arrives. It reads no faster than `pace`
+/// bytes per second when given, and stops early when told to.
+pub(crate) struct Download {
+    /// The response head arrived: the request reached the upstream.
+    started: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+/// How a [`Download`] ended.
+pub(crate) struct Downloaded {
+    /// Bytes received and checked.
+    pub(crate) bytes: u64,
+    /// The body ended (whole) before it was told to stop.
+    pub(crate) ended_first: bool,
+}
+
+impl Download {
+    /// Starts GETting `target`'s path.
+    pub(crate) fn start(target: &Target, pace: Option<u64>) -> Download {
+        let started = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (target, flags) = (target.clone(), (started.clone(), stop.clone()));
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("runtime: {e}"))?;
+            runtime.block_on(download(&target, pace, &flags.0, &flags.1))
+        });
+        Download {
+            started,
+            stop,
+            thread,
+        }
+    }
+
+    /// Waits until the response head arrived (or the download failed).
+    pub(crate) fn wait_started(&self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        while !self.started.load(Ordering::Acquire) {
+            if self.thread.is_finished() {
+                return Err("the download ended before its response head arrived".into());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no response head within {limit:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// Tells it to stop (if it has not ended) and waits for it. An error is a failed
+    /// download: a status other than 200, a wrong byte, a body cut short.
+    pub(crate) fn finish(self) -> Result<Downloaded, String> {
+        let ended_first = self.thread.is_finished();
+        self.stop.store(true, Ordering::Release);
+        let bytes = self
+            .thread
+            .join()
+            .map_err(|_| "the download thread panicked".to_string())??;
+        Ok(Downloaded { bytes, ended_first })
+    }
+}
+
+async fn download(
+    target: &Target,
+    pace: Option<u64>,
+    started: &AtomicBool,
+    stop: &AtomicBool,
+) -> Result<u64, String> {
+    let (mut sender, conn) = target.handshake::<Empty<Bytes>>().await?;
+    let conn = tokio::spawn(conn);
+    let response = sender
+        .send_request(target.get(&target.path))
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    if response.status() != http::StatusCode::OK {
+        return Err(format!("status {}", response.status()));
+    }
+    started.store(true, Ordering::Release);
+    let begun = tokio::time::Instant::now();
+    let mut body = response.into_body();
+    let mut offset = 0u64;
+    let result = loop {
+        if stop.load(Ordering::Acquire) {
+            break Ok(offset);
+        }
+        let Some(frame) = body.frame().await else {
+            break Ok(offset);
+        };
+        let frame = frame.map_err(|e| format!("body cut after {offset} bytes: {e}"))?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        if let Some(at) = tower_e2e::pattern_mismatch(offset, data) {
+            break Err(format!("byte {at} is wrong"));
+        }
+        offset += data.len() as u64;
+        if let Some(rate) = pace {
+            let due = Duration::from_secs_f64(offset as f64 / rate as f64);
+            tokio::time::sleep_until(begun + due).await;
+        }
+    };
+    conn.abort();
+    result
 }

@@ -12,11 +12,17 @@
 //! latency while a bulk download runs, through the tunnel and directly), B4 many watches
 //! over one tunnel ([`watch`]), B5 many idle agents on one server ([`agents`]), B6
 //! reconnect after a server restart, B7 CPU per request and per GiB on each side. The
-//! upstream is the stand-in API server (`/version` for small requests, `/debug/bytes` for
-//! bulk, configmap watches for B4). Results also go to `target/bench-results.json`.
+//! upstream of B1-B3 and B6 is nginx from the Debian packages ([`nginx`]; the stand-in API
+//! server when nginx is not installed): `/version` for small requests, `/debug/bytes` for
+//! bulk. B4's watches and B5's agents need an API server: the stand-in. Every scenario
+//! runs in rounds and reports the median and the spread (min-max) of each figure;
+//! B6's figure is its distribution over its restarts. Results also go to
+//! `target/bench-results.json`, every round's value included.
 
 mod agents;
 mod load;
+mod nginx;
+mod stats;
 mod watch;
 
 use std::time::{Duration, Instant};
@@ -25,6 +31,8 @@ use serde_json::{Value, json};
 use tower_e2e::{Agent, Https, Member, RssPeaks, Server, agent, server};
 
 use crate::load::{Target, cpu_time};
+use crate::nginx::Nginx;
+use crate::stats::Samples;
 
 /// Open files the bench asks for (tower-server, tower-agent and B4's stand-in inherit
 /// the limit): B4 at N = 10,000 needs 10,000 client connections here, 10,000 in the
@@ -81,6 +89,8 @@ fn main() {
         }
     );
     let mut bench = Bench::start(quick);
+    let upstream = bench.upstream().0;
+    println!("tower-bench: upstream {upstream} (B4 and B5: the stand-in API server)");
     println!(
         "{:<36} {:>16} {:>16} {:>8}   target",
         "scenario", "direct", "tunnel", "ratio"
@@ -99,6 +109,7 @@ fn main() {
     let Bench {
         rt,
         member,
+        nginx,
         server,
         agent,
         user,
@@ -108,6 +119,7 @@ fn main() {
     // B4 and B5 start servers of their own.
     drop(agent);
     drop(server);
+    drop(nginx);
     if selected("B4") {
         let most = watch::most_watches(open_files);
         let mut sizes = if quick {
@@ -129,12 +141,12 @@ fn main() {
             .map(|n| (watch::Protocol::Http1, *n))
             .chain([(watch::Protocol::Http2, largest)])
             .collect();
-        let b4 = watch::b4(&rt, &user, &runs, 3, open_limit);
+        let b4 = watch::b4(&rt, &user, &runs, 3, 3, open_limit);
         results.insert("B4".into(), b4);
     }
     if selected("B5") {
         let n = if quick { 200 } else { 1_000 };
-        let b5 = agents::b5(&member, n, Duration::from_secs(120));
+        let b5 = agents::b5(&member, n, 3, Duration::from_secs(120));
         results.insert("B5".into(), b5);
     }
 
@@ -145,6 +157,7 @@ fn main() {
         json!({
             "quick": quick,
             "profile": profile,
+            "upstream": upstream,
             "scenarios": only,
             "seconds": elapsed.as_secs_f64(),
             "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -212,10 +225,12 @@ fn raise_open_files(want: u64) -> u64 {
 struct Bench {
     quick: bool,
     /// Bulk downloads are divided by this: 4 in a quick run of a debug build (a smoke run
-    /// in CI, where the client's byte check runs at ~35 MB/s), else 1.
+    /// in CI, where the debug tower binaries are what the time goes on), else 1.
     bulk_divisor: u64,
     rt: tokio::runtime::Runtime,
     member: Member,
+    /// The upstream of B1-B3 and B6 when nginx is installed (else the stand-in is).
+    nginx: Option<Nginx>,
     server: Server,
     agent: Agent,
     user: String,
@@ -226,8 +241,19 @@ impl Bench {
     fn start(quick: bool) -> Bench {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let member = Member::start();
+        let nginx = match Nginx::find() {
+            Some(binary) => Some(Nginx::start(&binary).unwrap_or_else(|e| panic!("{e}"))),
+            None => {
+                println!(
+                    "tower-bench: nginx is not installed (apt-get install -y nginx): B1-B3 and B6 use the stand-in as their upstream"
+                );
+                None
+            }
+        };
         let server = tower_server().start();
+        let kubeconfig = nginx.as_ref().map_or(&member.kubeconfig, |n| &n.kubeconfig);
         let agent = agent(&server, &member, "bench")
+            .kubeconfig(kubeconfig)
             .env("TOWER_LOG", TOWER_LOG)
             .connect(&server);
         let user = Server::minter().user_token("bench", &[], None);
@@ -240,6 +266,7 @@ impl Bench {
             },
             rt,
             member,
+            nginx,
             server,
             agent,
             user,
@@ -251,30 +278,56 @@ impl Bench {
         [self.server.process.pid(), self.agent.process.pid()]
     }
 
-    fn small_direct(&self) -> Target {
-        Target::new(
-            self.member.api.ca_pem(),
-            self.member.api.addr(),
-            "/version".into(),
-            self.member.api.token(),
-        )
+    /// The upstream of B1-B3 and B6: (name, address, CA, token).
+    fn upstream(&self) -> (String, std::net::SocketAddr, &str, &str) {
+        match &self.nginx {
+            Some(n) => (n.version.clone(), n.addr, &n.ca_pem, n.token()),
+            None => {
+                let api = &self.member.api;
+                ("the stand-in".into(), api.addr(), api.ca_pem(), api.token())
+            }
+        }
     }
 
-    fn small_tunnel(&self) -> Target {
+    /// `path` at the upstream, with its token.
+    fn direct_target(&self, path: &str) -> Target {
+        let (_, addr, ca_pem, token) = self.upstream();
+        Target::new(ca_pem, addr, path.into(), token)
+    }
+
+    /// The path of a `size`-byte bulk download (at the upstream; through the tunnel, the
+    /// same under `/clusters/bench`), its file written first when nginx serves it.
+    fn bulk_path(&self, size: u64) -> String {
+        if let Some(nginx) = &self.nginx {
+            nginx.ensure_bulk(size);
+        }
+        format!("/debug/bytes?size={size}")
+    }
+
+    /// `path` at the frontend, with the bench user's token.
+    fn tunnel_target(&self, path: &str) -> Target {
         Target::new(
             &self.server.ca_pem,
             self.server.frontend,
-            "/clusters/bench/version".into(),
+            path.into(),
             &self.user,
         )
+    }
+
+    fn small_direct(&self) -> Target {
+        self.direct_target("/version")
+    }
+
+    fn small_tunnel(&self) -> Target {
+        self.tunnel_target("/clusters/bench/version")
     }
 
     fn limit(&self) -> Duration {
         Duration::from_secs(if self.quick { 5 } else { 15 })
     }
 
-    /// B1: bulk. Returns the CPU seconds per GiB of [server, agent].
-    fn b1(&mut self) -> [f64; 2] {
+    /// B1: bulk. Returns the CPU seconds per GiB of [server, agent], per round.
+    fn b1(&mut self) -> [Samples; 2] {
         let (size, rounds): (u64, usize) = if self.quick {
             ((256 << 20) / self.bulk_divisor, 3)
         } else {
@@ -282,242 +335,249 @@ impl Bench {
         };
         let pids = self.pids();
         let tunnel = Https::frontend(&self.server);
-        let direct = Https::with_ca(self.member.api.ca_pem(), self.member.api.addr());
-        let bulk = format!("/debug/bytes?size={size}");
-        let (mut d_mbps, mut t_mbps, mut peak) = (Vec::new(), Vec::new(), [0u64; 2]);
+        let (_, addr, ca_pem, token) = self.upstream();
+        let direct = Https::with_ca(ca_pem, addr);
+        let bulk = self.bulk_path(size);
+        let (mut d_mbps, mut t_mbps, mut ratio) = Default::default();
+        let mut cpu: [Samples; 2] = Default::default();
+        let mut peak = [0u64; 2];
         let idle = [self.server.process.rss_kib(), self.agent.process.rss_kib()];
-        let cpu_before = pids.map(cpu_time);
         for _ in 0..rounds {
-            d_mbps.push(mbps(size, || {
-                direct.download_checked(&bulk, self.member.api.token())
-            }));
+            let d = mbps(size, || direct.download_checked(&bulk, token));
             let sampler = RssPeaks::start(&pids);
-            t_mbps.push(mbps(size, || {
+            let cpu_before = pids.map(cpu_time);
+            let t = mbps(size, || {
                 tunnel.download_checked(&format!("/clusters/bench{bulk}"), &self.user)
-            }));
+            });
+            let per_gib = cpu_per(
+                pids.map(cpu_time),
+                cpu_before,
+                size as f64 / (1u64 << 30) as f64,
+            );
             let s = sampler.stop();
             peak = [peak[0].max(s[0]), peak[1].max(s[1])];
+            Samples::push_all([&mut d_mbps, &mut t_mbps, &mut ratio], [d, t, t / d]);
+            Samples::push_all(cpu.each_mut(), per_gib);
         }
-        let cpu_bulk = cpu_per(
-            pids.map(cpu_time),
-            cpu_before,
-            (size * rounds as u64) as f64 / (1u64 << 30) as f64,
-        );
-        let (d, t) = (median(&mut d_mbps), median(&mut t_mbps));
-        row_f(
+        row_s(
             &format!("B1 bulk {} MiB (MB/s)", size >> 20),
-            d,
-            t,
-            t / d,
+            [&d_mbps, &t_mbps, &ratio],
+            0,
             ">= 0.5x",
         );
         println!(
-            "{:<36} spread direct {:.0}-{:.0}, tunnel {:.0}-{:.0}; RSS KiB idle/peak server {}/{}, agent {}/{}",
-            "",
-            min(&d_mbps),
-            max(&d_mbps),
-            min(&t_mbps),
-            max(&t_mbps),
-            idle[0],
-            peak[0],
-            idle[1],
-            peak[1]
+            "{:<36} RSS KiB idle/peak server {}/{}, agent {}/{}",
+            "", idle[0], peak[0], idle[1], peak[1]
         );
         self.results.insert("B1".into(), json!({
-            "bytes": size, "rounds": rounds, "direct_mbps": d_mbps, "tunnel_mbps": t_mbps,
-            "median_ratio": t / d,
+            "bytes": size, "rounds": rounds,
+            "direct_mbps": d_mbps.to_json(), "tunnel_mbps": t_mbps.to_json(), "ratio": ratio.to_json(),
             "rss_kib": {"server_idle": idle[0], "server_peak": peak[0], "agent_idle": idle[1], "agent_peak": peak[1]},
         }));
-        cpu_bulk
+        cpu
     }
 
-    /// B2: small requests. Returns the CPU seconds per request of [server, agent].
-    fn b2(&mut self) -> [f64; 2] {
+    /// B2: small requests, in rounds (each: concurrency 1, 64 and 256, directly and
+    /// through the tunnel). Returns the CPU seconds per request of [server, agent] at
+    /// concurrency 64 and 256, per round.
+    fn b2(&mut self) -> [Samples; 2] {
         let (small_direct, small_tunnel) = (self.small_direct(), self.small_tunnel());
-        let n1 = if self.quick { 1000 } else { 5000 };
+        let (rounds, n1, at_64_and_256) = if self.quick {
+            (3, 1_000, 20_000)
+        } else {
+            (5, 2_000, 40_000)
+        };
         let limit = self.limit();
         let rt = &self.rt;
-        rt.block_on(load::run(&small_tunnel, 1, 200, limit)); // warm the pools
-        let mut d1 = rt.block_on(load::run(&small_direct, 1, n1, limit));
-        let mut t1 = rt.block_on(load::run(&small_tunnel, 1, n1, limit));
-        let (d50, t50, d99, t99) = (
-            d1.percentile(0.5),
-            t1.percentile(0.5),
-            d1.percentile(0.99),
-            t1.percentile(0.99),
-        );
-        row_f(
-            "B2 c=1 p50 (us)",
-            us(d50),
-            us(t50),
-            us(t50) - us(d50),
-            "+<=80us",
-        );
-        row_f(
-            "B2 c=1 p99 (us)",
-            us(d99),
-            us(t99),
-            us(t99) / us(d99),
-            "<= 2x",
-        );
-        let mut b2 = json!({"c1": {"direct_p50_us": us(d50), "tunnel_p50_us": us(t50), "direct_p99_us": us(d99), "tunnel_p99_us": us(t99)}});
         let pids = self.pids();
-        let cpu_before = pids.map(cpu_time);
-        let mut requests = 0usize;
-        for c in [64usize, 256] {
-            let per = if self.quick { 20_000 / c } else { 100_000 / c };
-            let d = rt.block_on(load::run(&small_direct, c, per, limit));
-            let t = rt.block_on(load::run(&small_tunnel, c, per, limit));
-            requests += t.latencies.len();
-            row_f(
+        rt.block_on(load::run(&small_tunnel, 1, 200, limit)); // warm the pools
+        // Per round: p50 and p99 at c=1 [direct, tunnel, tunnel-direct or tunnel/direct].
+        let (mut p50, mut p99): ([Samples; 3], [Samples; 3]) = Default::default();
+        let mut rps: [[Samples; 3]; 2] = Default::default();
+        let mut errors = [[0usize; 2]; 2];
+        let mut cpu: [Samples; 2] = Default::default();
+        for _ in 0..rounds {
+            let mut d1 = rt.block_on(load::run(&small_direct, 1, n1, limit));
+            let mut t1 = rt.block_on(load::run(&small_tunnel, 1, n1, limit));
+            let (d50, t50) = (us(d1.percentile(0.5)), us(t1.percentile(0.5)));
+            let (d99, t99) = (us(d1.percentile(0.99)), us(t1.percentile(0.99)));
+            Samples::push_all(p50.each_mut(), [d50, t50, t50 - d50]);
+            Samples::push_all(p99.each_mut(), [d99, t99, t99 / d99]);
+            let mut cpu_spent = [Duration::ZERO; 2];
+            let mut requests = 0usize;
+            for (i, c) in [64usize, 256].into_iter().enumerate() {
+                let per = at_64_and_256 / c;
+                let d = rt.block_on(load::run(&small_direct, c, per, limit));
+                let before = pids.map(cpu_time);
+                let t = rt.block_on(load::run(&small_tunnel, c, per, limit));
+                let after = pids.map(cpu_time);
+                cpu_spent = [0, 1].map(|p| cpu_spent[p] + (after[p] - before[p]));
+                requests += t.latencies.len();
+                Samples::push_all(rps[i].each_mut(), [d.rps(), t.rps(), t.rps() / d.rps()]);
+                errors[i] = [errors[i][0] + d.errors, errors[i][1] + t.errors];
+            }
+            let per_request = cpu_per(cpu_spent, [Duration::ZERO; 2], requests as f64);
+            Samples::push_all(cpu.each_mut(), per_request);
+        }
+        row_s("B2 c=1 p50 (us)", p50.each_ref(), 0, "+<=80us");
+        row_s("B2 c=1 p99 (us)", p99.each_ref(), 0, "<= 2x");
+        let mut b2 = json!({
+            "rounds": rounds,
+            "c1": {
+                "requests_per_round": n1,
+                "direct_p50_us": p50[0].to_json(), "tunnel_p50_us": p50[1].to_json(),
+                "added_p50_us": p50[2].to_json(),
+                "direct_p99_us": p99[0].to_json(), "tunnel_p99_us": p99[1].to_json(),
+                "p99_ratio": p99[2].to_json(),
+            },
+        });
+        for (i, c) in [64usize, 256].into_iter().enumerate() {
+            row_s(
                 &format!("B2 c={c} requests/s"),
-                d.rps(),
-                t.rps(),
-                t.rps() / d.rps(),
+                rps[i].each_ref(),
+                0,
                 if c == 64 { ">= 0.4x" } else { "" },
             );
-            if d.errors + t.errors > 0 {
-                println!(
-                    "{:<36} errors: direct {}, tunnel {}",
-                    "", d.errors, t.errors
-                );
+            let [d, t] = errors[i];
+            if d + t > 0 {
+                println!("{:<36} errors: direct {d}, tunnel {t}", "");
             }
-            b2[format!("c{c}")] = json!({"direct_rps": d.rps(), "tunnel_rps": t.rps(), "errors": [d.errors, t.errors]});
+            b2[format!("c{c}")] = json!({
+                "requests_per_round": at_64_and_256,
+                "direct_rps": rps[i][0].to_json(), "tunnel_rps": rps[i][1].to_json(),
+                "ratio": rps[i][2].to_json(), "errors": errors[i],
+            });
         }
-        let cpu_small = cpu_per(pids.map(cpu_time), cpu_before, requests as f64);
         self.results.insert("B2".into(), b2);
-        cpu_small
+        cpu
     }
 
-    /// B3: small-request latency (one at a time) while a bulk download runs. Five
-    /// pairings separate head-of-line blocking in the tunnel from CPU contention on a
-    /// small machine: the tunnel probe during a tunnel download (both), the direct probe
-    /// during the same tunnel download (the same contention, no tunnel on the probe's
-    /// path), the direct probe during a direct download (no tunnel anywhere), the tunnel
-    /// probe during a direct download (contention, but no shared tunnel), and the tunnel
-    /// probe during a tunnel download whose reader is slow (flow control, little CPU).
+    /// B3: small-request latency (one at a time, the *probe*) while a bulk download runs,
+    /// in rounds. Each round measures both probes idle, then once for each [`PAIRINGS`]
+    /// entry, which together separate head-of-line blocking in the tunnel from CPU
+    /// contention on a small machine.
     fn b3(&mut self) {
-        let n = if self.quick { 500 } else { 2500 };
+        let (rounds, n) = if self.quick { (3, 500) } else { (3, 2500) };
+        // The download stops when the probe is done: the size only has to outlast it (a
+        // probe through the tunnel takes ~4 ms a request during a tunnel download).
         let size: u64 = if self.quick {
-            (512 << 20) / self.bulk_divisor
+            (1 << 30) / self.bulk_divisor
         } else {
-            2 << 30
+            4 << 30
         };
-        let (small_direct, small_tunnel) = (self.small_direct(), self.small_tunnel());
-        let limit = self.limit();
-        // Idle baselines with the same probe.
-        self.rt.block_on(load::run(&small_tunnel, 1, 200, limit)); // warm the pools
-        let idle_direct = self
-            .rt
-            .block_on(load::run(&small_direct, 1, n, limit))
-            .percentile(0.99);
-        let idle_tunnel = self
-            .rt
-            .block_on(load::run(&small_tunnel, 1, n, limit))
-            .percentile(0.99);
-        let t_t = self.probe_during_download(true, &small_tunnel, n, size, None);
-        let d_t = self.probe_during_download(true, &small_direct, n, size, None);
-        let d_d = self.probe_during_download(false, &small_direct, n, size, None);
-        let t_d = self.probe_during_download(false, &small_tunnel, n, size, None);
-        // A slow reader: the bulk stream is held back by its flow-control window, so the
-        // tunnel carries it at a fraction of the CPU (what stalls a Konnectivity tunnel).
-        // Four times the probes: the slow reader's window updates release the bulk in
-        // bursts, and a p99 of 2,500 probes is the 25th worst of a handful of bursts.
+        // The slow reader's probe sends four times the requests: its window updates
+        // release the bulk in bursts, and a p99 of 2,500 probes is the 25th worst of a
+        // handful of bursts.
         let slow_n = 4 * n;
         let slow_size = SLOW_READER_RATE * if self.quick { 4 } else { 10 };
-        let t_slow = self.probe_during_download(
-            true,
-            &small_tunnel,
-            slow_n,
-            slow_size,
-            Some(SLOW_READER_RATE),
-        );
-        // The direct probe during the same slow tunnel download: what the bulk's CPU
-        // (little, at this rate) does to a request that does not cross the tunnel.
-        let d_slow = self.probe_during_download(
-            true,
-            &small_direct,
-            slow_n,
-            slow_size,
-            Some(SLOW_READER_RATE),
-        );
-        let shift = |idle: Duration, busy: Duration| format!("{:.0}->{:.0}", us(idle), us(busy));
-        let times = |idle: Duration, busy: Duration| format!("{:.1}x", us(busy) / us(idle));
-        row(
-            "B3 p99 us idle->busy, tunnel bulk",
-            &shift(idle_direct, d_t.p99),
-            &shift(idle_tunnel, t_t.p99),
-            &format!(
-                "{}/{}",
-                times(idle_direct, d_t.p99),
-                times(idle_tunnel, t_t.p99)
-            ),
-            "<= 3x",
-        );
+        let (small_direct, small_tunnel) = (self.small_direct(), self.small_tunnel());
+        let limit = self.limit();
+        self.rt.block_on(load::run(&small_tunnel, 1, 200, limit)); // warm the pools
+        // Per probe (direct, tunnel): its idle p99; per pairing: p99 and p99 / idle p99.
+        let mut idle: [Samples; 2] = Default::default();
+        // (and the probe's seconds, and the bulk's MB/s meanwhile).
+        let mut busy: Vec<[Samples; 5]> = vec![Default::default(); PAIRINGS.len()];
+        // Per round: the tunnel probe's p99 over the direct probe's, same tunnel bulk.
+        let mut tunnel_over_direct = Samples::default();
+        let mut notes = Vec::new();
+        for _ in 0..rounds {
+            let idle_p99 = [&small_direct, &small_tunnel].map(|probe| {
+                us(self
+                    .rt
+                    .block_on(load::run(probe, 1, n, limit))
+                    .percentile(0.99))
+            });
+            Samples::push_all(idle.each_mut(), idle_p99);
+            let mut p99s = Vec::new();
+            for (pairing, samples) in PAIRINGS.iter().zip(&mut busy) {
+                let probe = if pairing.tunnel_probe {
+                    &small_tunnel
+                } else {
+                    &small_direct
+                };
+                let (requests, bytes, pace) = if pairing.slow {
+                    (slow_n, slow_size, Some(SLOW_READER_RATE))
+                } else {
+                    (n, size, None)
+                };
+                let got =
+                    self.probe_during_download(pairing.tunnel_bulk, probe, requests, bytes, pace);
+                if got.download_ended_first {
+                    notes.push(format!(
+                        "{}: the download ended before the probe did (raise its size)",
+                        pairing.what
+                    ));
+                }
+                if got.errors > 0 {
+                    notes.push(format!("{}: {} probe errors", pairing.what, got.errors));
+                }
+                let p99 = us(got.p99);
+                let idle = idle_p99[usize::from(pairing.tunnel_probe)];
+                Samples::push_all(
+                    samples.each_mut(),
+                    [p99, p99 / idle, got.seconds, got.bulk_mbps, us(got.max)],
+                );
+                p99s.push(p99);
+            }
+            tunnel_over_direct.push(p99s[0] / p99s[1]);
+        }
+        // Rows: direct probe | tunnel probe, each "idle p99 -> busy p99" (medians); the
+        // ratio column is the median of each round's busy/idle.
+        let pair = |tunnel: usize, direct: usize| {
+            let shift = |probe: usize, busy: &[Samples; 5]| {
+                format!("{:.0}->{:.0}", idle[probe].median(), busy[0].median())
+            };
+            let (d, t) = (&busy[direct], &busy[tunnel]);
+            (
+                shift(0, d),
+                shift(1, t),
+                format!("{:.1}x/{:.1}x", d[1].median(), t[1].median()),
+                format!("{}x/{}x", d[1].spread(1), t[1].spread(1)),
+            )
+        };
+        for (label, tunnel, direct, target) in [
+            ("B3 p99 us idle->busy, tunnel bulk", 0, 1, "<= 3x"),
+            ("B3 p99 us idle->busy, slow reader", 4, 5, "<= 3x"),
+            ("B3 p99 us idle->busy, direct bulk", 3, 2, ""),
+        ] {
+            let (d, t, ratio, spread) = pair(tunnel, direct);
+            row(label, &d, &t, &ratio, target);
+            println!(
+                "{:<36} spread of busy/idle over {rounds} rounds: direct probe {spread}",
+                ""
+            );
+        }
         row(
             "B3 tunnel probe p99 / direct probe p99",
             "",
             "",
-            &format!("{:.1}x", us(t_t.p99) / us(d_t.p99)),
+            &format!("{:.1}x", tunnel_over_direct.median()),
             "(same tunnel bulk)",
         );
-        row(
-            "B3 p99 us idle->busy, slow reader",
-            &shift(idle_direct, d_slow.p99),
-            &shift(idle_tunnel, t_slow.p99),
-            &format!(
-                "{}/{}",
-                times(idle_direct, d_slow.p99),
-                times(idle_tunnel, t_slow.p99)
-            ),
-            "<= 3x",
-        );
-        row(
-            "B3 p99 us idle->busy, direct bulk",
-            &shift(idle_direct, d_d.p99),
-            &shift(idle_tunnel, t_d.p99),
-            &format!(
-                "{}/{}",
-                times(idle_direct, d_d.p99),
-                times(idle_tunnel, t_d.p99)
-            ),
-            "",
-        );
-        for (what, probe) in [
-            ("tunnel probe, tunnel bulk", &t_t),
-            ("direct probe, tunnel bulk", &d_t),
-            ("tunnel probe, slow reader", &t_slow),
-            ("direct probe, slow reader", &d_slow),
-            ("direct probe, direct bulk", &d_d),
-            ("tunnel probe, direct bulk", &t_d),
-        ] {
-            if probe.download_ended_first {
-                println!(
-                    "{:<36} {what}: the download ended before the probe did (raise its size)",
-                    ""
-                );
-            }
+        for note in notes {
+            println!("{:<36} {note}", "");
         }
-        self.results.insert(
-            "B3".into(),
-            json!({
-                "probe_requests": n,
-                "download_bytes": size,
-                "idle_p99_us": {"direct": us(idle_direct), "tunnel": us(idle_tunnel)},
-                "tunnel_probe_tunnel_bulk": t_t.to_json(),
-                "direct_probe_tunnel_bulk": d_t.to_json(),
-                "slow_reader_bytes_per_second": SLOW_READER_RATE,
-                "slow_reader_probe_requests": slow_n,
-                "tunnel_probe_slow_reader": t_slow.to_json(),
-                "direct_probe_slow_reader": d_slow.to_json(),
-                "direct_probe_direct_bulk": d_d.to_json(),
-                "tunnel_probe_direct_bulk": t_d.to_json(),
-            }),
-        );
+        let mut b3 = json!({
+            "rounds": rounds,
+            "probe_requests": n,
+            "download_bytes": size,
+            "slow_reader_bytes_per_second": SLOW_READER_RATE,
+            "slow_reader_probe_requests": slow_n,
+            "idle_p99_us": {"direct": idle[0].to_json(), "tunnel": idle[1].to_json()},
+            "tunnel_over_direct_probe_p99": tunnel_over_direct.to_json(),
+        });
+        for (pairing, [p99, ratio, seconds, mbps, max]) in PAIRINGS.iter().zip(&busy) {
+            b3[pairing.key] = json!({
+                "p99_us": p99.to_json(), "p99_over_idle": ratio.to_json(), "max_us": max.to_json(),
+                "probe_seconds": seconds.to_json(), "bulk_mbps_meanwhile": mbps.to_json(),
+            });
+        }
+        self.results.insert("B3".into(), b3);
     }
 
-    /// Runs `n` requests to `probe`, one at a time, while a `size`-byte download runs
-    /// through the tunnel (`via_tunnel`) or directly from the stand-in.
+    /// Runs `n` requests to `probe`, one at a time, while a download of up to `size` bytes
+    /// runs through the tunnel (`via_tunnel`) or directly from the stand-in; the download
+    /// stops when the probe is done.
     fn probe_during_download(
         &self,
         via_tunnel: bool,
@@ -526,70 +586,63 @@ impl Bench {
         size: u64,
         pace: Option<u64>,
     ) -> Probe {
-        let marker = format!("size={size}");
-        let downloads = || {
-            self.member
-                .api
-                .calls()
-                .iter()
-                .filter(|c| c.path_and_query.contains(&marker))
-                .count()
+        let path = self.bulk_path(size);
+        let bulk = if via_tunnel {
+            self.tunnel_target(&format!("/clusters/bench{path}"))
+        } else {
+            self.direct_target(&path)
         };
-        let before = downloads();
-        let downloader = {
-            let (client, path, token) = if via_tunnel {
-                (
-                    Https::frontend(&self.server),
-                    format!("/clusters/bench/debug/bytes?{marker}"),
-                    self.user.clone(),
-                )
-            } else {
-                (
-                    Https::with_ca(self.member.api.ca_pem(), self.member.api.addr()),
-                    format!("/debug/bytes?{marker}"),
-                    self.member.api.token().to_owned(),
-                )
-            };
-            std::thread::spawn(move || client.download_paced(&path, &token, pace))
-        };
-        tower_e2e::wait_for(
-            "the bulk download to reach the member",
-            Duration::from_secs(10),
-            || (downloads() > before).then_some(()),
-        );
+        let download = load::Download::start(&bulk, pace);
+        if let Err(e) = download.wait_started(Duration::from_secs(10)) {
+            panic!("the bulk download did not start: {e}");
+        }
+        let started = Instant::now();
         let mut during = self.rt.block_on(load::run(probe, 1, n, self.limit()));
-        let download_ended_first = downloader.is_finished();
-        let got = downloader.join().expect("the bulk download failed");
-        assert_eq!(got, size, "short bulk download");
+        let elapsed = started.elapsed();
+        let done = download
+            .finish()
+            .unwrap_or_else(|e| panic!("the bulk download failed: {e}"));
+        if done.ended_first {
+            assert_eq!(done.bytes, size, "short bulk download");
+        }
         Probe {
-            p50: during.percentile(0.5),
             p99: during.percentile(0.99),
-            requests: during.latencies.len(),
+            max: during.percentile(1.0),
             errors: during.errors,
-            download_ended_first,
+            seconds: elapsed.as_secs_f64(),
+            bulk_mbps: done.bytes as f64 / 1e6 / elapsed.as_secs_f64(),
+            download_ended_first: done.ended_first,
         }
     }
 
-    /// B7: CPU, from B1's and B2's runs (a dash for one that did not run).
-    fn b7(&mut self, small: Option<[f64; 2]>, bulk: Option<[f64; 2]>) {
-        let small = small.map(|c| c.map(|s| s * 1e6));
-        let show = |v: Option<[f64; 2]>, i: usize, unit: &str, digits: usize| {
-            v.map_or("-".into(), |v| format!("{:.*} {unit}", digits, v[i]))
+    /// B7: CPU, from B1's and B2's rounds (a dash for one that did not run): medians,
+    /// spreads in brackets.
+    fn b7(&mut self, small: Option<[Samples; 2]>, bulk: Option<[Samples; 2]>) {
+        let small = small.map(|c| c.map(|s| s.scaled(1e6)));
+        let show = |v: &Option<[Samples; 2]>, i: usize, unit: &str, digits: usize| {
+            v.as_ref().map_or("-".into(), |v| {
+                format!(
+                    "{:.*} {unit} [{}]",
+                    digits,
+                    v[i].median(),
+                    v[i].spread(digits)
+                )
+            })
         };
         println!(
             "{:<36} server {}, {}; agent {}, {}",
             "B7 CPU",
-            show(small, 0, "us/request", 1),
-            show(bulk, 0, "s/GiB", 2),
-            show(small, 1, "us/request", 1),
-            show(bulk, 1, "s/GiB", 2),
+            show(&small, 0, "us/request", 1),
+            show(&bulk, 0, "s/GiB", 2),
+            show(&small, 1, "us/request", 1),
+            show(&bulk, 1, "s/GiB", 2),
         );
-        let at = |v: Option<[f64; 2]>, i: usize| v.map(|v| v[i]);
+        let at = |v: &Option<[Samples; 2]>, i: usize| v.as_ref().map(|v| v[i].to_json());
         self.results.insert(
             "B7".into(),
             json!({
-                "server_us_per_request": at(small, 0), "agent_us_per_request": at(small, 1),
-                "server_s_per_gib": at(bulk, 0), "agent_s_per_gib": at(bulk, 1),
+                "server_us_per_request": at(&small, 0), "agent_us_per_request": at(&small, 1),
+                "server_s_per_gib": at(&bulk, 0), "agent_s_per_gib": at(&bulk, 1),
             }),
         );
     }
@@ -636,38 +689,85 @@ impl Bench {
 /// How fast B3's slow reader reads its download (bytes per second).
 const SLOW_READER_RATE: u64 = 16 << 20;
 
+/// One B3 pairing: which probe, during which download.
+struct Pairing {
+    key: &'static str,
+    what: &'static str,
+    tunnel_probe: bool,
+    tunnel_bulk: bool,
+    /// The bulk's reader takes [`SLOW_READER_RATE`]: the tunnel carries it at a fraction
+    /// of the CPU, held back by flow control (what stalls a Konnectivity tunnel).
+    slow: bool,
+}
+
+/// B3's pairings. The first two come first: the table's "tunnel over direct" row divides
+/// the first's p99 by the second's.
+const PAIRINGS: [Pairing; 6] = [
+    // Head-of-line blocking in the tunnel and CPU contention.
+    Pairing {
+        key: "tunnel_probe_tunnel_bulk",
+        what: "tunnel probe, tunnel bulk",
+        tunnel_probe: true,
+        tunnel_bulk: true,
+        slow: false,
+    },
+    // The same contention, but nothing of the probe's path is shared with the bulk.
+    Pairing {
+        key: "direct_probe_tunnel_bulk",
+        what: "direct probe, tunnel bulk",
+        tunnel_probe: false,
+        tunnel_bulk: true,
+        slow: false,
+    },
+    // No tunnel anywhere.
+    Pairing {
+        key: "direct_probe_direct_bulk",
+        what: "direct probe, direct bulk",
+        tunnel_probe: false,
+        tunnel_bulk: false,
+        slow: false,
+    },
+    // Contention, but no shared tunnel.
+    Pairing {
+        key: "tunnel_probe_direct_bulk",
+        what: "tunnel probe, direct bulk",
+        tunnel_probe: true,
+        tunnel_bulk: false,
+        slow: false,
+    },
+    // Flow control, little CPU.
+    Pairing {
+        key: "tunnel_probe_slow_reader",
+        what: "tunnel probe, slow reader",
+        tunnel_probe: true,
+        tunnel_bulk: true,
+        slow: true,
+    },
+    // What the slow bulk's CPU does to a request that does not cross the tunnel.
+    Pairing {
+        key: "direct_probe_slow_reader",
+        what: "direct probe, slow reader",
+        tunnel_probe: false,
+        tunnel_bulk: true,
+        slow: true,
+    },
+];
+
 /// What a B3 probe measured.
 struct Probe {
-    p50: Duration,
     p99: Duration,
-    requests: usize,
+    max: Duration,
     errors: usize,
+    /// How long the probe took.
+    seconds: f64,
+    /// The download's bytes over the probe's time (MB/s).
+    bulk_mbps: f64,
     download_ended_first: bool,
 }
 
-impl Probe {
-    fn to_json(&self) -> Value {
-        json!({
-            "p50_us": us(self.p50), "p99_us": us(self.p99), "requests": self.requests,
-            "errors": self.errors, "download_ended_first": self.download_ended_first,
-        })
-    }
-}
-
 /// Prints a table row.
-fn row(name: &str, direct: &str, tunnel: &str, ratio: &str, target: &str) {
+pub(crate) fn row(name: &str, direct: &str, tunnel: &str, ratio: &str, target: &str) {
     println!("{name:<36} {direct:>16} {tunnel:>16} {ratio:>8}   {target}");
-}
-
-/// Prints a table row of numbers.
-fn row_f(name: &str, direct: f64, tunnel: f64, ratio: f64, target: &str) {
-    row(
-        name,
-        &format!("{direct:.1}"),
-        &format!("{tunnel:.1}"),
-        &format!("{ratio:.2}"),
-        target,
-    );
 }
 
 fn us(d: Duration) -> f64 {
@@ -676,7 +776,7 @@ fn us(d: Duration) -> f64 {
 
 /// CPU seconds per unit of work, for each process.
 fn cpu_per(after: [Duration; 2], before: [Duration; 2], units: f64) -> [f64; 2] {
-    [0, 1].map(|i| (after[i] - before[i]).as_secs_f64() / units.max(1.0))
+    [0, 1].map(|i| (after[i] - before[i]).as_secs_f64() / units)
 }
 
 fn mbps(size: u64, download: impl FnOnce() -> u64) -> f64 {
@@ -686,15 +786,26 @@ fn mbps(size: u64, download: impl FnOnce() -> u64) -> f64 {
     size as f64 / 1e6 / started.elapsed().as_secs_f64()
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(0.0, f64::max)
+/// Prints a row of medians over rounds ([direct, tunnel, ratio]), then their spreads.
+pub(crate) fn row_s(
+    name: &str,
+    [direct, tunnel, ratio]: [&Samples; 3],
+    digits: usize,
+    target: &str,
+) {
+    row(
+        name,
+        &format!("{:.*}", digits, direct.median()),
+        &format!("{:.*}", digits, tunnel.median()),
+        &format!("{:.2}", ratio.median()),
+        target,
+    );
+    println!(
+        "{:<36} spread over {} rounds: direct {}, tunnel {}, ratio {}",
+        "",
+        direct.len(),
+        direct.spread(digits),
+        tunnel.spread(digits),
+        ratio.spread(2)
+    );
 }

@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tower_e2e::{Process, Server, TempDir, bin_path};
 
 use crate::load::{Target, cpu_time, percentile};
+use crate::stats::Samples;
 
 /// Objects whose events the watchers time are named this, then a number.
 const EVENT_PREFIX: &[u8] = b"bench-event-";
@@ -136,12 +137,14 @@ impl Side {
     }
 }
 
-/// Runs B4 for each N in `sizes` (direct, then through the tunnel), `events` events per
-/// side; prints the rows and returns the JSON.
+/// Runs B4 for each (protocol, N) in `runs`, `rounds` times (each round: directly, then
+/// through a fresh tower-server + tower-agent), `events` events per side; prints the rows
+/// (medians over the rounds, and spreads) and returns the JSON.
 pub(crate) fn b4(
     rt: &Runtime,
     user: &str,
     runs: &[(Protocol, usize)],
+    rounds: usize,
     events: usize,
     open_limit: Duration,
 ) -> Value {
@@ -150,139 +153,188 @@ pub(crate) fn b4(
         |path: &str| Target::new(&upstream.ca_pem, upstream.addr, path.into(), UPSTREAM_TOKEN);
     let mut out = serde_json::Map::new();
     for &(protocol, n) in runs {
-        let files_before = upstream.open_files();
-        let direct = measure(
-            rt,
-            &upstream,
-            (protocol, n),
-            events,
-            open_limit,
-            &direct_target,
-            &[&upstream.process],
-        );
-        upstream.wait_released(files_before);
+        let (mut direct, mut tunnel) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let files_before = upstream.open_files();
+            direct.push(measure(
+                rt,
+                &upstream,
+                (protocol, n),
+                events,
+                open_limit,
+                &direct_target,
+                &[&upstream.process],
+            ));
+            upstream.wait_released(files_before);
 
-        let server = crate::tower_server().start();
-        let cluster = format!("watch-{n}");
-        let agent = upstream.agent(&server, &cluster);
-        let tunnel_target = |path: &str| {
-            Target::new(
-                &server.ca_pem,
-                server.frontend,
-                format!("/clusters/{cluster}{path}"),
-                user,
-            )
-        };
-        // Warm both processes up (first connections, pools, TLS state) with one watch
-        // and one event, so that their idle RSS is not their start-up RSS.
-        measure(
-            rt,
-            &upstream,
-            (protocol, 1),
-            1,
-            open_limit,
-            &tunnel_target,
-            &[],
-        );
-        let tunnel = measure(
-            rt,
-            &upstream,
-            (protocol, n),
-            events,
-            open_limit,
-            &tunnel_target,
-            &[&server.process, &agent.process],
-        );
-        // The agent keeps its connections to the stand-in pooled until it exits.
-        drop(agent);
-        drop(server);
-        upstream.wait_released(files_before);
+            let server = crate::tower_server().start();
+            let cluster = format!("watch-{n}");
+            let agent = upstream.agent(&server, &cluster);
+            let tunnel_target = |path: &str| {
+                Target::new(
+                    &server.ca_pem,
+                    server.frontend,
+                    format!("/clusters/{cluster}{path}"),
+                    user,
+                )
+            };
+            // Warm both processes up (first connections, pools, TLS state) with one
+            // watch and one event, so that their idle RSS is not their start-up RSS.
+            measure(
+                rt,
+                &upstream,
+                (protocol, 1),
+                1,
+                open_limit,
+                &tunnel_target,
+                &[],
+            );
+            tunnel.push(measure(
+                rt,
+                &upstream,
+                (protocol, n),
+                events,
+                open_limit,
+                &tunnel_target,
+                &[&server.process, &agent.process],
+            ));
+            // The agent keeps its connections to the stand-in pooled until it exits.
+            drop(agent);
+            drop(server);
+            upstream.wait_released(files_before);
+        }
 
         print_rows(protocol, n, &direct, &tunnel);
         let key = match protocol {
             Protocol::Http1 => n.to_string(),
             Protocol::Http2 => format!("{n} http2"),
         };
+        let sides = |sides: &[Side], names: &[&str]| {
+            json!({
+                "open_all_s": over(sides, |s| s.open_time.as_secs_f64()).to_json(),
+                "event_p99_ms": over(sides, |s| ms(s.event_stats()[1])).to_json(),
+                "kib_per_watch": names.iter().enumerate().map(|(i, name)| {
+                    (name.to_string(), over(sides, |s| s.kib_per_watch()[i]).to_json())
+                }).collect::<serde_json::Map<_, _>>(),
+                "rounds": sides.iter().map(|s| s.to_json(names)).collect::<Vec<_>>(),
+            })
+        };
         out.insert(
             key,
             json!({
-                "direct": direct.to_json(&["stand_in"]),
-                "tunnel": tunnel.to_json(&["server", "agent"]),
+                "direct": sides(&direct, &["stand_in"]),
+                "tunnel": sides(&tunnel, &["server", "agent"]),
             }),
         );
     }
     Value::Object(out)
 }
 
-fn print_rows(protocol: Protocol, n: usize, direct: &Side, tunnel: &Side) {
+/// One figure of each round's side.
+fn over(sides: &[Side], figure: impl Fn(&Side) -> f64) -> Samples {
+    sides.iter().map(figure).collect()
+}
+
+/// One figure of each round's tunnel side over the same round's direct side.
+fn ratios(direct: &[Side], tunnel: &[Side], figure: impl Fn(&Side) -> f64) -> Samples {
+    direct
+        .iter()
+        .zip(tunnel)
+        .map(|(d, t)| figure(t) / figure(d))
+        .collect()
+}
+
+fn print_rows(protocol: Protocol, n: usize, direct: &[Side], tunnel: &[Side]) {
     let h2 = if protocol == Protocol::Http2 {
         " h2"
     } else {
         ""
     };
     let label = |what: &str| format!("B4 N={n}{h2} {what}");
-    crate::row(
+    let rounds = direct.len();
+    let open = |s: &Side| s.open_time.as_secs_f64();
+    crate::row_s(
         &label("open all (s)"),
-        &format!("{:.2}", direct.open_time.as_secs_f64()),
-        &format!("{:.2}", tunnel.open_time.as_secs_f64()),
-        &ratio(tunnel.open_time, direct.open_time),
+        [
+            &over(direct, open),
+            &over(tunnel, open),
+            &ratios(direct, tunnel, open),
+        ],
+        2,
         if n >= 10_000 && protocol == Protocol::Http1 {
             "< 10 s"
         } else {
             ""
         },
     );
-    let (d, t) = (direct.event_stats(), tunnel.event_stats());
-    let stats = |s: [Duration; 3]| format!("{:.1}/{:.1}/{:.1}", ms(s[0]), ms(s[1]), ms(s[2]));
+    let event = |q: usize| move |s: &Side| ms(s.event_stats()[q]);
+    let stats = |sides: &[Side]| {
+        let [p50, p99, max] = [0, 1, 2].map(|q| over(sides, event(q)).median());
+        format!("{p50:.1}/{p99:.1}/{max:.1}")
+    };
     crate::row(
         &label("event p50/p99/max ms"),
-        &stats(d),
-        &stats(t),
-        &ratio(t[1], d[1]),
+        &stats(direct),
+        &stats(tunnel),
+        &format!("{:.2}", ratios(direct, tunnel, event(1)).median()),
         "",
     );
-    let per = match tunnel.kib_per_watch()[..] {
-        [s, a] => format!("srv {s:.1} agt {a:.1}"),
-        _ => "-".into(),
-    };
-    let stand_in = direct
-        .kib_per_watch()
-        .first()
-        .map_or("-".into(), |k| format!("stand-in {k:.1}"));
-    crate::row(&label("KiB per watch"), &stand_in, &per, "", "<= 8 each");
-    let secs = |v: &[f64]| {
-        v.iter()
-            .map(|s| format!("{s:.1}"))
+    println!(
+        "{:<36} spread of p99 over {rounds} rounds: direct {}, tunnel {}",
+        "",
+        over(direct, event(1)).spread(1),
+        over(tunnel, event(1)).spread(1),
+    );
+    let per_watch = |sides: &[Side], i: usize| over(sides, |s| s.kib_per_watch()[i]);
+    let (server, agent, stand_in) = (
+        per_watch(tunnel, 0),
+        per_watch(tunnel, 1),
+        per_watch(direct, 0),
+    );
+    crate::row(
+        &label("KiB per watch"),
+        &format!("stand-in {:.1}", stand_in.median()),
+        &format!("srv {:.1} agt {:.1}", server.median(), agent.median()),
+        "",
+        "<= 8 each",
+    );
+    println!(
+        "{:<36} spread over {rounds} rounds: stand-in {}, server {}, agent {}",
+        "",
+        stand_in.spread(1),
+        server.spread(1),
+        agent.spread(1),
+    );
+    let cpu = |sides: &[Side]| {
+        let processes = sides.first().map_or(0, |s| s.cpu[0].len());
+        (0..processes)
+            .map(|i| format!("{:.1}", over(sides, |s| s.cpu[0][i]).median()))
             .collect::<Vec<_>>()
             .join("/")
     };
     println!(
-        "{:<36} CPU s to open: direct stand-in/bench {}; tunnel server/agent/bench {}",
+        "{:<36} CPU s to open (median): direct stand-in/bench {}; tunnel server/agent/bench {}",
         "",
-        secs(&direct.cpu[0]),
-        secs(&tunnel.cpu[0]),
+        cpu(direct),
+        cpu(tunnel),
     );
-    for (side, s) in [("direct", direct), ("tunnel", tunnel)] {
-        if s.opened < n || s.missed > 0 {
-            println!(
-                "{:<36} {side}: opened {} of {n} ({} failed{}), {} deliveries missed",
-                "",
-                s.opened,
-                s.failed,
-                s.first_error
-                    .as_deref()
-                    .map_or(String::new(), |e| format!(", first: {e}")),
-                s.missed,
-            );
+    for (side, sides) in [("direct", direct), ("tunnel", tunnel)] {
+        for (round, s) in sides.iter().enumerate() {
+            if s.opened < n || s.missed > 0 {
+                println!(
+                    "{:<36} {side}, round {}: opened {} of {n} ({} failed{}), {} deliveries missed",
+                    "",
+                    round + 1,
+                    s.opened,
+                    s.failed,
+                    s.first_error
+                        .as_deref()
+                        .map_or(String::new(), |e| format!(", first: {e}")),
+                    s.missed,
+                );
+            }
         }
     }
-}
-
-fn ratio(a: Duration, b: Duration) -> String {
-    if b.is_zero() {
-        return "-".into();
-    }
-    format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
 }
 
 fn ms(d: Duration) -> f64 {

@@ -1,7 +1,8 @@
 #!/bin/bash
-# B2's reference point: what relays cost on this machine with no Tower code at all.
+# B1's and B2's reference point: what relays cost on this machine with no Tower code.
 #
-# Measures small-request latency (c=1) and throughput (c=64) with wrk against the
+# Measures small-request latency (c=1) and throughput (c=64) with wrk, and one 1 GiB
+# download with curl, against the
 # stand-in directly, through one haproxy hop, and through two chained hops, every leg
 # over TLS and haproxy in HTTP mode with keep-alive to its upstream: the topology of
 # caller -> tower-server -> tower-agent -> kube-apiserver, done by a mature C proxy.
@@ -80,12 +81,16 @@ haproxy -f "$D/tcp.cfg" -D -p "$D/tcp.pid"
 sleep 0.5
 run() {
   local name=$1 addr=$2 token=${3:-T}
-  local one many
+  local one many bulk
   one=$(wrk -t1 -c1 -d5s --latency -H "Authorization: Bearer $token" "https://$addr/version")
   many=$(wrk -t2 -c64 -d5s -H "Authorization: Bearer $token" "https://$addr/version")
-  printf '%-34s c=1 p50 %8s  p99 %8s   c=64 %10s req/s\n' "$name" \
+  # One 1 GiB download (B1's size; curl discards the bytes, so the client is cheaper
+  # than tower-bench's, which checks them).
+  bulk=$(curl -sfk -o /dev/null -w '%{speed_download}' -H "Authorization: Bearer $token" \
+    "https://$addr/debug/bytes?size=1073741824")
+  printf '%-34s c=1 p50 %8s  p99 %8s   c=64 %10s req/s   bulk %5.0f MB/s\n' "$name" \
     "$(awk '$1=="50%"{print $2}' <<<"$one")" "$(awk '$1=="99%"{print $2}' <<<"$one")" \
-    "$(awk '/Requests\/sec/{print $2}' <<<"$many")"
+    "$(awk '/Requests\/sec/{print $2}' <<<"$many")" "$(awk -v b="$bulk" 'BEGIN{print b/1e6}')"
 }
 run "direct" "$UP"
 run "haproxy TCP relay (1 hop)" "127.0.0.1:$P3"

@@ -1,7 +1,9 @@
-//! The upstream of B1–B3, B6 and B7: nginx from the Debian packages, over TLS, serving
+//! The upstream of B1, B2, B6 and B7: nginx from the Debian packages, over TLS, serving
 //! what the stand-in serves for those scenarios under the same paths: `/version` (the
 //! same JSON) and `/debug/bytes?size=N` (N bytes of the stand-in's pattern, from a file
-//! written before first use). B4's watches need an API server, so B4 keeps the stand-in.
+//! written before first use). B4's watches need an API server, so B4 keeps the stand-in;
+//! so does B3 (an nginx worker starves its other connections while it serves a fast
+//! reader, see `Bench::b3`).
 //!
 //! nginx cannot be told to listen on port 0, so the bench binds port 0 itself and hands
 //! the listening socket over the way nginx's own binary upgrade does: the descriptor is

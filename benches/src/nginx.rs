@@ -184,7 +184,9 @@ impl Drop for Nginx {
 
 /// nginx's configuration: Debian's defaults where they do not hurt a benchmark
 /// (`worker_processes auto`), keep-alive without a request limit (the default closes a
-/// connection after 1,000 requests, which a load generator counts as an error).
+/// connection after 1,000 requests, which a load generator counts as an error), and
+/// `sendfile_max_chunk` below its 2 MiB default, meant to keep a worker from writing to
+/// one fast reader for long (it does not stop the starvation `Bench::b3` describes).
 fn config_text(dir: &Path, addr: SocketAddr, pki: &OperatorPki) -> String {
     let flags = pki.flags();
     let (cert, key) = (flags[1], flags[3]);

@@ -174,10 +174,8 @@ fn exec_and_port_forward_upgrade_end_to_end() {
         "stdin of {} bytes round-trips",
         big.len()
     );
-    assert_eq!(
-        kubectl(&kc, &["exec", "web-0", "--", "whoami"]).success(),
-        "carol\n"
-    );
+    let whoami = kubectl(&kc, &["exec", "web-0", "--", "whoami"]);
+    assert_eq!(whoami.success(), "carol\n", "stderr: {}", whoami.stderr());
     let failed = kubectl(&kc, &["exec", "web-0", "--", "sh", "-c", "exit 3"]);
     assert_eq!(failed.code(), Some(3), "{}", failed.stderr());
     // Upgrades need HTTP/1.1 all the way.

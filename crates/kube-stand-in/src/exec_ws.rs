@@ -34,6 +34,18 @@ const CLOSE: u8 = 255;
 /// How long to wait for the client's close frame after sending ours.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
+/// How long the simulated process takes to start, as `runc exec` does in a real kubelet.
+/// client-go's WebSocket client starts reading as soon as the handshake is done but
+/// creates its streams a moment later, and it drops a message for a stream it has not
+/// created yet ("Unknown stream id N, discarding message"); without stdin it sends
+/// nothing the server could wait for. A command answering at once (`whoami`), whose
+/// first frames may reach kubectl in the same read as the 101, can so lose its stdout
+/// and its status, and kubectl then exits 0 with no output: the likely cause of one CI
+/// run where exactly that happened (not reproduced in 250 runs since; the test now
+/// prints kubectl's stderr, where client-go logs the drop). A real process is never
+/// that quick.
+const PROCESS_START: Duration = Duration::from_millis(100);
+
 /// The supported subprotocols, in order of preference.
 const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
 
@@ -199,10 +211,11 @@ async fn session(
         // The command and the writer run together: `cat` blocks on a full stdout channel
         // until the writer drains it.
         let run = async {
-            tokio::join!(
-                command::run_command(&command, &user, stdin_rx, stdout_tx, stderr_tx),
-                writer
-            )
+            let process = async {
+                tokio::time::sleep(PROCESS_START).await;
+                command::run_command(&command, &user, stdin_rx, stdout_tx, stderr_tx).await
+            };
+            tokio::join!(process, writer)
         };
         tokio::pin!(reader, run);
         let mut reader_done = false;

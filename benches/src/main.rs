@@ -304,8 +304,10 @@ impl Bench {
 
     /// `path` at the upstream, with its token.
     fn direct_target(&self, path: &str) -> Target {
-        let (_, addr, ca_pem, token) = self.upstream();
-        Target::new(ca_pem, addr, path.into(), token)
+        match &self.nginx {
+            Some(n) => Target::new(&n.ca_pem, n.addr, path.into(), n.token()),
+            None => self.stand_in_target(path),
+        }
     }
 
     /// The path of a `size`-byte bulk download (at the upstream; through the tunnel, the
@@ -510,12 +512,9 @@ impl Bench {
             self.tunnel_target(&format!("/clusters/{}/version", self.stand_in_cluster()));
         let limit = self.limit();
         self.rt.block_on(load::run(&small_tunnel, 1, 200, limit)); // warm the pools
-        // Per probe (direct, tunnel): its idle p99; per pairing: p99 and p99 / idle p99.
+        // Per probe (direct, tunnel): its idle p99.
         let mut idle: [Samples; 2] = Default::default();
-        // (and the probe's seconds, and the bulk's MB/s meanwhile).
-        let mut busy: Vec<[Samples; 5]> = vec![Default::default(); PAIRINGS.len()];
-        // Per round: the tunnel probe's p99 over the direct probe's, same tunnel bulk.
-        let mut tunnel_over_direct = Samples::default();
+        let mut busy: Vec<Busy> = PAIRINGS.iter().map(|_| Busy::default()).collect();
         let mut notes = Vec::new();
         for _ in 0..rounds {
             let idle_p99 = [&small_direct, &small_tunnel].map(|probe| {
@@ -525,8 +524,7 @@ impl Bench {
                     .percentile(0.99))
             });
             Samples::push_all(idle.each_mut(), idle_p99);
-            let mut p99s = Vec::new();
-            for (pairing, samples) in PAIRINGS.iter().zip(&mut busy) {
+            for (pairing, busy) in PAIRINGS.iter().zip(&mut busy) {
                 let probe = if pairing.tunnel_probe {
                     &small_tunnel
                 } else {
@@ -549,36 +547,46 @@ impl Bench {
                     notes.push(format!("{}: {} probe errors", pairing.what, got.errors));
                 }
                 let p99 = us(got.p99);
-                let idle = idle_p99[usize::from(pairing.tunnel_probe)];
-                Samples::push_all(
-                    samples.each_mut(),
-                    [p99, p99 / idle, got.seconds, got.bulk_mbps, us(got.max)],
-                );
-                p99s.push(p99);
+                busy.p99.push(p99);
+                busy.over_idle
+                    .push(p99 / idle_p99[usize::from(pairing.tunnel_probe)]);
+                busy.max.push(us(got.max));
+                busy.seconds.push(got.seconds);
+                busy.bulk_mbps.push(got.bulk_mbps);
             }
-            tunnel_over_direct.push(p99s[0] / p99s[1]);
         }
+        let of = |key: &str| {
+            let i = PAIRINGS.iter().position(|p| p.key == key);
+            &busy[i.expect("a pairing of PAIRINGS")]
+        };
+        // Per round: the tunnel probe's p99 over the direct probe's, same tunnel bulk.
+        let (t_t, d_t) = (
+            of("tunnel_probe_tunnel_bulk"),
+            of("direct_probe_tunnel_bulk"),
+        );
+        let tunnel_over_direct: Samples = t_t
+            .p99
+            .iter()
+            .zip(d_t.p99.iter())
+            .map(|(t, d)| t / d)
+            .collect();
         // Rows: direct probe | tunnel probe, each "idle p99 -> busy p99" (medians); the
         // ratio column is the median of each round's busy/idle.
-        let pair = |tunnel: usize, direct: usize| {
-            let shift = |probe: usize, busy: &[Samples; 5]| {
-                format!("{:.0}->{:.0}", idle[probe].median(), busy[0].median())
-            };
-            let (d, t) = (&busy[direct], &busy[tunnel]);
-            (
-                shift(0, d),
-                shift(1, t),
-                format!("{:.1}x/{:.1}x", d[1].median(), t[1].median()),
-                format!("{}x/{}x", d[1].spread(1), t[1].spread(1)),
-            )
-        };
-        for (label, tunnel, direct, target) in [
-            ("B3 p99 us idle->busy, tunnel bulk", 0, 1, "<= 3x"),
-            ("B3 p99 us idle->busy, slow reader", 4, 5, "<= 3x"),
-            ("B3 p99 us idle->busy, direct bulk", 3, 2, ""),
+        for (label, bulk, target) in [
+            ("B3 p99 us idle->busy, tunnel bulk", "tunnel_bulk", "<= 3x"),
+            ("B3 p99 us idle->busy, slow reader", "slow_reader", "<= 3x"),
+            ("B3 p99 us idle->busy, direct bulk", "direct_bulk", ""),
         ] {
-            let (d, t, ratio, spread) = pair(tunnel, direct);
-            row(label, &d, &t, &ratio, target);
+            let (d, t) = (
+                of(&format!("direct_probe_{bulk}")),
+                of(&format!("tunnel_probe_{bulk}")),
+            );
+            let shift = |probe: usize, busy: &Busy| {
+                format!("{:.0}->{:.0}", idle[probe].median(), busy.p99.median())
+            };
+            let ratio = format!("{:.1}x/{:.1}x", d.over_idle.median(), t.over_idle.median());
+            let spread = format!("{}x/{}x", d.over_idle.spread(1), t.over_idle.spread(1));
+            row(label, &shift(0, d), &shift(1, t), &ratio, target);
             println!(
                 "{:<36} spread of busy/idle over {rounds} rounds: direct probe {spread}",
                 ""
@@ -603,10 +611,11 @@ impl Bench {
             "idle_p99_us": {"direct": idle[0].to_json(), "tunnel": idle[1].to_json()},
             "tunnel_over_direct_probe_p99": tunnel_over_direct.to_json(),
         });
-        for (pairing, [p99, ratio, seconds, mbps, max]) in PAIRINGS.iter().zip(&busy) {
+        for (pairing, busy) in PAIRINGS.iter().zip(&busy) {
             b3[pairing.key] = json!({
-                "p99_us": p99.to_json(), "p99_over_idle": ratio.to_json(), "max_us": max.to_json(),
-                "probe_seconds": seconds.to_json(), "bulk_mbps_meanwhile": mbps.to_json(),
+                "p99_us": busy.p99.to_json(), "p99_over_idle": busy.over_idle.to_json(),
+                "max_us": busy.max.to_json(), "probe_seconds": busy.seconds.to_json(),
+                "bulk_mbps_meanwhile": busy.bulk_mbps.to_json(),
             });
         }
         self.results.insert("B3".into(), b3);
@@ -740,8 +749,7 @@ struct Pairing {
     slow: bool,
 }
 
-/// B3's pairings. The first two come first: the table's "tunnel over direct" row divides
-/// the first's p99 by the second's.
+/// B3's pairings; the table finds them by `key`.
 const PAIRINGS: [Pairing; 6] = [
     // Head-of-line blocking in the tunnel and CPU contention.
     Pairing {
@@ -792,6 +800,19 @@ const PAIRINGS: [Pairing; 6] = [
         slow: true,
     },
 ];
+
+/// What B3 measured of one pairing, a value per round.
+#[derive(Default)]
+struct Busy {
+    p99: Samples,
+    /// The p99 over the same probe's idle p99 in the same round.
+    over_idle: Samples,
+    max: Samples,
+    /// How long the probe took (seconds).
+    seconds: Samples,
+    /// The download's MB/s over the probe's time.
+    bulk_mbps: Samples,
+}
 
 /// What a B3 probe measured.
 struct Probe {

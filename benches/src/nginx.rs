@@ -132,16 +132,14 @@ impl Nginx {
             return;
         }
         let write = || -> std::io::Result<()> {
-            // 4,096 whole periods of the pattern, so that every chunk starts at its start.
-            let chunk: Vec<u8> = (0..251 * 4096).map(|i| (i % 251) as u8).collect();
-            let mut file = std::fs::File::create(&path)?;
-            let mut left = size;
-            while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
-                file.write_all(&chunk[..n])?;
-                left -= n as u64;
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+            let mut written = 0;
+            while written < size {
+                let n = (size - written).min(64 * 1024) as usize;
+                file.write_all(tower_e2e::pattern_slice(written, n))?;
+                written += n as u64;
             }
-            Ok(())
+            file.flush()
         };
         if let Err(e) = write() {
             panic!("writing {}: {e}", path.display());

@@ -18,6 +18,11 @@ impl Samples {
         }
     }
 
+    /// Its values, in the order pushed.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = f64> + '_ {
+        self.0.iter().copied()
+    }
+
     /// How many rounds it holds.
     pub(crate) fn len(&self) -> usize {
         self.0.len()

@@ -139,8 +139,8 @@ impl Side {
 
 /// Runs B4 for each (protocol, N) in `runs`, `rounds` times (each round: directly against
 /// a fresh stand-in, then through a fresh tower-server + tower-agent to it), `events`
-/// events per side; prints the rows
-/// (medians over the rounds, and spreads) and returns the JSON.
+/// events per side; prints the rows (medians over the rounds, and spreads) and returns
+/// the JSON.
 pub(crate) fn b4(
     rt: &Runtime,
     user: &str,
@@ -203,10 +203,6 @@ pub(crate) fn b4(
                 &tunnel_target,
                 &[&server.process, &agent.process],
             ));
-            // The agent keeps its connections to the stand-in pooled until it exits.
-            drop(agent);
-            drop(server);
-            upstream.wait_released(files_before);
         }
 
         print_rows(protocol, n, &direct, &tunnel);
@@ -465,7 +461,8 @@ impl Upstream {
     }
 
     /// Waits (at most [`DRAIN_LIMIT`]) until the stand-in holds no more descriptors than
-    /// `files`: the next run starts only once it has let go of the last one's connections.
+    /// `files`: a round's tunnel half starts only once it has let go of the direct half's
+    /// connections.
     fn wait_released(&self, files: usize) {
         let deadline = Instant::now() + DRAIN_LIMIT;
         while self.open_files() > files && Instant::now() < deadline {

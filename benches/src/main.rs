@@ -19,6 +19,8 @@
 //! B6's figure is its distribution over its restarts. Results also go to
 //! `target/bench-results.json`, every round's value included.
 
+#![forbid(unsafe_code)]
+
 mod agents;
 mod load;
 mod nginx;

@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 #![no_main]
 //! Any bytes as a control stream: decoding never panics or loops, partial messages
 //! consume nothing, and known messages round-trip.

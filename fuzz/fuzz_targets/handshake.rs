@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 #![no_main]
 //! The handshake's header parsing: arbitrary header values never panic, and a hello
 //! that parses re-renders to headers that parse to the same hello.

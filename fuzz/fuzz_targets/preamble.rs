@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 #![no_main]
 //! Any bytes: decoding never panics, a partial preamble consumes nothing, and whatever
 //! decodes re-encodes to the bytes it consumed.

@@ -12,6 +12,8 @@
 //!
 //! See `docs/protocol.md` for the picture.
 
+#![forbid(unsafe_code)]
+
 pub mod control;
 pub mod handshake;
 pub mod names;

@@ -12,6 +12,8 @@
 //! kubectl(&kc, &["get", "pods"]).success();
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -12,6 +12,8 @@
 //!
 //! Key types: [`Config`], [`upstream::Upstream`]; entry point [`run`].
 
+#![forbid(unsafe_code)]
+
 pub mod cli;
 mod http2;
 pub mod upstream;

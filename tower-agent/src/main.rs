@@ -1,6 +1,8 @@
 //! `tower-agent`: parse flags, build a validated [`tower_agent::Config`], run until
 //! SIGTERM. Exit codes: 0 ok, 2 bad usage or configuration, 1 runtime failure.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -8,6 +8,8 @@
 //!
 //! Key types: [`Config`], [`Listeners`], [`registry::Registry`], [`metrics::Metrics`].
 
+#![forbid(unsafe_code)]
+
 mod admin;
 mod agents;
 pub mod cli;

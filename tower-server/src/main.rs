@@ -1,6 +1,8 @@
 //! `tower-server`: parse flags, build a validated [`tower_server::Config`], run, drain on
 //! SIGTERM. Exit codes: 0 ok, 2 bad usage or configuration, 1 runtime failure.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -9,6 +9,8 @@
 //! [`Verifier`] checks both and refuses each kind of bad token with its own
 //! [`AuthError`]; [`Minter`] makes them (for `tower-server token` and tests).
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -24,6 +24,8 @@
 //!   [`StandIn::drop_connections`] cuts every open connection, and
 //!   [`StandIn::set_available`] refuses connections until it is turned back on.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -5,6 +5,8 @@
 //! ```
 //! prints `listening on https://127.0.0.1:PORT` on stdout once it serves.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -10,6 +10,8 @@
 //! * [`control`]: the control stream: keepalive pings with a pong deadline, drain.
 //! * [`stream`]: a yamux stream as tokio and hyper I/O, and its preamble.
 
+#![forbid(unsafe_code)]
+
 mod coalesce;
 pub mod control;
 pub mod dial;

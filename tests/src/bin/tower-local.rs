@@ -3,6 +3,8 @@
 //! or a stand-in member API server, and writes a kubeconfig that reaches that cluster
 //! through the tunnel. Then: `kubectl --kubeconfig <dir>/kubeconfig get pods -A`.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Duration;
 

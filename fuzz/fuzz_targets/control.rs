@@ -15,8 +15,13 @@ fuzz_target!(|data: &[u8]| {
             Ok(Some(message)) => {
                 assert!(view.len() < before);
                 let mut again = BytesMut::new();
-                message.encode(&mut again).expect("a decoded message encodes");
-                assert_eq!(ControlMessage::decode(&mut again).expect("re-decodes"), Some(message));
+                message
+                    .encode(&mut again)
+                    .expect("a decoded message encodes");
+                assert_eq!(
+                    ControlMessage::decode(&mut again).expect("re-decodes"),
+                    Some(message)
+                );
             }
             Ok(None) => {
                 assert_eq!(view.len(), before);

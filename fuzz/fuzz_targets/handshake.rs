@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(hello) = ServerHello::from_headers(lookup) {
         let headers = hello.headers();
         let again = ServerHello::from_headers(|name| {
-            headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+            headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
         });
         assert_eq!(again, Ok(hello));
     }

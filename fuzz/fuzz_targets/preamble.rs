@@ -12,10 +12,18 @@ fuzz_target!(|data: &[u8]| {
         Ok(Some(preamble)) => {
             let used = data.len() - view.len();
             let mut again = BytesMut::new();
-            preamble.encode(&mut again).expect("a decoded preamble encodes");
+            preamble
+                .encode(&mut again)
+                .expect("a decoded preamble encodes");
             let mut reread = &again[..];
-            assert_eq!(Preamble::decode(&mut reread).expect("re-decodes"), Some(preamble));
-            assert!(again.len() <= used, "unknown fields are dropped, nothing is added");
+            assert_eq!(
+                Preamble::decode(&mut reread).expect("re-decodes"),
+                Some(preamble)
+            );
+            assert!(
+                again.len() <= used,
+                "unknown fields are dropped, nothing is added"
+            );
         }
         Ok(None) => assert_eq!(view.len(), data.len()),
         Err(_) => {}

@@ -741,9 +741,15 @@ pub fn kubectl_command(kubeconfig: &Path) -> Command {
 
 /// Runs kubectl to completion with `stdin` as input.
 pub fn kubectl_with_input(kubeconfig: &Path, args: &[&str], stdin: &[u8]) -> Kubectl {
+    let mut command = kubectl_command(kubeconfig);
+    command.args(args);
+    run_with_input(command, stdin)
+}
+
+/// Runs a kubectl `command` (from [`kubectl_command`]) to completion with `stdin` as input.
+pub fn run_with_input(mut command: Command, stdin: &[u8]) -> Kubectl {
     use std::io::Write;
-    let mut child = kubectl_command(kubeconfig)
-        .args(args)
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -119,6 +119,11 @@ fn tunnel_handshake_refusals_are_plain_http() {
     assert_eq!(tunnel.get("/healthz", None).status, 200);
     let plain = tunnel.request("GET", "/v1/tunnel", Some(&good), &[]);
     assert_eq!(plain.status, 400, "{}", plain.body);
+    assert!(
+        plain.body.contains("Upgrade: tower-tunnel/1"),
+        "{}",
+        plain.body
+    );
     let version = tunnel.request(
         "GET",
         "/v1/tunnel",
@@ -130,17 +135,40 @@ fn tunnel_handshake_refusals_are_plain_http() {
         ],
     );
     assert_eq!(version.status, 426, "{}", version.body);
-    let missing = tunnel.request("GET", "/v1/tunnel", None, &upgrade);
-    assert_eq!(missing.status, 401, "{}", missing.body);
-    let user_as_agent = tunnel.request("GET", "/v1/tunnel", Some(&user), &upgrade);
-    assert_eq!(user_as_agent.status, 401);
     assert!(
-        user_as_agent
+        version
             .body
-            .contains("a user token cannot be used as an agent token"),
+            .contains("this server speaks tower-tunnel/1, not \"tower-tunnel/9\""),
         "{}",
-        user_as_agent.body
+        version.body
     );
+
+    // Each bad agent token is refused with 401 and its own reason.
+    let other_secret =
+        tower_auth::Minter::new(&tower_auth::Secret::new("not the shared secret").expect("secret"))
+            .agent_token("member-1", None);
+    let expired = minter.sign(&serde_json::json!({
+        "sub": "member-1", "aud": "tower-agent", "iat": 999_000_000u64, "exp": 1_000_000_000u64
+    }));
+    let none = forged(
+        r#"{"alg":"none","typ":"JWT"}"#,
+        r#"{"sub":"member-1","aud":"tower-agent"}"#,
+    );
+    for (token, message) in [
+        (None, "no bearer token"),
+        (Some("garbage"), "malformed token"),
+        (Some(other_secret.as_str()), "signature does not match"),
+        (Some(expired.as_str()), "token expired"),
+        (Some(none.as_str()), "alg: none"),
+        (
+            Some(user.as_str()),
+            "a user token cannot be used as an agent token",
+        ),
+    ] {
+        let reply = tunnel.request("GET", "/v1/tunnel", token, &upgrade);
+        assert_eq!(reply.status, 401, "{token:?}: {}", reply.body);
+        assert!(reply.body.contains(message), "{token:?}: {}", reply.body);
+    }
     let mismatch = tunnel.request(
         "GET",
         "/v1/tunnel",
@@ -267,6 +295,24 @@ fn slow_and_oversized_headers_are_cut_off_without_hurting_others() {
     );
     let text = String::from_utf8_lossy(&answer);
     assert!(text.is_empty() || text.contains("408"), "{text}");
+    // The same on the TLS listeners, the tunnel's and the frontend's: cut within the
+    // timeout, having sent nothing that could pass for an answer.
+    for (listener, addr) in [("tunnel", server.tunnel), ("frontend", server.frontend)] {
+        let started = std::time::Instant::now();
+        let answer = Https::to(&server, addr)
+            .stall(b"GET /v1/tunnel HTTP/1.1\r\nHost: x\r\n")
+            .unwrap_or_else(|e| panic!("{listener}: {e}"));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.is_empty() || text.contains("408"),
+            "{listener}: {text}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{listener} kept a stalled client for {:?} with a 1 s header timeout",
+            started.elapsed()
+        );
+    }
 
     let huge = "x".repeat(32 * 1024);
     let reply = https.request(
@@ -281,10 +327,13 @@ fn slow_and_oversized_headers_are_cut_off_without_hurting_others() {
         200
     );
     // Both limits are counted.
-    for reason in ["header_too_large", "header_read_timeout"] {
+    for (reason, at_least) in [("header_too_large", 1.0), ("header_read_timeout", 3.0)] {
         let name = format!("tower_requests_limited_total{{reason=\"{reason}\"}}");
         let counted = tower_e2e::metric_value(server.admin, &name);
-        assert!(counted.is_some_and(|n| n >= 1.0), "{name}: {counted:?}");
+        assert!(
+            counted.is_some_and(|n| n >= at_least),
+            "{name}: {counted:?}"
+        );
     }
 }
 

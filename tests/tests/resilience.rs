@@ -51,10 +51,21 @@ fn killing_the_agent_mid_watch_is_an_error_and_a_new_agent_serves_at_once() {
     });
 
     first.process.kill();
+    let killed = Instant::now();
     let raw = raw.join().expect("raw watch thread");
+    // The body must fail (a cut chunked stream), promptly: neither a clean end nor a
+    // hang until the client's own 30 s deadline.
+    match &raw {
+        Err(e) => assert!(
+            e.starts_with("body of a 200 response failed"),
+            "a watch cut by a dead agent must end in a body error: {e}"
+        ),
+        Ok(reply) => panic!("a watch cut by a dead agent looked complete: {reply:?}"),
+    }
     assert!(
-        raw.is_err(),
-        "a watch cut by a dead agent must not look complete: {raw:?}"
+        killed.elapsed() < Duration::from_secs(10),
+        "the cut reached the client only after {:?}",
+        killed.elapsed()
     );
     // kubectl itself treats any end of a watch as the end (it exits 0 even on an
     // unexpected EOF); what matters is that it ends instead of hanging.

@@ -81,6 +81,15 @@ fn killing_the_agent_mid_watch_is_an_error_and_a_new_agent_serves_at_once() {
         "{}",
         down.stderr()
     );
+    // With no clusters file (this server's registry is open), a name no agent ever
+    // used is the same to the server as one whose agent is away: 503, retry, not 404,
+    // which clients would take for "this cluster does not exist".
+    let never = Https::frontend(&server).get(
+        "/clusters/never-seen/api",
+        Some(&Server::minter().user_token("alice", &[], None)),
+    );
+    assert_eq!(never.status, 503, "{}", never.body);
+    assert!(never.body.contains("no agent connected"), "{}", never.body);
 
     let _second = agent(&server, &member, "member-1").connect(&server);
     assert!(

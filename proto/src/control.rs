@@ -281,7 +281,57 @@ mod tests {
         assert!(ControlMessage::decode(&mut &[SERVER_INFO, 0, 3, 0, 1, 0xff][..]).is_err());
     }
 
+    /// The bytes a fixed-size message must encode to: type, big-endian length, payload.
+    fn wire(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![kind];
+        bytes.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
     proptest! {
+        #[test]
+        fn ping_round_trips(nonce in any::<u64>()) {
+            let m = ControlMessage::Ping { nonce };
+            let mut buf = BytesMut::new();
+            m.encode(&mut buf).unwrap();
+            prop_assert_eq!(&buf[..], &wire(PING, &nonce.to_be_bytes())[..]);
+            round_trip(m);
+        }
+
+        #[test]
+        fn pong_round_trips(nonce in any::<u64>()) {
+            let m = ControlMessage::Pong { nonce };
+            let mut buf = BytesMut::new();
+            m.encode(&mut buf).unwrap();
+            prop_assert_eq!(&buf[..], &wire(PONG, &nonce.to_be_bytes())[..]);
+            round_trip(m);
+        }
+
+        #[test]
+        fn drain_round_trips(grace_ms in any::<u32>()) {
+            let m = ControlMessage::Drain { grace_ms };
+            let mut buf = BytesMut::new();
+            m.encode(&mut buf).unwrap();
+            prop_assert_eq!(&buf[..], &wire(DRAIN, &grace_ms.to_be_bytes())[..]);
+            round_trip(m);
+        }
+
+        #[test]
+        fn a_ping_is_never_read_as_a_pong(nonce in any::<u64>()) {
+            let mut buf = BytesMut::new();
+            ControlMessage::Ping { nonce }.encode(&mut buf).unwrap();
+            ControlMessage::Pong { nonce }.encode(&mut buf).unwrap();
+            ControlMessage::Drain { grace_ms: nonce as u32 }.encode(&mut buf).unwrap();
+            prop_assert_eq!(ControlMessage::decode(&mut buf).unwrap(), Some(ControlMessage::Ping { nonce }));
+            prop_assert_eq!(ControlMessage::decode(&mut buf).unwrap(), Some(ControlMessage::Pong { nonce }));
+            prop_assert_eq!(
+                ControlMessage::decode(&mut buf).unwrap(),
+                Some(ControlMessage::Drain { grace_ms: nonce as u32 })
+            );
+            prop_assert!(buf.is_empty());
+        }
+
         #[test]
         fn server_info_round_trips(id in ".{0,300}", count in any::<u16>()) {
             let m = ControlMessage::ServerInfo { server_id: id, server_count: count };

@@ -155,6 +155,7 @@ pub fn list(value: &str) -> impl Iterator<Item = &str> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn hello_round_trips_through_headers() {
@@ -198,6 +199,67 @@ mod tests {
             assert_eq!(Refusal::from_status(r.status()), Some(r));
         }
         assert_eq!(Refusal::from_status(200), None);
+    }
+
+    /// Reads a hello back from the headers `hello` writes, each value passed through `f`.
+    fn reread(
+        hello: &ServerHello,
+        f: impl Fn(&str) -> String,
+    ) -> Result<ServerHello, &'static str> {
+        let headers: Vec<(&str, String)> = hello
+            .headers()
+            .into_iter()
+            .map(|(n, v)| (n, f(&v)))
+            .collect();
+        ServerHello::from_headers(|name| {
+            headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_hello_round_trips_through_headers(
+            server_id in "[!-~]{1,64}",
+            server_count in 1..=u16::MAX,
+            keepalive_ms in 1..=u64::MAX,
+        ) {
+            let hello = ServerHello { server_id, server_count, keepalive_ms };
+            let names: Vec<&str> = hello.headers().iter().map(|(n, _)| *n).collect();
+            prop_assert_eq!(names, [HEADER_SERVER_ID, HEADER_SERVER_COUNT, HEADER_KEEPALIVE_MS]);
+            prop_assert_eq!(reread(&hello, str::to_owned), Ok(hello.clone()));
+            // Numbers survive the optional whitespace an HTTP stack may leave around them.
+            let padded = reread(&hello, |v| if v == hello.server_id { v.to_owned() } else { format!(" {v}\t") });
+            prop_assert_eq!(padded, Ok(hello));
+        }
+
+        #[test]
+        fn a_zero_count_or_keepalive_is_refused_by_name(
+            server_id in "[!-~]{1,64}",
+            server_count in 0..=u16::MAX,
+            keepalive_ms in 0..=u64::MAX,
+            zero_count in any::<bool>(),
+        ) {
+            let hello = if zero_count {
+                ServerHello { server_id, server_count: 0, keepalive_ms }
+            } else {
+                ServerHello { server_id, server_count: server_count.max(1), keepalive_ms: 0 }
+            };
+            let want = if zero_count { HEADER_SERVER_COUNT } else { HEADER_KEEPALIVE_MS };
+            prop_assert_eq!(reread(&hello, str::to_owned), Err(want));
+        }
+
+        #[test]
+        fn comma_lists_round_trip(items in proptest::collection::vec("[a-z0-9][a-z0-9.-]{0,20}", 0..10)) {
+            // What the agent writes (`Tower-Targets`, `Tower-Held-Servers`, capabilities)
+            // and the server reads back.
+            let joined = items.join(",");
+            prop_assert_eq!(list(&joined).collect::<Vec<_>>(), items.clone());
+            let spaced = items.join(" , ");
+            prop_assert_eq!(list(&spaced).collect::<Vec<_>>(), items);
+        }
     }
 
     #[test]

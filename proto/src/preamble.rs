@@ -373,11 +373,59 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_valid_preamble_round_trips(target in "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", id in ".{0,200}", http2 in any::<bool>()) {
-            let p = if http2 { Preamble::http2(target, id) } else { Preamble::http(target, id) };
+        fn any_valid_preamble_round_trips(
+            target in "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?",
+            id in ".{0,200}",
+            kind in prop_oneof![
+                Just(StreamKind::Http),
+                Just(StreamKind::Http2),
+                Just(StreamKind::Control),
+            ],
+            trailing in proptest::collection::vec(any::<u8>(), 0..16),
+        ) {
+            let p = match kind {
+                StreamKind::Http => Preamble::http(target, id),
+                StreamKind::Http2 => Preamble::http2(target, id),
+                StreamKind::Control => Preamble::control(id),
+            };
             let mut buf = encoded(&p);
+            prop_assert_eq!(buf[0], VERSION);
+            prop_assert_eq!(buf[1], kind.code());
+            prop_assert_eq!(
+                usize::from(u16::from_be_bytes([buf[2], buf[3]])),
+                buf.len() - HEADER_LEN,
+                "the body length is big-endian"
+            );
+            for n in 0..buf.len() {
+                let mut part = &buf[..n];
+                prop_assert_eq!(Preamble::decode(&mut part).unwrap(), None);
+                prop_assert_eq!(part.len(), n);
+            }
+            buf.extend_from_slice(&trailing);
             prop_assert_eq!(Preamble::decode(&mut buf).unwrap(), Some(p));
-            prop_assert!(buf.is_empty());
+            prop_assert_eq!(&buf[..], &trailing[..], "the preamble consumes only its bytes");
+        }
+
+        #[test]
+        fn a_control_preamble_never_carries_a_target(
+            target in "[a-z0-9]{1,63}",
+            id in "[a-z0-9-]{0,20}",
+        ) {
+            let p = Preamble { kind: StreamKind::Control, target, server_id: id };
+            let refused = matches!(
+                p.encode(&mut BytesMut::new()),
+                Err(DecodeError::Invalid { what: "target", .. })
+            );
+            prop_assert!(refused, "a control preamble with a target was encoded");
+            // The same bytes forged by hand are refused by the reader too.
+            let mut forged = BytesMut::new();
+            Preamble { kind: StreamKind::Http, ..p }.encode(&mut forged).unwrap();
+            forged[1] = StreamKind::Control.code();
+            let refused = matches!(
+                Preamble::decode(&mut forged),
+                Err(DecodeError::Invalid { what: "target", .. })
+            );
+            prop_assert!(refused, "a control preamble with a target was decoded");
         }
 
         #[test]

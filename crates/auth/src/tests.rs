@@ -52,6 +52,38 @@ fn kubesphere_token_with_sub_only_is_accepted() {
     assert_eq!(verifier().verify_user(&token).unwrap().user, "admin");
 }
 
+/// Signs `claims` with the shared secret under `alg` (an HMAC algorithm).
+fn sign_with(alg: Algorithm, claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(alg),
+        claims,
+        &EncodingKey::from_secret(secret().expose()),
+    )
+    .unwrap()
+}
+
+/// How many variants [`AuthError`] has; kept in step with [`cause`].
+const VARIANTS: usize = 12;
+
+/// The word each error's message must contain to name its cause. The match has no
+/// wildcard, so a new variant does not compile until it is listed here and covered below.
+fn cause(error: &AuthError) -> &'static str {
+    match error {
+        AuthError::Missing => "no bearer token",
+        AuthError::Malformed(_) => "malformed",
+        AuthError::Unsigned => "alg: none",
+        AuthError::WrongAlgorithm(_) => "algorithm",
+        AuthError::BadSignature => "signature",
+        AuthError::Expired => "expired",
+        AuthError::NotYetValid => "not valid yet",
+        AuthError::AgentTokenAsUser => "cannot be used as a user token",
+        AuthError::UserTokenAsAgent => "cannot be used as an agent token",
+        AuthError::WrongAudience(_) => "audience",
+        AuthError::WrongTokenType(_) => "token_type",
+        AuthError::BadClaim(_) => "claim",
+    }
+}
+
 #[test]
 fn each_bad_token_has_its_own_error() {
     let v = verifier();
@@ -61,9 +93,13 @@ fn each_bad_token_has_its_own_error() {
     let expired = minter().sign(&serde_json::json!({
         "username": "bob", "token_type": "access_token", "exp": now() - 3600
     }));
+    let future = minter().sign(&serde_json::json!({
+        "username": "bob", "token_type": "access_token", "nbf": now() + 3600
+    }));
     let refresh = minter().sign(&serde_json::json!({
         "username": "bob", "token_type": "refresh_token"
     }));
+    let no_token_type = minter().sign(&serde_json::json!({"username": "bob"}));
     let none = forge(
         r#"{"alg":"none","typ":"JWT"}"#,
         &serde_json::json!({"username": "root", "token_type": "access_token"}),
@@ -74,46 +110,171 @@ fn each_bad_token_has_its_own_error() {
     );
     let wrong_aud = minter().sign(&serde_json::json!({"sub": "c1", "aud": "kubernetes", "iat": 1}));
 
-    assert_eq!(v.verify_user(""), Err(AuthError::Missing));
-    assert_eq!(
-        v.verify_user("garbage"),
-        Err(AuthError::Malformed("a JWT has three dot-separated parts"))
-    );
+    // Every variant, each from a real token (or a missing one).
+    let cases: Vec<(Result<(), AuthError>, AuthError)> = vec![
+        (v.verify_user("").map(drop), AuthError::Missing),
+        (
+            v.verify_user("garbage").map(drop),
+            AuthError::Malformed("a JWT has three dot-separated parts"),
+        ),
+        (v.verify_user(&none).map(drop), AuthError::Unsigned),
+        (v.verify_agent(&none).map(drop), AuthError::Unsigned),
+        (
+            v.verify_user(&rs256).map(drop),
+            AuthError::WrongAlgorithm("RS256".into()),
+        ),
+        (v.verify_user(&other).map(drop), AuthError::BadSignature),
+        (v.verify_user(&expired).map(drop), AuthError::Expired),
+        (v.verify_user(&future).map(drop), AuthError::NotYetValid),
+        (v.verify_user(&agent).map(drop), AuthError::AgentTokenAsUser),
+        (v.verify_agent(&user).map(drop), AuthError::UserTokenAsAgent),
+        (
+            v.verify_agent(&wrong_aud).map(drop),
+            AuthError::WrongAudience("kubernetes".into()),
+        ),
+        (
+            v.verify_user(&refresh).map(drop),
+            AuthError::WrongTokenType("refresh_token".into()),
+        ),
+        (
+            v.verify_user(&no_token_type).map(drop),
+            AuthError::BadClaim("token_type"),
+        ),
+    ];
+    for (got, want) in &cases {
+        assert_eq!(got, &Err(want.clone()));
+    }
     assert!(matches!(
         v.verify_user("a.b.c"),
         Err(AuthError::Malformed(_))
     ));
-    assert_eq!(v.verify_user(&other), Err(AuthError::BadSignature));
-    assert_eq!(v.verify_user(&expired), Err(AuthError::Expired));
-    assert_eq!(v.verify_user(&none), Err(AuthError::Unsigned));
-    assert_eq!(v.verify_agent(&none), Err(AuthError::Unsigned));
-    assert_eq!(
-        v.verify_user(&rs256),
-        Err(AuthError::WrongAlgorithm("RS256".into()))
-    );
-    assert_eq!(v.verify_user(&agent), Err(AuthError::AgentTokenAsUser));
-    assert_eq!(v.verify_agent(&user), Err(AuthError::UserTokenAsAgent));
-    assert_eq!(
-        v.verify_agent(&wrong_aud),
-        Err(AuthError::WrongAudience("kubernetes".into()))
-    );
-    assert_eq!(
-        v.verify_user(&refresh),
-        Err(AuthError::WrongTokenType("refresh_token".into()))
-    );
 
-    // Messages are distinct and never echo the token.
-    let errors = [
-        AuthError::Missing,
-        AuthError::Unsigned,
-        AuthError::BadSignature,
-        AuthError::Expired,
-        AuthError::AgentTokenAsUser,
-        AuthError::UserTokenAsAgent,
-    ];
-    let messages: std::collections::HashSet<String> =
-        errors.iter().map(|e| e.to_string()).collect();
-    assert_eq!(messages.len(), errors.len());
+    // Each variant is produced above; their messages are pairwise distinct, name their
+    // cause, and never echo the token.
+    let errors: Vec<AuthError> = cases.into_iter().map(|(_, want)| want).collect();
+    let mut seen = std::collections::HashSet::new();
+    for error in &errors {
+        seen.insert(std::mem::discriminant(error));
+    }
+    assert_eq!(seen.len(), VARIANTS, "every AuthError variant is covered");
+    let mut distinct: Vec<AuthError> = Vec::new();
+    for error in errors {
+        if !distinct
+            .iter()
+            .any(|e| std::mem::discriminant(e) == std::mem::discriminant(&error))
+        {
+            distinct.push(error);
+        }
+    }
+    for (i, a) in distinct.iter().enumerate() {
+        let message = a.to_string();
+        assert!(
+            message.to_lowercase().contains(cause(a)),
+            "{a:?} says {message:?}, which does not name {:?}",
+            cause(a)
+        );
+        for token in [&agent, &user, &other, &expired, &none, &rs256] {
+            assert!(!message.contains(token.as_str()), "{a:?} echoes a token");
+        }
+        for b in &distinct[i + 1..] {
+            assert_ne!(message, b.to_string(), "{a:?} and {b:?} read the same");
+        }
+    }
+}
+
+#[test]
+fn hs384_and_hs512_tokens_signed_with_the_right_secret_are_refused() {
+    let v = verifier();
+    let agent_claims = serde_json::json!({"sub": "c1", "aud": AGENT_AUDIENCE, "iat": now()});
+    let user_claims = serde_json::json!({"username": "bob", "token_type": ACCESS_TOKEN});
+    // The same claims under HS256 pass, so only the algorithm is at fault below.
+    assert_eq!(
+        v.verify_agent(&sign_with(Algorithm::HS256, &agent_claims))
+            .unwrap()
+            .sub,
+        "c1"
+    );
+    assert_eq!(
+        v.verify_user(&sign_with(Algorithm::HS256, &user_claims))
+            .unwrap()
+            .user,
+        "bob"
+    );
+    for (alg, name) in [(Algorithm::HS384, "HS384"), (Algorithm::HS512, "HS512")] {
+        let agent = sign_with(alg, &agent_claims);
+        let user = sign_with(alg, &user_claims);
+        for refused in [
+            v.verify_agent(&agent).map(drop),
+            v.verify_user(&user).map(drop),
+        ] {
+            let error = refused.unwrap_err();
+            assert_eq!(error, AuthError::WrongAlgorithm(name.into()));
+            let message = error.to_string();
+            assert!(
+                message.contains("algorithm") && message.contains(name),
+                "{message}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_expired_agent_token_is_refused_as_expired() {
+    let v = verifier();
+    let claims = |exp: u64| {
+        serde_json::json!({
+            "sub": "c1", "aud": AGENT_AUDIENCE, "iat": now() - 7200, "exp": exp, "jti": "j1"
+        })
+    };
+    assert_eq!(
+        v.verify_agent(&minter().sign(&claims(now() - 3600))),
+        Err(AuthError::Expired)
+    );
+    // Past the 30 s leeway too.
+    assert_eq!(
+        v.verify_agent(&minter().sign(&claims(now() - 120))),
+        Err(AuthError::Expired)
+    );
+    // The same token with an exp ahead is fine.
+    assert_eq!(
+        v.verify_agent(&minter().sign(&claims(now() + 3600)))
+            .unwrap()
+            .jti,
+        "j1"
+    );
+}
+
+#[test]
+fn an_agent_token_for_another_audience_is_refused() {
+    let v = verifier();
+    let with_aud = |aud: serde_json::Value| {
+        minter().sign(&serde_json::json!({"sub": "c1", "aud": aud, "iat": now()}))
+    };
+    assert_eq!(
+        v.verify_agent(&with_aud(serde_json::json!("tower-server"))),
+        Err(AuthError::WrongAudience("tower-server".into()))
+    );
+    // Audiences compare exactly.
+    assert_eq!(
+        v.verify_agent(&with_aud(serde_json::json!("Tower-Agent"))),
+        Err(AuthError::WrongAudience("Tower-Agent".into()))
+    );
+    assert_eq!(
+        v.verify_agent(&with_aud(serde_json::json!(["kubesphere", "kubernetes"]))),
+        Err(AuthError::WrongAudience("kubesphere,kubernetes".into()))
+    );
+    // A list that includes the agent's audience is accepted.
+    assert_eq!(
+        v.verify_agent(&with_aud(serde_json::json!(["kubernetes", AGENT_AUDIENCE])))
+            .unwrap()
+            .sub,
+        "c1"
+    );
+    let message = AuthError::WrongAudience("tower-server".into()).to_string();
+    assert!(
+        message.contains("audience") && message.contains("tower-agent"),
+        "{message}"
+    );
 }
 
 #[test]

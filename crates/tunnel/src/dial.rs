@@ -1,6 +1,7 @@
 //! The agent's side of opening a tunnel: TCP (optionally through an HTTP CONNECT proxy),
 //! TLS, then the `GET /v1/tunnel` upgrade.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,45 +131,216 @@ impl ProxyUrl {
     }
 
     /// The proxy that `HTTPS_PROXY`/`NO_PROXY` (or their lowercase forms) choose for
-    /// `host`, if any.
+    /// `host:port`, if any (see [`ProxyUrl::from_lookup`]).
+    pub fn from_env_for(host: &str, port: u16) -> Result<Option<Self>, String> {
+        Self::from_lookup(host, Some(port), |name| std::env::var(name).ok())
+    }
+
+    /// Like [`ProxyUrl::from_env_for`] when the port is not known: a `NO_PROXY` entry
+    /// with a port then exempts its host on any port. Prefer `from_env_for`.
     pub fn from_env(host: &str) -> Result<Option<Self>, String> {
-        let var = |name: &str| {
-            std::env::var(name)
-                .or_else(|_| std::env::var(name.to_lowercase()))
-                .ok()
-                .filter(|v| !v.trim().is_empty())
+        Self::from_lookup(host, None, |name| std::env::var(name).ok())
+    }
+
+    /// The proxy that the variables `lookup` returns choose for `host` (and `port`, when
+    /// known), as Go's `net/http` reads them: the proxy is the first non-empty of
+    /// `HTTPS_PROXY`, `https_proxy`; the exemptions the first non-empty of `NO_PROXY`,
+    /// `no_proxy` (so an empty uppercase variable does not hide a lowercase one). See
+    /// [`NoProxy`] for the exemptions' syntax.
+    ///
+    /// Unlike Go, `localhost` and loopback addresses are not exempt unless listed: the
+    /// agent dials one configured address, and a proxy in front of a local server is
+    /// something only a test would set up on purpose.
+    pub fn from_lookup(
+        host: &str,
+        port: Option<u16>,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Self>, String> {
+        let first_set = |names: [&str; 2]| {
+            names
+                .into_iter()
+                .find_map(|name| lookup(name).filter(|v| !v.trim().is_empty()))
         };
-        let Some(proxy) = var("HTTPS_PROXY") else {
+        let Some(proxy) = first_set(["HTTPS_PROXY", "https_proxy"]) else {
             return Ok(None);
         };
-        if var("NO_PROXY").is_some_and(|list| no_proxy_matches(&list, host)) {
+        if first_set(["NO_PROXY", "no_proxy"])
+            .is_some_and(|list| NoProxy::parse(&list).exempts(host, port))
+        {
             return Ok(None);
         }
-        ProxyUrl::parse(&proxy).map(Some)
+        ProxyUrl::parse(proxy.trim()).map(Some)
     }
 }
 
-/// Whether a `NO_PROXY` list exempts `host`: `*`, an exact host or IP, or a domain
-/// suffix (`example.com` and `.example.com` both cover `a.example.com`).
-pub fn no_proxy_matches(list: &str, host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
-    list.split(',')
-        .map(|entry| entry.trim().to_ascii_lowercase())
-        .filter(|entry| !entry.is_empty())
-        .any(|entry| {
-            let entry = entry
-                .rsplit_once(':')
-                .filter(|(_, port)| {
-                    port.chars().all(|c| c.is_ascii_digit()) && !entry.contains(']')
-                })
-                .map_or(entry.as_str(), |(h, _)| h)
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            entry == "*"
-                || host == entry.trim_start_matches('.')
-                || host.ends_with(&format!(".{}", entry.trim_start_matches('.')))
+/// Whether the `NO_PROXY` list `list` exempts `host:port` from the proxy (see [`NoProxy`]).
+pub fn no_proxy_matches(list: &str, host: &str, port: u16) -> bool {
+    NoProxy::parse(list).exempts(host, Some(port))
+}
+
+/// A parsed `NO_PROXY` list, read the way Go's `net/http` (`x/net/http/httpproxy`) reads
+/// it, which is what Kubernetes operators set it for.
+///
+/// Entries are separated by commas, trimmed and compared case-insensitively:
+/// * `*` alone exempts every host;
+/// * `10.0.0.0/8`, `fd00::/8`: any IP address inside the block (never a host name);
+/// * `10.0.0.1`, `::1`, `fd00::1`, `[::1]`: that IP address;
+/// * `example.com`: that host and its subdomains (`a.example.com`, not `notexample.com`);
+/// * `.example.com`, `*.example.com`: subdomains only (`a.example.com`, not `example.com`);
+/// * any host or IP entry may carry a port (`example.com:8443`, `10.0.0.1:8080`,
+///   `[::1]:8080`) and then exempts that port only.
+///
+/// Malformed entries (a bad port, a bad CIDR block) exempt nothing. Host-name entries
+/// never match an IP address and IP entries never match a host name: no DNS is involved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NoProxy {
+    entries: Vec<NoProxyEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum NoProxyEntry {
+    /// `*`.
+    All,
+    /// An address block: its network address and prefix length.
+    Cidr(IpAddr, u8),
+    /// One address, on one port or any.
+    Ip(IpAddr, Option<u16>),
+    /// A domain, kept with its leading dot (`.example.com`); `and_itself` when the entry
+    /// had no leading dot, so that it also matches `example.com` itself.
+    Domain {
+        suffix: String,
+        and_itself: bool,
+        port: Option<u16>,
+    },
+    /// An entry that can match nothing (a bad port, say).
+    Never,
+}
+
+impl NoProxy {
+    /// Parses a comma-separated `NO_PROXY` value; empty entries are ignored.
+    pub fn parse(list: &str) -> Self {
+        let entries = list
+            .split(',')
+            .map(|entry| entry.trim().to_ascii_lowercase())
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| NoProxyEntry::parse(&entry))
+            .collect();
+        NoProxy { entries }
+    }
+
+    /// Whether the list exempts `host` (a name or an IP literal, brackets optional) on
+    /// `port`; with `None` (port unknown) an entry's port is not checked.
+    pub fn exempts(&self, host: &str, port: Option<u16>) -> bool {
+        let host = host.trim().to_ascii_lowercase();
+        let host = unbracket(&host);
+        let ip = host.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+        let port_ok = |want: &Option<u16>| match (want, port) {
+            (None, _) | (_, None) => true,
+            (Some(want), Some(port)) => *want == port,
+        };
+        self.entries.iter().any(|entry| match entry {
+            NoProxyEntry::All => true,
+            NoProxyEntry::Cidr(net, prefix) => {
+                ip.is_some_and(|ip| cidr_contains(*net, *prefix, ip))
+            }
+            NoProxyEntry::Ip(want, want_port) => ip == Some(*want) && port_ok(want_port),
+            NoProxyEntry::Domain {
+                suffix,
+                and_itself,
+                port: want_port,
+            } => {
+                ip.is_none()
+                    && (host.ends_with(suffix.as_str()) || (*and_itself && host == &suffix[1..]))
+                    && port_ok(want_port)
+            }
+            NoProxyEntry::Never => false,
         })
+    }
+}
+
+impl NoProxyEntry {
+    /// Parses one trimmed, lowercased, non-empty entry.
+    fn parse(entry: &str) -> Self {
+        if entry == "*" {
+            return NoProxyEntry::All;
+        }
+        if let Some((addr, prefix)) = entry.split_once('/') {
+            return parse_cidr(addr, prefix).unwrap_or(NoProxyEntry::Never);
+        }
+        // A bare IP literal first: `fd00::1` must not be read as host `fd00:` port 1.
+        if let Ok(ip) = entry.parse::<IpAddr>() {
+            return NoProxyEntry::Ip(ip.to_canonical(), None);
+        }
+        let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+            // `[v6]` or `[v6]:port`.
+            let Some((inside, after)) = rest.split_once(']') else {
+                return NoProxyEntry::Never;
+            };
+            let port = match after {
+                "" => None,
+                _ => match after.strip_prefix(':').map(str::parse::<u16>) {
+                    Some(Ok(port)) => Some(port),
+                    _ => return NoProxyEntry::Never,
+                },
+            };
+            (inside, port)
+        } else {
+            match entry.split_once(':') {
+                None => (entry, None),
+                Some((host, port)) => match port.parse::<u16>() {
+                    Ok(port) => (host, Some(port)),
+                    // Several colons that are not an IPv6 address, or a bad port.
+                    Err(_) => return NoProxyEntry::Never,
+                },
+            }
+        };
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return NoProxyEntry::Ip(ip.to_canonical(), port);
+        }
+        // `*.example.com` means what `.example.com` does.
+        let (suffix, and_itself) = match host.strip_prefix("*.") {
+            Some(domain) => (format!(".{domain}"), false),
+            None if host.starts_with('.') => (host.to_owned(), false),
+            None => (format!(".{host}"), true),
+        };
+        if suffix.len() < 2 || suffix.contains(['[', ']', '*']) {
+            return NoProxyEntry::Never;
+        }
+        NoProxyEntry::Domain {
+            suffix,
+            and_itself,
+            port,
+        }
+    }
+}
+
+fn unbracket(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// Parses `addr/prefix` (the address may be bracketed); `None` when either is invalid.
+fn parse_cidr(addr: &str, prefix: &str) -> Option<NoProxyEntry> {
+    let addr: IpAddr = unbracket(addr).parse().ok()?;
+    let prefix: u8 = prefix.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (prefix <= max).then_some(NoProxyEntry::Cidr(addr, prefix))
+}
+
+/// Whether `ip` lies in the block `net/prefix` (of the same address family).
+fn cidr_contains(net: IpAddr, prefix: u8, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(net), IpAddr::V4(ip)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(net) & mask == u32::from(ip) & mask
+        }
+        (IpAddr::V6(net), IpAddr::V6(ip)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(net) & mask == u128::from(ip) & mask
+        }
+        _ => false,
+    }
 }
 
 /// A tunnel the server accepted: its hello and the upgraded connection, ready for yamux.
@@ -365,20 +537,199 @@ mod tests {
     }
 
     #[test]
-    fn proxy_urls_and_no_proxy() {
+    fn proxy_urls_parse() {
         let p = ProxyUrl::parse("http://user:pw@proxy.corp:3128").unwrap();
         assert_eq!(p.host, "proxy.corp");
         assert_eq!(p.port, 3128);
         assert_eq!(p.credentials.as_deref(), Some("user:pw"));
+        assert_eq!(ProxyUrl::parse("proxy.corp").unwrap().port, 80);
         assert!(ProxyUrl::parse("socks5://x").is_err());
-        assert!(no_proxy_matches(
-            "localhost,.corp.example",
-            "a.corp.example"
-        ));
-        assert!(no_proxy_matches("corp.example", "corp.example"));
-        assert!(no_proxy_matches("10.0.0.1:8080", "10.0.0.1"));
-        assert!(no_proxy_matches("*", "anything"));
-        assert!(!no_proxy_matches("corp.example", "evilcorp.example"));
-        assert!(!no_proxy_matches("", "host"));
+    }
+
+    /// `NO_PROXY` exempts `host:port`.
+    fn exempt(list: &str, host: &str, port: u16) -> bool {
+        no_proxy_matches(list, host, port)
+    }
+
+    #[test]
+    fn no_proxy_entries_are_comma_separated_trimmed_and_case_insensitive() {
+        let list = " Other.Example , CORP.example ,,";
+        assert!(exempt(list, "corp.example", 443));
+        assert!(exempt(list, "Corp.Example", 443));
+        assert!(exempt(list, "other.example", 443));
+        assert!(!exempt(list, "third.example", 443));
+        assert!(!exempt("", "host", 443));
+        assert!(!exempt(" , ,", "host", 443));
+    }
+
+    #[test]
+    fn no_proxy_star_alone_exempts_everything() {
+        assert!(exempt("*", "anything.example", 443));
+        assert!(exempt("*", "10.1.2.3", 8080));
+        assert!(exempt("*", "::1", 8080));
+        assert!(exempt("corp.example, *", "anything.example", 1));
+        // A star inside a name is not a wildcard.
+        assert!(!exempt("*example.com", "a.example.com", 443));
+        assert!(!exempt("a*", "abc", 443));
+    }
+
+    #[test]
+    fn no_proxy_domains_match_themselves_and_subdomains_like_go() {
+        // A bare domain: itself and its subdomains.
+        assert!(exempt("example.com", "example.com", 443));
+        assert!(exempt("example.com", "a.example.com", 443));
+        assert!(exempt("example.com", "a.b.example.com", 443));
+        assert!(!exempt("example.com", "notexample.com", 443));
+        assert!(!exempt("example.com", "example.com.evil", 443));
+        assert!(!exempt("a.example.com", "example.com", 443));
+        // `.example.com` and `*.example.com`: subdomains only, as Go reads them.
+        for entry in [".example.com", "*.example.com"] {
+            assert!(exempt(entry, "a.example.com", 443), "{entry}");
+            assert!(exempt(entry, "a.b.example.com", 443), "{entry}");
+            assert!(!exempt(entry, "example.com", 443), "{entry}");
+            assert!(!exempt(entry, "notexample.com", 443), "{entry}");
+        }
+    }
+
+    #[test]
+    fn no_proxy_ip_entries_match_v4_and_v6_targets() {
+        assert!(exempt("10.0.0.1", "10.0.0.1", 8080));
+        assert!(!exempt("10.0.0.1", "10.0.0.10", 8080));
+        // Bare IPv6 entries: the colons are not a port.
+        assert!(exempt("::1", "::1", 8080));
+        assert!(exempt("fd00::1", "fd00::1", 8080));
+        assert!(
+            exempt("FD00::1", "fd00:0:0::1", 8080),
+            "compared as addresses"
+        );
+        assert!(!exempt("fd00::1", "fd00::2", 8080));
+        assert!(!exempt("fd00::1", "fd00::", 1));
+        // Bracketed, with or without a port; the target may be bracketed too.
+        assert!(exempt("[::1]", "::1", 8080));
+        assert!(exempt("[::1]", "[::1]", 8080));
+        assert!(exempt("[::1]:8080", "::1", 8080));
+        assert!(!exempt("[::1]:8080", "::1", 8443));
+        assert!(!exempt("[::1]", "::2", 8080));
+        // An IPv4-mapped target is its IPv4 address.
+        assert!(exempt("10.0.0.1", "::ffff:10.0.0.1", 8080));
+    }
+
+    #[test]
+    fn no_proxy_cidr_blocks_match_ip_targets_inside_them() {
+        assert!(exempt("10.0.0.0/8", "10.0.0.1", 8080));
+        assert!(exempt("10.0.0.0/8", "10.255.255.255", 8080));
+        assert!(!exempt("10.0.0.0/8", "11.0.0.1", 8080));
+        assert!(!exempt("10.0.0.0/8", "9.255.255.255", 8080));
+        assert!(exempt("192.168.1.0/24", "192.168.1.77", 1));
+        assert!(!exempt("192.168.1.0/24", "192.168.2.77", 1));
+        assert!(exempt("0.0.0.0/0", "203.0.113.9", 1));
+        assert!(exempt("10.0.0.1/32", "10.0.0.1", 1));
+        assert!(!exempt("10.0.0.1/32", "10.0.0.2", 1));
+        assert!(exempt("fd00::/8", "fd12:3456::1", 8080));
+        assert!(exempt("fd00::/8", "[fdff::1]", 8080));
+        assert!(!exempt("fd00::/8", "fe80::1", 8080));
+        assert!(!exempt("fd00::/8", "::1", 8080));
+        // Families do not mix, and a host name never matches a block.
+        assert!(!exempt("10.0.0.0/8", "fd00::1", 8080));
+        assert!(!exempt("fd00::/8", "10.0.0.1", 8080));
+        assert!(!exempt("10.0.0.0/8", "10.example.com", 8080));
+        assert!(!exempt("10.0.0.0/8", "localhost", 8080));
+        // Malformed blocks exempt nothing.
+        assert!(!exempt("10.0.0.0/33", "10.0.0.1", 8080));
+        assert!(!exempt("10.0.0.0/x", "10.0.0.1", 8080));
+        assert!(!exempt("example.com/8", "example.com", 8080));
+    }
+
+    #[test]
+    fn no_proxy_entries_with_a_port_match_that_port_only() {
+        assert!(exempt("example.com:8443", "example.com", 8443));
+        assert!(exempt("example.com:8443", "a.example.com", 8443));
+        assert!(!exempt("example.com:8443", "example.com", 443));
+        assert!(exempt(".example.com:8443", "a.example.com", 8443));
+        assert!(!exempt(".example.com:8443", "a.example.com", 8080));
+        assert!(exempt("10.0.0.1:8080", "10.0.0.1", 8080));
+        assert!(!exempt("10.0.0.1:8080", "10.0.0.1", 9443));
+        // Without a port an entry matches every port.
+        assert!(exempt("example.com", "example.com", 1));
+        assert!(exempt("10.0.0.1", "10.0.0.1", 65535));
+        // A bad port makes the entry match nothing.
+        assert!(!exempt("example.com:http", "example.com", 80));
+        assert!(!exempt("example.com:99999", "example.com", 34463)); // 99999 mod 2^16
+        assert!(!exempt("[::1]x", "::1", 80));
+    }
+
+    #[test]
+    fn host_names_and_ip_entries_do_not_cross() {
+        // No DNS: an IP entry never exempts a name, a name entry never exempts an IP.
+        assert!(!exempt("127.0.0.1", "localhost", 8080));
+        assert!(!exempt("localhost", "127.0.0.1", 8080));
+        assert!(!exempt("0.0.1", "10.0.0.1", 8080));
+        assert!(!exempt("1", "10.0.0.1", 8080));
+    }
+
+    /// The variables of a pretend environment.
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    fn proxy_for(vars: &[(&str, &str)], host: &str, port: u16) -> Option<ProxyUrl> {
+        ProxyUrl::from_lookup(host, Some(port), env(vars)).unwrap()
+    }
+
+    #[test]
+    fn https_proxy_uppercase_wins_and_empty_counts_as_unset() {
+        let upper = [
+            ("HTTPS_PROXY", "http://upper:3128"),
+            ("https_proxy", "http://lower:3128"),
+        ];
+        assert_eq!(proxy_for(&upper, "t.example", 443).unwrap().host, "upper");
+        let lower_only = [("https_proxy", "http://lower:3128")];
+        assert_eq!(
+            proxy_for(&lower_only, "t.example", 443).unwrap().host,
+            "lower"
+        );
+        let empty_upper = [("HTTPS_PROXY", ""), ("https_proxy", "lower:3128")];
+        assert_eq!(
+            proxy_for(&empty_upper, "t.example", 443).unwrap().host,
+            "lower"
+        );
+        assert_eq!(proxy_for(&[], "t.example", 443), None);
+        assert_eq!(proxy_for(&[("HTTPS_PROXY", " ")], "t.example", 443), None);
+        // Only HTTPS_PROXY counts: the tunnel is TLS.
+        assert_eq!(
+            proxy_for(&[("HTTP_PROXY", "http://p:1")], "t.example", 443),
+            None
+        );
+        assert!(ProxyUrl::from_lookup("t", None, env(&[("HTTPS_PROXY", "ftp://p")])).is_err());
+    }
+
+    #[test]
+    fn no_proxy_uppercase_wins_and_empty_does_not_hide_lowercase() {
+        let proxy = ("HTTPS_PROXY", "http://proxy.corp:3128");
+        // An empty NO_PROXY does not hide a non-empty no_proxy.
+        let vars = [proxy, ("NO_PROXY", ""), ("no_proxy", ".internal")];
+        assert_eq!(proxy_for(&vars, "tower.internal", 8080), None);
+        assert!(proxy_for(&vars, "tower.example", 8080).is_some());
+        let vars = [proxy, ("no_proxy", ".internal")];
+        assert_eq!(proxy_for(&vars, "tower.internal", 8080), None);
+        // A non-empty NO_PROXY wins over no_proxy.
+        let vars = [proxy, ("NO_PROXY", ".example"), ("no_proxy", ".internal")];
+        assert!(proxy_for(&vars, "tower.internal", 8080).is_some());
+        assert_eq!(proxy_for(&vars, "tower.example", 8080), None);
+        // Exemptions take the port into account.
+        let vars = [proxy, ("NO_PROXY", "tower.internal:8080")];
+        assert_eq!(proxy_for(&vars, "tower.internal", 8080), None);
+        assert!(proxy_for(&vars, "tower.internal", 9443).is_some());
+        // With the port unknown, a port entry exempts its host on any port.
+        assert_eq!(
+            ProxyUrl::from_lookup("tower.internal", None, env(&vars)).unwrap(),
+            None
+        );
+        // Loopback is not exempt unless listed (unlike Go): tests proxy a local server.
+        assert!(proxy_for(&[proxy], "127.0.0.1", 8080).is_some());
     }
 }

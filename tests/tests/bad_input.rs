@@ -185,6 +185,24 @@ fn tunnel_handshake_refusals_are_plain_http() {
         "{}",
         mismatch.body
     );
+    for bad in ["Member-1", "../member-1", "member_1", "-member"] {
+        let reply = tunnel.request(
+            "GET",
+            "/v1/tunnel",
+            Some(&good),
+            &[
+                ("connection", "Upgrade"),
+                ("upgrade", "tower-tunnel/1"),
+                ("tower-cluster", bad),
+            ],
+        );
+        assert_eq!(reply.status, 400, "{bad}: {}", reply.body);
+        assert!(
+            reply.body.contains("DNS-1123 subdomain"),
+            "{bad}: {}",
+            reply.body
+        );
+    }
     let not_listed = tunnel.request(
         "GET",
         "/v1/tunnel",

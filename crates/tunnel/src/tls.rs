@@ -282,4 +282,43 @@ mod tests {
         client_config(&CaTrust::Certificates(ca)).unwrap();
         client_config(&CaTrust::parse_pin(&pin).unwrap()).unwrap();
     }
+
+    #[test]
+    fn a_pin_is_the_sha256_of_the_ca_spki_or_of_the_whole_certificate() {
+        let names = ["localhost".to_owned()];
+        let pki = GeneratedPki::generate("test", &names).unwrap();
+        let other = GeneratedPki::generate("test", &names).unwrap();
+        let ca = certs_from_pem(pki.ca_cert_pem.as_bytes()).unwrap();
+        // The kubeadm form, computed independently: the SHA-256 of the CA key's
+        // DER-encoded SubjectPublicKeyInfo.
+        let key = rcgen::KeyPair::from_pem(&pki.ca_key_pem).unwrap();
+        let spki: [u8; 32] =
+            Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&key)).into();
+        assert_eq!(
+            spki_pin(&ca[0]).unwrap(),
+            format!("sha256:{}", hex::encode(spki))
+        );
+        let whole: [u8; 32] = Sha256::digest(ca[0].as_ref()).into();
+
+        let mut chain = certs_from_pem(pki.cert_pem.as_bytes()).unwrap();
+        chain.extend(ca.clone());
+        let verify = |pin: [u8; 32]| {
+            PinnedCaVerifier { pin }.verify_server_cert(
+                &chain[0],
+                &chain[1..],
+                &ServerName::try_from("localhost").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+        };
+        assert!(verify(spki).is_ok());
+        assert!(verify(whole).is_ok());
+        // Another CA's pins, and a pin of the serving certificate itself, are refused.
+        let other_ca = certs_from_pem(other.ca_cert_pem.as_bytes()).unwrap();
+        let leaf: [u8; 32] = Sha256::digest(chain[0].as_ref()).into();
+        for pin in [Sha256::digest(other_ca[0].as_ref()).into(), leaf] {
+            let refused = verify(pin).unwrap_err().to_string();
+            assert!(refused.contains("pinned by --ca-hash"), "{refused}");
+        }
+    }
 }

@@ -2,12 +2,16 @@
 
 use std::time::Duration;
 
-use tower_e2e::{Member, admin_get, agent, kubectl, server, wait_for};
+use tower_e2e::{
+    Https, Member, Server, TempDir, admin_get, agent, bin_path, kubectl, server, wait_for,
+    wait_for_with,
+};
 
 #[test]
 fn cluster_table_metrics_and_probes_tell_the_truth() {
     let member = Member::start();
-    let server = server().start();
+    // A long grace, so that the drain at the end can be watched.
+    let mut server = server().args(&["--shutdown-grace", "60s"]).start();
     let mut first = agent(&server, &member, "member-1").connect(&server);
     let kc = server.kubeconfig("member-1", "alice", &[]);
     kubectl(&kc, &["get", "pods"]).success();
@@ -37,20 +41,77 @@ fn cluster_table_metrics_and_probes_tell_the_truth() {
         "{row}"
     );
 
-    let metric = |name: &str| -> f64 {
-        let (code, text) = admin_get(server.admin, "/metrics");
+    let admin = server.admin;
+    let sample = move |name: &str| -> Option<f64> {
+        let (code, text) = admin_get(admin, "/metrics");
         assert_eq!(code, 200);
         text.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+    };
+    let metric = move |name: &str| -> f64 {
+        sample(name)
+            .unwrap_or_else(|| panic!("{name} missing from\n{}", admin_get(admin, "/metrics").1))
     };
     assert_eq!(metric("tower_tunnels "), 1.0);
     assert!(metric("tower_requests_total{code=\"200\"}") >= 1.0);
     assert!(metric("tower_requests_total{code=\"401\"}") >= 1.0);
     assert!(metric("tower_bytes_total{direction=\"response\"}") > 0.0);
     assert_eq!(metric("tower_tunnel_reconnects_total"), 0.0);
+
+    // Request bodies are counted on their way to the member.
+    let request_bytes = || sample("tower_bytes_total{direction=\"request\"}").unwrap_or(0.0);
+    let before = request_bytes();
+    let value = "v".repeat(8192);
+    let manifest = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: sized\n  namespace: default\ndata:\n  k: {value}\n"
+    );
+    tower_e2e::kubectl_with_input(&kc, &["create", "-f", "-"], manifest.as_bytes()).success();
+    let sent = request_bytes() - before;
+    assert!(
+        sent >= 8192.0,
+        "{sent} request bytes counted for an 8 KiB value"
+    );
+
+    // Refused handshakes are counted by reason and status.
+    let refusals =
+        |labels: &str| sample(&format!("tower_tunnel_refusals_total{{{labels}}}")).unwrap_or(0.0);
+    let bad_token = "reason=\"bad_token\",code=\"401\"";
+    let forbidden = "reason=\"forbidden\",code=\"403\"";
+    assert_eq!(refusals(bad_token), 0.0);
+    // (Handshakes by hand: a real agent checks its own token and --name before dialing.)
+    let tunnel = Https::to(&server, server.tunnel);
+    let handshake = |token: &str, cluster: &str| {
+        tunnel
+            .request(
+                "GET",
+                "/v1/tunnel",
+                Some(token),
+                &[
+                    ("connection", "Upgrade"),
+                    ("upgrade", "tower-tunnel/1"),
+                    ("tower-cluster", cluster),
+                ],
+            )
+            .status
+    };
+    assert_eq!(handshake("not.a.jwt", "member-2"), 401);
+    assert_eq!(refusals(bad_token), 1.0);
+    let minted = Server::minter().agent_token("member-1", None);
+    assert_eq!(handshake(&minted, "member-3"), 403);
+    assert_eq!(handshake(&minted, "member-3"), 403);
+    assert_eq!(refusals(forbidden), 2.0);
+    assert_eq!(refusals(bad_token), 1.0);
+    assert!(
+        server
+            .clusters()
+            .as_array()
+            .is_some_and(|l| l.iter().all(|c| c["name"] == "member-1")),
+        "refused agents register nothing: {}",
+        server.clusters()
+    );
+
     wait_for(
         "requests in flight to settle",
         Duration::from_secs(10),
@@ -63,13 +124,130 @@ fn cluster_table_metrics_and_probes_tell_the_truth() {
     assert_eq!(admin_get(agent_admin, "/healthz").0, 200);
     assert_eq!(first.readyz(), 200);
 
+    // Whatever /v1/clusters shows, the metrics already say: read the table first, then
+    // the metrics, as often as possible while the tunnel goes and comes back.
     first.process.kill();
     wait_for("the tunnel to close", Duration::from_secs(10), || {
-        (!server.connected("member-1")).then_some(())
+        let connected = server.connected("member-1");
+        if !connected {
+            assert_eq!(
+                metric("tower_tunnels "),
+                0.0,
+                "the table showed it gone first"
+            );
+        }
+        (!connected).then_some(())
     });
-    assert_eq!(metric("tower_tunnels "), 0.0);
-    let _second = agent(&server, &member, "member-1").connect(&server);
-    assert_eq!(metric("tower_tunnel_reconnects_total"), 1.0);
+    let second = agent(&server, &member, "member-1").spawn();
+    wait_for_with(
+        "the agent to reconnect",
+        Duration::from_secs(20),
+        || {
+            let connected = server.connected("member-1");
+            if connected {
+                assert_eq!(
+                    metric("tower_tunnels "),
+                    1.0,
+                    "the table showed it back first"
+                );
+                assert_eq!(
+                    metric("tower_tunnel_reconnects_total"),
+                    1.0,
+                    "the table showed the reconnect first"
+                );
+            }
+            connected.then_some(())
+        },
+        || second.process.log(),
+    );
+
+    // Draining: /readyz says so (and why) while a request is still in flight.
+    let user = Server::minter().user_token("alice", &[], None);
+    let held =
+        Https::frontend(&server).open("/clusters/member-1/debug/bytes?size=4000000000", &user);
+    assert_eq!(held.status, 200, "{}", held.head);
+    server.process.terminate();
+    let (code, reason) = wait_for(
+        "/readyz to fail while draining",
+        Duration::from_secs(10),
+        || {
+            let (code, body) = admin_get(admin, "/readyz");
+            (code != 200).then_some((code, body))
+        },
+    );
+    assert_eq!(code, 503, "{reason}");
+    assert!(reason.contains("draining"), "{reason}");
+    assert!(server.process.running(), "still draining the held request");
+    assert_eq!(
+        admin_get(admin, "/metrics").0,
+        200,
+        "metrics stay up while draining"
+    );
+    assert_eq!(admin_get(admin, "/healthz").0, 200, "draining is not dead");
+    drop(held);
+}
+
+/// A restart that finds the serving certificate gone (or no longer right for the server's
+/// names) issues a new one from the CA it kept: agents pinned to that CA reconnect.
+#[test]
+fn a_restarted_server_keeps_its_ca_and_agents_that_trust_it_reconnect() {
+    let member = Member::start();
+    let mut server = server().start();
+    let state = server.state.clone();
+    let read = |name: &str| std::fs::read(state.join(name)).expect("state file");
+    let (ca, ca_key, leaf) = (read("ca.crt"), read("ca.key"), read("tls.crt"));
+    // The agent trusts a copy of the CA, as a member cluster's agent.yaml does.
+    let copies = TempDir::new("pinned-ca");
+    let pinned = copies.path().join("ca.crt");
+    std::fs::write(&pinned, &ca).expect("write the copy");
+    let agent = agent(&server, &member, "member-1")
+        .ca_file(&pinned)
+        .connect(&server);
+
+    // Lost: the serving key (a partial restore, a hand-cleaned directory).
+    std::fs::remove_file(state.join("tls.key")).expect("remove tls.key");
+    server.restart();
+    assert_eq!(
+        read("ca.crt"),
+        ca,
+        "the CA is byte for byte the one agents trust"
+    );
+    assert_eq!(read("ca.key"), ca_key);
+    assert_ne!(read("tls.crt"), leaf, "a new serving certificate");
+    wait_for_with(
+        "the agent pinned to the old CA to reconnect",
+        Duration::from_secs(20),
+        || server.connected("member-1").then_some(()),
+        || agent.process.log(),
+    );
+    let ca_pem = String::from_utf8(ca.clone()).expect("PEM");
+    let token = Server::minter().user_token("alice", &[], None);
+    let reply =
+        Https::with_ca(&ca_pem, server.frontend).get("/clusters/member-1/version", Some(&token));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    // Half a CA is refused (exit 2, naming the missing file), and nothing is overwritten.
+    server.process.kill();
+    std::fs::remove_file(state.join("ca.key")).expect("remove ca.key");
+    let out = std::process::Command::new(bin_path("tower-server"))
+        .args([
+            "serve",
+            "--tunnel-addr",
+            "127.0.0.1:0",
+            "--proxy-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin-addr", "127.0.0.1:0", "--jwt-secret-file"])
+        .arg(&server.secret_file)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .expect("tower-server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("ca.key is missing"), "{stderr}");
+    assert_eq!(read("ca.crt"), ca);
+    assert!(!state.join("ca.key").exists());
 }
 
 #[test]

@@ -52,7 +52,7 @@ impl Acceptor {
         match self.admit(&req) {
             Ok(admitted) => self.upgrade(req, admitted, remote),
             Err((refusal, reason)) => {
-                self.metrics.refused_tunnels.inc();
+                self.metrics.count_refusal(refusal);
                 tracing::info!(%remote, status = refusal.status(), %reason, "refused a tunnel");
                 let mut response = text(
                     StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::BAD_REQUEST),
@@ -264,19 +264,22 @@ impl Acceptor {
         };
         let token = tunnel.token.clone();
         let replicas = tunnel.replicas.clone();
-        let (replaced, reconnect) = self.registry.insert(&cluster, tunnel);
+        // Counted before the registry shows the tunnel, so that whoever sees it in
+        // /v1/clusters finds the metrics already saying so.
+        let replaced = self.registry.insert(&cluster, tunnel, |reconnect| {
+            self.metrics.tunnels.inc();
+            if reconnect {
+                self.metrics.reconnects.inc();
+            }
+        });
         // The Cluster may have changed (token rotated, deleted) since the handshake.
         if let Err(e) = self.registry.admits(&cluster, &token) {
             tracing::warn!(%cluster, tunnel = id, error = %e, "no longer admitted: closing");
             handle.close();
         }
-        if reconnect {
-            self.metrics.reconnects.inc();
-        }
         if let Some(old) = replaced {
             retire(old, self.grace);
         }
-        self.metrics.tunnels.inc();
         tracing::info!(%cluster, %remote, tunnel = id, "agent connected");
 
         let control = control::run(control_stream, self.keepalive, control_rx, events_tx);
@@ -307,8 +310,10 @@ impl Acceptor {
             }
         }
         // Unroute first, so callers get a fast 503 instead of a dying tunnel; then close.
-        self.registry.remove(&cluster, id);
+        // The gauge drops just before, so /v1/clusters never shows the tunnel gone while
+        // the metrics still count it.
         self.metrics.tunnels.dec();
+        self.registry.remove(&cluster, id);
         handle.close();
         tower_tunnel::session::finish(driver).await;
         tracing::info!(%cluster, %remote, tunnel = id, "agent disconnected");

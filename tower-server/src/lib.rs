@@ -306,11 +306,14 @@ pub async fn run(
         metrics.clone(),
         move |req, _| frontend.clone().handle(req),
     ));
-    loops.spawn(serve(
+    // The admin listener stays up while the server drains: /readyz answers 503 with the
+    // reason (rather than refusing connections) and /metrics can still be scraped.
+    let admin_stop = CancellationToken::new();
+    let admin_loop = tokio::spawn(serve(
         listeners.admin,
         None,
         config.limits.clone(),
-        stop_accepting.clone(),
+        admin_stop.clone(),
         other_conns.clone(),
         metrics.clone(),
         move |req, _| admin.clone().handle(req),
@@ -346,6 +349,8 @@ pub async fn run(
     if let Some(counter) = replica_counter {
         let _ = counter.await;
     }
+    admin_stop.cancel();
+    let _ = admin_loop.await;
     Ok(())
 }
 

@@ -49,7 +49,7 @@ enum Command {
 #[derive(Args)]
 struct AgentManifestArgs {
     /// The member cluster.
-    #[arg(long)]
+    #[arg(long, env = "TOWER_CLUSTER")]
     cluster: String,
     /// The address members dial, https://HOST:PORT (with --kubernetes, the `tower`
     /// Service's LoadBalancer ingress wins when it has one).
@@ -65,7 +65,7 @@ struct AgentManifestArgs {
     state_dir: PathBuf,
     /// The agent token; else the Cluster's spec.connection.token (--kubernetes), else a
     /// freshly minted one.
-    #[arg(long)]
+    #[arg(long, env = "TOWER_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// The image holding /tower-agent.
     #[arg(long, env = "TOWER_AGENT_IMAGE")]
@@ -87,7 +87,7 @@ struct ClustersArgs {
     #[arg(long, env = "TOWER_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
     admin_url: String,
     /// Print the JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "TOWER_JSON")]
     json: bool,
 }
 
@@ -96,10 +96,10 @@ struct TokenArgs {
     #[command(flatten)]
     secret: SecretArgs,
     /// The cluster the agent serves.
-    #[arg(long)]
+    #[arg(long, env = "TOWER_CLUSTER")]
     cluster: String,
     /// Lifetime (e.g. 24h); forever when omitted.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOWER_TTL", value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
 }
 
@@ -108,29 +108,29 @@ struct UserTokenArgs {
     #[command(flatten)]
     secret: SecretArgs,
     /// The user.
-    #[arg(long)]
+    #[arg(long, env = "TOWER_USER")]
     user: String,
-    /// A group (repeat for more).
-    #[arg(long = "group")]
+    /// A group (repeat for more; TOWER_GROUPS takes a comma-separated list).
+    #[arg(long = "group", env = "TOWER_GROUPS", value_delimiter = ',')]
     groups: Vec<String>,
     /// Lifetime.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOWER_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     ttl: Duration,
 }
 
 #[derive(Args)]
 struct KubeconfigArgs {
     /// The member cluster.
-    #[arg(long)]
+    #[arg(long, env = "TOWER_CLUSTER")]
     cluster: String,
     /// The frontend's URL, e.g. https://tower.example.com:9443
-    #[arg(long)]
+    #[arg(long, env = "TOWER_SERVER")]
     server: String,
     /// The user token.
-    #[arg(long)]
+    #[arg(long, env = "TOWER_TOKEN", hide_env_values = true)]
     token: String,
-    /// CA to trust for the frontend (PEM).
-    #[arg(long)]
+    /// CA to trust for the frontend (PEM); else the system's roots.
+    #[arg(long, env = "TOWER_CA_CERT")]
     ca_cert: Option<PathBuf>,
 }
 
@@ -343,29 +343,115 @@ fn kubeconfig(args: KubeconfigArgs) -> Result<String, String> {
     if !base.starts_with("https://") {
         return Err(format!("--server {base:?} must be an https:// URL"));
     }
+    if base.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "--server {base:?} must not hold spaces or control characters"
+        ));
+    }
+    if args
+        .token
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err("--token must not hold spaces or control characters (it goes into an Authorization header)".into());
+    }
     let suffix = format!("/clusters/{}", args.cluster);
     let server = if base.ends_with(&suffix) {
         base.to_owned()
     } else {
         format!("{base}{suffix}")
     };
-    let ca = match &args.ca_cert {
+    let certificate_authority_data = match &args.ca_cert {
         Some(path) => {
             let pem = std::fs::read(path)
                 .map_err(|e| format!("reading --ca-cert {}: {e}", path.display()))?;
-            tower_tunnel::tls::certs_from_pem(&pem).map_err(|e| e.to_string())?;
-            format!(
-                "    certificate-authority-data: {}\n",
-                base64::engine::general_purpose::STANDARD.encode(pem)
-            )
+            tower_tunnel::tls::certs_from_pem(&pem)
+                .map_err(|e| format!("--ca-cert {}: {e}", path.display()))?;
+            Some(base64::engine::general_purpose::STANDARD.encode(pem))
         }
-        None => String::new(),
+        None => None,
     };
-    let name = &args.cluster;
-    Ok(format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {server}\n{ca}users:\n- name: {name}-user\n  user:\n    token: {token}\ncontexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}-user\ncurrent-context: {name}\n",
-        token = args.token
-    ))
+    let name = args.cluster.as_str();
+    let user = format!("{name}-user");
+    let config = kubeconfig::Config {
+        api_version: "v1",
+        kind: "Config",
+        clusters: [kubeconfig::Named {
+            name,
+            cluster: kubeconfig::Cluster {
+                server: &server,
+                certificate_authority_data: certificate_authority_data.as_deref(),
+            },
+        }],
+        users: [kubeconfig::NamedUser {
+            name: &user,
+            user: kubeconfig::User { token: &args.token },
+        }],
+        contexts: [kubeconfig::NamedContext {
+            name,
+            context: kubeconfig::Context {
+                cluster: name,
+                user: &user,
+            },
+        }],
+        current_context: name,
+    };
+    // serde_yaml quotes and escapes whatever needs it: values go in as given.
+    serde_yaml::to_string(&config).map_err(|e| format!("writing the kubeconfig: {e}"))
+}
+
+/// The kubeconfig `tower-server kubeconfig` prints, field by field in kubectl's order.
+mod kubeconfig {
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub(crate) struct Config<'a> {
+        pub(crate) api_version: &'a str,
+        pub(crate) kind: &'a str,
+        pub(crate) clusters: [Named<'a>; 1],
+        pub(crate) users: [NamedUser<'a>; 1],
+        pub(crate) contexts: [NamedContext<'a>; 1],
+        #[serde(rename = "current-context")]
+        pub(crate) current_context: &'a str,
+    }
+
+    #[derive(Serialize)]
+    pub(crate) struct Named<'a> {
+        pub(crate) name: &'a str,
+        pub(crate) cluster: Cluster<'a>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub(crate) struct Cluster<'a> {
+        pub(crate) server: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) certificate_authority_data: Option<&'a str>,
+    }
+
+    #[derive(Serialize)]
+    pub(crate) struct NamedUser<'a> {
+        pub(crate) name: &'a str,
+        pub(crate) user: User<'a>,
+    }
+
+    #[derive(Serialize)]
+    pub(crate) struct User<'a> {
+        pub(crate) token: &'a str,
+    }
+
+    #[derive(Serialize)]
+    pub(crate) struct NamedContext<'a> {
+        pub(crate) name: &'a str,
+        pub(crate) context: Context<'a>,
+    }
+
+    #[derive(Serialize)]
+    pub(crate) struct Context<'a> {
+        pub(crate) cluster: &'a str,
+        pub(crate) user: &'a str,
+    }
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
@@ -454,4 +540,140 @@ async fn signal_to(shutdown: CancellationToken) {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use clap::CommandFactory;
+
+    /// DESIGN §8: every flag has an env var, named TOWER_ and the flag (a repeated flag's
+    /// takes the plural, comma-separated).
+    #[test]
+    fn every_flag_of_every_subcommand_has_its_env_var() {
+        let cli = Cli::command();
+        let mut checked = 0;
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if matches!(long, "help" | "version") {
+                    continue;
+                }
+                let env = arg
+                    .get_env()
+                    .unwrap_or_else(|| panic!("{} --{long} has no env var", sub.get_name()));
+                let mut expected = format!("TOWER_{}", long.replace('-', "_").to_uppercase());
+                if matches!(arg.get_action(), clap::ArgAction::Append) {
+                    expected.push('S');
+                }
+                // The same setting as serve's --agent-image, under the same variable.
+                if (sub.get_name(), long) == ("agent-manifest", "image") {
+                    expected = "TOWER_AGENT_IMAGE".into();
+                }
+                assert_eq!(
+                    env.to_str(),
+                    Some(expected.as_str()),
+                    "{} --{long}",
+                    sub.get_name()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 40, "{checked} flags checked");
+    }
+
+    fn args(server: &str, token: &str, ca_cert: Option<PathBuf>) -> KubeconfigArgs {
+        KubeconfigArgs {
+            cluster: "member-1".into(),
+            server: server.into(),
+            token: token.into(),
+            ca_cert,
+        }
+    }
+
+    fn parse(yaml: &str) -> serde_yaml::Value {
+        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+    }
+
+    #[test]
+    fn kubeconfig_values_come_back_as_given_whatever_yaml_makes_of_them() {
+        let servers = [
+            "https://tower.example.com:9443",
+            "https://[::1]:9443/a'b\"c#d&e*f!g%h@i{j}[k],l|m>n?o:",
+            "https://x:1/ #not-a-comment",
+        ];
+        let tokens = [
+            "*alias",
+            "&anchor",
+            "!!binary",
+            "'half-quoted",
+            "\"half-quoted",
+            "#comment",
+            "null",
+            "true",
+            "0x12",
+            "1e3",
+            "~",
+            "-",
+            "a:b#c{d}[e]|f>g%h@i`j,k",
+            "key:",
+            "%YAML",
+        ];
+        for server in servers.iter().filter(|s| !s.contains(' ')) {
+            for token in tokens {
+                let yaml = kubeconfig(args(server, token, None)).unwrap();
+                let config = parse(&yaml);
+                assert_eq!(
+                    config["clusters"][0]["cluster"]["server"].as_str(),
+                    Some(format!("{server}/clusters/member-1").as_str()),
+                    "{yaml}"
+                );
+                assert_eq!(
+                    config["users"][0]["user"]["token"].as_str(),
+                    Some(token),
+                    "{yaml}"
+                );
+                assert_eq!(config["current-context"].as_str(), Some("member-1"));
+                assert_eq!(
+                    config["contexts"][0]["context"]["user"].as_str(),
+                    Some("member-1-user")
+                );
+                assert_eq!(config["users"][0]["name"].as_str(), Some("member-1-user"));
+                assert!(
+                    config["clusters"][0]["cluster"]
+                        .get("certificate-authority-data")
+                        .is_none(),
+                    "no CA given, none written: {yaml}"
+                );
+            }
+        }
+        // Spaces and control characters have no place in a URL or a bearer token.
+        for (server, token) in [(servers[2], "t"), (servers[0], "a b"), (servers[0], "a\nb")] {
+            let e = kubeconfig(args(server, token, None)).unwrap_err();
+            assert!(e.contains("spaces or control characters"), "{e}");
+        }
+        let e = kubeconfig(args("http://x", "t", None)).unwrap_err();
+        assert!(e.contains("https://"), "{e}");
+    }
+
+    #[test]
+    fn kubeconfig_embeds_the_ca() {
+        let pki = tower_tunnel::tls::GeneratedPki::generate("t", &["localhost".into()]).unwrap();
+        let path = std::env::temp_dir().join(format!("tower-kubeconfig-ca-{}", std::process::id()));
+        std::fs::write(&path, &pki.ca_cert_pem).unwrap();
+        let yaml = kubeconfig(args("https://h:9443/", "tok", Some(path.clone()))).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let config = parse(&yaml);
+        let cluster = &config["clusters"][0]["cluster"];
+        assert_eq!(
+            cluster["server"].as_str(),
+            Some("https://h:9443/clusters/member-1")
+        );
+        let data = cluster["certificate-authority-data"].as_str().unwrap();
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap();
+        assert_eq!(pem, pki.ca_cert_pem.as_bytes());
+    }
 }

@@ -5,6 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tower_proto::handshake::Refusal;
 
 /// Labels of `tower_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,12 +36,40 @@ pub struct Metrics {
     pub bytes: Family<DirectionLabels, Counter>,
     /// Tunnels accepted for a cluster that had connected before.
     pub reconnects: Counter,
-    /// Tunnel handshakes refused.
-    pub refused_tunnels: Counter,
+    /// Tunnel handshakes refused, by why.
+    pub refused_tunnels: Family<RefusalLabels, Counter>,
     /// Requests turned away or cut by a limit, by which limit.
     pub limited: Family<ReasonLabels, Counter>,
     /// Tokio tasks alive in the process (set when scraped).
     pub live_tasks: Gauge,
+}
+
+/// Labels of `tower_tunnel_refusals_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `bad_request`, `bad_token`, `forbidden`, `unknown_cluster`, `unsupported_version`,
+    /// `draining` or `duplicate`.
+    pub reason: &'static str,
+    /// The HTTP status the agent got.
+    pub code: u16,
+}
+
+impl RefusalLabels {
+    /// The labels of `refusal`.
+    pub fn of(refusal: Refusal) -> Self {
+        RefusalLabels {
+            reason: match refusal {
+                Refusal::BadRequest => "bad_request",
+                Refusal::BadToken => "bad_token",
+                Refusal::Forbidden => "forbidden",
+                Refusal::UnknownCluster => "unknown_cluster",
+                Refusal::UnsupportedVersion => "unsupported_version",
+                Refusal::Draining => "draining",
+                Refusal::Duplicate => "duplicate",
+            },
+            code: refusal.status(),
+        }
+    }
 }
 
 /// Which limit turned a request away.
@@ -79,7 +108,7 @@ impl Metrics {
         );
         r.register(
             "tunnel_refusals",
-            "Tunnel handshakes refused",
+            "Tunnel handshakes refused, by reason and HTTP status",
             self.refused_tunnels.clone(),
         );
         r.register(
@@ -97,6 +126,13 @@ impl Metrics {
     /// Counts a request hit by limit `reason`.
     pub fn count_limited(&self, reason: &'static str) {
         self.limited.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts a refused tunnel handshake.
+    pub fn count_refusal(&self, refusal: Refusal) {
+        self.refused_tunnels
+            .get_or_create(&RefusalLabels::of(refusal))
+            .inc();
     }
 
     /// Counts a response with `code`.

@@ -34,6 +34,11 @@ const CERT: &str = "tls.crt";
 const KEY: &str = "tls.key";
 
 /// Loads the operator's files, or the state dir's, generating the latter when absent.
+///
+/// A CA kept in `state_dir` is never replaced: agents pin it. When its serving
+/// certificate is missing, unreadable, not issued by that CA or does not cover `sans`, a
+/// new one is issued from the kept CA. Half a CA (only `ca.crt` or only `ca.key`) is an
+/// error rather than a reason to generate a new one.
 pub fn load_or_generate(
     own: Option<&OwnFiles>,
     state_dir: &Path,
@@ -43,11 +48,9 @@ pub fn load_or_generate(
     let (cert_pem, key_pem, ca_pem) = match own {
         Some(own) => (read(&own.cert)?, read(&own.key)?, read(&own.ca)?),
         None => {
-            let files = [CA_CERT, CA_KEY, CERT, KEY].map(|f| state_dir.join(f));
-            if !files.iter().all(|f| f.exists()) {
-                generate(state_dir, sans)?;
-            }
-            (read(&files[2])?, read(&files[3])?, read(&files[0])?)
+            ensure_state(state_dir, sans)?;
+            let file = |name: &str| read(&state_dir.join(name));
+            (file(CERT)?, file(KEY)?, file(CA_CERT)?)
         }
     };
     let mut chain = tls::certs_from_pem(&cert_pem).map_err(|e| e.to_string())?;
@@ -62,14 +65,140 @@ pub fn load_or_generate(
     })
 }
 
+/// Makes `dir` hold a CA and a serving certificate it issued for `sans`, keeping the CA
+/// when there is one.
+fn ensure_state(dir: &Path, sans: &[String]) -> Result<(), String> {
+    let (ca_cert, ca_key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    match (ca_cert.exists(), ca_key.exists()) {
+        (false, false) => return generate(dir, sans),
+        (true, true) => {}
+        (has_cert, _) => {
+            let (present, missing) = if has_cert {
+                (&ca_cert, &ca_key)
+            } else {
+                (&ca_key, &ca_cert)
+            };
+            return Err(format!(
+                "{} is missing but {} exists: refusing to generate a new CA over it, which would cut off every agent that trusts the old one; restore {}, or remove {} to start over with a new CA (and give every agent the new ca.crt)",
+                missing.display(),
+                present.display(),
+                missing.display(),
+                present.display(),
+            ));
+        }
+    }
+    let read =
+        |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()));
+    let (ca_pem, ca_key_pem) = (read(&ca_cert)?, read(&ca_key)?);
+    let ca = tls::certs_from_pem(ca_pem.as_bytes())
+        .map_err(|e| format!("{}: {e}", ca_cert.display()))?;
+    let Some(reason) = serving_problem(dir, &ca, sans) else {
+        return Ok(());
+    };
+    issue(dir, &ca_pem, &ca_key_pem, sans)?;
+    if let Some(still) = serving_problem(dir, &ca, sans) {
+        return Err(format!(
+            "the serving certificate issued from {} does not verify ({still}): does {} belong to it?",
+            ca_cert.display(),
+            ca_key.display()
+        ));
+    }
+    tracing::info!(dir = %dir.display(), %reason, sans = ?sans, "issued a new serving certificate from the existing CA");
+    Ok(())
+}
+
+/// Why the serving certificate in `dir` cannot be used as it is, if it cannot: missing,
+/// unreadable, its key not matching, not issued by `ca` (or expired), or not covering one
+/// of `sans`.
+fn serving_problem(dir: &Path, ca: &[CertificateDer<'static>], sans: &[String]) -> Option<String> {
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+
+    let (cert_path, key_path) = (dir.join(CERT), dir.join(KEY));
+    let load = || -> Result<_, String> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
+        let chain = tls::certs_from_pem(&read(&cert_path)?)
+            .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+        let key = tls::key_from_pem(&read(&key_path)?)
+            .map_err(|e| format!("{}: {e}", key_path.display()))?;
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key, &tls::provider())
+            .map_err(|e| format!("{} and {}: {e}", cert_path.display(), key_path.display()))?;
+        Ok(chain)
+    };
+    let chain = match load() {
+        Ok(chain) => chain,
+        Err(e) => return Some(e),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ca {
+        if let Err(e) = roots.add(cert.clone()) {
+            return Some(format!("{CA_CERT}: {e}"));
+        }
+    }
+    let verifier = match WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        tls::provider(),
+    )
+    .build()
+    {
+        Ok(verifier) => verifier,
+        Err(e) => return Some(format!("{CA_CERT}: {e}")),
+    };
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Some(format!("{} holds no certificate", cert_path.display()));
+    };
+    // Names a client could not ask for (a wildcard, a host name with `_`) are left out.
+    let names = sans
+        .iter()
+        .filter_map(|san| Some((san, ServerName::try_from(san.as_str()).ok()?)));
+    for (san, name) in names {
+        if let Err(e) =
+            verifier.verify_server_cert(leaf, intermediates, &name, &[], UnixTime::now())
+        {
+            return Some(format!(
+                "{} does not verify for {san:?} against {CA_CERT}: {e}",
+                cert_path.display()
+            ));
+        }
+    }
+    None
+}
+
+/// Writes a new serving key and certificate for `sans`, issued by the CA in `ca_pem`.
+fn issue(dir: &Path, ca_pem: &str, ca_key_pem: &str, sans: &[String]) -> Result<(), String> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+    let ca_key = KeyPair::from_pem(ca_key_pem)
+        .map_err(|e| format!("{}: {e}", dir.join(CA_KEY).display()))?;
+    let issuer = Issuer::from_ca_cert_pem(ca_pem, ca_key)
+        .map_err(|e| format!("{}: {e}", dir.join(CA_CERT).display()))?;
+    let err = |e: rcgen::Error| format!("issuing the serving certificate: {e}");
+    let key = KeyPair::generate().map_err(err)?;
+    let mut params = CertificateParams::new(sans.to_vec()).map_err(err)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "tower serving");
+    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, &issuer).map_err(err)?;
+    // The key first: a crash between the two leaves a pair that does not match, which the
+    // next start notices and mends.
+    write_file(&dir.join(KEY), key.serialize_pem().as_bytes(), true)?;
+    write_file(&dir.join(CERT), cert.pem().as_bytes(), false)
+}
+
 fn generate(dir: &Path, sans: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let pki = GeneratedPki::generate("tower", sans).map_err(|e| e.to_string())?;
+    // The CA last: until it is complete, the next start generates everything afresh.
     for (name, content, secret) in [
-        (CA_CERT, &pki.ca_cert_pem, false),
-        (CA_KEY, &pki.ca_key_pem, true),
         (CERT, &pki.cert_pem, false),
         (KEY, &pki.key_pem, true),
+        (CA_KEY, &pki.ca_key_pem, true),
+        (CA_CERT, &pki.ca_cert_pem, false),
     ] {
         write_file(&dir.join(name), content.as_bytes(), secret)?;
     }
@@ -111,4 +240,154 @@ pub fn default_sans(extra: &[String]) -> Vec<String> {
     sans.retain(|s| !s.is_empty());
     sans.dedup();
     sans
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// A scratch state dir, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "tower-pki-{name}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&path);
+            Dir(path)
+        }
+        fn file(&self, name: &str) -> Vec<u8> {
+            std::fs::read(self.0.join(name)).unwrap()
+        }
+        fn write(&self, name: &str, content: &str) {
+            std::fs::write(self.0.join(name), content).unwrap();
+        }
+        fn remove(&self, name: &str) {
+            std::fs::remove_file(self.0.join(name)).unwrap();
+        }
+        fn load(&self, sans: &[&str]) -> Result<TlsMaterial, String> {
+            let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+            load_or_generate(None, &self.0, &sans)
+        }
+        /// Whether the state dir's serving certificate is issued by its CA for `sans`.
+        fn serves(&self, sans: &[&str]) -> bool {
+            let ca = tls::certs_from_pem(&self.file(CA_CERT)).unwrap();
+            let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+            serving_problem(&self.0, &ca, &sans).is_none()
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const SANS: &[&str] = &["localhost", "127.0.0.1", "tower.ke-system.svc"];
+
+    #[test]
+    fn a_fresh_state_dir_gets_a_ca_and_a_certificate_kept_on_later_starts() {
+        let dir = Dir::new("fresh");
+        let first = dir.load(SANS).unwrap();
+        assert_eq!(first.chain.len(), 2, "leaf, then the CA");
+        assert!(dir.serves(SANS));
+        let files = [CA_CERT, CA_KEY, CERT, KEY].map(|f| dir.file(f));
+        let again = dir.load(SANS).unwrap();
+        assert_eq!([CA_CERT, CA_KEY, CERT, KEY].map(|f| dir.file(f)), files);
+        assert_eq!(again.ca_pem, first.ca_pem);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.0.join(CA_KEY))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn a_missing_or_broken_serving_certificate_is_reissued_from_the_kept_ca() {
+        let dir = Dir::new("reissue");
+        dir.load(SANS).unwrap();
+        let (ca, ca_key) = (dir.file(CA_CERT), dir.file(CA_KEY));
+        let mut leaf = dir.file(CERT);
+        let other = GeneratedPki::generate("other", &["localhost".into()]).unwrap();
+        let breakages: [(&str, &dyn Fn()); 5] = [
+            ("tls.crt missing", &|| dir.remove(CERT)),
+            ("tls.key missing", &|| dir.remove(KEY)),
+            ("tls.crt garbage", &|| dir.write(CERT, "not a certificate")),
+            ("tls.key of another certificate", &|| {
+                dir.write(KEY, &other.key_pem)
+            }),
+            ("issued by another CA", &|| {
+                dir.write(CERT, &other.cert_pem);
+                dir.write(KEY, &other.key_pem);
+            }),
+        ];
+        for (what, breakage) in breakages {
+            breakage();
+            assert!(!dir.serves(SANS), "{what}: the breakage is noticed");
+            let material = dir.load(SANS).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(dir.file(CA_CERT), ca, "{what}: the CA is kept");
+            assert_eq!(dir.file(CA_KEY), ca_key, "{what}: the CA key is kept");
+            assert_ne!(dir.file(CERT), leaf, "{what}: a new certificate");
+            assert!(
+                dir.serves(SANS),
+                "{what}: issued by the kept CA for every name"
+            );
+            assert_eq!(material.ca_pem.as_bytes(), &ca[..]);
+            leaf = dir.file(CERT);
+        }
+    }
+
+    #[test]
+    fn new_names_get_a_certificate_that_covers_them_from_the_same_ca() {
+        let dir = Dir::new("sans");
+        dir.load(SANS).unwrap();
+        let ca = dir.file(CA_CERT);
+        let leaf = dir.file(CERT);
+        // Fewer names than the certificate has: nothing to do.
+        dir.load(&SANS[..1]).unwrap();
+        assert_eq!(dir.file(CERT), leaf);
+        // A new --tls-san or publish address host: re-issued.
+        let more = [SANS, &["tower.example.com", "203.0.113.7"]].concat();
+        assert!(!dir.serves(&more));
+        dir.load(&more).unwrap();
+        assert_eq!(dir.file(CA_CERT), ca);
+        assert_ne!(dir.file(CERT), leaf);
+        assert!(dir.serves(&more));
+    }
+
+    #[test]
+    fn half_a_ca_is_refused_and_left_alone() {
+        for (kept, missing) in [(CA_CERT, CA_KEY), (CA_KEY, CA_CERT)] {
+            let dir = Dir::new(&format!("half-{kept}"));
+            dir.load(SANS).unwrap();
+            let before = dir.file(kept);
+            dir.remove(missing);
+            let e = dir.load(SANS).unwrap_err();
+            assert!(
+                e.contains(&format!("{missing} is missing")) && e.contains("refusing"),
+                "{e}"
+            );
+            assert_eq!(dir.file(kept), before, "nothing overwritten");
+            assert!(!dir.0.join(missing).exists(), "nothing generated");
+        }
+    }
+
+    #[test]
+    fn a_ca_key_that_does_not_sign_for_the_ca_is_an_error() {
+        let dir = Dir::new("wrong-ca-key");
+        dir.load(SANS).unwrap();
+        let other = GeneratedPki::generate("other", &["localhost".into()]).unwrap();
+        dir.write(CA_KEY, &other.ca_key_pem);
+        dir.remove(CERT);
+        let e = dir.load(SANS).unwrap_err();
+        assert!(e.contains("does not verify"), "{e}");
+    }
 }

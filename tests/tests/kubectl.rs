@@ -76,9 +76,24 @@ fn get_create_replace_delete_and_large_lists() {
         json.len()
     );
     let list: serde_json::Value = serde_json::from_str(&json).expect("complete JSON");
-    assert!(list["items"].as_array().expect("items").len() >= 500);
+    let items = list["items"].as_array().expect("items");
+    assert_eq!(items.len(), 550, "every configmap the stand-in seeded");
+    const ALPHABET: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    for (i, item) in items.iter().enumerate() {
+        assert_eq!(item["metadata"]["name"], format!("bulk-{i:04}"));
+        // Each payload is 100 KiB of the alphabet, rotated by the item's index.
+        let payload = item["data"]["payload"].as_str().expect("payload");
+        let expected = ALPHABET.chars().cycle().skip(i % ALPHABET.len());
+        assert!(
+            payload.len() == 100 * 1024 && payload.chars().zip(expected).all(|(a, b)| a == b),
+            "payload of bulk-{i:04} arrived intact"
+        );
+    }
 
-    // A caller cannot pick its own identity: impersonation headers it sends are dropped.
+    // A caller cannot pick its own identity: asking to is refused with a reason, and
+    // the member never sees the request. (Discovery reads are served as the token's
+    // user, so that kubectl gets as far as printing that reason.)
+    let before = member.api.calls().len();
     let spoofed = kubectl(
         &kc,
         &[
@@ -91,9 +106,25 @@ fn get_create_replace_delete_and_large_lists() {
             "-o",
             "name",
         ],
-    )
-    .success();
-    assert!(spoofed.contains("pod/web-0"));
+    );
+    assert_eq!(spoofed.code(), Some(1), "{}", spoofed.stderr());
+    assert!(
+        spoofed.stderr().contains("(Forbidden)")
+            && spoofed
+                .stderr()
+                .contains("Impersonate-* headers are not accepted"),
+        "{}",
+        spoofed.stderr()
+    );
+    let after = member.api.calls();
+    assert!(
+        after[before..]
+            .iter()
+            .all(|c| !c.path_and_query.contains("/pods")
+                && c.impersonate_user.as_deref() == Some("alice")),
+        "{:?}",
+        &after[before..]
+    );
 
     // The member saw the agent's own credential and the JWT's user and groups, never
     // the caller's JWT.
@@ -113,7 +144,7 @@ fn watch_and_logs_stream_event_by_event() {
     let member = Member::start();
     let server = server().start();
     let _agent = agent(&server, &member, "member-1").connect(&server);
-    let kc = server.kubeconfig("member-1", "bob", &[]);
+    let kc = server.kubeconfig("member-1", "bob", &["viewers"]);
 
     let watch = KubectlStream::spawn(
         &kc,
@@ -144,11 +175,40 @@ fn watch_and_logs_stream_event_by_event() {
         "{others:?}"
     );
 
-    // logs -f: the first lines, then lines the stand-in writes every 100 ms.
+    // logs -f: the first 20 lines, then lines the stand-in writes every 100 ms. They
+    // must arrive as they are written, not gathered into bigger reads on the way.
     let logs = KubectlStream::spawn(&kc, &["logs", "-f", "web-0", "-n", "default"]);
-    logs.wait_line("followed log line 25", WAIT, |l| {
-        l == "log line 25 from web-0"
+    logs.wait_line("followed log line 21", WAIT, |l| {
+        l == "log line 21 from web-0"
     });
+    let first = std::time::Instant::now();
+    let mut last = first;
+    for n in 22..=30 {
+        let want = format!("log line {n} from web-0");
+        logs.wait_line(&want, WAIT, |l| l == want);
+        let now = std::time::Instant::now();
+        assert!(
+            now - last < Duration::from_secs(2),
+            "line {n} came {:?} after the one before; the stand-in writes one per 100 ms",
+            now - last
+        );
+        last = now;
+    }
+    // Nine lines written 100 ms apart cannot have arrived in one burst.
+    assert!(
+        last - first >= Duration::from_millis(500),
+        "lines 21-30 arrived within {:?}: they were held back and delivered together",
+        last - first
+    );
+
+    // Every call, the watch and the log stream included, ran as the JWT's user.
+    let calls = member.api.calls();
+    assert!(calls.iter().any(|c| c.path_and_query.contains("/log?")));
+    for call in &calls {
+        assert_eq!(call.credential, "token", "{call:?}");
+        assert_eq!(call.impersonate_user.as_deref(), Some("bob"), "{call:?}");
+        assert_eq!(call.impersonate_groups, ["viewers"], "{call:?}");
+    }
 }
 
 #[test]
@@ -178,12 +238,35 @@ fn exec_and_port_forward_upgrade_end_to_end() {
     assert_eq!(whoami.success(), "carol\n", "stderr: {}", whoami.stderr());
     let failed = kubectl(&kc, &["exec", "web-0", "--", "sh", "-c", "exit 3"]);
     assert_eq!(failed.code(), Some(3), "{}", failed.stderr());
-    // Upgrades need HTTP/1.1 all the way.
-    let calls = member.api.calls();
-    assert!(calls.iter().any(|c| c.path_and_query.contains("/exec?")));
+    // kubectl falls back to SPDY quietly when a WebSocket upgrade fails, so the method
+    // the member saw is the proof: GET is WebSocket, POST is SPDY.
+    let exec_methods = |calls: &[tower_kube_stand_in::Call]| -> Vec<String> {
+        calls
+            .iter()
+            .filter(|c| c.path_and_query.contains("/exec?"))
+            .map(|c| c.method.clone())
+            .collect()
+    };
+    let websocket = exec_methods(&member.api.calls());
     assert!(
-        calls.iter().all(|c| c.version == http::Version::HTTP_11),
-        "{calls:?}"
+        websocket.len() == 4 && websocket.iter().all(|m| m == "GET"),
+        "{websocket:?}"
+    );
+
+    // The same over SPDY/3.1, kubectl's older transport.
+    let mut spdy = tower_e2e::kubectl_command(&kc);
+    spdy.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .args(["exec", "-i", "web-0", "--", "cat"]);
+    let echoed = tower_e2e::run_with_input(spdy, &big);
+    assert!(
+        echoed.0.status.success() && echoed.0.stdout == big,
+        "stdin of {} bytes round-trips over SPDY: {}",
+        big.len(),
+        echoed.stderr()
+    );
+    assert_eq!(
+        exec_methods(&member.api.calls()).last().map(String::as_str),
+        Some("POST")
     );
 
     for websockets in ["true", "false"] {
@@ -217,6 +300,21 @@ fn exec_and_port_forward_upgrade_end_to_end() {
             back == payload,
             "1 MiB round-trips through port-forward (websockets={websockets})"
         );
+        let method = if websockets == "true" { "GET" } else { "POST" };
+        let calls = member.api.calls();
+        let forwarded = calls
+            .iter()
+            .rfind(|c| c.path_and_query.contains("/portforward"))
+            .expect("a port-forward call");
+        assert_eq!(forwarded.method, method, "websockets={websockets}");
+    }
+
+    // Upgrades need HTTP/1.1 all the way, and they too run as the JWT's user and groups.
+    let calls = member.api.calls();
+    for call in &calls {
+        assert_eq!(call.version, http::Version::HTTP_11, "{call:?}");
+        assert_eq!(call.impersonate_user.as_deref(), Some("carol"), "{call:?}");
+        assert_eq!(call.impersonate_groups, ["devs"], "{call:?}");
     }
 }
 
@@ -229,7 +327,7 @@ fn large_downloads_stream_without_buffering() {
     let agent = agent(&server, &member, "member-1").connect(&server);
     let https = tower_e2e::Https::frontend(&server);
     let user = tower_e2e::Server::minter().user_token("alice", &[], None);
-    let size: u64 = 256 << 20;
+    let size: u64 = 1 << 30;
     let before = (server.process.rss_kib(), agent.process.rss_kib());
     let sampler = tower_e2e::RssPeaks::start(&[server.process.pid(), agent.process.pid()]);
     let summary = https.download_checked(

@@ -4,9 +4,10 @@
 //! serves each stream the server opens: a control stream (keepalive, drain), an HTTP/1.1
 //! stream for one of its targets, or an HTTP/2 stream that carries many requests (the
 //! server's watches) for one of its targets. For the `kubernetes` target it verifies the
-//! caller's JWT with its own copy of the jwtSecret, removes the caller's `Authorization`
-//! and any `Impersonate-*` headers, and calls its kube-apiserver with its own credentials
-//! plus `Impersonate-User`/`Impersonate-Group`, so member RBAC applies to the real user.
+//! caller's JWT with its own copy of the jwtSecret, refuses requests that ask to
+//! impersonate someone else (`kubectl --as`, `Impersonate-*` headers), removes the
+//! caller's `Authorization`, and calls its kube-apiserver with its own credentials plus
+//! `Impersonate-User`/`Impersonate-Group`, so member RBAC applies to the real user.
 //! Other targets exist only when configured ([`Config::targets`]); anything else is
 //! refused. The agent never opens streams toward the host.
 //!
@@ -72,13 +73,52 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// The delay before attempt `attempt` (0-based): uniform in `[0, min(max, base·2^attempt)]`.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let ceiling = self
-            .base
+    /// The largest delay before attempt `attempt` (0-based): `min(max, base·2^attempt)`.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        self.base
             .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
-            .min(self.max);
-        ceiling.mul_f64(rand::random::<f64>())
+            .min(self.max)
+    }
+
+    /// The delay before attempt `attempt` (0-based): uniform in `[0, ceiling(attempt)]`
+    /// ("full jitter", so agents cut off together do not come back together).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        self.ceiling(attempt).mul_f64(rand::random::<f64>())
+    }
+}
+
+/// The reconnect bookkeeping of [`run`], apart from its I/O: which backoff step the next
+/// dial waits for.
+#[derive(Debug, Default)]
+struct Reconnects {
+    /// Failures (failed dials, tunnels that died young) since the last healthy tunnel.
+    failures: u32,
+}
+
+impl Reconnects {
+    /// A dial failed: the backoff step to wait before the next one.
+    fn dial_failed(&mut self) -> u32 {
+        let step = self.failures;
+        self.failures = self.failures.saturating_add(1);
+        step
+    }
+
+    /// A tunnel ended after `lasted`: the backoff step to wait before dialing again, or
+    /// `None` to dial at once (the server drained it: another replica answers). A tunnel
+    /// that stayed up for `healthy_after` first resets the count.
+    fn tunnel_ended(
+        &mut self,
+        ended: &Ended,
+        lasted: Duration,
+        healthy_after: Duration,
+    ) -> Option<u32> {
+        if lasted >= healthy_after {
+            self.failures = 0;
+        }
+        match ended {
+            Ended::Drained => None,
+            Ended::Closed => Some(self.dial_failed()),
+        }
     }
 }
 
@@ -118,7 +158,8 @@ pub enum AgentError {
 }
 
 /// Runs the agent until `shutdown`: keeps a tunnel up, and serves `/healthz` and
-/// `/readyz` (ready = at least one tunnel up) on `admin`. Holds one tunnel per server
+/// `/readyz` (ready = at least one tunnel up, i.e. with its control stream open) on
+/// `admin`. Holds one tunnel per server
 /// replica behind the published address.
 pub async fn run(
     config: Config,
@@ -145,7 +186,7 @@ pub async fn run(
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(String, Ended, Duration)>();
     let tunnels = TaskTracker::new();
     let (count_tx, mut count_rx) = mpsc::unbounded_channel::<usize>();
-    let mut attempt: u32 = 0;
+    let mut reconnects = Reconnects::default();
     let mut duplicates: u32 = 0;
     let mut delay = Duration::ZERO;
     loop {
@@ -161,17 +202,9 @@ pub async fn run(
             Some((server_id, ended, lasted)) = ended_rx.recv() => {
                 held.remove(&server_id);
                 publish_held(&held);
-                if lasted >= config.backoff.healthy_after {
-                    attempt = 0;
-                }
-                delay = match ended {
-                    // The replica asked us to go: dial again at once (another answers).
-                    Ended::Drained => Duration::ZERO,
-                    Ended::Closed => {
-                        attempt = attempt.saturating_add(1);
-                        config.backoff.delay(attempt - 1)
-                    }
-                };
+                delay = reconnects
+                    .tunnel_ended(&ended, lasted, config.backoff.healthy_after)
+                    .map_or(Duration::ZERO, |step| config.backoff.delay(step));
                 tracing::info!(%server_id, ?delay, tunnels = held.len(), "tunnel ended; reconnecting");
                 continue;
             }
@@ -209,9 +242,7 @@ pub async fn run(
                 );
                 tunnels.spawn(async move {
                     let started = Instant::now();
-                    up.fetch_add(1, Ordering::SeqCst);
-                    let ended = hold_tunnel(dialed, config, shutdown, held_rx, count_tx).await;
-                    up.fetch_sub(1, Ordering::SeqCst);
+                    let ended = hold_tunnel(dialed, config, shutdown, held_rx, count_tx, &up).await;
                     let _ = ended_tx.send((server_id, ended, started.elapsed()));
                 });
             }
@@ -224,8 +255,7 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::warn!(%server, error = %e, "dialing tower-server failed");
-                delay = config.backoff.delay(attempt);
-                attempt = attempt.saturating_add(1);
+                delay = config.backoff.delay(reconnects.dial_failed());
             }
         }
     }
@@ -250,14 +280,42 @@ fn duplicate_delay(backoff: &Backoff, duplicates: u32) -> Duration {
     .delay(duplicates.min(6))
 }
 
-/// Serves one tunnel until it closes, the server drains it, or shutdown.
+/// Counts one tunnel in `/readyz` while alive.
+struct UpGuard(Arc<AtomicUsize>);
+
+impl UpGuard {
+    fn new(up: &Arc<AtomicUsize>) -> Self {
+        up.fetch_add(1, Ordering::SeqCst);
+        UpGuard(up.clone())
+    }
+}
+
+impl Drop for UpGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How long after the 101 the server's control stream may take to arrive: a tunnel
+/// without one has no keepalive, so a link that went silent right after the upgrade
+/// would otherwise look up for ever. One keepalive round (ping interval plus pong
+/// deadline) is what a live tunnel is allowed anyway.
+fn control_deadline(keepalive: &Keepalive) -> Duration {
+    keepalive.interval + keepalive.timeout
+}
+
+/// Serves one tunnel until it closes, the server drains it, or shutdown. The tunnel
+/// counts in `up` (readiness) once the server's control stream is open; without one
+/// within [`control_deadline`], the tunnel is dropped.
 async fn hold_tunnel(
     dialed: dial::Dialed,
     config: Arc<Config>,
     shutdown: CancellationToken,
     held: watch::Receiver<Vec<String>>,
     replicas: mpsc::UnboundedSender<usize>,
+    up: &Arc<AtomicUsize>,
 ) -> Ended {
+    let dialed_server_id = dialed.hello.server_id.clone();
     let (handle, mut inbound, driver) =
         session::start(dialed.io, Role::Agent, &SessionConfig::default());
     let driver = tokio::spawn(driver.run());
@@ -269,6 +327,7 @@ async fn hold_tunnel(
         ..config.keepalive
     };
     let (drained_tx, mut drained_rx) = mpsc::channel::<()>(1);
+    let control_open = CancellationToken::new();
     let streams = TaskTracker::new();
     // Only HTTP streams count for a drain: the control stream lives as long as the tunnel.
     let requests = TaskTracker::new();
@@ -283,6 +342,7 @@ async fn hold_tunnel(
             shutdown: shutdown.clone(),
             requests: requests.clone(),
             replicas,
+            control_open: control_open.clone(),
         };
         tokio::spawn(async move {
             while let Some(stream) = inbound.recv().await {
@@ -294,8 +354,25 @@ async fn hold_tunnel(
             }
         })
     };
+    let deadline = control_deadline(&keepalive);
+    // Ready while the control stream is open; resolves only when it did not open in time.
+    let ready = async {
+        if tokio::time::timeout(deadline, control_open.cancelled())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let _up = UpGuard::new(up);
+        std::future::pending::<()>().await;
+    };
     let ended = tokio::select! {
         () = handle.closed() => Ended::Closed,
+        () = ready => {
+            tracing::warn!(?deadline, server_id = %dialed_server_id, "no control stream from the server after the upgrade: dropping the tunnel");
+            handle.close();
+            Ended::Closed
+        }
         Some(()) = drained_rx.recv() => Ended::Drained,
         () = shutdown.cancelled() => {
             // Drain: the server was told (control stream) and routes nothing new here;
@@ -336,6 +413,8 @@ struct TunnelContext {
     requests: TaskTracker,
     /// Replica counts the server announces.
     replicas: mpsc::UnboundedSender<usize>,
+    /// Cancelled when the server's control stream arrives (keepalive runs from then on).
+    control_open: CancellationToken,
 }
 
 async fn serve_stream(
@@ -351,6 +430,7 @@ async fn serve_stream(
         shutdown,
         requests,
         replicas,
+        control_open,
     } = tunnel;
     let preamble = match tokio::time::timeout(Duration::from_secs(10), stream.read_preamble()).await
     {
@@ -366,6 +446,7 @@ async fn serve_stream(
     };
     match preamble.kind {
         StreamKind::Control => {
+            control_open.cancel();
             let (out_tx, out_rx) = mpsc::channel(2);
             let out_tx_drain = out_tx.clone();
             let (events_tx, mut events_rx) = mpsc::channel(8);
@@ -538,6 +619,16 @@ where
             ));
         }
     };
+    if upstream.credentials.is_some() {
+        if is_discovery(req.method(), req.uri().path()) {
+            // kubectl sends --as on its discovery requests too, and shows only "Forbidden:
+            // unknown" when one is refused. Discovery reads the same for every user: serve
+            // it as the token's user, and refuse the request that follows, with the reason.
+            remove_impersonation(req.headers_mut());
+        } else if let Some(refusal) = refuse_impersonation(req.headers(), &identity.user) {
+            return refusal;
+        }
+    }
     let client_upgrade = req
         .headers()
         .contains_key(header::UPGRADE)
@@ -563,31 +654,13 @@ where
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
     if let Some(credentials) = &upstream.credentials {
-        // The member is the authority: replace whatever the caller sent with our own
-        // credentials and the verified identity.
+        // The member is the authority: replace the caller's credentials with our own
+        // and the verified identity (the caller sent no Impersonate-* headers: refused
+        // above).
         parts.headers.remove(header::AUTHORIZATION);
-        let impersonation: Vec<_> = parts
-            .headers
-            .keys()
-            .filter(|name| name.as_str().starts_with("impersonate-"))
-            .cloned()
-            .collect();
-        for name in impersonation {
-            parts.headers.remove(name);
-        }
         match credentials {
             Credentials::Token(token) => set_bearer(&mut parts.headers, token),
-            Credentials::TokenFile(file) => match file.token() {
-                Ok(token) => set_bearer(&mut parts.headers, &token),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the ServiceAccount token");
-                    return reply(failure(
-                        StatusCode::BAD_GATEWAY,
-                        "InternalError",
-                        "tower-agent cannot read its ServiceAccount token",
-                    ));
-                }
-            },
+            Credentials::TokenFile(file) => set_bearer(&mut parts.headers, &file.token()),
             Credentials::ClientCertificate | Credentials::None => {}
         }
         match header::HeaderValue::from_str(&identity.user) {
@@ -632,6 +705,59 @@ where
         strip_hop_by_hop(response.headers_mut());
     }
     response
+}
+
+/// A 403 for a request that asks to impersonate someone (`kubectl --as`, `--as-group`,
+/// `--as-uid`: `Impersonate-User`, `-Group`, `-Uid`, `-Extra-*`, or any other
+/// `Impersonate-*` header). Tower impersonates the token's own user; silently dropping
+/// the caller's wish would run the request as someone the caller did not ask for.
+fn refuse_impersonation(headers: &http::HeaderMap, user: &str) -> Option<Response<Body>> {
+    let asked: Vec<&str> = headers
+        .keys()
+        .map(http::HeaderName::as_str)
+        .filter(|name| name.starts_with("impersonate-"))
+        .collect();
+    if asked.is_empty() {
+        return None;
+    }
+    Some(reply(failure(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        &format!(
+            "tower-agent: Tower impersonates the user of your token ({user:?}) itself; \
+             kubectl --as/--as-group/--as-uid and Impersonate-* headers are not accepted \
+             (this request had: {})",
+            asked.join(", ")
+        ),
+    )))
+}
+
+/// Whether a request only reads API discovery (`/api`, `/api/v1`, `/apis`,
+/// `/apis/GROUP[/VERSION]`, `/version`, `/openapi/...`), which every authenticated user
+/// may read and which reads the same for all.
+fn is_discovery(method: &http::Method, path: &str) -> bool {
+    if method != http::Method::GET && method != http::Method::HEAD {
+        return false;
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["api"] | ["api", "v1"] | ["apis"] | ["version"] => true,
+        ["apis", group] | ["apis", group, _] => !group.is_empty(),
+        ["openapi", ..] => true,
+        _ => false,
+    }
+}
+
+/// Removes every `Impersonate-*` header.
+fn remove_impersonation(headers: &mut http::HeaderMap) {
+    let names: Vec<_> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("impersonate-"))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
 }
 
 fn set_bearer(headers: &mut http::HeaderMap, token: &str) {
@@ -689,13 +815,130 @@ mod tests {
             max: Duration::from_secs(2),
             healthy_after: Duration::from_secs(1),
         };
-        for attempt in 0..40 {
-            let d = b.delay(attempt);
-            assert!(d <= Duration::from_secs(2), "{d:?}");
-            assert!(d <= Duration::from_millis(100) * 2u32.pow(attempt.min(10)));
+        // The ceiling doubles per attempt from `base` up to `max`, and stays there (no
+        // overflow, however many attempts).
+        let ms = |attempt| b.ceiling(attempt).as_millis();
+        let ceilings: Vec<_> = (0..7).map(ms).collect();
+        assert_eq!(ceilings, [100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(ms(40), 2000);
+        assert_eq!(ms(u32::MAX), 2000);
+
+        // Full jitter: for each attempt, delays spread over all of [0, ceiling] (uniform,
+        // so the mean is ceiling/2 and many fall below ceiling/4). A delay that never
+        // grows, "equal jitter" (ceiling/2 + jitter) or a missing cap all fail here.
+        const SAMPLES: u32 = 2000;
+        for attempt in [0, 1, 2, 3, 4, 5, 12, 40] {
+            let ceiling = b.ceiling(attempt);
+            let samples: Vec<Duration> = (0..SAMPLES).map(|_| b.delay(attempt)).collect();
+            let most = samples.iter().max().unwrap();
+            let least = samples.iter().min().unwrap();
+            let mean = samples.iter().sum::<Duration>() / SAMPLES;
+            let low = samples.iter().filter(|d| **d < ceiling / 4).count();
+            assert!(
+                *most <= ceiling,
+                "attempt {attempt}: {most:?} over {ceiling:?}"
+            );
+            assert!(
+                *most >= ceiling.mul_f64(0.95),
+                "attempt {attempt}: nothing near the ceiling {ceiling:?} (max {most:?})"
+            );
+            assert!(
+                *least <= ceiling / 20,
+                "attempt {attempt}: nothing near zero (min {least:?}): not full jitter"
+            );
+            assert!(
+                (ceiling.mul_f64(0.45)..=ceiling.mul_f64(0.55)).contains(&mean),
+                "attempt {attempt}: mean {mean:?} is not about {ceiling:?}/2"
+            );
+            // Expected 500 of 2000; 350 is over 8 standard deviations away.
+            assert!(
+                low > 350,
+                "attempt {attempt}: only {low} below a quarter of the ceiling"
+            );
         }
-        let samples: std::collections::HashSet<_> = (0..20).map(|_| b.delay(5)).collect();
-        assert!(samples.len() > 1, "full jitter varies");
+    }
+
+    #[test]
+    fn reconnect_attempts_grow_until_a_tunnel_stays_up_for_the_healthy_period() {
+        let healthy = Duration::from_secs(5);
+        let mut r = Reconnects::default();
+        // Dials failing in a row climb the backoff.
+        assert_eq!(
+            [r.dial_failed(), r.dial_failed(), r.dial_failed()],
+            [0, 1, 2]
+        );
+        // A tunnel that came up but died young keeps climbing: a flapping link must not
+        // reconnect at full speed.
+        let young = healthy - Duration::from_millis(1);
+        assert_eq!(r.tunnel_ended(&Ended::Closed, young, healthy), Some(3));
+        assert_eq!(r.dial_failed(), 4);
+        // A drain asks for an immediate redial, and does not count as a failure.
+        assert_eq!(r.tunnel_ended(&Ended::Drained, young, healthy), None);
+        assert_eq!(r.dial_failed(), 5);
+        // A tunnel that stayed up for the healthy period resets the count: the next wait
+        // is the first step again, and so is the climb after it.
+        assert_eq!(r.tunnel_ended(&Ended::Closed, healthy, healthy), Some(0));
+        assert_eq!(r.dial_failed(), 1);
+        assert_eq!(
+            r.tunnel_ended(&Ended::Drained, Duration::from_secs(3600), healthy),
+            None
+        );
+        assert_eq!(
+            r.dial_failed(),
+            0,
+            "a drain after a healthy tunnel resets too"
+        );
+        // No overflow after very many failures.
+        let mut r = Reconnects {
+            failures: u32::MAX - 1,
+        };
+        assert_eq!(r.dial_failed(), u32::MAX - 1);
+        assert_eq!(r.dial_failed(), u32::MAX);
+        assert_eq!(r.dial_failed(), u32::MAX);
+    }
+
+    #[test]
+    fn discovery_paths_are_told_apart_from_resources() {
+        let get = http::Method::GET;
+        for path in [
+            "/api",
+            "/api/",
+            "/api/v1",
+            "/apis",
+            "/apis/apps",
+            "/apis/apps/v1",
+            "/version",
+            "/openapi/v2",
+            "/openapi/v3/apis/apps/v1",
+        ] {
+            assert!(is_discovery(&get, path), "{path}");
+        }
+        for path in [
+            "/",
+            "/api/v1/pods",
+            "/api/v1/namespaces/default/pods",
+            "/apis/apps/v1/deployments",
+            "/apis/apps/v1/namespaces/default/deployments/web",
+            "/apis//v1",
+            "/healthz",
+            "/apiss",
+        ] {
+            assert!(!is_discovery(&get, path), "{path}");
+        }
+        assert!(!is_discovery(&http::Method::POST, "/api"));
+    }
+
+    #[test]
+    fn the_control_stream_deadline_is_one_keepalive_round() {
+        assert_eq!(
+            control_deadline(&Keepalive::new(Duration::from_secs(10))),
+            Duration::from_secs(20)
+        );
+        // The pong deadline is at least 2 s, so short intervals still allow for a slow link.
+        assert_eq!(
+            control_deadline(&Keepalive::new(Duration::from_secs(1))),
+            Duration::from_secs(3)
+        );
     }
 
     /// An upstream that records the headers of every request it gets.
@@ -767,29 +1010,71 @@ mod tests {
         let config = config(&url, &secret);
         let alice = Minter::new(&secret).user_token("alice", &["devs".into()], None);
 
-        let spoofing = request(
-            &alice,
+        // `kubectl --as root --as-group system:masters`, `--as-uid`, and extras: each is
+        // refused with a Status that says why, and never reaches the upstream.
+        for asked in [
             &[
                 ("impersonate-user", "root"),
                 ("impersonate-group", "system:masters"),
-                ("impersonate-extra-scopes", "x"),
-            ],
+            ][..],
+            &[("impersonate-group", "system:masters")][..],
+            &[("impersonate-uid", "0")][..],
+            &[("impersonate-extra-scopes", "x")][..],
+            &[("Impersonate-User", "alice")][..],
+        ] {
+            let response = handle_request(&config, KUBERNETES_TARGET, request(&alice, asked)).await;
+            assert_eq!(response.status(), 403, "{asked:?}");
+            assert_eq!(response.headers()["content-type"], "application/json");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(status["kind"], "Status");
+            assert_eq!(status["reason"], "Forbidden");
+            assert_eq!(status["code"], 403);
+            let message = status["message"].as_str().unwrap();
+            assert!(
+                message.contains("Tower impersonates the user of your token (\"alice\")")
+                    && message.contains("--as")
+                    && message.contains("Impersonate-* headers are not accepted")
+                    && message.contains(&asked[0].0.to_ascii_lowercase()),
+                "{message}"
+            );
+        }
+        assert!(
+            seen.try_recv().is_err(),
+            "refused requests never reach the upstream"
         );
-        let response = handle_request(&config, KUBERNETES_TARGET, spoofing).await;
+
+        // Without such headers: the agent's own credentials and the token's identity.
+        let response = handle_request(&config, KUBERNETES_TARGET, request(&alice, &[])).await;
         assert_eq!(response.status(), 200);
         let headers = seen.recv().await.unwrap();
         assert_eq!(headers["authorization"], "Bearer member-sa-token");
         assert_eq!(headers["impersonate-user"], "alice");
         let groups: Vec<_> = headers.get_all("impersonate-group").iter().collect();
         assert_eq!(groups, ["devs"]);
-        assert!(headers.get("impersonate-extra-scopes").is_none());
+        assert!(headers.get("impersonate-uid").is_none());
         assert_ne!(headers["host"], "tower-frontend:9443");
+
+        // Discovery (which kubectl sends with --as too, and whose refusal it would show
+        // only as "unknown") is served as the token's user.
+        let mut discovery = request(&alice, &[("impersonate-user", "root")]);
+        *discovery.uri_mut() = "/apis/apps/v1".parse().unwrap();
+        let response = handle_request(&config, KUBERNETES_TARGET, discovery).await;
+        assert_eq!(response.status(), 200);
+        let headers = seen.recv().await.unwrap();
+        assert_eq!(headers["impersonate-user"], "alice");
+        assert_eq!(headers.get_all("impersonate-user").iter().count(), 1);
 
         // A token the host accepted but this member's secret did not sign.
         let host_only =
             Minter::new(&Secret::new("host-secret").unwrap()).user_token("alice", &[], None);
-        let refused = handle_request(&config, KUBERNETES_TARGET, request(&host_only, &[])).await;
-        assert_eq!(refused.status(), 401);
+        let refused = handle_request(
+            &config,
+            KUBERNETES_TARGET,
+            request(&host_only, &[("impersonate-user", "root")]),
+        )
+        .await;
+        assert_eq!(refused.status(), 401, "the token is checked first");
         let body = refused.into_body().collect().await.unwrap().to_bytes();
         assert!(
             String::from_utf8_lossy(&body).contains("tower-agent: token signature does not match")

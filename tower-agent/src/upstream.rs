@@ -45,45 +45,89 @@ pub enum Credentials {
     None,
 }
 
-/// A token file read at most every `refresh`, so a rotated token is picked up.
+/// How often a token file is checked for a rotated token: often enough that a rotation
+/// is in use within about a second, rarely enough that a busy agent reads it once a
+/// second, not once a request.
+pub const TOKEN_FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A token file (a ServiceAccount token, or a kubeconfig's `tokenFile:`), re-read at most
+/// once per check interval so a rotated token is used within about that long.
+///
+/// A re-read that fails or finds the file empty (a writer caught mid-write, a projected
+/// volume being swapped) keeps the previous token: the old token usually stays valid for
+/// a while after rotation, an empty one never is.
 #[derive(Debug)]
 pub struct TokenFile {
     path: PathBuf,
-    refresh: Duration,
-    cached: Mutex<Option<(String, Instant)>>,
+    check_every: Duration,
+    cached: Mutex<CachedToken>,
+}
+
+#[derive(Debug)]
+struct CachedToken {
+    token: String,
+    checked_at: Instant,
 }
 
 impl TokenFile {
-    /// Reads `path` now (to fail early) and again whenever the cached copy is older
-    /// than `refresh`.
-    pub fn new(path: PathBuf, refresh: Duration) -> Result<Self, String> {
-        let file = TokenFile {
+    /// Reads `path` now (to fail early: missing, unreadable or empty) and again on use
+    /// once `check_every` has passed since the last check.
+    pub fn new(path: PathBuf, check_every: Duration) -> Result<Self, String> {
+        let token = read_token(&path)?;
+        Ok(TokenFile {
             path,
-            refresh,
-            cached: Mutex::new(None),
-        };
-        file.token()?;
-        Ok(file)
+            check_every,
+            cached: Mutex::new(CachedToken {
+                token,
+                checked_at: Instant::now(),
+            }),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
     }
 
     /// The current token.
-    pub fn token(&self) -> Result<String, String> {
+    pub fn token(&self) -> String {
+        self.token_at(Instant::now())
+    }
+
+    /// The token as of `now` (the clock is a parameter so tests need not sleep).
+    fn token_at(&self, now: Instant) -> String {
         let mut cached = self
             .cached
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((token, read_at)) = cached.as_ref()
-            && read_at.elapsed() < self.refresh
-        {
-            return Ok(token.clone());
+        if now.saturating_duration_since(cached.checked_at) < self.check_every {
+            return cached.token.clone();
         }
-        let token = std::fs::read_to_string(&self.path)
-            .map_err(|e| format!("reading token file {}: {e}", self.path.display()))?
-            .trim()
-            .to_owned();
-        *cached = Some((token.clone(), Instant::now()));
-        Ok(token)
+        cached.checked_at = now;
+        match read_token(&self.path) {
+            Ok(token) => {
+                if token != cached.token {
+                    tracing::info!(path = %self.path.display(), "token file rotated: using the new token");
+                    cached.token = token;
+                }
+            }
+            // At most once per check interval, so this cannot flood the log.
+            Err(e) => tracing::warn!(error = %e, "keeping the previous token"),
+        }
+        cached.token.clone()
     }
+}
+
+/// Reads a token file: trimmed, and never empty.
+fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading token file {}: {e}", path.display()))?
+        .trim()
+        .to_owned();
+    if token.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    Ok(token)
 }
 
 /// One upstream the agent forwards to.
@@ -131,7 +175,7 @@ impl Upstream {
         } else if let Some(token) = &auth.token {
             Credentials::Token(token.expose_secret().to_owned())
         } else if let Some(path) = &auth.token_file {
-            Credentials::TokenFile(TokenFile::new(path.into(), Duration::from_secs(60))?)
+            Credentials::TokenFile(TokenFile::new(path.into(), TOKEN_FILE_CHECK_INTERVAL)?)
         } else if auth.exec.is_some() || auth.auth_provider.is_some() {
             return Err("the kubeconfig's user authenticates with an exec plugin or auth provider, which tower-agent does not run: use a token or client certificate".into());
         } else {
@@ -230,21 +274,72 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Writes `content` the way kubelet rotates a projected token: a new file renamed over
+    /// the old one.
+    fn replace(path: &std::path::Path, content: &str) {
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
     #[test]
-    fn a_rotated_token_file_is_picked_up_after_refresh() {
-        let path = std::env::temp_dir().join(format!("tower-token-{}", std::process::id()));
+    fn a_rotated_token_file_is_used_after_at_most_one_check_interval() {
+        let dir = std::env::temp_dir().join(format!("tower-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
         std::fs::write(&path, "first\n").unwrap();
-        let cached = TokenFile::new(path.clone(), Duration::from_secs(3600)).unwrap();
-        let fresh = TokenFile::new(path.clone(), Duration::ZERO).unwrap();
-        std::fs::write(&path, "second\n").unwrap();
+        let second = Duration::from_secs(1);
+        let file = TokenFile::new(path.clone(), second).unwrap();
+        let t0 = file.cached.lock().unwrap().checked_at;
+
+        replace(&path, "second\n");
+        assert_eq!(file.token_at(t0), "first", "checked just now");
         assert_eq!(
-            cached.token().unwrap(),
+            file.token_at(t0 + Duration::from_millis(999)),
             "first",
-            "within the refresh period"
+            "no re-read within the interval"
         );
-        assert_eq!(fresh.token().unwrap(), "second", "after it");
+        assert_eq!(
+            file.token_at(t0 + second),
+            "second",
+            "re-read once the interval has passed"
+        );
+
+        // The file changes again right after a check: the next check sees it.
+        replace(&path, "third");
+        assert_eq!(
+            file.token_at(t0 + second + Duration::from_millis(500)),
+            "second"
+        );
+        assert_eq!(file.token_at(t0 + 2 * second), "third");
+
+        // A re-read that fails or finds the file empty keeps the last good token...
+        std::fs::write(&path, "  \n").unwrap();
+        assert_eq!(file.token_at(t0 + 3 * second), "third", "empty file");
         std::fs::remove_file(&path).unwrap();
-        assert!(fresh.token().unwrap_err().contains("reading token file"));
+        assert_eq!(file.token_at(t0 + 4 * second), "third", "missing file");
+        // ...and the file coming back is picked up at the next check.
+        replace(&path, "fourth");
+        assert_eq!(file.token_at(t0 + 5 * second), "fourth");
+
+        // A clock that goes backwards (the lock taken by an older `now`) re-reads nothing.
+        replace(&path, "fifth");
+        assert_eq!(file.token_at(t0), "fourth");
+
+        // Starting without a usable file is an error that names the file.
+        std::fs::remove_file(&path).unwrap();
+        let missing = TokenFile::new(path.clone(), second).unwrap_err();
+        assert!(
+            missing.contains("reading token file") && missing.contains("token"),
+            "{missing}"
+        );
+        std::fs::write(&path, "\n").unwrap();
+        assert!(
+            TokenFile::new(path.clone(), second)
+                .unwrap_err()
+                .contains("is empty")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -137,14 +137,23 @@ pub(crate) async fn handle(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    let credential =
-        if bearer.is_some_and(|t| constant_time_eq(t.as_bytes(), shared.token.as_bytes())) {
-            "token".to_owned()
-        } else if let Some(cn) = &client_cn {
-            format!("client-cert:{cn}")
-        } else {
-            "anonymous".to_owned()
-        };
+    let matches =
+        |token: &str| bearer.is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+    let more = shared
+        .more_tokens
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .position(|t| matches(t));
+    let credential = if matches(&shared.token) {
+        "token".to_owned()
+    } else if let Some(i) = more {
+        format!("token#{}", i + 1)
+    } else if let Some(cn) = &client_cn {
+        format!("client-cert:{cn}")
+    } else {
+        "anonymous".to_owned()
+    };
     let call = Call {
         method: req.method().to_string(),
         path_and_query: req

@@ -70,7 +70,8 @@ pub struct Call {
     pub method: String,
     /// Path and query as sent, e.g. `/api/v1/namespaces/default/pods?limit=500`.
     pub path_and_query: String,
-    /// How the caller authenticated: `token`, `client-cert:<CN>` or `anonymous`.
+    /// How the caller authenticated: `token`, `token#N` (the Nth token given to
+    /// [`StandIn::accept_token`]), `client-cert:<CN>` or `anonymous`.
     pub credential: String,
     /// The `Impersonate-User` header, if any.
     pub impersonate_user: Option<String>,
@@ -95,6 +96,8 @@ pub enum KubeconfigAuth {
 pub(crate) struct Shared {
     pub(crate) store: store::Store,
     pub(crate) token: String,
+    /// Tokens accepted besides `token` ([`StandIn::accept_token`]), as after a rotation.
+    pub(crate) more_tokens: Mutex<Vec<String>>,
     pub(crate) calls: Mutex<Vec<Call>>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
@@ -157,6 +160,7 @@ impl StandIn {
         let shared = Arc::new(Shared {
             store,
             token,
+            more_tokens: Mutex::new(Vec::new()),
             calls: Mutex::new(Vec::new()),
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -196,6 +200,17 @@ impl StandIn {
     /// The accepted bearer ("ServiceAccount") token.
     pub fn token(&self) -> &str {
         &self.shared.token
+    }
+
+    /// Accepts `token` too, as kube-apiserver accepts both the old and the new token
+    /// of a rotated ServiceAccount; calls with it are recorded with credential
+    /// `token#N`, N counting the tokens added this way from 1.
+    pub fn accept_token(&self, token: impl Into<String>) {
+        self.shared
+            .more_tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(token.into());
     }
 
     /// PEM of a client certificate (CN `tower-agent-client`) accepted instead of the token.

@@ -132,14 +132,8 @@ impl ProxyUrl {
 
     /// The proxy that `HTTPS_PROXY`/`NO_PROXY` (or their lowercase forms) choose for
     /// `host:port`, if any (see [`ProxyUrl::from_lookup`]).
-    pub fn from_env_for(host: &str, port: u16) -> Result<Option<Self>, String> {
+    pub fn from_env(host: &str, port: u16) -> Result<Option<Self>, String> {
         Self::from_lookup(host, Some(port), |name| std::env::var(name).ok())
-    }
-
-    /// Like [`ProxyUrl::from_env_for`] when the port is not known: a `NO_PROXY` entry
-    /// with a port then exempts its host on any port. Prefer `from_env_for`.
-    pub fn from_env(host: &str) -> Result<Option<Self>, String> {
-        Self::from_lookup(host, None, |name| std::env::var(name).ok())
     }
 
     /// The proxy that the variables `lookup` returns choose for `host` (and `port`, when

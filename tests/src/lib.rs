@@ -587,8 +587,11 @@ impl AgentBuilder {
                 "--reconnect-max",
                 "2s",
             ])
+            // Tests choose the proxy settings; the machine's must not leak in.
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
             .env("TOWER_LOG", "info,tower_agent=debug");
         if !self.args.iter().any(|a| a.starts_with("--ca-hash")) {
             command.arg("--ca-file").arg(&self.ca_file);

@@ -188,7 +188,6 @@ fn the_agent_dials_through_https_proxy_and_authenticates_with_a_client_certifica
     let (port, relayed) = connect_proxy();
     let _agent = agent(&server, &member, "member-1")
         .env("HTTPS_PROXY", &format!("http://127.0.0.1:{port}"))
-        .env("NO_PROXY", "")
         .connect(&server);
     assert_eq!(
         relayed.load(Ordering::SeqCst),
@@ -213,6 +212,30 @@ fn the_agent_dials_through_https_proxy_and_authenticates_with_a_client_certifica
             .iter()
             .all(|c| c.impersonate_user.as_deref() == Some("dave") && !c.saw_authorization),
         "{calls:?}"
+    );
+}
+
+#[test]
+fn no_proxy_bypasses_the_proxy_and_the_flag_names_one_without_the_environment() {
+    let member = Member::start();
+    let server = server().start();
+    let (port, relayed) = connect_proxy();
+    let proxy = format!("http://127.0.0.1:{port}");
+    // The server's address is inside a NO_PROXY CIDR block: dialed directly.
+    let direct = agent(&server, &member, "member-1")
+        .env("HTTPS_PROXY", &proxy)
+        .env("NO_PROXY", "tower.example, 127.0.0.0/8")
+        .connect(&server);
+    assert_eq!(relayed.load(Ordering::SeqCst), 0, "NO_PROXY was ignored");
+    drop(direct);
+    // --https-proxy names a proxy with no environment at all.
+    let _flagged = agent(&server, &member, "member-2")
+        .args(&["--https-proxy", &proxy])
+        .connect(&server);
+    assert_eq!(
+        relayed.load(Ordering::SeqCst),
+        1,
+        "--https-proxy was ignored"
     );
 }
 

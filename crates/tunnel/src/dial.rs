@@ -115,10 +115,17 @@ impl ProxyUrl {
         let authority = uri
             .authority()
             .ok_or_else(|| format!("proxy {text:?} names no host"))?;
+        // `user:password`, %-escapes decoded (a password may hold `@` or `:` only so).
         let credentials = authority
             .as_str()
             .rsplit_once('@')
-            .map(|(userinfo, _)| userinfo.to_owned());
+            .map(|(userinfo, _)| {
+                percent_encoding::percent_decode_str(userinfo)
+                    .decode_utf8()
+                    .map(|decoded| decoded.into_owned())
+                    .map_err(|_| format!("proxy {text:?}: its user:password is not UTF-8"))
+            })
+            .transpose()?;
         Ok(ProxyUrl {
             host: authority
                 .host()
@@ -536,8 +543,84 @@ mod tests {
         assert_eq!(p.host, "proxy.corp");
         assert_eq!(p.port, 3128);
         assert_eq!(p.credentials.as_deref(), Some("user:pw"));
+        let escaped = ProxyUrl::parse("http://svc%40corp:p%3Ass@proxy.corp:3128").unwrap();
+        assert_eq!(escaped.credentials.as_deref(), Some("svc@corp:p:ss"));
         assert_eq!(ProxyUrl::parse("proxy.corp").unwrap().port, 80);
         assert!(ProxyUrl::parse("socks5://x").is_err());
+    }
+
+    /// Runs [`connect_through_proxy`] against a proxy that answers `answer`; returns
+    /// the request the proxy read and the result.
+    async fn through_proxy(
+        proxy: &str,
+        host: &str,
+        answer: &'static [u8],
+    ) -> (String, Result<(), TunnelError>) {
+        let (mut agent, mut proxy_side) = tokio::io::duplex(16 * 1024);
+        let proxy_task = tokio::spawn(async move {
+            let mut request = Vec::new();
+            while !request.ends_with(b"\r\n\r\n") {
+                request.push(proxy_side.read_u8().await.unwrap());
+            }
+            proxy_side.write_all(answer).await.unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        let result =
+            connect_through_proxy(&mut agent, &ProxyUrl::parse(proxy).unwrap(), host, 8080).await;
+        (proxy_task.await.unwrap(), result)
+    }
+
+    #[tokio::test]
+    async fn connect_names_the_target_and_authenticates_to_the_proxy() {
+        let (request, result) = through_proxy(
+            "http://svc%40corp:p%3Ass@proxy.corp:3128",
+            "tower.example.com",
+            b"HTTP/1.1 200 Connection established\r\n\r\n",
+        )
+        .await;
+        result.unwrap();
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode("svc@corp:p:ss");
+        assert_eq!(
+            request,
+            format!(
+                "CONNECT tower.example.com:8080 HTTP/1.1\r\nHost: tower.example.com:8080\r\n\
+                 Proxy-Authorization: Basic {basic}\r\n\r\n"
+            )
+        );
+        // An IPv6 target is bracketed; no credentials, no Proxy-Authorization.
+        let (request, result) = through_proxy(
+            "http://proxy.corp:3128",
+            "fd00::1",
+            b"HTTP/1.0 200 OK\r\n\r\n",
+        )
+        .await;
+        result.unwrap();
+        assert_eq!(
+            request,
+            "CONNECT [fd00::1]:8080 HTTP/1.1\r\nHost: [fd00::1]:8080\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_proxy_refusing_connect_is_an_error_naming_it_and_its_answer() {
+        for (answer, status) in [
+            (
+                &b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n\r\n"
+                    [..],
+                "407 Proxy Authentication Required",
+            ),
+            (&b"HTTP/1.1 403 Forbidden\r\n\r\n"[..], "403 Forbidden"),
+        ] {
+            let (_, result) =
+                through_proxy("http://proxy.corp:3128", "tower.example.com", answer).await;
+            let message = result.unwrap_err().to_string();
+            assert!(
+                message.contains("proxy proxy.corp:3128 refused CONNECT tower.example.com:8080")
+                    && message.contains(status),
+                "{message}"
+            );
+        }
     }
 
     /// `NO_PROXY` exempts `host:port`.

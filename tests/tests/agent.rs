@@ -184,6 +184,60 @@ fn in_cluster_the_agent_uses_the_service_account_and_follows_its_rotation() {
 }
 
 #[test]
+fn token_file_and_kubernetes_service_flags_replace_the_token_and_the_environment() {
+    let member = Member::start();
+    let server = server().start();
+    let sa = service_account_dir(&member, member.api.token());
+    // The agent token from a file, as agent.yaml mounts it (with a trailing newline),
+    // and the kube-apiserver from --kubernetes-service, with no service environment.
+    let token_file = sa.path().join("agent-token");
+    std::fs::write(
+        &token_file,
+        format!("{}\n", Server::minter().agent_token("member-1", None)),
+    )
+    .expect("token file");
+    let mut command = Command::new(bin_path("tower-agent"));
+    command
+        .args(["--name", "member-1", "--token-file"])
+        .arg(&token_file)
+        .arg("--proxy-server")
+        .arg(format!("https://{}", server.tunnel))
+        .arg("--ca-file")
+        .arg(&server.ca_file)
+        .arg("--jwt-secret-file")
+        .arg(&server.secret_file)
+        .arg("--service-account-dir")
+        .arg(sa.path())
+        .arg("--kubernetes-service")
+        .arg(member.api.addr().to_string())
+        .env_remove("TOWER_TOKEN")
+        .env_remove("TOWER_KUBECONFIG")
+        .env_remove("KUBECONFIG")
+        .env_remove("TOWER_KUBERNETES_SERVICE")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy");
+    let (process, _stdout) = Process::spawn(command, sa.path().join("agent.log"));
+    wait_for_with(
+        "the agent to connect",
+        Duration::from_secs(20),
+        || server.connected("member-1").then_some(()),
+        || process.log(),
+    );
+    let kc = server.kubeconfig("member-1", "erin", &[]);
+    let pods = kubectl(&kc, &["get", "pods", "-o", "name"]).success();
+    assert!(pods.contains("pod/web-0"), "{pods}");
+    let calls = member.api.calls();
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.credential == "token" && c.impersonate_user.as_deref() == Some("erin")),
+        "{calls:?}"
+    );
+}
+
+#[test]
 fn in_cluster_without_the_environment_or_the_files_is_a_usage_error() {
     let member = Member::start();
     let server = server().start();

@@ -809,10 +809,9 @@ fn garbage_floods_and_silence_after_the_upgrade_cost_only_their_own_tunnel() {
 }
 
 /// yamux violations that decode fine but break its rules (credit, stream ids) must end
-/// the tunnel too. PRODUCT BUG (fails today): yamux 0.14 answers them with a GoAway
-/// (protocol error) and nothing else, and tower's session driver never learns of it, so
-/// the connection stays open, the tunnel stays registered and routed, and the server
-/// even opens new streams on it after its own GoAway.
+/// the tunnel too. yamux 0.14 answers them with a GoAway (protocol error) and nothing
+/// else, and keeps the connection open; `tower_tunnel::goaway` watches for that GoAway
+/// so the server closes and unroutes the tunnel instead of opening new streams on it.
 #[test]
 fn yamux_rule_violations_after_the_upgrade_close_the_tunnel() {
     use raw_tunnel::{SYN, WINDOW_UPDATE, data, header};

@@ -140,6 +140,67 @@ fn get_create_replace_delete_and_large_lists() {
 }
 
 #[test]
+fn apply_patch_and_attach_through_the_tunnel() {
+    let member = Member::start();
+    let server = server().start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let kc = server.kubeconfig("member-1", "frank", &["devs"]);
+    let manifest = |value: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: applied\n  namespace: default\ndata:\n  key: {value}\n"
+        )
+    };
+    let value = || {
+        kubectl(
+            &kc,
+            &["get", "configmap", "applied", "-o", "jsonpath={.data.key}"],
+        )
+        .success()
+    };
+    // Client-side apply: create, then a three-way strategic-merge PATCH.
+    let out = kubectl_with_input(&kc, &["apply", "-f", "-"], manifest("one").as_bytes());
+    assert_eq!(out.success().trim(), "configmap/applied created");
+    let out = kubectl_with_input(&kc, &["apply", "-f", "-"], manifest("two").as_bytes());
+    assert_eq!(out.success().trim(), "configmap/applied configured");
+    assert_eq!(value(), "two");
+    // A merge patch.
+    kubectl(
+        &kc,
+        &[
+            "patch",
+            "configmap",
+            "applied",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"data":{"key":"three"}}"#,
+        ],
+    )
+    .success();
+    assert_eq!(value(), "three");
+    let patches: Vec<_> = member
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.method == "PATCH")
+        .collect();
+    assert_eq!(patches.len(), 2, "{patches:?}");
+
+    // attach: stdin reaches the container's process and its output comes back.
+    let attached = kubectl_with_input(&kc, &["attach", "-i", "web-0"], b"attached through tower\n");
+    assert_eq!(attached.success(), "attached through tower\n");
+    let calls = member.api.calls();
+    assert!(
+        calls.iter().any(|c| c.path_and_query.contains("/attach?")),
+        "{calls:?}"
+    );
+    for call in &calls {
+        assert_eq!(call.impersonate_user.as_deref(), Some("frank"), "{call:?}");
+        assert_eq!(call.impersonate_groups, ["devs"], "{call:?}");
+    }
+}
+
+#[test]
 fn watch_and_logs_stream_event_by_event() {
     let member = Member::start();
     let server = server().start();

@@ -623,6 +623,15 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn tunnel_connections_disable_nagle() {
+        // Small frames (pings, request heads) must not wait for an ACK of the last one.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tcp = connect_tcp("127.0.0.1", port).await.unwrap();
+        assert!(tcp.nodelay().unwrap());
+    }
+
     /// `NO_PROXY` exempts `host:port`.
     fn exempt(list: &str, host: &str, port: u16) -> bool {
         no_proxy_matches(list, host, port)

@@ -42,10 +42,17 @@ fn rotate_token(dir: &Path, token: &str) {
 /// The agent command for `server` as cluster `name`, with neither a kubeconfig nor any
 /// in-cluster environment of the machine running the test.
 fn agent_command(server: &Server, name: &str) -> Command {
-    let token = Server::minter().agent_token(name, None);
+    let mut command = agent_command_without_token(server, name);
+    command.args(["--token", &Server::minter().agent_token(name, None)]);
+    command
+}
+
+/// [`agent_command`] before its `--token`.
+fn agent_command_without_token(server: &Server, name: &str) -> Command {
     let mut command = Command::new(bin_path("tower-agent"));
     command
-        .args(["--name", name, "--token", &token])
+        .args(["--name", name])
+        .env_remove("TOWER_TOKEN")
         .arg("--proxy-server")
         .arg(format!("https://{}", server.tunnel))
         .arg("--ca-file")
@@ -196,28 +203,14 @@ fn token_file_and_kubernetes_service_flags_replace_the_token_and_the_environment
         format!("{}\n", Server::minter().agent_token("member-1", None)),
     )
     .expect("token file");
-    let mut command = Command::new(bin_path("tower-agent"));
+    let mut command = agent_command_without_token(&server, "member-1");
     command
-        .args(["--name", "member-1", "--token-file"])
+        .arg("--token-file")
         .arg(&token_file)
-        .arg("--proxy-server")
-        .arg(format!("https://{}", server.tunnel))
-        .arg("--ca-file")
-        .arg(&server.ca_file)
-        .arg("--jwt-secret-file")
-        .arg(&server.secret_file)
         .arg("--service-account-dir")
         .arg(sa.path())
         .arg("--kubernetes-service")
-        .arg(member.api.addr().to_string())
-        .env_remove("TOWER_TOKEN")
-        .env_remove("TOWER_KUBECONFIG")
-        .env_remove("KUBECONFIG")
-        .env_remove("TOWER_KUBERNETES_SERVICE")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("KUBERNETES_SERVICE_PORT")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("https_proxy");
+        .arg(member.api.addr().to_string());
     let (process, _stdout) = Process::spawn(command, sa.path().join("agent.log"));
     wait_for_with(
         "the agent to connect",

@@ -316,126 +316,91 @@ fn bad_usage_exits_2_with_the_reason() {
     std::fs::write(&secret, SECRET).unwrap();
     let secret = path(&secret);
 
-    let e = refused(&["token", "--jwt-secret-file", secret], &[]);
-    assert!(e.contains("--cluster"), "{e}");
-    let e = refused(
-        &[
-            "token",
-            "--jwt-secret-file",
-            secret,
-            "--cluster",
-            "member-1",
-            "--ttl",
-            "5x",
-        ],
-        &[],
-    );
-    assert!(e.contains("5x") && e.contains("--ttl"), "{e}");
-    let e = refused(
-        &["token"],
-        &[
-            ("TOWER_JWT_SECRET", SECRET),
-            ("TOWER_CLUSTER", "m"),
-            ("TOWER_TTL", "soon"),
-        ],
-    );
-    assert!(e.contains("soon") && e.contains("--ttl"), "{e}");
-    let e = refused(
-        &[
-            "token",
-            "--jwt-secret-file",
-            secret,
-            "--cluster",
-            "Member_1",
-        ],
-        &[],
-    );
-    assert!(
-        e.contains("\"Member_1\"") && e.contains("DNS-1123"),
-        "the rule is quoted: {e}"
-    );
-    let e = refused(&["token", "--cluster", "member-1"], &[]);
-    assert!(e.contains("jwtSecret is required"), "{e}");
-    let e = refused(
-        &[
-            "token",
-            "--jwt-secret-file",
-            "/nonexistent/secret",
-            "--cluster",
-            "m",
-        ],
-        &[],
-    );
-    assert!(e.contains("/nonexistent/secret"), "{e}");
-
-    let e = refused(&["user-token", "--jwt-secret-file", secret], &[]);
-    assert!(e.contains("--user"), "{e}");
-    let e = refused(
-        &[
-            "user-token",
-            "--jwt-secret-file",
-            secret,
-            "--user",
-            "a",
-            "--ttl",
-            "5x",
-        ],
-        &[],
-    );
-    assert!(e.contains("5x") && e.contains("--ttl"), "{e}");
-
-    let e = refused(
-        &[
+    let token = |extra: &[&'static str]| {
+        let mut args = vec!["token", "--jwt-secret-file", secret];
+        args.extend_from_slice(extra);
+        args
+    };
+    let kubeconfig = |cluster: &'static str, server: &'static str, token: &'static str| {
+        vec![
             "kubeconfig",
             "--cluster",
-            "m",
+            cluster,
             "--server",
-            "http://h:9443",
+            server,
             "--token",
-            "t",
-        ],
-        &[],
-    );
-    assert!(e.contains("https://"), "{e}");
-    let e = refused(
-        &[
-            "kubeconfig",
-            "--cluster",
-            "m",
-            "--server",
-            "https://h",
-            "--token",
-            "a b",
-        ],
-        &[],
-    );
-    assert!(e.contains("--token"), "{e}");
-    let e = refused(
-        &[
-            "kubeconfig",
-            "--cluster",
-            "a_b",
-            "--server",
-            "https://h",
-            "--token",
-            "t",
-        ],
-        &[],
-    );
-    assert!(e.contains("DNS-1123"), "{e}");
-    let e = refused(
-        &[
-            "kubeconfig",
-            "--cluster",
-            "m",
-            "--server",
-            "https://h",
-            "--token",
-            "t",
-            "--ca-cert",
-            secret,
-        ],
-        &[],
-    );
-    assert!(e.contains("--ca-cert") && e.contains(secret), "{e}");
+            token,
+        ]
+    };
+    let mut bad_ca = kubeconfig("m", "https://h", "t");
+    bad_ca.extend(["--ca-cert", secret]);
+    let none: &[(&str, &str)] = &[];
+    let ttl_env: &[(&str, &str)] = &[
+        ("TOWER_JWT_SECRET", SECRET),
+        ("TOWER_CLUSTER", "m"),
+        ("TOWER_TTL", "soon"),
+    ];
+    // Each bad invocation, and what its message must name.
+    type Case<'a> = (Vec<&'a str>, &'a [(&'a str, &'a str)], Vec<&'a str>);
+    let cases: Vec<Case> = vec![
+        (token(&[]), none, vec!["--cluster"]),
+        (
+            token(&["--cluster", "member-1", "--ttl", "5x"]),
+            none,
+            vec!["5x", "--ttl"],
+        ),
+        (vec!["token"], ttl_env, vec!["soon", "--ttl"]),
+        // The rule is quoted with the name.
+        (
+            token(&["--cluster", "Member_1"]),
+            none,
+            vec!["\"Member_1\"", "DNS-1123"],
+        ),
+        (
+            vec!["token", "--cluster", "member-1"],
+            none,
+            vec!["jwtSecret is required"],
+        ),
+        (
+            vec![
+                "token",
+                "--jwt-secret-file",
+                "/nonexistent/secret",
+                "--cluster",
+                "m",
+            ],
+            none,
+            vec!["/nonexistent/secret"],
+        ),
+        (
+            vec!["user-token", "--jwt-secret-file", secret],
+            none,
+            vec!["--user"],
+        ),
+        (
+            vec![
+                "user-token",
+                "--jwt-secret-file",
+                secret,
+                "--user",
+                "a",
+                "--ttl",
+                "5x",
+            ],
+            none,
+            vec!["5x", "--ttl"],
+        ),
+        (
+            kubeconfig("m", "http://h:9443", "t"),
+            none,
+            vec!["https://"],
+        ),
+        (kubeconfig("m", "https://h", "a b"), none, vec!["--token"]),
+        (kubeconfig("a_b", "https://h", "t"), none, vec!["DNS-1123"]),
+        (bad_ca, none, vec!["--ca-cert", secret]),
+    ];
+    for (args, env, names) in cases {
+        let e = refused(&args, env);
+        assert!(names.iter().all(|n| e.contains(n)), "{args:?}: {e}");
+    }
 }

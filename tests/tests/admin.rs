@@ -9,6 +9,7 @@ use tower_e2e::{
 
 #[test]
 fn cluster_table_metrics_and_probes_tell_the_truth() {
+    let started = std::time::SystemTime::now();
     let member = Member::start();
     // A long grace, so that the drain at the end can be watched.
     let mut server = server().args(&["--shutdown-grace", "60s"]).start();
@@ -26,19 +27,26 @@ fn cluster_table_metrics_and_probes_tell_the_truth() {
     assert_eq!(row["name"], "member-1");
     assert_eq!(row["connected"], true);
     assert_eq!(row["agent_version"], env!("CARGO_PKG_VERSION"));
-    assert!(
-        row["remote_address"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("127.0.0.1:"),
-        "{row}"
-    );
+    // The agent's end of the tunnel: loopback, from an ephemeral port.
+    let remote: std::net::SocketAddr = row["remote_address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("remote_address is an address: {row}"));
+    assert!(remote.ip().is_loopback() && remote.port() != 0, "{row}");
+    // RFC 3339 (UTC), and within this test's run.
+    let since = row["connected_since"]
+        .as_str()
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        .unwrap_or_else(|| panic!("connected_since is an RFC 3339 time: {row}"));
     assert!(
         row["connected_since"]
             .as_str()
-            .unwrap_or_default()
-            .ends_with('Z'),
-        "{row}"
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    let slack = Duration::from_secs(1);
+    assert!(
+        since + slack >= started && since <= std::time::SystemTime::now(),
+        "connected_since {row} is not within the test"
     );
 
     let admin = server.admin;

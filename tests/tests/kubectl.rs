@@ -454,3 +454,145 @@ fn large_uploads_stream_without_buffering() {
         before.1
     );
 }
+
+/// `kubectl cp` is exec plus tar: a 1 MiB file goes up into the pod and comes back down
+/// byte for byte through the tunnel, over both exec transports, and copying a missing
+/// remote file fails with tar's own words.
+#[test]
+fn cp_copies_files_both_ways_over_websocket_and_spdy() {
+    /// The `command` values of an exec call, decoded as Go encoded them.
+    fn exec_argv(call: &tower_kube_stand_in::Call) -> Vec<String> {
+        let query = call.path_and_query.split_once('?').map_or("", |(_, q)| q);
+        query
+            .split('&')
+            .filter_map(|pair| pair.strip_prefix("command="))
+            .map(|value| {
+                let value = value.replace('+', " ");
+                percent_encoding::percent_decode_str(&value)
+                    .decode_utf8()
+                    .expect("utf-8 argument")
+                    .into_owned()
+            })
+            .collect()
+    }
+
+    let member = Member::start();
+    let server = server().start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let kc = server.kubeconfig("member-1", "dave", &["devs"]);
+    let dir = tower_e2e::TempDir::new("cp");
+
+    for (transport, websockets, method, seed) in [
+        ("websocket", "true", "GET", 1_u64),
+        ("spdy", "false", "POST", 2),
+    ] {
+        let cp = |from: &str, to: &str| {
+            let mut command = tower_e2e::kubectl_command(&kc);
+            command
+                .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+                .args(["cp", "-n", "default", from, to]);
+            tower_e2e::run_with_input(command, b"")
+        };
+        // 1 MiB of xorshift output, seeded per transport so that the second download
+        // cannot pass on the first upload's bytes.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ seed;
+        let data: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        let local = dir.path().join(format!("upload-{transport}.bin"));
+        std::fs::write(&local, &data).expect("write the local file");
+        let local = local.to_str().expect("path");
+        let back = dir.path().join(format!("back-{transport}.bin"));
+        let back = back.to_str().expect("path");
+        let seen_before = member.api.calls().len();
+
+        cp(local, "web-0:/tmp/upload.bin").success();
+        let down = cp("web-0:/tmp/upload.bin", back);
+        down.success();
+        let copied = std::fs::read(back).expect("the downloaded file");
+        assert!(
+            copied == data,
+            "{transport}: {} bytes came back for {} sent (stderr: {})",
+            copied.len(),
+            data.len(),
+            down.stderr()
+        );
+
+        // A missing remote file: the pod's tar fails with exit 2 and says why. `kubectl cp`
+        // itself cannot be relied on to show that: it stops reading once the (empty)
+        // archive has ended, without waiting for the exec's exit status or its stderr
+        // (which it prints on stdout), so it exits 0 and prints the message only
+        // sometimes, against a real pod too (kubernetes/kubectl#980). It writes nothing
+        // locally; whatever it does print is tar's message (or, should the exit status
+        // win the race, kubectl's error with the exit code).
+        let missing_local = dir.path().join(format!("missing-{transport}.bin"));
+        let missing = cp(
+            "web-0:/tmp/missing.bin",
+            missing_local.to_str().expect("path"),
+        );
+        assert!(!missing_local.exists(), "{transport}: {:?}", missing.0);
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&missing.0.stdout),
+            missing.stderr()
+        );
+        let cannot_stat = "tar: /tmp/missing.bin: Cannot stat: No such file or directory";
+        assert!(
+            printed.is_empty() || printed.contains(cannot_stat) || printed.contains("exit code 2"),
+            "{transport}: {printed}"
+        );
+        // The same command through `kubectl exec`, which waits for the exit status:
+        // the failure and tar's stderr come back through the tunnel.
+        let mut exec = tower_e2e::kubectl_command(&kc);
+        exec.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .args([
+                "exec",
+                "-n",
+                "default",
+                "web-0",
+                "--",
+                "tar",
+                "cf",
+                "-",
+                "/tmp/missing.bin",
+            ]);
+        let failed = tower_e2e::run_with_input(exec, b"");
+        assert_eq!(failed.code(), Some(2), "{transport}: {}", failed.stderr());
+        assert!(
+            failed.stderr().contains(cannot_stat),
+            "{transport}: {}",
+            failed.stderr()
+        );
+
+        // What kubectl ran in the pod, over which transport, as whom.
+        let calls = member.api.calls();
+        let execs: Vec<_> = calls[seen_before..]
+            .iter()
+            .filter(|c| c.path_and_query.contains("/pods/web-0/exec?"))
+            .collect();
+        let argvs: Vec<Vec<String>> = execs.iter().map(|c| exec_argv(c)).collect();
+        eprintln!("{transport}: kubectl cp ran {argvs:?}");
+        assert_eq!(
+            argvs,
+            [
+                vec!["test", "-d", "/tmp/upload.bin"],
+                vec!["tar", "-xmf", "-", "-C", "/tmp"],
+                vec!["tar", "cf", "-", "/tmp/upload.bin"],
+                vec!["tar", "cf", "-", "/tmp/missing.bin"],
+                vec!["tar", "cf", "-", "/tmp/missing.bin"],
+            ],
+            "{transport}"
+        );
+        for call in execs {
+            assert_eq!(call.method, method, "{transport}: {call:?}");
+            assert_eq!(call.credential, "token", "{call:?}");
+            assert_eq!(call.impersonate_user.as_deref(), Some("dave"), "{call:?}");
+            assert_eq!(call.impersonate_groups, ["devs"], "{call:?}");
+        }
+    }
+}

@@ -558,10 +558,11 @@ fn pod_subresource(
                 stderr: query.flag("stderr"),
                 tty: query.flag("tty"),
             };
+            let files = shared.filesystems.pod(namespace, name);
             if upgrade == "websocket" {
-                exec_ws::serve(shared, req, command, user, streams)
+                exec_ws::serve(shared, req, command, user, files, streams)
             } else if upgrade.starts_with("spdy/") {
-                Ok(spdy::exec(req, command, user).map(BodyExt::boxed_unsync))
+                Ok(spdy::exec(req, command, user, files).map(BodyExt::boxed_unsync))
             } else {
                 Err(ApiError::bad_request("Upgrade request required"))
             }

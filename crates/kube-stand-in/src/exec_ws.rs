@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, frame::coding::
 
 use crate::api::{Body, full, header_str};
 use crate::command;
+use crate::files::PodFiles;
 use crate::status::ApiError;
 use crate::{Shared, StreamGuard};
 
@@ -64,6 +65,7 @@ pub(crate) fn serve(
     mut req: Request<Incoming>,
     command: Vec<String>,
     user: String,
+    files: PodFiles,
     streams: Streams,
 ) -> Result<Response<Body>, ApiError> {
     let key = header_str(req.headers(), "sec-websocket-key")
@@ -97,7 +99,7 @@ pub(crate) fn serve(
             }
         };
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        session(session_shared, ws, v5, command, user, streams).await;
+        session(session_shared, ws, v5, command, user, files, streams).await;
     });
     let mut resp = Response::new(full(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -146,6 +148,7 @@ async fn session(
     v5: bool,
     command: Vec<String>,
     user: String,
+    files: PodFiles,
     streams: Streams,
 ) {
     let _guard = StreamGuard::new(&shared);
@@ -213,7 +216,7 @@ async fn session(
         let run = async {
             let process = async {
                 tokio::time::sleep(PROCESS_START).await;
-                command::run_command(&command, &user, stdin_rx, stdout_tx, stderr_tx).await
+                command::run_command(&command, &user, &files, stdin_rx, stdout_tx, stderr_tx).await
             };
             tokio::join!(process, writer)
         };

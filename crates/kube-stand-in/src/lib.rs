@@ -13,6 +13,8 @@
 //! * pod logs (`follow` streams a line every 100 ms), exec and attach over WebSocket
 //!   (`v5.channel.k8s.io`, `v4.channel.k8s.io`) running [`command::run_command`], and the
 //!   SPDY upgrades (exec, port-forward) handed to [`spdy`];
+//! * a small in-memory filesystem per pod ([`files::PodFiles`]), shared by every exec into
+//!   it, that the simulated `tar` reads and writes, so `kubectl cp` works both ways;
 //! * a seeded namespace `bulk` whose configmaps total more than 55 MB, and
 //!   `/debug/bytes?size=N` for raw throughput;
 //! * `services` (core `v1`: a cluster IP and node ports are allocated) and KubeSphere's
@@ -46,6 +48,7 @@ pub mod command;
 mod connections;
 mod discovery;
 mod exec_ws;
+pub mod files;
 mod logs;
 mod openapi;
 pub mod spdy;
@@ -99,6 +102,8 @@ pub(crate) struct Shared {
     /// Tokens accepted besides `token` ([`StandIn::accept_token`]), as after a rotation.
     pub(crate) more_tokens: Mutex<Vec<String>>,
     pub(crate) calls: Mutex<Vec<Call>>,
+    /// Each pod's files, for the commands exec runs.
+    pub(crate) filesystems: files::Filesystems,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) open_streams: AtomicUsize,
@@ -162,6 +167,7 @@ impl StandIn {
             token,
             more_tokens: Mutex::new(Vec::new()),
             calls: Mutex::new(Vec::new()),
+            filesystems: files::Filesystems::default(),
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             open_streams: AtomicUsize::new(0),

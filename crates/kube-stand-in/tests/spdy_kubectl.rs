@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
+use tower_kube_stand_in::files::PodFiles;
 use tower_kube_stand_in::spdy;
 
 const KUBECTL: &str = "/usr/bin/kubectl";
@@ -190,7 +191,7 @@ fn route(req: Request<Incoming>, addr: SocketAddr, log: &UpgradeLog) -> Response
                 );
             }
             let command = query_values(req.uri().query().unwrap_or_default(), "command");
-            spdy::exec(req, command, "tester".to_owned())
+            spdy::exec(req, command, "tester".to_owned(), PodFiles::new())
         }
         _ => status(StatusCode::NOT_FOUND, &format!("{path} not found")),
     }

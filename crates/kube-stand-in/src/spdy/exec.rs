@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::frame::{header, rst};
 use super::session::{IncomingStream, StreamSender};
+use crate::files::PodFiles;
 
 /// How long the client gets to open the streams it asked for (the kubelet default).
 const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -79,6 +80,7 @@ pub(crate) async fn serve(
     options: Options,
     command: Vec<String>,
     user: String,
+    files: PodFiles,
 ) {
     let mut streams = Streams::default();
     let deadline = tokio::time::Instant::now() + STREAM_CREATION_TIMEOUT;
@@ -116,7 +118,7 @@ pub(crate) async fn serve(
             extra_stream(stream);
         }
     });
-    run(streams, protocol, options, command, user).await;
+    run(streams, protocol, options, command, user, files).await;
 }
 
 /// Accepts a stream the exec has no use for: a `resize` stream is drained, anything else reset.
@@ -142,6 +144,7 @@ async fn run(
     options: Options,
     command: Vec<String>,
     user: String,
+    files: PodFiles,
 ) {
     let Streams {
         error,
@@ -178,7 +181,7 @@ async fn run(
         stderr.map(|s| s.sender)
     };
     let (code, (), ()) = tokio::join!(
-        crate::command::run_command(&command, &user, stdin_rx, stdout_tx, stderr_tx),
+        crate::command::run_command(&command, &user, &files, stdin_rx, stdout_tx, stderr_tx),
         pump(stdout_rx, stdout_sender.as_ref()),
         pump(stderr_rx, stderr_sender.as_ref()),
     );

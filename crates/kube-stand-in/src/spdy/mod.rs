@@ -32,6 +32,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 
+use crate::files::PodFiles;
+
 /// The `Upgrade` token of SPDY/3.1.
 pub const SPDY_UPGRADE: &str = "SPDY/3.1";
 /// The header carrying the stream sub-protocol of a SPDY upgrade.
@@ -126,8 +128,13 @@ pub fn portforward(req: Request<Incoming>) -> Response<Full<Bytes>> {
 /// answers the upgrade and spawns the session on `hyper::upgrade::on(req)`.
 ///
 /// The streams expected are read from the query (`stdin`, `stdout`, `stderr`, `tty`); the
-/// command runs as `user` once they are open. Refused upgrades get 400.
-pub fn exec(req: Request<Incoming>, command: Vec<String>, user: String) -> Response<Full<Bytes>> {
+/// command runs as `user` on the pod's `files` once they are open. Refused upgrades get 400.
+pub fn exec(
+    req: Request<Incoming>,
+    command: Vec<String>,
+    user: String,
+    files: PodFiles,
+) -> Response<Full<Bytes>> {
     let headers = req.headers();
     if !upgrade_requested(headers, SPDY_UPGRADE) {
         return bad_request(
@@ -156,7 +163,7 @@ pub fn exec(req: Request<Incoming>, command: Vec<String>, user: String) -> Respo
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 session::serve(TokioIo::new(upgraded), move |incoming| {
-                    exec::serve(incoming, protocol, options, command, user)
+                    exec::serve(incoming, protocol, options, command, user, files)
                 })
                 .await;
             }

@@ -619,15 +619,15 @@ where
             ));
         }
     };
-    if upstream.credentials.is_some() {
-        if is_discovery(req.method(), req.uri().path()) {
-            // kubectl sends --as on its discovery requests too, and shows only "Forbidden:
-            // unknown" when one is refused. Discovery reads the same for every user: serve
-            // it as the token's user, and refuse the request that follows, with the reason.
-            remove_impersonation(req.headers_mut());
-        } else if let Some(refusal) = refuse_impersonation(req.headers(), &identity.user) {
-            return refusal;
-        }
+    if upstream.credentials.is_some()
+        && req.headers().keys().any(is_impersonation)
+        && !is_discovery(req.method(), req.uri().path())
+    {
+        // kubectl sends --as on its discovery requests too, and shows only "Forbidden:
+        // unknown" when one is refused. Discovery reads the same for every user: it is
+        // served as the token's user (its Impersonate-* headers are replaced below), and
+        // the request that follows is refused here, with the reason.
+        return refuse_impersonation(req.headers(), &identity.user);
     }
     let client_upgrade = req
         .headers()
@@ -654,10 +654,19 @@ where
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
     if let Some(credentials) = &upstream.credentials {
-        // The member is the authority: replace the caller's credentials with our own
-        // and the verified identity (the caller sent no Impersonate-* headers: refused
-        // above).
+        // The member is the authority: replace the caller's credentials and any
+        // Impersonate-* headers (only a discovery read gets here with some) with our own
+        // credentials and the verified identity.
         parts.headers.remove(header::AUTHORIZATION);
+        let asked: Vec<_> = parts
+            .headers
+            .keys()
+            .filter(|n| is_impersonation(n))
+            .cloned()
+            .collect();
+        for name in asked {
+            parts.headers.remove(name);
+        }
         match credentials {
             Credentials::Token(token) => set_bearer(&mut parts.headers, token),
             Credentials::TokenFile(file) => set_bearer(&mut parts.headers, &file.token()),
@@ -707,20 +716,23 @@ where
     response
 }
 
+/// Whether `name` is one of kube-apiserver's impersonation headers (`Impersonate-User`,
+/// `-Group`, `-Uid`, `-Extra-*`).
+fn is_impersonation(name: &http::HeaderName) -> bool {
+    name.as_str().starts_with("impersonate-")
+}
+
 /// A 403 for a request that asks to impersonate someone (`kubectl --as`, `--as-group`,
 /// `--as-uid`: `Impersonate-User`, `-Group`, `-Uid`, `-Extra-*`, or any other
 /// `Impersonate-*` header). Tower impersonates the token's own user; silently dropping
 /// the caller's wish would run the request as someone the caller did not ask for.
-fn refuse_impersonation(headers: &http::HeaderMap, user: &str) -> Option<Response<Body>> {
+fn refuse_impersonation(headers: &http::HeaderMap, user: &str) -> Response<Body> {
     let asked: Vec<&str> = headers
         .keys()
+        .filter(|n| is_impersonation(n))
         .map(http::HeaderName::as_str)
-        .filter(|name| name.starts_with("impersonate-"))
         .collect();
-    if asked.is_empty() {
-        return None;
-    }
-    Some(reply(failure(
+    reply(failure(
         StatusCode::FORBIDDEN,
         "Forbidden",
         &format!(
@@ -729,34 +741,34 @@ fn refuse_impersonation(headers: &http::HeaderMap, user: &str) -> Option<Respons
              (this request had: {})",
             asked.join(", ")
         ),
-    )))
+    ))
 }
 
 /// Whether a request only reads API discovery (`/api`, `/api/v1`, `/apis`,
-/// `/apis/GROUP[/VERSION]`, `/version`, `/openapi/...`), which every authenticated user
-/// may read and which reads the same for all.
+/// `/apis/GROUP[/VERSION]`, `/version`, `/openapi/v2`, `/openapi/v3[/...]`), which every
+/// authenticated user may read and which reads the same for all. Only plain paths
+/// qualify: a `.`/`..` segment, an empty one or a %-escape could name something else to
+/// a hop that normalises paths.
 fn is_discovery(method: &http::Method, path: &str) -> bool {
     if method != http::Method::GET && method != http::Method::HEAD {
         return false;
     }
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match segments.as_slice() {
-        ["api"] | ["api", "v1"] | ["apis"] | ["version"] => true,
-        ["apis", group] | ["apis", group, _] => !group.is_empty(),
-        ["openapi", ..] => true,
-        _ => false,
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let Some(path) = path.strip_prefix('/') else {
+        return false;
+    };
+    let mut segments = path.split('/');
+    if segments
+        .clone()
+        .any(|s| s.is_empty() || s == "." || s == ".." || s.contains('%'))
+    {
+        return false;
     }
-}
-
-/// Removes every `Impersonate-*` header.
-fn remove_impersonation(headers: &mut http::HeaderMap) {
-    let names: Vec<_> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("impersonate-"))
-        .cloned()
-        .collect();
-    for name in names {
-        headers.remove(name);
+    match (segments.next(), segments.next(), segments.next()) {
+        (Some("api"), None | Some("v1"), None) | (Some("apis" | "version"), None, None) => true,
+        (Some("apis"), Some(_), _) => segments.next().is_none(),
+        (Some("openapi"), Some("v2"), None) | (Some("openapi"), Some("v3"), _) => true,
+        _ => false,
     }
 }
 
@@ -922,6 +934,18 @@ mod tests {
             "/apis//v1",
             "/healthz",
             "/apiss",
+            "//api",
+            "/api//",
+            "/openapi",
+            "/openapi/v4",
+            // Names that a hop normalising paths would read as resources.
+            "/openapi/../api/v1/namespaces/default/secrets",
+            "/openapi/v3/../../api/v1/secrets",
+            "/openapi/%2e%2e/api/v1/secrets",
+            "/apis/../api",
+            "/apis/apps/..",
+            "/apis/apps/./v1",
+            "/api/%76%31",
         ] {
             assert!(!is_discovery(&get, path), "{path}");
         }
@@ -1057,13 +1081,26 @@ mod tests {
 
         // Discovery (which kubectl sends with --as too, and whose refusal it would show
         // only as "unknown") is served as the token's user.
-        let mut discovery = request(&alice, &[("impersonate-user", "root")]);
+        // Nothing the caller asked for survives: not a group, a uid or an extra either.
+        let mut discovery = request(
+            &alice,
+            &[
+                ("impersonate-user", "root"),
+                ("impersonate-group", "system:masters"),
+                ("impersonate-uid", "0"),
+                ("impersonate-extra-scopes", "x"),
+            ],
+        );
         *discovery.uri_mut() = "/apis/apps/v1".parse().unwrap();
         let response = handle_request(&config, KUBERNETES_TARGET, discovery).await;
         assert_eq!(response.status(), 200);
         let headers = seen.recv().await.unwrap();
         assert_eq!(headers["impersonate-user"], "alice");
         assert_eq!(headers.get_all("impersonate-user").iter().count(), 1);
+        let groups: Vec<_> = headers.get_all("impersonate-group").iter().collect();
+        assert_eq!(groups, ["devs"]);
+        assert!(headers.get("impersonate-uid").is_none());
+        assert!(headers.get("impersonate-extra-scopes").is_none());
 
         // A token the host accepted but this member's secret did not sign.
         let host_only =

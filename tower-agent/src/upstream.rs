@@ -84,11 +84,6 @@ impl TokenFile {
         })
     }
 
-    /// The file's path.
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
-    }
-
     /// The current token.
     pub fn token(&self) -> String {
         self.token_at(Instant::now())
@@ -96,15 +91,23 @@ impl TokenFile {
 
     /// The token as of `now` (the clock is a parameter so tests need not sleep).
     fn token_at(&self, now: Instant) -> String {
-        let mut cached = self
-            .cached
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if now.saturating_duration_since(cached.checked_at) < self.check_every {
-            return cached.token.clone();
+        let lock = || {
+            self.cached
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        {
+            let mut cached = lock();
+            if now.saturating_duration_since(cached.checked_at) < self.check_every {
+                return cached.token.clone();
+            }
+            // This request re-reads the file, outside the lock: the requests meanwhile
+            // keep using the cached token instead of waiting for the read.
+            cached.checked_at = now;
         }
-        cached.checked_at = now;
-        match read_token(&self.path) {
+        let read = read_token(&self.path);
+        let mut cached = lock();
+        match read {
             Ok(token) => {
                 if token != cached.token {
                     tracing::info!(path = %self.path.display(), "token file rotated: using the new token");
@@ -288,7 +291,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("token");
         std::fs::write(&path, "first\n").unwrap();
-        let second = Duration::from_secs(1);
+        let second = TOKEN_FILE_CHECK_INTERVAL;
+        assert_eq!(
+            second,
+            Duration::from_secs(1),
+            "a rotation is used within a second"
+        );
         let file = TokenFile::new(path.clone(), second).unwrap();
         let t0 = file.cached.lock().unwrap().checked_at;
 

@@ -264,14 +264,11 @@ impl Acceptor {
         };
         let token = tunnel.token.clone();
         let replicas = tunnel.replicas.clone();
-        // Counted before the registry shows the tunnel, so that whoever sees it in
-        // /v1/clusters finds the metrics already saying so.
-        let replaced = self.registry.insert(&cluster, tunnel, |reconnect| {
-            self.metrics.tunnels.inc();
-            if reconnect {
-                self.metrics.reconnects.inc();
-            }
-        });
+        self.metrics.tunnels.inc();
+        let (replaced, reconnect) = self.registry.insert(&cluster, tunnel);
+        if reconnect {
+            self.metrics.reconnects.inc();
+        }
         // The Cluster may have changed (token rotated, deleted) since the handshake.
         if let Err(e) = self.registry.admits(&cluster, &token) {
             tracing::warn!(%cluster, tunnel = id, error = %e, "no longer admitted: closing");
@@ -310,10 +307,8 @@ impl Acceptor {
             }
         }
         // Unroute first, so callers get a fast 503 instead of a dying tunnel; then close.
-        // The gauge drops just before, so /v1/clusters never shows the tunnel gone while
-        // the metrics still count it.
-        self.metrics.tunnels.dec();
         self.registry.remove(&cluster, id);
+        self.metrics.tunnels.dec();
         handle.close();
         tower_tunnel::session::finish(driver).await;
         tracing::info!(%cluster, %remote, tunnel = id, "agent disconnected");

@@ -71,6 +71,13 @@ fn ensure_state(dir: &Path, sans: &[String]) -> Result<(), String> {
     let (ca_cert, ca_key) = (dir.join(CA_CERT), dir.join(CA_KEY));
     match (ca_cert.exists(), ca_key.exists()) {
         (false, false) => return generate(dir, sans),
+        // `generate` writes ca.key, then ca.crt, then the serving pair: a key alone with
+        // no serving certificate is a first start that stopped half way. No agent can
+        // trust a CA certificate that was never written, so start again.
+        (false, true) if !dir.join(CERT).exists() => {
+            tracing::warn!(dir = %dir.display(), "an earlier first start stopped before writing {CA_CERT}: generating anew");
+            return generate(dir, sans);
+        }
         (true, true) => {}
         (has_cert, _) => {
             let (present, missing) = if has_cert {
@@ -92,38 +99,50 @@ fn ensure_state(dir: &Path, sans: &[String]) -> Result<(), String> {
     let (ca_pem, ca_key_pem) = (read(&ca_cert)?, read(&ca_key)?);
     let ca = tls::certs_from_pem(ca_pem.as_bytes())
         .map_err(|e| format!("{}: {e}", ca_cert.display()))?;
-    let Some(reason) = serving_problem(dir, &ca, sans) else {
+    let (cert_path, key_path) = (dir.join(CERT), dir.join(KEY));
+    let reason = match (read(&cert_path), read(&key_path)) {
+        (Ok(cert), Ok(key)) => serving_problem(&cert, &key, &ca, sans),
+        (Err(e), _) | (_, Err(e)) => Some(e),
+    };
+    let Some(reason) = reason else {
         return Ok(());
     };
-    issue(dir, &ca_pem, &ca_key_pem, sans)?;
-    if let Some(still) = serving_problem(dir, &ca, sans) {
+    // Issued and checked in memory: a CA key that does not belong to ca.crt must not
+    // cost a serving certificate that still works for the names it has.
+    let (cert_pem, key_pem) = issue(dir, &ca_pem, &ca_key_pem, sans)?;
+    if let Some(still) = serving_problem(&cert_pem, &key_pem, &ca, sans) {
         return Err(format!(
-            "the serving certificate issued from {} does not verify ({still}): does {} belong to it?",
+            "a serving certificate issued from {} does not verify ({still}): does {} belong to it?",
             ca_cert.display(),
             ca_key.display()
         ));
     }
+    // The key first: a crash between the two leaves a pair that does not match, which
+    // the next start notices and mends.
+    write_file(&key_path, key_pem.as_bytes(), true)?;
+    write_file(&cert_path, cert_pem.as_bytes(), false)?;
     tracing::info!(dir = %dir.display(), %reason, sans = ?sans, "issued a new serving certificate from the existing CA");
     Ok(())
 }
 
-/// Why the serving certificate in `dir` cannot be used as it is, if it cannot: missing,
-/// unreadable, its key not matching, not issued by `ca` (or expired), or not covering one
-/// of `sans`.
-fn serving_problem(dir: &Path, ca: &[CertificateDer<'static>], sans: &[String]) -> Option<String> {
+/// Why a serving certificate and key (PEM) cannot be used as they are, if they cannot:
+/// unreadable, the key not matching, not issued by `ca` (or expired), or not covering
+/// one of `sans`.
+fn serving_problem(
+    cert_pem: &str,
+    key_pem: &str,
+    ca: &[CertificateDer<'static>],
+    sans: &[String],
+) -> Option<String> {
     use rustls::client::WebPkiServerVerifier;
     use rustls::client::danger::ServerCertVerifier;
     use rustls::pki_types::{ServerName, UnixTime};
 
-    let (cert_path, key_path) = (dir.join(CERT), dir.join(KEY));
     let load = || -> Result<_, String> {
-        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
-        let chain = tls::certs_from_pem(&read(&cert_path)?)
-            .map_err(|e| format!("{}: {e}", cert_path.display()))?;
-        let key = tls::key_from_pem(&read(&key_path)?)
-            .map_err(|e| format!("{}: {e}", key_path.display()))?;
+        let chain = tls::certs_from_pem(cert_pem.as_bytes()).map_err(|e| format!("{CERT}: {e}"))?;
+        let key = tls::key_from_pem(key_pem.as_bytes()).map_err(|e| format!("{KEY}: {e}"))?;
         rustls::sign::CertifiedKey::from_der(chain.clone(), key, &tls::provider())
-            .map_err(|e| format!("{} and {}: {e}", cert_path.display(), key_path.display()))?;
+            .map_err(|e| format!("{CERT} and {KEY}: {e}"))?;
         Ok(chain)
     };
     let chain = match load() {
@@ -146,7 +165,7 @@ fn serving_problem(dir: &Path, ca: &[CertificateDer<'static>], sans: &[String]) 
         Err(e) => return Some(format!("{CA_CERT}: {e}")),
     };
     let Some((leaf, intermediates)) = chain.split_first() else {
-        return Some(format!("{} holds no certificate", cert_path.display()));
+        return Some(format!("{CERT} holds no certificate"));
     };
     // Names a client could not ask for (a wildcard, a host name with `_`) are left out.
     let names = sans
@@ -157,48 +176,37 @@ fn serving_problem(dir: &Path, ca: &[CertificateDer<'static>], sans: &[String]) 
             verifier.verify_server_cert(leaf, intermediates, &name, &[], UnixTime::now())
         {
             return Some(format!(
-                "{} does not verify for {san:?} against {CA_CERT}: {e}",
-                cert_path.display()
+                "{CERT} does not verify for {san:?} against {CA_CERT}: {e}"
             ));
         }
     }
     None
 }
 
-/// Writes a new serving key and certificate for `sans`, issued by the CA in `ca_pem`.
-fn issue(dir: &Path, ca_pem: &str, ca_key_pem: &str, sans: &[String]) -> Result<(), String> {
-    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
-    let ca_key = KeyPair::from_pem(ca_key_pem)
+/// A new serving certificate and key (PEM) for `sans`, issued by the CA in `ca_pem`.
+fn issue(
+    dir: &Path,
+    ca_pem: &str,
+    ca_key_pem: &str,
+    sans: &[String],
+) -> Result<(String, String), String> {
+    let ca_key = rcgen::KeyPair::from_pem(ca_key_pem)
         .map_err(|e| format!("{}: {e}", dir.join(CA_KEY).display()))?;
-    let issuer = Issuer::from_ca_cert_pem(ca_pem, ca_key)
+    let issuer = rcgen::Issuer::from_ca_cert_pem(ca_pem, ca_key)
         .map_err(|e| format!("{}: {e}", dir.join(CA_CERT).display()))?;
-    let err = |e: rcgen::Error| format!("issuing the serving certificate: {e}");
-    let key = KeyPair::generate().map_err(err)?;
-    let mut params = CertificateParams::new(sans.to_vec()).map_err(err)?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "tower serving");
-    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, &issuer).map_err(err)?;
-    // The key first: a crash between the two leaves a pair that does not match, which the
-    // next start notices and mends.
-    write_file(&dir.join(KEY), key.serialize_pem().as_bytes(), true)?;
-    write_file(&dir.join(CERT), cert.pem().as_bytes(), false)
+    tls::issue_serving(&issuer, "tower serving", sans).map_err(|e| e.to_string())
 }
 
 fn generate(dir: &Path, sans: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let pki = GeneratedPki::generate("tower", sans).map_err(|e| e.to_string())?;
-    // The CA last: until it is complete, the next start generates everything afresh.
+    // In this order, each file whole or not at all: a start that stops half way leaves
+    // a state the next start recognises (see `ensure_state`).
     for (name, content, secret) in [
-        (CERT, &pki.cert_pem, false),
-        (KEY, &pki.key_pem, true),
         (CA_KEY, &pki.ca_key_pem, true),
         (CA_CERT, &pki.ca_cert_pem, false),
+        (KEY, &pki.key_pem, true),
+        (CERT, &pki.cert_pem, false),
     ] {
         write_file(&dir.join(name), content.as_bytes(), secret)?;
     }
@@ -206,8 +214,13 @@ fn generate(dir: &Path, sans: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes `path` whole or not at all: a temporary file beside it, flushed, then renamed.
 fn write_file(path: &Path, content: &[u8], secret: bool) -> Result<(), String> {
     use std::io::Write;
+    let err = |e: std::io::Error| format!("writing {}: {e}", path.display());
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -215,11 +228,10 @@ fn write_file(path: &Path, content: &[u8], secret: bool) -> Result<(), String> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(if secret { 0o600 } else { 0o644 });
     }
-    let mut file = options
-        .open(path)
-        .map_err(|e| format!("writing {}: {e}", path.display()))?;
-    file.write_all(content)
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+    let mut file = options.open(&temporary).map_err(err)?;
+    file.write_all(content).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    std::fs::rename(&temporary, path).map_err(err)
 }
 
 /// The names a generated certificate covers: loopback, this host, and what was asked.
@@ -277,7 +289,11 @@ mod tests {
         fn serves(&self, sans: &[&str]) -> bool {
             let ca = tls::certs_from_pem(&self.file(CA_CERT)).unwrap();
             let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-            serving_problem(&self.0, &ca, &sans).is_none()
+            let text = |name| std::fs::read_to_string(self.0.join(name));
+            match (text(CERT), text(KEY)) {
+                (Ok(cert), Ok(key)) => serving_problem(&cert, &key, &ca, &sans).is_none(),
+                _ => false,
+            }
         }
     }
 
@@ -381,13 +397,36 @@ mod tests {
     }
 
     #[test]
-    fn a_ca_key_that_does_not_sign_for_the_ca_is_an_error() {
+    fn a_first_start_that_stopped_after_the_ca_key_starts_again() {
+        let dir = Dir::new("stopped-after-ca-key");
+        dir.load(SANS).unwrap();
+        // What a crash between writing ca.key and ca.crt leaves.
+        for name in [CA_CERT, KEY, CERT] {
+            dir.remove(name);
+        }
+        let old_key = dir.file(CA_KEY);
+        dir.load(SANS).unwrap();
+        assert!(dir.serves(SANS));
+        assert_ne!(dir.file(CA_KEY), old_key, "a new CA");
+        // With a serving certificate beside it, a lone ca.key is no half-done start.
+        dir.remove(CA_CERT);
+        assert!(dir.load(SANS).unwrap_err().contains("refusing"));
+    }
+
+    #[test]
+    fn a_ca_key_that_does_not_sign_for_the_ca_is_an_error_and_costs_nothing() {
         let dir = Dir::new("wrong-ca-key");
         dir.load(SANS).unwrap();
         let other = GeneratedPki::generate("other", &["localhost".into()]).unwrap();
         dir.write(CA_KEY, &other.ca_key_pem);
-        dir.remove(CERT);
-        let e = dir.load(SANS).unwrap_err();
+        let (cert, key) = (dir.file(CERT), dir.file(KEY));
+        // A new name needs a new certificate, which the wrong key cannot sign.
+        let e = dir.load(&["localhost", "new.example"]).unwrap_err();
         assert!(e.contains("does not verify"), "{e}");
+        // The certificate that still serves the old names was not touched.
+        assert_eq!((dir.file(CERT), dir.file(KEY)), (cert, key));
+        assert!(dir.serves(SANS));
+        dir.remove(CERT);
+        assert!(dir.load(SANS).unwrap_err().contains("does not verify"));
     }
 }

@@ -297,23 +297,13 @@ impl Registry {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Installs `tunnel` for `name`; returns the tunnel it replaces. `admitted` is told
-    /// whether the cluster had connected before, and runs before anything of the tunnel
-    /// (or, for a new cluster, of its name) shows in [`Registry::status`]: count it there.
-    pub fn insert(
-        &self,
-        name: &str,
-        tunnel: Tunnel,
-        admitted: impl FnOnce(bool),
-    ) -> Option<Tunnel> {
-        {
-            let mut seen = write(&self.seen);
-            admitted(seen.contains(name));
-            seen.insert(name.to_owned());
-        }
+    /// Installs `tunnel` for `name`; returns the tunnel it replaces, and whether the
+    /// cluster had connected before.
+    pub fn insert(&self, name: &str, tunnel: Tunnel) -> (Option<Tunnel>, bool) {
+        let before = !write(&self.seen).insert(name.to_owned());
         let old = write(&self.tunnels).insert(name.to_owned(), tunnel);
         self.changed.notify_waiters();
-        old
+        (old, before)
     }
 
     /// Removes the tunnel `id` of `name` if it is still the current one.
@@ -378,9 +368,7 @@ impl Registry {
         names
             .into_iter()
             .map(
-                // A tunnel shows until its session task unroutes it (a moment after it
-                // closes), after it has taken it off the metrics: the two never disagree.
-                |name| match tunnels.get(&name) {
+                |name| match tunnels.get(&name).filter(|t| !t.session.is_closed()) {
                     Some(t) => ClusterStatus {
                         connected: true,
                         connected_since: Some(

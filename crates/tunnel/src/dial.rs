@@ -174,11 +174,6 @@ impl ProxyUrl {
     }
 }
 
-/// Whether the `NO_PROXY` list `list` exempts `host:port` from the proxy (see [`NoProxy`]).
-pub fn no_proxy_matches(list: &str, host: &str, port: u16) -> bool {
-    NoProxy::parse(list).exempts(host, Some(port))
-}
-
 /// A parsed `NO_PROXY` list, read the way Go's `net/http` (`x/net/http/httpproxy`) reads
 /// it, which is what Kubernetes operators set it for.
 ///
@@ -634,7 +629,7 @@ mod tests {
 
     /// `NO_PROXY` exempts `host:port`.
     fn exempt(list: &str, host: &str, port: u16) -> bool {
-        no_proxy_matches(list, host, port)
+        NoProxy::parse(list).exempts(host, Some(port))
     }
 
     #[test]

@@ -236,24 +236,37 @@ impl GeneratedPki {
         let ca_cert = ca_params.self_signed(&ca_key).map_err(err)?;
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
 
-        let key = KeyPair::generate().map_err(err)?;
-        let mut params = CertificateParams::new(sans.to_vec()).map_err(err)?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{common_name} serving"));
-        params.not_after = rcgen::date_time_ymd(2099, 1, 1);
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &issuer).map_err(err)?;
+        let (cert_pem, key_pem) = issue_serving(&issuer, &format!("{common_name} serving"), sans)?;
         Ok(GeneratedPki {
             ca_cert_pem: ca_cert.pem(),
             ca_key_pem: issuer.key().serialize_pem(),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            cert_pem,
+            key_pem,
         })
     }
+}
+
+/// A new serving certificate and key (PEM) for `sans` (DNS names or IPs), issued by
+/// `issuer`: valid until 2099, for server and client authentication.
+pub fn issue_serving(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    common_name: &str,
+    sans: &[String],
+) -> Result<(String, String), TunnelError> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    let err = |e: rcgen::Error| TunnelError::Tls(format!("issuing a serving certificate: {e}"));
+    let key = KeyPair::generate().map_err(err)?;
+    let mut params = CertificateParams::new(sans.to_vec()).map_err(err)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, issuer).map_err(err)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 #[cfg(test)]

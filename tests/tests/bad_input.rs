@@ -11,6 +11,30 @@ fn forged(header: &str, claims: &str) -> String {
     format!("{}.{}.{}", b64(header), b64(claims), b64("signature"))
 }
 
+/// The bad tokens every listener refuses, each with the reason it must give: none,
+/// garbage, signed with another secret, expired, and `alg: none`. `claims` are valid
+/// claims of the kind the listener wants; `other_secret` signs them with a wrong key.
+fn bad_tokens(
+    claims: serde_json::Value,
+    other_secret: impl FnOnce(&tower_auth::Minter) -> String,
+) -> Vec<(Option<String>, &'static str)> {
+    let wrong =
+        tower_auth::Minter::new(&tower_auth::Secret::new("not the shared secret").expect("secret"));
+    let mut expired = claims.clone();
+    expired["iat"] = 999_000_000u64.into();
+    expired["exp"] = 1_000_000_000u64.into();
+    vec![
+        (None, "no bearer token"),
+        (Some("garbage".into()), "malformed token"),
+        (Some(other_secret(&wrong)), "signature does not match"),
+        (Some(Server::minter().sign(&expired)), "token expired"),
+        (
+            Some(forged(r#"{"alg":"none","typ":"JWT"}"#, &claims.to_string())),
+            "alg: none",
+        ),
+    ]
+}
+
 #[test]
 fn frontend_refuses_bad_tokens_names_and_targets_with_clear_messages() {
     let member = Member::start();
@@ -25,31 +49,20 @@ fn frontend_refuses_bad_tokens_names_and_targets_with_clear_messages() {
     let https = Https::frontend(&server);
     let minter = Server::minter();
     let user = minter.user_token("alice", &[], Some(Duration::from_secs(600)));
-    let other_secret =
-        tower_auth::Minter::new(&tower_auth::Secret::new("not the shared secret").expect("secret"))
-            .user_token("alice", &[], None);
-    let expired = minter.sign(&serde_json::json!({
-        "username": "alice", "token_type": "access_token", "exp": 1_000_000_000u64
-    }));
-    let none = forged(
-        r#"{"alg":"none","typ":"JWT"}"#,
-        r#"{"username":"admin","token_type":"access_token"}"#,
-    );
     let agent_token = minter.agent_token("member-1", None);
 
     let path = "/clusters/member-1/api/v1/namespaces/default/pods";
     assert_eq!(https.get(path, Some(&user)).status, 200);
-    for (token, message) in [
-        (None, "no bearer token"),
-        (Some("garbage"), "malformed token"),
-        (Some(other_secret.as_str()), "signature does not match"),
-        (Some(expired.as_str()), "token expired"),
-        (Some(none.as_str()), "alg: none"),
-        (
-            Some(agent_token.as_str()),
-            "agent token (aud tower-agent) cannot be used as a user token",
-        ),
-    ] {
+    let mut refused = bad_tokens(
+        serde_json::json!({"username": "admin", "token_type": "access_token"}),
+        |wrong| wrong.user_token("alice", &[], None),
+    );
+    refused.push((
+        Some(agent_token),
+        "agent token (aud tower-agent) cannot be used as a user token",
+    ));
+    for (token, message) in refused {
+        let token = token.as_deref();
         let reply = https.get(path, token);
         assert_eq!(reply.status, 401, "{token:?}: {}", reply.body);
         assert!(reply.body.contains(message), "{token:?}: {}", reply.body);
@@ -144,27 +157,16 @@ fn tunnel_handshake_refusals_are_plain_http() {
     );
 
     // Each bad agent token is refused with 401 and its own reason.
-    let other_secret =
-        tower_auth::Minter::new(&tower_auth::Secret::new("not the shared secret").expect("secret"))
-            .agent_token("member-1", None);
-    let expired = minter.sign(&serde_json::json!({
-        "sub": "member-1", "aud": "tower-agent", "iat": 999_000_000u64, "exp": 1_000_000_000u64
-    }));
-    let none = forged(
-        r#"{"alg":"none","typ":"JWT"}"#,
-        r#"{"sub":"member-1","aud":"tower-agent"}"#,
+    let mut refused = bad_tokens(
+        serde_json::json!({"sub": "member-1", "aud": "tower-agent"}),
+        |wrong| wrong.agent_token("member-1", None),
     );
-    for (token, message) in [
-        (None, "no bearer token"),
-        (Some("garbage"), "malformed token"),
-        (Some(other_secret.as_str()), "signature does not match"),
-        (Some(expired.as_str()), "token expired"),
-        (Some(none.as_str()), "alg: none"),
-        (
-            Some(user.as_str()),
-            "a user token cannot be used as an agent token",
-        ),
-    ] {
+    refused.push((
+        Some(user.clone()),
+        "a user token cannot be used as an agent token",
+    ));
+    for (token, message) in refused {
+        let token = token.as_deref();
         let reply = tunnel.request("GET", "/v1/tunnel", token, &upgrade);
         assert_eq!(reply.status, 401, "{token:?}: {}", reply.body);
         assert!(reply.body.contains(message), "{token:?}: {}", reply.body);

@@ -157,6 +157,7 @@ async fn tar(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::tests::listing;
 
     /// Runs `line` (split on spaces) with `input` on stdin; returns (code, stdout, stderr).
     async fn run(files: &PodFiles, line: &str, input: &[u8]) -> (i32, Vec<u8>, String) {
@@ -222,28 +223,14 @@ mod tests {
         let (code, archive, err) = run(&files.clone(), "tar cf - /tmp/upload.bin", b"").await;
         assert_eq!(code, 0, "{err}");
         assert_eq!(err, "tar: Removing leading `/' from member names\n");
-        let mut entries = Vec::new();
-        for entry in tar::Archive::new(&archive[..]).entries().expect("entries") {
-            let mut entry = entry.expect("entry");
-            let mut contents = Vec::new();
-            std::io::Read::read_to_end(&mut entry, &mut contents).expect("read");
-            let name = entry.path().expect("path").display().to_string();
-            entries.push((name, contents));
-        }
+        let entries = listing(&archive);
         assert_eq!(entries, [("tmp/upload.bin".to_owned(), data.clone())]);
 
         let (code, archive, _) = run(&files, "tar cf - -C /tmp upload.bin", b"").await;
         assert_eq!(code, 0);
-        let names: Vec<String> = tar::Archive::new(&archive[..])
-            .entries()
-            .expect("entries")
-            .map(|e| {
-                e.expect("entry")
-                    .path()
-                    .expect("path")
-                    .display()
-                    .to_string()
-            })
+        let names: Vec<String> = listing(&archive)
+            .into_iter()
+            .map(|(name, _)| name)
             .collect();
         assert_eq!(names, ["upload.bin"]);
     }
@@ -260,11 +247,7 @@ mod tests {
              tar: Exiting with failure status due to previous errors\n"
         );
         // Like GNU tar, it still ends the (empty) archive properly.
-        let entries = tar::Archive::new(&archive[..])
-            .entries()
-            .expect("entries")
-            .count();
-        assert_eq!(entries, 0);
+        assert!(listing(&archive).is_empty());
 
         let (code, _, err) = run(&files, "tar -xmf - -C /tmp", b"not a tar archive").await;
         assert_eq!(code, 2);

@@ -515,8 +515,21 @@ pub(crate) fn create(files: &PodFiles, members: &[(String, String)]) -> (Vec<u8>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// What a tar archive holds: each entry's name and contents, in order.
+    pub(crate) fn listing(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let mut entries = Vec::new();
+        for entry in tar::Archive::new(archive).entries().expect("entries") {
+            let mut entry = entry.expect("entry");
+            let name = entry.path().expect("path").display().to_string();
+            let mut contents = Vec::new();
+            entry.read_to_end(&mut contents).expect("read");
+            entries.push((name, contents));
+        }
+        entries
+    }
 
     fn args(line: &str) -> Vec<String> {
         line.split(' ').map(str::to_owned).collect()
@@ -697,31 +710,17 @@ mod tests {
             "tar: Removing leading `/' from member names\n"
         );
         assert_eq!(outcome.code, 0);
-        let mut listed = Vec::new();
-        for entry in tar::Archive::new(&bytes[..]).entries().expect("entries") {
-            let mut entry = entry.expect("entry");
-            let name = entry.path().expect("path").to_string_lossy().into_owned();
-            let mut data = String::new();
-            entry.read_to_string(&mut data).expect("read");
-            listed.push(format!("{name}={data}"));
-        }
+        let listed: Vec<String> = listing(&bytes)
+            .into_iter()
+            .map(|(name, data)| format!("{name}={}", String::from_utf8_lossy(&data)))
+            .collect();
         assert_eq!(
             listed,
             ["tmp/d/=", "tmp/d/one=1", "tmp/d/sub/=", "tmp/d/sub/two=22"]
         );
         let (bytes, outcome) = create(&files, &[("/tmp/d".to_owned(), "sub/two".to_owned())]);
         assert_eq!(outcome.stderr, "");
-        let names: Vec<String> = tar::Archive::new(&bytes[..])
-            .entries()
-            .expect("entries")
-            .map(|e| {
-                e.expect("entry")
-                    .path()
-                    .expect("path")
-                    .display()
-                    .to_string()
-            })
-            .collect();
+        let names: Vec<String> = listing(&bytes).into_iter().map(|(name, _)| name).collect();
         assert_eq!(names, ["sub/two"]);
     }
 }

@@ -142,13 +142,42 @@ fn apply_patch_and_attach_through_the_tunnel() {
     )
     .success();
     assert_eq!(value(), "three");
+    // Server-side apply: a PATCH whose body type (application/apply-patch+yaml) the member
+    // must see unchanged.
+    let out = kubectl_with_input(
+        &kc,
+        &["apply", "--server-side", "-f", "-"],
+        manifest("four").as_bytes(),
+    );
+    assert_eq!(out.success().trim(), "configmap/applied serverside-applied");
+    assert_eq!(value(), "four");
     let patches: Vec<_> = member
         .api
         .calls()
         .into_iter()
         .filter(|c| c.method == "PATCH")
         .collect();
-    assert_eq!(patches.len(), 2, "{patches:?}");
+    // Which manager sent each: the client-side apply, the patch, the server-side apply, and
+    // kubectl bringing the client-side apply's annotation up to date after it.
+    let managers: Vec<_> = patches
+        .iter()
+        .map(|c| {
+            c.path_and_query
+                .split(['?', '&'])
+                .find_map(|p| p.strip_prefix("fieldManager="))
+                .unwrap_or("")
+        })
+        .collect();
+    assert_eq!(
+        managers,
+        [
+            "kubectl-client-side-apply",
+            "kubectl-patch",
+            "kubectl",
+            "kubectl-last-applied"
+        ],
+        "{patches:?}"
+    );
 
     // attach: stdin reaches the container's process and its output comes back.
     let attached = kubectl_with_input(&kc, &["attach", "-i", "web-0"], b"attached through tower\n");

@@ -490,6 +490,24 @@ async fn object(
                     PatchKind::Merge
                 }
                 "application/json-patch+json" => PatchKind::Json,
+                // Server-side apply. kubectl sends the configuration as JSON, which is YAML.
+                "application/apply-patch+yaml" => {
+                    if query.get("fieldManager").is_none_or(str::is_empty) {
+                        return Err(ApiError::invalid(
+                            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                        ));
+                    }
+                    let config = read_json(req).await?;
+                    let (json, created) = shared
+                        .store
+                        .apply(resource, namespace, name, target, &config)?;
+                    let code = if created {
+                        StatusCode::CREATED
+                    } else {
+                        StatusCode::OK
+                    };
+                    return Ok(json_response(code, json));
+                }
                 other => return Err(ApiError::unsupported_media_type(other)),
             };
             let patch = read_json(req).await?;

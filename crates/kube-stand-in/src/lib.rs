@@ -7,8 +7,9 @@
 //! * discovery (`/version`, `/api`, `/api/v1`, `/apis`, `/apis/{group}[/{version}]`,
 //!   `/openapi/v3`; `/openapi/v2` is a 404 on purpose);
 //! * `namespaces`, `pods`, `configmaps`, `services` and KubeSphere `clusters` in memory: get,
-//!   list, create, replace, merge and strategic-merge patch, JSON patch, delete, server-side
-//!   `Table` printing, and watches that replay an in-memory history and then fan out live
+//!   list, create, replace, merge and strategic-merge patch, JSON patch, server-side apply
+//!   (merged like a merge patch, without field ownership), delete, server-side `Table`
+//!   printing, and watches that replay an in-memory history and then fan out live
 //!   events from one broadcast channel. No services or clusters are seeded;
 //! * pod logs (`follow` streams a line every 100 ms), exec and attach over WebSocket
 //!   (`v5.channel.k8s.io`, `v4.channel.k8s.io`) running [`command::run_command`], and the

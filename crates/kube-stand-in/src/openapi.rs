@@ -125,6 +125,7 @@ fn path_item(resource: Resource) -> Value {
     patch["requestBody"] = json!({"content": {
         "application/merge-patch+json": {"schema": {"type": "object"}},
         "application/json-patch+json": {"schema": {"type": "object"}},
+        "application/apply-patch+yaml": {"schema": {"type": "object"}},
     }});
     json!({
         "put": operation("put", "replace"),

@@ -657,11 +657,61 @@ impl Store {
         kind: PatchKind,
         patch: &Value,
     ) -> Result<Bytes, ApiError> {
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        self.patch_locked(&mut self.lock(), &key, target, kind, patch)
+    }
+
+    /// Server-side apply (`application/apply-patch+yaml`) without field ownership: the
+    /// applied configuration is merged into the object like a merge patch, or creates the
+    /// object when there is none. Returns the object and whether it was created.
+    pub(crate) fn apply(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+        target: Target,
+        config: &Value,
+    ) -> Result<(Bytes, bool), ApiError> {
+        for field in ["apiVersion", "kind"] {
+            if config
+                .get(field)
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                return Err(ApiError::bad_request(format!(
+                    "{field} must be set in an apply configuration"
+                )));
+            }
+        }
         let mut inner = self.lock();
         let key = (resource, namespace.to_owned(), name.to_owned());
+        if inner.objects.contains_key(&key) || target == Target::Status {
+            let object = self.patch_locked(&mut inner, &key, target, PatchKind::Merge, config)?;
+            return Ok((object, false));
+        }
+        let object = self.write_locked(
+            &mut inner,
+            resource,
+            namespace,
+            Some(name),
+            config.clone(),
+            Write::Create,
+        )?;
+        Ok((object, true))
+    }
+
+    fn patch_locked(
+        &self,
+        inner: &mut Inner,
+        key: &Key,
+        target: Target,
+        kind: PatchKind,
+        patch: &Value,
+    ) -> Result<Bytes, ApiError> {
+        let (resource, namespace, name) = (key.0, key.1.as_str(), key.2.as_str());
         let stored = inner
             .objects
-            .get(&key)
+            .get(key)
             .ok_or_else(|| ApiError::not_found(&resource.qualified_plural(), name))?;
         let mut object: Value = serde_json::from_slice(&stored.json)
             .map_err(|e| ApiError::internal(format!("stored object is not JSON: {e}")))?;
@@ -693,7 +743,7 @@ impl Store {
             meta.insert("resourceVersion".into(), Value::String(current_rv));
         }
         self.write_locked(
-            &mut inner,
+            inner,
             resource,
             namespace,
             Some(name),

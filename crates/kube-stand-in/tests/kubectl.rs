@@ -7,7 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Harness, eventually, run_output};
+use common::{Harness, body_json, eventually, run_output};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tower_kube_stand_in::KubeconfigAuth;
 
@@ -171,6 +171,51 @@ async fn create_replace_apply_label_delete_from_files() {
             h.ok(&["apply", "-f", pod.to_str().unwrap()]).await.trim(),
             "pod/applied created"
         );
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_side_apply_creates_then_merges() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let h = Harness::start().await;
+        let manifest = |value: &str| {
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\n  namespace: default\ndata:\n  key: \"{value}\"\n")
+        };
+        let file = h.write("ssa.yaml", &manifest("one"));
+        let file = file.to_str().unwrap();
+        let apply = ["apply", "--server-side", "-f", file];
+        assert_eq!(h.ok(&apply).await.trim(), "configmap/ssa serverside-applied");
+        assert_eq!(h.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data.key}"]).await, "one");
+        h.write("ssa.yaml", &manifest("two"));
+        assert_eq!(h.ok(&apply).await.trim(), "configmap/ssa serverside-applied");
+        assert_eq!(h.ok(&["get", "cm", "ssa", "-o", "jsonpath={.data.key}"]).await, "two");
+        let applies: Vec<_> = h
+            .stand_in
+            .calls()
+            .into_iter()
+            .filter(|c| c.method == "PATCH")
+            .collect();
+        assert_eq!(applies.len(), 2, "{applies:?}");
+        assert!(
+            applies.iter().all(|c| c.path_and_query.contains("fieldManager=kubectl")),
+            "{applies:?}"
+        );
+
+        // The apiserver's own refusals: an apply configuration needs its type, and an
+        // apply a field manager.
+        let mut client = h.connect().await;
+        for (body, query, code, message) in [
+            (r#"{"metadata":{"name":"ssa"}}"#, "?fieldManager=me", 400, "apiVersion must be set"),
+            (r#"{"apiVersion":"v1","kind":"ConfigMap"}"#, "", 422, "fieldManager: Required value"),
+        ] {
+            let path = format!("/api/v1/namespaces/default/configmaps/ssa{query}");
+            let resp = client.patch(&path, "application/apply-patch+yaml", body).await;
+            assert_eq!(resp.status(), code, "{path}");
+            let status = body_json(resp).await;
+            assert!(status["message"].as_str().unwrap().contains(message), "{status}");
+        }
     })
     .await
     .expect("test deadline");

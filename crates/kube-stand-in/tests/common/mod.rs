@@ -185,6 +185,25 @@ impl Client {
         self.send.send_request(req.body(body).unwrap()).await
     }
 
+    /// PATCH with the token and a body of the given type.
+    pub async fn patch(
+        &mut self,
+        path: &str,
+        content_type: &str,
+        body: &str,
+    ) -> hyper::Response<Incoming> {
+        let req = Request::builder()
+            .method("PATCH")
+            .uri(path)
+            .header("host", &self.authority)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        self.send.ready().await.unwrap();
+        self.send.send_request(req).await.unwrap()
+    }
+
     /// GET with the token.
     pub async fn get(&mut self, path: &str) -> hyper::Response<Incoming> {
         self.request("GET", path, Some(TOKEN), None).await

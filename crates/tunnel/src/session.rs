@@ -258,10 +258,18 @@ where
                     for reply in pending.drain(..) {
                         let _ = reply.send(Err(TunnelError::Closed("session closing".into())));
                     }
+                    // A close flushes what is queued, then the GoAway and the TLS
+                    // close_notify. On a dead link (the reason for most closes: a missed
+                    // pong) that waits on TCP's retransmission timeout, ~15 minutes, while
+                    // `closed()` keeps the agent from redialing: bound it here.
                     let connection = &mut self.connection;
-                    return poll_fn(|cx| connection.poll_close(cx))
-                        .await
-                        .map_err(|e| TunnelError::Closed(e.to_string()));
+                    let close = poll_fn(|cx| connection.poll_close(cx));
+                    return match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
+                        Ok(closed) => closed.map_err(|e| TunnelError::Closed(e.to_string())),
+                        Err(_) => Err(TunnelError::Closed(format!(
+                            "the close did not get through within {CLOSE_TIMEOUT:?}: connection dropped"
+                        ))),
+                    };
                 }
                 Event::Violated => {
                     for reply in pending.drain(..) {
@@ -325,9 +333,9 @@ where
     }
 }
 
-/// Waits for a closing session's driver task, but not forever: a dead link can leave the
-/// last write of a close (GoAway, TLS close_notify) hanging, so after `CLOSE_TIMEOUT` the
-/// task is aborted, which drops the socket.
+/// Waits for a closing session's driver task, but not forever. The driver bounds its own
+/// close by [`CLOSE_TIMEOUT`]; this is the backstop that aborts the task (dropping the
+/// socket) should it still be running then.
 pub async fn finish(driver: tokio::task::JoinHandle<Result<(), TunnelError>>) {
     let abort = driver.abort_handle();
     if tokio::time::timeout(CLOSE_TIMEOUT, driver).await.is_err() {
@@ -343,6 +351,7 @@ pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn pair(max_streams: usize) -> (SessionHandle, SessionHandle, Inbound) {
@@ -491,5 +500,32 @@ mod tests {
             .unwrap();
         server.closed().await;
         assert!(server.open_stream().await.is_err());
+    }
+
+    /// A close on a link that takes no more bytes (a peer gone silent behind a NAT) ends
+    /// within [`CLOSE_TIMEOUT`], not when TCP gives up minutes later: the agent redials
+    /// only once its session has ended.
+    #[tokio::test(start_paused = true)]
+    async fn close_on_a_stalled_link_ends_in_bounded_time() {
+        // The peer end is held and never read: 4 KiB fill the link.
+        let (near, _silent_peer) = tokio::io::duplex(4096);
+        let (handle, _inbound, driver) = start(near, Role::Server, &SessionConfig::default());
+        let driver = tokio::spawn(driver.run());
+        let mut stream = handle.open_stream().await.unwrap();
+        // yamux takes a window's worth (256 KiB) and queues what the link does not.
+        stream.write_all(&[7; 256 * 1024]).await.unwrap();
+
+        let asked = tokio::time::Instant::now();
+        handle.close();
+        tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), handle.closed())
+            .await
+            .expect("the session did not end after close() on a stalled link");
+        // Not sooner either: the close was stuck behind the queued bytes, and let go.
+        assert!(asked.elapsed() >= CLOSE_TIMEOUT, "{:?}", asked.elapsed());
+        let ended = driver.await.unwrap();
+        assert!(
+            matches!(&ended, Err(TunnelError::Closed(why)) if why.contains("did not get through")),
+            "{ended:?}"
+        );
     }
 }

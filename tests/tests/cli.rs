@@ -350,6 +350,12 @@ fn bad_usage_exits_2_with_the_reason() {
             vec!["5x", "--ttl"],
         ),
         (vec!["token"], ttl_env, vec!["soon", "--ttl"]),
+        // A lifetime past any date a JWT can carry is refused, not wrapped around.
+        (
+            token(&["--cluster", "m", "--ttl", "18446744073709551615s"]),
+            none,
+            vec!["--ttl", "at most 100 years"],
+        ),
         // The rule is quoted with the name.
         (
             token(&["--cluster", "Member_1"]),

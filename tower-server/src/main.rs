@@ -99,7 +99,7 @@ struct TokenArgs {
     #[arg(long, env = "TOWER_CLUSTER")]
     cluster: String,
     /// Lifetime (e.g. 24h); forever when omitted.
-    #[arg(long, env = "TOWER_TTL", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOWER_TTL", value_parser = parse_ttl)]
     ttl: Option<Duration>,
 }
 
@@ -114,7 +114,7 @@ struct UserTokenArgs {
     #[arg(long = "group", env = "TOWER_GROUPS", value_delimiter = ',')]
     groups: Vec<String>,
     /// Lifetime.
-    #[arg(long, env = "TOWER_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOWER_TTL", default_value = "24h", value_parser = parse_ttl)]
     ttl: Duration,
 }
 
@@ -323,6 +323,16 @@ fn cluster_table(list: &[ClusterStatus]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A token's lifetime: a humantime duration of at most 100 years, so `exp` is a date.
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    const MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl > MAX {
+        return Err("a token lifetime must be at most 100 years (omit --ttl for a token that does not expire)".into());
+    }
+    Ok(ttl)
 }
 
 fn token(args: TokenArgs) -> Result<String, String> {

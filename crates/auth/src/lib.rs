@@ -371,7 +371,7 @@ impl Minter {
             sub: cluster.to_owned(),
             aud: Audience::One(AGENT_AUDIENCE.to_owned()),
             iat,
-            exp: ttl.map(|t| iat + t.as_secs()),
+            exp: ttl.map(|t| iat.saturating_add(t.as_secs())),
             jti: random_id(),
         };
         self.sign(&claims)
@@ -385,7 +385,7 @@ impl Minter {
             groups: groups.to_vec(),
             token_type: Some(ACCESS_TOKEN.to_owned()),
             iat: Some(iat),
-            exp: ttl.map(|t| iat + t.as_secs()),
+            exp: ttl.map(|t| iat.saturating_add(t.as_secs())),
             ..UserClaims::default()
         };
         self.sign(&claims)

@@ -85,8 +85,8 @@ impl ServerAddress {
     }
 }
 
-/// An HTTP proxy reached with CONNECT.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An HTTP proxy reached with CONNECT. Its `Debug` hides the credentials.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ProxyUrl {
     /// Proxy host.
     pub host: String,
@@ -96,9 +96,36 @@ pub struct ProxyUrl {
     pub credentials: Option<String>,
 }
 
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyUrl")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<hidden>"),
+            )
+            .finish()
+    }
+}
+
+/// `text` (a proxy URL) with any `user:password@` shown as `***@`, for messages: a proxy
+/// variable's password must not reach a pod's log because the URL was wrong.
+fn without_userinfo(text: &str) -> String {
+    let start = text.find("://").map_or(0, |i| i + 3);
+    let end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    match text[start..end].rfind('@') {
+        Some(at) => format!("{}***{}", &text[..start], &text[start + at..]),
+        None => text.to_owned(),
+    }
+}
+
 impl ProxyUrl {
-    /// Parses `http://[user:pass@]host[:port]`.
+    /// Parses `http://[user:pass@]host[:port]`. Errors never repeat the credentials.
     pub fn parse(text: &str) -> Result<Self, String> {
+        let shown = without_userinfo(text);
         let with_scheme = if text.contains("://") {
             text.to_owned()
         } else {
@@ -106,15 +133,15 @@ impl ProxyUrl {
         };
         let uri: Uri = with_scheme
             .parse()
-            .map_err(|e| format!("proxy {text:?} is not a URL: {e}"))?;
+            .map_err(|e| format!("proxy {shown:?} is not a URL: {e}"))?;
         if uri.scheme_str() != Some("http") {
             return Err(format!(
-                "proxy {text:?}: only http:// proxies are supported"
+                "proxy {shown:?}: only http:// proxies are supported"
             ));
         }
         let authority = uri
             .authority()
-            .ok_or_else(|| format!("proxy {text:?} names no host"))?;
+            .ok_or_else(|| format!("proxy {shown:?} names no host"))?;
         // `user:password`, %-escapes decoded (a password may hold `@` or `:` only so).
         let credentials = authority
             .as_str()
@@ -123,7 +150,7 @@ impl ProxyUrl {
                 percent_encoding::percent_decode_str(userinfo)
                     .decode_utf8()
                     .map(|decoded| decoded.into_owned())
-                    .map_err(|_| format!("proxy {text:?}: its user:password is not UTF-8"))
+                    .map_err(|_| format!("proxy {shown:?}: its user:password is not UTF-8"))
             })
             .transpose()?;
         Ok(ProxyUrl {
@@ -542,6 +569,30 @@ mod tests {
         assert_eq!(escaped.credentials.as_deref(), Some("svc@corp:p:ss"));
         assert_eq!(ProxyUrl::parse("proxy.corp").unwrap().port, 80);
         assert!(ProxyUrl::parse("socks5://x").is_err());
+    }
+
+    #[test]
+    fn a_proxy_password_stays_out_of_errors_and_debug() {
+        for bad in [
+            "https://svc:S3cret@proxy.corp:3128",
+            "http://svc:S3cret@proxy corp:3128",
+            "socks5://svc:S3cret@proxy.corp/path@x",
+        ] {
+            let err = ProxyUrl::parse(bad).unwrap_err();
+            assert!(!err.contains("S3cret"), "{err}");
+            assert!(err.contains("***@proxy"), "{err}");
+        }
+        let parsed = ProxyUrl::parse("http://svc:S3cret@proxy.corp:3128").unwrap();
+        let debug = format!("{parsed:?}");
+        assert!(
+            !debug.contains("S3cret") && debug.contains("<hidden>"),
+            "{debug}"
+        );
+        assert_eq!(
+            without_userinfo("http://proxy.corp:3128"),
+            "http://proxy.corp:3128"
+        );
+        assert_eq!(without_userinfo("u:p@proxy:1"), "***@proxy:1");
     }
 
     /// Runs [`connect_through_proxy`] against a proxy that answers `answer`; returns

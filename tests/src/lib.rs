@@ -507,6 +507,7 @@ pub struct AgentBuilder {
     env: Vec<(String, String)>,
     name: String,
     token: Option<String>,
+    token_in_file: bool,
     kubeconfig: PathBuf,
     tunnel: SocketAddr,
     ca_file: PathBuf,
@@ -520,6 +521,7 @@ pub fn agent(server: &Server, member: &Member, name: &str) -> AgentBuilder {
         env: Vec::new(),
         name: name.to_owned(),
         token: None,
+        token_in_file: false,
         kubeconfig: member.kubeconfig.clone(),
         tunnel: server.tunnel,
         ca_file: server.ca_file.clone(),
@@ -564,15 +566,30 @@ impl AgentBuilder {
         self
     }
 
+    /// Passes the token as `--token-file` (this token, or a fresh one for `name`), in a file
+    /// of the agent's own directory: [`Agent::token_file`] says where, to rotate it.
+    pub fn via_token_file(mut self) -> Self {
+        self.token_in_file = true;
+        self
+    }
+
     /// Starts the process (it may or may not manage to connect).
     pub fn spawn(self) -> Agent {
         let token = self
             .token
             .unwrap_or_else(|| Server::minter().agent_token(&self.name, None));
         let dir = TempDir::new("agent");
+        let token_file = dir.path().join("token");
         let mut command = Command::new(bin_path("tower-agent"));
+        command.args(["--name", &self.name]);
+        if self.token_in_file {
+            // As agent.yaml mounts it: with a trailing newline.
+            std::fs::write(&token_file, format!("{token}\n")).expect("write the token file");
+            command.arg("--token-file").arg(&token_file);
+        } else {
+            command.args(["--token", &token]);
+        }
         command
-            .args(["--name", &self.name, "--token", &token])
             .arg("--proxy-server")
             .arg(format!("https://{}", self.tunnel))
             .arg("--kubeconfig")
@@ -610,6 +627,7 @@ impl AgentBuilder {
             process,
             admin,
             name: self.name,
+            token_file,
             _dir: dir,
         }
     }
@@ -635,6 +653,8 @@ pub struct Agent {
     pub admin: Option<SocketAddr>,
     /// Its cluster name.
     pub name: String,
+    /// Where its `--token-file` is (with [`AgentBuilder::via_token_file`]).
+    pub token_file: PathBuf,
     _dir: TempDir,
 }
 

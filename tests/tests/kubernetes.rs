@@ -130,6 +130,7 @@ fn a_proxy_cluster_gets_a_token_an_endpoint_and_its_condition_follows_the_agent(
     // The Cluster's own token connects, the condition turns True, kubectl works.
     let first = agent(&server, &member, "member-1")
         .token(&token)
+        .via_token_file()
         .connect(&server);
     let up = wait_available(&host, &server, "member-1", "True");
     let condition = up["status"]["conditions"]
@@ -181,10 +182,20 @@ fn a_proxy_cluster_gets_a_token_an_endpoint_and_its_condition_follows_the_agent(
         },
     );
     assert!(!server.connected("member-1"), "the old token must stay out");
-    drop(first);
-    let second = agent(&server, &member, "member-1")
-        .token(&rotated)
-        .connect(&server);
+    // The operator re-applies agent.yaml: Kubernetes updates the mounted Secret in place,
+    // and the same agent process, which reads its token file before every dial, is back.
+    std::fs::write(&first.token_file, format!("{rotated}\n")).expect("rotate the token file");
+    wait_for_with(
+        "the agent to redial with its rotated token file",
+        Duration::from_secs(20),
+        || server.connected("member-1").then_some(()),
+        || first.process.log(),
+    );
+    assert!(
+        first.process.log().contains("the agent token file changed"),
+        "{}",
+        first.process.log()
+    );
     wait_available(&host, &server, "member-1", "True");
 
     // Deleting the Cluster closes its tunnel within seconds, and it stays closed.
@@ -197,7 +208,7 @@ fn a_proxy_cluster_gets_a_token_an_endpoint_and_its_condition_follows_the_agent(
     let gone = kubectl(&kc, &["get", "pods"]);
     assert_ne!(gone.code(), Some(0));
     assert!(gone.stderr().contains("member-1"), "{}", gone.stderr());
-    drop(second);
+    drop(first);
 }
 
 #[test]

@@ -36,7 +36,8 @@ pub struct Cli {
         required_unless_present = "token_file"
     )]
     pub token: Option<String>,
-    /// File holding the agent token.
+    /// File holding the agent token; read again before every dial, so a token rotated in
+    /// its Secret is used without a restart.
     #[arg(long, env = "TOWER_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// The server's published tunnel address, e.g. https://139.198.120.120:8080
@@ -197,9 +198,7 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
     }
     let mut target_names: Vec<String> = targets.keys().cloned().collect();
     target_names.sort();
-    if cli.keepalive < Duration::from_millis(100) {
-        return Err("--keepalive must be at least 100ms".into());
-    }
+    let keepalive = Keepalive::from_flag(cli.keepalive)?;
     Ok(Config {
         dial: DialConfig {
             host: address.host,
@@ -212,9 +211,10 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
             targets: target_names,
             timeout: Duration::from_secs(15),
         },
+        token_file: cli.token_file.clone(),
         verifier,
         targets,
-        keepalive: Keepalive::new(cli.keepalive),
+        keepalive,
         shutdown_grace: cli.shutdown_grace,
         backoff: Backoff {
             max: cli.reconnect_max.max(Duration::from_millis(100)),

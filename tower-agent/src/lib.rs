@@ -22,6 +22,7 @@ pub mod upstream;
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -104,20 +105,23 @@ impl Reconnects {
     }
 
     /// A tunnel ended after `lasted`: the backoff step to wait before dialing again, or
-    /// `None` to dial at once (the server drained it: another replica answers). A tunnel
-    /// that stayed up for `healthy_after` first resets the count.
+    /// `None` to dial at once (a healthy tunnel the server drained: another replica
+    /// answers). A tunnel that stayed up for `healthy_after` first resets the count; one
+    /// drained younger counts as a failure, so a server that drains every tunnel it takes
+    /// is not redialed in a hot loop.
     fn tunnel_ended(
         &mut self,
         ended: &Ended,
         lasted: Duration,
         healthy_after: Duration,
     ) -> Option<u32> {
-        if lasted >= healthy_after {
+        let healthy = lasted >= healthy_after;
+        if healthy {
             self.failures = 0;
         }
         match ended {
-            Ended::Drained => None,
-            Ended::Closed => Some(self.dial_failed()),
+            Ended::Drained if healthy => None,
+            Ended::Drained | Ended::Closed => Some(self.dial_failed()),
         }
     }
 }
@@ -126,6 +130,8 @@ impl Reconnects {
 pub struct Config {
     /// How to reach the server.
     pub dial: DialConfig,
+    /// Where `dial.token` came from, if a file: read again before each dial.
+    pub token_file: Option<PathBuf>,
     /// Checks callers' JWTs.
     pub verifier: Verifier,
     /// The targets this agent serves; always holds `kubernetes`.
@@ -187,6 +193,7 @@ pub async fn run(
     let tunnels = TaskTracker::new();
     let (count_tx, mut count_rx) = mpsc::unbounded_channel::<usize>();
     let mut reconnects = Reconnects::default();
+    let mut dial_config = config.dial.clone();
     let mut duplicates: u32 = 0;
     let mut delay = Duration::ZERO;
     loop {
@@ -210,9 +217,12 @@ pub async fn run(
             }
             () = tokio::time::sleep(delay), if held.len() < replicas => {}
         }
+        if let Some(path) = &config.token_file {
+            reread_token(path, &mut dial_config.token);
+        }
         let held_ids: Vec<String> = held.iter().cloned().collect();
         let dialed = tokio::select! {
-            dialed = dial::dial(&config.dial, &held_ids) => dialed,
+            dialed = dial::dial(&dial_config, &held_ids) => dialed,
             () = shutdown.cancelled() => break,
         };
         match dialed {
@@ -263,6 +273,25 @@ pub async fn run(
     tunnels.close();
     tunnels.wait().await;
     Ok(())
+}
+
+/// Reads the agent token file again (Kubernetes updates a mounted Secret in place): a new,
+/// non-empty token replaces `token`; a file that cannot be read or is empty leaves it.
+fn reread_token(path: &Path, token: &mut String) {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => {
+            tracing::warn!(path = %path.display(), "the agent token file is empty: dialing with the token read before");
+        }
+        Ok(text) => {
+            if text.trim() != token.as_str() {
+                tracing::info!(path = %path.display(), "the agent token file changed: dialing with the new token");
+                *token = text.trim().to_owned();
+            }
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the agent token file: dialing with the token read before");
+        }
+    }
 }
 
 enum Ended {
@@ -319,13 +348,9 @@ async fn hold_tunnel(
     let (handle, mut inbound, driver) =
         session::start(dialed.io, Role::Agent, &SessionConfig::default());
     let driver = tokio::spawn(driver.run());
-    let keepalive = Keepalive {
-        interval: config
-            .keepalive
-            .interval
-            .min(Duration::from_millis(dialed.hello.keepalive_ms.max(100))),
-        ..config.keepalive
-    };
+    let keepalive = config
+        .keepalive
+        .at_most(Duration::from_millis(dialed.hello.keepalive_ms.max(100)));
     let (drained_tx, mut drained_rx) = mpsc::channel::<()>(1);
     let control_open = CancellationToken::new();
     let streams = TaskTracker::new();
@@ -784,7 +809,12 @@ async fn serve_admin(listener: TcpListener, up: Arc<AtomicUsize>, shutdown: Canc
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
-                Err(_) => continue,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "admin listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             },
         };
         let up = up.clone();
@@ -884,13 +914,15 @@ mod tests {
         let young = healthy - Duration::from_millis(1);
         assert_eq!(r.tunnel_ended(&Ended::Closed, young, healthy), Some(3));
         assert_eq!(r.dial_failed(), 4);
-        // A drain asks for an immediate redial, and does not count as a failure.
-        assert_eq!(r.tunnel_ended(&Ended::Drained, young, healthy), None);
-        assert_eq!(r.dial_failed(), 5);
+        // A drain of a young tunnel climbs too: a server draining every tunnel it takes
+        // must not be redialed in a hot loop.
+        assert_eq!(r.tunnel_ended(&Ended::Drained, young, healthy), Some(5));
+        assert_eq!(r.dial_failed(), 6);
         // A tunnel that stayed up for the healthy period resets the count: the next wait
         // is the first step again, and so is the climb after it.
         assert_eq!(r.tunnel_ended(&Ended::Closed, healthy, healthy), Some(0));
         assert_eq!(r.dial_failed(), 1);
+        // A healthy tunnel drained asks for an immediate redial and resets the count.
         assert_eq!(
             r.tunnel_ended(&Ended::Drained, Duration::from_secs(3600), healthy),
             None
@@ -1009,6 +1041,7 @@ mod tests {
                 targets: vec![KUBERNETES_TARGET.into()],
                 timeout: Duration::from_secs(1),
             },
+            token_file: None,
             verifier: Verifier::new(secret),
             targets,
             keepalive: Keepalive::default(),

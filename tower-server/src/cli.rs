@@ -195,9 +195,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
     if args.server_count == Some(0) {
         return Err("--server-count must be at least 1".into());
     }
-    if args.keepalive < Duration::from_millis(100) {
-        return Err("--keepalive must be at least 100ms".into());
-    }
+    let keepalive = Keepalive::from_flag(args.keepalive)?;
     if args.max_streams_per_tunnel == 0
         || args.max_streams_per_tunnel > tower_tunnel::session::AGENT_MAX_REQUESTS
     {
@@ -239,7 +237,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         server_count: args.server_count.unwrap_or(1),
         server_count_from: (args.kubernetes && args.server_count.is_none())
             .then(|| args.deployment.clone()),
-        keepalive: Keepalive::new(args.keepalive),
+        keepalive,
         shutdown_grace: args.shutdown_grace,
         plaintext_tunnel: args.tunnel_plaintext,
         limits: Limits {

@@ -26,11 +26,41 @@ pub struct Keepalive {
 }
 
 impl Keepalive {
+    /// The shortest and longest `--keepalive` the binaries take: below the least, pings
+    /// would be most of a tunnel's traffic; above the most, a dead link would go unnoticed
+    /// for hours (and deadlines computed from it could overflow).
+    pub const FLAG_RANGE: std::ops::RangeInclusive<Duration> =
+        Duration::from_millis(100)..=Duration::from_secs(3600);
+
     /// Pings every `interval`, allowing each pong as long again (at least 2 s).
     pub fn new(interval: Duration) -> Self {
         Keepalive {
             interval,
             timeout: interval.max(Duration::from_secs(2)),
+        }
+    }
+
+    /// [`Keepalive::new`] for a `--keepalive` flag, which must be in [`Keepalive::FLAG_RANGE`].
+    pub fn from_flag(interval: Duration) -> Result<Self, String> {
+        if Self::FLAG_RANGE.contains(&interval) {
+            Ok(Keepalive::new(interval))
+        } else {
+            Err(format!(
+                "--keepalive must be between 100ms and 1h (got {interval:?})"
+            ))
+        }
+    }
+
+    /// This keepalive, pinging no less often than `interval` (a peer's wish): the pong
+    /// deadline shrinks with it, so a dead link is noticed within two of the rounds that
+    /// actually run.
+    pub fn at_most(self, interval: Duration) -> Self {
+        if interval >= self.interval {
+            return self;
+        }
+        Keepalive {
+            interval,
+            timeout: self.timeout.min(Keepalive::new(interval).timeout),
         }
     }
 }
@@ -129,6 +159,59 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::session::{self, Role, SessionConfig};
+
+    #[test]
+    fn a_peer_asking_for_more_pings_shortens_the_pong_deadline_too() {
+        let secs = Duration::from_secs;
+        // --keepalive 5m against a server pinging every 10 s: a dead link is noticed
+        // within 20 s, not 5 minutes and 10 s.
+        let five_minutes = Keepalive::new(secs(300));
+        assert_eq!(
+            five_minutes.at_most(secs(10)),
+            Keepalive {
+                interval: secs(10),
+                timeout: secs(10)
+            }
+        );
+        // A peer asking for fewer pings changes nothing.
+        assert_eq!(
+            Keepalive::new(secs(10)).at_most(secs(60)),
+            Keepalive::new(secs(10))
+        );
+        // A deadline set shorter than the new interval's is kept.
+        let tight = Keepalive {
+            interval: secs(30),
+            timeout: secs(1),
+        };
+        assert_eq!(
+            tight.at_most(secs(5)),
+            Keepalive {
+                interval: secs(5),
+                timeout: secs(1)
+            }
+        );
+    }
+
+    #[test]
+    fn the_keepalive_flag_is_bounded() {
+        assert_eq!(
+            Keepalive::from_flag(Duration::from_secs(10)),
+            Ok(Keepalive::new(Duration::from_secs(10)))
+        );
+        assert!(Keepalive::from_flag(Duration::from_millis(100)).is_ok());
+        assert!(Keepalive::from_flag(Duration::from_secs(3600)).is_ok());
+        for bad in [
+            Duration::from_millis(99),
+            Duration::from_secs(3601),
+            Duration::MAX,
+        ] {
+            let err = Keepalive::from_flag(bad).unwrap_err();
+            assert!(
+                err.contains("--keepalive must be between 100ms and 1h"),
+                "{err}"
+            );
+        }
+    }
 
     async fn control_pair() -> (TunnelStream, TunnelStream, Vec<session::SessionHandle>) {
         let (a, b) = tokio::io::duplex(1 << 16);

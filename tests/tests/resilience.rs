@@ -259,6 +259,25 @@ fn a_blackholed_tunnel_is_noticed_on_both_sides_and_replaced() {
         })
     };
     let silent = remote(&server).expect("member-1 connected");
+    // A watch open on the tunnel that goes silent.
+    let https = Https::frontend(&server);
+    let user = Server::minter().user_token("alice", &[], None);
+    let raw = std::thread::spawn(move || {
+        https.try_request(
+            "GET",
+            "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1",
+            Some(&user),
+            &[],
+        )
+    });
+    wait_for("the watch to be open", Duration::from_secs(10), || {
+        member
+            .api
+            .calls()
+            .iter()
+            .any(|c| c.path_and_query.contains("watch=1"))
+            .then_some(())
+    });
 
     relay.freeze();
     let frozen = Instant::now();
@@ -277,6 +296,21 @@ fn a_blackholed_tunnel_is_noticed_on_both_sides_and_replaced() {
         logs,
     );
     let server_noticed = frozen.elapsed();
+    // The server closed the tunnel, and the watch on it ends in an error then: it does not
+    // wait for the client's own 30 s deadline (or the server's idle timeout, hours).
+    let raw = raw.join().expect("raw watch thread");
+    let watch_ended = frozen.elapsed();
+    match &raw {
+        Err(e) => assert!(
+            e.starts_with("body of a 200 response failed"),
+            "a watch on a dead tunnel must end in a body error: {e}"
+        ),
+        Ok(reply) => panic!("a watch on a dead tunnel looked complete: {reply:?}"),
+    }
+    assert!(
+        watch_ended < server_noticed + Duration::from_secs(10),
+        "the watch ended {watch_ended:?} after the freeze, the tunnel was dropped after {server_noticed:?}"
+    );
     wait_for_with(
         "the agent to notice",
         Duration::from_secs(20),
@@ -298,7 +332,7 @@ fn a_blackholed_tunnel_is_noticed_on_both_sides_and_replaced() {
         logs,
     );
     eprintln!(
-        "dead link noticed by the server after {server_noticed:?}, by the agent after {agent_noticed:?}, back after {:?}",
+        "dead link noticed by the server after {server_noticed:?} (its watch ended after {watch_ended:?}), by the agent after {agent_noticed:?}, back after {:?}",
         frozen.elapsed()
     );
     assert!(

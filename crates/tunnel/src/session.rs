@@ -67,6 +67,9 @@ pub struct SessionHandle {
     max_streams: usize,
     close: CancellationToken,
     closed: CancellationToken,
+    /// Cancelled when the session starts closing or ends: every stream's reads and writes
+    /// fail from then on (see [`TunnelStream`]).
+    streams_end: CancellationToken,
 }
 
 impl std::fmt::Debug for Command {
@@ -97,7 +100,7 @@ impl SessionHandle {
         let stream = rx
             .await
             .map_err(|_| TunnelError::Closed("session driver has stopped".into()))??;
-        Ok(TunnelStream::new(stream, slot))
+        Ok(TunnelStream::new(stream, slot, &self.streams_end))
     }
 
     /// Takes one of the session's stream slots without opening a yamux stream, for a
@@ -167,6 +170,7 @@ where
         max_streams: config.max_streams,
         close: CancellationToken::new(),
         closed: CancellationToken::new(),
+        streams_end: CancellationToken::new(),
     };
     let driver = Driver {
         connection,
@@ -175,6 +179,7 @@ where
         inbound: (role == Role::Agent).then_some(inbound_tx),
         close: handle.close.clone(),
         closed: handle.closed.clone(),
+        streams_end: handle.streams_end.clone(),
         violated,
     };
     (handle, inbound, driver)
@@ -189,6 +194,7 @@ pub struct Driver<T> {
     inbound: Option<mpsc::Sender<TunnelStream>>,
     close: CancellationToken,
     closed: CancellationToken,
+    streams_end: CancellationToken,
     /// yamux sent the peer an error GoAway: it broke the protocol.
     violated: CancellationToken,
 }
@@ -206,8 +212,10 @@ where
 {
     /// Drives the connection until it ends; returns why it ended.
     pub async fn run(mut self) -> Result<(), TunnelError> {
-        // Marks the session closed however this ends, aborted tasks included.
+        // Marks the session closed however this ends, aborted tasks included; the streams
+        // end first (guards drop in reverse order).
         let _closed = self.closed.clone().drop_guard();
+        let _streams_end = self.streams_end.clone().drop_guard();
         self.drive().await
     }
 
@@ -237,7 +245,8 @@ where
             match event {
                 Event::Inbound(stream) => match &self.inbound {
                     Some(tx) => {
-                        if let Err(e) = tx.try_send(TunnelStream::new(stream, None)) {
+                        let stream = TunnelStream::new(stream, None, &self.streams_end);
+                        if let Err(e) = tx.try_send(stream) {
                             tracing::warn!(error = %e, "dropping a stream the peer opened: nobody takes it");
                         }
                     }
@@ -255,6 +264,10 @@ where
                     }
                 },
                 Event::Close => {
+                    // yamux's graceful close neither ends nor wakes the streams still
+                    // open: a request in flight would wait for its idle timeout (hours).
+                    // They fail now; what they wrote before still leaves with the close.
+                    self.streams_end.cancel();
                     for reply in pending.drain(..) {
                         let _ = reply.send(Err(TunnelError::Closed("session closing".into())));
                     }
@@ -527,5 +540,41 @@ mod tests {
             matches!(&ended, Err(TunnelError::Closed(why)) if why.contains("did not get through")),
             "{ended:?}"
         );
+    }
+
+    /// A read waiting on a stream when its session is closed fails at once (yamux's own
+    /// close leaves it waiting for ever), and so does a read on a stream of a session
+    /// that ended.
+    #[tokio::test]
+    async fn streams_waiting_when_their_session_closes_fail_instead_of_hanging() {
+        let (server, agent, mut inbound) = pair(8);
+        let mut waiting = server.open_stream().await.unwrap();
+        waiting.write_all(b"request").await.unwrap();
+        // The agent takes the stream and never answers.
+        let mut accepted = inbound.recv().await.unwrap();
+        let mut got = [0; 7];
+        accepted.read_exact(&mut got).await.unwrap();
+
+        let reader = tokio::spawn(async move {
+            let mut buf = [0; 16];
+            waiting.read(&mut buf).await
+        });
+        server.close();
+        let read = tokio::time::timeout(Duration::from_secs(2), reader)
+            .await
+            .expect("the read still waits after close()")
+            .unwrap();
+        // An error, not an end of stream: a caller must not take a cut response as whole.
+        assert!(read.is_err(), "{read:?}");
+
+        // The agent's side of it ends too once its session has.
+        tokio::time::timeout(Duration::from_secs(5), agent.closed())
+            .await
+            .unwrap();
+        let mut buf = [0; 16];
+        let after = tokio::time::timeout(Duration::from_secs(2), accepted.read(&mut buf))
+            .await
+            .expect("the agent's stream still waits after its session ended");
+        assert!(matches!(after, Ok(0) | Err(_)), "{after:?}");
     }
 }

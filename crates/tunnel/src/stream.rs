@@ -1,5 +1,6 @@
 //! A yamux stream as tokio I/O (and so as hyper I/O through `TokioIo`), with its preamble.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -7,15 +8,23 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tower_proto::Preamble;
 
 use crate::TunnelError;
 
 /// One stream of a tunnel. Holds a slot of its session's stream limit until dropped.
+///
+/// Once its session closes (or ends), a read or write that would wait fails with
+/// `ConnectionAborted` instead: yamux's graceful close does not wake the streams it
+/// leaves behind, so without this a request in flight on a closed tunnel would hang.
 pub struct TunnelStream {
     inner: Compat<yamux::Stream>,
     /// How many bytes of the caller's buffer the next read offers yamux (see `poll_read`).
     read_size: usize,
+    /// Resolves when the session is closing or over; polled only when yamux has nothing
+    /// for us, so a busy stream pays nothing for it.
+    session_over: Pin<Box<WaitForCancellationFutureOwned>>,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
@@ -32,11 +41,28 @@ impl std::fmt::Debug for TunnelStream {
 }
 
 impl TunnelStream {
-    pub(crate) fn new(stream: yamux::Stream, slot: Option<OwnedSemaphorePermit>) -> Self {
+    pub(crate) fn new(
+        stream: yamux::Stream,
+        slot: Option<OwnedSemaphorePermit>,
+        session_over: &CancellationToken,
+    ) -> Self {
         TunnelStream {
             inner: stream.compat(),
             read_size: MIN_READ,
+            session_over: Box::pin(session_over.clone().cancelled_owned()),
             _slot: slot,
+        }
+    }
+
+    /// With yamux pending: an error if the session is over, else `Pending` (and the task is
+    /// woken when it ends).
+    fn pending_unless_over<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        match self.session_over.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the tunnel closed",
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -88,11 +114,10 @@ impl AsyncRead for TunnelStream {
     ) -> Poll<std::io::Result<()>> {
         let offer = buf.remaining().min(self.read_size);
         let dst = buf.initialize_unfilled_to(offer);
-        let n = std::task::ready!(futures::AsyncRead::poll_read(
-            Pin::new(self.inner.get_mut()),
-            cx,
-            dst
-        ))?;
+        let n = match futures::AsyncRead::poll_read(Pin::new(self.inner.get_mut()), cx, dst) {
+            Poll::Ready(n) => n?,
+            Poll::Pending => return self.pending_unless_over(cx),
+        };
         buf.advance(n);
         if n > 0 && n == offer {
             self.read_size = (offer * 2).clamp(MIN_READ, MAX_READ);
@@ -109,14 +134,23 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Pending => self.pending_unless_over(cx),
+            ready => ready,
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.pending_unless_over(cx),
+            ready => ready,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match Pin::new(&mut self.inner).poll_shutdown(cx) {
+            Poll::Pending => self.pending_unless_over(cx),
+            ready => ready,
+        }
     }
 }

@@ -585,6 +585,10 @@ fn agent_yaml_from_the_host_connects_the_member() {
     let admin = Server::minter().user_token("admin", &["system:masters".into()], None);
     let (code, body) = admin_get_as(server.admin, "/v1/clusters/nobody/agent.yaml", Some(&admin));
     assert_eq!(code, 404, "{body}");
+    // The prefix and the suffix share their slash here: no name, a 404 (this panicked).
+    let (code, body) = admin_get_as(server.admin, "/v1/clusters/agent.yaml", Some(&admin));
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("admin endpoints"), "{body}");
     let (code, yaml) = admin_get_as(server.admin, path, Some(&admin));
     assert_eq!(code, 200, "{yaml}");
 

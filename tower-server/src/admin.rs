@@ -79,9 +79,11 @@ impl Admin {
                 );
                 response
             }
-            path if path.starts_with("/v1/clusters/") && path.ends_with("/agent.yaml") => {
-                let name = &path["/v1/clusters/".len()..path.len() - "/agent.yaml".len()];
-                match self.agent_yaml(&req, name).await {
+            path => match path
+                .strip_prefix("/v1/clusters/")
+                .and_then(|rest| rest.strip_suffix("/agent.yaml"))
+            {
+                Some(name) => match self.agent_yaml(&req, name).await {
                     Ok(yaml) => {
                         let mut response = Response::new(full(yaml));
                         response.headers_mut().insert(
@@ -91,12 +93,12 @@ impl Admin {
                         response
                     }
                     Err((code, message)) => text(code, message),
-                }
-            }
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "admin endpoints: /healthz /readyz /metrics /v1/clusters /v1/clusters/{name}/agent.yaml",
-            ),
+                },
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "admin endpoints: /healthz /readyz /metrics /v1/clusters /v1/clusters/{name}/agent.yaml",
+                ),
+            },
         }
     }
 }

@@ -404,6 +404,34 @@ fn bad_usage_exits_2_with_the_reason() {
         (kubeconfig("m", "https://h", "a b"), none, vec!["--token"]),
         (kubeconfig("a_b", "https://h", "t"), none, vec!["DNS-1123"]),
         (bad_ca, none, vec!["--ca-cert", secret]),
+        // Bounds that used to panic later (an overflowing deadline, a semaphore too big).
+        (
+            vec!["serve", "--jwt-secret-file", secret, "--keepalive", "2h"],
+            none,
+            vec!["--keepalive must be between 100ms and 1h"],
+        ),
+        (
+            vec![
+                "serve",
+                "--jwt-secret-file",
+                secret,
+                "--max-requests-per-cluster",
+                "18446744073709551615",
+            ],
+            none,
+            vec!["--max-requests-per-cluster must be between"],
+        ),
+        (
+            vec![
+                "serve",
+                "--jwt-secret-file",
+                secret,
+                "--stream-idle-timeout",
+                "400y",
+            ],
+            none,
+            vec!["--stream-idle-timeout must be between"],
+        ),
     ];
     for (args, env, names) in cases {
         let e = refused(&args, env);

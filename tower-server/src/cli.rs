@@ -187,11 +187,6 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
             .map_err(|e| format!("--proxy-publish-address: {e}"))?;
         extra_sans.push(parsed.host);
     }
-    let tls = pki::load_or_generate(
-        own.as_ref(),
-        &args.state_dir,
-        &pki::default_sans(&extra_sans),
-    )?;
     if args.server_count == Some(0) {
         return Err("--server-count must be at least 1".into());
     }
@@ -207,12 +202,20 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
     if args.handshake_timeout < Duration::from_millis(100) {
         return Err("--handshake-timeout must be at least 100ms".into());
     }
-    if args.max_requests_per_cluster == 0 {
-        return Err("--max-requests-per-cluster must be at least 1".into());
+    if !(1..=1_000_000).contains(&args.max_requests_per_cluster) {
+        return Err("--max-requests-per-cluster must be between 1 and 1000000".into());
     }
-    if args.stream_idle_timeout < Duration::from_secs(1) {
-        return Err("--stream-idle-timeout must be at least 1s".into());
+    if !(Duration::from_secs(1)..=Duration::from_secs(30 * 24 * 3600))
+        .contains(&args.stream_idle_timeout)
+    {
+        return Err("--stream-idle-timeout must be between 1s and 30days".into());
     }
+    // Last of the checks: it may write the state directory.
+    let tls = pki::load_or_generate(
+        own.as_ref(),
+        &args.state_dir,
+        &pki::default_sans(&extra_sans),
+    )?;
     let server_id = match &args.server_id {
         Some(id) if !id.trim().is_empty() => id.clone(),
         Some(_) => return Err("--server-id must not be empty".into()),

@@ -227,6 +227,80 @@ fn a_silent_stream_is_cut_at_the_idle_timeout_and_a_busy_one_is_not() {
 }
 
 #[test]
+fn an_exec_holds_its_cluster_slot_and_ends_when_idle() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    // Two places: kubectl's discovery takes two at once before the exec.
+    let Rig {
+        member,
+        server,
+        kc,
+        https,
+        user,
+        _agent,
+    } = rig(&[
+        "--max-requests-per-cluster",
+        "2",
+        "--stream-idle-timeout",
+        "3s",
+    ]);
+    let mut exec = tower_e2e::kubectl_command(&kc)
+        .args(["exec", "-i", "web-0", "--", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl");
+    let mut stdin = exec.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(exec.stdout.take().expect("stdout"));
+    // A line round-trips: the session is up, past its 101.
+    stdin.write_all(b"through the upgrade\n").unwrap();
+    let mut echoed = String::new();
+    stdout.read_line(&mut echoed).unwrap();
+    assert_eq!(echoed, "through the upgrade\n");
+    let last_byte = Instant::now();
+
+    // A followed log (a line every 100 ms, never idle) takes the other place.
+    let follower = Https::frontend(&server);
+    let follow_user = user.clone();
+    std::thread::spawn(move || {
+        let _ = follower.try_request(
+            "GET",
+            "/clusters/member-1/api/v1/namespaces/default/pods/web-1/log?follow=true",
+            Some(&follow_user),
+            &[],
+        );
+    });
+    wait_for("the log to be followed", Duration::from_secs(10), || {
+        member
+            .api
+            .calls()
+            .iter()
+            .any(|c| c.path_and_query.contains("web-1/log?follow"))
+            .then_some(())
+    });
+    // The upgraded session still holds its place and counts in flight, though hyper
+    // dropped the 101's body long ago.
+    let refused = https.get("/clusters/member-1/version", Some(&user));
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(metric(&server, "tower_requests_in_flight"), 2.0);
+
+    // Nobody types: after the idle timeout the session ends, kubectl with it, and its
+    // place comes back.
+    let status = wait_for("the idle exec to end", Duration::from_secs(20), || {
+        exec.try_wait().ok().flatten()
+    });
+    let lasted = last_byte.elapsed();
+    assert!(
+        lasted >= Duration::from_secs(3),
+        "ended {lasted:?} after its last byte: {status}"
+    );
+    wait_for("the place to come back", Duration::from_secs(10), || {
+        (https.get("/clusters/member-1/version", Some(&user)).status == 200).then_some(())
+    });
+    drop(stdin);
+}
+
+#[test]
 fn tasks_streams_and_requests_return_to_their_baseline() {
     let Rig {
         member,

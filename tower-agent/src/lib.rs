@@ -730,9 +730,11 @@ where
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
+            // The server bounds how long it may sit idle; its end closes this one.
             tokio::spawn(tower_tunnel::http::join_upgrades(
                 client_upgrade,
                 upstream_upgrade,
+                None,
             ));
         }
     } else {

@@ -167,7 +167,6 @@ impl Frontend {
             }
         };
         let slot = self.cluster_slot(&route.cluster)?;
-        let watch = tower_tunnel::watch_end::is_watch(req.uri());
         tracing::debug!(cluster = %route.cluster, target = %route.target, user = %caller.user, method = %req.method(), path = %route.path, "proxying");
         let activity = Activity::new();
 
@@ -179,6 +178,8 @@ impl Frontend {
         parts.uri = route
             .upstream_uri()
             .map_err(|e| ProxyError::BadRequest(format!("bad path: {e}")))?;
+        // Judged on the member's path: `/clusters/watch/…` is a cluster, not a watch.
+        let watch = tower_tunnel::watch_end::is_watch(&parts.uri);
         tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
         // Streams in the tunnel carry HTTP/1.1, whatever the caller spoke.
         parts.version = http::Version::HTTP_11;
@@ -248,14 +249,25 @@ impl Frontend {
                     "the member switched protocols on a request that did not ask to".into(),
                 ));
             };
+            // hyper drops a 101's body once its head is sent, so the session itself holds
+            // the request's places (cluster and stream), counts in flight, and ends when
+            // idle as long as a response body would.
             let agent_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tower_tunnel::http::join_upgrades(
-                client_upgrade,
-                agent_upgrade,
-            ));
-        } else {
-            tower_tunnel::http::strip_hop_by_hop(response.headers_mut());
+            let held = (
+                Slots {
+                    _cluster: slot,
+                    _stream: stream_slot,
+                },
+                InFlight::new(self.metrics.clone()),
+            );
+            let idle = self.idle_timeout;
+            tokio::spawn(async move {
+                tower_tunnel::http::join_upgrades(client_upgrade, agent_upgrade, Some(idle)).await;
+                drop(held);
+            });
+            return Ok((response.map(|b| b.map_err(BoxError::from).boxed()), None));
         }
+        tower_tunnel::http::strip_hop_by_hop(response.headers_mut());
         let metrics = self.metrics.clone();
         let draining = self.draining.clone();
         let response = response.map(|b| {

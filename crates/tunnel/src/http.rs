@@ -1,11 +1,18 @@
 //! HTTP helpers both proxies (server frontend, agent) share: hop-by-hop header removal,
 //! joining two upgraded connections, and Kubernetes `Status` error bodies.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A Kubernetes `Status` failure with `code`, a machine `reason` and a human `message`.
 pub fn failure(code: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
@@ -39,16 +46,103 @@ fn json_string(text: &str) -> String {
     out
 }
 
-/// Copies bytes both ways between two upgraded connections until both are done.
-pub async fn join_upgrades(a: hyper::upgrade::OnUpgrade, b: hyper::upgrade::OnUpgrade) {
-    match tokio::try_join!(a, b) {
-        Ok((a, b)) => {
-            let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-                tracing::debug!(error = %e, "upgraded connection ended");
+/// Copies bytes both ways between two upgraded connections until both are done, or, with
+/// `idle`, until no byte has moved either way for that long (as kubelet's
+/// `--streaming-connection-idle-timeout` ends an exec or port-forward nobody uses).
+pub async fn join_upgrades(
+    a: hyper::upgrade::OnUpgrade,
+    b: hyper::upgrade::OnUpgrade,
+    idle: Option<Duration>,
+) {
+    let (a, b) = match tokio::try_join!(a, b) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let moved = Arc::new(AtomicU64::new(0));
+    let mut a = Counted::new(TokioIo::new(a), &moved);
+    let mut b = Counted::new(TokioIo::new(b), &moved);
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    let Some(idle) = idle else {
+        if let Err(e) = copy.await {
+            tracing::debug!(error = %e, "upgraded connection ended");
+        }
+        return;
+    };
+    tokio::pin!(copy);
+    // Looked at four times per period: the cut comes between `idle` and 1.25 × `idle`
+    // after the last byte.
+    let mut tick = tokio::time::interval(idle / 4);
+    let (mut seen, mut since) = (0, tokio::time::Instant::now());
+    loop {
+        tokio::select! {
+            ended = &mut copy => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "upgraded connection ended");
+                }
+                return;
+            }
+            now = tick.tick() => {
+                let total = moved.load(Ordering::Relaxed);
+                if total != seen {
+                    (seen, since) = (total, now);
+                } else if now - since >= idle {
+                    tracing::debug!(?idle, "upgraded connection idle: closed");
+                    return;
+                }
             }
         }
-        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+/// I/O that adds every byte it reads to a shared count.
+struct Counted<T> {
+    io: T,
+    moved: Arc<AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    fn new(io: T, moved: &Arc<AtomicU64>) -> Self {
+        Counted {
+            io,
+            moved: moved.clone(),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

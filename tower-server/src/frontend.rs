@@ -176,7 +176,7 @@ impl Frontend {
             .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         parts.uri = route
-            .upstream_uri()
+            .upstream_uri(tunnel.id)
             .map_err(|e| ProxyError::BadRequest(format!("bad path: {e}")))?;
         // Judged on the member's path: `/clusters/watch/…` is a cluster, not a watch.
         let watch = tower_tunnel::watch_end::is_watch(&parts.uri);
@@ -423,12 +423,14 @@ impl Route {
         })
     }
 
-    /// The URI the pooled client sends: the authority names target and cluster, which
-    /// also keys the connection pool.
-    fn upstream_uri(&self) -> Result<Uri, http::Error> {
+    /// The URI the pooled client sends: the authority `{target}.{tunnel}.{cluster}` keys
+    /// the connection pool. With the tunnel's id in it, requests routed after an agent
+    /// redialed take streams of the new tunnel, never idle ones pooled on the old (which
+    /// may be a dead link the server has not noticed yet).
+    fn upstream_uri(&self, tunnel: u64) -> Result<Uri, http::Error> {
         Uri::builder()
             .scheme("http")
-            .authority(format!("{}.{}", self.target, self.cluster))
+            .authority(format!("{}.{tunnel}.{}", self.target, self.cluster))
             .path_and_query(self.path.as_str())
             .build()
     }
@@ -461,7 +463,7 @@ impl Drop for InFlight {
     }
 }
 
-/// Opens a tunnel stream per pooled connection; `http://{target}.{cluster}/`.
+/// Opens a tunnel stream per pooled connection; `http://{target}.{tunnel}.{cluster}/`.
 #[derive(Clone)]
 pub(crate) struct TunnelConnector {
     registry: Arc<Registry>,
@@ -484,9 +486,12 @@ impl tower_service::Service<Uri> for TunnelConnector {
         let this = self.clone();
         Box::pin(async move {
             let host = uri.host().ok_or("upstream URI without a host")?;
+            // `{target}.{tunnel}.{cluster}` (see `Route::upstream_uri`): the tunnel id
+            // only keys the pool; a new connection takes the cluster's tunnel of now.
             let (target, cluster) = host
                 .split_once('.')
-                .ok_or("upstream URI without a target")?;
+                .and_then(|(target, rest)| Some((target, rest.split_once('.')?.1)))
+                .ok_or("upstream URI without a target and a tunnel")?;
             let tunnel = this
                 .registry
                 .tunnel(cluster)
@@ -576,8 +581,14 @@ mod tests {
             ("kubesphere", "/kapis/x")
         );
         assert_eq!(
-            ks.upstream_uri().unwrap().to_string(),
-            "http://kubesphere.m/kapis/x"
+            ks.upstream_uri(7).unwrap().to_string(),
+            "http://kubesphere.7.m/kapis/x"
+        );
+        // Dotted cluster names keep their dots after the tunnel id.
+        let dotted = parse("/clusters/eu.prod-1/api").unwrap();
+        assert_eq!(
+            dotted.upstream_uri(12).unwrap().host(),
+            Some("kubernetes.12.eu.prod-1")
         );
     }
 

@@ -301,6 +301,57 @@ fn an_exec_holds_its_cluster_slot_and_ends_when_idle() {
 }
 
 #[test]
+fn callers_that_stop_reading_lose_their_places_after_the_idle_timeout() {
+    let Rig {
+        member: _member,
+        server,
+        https,
+        user,
+        _agent,
+        ..
+    } = rig(&[
+        "--max-requests-per-cluster",
+        "2",
+        "--stream-idle-timeout",
+        "3s",
+    ]);
+    // Two callers take a large download's head, then read nothing more and keep their
+    // connections open: their sockets fill, and hyper stops asking for the body.
+    let path = "/clusters/member-1/debug/bytes?size=2000000000";
+    let stalled: Vec<_> = (0..2).map(|_| https.open(path, &user)).collect();
+    for response in &stalled {
+        assert_eq!(response.status, 200, "{}", response.head);
+    }
+    let stalled_at = Instant::now();
+    let refused = https.get("/clusters/member-1/version", Some(&user));
+    assert_eq!(refused.status, 429, "{}", refused.body);
+
+    // Past the idle timeout their connections are closed, and the places come back.
+    let idle_cuts = || {
+        metric(
+            &server,
+            "tower_requests_limited_total{reason=\"idle_timeout\"}",
+        )
+    };
+    wait_for(
+        "both unread responses to be cut",
+        Duration::from_secs(20),
+        || (idle_cuts() >= 2.0).then_some(()),
+    );
+    let waited = stalled_at.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3),
+        "cut after only {waited:?}"
+    );
+    let version = https.get("/clusters/member-1/version", Some(&user));
+    assert_eq!(version.status, 200, "{}", version.body);
+    wait_for("nothing in flight", Duration::from_secs(10), || {
+        (metric(&server, "tower_requests_in_flight") == 0.0).then_some(())
+    });
+    drop(stalled);
+}
+
+#[test]
 fn tasks_streams_and_requests_return_to_their_baseline() {
     let Rig {
         member,

@@ -30,7 +30,7 @@ use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
 use tower_tunnel::watch_end::EndOnSignal;
 use tower_tunnel::{TunnelError, TunnelStream};
 
-use crate::idle::{Activity, IdleBody, unless_idle};
+use crate::idle::{Activity, CloseConnection, IdleBody, close_when_unread, unless_idle};
 use crate::metrics::{DirectionLabels, Metrics};
 use crate::registry::{Lookup, Registry};
 use crate::status::{Body, BoxError, failure};
@@ -106,16 +106,30 @@ impl Frontend {
     /// Answers one frontend request.
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let in_flight = InFlight::new(self.metrics.clone());
+        let close = req.extensions().get::<CloseConnection>().cloned();
         let (response, slot) = match self.route(req).await {
             Ok(routed) => routed,
             Err(e) => (e.response(), None),
         };
+        // A caller that stops reading stops hyper polling the body, and so the body's own
+        // idle timer: this one runs apart, and closes that caller's connection.
+        let unread = slot.as_ref().zip(close).map(|(slots, close)| {
+            let metrics = self.metrics.clone();
+            close_when_unread(
+                slots.activity.clone(),
+                self.idle_timeout,
+                close,
+                move || {
+                    metrics.count_limited("idle_timeout");
+                },
+            )
+        });
         self.metrics.count_status(response.status().as_u16());
         let metrics = self.metrics.clone();
         let (parts, body) = response.into_parts();
         let body = body
             .map_frame(move |frame| {
-                let _held_until_the_body_ends = (&in_flight, &slot);
+                let _held_until_the_body_ends = (&in_flight, &slot, &unread);
                 if let Some(data) = frame.data_ref() {
                     metrics
                         .bytes
@@ -257,6 +271,7 @@ impl Frontend {
                 Slots {
                     _cluster: slot,
                     _stream: stream_slot,
+                    activity: activity.clone(),
                 },
                 InFlight::new(self.metrics.clone()),
             );
@@ -270,8 +285,9 @@ impl Frontend {
         tower_tunnel::http::strip_hop_by_hop(response.headers_mut());
         let metrics = self.metrics.clone();
         let draining = self.draining.clone();
+        let body_activity = activity.clone();
         let response = response.map(|b| {
-            let body = IdleBody::new(b, activity, self.idle_timeout, move || {
+            let body = IdleBody::new(b, body_activity, self.idle_timeout, move || {
                 metrics.count_limited("idle_timeout");
             });
             // A watch ends cleanly when this server drains; clients watch again elsewhere.
@@ -286,6 +302,7 @@ impl Frontend {
             Some(Slots {
                 _cluster: slot,
                 _stream: stream_slot,
+                activity,
             }),
         ))
     }
@@ -296,6 +313,8 @@ impl Frontend {
 struct Slots {
     _cluster: OwnedSemaphorePermit,
     _stream: Option<OwnedSemaphorePermit>,
+    /// When the request last moved a byte.
+    activity: Arc<Activity>,
 }
 
 /// The [`TunnelError`] somewhere in `e`'s chain of causes.

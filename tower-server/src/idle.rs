@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// When a request last moved a byte (either direction).
 #[derive(Debug)]
@@ -63,6 +64,45 @@ pub(crate) async fn unless_idle<F: Future>(
             }
         }
     }
+}
+
+/// Closes the caller's connection: each listener puts one, for the connection a request
+/// came on, into the request's extensions.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CloseConnection(pub(crate) CancellationToken);
+
+/// Watches a response whose body hyper may stop asking for: a caller that stops reading
+/// fills its socket (or its HTTP/2 window), hyper then stops polling the body, and
+/// [`IdleBody`]'s own timer, which runs only when polled, never fires. With nothing moved
+/// for `timeout` and a quarter more (so that [`IdleBody`], when it is polled, cuts the body
+/// first and cleanly), this closes the caller's connection, which drops the response and
+/// everything it holds. Stops when the returned guard is dropped (with the body).
+pub(crate) fn close_when_unread(
+    activity: Arc<Activity>,
+    timeout: Duration,
+    close: CloseConnection,
+    on_timeout: impl FnOnce() + Send + 'static,
+) -> DropGuard {
+    let done = CancellationToken::new();
+    let body_gone = done.clone();
+    let slack = timeout / 4;
+    tokio::spawn(async move {
+        loop {
+            let deadline = activity.deadline(timeout) + slack;
+            tokio::select! {
+                () = body_gone.cancelled() => return,
+                () = tokio::time::sleep_until(deadline) => {
+                    if activity.deadline(timeout) + slack <= Instant::now() {
+                        tracing::debug!(?timeout, "a response sat unread: closing its connection");
+                        on_timeout();
+                        close.0.cancel();
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    done.drop_guard()
 }
 
 pin_project_lite::pin_project! {
@@ -169,6 +209,34 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(11)).await;
         let err = reader.await.unwrap().unwrap_err();
         assert!(err.to_string().contains("stream-idle-timeout"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unread_response_closes_its_connection_after_the_timeout_and_a_quarter() {
+        let timeout = Duration::from_secs(8);
+        let activity = Activity::new();
+        let close = CloseConnection::default();
+        let (fired_tx, fired) = tokio::sync::oneshot::channel();
+        let _guard = close_when_unread(activity.clone(), timeout, close.clone(), move || {
+            let _ = fired_tx.send(());
+        });
+        // Activity keeps it open.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            activity.touch();
+        }
+        assert!(!close.0.is_cancelled());
+        let quiet = Instant::now();
+        close.0.cancelled().await;
+        assert_eq!(quiet.elapsed(), Duration::from_secs(10));
+        fired.await.unwrap();
+
+        // Dropping the guard (the body ended) stops the watch.
+        let close = CloseConnection::default();
+        let guard = close_when_unread(Activity::new(), timeout, close.clone(), || {});
+        drop(guard);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!close.0.is_cancelled());
     }
 
     #[tokio::test(start_paused = true)]

@@ -419,7 +419,11 @@ async fn serve<F, Fut>(
                 }
                 None => Either::Right(tcp),
             };
-            let service = service_fn(move |req| {
+            // A request's handler may close its connection: a response nobody reads.
+            let close = idle::CloseConnection::default();
+            let closed = close.0.clone();
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(close.clone());
                 // Boxed: the request's future is large (routing, dialing a stream) and
                 // would otherwise be inline in the task of every HTTP/2 stream, or in
                 // every HTTP/1.1 connection's task, for as long as the response runs:
@@ -443,10 +447,14 @@ async fn serve<F, Fut>(
                 let mut connection = Box::pin(connection);
                 tokio::select! {
                     result = connection.as_mut() => result,
+                    () = closed.cancelled() => return,
                     () = finish.cancelled() => {
                         // A GOAWAY: requests in flight finish, new ones go elsewhere.
                         connection.as_mut().graceful_shutdown();
-                        connection.await
+                        tokio::select! {
+                            result = connection => result,
+                            () = closed.cancelled() => return,
+                        }
                     }
                 }
             } else {
@@ -459,10 +467,14 @@ async fn serve<F, Fut>(
                 let mut connection = Box::pin(connection);
                 tokio::select! {
                     result = connection.as_mut() => result,
+                    () = closed.cancelled() => return,
                     () = finish.cancelled() => {
                         // Finish the request in flight, then close.
                         connection.as_mut().graceful_shutdown();
-                        connection.await
+                        tokio::select! {
+                            result = connection => result,
+                            () = closed.cancelled() => return,
+                        }
                     }
                 }
             };

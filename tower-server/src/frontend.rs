@@ -30,7 +30,7 @@ use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
 use tower_tunnel::watch_end::EndOnSignal;
 use tower_tunnel::{TunnelError, TunnelStream};
 
-use crate::idle::{Activity, CloseConnection, IdleBody, close_when_unread, unless_idle};
+use crate::idle::{Activity, IdleBody, Unread, unless_idle};
 use crate::metrics::{DirectionLabels, Metrics};
 use crate::registry::{Lookup, Registry};
 use crate::status::{Body, BoxError, failure};
@@ -106,30 +106,22 @@ impl Frontend {
     /// Answers one frontend request.
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let in_flight = InFlight::new(self.metrics.clone());
-        let close = req.extensions().get::<CloseConnection>().cloned();
+        let unread = req.extensions().get::<Unread>().cloned();
         let (response, slot) = match self.route(req).await {
             Ok(routed) => routed,
             Err(e) => (e.response(), None),
         };
         // A caller that stops reading stops hyper polling the body, and so the body's own
-        // idle timer: this one runs apart, and closes that caller's connection.
-        let unread = slot.as_ref().zip(close).map(|(slots, close)| {
-            let metrics = self.metrics.clone();
-            close_when_unread(
-                slots.activity.clone(),
-                self.idle_timeout,
-                close,
-                move || {
-                    metrics.count_limited("idle_timeout");
-                },
-            )
-        });
+        // idle timer: its connection watches for that apart, and closes.
+        if let (Some(slots), Some(unread)) = (&slot, unread) {
+            unread.watch(&slots.activity);
+        }
         self.metrics.count_status(response.status().as_u16());
         let metrics = self.metrics.clone();
         let (parts, body) = response.into_parts();
         let body = body
             .map_frame(move |frame| {
-                let _held_until_the_body_ends = (&in_flight, &slot, &unread);
+                let _held_until_the_body_ends = (&in_flight, &slot);
                 if let Some(data) = frame.data_ref() {
                     metrics
                         .bytes

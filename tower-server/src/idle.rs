@@ -4,15 +4,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// When a request last moved a byte (either direction).
 #[derive(Debug)]
@@ -66,43 +65,61 @@ pub(crate) async fn unless_idle<F: Future>(
     }
 }
 
-/// Closes the caller's connection: each listener puts one, for the connection a request
-/// came on, into the request's extensions.
+/// The responses one connection is serving, watched for a caller that stops reading: its
+/// socket (or HTTP/2 window) fills, hyper stops polling the body, and so [`IdleBody`]'s own
+/// timer, which runs only when polled, never fires. Each listener puts one in every
+/// request's extensions, and its connection task closes the connection once
+/// [`Unread::stalled_past`] resolves, which drops the responses and all they hold.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct CloseConnection(pub(crate) CancellationToken);
+pub(crate) struct Unread(Arc<Mutex<Watched>>);
 
-/// Watches a response whose body hyper may stop asking for: a caller that stops reading
-/// fills its socket (or its HTTP/2 window), hyper then stops polling the body, and
-/// [`IdleBody`]'s own timer, which runs only when polled, never fires. With nothing moved
-/// for `timeout` and a quarter more (so that [`IdleBody`], when it is polled, cuts the body
-/// first and cleanly), this closes the caller's connection, which drops the response and
-/// everything it holds. Stops when the returned guard is dropped (with the body).
-pub(crate) fn close_when_unread(
-    activity: Arc<Activity>,
-    timeout: Duration,
-    close: CloseConnection,
-    on_timeout: impl FnOnce() + Send + 'static,
-) -> DropGuard {
-    let done = CancellationToken::new();
-    let body_gone = done.clone();
-    let slack = timeout / 4;
-    tokio::spawn(async move {
+#[derive(Debug, Default)]
+struct Watched {
+    /// The responses' activity, dead once a response body is gone.
+    responses: Vec<Weak<Activity>>,
+    /// Past this length, dead entries are dropped before the next is added.
+    tidy_at: usize,
+}
+
+impl Unread {
+    /// Watches a response until its body (the last holder of `activity`) is gone.
+    pub(crate) fn watch(&self, activity: &Arc<Activity>) {
+        let mut watched = self.lock();
+        if watched.responses.len() >= watched.tidy_at {
+            watched.responses.retain(|r| r.strong_count() > 0);
+            watched.tidy_at = (2 * watched.responses.len()).max(16);
+        }
+        watched.responses.push(Arc::downgrade(activity));
+    }
+
+    /// Resolves once a response still being served has moved nothing for `timeout` and a
+    /// quarter more. Looked at every quarter of `timeout`: the quarter's slack lets
+    /// [`IdleBody`], when it is polled, end a merely silent body first (on HTTP/2 that
+    /// costs one stream, not the connection).
+    pub(crate) async fn stalled_past(&self, timeout: Duration) {
+        let quarter = timeout / 4;
+        let mut tick = tokio::time::interval_at(Instant::now() + quarter, quarter);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let deadline = activity.deadline(timeout) + slack;
-            tokio::select! {
-                () = body_gone.cancelled() => return,
-                () = tokio::time::sleep_until(deadline) => {
-                    if activity.deadline(timeout) + slack <= Instant::now() {
-                        tracing::debug!(?timeout, "a response sat unread: closing its connection");
-                        on_timeout();
-                        close.0.cancel();
-                        return;
-                    }
-                }
+            let now = tick.tick().await;
+            let mut watched = self.lock();
+            watched.responses.retain(|r| r.strong_count() > 0);
+            let stalled = watched
+                .responses
+                .iter()
+                .filter_map(Weak::upgrade)
+                .any(|activity| activity.deadline(timeout) + quarter <= now);
+            if stalled {
+                return;
             }
         }
-    });
-    done.drop_guard()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watched> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -212,31 +229,43 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_unread_response_closes_its_connection_after_the_timeout_and_a_quarter() {
+    async fn a_response_left_unread_is_noticed_after_the_timeout_and_a_quarter() {
         let timeout = Duration::from_secs(8);
+        let unread = Unread::default();
         let activity = Activity::new();
-        let close = CloseConnection::default();
-        let (fired_tx, fired) = tokio::sync::oneshot::channel();
-        let _guard = close_when_unread(activity.clone(), timeout, close.clone(), move || {
-            let _ = fired_tx.send(());
+        unread.watch(&activity);
+        let watching = tokio::spawn({
+            let unread = unread.clone();
+            async move { unread.stalled_past(timeout).await }
         });
-        // Activity keeps it open.
+        // Activity keeps it from resolving.
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_secs(5)).await;
             activity.touch();
         }
-        assert!(!close.0.is_cancelled());
+        assert!(!watching.is_finished());
         let quiet = Instant::now();
-        close.0.cancelled().await;
-        assert_eq!(quiet.elapsed(), Duration::from_secs(10));
-        fired.await.unwrap();
+        watching.await.unwrap();
+        // 10 s (8 + 2) after the last byte, seen at the next 2 s tick.
+        let noticed = quiet.elapsed();
+        assert!(
+            noticed >= Duration::from_secs(10) && noticed <= Duration::from_secs(12),
+            "{noticed:?}"
+        );
 
-        // Dropping the guard (the body ended) stops the watch.
-        let close = CloseConnection::default();
-        let guard = close_when_unread(Activity::new(), timeout, close.clone(), || {});
-        drop(guard);
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(!close.0.is_cancelled());
+        // A response whose body is gone (its activity dropped) is no longer watched, and
+        // dead entries do not pile up.
+        let unread = Unread::default();
+        for _ in 0..1000 {
+            unread.watch(&Activity::new());
+        }
+        assert!(
+            unread.lock().responses.len() <= 16,
+            "{}",
+            unread.lock().responses.len()
+        );
+        let never = tokio::time::timeout(Duration::from_secs(60), unread.stalled_past(timeout));
+        assert!(never.await.is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -419,11 +419,11 @@ async fn serve<F, Fut>(
                 }
                 None => Either::Right(tcp),
             };
-            // A request's handler may close its connection: a response nobody reads.
-            let close = idle::CloseConnection::default();
-            let closed = close.0.clone();
+            // The responses a handler asks to watch: one nobody reads closes the connection.
+            let unread = idle::Unread::default();
+            let watched = unread.clone();
             let service = service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(close.clone());
+                req.extensions_mut().insert(watched.clone());
                 // Boxed: the request's future is large (routing, dialing a stream) and
                 // would otherwise be inline in the task of every HTTP/2 stream, or in
                 // every HTTP/1.1 connection's task, for as long as the response runs:
@@ -447,13 +447,17 @@ async fn serve<F, Fut>(
                 let mut connection = Box::pin(connection);
                 tokio::select! {
                     result = connection.as_mut() => result,
-                    () = closed.cancelled() => return,
+                    () = unread.stalled_past(limits.stream_idle_timeout) => {
+                        return closed_unread(&metrics, remote);
+                    }
                     () = finish.cancelled() => {
                         // A GOAWAY: requests in flight finish, new ones go elsewhere.
                         connection.as_mut().graceful_shutdown();
                         tokio::select! {
                             result = connection => result,
-                            () = closed.cancelled() => return,
+                            () = unread.stalled_past(limits.stream_idle_timeout) => {
+                                return closed_unread(&metrics, remote);
+                            }
                         }
                     }
                 }
@@ -467,13 +471,17 @@ async fn serve<F, Fut>(
                 let mut connection = Box::pin(connection);
                 tokio::select! {
                     result = connection.as_mut() => result,
-                    () = closed.cancelled() => return,
+                    () = unread.stalled_past(limits.stream_idle_timeout) => {
+                        return closed_unread(&metrics, remote);
+                    }
                     () = finish.cancelled() => {
                         // Finish the request in flight, then close.
                         connection.as_mut().graceful_shutdown();
                         tokio::select! {
                             result = connection => result,
-                            () = closed.cancelled() => return,
+                            () = unread.stalled_past(limits.stream_idle_timeout) => {
+                                return closed_unread(&metrics, remote);
+                            }
                         }
                     }
                 }
@@ -489,6 +497,13 @@ async fn serve<F, Fut>(
             }
         });
     }
+}
+
+/// A response on the connection from `remote` sat unread past the idle timeout: the
+/// connection is dropped (with it the responses and what they hold), and counted.
+fn closed_unread(metrics: &metrics::Metrics, remote: SocketAddr) {
+    tracing::debug!(%remote, "a response sat unread past --stream-idle-timeout: connection closed");
+    metrics.count_limited("idle_timeout");
 }
 
 #[cfg(test)]

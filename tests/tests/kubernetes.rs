@@ -192,7 +192,7 @@ fn a_proxy_cluster_gets_a_token_an_endpoint_and_its_condition_follows_the_agent(
         || first.process.log(),
     );
     assert!(
-        first.process.log().contains("the agent token file changed"),
+        first.process.log().contains("token file rotated"),
         "{}",
         first.process.log()
     );

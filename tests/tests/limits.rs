@@ -64,6 +64,18 @@ fn watches(member: &Member, namespace: &str) -> usize {
         .count()
 }
 
+/// member-1's `/version`, as `user`: a small request that needs a place of its own.
+fn version(https: &Https, user: &str) -> tower_e2e::Reply {
+    https.get("/clusters/member-1/version", Some(user))
+}
+
+/// Waits until member-1 serves a request again (a place came back).
+fn wait_until_served(https: &Https, user: &str, what: &str) {
+    wait_for(what, Duration::from_secs(10), || {
+        (version(https, user).status == 200).then_some(())
+    });
+}
+
 #[test]
 fn requests_beyond_the_per_cluster_limit_get_429_and_the_slot_comes_back() {
     let Rig {
@@ -78,7 +90,7 @@ fn requests_beyond_the_per_cluster_limit_get_429_and_the_slot_comes_back() {
 
     let first = open_watch(&kc, &member, "default");
     let second = open_watch(&kc, &member, "kube-system");
-    let refused = https.get("/clusters/member-1/version", Some(&user));
+    let refused = version(&https, &user);
     assert_eq!(refused.status, 429, "{}", refused.body);
     assert!(
         refused.body.contains("--max-requests-per-cluster"),
@@ -97,9 +109,7 @@ fn requests_beyond_the_per_cluster_limit_get_429_and_the_slot_comes_back() {
     assert_ne!(out.code(), Some(0));
 
     drop(first);
-    wait_for("a slot to come back", Duration::from_secs(10), || {
-        (https.get("/clusters/member-1/version", Some(&user)).status == 200).then_some(())
-    });
+    wait_until_served(&https, &user, "a slot to come back");
     drop(second);
 }
 
@@ -131,7 +141,7 @@ fn a_full_tunnel_answers_503_and_recovers() {
     };
     let first = watch("default");
     let second = watch("kube-system");
-    let refused = https.get("/clusters/member-1/version", Some(&user));
+    let refused = version(&https, &user);
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert!(
         refused.body.contains("concurrent streams"),
@@ -151,9 +161,7 @@ fn a_full_tunnel_answers_503_and_recovers() {
     );
     drop(first);
     drop(second);
-    wait_for("a stream to come back", Duration::from_secs(10), || {
-        (https.get("/clusters/member-1/version", Some(&user)).status == 200).then_some(())
-    });
+    wait_until_served(&https, &user, "a stream to come back");
 }
 
 #[test]
@@ -252,12 +260,13 @@ fn an_exec_holds_its_cluster_slot_and_ends_when_idle() {
         .expect("kubectl");
     let mut stdin = exec.stdin.take().expect("stdin");
     let mut stdout = BufReader::new(exec.stdout.take().expect("stdout"));
-    // A line round-trips: the session is up, past its 101.
+    // A line round-trips: the session is up, past its 101. Its last byte crosses the
+    // server after this instant.
+    let last_byte = Instant::now();
     stdin.write_all(b"through the upgrade\n").unwrap();
     let mut echoed = String::new();
     stdout.read_line(&mut echoed).unwrap();
     assert_eq!(echoed, "through the upgrade\n");
-    let last_byte = Instant::now();
 
     // A followed log (a line every 100 ms, never idle) takes the other place.
     let follower = Https::frontend(&server);
@@ -280,7 +289,7 @@ fn an_exec_holds_its_cluster_slot_and_ends_when_idle() {
     });
     // The upgraded session still holds its place and counts in flight, though hyper
     // dropped the 101's body long ago.
-    let refused = https.get("/clusters/member-1/version", Some(&user));
+    let refused = version(&https, &user);
     assert_eq!(refused.status, 429, "{}", refused.body);
     assert_eq!(metric(&server, "tower_requests_in_flight"), 2.0);
 
@@ -294,9 +303,7 @@ fn an_exec_holds_its_cluster_slot_and_ends_when_idle() {
         lasted >= Duration::from_secs(3),
         "ended {lasted:?} after its last byte: {status}"
     );
-    wait_for("the place to come back", Duration::from_secs(10), || {
-        (https.get("/clusters/member-1/version", Some(&user)).status == 200).then_some(())
-    });
+    wait_until_served(&https, &user, "the place to come back");
     drop(stdin);
 }
 
@@ -323,7 +330,7 @@ fn callers_that_stop_reading_lose_their_places_after_the_idle_timeout() {
         assert_eq!(response.status, 200, "{}", response.head);
     }
     let stalled_at = Instant::now();
-    let refused = https.get("/clusters/member-1/version", Some(&user));
+    let refused = version(&https, &user);
     assert_eq!(refused.status, 429, "{}", refused.body);
 
     // Past the idle timeout their connections are closed, and the places come back.
@@ -343,8 +350,8 @@ fn callers_that_stop_reading_lose_their_places_after_the_idle_timeout() {
         waited >= Duration::from_secs(3),
         "cut after only {waited:?}"
     );
-    let version = https.get("/clusters/member-1/version", Some(&user));
-    assert_eq!(version.status, 200, "{}", version.body);
+    let served = version(&https, &user);
+    assert_eq!(served.status, 200, "{}", served.body);
     wait_for("nothing in flight", Duration::from_secs(10), || {
         (metric(&server, "tower_requests_in_flight") == 0.0).then_some(())
     });

@@ -11,23 +11,13 @@ use tower_e2e::{
     Https, KubectlStream, Member, Server, agent, kubectl, server, wait_for, wait_for_with,
 };
 
-#[test]
-fn killing_the_agent_mid_watch_is_an_error_and_a_new_agent_serves_at_once() {
-    let member = Member::start();
-    let server = server().start();
-    let mut first = agent(&server, &member, "member-1").connect(&server);
-    let kc = server.kubeconfig("member-1", "alice", &[]);
-
-    let watch = KubectlStream::spawn(
-        &kc,
-        &["get", "configmaps", "-n", "default", "-w", "-o", "name"],
-    );
-    watch.wait_line("the initial list", Duration::from_secs(30), |l| {
-        l == "configmap/settings"
-    });
-
-    // A raw watch too: its chunked body must end in an error, not a clean end.
-    let https = Https::frontend(&server);
+/// Opens a raw watch of member-1's configmaps as alice on a thread of its own, and waits
+/// until the member serves it.
+fn open_raw_watch(
+    server: &Server,
+    member: &Member,
+) -> std::thread::JoinHandle<Result<tower_e2e::Reply, String>> {
+    let https = Https::frontend(server);
     let user = Server::minter().user_token("alice", &[], None);
     let raw = std::thread::spawn(move || {
         https.try_request(
@@ -49,19 +39,44 @@ fn killing_the_agent_mid_watch_is_an_error_and_a_new_agent_serves_at_once() {
             })
             .then_some(())
     });
+    raw
+}
+
+/// Waits for a raw watch whose tunnel went away: its body must end in an error, never
+/// look complete.
+fn assert_cut(raw: std::thread::JoinHandle<Result<tower_e2e::Reply, String>>, what: &str) {
+    match raw.join().expect("raw watch thread") {
+        Err(e) => assert!(
+            e.starts_with("body of a 200 response failed"),
+            "{what} must end in a body error: {e}"
+        ),
+        Ok(reply) => panic!("{what} looked complete: {reply:?}"),
+    }
+}
+
+#[test]
+fn killing_the_agent_mid_watch_is_an_error_and_a_new_agent_serves_at_once() {
+    let member = Member::start();
+    let server = server().start();
+    let mut first = agent(&server, &member, "member-1").connect(&server);
+    let kc = server.kubeconfig("member-1", "alice", &[]);
+
+    let watch = KubectlStream::spawn(
+        &kc,
+        &["get", "configmaps", "-n", "default", "-w", "-o", "name"],
+    );
+    watch.wait_line("the initial list", Duration::from_secs(30), |l| {
+        l == "configmap/settings"
+    });
+
+    // A raw watch too: its chunked body must end in an error, not a clean end.
+    let raw = open_raw_watch(&server, &member);
 
     first.process.kill();
     let killed = Instant::now();
-    let raw = raw.join().expect("raw watch thread");
     // The body must fail (a cut chunked stream), promptly: neither a clean end nor a
     // hang until the client's own 30 s deadline.
-    match &raw {
-        Err(e) => assert!(
-            e.starts_with("body of a 200 response failed"),
-            "a watch cut by a dead agent must end in a body error: {e}"
-        ),
-        Ok(reply) => panic!("a watch cut by a dead agent looked complete: {reply:?}"),
-    }
+    assert_cut(raw, "a watch cut by a dead agent");
     assert!(
         killed.elapsed() < Duration::from_secs(10),
         "the cut reached the client only after {:?}",
@@ -260,24 +275,7 @@ fn a_blackholed_tunnel_is_noticed_on_both_sides_and_replaced() {
     };
     let silent = remote(&server).expect("member-1 connected");
     // A watch open on the tunnel that goes silent.
-    let https = Https::frontend(&server);
-    let user = Server::minter().user_token("alice", &[], None);
-    let raw = std::thread::spawn(move || {
-        https.try_request(
-            "GET",
-            "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1",
-            Some(&user),
-            &[],
-        )
-    });
-    wait_for("the watch to be open", Duration::from_secs(10), || {
-        member
-            .api
-            .calls()
-            .iter()
-            .any(|c| c.path_and_query.contains("watch=1"))
-            .then_some(())
-    });
+    let raw = open_raw_watch(&server, &member);
 
     relay.freeze();
     let frozen = Instant::now();
@@ -298,15 +296,8 @@ fn a_blackholed_tunnel_is_noticed_on_both_sides_and_replaced() {
     let server_noticed = frozen.elapsed();
     // The server closed the tunnel, and the watch on it ends in an error then: it does not
     // wait for the client's own 30 s deadline (or the server's idle timeout, hours).
-    let raw = raw.join().expect("raw watch thread");
+    assert_cut(raw, "a watch on a dead tunnel");
     let watch_ended = frozen.elapsed();
-    match &raw {
-        Err(e) => assert!(
-            e.starts_with("body of a 200 response failed"),
-            "a watch on a dead tunnel must end in a body error: {e}"
-        ),
-        Ok(reply) => panic!("a watch on a dead tunnel looked complete: {reply:?}"),
-    }
     assert!(
         watch_ended < server_noticed + Duration::from_secs(10),
         "the watch ended {watch_ended:?} after the freeze, the tunnel was dropped after {server_noticed:?}"

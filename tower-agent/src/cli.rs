@@ -13,7 +13,7 @@ use tower_tunnel::control::Keepalive;
 use tower_tunnel::dial::{DialConfig, ProxyUrl, ServerAddress};
 use tower_tunnel::tls::{self, CaTrust};
 
-use crate::upstream::Upstream;
+use crate::upstream::{TokenFile, Upstream};
 use crate::{Backoff, Config};
 
 /// The agent's flags (a public contract: existing agent.yaml files use them).
@@ -99,12 +99,20 @@ pub struct Cli {
 /// Validates the flags into a [`Config`]; the error says which flag is wrong.
 pub async fn build_config(cli: &Cli) -> Result<Config, String> {
     validate_cluster_name(&cli.name).map_err(|e| format!("--name: {e}"))?;
-    let token = match (&cli.token, &cli.token_file) {
+    // A token file is read again before every dial (Kubernetes updates a mounted Secret in
+    // place), so it is checked with no interval.
+    let token_file = cli
+        .token_file
+        .as_ref()
+        .filter(|_| cli.token.is_none())
+        .map(|path| {
+            TokenFile::new(path.clone(), Duration::ZERO)
+                .map_err(|e| format!("reading --token-file {}: {e}", path.display()))
+        })
+        .transpose()?;
+    let token = match (&cli.token, &token_file) {
         (Some(token), _) => token.trim().to_owned(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| format!("reading --token-file {}: {e}", path.display()))?
-            .trim()
-            .to_owned(),
+        (None, Some(file)) => file.token(),
         (None, None) => return Err("--token or --token-file is required".into()),
     };
     let secret_bytes = match (&cli.jwt_secret_file, &cli.jwt_secret) {
@@ -211,7 +219,7 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
             targets: target_names,
             timeout: Duration::from_secs(15),
         },
-        token_file: cli.token_file.clone(),
+        token_file,
         verifier,
         targets,
         keepalive,

@@ -22,7 +22,6 @@ pub mod upstream;
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,7 +46,7 @@ use tower_tunnel::http::{failure, strip_hop_by_hop};
 use tower_tunnel::session::{self, Role};
 use tower_tunnel::{SessionConfig, TunnelStream};
 
-use crate::upstream::{Credentials, Upstream};
+use crate::upstream::{Credentials, TokenFile, Upstream};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -131,7 +130,7 @@ pub struct Config {
     /// How to reach the server.
     pub dial: DialConfig,
     /// Where `dial.token` came from, if a file: read again before each dial.
-    pub token_file: Option<PathBuf>,
+    pub token_file: Option<TokenFile>,
     /// Checks callers' JWTs.
     pub verifier: Verifier,
     /// The targets this agent serves; always holds `kubernetes`.
@@ -217,8 +216,8 @@ pub async fn run(
             }
             () = tokio::time::sleep(delay), if held.len() < replicas => {}
         }
-        if let Some(path) = &config.token_file {
-            reread_token(path, &mut dial_config.token);
+        if let Some(file) = &config.token_file {
+            dial_config.token = file.token();
         }
         let held_ids: Vec<String> = held.iter().cloned().collect();
         let dialed = tokio::select! {
@@ -273,25 +272,6 @@ pub async fn run(
     tunnels.close();
     tunnels.wait().await;
     Ok(())
-}
-
-/// Reads the agent token file again (Kubernetes updates a mounted Secret in place): a new,
-/// non-empty token replaces `token`; a file that cannot be read or is empty leaves it.
-fn reread_token(path: &Path, token: &mut String) {
-    match std::fs::read_to_string(path) {
-        Ok(text) if text.trim().is_empty() => {
-            tracing::warn!(path = %path.display(), "the agent token file is empty: dialing with the token read before");
-        }
-        Ok(text) => {
-            if text.trim() != token.as_str() {
-                tracing::info!(path = %path.display(), "the agent token file changed: dialing with the new token");
-                *token = text.trim().to_owned();
-            }
-        }
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read the agent token file: dialing with the token read before");
-        }
-    }
 }
 
 enum Ended {
@@ -734,7 +714,7 @@ where
             tokio::spawn(tower_tunnel::http::join_upgrades(
                 client_upgrade,
                 upstream_upgrade,
-                None,
+                || {},
             ));
         }
     } else {

@@ -267,9 +267,18 @@ impl Frontend {
                 },
                 InFlight::new(self.metrics.clone()),
             );
-            let idle = self.idle_timeout;
+            let (idle, metrics) = (self.idle_timeout, self.metrics.clone());
             tokio::spawn(async move {
-                tower_tunnel::http::join_upgrades(client_upgrade, agent_upgrade, Some(idle)).await;
+                let touch = {
+                    let activity = activity.clone();
+                    move || activity.touch()
+                };
+                let joined =
+                    tower_tunnel::http::join_upgrades(client_upgrade, agent_upgrade, touch);
+                if unless_idle(joined, &activity, idle).await.is_err() {
+                    tracing::debug!(?idle, "upgraded connection idle: closed");
+                    metrics.count_limited("idle_timeout");
+                }
                 drop(held);
             });
             return Ok((response.map(|b| b.map_err(BoxError::from).boxed()), None));

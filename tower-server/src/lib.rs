@@ -435,55 +435,51 @@ async fn serve<F, Fut>(
             // every HTTP/1.1 connection the size of an HTTP/2 one.
             let http2 =
                 matches!(&io, Either::Left(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2"));
-            let result = if http2 {
-                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .max_concurrent_streams(HTTP2_MAX_STREAMS)
-                    .max_header_list_size(
-                        u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
-                    )
-                    .keep_alive_interval(HTTP2_KEEPALIVE)
-                    .serve_connection(TokioIo::new(io), service);
-                let mut connection = Box::pin(connection);
-                tokio::select! {
-                    result = connection.as_mut() => result,
-                    () = unread.stalled_past(limits.stream_idle_timeout) => {
-                        return closed_unread(&metrics, remote);
+            let served = async {
+                if http2 {
+                    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .max_concurrent_streams(HTTP2_MAX_STREAMS)
+                        .max_header_list_size(
+                            u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
+                        )
+                        .keep_alive_interval(HTTP2_KEEPALIVE)
+                        .serve_connection(TokioIo::new(io), service);
+                    let mut connection = Box::pin(connection);
+                    tokio::select! {
+                        result = connection.as_mut() => result,
+                        () = finish.cancelled() => {
+                            // A GOAWAY: requests in flight finish, new ones go elsewhere.
+                            connection.as_mut().graceful_shutdown();
+                            connection.await
+                        }
                     }
-                    () = finish.cancelled() => {
-                        // A GOAWAY: requests in flight finish, new ones go elsewhere.
-                        connection.as_mut().graceful_shutdown();
-                        tokio::select! {
-                            result = connection => result,
-                            () = unread.stalled_past(limits.stream_idle_timeout) => {
-                                return closed_unread(&metrics, remote);
-                            }
+                } else {
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(limits.header_read_timeout)
+                        .max_buf_size(limits.max_header_bytes.max(8192))
+                        .serve_connection(TokioIo::new(io), service)
+                        .with_upgrades();
+                    let mut connection = Box::pin(connection);
+                    tokio::select! {
+                        result = connection.as_mut() => result,
+                        () = finish.cancelled() => {
+                            // Finish the request in flight, then close.
+                            connection.as_mut().graceful_shutdown();
+                            connection.await
                         }
                     }
                 }
-            } else {
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout)
-                    .max_buf_size(limits.max_header_bytes.max(8192))
-                    .serve_connection(TokioIo::new(io), service)
-                    .with_upgrades();
-                let mut connection = Box::pin(connection);
-                tokio::select! {
-                    result = connection.as_mut() => result,
-                    () = unread.stalled_past(limits.stream_idle_timeout) => {
-                        return closed_unread(&metrics, remote);
-                    }
-                    () = finish.cancelled() => {
-                        // Finish the request in flight, then close.
-                        connection.as_mut().graceful_shutdown();
-                        tokio::select! {
-                            result = connection => result,
-                            () = unread.stalled_past(limits.stream_idle_timeout) => {
-                                return closed_unread(&metrics, remote);
-                            }
-                        }
-                    }
+            };
+            // Served until done, unless a response sits unread: then the connection is
+            // dropped, with the responses and all they hold.
+            let result = tokio::select! {
+                result = served => result,
+                () = unread.stalled_past(limits.stream_idle_timeout) => {
+                    tracing::debug!(%remote, "a response sat unread past --stream-idle-timeout: connection closed");
+                    metrics.count_limited("idle_timeout");
+                    return;
                 }
             };
             if let Err(e) = result {
@@ -497,13 +493,6 @@ async fn serve<F, Fut>(
             }
         });
     }
-}
-
-/// A response on the connection from `remote` sat unread past the idle timeout: the
-/// connection is dropped (with it the responses and what they hold), and counted.
-fn closed_unread(metrics: &metrics::Metrics, remote: SocketAddr) {
-    tracing::debug!(%remote, "a response sat unread past --stream-idle-timeout: connection closed");
-    metrics.count_limited("idle_timeout");
 }
 
 #[cfg(test)]

@@ -2,10 +2,7 @@
 //! joining two upgraded connections, and Kubernetes `Status` error bodies.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
@@ -46,13 +43,12 @@ fn json_string(text: &str) -> String {
     out
 }
 
-/// Copies bytes both ways between two upgraded connections until both are done, or, with
-/// `idle`, until no byte has moved either way for that long (as kubelet's
-/// `--streaming-connection-idle-timeout` ends an exec or port-forward nobody uses).
+/// Copies bytes both ways between two upgraded connections until both are done, calling
+/// `moved` whenever bytes arrive from either side (the activity an idle timeout watches).
 pub async fn join_upgrades(
     a: hyper::upgrade::OnUpgrade,
     b: hyper::upgrade::OnUpgrade,
-    idle: Option<Duration>,
+    moved: impl Fn() + Clone + Unpin,
 ) {
     let (a, b) = match tokio::try_join!(a, b) {
         Ok(pair) => pair,
@@ -61,58 +57,26 @@ pub async fn join_upgrades(
             return;
         }
     };
-    let moved = Arc::new(AtomicU64::new(0));
-    let mut a = Counted::new(TokioIo::new(a), &moved);
-    let mut b = Counted::new(TokioIo::new(b), &moved);
-    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
-    let Some(idle) = idle else {
-        if let Err(e) = copy.await {
-            tracing::debug!(error = %e, "upgraded connection ended");
-        }
-        return;
+    let mut a = Touching {
+        io: TokioIo::new(a),
+        moved: moved.clone(),
     };
-    tokio::pin!(copy);
-    // Looked at four times per period: the cut comes between `idle` and 1.25 × `idle`
-    // after the last byte.
-    let mut tick = tokio::time::interval(idle / 4);
-    let (mut seen, mut since) = (0, tokio::time::Instant::now());
-    loop {
-        tokio::select! {
-            ended = &mut copy => {
-                if let Err(e) = ended {
-                    tracing::debug!(error = %e, "upgraded connection ended");
-                }
-                return;
-            }
-            now = tick.tick() => {
-                let total = moved.load(Ordering::Relaxed);
-                if total != seen {
-                    (seen, since) = (total, now);
-                } else if now - since >= idle {
-                    tracing::debug!(?idle, "upgraded connection idle: closed");
-                    return;
-                }
-            }
-        }
+    let mut b = Touching {
+        io: TokioIo::new(b),
+        moved,
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
     }
 }
 
-/// I/O that adds every byte it reads to a shared count.
-struct Counted<T> {
+/// I/O that calls `moved` after every read that brought bytes.
+struct Touching<T, F> {
     io: T,
-    moved: Arc<AtomicU64>,
+    moved: F,
 }
 
-impl<T> Counted<T> {
-    fn new(io: T, moved: &Arc<AtomicU64>) -> Self {
-        Counted {
-            io,
-            moved: moved.clone(),
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+impl<T: AsyncRead + Unpin, F: Fn() + Unpin> AsyncRead for Touching<T, F> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -120,15 +84,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        if buf.filled().len() > before {
+            (self.moved)();
         }
         polled
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+impl<T: AsyncWrite + Unpin, F: Unpin> AsyncWrite for Touching<T, F> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,4 +1,5 @@
-//! Request handling: authentication, the call log, routing, discovery and the object verbs.
+//! Request handling: authentication, impersonation and authorization (see [`crate::auth`] and
+//! [`crate::rbac`]), the call log, routing, discovery and the object verbs.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -14,10 +15,11 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming, SizeHint};
 use serde_json::{Value, json};
 
+use crate::rbac::{self, Attributes};
 use crate::status::ApiError;
 use crate::store::{Filter, PatchKind, Resource, Since, Target};
 use crate::table::{self, IncludeObject};
-use crate::{Call, Shared, discovery, exec_ws, logs, openapi, spdy, watch};
+use crate::{Call, Shared, auth, discovery, exec_ws, logs, openapi, spdy, watch};
 
 /// The response body type of every handler.
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -122,45 +124,41 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Authenticates, records and routes one request.
+/// Authenticates, impersonates, records, authorizes and routes one request, in the order of
+/// kube-apiserver's handler chain (authentication, impersonation, authorization).
 pub(crate) async fn handle(
     shared: Arc<Shared>,
-    client_cn: Option<Arc<str>>,
+    client_cert: Option<Arc<auth::ClientCert>>,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let headers = req.headers();
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let matches =
-        |token: &str| bearer.is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
-    let more = shared
-        .more_tokens
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .position(|t| matches(t));
-    let credential = if matches(&shared.token) {
-        "token".to_owned()
-    } else if let Some(i) = more {
-        format!("token#{}", i + 1)
-    } else if let Some(cn) = &client_cn {
-        format!("client-cert:{cn}")
-    } else {
-        "anonymous".to_owned()
+    let static_token = |presented: &str| -> Option<String> {
+        if constant_time_eq(presented.as_bytes(), shared.token.as_bytes()) {
+            return Some("token".to_owned());
+        }
+        shared
+            .more_tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .position(|t| constant_time_eq(presented.as_bytes(), t.as_bytes()))
+            .map(|i| format!("token#{}", i + 1))
     };
-    let call = Call {
+    let authentication = auth::authenticate(
+        headers,
+        client_cert.as_deref(),
+        static_token,
+        &shared.tokens,
+        &shared.store,
+    );
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned());
+    let mut call = Call {
         method: req.method().to_string(),
-        path_and_query: req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned()),
-        credential: credential.clone(),
+        path_and_query: path_and_query.clone(),
+        credential: "anonymous".to_owned(),
         impersonate_user: header_str(headers, "impersonate-user").map(str::to_owned),
         impersonate_groups: headers
             .get_all("impersonate-group")
@@ -170,21 +168,56 @@ pub(crate) async fn handle(
             .collect(),
         saw_authorization: headers.contains_key(header::AUTHORIZATION),
         version: req.version(),
+        user: None,
+        groups: Vec::new(),
     };
-    tracing::debug!(method = %call.method, path = %call.path_and_query, credential = %call.credential, "request");
-    let user = call
-        .impersonate_user
-        .clone()
-        .unwrap_or_else(|| credential.clone());
-    shared
-        .calls
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(call);
-    if credential == "anonymous" {
-        return error_response(&ApiError::unauthorized());
+    let record = |call: Call| {
+        tracing::debug!(method = %call.method, path = %call.path_and_query,
+            credential = %call.credential, user = ?call.user, "request");
+        shared
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(call);
+    };
+    let requestor = match authentication {
+        auth::Authentication::User(authenticated) => {
+            call.credential = authenticated.credential;
+            authenticated.user
+        }
+        auth::Authentication::Anonymous => auth::anonymous(),
+        auth::Authentication::Rejected => {
+            record(call);
+            return error_response(&ApiError::unauthorized());
+        }
+    };
+    let user = match auth::impersonate(
+        headers,
+        &path_and_query,
+        &requestor,
+        &shared.authorizer,
+        &shared.store,
+    ) {
+        Ok(impersonated) => impersonated.unwrap_or(requestor),
+        Err(refusal) => {
+            call.user = Some(requestor.name);
+            call.groups = requestor.groups;
+            record(call);
+            return refusal.response();
+        }
+    };
+    call.user = Some(user.name.clone());
+    call.groups.clone_from(&user.groups);
+    record(call);
+    let query = Query::parse(req.uri().query());
+    let attributes = Attributes::from_request(req.method(), req.uri().path(), &query.0);
+    let decision = shared
+        .authorizer
+        .authorize(&shared.store, &user, &attributes);
+    if !decision.allowed {
+        return error_response(&rbac::forbidden(&user.name, &attributes, &decision.reason));
     }
-    match route(&shared, user, req).await {
+    match route(&shared, user.name, req, query).await {
         Ok(resp) => resp,
         Err(err) => error_response(&err),
     }
@@ -202,9 +235,9 @@ async fn route(
     shared: &Arc<Shared>,
     user: String,
     req: Request<Incoming>,
+    query: Query,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_owned();
-    let query = Query::parse(req.uri().query());
     let segments: Vec<&str> = path
         .trim_matches('/')
         .split('/')
@@ -320,6 +353,9 @@ async fn resource_route(
                 }
                 [name, sub] if r == Resource::Pods && !watch_path => {
                     pod_subresource(shared, user, req, ns, name, sub, &query)
+                }
+                [name, "token"] if r == Resource::ServiceAccounts && !watch_path => {
+                    token_request(shared, req, ns, name).await
                 }
                 _ => Err(ApiError::path_not_found()),
             }
@@ -486,7 +522,7 @@ async fn object(
             let kind = match content_type.as_str() {
                 "application/merge-patch+json" => PatchKind::Merge,
                 // Like a real apiserver: custom resources have no strategic merge.
-                "application/strategic-merge-patch+json" if resource.group().is_empty() => {
+                "application/strategic-merge-patch+json" if !resource.is_custom() => {
                     PatchKind::Merge
                 }
                 "application/json-patch+json" => PatchKind::Json,
@@ -522,6 +558,23 @@ async fn object(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// `POST serviceaccounts/{name}/token`: TokenRequest.
+async fn token_request(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    namespace: &str,
+    name: &str,
+) -> Result<Response<Body>, ApiError> {
+    if req.method() != Method::POST {
+        return Err(ApiError::method_not_allowed());
+    }
+    let body = read_json(req).await?;
+    let answer = shared
+        .tokens
+        .token_request(&shared.store, namespace, name, &body)?;
+    Ok(json_response(StatusCode::CREATED, answer.to_string()))
 }
 
 /// `pods/{name}/log|exec|attach|portforward`.

@@ -59,8 +59,9 @@ fn storage_version_hash(resource: Resource) -> Option<&'static str> {
         Resource::Namespaces => Some("Q3oi5N2YM8M="),
         Resource::Pods => Some("xPOwRZ+Yhw8="),
         Resource::Services => Some("0/CO1lhkEBI="),
-        Resource::Clusters => None,
         Resource::Deployments => Some("8aSe+NMegvE="),
+        // Not modelled: kubectl does not read it.
+        _ => None,
     }
 }
 
@@ -102,6 +103,12 @@ pub(crate) fn api_resources_json(group_version: &str) -> Option<String> {
                 "PodPortForwardOptions",
                 &["create", "get"],
             ));
+        }
+        if r == Resource::ServiceAccounts {
+            let mut token = sub("token", "TokenRequest", &["create"]);
+            token["group"] = json!("authentication.k8s.io");
+            token["version"] = json!("v1");
+            resources.push(token);
         }
         if r.has_status_subresource() {
             resources.push(sub("status", r.kind(), &STATUS_VERBS));
@@ -179,11 +186,18 @@ mod tests {
                 "pods/exec",
                 "pods/log",
                 "pods/portforward",
+                "secrets",
+                "serviceaccounts",
+                "serviceaccounts/token",
                 "services",
                 "services/status"
             ]
         );
-        let svc = &core["resources"][7];
+        let token = &core["resources"][9];
+        assert_eq!(token["kind"], "TokenRequest");
+        assert_eq!(token["group"], "authentication.k8s.io");
+        assert_eq!(token["verbs"], json!(["create"]));
+        let svc = &core["resources"][10];
         assert_eq!(svc["shortNames"], json!(["svc"]));
         assert_eq!(svc["namespaced"], true);
     }

@@ -21,8 +21,26 @@
 //! * `services` (core `v1`: a cluster IP and node ports are allocated) and KubeSphere's
 //!   cluster-scoped, free-form `clusters` (`cluster.kubesphere.io/v1alpha1`, served like a
 //!   custom resource) both have a `status` subresource: only `…/status` changes `.status`;
-//! * bearer-token or client-certificate authentication, recording every call (with its
-//!   `Impersonate-*` headers) for tests to inspect through [`StandIn::calls`];
+//! * `secrets` (`stringData` folded into `data`), `serviceaccounts` (with the `token`
+//!   subresource: TokenRequest, so `kubectl create token` works), the four RBAC kinds
+//!   (`rbac.authorization.k8s.io/v1`) and `poddisruptionbudgets` (`policy/v1`), so that
+//!   Tower's own manifests (`kubectl apply -k deploy/host`, an agent.yaml) go in;
+//! * authentication as kube-apiserver does it ([`auth`](crate::auth)): the static token is
+//!   user [`ADMIN_USER`] in `system:masters`; a client certificate is its CN with its O
+//!   values as groups; ServiceAccount tokens from TokenRequest are
+//!   `system:serviceaccount:NS:NAME` until they expire or their ServiceAccount is deleted;
+//!   no credential is `system:anonymous`; a bearer token nobody accepts is a 401;
+//! * impersonation (`Impersonate-User`, `-Group`, `-Uid`, `-Extra-*`) checked against the
+//!   `impersonate` verb, and RBAC authorization of every request, resource and
+//!   non-resource alike, with `system:masters` allowed everything and the bootstrap policy
+//!   (`cluster-admin`, `system:discovery`, `system:basic-user`,
+//!   `system:public-info-viewer` and their bindings) seeded as objects; refusals are the
+//!   apiserver's 403 `Status` with its message. [`StandIn::start`] adds one test fixture on
+//!   top, the ClusterRoleBinding [`FIXTURE_BINDING`] that makes every authenticated user
+//!   `cluster-admin` (so impersonating anyone works); [`StandIn::start_strict`] leaves it
+//!   out, as a fresh cluster;
+//! * every call recorded (credential, `Impersonate-*` headers, and the user and groups it
+//!   ran as) for tests to inspect through [`StandIn::calls`];
 //! * faults for clients that must survive an apiserver restart:
 //!   [`StandIn::drop_connections`] cuts every open connection, and
 //!   [`StandIn::set_available`] refuses connections until it is turned back on.
@@ -44,6 +62,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod api;
+mod auth;
 mod clock;
 pub mod command;
 mod connections;
@@ -52,12 +71,19 @@ mod exec_ws;
 pub mod files;
 mod logs;
 mod openapi;
+mod rbac;
 pub mod spdy;
 pub mod status;
 mod store;
 mod table;
 mod tls;
 mod watch;
+
+pub use auth::ADMIN_USER;
+
+/// Name of the ClusterRoleBinding [`StandIn::start`] seeds as a test fixture: Group
+/// `system:authenticated` bound to ClusterRole `cluster-admin`.
+pub const FIXTURE_BINDING: &str = rbac::FIXTURE_BINDING;
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,7 +101,9 @@ pub struct Call {
     /// Path and query as sent, e.g. `/api/v1/namespaces/default/pods?limit=500`.
     pub path_and_query: String,
     /// How the caller authenticated: `token`, `token#N` (the Nth token given to
-    /// [`StandIn::accept_token`]), `client-cert:<CN>` or `anonymous`.
+    /// [`StandIn::accept_token`]), `client-cert:<CN>`, `serviceaccount:<NS>/<NAME>` (a
+    /// token from TokenRequest) or `anonymous` (no credential; or, with
+    /// [`Call::saw_authorization`], a bearer token that was refused with 401).
     pub credential: String,
     /// The `Impersonate-User` header, if any.
     pub impersonate_user: Option<String>,
@@ -85,6 +113,11 @@ pub struct Call {
     pub saw_authorization: bool,
     /// The HTTP version it came over (HTTP/1.1 or HTTP/2).
     pub version: http::Version,
+    /// The user the request ran as, after impersonation (`system:anonymous` without a
+    /// credential); the requesting user when impersonation was refused; `None` after a 401.
+    pub user: Option<String>,
+    /// That user's groups (including `system:authenticated` or `system:unauthenticated`).
+    pub groups: Vec<String>,
 }
 
 /// Which credential [`StandIn::kubeconfig_yaml`] embeds.
@@ -99,6 +132,10 @@ pub enum KubeconfigAuth {
 /// State shared by the accept loop, every connection and every stream.
 pub(crate) struct Shared {
     pub(crate) store: store::Store,
+    /// Decides what each user may do, from the RBAC objects in `store`.
+    pub(crate) authorizer: rbac::Authorizer,
+    /// Issues and checks ServiceAccount tokens.
+    pub(crate) tokens: auth::TokenIssuer,
     pub(crate) token: String,
     /// Tokens accepted besides `token` ([`StandIn::accept_token`]), as after a rotation.
     pub(crate) more_tokens: Mutex<Vec<String>>,
@@ -151,20 +188,54 @@ impl std::fmt::Debug for StandIn {
 
 impl StandIn {
     /// Serves on an already-bound listener (tests bind `127.0.0.1:0`). Generates its own CA
-    /// and serving certificate (SANs 127.0.0.1, ::1, localhost) and seeds the store.
+    /// and serving certificate (SANs 127.0.0.1, ::1, localhost) and seeds the store: the
+    /// objects listed in the crate docs, the RBAC bootstrap policy, and the test fixture
+    /// [`FIXTURE_BINDING`], which makes every authenticated user (any impersonated one
+    /// included) `cluster-admin`. `token` authenticates as [`ADMIN_USER`] in
+    /// `system:masters`.
     pub async fn start(listener: TcpListener, token: impl Into<String>) -> anyhow::Result<StandIn> {
-        let token = token.into();
+        StandIn::start_with_policy(listener, token.into(), false).await
+    }
+
+    /// Like [`StandIn::start`], but with only the bootstrap policy, as a fresh cluster:
+    /// users other than `system:masters` members may discover the API and read
+    /// `/version` and `/healthz`, and nothing else until a Role or ClusterRole is bound
+    /// to them.
+    pub async fn start_strict(
+        listener: TcpListener,
+        token: impl Into<String>,
+    ) -> anyhow::Result<StandIn> {
+        StandIn::start_with_policy(listener, token.into(), true).await
+    }
+
+    async fn start_with_policy(
+        listener: TcpListener,
+        token: String,
+        strict: bool,
+    ) -> anyhow::Result<StandIn> {
         anyhow::ensure!(!token.is_empty(), "the stand-in's token must not be empty");
         let addr = listener
             .local_addr()
             .context("reading the listener's address")?;
         let pki = tls::Pki::generate()?;
         let acceptor = TlsAcceptor::from(pki.server_config()?);
-        let store = tokio::task::spawn_blocking(store::Store::seeded)
-            .await
-            .context("seeding the store")?;
+        let store = tokio::task::spawn_blocking(move || {
+            let store = store::Store::seeded();
+            if !strict {
+                store.seed(
+                    store::Resource::ClusterRoleBindings,
+                    "",
+                    rbac::permissive_fixture(),
+                );
+            }
+            store
+        })
+        .await
+        .context("seeding the store")?;
         let shared = Arc::new(Shared {
             store,
+            authorizer: rbac::Authorizer::default(),
+            tokens: auth::TokenIssuer::default(),
             token,
             more_tokens: Mutex::new(Vec::new()),
             calls: Mutex::new(Vec::new()),
@@ -220,7 +291,17 @@ impl StandIn {
             .push(token.into());
     }
 
-    /// PEM of a client certificate (CN `tower-agent-client`) accepted instead of the token.
+    /// Moves the stand-in's clock for ServiceAccount tokens forward by `by`, so that tests
+    /// can see a token expire without waiting (TokenRequest's shortest lifetime is ten
+    /// minutes). Nothing else (timestamps, ages, watch timeouts) is affected.
+    pub fn advance_clock(&self, by: Duration) {
+        self.shared
+            .tokens
+            .advance(i64::try_from(by.as_secs()).unwrap_or(i64::MAX));
+    }
+
+    /// PEM of a client certificate (CN `tower-agent-client`, O `system:masters`) accepted
+    /// instead of the token.
     pub fn client_cert_pem(&self) -> &str {
         &self.client_cert_pem
     }
@@ -390,18 +471,23 @@ async fn serve_connection(
             }
         },
     };
-    let client_cn: Option<Arc<str>> = tls
+    let client_cert: Option<Arc<auth::ClientCert>> = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .map(|cert| tls::subject_common_name(cert).unwrap_or_else(|| "unknown".to_owned()))
-        .map(Arc::from);
+        .map(|cert| {
+            let (cn, organizations) = tls::subject_names(cert).unwrap_or_default();
+            Arc::new(auth::ClientCert {
+                common_name: cn.unwrap_or_default(),
+                organizations,
+            })
+        });
     let service_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = service_shared.clone();
-        let client_cn = client_cn.clone();
-        async move { Ok::<_, std::convert::Infallible>(api::handle(shared, client_cn, req).await) }
+        let client_cert = client_cert.clone();
+        async move { Ok::<_, std::convert::Infallible>(api::handle(shared, client_cert, req).await) }
     });
     // HTTP/2 when the client's ALPN asks for it (as kube-apiserver), HTTP/1.1 otherwise
     // (upgrades: exec, attach, port-forward). Each boxed on its own, so that an HTTP/1.1

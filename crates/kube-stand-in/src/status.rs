@@ -14,8 +14,20 @@ pub struct ApiError {
     pub reason: &'static str,
     /// Human-readable message; kubectl prints it.
     pub message: String,
-    /// `Status.details` as (kind, name), when the error is about one object.
-    pub details: Option<(String, String)>,
+    /// `Status.details`, when the error is about a resource or one object.
+    pub details: Option<StatusDetails>,
+}
+
+/// `Status.details`: which resource (or object) an error is about. Empty fields are left
+/// out of the JSON, as the apiserver's `omitempty` does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusDetails {
+    /// The object's name, if the error is about one object.
+    pub name: String,
+    /// The resource's API group (empty for the core group).
+    pub group: String,
+    /// The resource, e.g. `pods` (the apiserver puts the resource in `kind`).
+    pub kind: String,
 }
 
 impl ApiError {
@@ -58,6 +70,32 @@ impl ApiError {
                 "Operation cannot be fulfilled on {plural} \"{name}\": the object has been \
                  modified; please apply your changes to the latest version and try again"
             ),
+        )
+        .with_details(plural, name)
+    }
+
+    /// 403 Forbidden (`apierrors.NewForbidden`): `message` is the whole message.
+    pub fn forbidden(
+        message: impl Into<String>,
+        resource: &str,
+        group: &str,
+        name: &str,
+    ) -> ApiError {
+        let mut err = ApiError::new(403, "Forbidden", message);
+        err.details = Some(StatusDetails {
+            name: name.to_owned(),
+            group: group.to_owned(),
+            kind: resource.to_owned(),
+        });
+        err
+    }
+
+    /// 409 Conflict with the apiserver's explanation after the object's name.
+    pub fn conflict_with(plural: &str, name: &str, detail: &str) -> ApiError {
+        ApiError::new(
+            409,
+            "Conflict",
+            format!("Operation cannot be fulfilled on {plural} \"{name}\": {detail}"),
         )
         .with_details(plural, name)
     }
@@ -116,7 +154,13 @@ impl ApiError {
     }
 
     fn with_details(mut self, plural: &str, name: &str) -> ApiError {
-        self.details = Some((plural.to_owned(), name.to_owned()));
+        // `pods` or `clusters.cluster.kubesphere.io`: the group is after the first dot.
+        let (kind, group) = plural.split_once('.').unwrap_or((plural, ""));
+        self.details = Some(StatusDetails {
+            name: name.to_owned(),
+            group: group.to_owned(),
+            kind: kind.to_owned(),
+        });
         self
     }
 
@@ -131,8 +175,18 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
-        if let Some((kind, name)) = &self.details {
-            status["details"] = json!({ "name": name, "kind": kind });
+        if let Some(details) = &self.details {
+            let mut d = serde_json::Map::new();
+            for (key, value) in [
+                ("name", &details.name),
+                ("group", &details.group),
+                ("kind", &details.kind),
+            ] {
+                if !value.is_empty() {
+                    d.insert(key.to_owned(), json!(value));
+                }
+            }
+            status["details"] = serde_json::Value::Object(d);
         }
         status
     }

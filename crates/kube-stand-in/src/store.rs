@@ -31,6 +31,8 @@ pub(crate) const BULK_VALUE_LEN: usize = 100 * 1024;
 pub(crate) const KUBESPHERE_CLUSTER_GROUP: &str = "cluster.kubesphere.io";
 /// The version of [`KUBESPHERE_CLUSTER_GROUP`] that is served.
 pub(crate) const KUBESPHERE_CLUSTER_VERSION: &str = "v1alpha1";
+/// The RBAC API group.
+pub(crate) const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
 
 /// A resource type the stand-in serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -49,17 +51,41 @@ pub(crate) enum Resource {
     /// `apps/v1` `Deployment`, stored as given (no controller acts on it), with a `status`
     /// subresource.
     Deployments,
+    /// Core `v1` `Secret`: `stringData` is folded into base64 `data` on every write and
+    /// `type` defaults to `Opaque`.
+    Secrets,
+    /// Core `v1` `ServiceAccount`, with the `token` subresource (TokenRequest, see
+    /// `crate::auth`). Every namespace gets a `default` one when it is created.
+    ServiceAccounts,
+    /// `rbac.authorization.k8s.io/v1` `ClusterRole`, cluster-scoped.
+    ClusterRoles,
+    /// `rbac.authorization.k8s.io/v1` `ClusterRoleBinding`, cluster-scoped.
+    ClusterRoleBindings,
+    /// `rbac.authorization.k8s.io/v1` `Role`.
+    Roles,
+    /// `rbac.authorization.k8s.io/v1` `RoleBinding`.
+    RoleBindings,
+    /// `policy/v1` `PodDisruptionBudget`, with a `status` subresource (no controller fills
+    /// it in beyond the zero defaults).
+    PodDisruptionBudgets,
 }
 
 impl Resource {
     /// Every resource, in discovery order.
-    pub(crate) const ALL: [Resource; 6] = [
+    pub(crate) const ALL: [Resource; 13] = [
         Resource::ConfigMaps,
         Resource::Namespaces,
         Resource::Pods,
+        Resource::Secrets,
+        Resource::ServiceAccounts,
         Resource::Services,
         Resource::Clusters,
         Resource::Deployments,
+        Resource::PodDisruptionBudgets,
+        Resource::ClusterRoleBindings,
+        Resource::ClusterRoles,
+        Resource::RoleBindings,
+        Resource::Roles,
     ];
 
     /// The resource served at `/api/v1/{plural}` (`group_version` `v1`) or
@@ -78,6 +104,13 @@ impl Resource {
             Resource::Services => "services",
             Resource::Clusters => "clusters",
             Resource::Deployments => "deployments",
+            Resource::Secrets => "secrets",
+            Resource::ServiceAccounts => "serviceaccounts",
+            Resource::ClusterRoles => "clusterroles",
+            Resource::ClusterRoleBindings => "clusterrolebindings",
+            Resource::Roles => "roles",
+            Resource::RoleBindings => "rolebindings",
+            Resource::PodDisruptionBudgets => "poddisruptionbudgets",
         }
     }
 
@@ -89,6 +122,13 @@ impl Resource {
             Resource::Services => "service",
             Resource::Clusters => "cluster",
             Resource::Deployments => "deployment",
+            Resource::Secrets => "secret",
+            Resource::ServiceAccounts => "serviceaccount",
+            Resource::ClusterRoles => "clusterrole",
+            Resource::ClusterRoleBindings => "clusterrolebinding",
+            Resource::Roles => "role",
+            Resource::RoleBindings => "rolebinding",
+            Resource::PodDisruptionBudgets => "poddisruptionbudget",
         }
     }
 
@@ -100,18 +140,18 @@ impl Resource {
             Resource::Services => "Service",
             Resource::Clusters => "Cluster",
             Resource::Deployments => "Deployment",
+            Resource::Secrets => "Secret",
+            Resource::ServiceAccounts => "ServiceAccount",
+            Resource::ClusterRoles => "ClusterRole",
+            Resource::ClusterRoleBindings => "ClusterRoleBinding",
+            Resource::Roles => "Role",
+            Resource::RoleBindings => "RoleBinding",
+            Resource::PodDisruptionBudgets => "PodDisruptionBudget",
         }
     }
 
-    pub(crate) fn list_kind(self) -> &'static str {
-        match self {
-            Resource::Namespaces => "NamespaceList",
-            Resource::Pods => "PodList",
-            Resource::ConfigMaps => "ConfigMapList",
-            Resource::Services => "ServiceList",
-            Resource::Clusters => "ClusterList",
-            Resource::Deployments => "DeploymentList",
-        }
+    pub(crate) fn list_kind(self) -> String {
+        format!("{}List", self.kind())
     }
 
     /// The API group; empty for the core group.
@@ -119,6 +159,11 @@ impl Resource {
         match self {
             Resource::Clusters => KUBESPHERE_CLUSTER_GROUP,
             Resource::Deployments => "apps",
+            Resource::ClusterRoles
+            | Resource::ClusterRoleBindings
+            | Resource::Roles
+            | Resource::RoleBindings => RBAC_GROUP,
+            Resource::PodDisruptionBudgets => "policy",
             _ => "",
         }
     }
@@ -136,6 +181,11 @@ impl Resource {
         match self {
             Resource::Clusters => "cluster.kubesphere.io/v1alpha1",
             Resource::Deployments => "apps/v1",
+            Resource::ClusterRoles
+            | Resource::ClusterRoleBindings
+            | Resource::Roles
+            | Resource::RoleBindings => "rbac.authorization.k8s.io/v1",
+            Resource::PodDisruptionBudgets => "policy/v1",
             _ => "v1",
         }
     }
@@ -154,13 +204,31 @@ impl Resource {
             Resource::Pods => &["po"],
             Resource::ConfigMaps => &["cm"],
             Resource::Services => &["svc"],
-            Resource::Clusters => &[],
             Resource::Deployments => &["deploy"],
+            Resource::ServiceAccounts => &["sa"],
+            Resource::PodDisruptionBudgets => &["pdb"],
+            Resource::Clusters
+            | Resource::Secrets
+            | Resource::ClusterRoles
+            | Resource::ClusterRoleBindings
+            | Resource::Roles
+            | Resource::RoleBindings => &[],
         }
     }
 
     pub(crate) fn namespaced(self) -> bool {
-        !matches!(self, Resource::Namespaces | Resource::Clusters)
+        !matches!(
+            self,
+            Resource::Namespaces
+                | Resource::Clusters
+                | Resource::ClusterRoles
+                | Resource::ClusterRoleBindings
+        )
+    }
+
+    /// The four RBAC kinds, whose writes change what the authorizer decides.
+    pub(crate) fn is_rbac(self) -> bool {
+        self.group() == RBAC_GROUP
     }
 
     /// Whether `…/{name}/status` is served: writes there change only `.status`, and writes
@@ -168,13 +236,16 @@ impl Resource {
     pub(crate) fn has_status_subresource(self) -> bool {
         matches!(
             self,
-            Resource::Services | Resource::Clusters | Resource::Deployments
+            Resource::Services
+                | Resource::Clusters
+                | Resource::Deployments
+                | Resource::PodDisruptionBudgets
         )
     }
 
     /// Custom resources (not built-in types) refuse a PUT without a
     /// `metadata.resourceVersion` and count `metadata.generation` up on spec changes.
-    fn is_custom(self) -> bool {
+    pub(crate) fn is_custom(self) -> bool {
         matches!(self, Resource::Clusters)
     }
 }
@@ -438,6 +509,8 @@ pub(crate) struct Store {
     seed: u64,
     /// KubeSphere's own Cluster CRD has no status subresource; this turns it off.
     cluster_status_subresource: std::sync::atomic::AtomicBool,
+    /// Counts writes to the RBAC kinds, so the authorizer knows when its view is stale.
+    rbac_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -456,8 +529,10 @@ impl Store {
             .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// A store with the seed objects: namespaces `default`, `kube-system`, `bulk`; pods
-    /// `default/web-0`, `default/web-1`; configmap `default/settings`; and the bulk configmaps.
+    /// A store with the seed objects: namespaces `default`, `kube-system`, `bulk` (each with
+    /// its `default` ServiceAccount); pods `default/web-0`, `default/web-1`; configmap
+    /// `default/settings`; the bulk configmaps; and the RBAC bootstrap policy
+    /// ([`crate::rbac::bootstrap_policy`]).
     pub(crate) fn seeded() -> Store {
         let (events, _) = broadcast::channel(BROADCAST_CAP);
         let seed = clock::unix_now().unsigned_abs();
@@ -474,6 +549,7 @@ impl Store {
             events,
             seed,
             cluster_status_subresource: std::sync::atomic::AtomicBool::new(true),
+            rbac_generation: std::sync::atomic::AtomicU64::new(0),
         };
         let seeds = [
             (
@@ -500,7 +576,10 @@ impl Store {
                        "data": {"mode": "stand-in", "replicas": "2"}}),
             ),
         ];
-        for (resource, ns, obj) in seeds {
+        let policy = crate::rbac::bootstrap_policy()
+            .into_iter()
+            .map(|(resource, obj)| (resource, "", obj));
+        for (resource, ns, obj) in seeds.into_iter().chain(policy) {
             // The seeds are valid by construction.
             let _ = store.create(resource, ns, obj);
         }
@@ -512,6 +591,14 @@ impl Store {
             inner.history_floor = inner.rv;
         }
         store
+    }
+
+    /// Adds a fixture object after seeding; like the seeds, it is not watch history.
+    pub(crate) fn seed(&self, resource: Resource, namespace: &str, object: Value) {
+        let _ = self.create(resource, namespace, object);
+        let mut inner = self.lock();
+        inner.history.clear();
+        inner.history_floor = inner.rv;
     }
 
     /// Fills namespace `bulk` with [`BULK_COUNT`] configmaps of [`BULK_VALUE_LEN`] bytes of
@@ -559,6 +646,22 @@ impl Store {
     /// The current resourceVersion.
     pub(crate) fn resource_version(&self) -> u64 {
         self.lock().rv
+    }
+
+    /// Goes up with every write to a Role, ClusterRole or binding.
+    pub(crate) fn rbac_generation(&self) -> u64 {
+        self.rbac_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The UID of an object, if it exists.
+    pub(crate) fn uid(&self, resource: Resource, namespace: &str, name: &str) -> Option<String> {
+        let inner = self.lock();
+        let stored = inner
+            .objects
+            .get(&(resource, namespace.to_owned(), name.to_owned()))?;
+        let object: Value = serde_json::from_slice(&stored.json).ok()?;
+        object["metadata"]["uid"].as_str().map(str::to_owned)
     }
 
     /// Whether a pod exists.
@@ -620,7 +723,32 @@ impl Store {
         object: Value,
     ) -> Result<Bytes, ApiError> {
         let mut inner = self.lock();
-        self.write_locked(&mut inner, resource, namespace, None, object, Write::Create)
+        let created =
+            self.write_locked(&mut inner, resource, namespace, None, object, Write::Create)?;
+        if resource == Resource::Namespaces {
+            self.default_service_account(&mut inner, &created);
+        }
+        Ok(created)
+    }
+
+    /// What the ServiceAccount controller does for every new namespace
+    /// (pkg/controller/serviceaccount/serviceaccounts_controller.go): a ServiceAccount
+    /// named `default` in it. Done at once here, as part of the namespace's creation.
+    fn default_service_account(&self, inner: &mut Inner, namespace: &Bytes) {
+        let Some(ns) = serde_json::from_slice::<Value>(namespace)
+            .ok()
+            .and_then(|v| v["metadata"]["name"].as_str().map(str::to_owned))
+        else {
+            return;
+        };
+        let _ = self.write_locked(
+            inner,
+            Resource::ServiceAccounts,
+            &ns,
+            None,
+            json!({"metadata": {"name": "default"}}),
+            Write::Create,
+        );
     }
 
     /// Replaces an object (PUT), or with [`Target::Status`] only its `.status`.
@@ -697,6 +825,9 @@ impl Store {
             config.clone(),
             Write::Create,
         )?;
+        if resource == Resource::Namespaces {
+            self.default_service_account(&mut inner, &object);
+        }
         Ok((object, true))
     }
 
@@ -789,6 +920,10 @@ impl Store {
             .ok_or_else(|| ApiError::not_found(&resource.qualified_plural(), name))?;
         inner.rv += 1;
         let rv = inner.rv;
+        if resource.is_rbac() {
+            self.rbac_generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         let json = match serde_json::from_slice::<Value>(&stored.json) {
             Ok(mut v) => {
                 if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -861,7 +996,14 @@ impl Store {
                 }
             },
         };
-        if !valid_name(&name) {
+        // RBAC objects take any path segment as a name (ValidateRBACName is
+        // path.IsValidPathSegmentName), e.g. `system:discovery`.
+        let valid = if resource.is_rbac() {
+            !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '%'])
+        } else {
+            valid_name(&name)
+        };
+        if !valid {
             return Err(ApiError::invalid(format!(
                 "{} \"{name}\" is invalid: metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'",
                 resource.kind()
@@ -977,8 +1119,18 @@ impl Store {
             };
             meta.insert("generation".into(), Value::from(generation));
         }
-        if resource == Resource::Services {
-            service_defaults(inner, &name, &mut obj, existing_value.as_ref())?;
+        match resource {
+            Resource::Services => {
+                service_defaults(inner, &name, &mut obj, existing_value.as_ref())?;
+            }
+            Resource::Secrets if write != Write::Status => {
+                secret_defaults(&name, &mut obj, existing_value.as_ref())?;
+            }
+            Resource::Roles | Resource::ClusterRoles => validate_role(resource, &name, &obj)?,
+            Resource::RoleBindings | Resource::ClusterRoleBindings => {
+                binding_defaults(resource, &name, &mut obj, existing_value.as_ref())?;
+            }
+            _ => {}
         }
         inner.rv += 1;
         let rv = inner.rv;
@@ -1024,7 +1176,16 @@ impl Store {
                     obj.insert("status".into(), json!({"loadBalancer": {}}));
                 }
             }
-            Resource::ConfigMaps | Resource::Clusters | Resource::Deployments => {}
+            Resource::PodDisruptionBudgets => {
+                if !obj.get("status").is_some_and(Value::is_object) {
+                    obj.insert(
+                        "status".into(),
+                        json!({"disruptionsAllowed": 0, "currentHealthy": 0,
+                               "desiredHealthy": 0, "expectedPods": 0}),
+                    );
+                }
+            }
+            _ => {}
         }
 
         let mut out = Map::new();
@@ -1055,6 +1216,10 @@ impl Store {
                 labels: labels.clone(),
             },
         );
+        if resource.is_rbac() {
+            self.rbac_generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         self.publish(
             inner,
             kind,
@@ -1204,6 +1369,302 @@ fn check_type(resource: Resource, obj: &Map<String, Value>) -> Result<(), ApiErr
             "the API version in the data ({v}) does not match the expected API version ({})",
             resource.api_version()
         ))),
+    }
+}
+
+/// `{Kind}[.{group}] "{name}" is invalid: …`, the apiserver's 422 for failed validation
+/// (`apierrors.NewInvalid`): one field error as is, several in brackets.
+fn invalid_object(resource: Resource, name: &str, errors: &[String]) -> ApiError {
+    let kind = match resource.group() {
+        "" => resource.kind().to_owned(),
+        group => format!("{}.{group}", resource.kind()),
+    };
+    let detail = match errors {
+        [one] => one.clone(),
+        many => format!("[{}]", many.join(", ")),
+    };
+    ApiError::invalid(format!("{kind} \"{name}\" is invalid: {detail}"))
+}
+
+/// The strings of a JSON array (missing or not an array: none).
+fn strings(value: Option<&Value>) -> Vec<String> {
+    value
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A Secret as the apiserver stores it. `stringData` is write-only: each entry overwrites
+/// the `data` entry of the same key, base64-encoded (Convert_v1_Secret_To_core_Secret in
+/// pkg/apis/core/v1/conversion.go). `type` defaults to `Opaque`
+/// (pkg/apis/core/v1/defaults.go) and may not change (ValidateSecretUpdate in
+/// pkg/apis/core/validation/validation.go); `data` values must be base64, and the typed
+/// secrets need their keys (ValidateSecret).
+fn secret_defaults(
+    name: &str,
+    obj: &mut Map<String, Value>,
+    old: Option<&Map<String, Value>>,
+) -> Result<(), ApiError> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut data = match obj.remove("data") {
+        Some(Value::Object(data)) => data,
+        None | Some(Value::Null) => Map::new(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "Secret in version \"v1\" cannot be handled as a Secret: data must be an object",
+            ));
+        }
+    };
+    for (key, value) in &data {
+        let decoded = value.as_str().map(|v| b64.decode(v));
+        if !matches!(decoded, Some(Ok(_))) {
+            return Err(ApiError::bad_request(format!(
+                "Secret in version \"v1\" cannot be handled as a Secret: illegal base64 data in data[{key:?}]"
+            )));
+        }
+    }
+    match obj.remove("stringData") {
+        Some(Value::Object(string_data)) => {
+            for (key, value) in string_data {
+                let text = match value {
+                    Value::String(text) => text,
+                    other => other.to_string(),
+                };
+                data.insert(key, Value::String(b64.encode(text)));
+            }
+        }
+        None | Some(Value::Null) => {}
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "Secret in version \"v1\" cannot be handled as a Secret: stringData must be an object",
+            ));
+        }
+    }
+    let ty = obj
+        .get("type")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .unwrap_or("Opaque")
+        .to_owned();
+    let mut errors = Vec::new();
+    if let Some(old_type) = old
+        .and_then(|o| o.get("type"))
+        .and_then(Value::as_str)
+        .filter(|t| *t != ty)
+    {
+        errors.push(format!(
+            "type: Invalid value: \"{ty}\": field is immutable (was \"{old_type}\")"
+        ));
+    }
+    let required: &[&str] = match ty.as_str() {
+        "kubernetes.io/tls" => &["tls.crt", "tls.key"],
+        "kubernetes.io/dockerconfigjson" => &[".dockerconfigjson"],
+        "kubernetes.io/dockercfg" => &[".dockercfg"],
+        _ => &[],
+    };
+    for key in required {
+        if !data.contains_key(*key) {
+            errors.push(format!("data[{key}]: Required value"));
+        }
+    }
+    for key in data.keys() {
+        let valid = !key.is_empty()
+            && key.len() <= 253
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid {
+            errors.push(format!(
+                "data[{key}]: Invalid value: \"{key}\": a valid config key must consist of alphanumeric characters, '-', '_' or '.'"
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(invalid_object(Resource::Secrets, name, &errors));
+    }
+    obj.insert("type".into(), Value::String(ty));
+    if !data.is_empty() {
+        obj.insert("data".into(), Value::Object(data));
+    }
+    Ok(())
+}
+
+/// ValidatePolicyRule (pkg/apis/rbac/validation/validation.go): every rule names verbs, and
+/// either non-resource URLs (cluster roles only) or API groups and resources.
+fn validate_role(resource: Resource, name: &str, obj: &Map<String, Value>) -> Result<(), ApiError> {
+    let namespaced = resource.namespaced();
+    let mut errors = Vec::new();
+    let rules = match obj.get("rules") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(rules)) => rules.clone(),
+        Some(_) => return Err(ApiError::bad_request("rules must be an array")),
+    };
+    for (i, rule) in rules.iter().enumerate() {
+        let field = |f: &str| format!("rules[{i}].{f}");
+        if strings(rule.get("verbs")).is_empty() {
+            errors.push(format!(
+                "{}: Required value: verbs must contain at least one value",
+                field("verbs")
+            ));
+        }
+        let urls = strings(rule.get("nonResourceURLs"));
+        if !urls.is_empty() {
+            if namespaced {
+                errors.push(format!(
+                    "{}: Invalid value: {urls:?}: namespaced rules cannot apply to non-resource URLs",
+                    field("nonResourceURLs")
+                ));
+            }
+            let has_resources = ["apiGroups", "resources", "resourceNames"]
+                .iter()
+                .any(|f| !strings(rule.get(*f)).is_empty());
+            if has_resources {
+                errors.push(format!(
+                    "{}: Invalid value: {urls:?}: rules cannot apply to both regular resources and non-resource URLs",
+                    field("nonResourceURLs")
+                ));
+            }
+            continue;
+        }
+        if rule
+            .get("apiGroups")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        {
+            errors.push(format!(
+                "{}: Required value: resource rules must supply at least one api group",
+                field("apiGroups")
+            ));
+        }
+        if strings(rule.get("resources")).is_empty() {
+            errors.push(format!(
+                "{}: Required value: resource rules must supply at least one resource",
+                field("resources")
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid_object(resource, name, &errors))
+    }
+}
+
+/// A binding's defaults and validation: `roleRef.apiGroup` and each User or Group subject's
+/// `apiGroup` default to the RBAC group (SetDefaults_Subject and the binding defaults in
+/// pkg/apis/rbac/v1/defaults.go); ValidateRoleBinding / ValidateClusterRoleBinding check the
+/// role reference and subjects, and the Update variants refuse a changed `roleRef`
+/// (pkg/apis/rbac/validation/validation.go).
+fn binding_defaults(
+    resource: Resource,
+    name: &str,
+    obj: &mut Map<String, Value>,
+    old: Option<&Map<String, Value>>,
+) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    let role_ref = obj
+        .entry("roleRef")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let Value::Object(role_ref) = role_ref else {
+        return Err(ApiError::bad_request("roleRef must be an object"));
+    };
+    if role_ref
+        .get("apiGroup")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        role_ref.insert("apiGroup".into(), Value::String(RBAC_GROUP.into()));
+    }
+    let role_ref = Value::Object(role_ref.clone());
+    let api_group = role_ref["apiGroup"].as_str().unwrap_or("");
+    if api_group != RBAC_GROUP {
+        errors.push(format!(
+            "roleRef.apiGroup: Unsupported value: \"{api_group}\": supported values: \"{RBAC_GROUP}\""
+        ));
+    }
+    let kind = role_ref["kind"].as_str().unwrap_or("");
+    let kinds: &[&str] = if resource == Resource::RoleBindings {
+        &["Role", "ClusterRole"]
+    } else {
+        &["ClusterRole"]
+    };
+    if !kinds.contains(&kind) {
+        let supported: Vec<String> = kinds.iter().map(|k| format!("\"{k}\"")).collect();
+        errors.push(format!(
+            "roleRef.kind: Unsupported value: \"{kind}\": supported values: {}",
+            supported.join(", ")
+        ));
+    }
+    if role_ref["name"].as_str().is_none_or(str::is_empty) {
+        errors.push("roleRef.name: Required value".to_owned());
+    }
+    if let Some(old_ref) = old.and_then(|o| o.get("roleRef"))
+        && *old_ref != role_ref
+    {
+        errors.push(format!(
+            "roleRef: Invalid value: rbac.RoleRef{{APIGroup:\"{api_group}\", Kind:\"{kind}\", Name:\"{}\"}}: cannot change roleRef",
+            role_ref["name"].as_str().unwrap_or("")
+        ));
+    }
+    if let Some(Value::Array(subjects)) = obj.get_mut("subjects") {
+        for (i, subject) in subjects.iter_mut().enumerate() {
+            let Some(subject) = subject.as_object_mut() else {
+                errors.push(format!("subjects[{i}]: Invalid value: must be an object"));
+                continue;
+            };
+            let kind = subject
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            if subject
+                .get("name")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                errors.push(format!("subjects[{i}].name: Required value"));
+            }
+            match kind.as_str() {
+                "User" | "Group" => {
+                    let group = subject
+                        .entry("apiGroup")
+                        .or_insert_with(|| Value::String(RBAC_GROUP.into()));
+                    if group.as_str().is_none_or(str::is_empty) {
+                        *group = Value::String(RBAC_GROUP.into());
+                    }
+                    if group.as_str() != Some(RBAC_GROUP) {
+                        errors.push(format!(
+                            "subjects[{i}].apiGroup: Unsupported value: {group}: supported values: \"{RBAC_GROUP}\""
+                        ));
+                    }
+                }
+                "ServiceAccount" => {
+                    if resource == Resource::ClusterRoleBindings
+                        && subject
+                            .get("namespace")
+                            .and_then(Value::as_str)
+                            .is_none_or(str::is_empty)
+                    {
+                        errors.push(format!("subjects[{i}].namespace: Required value"));
+                    }
+                }
+                other => errors.push(format!(
+                    "subjects[{i}].kind: Unsupported value: \"{other}\": supported values: \"ServiceAccount\", \"User\", \"Group\""
+                )),
+            }
+        }
+    }
+    obj.insert("roleRef".into(), role_ref);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid_object(resource, name, &errors))
     }
 }
 

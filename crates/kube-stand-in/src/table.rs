@@ -166,6 +166,66 @@ fn columns(resource: Resource) -> Value {
                 "Custom resource definition column (in JSONPath format): .metadata.creationTimestamp"
             ),
         ]),
+        Resource::Secrets => json!([
+            name,
+            column("Type", "string", "", 0, "The type of the secret"),
+            column("Data", "string", "", 0, "The number of data items"),
+            age
+        ]),
+        Resource::ServiceAccounts => json!([
+            name,
+            column("Secrets", "string", "", 0, "The number of secrets listed"),
+            age
+        ]),
+        Resource::ClusterRoles | Resource::Roles => json!([
+            name,
+            column(
+                "Created At",
+                "string",
+                "",
+                0,
+                "Time at which the object was created"
+            ),
+        ]),
+        Resource::ClusterRoleBindings | Resource::RoleBindings => json!([
+            name,
+            column("Role", "string", "", 0, "Role referenced by the binding"),
+            age,
+            column("Users", "string", "", 1, "Users in the binding"),
+            column("Groups", "string", "", 1, "Groups in the binding"),
+            column(
+                "ServiceAccounts",
+                "string",
+                "",
+                1,
+                "ServiceAccounts in the binding"
+            ),
+        ]),
+        Resource::PodDisruptionBudgets => json!([
+            name,
+            column(
+                "Min Available",
+                "string",
+                "",
+                0,
+                "The minimum number of pods that must be available."
+            ),
+            column(
+                "Max Unavailable",
+                "string",
+                "",
+                0,
+                "The maximum number of pods that may be unavailable."
+            ),
+            column(
+                "Allowed Disruptions",
+                "integer",
+                "",
+                0,
+                "Calculated number of pods that may be disrupted at this time."
+            ),
+            age,
+        ]),
         Resource::Deployments => json!([
             name,
             column(
@@ -318,6 +378,69 @@ fn cells(resource: Resource, object: &Value) -> Value {
                     .map(|c| c["status"].clone())
             });
             json!([name, object["spec"]["connection"]["type"], ready, age,])
+        }
+        Resource::Secrets => {
+            let data = object["data"].as_object().map_or(0, |d| d.len());
+            json!([
+                name,
+                object["type"].as_str().unwrap_or("Opaque"),
+                data.to_string(),
+                age
+            ])
+        }
+        Resource::ServiceAccounts => {
+            let secrets = object["secrets"].as_array().map_or(0, Vec::len);
+            json!([name, secrets.to_string(), age])
+        }
+        Resource::ClusterRoles | Resource::Roles => {
+            json!([name, meta["creationTimestamp"].as_str().unwrap_or("")])
+        }
+        Resource::ClusterRoleBindings | Resource::RoleBindings => {
+            let role = format!(
+                "{}/{}",
+                object["roleRef"]["kind"].as_str().unwrap_or(""),
+                object["roleRef"]["name"].as_str().unwrap_or("")
+            );
+            let subjects = |kind: &str| {
+                object["subjects"]
+                    .as_array()
+                    .map(|subjects| {
+                        subjects
+                            .iter()
+                            .filter(|s| s["kind"] == kind)
+                            .map(|s| match (kind, s["namespace"].as_str()) {
+                                ("ServiceAccount", Some(ns)) => {
+                                    format!("{ns}/{}", s["name"].as_str().unwrap_or(""))
+                                }
+                                _ => s["name"].as_str().unwrap_or("").to_owned(),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default()
+            };
+            json!([
+                name,
+                role,
+                age,
+                subjects("User"),
+                subjects("Group"),
+                subjects("ServiceAccount")
+            ])
+        }
+        Resource::PodDisruptionBudgets => {
+            let text = |v: &Value| match v {
+                Value::Null => "N/A".to_owned(),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            json!([
+                name,
+                text(&object["spec"]["minAvailable"]),
+                text(&object["spec"]["maxUnavailable"]),
+                object["status"]["disruptionsAllowed"].as_i64().unwrap_or(0),
+                age
+            ])
         }
         Resource::Deployments => json!([
             name,

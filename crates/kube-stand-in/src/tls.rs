@@ -116,10 +116,19 @@ impl Pki {
 }
 
 /// The subject common name of a DER certificate, if it has one.
+#[cfg(test)]
+pub(crate) fn subject_common_name(der: &[u8]) -> Option<String> {
+    subject_names(der).and_then(|(cn, _)| cn)
+}
+
+/// The subject's common name and organizations of a DER certificate: the user and the
+/// groups kube-apiserver's x509 authenticator takes from a client certificate
+/// (`CommonNameUserConversion` in
+/// staging/src/k8s.io/apiserver/pkg/authentication/request/x509/x509.go).
 ///
 /// Walks `Certificate → tbsCertificate → subject` with a minimal DER reader; the stand-in only
 /// needs it for certificates its own CA verified.
-pub(crate) fn subject_common_name(der: &[u8]) -> Option<String> {
+pub(crate) fn subject_names(der: &[u8]) -> Option<(Option<String>, Vec<String>)> {
     let (_, cert, _) = read_tlv(der)?;
     let (_, mut tbs, _) = read_tlv(cert)?;
     // Optional explicit version [0], then serialNumber.
@@ -135,6 +144,7 @@ pub(crate) fn subject_common_name(der: &[u8]) -> Option<String> {
         tbs = rest;
     }
     let (_, mut subject, _) = read_tlv(tbs)?;
+    let (mut cn, mut orgs) = (None, Vec::new());
     // subject: SEQUENCE OF SET OF SEQUENCE { OID, value }
     while !subject.is_empty() {
         let (_, set, rest) = read_tlv(subject)?;
@@ -144,13 +154,16 @@ pub(crate) fn subject_common_name(der: &[u8]) -> Option<String> {
             let (_, atv, rest) = read_tlv(set)?;
             set = rest;
             let (oid_tag, oid, value) = read_tlv(atv)?;
-            if oid_tag == 0x06 && oid == [0x55, 0x04, 0x03] {
-                let (_, text, _) = read_tlv(value)?;
-                return String::from_utf8(text.to_vec()).ok();
+            let (_, text, _) = read_tlv(value)?;
+            let text = String::from_utf8(text.to_vec()).ok();
+            match (oid_tag, oid) {
+                (0x06, [0x55, 0x04, 0x03]) if cn.is_none() => cn = text,
+                (0x06, [0x55, 0x04, 0x0a]) => orgs.extend(text),
+                _ => {}
             }
         }
     }
-    None
+    Some((cn, orgs))
 }
 
 /// Reads one DER TLV: returns (tag, contents, rest).
@@ -196,6 +209,10 @@ mod tests {
         assert_eq!(
             subject_common_name(&pki.server_cert_der).as_deref(),
             Some("kube-apiserver")
+        );
+        assert_eq!(
+            subject_names(&der).map(|(_, orgs)| orgs),
+            Some(vec!["system:masters".to_owned()])
         );
     }
 }

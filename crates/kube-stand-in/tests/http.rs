@@ -15,31 +15,59 @@ const TEST_DEADLINE: Duration = Duration::from_secs(120);
 const EVENT_DEADLINE: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unauthenticated_calls_get_a_401_status_and_are_recorded() {
+async fn a_refused_token_is_401_and_no_credential_is_the_anonymous_user() {
     let h = Harness::start().await;
     let mut c = h.connect().await;
-    for token in [None, Some("wrong")] {
-        let resp = c
-            .request("GET", "/api/v1/namespaces/default/pods", token, None)
-            .await;
-        assert_eq!(resp.status(), 401);
-        assert_eq!(
-            body_json(resp).await,
-            json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
-                   "message":"Unauthorized","reason":"Unauthorized","code":401})
-        );
+    // A bearer token nobody accepts: 401, whatever anonymous could do.
+    let resp = c
+        .request("GET", "/api/v1/namespaces/default/pods", Some("wrong"), None)
+        .await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        body_json(resp).await,
+        json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
+               "message":"Unauthorized","reason":"Unauthorized","code":401})
+    );
+    let resp = c.request("GET", "/version", Some("wrong"), None).await;
+    assert_eq!(resp.status(), 401);
+    // No credential: system:anonymous, which the bootstrap policy lets read /version and
+    // /healthz and nothing else (the fixture binding is for authenticated users only).
+    let resp = c
+        .request("GET", "/api/v1/namespaces/default/pods", None, None)
+        .await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(
+        body_json(resp).await,
+        json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
+               "message":"pods is forbidden: User \"system:anonymous\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\"",
+               "reason":"Forbidden","details":{"kind":"pods"},"code":403})
+    );
+    for path in ["/version", "/healthz"] {
+        assert_eq!(c.request("GET", path, None, None).await.status(), 200, "{path}");
     }
+    let resp = c.request("GET", "/api", None, None).await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(
+        body_json(resp).await["message"],
+        "forbidden: User \"system:anonymous\" cannot get path \"/api\""
+    );
     let resp = c.get("/version").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(body_json(resp).await["gitVersion"], "v1.32.0");
     let calls = h.stand_in.calls();
-    assert_eq!(calls.len(), 3);
+    assert_eq!(calls.len(), 7);
     assert_eq!(calls[0].credential, "anonymous");
-    assert!(!calls[0].saw_authorization);
-    assert_eq!(calls[1].credential, "anonymous");
-    assert!(calls[1].saw_authorization);
-    assert_eq!(calls[2].credential, "token");
-    assert_eq!(calls[2].path_and_query, "/version");
+    assert!(calls[0].saw_authorization);
+    assert_eq!(calls[0].user, None, "a refused token runs as nobody");
+    assert_eq!(calls[2].credential, "anonymous");
+    assert!(!calls[2].saw_authorization);
+    assert_eq!(calls[2].user.as_deref(), Some("system:anonymous"));
+    assert_eq!(calls[2].groups, ["system:unauthenticated"]);
+    let last = &calls[6];
+    assert_eq!(last.credential, "token");
+    assert_eq!(last.path_and_query, "/version");
+    assert_eq!(last.user.as_deref(), Some(tower_kube_stand_in::ADMIN_USER));
+    assert_eq!(last.groups, ["system:masters", "system:authenticated"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,6 +373,7 @@ async fn debug_bytes_streams_the_pattern_with_and_without_length() {
         }
         assert_eq!(offset, size);
     }
+    // A non-resource URL no role grants to anonymous.
     let resp = c.request("GET", "/debug/bytes?size=10", None, None).await;
-    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.status(), 403);
 }

@@ -624,14 +624,16 @@ where
             ));
         }
     };
-    if upstream.credentials.is_some()
-        && req.headers().keys().any(is_impersonation)
-        && !is_discovery(req.method(), req.uri().path())
+    // On every target: a target without credentials of ours (ks-apiserver) proxies to its
+    // own kube-apiserver with a privileged credential, where Impersonate-* would act.
+    if req.headers().keys().any(is_impersonation)
+        && !(upstream.credentials.is_some() && is_discovery(req.method(), req.uri().path()))
     {
         // kubectl sends --as on its discovery requests too, and shows only "Forbidden:
-        // unknown" when one is refused. Discovery reads the same for every user: it is
-        // served as the token's user (its Impersonate-* headers are replaced below), and
-        // the request that follows is refused here, with the reason.
+        // unknown" when one is refused. Discovery reads the same for every user: with
+        // our own credentials it is served as the token's user (its Impersonate-*
+        // headers are replaced below), and the request that follows is refused here,
+        // with the reason.
         return refuse_impersonation(req.headers(), &identity.user);
     }
     let client_upgrade = req
@@ -657,6 +659,8 @@ where
         }
     };
     strip_hop_by_hop(&mut parts.headers);
+    // The server strips these too; the member is the authority, so it checks again.
+    tower_tunnel::http::strip_remote_identity(&mut parts.headers);
     parts.headers.remove(header::HOST);
     if let Some(credentials) = &upstream.credentials {
         // The member is the authority: replace the caller's credentials and any
@@ -1084,9 +1088,15 @@ mod tests {
         );
 
         // Without such headers: the agent's own credentials and the token's identity.
-        let response = handle_request(&config, KUBERNETES_TARGET, request(&alice, &[])).await;
+        // Front-proxy identity headers never reach the member.
+        let forged = [
+            ("x-remote-user", "root"),
+            ("x-remote-group", "system:masters"),
+        ];
+        let response = handle_request(&config, KUBERNETES_TARGET, request(&alice, &forged)).await;
         assert_eq!(response.status(), 200);
         let headers = seen.recv().await.unwrap();
+        assert!(headers.get("x-remote-user").is_none() && headers.get("x-remote-group").is_none());
         assert_eq!(headers["authorization"], "Bearer member-sa-token");
         assert_eq!(headers["impersonate-user"], "alice");
         let groups: Vec<_> = headers.get_all("impersonate-group").iter().collect();

@@ -582,7 +582,12 @@ fn proxy_service(
             let response = handle_request(&config, &target, req).await;
             // A watch ends cleanly when the agent drains; clients watch again.
             Ok::<_, Infallible>(if watch {
-                response.map(|body| tower_tunnel::watch_end::EndOnSignal::new(body, ending).boxed())
+                let framer = tower_tunnel::watch_end::Framer::for_content_type(
+                    response.headers().get(header::CONTENT_TYPE),
+                );
+                response.map(|body| {
+                    tower_tunnel::watch_end::EndOnSignal::new(body, framer, ending).boxed()
+                })
             } else {
                 response
             })

@@ -27,7 +27,7 @@ use tower_auth::Verifier;
 use tower_proto::Preamble;
 use tower_proto::names::validate_cluster_name;
 use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
-use tower_tunnel::watch_end::EndOnSignal;
+use tower_tunnel::watch_end::{EndOnSignal, Framer};
 use tower_tunnel::{TunnelError, TunnelStream};
 
 use crate::idle::{Activity, IdleBody, Unread, unless_idle};
@@ -296,13 +296,14 @@ impl Frontend {
         let metrics = self.metrics.clone();
         let draining = self.draining.clone();
         let body_activity = activity.clone();
+        let framer = Framer::for_content_type(response.headers().get(header::CONTENT_TYPE));
         let response = response.map(|b| {
             let body = IdleBody::new(b, body_activity, self.idle_timeout, move || {
                 metrics.count_limited("idle_timeout");
             });
             // A watch ends cleanly when this server drains; clients watch again elsewhere.
             if watch {
-                EndOnSignal::new(body, draining).boxed()
+                EndOnSignal::new(body, framer, draining).boxed()
             } else {
                 body.boxed()
             }

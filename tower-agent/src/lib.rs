@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_auth::Verifier;
+use tower_proto::handshake::Refusal;
 use tower_proto::{ControlMessage, StreamKind};
 use tower_tunnel::control::{self, Keepalive};
 use tower_tunnel::dial::{self, DialConfig};
@@ -254,6 +255,17 @@ pub async fn run(
                     let ended = hold_tunnel(dialed, config, shutdown, held_rx, count_tx, &up).await;
                     let _ = ended_tx.send((server_id, ended, started.elapsed()));
                 });
+            }
+            Err(tower_tunnel::TunnelError::Refused {
+                status: 409,
+                reason,
+                refusal: Some(refusal),
+            }) if refusal == Refusal::Conflict.as_str() => {
+                // Another agent for this cluster holds a live tunnel: the server will not
+                // let this one replace it while it answers. Back off as for any failure;
+                // once that tunnel is gone (a restart), the next dial gets through.
+                tracing::warn!(%server, %reason, "another agent holds this cluster's tunnel");
+                delay = config.backoff.delay(reconnects.dial_failed());
             }
             Err(tower_tunnel::TunnelError::Refused { status: 409, .. }) => {
                 // The load balancer sent us to a replica we already hold, which said so
@@ -496,8 +508,9 @@ async fn serve_stream(
                     }
                 }
             };
+            let health = control::LinkHealth::default();
             let (result, ()) = tokio::join!(
-                control::run(stream, keepalive, out_rx, events_tx),
+                control::run(stream, keepalive, out_rx, events_tx, &health),
                 watch_events
             );
             tell_held.abort();

@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming, SizeHint};
 use serde_json::{Value, json};
 
+use crate::StreamGuard;
 use crate::rbac::{self, Attributes};
 use crate::status::ApiError;
 use crate::store::{Filter, PatchKind, Resource, Since, Target};
@@ -608,7 +609,8 @@ fn pod_subresource(
             if upgrade.is_empty() {
                 return Err(ApiError::bad_request("Upgrade request required"));
             }
-            Ok(spdy::portforward(req).map(BodyExt::boxed_unsync))
+            let hold = StreamGuard::new(&shared);
+            Ok(spdy::portforward(req, hold).map(BodyExt::boxed_unsync))
         }
         _ => {
             if req.method() != Method::GET && req.method() != Method::POST {
@@ -633,7 +635,8 @@ fn pod_subresource(
             if upgrade == "websocket" {
                 exec_ws::serve(shared, req, command, user, files, streams)
             } else if upgrade.starts_with("spdy/") {
-                Ok(spdy::exec(req, command, user, files).map(BodyExt::boxed_unsync))
+                let hold = StreamGuard::new(&shared);
+                Ok(spdy::exec(req, command, user, files, hold).map(BodyExt::boxed_unsync))
             } else {
                 Err(ApiError::bad_request("Upgrade request required"))
             }

@@ -19,7 +19,7 @@ use crate::rbac::{self, Attributes};
 use crate::status::ApiError;
 use crate::store::{Filter, PatchKind, Resource, Since, Target};
 use crate::table::{self, IncludeObject};
-use crate::{Call, Shared, auth, discovery, exec_ws, logs, openapi, spdy, watch};
+use crate::{Call, Shared, auth, discovery, exec_ws, logs, openapi, protobuf, spdy, watch};
 
 /// The response body type of every handler.
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -570,6 +570,7 @@ async fn token_request(
     if req.method() != Method::POST {
         return Err(ApiError::method_not_allowed());
     }
+    // `kubectl create token` sends protobuf.
     let body = read_json(req).await?;
     let answer = shared
         .tokens
@@ -641,14 +642,32 @@ fn pod_subresource(
     }
 }
 
-/// Reads a JSON request body (at most [`MAX_REQUEST_BODY`]).
-async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
-    let body = Limited::new(req.into_body(), MAX_REQUEST_BODY)
+/// Reads a request body (at most [`MAX_REQUEST_BODY`]).
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    Ok(Limited::new(req.into_body(), MAX_REQUEST_BODY)
         .collect()
         .await
         .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?
-        .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| {
+        .to_bytes())
+}
+
+/// Reads a JSON request body (at most [`MAX_REQUEST_BODY`]), or a protobuf one of the kinds
+/// [`protobuf`] reads (kubectl's typed clients send protobuf: `kubectl create configmap`, …);
+/// other protobuf is refused with 415.
+async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
+    let body = read_body(req).await?;
+    parse_json(&body)
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    if protobuf::is_protobuf(body) {
+        return protobuf::decode(body).map_err(|e| {
+            ApiError::unsupported_media_type(&format!(
+                "application/vnd.kubernetes.protobuf: the stand-in reads it for a few kinds only: {e}"
+            ))
+        });
+    }
+    serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "the request body is not valid JSON (the stand-in accepts JSON only): {e}"
         ))

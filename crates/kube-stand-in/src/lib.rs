@@ -71,6 +71,7 @@ mod exec_ws;
 pub mod files;
 mod logs;
 mod openapi;
+mod protobuf;
 mod rbac;
 pub mod spdy;
 pub mod status;

@@ -20,7 +20,12 @@ async fn a_refused_token_is_401_and_no_credential_is_the_anonymous_user() {
     let mut c = h.connect().await;
     // A bearer token nobody accepts: 401, whatever anonymous could do.
     let resp = c
-        .request("GET", "/api/v1/namespaces/default/pods", Some("wrong"), None)
+        .request(
+            "GET",
+            "/api/v1/namespaces/default/pods",
+            Some("wrong"),
+            None,
+        )
         .await;
     assert_eq!(resp.status(), 401);
     assert_eq!(
@@ -43,7 +48,11 @@ async fn a_refused_token_is_401_and_no_credential_is_the_anonymous_user() {
                "reason":"Forbidden","details":{"kind":"pods"},"code":403})
     );
     for path in ["/version", "/healthz"] {
-        assert_eq!(c.request("GET", path, None, None).await.status(), 200, "{path}");
+        assert_eq!(
+            c.request("GET", path, None, None).await.status(),
+            200,
+            "{path}"
+        );
     }
     let resp = c.request("GET", "/api", None, None).await;
     assert_eq!(resp.status(), 403);

@@ -128,12 +128,10 @@ impl Attributes {
             }
             .to_owned();
         }
-        if rest[0] == "namespaces" {
-            if rest.len() > 1 {
-                info.namespace = rest[1].to_owned();
-                if rest.len() > 2 && !matches!(rest[2], "status" | "finalize") {
-                    rest = &rest[2..];
-                }
+        if rest[0] == "namespaces" && rest.len() > 1 {
+            info.namespace = rest[1].to_owned();
+            if rest.len() > 2 && !matches!(rest[2], "status" | "finalize") {
+                rest = &rest[2..];
             }
         }
         match rest.len() {
@@ -246,8 +244,7 @@ impl Rule {
                     && r.starts_with("*/")
                     && r.ends_with(attrs.subresource.as_str()))
         });
-        let name =
-            self.resource_names.is_empty() || self.resource_names.iter().any(|n| *n == attrs.name);
+        let name = self.resource_names.is_empty() || self.resource_names.contains(&attrs.name);
         group && resource && name
     }
 }

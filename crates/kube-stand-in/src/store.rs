@@ -1171,19 +1171,15 @@ impl Store {
                     obj.insert("status".into(), status);
                 }
             }
-            Resource::Services => {
-                if !obj.get("status").is_some_and(Value::is_object) {
-                    obj.insert("status".into(), json!({"loadBalancer": {}}));
-                }
+            Resource::Services if !obj.get("status").is_some_and(Value::is_object) => {
+                obj.insert("status".into(), json!({"loadBalancer": {}}));
             }
-            Resource::PodDisruptionBudgets => {
-                if !obj.get("status").is_some_and(Value::is_object) {
-                    obj.insert(
-                        "status".into(),
-                        json!({"disruptionsAllowed": 0, "currentHealthy": 0,
-                               "desiredHealthy": 0, "expectedPods": 0}),
-                    );
-                }
+            Resource::PodDisruptionBudgets if !obj.get("status").is_some_and(Value::is_object) => {
+                obj.insert(
+                    "status".into(),
+                    json!({"disruptionsAllowed": 0, "currentHealthy": 0,
+                           "desiredHealthy": 0, "expectedPods": 0}),
+                );
             }
             _ => {}
         }

@@ -19,7 +19,7 @@ use crate::rbac::{self, Attributes};
 use crate::status::ApiError;
 use crate::store::{Filter, PatchKind, Resource, Since, Target};
 use crate::table::{self, IncludeObject};
-use crate::{Call, Shared, auth, discovery, exec_ws, logs, openapi, protobuf, spdy, watch};
+use crate::{Call, Shared, auth, discovery, exec_ws, logs, openapi, protobuf, review, spdy, watch};
 
 /// The response body type of every handler.
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -217,7 +217,7 @@ pub(crate) async fn handle(
     if !decision.allowed {
         return error_response(&rbac::forbidden(&user.name, &attributes, &decision.reason));
     }
-    match route(&shared, user.name, req, query).await {
+    match route(&shared, user, req, query).await {
         Ok(resp) => resp,
         Err(err) => error_response(&err),
     }
@@ -233,7 +233,7 @@ pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a s
 
 async fn route(
     shared: &Arc<Shared>,
-    user: String,
+    user: rbac::UserInfo,
     req: Request<Incoming>,
     query: Query,
 ) -> Result<Response<Body>, ApiError> {
@@ -286,19 +286,63 @@ async fn route(
                 .ok_or_else(ApiError::path_not_found)?,
         )),
         ["debug", "bytes"] => get_only(debug_bytes(&query)?),
+        ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] => {
+            if method != Method::POST {
+                return Err(ApiError::method_not_allowed());
+            }
+            let body = read_json(req).await?;
+            let review = review::self_subject_review(&user, &body)?;
+            Ok(json_response(StatusCode::CREATED, review.to_string()))
+        }
+        [
+            "apis",
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+        ] => {
+            if method != Method::POST {
+                return Err(ApiError::method_not_allowed());
+            }
+            let body = read_json(req).await?;
+            let review = review::self_subject_access_review(
+                &shared.authorizer,
+                &shared.store,
+                &user,
+                &body,
+            )?;
+            Ok(json_response(StatusCode::CREATED, review.to_string()))
+        }
         ["api", "v1", "watch", rest @ ..] => {
-            resource_route(shared, user, req, "v1", rest, query, true).await
+            resource_route(shared, user.name.clone(), req, "v1", rest, query, true).await
         }
         ["api", "v1", rest @ ..] => {
-            resource_route(shared, user, req, "v1", rest, query, false).await
+            resource_route(shared, user.name.clone(), req, "v1", rest, query, false).await
         }
         ["apis", group, version, "watch", rest @ ..] => {
             let group_version = format!("{group}/{version}");
-            resource_route(shared, user, req, &group_version, rest, query, true).await
+            resource_route(
+                shared,
+                user.name.clone(),
+                req,
+                &group_version,
+                rest,
+                query,
+                true,
+            )
+            .await
         }
         ["apis", group, version, rest @ ..] => {
             let group_version = format!("{group}/{version}");
-            resource_route(shared, user, req, &group_version, rest, query, false).await
+            resource_route(
+                shared,
+                user.name.clone(),
+                req,
+                &group_version,
+                rest,
+                query,
+                false,
+            )
+            .await
         }
         _ => Err(ApiError::path_not_found()),
     }

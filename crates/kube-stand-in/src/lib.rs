@@ -39,6 +39,8 @@
 //!   top, the ClusterRoleBinding [`FIXTURE_BINDING`] that makes every authenticated user
 //!   `cluster-admin` (so impersonating anyone works); [`StandIn::start_strict`] leaves it
 //!   out, as a fresh cluster;
+//! * `SelfSubjectReview` and `SelfSubjectAccessReview`, so `kubectl auth whoami` and
+//!   `kubectl auth can-i` answer as on a real cluster;
 //! * every call recorded (credential, `Impersonate-*` headers, and the user and groups it
 //!   ran as) for tests to inspect through [`StandIn::calls`];
 //! * faults for clients that must survive an apiserver restart:
@@ -73,6 +75,7 @@ mod logs;
 mod openapi;
 mod protobuf;
 mod rbac;
+mod review;
 pub mod spdy;
 pub mod status;
 mod store;

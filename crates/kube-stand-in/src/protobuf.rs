@@ -1,13 +1,13 @@
 //! Just enough of Kubernetes' protobuf encoding (`application/vnd.kubernetes.protobuf`) to
-//! read what kubectl's typed clients send: `kubectl create token` (a TokenRequest) and the
+//! read what kubectl's typed clients send: `kubectl create token` (a TokenRequest), the
 //! generators `kubectl create configmap|secret generic|serviceaccount|role|clusterrole|
-//! rolebinding|clusterrolebinding`.
+//! rolebinding|clusterrolebinding`, and `kubectl auth whoami|can-i`.
 //!
 //! A body is the magic `k8s\0` followed by a `runtime.Unknown` message (`typeMeta` = 1 with
 //! `apiVersion` = 1 and `kind` = 2, `raw` = 2) whose `raw` is the object
 //! (staging/src/k8s.io/apimachinery/pkg/runtime/serializer/protobuf/protobuf.go). The field
 //! numbers below are those of the `generated.proto` files of staging/src/k8s.io/api
-//! (core/v1, rbac/v1, authentication/v1) and of apimachinery's meta/v1 `ObjectMeta`, checked
+//! (core/v1, rbac/v1, authentication/v1, authorization/v1) and of apimachinery's meta/v1 `ObjectMeta`, checked
 //! against what kubectl 1.32 sends (`kubectl -v=8`). Fields the stand-in does not model are
 //! skipped; empty strings are left out, as JSON's `omitempty` would.
 
@@ -192,6 +192,42 @@ const TOKEN_REQUEST: &[Spec] = &[
     (2, "spec", Kind::Message(TOKEN_REQUEST_SPEC), false),
 ];
 
+const RESOURCE_ATTRIBUTES: &[Spec] = &[
+    (1, "namespace", Kind::Str, false),
+    (2, "verb", Kind::Str, false),
+    (3, "group", Kind::Str, false),
+    (4, "version", Kind::Str, false),
+    (5, "resource", Kind::Str, false),
+    (6, "subresource", Kind::Str, false),
+    (7, "name", Kind::Str, false),
+];
+const NON_RESOURCE_ATTRIBUTES: &[Spec] =
+    &[(1, "path", Kind::Str, false), (2, "verb", Kind::Str, false)];
+const SELF_SUBJECT_ACCESS_REVIEW_SPEC: &[Spec] = &[
+    (
+        1,
+        "resourceAttributes",
+        Kind::Message(RESOURCE_ATTRIBUTES),
+        false,
+    ),
+    (
+        2,
+        "nonResourceAttributes",
+        Kind::Message(NON_RESOURCE_ATTRIBUTES),
+        false,
+    ),
+];
+const SELF_SUBJECT_ACCESS_REVIEW: &[Spec] = &[
+    (1, "metadata", Kind::Message(OBJECT_META), false),
+    (
+        2,
+        "spec",
+        Kind::Message(SELF_SUBJECT_ACCESS_REVIEW_SPEC),
+        false,
+    ),
+];
+const SELF_SUBJECT_REVIEW: &[Spec] = &[(1, "metadata", Kind::Message(OBJECT_META), false)];
+
 /// The schema of a kind the stand-in reads as protobuf.
 fn schema(api_version: &str, kind: &str) -> Option<&'static [Spec]> {
     Some(match (api_version, kind) {
@@ -201,6 +237,8 @@ fn schema(api_version: &str, kind: &str) -> Option<&'static [Spec]> {
         ("rbac.authorization.k8s.io/v1", "Role" | "ClusterRole") => ROLE,
         ("rbac.authorization.k8s.io/v1", "RoleBinding" | "ClusterRoleBinding") => BINDING,
         ("authentication.k8s.io/v1", "TokenRequest") => TOKEN_REQUEST,
+        ("authentication.k8s.io/v1", "SelfSubjectReview") => SELF_SUBJECT_REVIEW,
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => SELF_SUBJECT_ACCESS_REVIEW,
         _ => return None,
     })
 }
@@ -335,6 +373,36 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
             .collect()
+    }
+
+    #[test]
+    fn reads_kubectls_reviews() {
+        // kubectl auth can-i list deployments.apps --subresource=scale
+        let can_i = hex(
+            "6b3873000a320a17617574686f72697a6174696f6e2e6b38732e696f2f763112
+                         1753656c665375626a65637441636365737352657669657712 4d0a100a001200
+                         1a0022002a00320038004200122f0a2d0a0764656661756c7412046c6973741a
+                         046170707322002a0b6465706c6f796d656e747332057363616c653a001a0808
+                         0012001a0020001a002200",
+        );
+        assert_eq!(
+            decode(&can_i).expect("can-i"),
+            json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                   "metadata": {},
+                   "spec": {"resourceAttributes": {"namespace": "default", "verb": "list",
+                            "group": "apps", "resource": "deployments", "subresource": "scale"}}})
+        );
+        // kubectl auth can-i get /healthz
+        let url = hex(
+            "6b3873000a320a17617574686f72697a6174696f6e2e6b38732e696f2f763112
+                       1753656c665375626a656374416363657373526576696577122f0a100a001200
+                       1a0022002a003200380042001211120f0a082f6865616c74687a1203676574
+                       1a0808001200 1a0020001a002200",
+        );
+        assert_eq!(
+            decode(&url).expect("can-i url")["spec"],
+            json!({"nonResourceAttributes": {"path": "/healthz", "verb": "get"}})
+        );
     }
 
     #[test]

@@ -66,6 +66,13 @@ async fn kubectl_apply_k_deploy_host_creates_every_object_and_its_rbac_holds() {
             }
         }
 
+        // Server-side apply of the same objects works too.
+        let ssa = h
+            .ok(&["apply", "--server-side", "--force-conflicts", "-k", &dir])
+            .await;
+        assert_eq!(ssa.lines().count(), objects, "{ssa}");
+        assert!(ssa.lines().all(|l| l.ends_with(" serverside-applied")), "{ssa}");
+
         // Read back.
         let get = |kind: &'static str| {
             let h = &h;

@@ -485,6 +485,17 @@ async fn token_request_tokens_authenticate_as_their_service_account_until_it_goe
         assert!(stderr.contains("You must be logged in to the server"), "{stderr}");
         h.ok_with(&kc, &["get", "pods", "-o", "name"]).await;
 
+        // A token bound to a Secret dies with the Secret.
+        h.ok(&["create", "secret", "generic", "binder"]).await;
+        let bound = h
+            .ok(&["create", "token", "robot", "--bound-object-kind=Secret", "--bound-object-name=binder"])
+            .await;
+        let bound_kc = h.kubeconfig_for_token("bound.kubeconfig", bound.trim());
+        h.ok_with(&bound_kc, &["get", "pods", "-o", "name"]).await;
+        h.ok(&["delete", "secret", "binder"]).await;
+        let out = h.run_with(&bound_kc, &["get", "pods"]).await;
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthorized"));
+
         // Deleting the ServiceAccount kills its tokens, even if it comes back by name.
         h.ok(&["delete", "sa", "robot"]).await;
         let out = h.run_with(&kc, &["get", "pods"]).await;
@@ -519,6 +530,16 @@ async fn secrets_fold_string_data_into_base64_data() {
         assert_eq!(rows[0], ["NAME", "TYPE", "DATA", "AGE"]);
         assert_eq!(rows[1][..3], ["creds", "Opaque", "3"]);
 
+        // Watches see secrets like any other kind.
+        let mut c = h.connect().await;
+        let resp = c
+            .get("/api/v1/namespaces/default/secrets?watch=1&timeoutSeconds=1")
+            .await;
+        let mut events = common::EventReader::new(resp);
+        let added = events.next(Duration::from_secs(10)).await.unwrap();
+        assert_eq!((added["type"].as_str(), added["object"]["metadata"]["name"].as_str()), (Some("ADDED"), Some("creds")));
+        assert!(events.next(Duration::from_secs(10)).await.is_none());
+
         // The same on patch and with kubectl's own generator.
         h.ok(&["patch", "secret", "creds", "-p", r#"{"stringData":{"extra":"x"}}"#]).await;
         let extra = h.ok(&["get", "secret", "creds", "-o", "jsonpath={.data.extra}"]).await;
@@ -537,6 +558,83 @@ async fn secrets_fold_string_data_into_base64_data() {
         assert!(
             stderr.contains(r#"Secret "t" is invalid: [data[tls.crt]: Required value, data[tls.key]: Required value]"#),
             "{stderr}"
+        );
+    })
+    .await
+    .expect("test deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_auth_whoami_and_can_i_answer_for_the_caller() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let h = Harness::start_strict().await;
+        let me: Value =
+            serde_json::from_str(&h.ok(&["auth", "whoami", "-o", "json"]).await).unwrap();
+        assert_eq!(me["kind"], "SelfSubjectReview");
+        assert_eq!(
+            me["status"]["userInfo"],
+            json!({"username": ADMIN_USER, "groups": ["system:masters", "system:authenticated"]})
+        );
+        // The impersonated user, as the request runs.
+        let alice: Value = serde_json::from_str(
+            &h.ok(&[
+                "--as",
+                "alice",
+                "--as-group",
+                "devs",
+                "auth",
+                "whoami",
+                "-o",
+                "json",
+            ])
+            .await,
+        )
+        .unwrap();
+        assert_eq!(
+            alice["status"]["userInfo"],
+            json!({"username": "alice", "groups": ["devs", "system:authenticated"]})
+        );
+
+        let can_i = |args: &'static [&'static str]| {
+            let h = &h;
+            async move {
+                let mut all = vec!["--as", "alice", "auth", "can-i"];
+                all.extend_from_slice(args);
+                let out = h.run(&all).await;
+                (
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+                )
+            }
+        };
+        assert_eq!(can_i(&["list", "pods"]).await, (Some(1), "no".to_owned()));
+        assert_eq!(
+            can_i(&["get", "/healthz"]).await,
+            (Some(0), "yes".to_owned())
+        );
+        assert_eq!(
+            can_i(&["get", "/metrics"]).await,
+            (Some(1), "no".to_owned())
+        );
+        h.ok(&[
+            "create",
+            "rolebinding",
+            "alice-view",
+            "--clusterrole=cluster-admin",
+            "--user=alice",
+            "-n",
+            "kube-system",
+        ])
+        .await;
+        assert_eq!(
+            can_i(&["list", "pods", "-n", "kube-system"]).await,
+            (Some(0), "yes".to_owned())
+        );
+        assert_eq!(can_i(&["list", "pods"]).await, (Some(1), "no".to_owned()));
+        assert_eq!(
+            h.ok(&["auth", "can-i", "*", "*"]).await.trim(),
+            "yes",
+            "system:masters may do anything"
         );
     })
     .await

@@ -313,36 +313,18 @@ async fn route(
             Ok(json_response(StatusCode::CREATED, review.to_string()))
         }
         ["api", "v1", "watch", rest @ ..] => {
-            resource_route(shared, user.name.clone(), req, "v1", rest, query, true).await
+            resource_route(shared, &user, req, "v1", rest, query, true).await
         }
         ["api", "v1", rest @ ..] => {
-            resource_route(shared, user.name.clone(), req, "v1", rest, query, false).await
+            resource_route(shared, &user, req, "v1", rest, query, false).await
         }
         ["apis", group, version, "watch", rest @ ..] => {
             let group_version = format!("{group}/{version}");
-            resource_route(
-                shared,
-                user.name.clone(),
-                req,
-                &group_version,
-                rest,
-                query,
-                true,
-            )
-            .await
+            resource_route(shared, &user, req, &group_version, rest, query, true).await
         }
         ["apis", group, version, rest @ ..] => {
             let group_version = format!("{group}/{version}");
-            resource_route(
-                shared,
-                user.name.clone(),
-                req,
-                &group_version,
-                rest,
-                query,
-                false,
-            )
-            .await
+            resource_route(shared, &user, req, &group_version, rest, query, false).await
         }
         _ => Err(ApiError::path_not_found()),
     }
@@ -361,7 +343,7 @@ fn text_response(text: &'static str) -> Response<Body> {
 /// `…/watch/`).
 async fn resource_route(
     shared: &Arc<Shared>,
-    user: String,
+    user: &rbac::UserInfo,
     req: Request<Incoming>,
     group_version: &str,
     rest: &[&str],
@@ -380,23 +362,23 @@ async fn resource_route(
         // Cluster-scoped collections, or namespaced ones across all namespaces.
         [plural] => {
             let r = lookup(plural).ok_or_else(ApiError::path_not_found)?;
-            collection(shared, req, r, None, query, watch_path).await
+            collection(shared, user, req, r, None, query, watch_path).await
         }
         ["namespaces", ns, plural, tail @ ..]
             if lookup(plural).is_some_and(Resource::namespaced) =>
         {
             let r = lookup(plural).ok_or_else(ApiError::path_not_found)?;
             match tail {
-                [] => collection(shared, req, r, Some(ns), query, watch_path).await,
+                [] => collection(shared, user, req, r, Some(ns), query, watch_path).await,
                 [name] if watch_path => {
-                    collection(shared, req, r, Some(ns), one(query, name), true).await
+                    collection(shared, user, req, r, Some(ns), one(query, name), true).await
                 }
-                [name] => object(shared, req, r, ns, name, Target::Object, &query).await,
+                [name] => object(shared, user, req, r, ns, name, Target::Object, &query).await,
                 [name, "status"] if shared.store.status_subresource(r) && !watch_path => {
-                    object(shared, req, r, ns, name, Target::Status, &query).await
+                    object(shared, user, req, r, ns, name, Target::Status, &query).await
                 }
                 [name, sub] if r == Resource::Pods && !watch_path => {
-                    pod_subresource(shared, user, req, ns, name, sub, &query)
+                    pod_subresource(shared, user.name.clone(), req, ns, name, sub, &query)
                 }
                 [name, "token"] if r == Resource::ServiceAccounts && !watch_path => {
                     token_request(shared, req, ns, name).await
@@ -407,10 +389,12 @@ async fn resource_route(
         [plural, name, tail @ ..] if lookup(plural).is_some_and(|r| !r.namespaced()) => {
             let r = lookup(plural).ok_or_else(ApiError::path_not_found)?;
             match tail {
-                [] if watch_path => collection(shared, req, r, None, one(query, name), true).await,
-                [] => object(shared, req, r, "", name, Target::Object, &query).await,
+                [] if watch_path => {
+                    collection(shared, user, req, r, None, one(query, name), true).await
+                }
+                [] => object(shared, user, req, r, "", name, Target::Object, &query).await,
                 ["status"] if shared.store.status_subresource(r) && !watch_path => {
-                    object(shared, req, r, "", name, Target::Status, &query).await
+                    object(shared, user, req, r, "", name, Target::Status, &query).await
                 }
                 _ => Err(ApiError::path_not_found()),
             }
@@ -422,6 +406,7 @@ async fn resource_route(
 /// GET (list or watch) and POST (create) on a collection.
 async fn collection(
     shared: &Arc<Shared>,
+    user: &rbac::UserInfo,
     req: Request<Incoming>,
     resource: Resource,
     namespace: Option<&str>,
@@ -478,6 +463,11 @@ async fn collection(
                 return Err(ApiError::method_not_allowed());
             };
             let body = read_json(req).await?;
+            if resource.is_rbac() {
+                shared
+                    .authorizer
+                    .check_rbac_write(&shared.store, user, resource, ns, &body)?;
+            }
             let created = shared.store.create(resource, ns, body)?;
             Ok(json_response(StatusCode::CREATED, created))
         }
@@ -525,6 +515,7 @@ fn list_response(resource: Resource, rv: u64, items: Vec<Bytes>) -> Response<Bod
 /// subresource (`target`).
 async fn object(
     shared: &Arc<Shared>,
+    user: &rbac::UserInfo,
     req: Request<Incoming>,
     resource: Resource,
     namespace: &str,
@@ -550,6 +541,15 @@ async fn object(
         }
         Method::PUT => {
             let body = read_json(req).await?;
+            if resource.is_rbac() {
+                shared.authorizer.check_rbac_write(
+                    &shared.store,
+                    user,
+                    resource,
+                    namespace,
+                    &body,
+                )?;
+            }
             let json = shared
                 .store
                 .replace(resource, namespace, name, target, body)?;
@@ -578,6 +578,18 @@ async fn object(
                         ));
                     }
                     let config = read_json(req).await?;
+                    if resource.is_rbac() {
+                        let result = shared
+                            .store
+                            .preview_apply(resource, namespace, name, &config)?;
+                        shared.authorizer.check_rbac_write(
+                            &shared.store,
+                            user,
+                            resource,
+                            namespace,
+                            &result,
+                        )?;
+                    }
                     let (json, created) = shared
                         .store
                         .apply(resource, namespace, name, target, &config)?;
@@ -591,6 +603,18 @@ async fn object(
                 other => return Err(ApiError::unsupported_media_type(other)),
             };
             let patch = read_json(req).await?;
+            if resource.is_rbac() {
+                let result = shared
+                    .store
+                    .preview_patch(resource, namespace, name, kind, &patch)?;
+                shared.authorizer.check_rbac_write(
+                    &shared.store,
+                    user,
+                    resource,
+                    namespace,
+                    &result,
+                )?;
+            }
             let json = shared
                 .store
                 .patch(resource, namespace, name, target, kind, &patch)?;

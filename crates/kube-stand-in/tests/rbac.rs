@@ -640,3 +640,91 @@ async fn kubectl_auth_whoami_and_can_i_answer_for_the_caller() {
     .await
     .expect("test deadline");
 }
+
+/// alice may manage roles and bindings in `default` and read pods there, nothing more.
+const DELEGATE: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: rbac-manager
+  namespace: default
+rules:
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, list, create, update, patch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: alice-rbac-manager
+  namespace: default
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: rbac-manager
+subjects:
+- kind: User
+  name: alice
+"#;
+
+fn role_yaml(name: &str, verbs: &str) -> String {
+    format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: {name}\n  namespace: default\nrules:\n- apiGroups: [\"\"]\n  resources: [pods]\n  verbs: [{verbs}]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_bindings_cannot_grant_more_than_their_writer_holds() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let h = Harness::start_strict().await;
+        let delegate = h.write("delegate.yaml", DELEGATE);
+        h.ok(&["create", "-f", delegate.to_str().unwrap()]).await;
+
+        // A role within alice's own rights: fine.
+        let reader = h.write("reader.yaml", &role_yaml("reader", "get, list"));
+        h.ok(&["--as", "alice", "create", "-f", reader.to_str().unwrap()]).await;
+        // More than she holds: the apiserver's escalation refusal.
+        let deleter = h.write("deleter.yaml", &role_yaml("deleter", "get, delete, patch"));
+        let stderr = h.fails(&["--as", "alice", "create", "-f", deleter.to_str().unwrap()]).await;
+        assert!(
+            stderr.contains(concat!(
+                r#"roles.rbac.authorization.k8s.io "deleter" is forbidden: user "alice" (groups=["system:authenticated"]) is attempting to grant RBAC permissions not currently held:"#,
+                "\n",
+                r#"{APIGroups:[""], Resources:["pods"], Verbs:["delete" "patch"]}"#
+            )),
+            "{stderr}"
+        );
+        // The same through a patch of the role she may write.
+        let stderr = h
+            .fails(&["--as", "alice", "patch", "role", "reader", "--type=json", "-p",
+                     r#"[{"op":"add","path":"/rules/0/verbs/-","value":"delete"}]"#])
+            .await;
+        assert!(stderr.contains(r#"roles.rbac.authorization.k8s.io "reader" is forbidden"#), "{stderr}");
+        // Binding herself (or anyone) to cluster-admin: refused; to her own reader role: fine.
+        let stderr = h
+            .fails(&["--as", "alice", "create", "rolebinding", "grab", "--clusterrole=cluster-admin", "--user=alice"])
+            .await;
+        assert!(
+            stderr.contains(r#"rolebindings.rbac.authorization.k8s.io "grab" is forbidden: user "alice" (groups=["system:authenticated"]) is attempting to grant RBAC permissions not currently held:"#),
+            "{stderr}"
+        );
+        h.ok(&["--as", "alice", "create", "rolebinding", "bob-reads", "--role=reader", "--user=bob"]).await;
+        h.ok(&["--as", "bob", "get", "pods"]).await;
+
+        // The escalate and bind verbs lift the checks, as on a real apiserver.
+        let lift = h.write(
+            "lift.yaml",
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: lift\nrules:\n- apiGroups: [rbac.authorization.k8s.io]\n  resources: [roles]\n  verbs: [escalate]\n- apiGroups: [rbac.authorization.k8s.io]\n  resources: [clusterroles]\n  verbs: [bind]\n  resourceNames: [cluster-admin]\n",
+        );
+        h.ok(&["create", "-f", lift.to_str().unwrap()]).await;
+        h.ok(&["create", "rolebinding", "alice-lift", "--clusterrole=lift", "--user=alice"]).await;
+        h.ok(&["--as", "alice", "create", "-f", deleter.to_str().unwrap()]).await;
+        h.ok(&["--as", "alice", "create", "rolebinding", "grab", "--clusterrole=cluster-admin", "--user=alice"]).await;
+        h.ok(&["--as", "alice", "delete", "pod", "web-1"]).await;
+    })
+    .await
+    .expect("test deadline");
+}

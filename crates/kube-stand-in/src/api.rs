@@ -513,6 +513,8 @@ fn list_response(resource: Resource, rv: u64, items: Vec<Bytes>) -> Response<Bod
 
 /// GET, PUT, PATCH and DELETE on one object; GET, PUT and PATCH on its `status`
 /// subresource (`target`).
+// The request, its caller and what it is addressed to: each is needed.
+#[allow(clippy::too_many_arguments)]
 async fn object(
     shared: &Arc<Shared>,
     user: &rbac::UserInfo,

@@ -25,7 +25,7 @@
 //!   subresource: TokenRequest, so `kubectl create token` works), the four RBAC kinds
 //!   (`rbac.authorization.k8s.io/v1`) and `poddisruptionbudgets` (`policy/v1`), so that
 //!   Tower's own manifests (`kubectl apply -k deploy/host`, an agent.yaml) go in;
-//! * authentication as kube-apiserver does it ([`auth`](crate::auth)): the static token is
+//! * authentication as kube-apiserver does it (module `auth`): the static token is
 //!   user [`ADMIN_USER`] in `system:masters`; a client certificate is its CN with its O
 //!   values as groups; ServiceAccount tokens from TokenRequest are
 //!   `system:serviceaccount:NS:NAME` until they expire or their ServiceAccount is deleted;

@@ -11,8 +11,13 @@
 //! let kc = server.kubeconfig("member-1", "alice", &["devs"]);
 //! kubectl(&kc, &["get", "pods"]).success();
 //! ```
+//!
+//! [`pod`] starts a container of a pod template from Tower's manifests the way a kubelet
+//! does (volumes, file modes, user and groups, read-only root).
 
 #![forbid(unsafe_code)]
+
+pub mod pod;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -154,6 +159,13 @@ impl Process {
             .status();
     }
 
+    /// The exit code (128 + the signal for a killed process) once it has exited.
+    pub fn exited(&mut self) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt as _;
+        let status = self.child.try_wait().ok().flatten()?;
+        status.code().or_else(|| status.signal().map(|s| 128 + s))
+    }
+
     /// Waits for exit up to `timeout`; returns the exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let child = &mut self.child;
@@ -204,6 +216,16 @@ impl Member {
 
     /// Starts one whose agent kubeconfig uses `auth`.
     pub fn start_with(auth: KubeconfigAuth) -> Self {
+        Self::start_policy(auth, false)
+    }
+
+    /// Starts one with only the bootstrap RBAC policy, as a fresh cluster: its token is
+    /// an admin (`system:masters`), every other identity gets only what is bound to it.
+    pub fn start_strict() -> Self {
+        Self::start_policy(KubeconfigAuth::Token, true)
+    }
+
+    fn start_policy(auth: KubeconfigAuth, strict: bool) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -213,9 +235,12 @@ impl Member {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
-            StandIn::start(listener, "member-sa-token")
-                .await
-                .expect("stand-in")
+            let started = if strict {
+                StandIn::start_strict(listener, "member-sa-token").await
+            } else {
+                StandIn::start(listener, "member-sa-token").await
+            };
+            started.expect("stand-in")
         });
         let dir = TempDir::new("member");
         let kubeconfig = dir.path().join("kubeconfig");

@@ -5,19 +5,27 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Args, CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
 use tower_agent::cli::{Cli, build_config};
+use tower_telemetry::LogArgs;
+
+/// The agent's flags ([`Cli`], shared with tools that embed the agent) plus the binary's
+/// own `--log-format`; exits like `Cli::parse` (2 with clap's message) on bad usage.
+fn parse() -> (Cli, LogArgs) {
+    let mut command = LogArgs::augment_args(Cli::command());
+    let mut matches = command.get_matches_mut();
+    let parsed = Cli::from_arg_matches_mut(&mut matches)
+        .and_then(|cli| Ok((cli, LogArgs::from_arg_matches_mut(&mut matches)?)));
+    parsed.unwrap_or_else(|e| e.format(&mut command).exit())
+}
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TOWER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+    let (cli, log) = parse();
+    if let Err(e) = tower_telemetry::init(log.log_format) {
+        eprintln!("tower-agent: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -304,7 +304,7 @@ pub async fn run(
         stop_accepting.clone(),
         frontend_conns.clone(),
         metrics.clone(),
-        move |req, _| frontend.clone().handle(req),
+        move |req, remote| frontend.clone().handle(req, remote),
     ));
     // The admin listener stays up while the server drains: /readyz answers 503 with the
     // reason (rather than refusing connections) and /metrics can still be scraped.

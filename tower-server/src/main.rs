@@ -18,6 +18,7 @@ use tower_server::cli::{SecretArgs, ServeArgs, build_config};
 use tower_server::kubernetes;
 use tower_server::manifest::{AgentManifest, normalize_publish_address};
 use tower_server::registry::ClusterStatus;
+use tower_telemetry::LogArgs;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +29,9 @@ use tower_server::registry::ClusterStatus;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// `--log-format`, accepted before or after the subcommand.
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -135,14 +139,11 @@ struct KubeconfigArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TOWER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if let Err(e) = tower_telemetry::init(cli.log.log_format) {
+        eprintln!("tower-server: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Serve(args) => return serve(*args),
         Command::Token(args) => token(args),
@@ -564,7 +565,8 @@ mod tests {
     fn every_flag_of_every_subcommand_has_its_env_var() {
         let cli = Cli::command();
         let mut checked = 0;
-        for sub in cli.get_subcommands() {
+        // The root command too: its global flags (--log-format) work with every subcommand.
+        for sub in std::iter::once(&cli).chain(cli.get_subcommands()) {
             for arg in sub.get_arguments() {
                 let Some(long) = arg.get_long() else { continue };
                 if matches!(long, "help" | "version") {
@@ -591,6 +593,11 @@ mod tests {
             }
         }
         assert!(checked > 40, "{checked} flags checked");
+        assert!(
+            cli.get_arguments()
+                .any(|a| a.get_long() == Some("log-format") && a.is_global_set()),
+            "--log-format is a global flag"
+        );
     }
 
     fn args(server: &str, token: &str, ca_cert: Option<PathBuf>) -> KubeconfigArgs {

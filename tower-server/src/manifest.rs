@@ -24,6 +24,8 @@ pub const AGENT_NAME: &str = "tower-agent";
 pub const AGENT_ADMIN_PORT: i32 = 9090;
 /// Where the agent's Secret is mounted.
 const SECRET_DIR: &str = "/etc/tower";
+/// The uid and gid the agent runs as: the image's `nonroot` user (deploy/Containerfile).
+const AGENT_UID: i64 = 65532;
 
 /// The image the host tells members to run unless told otherwise.
 pub fn default_image() -> String {
@@ -229,10 +231,18 @@ impl AgentManifest<'_> {
                     }),
                     spec: Some(PodSpec {
                         service_account_name: Some(AGENT_NAME.into()),
+                        // A Service named `tower` on this member (one that also runs the
+                        // host) would otherwise put TOWER_PORT, TOWER_SERVICE_HOST, … into
+                        // the environment: the prefix of the agent's own settings.
+                        enable_service_links: Some(false),
                         security_context: Some(PodSecurityContext {
                             run_as_non_root: Some(true),
-                            run_as_user: Some(65532),
-                            run_as_group: Some(65532),
+                            run_as_user: Some(AGENT_UID),
+                            run_as_group: Some(AGENT_UID),
+                            // A kubelet writes Secret files root:root with defaultMode and
+                            // gives them to a group only for a pod fsGroup: without it uid
+                            // 65532 cannot read its 0440 token (EACCES, CrashLoopBackOff).
+                            fs_group: Some(AGENT_UID),
                             seccomp_profile: Some(SeccompProfile {
                                 type_: "RuntimeDefault".into(),
                                 ..SeccompProfile::default()
@@ -385,7 +395,11 @@ mod tests {
         let security = container.security_context.clone().unwrap();
         assert_eq!(security.read_only_root_filesystem, Some(true));
         assert_eq!(security.run_as_non_root, Some(true));
-        assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+        let pod_security = pod.security_context.unwrap();
+        assert_eq!(pod_security.run_as_non_root, Some(true));
+        // The Secret volume is 0440 root-owned: only fsGroup makes it readable.
+        assert_eq!(pod_security.fs_group, pod_security.run_as_user);
+        assert_eq!(pod.enable_service_links, Some(false));
         let limits = container.resources.clone().unwrap().limits.unwrap();
         assert!(limits.contains_key("cpu") && limits.contains_key("memory"));
         for (probe, path) in [

@@ -1,0 +1,313 @@
+//! `tower-telemetry`: how Tower's binaries log, set up in one place for both.
+//!
+//! * [`LogArgs`] is the `--log-format` flag (env `TOWER_LOG_FORMAT`) that `tower-server`
+//!   and `tower-agent` add to their own flags; [`LogFormat`] is its value.
+//! * [`init`] installs the subscriber: events go to stderr, filtered by `TOWER_LOG`
+//!   ([`FILTER_ENV`], `EnvFilter` syntax) or, when that is unset or empty, by
+//!   [`DEFAULT_FILTER`], which keeps Tower at INFO and its dependencies at ERROR.
+//! * Text lines are coloured only when stderr is a terminal (and `NO_COLOR` is unset), so
+//!   `kubectl logs` and log collectors get plain text. JSON is one object per line:
+//!   `timestamp` (RFC 3339, UTC), `level`, `target`, and `fields` holding `message` and
+//!   the event's structured fields (`cluster`, `tunnel`, …). Fields stay nested rather than
+//!   flattened into the top level: Tower logs a field named `target` (a stream's target),
+//!   which would otherwise collide with the event's own.
+
+#![forbid(unsafe_code)]
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// The environment variable holding the log filter, in `EnvFilter` syntax
+/// (`info`, `info,tower_tunnel=debug`, `debug,rustls=info`, …).
+pub const FILTER_ENV: &str = "TOWER_LOG";
+
+/// The filter when [`FILTER_ENV`] is unset or empty: Tower's own crates at INFO, every
+/// other crate (rustls, hyper, h2, yamux, kube, tower, …) capped at ERROR.
+///
+/// Why dependencies are capped: their WARN and INFO lines describe what a peer did, one
+/// line per connection, and Tower already handles those cases and logs them itself with
+/// the context an operator needs (cluster, tunnel, remote address). The motivating case:
+/// rustls warns "Illegal SNI extension: ignoring IP address presented as hostname" for
+/// every TLS client that sends an IP address as SNI (wrk, some HTTP libraries, load
+/// balancer health checks do), which under load buries real warnings and costs a write
+/// per connection. ERROR still gets through: a dependency's error is worth seeing.
+/// Setting `TOWER_LOG` replaces this default entirely (`TOWER_LOG=info` shows every
+/// crate's INFO again; `TOWER_LOG=info,rustls=debug` looks into one).
+///
+/// Crates are named one by one, not as a `tower_` prefix: `EnvFilter` matches targets by
+/// prefix, and `tower_` would also match the `tower_http` dependency.
+pub const DEFAULT_FILTER: &str = "error,tower_server=info,tower_agent=info,tower_tunnel=info,tower_auth=info,tower_proto=info,tower_telemetry=info";
+
+/// How log lines are written on stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; coloured only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, target and fields (message included).
+    Json,
+}
+
+/// The `--log-format` flag, for a binary to flatten into (or augment) its own flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LogArgs {
+    /// Log line format on stderr: text (coloured only on a terminal) or json (one object
+    /// per line). TOWER_LOG sets the filter (default: Tower at info, dependencies at error).
+    #[arg(
+        long,
+        env = "TOWER_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+/// Installs the process's subscriber: `format` on stderr, filtered by `TOWER_LOG` or
+/// [`DEFAULT_FILTER`]. `log` crate records (rustls logs through it) are captured too.
+///
+/// Fails when `TOWER_LOG` is not a valid filter (bad configuration: the binaries exit 2
+/// with the reason) or when a subscriber is already installed.
+pub fn init(format: LogFormat) -> Result<(), String> {
+    let filter = filter(std::env::var_os(FILTER_ENV))?;
+    subscriber(format, filter, colour(), std::io::stderr)
+        .try_init()
+        .map_err(|e| format!("installing the log subscriber: {e}"))
+}
+
+/// The filter `TOWER_LOG`'s value (`None` when unset) asks for.
+fn filter(value: Option<OsString>) -> Result<EnvFilter, String> {
+    let value = match value {
+        None => String::new(),
+        Some(value) => value
+            .into_string()
+            .map_err(|v| format!("{FILTER_ENV}={v:?} is not UTF-8"))?,
+    };
+    // Empty counts as unset, so a manifest can write `value: ""` for the default.
+    let directives = match value.trim() {
+        "" => DEFAULT_FILTER,
+        set => set,
+    };
+    EnvFilter::builder()
+        .parse(directives)
+        .map_err(|e| format!("{FILTER_ENV}={directives:?} is not a valid log filter: {e}"))
+}
+
+/// Colour only for a person at a terminal who has not asked for none (no-color.org).
+fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// The subscriber [`init`] installs, writing to `writer` (tests capture it).
+fn subscriber<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
+        // Tower opens no spans of its own; a dependency's (with TOWER_LOG raised) shows
+        // as the current `span`, without the whole list on every line.
+        LogFormat::Json => Box::new(
+            builder
+                .with_ansi(false)
+                .json()
+                .with_current_span(true)
+                .with_span_list(false)
+                .finish(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::{Arc, Mutex};
+
+    use clap::{Args, CommandFactory, FromArgMatches, Parser};
+
+    use super::*;
+
+    /// A writer that keeps what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    /// What a subscriber with `TOWER_LOG` = `env` writes for a dependency's WARN (rustls's
+    /// IP-as-SNI line, under its real target) and two of Tower's lines.
+    fn logged(format: LogFormat, env: Option<&str>, ansi: bool) -> String {
+        let out = Captured::default();
+        let filter = filter(env.map(OsString::from)).unwrap();
+        tracing::subscriber::with_default(subscriber(format, filter, ansi, out.clone()), || {
+            tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension: ignoring IP address presented as hostname (127.0.0.1)");
+            tracing::info!(target: "hyper_util::client::legacy::pool", "pooling idle connection");
+            tracing::info!(target: "tower_server::agents", cluster = "member-1", tunnel = 7, "agent connected");
+            tracing::debug!(target: "tower_server::frontend", target = "kubernetes", "proxying");
+            tracing::error!(target: "h2::proto::connection", "connection error");
+        });
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn by_default_dependencies_log_only_errors_and_tower_logs_info() {
+        for env in [None, Some(""), Some("  ")] {
+            let log = logged(LogFormat::Text, env, false);
+            assert!(!log.contains("Illegal SNI"), "{env:?}: {log}");
+            assert!(!log.contains("pooling idle connection"), "{env:?}: {log}");
+            assert!(log.contains("agent connected"), "{env:?}: {log}");
+            assert!(log.contains("cluster=\"member-1\""), "{env:?}: {log}");
+            assert!(!log.contains("proxying"), "debug is off: {log}");
+            assert!(log.contains("connection error"), "errors pass: {log}");
+        }
+    }
+
+    #[test]
+    fn an_explicit_tower_log_replaces_the_default() {
+        let log = logged(LogFormat::Text, Some("info"), false);
+        assert!(log.contains("Illegal SNI"), "{log}");
+        assert!(log.contains("pooling idle connection"), "{log}");
+        let log = logged(LogFormat::Text, Some("warn,tower_server=debug"), false);
+        assert!(log.contains("Illegal SNI"), "{log}");
+        assert!(log.contains("proxying"), "{log}");
+        assert!(!log.contains("pooling idle connection"), "{log}");
+    }
+
+    #[test]
+    fn an_invalid_tower_log_is_an_error_naming_it() {
+        let e = filter(Some("info,tower_server=loud".into())).unwrap_err();
+        assert!(
+            e.contains("TOWER_LOG") && e.contains("tower_server=loud"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_default_filter_names_every_tower_crate_but_not_tower_http() {
+        let manifest = include_str!("../../../Cargo.toml");
+        let crates: Vec<&str> = manifest
+            .lines()
+            .filter_map(|l| l.strip_prefix("tower-"))
+            .filter(|l| l.contains("path = "))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|name| *name != "kube-stand-in")
+            .collect();
+        assert!(crates.len() >= 6, "{crates:?}");
+        for name in crates {
+            let directive = format!("tower_{}=info", name.replace('-', "_"));
+            assert!(
+                DEFAULT_FILTER.split(',').any(|d| d == directive),
+                "{directive} is missing from DEFAULT_FILTER"
+            );
+        }
+        assert!(!DEFAULT_FILTER.split(',').any(|d| d.starts_with("tower=")
+            || d.starts_with("tower_=")
+            || d.starts_with("tower_http")));
+    }
+
+    #[test]
+    fn text_is_plain_unless_asked_for_colour() {
+        let plain = logged(LogFormat::Text, None, false);
+        assert!(!plain.contains('\u{1b}'), "{plain:?}");
+        let coloured = logged(LogFormat::Text, None, true);
+        assert!(coloured.contains('\u{1b}'), "{coloured:?}");
+    }
+
+    #[test]
+    fn json_is_one_object_per_line_with_the_fields_nested() {
+        let log = logged(LogFormat::Json, Some("info,tower_server=debug"), true);
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert_eq!(lines.len(), 5, "{log}");
+        assert!(!log.contains('\u{1b}'), "{log:?}");
+        for line in &lines {
+            for key in ["timestamp", "level", "target"] {
+                assert!(line[key].is_string(), "{key}: {line}");
+            }
+            assert!(line["fields"]["message"].is_string(), "{line}");
+        }
+        let connected = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == "agent connected")
+            .unwrap();
+        assert_eq!(connected["level"], "INFO");
+        assert_eq!(connected["target"], "tower_server::agents");
+        assert_eq!(connected["fields"]["cluster"], "member-1");
+        assert_eq!(connected["fields"]["tunnel"], 7);
+        // A field named `target` keeps its value beside the event's own target.
+        let proxying = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == "proxying")
+            .unwrap();
+        assert_eq!(proxying["target"], "tower_server::frontend");
+        assert_eq!(proxying["fields"]["target"], "kubernetes");
+    }
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        log: LogArgs,
+    }
+
+    #[test]
+    fn log_format_is_a_flag_with_its_env_var_and_a_clear_error() {
+        let arg = Cli::command()
+            .get_arguments()
+            .find(|a| a.get_long() == Some("log-format"))
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some("TOWER_LOG_FORMAT")
+        );
+        let parsed = Cli::try_parse_from(["t", "--log-format", "json"]).unwrap();
+        assert_eq!(parsed.log.log_format, LogFormat::Json);
+        let e = Cli::try_parse_from(["t", "--log-format", "xml"])
+            .err()
+            .unwrap();
+        assert_eq!(e.exit_code(), 2);
+        let message = e.to_string();
+        assert!(
+            message.contains("text") && message.contains("json"),
+            "{message}"
+        );
+        // The same flag added to a command built elsewhere (the agent's `Cli`).
+        let command = LogArgs::augment_args(clap::Command::new("agent"));
+        let matches = command
+            .try_get_matches_from(["agent", "--log-format=text"])
+            .unwrap();
+        assert_eq!(
+            LogArgs::from_arg_matches(&matches).unwrap().log_format,
+            LogFormat::Text
+        );
+    }
+}

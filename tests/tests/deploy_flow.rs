@@ -26,15 +26,11 @@ struct Replica {
     admin: SocketAddr,
 }
 
-/// `kubectl create secret|configmap …` as README.md writes it, rendered client-side and
-/// sent with `create -f`: kubectl's typed `create secret` sends protobuf, which the
-/// stand-in does not read (a real API server does).
+/// `kubectl -n ke-system create secret|configmap …`, as README.md writes it.
 fn create(host: &Member, args: &[&str]) {
-    let mut rendered = vec!["-n", NAMESPACE, "create"];
-    rendered.extend_from_slice(args);
-    rendered.extend_from_slice(&["--dry-run=client", "-o", "yaml"]);
-    let yaml = kubectl(&host.kubeconfig, &rendered).success();
-    kubectl_with_input(&host.kubeconfig, &["create", "-f", "-"], yaml.as_bytes()).success();
+    let mut command = vec!["-n", NAMESPACE, "create"];
+    command.extend_from_slice(args);
+    kubectl(&host.kubeconfig, &command).success();
 }
 
 fn address(line: &serde_json::Value, key: &str) -> SocketAddr {

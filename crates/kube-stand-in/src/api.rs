@@ -680,7 +680,7 @@ fn pod_subresource(
             if upgrade.is_empty() {
                 return Err(ApiError::bad_request("Upgrade request required"));
             }
-            let hold = StreamGuard::new(&shared);
+            let hold = StreamGuard::new(shared);
             Ok(spdy::portforward(req, hold).map(BodyExt::boxed_unsync))
         }
         _ => {
@@ -706,7 +706,7 @@ fn pod_subresource(
             if upgrade == "websocket" {
                 exec_ws::serve(shared, req, command, user, files, streams)
             } else if upgrade.starts_with("spdy/") {
-                let hold = StreamGuard::new(&shared);
+                let hold = StreamGuard::new(shared);
                 Ok(spdy::exec(req, command, user, files, hold).map(BodyExt::boxed_unsync))
             } else {
                 Err(ApiError::bad_request("Upgrade request required"))

@@ -386,7 +386,11 @@ fn exec_and_port_forward_upgrade_end_to_end() {
             back == payload,
             "1 MiB round-trips through port-forward (websockets={websockets})"
         );
-        assert_eq!(member.api.open_streams(), 1, "the session is open at the member");
+        assert_eq!(
+            member.api.open_streams(),
+            1,
+            "the session is open at the member"
+        );
         let method = if websockets == "true" { "GET" } else { "POST" };
         let calls = member.api.calls();
         let forwarded = calls

@@ -103,7 +103,19 @@ async fn kubectl_apply_k_deploy_host_creates_every_object_and_its_rbac_holds() {
         let kc = h.kubeconfig_for_token("tower.kubeconfig", token.trim());
         h.ok_with(&kc, &["get", "clusters.cluster.kubesphere.io"]).await;
         h.ok_with(&kc, &["get", "svc", "tower", "-n", "ke-system"]).await;
-        h.ok_with(&kc, &["get", "deploy", "-n", "ke-system"]).await;
+        h.ok_with(&kc, &["get", "deploy", "tower", "-n", "ke-system"]).await;
+        // A watch of the one Deployment by name, as tower-server's replica counter.
+        h.ok_with(
+            &kc,
+            &["get", "deploy", "-n", "ke-system", "--field-selector", "metadata.name=tower"],
+        )
+        .await;
+        // Other Deployments and Services are not its business.
+        let out = h.run_with(&kc, &["get", "deploy", "-n", "ke-system"]).await;
+        forbidden(
+            &out.stderr,
+            r#"deployments.apps is forbidden: User "system:serviceaccount:ke-system:tower" cannot list resource "deployments" in API group "apps" in the namespace "ke-system""#,
+        );
         let out = h.run_with(&kc, &["get", "svc", "-n", "default"]).await;
         forbidden(
             &out.stderr,

@@ -164,3 +164,59 @@ fn in_kubernetes_mode_the_refusal_is_a_cluster_condition() {
         "True"
     );
 }
+
+/// A tunnel does not outlive its agent token: at `exp` the server drains it (requests in
+/// flight get the grace period) and the agent dials again with its token file read anew,
+/// where an expired token is refused with the reason.
+#[test]
+fn a_tunnel_is_drained_when_its_agent_token_expires() {
+    let server = server().start();
+    let member = Member::start();
+    let token = Server::minter().agent_token("member-1", Some(Duration::from_secs(4)));
+    let agent = agent(&server, &member, "member-1")
+        .token(&token)
+        .via_token_file()
+        .connect(&server);
+    let connected = Instant::now();
+    wait_for_with(
+        "the tunnel to be drained at the token's exp",
+        Duration::from_secs(20),
+        || (!server.connected("member-1")).then_some(()),
+        || server.process.log(),
+    );
+    assert!(
+        connected.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        connected.elapsed()
+    );
+    assert!(
+        server
+            .process
+            .log()
+            .contains("the agent token expired: draining the tunnel"),
+        "{}",
+        server.process.log()
+    );
+    // The agent's next dial names the reason.
+    wait_for_with(
+        "the agent to be refused with the reason",
+        Duration::from_secs(20),
+        || {
+            agent
+                .process
+                .log()
+                .contains("agent token refused: token expired")
+                .then_some(())
+        },
+        || agent.process.log(),
+    );
+    // A rotated token in the file (as Kubernetes updates a mounted Secret) reconnects.
+    let fresh = Server::minter().agent_token("member-1", Some(Duration::from_secs(3600)));
+    std::fs::write(&agent.token_file, format!("{fresh}\n")).expect("rotate the token file");
+    wait_for_with(
+        "the agent to reconnect with the rotated token",
+        Duration::from_secs(30),
+        || server.connected("member-1").then_some(()),
+        || agent.process.log(),
+    );
+}

@@ -208,6 +208,7 @@ impl Acceptor {
         Ok(Admitted {
             replicas: self.holders(handshake::list(header(handshake::HEADER_HELD))),
             token: token.into(),
+            token_exp: claims.exp,
             cluster: claims.sub,
             agent_version: header(handshake::HEADER_AGENT_VERSION)
                 .chars()
@@ -310,6 +311,10 @@ impl Acceptor {
         let token = tunnel.token.clone();
         let replicas = tunnel.replicas.clone();
         let health = tunnel.health.clone();
+        let this_tunnel = tunnel.clone();
+        let token_expired = until_unix(admitted.token_exp);
+        tokio::pin!(token_expired);
+        let mut expired = false;
         self.metrics.tunnels.inc();
         let (replaced, reconnect) = self.registry.insert(&cluster, tunnel);
         if reconnect {
@@ -355,6 +360,14 @@ impl Acceptor {
                     }
                     event => tracing::debug!(%cluster, ?event, "control message from agent"),
                 },
+                () = &mut token_expired, if !expired => {
+                    expired = true;
+                    // The agent redials at once on the drain, with its token file read
+                    // again: a rotated token reconnects, an expired one is refused (401).
+                    tracing::warn!(%cluster, tunnel = id, grace = ?self.grace, "the agent token expired: draining the tunnel");
+                    self.registry.remove(&cluster, id);
+                    retire(this_tunnel.clone(), self.grace);
+                }
                 () = handle.closed() => break,
             }
         }
@@ -385,6 +398,8 @@ impl Acceptor {
 struct Admitted {
     cluster: String,
     token: Arc<str>,
+    /// The agent token's `exp` (Unix seconds): the tunnel is drained then.
+    token_exp: Option<u64>,
     replicas: Vec<String>,
     agent_version: String,
     targets: Vec<String>,
@@ -392,7 +407,18 @@ struct Admitted {
     http2: bool,
 }
 
-/// Drains a tunnel that a newer one replaced: tells the agent (which stops using it), then
+/// Resolves at `exp` (Unix seconds); never without one.
+async fn until_unix(exp: Option<u64>) {
+    let Some(exp) = exp else {
+        return std::future::pending().await;
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    tokio::time::sleep(Duration::from_secs(exp.saturating_sub(now))).await;
+}
+
+/// Drains a tunnel that a newer one replaced (or whose token expired): tells the agent (which stops using it), then
 /// closes it after `grace`, so requests still running on it can finish.
 pub(crate) fn retire(tunnel: Tunnel, grace: Duration) {
     tokio::spawn(async move {

@@ -279,6 +279,12 @@ fn two_replicas_share_one_minted_token_and_keep_the_condition_true_when_one_leav
         Duration::from_secs(20),
         || (status_writes() >= before + 2).then_some(()),
     );
+    // The False itself, not only a count of writes: a's last words.
+    let last_words = a.process.log();
+    assert!(
+        last_words.contains("set condition AgentAvailable cluster=member-1 status=False"),
+        "{last_words}"
+    );
     let after = wait_available(&host, &b, "member-1", "True");
     assert!(b.connected("member-1"));
     eprintln!("condition after replica a left: {:?}", available(&after));
@@ -430,19 +436,27 @@ fn the_registry_follows_clusters_across_api_server_outages() {
 
     // The API server is away for a while: tunnels keep serving; once it is back, a
     // Cluster created then is seen too.
+    let refused_before = host.api.refused_connections();
     host.api.set_available(false);
     let kc = server.kubeconfig("member-1", "alice", &[]);
-    kubectl(&kc, &["get", "pods"]).success();
     let calls_before = host.api.calls().len();
-    // Long enough for several watch retries; the watcher must back off, not spin.
+    // Long enough for several watch retries (each a connection the API server refused);
+    // the watcher must back off, not spin, and the tunnels serve all along.
     let outage = std::time::Instant::now();
-    wait_for("the outage to be noticed", Duration::from_secs(30), || {
-        server
-            .process
-            .log()
-            .contains("watching Cluster objects")
-            .then_some(())
+    wait_for("three refused retries", Duration::from_secs(60), || {
+        (host.api.refused_connections() >= refused_before + 3).then_some(())
     });
+    assert!(
+        server.process.log().contains("watching Cluster objects"),
+        "the outage was noticed"
+    );
+    kubectl(&kc, &["get", "pods"]).success();
+    let lasted = outage.elapsed();
+    let retries = host.api.refused_connections() - refused_before;
+    assert!(
+        retries < 60,
+        "{retries} connections in {lasted:?}: the watcher spins"
+    );
     host.api.set_available(true);
     create(&host, &proxy_cluster("member-3", &token("member-3")));
     let _three = agent(&server, &member, "member-3")

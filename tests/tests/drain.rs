@@ -62,9 +62,11 @@ fn once_called<T: Send + 'static>(
     thread
 }
 
-/// Every line of a watch body is a whole JSON event.
+/// The watch delivered events (the initial ADDED ones at least: `default` holds
+/// configmaps), and every line of its body is a whole JSON event.
 fn assert_whole_events(body: &str) {
-    assert!(body.is_empty() || body.ends_with('\n'), "{body:?}");
+    assert!(!body.is_empty(), "an empty watch body proves nothing");
+    assert!(body.ends_with('\n'), "{body:?}");
     for line in body.lines() {
         let event: serde_json::Value = serde_json::from_str(line).expect("a whole event");
         assert!(event["type"].is_string(), "{line}");
@@ -77,9 +79,11 @@ fn a_draining_server_ends_watches_cleanly_and_exits_without_waiting_out_its_grac
     let mut server = server().args(&["--shutdown-grace", "60s"]).start();
     let _agent = agent(&server, &member, "member-1").connect(&server);
     let watch = raw_watch(&server, &member);
-    let size: u64 = 64 << 20;
+    let size: u64 = 256 << 20;
     let download = download(&server, &member, size);
 
+    // Drained mid-flight, or the test proves nothing.
+    assert!(!download.is_finished(), "the download ended before SIGTERM");
     let terminated = Instant::now();
     server.process.terminate();
     let watched = watch
@@ -103,9 +107,10 @@ fn a_draining_agent_finishes_its_requests_ends_watches_cleanly_and_exits() {
         .args(&["--shutdown-grace", "60s"])
         .connect(&server);
     let watch = raw_watch(&server, &member);
-    let size: u64 = 64 << 20;
+    let size: u64 = 256 << 20;
     let download = download(&server, &member, size);
 
+    assert!(!download.is_finished(), "the download ended before SIGTERM");
     let terminated = Instant::now();
     agent.process.terminate();
     // The server stops routing to it at once: new requests get 503, not a dying tunnel.

@@ -206,6 +206,49 @@ fn a_missing_required_config_map_key_refuses_to_start_and_an_optional_one_is_lef
         &template(script, serde_json::json!({}), env("greeting", false)),
     );
     assert_eq!((code, stdout.trim()), (0, "hello"));
+
+    // secretKeyRef follows the same rules.
+    let secret_env = |key: &str| serde_json::json!({"env": [{"name": "GREETING", "valueFrom": {"secretKeyRef": {"name": "tower", "key": key}}}]});
+    let error = kubelet
+        .start(
+            NS,
+            "t",
+            &template(script, serde_json::json!({}), secret_env("absent")),
+            &Overrides::default(),
+        )
+        .expect_err("a missing required Secret key must refuse the container");
+    assert!(
+        error.contains("couldn't find key absent in Secret pods/tower"),
+        "{error}"
+    );
+    let (code, stdout, _) = run(
+        &kubelet,
+        &template(script, serde_json::json!({}), secret_env("token")),
+    );
+    assert_eq!((code, stdout.trim()), (0, "s3cret-token"));
+}
+
+#[test]
+fn items_choose_paths_and_their_own_modes_over_default_mode() {
+    let (_member, kubelet) = cluster();
+    let spec = serde_json::json!({"volumes": [{"name": "tower", "secret": {
+        "secretName": "tower",
+        "defaultMode": 0o444,
+        "items": [{"key": "token", "path": "nested/tok", "mode": 0o400}],
+    }}]});
+    let script =
+        "stat -c '%a %u:%g' /etc/tower/..data/nested/tok; ls /etc/tower; cat /etc/tower/nested/tok";
+    let (code, stdout, log) = run(&kubelet, &template(script, spec, mount_tower()));
+    // 0400 root-owned: uid 65532 sees the file but cannot read it.
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"400 0:0"), "{stdout}{log}");
+    assert_eq!(
+        lines.get(1),
+        Some(&"nested"),
+        "only the item's path: {stdout}"
+    );
+    assert_ne!(code, 0);
+    assert!(log.contains("Permission denied"), "{log}");
 }
 
 #[test]

@@ -49,7 +49,6 @@ use std::path::{Path, PathBuf};
 use std::process::{ChildStdout, Command, Output};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, EnvVar, KeyToPath, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
     Secret, Service, ServiceAccount, Volume, VolumeMount,
@@ -553,19 +552,7 @@ impl Kubelet {
         }
         if let Some(source) = &volume.downward_api {
             let default_mode = source.default_mode.unwrap_or(0o644);
-            let mut files = Vec::new();
-            for item in source.items.iter().flatten() {
-                let field = item
-                    .field_ref
-                    .as_ref()
-                    .ok_or("downwardAPI: only fieldRef is modelled")?;
-                files.push(VolumeFile {
-                    path: item.path.clone(),
-                    data: field_value(meta, field)?.into_bytes(),
-                    mode: item.mode.unwrap_or(default_mode),
-                });
-            }
-            return Ok(files);
+            return downward_files(meta, source.items.as_deref(), default_mode);
         }
         if let Some(projected) = &volume.projected {
             let default_mode = projected.default_mode.unwrap_or(0o644);
@@ -594,17 +581,7 @@ impl Kubelet {
                         .map_err(failed)?,
                     );
                 } else if let Some(d) = &source.downward_api {
-                    for item in d.items.iter().flatten() {
-                        let field = item
-                            .field_ref
-                            .as_ref()
-                            .ok_or("downwardAPI: only fieldRef is modelled")?;
-                        files.push(VolumeFile {
-                            path: item.path.clone(),
-                            data: field_value(meta, field)?.into_bytes(),
-                            mode: item.mode.unwrap_or(default_mode),
-                        });
-                    }
+                    files.extend(downward_files(meta, d.items.as_deref(), default_mode)?);
                 } else if let Some(t) = &source.service_account_token {
                     let token = self.token(meta, t.expiration_seconds).map_err(failed)?;
                     files.push(VolumeFile {
@@ -1261,6 +1238,29 @@ fn service_link_env(service: &Service) -> Vec<(String, String)> {
     env
 }
 
+/// The files of downward-API `items` (fieldRef only).
+fn downward_files(
+    meta: &PodMeta,
+    items: Option<&[k8s_openapi::api::core::v1::DownwardAPIVolumeFile]>,
+    default_mode: i32,
+) -> Result<Vec<VolumeFile>, String> {
+    items
+        .into_iter()
+        .flatten()
+        .map(|item| {
+            let field = item
+                .field_ref
+                .as_ref()
+                .ok_or("downwardAPI: only fieldRef is modelled")?;
+            Ok(VolumeFile {
+                path: item.path.clone(),
+                data: field_value(meta, field)?.into_bytes(),
+                mode: item.mode.unwrap_or(default_mode),
+            })
+        })
+        .collect()
+}
+
 /// A `fieldRef`'s value (the fields the downward API offers that the runner knows).
 fn field_value(meta: &PodMeta, field: &ObjectFieldSelector) -> Result<String, String> {
     let path = field.field_path.as_str();
@@ -1362,9 +1362,4 @@ fn is_root() -> bool {
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
         .unwrap_or(false)
-}
-
-/// Base64 of `s`, for tests that build Secrets.
-pub fn b64(s: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
 }

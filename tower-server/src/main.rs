@@ -310,6 +310,10 @@ fn cluster_table(list: &[ClusterStatus]) -> String {
             c.agent_version.clone().unwrap_or_else(dash),
         ]);
     }
+    // Versions and replica ids are what agents said: nothing in them drives the terminal.
+    for cell in rows.iter_mut().flatten() {
+        *cell = tower_telemetry::Escaped(cell.as_str()).to_string();
+    }
     let widths: Vec<usize> = (0..5)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();

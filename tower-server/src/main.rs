@@ -470,6 +470,19 @@ mod kubeconfig {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    // Every connection is a file descriptor: take all the process may have before the
+    // connection limits are sized below it.
+    match tower_server::connections::raise_open_file_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(
+                ?before,
+                ?after,
+                "raised the open-file limit to its hard limit"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let config = match build_config(&args) {
         Ok(config) => config,
         Err(e) => {
@@ -520,6 +533,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             frontend = %local(&listeners.frontend),
             admin = %local(&listeners.admin),
             server_id = %config.server_id,
+            open_files = ?tower_server::connections::open_file_limit(),
+            max_connections = ?config.limits.connections,
             "tower-server listening"
         );
         let shutdown = CancellationToken::new();

@@ -332,7 +332,7 @@ pub async fn run(
         admin_stop.clone(),
         other_conns.clone(),
         metrics.clone(),
-        move |req, _| admin.clone().handle(req),
+        move |req, peer| admin.clone().handle(req, peer),
     ));
     loops.close();
 

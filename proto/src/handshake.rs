@@ -36,6 +36,8 @@ pub const HEADER_SERVER_ID: &str = "tower-server-id";
 pub const HEADER_SERVER_COUNT: &str = "tower-server-count";
 /// The keepalive interval the server wants, in milliseconds, in the 101.
 pub const HEADER_KEEPALIVE_MS: &str = "tower-keepalive-ms";
+/// Which refusal a 409 is ([`Refusal::as_str`]): `duplicate` or `conflict`.
+pub const HEADER_REFUSAL: &str = "tower-refusal";
 
 /// The agent serves [`crate::StreamKind::Http2`] streams: the server may multiplex
 /// requests on one stream instead of opening a stream per request in flight.
@@ -61,6 +63,9 @@ pub enum Refusal {
     Draining,
     /// The agent already holds a tunnel to this replica (the load balancer sent it back).
     Duplicate,
+    /// Another agent holds a live tunnel for this cluster, and answered a ping just now:
+    /// a second agent with the same token does not replace it.
+    Conflict,
 }
 
 impl Refusal {
@@ -73,11 +78,26 @@ impl Refusal {
             Refusal::UnknownCluster => 404,
             Refusal::UnsupportedVersion => 426,
             Refusal::Draining => 503,
-            Refusal::Duplicate => 409,
+            Refusal::Duplicate | Refusal::Conflict => 409,
         }
     }
 
-    /// The refusal an HTTP status stands for, if any.
+    /// The refusal's name, as [`HEADER_REFUSAL`] carries it and metrics label it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::BadToken => "bad_token",
+            Refusal::Forbidden => "forbidden",
+            Refusal::UnknownCluster => "unknown_cluster",
+            Refusal::UnsupportedVersion => "unsupported_version",
+            Refusal::Draining => "draining",
+            Refusal::Duplicate => "duplicate",
+            Refusal::Conflict => "conflict",
+        }
+    }
+
+    /// The refusal an HTTP status stands for, if any (409 without a [`HEADER_REFUSAL`]
+    /// is [`Refusal::Duplicate`]).
     pub fn from_status(status: u16) -> Option<Self> {
         Some(match status {
             400 => Refusal::BadRequest,
@@ -94,7 +114,10 @@ impl Refusal {
     /// Whether dialing again unchanged can succeed (a draining or restarting server),
     /// as opposed to a refusal only a change of configuration fixes.
     pub fn is_transient(self) -> bool {
-        matches!(self, Refusal::Draining | Refusal::Duplicate)
+        matches!(
+            self,
+            Refusal::Draining | Refusal::Duplicate | Refusal::Conflict
+        )
     }
 }
 

@@ -683,23 +683,19 @@ impl Kubelet {
         project(data, items, default_mode, optional, "configmap", name)
     }
 
-    /// A token from TokenRequest, as the kubelet asks for a projected token (sent as JSON:
-    /// the stand-in does not read protobuf bodies, which `kubectl create token` sends).
+    /// A token from TokenRequest (`kubectl create token`), as the kubelet asks for a
+    /// projected token.
     fn token(&self, meta: &PodMeta, expiration: Option<i64>) -> Result<String, String> {
-        let request = serde_json::json!({
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {"expirationSeconds": expiration.unwrap_or(TOKEN_EXPIRATION_SECONDS)},
-        });
-        let path = format!(
-            "/api/v1/namespaces/{}/serviceaccounts/{}/token",
-            meta.namespace, meta.service_account
-        );
-        let dir = TempDir::new("token-request");
-        let body = dir.path().join("request.json");
-        std::fs::write(&body, request.to_string()).map_err(|e| e.to_string())?;
-        let body = body.to_str().ok_or("a temp path that is not UTF-8")?;
-        let output = self.kubectl(&["create", "--raw", &path, "-f", body])?;
+        let duration = format!("{}s", expiration.unwrap_or(TOKEN_EXPIRATION_SECONDS));
+        let output = self.kubectl(&[
+            "create",
+            "token",
+            &meta.service_account,
+            "-n",
+            &meta.namespace,
+            "--duration",
+            &duration,
+        ])?;
         if !output.status.success() {
             return Err(format!(
                 "requesting a token for serviceaccount {}/{}: {}",
@@ -708,12 +704,7 @@ impl Kubelet {
                 String::from_utf8_lossy(&output.stderr).trim()
             ));
         }
-        let answer: serde_json::Value =
-            serde_json::from_slice(&output.stdout).map_err(|e| format!("TokenRequest: {e}"))?;
-        answer["status"]["token"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| format!("TokenRequest answered without a token: {answer}"))
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
     /// The container's command line: `command`/`args` over the image's entrypoint and

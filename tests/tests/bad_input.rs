@@ -61,6 +61,32 @@ fn frontend_refuses_bad_tokens_names_and_targets_with_clear_messages() {
         Some(agent_token),
         "agent token (aud tower-agent) cannot be used as a user token",
     ));
+    // What KubeSphere's issuer refuses: an exp a second gone (no leeway), an iat ahead
+    // of the clock by more than 10 s; and a refresh token is no API credential.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    for (claims, message) in [
+        (
+            serde_json::json!({"username": "admin", "token_type": "access_token", "exp": now - 1}),
+            "token expired",
+        ),
+        (
+            serde_json::json!({"username": "admin", "token_type": "access_token", "iat": now + 60}),
+            "used before it was issued",
+        ),
+        (
+            serde_json::json!({"username": "admin", "token_type": "refresh_token"}),
+            "refresh_token\\\" refused: want",
+        ),
+    ] {
+        refused.push((Some(minter.sign(&claims)), message));
+    }
+    // KubeSphere's static tokens (no exp) are API credentials.
+    let static_token =
+        minter.sign(&serde_json::json!({"username": "alice", "token_type": "static_token"}));
+    assert_eq!(https.get(path, Some(&static_token)).status, 200);
     for (token, message) in refused {
         let token = token.as_deref();
         let reply = https.get(path, token);

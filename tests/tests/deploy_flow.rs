@@ -26,15 +26,11 @@ struct Replica {
     admin: SocketAddr,
 }
 
-/// `kubectl create secret|configmap …` as README.md writes it, rendered client-side and
-/// sent with `create -f`: kubectl's typed `create secret` sends protobuf, which the
-/// stand-in does not read (a real API server does).
+/// `kubectl -n ke-system create secret|configmap …`, as README.md writes it.
 fn create(host: &Member, args: &[&str]) {
-    let mut rendered = vec!["-n", NAMESPACE, "create"];
-    rendered.extend_from_slice(args);
-    rendered.extend_from_slice(&["--dry-run=client", "-o", "yaml"]);
-    let yaml = kubectl(&host.kubeconfig, &rendered).success();
-    kubectl_with_input(&host.kubeconfig, &["create", "-f", "-"], yaml.as_bytes()).success();
+    let mut command = vec!["-n", NAMESPACE, "create"];
+    command.extend_from_slice(args);
+    kubectl(&host.kubeconfig, &command).success();
 }
 
 fn address(line: &serde_json::Value, key: &str) -> SocketAddr {
@@ -145,8 +141,43 @@ fn cluster_field(host: &Member, jsonpath: &str) -> String {
     }
 }
 
-#[test]
-fn the_seed_flow_runs_from_the_shipped_manifests_to_kubectl_on_the_member() {
+/// Everything the flow brought up: both API servers, the host replicas behind their
+/// balancer, and the agent pod.
+struct Flow {
+    _host: Member,
+    member: Member,
+    pki: OperatorPki,
+    replicas: Vec<Replica>,
+    agent: Pod,
+    dir: TempDir,
+    _balancer: Relay,
+}
+
+impl Flow {
+    /// A kubeconfig for `user` in `groups` through `frontend`, as `tower-server
+    /// kubeconfig` writes it.
+    fn kubeconfig(&self, frontend: SocketAddr, user: &str, groups: &[&str]) -> std::path::PathBuf {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let token = Server::minter().user_token(user, &groups, Some(Duration::from_secs(600)));
+        let out = std::process::Command::new(tower_e2e::bin_path("tower-server"))
+            .args(["kubeconfig", "--cluster", CLUSTER])
+            .arg("--server")
+            .arg(format!("https://{frontend}"))
+            .arg("--ca-cert")
+            .arg(self.pki.ca_file())
+            .args(["--token", &token])
+            .output()
+            .expect("tower-server kubeconfig");
+        assert!(out.status.success());
+        let path = self.dir.path().join(format!("{user}-{}", frontend.port()));
+        std::fs::write(&path, out.stdout).expect("write");
+        path
+    }
+}
+
+/// README's steps 1-6, from deploy/host to a running agent pod whose Cluster is
+/// `AgentAvailable=True`; `manifest_args` are added to `tower-server agent-manifest`.
+fn seed_flow(manifest_args: &[&str]) -> Flow {
     let host = Member::start_strict();
     let member = Member::start_strict();
     let pki = OperatorPki::new();
@@ -184,13 +215,15 @@ fn the_seed_flow_runs_from_the_shipped_manifests_to_kubectl_on_the_member() {
     );
 
     // agent.yaml, generated inside a host pod with its own ServiceAccount's rights.
-    let manifest = replicas[0].pod.exec(&[
+    let mut command = vec![
         "/tower-server",
         "agent-manifest",
         "--kubernetes",
         "--cluster",
         CLUSTER,
-    ]);
+    ];
+    command.extend_from_slice(manifest_args);
+    let manifest = replicas[0].pod.exec(&command);
     assert!(
         manifest.status.success(),
         "agent-manifest in the host pod: {}",
@@ -242,27 +275,25 @@ fn the_seed_flow_runs_from_the_shipped_manifests_to_kubectl_on_the_member() {
         endpoint.ends_with(&format!("/clusters/{CLUSTER}")),
         "{endpoint}"
     );
+    Flow {
+        _host: host,
+        member,
+        pki,
+        replicas,
+        agent,
+        dir: TempDir::new("seed-flow"),
+        _balancer: balancer,
+    }
+}
 
-    let dir = TempDir::new("seed-flow");
-    let kubeconfig = |frontend: SocketAddr, user: &str, groups: &[&str]| {
-        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-        let token = Server::minter().user_token(user, &groups, Some(Duration::from_secs(600)));
-        let out = std::process::Command::new(tower_e2e::bin_path("tower-server"))
-            .args(["kubeconfig", "--cluster", CLUSTER])
-            .arg("--server")
-            .arg(format!("https://{frontend}"))
-            .arg("--ca-cert")
-            .arg(pki.ca_file())
-            .args(["--token", &token])
-            .output()
-            .expect("tower-server kubeconfig");
-        assert!(out.status.success());
-        let path = dir.path().join(format!("{user}-{}", frontend.port()));
-        std::fs::write(&path, out.stdout).expect("write");
-        path
-    };
-    for replica in &replicas {
-        let admin = kubeconfig(replica.frontend, "admin", &["system:masters"]);
+#[test]
+fn the_seed_flow_runs_from_the_shipped_manifests_to_kubectl_on_the_member() {
+    let mut flow = seed_flow(&[]);
+    let Flow {
+        member, replicas, ..
+    } = &flow;
+    for replica in replicas {
+        let admin = flow.kubeconfig(replica.frontend, "admin", &["system:masters"]);
         wait_for_with(
             "kubectl through this replica",
             Duration::from_secs(20),
@@ -297,7 +328,7 @@ fn the_seed_flow_runs_from_the_shipped_manifests_to_kubectl_on_the_member() {
     );
 
     // Member RBAC applies to the real user: erin has no binding there.
-    let erin = kubeconfig(replicas[0].frontend, "erin", &[]);
+    let erin = flow.kubeconfig(replicas[0].frontend, "erin", &[]);
     let refused = kubectl(&erin, &["get", "pods", "-n", "default"]);
     assert!(!refused.0.status.success());
     let stderr = refused.stderr();
@@ -305,11 +336,44 @@ fn the_seed_flow_runs_from_the_shipped_manifests_to_kubectl_on_the_member() {
         stderr.contains(r#"User "erin" cannot list resource "pods""#),
         "{stderr}"
     );
-    assert!(agent.exit_code().is_none(), "the agent keeps running");
     // deploy/host's RBAC grants what tower-server does: no request of a replica was
     // refused by the host API server.
-    for replica in &replicas {
+    for replica in replicas {
         let log = replica.pod.log();
         assert!(!log.contains("forbidden"), "{log}");
     }
+    assert!(flow.agent.exit_code().is_none(), "the agent keeps running");
+}
+
+/// agent.yaml for an agent that may impersonate only some identities: the member
+/// itself refuses every other caller, so a stolen agent credential is worth no more.
+#[test]
+fn a_restricted_agent_impersonates_only_the_identities_its_role_names() {
+    let flow = seed_flow(&["--impersonate-user", "alice", "--impersonate-group", "devs"]);
+    let frontend = flow.replicas[0].frontend;
+    // alice in devs passes impersonation; the member's RBAC then judges her request
+    // (she has no binding there, so it is refused as hers).
+    let alice = flow.kubeconfig(frontend, "alice", &["devs"]);
+    let refused = kubectl(&alice, &["get", "pods", "-n", "default"]);
+    assert!(
+        refused
+            .stderr()
+            .contains(r#"User "alice" cannot list resource "pods""#),
+        "{}",
+        refused.stderr()
+    );
+    // admin in system:masters is refused before that: the agent may not impersonate him.
+    let admin = flow.kubeconfig(frontend, "admin", &["system:masters"]);
+    let refused = kubectl(&admin, &["get", "pods", "-n", "default"]);
+    let stderr = refused.stderr();
+    assert!(!refused.0.status.success());
+    assert!(
+        stderr.contains("cannot impersonate resource \"users\"") && stderr.contains("admin"),
+        "{stderr}"
+    );
+    let calls = flow.member.api.calls();
+    assert!(
+        calls.iter().all(|c| c.user.as_deref() != Some("admin")),
+        "no request ran as admin: {calls:?}"
+    );
 }

@@ -3,9 +3,20 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use tower_e2e::{KubectlStream, Member, agent, kubectl, kubectl_with_input, server};
+use tower_e2e::{KubectlStream, Member, agent, kubectl, kubectl_with_input, server, wait_for_with};
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until no watch, log stream, exec, attach or port-forward session is open at the
+/// member's API server: what a caller leaves must not stay open behind the tunnel.
+fn member_streams_close(member: &Member) {
+    wait_for_with(
+        "the member's streams to close",
+        WAIT,
+        || (member.api.open_streams() == 0).then_some(()),
+        || format!("{} still open at the member", member.api.open_streams()),
+    );
+}
 
 #[test]
 fn get_create_replace_delete_and_large_lists() {
@@ -182,11 +193,21 @@ fn apply_patch_and_attach_through_the_tunnel() {
     // attach: stdin reaches the container's process and its output comes back.
     let attached = kubectl_with_input(&kc, &["attach", "-i", "web-0"], b"attached through tower\n");
     assert_eq!(attached.success(), "attached through tower\n");
+    // The same over SPDY. kubectl falls back to SPDY quietly, so the method the member
+    // saw is the proof of the transport: GET is WebSocket, POST is SPDY.
+    let mut spdy = tower_e2e::kubectl_command(&kc);
+    spdy.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .args(["attach", "-i", "web-0"]);
+    let attached = tower_e2e::run_with_input(spdy, b"attached over spdy\n");
+    assert_eq!(attached.success(), "attached over spdy\n");
     let calls = member.api.calls();
-    assert!(
-        calls.iter().any(|c| c.path_and_query.contains("/attach?")),
-        "{calls:?}"
-    );
+    let attach_methods: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.path_and_query.contains("/attach?"))
+        .map(|c| c.method.as_str())
+        .collect();
+    assert_eq!(attach_methods, ["GET", "POST"], "{calls:?}");
+    member_streams_close(&member);
     for call in &calls {
         assert_eq!(call.impersonate_user.as_deref(), Some("frank"), "{call:?}");
         assert_eq!(call.impersonate_groups, ["devs"], "{call:?}");
@@ -254,6 +275,17 @@ fn watch_and_logs_stream_event_by_event() {
         "lines 21-30 arrived within {:?}: they were held back and delivered together",
         last - first
     );
+
+    // Once the callers leave, the member side is left clean: the watch and the log
+    // stream end at the stand-in too, not only at kubectl.
+    assert_eq!(
+        member.api.open_streams(),
+        2,
+        "the watch and the log stream are open"
+    );
+    drop(watch);
+    drop(logs);
+    member_streams_close(&member);
 
     // Every call, the watch and the log stream included, ran as the JWT's user.
     let calls = member.api.calls();
@@ -354,6 +386,11 @@ fn exec_and_port_forward_upgrade_end_to_end() {
             back == payload,
             "1 MiB round-trips through port-forward (websockets={websockets})"
         );
+        assert_eq!(
+            member.api.open_streams(),
+            1,
+            "the session is open at the member"
+        );
         let method = if websockets == "true" { "GET" } else { "POST" };
         let calls = member.api.calls();
         let forwarded = calls
@@ -362,6 +399,9 @@ fn exec_and_port_forward_upgrade_end_to_end() {
             .expect("a port-forward call");
         assert_eq!(forwarded.method, method, "websockets={websockets}");
     }
+
+    // Every exec and port-forward session has ended at the member too.
+    member_streams_close(&member);
 
     // Upgrades need HTTP/1.1 all the way, and they too run as the JWT's user and groups.
     let calls = member.api.calls();

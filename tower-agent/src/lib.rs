@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_auth::Verifier;
+use tower_proto::handshake::Refusal;
 use tower_proto::{ControlMessage, StreamKind};
 use tower_tunnel::control::{self, Keepalive};
 use tower_tunnel::dial::{self, DialConfig};
@@ -257,6 +258,18 @@ pub async fn run(
                     let ended = hold_tunnel(dialed, config, shutdown, held_rx, count_tx, &up).await;
                     let _ = ended_tx.send((server_id, ended, started.elapsed()));
                 });
+            }
+            Err(tower_tunnel::TunnelError::Refused {
+                status: 409,
+                reason,
+                refusal: Some(refusal),
+            }) if refusal == Refusal::Conflict.as_str() => {
+                // Another agent for this cluster holds a live tunnel: the server will not
+                // let this one replace it while it answers. Back off as for any failure;
+                // once that tunnel is gone (a restart), the next dial gets through.
+                // The server's words, as it sent them: a string field, escaped.
+                tracing::warn!(%server, reason = reason.as_str(), "another agent holds this cluster's tunnel");
+                delay = config.backoff.delay(reconnects.dial_failed());
             }
             Err(tower_tunnel::TunnelError::Refused { status: 409, .. }) => {
                 // The load balancer sent us to a replica we already hold, which said so
@@ -504,8 +517,9 @@ async fn serve_stream(
                     }
                 }
             };
+            let health = control::LinkHealth::default();
             let (result, ()) = tokio::join!(
-                control::run(stream, keepalive, out_rx, events_tx),
+                control::run(stream, keepalive, out_rx, events_tx, &health),
                 watch_events
             );
             tell_held.abort();
@@ -590,7 +604,12 @@ fn proxy_service(
             let response = handle_request(&config, &target, req).await;
             // A watch ends cleanly when the agent drains; clients watch again.
             Ok::<_, Infallible>(if watch {
-                response.map(|body| tower_tunnel::watch_end::EndOnSignal::new(body, ending).boxed())
+                let framer = tower_tunnel::watch_end::Framer::for_content_type(
+                    response.headers().get(header::CONTENT_TYPE),
+                );
+                response.map(|body| {
+                    tower_tunnel::watch_end::EndOnSignal::new(body, framer, ending).boxed()
+                })
             } else {
                 response
             })
@@ -632,14 +651,16 @@ where
             ));
         }
     };
-    if upstream.credentials.is_some()
-        && req.headers().keys().any(is_impersonation)
-        && !is_discovery(req.method(), req.uri().path())
+    // On every target: a target without credentials of ours (ks-apiserver) proxies to its
+    // own kube-apiserver with a privileged credential, where Impersonate-* would act.
+    if req.headers().keys().any(is_impersonation)
+        && !(upstream.credentials.is_some() && is_discovery(req.method(), req.uri().path()))
     {
         // kubectl sends --as on its discovery requests too, and shows only "Forbidden:
-        // unknown" when one is refused. Discovery reads the same for every user: it is
-        // served as the token's user (its Impersonate-* headers are replaced below), and
-        // the request that follows is refused here, with the reason.
+        // unknown" when one is refused. Discovery reads the same for every user: with
+        // our own credentials it is served as the token's user (its Impersonate-*
+        // headers are replaced below), and the request that follows is refused here,
+        // with the reason.
         return refuse_impersonation(req.headers(), &identity.user);
     }
     let client_upgrade = req
@@ -665,6 +686,8 @@ where
         }
     };
     strip_hop_by_hop(&mut parts.headers);
+    // The server strips these too; the member is the authority, so it checks again.
+    tower_tunnel::http::strip_remote_identity(&mut parts.headers);
     parts.headers.remove(header::HOST);
     if let Some(credentials) = &upstream.credentials {
         // The member is the authority: replace the caller's credentials and any
@@ -1092,9 +1115,15 @@ mod tests {
         );
 
         // Without such headers: the agent's own credentials and the token's identity.
-        let response = handle_request(&config, KUBERNETES_TARGET, request(&alice, &[])).await;
+        // Front-proxy identity headers never reach the member.
+        let forged = [
+            ("x-remote-user", "root"),
+            ("x-remote-group", "system:masters"),
+        ];
+        let response = handle_request(&config, KUBERNETES_TARGET, request(&alice, &forged)).await;
         assert_eq!(response.status(), 200);
         let headers = seen.recv().await.unwrap();
+        assert!(headers.get("x-remote-user").is_none() && headers.get("x-remote-group").is_none());
         assert_eq!(headers["authorization"], "Bearer member-sa-token");
         assert_eq!(headers["impersonate-user"], "alice");
         let groups: Vec<_> = headers.get_all("impersonate-group").iter().collect();

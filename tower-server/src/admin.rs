@@ -181,6 +181,7 @@ impl Admin {
             jwt_secret: m.secret.expose(),
             ca_pem: &m.ca_pem,
             image: &m.image,
+            impersonable: crate::manifest::Impersonable::Anyone,
         }
         .render()
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))

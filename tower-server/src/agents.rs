@@ -24,6 +24,9 @@ use crate::metrics::Metrics;
 use crate::registry::{Registry, Tunnel};
 use crate::status::{Body, text};
 
+/// The longest a newcomer waits while the cluster's live tunnel is asked for a pong.
+const CONFLICT_PROBE: Duration = Duration::from_secs(3);
+
 /// Accepts agent tunnels.
 pub(crate) struct Acceptor {
     pub(crate) registry: Arc<Registry>,
@@ -50,7 +53,10 @@ impl Acceptor {
             return text(StatusCode::OK, "ok");
         }
         match self.admit(&req) {
-            Ok(admitted) => self.upgrade(req, admitted, remote),
+            Ok(admitted) => match self.second_agent(&admitted.cluster, remote).await {
+                Some(refused) => refused,
+                None => self.upgrade(req, admitted, remote),
+            },
             Err((refusal, reason)) => {
                 self.metrics.count_refusal(refusal);
                 // The reason quotes what the agent sent (names, a token's alg): a string field, so
@@ -69,6 +75,44 @@ impl Acceptor {
                 response
             }
         }
+    }
+
+    /// A newcomer for a cluster whose live tunnel answers a ping now is a second agent
+    /// with the same token (a copied Secret, a stolen token): it is refused with 409, so it
+    /// never receives callers' requests and their tokens. A live tunnel that does not
+    /// answer within the probe (its agent restarted, its link died) is replaced at once.
+    async fn second_agent(&self, cluster: &str, remote: SocketAddr) -> Option<Response<Body>> {
+        let live = self.registry.tunnel(cluster).ok()?;
+        let within = self.keepalive.timeout.min(CONFLICT_PROBE);
+        if !live.health.answers(&live.control, within).await {
+            tracing::info!(%cluster, live = %live.remote_addr, newcomer = %remote, "the live tunnel did not answer a ping: the newcomer replaces it");
+            return None;
+        }
+        let refusal = Refusal::Conflict;
+        self.metrics.count_refusal(refusal);
+        self.registry.record_conflict(
+            cluster,
+            crate::registry::Conflict {
+                newcomer: remote.to_string(),
+                live: live.remote_addr.clone(),
+                at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            },
+        );
+        tracing::warn!(%cluster, live = %live.remote_addr, newcomer = %remote, "refused a second agent: the live tunnel answered");
+        let mut response = text(
+            StatusCode::CONFLICT,
+            format!(
+                "cluster {cluster:?} already has a live agent tunnel (from {}), which answered just now: \
+                 a second agent with the same token is refused. If this agent replaces that one, \
+                 it gets through once the old one stops.",
+                live.remote_addr
+            ),
+        );
+        response.headers_mut().insert(
+            handshake::HEADER_REFUSAL,
+            header::HeaderValue::from_static(refusal.as_str()),
+        );
+        Some(response)
     }
 
     fn admit(&self, req: &Request<Incoming>) -> Result<Admitted, (Refusal, String)> {
@@ -263,9 +307,11 @@ impl Acceptor {
                     self.metrics.clone(),
                 ))
             }),
+            health: Arc::default(),
         };
         let token = tunnel.token.clone();
         let replicas = tunnel.replicas.clone();
+        let health = tunnel.health.clone();
         self.metrics.tunnels.inc();
         let (replaced, reconnect) = self.registry.insert(&cluster, tunnel);
         if reconnect {
@@ -281,7 +327,13 @@ impl Acceptor {
         }
         tracing::info!(%cluster, %remote, tunnel = id, "agent connected");
 
-        let control = control::run(control_stream, self.keepalive, control_rx, events_tx);
+        let control = control::run(
+            control_stream,
+            self.keepalive,
+            control_rx,
+            events_tx,
+            &health,
+        );
         tokio::pin!(control);
         loop {
             tokio::select! {

@@ -27,7 +27,7 @@ use tower_auth::Verifier;
 use tower_proto::Preamble;
 use tower_proto::names::validate_cluster_name;
 use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
-use tower_tunnel::watch_end::EndOnSignal;
+use tower_tunnel::watch_end::{EndOnSignal, Framer};
 use tower_tunnel::{TunnelError, TunnelStream};
 
 use crate::idle::{Activity, IdleBody, Unread, unless_idle};
@@ -104,10 +104,14 @@ impl Frontend {
     }
 
     /// Answers one frontend request.
-    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        remote: std::net::SocketAddr,
+    ) -> Response<Body> {
         let in_flight = InFlight::new(self.metrics.clone());
         let unread = req.extensions().get::<Unread>().cloned();
-        let (response, slot) = match self.route(req).await {
+        let (response, slot) = match self.route(req, remote).await {
             Ok(routed) => routed,
             Err(e) => (e.response(), None),
         };
@@ -140,6 +144,7 @@ impl Frontend {
     async fn route(
         &self,
         mut req: Request<Incoming>,
+        remote: std::net::SocketAddr,
     ) -> Result<(Response<Body>, Option<Slots>), ProxyError> {
         let route = Route::parse(req.uri())?;
         let caller = tower_auth::bearer(
@@ -187,6 +192,10 @@ impl Frontend {
         // Judged on the member's path: `/clusters/watch/…` is a cluster, not a watch.
         let watch = tower_tunnel::watch_end::is_watch(&parts.uri);
         tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
+        // Identity is the verified token's alone; where the request came from is what
+        // this listener saw, not what the caller claims.
+        tower_tunnel::http::strip_remote_identity(&mut parts.headers);
+        tower_tunnel::http::set_forwarded_for(&mut parts.headers, remote.ip());
         // Streams in the tunnel carry HTTP/1.1, whatever the caller spoke.
         parts.version = http::Version::HTTP_11;
         let metrics = self.metrics.clone();
@@ -287,13 +296,14 @@ impl Frontend {
         let metrics = self.metrics.clone();
         let draining = self.draining.clone();
         let body_activity = activity.clone();
+        let framer = Framer::for_content_type(response.headers().get(header::CONTENT_TYPE));
         let response = response.map(|b| {
             let body = IdleBody::new(b, body_activity, self.idle_timeout, move || {
                 metrics.count_limited("idle_timeout");
             });
             // A watch ends cleanly when this server drains; clients watch again elsewhere.
             if watch {
-                EndOnSignal::new(body, draining).boxed()
+                EndOnSignal::new(body, framer, draining).boxed()
             } else {
                 body.boxed()
             }

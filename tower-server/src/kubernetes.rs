@@ -38,6 +38,9 @@ pub const GROUP: &str = "cluster.kubesphere.io";
 pub const VERSION: &str = "v1alpha1";
 /// The condition this server keeps.
 pub const AGENT_AVAILABLE: &str = "AgentAvailable";
+/// `True` while a second agent for the cluster was refused (its live tunnel answered),
+/// until a tunnel is accepted for it again.
+pub const AGENT_CONFLICT: &str = "AgentConflict";
 /// The connection type whose clusters connect through tower.
 pub const PROXY: &str = "proxy";
 /// The Service whose LoadBalancer ingress is the publish address.
@@ -328,6 +331,7 @@ impl Controller {
         let mut listing: Option<HashSet<String>> = None;
         let mut held: HashSet<String> = HashSet::new();
         let mut owed: HashMap<String, Owed> = HashMap::new();
+        let mut conflicted: HashSet<String> = HashSet::new();
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -348,7 +352,7 @@ impl Controller {
                     Some(Ok(event)) => self.apply(&api, event, &mut clusters, &mut listing).await,
                 },
             }
-            self.reconcile_conditions(&api, &mut clusters, &mut held, &mut owed)
+            self.reconcile_conditions(&api, &mut clusters, &mut held, &mut owed, &mut conflicted)
                 .await;
         }
         // Say so before going: whichever replica still holds a tunnel says it back.
@@ -356,7 +360,8 @@ impl Controller {
             owed.insert(name.clone(), Owed::Unavailable);
         }
         held.clear();
-        let last_words = self.reconcile_conditions(&api, &mut clusters, &mut held, &mut owed);
+        let last_words =
+            self.reconcile_conditions(&api, &mut clusters, &mut held, &mut owed, &mut conflicted);
         let _ = tokio::time::timeout(Duration::from_secs(2), last_words).await;
     }
 
@@ -474,6 +479,7 @@ impl Controller {
         clusters: &mut HashMap<String, Cluster>,
         held: &mut HashSet<String>,
         owed: &mut HashMap<String, Owed>,
+        conflicted: &mut HashSet<String>,
     ) {
         for (name, cluster) in clusters.iter() {
             let connected = self.registry.is_connected(name);
@@ -515,38 +521,113 @@ impl Controller {
                 owed.remove(&name);
                 continue;
             }
-            let conditions = with_condition(cluster, status, reason, &message);
-            let patch = json!({ "status": { "conditions": conditions } });
-            let params = PatchParams::default();
-            let mut written = api
-                .patch_status(&name, &params, &Patch::Merge(&patch))
-                .await;
-            if matches!(&written, Err(kube::Error::Api(e)) if e.code == 404) {
-                // KubeSphere's own CRD has no status subresource: status is written with
-                // the object itself there.
-                written = api.patch(&name, &params, &Patch::Merge(&patch)).await;
+            if write_condition(
+                api,
+                &name,
+                cluster,
+                AGENT_AVAILABLE,
+                status,
+                reason,
+                &message,
+            )
+            .await
+            {
+                owed.remove(&name);
             }
-            match written {
-                Ok(_) => {
-                    tracing::info!(cluster = %name, %status, "set condition {AGENT_AVAILABLE}");
-                    // Until the watch brings the object back, remember what was written.
-                    cluster.status.get_or_insert_default().conditions = conditions;
-                    owed.remove(&name);
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => {
-                    owed.remove(&name);
-                }
-                Err(e) => {
-                    tracing::warn!(cluster = %name, error = %e, "writing condition {AGENT_AVAILABLE}; retrying");
+        }
+        self.reconcile_conflicts(api, clusters, conflicted).await;
+    }
+
+    /// Writes `AgentConflict`: `True` when this replica refused a second agent, `False`
+    /// once it accepted a tunnel for that cluster again. A replica that saw no conflict
+    /// leaves the condition alone, so replicas never overwrite each other's.
+    async fn reconcile_conflicts(
+        &self,
+        api: &Api<Cluster>,
+        clusters: &mut HashMap<String, Cluster>,
+        conflicted: &mut HashSet<String>,
+    ) {
+        for (name, cluster) in clusters.iter_mut() {
+            let (status, reason, message) = match self.registry.conflict(name) {
+                Some(c) => (
+                    "True",
+                    "SecondAgentRefused",
+                    format!(
+                        "tower-server {} refused a second agent from {} at {}: the live tunnel from {} answered (two agents with this cluster's token?)",
+                        self.server_id, c.newcomer, c.at, c.live
+                    ),
+                ),
+                None if conflicted.contains(name) => (
+                    "False",
+                    "AgentAccepted",
+                    format!(
+                        "tower-server {} accepted the agent's tunnel",
+                        self.server_id
+                    ),
+                ),
+                None => continue,
+            };
+            let current = cluster.condition(AGENT_CONFLICT);
+            if current.is_some_and(|c| c.status == status && c.message.as_deref() == Some(&message))
+            {
+                continue;
+            }
+            if write_condition(api, name, cluster, AGENT_CONFLICT, status, reason, &message).await {
+                if status == "True" {
+                    conflicted.insert(name.clone());
+                } else {
+                    conflicted.remove(name);
                 }
             }
+        }
+        conflicted.retain(|name| clusters.contains_key(name));
+    }
+}
+
+/// Patches one condition of `cluster` (through `/status`, or through the object where the
+/// CRD has no status subresource, as KubeSphere's own); true when written or when the
+/// Cluster is gone. What was written is kept in `cluster` until the watch brings it back.
+async fn write_condition(
+    api: &Api<Cluster>,
+    name: &str,
+    cluster: &mut Cluster,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+) -> bool {
+    let conditions = with_condition(cluster, type_, status, reason, message);
+    let patch = json!({ "status": { "conditions": conditions } });
+    let params = PatchParams::default();
+    let mut written = api.patch_status(name, &params, &Patch::Merge(&patch)).await;
+    if matches!(&written, Err(kube::Error::Api(e)) if e.code == 404) {
+        // KubeSphere's own CRD has no status subresource: status is written with
+        // the object itself there.
+        written = api.patch(name, &params, &Patch::Merge(&patch)).await;
+    }
+    match written {
+        Ok(_) => {
+            tracing::info!(cluster = %name, %status, "set condition {type_}");
+            cluster.status.get_or_insert_default().conditions = conditions;
+            true
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => true,
+        Err(e) => {
+            tracing::warn!(cluster = %name, error = %e, "writing condition {type_}; retrying");
+            false
         }
     }
 }
 
-/// `cluster`'s conditions with `AgentAvailable` set; the transition time moves only when
-/// the status does.
-fn with_condition(cluster: &Cluster, status: &str, reason: &str, message: &str) -> Vec<Condition> {
+/// `cluster`'s conditions with `type_` set; the transition time moves only when the
+/// status does.
+fn with_condition(
+    cluster: &Cluster,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+) -> Vec<Condition> {
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let mut conditions = cluster
         .status
@@ -555,14 +636,14 @@ fn with_condition(cluster: &Cluster, status: &str, reason: &str, message: &str) 
         .unwrap_or_default();
     let previous = conditions
         .iter()
-        .position(|c| c.type_ == AGENT_AVAILABLE)
+        .position(|c| c.type_ == type_)
         .map(|i| conditions.remove(i));
     let transition = match &previous {
         Some(p) if p.status == status => p.last_transition_time.clone(),
         _ => None,
     };
     conditions.push(Condition {
-        type_: AGENT_AVAILABLE.into(),
+        type_: type_.into(),
         status: status.into(),
         last_update_time: Some(now.clone()),
         last_transition_time: Some(transition.unwrap_or(now)),
@@ -647,7 +728,7 @@ mod tests {
     #[test]
     fn the_transition_time_moves_only_with_the_status() {
         let mut cluster = Cluster::default();
-        let first = with_condition(&cluster, "True", "AgentConnected", "m");
+        let first = with_condition(&cluster, AGENT_AVAILABLE, "True", "AgentConnected", "m");
         let mut old = first[0].clone();
         old.last_transition_time = Some("2020-01-01T00:00:00Z".into());
         cluster.status = Some(ClusterStatus {
@@ -660,13 +741,13 @@ mod tests {
                 old,
             ],
         });
-        let same = with_condition(&cluster, "True", "AgentConnected", "m");
+        let same = with_condition(&cluster, AGENT_AVAILABLE, "True", "AgentConnected", "m");
         assert_eq!(same.len(), 2, "other conditions are kept");
         assert_eq!(
             same[1].last_transition_time.as_deref(),
             Some("2020-01-01T00:00:00Z")
         );
-        let flipped = with_condition(&cluster, "False", "AgentNotConnected", "m");
+        let flipped = with_condition(&cluster, AGENT_AVAILABLE, "False", "AgentNotConnected", "m");
         assert_ne!(
             flipped[1].last_transition_time.as_deref(),
             Some("2020-01-01T00:00:00Z")

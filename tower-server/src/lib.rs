@@ -319,7 +319,7 @@ pub async fn run(
         stop_accepting.clone(),
         frontend_conns.clone(),
         metrics.clone(),
-        move |req, _| frontend.clone().handle(req),
+        move |req, peer: Peer| frontend.clone().handle(req, peer.remote),
     ));
     // The admin listener stays up while the server drains: /readyz answers 503 with the
     // reason (rather than refusing connections) and /metrics can still be scraped.

@@ -83,6 +83,22 @@ struct AgentManifestArgs {
     /// Namespace of tower's own objects.
     #[arg(long, env = "TOWER_NAMESPACE", default_value = "ke-system")]
     namespace: String,
+    /// Let the agent impersonate only these users on the member (repeat, or a
+    /// comma-separated list); without it, any user and group (cluster-admin equivalent).
+    #[arg(
+        long = "impersonate-user",
+        env = "TOWER_IMPERSONATE_USERS",
+        value_delimiter = ','
+    )]
+    impersonate_users: Vec<String>,
+    /// With --impersonate-user: the groups it may impersonate (none when not given).
+    #[arg(
+        long = "impersonate-group",
+        env = "TOWER_IMPERSONATE_GROUPS",
+        value_delimiter = ',',
+        requires = "impersonate_users"
+    )]
+    impersonate_groups: Vec<String>,
 }
 
 #[derive(Args)]
@@ -262,6 +278,14 @@ async fn agent_manifest(args: AgentManifestArgs) -> Result<String, String> {
         image: &args
             .image
             .unwrap_or_else(tower_server::manifest::default_image),
+        impersonable: if args.impersonate_users.is_empty() {
+            tower_server::manifest::Impersonable::Anyone
+        } else {
+            tower_server::manifest::Impersonable::Only {
+                users: &args.impersonate_users,
+                groups: &args.impersonate_groups,
+            }
+        },
     }
     .render()
 }

@@ -47,6 +47,27 @@ pub struct AgentManifest<'a> {
     pub ca_pem: &'a str,
     /// The container image holding `/tower-agent`.
     pub image: &'a str,
+    /// Whom the agent may impersonate on the member.
+    pub impersonable: Impersonable<'a>,
+}
+
+/// Whom the agent's ClusterRole lets it impersonate.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Impersonable<'a> {
+    /// Every user and group: the agent's ServiceAccount is then as strong as
+    /// cluster-admin on the member (it can impersonate `system:masters`), and whoever
+    /// holds its token is too.
+    #[default]
+    Anyone,
+    /// Only these users and groups (`resourceNames`): a caller with any other identity
+    /// is refused by the member itself, and a stolen agent credential is worth no more
+    /// than the identities listed.
+    Only {
+        /// User names.
+        users: &'a [String],
+        /// Group names (none: no group is impersonated, so callers with groups are refused).
+        groups: &'a [String],
+    },
 }
 
 impl AgentManifest<'_> {
@@ -96,14 +117,27 @@ impl AgentManifest<'_> {
     /// Impersonation of the users and groups that tokens name, and nothing else: every
     /// request the agent forwards is authorised as that user by the member itself.
     fn cluster_role(&self) -> ClusterRole {
+        let rule = |resource: &str, names: Option<&[String]>| PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec![resource.into()]),
+            resource_names: names.map(<[String]>::to_vec),
+            verbs: vec!["impersonate".into()],
+            ..PolicyRule::default()
+        };
+        let rules = match self.impersonable {
+            Impersonable::Anyone => vec![PolicyRule {
+                resources: Some(vec!["users".into(), "groups".into()]),
+                ..rule("users", None)
+            }],
+            Impersonable::Only { users, groups } => [("users", users), ("groups", groups)]
+                .into_iter()
+                .filter(|(_, names)| !names.is_empty())
+                .map(|(resource, names)| rule(resource, Some(names)))
+                .collect(),
+        };
         ClusterRole {
             metadata: self.meta(false),
-            rules: Some(vec![PolicyRule {
-                api_groups: Some(vec![String::new()]),
-                resources: Some(vec!["users".into(), "groups".into()]),
-                verbs: vec!["impersonate".into()],
-                ..PolicyRule::default()
-            }]),
+            rules: Some(rules),
             ..ClusterRole::default()
         }
     }
@@ -328,9 +362,55 @@ mod tests {
             jwt_secret: b"s3cret",
             ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
             image: "tower:test",
+            impersonable: Impersonable::Anyone,
         }
         .render()
         .expect("renders")
+    }
+
+    #[test]
+    fn a_restricted_agent_may_impersonate_only_the_identities_listed() {
+        let users = ["alice".to_owned(), "bob".to_owned()];
+        let groups = ["devs".to_owned()];
+        let text = AgentManifest {
+            cluster: "member-1",
+            proxy_server: "https://203.0.113.7:8080",
+            token: "t",
+            jwt_secret: b"s",
+            ca_pem: "",
+            image: "tower:test",
+            impersonable: Impersonable::Only {
+                users: &users,
+                groups: &groups,
+            },
+        }
+        .render()
+        .expect("renders");
+        let role: ClusterRole = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde_json::Value::deserialize(d).expect("yaml"))
+            .find(|d| d["kind"] == "ClusterRole")
+            .map(|d| serde_json::from_value(d).expect("typed"))
+            .expect("a ClusterRole");
+        let rules = role.rules.expect("rules");
+        let summary: Vec<(Vec<String>, Vec<String>, Vec<String>)> = rules
+            .into_iter()
+            .map(|r| (r.resources.unwrap(), r.resource_names.unwrap(), r.verbs))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    vec!["users".into()],
+                    users.to_vec(),
+                    vec!["impersonate".into()]
+                ),
+                (
+                    vec!["groups".into()],
+                    groups.to_vec(),
+                    vec!["impersonate".into()]
+                ),
+            ]
+        );
     }
 
     /// Deserialises a document into `T`, and fails if serde dropped any field (a

@@ -79,15 +79,7 @@ impl RefusalLabels {
     /// The labels of `refusal`.
     pub fn of(refusal: Refusal) -> Self {
         RefusalLabels {
-            reason: match refusal {
-                Refusal::BadRequest => "bad_request",
-                Refusal::BadToken => "bad_token",
-                Refusal::Forbidden => "forbidden",
-                Refusal::UnknownCluster => "unknown_cluster",
-                Refusal::UnsupportedVersion => "unsupported_version",
-                Refusal::Draining => "draining",
-                Refusal::Duplicate => "duplicate",
-            },
+            reason: refusal.as_str(),
             code: refusal.status(),
         }
     }

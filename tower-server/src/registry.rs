@@ -75,6 +75,8 @@ pub struct Tunnel {
     pub replicas: Arc<RwLock<Vec<String>>>,
     /// HTTP/2 connections inside the tunnel, when the agent serves them.
     pub http2: Option<Arc<Http2Channel>>,
+    /// Pongs and round trip of the tunnel's control stream.
+    pub health: Arc<tower_tunnel::control::LinkHealth>,
 }
 
 /// What `/v1/clusters` shows of one cluster.
@@ -156,6 +158,20 @@ pub struct Registry {
     next_id: AtomicU64,
     changed: Notify,
     synced: AtomicBool,
+    /// The last second agent refused per cluster while its live tunnel answered, until a
+    /// tunnel is accepted for it again.
+    conflicts: RwLock<HashMap<String, Conflict>>,
+}
+
+/// A second agent refused for a cluster whose live tunnel answered a ping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The refused agent's address.
+    pub newcomer: String,
+    /// The live tunnel's agent address.
+    pub live: String,
+    /// When (RFC 3339).
+    pub at: String,
 }
 
 impl Registry {
@@ -190,6 +206,7 @@ impl Registry {
             changed: Notify::new(),
             // Only Kubernetes has to list its clusters before it knows them.
             synced: AtomicBool::new(source != Source::Kubernetes),
+            conflicts: RwLock::new(HashMap::new()),
         })
     }
 
@@ -297,10 +314,22 @@ impl Registry {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Records that a second agent for `name` was refused.
+    pub fn record_conflict(&self, name: &str, conflict: Conflict) {
+        write(&self.conflicts).insert(name.to_owned(), conflict);
+        self.changed.notify_waiters();
+    }
+
+    /// The last second agent refused for `name` since a tunnel was last accepted.
+    pub fn conflict(&self, name: &str) -> Option<Conflict> {
+        read(&self.conflicts).get(name).cloned()
+    }
+
     /// Installs `tunnel` for `name`; returns the tunnel it replaces, and whether the
     /// cluster had connected before.
     pub fn insert(&self, name: &str, tunnel: Tunnel) -> (Option<Tunnel>, bool) {
         let before = !write(&self.seen).insert(name.to_owned());
+        write(&self.conflicts).remove(name);
         let old = write(&self.tunnels).insert(name.to_owned(), tunnel);
         self.changed.notify_waiters();
         (old, before)

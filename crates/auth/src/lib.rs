@@ -3,8 +3,11 @@
 //! * **Agent tokens** ([`AgentClaims`]): `sub` = cluster name, `aud` = `tower-agent`,
 //!   `iat`, optional `exp`, `jti`. The server takes a tunnel's cluster identity from here.
 //! * **User tokens** ([`UserClaims`]), in KubeSphere's shape: `username` (or `sub`),
-//!   optional `groups`, `token_type: access_token`, `exp`. The server checks them before
-//!   routing; the agent checks them again and impersonates the [`Identity`].
+//!   optional `groups`, `token_type` `access_token` or `static_token`, optional `exp`.
+//!   The server checks them before routing; the agent checks them again and
+//!   impersonates the [`Identity`]. What KubeSphere 3.4's issuer refuses is refused here
+//!   too (pkg/apiserver/authentication/token/issuer.go `Verify`): an `exp` in the past,
+//!   with no leeway, and an `iat` later than now plus [`MAXIMUM_CLOCK_SKEW`].
 //!
 //! [`Verifier`] checks both and refuses each kind of bad token with its own
 //! [`AuthError`]; [`Minter`] makes them (for `tower-server token` and tests).
@@ -23,6 +26,13 @@ use serde::{Deserialize, Serialize};
 pub const AGENT_AUDIENCE: &str = "tower-agent";
 /// The `token_type` of KubeSphere access tokens.
 pub const ACCESS_TOKEN: &str = "access_token";
+/// The `token_type` of KubeSphere static tokens (long-lived API tokens, no `exp`).
+pub const STATIC_TOKEN: &str = "static_token";
+/// How far a user token's `iat` may be ahead of this clock: KubeSphere's
+/// `authentication.maximumClockSkew` default.
+pub const MAXIMUM_CLOCK_SKEW: Duration = Duration::from_secs(10);
+/// The longest a verified user token is remembered, even without an `exp`.
+const USER_CACHE_TTL: u64 = 600;
 
 /// Why a token was refused. Each variant has its own message; none includes the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +58,9 @@ pub enum AuthError {
     /// `nbf` is in the future.
     #[error("token not valid yet (nbf is in the future)")]
     NotYetValid,
+    /// `iat` is later than now plus the allowed clock skew.
+    #[error("token used before it was issued (iat is in the future)")]
+    IssuedInFuture,
     /// An agent token was presented where a user token belongs.
     #[error("an agent token (aud tower-agent) cannot be used as a user token")]
     AgentTokenAsUser,
@@ -57,8 +70,9 @@ pub enum AuthError {
     /// The audience is neither the agent's nor absent.
     #[error("token audience {0:?} refused: want {AGENT_AUDIENCE:?}")]
     WrongAudience(String),
-    /// A user token of another `token_type` (a refresh token, say).
-    #[error("token_type {0:?} refused: want {ACCESS_TOKEN:?}")]
+    /// A user token of another `token_type` (a refresh token, say: it only buys a new
+    /// access token from KubeSphere, it is no API credential).
+    #[error("token_type {0:?} refused: want {ACCESS_TOKEN:?} or {STATIC_TOKEN:?}")]
     WrongTokenType(String),
     /// A claim is missing or has the wrong type.
     #[error("token claim {0} is missing or malformed")]
@@ -187,8 +201,10 @@ pub struct Verifier {
 #[derive(Clone)]
 struct VerifiedUser {
     identity: Identity,
-    /// `exp` plus the leeway, in Unix seconds; `None` for a token without `exp`.
-    valid_until: Option<u64>,
+    /// Unix seconds: its `exp`, or the end of its time in the cache if sooner.
+    valid_until: u64,
+    /// Whether `valid_until` is the token's own `exp` (then it is refused past it).
+    expires: bool,
 }
 
 /// How many verified user tokens are remembered (all are forgotten when full).
@@ -207,7 +223,8 @@ impl Verifier {
         validation.required_spec_claims.clear();
         validation.validate_aud = false; // checked here, with messages that say which kind
         validation.validate_nbf = true;
-        validation.leeway = 30;
+        // KubeSphere checks exp with no leeway; a token it refuses is refused here too.
+        validation.leeway = 0;
         Verifier {
             key: DecodingKey::from_secret(&secret.0),
             validation,
@@ -242,11 +259,15 @@ impl Verifier {
         {
             let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(hit) = users.get(token) {
-                if hit.valid_until.is_none_or(|until| now <= until) {
+                if now < hit.valid_until {
                     return Ok(hit.identity.clone());
                 }
+                let expired = hit.expires;
                 users.remove(token);
-                return Err(AuthError::Expired);
+                if expired {
+                    return Err(AuthError::Expired);
+                }
+                // Remembered long enough: verified again below.
             }
         }
         let (identity, exp) = self.verify_user_uncached(token)?;
@@ -254,11 +275,14 @@ impl Verifier {
         if users.len() >= USER_CACHE_CAPACITY {
             users.clear();
         }
+        // Remembered until its exp, and never longer than USER_CACHE_TTL.
+        let remember_until = now.saturating_add(USER_CACHE_TTL);
         users.insert(
             token.to_owned(),
             VerifiedUser {
                 identity: identity.clone(),
-                valid_until: exp.map(|exp| exp.saturating_add(self.validation.leeway)),
+                valid_until: exp.unwrap_or(remember_until).min(remember_until),
+                expires: exp.is_some(),
             },
         );
         Ok(identity)
@@ -276,9 +300,15 @@ impl Verifier {
             return Err(AuthError::AgentTokenAsUser);
         }
         match claims.token_type.as_deref() {
-            Some(ACCESS_TOKEN) => {}
+            Some(ACCESS_TOKEN | STATIC_TOKEN) => {}
             Some(other) => return Err(AuthError::WrongTokenType(other.to_owned())),
             None => return Err(AuthError::BadClaim("token_type")),
+        }
+        if claims
+            .iat
+            .is_some_and(|iat| iat > now().saturating_add(MAXIMUM_CLOCK_SKEW.as_secs()))
+        {
+            return Err(AuthError::IssuedInFuture);
         }
         let user = claims
             .username

@@ -63,7 +63,7 @@ fn sign_with(alg: Algorithm, claims: &serde_json::Value) -> String {
 }
 
 /// How many variants [`AuthError`] has; kept in step with [`cause`].
-const VARIANTS: usize = 12;
+const VARIANTS: usize = 13;
 
 /// The word each error's message must contain to name its cause. The match has no
 /// wildcard, so a new variant does not compile until it is listed here and covered below.
@@ -76,6 +76,7 @@ fn cause(error: &AuthError) -> &'static str {
         AuthError::BadSignature => "signature",
         AuthError::Expired => "expired",
         AuthError::NotYetValid => "not valid yet",
+        AuthError::IssuedInFuture => "before it was issued",
         AuthError::AgentTokenAsUser => "cannot be used as a user token",
         AuthError::UserTokenAsAgent => "cannot be used as an agent token",
         AuthError::WrongAudience(_) => "audience",
@@ -98,6 +99,9 @@ fn each_bad_token_has_its_own_error() {
     }));
     let refresh = minter().sign(&serde_json::json!({
         "username": "bob", "token_type": "refresh_token"
+    }));
+    let issued_later = minter().sign(&serde_json::json!({
+        "username": "bob", "token_type": "access_token", "iat": now() + 60
     }));
     let no_token_type = minter().sign(&serde_json::json!({"username": "bob"}));
     let none = forge(
@@ -126,6 +130,10 @@ fn each_bad_token_has_its_own_error() {
         (v.verify_user(&other).map(drop), AuthError::BadSignature),
         (v.verify_user(&expired).map(drop), AuthError::Expired),
         (v.verify_user(&future).map(drop), AuthError::NotYetValid),
+        (
+            v.verify_user(&issued_later).map(drop),
+            AuthError::IssuedInFuture,
+        ),
         (v.verify_user(&agent).map(drop), AuthError::AgentTokenAsUser),
         (v.verify_agent(&user).map(drop), AuthError::UserTokenAsAgent),
         (
@@ -230,9 +238,9 @@ fn an_expired_agent_token_is_refused_as_expired() {
         v.verify_agent(&minter().sign(&claims(now() - 3600))),
         Err(AuthError::Expired)
     );
-    // Past the 30 s leeway too.
+    // No leeway: a second past exp is past it, as KubeSphere has it.
     assert_eq!(
-        v.verify_agent(&minter().sign(&claims(now() - 120))),
+        v.verify_agent(&minter().sign(&claims(now() - 1))),
         Err(AuthError::Expired)
     );
     // The same token with an exp ahead is fine.
@@ -302,6 +310,69 @@ fn bearer_and_secret_parsing() {
     assert_eq!(format!("{:?}", secret()), "Secret(..)");
 }
 
+/// KubeSphere 3.4 (pkg/apiserver/authentication/token/issuer.go `Verify`, and the JWT
+/// authenticator, which takes access and static tokens): exp enforced when present and
+/// with no leeway, iat at most 10 s ahead, static tokens accepted, refresh tokens not.
+#[test]
+fn user_tokens_follow_kubesphere_s_acceptance_rules() {
+    let v = verifier();
+    let token = |claims: serde_json::Value| minter().sign(&claims);
+    let accepted = [
+        serde_json::json!({"username": "bob", "token_type": "static_token"}),
+        serde_json::json!({"username": "bob", "token_type": "access_token"}),
+        serde_json::json!({"username": "bob", "token_type": "access_token", "iat": now() + 5}),
+        serde_json::json!({"username": "bob", "token_type": "access_token", "exp": now() + 5}),
+    ];
+    for claims in accepted {
+        assert!(v.verify_user(&token(claims.clone())).is_ok(), "{claims}");
+    }
+    let refused = [
+        (
+            serde_json::json!({"username": "bob", "token_type": "access_token", "exp": now() - 1}),
+            AuthError::Expired,
+        ),
+        (
+            serde_json::json!({"username": "bob", "token_type": "access_token", "iat": now() + 15}),
+            AuthError::IssuedInFuture,
+        ),
+        (
+            serde_json::json!({"username": "bob", "token_type": "refresh_token", "exp": now() + 60}),
+            AuthError::WrongTokenType("refresh_token".into()),
+        ),
+        (
+            serde_json::json!({"username": "bob", "token_type": "code"}),
+            AuthError::WrongTokenType("code".into()),
+        ),
+    ];
+    for (claims, error) in refused {
+        assert_eq!(
+            v.verify_user(&token(claims.clone())),
+            Err(error),
+            "{claims}"
+        );
+    }
+}
+
+#[test]
+fn a_token_without_exp_is_remembered_for_ten_minutes_at_most_then_verified_again() {
+    let secret = Secret::new("cache-secret").unwrap();
+    let verifier = Verifier::new(&secret);
+    let token = Minter::new(&secret).user_token("alice", &[], None);
+    verifier.verify_user(&token).unwrap();
+    let until = verifier.users.lock().unwrap()[token.as_str()].valid_until;
+    assert!(until <= now() + 600 && until > now() + 590, "{until}");
+    // Its time in the cache over, it is verified again (and still good), not refused.
+    verifier
+        .users
+        .lock()
+        .unwrap()
+        .get_mut(token.as_str())
+        .unwrap()
+        .valid_until = now() - 1;
+    assert!(verifier.verify_user(&token).is_ok());
+    assert!(verifier.users.lock().unwrap()[token.as_str()].valid_until > now());
+}
+
 #[test]
 fn verified_user_tokens_are_remembered_until_they_expire() {
     let secret = Secret::new("cache-secret").unwrap();
@@ -319,7 +390,7 @@ fn verified_user_tokens_are_remembered_until_they_expire() {
         .unwrap()
         .get_mut(token.as_str())
         .unwrap()
-        .valid_until = Some(now() - 1);
+        .valid_until = now() - 1;
     assert_eq!(verifier.verify_user(&token), Err(AuthError::Expired));
     assert!(verifier.users.lock().unwrap().is_empty());
     // Refusals are never remembered.

@@ -15,11 +15,12 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming, SizeHint};
 use serde_json::{Value, json};
 
+use crate::StreamGuard;
 use crate::rbac::{self, Attributes};
 use crate::status::ApiError;
 use crate::store::{Filter, PatchKind, Resource, Since, Target};
 use crate::table::{self, IncludeObject};
-use crate::{Call, Shared, auth, discovery, exec_ws, logs, openapi, spdy, watch};
+use crate::{Call, Shared, auth, discovery, exec_ws, logs, openapi, protobuf, review, spdy, watch};
 
 /// The response body type of every handler.
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -217,7 +218,7 @@ pub(crate) async fn handle(
     if !decision.allowed {
         return error_response(&rbac::forbidden(&user.name, &attributes, &decision.reason));
     }
-    match route(&shared, user.name, req, query).await {
+    match route(&shared, user, req, query).await {
         Ok(resp) => resp,
         Err(err) => error_response(&err),
     }
@@ -233,7 +234,7 @@ pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a s
 
 async fn route(
     shared: &Arc<Shared>,
-    user: String,
+    user: rbac::UserInfo,
     req: Request<Incoming>,
     query: Query,
 ) -> Result<Response<Body>, ApiError> {
@@ -286,19 +287,45 @@ async fn route(
                 .ok_or_else(ApiError::path_not_found)?,
         )),
         ["debug", "bytes"] => get_only(debug_bytes(&query)?),
+        ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"] => {
+            if method != Method::POST {
+                return Err(ApiError::method_not_allowed());
+            }
+            let body = read_json(req).await?;
+            let review = review::self_subject_review(&user, &body)?;
+            Ok(json_response(StatusCode::CREATED, review.to_string()))
+        }
+        [
+            "apis",
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+        ] => {
+            if method != Method::POST {
+                return Err(ApiError::method_not_allowed());
+            }
+            let body = read_json(req).await?;
+            let review = review::self_subject_access_review(
+                &shared.authorizer,
+                &shared.store,
+                &user,
+                &body,
+            )?;
+            Ok(json_response(StatusCode::CREATED, review.to_string()))
+        }
         ["api", "v1", "watch", rest @ ..] => {
-            resource_route(shared, user, req, "v1", rest, query, true).await
+            resource_route(shared, &user, req, "v1", rest, query, true).await
         }
         ["api", "v1", rest @ ..] => {
-            resource_route(shared, user, req, "v1", rest, query, false).await
+            resource_route(shared, &user, req, "v1", rest, query, false).await
         }
         ["apis", group, version, "watch", rest @ ..] => {
             let group_version = format!("{group}/{version}");
-            resource_route(shared, user, req, &group_version, rest, query, true).await
+            resource_route(shared, &user, req, &group_version, rest, query, true).await
         }
         ["apis", group, version, rest @ ..] => {
             let group_version = format!("{group}/{version}");
-            resource_route(shared, user, req, &group_version, rest, query, false).await
+            resource_route(shared, &user, req, &group_version, rest, query, false).await
         }
         _ => Err(ApiError::path_not_found()),
     }
@@ -317,7 +344,7 @@ fn text_response(text: &'static str) -> Response<Body> {
 /// `…/watch/`).
 async fn resource_route(
     shared: &Arc<Shared>,
-    user: String,
+    user: &rbac::UserInfo,
     req: Request<Incoming>,
     group_version: &str,
     rest: &[&str],
@@ -336,23 +363,23 @@ async fn resource_route(
         // Cluster-scoped collections, or namespaced ones across all namespaces.
         [plural] => {
             let r = lookup(plural).ok_or_else(ApiError::path_not_found)?;
-            collection(shared, req, r, None, query, watch_path).await
+            collection(shared, user, req, r, None, query, watch_path).await
         }
         ["namespaces", ns, plural, tail @ ..]
             if lookup(plural).is_some_and(Resource::namespaced) =>
         {
             let r = lookup(plural).ok_or_else(ApiError::path_not_found)?;
             match tail {
-                [] => collection(shared, req, r, Some(ns), query, watch_path).await,
+                [] => collection(shared, user, req, r, Some(ns), query, watch_path).await,
                 [name] if watch_path => {
-                    collection(shared, req, r, Some(ns), one(query, name), true).await
+                    collection(shared, user, req, r, Some(ns), one(query, name), true).await
                 }
-                [name] => object(shared, req, r, ns, name, Target::Object, &query).await,
+                [name] => object(shared, user, req, r, ns, name, Target::Object, &query).await,
                 [name, "status"] if shared.store.status_subresource(r) && !watch_path => {
-                    object(shared, req, r, ns, name, Target::Status, &query).await
+                    object(shared, user, req, r, ns, name, Target::Status, &query).await
                 }
                 [name, sub] if r == Resource::Pods && !watch_path => {
-                    pod_subresource(shared, user, req, ns, name, sub, &query)
+                    pod_subresource(shared, user.name.clone(), req, ns, name, sub, &query)
                 }
                 [name, "token"] if r == Resource::ServiceAccounts && !watch_path => {
                     token_request(shared, req, ns, name).await
@@ -363,10 +390,12 @@ async fn resource_route(
         [plural, name, tail @ ..] if lookup(plural).is_some_and(|r| !r.namespaced()) => {
             let r = lookup(plural).ok_or_else(ApiError::path_not_found)?;
             match tail {
-                [] if watch_path => collection(shared, req, r, None, one(query, name), true).await,
-                [] => object(shared, req, r, "", name, Target::Object, &query).await,
+                [] if watch_path => {
+                    collection(shared, user, req, r, None, one(query, name), true).await
+                }
+                [] => object(shared, user, req, r, "", name, Target::Object, &query).await,
                 ["status"] if shared.store.status_subresource(r) && !watch_path => {
-                    object(shared, req, r, "", name, Target::Status, &query).await
+                    object(shared, user, req, r, "", name, Target::Status, &query).await
                 }
                 _ => Err(ApiError::path_not_found()),
             }
@@ -378,6 +407,7 @@ async fn resource_route(
 /// GET (list or watch) and POST (create) on a collection.
 async fn collection(
     shared: &Arc<Shared>,
+    user: &rbac::UserInfo,
     req: Request<Incoming>,
     resource: Resource,
     namespace: Option<&str>,
@@ -434,6 +464,11 @@ async fn collection(
                 return Err(ApiError::method_not_allowed());
             };
             let body = read_json(req).await?;
+            if resource.is_rbac() {
+                shared
+                    .authorizer
+                    .check_rbac_write(&shared.store, user, resource, ns, &body)?;
+            }
             let created = shared.store.create(resource, ns, body)?;
             Ok(json_response(StatusCode::CREATED, created))
         }
@@ -479,8 +514,11 @@ fn list_response(resource: Resource, rv: u64, items: Vec<Bytes>) -> Response<Bod
 
 /// GET, PUT, PATCH and DELETE on one object; GET, PUT and PATCH on its `status`
 /// subresource (`target`).
+// The request, its caller and what it is addressed to: each is needed.
+#[allow(clippy::too_many_arguments)]
 async fn object(
     shared: &Arc<Shared>,
+    user: &rbac::UserInfo,
     req: Request<Incoming>,
     resource: Resource,
     namespace: &str,
@@ -506,6 +544,15 @@ async fn object(
         }
         Method::PUT => {
             let body = read_json(req).await?;
+            if resource.is_rbac() {
+                shared.authorizer.check_rbac_write(
+                    &shared.store,
+                    user,
+                    resource,
+                    namespace,
+                    &body,
+                )?;
+            }
             let json = shared
                 .store
                 .replace(resource, namespace, name, target, body)?;
@@ -534,6 +581,18 @@ async fn object(
                         ));
                     }
                     let config = read_json(req).await?;
+                    if resource.is_rbac() {
+                        let result = shared
+                            .store
+                            .preview_apply(resource, namespace, name, &config)?;
+                        shared.authorizer.check_rbac_write(
+                            &shared.store,
+                            user,
+                            resource,
+                            namespace,
+                            &result,
+                        )?;
+                    }
                     let (json, created) = shared
                         .store
                         .apply(resource, namespace, name, target, &config)?;
@@ -547,6 +606,18 @@ async fn object(
                 other => return Err(ApiError::unsupported_media_type(other)),
             };
             let patch = read_json(req).await?;
+            if resource.is_rbac() {
+                let result = shared
+                    .store
+                    .preview_patch(resource, namespace, name, kind, &patch)?;
+                shared.authorizer.check_rbac_write(
+                    &shared.store,
+                    user,
+                    resource,
+                    namespace,
+                    &result,
+                )?;
+            }
             let json = shared
                 .store
                 .patch(resource, namespace, name, target, kind, &patch)?;
@@ -570,6 +641,7 @@ async fn token_request(
     if req.method() != Method::POST {
         return Err(ApiError::method_not_allowed());
     }
+    // `kubectl create token` sends protobuf.
     let body = read_json(req).await?;
     let answer = shared
         .tokens
@@ -608,7 +680,8 @@ fn pod_subresource(
             if upgrade.is_empty() {
                 return Err(ApiError::bad_request("Upgrade request required"));
             }
-            Ok(spdy::portforward(req).map(BodyExt::boxed_unsync))
+            let hold = StreamGuard::new(shared);
+            Ok(spdy::portforward(req, hold).map(BodyExt::boxed_unsync))
         }
         _ => {
             if req.method() != Method::GET && req.method() != Method::POST {
@@ -633,7 +706,8 @@ fn pod_subresource(
             if upgrade == "websocket" {
                 exec_ws::serve(shared, req, command, user, files, streams)
             } else if upgrade.starts_with("spdy/") {
-                Ok(spdy::exec(req, command, user, files).map(BodyExt::boxed_unsync))
+                let hold = StreamGuard::new(shared);
+                Ok(spdy::exec(req, command, user, files, hold).map(BodyExt::boxed_unsync))
             } else {
                 Err(ApiError::bad_request("Upgrade request required"))
             }
@@ -641,14 +715,32 @@ fn pod_subresource(
     }
 }
 
-/// Reads a JSON request body (at most [`MAX_REQUEST_BODY`]).
-async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
-    let body = Limited::new(req.into_body(), MAX_REQUEST_BODY)
+/// Reads a request body (at most [`MAX_REQUEST_BODY`]).
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    Ok(Limited::new(req.into_body(), MAX_REQUEST_BODY)
         .collect()
         .await
         .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?
-        .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| {
+        .to_bytes())
+}
+
+/// Reads a JSON request body (at most [`MAX_REQUEST_BODY`]), or a protobuf one of the kinds
+/// [`protobuf`] reads (kubectl's typed clients send protobuf: `kubectl create configmap`, …);
+/// other protobuf is refused with 415.
+async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
+    let body = read_body(req).await?;
+    parse_json(&body)
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    if protobuf::is_protobuf(body) {
+        return protobuf::decode(body).map_err(|e| {
+            ApiError::unsupported_media_type(&format!(
+                "application/vnd.kubernetes.protobuf: the stand-in reads it for a few kinds only: {e}"
+            ))
+        });
+    }
+    serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "the request body is not valid JSON (the stand-in accepts JSON only): {e}"
         ))

@@ -352,7 +352,7 @@ impl TokenIssuer {
                 .ok_or_else(|| ApiError::not_found(resource.plural(), ref_name))?;
             if let Some(want) = bound["uid"].as_str().filter(|u| !u.is_empty() && *u != uid) {
                 return Err(ApiError::conflict_with(
-                    &format!("{}", kind),
+                    kind,
                     ref_name,
                     &format!(
                         "the UID in the bound object reference ({want}) does not match the UID in record ({uid}). The object might have been deleted and then recreated"

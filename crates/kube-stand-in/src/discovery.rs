@@ -8,6 +8,7 @@
 
 use serde_json::{Value, json};
 
+use crate::review;
 use crate::store::Resource;
 
 /// Verbs of every served resource.
@@ -23,6 +24,7 @@ fn groups() -> Vec<(&'static str, &'static str)> {
         .into_iter()
         .filter(|r| !r.group().is_empty())
         .map(|r| (r.group(), r.version()))
+        .chain(review::RESOURCES.iter().map(|(g, v, _, _)| (*g, *v)))
         .collect();
     groups.sort_unstable();
     groups.dedup();
@@ -112,6 +114,14 @@ pub(crate) fn api_resources_json(group_version: &str) -> Option<String> {
         }
         if r.has_status_subresource() {
             resources.push(sub("status", r.kind(), &STATUS_VERBS));
+        }
+    }
+    for (group, version, plural, kind) in review::RESOURCES {
+        if format!("{group}/{version}") == group_version {
+            resources.push(
+                json!({"name": plural, "singularName": "", "namespaced": false,
+                                  "kind": kind, "verbs": ["create"]}),
+            );
         }
     }
     if resources.is_empty() {

@@ -25,7 +25,7 @@
 //!   subresource: TokenRequest, so `kubectl create token` works), the four RBAC kinds
 //!   (`rbac.authorization.k8s.io/v1`) and `poddisruptionbudgets` (`policy/v1`), so that
 //!   Tower's own manifests (`kubectl apply -k deploy/host`, an agent.yaml) go in;
-//! * authentication as kube-apiserver does it ([`auth`](crate::auth)): the static token is
+//! * authentication as kube-apiserver does it (module `auth`): the static token is
 //!   user [`ADMIN_USER`] in `system:masters`; a client certificate is its CN with its O
 //!   values as groups; ServiceAccount tokens from TokenRequest are
 //!   `system:serviceaccount:NS:NAME` until they expire or their ServiceAccount is deleted;
@@ -39,6 +39,8 @@
 //!   top, the ClusterRoleBinding [`FIXTURE_BINDING`] that makes every authenticated user
 //!   `cluster-admin` (so impersonating anyone works); [`StandIn::start_strict`] leaves it
 //!   out, as a fresh cluster;
+//! * `SelfSubjectReview` and `SelfSubjectAccessReview`, so `kubectl auth whoami` and
+//!   `kubectl auth can-i` answer as on a real cluster;
 //! * every call recorded (credential, `Impersonate-*` headers, and the user and groups it
 //!   ran as) for tests to inspect through [`StandIn::calls`];
 //! * faults for clients that must survive an apiserver restart:
@@ -71,7 +73,9 @@ mod exec_ws;
 pub mod files;
 mod logs;
 mod openapi;
+mod protobuf;
 mod rbac;
+mod review;
 pub mod spdy;
 pub mod status;
 mod store;

@@ -1,9 +1,11 @@
 //! `kube-stand-in`: runs the stand-in kube-apiserver until SIGINT/SIGTERM.
 //!
 //! ```text
-//! kube-stand-in --listen 127.0.0.1:0 --token TOKEN [--kubeconfig-out PATH]
+//! kube-stand-in --listen 127.0.0.1:0 --token TOKEN [--kubeconfig-out PATH] [--strict]
 //! ```
-//! prints `listening on https://127.0.0.1:PORT` on stdout once it serves.
+//! prints `listening on https://127.0.0.1:PORT` on stdout once it serves. The token is the
+//! admin (`system:masters`); without `--strict` every authenticated user is also
+//! `cluster-admin` through the fixture binding `stand-in:authenticated-cluster-admin`.
 
 #![forbid(unsafe_code)]
 
@@ -29,6 +31,10 @@ struct Args {
     /// Write a kubeconfig (token auth, CA inline) to this path.
     #[arg(long, env = "KUBE_STAND_IN_KUBECONFIG_OUT")]
     kubeconfig_out: Option<PathBuf>,
+    /// Seed only the RBAC bootstrap policy, as a fresh cluster: without it, every
+    /// authenticated user is cluster-admin (a test fixture binding).
+    #[arg(long, env = "KUBE_STAND_IN_STRICT")]
+    strict: bool,
 }
 
 fn main() -> ExitCode {
@@ -64,7 +70,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let stand_in = StandIn::start(listener, args.token).await?;
+    let stand_in = if args.strict {
+        StandIn::start_strict(listener, args.token).await?
+    } else {
+        StandIn::start(listener, args.token).await?
+    };
     if let Some(path) = &args.kubeconfig_out {
         std::fs::write(path, stand_in.kubeconfig_yaml(KubeconfigAuth::Token))
             .with_context(|| format!("writing {}", path.display()))?;

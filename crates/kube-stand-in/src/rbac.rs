@@ -27,8 +27,9 @@
 //! * `staging/src/k8s.io/apiserver/pkg/endpoints/handlers/responsewriters/errors.go`
 //!   (`Forbidden`, `forbiddenMessage`) with `apierrors.NewForbidden` ([`forbidden`]).
 //!
-//! Not modelled: aggregated ClusterRoles (`aggregationRule`), the Node authorizer, and the
-//! escalation checks on writes of roles and bindings.
+//! * the escalation checks on writes of roles and bindings ([`Authorizer::check_rbac_write`]).
+//!
+//! Not modelled: aggregated ClusterRoles (`aggregationRule`) and the Node authorizer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -128,12 +129,10 @@ impl Attributes {
             }
             .to_owned();
         }
-        if rest[0] == "namespaces" {
-            if rest.len() > 1 {
-                info.namespace = rest[1].to_owned();
-                if rest.len() > 2 && !matches!(rest[2], "status" | "finalize") {
-                    rest = &rest[2..];
-                }
+        if rest[0] == "namespaces" && rest.len() > 1 {
+            info.namespace = rest[1].to_owned();
+            if rest.len() > 2 && !matches!(rest[2], "status" | "finalize") {
+                rest = &rest[2..];
             }
         }
         match rest.len() {
@@ -246,10 +245,135 @@ impl Rule {
                     && r.starts_with("*/")
                     && r.ends_with(attrs.subresource.as_str()))
         });
-        let name =
-            self.resource_names.is_empty() || self.resource_names.iter().any(|n| *n == attrs.name);
+        let name = self.resource_names.is_empty() || self.resource_names.contains(&attrs.name);
         group && resource && name
     }
+}
+
+/// `BreakdownRule` of pkg/registry/rbac/validation/policy_comparator.go: one rule per
+/// (group, resource, verb[, name]) or (url, verb).
+fn breakdown(rule: &Rule) -> Vec<Rule> {
+    let one = |s: &String| vec![s.clone()];
+    let mut out = Vec::new();
+    for group in &rule.api_groups {
+        for resource in &rule.resources {
+            for verb in &rule.verbs {
+                if rule.resource_names.is_empty() {
+                    out.push(Rule {
+                        verbs: one(verb),
+                        api_groups: one(group),
+                        resources: one(resource),
+                        ..Rule::default()
+                    });
+                }
+                for name in &rule.resource_names {
+                    out.push(Rule {
+                        verbs: one(verb),
+                        api_groups: one(group),
+                        resources: one(resource),
+                        resource_names: one(name),
+                        ..Rule::default()
+                    });
+                }
+            }
+        }
+    }
+    for url in &rule.non_resource_urls {
+        for verb in &rule.verbs {
+            out.push(Rule {
+                verbs: one(verb),
+                non_resource_urls: one(url),
+                ..Rule::default()
+            });
+        }
+    }
+    out
+}
+
+fn has_all(set: &[String], wanted: &[String]) -> bool {
+    wanted.iter().all(|w| set.contains(w))
+}
+
+impl Rule {
+    /// `ruleCovers` of policy_comparator.go: whether this (owner) rule grants everything
+    /// `sub` does.
+    fn covers(&self, sub: &Rule) -> bool {
+        let star = |set: &[String]| set.iter().any(|s| s == "*");
+        let verbs = star(&self.verbs) || has_all(&self.verbs, &sub.verbs);
+        let groups = star(&self.api_groups) || has_all(&self.api_groups, &sub.api_groups);
+        let resources = star(&self.resources)
+            || has_all(&self.resources, &sub.resources)
+            || sub.resources.iter().all(|r| {
+                self.resources.contains(r)
+                    || r.split_once('/').is_some_and(|(_, subresource)| {
+                        self.resources.contains(&format!("*/{subresource}"))
+                    })
+            });
+        let urls = sub.non_resource_urls.iter().all(|url| {
+            self.non_resource_urls.iter().any(|owner| {
+                owner == "*"
+                    || owner == url
+                    || (owner.ends_with('*') && url.starts_with(owner.trim_end_matches('*')))
+            })
+        });
+        let names = if sub.resource_names.is_empty() {
+            self.resource_names.is_empty()
+        } else {
+            self.resource_names.is_empty() || has_all(&self.resource_names, &sub.resource_names)
+        };
+        verbs && groups && resources && names && urls
+    }
+
+    /// `CompactString` of pkg/apis/rbac/v1/evaluation_helpers.go, with Go's `%q` of a
+    /// string slice (`["a" "b"]`).
+    fn compact_string(&self) -> String {
+        let q = |items: &[String]| {
+            let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+            format!("[{}]", quoted.join(" "))
+        };
+        let mut parts = Vec::new();
+        for (name, items) in [
+            ("APIGroups", &self.api_groups),
+            ("Resources", &self.resources),
+            ("NonResourceURLs", &self.non_resource_urls),
+            ("ResourceNames", &self.resource_names),
+            ("Verbs", &self.verbs),
+        ] {
+            if !items.is_empty() {
+                parts.push(format!("{name}:{}", q(items)));
+            }
+        }
+        format!("{{{}}}", parts.join(", "))
+    }
+}
+
+/// `CompactRules` of pkg/registry/rbac/validation/policy_compact.go: simple rules (one group,
+/// one resource, nothing else) that differ only by verb become one.
+fn compact(rules: Vec<Rule>) -> Vec<Rule> {
+    let mut out: Vec<Rule> = Vec::new();
+    for rule in rules {
+        let simple = rule.api_groups.len() == 1
+            && rule.resources.len() == 1
+            && rule.resource_names.is_empty()
+            && rule.non_resource_urls.is_empty();
+        if simple
+            && let Some(existing) = out.iter_mut().find(|r| {
+                r.api_groups == rule.api_groups
+                    && r.resources == rule.resources
+                    && r.resource_names.is_empty()
+                    && r.non_resource_urls.is_empty()
+            })
+        {
+            for verb in rule.verbs {
+                if !existing.verbs.contains(&verb) {
+                    existing.verbs.push(verb);
+                }
+            }
+            continue;
+        }
+        out.push(rule);
+    }
+    out
 }
 
 /// One subject of a binding.
@@ -390,6 +514,28 @@ impl Policy {
         })
     }
 
+    /// `RulesFor` of rule.go: every rule bound to `user` cluster-wide and, with a namespace,
+    /// in it; and the errors met on the way (missing roles).
+    fn rules_for(&self, user: &UserInfo, namespace: &str) -> (Vec<Rule>, Vec<String>) {
+        let namespaced = self
+            .role_bindings
+            .get(namespace)
+            .filter(|_| !namespace.is_empty())
+            .into_iter()
+            .flatten();
+        let (mut rules, mut errors) = (Vec::new(), Vec::new());
+        for binding in self.cluster_role_bindings.iter().chain(namespaced) {
+            if !binding.applies_to(user, &binding.namespace) {
+                continue;
+            }
+            match self.role_rules(binding) {
+                Ok(r) => rules.extend_from_slice(r),
+                Err(e) => errors.push(e),
+            }
+        }
+        (rules, errors)
+    }
+
     fn authorize(&self, user: &UserInfo, attrs: &Attributes) -> Decision {
         let mut errors = Vec::new();
         let namespaced = self
@@ -448,6 +594,107 @@ impl Authorizer {
             };
         }
         self.policy(store).authorize(user, attrs)
+    }
+
+    /// The RBAC registry's guard against privilege escalation, for a write (create, update,
+    /// patch, apply) of `object`, a Role, ClusterRole or binding in `namespace`
+    /// (pkg/registry/rbac/escalation_check.go, pkg/registry/rbac/role*/policybased/storage.go,
+    /// `ConfirmNoEscalation` in pkg/registry/rbac/validation/rule.go): `system:masters` may
+    /// write anything; a role needs the `escalate` verb on it or every rule it grants held by
+    /// the writer already; a binding needs the `bind` verb on its role or every rule of that
+    /// role held by the writer (in the binding's namespace).
+    pub(crate) fn check_rbac_write(
+        &self,
+        store: &Store,
+        user: &UserInfo,
+        resource: Resource,
+        namespace: &str,
+        object: &Value,
+    ) -> Result<(), ApiError> {
+        if user.in_group(SYSTEM_MASTERS) {
+            return Ok(());
+        }
+        let name = object["metadata"]["name"].as_str().unwrap_or("");
+        let policy = self.policy(store);
+        let allowed = |verb: &str, resource: &str, name: &str| {
+            let attrs = Attributes {
+                verb: verb.to_owned(),
+                resource_request: true,
+                api_group: RBAC_GROUP.to_owned(),
+                api_version: "v1".to_owned(),
+                namespace: namespace.to_owned(),
+                resource: resource.to_owned(),
+                name: name.to_owned(),
+                ..Attributes::default()
+            };
+            policy.authorize(user, &attrs).allowed
+        };
+        let granted: Vec<Rule> = match resource {
+            Resource::Roles | Resource::ClusterRoles => {
+                if allowed("escalate", resource.plural(), name) {
+                    return Ok(());
+                }
+                object["rules"]
+                    .as_array()
+                    .map(|rules| rules.iter().map(Rule::from_value).collect())
+                    .unwrap_or_default()
+            }
+            Resource::RoleBindings | Resource::ClusterRoleBindings => {
+                let kind = object["roleRef"]["kind"].as_str().unwrap_or("");
+                let role = object["roleRef"]["name"].as_str().unwrap_or("");
+                let role_resource = if kind == "Role" {
+                    "roles"
+                } else {
+                    "clusterroles"
+                };
+                if allowed("bind", role_resource, role) {
+                    return Ok(());
+                }
+                let binding = Binding {
+                    namespace: namespace.to_owned(),
+                    role_kind: kind.to_owned(),
+                    role_name: role.to_owned(),
+                    subjects: Vec::new(),
+                };
+                policy
+                    .role_rules(&binding)
+                    .map_err(|_| {
+                        ApiError::not_found(&format!("{role_resource}.{RBAC_GROUP}"), role)
+                    })?
+                    .to_vec()
+            }
+            _ => return Ok(()),
+        };
+        let (held, errors) = policy.rules_for(user, namespace);
+        let missing: Vec<Rule> = granted
+            .iter()
+            .flat_map(breakdown)
+            .filter(|sub| !held.iter().any(|h| h.covers(sub)))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut descriptions: Vec<String> =
+            compact(missing).iter().map(Rule::compact_string).collect();
+        descriptions.sort();
+        descriptions.dedup();
+        let groups: Vec<String> = user.groups.iter().map(|g| format!("{g:?}")).collect();
+        let mut message = format!(
+            "{}.{RBAC_GROUP} {name:?} is forbidden: user {:?} (groups=[{}]) is attempting to grant RBAC permissions not currently held:\n{}",
+            resource.plural(),
+            user.name,
+            groups.join(" "),
+            descriptions.join("\n")
+        );
+        if !errors.is_empty() {
+            message.push_str(&format!("; resolution errors: [{}]", errors.join(" ")));
+        }
+        Err(ApiError::forbidden(
+            message,
+            resource.plural(),
+            RBAC_GROUP,
+            name,
+        ))
     }
 
     fn policy(&self, store: &Store) -> Arc<Policy> {
@@ -852,6 +1099,48 @@ mod tests {
             Method::GET,
             "/api/v1/namespaces/default/pods"
         ));
+    }
+
+    #[test]
+    fn coverage_follows_the_policy_comparator() {
+        let owner = Rule::from_value(&json!({"verbs": ["get", "list"], "apiGroups": [""],
+            "resources": ["pods", "*/status"]}));
+        let covered = |sub: Value| {
+            breakdown(&Rule::from_value(&sub))
+                .iter()
+                .all(|s| owner.covers(s))
+        };
+        assert!(covered(
+            json!({"verbs": ["get"], "apiGroups": [""], "resources": ["pods"]})
+        ));
+        assert!(covered(
+            json!({"verbs": ["list"], "apiGroups": [""], "resources": ["pods"], "resourceNames": ["a"]})
+        ));
+        assert!(covered(
+            json!({"verbs": ["get"], "apiGroups": [""], "resources": ["services/status"]})
+        ));
+        assert!(!covered(
+            json!({"verbs": ["delete"], "apiGroups": [""], "resources": ["pods"]})
+        ));
+        assert!(!covered(
+            json!({"verbs": ["get"], "apiGroups": ["apps"], "resources": ["pods"]})
+        ));
+        assert!(!covered(
+            json!({"verbs": ["get"], "nonResourceURLs": ["/healthz"]})
+        ));
+        let named = Rule::from_value(
+            &json!({"verbs": ["get"], "apiGroups": [""], "resources": ["pods"], "resourceNames": ["a"]}),
+        );
+        assert!(!named.covers(&Rule::from_value(
+            &json!({"verbs": ["get"], "apiGroups": [""], "resources": ["pods"]})
+        )));
+        let missing = compact(breakdown(&Rule::from_value(
+            &json!({"verbs": ["delete", "patch"], "apiGroups": [""], "resources": ["pods"]}),
+        )));
+        assert_eq!(
+            missing.iter().map(Rule::compact_string).collect::<Vec<_>>(),
+            [r#"{APIGroups:[""], Resources:["pods"], Verbs:["delete" "patch"]}"#]
+        );
     }
 
     #[test]

@@ -831,6 +831,37 @@ impl Store {
         Ok((object, true))
     }
 
+    /// What a patch would make of an object, without writing it (for checks that need the
+    /// result, such as the RBAC escalation check).
+    pub(crate) fn preview_patch(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+        kind: PatchKind,
+        patch: &Value,
+    ) -> Result<Value, ApiError> {
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        Self::patched(&self.lock(), &key, kind, patch)
+    }
+
+    /// What a server-side apply would make of an object, without writing it.
+    pub(crate) fn preview_apply(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+        config: &Value,
+    ) -> Result<Value, ApiError> {
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        let inner = self.lock();
+        if inner.objects.contains_key(&key) {
+            Self::patched(&inner, &key, PatchKind::Merge, config)
+        } else {
+            Ok(config.clone())
+        }
+    }
+
     fn patch_locked(
         &self,
         inner: &mut Inner,
@@ -839,7 +870,18 @@ impl Store {
         kind: PatchKind,
         patch: &Value,
     ) -> Result<Bytes, ApiError> {
-        let (resource, namespace, name) = (key.0, key.1.as_str(), key.2.as_str());
+        let object = Self::patched(inner, key, kind, patch)?;
+        self.write_locked(inner, key.0, &key.1, Some(&key.2), object, target.write())
+    }
+
+    /// The stored object with `patch` applied and its current resourceVersion.
+    fn patched(
+        inner: &Inner,
+        key: &Key,
+        kind: PatchKind,
+        patch: &Value,
+    ) -> Result<Value, ApiError> {
+        let (resource, name) = (key.0, key.2.as_str());
         let stored = inner
             .objects
             .get(key)
@@ -873,14 +915,7 @@ impl Store {
         if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.insert("resourceVersion".into(), Value::String(current_rv));
         }
-        self.write_locked(
-            inner,
-            resource,
-            namespace,
-            Some(name),
-            object,
-            target.write(),
-        )
+        Ok(object)
     }
 
     /// Deletes an object and returns it (with the deletion's resourceVersion).
@@ -1171,19 +1206,15 @@ impl Store {
                     obj.insert("status".into(), status);
                 }
             }
-            Resource::Services => {
-                if !obj.get("status").is_some_and(Value::is_object) {
-                    obj.insert("status".into(), json!({"loadBalancer": {}}));
-                }
+            Resource::Services if !obj.get("status").is_some_and(Value::is_object) => {
+                obj.insert("status".into(), json!({"loadBalancer": {}}));
             }
-            Resource::PodDisruptionBudgets => {
-                if !obj.get("status").is_some_and(Value::is_object) {
-                    obj.insert(
-                        "status".into(),
-                        json!({"disruptionsAllowed": 0, "currentHealthy": 0,
-                               "desiredHealthy": 0, "expectedPods": 0}),
-                    );
-                }
+            Resource::PodDisruptionBudgets if !obj.get("status").is_some_and(Value::is_object) => {
+                obj.insert(
+                    "status".into(),
+                    json!({"disruptionsAllowed": 0, "currentHealthy": 0,
+                           "desiredHealthy": 0, "expectedPods": 0}),
+                );
             }
             _ => {}
         }

@@ -177,7 +177,7 @@ fn route(req: Request<Incoming>, addr: SocketAddr, log: &UpgradeLog) -> Response
                 "{method} portforward {}",
                 if websocket { "websocket" } else { "spdy" }
             ));
-            spdy::portforward(req)
+            spdy::portforward(req, ())
         }
         (method, p) if p == format!("{POD_PATH}/exec") => {
             log.lock().unwrap().push(format!(
@@ -191,7 +191,7 @@ fn route(req: Request<Incoming>, addr: SocketAddr, log: &UpgradeLog) -> Response
                 );
             }
             let command = query_values(req.uri().query().unwrap_or_default(), "command");
-            spdy::exec(req, command, "tester".to_owned(), PodFiles::new())
+            spdy::exec(req, command, "tester".to_owned(), PodFiles::new(), ())
         }
         _ => status(StatusCode::NOT_FOUND, &format!("{path} not found")),
     }

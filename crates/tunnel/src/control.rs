@@ -6,11 +6,12 @@
 //! closes the tunnel. A half-open link (blackholed, frozen peer, a load balancer that
 //! silently dropped the flow) is so noticed within `interval + timeout`.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tower_proto::ControlMessage;
 
@@ -71,15 +72,84 @@ impl Default for Keepalive {
     }
 }
 
+/// What the control stream knows of the link: when the peer last answered a ping, and
+/// the round trip of this side's last own ping. Shared with whoever asks whether the
+/// link is alive ([`LinkHealth::answers`]).
+#[derive(Debug, Default)]
+pub struct LinkHealth {
+    seen: Mutex<Seen>,
+    pong: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    last_pong: Option<Instant>,
+    rtt: Option<Duration>,
+}
+
+impl LinkHealth {
+    /// The round trip of the last keepalive ping this side sent, once one was answered.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).rtt
+    }
+
+    fn pong_seen(&self, rtt: Option<Duration>) {
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.last_pong = Some(Instant::now());
+            if rtt.is_some() {
+                seen.rtt = rtt;
+            }
+        }
+        self.pong.notify_waiters();
+    }
+
+    /// Sends a ping through `control` (the [`run`] loop's outgoing channel) and waits up
+    /// to `within` for a pong: whether the peer is alive and reading its control stream
+    /// now, not just at the last keepalive round.
+    pub async fn answers(&self, control: &mpsc::Sender<ControlMessage>, within: Duration) -> bool {
+        let asked = Instant::now();
+        let answered = || {
+            self.seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .last_pong
+                .is_some_and(|at| at >= asked)
+        };
+        if control
+            .try_send(ControlMessage::Ping {
+                nonce: rand::random(),
+            })
+            .is_err()
+        {
+            return false;
+        }
+        let deadline = asked + within;
+        loop {
+            let notified = self.pong.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if answered() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return answered();
+            }
+        }
+    }
+}
+
 /// Runs the control stream until it ends, a pong is late, or the peer breaks protocol.
 ///
 /// Messages on `outgoing` are sent to the peer; every message from the peer other than
 /// ping and pong goes to `events`. Returns `Ok` when the peer closes the stream cleanly.
+/// Every pong is recorded in `health`.
 pub async fn run(
     stream: TunnelStream,
     keepalive: Keepalive,
     mut outgoing: mpsc::Receiver<ControlMessage>,
     events: mpsc::Sender<ControlMessage>,
+    health: &LinkHealth,
 ) -> Result<(), TunnelError> {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut ticker = tokio::time::interval(keepalive.interval);
@@ -106,9 +176,11 @@ pub async fn run(
                             ControlMessage::Pong { nonce }.encode(&mut out).map_err(protocol)?;
                         }
                         ControlMessage::Pong { nonce } => {
-                            if awaiting.is_some_and(|(want, _)| want == nonce) {
+                            let ours = awaiting.filter(|(want, _)| *want == nonce);
+                            if ours.is_some() {
                                 awaiting = None;
                             }
+                            health.pong_seen(ours.map(|(_, sent)| sent.elapsed()));
                         }
                         ControlMessage::Unknown { kind } => {
                             tracing::debug!(kind, "skipping unknown control message");
@@ -236,8 +308,12 @@ mod tests {
         let (_keep, agent_out) = mpsc::channel(4);
         let (server_events, _se) = mpsc::channel(4);
         let (agent_events, mut ae) = mpsc::channel(4);
-        let server = tokio::spawn(run(s, ka, server_out, server_events));
-        let agent = tokio::spawn(run(a, ka, agent_out, agent_events));
+        let server = tokio::spawn(async move {
+            run(s, ka, server_out, server_events, &LinkHealth::default()).await
+        });
+        let agent = tokio::spawn(async move {
+            run(a, ka, agent_out, agent_events, &LinkHealth::default()).await
+        });
         // A minute of pings both ways: nobody times out.
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!server.is_finished() && !agent.is_finished());
@@ -262,7 +338,7 @@ mod tests {
         let (_out_tx, out) = mpsc::channel(1);
         let (events, _rx) = mpsc::channel(1);
         let started = Instant::now();
-        let result = run(s, ka, out, events).await;
+        let result = run(s, ka, out, events, &LinkHealth::default()).await;
         assert!(matches!(result, Err(TunnelError::Timeout(_))), "{result:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(8));
     }

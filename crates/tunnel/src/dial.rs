@@ -511,6 +511,11 @@ where
         .map_err(|e| TunnelError::Protocol(format!("tunnel upgrade: {e}")))?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = response.status().as_u16();
+        let refusal = response
+            .headers()
+            .get(handshake::HEADER_REFUSAL)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(32).collect());
         let body = Limited::new(response.into_body(), 4096)
             .collect()
             .await
@@ -519,6 +524,7 @@ where
         return Err(TunnelError::Refused {
             status,
             reason: String::from_utf8_lossy(&body).trim().to_owned(),
+            refusal,
         });
     }
     let hello = ServerHello::from_headers(|name| {

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
@@ -144,6 +144,42 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes the front-proxy identity headers (`X-Remote-User`, `X-Remote-Group`,
+/// `X-Remote-Extra-*`): an API server that trusts a request-header authenticator (and
+/// ks-apiserver behind its own proxy) would take them as the caller's identity. Tower
+/// never sets them, so whoever did is forging one.
+pub fn strip_remote_identity(headers: &mut HeaderMap) {
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-remote-"))
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
+}
+
+/// The caller's forwarding headers are its own word, so they go (`Forwarded`,
+/// `X-Forwarded-*`, `X-Real-Ip`); `X-Forwarded-For` is then set to the one address this
+/// hop saw, `peer`. The member's API server appends the agent's address to it, so its
+/// audit log's sourceIPs read [caller, agent].
+pub fn set_forwarded_for(headers: &mut HeaderMap, peer: std::net::IpAddr) {
+    let caller_said: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
+        })
+        .cloned()
+        .collect();
+    for name in caller_said {
+        headers.remove(name);
+    }
+    if let Ok(value) = HeaderValue::from_str(&peer.to_string()) {
+        headers.insert("x-forwarded-for", value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -164,6 +200,37 @@ mod tests {
         strip_hop_by_hop(&mut up);
         assert_eq!(up.get(header::UPGRADE).unwrap(), "websocket");
         assert_eq!(up.get(header::CONNECTION).unwrap(), "Upgrade");
+    }
+
+    #[test]
+    fn identity_and_forwarding_headers_the_caller_sent_go() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("x-remote-user", "root"),
+            ("X-Remote-Group", "system:masters"),
+            ("x-remote-extra-scopes", "all"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-host", "evil"),
+            ("x-real-ip", "10.0.0.1"),
+            ("accept", "application/json"),
+        ] {
+            h.append(HeaderName::try_from(name).unwrap(), value.parse().unwrap());
+        }
+        strip_remote_identity(&mut h);
+        set_forwarded_for(&mut h, "192.0.2.7".parse().unwrap());
+        let mut left: Vec<(String, String)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ("accept".to_owned(), "application/json".to_owned()),
+                ("x-forwarded-for".to_owned(), "192.0.2.7".to_owned()),
+            ]
+        );
     }
 
     #[test]

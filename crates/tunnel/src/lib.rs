@@ -47,6 +47,8 @@ pub enum TunnelError {
         status: u16,
         /// The server's plain-text reason.
         reason: String,
+        /// Which refusal a 409 is (`tower-refusal`: `duplicate` or `conflict`), if said.
+        refusal: Option<String>,
     },
     /// The peer broke the protocol.
     #[error("protocol: {0}")]

@@ -58,8 +58,9 @@ const TUNNEL_BUFFER: usize = 256 * 1024;
 ///
 /// Accepts a WebSocket upgrade offering `SPDY/3.1+portforward.k8s.io` (SPDY tunneled in
 /// binary messages) or an `Upgrade: SPDY/3.1` request for `portforward.k8s.io`; anything
-/// else gets 400. The server must serve the connection with upgrades enabled.
-pub fn portforward(req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// else gets 400. The server must serve the connection with upgrades enabled. `hold` is
+/// kept until the session ends (the stand-in counts open streams with it).
+pub fn portforward(req: Request<Incoming>, hold: impl Send + 'static) -> Response<Full<Bytes>> {
     let headers = req.headers();
     if upgrade_requested(headers, "websocket") {
         let offered: Vec<&str> = list_values(headers, header::SEC_WEBSOCKET_PROTOCOL).collect();
@@ -74,6 +75,7 @@ pub fn portforward(req: Request<Incoming>) -> Response<Full<Bytes>> {
             Err(message) => return bad_request(message),
         };
         tokio::spawn(async move {
+            let _hold = hold;
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
                     let ws = WebSocketStream::from_raw_socket(
@@ -111,6 +113,7 @@ pub fn portforward(req: Request<Incoming>) -> Response<Full<Bytes>> {
         ));
     }
     tokio::spawn(async move {
+        let _hold = hold;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => session::serve(TokioIo::new(upgraded), portforward::serve).await,
             Err(e) => tracing::debug!("port-forward SPDY upgrade failed: {e}"),
@@ -129,11 +132,13 @@ pub fn portforward(req: Request<Incoming>) -> Response<Full<Bytes>> {
 ///
 /// The streams expected are read from the query (`stdin`, `stdout`, `stderr`, `tty`); the
 /// command runs as `user` on the pod's `files` once they are open. Refused upgrades get 400.
+/// `hold` is kept until the session ends.
 pub fn exec(
     req: Request<Incoming>,
     command: Vec<String>,
     user: String,
     files: PodFiles,
+    hold: impl Send + 'static,
 ) -> Response<Full<Bytes>> {
     let headers = req.headers();
     if !upgrade_requested(headers, SPDY_UPGRADE) {
@@ -160,6 +165,7 @@ pub fn exec(
     };
     let options = exec::Options::from_query(req.uri().query());
     tokio::spawn(async move {
+        let _hold = hold;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 session::serve(TokioIo::new(upgraded), move |incoming| {

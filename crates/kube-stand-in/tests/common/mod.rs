@@ -33,9 +33,23 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// A stand-in with the permissive fixture binding ([`StandIn::start`]).
     pub async fn start() -> Harness {
+        Harness::start_with(false).await
+    }
+
+    /// A stand-in with only the bootstrap policy ([`StandIn::start_strict`]).
+    pub async fn start_strict() -> Harness {
+        Harness::start_with(true).await
+    }
+
+    async fn start_with(strict: bool) -> Harness {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stand_in = StandIn::start(listener, TOKEN).await.unwrap();
+        let stand_in = if strict {
+            StandIn::start_strict(listener, TOKEN).await.unwrap()
+        } else {
+            StandIn::start(listener, TOKEN).await.unwrap()
+        };
         let dir = std::env::temp_dir().join(format!(
             "kube-stand-in-test-{}-{}",
             std::process::id(),
@@ -56,6 +70,45 @@ impl Harness {
         let path = self.dir.join(name);
         std::fs::write(&path, contents).unwrap();
         path
+    }
+
+    /// A kubeconfig like the token one, with `token` instead of the stand-in's own.
+    pub fn kubeconfig_for_token(&self, name: &str, token: &str) -> PathBuf {
+        let yaml = self
+            .stand_in
+            .kubeconfig_yaml(KubeconfigAuth::Token)
+            .replace(self.stand_in.token(), token);
+        self.write(name, &yaml)
+    }
+
+    /// Runs kubectl with the given kubeconfig to completion.
+    pub async fn run_with(&self, kubeconfig: &Path, args: &[&str]) -> Output {
+        let mut cmd = self.kubectl_with(kubeconfig);
+        cmd.args(args);
+        run_output(cmd, args).await
+    }
+
+    /// Runs kubectl with the given kubeconfig and insists on success; returns stdout.
+    pub async fn ok_with(&self, kubeconfig: &Path, args: &[&str]) -> String {
+        let out = self.run_with(kubeconfig, args).await;
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs kubectl, insists on failure, and returns its stderr.
+    pub async fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            !out.status.success(),
+            "kubectl {args:?} succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
     }
 
     /// A kubectl command for the token kubeconfig.
@@ -167,10 +220,38 @@ impl Client {
         token: Option<&str>,
         body: Option<serde_json::Value>,
     ) -> Result<hyper::Response<Incoming>, hyper::Error> {
+        self.try_request_with(method, path, token, &[], body).await
+    }
+
+    /// Sends a request with extra headers (`Impersonate-*`, say).
+    pub async fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> hyper::Response<Incoming> {
+        self.try_request_with(method, path, token, headers, body)
+            .await
+            .unwrap()
+    }
+
+    async fn try_request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> Result<hyper::Response<Incoming>, hyper::Error> {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", &self.authority);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
         if let Some(token) = token {
             req = req.header("authorization", format!("Bearer {token}"));
         }
@@ -315,4 +396,21 @@ pub async fn ws_connect(
         .unwrap()
         .to_owned();
     (ws, chosen)
+}
+
+/// A binary of the workspace (`tower-server`, say), from the target directory these tests
+/// run from; `cargo build --workspace --bins` builds them (CI does so before the tests).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let mut dir = exe.parent().unwrap().to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`)",
+        path.display()
+    );
+    path
 }

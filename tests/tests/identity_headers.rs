@@ -1,0 +1,107 @@
+//! Identity headers on every target: a caller cannot impersonate anyone through a target
+//! that has no credentials of the agent's (ks-apiserver proxies with its own privileged
+//! one), front-proxy identity headers (`X-Remote-*`) never reach a target, and
+//! `X-Forwarded-For` carries the address the frontend saw, not the caller's claim.
+
+use std::io::{BufRead, BufReader, Write};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tower_e2e::{Https, Member, Server, agent, server};
+
+/// A stand-in ks-apiserver that sends every request's header lines (lowercased) to the
+/// test and answers 200.
+fn kubesphere_sink() -> (String, mpsc::Receiver<Vec<String>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let (seen, requests) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let mut headers = Vec::new();
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                headers.push(line.trim_end().to_ascii_lowercase());
+                line.clear();
+            }
+            let _ = seen.send(headers);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            );
+        }
+    });
+    (addr, requests)
+}
+
+#[test]
+fn no_caller_chooses_an_identity_or_an_origin_on_any_target() {
+    let (ks, requests) = kubesphere_sink();
+    let member = Member::start();
+    let server = server().start();
+    let _agent = agent(&server, &member, "member-1")
+        .args(&["--kubesphere-service", &ks])
+        .connect(&server);
+    let token = Server::minter().user_token("alice", &[], None);
+    let https = Https::frontend(&server);
+    let path = "/clusters/member-1/targets/kubesphere/kapis/resources.kubesphere.io/v1alpha3/nodes";
+
+    for asked in [
+        ("Impersonate-User", "admin"),
+        ("Impersonate-Group", "system:masters"),
+        ("Impersonate-Uid", "0"),
+        ("Impersonate-Extra-Scopes", "all"),
+    ] {
+        let reply = https.request("GET", path, Some(&token), &[asked]);
+        assert_eq!(reply.status, 403, "{asked:?}: {}", reply.body);
+        assert!(
+            reply
+                .body
+                .contains("Impersonate-* headers are not accepted"),
+            "{}",
+            reply.body
+        );
+    }
+    assert!(
+        requests.try_recv().is_err(),
+        "a refused request never reaches ks-apiserver"
+    );
+
+    let reply = https.request(
+        "GET",
+        path,
+        Some(&token),
+        &[
+            ("X-Remote-User", "admin"),
+            ("X-Remote-Group", "system:masters"),
+            ("X-Remote-Extra-Scopes", "all"),
+            ("X-Forwarded-For", "203.0.113.66"),
+            ("Forwarded", "for=203.0.113.66"),
+            ("X-Real-Ip", "203.0.113.66"),
+        ],
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let headers = requests
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the request reached ks-apiserver");
+    for line in &headers {
+        assert!(
+            !line.starts_with("x-remote-")
+                && !line.starts_with("forwarded:")
+                && !line.starts_with("x-real-ip:")
+                && !line.contains("203.0.113.66"),
+            "{line:?} reached ks-apiserver: {headers:#?}"
+        );
+    }
+    assert!(
+        headers.iter().any(|l| l == "x-forwarded-for: 127.0.0.1"),
+        "the frontend's view of the caller: {headers:#?}"
+    );
+    assert!(
+        headers
+            .iter()
+            .any(|l| l.starts_with("authorization: bearer ")),
+        "the caller's own token is forwarded to ks-apiserver: {headers:#?}"
+    );
+}

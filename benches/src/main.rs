@@ -47,7 +47,13 @@ pub(crate) const TOWER_LOG: &str = "info";
 
 /// A tower-server as the e2e harness starts it, but logging as in production.
 pub(crate) fn tower_server() -> tower_e2e::ServerBuilder {
-    server().env("TOWER_LOG", TOWER_LOG)
+    server()
+        .env("TOWER_LOG", TOWER_LOG)
+        // Every bench client and agent comes from 127.0.0.1, up to 10,000 at once (B4,
+        // B5): past the per-source and per-listener defaults, which guard against floods.
+        .env("TOWER_MAX_CONNECTIONS_PER_SOURCE", "0")
+        .env("TOWER_MAX_FRONTEND_CONNECTIONS", "50000")
+        .env("TOWER_MAX_TUNNEL_CONNECTIONS", "50000")
 }
 
 const USAGE: &str = "usage: tower-bench [--quick] [--only B1,B2,B3,B4,B5,B6,B7]";

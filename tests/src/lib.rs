@@ -1605,3 +1605,43 @@ pub fn metric_value(admin: SocketAddr, name: &str) -> Option<f64> {
         .find_map(|rest| rest.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// A user token in tower-server's default `--admin-group` (`system:masters`).
+pub fn admin_token() -> String {
+    Server::minter().user_token(
+        "admin",
+        &["system:masters".to_owned()],
+        Some(Duration::from_secs(3600)),
+    )
+}
+
+impl ServerBuilder {
+    /// Binds the admin listener on `addr` (e.g. `0.0.0.0:0`, to reach it on a
+    /// non-loopback address) instead of `127.0.0.1:0`.
+    pub fn admin_addr(mut self, addr: &str) -> Self {
+        let (tunnel, frontend, _) = self
+            .addrs
+            .take()
+            .unwrap_or_else(|| ("127.0.0.1:0".into(), "127.0.0.1:0".into(), String::new()));
+        self.addrs = Some((tunnel, frontend, addr.into()));
+        self
+    }
+}
+
+impl Server {
+    /// `/v1/clusters` with the cluster details, as an admin over loopback sees it.
+    pub fn cluster_details(&self) -> serde_json::Value {
+        let (code, body) = admin_get_as(self.admin, "/v1/clusters", Some(&admin_token()));
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("clusters JSON")
+    }
+}
+
+/// An address of this host that is not loopback (the one it would send from toward a
+/// documentation address), if it has one.
+pub fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use tower_e2e::{
-    Https, Member, Server, TempDir, admin_get, agent, bin_path, kubectl, server, wait_for,
-    wait_for_with,
+    Https, Member, Server, TempDir, admin_get, admin_get_as, admin_token, agent, bin_path, kubectl,
+    server, wait_for, wait_for_with,
 };
 
 #[test]
@@ -22,7 +22,7 @@ fn cluster_table_metrics_and_probes_tell_the_truth() {
     );
     assert_ne!(refused.code(), Some(0));
 
-    let table = server.clusters();
+    let table = server.cluster_details();
     let row = &table[0];
     assert_eq!(row["name"], "member-1");
     assert_eq!(row["connected"], true);
@@ -177,6 +177,103 @@ fn cluster_table_metrics_and_probes_tell_the_truth() {
     );
     assert_eq!(admin_get(admin, "/healthz").0, 200, "draining is not dead");
     drop(held);
+}
+
+/// The cluster table's summary is open (for the kubelet's neighbours: monitoring, the
+/// harness); the agents' addresses, versions and targets and agent.yaml need a user token
+/// in --admin-group, and only on a loopback address; `tower-server clusters` sends one.
+#[test]
+fn cluster_details_and_agent_yaml_need_an_admin_token_on_loopback() {
+    let member = Member::start();
+    let server = server()
+        .admin_addr("0.0.0.0:0")
+        .args(&["--proxy-publish-address", "https://tower.example.com:8080"])
+        .start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let port = server.admin.port();
+    let loopback: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let minter = Server::minter();
+    let alice = minter.user_token("alice", &["devs".to_owned()], None);
+    let admin = admin_token();
+
+    // No token: the summary, without what an attacker would want.
+    let (code, body) = admin_get(loopback, "/v1/clusters");
+    assert_eq!(code, 200, "{body}");
+    let summary: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let row = &summary[0];
+    assert_eq!(row["name"], "member-1");
+    assert_eq!(row["connected"], true);
+    assert!(row["connected_since"].is_string(), "{row}");
+    assert!(row["replicas"].is_array(), "{row}");
+    for secret in ["remote_address", "agent_version", "targets", "streams"] {
+        assert!(row.get(secret).is_none(), "{secret} without a token: {row}");
+    }
+    // A token: all of it, for the admin group only.
+    for (token, want) in [("garbage", 401), (alice.as_str(), 403)] {
+        for path in ["/v1/clusters", "/v1/clusters/member-1/agent.yaml"] {
+            let (code, body) = admin_get_as(loopback, path, Some(token));
+            assert_eq!(code, want, "{path}: {body}");
+        }
+    }
+    let (code, body) = admin_get_as(loopback, "/v1/clusters", Some(&admin));
+    assert_eq!(code, 200, "{body}");
+    let details: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(details[0]["agent_version"], env!("CARGO_PKG_VERSION"));
+    assert!(details[0]["remote_address"].is_string(), "{details}");
+    let (code, yaml) = admin_get_as(loopback, "/v1/clusters/member-1/agent.yaml", Some(&admin));
+    assert_eq!(code, 200, "{yaml}");
+    assert!(yaml.contains("tower.example.com:8080"), "{yaml}");
+
+    // The CLI: with the jwtSecret it mints its own admin token (as in the host's pod,
+    // where TOWER_JWT_SECRET_FILE is set) and shows the versions; without, the summary.
+    let clusters = |with_secret: bool| {
+        let mut command = std::process::Command::new(bin_path("tower-server"));
+        command
+            .args(["clusters", "--admin-url"])
+            .arg(format!("http://{loopback}"))
+            .env_remove("TOWER_JWT_SECRET_FILE")
+            .env_remove("TOWER_JWT_SECRET")
+            .env_remove("TOWER_TOKEN");
+        if with_secret {
+            command.env("TOWER_JWT_SECRET_FILE", &server.secret_file);
+        }
+        let out = command.output().expect("tower-server clusters");
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        let row: Vec<String> = table
+            .lines()
+            .nth(1)
+            .expect("a row")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        (row, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (row, _) = clusters(true);
+    assert_eq!(row[0], "member-1");
+    assert_eq!(row[4], env!("CARGO_PKG_VERSION"));
+    let (row, stderr) = clusters(false);
+    assert_eq!((row[0].as_str(), row[4].as_str()), ("member-1", "-"));
+    assert!(stderr.contains("--jwt-secret-file"), "{stderr}");
+
+    // On the host's own (pod) address: probes and metrics, never the secrets, even for
+    // an admin (the token and agent.yaml would cross the network in clear).
+    match tower_e2e::non_loopback_ip() {
+        Some(ip) => {
+            let outside: std::net::SocketAddr = (ip, port).into();
+            assert_eq!(admin_get(outside, "/healthz").0, 200);
+            assert_eq!(admin_get(outside, "/metrics").0, 200);
+            assert_eq!(admin_get(outside, "/v1/clusters").0, 200);
+            for path in ["/v1/clusters", "/v1/clusters/member-1/agent.yaml"] {
+                let (code, body) = admin_get_as(outside, path, Some(&admin));
+                assert_eq!(code, 403, "{path} on {outside}: {body}");
+                assert!(body.contains("loopback"), "{body}");
+            }
+        }
+        None => eprintln!(
+            "this host has no non-loopback address: the pod-address case is left to the unit test"
+        ),
+    }
 }
 
 /// A restart that finds the serving certificate gone (or no longer right for the server's

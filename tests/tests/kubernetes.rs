@@ -676,6 +676,9 @@ fn agent_yaml_from_the_host_connects_the_member() {
     let table = std::process::Command::new(bin_path("tower-server"))
         .args(["clusters", "--admin-url"])
         .arg(format!("http://{}", server.admin))
+        // Versions need an admin token: the CLI mints one from the jwtSecret.
+        .arg("--jwt-secret-file")
+        .arg(&server.secret_file)
         .output()
         .expect("tower-server clusters");
     assert_eq!(table.status.code(), Some(0), "{table:?}");

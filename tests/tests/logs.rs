@@ -333,3 +333,83 @@ fn an_unknown_log_format_or_filter_exits_2_naming_what_is_valid() {
         );
     }
 }
+
+/// Text a peer controls (a JWT's `alg` and `sub`, a user's name, a path) reaches the log
+/// escaped: no raw ESC byte, and no line of its own.
+#[test]
+fn what_peers_send_cannot_forge_a_log_line_or_colour_a_terminal() {
+    use base64::Engine;
+    const FORGED: &str = "FORGED";
+    let member = Member::start();
+    let server = server().start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let evil = format!("\n{FORGED} INFO x\u{1b}[31m");
+    // Unauthenticated: a header whose alg is a log line of its own and a colour.
+    let alg = serde_json::json!({ "alg": format!("A{evil}"), "typ": "JWT" }).to_string();
+    let claims = serde_json::json!({ "sub": "member-1", "aud": "tower-agent" }).to_string();
+    let forged_alg = format!("{}.{}.{}", b64(&alg), b64(&claims), b64("sig"));
+    // Signed, but naming another cluster than the one it dials for.
+    let minter = Server::minter();
+    let evil_sub = minter.agent_token(&format!("member-1{evil}"), None);
+    // A user whose name carries the same, through to the debug line that routes it.
+    let evil_user = minter.user_token(&format!("alice{evil}"), &[], None);
+
+    let tunnel = Https::to(&server, server.tunnel);
+    let handshake = |token: &str| {
+        tunnel
+            .request(
+                "GET",
+                "/v1/tunnel",
+                Some(token),
+                &[
+                    ("connection", "Upgrade"),
+                    ("upgrade", "tower-tunnel/1"),
+                    ("tower-cluster", "member-1"),
+                ],
+            )
+            .status
+    };
+    assert_eq!(handshake(&forged_alg), 401);
+    assert_eq!(handshake(&evil_sub), 403);
+    let frontend = Https::frontend(&server);
+    assert_eq!(
+        frontend
+            .get("/clusters/member-1/version", Some(&forged_alg))
+            .status,
+        401
+    );
+    frontend.get("/clusters/member-1/api/%1b%0aFORGED", Some(&evil_user));
+    frontend.get("/clusters/member%1b%0a1/api", Some(&evil_user));
+
+    let log = || server.process.log();
+    wait_for_with(
+        "both refusals and the routed request in the log",
+        Duration::from_secs(20),
+        || {
+            let log = log();
+            (log.matches("refused a tunnel").count() >= 2 && log.contains("proxying")).then_some(())
+        },
+        log,
+    );
+    let log = log();
+    assert!(!log.contains(ESC), "a raw ESC reached the log:\n{log:?}");
+    assert!(
+        !log.lines().any(|l| l.trim_start().starts_with(FORGED)),
+        "a peer forged a line:\n{log}"
+    );
+    // The text is there, escaped, on the line that logs it.
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("refused a tunnel") && l.contains("algorithm"))
+        .unwrap_or_else(|| panic!("the alg refusal:\n{log}"));
+    assert!(
+        refusal.contains("\\n") && refusal.contains(FORGED),
+        "{refusal}"
+    );
+    let routed = log
+        .lines()
+        .find(|l| l.contains("proxying") && l.contains("alice"))
+        .unwrap_or_else(|| panic!("the routed request:\n{log}"));
+    assert!(routed.contains(FORGED), "{routed}");
+}

@@ -267,7 +267,7 @@ fn a_blackholed_tunnel_is_noticed_on_both_sides_and_replaced() {
     // The agent redials at once, so "disconnected" may never be visible between two
     // polls; the tunnel is told apart by the relay port the server sees it from.
     let remote = |server: &Server| {
-        server.clusters().as_array().and_then(|list| {
+        server.cluster_details().as_array().and_then(|list| {
             list.iter()
                 .find(|c| c["name"] == "member-1" && c["connected"] == true)
                 .and_then(|c| c["remote_address"].as_str().map(str::to_owned))

@@ -212,7 +212,7 @@ pub async fn run(
                 delay = reconnects
                     .tunnel_ended(&ended, lasted, config.backoff.healthy_after)
                     .map_or(Duration::ZERO, |step| config.backoff.delay(step));
-                tracing::info!(%server_id, ?delay, tunnels = held.len(), "tunnel ended; reconnecting");
+                tracing::info!(server_id = server_id.as_str(), ?delay, tunnels = held.len(), "tunnel ended; reconnecting");
                 continue;
             }
             () = tokio::time::sleep(delay), if held.len() < replicas => {}
@@ -234,11 +234,14 @@ pub async fn run(
                     // one and try again soon (jittered, so we do not hammer it).
                     duplicates = duplicates.saturating_add(1);
                     delay = duplicate_delay(&config.backoff, duplicates);
-                    tracing::debug!(%server_id, "duplicate tunnel to a replica already held: closed");
+                    tracing::debug!(
+                        server_id = server_id.as_str(),
+                        "duplicate tunnel to a replica already held: closed"
+                    );
                     continue;
                 }
                 duplicates = 0;
-                tracing::info!(%server, %server_id, replicas, tunnels = held.len() + 1, "tunnel up");
+                tracing::info!(%server, server_id = server_id.as_str(), replicas, tunnels = held.len() + 1, "tunnel up");
                 held.insert(server_id.clone());
                 publish_held(&held);
                 delay = Duration::ZERO;
@@ -264,7 +267,8 @@ pub async fn run(
                 // Another agent for this cluster holds a live tunnel: the server will not
                 // let this one replace it while it answers. Back off as for any failure;
                 // once that tunnel is gone (a restart), the next dial gets through.
-                tracing::warn!(%server, %reason, "another agent holds this cluster's tunnel");
+                // The server's words, as it sent them: a string field, escaped.
+                tracing::warn!(%server, reason = reason.as_str(), "another agent holds this cluster's tunnel");
                 delay = config.backoff.delay(reconnects.dial_failed());
             }
             Err(tower_tunnel::TunnelError::Refused { status: 409, .. }) => {
@@ -275,7 +279,8 @@ pub async fn run(
                 continue;
             }
             Err(e) => {
-                tracing::warn!(%server, error = %e, "dialing tower-server failed");
+                // The error may quote the server's (or a proxy's) refusal: escaped.
+                tracing::warn!(%server, error = %tower_telemetry::Escaped(&e), "dialing tower-server failed");
                 delay = config.backoff.delay(reconnects.dial_failed());
             }
         }
@@ -386,7 +391,7 @@ async fn hold_tunnel(
     let ended = tokio::select! {
         () = handle.closed() => Ended::Closed,
         () = ready => {
-            tracing::warn!(?deadline, server_id = %dialed_server_id, "no control stream from the server after the upgrade: dropping the tunnel");
+            tracing::warn!(?deadline, server_id = dialed_server_id.as_str(), "no control stream from the server after the upgrade: dropping the tunnel");
             handle.close();
             Ended::Closed
         }
@@ -497,7 +502,11 @@ async fn serve_stream(
                 while let Some(event) = events_rx.recv().await {
                     match event {
                         ControlMessage::Drain { grace_ms } => {
-                            tracing::info!(grace_ms, server_id = %preamble.server_id, "server is draining this tunnel");
+                            tracing::info!(
+                                grace_ms,
+                                server_id = preamble.server_id.as_str(),
+                                "server is draining this tunnel"
+                            );
                             let _ = drained.send(()).await;
                         }
                         ControlMessage::ServerInfo { server_count, .. } => {

@@ -1,5 +1,13 @@
 //! The admin listener (plain HTTP): `/healthz`, `/readyz`, `/metrics`, `GET /v1/clusters`,
-//! and `GET /v1/clusters/{name}/agent.yaml` for callers in the admin group.
+//! and `GET /v1/clusters/{name}/agent.yaml`.
+//!
+//! It listens on the pod's address, for the kubelet's probes and Prometheus: health,
+//! readiness, metrics and the cluster table's summary (name, connected, since, the
+//! replicas holding it) are open. What would help an attacker is not: the agents'
+//! addresses, versions and targets (`/v1/clusters` with a token) and agent.yaml (it holds
+//! the jwtSecret) need a user token in `--admin-group`, and are answered only on a
+//! connection to a loopback address (`kubectl port-forward`, `kubectl exec … tower-server
+//! clusters`), so that neither the token nor the answer crosses the network in clear.
 
 use std::sync::Arc;
 
@@ -8,9 +16,10 @@ use hyper::body::Incoming;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio_util::sync::CancellationToken;
 
+use crate::connections::Peer;
 use crate::kubernetes;
 use crate::manifest::AgentManifest;
-use crate::registry::{Registry, Source};
+use crate::registry::{ClusterStatus, Registry, Source};
 use crate::status::{Body, full, text};
 
 /// Serves admin requests.
@@ -35,7 +44,11 @@ pub(crate) struct Manifests {
 }
 
 impl Admin {
-    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Peer,
+    ) -> Response<Body> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET");
         }
@@ -70,8 +83,20 @@ impl Admin {
                 response
             }
             "/v1/clusters" => {
-                let body = serde_json::to_string_pretty(&self.registry.status())
-                    .unwrap_or_else(|_| "[]".into());
+                let table = self.registry.status();
+                // Without a token: the summary. With one: all of it, or why not.
+                let body = if req.headers().contains_key(header::AUTHORIZATION) {
+                    if let Err((code, message)) =
+                        self.manifests
+                            .authorize(&req, peer, "the agents' addresses and versions")
+                    {
+                        return text(code, message);
+                    }
+                    serde_json::to_string_pretty(&table)
+                } else {
+                    serde_json::to_string_pretty(&table.iter().map(Summary::of).collect::<Vec<_>>())
+                }
+                .unwrap_or_else(|_| "[]".into());
                 let mut response = Response::new(full(body));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -83,7 +108,7 @@ impl Admin {
                 .strip_prefix("/v1/clusters/")
                 .and_then(|rest| rest.strip_suffix("/agent.yaml"))
             {
-                Some(name) => match self.agent_yaml(&req, name).await {
+                Some(name) => match self.agent_yaml(&req, peer, name).await {
                     Ok(yaml) => {
                         let mut response = Response::new(full(yaml));
                         response.headers_mut().insert(
@@ -109,31 +134,11 @@ impl Admin {
     async fn agent_yaml(
         &self,
         req: &Request<Incoming>,
+        peer: Peer,
         name: &str,
     ) -> Result<String, (StatusCode, String)> {
         let m = &self.manifests;
-        let header = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        let token = tower_auth::bearer(header).ok_or((
-            StatusCode::UNAUTHORIZED,
-            tower_auth::AuthError::Missing.to_string(),
-        ))?;
-        let identity = m
-            .verifier
-            .verify_user(token)
-            .map_err(|e| (StatusCode::UNAUTHORIZED, format!("user token refused: {e}")))?;
-        if !identity.groups.contains(&m.admin_group) {
-            return Err((
-                StatusCode::FORBIDDEN,
-                format!(
-                    "user {:?} is not in group {:?}, which agent.yaml (it holds the jwtSecret) requires",
-                    identity.user, m.admin_group
-                ),
-            ));
-        }
+        m.authorize(req, peer, "agent.yaml (it holds the jwtSecret)")?;
         tower_proto::names::validate_cluster_name(name)
             .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
         let source = self.registry.source();
@@ -180,5 +185,112 @@ impl Admin {
         }
         .render()
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))
+    }
+}
+
+impl Manifests {
+    /// Lets `req` see `what` when it came to a loopback address with a user token in the
+    /// admin group; else the status and the reason.
+    fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        peer: Peer,
+        what: &str,
+    ) -> Result<(), (StatusCode, String)> {
+        on_loopback(peer, what)?;
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let token = tower_auth::bearer(header).ok_or((
+            StatusCode::UNAUTHORIZED,
+            tower_auth::AuthError::Missing.to_string(),
+        ))?;
+        let identity = self
+            .verifier
+            .verify_user(token)
+            .map_err(|e| (StatusCode::UNAUTHORIZED, format!("user token refused: {e}")))?;
+        if !identity.groups.contains(&self.admin_group) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!(
+                    "user {:?} is not in group {:?} (--admin-group), which {what} requires",
+                    identity.user, self.admin_group
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `peer` dialed a loopback address: from inside the pod, or through `kubectl
+/// port-forward` (which connects inside the pod). The kernel delivers nothing addressed to
+/// 127.0.0.0/8 or ::1 that arrives from the network.
+fn on_loopback(peer: Peer, what: &str) -> Result<(), (StatusCode, String)> {
+    if peer.local.ip().to_canonical().is_loopback() {
+        return Ok(());
+    }
+    Err((
+        StatusCode::FORBIDDEN,
+        format!(
+            "{what}: only on a loopback address, never in clear over the network: use `kubectl port-forward` to this port and 127.0.0.1, or `kubectl exec … tower-server clusters`"
+        ),
+    ))
+}
+
+/// What `/v1/clusters` shows without a token: whether each cluster is up, since when and
+/// through which replicas; not the agent's address, version or targets.
+#[derive(Debug, serde::Serialize)]
+struct Summary<'a> {
+    name: &'a str,
+    connected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connected_since: Option<&'a str>,
+    replicas: &'a [String],
+}
+
+impl<'a> Summary<'a> {
+    fn of(status: &'a ClusterStatus) -> Self {
+        Summary {
+            name: &status.name,
+            connected: status.connected,
+            connected_since: status.connected_since.as_deref(),
+            replicas: &status.replicas,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn peer(local: &str) -> Peer {
+        Peer {
+            remote: "192.0.2.9:40000".parse().unwrap(),
+            local: local.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn secrets_are_served_only_on_loopback() {
+        for local in [
+            "127.0.0.1:9090",
+            "127.0.0.5:9090",
+            "[::1]:9090",
+            "[::ffff:127.0.0.1]:9090",
+        ] {
+            assert!(on_loopback(peer(local), "x").is_ok(), "{local}");
+        }
+        for local in [
+            "10.244.1.7:9090",
+            "[fd00::7]:9090",
+            "[::ffff:10.0.0.1]:9090",
+        ] {
+            let (code, message) = on_loopback(peer(local), "agent.yaml").unwrap_err();
+            assert_eq!(code, StatusCode::FORBIDDEN, "{local}");
+            assert!(message.contains("port-forward"), "{message}");
+        }
     }
 }

@@ -59,7 +59,9 @@ impl Acceptor {
             },
             Err((refusal, reason)) => {
                 self.metrics.count_refusal(refusal);
-                tracing::info!(%remote, status = refusal.status(), %reason, "refused a tunnel");
+                // The reason quotes what the agent sent (names, a token's alg): a string field, so
+                // that text logs show it escaped (in Debug) and JSON as a string.
+                tracing::info!(%remote, status = refusal.status(), reason = reason.as_str(), "refused a tunnel");
                 let mut response = text(
                     StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::BAD_REQUEST),
                     reason,

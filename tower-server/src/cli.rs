@@ -11,7 +11,7 @@ use tower_tunnel::control::Keepalive;
 
 use tower_proto::names::validate_cluster_name;
 
-use crate::{Config, Limits, RegistryConfig, pki, registry};
+use crate::{Config, ConnectionLimits, Limits, RegistryConfig, pki, registry};
 
 /// Where the jwtSecret comes from.
 #[derive(Args, Debug)]
@@ -121,9 +121,30 @@ pub struct ServeArgs {
     /// How long a TLS handshake may take (agents and callers).
     #[arg(long, env = "TOWER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
-    /// How long a client may take to send its request headers.
+    /// How long a client may take to send its request headers; a connection that sends
+    /// no request this long after it opens (HTTP/1.1 and HTTP/2), or between two requests
+    /// (HTTP/1.1), is closed.
     #[arg(long, env = "TOWER_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+    /// An HTTP/2 connection (frontend) with no request open this long is closed with a
+    /// GOAWAY; clients open a new one when they need it.
+    #[arg(long, env = "TOWER_IDLE_CONNECTION_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_connection_timeout: Duration,
+    /// Most connections the tunnel listener holds; one more is closed at once (default:
+    /// 10000, less when the open-file limit is lower: see README, Interfaces).
+    #[arg(long, env = "TOWER_MAX_TUNNEL_CONNECTIONS")]
+    pub max_tunnel_connections: Option<usize>,
+    /// Most connections the frontend listener holds (default as --max-tunnel-connections).
+    #[arg(long, env = "TOWER_MAX_FRONTEND_CONNECTIONS")]
+    pub max_frontend_connections: Option<usize>,
+    /// Most connections the admin listener holds (default 64): kept apart, so probes get
+    /// in while the other listeners are full.
+    #[arg(long, env = "TOWER_MAX_ADMIN_CONNECTIONS")]
+    pub max_admin_connections: Option<usize>,
+    /// Most connections one source address (IPv6: one /64) holds on each listener; 0 = no
+    /// such limit (behind a load balancer that hides callers' addresses).
+    #[arg(long, env = "TOWER_MAX_CONNECTIONS_PER_SOURCE", default_value_t = crate::ConnectionLimits::DEFAULT_PER_SOURCE)]
+    pub max_connections_per_source: usize,
     /// Largest request header block, in bytes.
     #[arg(long, env = "TOWER_MAX_HEADER_BYTES", default_value_t = 65536)]
     pub max_header_bytes: usize,
@@ -210,6 +231,12 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
     {
         return Err("--stream-idle-timeout must be between 1s and 30days".into());
     }
+    if !(Duration::from_millis(100)..=Duration::from_secs(24 * 3600))
+        .contains(&args.idle_connection_timeout)
+    {
+        return Err("--idle-connection-timeout must be between 100ms and 24h".into());
+    }
+    let connections = connection_limits(args, crate::connections::open_file_limit())?;
     // Last of the checks: it may write the state directory.
     let tls = pki::load_or_generate(
         own.as_ref(),
@@ -246,10 +273,46 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         limits: Limits {
             handshake_timeout: args.handshake_timeout,
             header_read_timeout: args.header_read_timeout,
+            idle_connection_timeout: args.idle_connection_timeout,
+            connections,
             max_header_bytes: args.max_header_bytes,
             max_streams: args.max_streams_per_tunnel,
             max_requests_per_cluster: args.max_requests_per_cluster,
             stream_idle_timeout: args.stream_idle_timeout,
         },
     })
+}
+
+/// The connection limits the flags ask for, the unset ones sized for a process that may
+/// open `open_files` descriptors.
+fn connection_limits(
+    args: &ServeArgs,
+    open_files: Option<u64>,
+) -> Result<ConnectionLimits, String> {
+    let defaults = ConnectionLimits::defaults_for(open_files);
+    let limits = ConnectionLimits {
+        tunnel: args.max_tunnel_connections.unwrap_or(defaults.tunnel),
+        frontend: args.max_frontend_connections.unwrap_or(defaults.frontend),
+        admin: args.max_admin_connections.unwrap_or(defaults.admin),
+        per_source: args.max_connections_per_source,
+    };
+    for (flag, value) in [
+        ("--max-tunnel-connections", limits.tunnel),
+        ("--max-frontend-connections", limits.frontend),
+        ("--max-admin-connections", limits.admin),
+    ] {
+        if !(1..=1_000_000).contains(&value) {
+            return Err(format!("{flag} must be between 1 and 1000000"));
+        }
+    }
+    if let Some(open_files) = open_files
+        && limits.descriptors() > open_files
+    {
+        tracing::warn!(
+            open_files,
+            needed = limits.descriptors(),
+            "the connection limits add up to more file descriptors than this process may open: a flood may exhaust them (raise the limit, or lower --max-…-connections)"
+        );
+    }
+    Ok(limits)
 }

@@ -178,7 +178,7 @@ impl Frontend {
             }
         };
         let slot = self.cluster_slot(&route.cluster)?;
-        tracing::debug!(cluster = %route.cluster, target = %route.target, user = %caller.user, method = %req.method(), path = %route.path, "proxying");
+        tracing::debug!(cluster = %route.cluster, target = %route.target, user = caller.user.as_str(), method = req.method().as_str(), path = route.path.as_str(), "proxying");
         let activity = Activity::new();
 
         let client_upgrade = req

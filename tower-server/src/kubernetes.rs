@@ -412,7 +412,7 @@ impl Controller {
             return;
         }
         if let Err(e) = validate_cluster_name(&name) {
-            tracing::warn!(cluster = %name, error = %e, "ignoring a Cluster whose name tower cannot route");
+            tracing::warn!(cluster = name.as_str(), error = %e, "ignoring a Cluster whose name tower cannot route");
             return;
         }
         let token = &cluster.spec.connection.token;

@@ -13,6 +13,7 @@
 mod admin;
 mod agents;
 pub mod cli;
+pub mod connections;
 mod frontend;
 pub mod http2;
 mod idle;
@@ -25,11 +26,11 @@ mod status;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -44,6 +45,8 @@ use tower_proto::handshake::ServerHello;
 use tower_tunnel::SessionConfig;
 use tower_tunnel::control::Keepalive;
 
+pub use crate::connections::ConnectionLimits;
+use crate::connections::{Admission, OpenRequests, Peer};
 use crate::pki::TlsMaterial;
 use crate::registry::{ClusterSpec, Registry, Source};
 use crate::status::Body;
@@ -53,8 +56,13 @@ use crate::status::Body;
 pub struct Limits {
     /// TLS handshake deadline.
     pub handshake_timeout: Duration,
-    /// How long a client may take to send its request headers.
+    /// How long a client may take to send its request headers; also how long a
+    /// connection may go without its first request, and (HTTP/1.1) between requests.
     pub header_read_timeout: Duration,
+    /// An HTTP/2 connection with no request open this long is closed (GOAWAY).
+    pub idle_connection_timeout: Duration,
+    /// Connections each listener takes.
+    pub connections: ConnectionLimits,
     /// Largest request header block (beyond it: 431).
     pub max_header_bytes: usize,
     /// Streams per tunnel.
@@ -70,6 +78,8 @@ impl Default for Limits {
         Limits {
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
+            idle_connection_timeout: Duration::from_secs(60),
+            connections: ConnectionLimits::default(),
             max_header_bytes: 64 * 1024,
             max_streams: SessionConfig::default().max_streams,
             max_requests_per_cluster: SessionConfig::default().max_streams,
@@ -286,25 +296,30 @@ pub async fn run(
     let stop_accepting = CancellationToken::new();
     let frontend_conns = Connections::default();
     let other_conns = Connections::default();
+    let limits = &config.limits;
+    let admission =
+        |listener, max| Admission::new(listener, max, limits.connections.per_source, &metrics);
     let loops = TaskTracker::new();
     let tunnel_tls = (!config.plaintext_tunnel).then(|| acceptor.clone());
     loops.spawn(serve(
         listeners.tunnel,
         tunnel_tls,
+        admission("tunnel", limits.connections.tunnel),
         config.limits.clone(),
         stop_accepting.clone(),
         other_conns.clone(),
         metrics.clone(),
-        move |req, remote| agents.clone().handle(req, remote),
+        move |req, peer: Peer| agents.clone().handle(req, peer.remote),
     ));
     loops.spawn(serve(
         listeners.frontend,
         Some(frontend_acceptor),
+        admission("frontend", limits.connections.frontend),
         config.limits.clone(),
         stop_accepting.clone(),
         frontend_conns.clone(),
         metrics.clone(),
-        move |req, remote| frontend.clone().handle(req, remote),
+        move |req, peer: Peer| frontend.clone().handle(req, peer.remote),
     ));
     // The admin listener stays up while the server drains: /readyz answers 503 with the
     // reason (rather than refusing connections) and /metrics can still be scraped.
@@ -312,11 +327,12 @@ pub async fn run(
     let admin_loop = tokio::spawn(serve(
         listeners.admin,
         None,
+        admission("admin", limits.connections.admin),
         config.limits.clone(),
         admin_stop.clone(),
         other_conns.clone(),
         metrics.clone(),
-        move |req, _| admin.clone().handle(req),
+        move |req, peer| admin.clone().handle(req, peer),
     ));
     loops.close();
 
@@ -369,31 +385,64 @@ const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Accepts connections on `listener` until `stop`, serving `handler` over TLS when `tls`
 /// is given: HTTP/2 when the TLS handshake chose it (only the frontend's ALPN offers
-/// `h2`), else HTTP/1.1 with upgrades.
+/// `h2`), else HTTP/1.1 with upgrades. Connections past `admission`'s limits are closed
+/// at once.
+#[allow(clippy::too_many_arguments)]
 async fn serve<F, Fut>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    admission: Arc<Admission>,
     limits: Limits,
     stop: CancellationToken,
     connections: Connections,
     metrics: Arc<metrics::Metrics>,
     handler: F,
 ) where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    let name = admission.listener;
+    let accept_failures = crate::connections::LogThrottle::new(crate::connections::LOG_EVERY);
     loop {
         let (tcp, remote) = tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // Out of file descriptors and the like: back off instead of spinning,
+                    // and say so once in a while, not once per try.
+                    if let Some(suppressed) = accept_failures.allow() {
+                        tracing::warn!(listener = name, error = %e, suppressed, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
+        };
+        let admitted = match admission.admit(remote.ip()) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                if let Some(suppressed) = admission.log.allow() {
+                    let limit = match refusal {
+                        crate::connections::Refusal::Listener => admission.max,
+                        crate::connections::Refusal::Source => admission.max_per_source,
+                    };
+                    tracing::warn!(
+                        listener = name,
+                        %remote,
+                        reason = refusal.reason(),
+                        limit,
+                        suppressed,
+                        "connection refused: at the connection limit (--max-{name}-connections, --max-connections-per-source)"
+                    );
+                }
+                drop(tcp);
+                continue;
+            }
+        };
+        let peer = Peer {
+            remote,
+            local: tcp.local_addr().unwrap_or(remote),
         };
         let _ = tcp.set_nodelay(true);
         let tls = tls.clone();
@@ -402,6 +451,7 @@ async fn serve<F, Fut>(
         let finish = connections.finish.clone();
         let metrics = metrics.clone();
         connections.tracker.spawn(async move {
+            let _admitted = admitted;
             let io = match tls {
                 Some(tls) => {
                     match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp)).await {
@@ -419,22 +469,41 @@ async fn serve<F, Fut>(
                 }
                 None => Either::Right(tcp),
             };
-            // The responses a handler asks to watch: one nobody reads closes the connection.
-            let unread = idle::Unread::default();
-            let watched = unread.clone();
-            let service = service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(watched.clone());
-                // Boxed: the request's future is large (routing, dialing a stream) and
-                // would otherwise be inline in the task of every HTTP/2 stream, or in
-                // every HTTP/1.1 connection's task, for as long as the response runs:
-                // about 9 KiB each for a watch that lasts hours.
-                let response = Box::pin(handler(req, remote));
-                async move { Ok::<_, Infallible>(response.await) }
-            });
             // Each protocol's connection is boxed on its own: an enum of both would cost
             // every HTTP/1.1 connection the size of an HTTP/2 one.
             let http2 =
                 matches!(&io, Either::Left(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2"));
+            // The responses a handler asks to watch: one nobody reads closes the connection.
+            let unread = idle::Unread::default();
+            let watched = unread.clone();
+            // The requests open on an HTTP/2 connection, which closes when it has none for
+            // long (hyper's header read timeout does that for HTTP/1.1).
+            let requests = Arc::new(OpenRequests::default());
+            let counted = requests.clone();
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(watched.clone());
+                let open = http2.then(|| counted.start());
+                // Boxed: the request's future is large (routing, dialing a stream) and
+                // would otherwise be inline in the task of every HTTP/2 stream, or in
+                // every HTTP/1.1 connection's task, for as long as the response runs:
+                // about 9 KiB each for a watch that lasts hours.
+                let response = Box::pin(handler(req, peer));
+                async move {
+                    let response = response.await;
+                    // Open until the response body is done with.
+                    let response = match open {
+                        Some(open) => response.map(|body| {
+                            body.map_frame(move |frame| {
+                                let _open_until_the_body_ends = &open;
+                                frame
+                            })
+                            .boxed()
+                        }),
+                        None => response,
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            });
             let served = async {
                 if http2 {
                     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -452,6 +521,20 @@ async fn serve<F, Fut>(
                             // A GOAWAY: requests in flight finish, new ones go elsewhere.
                             connection.as_mut().graceful_shutdown();
                             connection.await
+                        }
+                        // hyper gives HTTP/1.1 a first-request and an idle deadline (its
+                        // header read timeout) but HTTP/2 neither: a client that sends its
+                        // preface, answers pings and never a request would stay forever.
+                        why = requests.idle(limits.header_read_timeout, limits.idle_connection_timeout) => {
+                            tracing::debug!(%remote, reason = why.reason(), "HTTP/2 connection without requests: closed");
+                            metrics.count_limited(why.reason());
+                            connection.as_mut().graceful_shutdown();
+                            // The GOAWAY's round trip, and any request that raced it; a
+                            // client that lets even that sit is cut.
+                            tokio::select! {
+                                result = connection.as_mut() => result,
+                                _ = requests.idle(limits.header_read_timeout, limits.header_read_timeout) => Ok(()),
+                            }
                         }
                     }
                 } else {

@@ -103,12 +103,24 @@ struct AgentManifestArgs {
 
 #[derive(Args)]
 struct ClustersArgs {
-    /// The server's admin listener.
+    /// The server's admin listener: the agents' versions and addresses are served only on
+    /// a loopback address (run this in the pod, or through `kubectl port-forward`).
     #[arg(long, env = "TOWER_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
     admin_url: String,
     /// Print the JSON instead of a table.
     #[arg(long, env = "TOWER_JSON")]
     json: bool,
+    /// A user token in the admin group; else one is minted from the jwtSecret when given;
+    /// with neither, the table leaves out the agents' versions.
+    #[arg(long, env = "TOWER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The jwtSecret, to mint a short-lived token in --admin-group (in the host's pod,
+    /// TOWER_JWT_SECRET_FILE is set).
+    #[command(flatten)]
+    secret: SecretArgs,
+    /// The group the server's --admin-group names, for the minted token.
+    #[arg(long, env = "TOWER_ADMIN_GROUP", default_value = "system:masters")]
+    admin_group: String,
 }
 
 #[derive(Args)]
@@ -284,9 +296,31 @@ async fn clusters(args: ClustersArgs) -> Result<String, String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("--admin-url {:?}: {e}", args.admin_url))?;
+    let token = match (&args.token, &args.secret) {
+        (Some(token), _) => Some(token.clone()),
+        (None, secret) if secret.jwt_secret_file.is_some() || secret.jwt_secret.is_some() => {
+            Some(Minter::new(&secret.load()?).user_token(
+                "tower-server-clusters",
+                std::slice::from_ref(&args.admin_group),
+                Some(Duration::from_secs(60)),
+            ))
+        }
+        (None, _) => None,
+    };
+    let mut request = http::Request::get(uri);
+    if let Some(token) = &token {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    } else {
+        eprintln!(
+            "tower-server: no --token or jwtSecret (--jwt-secret-file): the agents' versions are left out"
+        );
+    }
+    let request = request
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("--token: {e}"))?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let response = tokio::time::timeout(Duration::from_secs(10), client.get(uri))
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
         .await
         .map_err(|_| format!("{url}: no answer within 10s"))?
         .map_err(|e| format!("{url}: {e}"))?;
@@ -333,6 +367,10 @@ fn cluster_table(list: &[ClusterStatus]) -> String {
             },
             c.agent_version.clone().unwrap_or_else(dash),
         ]);
+    }
+    // Versions and replica ids are what agents said: nothing in them drives the terminal.
+    for cell in rows.iter_mut().flatten() {
+        *cell = tower_telemetry::Escaped(cell.as_str()).to_string();
     }
     let widths: Vec<usize> = (0..5)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
@@ -490,6 +528,19 @@ mod kubeconfig {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    // Every connection is a file descriptor: take all the process may have before the
+    // connection limits are sized below it.
+    match tower_server::connections::raise_open_file_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(
+                ?before,
+                ?after,
+                "raised the open-file limit to its hard limit"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let config = match build_config(&args) {
         Ok(config) => config,
         Err(e) => {
@@ -540,6 +591,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             frontend = %local(&listeners.frontend),
             admin = %local(&listeners.admin),
             server_id = %config.server_id,
+            open_files = ?tower_server::connections::open_file_limit(),
+            max_connections = ?config.limits.connections,
             "tower-server listening"
         );
         let shutdown = CancellationToken::new();

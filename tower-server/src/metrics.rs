@@ -42,6 +42,27 @@ pub struct Metrics {
     pub limited: Family<ReasonLabels, Counter>,
     /// Tokio tasks alive in the process (set when scraped).
     pub live_tasks: Gauge,
+    /// Connections open now, by listener.
+    pub connections: Family<ListenerLabels, Gauge>,
+    /// Connections closed as soon as accepted, by listener and limit.
+    pub refused_connections: Family<ConnectionRefusalLabels, Counter>,
+}
+
+/// Labels of `tower_connections`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `tunnel`, `frontend` or `admin`.
+    pub listener: &'static str,
+}
+
+/// Labels of `tower_connections_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionRefusalLabels {
+    /// `tunnel`, `frontend` or `admin`.
+    pub listener: &'static str,
+    /// `listener_limit` (`--max-…-connections`) or `source_limit`
+    /// (`--max-connections-per-source`).
+    pub reason: &'static str,
 }
 
 /// Labels of `tower_tunnel_refusals_total`.
@@ -68,7 +89,8 @@ impl RefusalLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     /// `cluster_concurrency`, `stream_limit`, `idle_timeout`, `header_too_large`,
-    /// `header_read_timeout` or `tls_handshake_timeout`.
+    /// `header_read_timeout`, `tls_handshake_timeout`, `first_request_timeout` or
+    /// `connection_idle_timeout` (an HTTP/2 connection without a request, closed).
     pub reason: &'static str,
 }
 
@@ -107,6 +129,16 @@ impl Metrics {
             "requests_limited",
             "Requests refused (429, 431, 503) or cut (504, idle, slow headers) by a limit, by limit",
             self.limited.clone(),
+        );
+        r.register(
+            "connections",
+            "Connections open now, by listener",
+            self.connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed as soon as accepted, by listener and limit (listener_limit, source_limit)",
+            self.refused_connections.clone(),
         );
         r.register(
             "live_tasks",

@@ -15,6 +15,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
@@ -135,6 +136,7 @@ struct Objects {
     deployments: Vec<Deployment>,
     services: Vec<Service>,
     disruption_budgets: Vec<PodDisruptionBudget>,
+    network_policies: Vec<NetworkPolicy>,
     /// Kustomization documents, untyped (k8s-openapi has no type for them).
     kustomizations: Vec<Value>,
     /// For each object, its kind, name and namespace (None for cluster-scoped kinds).
@@ -178,6 +180,9 @@ impl Objects {
             ("v1", "Service") => self.services.push(strict(document, origin)),
             ("policy/v1", "PodDisruptionBudget") => {
                 self.disruption_budgets.push(strict(document, origin))
+            }
+            ("networking.k8s.io/v1", "NetworkPolicy") => {
+                self.network_policies.push(strict(document, origin))
             }
             ("kustomize.config.k8s.io/v1beta1", "Kustomization") => {
                 self.kustomizations.push(document.clone())
@@ -720,6 +725,100 @@ fn services_publish_the_tunnel_and_the_frontend() {
 }
 
 #[test]
+fn network_policy_opens_the_tunnel_to_all_the_frontend_to_the_cluster_and_admin_to_monitoring() {
+    let objects = host();
+    assert_eq!(objects.network_policies.len(), 1);
+    let policy = &objects.network_policies[0];
+    let spec = policy.spec.as_ref().expect("spec");
+    let pod_labels = objects
+        .deployment("tower")
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let selector = spec
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.clone())
+        .unwrap_or_default();
+    assert!(
+        !selector.is_empty() && labels_match(&selector, &pod_labels),
+        "the policy selects tower's pods"
+    );
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_owned()][..])
+    );
+    let container = tower_container(tower_pod(&objects));
+    let named_port = |port: &IntOrString| match port {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(name) => {
+            container
+                .ports
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("port {name} names no container port"))
+                .container_port
+        }
+    };
+    // Each rule: the ports it opens, and from where.
+    let rules = spec.ingress.as_deref().unwrap_or_default();
+    let mut opened = BTreeMap::new();
+    for rule in rules {
+        let ports = rule.ports.as_deref().unwrap_or_default();
+        assert!(!ports.is_empty(), "a rule without ports opens every port");
+        for port in ports {
+            let number = named_port(port.port.as_ref().expect("a port"));
+            assert_eq!(port.protocol.as_deref(), Some("TCP"));
+            assert!(
+                opened.insert(number, rule.from.clone()).is_none(),
+                "port {number} in one rule only"
+            );
+        }
+    }
+    assert_eq!(
+        opened.keys().copied().collect::<Vec<_>>(),
+        [8080, 9090, 9443],
+        "the three listeners, nothing else"
+    );
+    assert!(
+        opened[&8080].is_none(),
+        "the tunnel is open to every source"
+    );
+    let peers = |port: i32| opened[&port].clone().unwrap_or_default();
+    let frontend = peers(9443);
+    assert_eq!(frontend.len(), 1);
+    let in_cluster = frontend[0].namespace_selector.as_ref().expect("namespaces");
+    assert!(
+        in_cluster.match_labels.is_none() && in_cluster.match_expressions.is_none(),
+        "the frontend: every namespace of the cluster"
+    );
+    assert!(frontend[0].ip_block.is_none() && frontend[0].pod_selector.is_none());
+    let admin = peers(9090);
+    assert!(!admin.is_empty(), "the admin port is not open to all");
+    for peer in &admin {
+        assert!(peer.ip_block.is_none(), "admin: no address ranges");
+        let namespaces = peer.namespace_selector.as_ref().expect("namespaces");
+        assert!(
+            namespaces.match_labels.is_some() || namespaces.match_expressions.is_some(),
+            "admin: named namespaces only, not every one"
+        );
+    }
+    // The probes the policy must not break are on the admin port (from the node).
+    for probe in [&container.liveness_probe, &container.readiness_probe] {
+        let port = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|g| named_port(&g.port));
+        assert_eq!(port, Some(9090));
+    }
+}
+
+#[test]
 fn rbac_grants_exactly_what_tower_uses() {
     let objects = host();
     assert_eq!(objects.cluster_roles.len(), 1);
@@ -943,6 +1042,7 @@ fn kubectl_kustomize_renders_the_host_manifests() {
             "Service",
             "Deployment",
             "PodDisruptionBudget",
+            "NetworkPolicy",
         ]),
         "the CRD stays out"
     );

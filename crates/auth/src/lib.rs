@@ -47,7 +47,7 @@ pub enum AuthError {
     #[error("unsigned token (alg: none) refused")]
     Unsigned,
     /// Any algorithm but HS256.
-    #[error("token algorithm {0} refused: only HS256 is accepted")]
+    #[error("token algorithm {0:?} refused: only HS256 is accepted")]
     WrongAlgorithm(String),
     /// The signature does not match the jwtSecret.
     #[error("token signature does not match this jwtSecret")]

@@ -11,14 +11,22 @@
 //!   the event's structured fields (`cluster`, `tunnel`, …). Fields stay nested rather than
 //!   flattened into the top level: Tower logs a field named `target` (a stream's target),
 //!   which would otherwise collide with the event's own.
+//! * Nothing a peer sends can forge a line or drive a terminal: text lines escape control
+//!   characters (newlines, ESC, C1, Unicode line separators and bidi overrides) in every
+//!   field and message ([`EscapedFields`]), JSON escapes them by construction. [`Escaped`]
+//!   does the same for text printed elsewhere (a table on a terminal).
 
 #![forbid(unsafe_code)]
 
 use std::ffi::OsString;
+use std::fmt;
 use std::io::IsTerminal;
 
+use tracing::field::{Field, Visit};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::{FormatFields, Writer};
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// The environment variable holding the log filter, in `EnvFilter` syntax
@@ -116,7 +124,7 @@ where
         .with_env_filter(filter)
         .with_writer(writer);
     match format {
-        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).fmt_fields(EscapedFields).finish()),
         // Tower opens no spans of its own; a dependency's (with TOWER_LOG raised) shows
         // as the current `span`, without the whole list on every line.
         LogFormat::Json => Box::new(
@@ -127,6 +135,118 @@ where
                 .with_span_list(false)
                 .finish(),
         ),
+    }
+}
+
+/// Whether `c` may not appear as itself in a log line: C0 and C1 controls (newline, ESC,
+/// …), DEL, the Unicode line and paragraph separators and the bidirectional overrides
+/// and isolates (which reorder what a reader sees).
+fn must_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// Writes through to `inner`, with every character [`must_escape`] gives as its Rust
+/// escape (`\n`, `\u{1b}`).
+struct EscapingWriter<'a, W: fmt::Write + ?Sized>(&'a mut W);
+
+impl<W: fmt::Write + ?Sized> fmt::Write for EscapingWriter<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(must_escape) {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            for escaped in c.escape_default() {
+                self.0.write_char(escaped)?;
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+/// `T`'s `Display`, with control characters escaped (see the crate docs): for text from
+/// the wire that is printed where a log line or a terminal would take it as is.
+#[derive(Debug, Clone, Copy)]
+pub struct Escaped<T>(pub T);
+
+impl<T: fmt::Display> fmt::Display for Escaped<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        write!(EscapingWriter(f), "{}", self.0)
+    }
+}
+
+/// The text format's fields, as `tracing-subscriber` writes them (`message`, then
+/// `name=value` separated by spaces; `Display` fields as they are, `Debug` ones and strings
+/// in `Debug`), with every character [`must_escape`] escaped: a field given with `%` from
+/// something a peer sent cannot start a line of its own or colour a terminal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EscapedFields;
+
+impl<'writer> FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut visitor = EscapingVisitor {
+            writer: &mut writer,
+            empty: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'a, 'writer> {
+    writer: &'a mut Writer<'writer>,
+    empty: bool,
+    result: fmt::Result,
+}
+
+impl Visit for EscapingVisitor<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"))
+        } else {
+            self.record_debug(field, &value)
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.record_debug(field, &format_args!("{value}"))
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        use fmt::Write;
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        // `log` records' metadata, which the line shows already (as the default does).
+        if name.starts_with("log.") {
+            return;
+        }
+        self.result = (|| {
+            if !self.empty {
+                self.writer.write_char(' ')?;
+            }
+            self.empty = false;
+            if name != "message" {
+                let name = name.strip_prefix("r#").unwrap_or(name);
+                if self.writer.has_ansi_escapes() {
+                    write!(self.writer, "\u{1b}[3m{name}\u{1b}[0m\u{1b}[2m=\u{1b}[0m")?;
+                } else {
+                    write!(self.writer, "{name}=")?;
+                }
+            }
+            write!(EscapingWriter(self.writer), "{value:?}")
+        })();
     }
 }
 
@@ -270,6 +390,39 @@ mod tests {
             .unwrap();
         assert_eq!(proxying["target"], "tower_server::frontend");
         assert_eq!(proxying["fields"]["target"], "kubernetes");
+    }
+
+    #[test]
+    fn text_from_the_wire_cannot_forge_a_line_or_drive_a_terminal() {
+        let evil = "HS256\nFORGED INFO tower_server: hi\u{1b}[31m\u{85}\u{202e}\u{2028}x";
+        let out = Captured::default();
+        let filter = filter(Some("info".into())).unwrap();
+        tracing::subscriber::with_default(
+            subscriber(LogFormat::Text, filter, false, out.clone()),
+            || {
+                tracing::info!(reason = %evil, quoted = ?evil, plain = evil, n = 7, "refused {evil}");
+                tracing::info!(
+                    error = &std::io::Error::other(evil) as &(dyn std::error::Error + 'static),
+                    "failed"
+                );
+            },
+        );
+        let log = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(log.lines().count(), 2, "{log}");
+        assert!(!log.lines().any(|l| l.starts_with("FORGED")), "{log}");
+        for c in ['\u{1b}', '\u{85}', '\u{202e}', '\u{2028}'] {
+            assert!(!log.contains(c), "{c:?} in {log:?}");
+        }
+        assert!(log.contains("refused HS256\\nFORGED INFO"), "{log}");
+        assert!(log.contains(" reason=HS256\\nFORGED"), "{log}");
+        assert!(log.contains("\\u{1b}[31m"), "{log}");
+        assert!(log.contains(" n=7"), "{log}");
+        // Ordinary text is untouched.
+        assert_eq!(
+            Escaped("member-1 \"ok\" é").to_string(),
+            "member-1 \"ok\" é"
+        );
+        assert_eq!(Escaped("a\tb\r\n\u{1b}").to_string(), "a\\tb\\r\\n\\u{1b}");
     }
 
     #[derive(Parser)]

@@ -68,11 +68,13 @@ pub(crate) enum Resource {
     /// `policy/v1` `PodDisruptionBudget`, with a `status` subresource (no controller fills
     /// it in beyond the zero defaults).
     PodDisruptionBudgets,
+    /// `networking.k8s.io/v1` `NetworkPolicy`, stored as given (no network to enforce it).
+    NetworkPolicies,
 }
 
 impl Resource {
     /// Every resource, in discovery order.
-    pub(crate) const ALL: [Resource; 13] = [
+    pub(crate) const ALL: [Resource; 14] = [
         Resource::ConfigMaps,
         Resource::Namespaces,
         Resource::Pods,
@@ -82,6 +84,7 @@ impl Resource {
         Resource::Clusters,
         Resource::Deployments,
         Resource::PodDisruptionBudgets,
+        Resource::NetworkPolicies,
         Resource::ClusterRoleBindings,
         Resource::ClusterRoles,
         Resource::RoleBindings,
@@ -111,6 +114,7 @@ impl Resource {
             Resource::Roles => "roles",
             Resource::RoleBindings => "rolebindings",
             Resource::PodDisruptionBudgets => "poddisruptionbudgets",
+            Resource::NetworkPolicies => "networkpolicies",
         }
     }
 
@@ -129,6 +133,7 @@ impl Resource {
             Resource::Roles => "role",
             Resource::RoleBindings => "rolebinding",
             Resource::PodDisruptionBudgets => "poddisruptionbudget",
+            Resource::NetworkPolicies => "networkpolicy",
         }
     }
 
@@ -147,6 +152,7 @@ impl Resource {
             Resource::Roles => "Role",
             Resource::RoleBindings => "RoleBinding",
             Resource::PodDisruptionBudgets => "PodDisruptionBudget",
+            Resource::NetworkPolicies => "NetworkPolicy",
         }
     }
 
@@ -164,6 +170,7 @@ impl Resource {
             | Resource::Roles
             | Resource::RoleBindings => RBAC_GROUP,
             Resource::PodDisruptionBudgets => "policy",
+            Resource::NetworkPolicies => "networking.k8s.io",
             _ => "",
         }
     }
@@ -186,6 +193,7 @@ impl Resource {
             | Resource::Roles
             | Resource::RoleBindings => "rbac.authorization.k8s.io/v1",
             Resource::PodDisruptionBudgets => "policy/v1",
+            Resource::NetworkPolicies => "networking.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -207,6 +215,7 @@ impl Resource {
             Resource::Deployments => &["deploy"],
             Resource::ServiceAccounts => &["sa"],
             Resource::PodDisruptionBudgets => &["pdb"],
+            Resource::NetworkPolicies => &["netpol"],
             Resource::Clusters
             | Resource::Secrets
             | Resource::ClusterRoles

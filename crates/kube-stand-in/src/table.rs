@@ -201,6 +201,18 @@ fn columns(resource: Resource) -> Value {
                 "ServiceAccounts in the binding"
             ),
         ]),
+        // kubectl's printers (pkg/printers/internalversion/printers.go): NAME, POD-SELECTOR, AGE.
+        Resource::NetworkPolicies => json!([
+            name,
+            column(
+                "Pod-Selector",
+                "string",
+                "",
+                0,
+                "The pods this policy selects"
+            ),
+            age
+        ]),
         Resource::PodDisruptionBudgets => json!([
             name,
             column(
@@ -427,6 +439,19 @@ fn cells(resource: Resource, object: &Value) -> Value {
                 subjects("Group"),
                 subjects("ServiceAccount")
             ])
+        }
+        Resource::NetworkPolicies => {
+            let labels = object["spec"]["podSelector"]["matchLabels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "<none>".to_owned());
+            json!([name, labels, age])
         }
         Resource::PodDisruptionBudgets => {
             let text = |v: &Value| match v {

@@ -243,13 +243,24 @@ impl Frontend {
                 ))
             })?;
         let (mut response, stream_slot) = answer.map_err(|e: BoxError| {
-            if tunnel_error(&*e).is_some_and(|t| matches!(t, TunnelError::StreamLimit(_))) {
-                self.metrics.count_limited("stream_limit");
-                return ProxyError::Unavailable(format!(
-                    "cluster {:?}: {} (--max-streams-per-tunnel): retry later",
-                    route.cluster,
-                    error_chain(&*e)
-                ));
+            match tunnel_error(&*e) {
+                Some(TunnelError::StreamLimit(_)) => {
+                    self.metrics.count_limited("stream_limit");
+                    return ProxyError::Unavailable(format!(
+                        "cluster {:?}: {} (--max-streams-per-tunnel): retry later",
+                        route.cluster,
+                        error_chain(&*e)
+                    ));
+                }
+                Some(TunnelError::Unacknowledged(_)) => {
+                    self.metrics.count_limited("unacknowledged_streams");
+                    return ProxyError::Unavailable(format!(
+                        "cluster {:?}: {}: retry later",
+                        route.cluster,
+                        error_chain(&*e)
+                    ));
+                }
+                _ => {}
             }
             tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
             ProxyError::BadGateway(format!(

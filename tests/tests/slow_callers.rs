@@ -88,10 +88,16 @@ fn a_thousand_hanging_requests_from_one_user_leave_the_cluster_answering_another
     });
     // Each has a stream of its own through the tunnel, all the way to the member. Were
     // streams acknowledged only when the member answers, yamux would stop at 256.
-    wait_for(
+    tower_e2e::wait_for_with(
         "every hanging POST to reach the member",
         Duration::from_secs(60),
         || (posts_seen(&member) >= HANGING).then_some(()),
+        || {
+            format!(
+                "{} of {HANGING} reached it (yamux stops at 256 unacknowledged streams)",
+                posts_seen(&member)
+            )
+        },
     );
 
     // Bob's requests open streams of their own (none is pooled idle: Mallory's took

@@ -426,6 +426,17 @@ fn bad_usage_exits_2_with_the_reason() {
                 "serve",
                 "--jwt-secret-file",
                 secret,
+                "--max-requests-per-user",
+                "0",
+            ],
+            none,
+            vec!["--max-requests-per-user must be between"],
+        ),
+        (
+            vec![
+                "serve",
+                "--jwt-secret-file",
+                secret,
                 "--stream-idle-timeout",
                 "400y",
             ],

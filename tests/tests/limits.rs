@@ -114,6 +114,74 @@ fn requests_beyond_the_per_cluster_limit_get_429_and_the_slot_comes_back() {
 }
 
 #[test]
+fn one_user_past_the_per_user_limit_gets_429_while_others_are_served() {
+    let Rig {
+        member,
+        server,
+        https,
+        user,
+        _agent,
+        ..
+    } = rig(&["--max-requests-per-user", "2"]);
+    let watch = |namespace: &str| {
+        let before = watches(&member, namespace);
+        let open = https.open(
+            &format!("/clusters/member-1/api/v1/namespaces/{namespace}/configmaps?watch=1"),
+            &user,
+        );
+        assert_eq!(open.status, 200, "{}", open.head);
+        wait_for(
+            "the watch to reach the member",
+            Duration::from_secs(10),
+            || (watches(&member, namespace) > before).then_some(()),
+        );
+        open
+    };
+    let first = watch("default");
+    let _second = watch("kube-system");
+
+    // Alice's third request is refused at once, with the reason kubectl shows and a
+    // Retry-After.
+    let refused = https.open("/clusters/member-1/version", &user);
+    assert_eq!(refused.status, 429, "{}", refused.head);
+    assert!(
+        refused
+            .head
+            .to_ascii_lowercase()
+            .contains("retry-after: 1\r\n"),
+        "{}",
+        refused.head
+    );
+    let refused = version(&https, &user);
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    let status: serde_json::Value = serde_json::from_str(&refused.body).unwrap();
+    assert_eq!(status["kind"], "Status");
+    assert_eq!(status["reason"], "TooManyRequests");
+    assert_eq!(status["code"], 429);
+    let message = status["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"alice\"") && message.contains("--max-requests-per-user"),
+        "{message}"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "tower_requests_limited_total{reason=\"user_concurrency\"}"
+        ),
+        2.0
+    );
+
+    // Bob is served all the while.
+    let bob = Server::minter().user_token("bob", &[], None);
+    let served = version(&https, &bob);
+    assert_eq!(served.status, 200, "{}", served.body);
+
+    // A place alice gives back is hers again.
+    drop(first);
+    wait_until_served(&https, &user, "alice's place to come back");
+}
+
+#[test]
 fn a_full_tunnel_answers_503_and_recovers() {
     // The control stream takes one of the three, each watch one (watches share one
     // HTTP/2 stream toward the agent, which takes none itself).

@@ -38,6 +38,10 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Receive window of each watch: the most of it the apiserver may send ahead of the
+/// tunnel. Events are small, and 64 KiB a round trip is still tens of MB/s.
+const WATCH_WINDOW: u32 = 64 * 1024;
+
 /// What [`Http2Pool::send`] did with a request.
 pub(crate) enum Sent {
     /// The apiserver answered over HTTP/2.
@@ -215,7 +219,15 @@ impl Http2Pool {
         }
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .adaptive_window(true)
+            // Fixed windows, not adaptive ones (which grow with the connection's
+            // throughput, up to megabytes per stream): a watch nobody reads holds what its
+            // window let in. Every stream's window fits in the connection's, so unread
+            // watches never hold back the others.
+            .initial_stream_window_size(WATCH_WINDOW)
+            .initial_connection_window_size(
+                WATCH_WINDOW
+                    .saturating_mul(u32::try_from(self.streams_per_connection).unwrap_or(u32::MAX)),
+            )
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .handshake(TokioIo::new(tls))

@@ -17,6 +17,7 @@
 
 pub mod cli;
 mod http2;
+mod pace;
 pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
@@ -531,7 +532,10 @@ async fn serve_stream(
         }
         StreamKind::Http => {
             let _in_flight = requests.token();
-            let service = proxy_service(config, preamble.target, shutdown.clone());
+            // Responses are read from the upstream as fast as the stream takes them, not
+            // as fast as hyper would buffer them.
+            let (stream, pace) = pace::PacedIo::new(stream);
+            let service = proxy_service(config, preamble.target, shutdown.clone(), Some(pace));
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(300))
@@ -545,9 +549,13 @@ async fn serve_stream(
         }
         StreamKind::Http2 => {
             let _in_flight = requests.token();
-            let service = proxy_service(config, preamble.target, shutdown.clone());
+            let service = proxy_service(config, preamble.target, shutdown.clone(), None);
             let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                // What a response may have buffered beyond what the server's window
+                // takes (hyper's default is ~400 KiB): a watch nobody reads costs the
+                // agent this, and watch events are small.
+                .max_send_buf_size(HTTP2_SEND_BUFFER)
                 // The server counts these requests against its own limit, which is at
                 // most this.
                 .max_concurrent_streams(session::AGENT_MAX_REQUESTS as u32)
@@ -581,11 +589,16 @@ async fn until_done<C: Future>(
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
-/// Serves the requests of one tunnel stream toward `target`.
+/// Most of a response an HTTP/2 stream buffers past what the server's window takes.
+const HTTP2_SEND_BUFFER: usize = 16 * 1024;
+
+/// Serves the requests of one tunnel stream toward `target`; with `pace`, each response
+/// body is read no faster than the stream takes it ([`pace`]).
 fn proxy_service(
     config: Arc<Config>,
     target: String,
     ending: CancellationToken,
+    pace: Option<Arc<pace::Pace>>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Body>,
@@ -596,12 +609,16 @@ fn proxy_service(
         let config = config.clone();
         let target = target.clone();
         let ending = ending.clone();
+        let pace = pace.clone();
         // Boxed: checking and sending a request (dialing the upstream, perhaps) is a
         // large future, and unboxed it would sit in the task of every HTTP/2 stream for
         // as long as its response runs: 9.3 KiB per watch (heaptrack), for hours.
         Box::pin(async move {
             let watch = tower_tunnel::watch_end::is_watch(req.uri());
-            let response = handle_request(&config, &target, req).await;
+            let mut response = handle_request(&config, &target, req).await;
+            if let Some(pace) = pace {
+                response = response.map(|body| pace::PacedBody::new(body, pace).boxed());
+            }
             // A watch ends cleanly when the agent drains; clients watch again.
             Ok::<_, Infallible>(if watch {
                 let framer = tower_tunnel::watch_end::Framer::for_content_type(

@@ -263,10 +263,18 @@ impl Upstream {
     }
 }
 
+/// Largest read buffer of an HTTP/1.1 connection to an upstream (hyper's default is
+/// ~400 KiB, its least 8 KiB): how far a response body is read ahead of its tunnel
+/// stream, which for a response nobody reads stays in the agent, and the largest response
+/// head taken (nginx's default for proxied response heads, `proxy_buffer_size`, is the
+/// same 8 KiB).
+const UPSTREAM_READ_BUFFER: usize = 8 * 1024;
+
 fn client(
     connector: HttpsConnector<HttpConnector>,
 ) -> Client<HttpsConnector<HttpConnector>, UpstreamBody> {
     Client::builder(TokioExecutor::new())
+        .http1_max_buf_size(UPSTREAM_READ_BUFFER)
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
         .build(connector)

@@ -156,6 +156,11 @@ pub struct ServeArgs {
     /// (beyond it: 429).
     #[arg(long, env = "TOWER_MAX_REQUESTS_PER_CLUSTER", default_value_t = 16384)]
     pub max_requests_per_cluster: usize,
+    /// Most requests in flight from one user (the token's) to one cluster through this
+    /// server, watches included (beyond it: 429), so that no one caller holds all of
+    /// --max-requests-per-cluster.
+    #[arg(long, env = "TOWER_MAX_REQUESTS_PER_USER", default_value_t = crate::DEFAULT_MAX_REQUESTS_PER_USER)]
+    pub max_requests_per_user: usize,
     /// A proxied request whose bytes stop moving this long is ended: 504 before the
     /// member answers, a cut body after (the kubelet's streaming idle timeout is 4h too).
     #[arg(long, env = "TOWER_STREAM_IDLE_TIMEOUT", default_value = "4h", value_parser = humantime::parse_duration)]
@@ -226,6 +231,9 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
     if !(1..=1_000_000).contains(&args.max_requests_per_cluster) {
         return Err("--max-requests-per-cluster must be between 1 and 1000000".into());
     }
+    if !(1..=1_000_000).contains(&args.max_requests_per_user) {
+        return Err("--max-requests-per-user must be between 1 and 1000000".into());
+    }
     if !(Duration::from_secs(1)..=Duration::from_secs(30 * 24 * 3600))
         .contains(&args.stream_idle_timeout)
     {
@@ -278,6 +286,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
             max_header_bytes: args.max_header_bytes,
             max_streams: args.max_streams_per_tunnel,
             max_requests_per_cluster: args.max_requests_per_cluster,
+            max_requests_per_user: args.max_requests_per_user,
             stream_idle_timeout: args.stream_idle_timeout,
         },
     })

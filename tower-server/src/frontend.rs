@@ -46,6 +46,8 @@ pub(crate) struct Frontend {
     /// Requests in flight per cluster, each bounded by `max_requests_per_cluster`.
     per_cluster: Mutex<HashMap<String, Arc<Semaphore>>>,
     max_requests_per_cluster: usize,
+    /// Requests in flight per user and cluster.
+    per_user: UserSlots,
     idle_timeout: Duration,
     /// Cancelled when the server drains: open watches end cleanly.
     draining: CancellationToken,
@@ -76,6 +78,7 @@ impl Frontend {
             metrics,
             per_cluster: Mutex::new(HashMap::new()),
             max_requests_per_cluster: limits.max_requests_per_cluster,
+            per_user: UserSlots::new(limits.max_requests_per_user),
             idle_timeout: limits.stream_idle_timeout,
             draining,
         }
@@ -99,6 +102,18 @@ impl Frontend {
             ProxyError::TooManyRequests(format!(
                 "cluster {cluster:?} already has {} requests in flight through this server (--max-requests-per-cluster): retry later",
                 self.max_requests_per_cluster
+            ))
+        })
+    }
+
+    /// A slot among the requests `user` has in flight to `cluster`, or 429 when they are
+    /// all taken: one caller may not hold every place the cluster has.
+    fn user_slot(&self, cluster: &str, user: &str) -> Result<UserSlot, ProxyError> {
+        self.per_user.take(cluster, user).ok_or_else(|| {
+            self.metrics.count_limited("user_concurrency");
+            ProxyError::TooManyRequests(format!(
+                "user {user:?} already has {} requests in flight to cluster {cluster:?} through this server (--max-requests-per-user): retry later",
+                self.per_user.max
             ))
         })
     }
@@ -177,6 +192,7 @@ impl Frontend {
                 )));
             }
         };
+        let user_slot = self.user_slot(&route.cluster, &caller.user)?;
         let slot = self.cluster_slot(&route.cluster)?;
         tracing::debug!(cluster = %route.cluster, target = %route.target, user = caller.user.as_str(), method = req.method().as_str(), path = route.path.as_str(), "proxying");
         let activity = Activity::new();
@@ -243,13 +259,24 @@ impl Frontend {
                 ))
             })?;
         let (mut response, stream_slot) = answer.map_err(|e: BoxError| {
-            if tunnel_error(&*e).is_some_and(|t| matches!(t, TunnelError::StreamLimit(_))) {
-                self.metrics.count_limited("stream_limit");
-                return ProxyError::Unavailable(format!(
-                    "cluster {:?}: {} (--max-streams-per-tunnel): retry later",
-                    route.cluster,
-                    error_chain(&*e)
-                ));
+            match tunnel_error(&*e) {
+                Some(TunnelError::StreamLimit(_)) => {
+                    self.metrics.count_limited("stream_limit");
+                    return ProxyError::Unavailable(format!(
+                        "cluster {:?}: {} (--max-streams-per-tunnel): retry later",
+                        route.cluster,
+                        error_chain(&*e)
+                    ));
+                }
+                Some(TunnelError::Unacknowledged(_)) => {
+                    self.metrics.count_limited("unacknowledged_streams");
+                    return ProxyError::Unavailable(format!(
+                        "cluster {:?}: {}: retry later",
+                        route.cluster,
+                        error_chain(&*e)
+                    ));
+                }
+                _ => {}
             }
             tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
             ProxyError::BadGateway(format!(
@@ -270,6 +297,7 @@ impl Frontend {
             let agent_upgrade = hyper::upgrade::on(&mut response);
             let held = (
                 Slots {
+                    _user: user_slot,
                     _cluster: slot,
                     _stream: stream_slot,
                     activity: activity.clone(),
@@ -311,6 +339,7 @@ impl Frontend {
         Ok((
             response,
             Some(Slots {
+                _user: user_slot,
                 _cluster: slot,
                 _stream: stream_slot,
                 activity,
@@ -319,13 +348,71 @@ impl Frontend {
     }
 }
 
-/// What a proxied response holds until its body ends: its place among the cluster's
-/// requests in flight, and among the tunnel's streams when it shares an HTTP/2 stream.
+/// What a proxied response holds until its body ends: its place among its user's and
+/// its cluster's requests in flight, and among the tunnel's streams when it shares an
+/// HTTP/2 stream.
 struct Slots {
+    _user: UserSlot,
     _cluster: OwnedSemaphorePermit,
     _stream: Option<OwnedSemaphorePermit>,
     /// When the request last moved a byte.
     activity: Arc<Activity>,
+}
+
+/// Requests in flight per cluster and user, each count at most `max`. A count that drops
+/// to zero is removed, so users who come and go leave nothing behind.
+struct UserSlots {
+    counts: Arc<Mutex<HashMap<(String, String), usize>>>,
+    max: usize,
+}
+
+/// One request's place among its user's requests to a cluster, given back on drop.
+struct UserSlot {
+    counts: Arc<Mutex<HashMap<(String, String), usize>>>,
+    key: (String, String),
+}
+
+impl UserSlots {
+    fn new(max: usize) -> Self {
+        UserSlots {
+            counts: Arc::default(),
+            max,
+        }
+    }
+
+    /// A place for `user`'s request to `cluster`; `None` when the user has `max`.
+    fn take(&self, cluster: &str, user: &str) -> Option<UserSlot> {
+        let key = (cluster.to_owned(), user.to_owned());
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        match counts.get_mut(&key) {
+            Some(count) if *count >= self.max => return None,
+            Some(count) => *count += 1,
+            None => {
+                counts.insert(key.clone(), 1);
+            }
+        }
+        Some(UserSlot {
+            counts: self.counts.clone(),
+            key,
+        })
+    }
+
+    #[cfg(test)]
+    fn users(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// The [`TunnelError`] somewhere in `e`'s chain of causes.
@@ -620,6 +707,24 @@ mod tests {
             dotted.upstream_uri(12).unwrap().host(),
             Some("kubernetes.12.eu.prod-1")
         );
+    }
+
+    #[test]
+    fn each_user_has_its_own_places_per_cluster_and_gives_them_back() {
+        let slots = UserSlots::new(2);
+        let a1 = slots.take("c1", "alice").unwrap();
+        let a2 = slots.take("c1", "alice").unwrap();
+        assert!(slots.take("c1", "alice").is_none(), "alice's third to c1");
+        // Other users, and alice toward other clusters, are not affected.
+        let bob = slots.take("c1", "bob").unwrap();
+        let elsewhere = slots.take("c2", "alice").unwrap();
+        drop(a1);
+        let a3 = slots.take("c1", "alice").unwrap();
+        assert!(slots.take("c1", "alice").is_none());
+        assert_eq!(slots.users(), 3);
+        // Once a user has nothing in flight, nothing of theirs is kept.
+        drop((a2, a3, bob, elsewhere));
+        assert_eq!(slots.users(), 0);
     }
 
     #[test]

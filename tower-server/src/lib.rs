@@ -51,6 +51,10 @@ use crate::pki::TlsMaterial;
 use crate::registry::{ClusterSpec, Registry, Source};
 use crate::status::Body;
 
+/// [`Limits::max_requests_per_user`] by default: room for a controller's informers
+/// (a few hundred watches) many times over, a sixteenth of a cluster's default limit.
+pub const DEFAULT_MAX_REQUESTS_PER_USER: usize = 1024;
+
 /// Limits on what callers and agents may send.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -69,6 +73,8 @@ pub struct Limits {
     pub max_streams: usize,
     /// Requests in flight per cluster (beyond it: 429).
     pub max_requests_per_cluster: usize,
+    /// Requests in flight per user (the JWT's) to one cluster (beyond it: 429).
+    pub max_requests_per_user: usize,
     /// A proxied request whose bytes stop moving this long is ended (504 or cut).
     pub stream_idle_timeout: Duration,
 }
@@ -83,6 +89,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_streams: SessionConfig::default().max_streams,
             max_requests_per_cluster: SessionConfig::default().max_streams,
+            max_requests_per_user: DEFAULT_MAX_REQUESTS_PER_USER,
             stream_idle_timeout: Duration::from_secs(4 * 3600),
         }
     }

@@ -15,8 +15,9 @@
 mod coalesce;
 pub mod control;
 pub mod dial;
-mod goaway;
+mod frames;
 pub mod http;
+mod queued;
 pub mod session;
 pub mod stream;
 pub mod tls;
@@ -59,6 +60,12 @@ pub enum TunnelError {
     /// The tunnel carries as many streams as it may.
     #[error("tunnel has reached its limit of {0} concurrent streams")]
     StreamLimit(usize),
+    /// Opening a stream waited this long: the peer has not acknowledged the streams
+    /// opened before it (yamux opens no more than 256 such).
+    #[error(
+        "256 streams opened toward the agent are unacknowledged, and none was within {0:?}: the agent is overloaded, or older than this server and acknowledges a stream only once its upstream answers"
+    )]
+    Unacknowledged(std::time::Duration),
     /// A timeout expired.
     #[error("timed out: {0}")]
     Timeout(&'static str),

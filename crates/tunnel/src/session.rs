@@ -14,7 +14,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 use crate::coalesce::{Coalesce, Flusher, coalesce};
-use crate::goaway::WatchGoAway;
+use crate::frames::WatchFrames;
+use crate::queued::Queued;
 use tokio_util::sync::CancellationToken;
 
 use crate::{TunnelError, TunnelStream};
@@ -37,12 +38,23 @@ const DEFAULT_MAX_STREAMS: usize = 16_384;
 /// this would fail the session (yamux) or wait for a free place (HTTP/2).
 pub const AGENT_MAX_REQUESTS: usize = 2 * DEFAULT_MAX_STREAMS;
 
+/// How long opening a stream may wait. yamux opens no stream while 256 it opened are
+/// unacknowledged by the peer, which this crate's agents acknowledge as they accept them
+/// (see [`acknowledge`]), so a wait is one round trip; an agent that acknowledges a
+/// stream only when its upstream answers can make it last as long as its slowest
+/// requests: past this the request fails (503) instead of waiting with them.
+pub const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How far the receive windows of a session's streams may grow past yamux's 256 KiB,
+/// all together.
+const WINDOW_GROWTH: usize = 32 * 1024 * 1024;
+
 /// Session limits.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Most streams open at once on one tunnel.
     pub max_streams: usize,
-    /// Largest yamux data frame.
+    /// Largest yamux data frame (at most 64 KiB).
     pub split_send_size: usize,
 }
 
@@ -70,6 +82,8 @@ pub struct SessionHandle {
     /// Cancelled when the session starts closing or ends: every stream's reads and writes
     /// fail from then on (see [`TunnelStream`]).
     streams_end: CancellationToken,
+    /// What the streams have queued in yamux.
+    queued: Queued,
 }
 
 impl std::fmt::Debug for Command {
@@ -97,10 +111,16 @@ impl SessionHandle {
         self.commands
             .send(Command::Open(tx))
             .map_err(|_| TunnelError::Closed("session driver has stopped".into()))?;
-        let stream = rx
+        let stream = tokio::time::timeout(OPEN_TIMEOUT, rx)
             .await
+            .map_err(|_| TunnelError::Unacknowledged(OPEN_TIMEOUT))?
             .map_err(|_| TunnelError::Closed("session driver has stopped".into()))??;
-        Ok(TunnelStream::new(stream, slot, &self.streams_end))
+        Ok(TunnelStream::new(
+            stream,
+            slot,
+            &self.streams_end,
+            &self.queued,
+        ))
     }
 
     /// Takes one of the session's stream slots without opening a yamux stream, for a
@@ -147,20 +167,30 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut yamux_config = yamux::Config::default();
-    // Stream credit is a promise, not an allocation; yamux asserts this bound.
+    // yamux asserts that the connection's window holds every stream's first 256 KiB
+    // whenever either is set: lift it before raising the stream count.
     yamux_config.set_max_connection_receive_window(None);
     // Twice the limit: yamux fails the whole connection when asked for one stream too
     // many, and it forgets dropped streams only when the driver next runs. Plus room
     // for the shared streams, which take no slot (one per target; agents have ≤ 16).
-    yamux_config.set_max_num_streams(config.max_streams * 2 + 64);
-    yamux_config.set_split_send_size(config.split_send_size);
+    let max_num_streams = config.max_streams * 2 + 64;
+    yamux_config.set_max_num_streams(max_num_streams);
+    // Every stream's first 256 KiB is a promise, not an allocation; what the windows of
+    // fast streams grow past it (yamux widens them toward twice the bandwidth-delay
+    // product) is bounded for the whole tunnel, since what a window let in waits in
+    // memory once its reader stops reading.
+    yamux_config.set_max_connection_receive_window(Some(
+        max_num_streams * yamux::DEFAULT_CREDIT as usize + WINDOW_GROWTH,
+    ));
+    yamux_config.set_split_send_size(config.split_send_size.min(crate::stream::MAX_FRAME));
     let mode = match role {
         Role::Server => yamux::Mode::Client,
         Role::Agent => yamux::Mode::Server,
     };
     let violated = CancellationToken::new();
+    let queued = Queued::default();
     let (io, flusher) = coalesce(io);
-    let io = WatchGoAway::new(io, violated.clone());
+    let io = WatchFrames::new(io, violated.clone(), queued.clone());
     let connection = yamux::Connection::new(io.compat(), yamux_config, mode);
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (inbound_tx, inbound) = mpsc::channel(1024);
@@ -171,6 +201,7 @@ where
         close: CancellationToken::new(),
         closed: CancellationToken::new(),
         streams_end: CancellationToken::new(),
+        queued,
     };
     let driver = Driver {
         connection,
@@ -180,6 +211,7 @@ where
         close: handle.close.clone(),
         closed: handle.closed.clone(),
         streams_end: handle.streams_end.clone(),
+        queued: handle.queued.clone(),
         violated,
     };
     (handle, inbound, driver)
@@ -187,7 +219,7 @@ where
 
 /// Owns the yamux connection; run it with [`Driver::run`] on its own task.
 pub struct Driver<T> {
-    connection: yamux::Connection<Compat<WatchGoAway<Coalesce<T>>>>,
+    connection: yamux::Connection<Compat<WatchFrames<Coalesce<T>>>>,
     /// Sends what yamux wrote in a turn, once the turn is over.
     flusher: Flusher<T>,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -195,6 +227,7 @@ pub struct Driver<T> {
     close: CancellationToken,
     closed: CancellationToken,
     streams_end: CancellationToken,
+    queued: Queued,
     /// yamux sent the peer an error GoAway: it broke the protocol.
     violated: CancellationToken,
 }
@@ -245,7 +278,8 @@ where
             match event {
                 Event::Inbound(stream) => match &self.inbound {
                     Some(tx) => {
-                        let stream = TunnelStream::new(stream, None, &self.streams_end);
+                        let stream =
+                            TunnelStream::new(stream, None, &self.streams_end, &self.queued);
                         if let Err(e) = tx.try_send(stream) {
                             tracing::warn!(error = %e, "dropping a stream the peer opened: nobody takes it");
                         }
@@ -321,9 +355,50 @@ where
         while let Poll::Ready(Some(Command::Open(reply))) = self.commands.poll_recv(cx) {
             pending.push_back(reply);
         }
-        while !pending.is_empty() {
+        // yamux wakes a waiting open when the peer acknowledges a stream, not when one of
+        // the unacknowledged ones ends (which it learns inside `poll_next_inbound`): so
+        // after it, pending opens are tried again, and yamux polled again for the streams
+        // that opened (until it has new streams, their first writes would wake no one).
+        let mut first = true;
+        loop {
+            let opened = match self.open_pending(cx, pending) {
+                Ok(opened) => opened,
+                Err(e) => return Poll::Ready(Event::Ended(Err(e))),
+            };
+            if !first && !opened {
+                return Poll::Pending;
+            }
+            first = false;
+            match self.connection.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(mut stream))) => {
+                    if self.inbound.is_some() {
+                        acknowledge(&mut stream, cx);
+                    }
+                    return Poll::Ready(Event::Inbound(stream));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Event::Ended(Err(e))),
+                Poll::Ready(None) => return Poll::Ready(Event::Ended(Ok(()))),
+                Poll::Pending => {}
+            }
+        }
+    }
+
+    /// Opens streams for the pending opens while yamux lets it; whether any opened.
+    fn open_pending(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        pending: &mut VecDeque<oneshot::Sender<Result<yamux::Stream, TunnelError>>>,
+    ) -> Result<bool, yamux::ConnectionError> {
+        let mut opened = false;
+        while let Some(reply) = pending.front() {
+            // An opener that gave up (its wait timed out) takes no stream.
+            if reply.is_closed() {
+                pending.pop_front();
+                continue;
+            }
             match self.connection.poll_new_outbound(cx) {
                 Poll::Ready(Ok(stream)) => {
+                    opened = true;
                     if let Some(reply) = pending.pop_front() {
                         let _ = reply.send(Ok(stream));
                     }
@@ -332,17 +407,31 @@ where
                     for reply in pending.drain(..) {
                         let _ = reply.send(Err(TunnelError::Closed(e.to_string())));
                     }
-                    return Poll::Ready(Event::Ended(Err(e)));
+                    return Err(e);
                 }
                 Poll::Pending => break,
             }
         }
-        match self.connection.poll_next_inbound(cx) {
-            Poll::Ready(Some(Ok(stream))) => Poll::Ready(Event::Inbound(stream)),
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Event::Ended(Err(e))),
-            Poll::Ready(None) => Poll::Ready(Event::Ended(Ok(()))),
-            Poll::Pending => Poll::Pending,
-        }
+        Ok(opened)
+    }
+}
+
+/// Acknowledges a stream the peer opened, at once: an empty data frame with yamux's ACK
+/// flag (as Go's yamux acknowledges on accept, with a window update).
+///
+/// Left to itself, yamux acknowledges an inbound stream with its first frame out, which
+/// on the agent is the upstream's first byte, and the opener may hold at most
+/// `MAX_ACK_BACKLOG` (256) streams unacknowledged: 256 requests that the member has not
+/// answered (uploads whose bodies never finish, slow upstreams) would stop the server
+/// from opening any more streams on that tunnel, for every caller. A peer of any version
+/// takes the empty frame (yamux skips empty data when reading).
+fn acknowledge(stream: &mut yamux::Stream, cx: &mut std::task::Context<'_>) {
+    match futures::AsyncWrite::poll_write(std::pin::Pin::new(stream), cx, &[]) {
+        Poll::Ready(Ok(_)) => {}
+        Poll::Ready(Err(e)) => tracing::debug!(error = %e, "acknowledging a stream failed"),
+        // A new stream's command queue is empty, so this does not happen; should it, the
+        // stream is acknowledged with its first frame, as yamux would.
+        Poll::Pending => tracing::debug!("acknowledging a stream must wait for its first frame"),
     }
 }
 
@@ -504,6 +593,63 @@ mod tests {
         );
     }
 
+    /// yamux opens no more than 256 streams the peer has not acknowledged. The agent
+    /// acknowledges each stream as it accepts it, so streams it never writes to (requests
+    /// its upstream has not answered) do not stop the server from opening more.
+    #[tokio::test]
+    async fn streams_the_agent_never_answers_do_not_hold_back_new_ones() {
+        let (server, _agent, _inbound) = pair(1000);
+        let mut opened = Vec::new();
+        for n in 0..600 {
+            let mut stream = tokio::time::timeout(Duration::from_secs(5), server.open_stream())
+                .await
+                .unwrap_or_else(|_| panic!("opening stream {n} waited for acknowledgements"))
+                .unwrap();
+            // yamux sends a stream's SYN with its first frame, as the preamble is here.
+            stream.write_all(b"p").await.unwrap();
+            opened.push(stream);
+        }
+    }
+
+    /// A peer that acknowledges a stream only with its first write (yamux's default, and
+    /// agents before this one) and writes nothing: opens past its 256 fail once they have
+    /// waited [`OPEN_TIMEOUT`], and say why, instead of waiting with the streams before.
+    #[tokio::test(start_paused = true)]
+    async fn opens_past_256_unacknowledged_streams_fail_after_the_open_timeout() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (server, _inbound, driver) = start(a, Role::Server, &SessionConfig::default());
+        tokio::spawn(driver.run());
+        let mut peer =
+            yamux::Connection::new(b.compat(), yamux::Config::default(), yamux::Mode::Server);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(Ok(stream)) = poll_fn(|cx| peer.poll_next_inbound(cx)).await {
+                held.push(stream);
+            }
+        });
+        let mut opened = Vec::new();
+        for _ in 0..256 {
+            let mut stream = server.open_stream().await.unwrap();
+            stream.write_all(b"p").await.unwrap();
+            opened.push(stream);
+        }
+        let asked = tokio::time::Instant::now();
+        let refused = server.open_stream().await.unwrap_err();
+        assert!(
+            matches!(refused, TunnelError::Unacknowledged(OPEN_TIMEOUT)),
+            "{refused:?}"
+        );
+        assert!(refused.to_string().contains("256 streams"), "{refused}");
+        assert_eq!(asked.elapsed(), OPEN_TIMEOUT);
+        // Once one is done with, the next open goes through again.
+        drop(opened.pop());
+        let mut stream = tokio::time::timeout(Duration::from_secs(1), server.open_stream())
+            .await
+            .expect("an open after a stream ended")
+            .unwrap();
+        stream.write_all(b"p").await.unwrap();
+    }
+
     #[tokio::test]
     async fn close_ends_both_sides() {
         let (server, agent, _inbound) = pair(8);
@@ -540,6 +686,81 @@ mod tests {
             matches!(&ended, Err(TunnelError::Closed(why)) if why.contains("did not get through")),
             "{ended:?}"
         );
+    }
+
+    /// Streams writing faster than the link takes their bytes queue at most
+    /// [`QUEUE_LIMIT`](crate::queued::QUEUE_LIMIT) (and one write) in yamux together,
+    /// however many streams and however wide their windows: then their writes wait.
+    #[tokio::test]
+    async fn what_streams_queue_behind_a_stalled_link_is_bounded_for_the_session() {
+        use crate::queued::QUEUE_LIMIT;
+        // The peer end is held and never read: the link takes 4 KiB.
+        let (near, _silent_peer) = tokio::io::duplex(4096);
+        let (handle, _inbound, driver) = start(near, Role::Server, &SessionConfig::default());
+        tokio::spawn(driver.run());
+        let mut accepted = 0;
+        let mut streams = Vec::new();
+        // 20 streams with 256 KiB of window each: 5 MiB if nothing held them back.
+        for _ in 0..20 {
+            let mut stream = handle.open_stream().await.unwrap();
+            let chunk = vec![7u8; 16 * 1024];
+            // Written until a write makes no progress for 50 ms: it waits.
+            while let Ok(written) =
+                tokio::time::timeout(Duration::from_millis(50), stream.write(&chunk)).await
+            {
+                accepted += written.unwrap();
+            }
+            streams.push(stream);
+        }
+        let queued = handle.queued.bytes();
+        assert!(
+            (QUEUE_LIMIT..=QUEUE_LIMIT + 16 * 1024).contains(&queued),
+            "{queued} bytes queued in yamux"
+        );
+        // The rest is in the coalescing buffer (80 KiB) and the link (4 KiB).
+        assert!(
+            accepted - queued <= 84 * 1024,
+            "{accepted} bytes taken, {queued} of them queued"
+        );
+    }
+
+    /// Once the link takes bytes again, the queue drains and writers go on: the count of
+    /// what is queued follows what leaves exactly, so it returns to zero.
+    #[tokio::test]
+    async fn queued_bytes_drain_to_zero_once_delivered() {
+        let (server, _agent, mut inbound) = pair(64);
+        let reader = tokio::spawn(async move {
+            let mut total = 0;
+            let mut readers = Vec::new();
+            for _ in 0..8 {
+                let mut s = inbound.recv().await.unwrap();
+                readers.push(tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    s.read_to_end(&mut sink).await.unwrap();
+                    sink.len()
+                }));
+            }
+            for r in readers {
+                total += r.await.unwrap();
+            }
+            total
+        });
+        let mut writers = Vec::new();
+        for _ in 0..8 {
+            let mut s = server.open_stream().await.unwrap();
+            writers.push(tokio::spawn(async move {
+                let chunk = vec![1u8; 40_000];
+                for _ in 0..100 {
+                    s.write_all(&chunk).await.unwrap();
+                }
+                s.shutdown().await.unwrap();
+            }));
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        assert_eq!(reader.await.unwrap(), 8 * 100 * 40_000);
+        assert_eq!(server.queued.bytes(), 0);
     }
 
     /// A read waiting on a stream when its session is closed fails at once (yamux's own

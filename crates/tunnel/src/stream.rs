@@ -8,10 +8,11 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::{CancellationToken, PollSemaphore, WaitForCancellationFutureOwned};
 use tower_proto::Preamble;
 
 use crate::TunnelError;
+use crate::queued::Queued;
 
 /// One stream of a tunnel. Holds a slot of its session's stream limit until dropped.
 ///
@@ -25,8 +26,14 @@ pub struct TunnelStream {
     /// Resolves when the session is closing or over; polled only when yamux has nothing
     /// for us, so a busy stream pays nothing for it.
     session_over: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Permits for bytes queued in yamux, one per byte, shared by the session's streams
+    /// ([`crate::queued`]).
+    queued: PollSemaphore,
     _slot: Option<OwnedSemaphorePermit>,
 }
+
+/// The largest frame a session writes (`SessionConfig::split_send_size` is at most this).
+pub(crate) const MAX_FRAME: usize = 64 * 1024;
 
 /// Bounds of [`TunnelStream`]'s adaptive read size.
 const MIN_READ: usize = 2 * 1024;
@@ -45,11 +52,13 @@ impl TunnelStream {
         stream: yamux::Stream,
         slot: Option<OwnedSemaphorePermit>,
         session_over: &CancellationToken,
+        queued: &Queued,
     ) -> Self {
         TunnelStream {
             inner: stream.compat(),
             read_size: MIN_READ,
             session_over: Box::pin(session_over.clone().cancelled_owned()),
+            queued: PollSemaphore::new(queued.semaphore()),
             _slot: slot,
         }
     }
@@ -129,12 +138,35 @@ impl AsyncRead for TunnelStream {
 }
 
 impl AsyncWrite for TunnelStream {
+    /// Takes the session's permits for what yamux may queue of `buf` (waiting in line
+    /// while the session has [`crate::queued::QUEUE_LIMIT`] bytes queued), then hands
+    /// yamux what the stream's send window takes; unused permits go back at once.
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+        if buf.is_empty() {
+            return Pin::new(&mut self.inner).poll_write(cx, buf);
+        }
+        // yamux takes one frame per write: at most its largest.
+        let want = buf.len().min(MAX_FRAME);
+        let Poll::Ready(permit) = self.queued.poll_acquire_many(cx, want as u32) else {
+            return self.pending_unless_over(cx);
+        };
+        // The semaphore is never closed; without a permit, go on unbounded.
+        if let Some(permit) = permit {
+            permit.forget();
+        }
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        let used = match written {
+            Poll::Ready(Ok(n)) => n.min(want),
+            _ => 0,
+        };
+        if used < want {
+            self.queued.add_permits(want - used);
+        }
+        match written {
             Poll::Pending => self.pending_unless_over(cx),
             ready => ready,
         }

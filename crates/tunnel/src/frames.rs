@@ -1,10 +1,12 @@
-//! Noticing that yamux gave up on its peer.
+//! What yamux writes, frame by frame: [`WatchFrames`] reads the frames on their way to
+//! the socket for two things yamux does not tell its user.
 //!
-//! When the peer breaks a yamux rule (data beyond its window, a window update that
-//! overflows, a stream id of the wrong parity), yamux 0.14 answers with a GoAway carrying
-//! an error code but keeps the connection open, and tells its user nothing. Tower must end
-//! such a tunnel: [`WatchGoAway`] reads the frames yamux writes and fires a token when one
-//! is a GoAway with a non-zero (error) code.
+//! * That it gave up on its peer. When the peer breaks a yamux rule (data beyond its
+//!   window, a window update that overflows, a stream id of the wrong parity), yamux 0.14
+//!   answers with a GoAway carrying an error code but keeps the connection open. Tower must
+//!   end such a tunnel: a GoAway with a non-zero (error) code fires a token.
+//! * How much stream data left its queues: DATA bodies give their permits back to the
+//!   session's [`Queued`] (see [`crate::queued`]).
 //!
 //! A yamux frame is a 12-byte header — version u8, type u8, flags u16, stream id u32,
 //! length u32, big-endian — and, for data frames (type 0) only, `length` bytes of body.
@@ -16,6 +18,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
+
+use crate::queued::Queued;
 
 const HEADER_LEN: usize = 12;
 const TYPE_DATA: u8 = 0;
@@ -30,16 +34,26 @@ struct FrameScanner {
     skip: u64,
 }
 
+/// What some written bytes held.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Scanned {
+    /// The error code of a GoAway among them.
+    go_away: Option<u32>,
+    /// How many of them were data frame bodies.
+    data: usize,
+}
+
 impl FrameScanner {
-    /// Feeds written bytes; returns the error code of any GoAway among them.
-    fn feed(&mut self, mut bytes: &[u8]) -> Option<u32> {
-        let mut go_away = None;
+    /// Feeds written bytes, which follow the ones fed before.
+    fn feed(&mut self, mut bytes: &[u8]) -> Scanned {
+        let mut scanned = Scanned::default();
         while !bytes.is_empty() {
             if self.skip > 0 {
                 let n = bytes
                     .len()
                     .min(usize::try_from(self.skip).unwrap_or(usize::MAX));
                 self.skip -= n as u64;
+                scanned.data += n;
                 bytes = &bytes[n..];
                 continue;
             }
@@ -60,33 +74,36 @@ impl FrameScanner {
             ]);
             match kind {
                 TYPE_DATA => self.skip = u64::from(length),
-                TYPE_GO_AWAY => go_away = Some(length),
+                TYPE_GO_AWAY => scanned.go_away = Some(length),
                 _ => {}
             }
         }
-        go_away
+        scanned
     }
 }
 
-/// An I/O object whose writes are scanned for an error GoAway.
-pub(crate) struct WatchGoAway<T> {
+/// An I/O object whose writes are scanned for an error GoAway and for stream data sent.
+pub(crate) struct WatchFrames<T> {
     inner: T,
     scanner: FrameScanner,
     fired: CancellationToken,
+    queued: Queued,
 }
 
-impl<T> WatchGoAway<T> {
-    /// Wraps `inner`; `fired` is cancelled when an error GoAway is written.
-    pub(crate) fn new(inner: T, fired: CancellationToken) -> Self {
-        WatchGoAway {
+impl<T> WatchFrames<T> {
+    /// Wraps `inner`; `fired` is cancelled when an error GoAway is written, and `queued`
+    /// gets back the permits of the stream data written.
+    pub(crate) fn new(inner: T, fired: CancellationToken, queued: Queued) -> Self {
+        WatchFrames {
             inner,
             scanner: FrameScanner::default(),
             fired,
+            queued,
         }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for WatchGoAway<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for WatchFrames<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -96,7 +113,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchGoAway<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for WatchGoAway<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for WatchFrames<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -104,11 +121,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WatchGoAway<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let written = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &written
-            && let Some(code) = this.scanner.feed(&buf[..*n])
-            && code != 0
-        {
-            this.fired.cancel();
+        if let Poll::Ready(Ok(n)) = &written {
+            let scanned = this.scanner.feed(&buf[..*n]);
+            this.queued.sent(scanned.data);
+            if scanned.go_away.is_some_and(|code| code != 0) {
+                this.fired.cancel();
+            }
         }
         written
     }
@@ -147,7 +165,7 @@ mod tests {
             let mut scanner = FrameScanner::default();
             let found: Vec<u32> = stream
                 .chunks(chunk)
-                .filter_map(|c| scanner.feed(c))
+                .filter_map(|c| scanner.feed(c).go_away)
                 .collect();
             assert_eq!(found, [1], "chunks of {chunk}");
         }
@@ -156,6 +174,21 @@ mod tests {
     #[test]
     fn a_normal_go_away_is_reported_with_code_zero() {
         let mut scanner = FrameScanner::default();
-        assert_eq!(scanner.feed(&frame(TYPE_GO_AWAY, 0, 0)), Some(0));
+        assert_eq!(scanner.feed(&frame(TYPE_GO_AWAY, 0, 0)).go_away, Some(0));
+    }
+
+    #[test]
+    fn only_data_bodies_count_as_data_however_the_writes_split_them() {
+        let mut stream = frame(TYPE_DATA, 5, 5);
+        stream.extend(frame(1, 262_144, 0)); // a window update: its length is credit
+        stream.extend(frame(TYPE_DATA, 0, 0)); // an acknowledgement
+        stream.extend(frame(2, 7, 0)); // a ping
+        stream.extend(frame(TYPE_DATA, 3, 3));
+        for chunk in 1..stream.len() {
+            let mut scanner = FrameScanner::default();
+            let data: usize = stream.chunks(chunk).map(|c| scanner.feed(c).data).sum();
+            assert_eq!(data, 8, "written {chunk} bytes at a time");
+            assert_eq!((scanner.have, scanner.skip), (0, 0));
+        }
     }
 }

@@ -25,7 +25,7 @@ use kube::runtime::watcher::{self, Event};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tower_auth::Minter;
+use tower_auth::{Minter, Verifier};
 use tower_proto::ControlMessage;
 use tower_proto::names::validate_cluster_name;
 
@@ -304,8 +304,13 @@ pub struct Controller {
     pub client: Client,
     /// The registry this replica routes with.
     pub registry: Arc<Registry>,
-    /// Mints tokens for Clusters that have none.
+    /// Mints tokens for Clusters that have none (or one this server cannot verify).
     pub minter: Minter,
+    /// Verifies the tokens Clusters hold.
+    pub verifier: Verifier,
+    /// The Tower CA's pin, written into each token so an agent given only the token
+    /// knows whom to trust.
+    pub ca_pin: Option<String>,
     /// Base URL of this server's frontend as the host reaches it.
     pub frontend_url: String,
     /// This replica's id (in condition messages).
@@ -427,7 +432,9 @@ impl Controller {
             "{}/clusters/{name}",
             self.frontend_url.trim_end_matches('/')
         );
-        if token.is_empty() || cluster.spec.connection.kubernetes_api_endpoint != endpoint {
+        if self.needs_token(&name, token)
+            || cluster.spec.connection.kubernetes_api_endpoint != endpoint
+        {
             self.write_spec(api, &cluster, &endpoint).await;
         }
         clusters.insert(name, cluster);
@@ -439,8 +446,11 @@ impl Controller {
     async fn write_spec(&self, api: &Api<Cluster>, cluster: &Cluster, endpoint: &str) {
         let name = cluster.name();
         let mut connection = json!({ "kubernetesAPIEndpoint": endpoint });
-        if cluster.spec.connection.token.is_empty() {
-            connection["token"] = self.minter.agent_token(name, None).into();
+        if self.needs_token(name, &cluster.spec.connection.token) {
+            connection["token"] = self
+                .minter
+                .agent_token_pinned(name, None, self.ca_pin.as_deref())
+                .into();
         }
         let patch = json!({
             "metadata": { "resourceVersion": cluster.metadata.resource_version },
@@ -458,6 +468,27 @@ impl Controller {
             }
             Err(e) => {
                 tracing::warn!(cluster = %name, error = %e, "writing the Cluster's connection")
+            }
+        }
+    }
+
+    /// Whether the Cluster's token must be (re)minted: it has none, or one this server
+    /// does not accept for it (a hex token of KubeSphere's old tower, one signed with the
+    /// jwtSecret itself by an older Tower or with another secret, one for another name,
+    /// an expired one). Replacing it closes any tunnel that used it.
+    fn needs_token(&self, name: &str, token: &str) -> bool {
+        if token.is_empty() {
+            return true;
+        }
+        match self.verifier.verify_agent(token) {
+            Ok(claims) if claims.sub == name => false,
+            Ok(claims) => {
+                tracing::warn!(cluster = name, token_for = %claims.sub, "the Cluster's token is for another cluster: minting a new one");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(cluster = name, error = %e, "the Cluster's token is not one this server accepts: minting a new one");
+                true
             }
         }
     }

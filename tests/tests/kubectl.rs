@@ -100,6 +100,23 @@ fn get_create_replace_delete_and_large_lists() {
             "payload of bulk-{i:04} arrived intact"
         );
     }
+    // kubectl asked for gzip (Go's HTTP transport does), so the member sent the list
+    // compressed, and it arrived intact through the tunnel: kubectl read it above.
+    let listed = member
+        .api
+        .calls()
+        .into_iter()
+        .find(|c| {
+            c.path_and_query
+                .starts_with("/api/v1/namespaces/bulk/configmaps")
+        })
+        .expect("the list reached the member");
+    assert_eq!(
+        listed.accept_encoding.as_deref(),
+        Some("gzip"),
+        "{listed:?}"
+    );
+    assert_eq!(member.api.gzipped_responses(), 1);
 
     // The member saw the agent's own credential and the JWT's user and groups, never
     // the caller's JWT.

@@ -12,9 +12,9 @@
 //! Compression: with `Accept-Encoding` listing `gzip`, a response whose body is larger than
 //! 128 KiB is gzipped, with `Content-Encoding: gzip` and `Vary: Accept-Encoding`
 //! (staging/src/k8s.io/apiserver/pkg/endpoints/handlers/responsewriters/writers.go:
-//! `defaultGzipThresholdBytes`, `deferredResponseWriter`, level 1 since 1.29). Only what
-//! the apiserver writes through `SerializeObject` (objects, lists, `Status` errors) is
-//! eligible: never a watch, an upgrade or a log stream.
+//! `defaultGzipThresholdBytes`, `deferredResponseWriter`; level 1, as current releases
+//! compress). Only what the apiserver writes through `SerializeObject` (objects, lists,
+//! `Status` errors) is eligible: never a watch, an upgrade or a log stream.
 
 use std::convert::Infallible;
 use std::pin::Pin;

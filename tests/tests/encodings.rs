@@ -12,7 +12,11 @@ use tower_e2e::protobuf_watch::{self, Frames, WatchEvent};
 use tower_e2e::{Chunk, Https, Member, Server, Streaming, agent, kubectl_with_input, server};
 
 const WAIT: Duration = Duration::from_secs(30);
+/// The media type of a protobuf watch's answer (handlers/watch.go adds `;stream=watch`).
 const PROTOBUF_WATCH: &str = "application/vnd.kubernetes.protobuf;stream=watch";
+/// What client-go sends with a protobuf content type, watches included (rest/request.go:
+/// `ContentType + ", */*"`).
+const CLIENT_GO_PROTOBUF: &str = "application/vnd.kubernetes.protobuf, */*";
 
 /// Reads frames off a streamed protobuf watch until `want` events have come.
 fn next_events(watch: &Streaming, frames: &mut Frames, want: usize) -> Vec<WatchEvent> {
@@ -50,7 +54,7 @@ fn a_protobuf_watch_is_relayed_event_by_event() {
     let watch = https.stream(
         "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1",
         &user,
-        &[("accept", PROTOBUF_WATCH)],
+        &[("accept", CLIENT_GO_PROTOBUF)],
     );
     assert_eq!(watch.status, 200);
     assert_eq!(watch.header("content-type"), Some(PROTOBUF_WATCH));
@@ -95,7 +99,7 @@ fn a_protobuf_watch_is_relayed_event_by_event() {
         .iter()
         .find(|c| c.path_and_query.contains("configmaps?watch=1"))
         .expect("the watch reached the member");
-    assert_eq!(watched.accept.as_deref(), Some(PROTOBUF_WATCH));
+    assert_eq!(watched.accept.as_deref(), Some(CLIENT_GO_PROTOBUF));
     drop(watch);
     tower_e2e::wait_for("the watch to close at the member", WAIT, || {
         (member.api.open_streams() == 0).then_some(())
@@ -109,8 +113,7 @@ fn protobuf_gets_and_lists_and_a_client_that_takes_no_json() {
     let _agent = agent(&server, &member, "member-1").connect(&server);
     let user = Server::minter().user_token("alice", &[], None);
     let https = Https::frontend(&server);
-    // client-go's typed clients with protobuf: protobuf first, anything else after.
-    let accept = [("accept", "application/vnd.kubernetes.protobuf, */*")];
+    let accept = [("accept", CLIENT_GO_PROTOBUF)];
 
     let direct = Https::with_ca(member.api.ca_pem(), member.api.addr());
     for path in [

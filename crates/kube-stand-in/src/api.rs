@@ -450,7 +450,6 @@ async fn collection(
             } else {
                 negotiate::output(
                     header_str(req.headers(), "accept"),
-                    watching,
                     protobuf::writes(resource.api_version(), resource.kind()),
                 )?
             };
@@ -591,7 +590,6 @@ async fn object(
             }
             let output = negotiate::output(
                 header_str(req.headers(), "accept"),
-                false,
                 protobuf::writes(resource.api_version(), resource.kind()),
             )?;
             if output == Output::Protobuf {

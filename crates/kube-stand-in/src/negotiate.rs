@@ -3,8 +3,9 @@
 //!
 //! Media types: kube-apiserver takes the client's `Accept` clauses best first (by `q`, then
 //! the more specific) and answers with the first it serves
-//! (staging/src/k8s.io/apiserver/pkg/endpoints/handlers/negotiation); a clause may carry
-//! `stream=watch` only on a watch. It serves protobuf for every built-in kind; the
+//! (staging/src/k8s.io/apiserver/pkg/endpoints/handlers/negotiation); a clause's `stream`
+//! may only be `watch` (`AllowsStreamSchema`), on any verb. It serves protobuf for every
+//! built-in kind; the
 //! stand-in only for the kinds [`crate::protobuf::writes`], and for the others passes on
 //! to the client's next clause. It serves no YAML. When no clause is left: 406, as the
 //! apiserver answers a client that accepts nothing it serves.
@@ -91,21 +92,17 @@ fn clauses(accept: &str) -> Vec<Clause<'_>> {
     out
 }
 
-/// The output for a request with `accept` (none: JSON). `watch`: the request is a watch;
-/// `protobuf`: the stand-in can write this kind as protobuf.
-pub(crate) fn output(
-    accept: Option<&str>,
-    watch: bool,
-    protobuf: bool,
-) -> Result<Output, ApiError> {
+/// The output for a request with `accept` (none: JSON); `protobuf`: the stand-in can
+/// write this kind as protobuf.
+pub(crate) fn output(accept: Option<&str>, protobuf: bool) -> Result<Output, ApiError> {
     let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
         return Ok(Output::Json);
     };
     for clause in clauses(accept) {
-        // `stream=watch` only on a watch; `as`/`g`/`v` ask for a conversion (Table,
-        // PartialObjectMetadata), served as JSON Tables elsewhere and not otherwise.
+        // `stream` other than `watch` is refused; `as`/`g`/`v` ask for a conversion
+        // (Table, PartialObjectMetadata), served as JSON Tables elsewhere and not otherwise.
         let acceptable = clause.params.iter().all(|(key, value)| match key.as_str() {
-            "stream" => watch && *value == "watch",
+            "stream" => *value == "watch",
             "as" | "g" | "v" => false,
             _ => true,
         });
@@ -234,31 +231,29 @@ mod tests {
     #[test]
     fn the_best_clause_the_stand_in_serves_wins() {
         let pb = "application/vnd.kubernetes.protobuf, */*";
-        assert_eq!(output(Some(pb), false, true), Ok(Output::Protobuf));
-        assert_eq!(output(Some(pb), false, false), Ok(Output::Json));
-        assert_eq!(output(None, true, true), Ok(Output::Json));
+        assert_eq!(output(Some(pb), true), Ok(Output::Protobuf));
+        assert_eq!(output(Some(pb), false), Ok(Output::Json));
+        assert_eq!(output(None, true), Ok(Output::Json));
         assert_eq!(
-            output(Some("application/json, */*"), true, true),
+            output(Some("application/json, */*"), true),
             Ok(Output::Json)
         );
         let watch = "application/vnd.kubernetes.protobuf;stream=watch";
-        assert_eq!(output(Some(watch), true, true), Ok(Output::Protobuf));
-        // `stream=watch` is for watches only.
-        assert_eq!(
-            output(Some(watch), false, true).map_err(|e| e.code),
-            Err(406)
-        );
+        assert_eq!(output(Some(watch), true), Ok(Output::Protobuf));
+        // `stream=watch` on a list as well (`AllowsStreamSchema`); any other stream, never.
+        let other = "application/vnd.kubernetes.protobuf;stream=other";
+        assert_eq!(output(Some(other), true).map_err(|e| e.code), Err(406));
         let q = "application/json;q=0.5, application/vnd.kubernetes.protobuf";
-        assert_eq!(output(Some(q), false, true), Ok(Output::Protobuf));
+        assert_eq!(output(Some(q), true), Ok(Output::Protobuf));
         // Protobuf only, for a kind the stand-in writes as JSON alone: 406, not JSON.
-        let refused = output(Some(PROTOBUF), false, false).expect_err("406");
+        let refused = output(Some(PROTOBUF), false).expect_err("406");
         assert_eq!((refused.code, refused.reason), (406, "NotAcceptable"));
         assert_eq!(
-            output(Some("application/yaml"), false, true).map_err(|e| e.code),
+            output(Some("application/yaml"), true).map_err(|e| e.code),
             Err(406)
         );
         assert_eq!(
-            output(Some("application/json;q=0"), false, true).map_err(|e| e.code),
+            output(Some("application/json;q=0"), true).map_err(|e| e.code),
             Err(406)
         );
     }

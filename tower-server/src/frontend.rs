@@ -229,7 +229,7 @@ impl Frontend {
                 None => Caller::User(identity),
                 Some(users) => match users.resolve(identity, tower_issued) {
                     Ok(identity) => Caller::User(identity),
-                    Err(e @ crate::users::Refused::NotReady) => {
+                    Err(e @ crate::users::Refused::NotReady(_)) => {
                         return Err(ProxyError::Unavailable(e.to_string()));
                     }
                     Err(e) => return Err(ProxyError::Unauthorized(e.to_string())),

@@ -35,8 +35,8 @@ struct User {
 
 #[derive(Debug)]
 enum State {
-    /// Not yet known whether the host has Users.
-    Starting,
+    /// Not yet known whether the host has Users (and why, when asking failed).
+    Starting(Option<String>),
     /// The host has no User API: tokens' claims stand.
     Absent,
     /// Listing the Users.
@@ -48,9 +48,9 @@ enum State {
 /// Why a verified caller is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
-    /// The Users are not listed yet (503).
-    #[error("tower has not listed KubeSphere's Users yet: retry in a moment")]
-    NotReady,
+    /// The Users are not listed yet (503), and why when listing them failed.
+    #[error("tower has not listed KubeSphere's Users yet ({0}): retry in a moment")]
+    NotReady(String),
     /// No such User (401).
     #[error("user {0:?} is not a KubeSphere user of this host")]
     Unknown(String),
@@ -68,7 +68,7 @@ pub struct KubeSphereUsers {
 impl Default for KubeSphereUsers {
     fn default() -> Self {
         KubeSphereUsers {
-            state: RwLock::new(State::Starting),
+            state: RwLock::new(State::Starting(None)),
         }
     }
 }
@@ -82,7 +82,10 @@ impl KubeSphereUsers {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         match &*state {
             State::Absent => Ok(identity),
-            State::Starting | State::Listing => Err(Refused::NotReady),
+            State::Starting(why) => Err(Refused::NotReady(
+                why.clone().unwrap_or_else(|| "starting".into()),
+            )),
+            State::Listing => Err(Refused::NotReady("listing".into())),
             State::Ready(users) => match users.get(&identity.user) {
                 None => Err(Refused::Unknown(identity.user)),
                 Some(user) if user.disabled => Err(Refused::Disabled(identity.user)),
@@ -129,10 +132,13 @@ impl KubeSphereUsers {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "looking for KubeSphere's Users");
+                    // Failing closed: a host that has Users but hides them (RBAC) must not
+                    // let a disabled user in on the token's word.
+                    tracing::warn!(error = %e, "cannot list KubeSphere's Users: KubeSphere tokens get 503 until it can (deploy/host/rbac.yaml grants list and watch on users.iam.kubesphere.io)");
+                    self.set(State::Starting(Some(format!("listing them failed: {e}"))));
                     tokio::select! {
                         () = stop.cancelled() => return,
-                        () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                        () = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
                     }
                 }
             }
@@ -213,7 +219,10 @@ mod tests {
     #[test]
     fn users_resolve_as_kubesphere_does() {
         let users = KubeSphereUsers::default();
-        assert_eq!(users.resolve(alice(&[]), false), Err(Refused::NotReady));
+        assert!(matches!(
+            users.resolve(alice(&[]), false),
+            Err(Refused::NotReady(_))
+        ));
         users.set(State::Ready(HashMap::from([
             (
                 "alice".to_owned(),

@@ -222,6 +222,7 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         token_file,
         verifier,
         targets,
+        metrics: Default::default(),
         keepalive,
         shutdown_grace: cli.shutdown_grace,
         backoff: Backoff {

@@ -17,6 +17,7 @@
 
 pub mod cli;
 mod http2;
+pub mod metrics;
 mod pace;
 pub mod upstream;
 
@@ -144,6 +145,8 @@ pub struct Config {
     /// On shutdown, how long requests in flight get to finish (watches end at once,
     /// cleanly).
     pub shutdown_grace: Duration,
+    /// What `/metrics` on the admin listener shows.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Config {
@@ -175,7 +178,8 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let up = Arc::new(AtomicUsize::new(0));
     if let Some(listener) = admin {
-        tokio::spawn(serve_admin(listener, up.clone(), shutdown.clone()));
+        let metrics = config.metrics.clone();
+        tokio::spawn(serve_admin(listener, up.clone(), metrics, shutdown.clone()));
     }
     let config = Arc::new(config);
     let server = format!("{}:{}", config.dial.host, config.dial.port);
@@ -226,6 +230,9 @@ pub async fn run(
             dialed = dial::dial(&dial_config, &held_ids) => dialed,
             () = shutdown.cancelled() => break,
         };
+        if let Err(e) = &dialed {
+            config.metrics.dial_error(e);
+        }
         match dialed {
             Ok(dialed) => {
                 replicas = usize::from(dialed.hello.server_count.max(1));
@@ -645,6 +652,7 @@ where
     B::Error: Into<upstream::BoxError>,
 {
     let Some(upstream) = config.targets.get(target) else {
+        config.metrics.refused(metrics::Refused::UnknownTarget);
         return reply(failure(
             StatusCode::FORBIDDEN,
             "Forbidden",
@@ -661,6 +669,7 @@ where
     let identity = match config.verifier.verify_user(token) {
         Ok(identity) => identity,
         Err(e) => {
+            config.metrics.refused(metrics::Refused::BadToken);
             return reply(failure(
                 StatusCode::UNAUTHORIZED,
                 "Unauthorized",
@@ -678,6 +687,7 @@ where
         // our own credentials it is served as the token's user (its Impersonate-*
         // headers are replaced below), and the request that follows is refused here,
         // with the reason.
+        config.metrics.refused(metrics::Refused::Impersonation);
         return refuse_impersonation(req.headers(), &identity.user);
     }
     let client_upgrade = req
@@ -695,6 +705,7 @@ where
     parts.uri = match upstream.uri_for(&path) {
         Ok(uri) => uri,
         Err(e) => {
+            config.metrics.refused(metrics::Refused::BadRequest);
             return reply(failure(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
@@ -730,6 +741,7 @@ where
                 parts.headers.insert("impersonate-user", user);
             }
             Err(_) => {
+                config.metrics.refused(metrics::Refused::BadRequest);
                 return reply(failure(
                     StatusCode::BAD_REQUEST,
                     "BadRequest",
@@ -744,7 +756,11 @@ where
         }
     }
     let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
-    let mut response = match upstream.send(request).await {
+    let sent = std::time::Instant::now();
+    let answer = upstream.send(request).await;
+    let code = answer.as_ref().ok().map(|r| r.status().as_u16());
+    config.metrics.upstream(target, code, sent.elapsed());
+    let mut response = match answer {
         Ok(response) => response,
         Err(e) => {
             tracing::warn!(%target, error = %e, "upstream request failed");
@@ -833,7 +849,12 @@ fn set_bearer(headers: &mut http::HeaderMap, token: &str) {
     }
 }
 
-async fn serve_admin(listener: TcpListener, up: Arc<AtomicUsize>, shutdown: CancellationToken) {
+async fn serve_admin(
+    listener: TcpListener,
+    up: Arc<AtomicUsize>,
+    metrics: Arc<metrics::Metrics>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (tcp, _) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -847,16 +868,24 @@ async fn serve_admin(listener: TcpListener, up: Arc<AtomicUsize>, shutdown: Canc
                 }
             },
         };
-        let up = up.clone();
+        let (up, metrics) = (up.clone(), metrics.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let ready = up.load(Ordering::SeqCst) > 0;
+                let scraped =
+                    (req.uri().path() == "/metrics").then(|| metrics::response(&metrics, &up));
                 async move {
+                    if let Some(response) = scraped {
+                        return Ok::<_, Infallible>(response);
+                    }
                     let (code, body) = match req.uri().path() {
                         "/healthz" | "/livez" => (StatusCode::OK, "ok\n"),
                         "/readyz" if ready => (StatusCode::OK, "ok: tunnel up\n"),
                         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "tunnel down\n"),
-                        _ => (StatusCode::NOT_FOUND, "endpoints: /healthz /readyz\n"),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "endpoints: /healthz /readyz /metrics\n",
+                        ),
                     };
                     let mut response =
                         Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -1072,6 +1101,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
             },
             token_file: None,
+            metrics: Default::default(),
             verifier: Verifier::new(secret),
             targets,
             keepalive: Keepalive::default(),

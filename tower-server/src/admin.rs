@@ -149,10 +149,9 @@ impl Admin {
         only: Option<&str>,
     ) -> Response<Body> {
         let admin = req.headers().contains_key(header::AUTHORIZATION);
-        if admin {
-            if let Err((code, message)) = self.manifests.authorize(req, peer, "agent versions") {
-                return text(code, message);
-            }
+        if admin && let Err((code, message)) = self.manifests.authorize(req, peer, "agent versions")
+        {
+            return text(code, message);
         }
         let ctx = crate::dashboard::Context {
             server_id: &self.server_id,

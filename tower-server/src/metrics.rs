@@ -474,7 +474,11 @@ impl Collector for ClusterCollector {
             None,
             MetricType::Histogram,
         )?;
-        let bounds: Vec<f64> = DURATION_BOUNDS.iter().copied().chain([f64::MAX]).collect();
+        let bounds: Vec<f64> = DURATION_BOUNDS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .collect();
         for (name, metrics) in &clusters {
             for (code_class, histogram) in STATUS_CLASSES.iter().zip(&metrics.durations) {
                 let snapshot = histogram.snapshot();
@@ -494,5 +498,84 @@ impl Collector for ClusterCollector {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::registry::{ClusterSpec, Registry};
+
+    fn scrape(registry: &std::sync::Arc<Registry>) -> String {
+        let mut metrics = prometheus_client::registry::Registry::default();
+        metrics
+            .sub_registry_with_prefix("tower")
+            .register_collector(Box::new(ClusterCollector {
+                registry: registry.clone(),
+                draining: tokio_util::sync::CancellationToken::new(),
+            }));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &metrics).unwrap();
+        out
+    }
+
+    #[test]
+    fn series_exist_for_registered_clusters_only() {
+        let spec = |name: &str| ClusterSpec {
+            name: name.into(),
+            targets: Vec::new(),
+        };
+        let registry = Registry::new(Some(vec![spec("a"), spec("b")]));
+        assert!(registry.metrics_of("nope").is_none());
+        let a = registry.metrics_of("a").unwrap();
+        a.observe(200, Duration::from_millis(3));
+        a.observe(200, Duration::from_millis(40));
+        a.observe(503, Duration::from_secs(60));
+        a.count_bytes(false, 100);
+        let text = scrape(&registry);
+        for line in [
+            "tower_ready 1",
+            "tower_cluster_tunnel_up{cluster=\"a\"} 0",
+            "tower_cluster_tunnel_up{cluster=\"b\"} 0",
+            "tower_cluster_streams{cluster=\"b\"} 0",
+            "tower_cluster_bytes_total{cluster=\"a\",direction=\"response\"} 100",
+            "tower_cluster_request_duration_seconds_count{cluster=\"a\",code_class=\"2xx\"} 2",
+            "tower_cluster_request_duration_seconds_bucket{le=\"0.005\",cluster=\"a\",code_class=\"2xx\"} 1",
+            "tower_cluster_request_duration_seconds_bucket{le=\"0.05\",cluster=\"a\",code_class=\"2xx\"} 2",
+            "tower_cluster_request_duration_seconds_bucket{le=\"+Inf\",cluster=\"a\",code_class=\"5xx\"} 1",
+            "tower_cluster_request_duration_seconds_bucket{le=\"30.0\",cluster=\"a\",code_class=\"5xx\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        assert!(
+            !text.contains("tower_cluster_tunnel_rtt_seconds{"),
+            "no tunnel, no RTT"
+        );
+        // A cluster that goes takes its series with it.
+        registry.forget("a");
+        let text = scrape(&registry);
+        assert!(!text.contains("cluster=\"a\""), "{text}");
+        assert!(text.contains("cluster=\"b\""));
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets_as_promql_does() {
+        let h = Histogram::default();
+        assert_eq!(h.snapshot().quantile(0.5), None);
+        for _ in 0..10 {
+            h.observe(Duration::from_millis(30)); // (0.025, 0.05]
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count(), 10);
+        assert_eq!(s.sum_micros, 300_000);
+        // histogram_quantile(0.5) = 0.025 + (0.05 - 0.025) * 0.5
+        assert!((s.quantile(0.5).unwrap() - 0.0375).abs() < 1e-9);
+        h.observe(Duration::from_secs(100));
+        assert_eq!(
+            h.snapshot().quantile(1.0),
+            Some(30.0),
+            "+Inf reads as the top bound"
+        );
     }
 }

@@ -509,31 +509,37 @@ fn chart(
     // Right-aligned: the newest point at the right edge.
     let x = |i: usize| W - (points.len() - 1 - i) as f64 * slot;
     let y = |v: f64| H - (v / scale) * (H - TOP);
+    // Runs of consecutive values become polylines; a lone value, a dot.
     let mut lines = String::new();
-    let mut current = String::new();
-    for (i, v) in values.iter().enumerate() {
-        match v {
-            Some(v) => {
-                let _ = write!(current, "{:.1},{:.1} ", x(i), y(*v));
+    let mut run: Vec<(f64, f64)> = Vec::new();
+    let flush = |run: &mut Vec<(f64, f64)>, lines: &mut String| {
+        match run.as_slice() {
+            [] => {}
+            [(cx, cy)] => {
+                let _ = write!(
+                    lines,
+                    "<circle class=\"dot\" cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"2.5\"/>"
+                );
             }
-            None if !current.is_empty() => {
+            _ => {
+                let points: Vec<String> =
+                    run.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
                 let _ = write!(
                     lines,
                     "<polyline class=\"line\" points=\"{}\"/>",
-                    current.trim_end()
+                    points.join(" ")
                 );
-                current.clear();
             }
-            None => {}
+        }
+        run.clear();
+    };
+    for (i, v) in values.iter().enumerate() {
+        match v {
+            Some(v) => run.push((x(i), y(*v))),
+            None => flush(&mut run, &mut lines),
         }
     }
-    if !current.is_empty() {
-        let _ = write!(
-            lines,
-            "<polyline class=\"line\" points=\"{}\"/>",
-            current.trim_end()
-        );
-    }
+    flush(&mut run, &mut lines);
     let mut gaps = String::new();
     for (i, p) in points.iter().enumerate() {
         if !p.up {
@@ -683,7 +689,12 @@ mod tests {
             |p| p.rtt,
             |v| seconds(Some(v)),
         );
-        assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
+        assert_eq!(svg.matches("<polyline").count(), 1, "{svg}");
+        assert_eq!(
+            svg.matches("<circle").count(),
+            1,
+            "a lone value is a dot: {svg}"
+        );
         assert_eq!(svg.matches("class=\"gap\"").count(), 1);
         assert!(
             svg.contains("Tunnel round trip: now 3.0 ms, highest 4.0 ms"),

@@ -340,6 +340,38 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
         assert_eq!(b.attr("#row-member-1", "data-state").await.as_deref(), Some("up"));
         b.screenshot(&shots, "3-one-disconnected").await;
 
+        // The filter narrows the rows by name, and holds across refreshes.
+        let filter = b.client.find(Locator::Id("filter")).await.expect("filter");
+        assert!(filter.is_displayed().await.expect("shown"));
+        filter.send_keys("member-3").await.expect("type");
+        let visible = |id: &'static str| {
+            let b = &b;
+            async move {
+                b.client
+                    .find(Locator::Id(id))
+                    .await
+                    .expect("row")
+                    .is_displayed()
+                    .await
+                    .expect("displayed")
+            }
+        };
+        assert!(visible("row-member-3").await);
+        assert!(!visible("row-member-1").await && !visible("row-member-2").await);
+        assert_eq!(
+            b.text("#filter-status").await.as_deref(),
+            Some("1 of 3 clusters match")
+        );
+        let updated = b.text("#updated").await;
+        b.until("a refresh", Duration::from_secs(15), || async {
+            (b.text("#updated").await != updated).then_some(())
+        })
+        .await;
+        assert!(!visible("row-member-1").await, "the filter holds across a refresh");
+        filter.clear().await.expect("clear");
+        filter.send_keys(" ").await.expect("type");
+        assert!(visible("row-member-1").await);
+
         // A narrow window: the table scrolls sideways in its own region, the cluster
         // names stay in view.
         b.client
@@ -435,6 +467,11 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
         assert_eq!(cell(&b, "member-1", "state").await, "● Connected");
         assert!(cell(&b, "member-1", "rps").await.parse::<f64>().is_ok());
         assert_eq!(b.count("noscript").await, 2);
+        let filter = b.client.find(Locator::Id("filter")).await.expect("filter");
+        assert!(
+            !filter.is_displayed().await.expect("displayed"),
+            "no filter without JavaScript"
+        );
         let body = b.text("body").await.unwrap_or_default();
         assert!(
             body.contains("Without JavaScript the page cannot send a token"),

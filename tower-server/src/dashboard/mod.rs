@@ -226,8 +226,16 @@ fn time(now: SystemTime, then: SystemTime) -> String {
     )
 }
 
-/// The page around `live` (what the script refreshes) and `after` (what it does not).
-fn page(title: &str, ctx: &Context<'_>, data: &str, live: &str, after: &str) -> String {
+/// The page around `live` (what the script refreshes), `before` and `after` it (what it
+/// does not).
+fn page(
+    title: &str,
+    ctx: &Context<'_>,
+    data: &str,
+    before: &str,
+    live: &str,
+    after: &str,
+) -> String {
     let mut out =
         String::with_capacity(live.len() + after.len() + STYLE.len() + SCRIPT.len() + 1024);
     let _ = write!(
@@ -242,7 +250,7 @@ fn page(title: &str, ctx: &Context<'_>, data: &str, live: &str, after: &str) -> 
          <header><h1><a href=\"/\">Tower</a></h1>\
          <p class=\"muted\">replica <strong>{server}</strong> · updated <span id=\"updated\">{updated}</span> · \
          refreshes every {REFRESH_SECONDS} s <span id=\"refresh-status\" role=\"status\"></span></p></header>\n\
-         <main id=\"main\">\n<div id=\"live\">\n{live}</div>\n{after}</main>\n\
+         <main id=\"main\">\n{before}<div id=\"live\">\n{live}</div>\n{after}</main>\n\
          <script>{SCRIPT}</script>\n</body>\n</html>\n",
         title = esc(title),
         server = esc(ctx.server_id),
@@ -365,7 +373,12 @@ pub(crate) fn overview(ctx: &Context<'_>, rows: &[Row]) -> String {
     }
     live.push_str("</tbody>\n</table>\n</div>\n");
     let after = token_form("With an admin token, the table shows each cluster's agent version.");
-    page(&title, ctx, "", &live, &after)
+    // Outside the live part, so that what is typed survives the refresh.
+    let filter = "<div id=\"filter-box\" hidden><form role=\"search\" id=\"filter-form\">\
+                  <label for=\"filter\">Filter clusters by name</label> \
+                  <input id=\"filter\" type=\"search\" autocomplete=\"off\" spellcheck=\"false\">\
+                  <span id=\"filter-status\" role=\"status\"></span></form></div>\n";
+    page(&title, ctx, "", filter, &live, &after)
 }
 
 /// One cluster: its figures now and over the last minutes, and its agent.yaml.
@@ -488,7 +501,7 @@ pub(crate) fn cluster(ctx: &Context<'_>, row: &Row, points: &[Point]) -> String 
     );
     let data =
         format!(" data-cluster=\"{name}\" data-agent-yaml=\"/v1/clusters/{name}/agent.yaml\"");
-    page(&title, ctx, &data, &live, &after)
+    page(&title, ctx, &data, "", &live, &after)
 }
 
 /// A line chart of `value` over `points`, as inline SVG with a text alternative.
@@ -574,7 +587,7 @@ pub(crate) fn not_found(ctx: &Context<'_>, name: &str) -> String {
         "<p><a href=\"/\">← All clusters</a></p>\n<h2>No cluster {}</h2>\n<p>This replica's registry does not list it.</p>\n",
         esc(name)
     );
-    page("Tower: no such cluster", ctx, "", &live, "")
+    page("Tower: no such cluster", ctx, "", "", &live, "")
 }
 
 #[cfg(test)]

@@ -10,6 +10,26 @@
     el.textContent = text;
     el.classList.toggle("alert", !!bad);
   }
+  // The fleet's filter: shown only with JavaScript, applied again after each refresh.
+  var filter = document.getElementById("filter");
+  function applyFilter() {
+    if (!filter) return;
+    var q = filter.value.trim().toLowerCase();
+    var shown = 0, rows = document.querySelectorAll("#clusters tbody tr[data-cluster]");
+    rows.forEach(function (row) {
+      var match = !q || row.dataset.cluster.indexOf(q) !== -1;
+      row.hidden = !match;
+      if (match) shown++;
+    });
+    say(document.getElementById("filter-status"), q ? shown + " of " + rows.length + " clusters match" : "");
+  }
+  if (filter) {
+    document.getElementById("filter-box").hidden = false;
+    filter.addEventListener("input", applyFilter);
+    document.getElementById("filter-form").addEventListener("submit", function (ev) {
+      ev.preventDefault();
+    });
+  }
   function headers() {
     return token ? { Authorization: "Bearer " + token } : {};
   }
@@ -43,6 +63,9 @@
           if (el && live.contains(el)) el.focus();
         }
         document.title = doc.title;
+        var stamp = doc.getElementById("updated"), here = document.getElementById("updated");
+        if (stamp && here) here.textContent = stamp.textContent;
+        applyFilter();
         say(document.getElementById("refresh-status"), "");
       });
     }).catch(function (e) {

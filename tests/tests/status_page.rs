@@ -418,7 +418,14 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
             (n >= 1 && b.count("#chart-rps polyline").await >= 1).then_some(())
         })
         .await;
-        for chart in ["chart-rps", "chart-p99", "chart-rtt"] {
+        for chart in [
+            "chart-rps",
+            "chart-p99",
+            "chart-errors",
+            "chart-streams",
+            "chart-bytes",
+            "chart-rtt",
+        ] {
             assert_eq!(b.attr(&format!("#{chart}"), "role").await.as_deref(), Some("img"));
             let caption = b.text(&format!("#{chart}-caption")).await.expect("caption");
             assert!(!caption.contains("no samples"), "{caption}");

@@ -38,6 +38,10 @@ pub struct Point {
     pub streams: usize,
     /// Whether a tunnel was up.
     pub up: bool,
+    /// Request body bytes per second, caller → member.
+    pub bytes_in: f64,
+    /// Response body bytes per second, member → caller.
+    pub bytes_out: f64,
 }
 
 /// The figures of the recent past ([`WINDOW`], or since the cluster registered).
@@ -104,10 +108,10 @@ impl History {
                 window: VecDeque::new(),
                 points: VecDeque::with_capacity(POINTS),
             });
-            let recent = Recent::of(
-                &totals.since(&entry.last.1),
-                now.saturating_duration_since(entry.last.0),
-            );
+            let delta = totals.since(&entry.last.1);
+            let took = now.saturating_duration_since(entry.last.0);
+            let recent = Recent::of(&delta, took);
+            let per_second = |n: u64| n as f64 / took.as_secs_f64().max(0.001);
             if entry.points.len() == POINTS {
                 entry.points.pop_front();
             }
@@ -123,6 +127,8 @@ impl History {
                     .map(|d| d.as_secs_f64()),
                 streams: tunnel.as_ref().map_or(0, |t| t.session.open_streams()),
                 up: tunnel.is_some(),
+                bytes_in: per_second(delta.request_bytes),
+                bytes_out: per_second(delta.response_bytes),
             });
             entry.last = (now, totals);
             entry.window.push_back((now, totals));

@@ -454,6 +454,27 @@ pub(crate) fn cluster(ctx: &Context<'_>, row: &Row, points: &[Point]) -> String 
         |v| seconds(Some(v)),
     ));
     live.push_str(&chart(
+        "chart-errors",
+        "Errors (5xx)",
+        points,
+        |p| p.error_ratio,
+        |v| percent(Some(v)),
+    ));
+    live.push_str(&chart(
+        "chart-streams",
+        "Open streams",
+        points,
+        |p| Some(p.streams as f64),
+        |v| format!("{v:.0}"),
+    ));
+    live.push_str(&chart(
+        "chart-bytes",
+        "Bytes out per second",
+        points,
+        |p| Some(p.bytes_out),
+        |v| format!("{}/s", bytes(v as u64)),
+    ));
+    live.push_str(&chart(
         "chart-rtt",
         "Tunnel round trip",
         points,
@@ -468,12 +489,13 @@ pub(crate) fn cluster(ctx: &Context<'_>, row: &Row, points: &[Point]) -> String 
          <table id=\"points\"><caption>Samples of cluster {name}, oldest first</caption>\n<thead><tr>\
          <th scope=\"col\" class=\"text\">Time</th><th scope=\"col\" class=\"text\">Tunnel</th><th scope=\"col\">Req/s</th>\
          <th scope=\"col\">p50</th><th scope=\"col\">p99</th><th scope=\"col\">Errors</th><th scope=\"col\">Streams</th>\
+         <th scope=\"col\">Bytes in/s</th><th scope=\"col\">Bytes out/s</th>\
          <th scope=\"col\">RTT</th></tr></thead>\n<tbody>\n"
     );
     for p in points {
         let _ = writeln!(
             live,
-            "<tr><th scope=\"row\">{}</th><td class=\"text\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><th scope=\"row\">{}</th><td class=\"text\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             rfc3339(p.at),
             if p.up { "up" } else { "down" },
             rate(p.rps),
@@ -481,6 +503,8 @@ pub(crate) fn cluster(ctx: &Context<'_>, row: &Row, points: &[Point]) -> String 
             seconds(p.p99),
             percent(p.error_ratio),
             p.streams,
+            bytes(p.bytes_in as u64),
+            bytes(p.bytes_out as u64),
             seconds(p.rtt),
         );
     }
@@ -688,6 +712,8 @@ mod tests {
             rtt,
             streams: 0,
             up,
+            bytes_in: 0.0,
+            bytes_out: 0.0,
         };
         let points = [
             p(1.0, true, Some(0.002)),

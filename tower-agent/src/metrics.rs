@@ -8,7 +8,8 @@
 //!   upstream (kube-apiserver, ks-apiserver), until its response head.
 //! - `tower_agent_upstream_failures_total{target}`: requests the upstream did not answer.
 //! - `tower_agent_requests_refused_total{reason}`: requests the agent refused itself
-//!   (`bad_token`, `impersonation`, `unknown_target`, `bad_request`).
+//!   (`bad_identity`, `no_identity_key`, `pass_through`, `impersonation`,
+//!   `unknown_target`, `bad_request`).
 //!
 //! Targets are labels only once the agent serves them (its allowlist), so the set of
 //! series is fixed by its flags. Counting a request takes a read lock and a histogram
@@ -36,8 +37,12 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Why the agent refused a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
-    /// The caller's JWT did not verify.
-    BadToken,
+    /// The server's identity assertion did not verify.
+    BadIdentity,
+    /// The agent has no key to verify identity assertions with (yet).
+    NoIdentityKey,
+    /// A pass-through credential on an agent whose own credential would replace it.
+    PassThrough,
     /// `Impersonate-*` headers (`kubectl --as`).
     Impersonation,
     /// A target not on the allowlist.
@@ -49,7 +54,9 @@ pub enum Refused {
 impl Refused {
     fn as_str(self) -> &'static str {
         match self {
-            Refused::BadToken => "bad_token",
+            Refused::BadIdentity => "bad_identity",
+            Refused::NoIdentityKey => "no_identity_key",
+            Refused::PassThrough => "pass_through",
             Refused::Impersonation => "impersonation",
             Refused::UnknownTarget => "unknown_target",
             Refused::BadRequest => "bad_request",

@@ -25,11 +25,12 @@ use kube::runtime::watcher::{self, Event};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tower_auth::Minter;
+use tower_auth::{Minter, Verifier};
 use tower_proto::ControlMessage;
 use tower_proto::names::validate_cluster_name;
 
 use crate::manifest::normalize_publish_address;
+use crate::registry::token_sha256;
 use crate::registry::{Entry, Registry};
 
 /// The API group of KubeSphere's Cluster.
@@ -304,12 +305,41 @@ pub struct Controller {
     pub client: Client,
     /// The registry this replica routes with.
     pub registry: Arc<Registry>,
-    /// Mints tokens for Clusters that have none.
+    /// Mints tokens for Clusters that have none (or one this server cannot verify).
     pub minter: Minter,
+    /// Verifies the tokens Clusters hold.
+    pub verifier: Verifier,
+    /// The Tower CA's pin, written into each token so an agent given only the token
+    /// knows whom to trust.
+    pub ca_pin: Option<String>,
+    /// How long a minted agent token is valid (`None`: for ever). A token with less
+    /// than a third of it left is renewed; the old one stays accepted until it expires.
+    pub agent_token_lifetime: Option<Duration>,
     /// Base URL of this server's frontend as the host reaches it.
     pub frontend_url: String,
     /// This replica's id (in condition messages).
     pub server_id: String,
+}
+
+/// What a Cluster's agent token needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenAction {
+    /// Nothing.
+    Keep,
+    /// A new one in place of none or an unacceptable one (which stops working at once).
+    Mint,
+    /// A new one in place of one that expires soon (which works until it does).
+    Renew,
+}
+
+/// The annotation that remembers the token a renewal replaced (hex SHA-256), so every
+/// replica accepts it until its own `exp` and hands its agent the new one.
+pub const PREVIOUS_TOKEN_ANNOTATION: &str = "tower.kubesphere.io/previous-agent-token-sha256";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What this replica still has to write into a Cluster's condition.
@@ -341,7 +371,7 @@ impl Controller {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = &mut changed => {}
-                _ = retry.tick() => {}
+                _ = retry.tick() => self.renew_due(&api, &clusters).await,
                 event = events.next() => match event {
                     None => break,
                     Some(Err(e)) => {
@@ -421,13 +451,21 @@ impl Controller {
             Entry {
                 targets: Vec::new(),
                 token: (!token.is_empty()).then(|| token.clone()),
+                previous_token_sha256: cluster
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(PREVIOUS_TOKEN_ANNOTATION))
+                    .cloned(),
             },
         );
         let endpoint = format!(
             "{}/clusters/{name}",
             self.frontend_url.trim_end_matches('/')
         );
-        if token.is_empty() || cluster.spec.connection.kubernetes_api_endpoint != endpoint {
+        if self.token_action(&name, token) != TokenAction::Keep
+            || cluster.spec.connection.kubernetes_api_endpoint != endpoint
+        {
             self.write_spec(api, &cluster, &endpoint).await;
         }
         clusters.insert(name, cluster);
@@ -439,11 +477,21 @@ impl Controller {
     async fn write_spec(&self, api: &Api<Cluster>, cluster: &Cluster, endpoint: &str) {
         let name = cluster.name();
         let mut connection = json!({ "kubernetesAPIEndpoint": endpoint });
-        if cluster.spec.connection.token.is_empty() {
-            connection["token"] = self.minter.agent_token(name, None).into();
+        let mut metadata = json!({ "resourceVersion": cluster.metadata.resource_version });
+        let old = &cluster.spec.connection.token;
+        let action = self.token_action(name, old);
+        if action != TokenAction::Keep {
+            connection["token"] = self
+                .minter
+                .agent_token_pinned(name, self.agent_token_lifetime, self.ca_pin.as_deref())
+                .into();
+            // A renewed token stays accepted until it expires; one that was replaced
+            // (unacceptable) does not.
+            let previous = (action == TokenAction::Renew).then(|| token_sha256(old));
+            metadata["annotations"] = json!({ PREVIOUS_TOKEN_ANNOTATION: previous });
         }
         let patch = json!({
-            "metadata": { "resourceVersion": cluster.metadata.resource_version },
+            "metadata": metadata,
             "spec": { "connection": connection },
         });
         match api
@@ -458,6 +506,48 @@ impl Controller {
             }
             Err(e) => {
                 tracing::warn!(cluster = %name, error = %e, "writing the Cluster's connection")
+            }
+        }
+    }
+
+    /// Whether the Cluster's token must be (re)minted: it has none, or one this server
+    /// does not accept for it (a hex token of KubeSphere's old tower, one signed with the
+    /// jwtSecret itself by an older Tower or with another secret, one for another name,
+    /// an expired one): replacing it closes any tunnel that used it. Or it is to be
+    /// renewed: less than a third of its lifetime is left.
+    fn token_action(&self, name: &str, token: &str) -> TokenAction {
+        if token.is_empty() {
+            return TokenAction::Mint;
+        }
+        match self.verifier.verify_agent(token) {
+            Ok(claims) if claims.sub == name => {
+                let renew_within = self.agent_token_lifetime.map(|l| l.as_secs() / 3);
+                match (claims.exp, renew_within) {
+                    (Some(exp), Some(within)) if exp.saturating_sub(unix_now()) < within => {
+                        TokenAction::Renew
+                    }
+                    _ => TokenAction::Keep,
+                }
+            }
+            Ok(claims) => {
+                tracing::warn!(cluster = name, token_for = %claims.sub, "the Cluster's token is for another cluster: minting a new one");
+                TokenAction::Mint
+            }
+            Err(e) => {
+                tracing::warn!(cluster = name, error = %e, "the Cluster's token is not one this server accepts: minting a new one");
+                TokenAction::Mint
+            }
+        }
+    }
+
+    /// Renews the tokens of `clusters` that are due.
+    async fn renew_due(&self, api: &Api<Cluster>, clusters: &HashMap<String, Cluster>) {
+        for cluster in clusters.values() {
+            if self.token_action(cluster.name(), &cluster.spec.connection.token)
+                == TokenAction::Renew
+            {
+                let endpoint = cluster.spec.connection.kubernetes_api_endpoint.clone();
+                self.write_spec(api, cluster, &endpoint).await;
             }
         }
     }

@@ -516,7 +516,7 @@ pub(crate) fn cluster(ctx: &Context<'_>, row: &Row, points: &[Point]) -> String 
         after,
         "<section aria-labelledby=\"agent-yaml-heading\">\n<h2 id=\"agent-yaml-heading\">agent.yaml</h2>\n\
          <p>The member's manifest: apply it on cluster {name} with <code>kubectl create -f agent.yaml</code>. \
-         It holds the agent token and the jwtSecret.</p>\n\
+         It holds the agent token and the cluster key: treat it as a secret.</p>\n\
          <div id=\"agent-yaml-actions\"><button type=\"button\" id=\"agent-yaml-show\">Show agent.yaml</button> \
          <button type=\"button\" id=\"agent-yaml-copy\">Copy</button> \
          <button type=\"button\" id=\"agent-yaml-download\">Download</button></div>\n\

@@ -115,7 +115,7 @@
     agentYaml().then(function (text) {
       yamlText.value = text;
       yamlText.classList.remove("hidden");
-      say(yamlStatus, "agent.yaml holds the agent token and the jwtSecret: treat it as a secret.");
+      say(yamlStatus, "agent.yaml holds the agent token and the cluster key: treat it as a secret.");
     }, function (e) { say(yamlStatus, "agent.yaml refused: " + e.message, true); });
   });
   on("agent-yaml-download", function () {

@@ -11,6 +11,36 @@ fn sample(text: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// What `promtool check metrics` (Prometheus's linter of names, units and help) says
+/// about the series of `text` whose names start with one of `ours`.
+fn lint(text: &str, ours: &[&str]) -> Vec<String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; .ci/run installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+        .filter(|l| ours.iter().any(|p| l.trim_start().starts_with(p)))
+        // promtool reads the classic text format, where a counter's HELP names the
+        // sample (`x_total`); OpenMetrics, which both binaries serve, names the family
+        // (`x`). Not a fault of the metric.
+        .filter(|l| !l.contains("_total no help text"))
+        .map(str::to_owned)
+        .collect()
+}
+
 fn scrape(addr: std::net::SocketAddr) -> String {
     let (code, text) = admin_get(addr, "/metrics");
     assert_eq!(code, 200, "{text}");
@@ -104,6 +134,12 @@ fn per_cluster_series_exist_for_registered_clusters_only() {
         );
     }
 
+    let complaints = lint(&text, &["tower_cluster_", "tower_ready"]);
+    assert!(
+        complaints.is_empty(),
+        "promtool check metrics: {complaints:#?}"
+    );
+
     // The agent's own metrics: its tunnel, its upstream's latency, what it refused.
     let agent_admin = first.admin.expect("agent admin address");
     let refused = kubectl(&kc, &["get", "pods", "--as", "bob"]);
@@ -120,4 +156,9 @@ fn per_cluster_series_exist_for_registered_clusters_only() {
     );
     assert!(get("tower_agent_requests_refused_total{reason=\"impersonation\"}") >= 1.0);
     assert!(text.contains("# TYPE tower_agent_upstream_failures counter"));
+    let complaints = lint(&text, &["tower_agent_"]);
+    assert!(
+        complaints.is_empty(),
+        "promtool check metrics: {complaints:#?}"
+    );
 }

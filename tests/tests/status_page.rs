@@ -142,6 +142,16 @@ impl Browser {
     }
 }
 
+/// Presses and releases `key` wherever the focus is, as a person at a keyboard does.
+async fn press(b: &Browser, key: fantoccini::key::Key) {
+    use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+    let key = char::from(key);
+    let actions = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down { value: key })
+        .then(KeyAction::Up { value: key });
+    b.client.perform_actions(actions).await.expect("key press");
+}
+
 /// The text of `column` in the row of `cluster`.
 async fn cell(b: &Browser, cluster: &str, column: &str) -> String {
     b.text(&format!("#row-{cluster} [data-col={column}]"))
@@ -398,6 +408,36 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
             .set_window_size(1400, 900)
             .await
             .expect("wide window");
+
+        // By keyboard alone: Tab from the top reaches the first row's link (the one
+        // that needs attention) past a few controls, and Enter follows it.
+        b.client.goto(&page).await.expect("reload");
+        let mut reached = None;
+        for tabs in 1..=12 {
+            press(&b, fantoccini::key::Key::Tab).await;
+            let id = b
+                .client
+                .active_element()
+                .await
+                .expect("focus")
+                .attr("id")
+                .await
+                .expect("id");
+            if id.as_deref() == Some("link-member-2") {
+                reached = Some(tabs);
+                break;
+            }
+        }
+        let tabs = reached.expect("Tab reaches the first cluster's link");
+        assert!(tabs <= 6, "{tabs} tabs to the first row");
+        press(&b, fantoccini::key::Key::Enter).await;
+        let heading = b
+            .until("member-2's page", Duration::from_secs(10), || async {
+                b.text("#cluster-heading").await
+            })
+            .await;
+        assert_eq!(heading, "Cluster member-2: ▲ Disconnected");
+        b.client.back().await.expect("back");
 
         // One cluster: its figures, charts drawn from the samples, and its agent.yaml.
         b.client

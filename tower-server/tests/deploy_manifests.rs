@@ -145,6 +145,8 @@ struct Objects {
     kustomizations: Vec<Value>,
     /// PrometheusRule documents, untyped (no type in k8s-openapi either).
     prometheus_rules: Vec<Value>,
+    /// PodMonitor documents (the Prometheus Operator's), untyped.
+    pod_monitors: Vec<Value>,
     /// For each object, its kind, name and namespace (None for cluster-scoped kinds).
     identities: Vec<(String, String, Option<String>)>,
 }
@@ -208,6 +210,7 @@ impl Objects {
                 assert_eq!(keys, ["groups"], "{origin}: spec holds only groups");
                 self.prometheus_rules.push(document.clone())
             }
+            ("monitoring.coreos.com/v1", "PodMonitor") => self.pod_monitors.push(document.clone()),
             _ => panic!(
                 "{origin}: {api_version} {kind} is not a kind this test knows; teach it \
                  (deserialize it strictly) before shipping it"
@@ -394,8 +397,38 @@ fn kustomization_lists_every_host_manifest_but_the_crd() {
         kinds_by_file.contains_key(CRD_FILE),
         "{CRD_FILE} ships beside them"
     );
-    // The alert rules ship beside them too, applied on their own.
+    // The alert rules and the scrape configuration ship beside them too, applied on
+    // their own. The PodMonitor scrapes the tower pods' admin port, where /metrics is.
     assert_eq!(objects.prometheus_rules.len(), 1, "one PrometheusRule");
+    assert_eq!(objects.pod_monitors.len(), 1, "one PodMonitor");
+    let monitor = &objects.pod_monitors[0];
+    let pod = tower_pod(&objects);
+    let pod_labels: BTreeMap<String, String> = objects
+        .deployment("tower")
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .expect("pod labels");
+    let selector: BTreeMap<String, String> =
+        serde_json::from_value(monitor["spec"]["selector"]["matchLabels"].clone())
+            .expect("matchLabels");
+    assert!(
+        labels_match(&selector, &pod_labels),
+        "the PodMonitor selects the tower pods"
+    );
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["path"], "/metrics");
+    let port = endpoint["port"].as_str().expect("port name");
+    let container = tower_container(pod);
+    let admin = container
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(port))
+        .unwrap_or_else(|| panic!("no container port {port:?}"));
+    assert_eq!(admin.container_port, 9090, "the admin listener");
     assert_eq!(
         kinds_by_file.get("monitoring/prometheusrule.yaml"),
         Some(&vec!["PrometheusRule".to_owned()])

@@ -525,6 +525,18 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
             "{body}"
         );
         b.screenshot(&shots, "6-without-javascript").await;
+        // It reloads itself (a meta refresh, inside <noscript>).
+        let updated = b.text("#updated").await;
+        b.until(
+            "a reload without JavaScript",
+            Duration::from_secs(20),
+            || async {
+                let now = b.text("#updated").await;
+                (now.is_some() && now != updated).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(b.count("#clusters tbody tr").await, 3);
         b.client.close().await.expect("close");
     });
 }

@@ -47,6 +47,8 @@ pub(crate) struct CallerAuth {
     /// Bearer tokens this host did not sign go to the member as they are
     /// (`--pass-through-unknown-tokens`).
     pub(crate) pass_through: bool,
+    /// With `--kubernetes`: the host's KubeSphere Users, against which callers resolve.
+    pub(crate) users: Option<Arc<crate::users::KubeSphereUsers>>,
 }
 
 /// Who is calling, as far as this server can tell.
@@ -234,9 +236,18 @@ impl Frontend {
         );
         let caller = match token
             .ok_or(AuthError::Missing)
-            .and_then(|token| self.auth.verifier.verify_user(token))
+            .and_then(|token| self.auth.verifier.verify_user_issued(token))
         {
-            Ok(identity) => Caller::User(identity),
+            Ok((identity, tower_issued)) => match &self.auth.users {
+                None => Caller::User(identity),
+                Some(users) => match users.resolve(identity, tower_issued) {
+                    Ok(identity) => Caller::User(identity),
+                    Err(e @ crate::users::Refused::NotReady) => {
+                        return Err(ProxyError::Unavailable(e.to_string()));
+                    }
+                    Err(e) => return Err(ProxyError::Unauthorized(e.to_string())),
+                },
+            },
             Err(e) if self.auth.pass_through && not_signed_here(&e) => {
                 Caller::PassThrough(pass_through_key(token.unwrap_or_default()))
             }

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod pki;
 pub mod registry;
 mod status;
+pub mod users;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -231,6 +232,15 @@ pub async fn run(
         }
     };
     let controller_stop = CancellationToken::new();
+    let users = kube.as_ref().map(|(client, _)| {
+        let users = Arc::new(users::KubeSphereUsers::default());
+        tokio::spawn(
+            users
+                .clone()
+                .follow(client.clone(), controller_stop.clone()),
+        );
+        users
+    });
     let server_count = Arc::new(std::sync::atomic::AtomicU16::new(config.server_count));
     let replica_counter = match (&kube, &config.server_count_from) {
         (Some((client, namespace)), Some(deployment)) => {
@@ -299,6 +309,7 @@ pub async fn run(
             verifier: verifier.clone(),
             asserter: tower_auth::identity::Asserter::new(&config.secret),
             pass_through: config.pass_through_unknown_tokens,
+            users: users.clone(),
         },
         metrics.clone(),
         config.server_id.clone(),

@@ -31,6 +31,8 @@ pub(crate) const BULK_VALUE_LEN: usize = 100 * 1024;
 pub(crate) const KUBESPHERE_CLUSTER_GROUP: &str = "cluster.kubesphere.io";
 /// The version of [`KUBESPHERE_CLUSTER_GROUP`] that is served.
 pub(crate) const KUBESPHERE_CLUSTER_VERSION: &str = "v1alpha1";
+/// The group of KubeSphere's identities (`User` objects).
+pub(crate) const KUBESPHERE_IAM_GROUP: &str = "iam.kubesphere.io";
 /// The RBAC API group.
 pub(crate) const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
 
@@ -70,11 +72,15 @@ pub(crate) enum Resource {
     PodDisruptionBudgets,
     /// `networking.k8s.io/v1` `NetworkPolicy`, stored as given (no network to enforce it).
     NetworkPolicies,
+    /// KubeSphere's `iam.kubesphere.io/v1alpha2` `User`, cluster-scoped, free-form (as
+    /// KubeSphere 3.4's CRD: `spec.groups`, `status.state` Active/Disabled, written by
+    /// its controllers without a status subresource).
+    Users,
 }
 
 impl Resource {
     /// Every resource, in discovery order.
-    pub(crate) const ALL: [Resource; 14] = [
+    pub(crate) const ALL: [Resource; 15] = [
         Resource::ConfigMaps,
         Resource::Namespaces,
         Resource::Pods,
@@ -89,6 +95,7 @@ impl Resource {
         Resource::ClusterRoles,
         Resource::RoleBindings,
         Resource::Roles,
+        Resource::Users,
     ];
 
     /// The resource served at `/api/v1/{plural}` (`group_version` `v1`) or
@@ -115,6 +122,7 @@ impl Resource {
             Resource::RoleBindings => "rolebindings",
             Resource::PodDisruptionBudgets => "poddisruptionbudgets",
             Resource::NetworkPolicies => "networkpolicies",
+            Resource::Users => "users",
         }
     }
 
@@ -134,6 +142,7 @@ impl Resource {
             Resource::RoleBindings => "rolebinding",
             Resource::PodDisruptionBudgets => "poddisruptionbudget",
             Resource::NetworkPolicies => "networkpolicy",
+            Resource::Users => "user",
         }
     }
 
@@ -153,6 +162,7 @@ impl Resource {
             Resource::RoleBindings => "RoleBinding",
             Resource::PodDisruptionBudgets => "PodDisruptionBudget",
             Resource::NetworkPolicies => "NetworkPolicy",
+            Resource::Users => "User",
         }
     }
 
@@ -171,6 +181,7 @@ impl Resource {
             | Resource::RoleBindings => RBAC_GROUP,
             Resource::PodDisruptionBudgets => "policy",
             Resource::NetworkPolicies => "networking.k8s.io",
+            Resource::Users => KUBESPHERE_IAM_GROUP,
             _ => "",
         }
     }
@@ -179,6 +190,7 @@ impl Resource {
     pub(crate) fn version(self) -> &'static str {
         match self {
             Resource::Clusters => KUBESPHERE_CLUSTER_VERSION,
+            Resource::Users => "v1alpha2",
             _ => "v1",
         }
     }
@@ -194,6 +206,7 @@ impl Resource {
             | Resource::RoleBindings => "rbac.authorization.k8s.io/v1",
             Resource::PodDisruptionBudgets => "policy/v1",
             Resource::NetworkPolicies => "networking.k8s.io/v1",
+            Resource::Users => "iam.kubesphere.io/v1alpha2",
             _ => "v1",
         }
     }
@@ -217,6 +230,7 @@ impl Resource {
             Resource::PodDisruptionBudgets => &["pdb"],
             Resource::NetworkPolicies => &["netpol"],
             Resource::Clusters
+            | Resource::Users
             | Resource::Secrets
             | Resource::ClusterRoles
             | Resource::ClusterRoleBindings
@@ -230,6 +244,7 @@ impl Resource {
             self,
             Resource::Namespaces
                 | Resource::Clusters
+                | Resource::Users
                 | Resource::ClusterRoles
                 | Resource::ClusterRoleBindings
         )
@@ -255,7 +270,7 @@ impl Resource {
     /// Custom resources (not built-in types) refuse a PUT without a
     /// `metadata.resourceVersion` and count `metadata.generation` up on spec changes.
     pub(crate) fn is_custom(self) -> bool {
-        matches!(self, Resource::Clusters)
+        matches!(self, Resource::Clusters | Resource::Users)
     }
 }
 

@@ -32,7 +32,7 @@ use tower_tunnel::watch_end::{EndOnSignal, Framer};
 use tower_tunnel::{TunnelError, TunnelStream};
 
 use crate::idle::{Activity, IdleBody, Unread, unless_idle};
-use crate::metrics::{DirectionLabels, Metrics};
+use crate::metrics::{ClusterMetrics, DirectionLabels, Metrics};
 use crate::registry::{Lookup, Registry};
 use crate::status::{Body, BoxError, failure};
 
@@ -177,12 +177,19 @@ impl Frontend {
         req: Request<Incoming>,
         remote: std::net::SocketAddr,
     ) -> Response<Body> {
+        let started = std::time::Instant::now();
         let in_flight = InFlight::new(self.metrics.clone());
         let unread = req.extensions().get::<Unread>().cloned();
-        let (response, slot) = match self.route(req, remote).await {
+        // Set once the path names a cluster the registry knows: other names count only
+        // in the totals, so they never make a series.
+        let mut cluster = None;
+        let (response, slot) = match self.route(req, remote, &mut cluster).await {
             Ok(routed) => routed,
             Err(e) => (e.response(), None),
         };
+        if let Some(cluster) = &cluster {
+            cluster.observe(response.status().as_u16(), started.elapsed());
+        }
         // A caller that stops reading stops hyper polling the body, and so the body's own
         // idle timer: its connection watches for that apart, and closes.
         if let (Some(slots), Some(unread)) = (&slot, unread) {
@@ -201,6 +208,9 @@ impl Frontend {
                             direction: "response",
                         })
                         .inc_by(data.len() as u64);
+                    if let Some(cluster) = &cluster {
+                        cluster.count_bytes(false, data.len());
+                    }
                 }
                 frame
             })
@@ -213,8 +223,11 @@ impl Frontend {
         &self,
         mut req: Request<Incoming>,
         remote: std::net::SocketAddr,
+        cluster: &mut Option<Arc<ClusterMetrics>>,
     ) -> Result<(Response<Body>, Option<Slots>), ProxyError> {
         let route = Route::parse(req.uri())?;
+        *cluster = self.registry.metrics_of(&route.cluster);
+        let cluster = cluster.clone();
         let token = tower_auth::bearer(
             req.headers()
                 .get(header::AUTHORIZATION)
@@ -315,6 +328,9 @@ impl Frontend {
                             direction: "request",
                         })
                         .inc_by(data.len() as u64);
+                    if let Some(cluster) = &cluster {
+                        cluster.count_bytes(true, data.len());
+                    }
                 }
                 frame
             })

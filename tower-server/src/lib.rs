@@ -14,7 +14,9 @@ mod admin;
 mod agents;
 pub mod cli;
 pub mod connections;
+mod dashboard;
 mod frontend;
+pub mod history;
 pub mod http2;
 mod idle;
 pub mod kubernetes;
@@ -273,6 +275,13 @@ pub async fn run(
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut metrics_registry);
     let draining = CancellationToken::new();
+    metrics_registry
+        .sub_registry_with_prefix("tower")
+        .register_collector(Box::new(metrics::ClusterCollector {
+            registry: registry.clone(),
+            draining: draining.clone(),
+        }));
+    let history = Arc::new(history::History::default());
     let sessions = TaskTracker::new();
 
     let agents = Arc::new(agents::Acceptor {
@@ -323,6 +332,8 @@ pub async fn run(
             kube: kube.clone(),
             admin_group: config.admin_group.clone(),
         },
+        history: history.clone(),
+        server_id: config.server_id.clone(),
     });
 
     let stop_accepting = CancellationToken::new();
@@ -356,6 +367,21 @@ pub async fn run(
     // The admin listener stays up while the server drains: /readyz answers 503 with the
     // reason (rather than refusing connections) and /metrics can still be scraped.
     let admin_stop = CancellationToken::new();
+    // Samples every cluster's figures for the status page's rates and charts.
+    let sampler = {
+        let (registry, stop) = (registry.clone(), admin_stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(history::SAMPLE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => history.sample(&registry),
+                }
+            }
+        })
+    };
     let admin_loop = tokio::spawn(serve(
         listeners.admin,
         None,
@@ -399,6 +425,7 @@ pub async fn run(
     }
     admin_stop.cancel();
     let _ = admin_loop.await;
+    let _ = sampler.await;
     Ok(())
 }
 

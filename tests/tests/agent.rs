@@ -509,3 +509,52 @@ fn kubectl_as_is_refused_with_a_reason() {
     // Without them, alice as herself.
     kubectl(&kc, &["get", "pods", "-o", "name"]).success();
 }
+
+/// KubeSphere's old agent's flags: what the console's Deployment passes is accepted (see
+/// deploy_flow.rs); the old agent's others are refused with what to use instead, and a
+/// token that pins no CA is refused without a CA flag unless the operator says
+/// --insecure-skip-tls-verify.
+#[test]
+fn the_old_agents_other_flags_and_an_unpinned_token_are_refused_with_the_reason() {
+    let server = server().start();
+    let run = |command: &mut Command| {
+        let out = command.output().expect("run tower-agent");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (flag, says) in [
+        ("--max-retry=5", "tower-agent dials again for ever"),
+        ("--max-retry-interval=5m", "use --reconnect-max"),
+    ] {
+        let (code, stderr) = run(agent_command(&server, "member-1").arg(flag));
+        assert_eq!(code, Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(says), "{flag}: {stderr}");
+    }
+    // A hex token of KubeSphere's old tower: not silently dialed with.
+    let (code, stderr) = run(agent_command_without_token(&server, "member-1")
+        .args(["--token", "0123456789abcdef0123456789abcdef"]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("KubeSphere's old tower"), "{stderr}");
+
+    // No --ca-file and a token that pins nothing.
+    let unpinned = Server::minter().agent_token("member-1", None);
+    let mut without_ca = Command::new(bin_path("tower-agent"));
+    without_ca
+        .args(["--name", "member-1", "--token", &unpinned])
+        .arg("--proxy-server")
+        .arg(format!("https://{}", server.tunnel))
+        .arg("--jwt-secret-file")
+        .arg(&server.secret_file)
+        .arg("--kubernetes-service")
+        .arg("127.0.0.1:1")
+        .arg("--service-account-dir")
+        .arg(TempDir::new("none").path());
+    let (code, stderr) = run(&mut without_ca);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no CA to trust") && stderr.contains("--insecure-skip-tls-verify"),
+        "{stderr}"
+    );
+}

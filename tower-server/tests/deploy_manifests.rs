@@ -899,6 +899,8 @@ fn rbac_grants_exactly_what_tower_uses() {
             &["get", "list", "watch", "patch"],
         ),
         triples("cluster.kubesphere.io", "clusters/status", &["patch"]),
+        // KubeSphere's Users, against which callers resolve.
+        triples("iam.kubesphere.io", "users", &["list", "watch"]),
     ]
     .concat()
     .into_iter()

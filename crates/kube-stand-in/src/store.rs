@@ -16,6 +16,8 @@ use tokio::sync::broadcast;
 use crate::clock;
 use crate::status::ApiError;
 
+mod gc;
+
 /// How many events the history keeps for watches that resume from a resourceVersion.
 const HISTORY_CAP: usize = 4096;
 /// Capacity of the broadcast channel; a watch that falls this far behind is ended with 410.
@@ -70,13 +72,16 @@ pub(crate) enum Resource {
     PodDisruptionBudgets,
     /// `networking.k8s.io/v1` `NetworkPolicy`, stored as given (no network to enforce it).
     NetworkPolicies,
+    /// Core `v1` `Node`, cluster-scoped: one seeded, `stand-in-node`, where every pod runs.
+    Nodes,
 }
 
 impl Resource {
     /// Every resource, in discovery order.
-    pub(crate) const ALL: [Resource; 14] = [
+    pub(crate) const ALL: [Resource; 15] = [
         Resource::ConfigMaps,
         Resource::Namespaces,
+        Resource::Nodes,
         Resource::Pods,
         Resource::Secrets,
         Resource::ServiceAccounts,
@@ -115,6 +120,7 @@ impl Resource {
             Resource::RoleBindings => "rolebindings",
             Resource::PodDisruptionBudgets => "poddisruptionbudgets",
             Resource::NetworkPolicies => "networkpolicies",
+            Resource::Nodes => "nodes",
         }
     }
 
@@ -134,6 +140,7 @@ impl Resource {
             Resource::RoleBindings => "rolebinding",
             Resource::PodDisruptionBudgets => "poddisruptionbudget",
             Resource::NetworkPolicies => "networkpolicy",
+            Resource::Nodes => "node",
         }
     }
 
@@ -153,6 +160,7 @@ impl Resource {
             Resource::RoleBindings => "RoleBinding",
             Resource::PodDisruptionBudgets => "PodDisruptionBudget",
             Resource::NetworkPolicies => "NetworkPolicy",
+            Resource::Nodes => "Node",
         }
     }
 
@@ -216,6 +224,7 @@ impl Resource {
             Resource::ServiceAccounts => &["sa"],
             Resource::PodDisruptionBudgets => &["pdb"],
             Resource::NetworkPolicies => &["netpol"],
+            Resource::Nodes => &["no"],
             Resource::Clusters
             | Resource::Secrets
             | Resource::ClusterRoles
@@ -229,6 +238,7 @@ impl Resource {
         !matches!(
             self,
             Resource::Namespaces
+                | Resource::Nodes
                 | Resource::Clusters
                 | Resource::ClusterRoles
                 | Resource::ClusterRoleBindings
@@ -576,6 +586,7 @@ impl Store {
                 "",
                 json!({"metadata": {"name": "bulk"}}),
             ),
+            (Resource::Nodes, "", gc::seed_node(NODE_NAME)),
             (Resource::Pods, "default", seed_pod("web-0")),
             (Resource::Pods, "default", seed_pod("web-1")),
             (
@@ -936,6 +947,7 @@ impl Store {
     ) -> Result<Bytes, ApiError> {
         let mut inner = self.lock();
         let deleted = self.delete_locked(&mut inner, resource, namespace, name)?;
+        self.collect_garbage(&mut inner, &deleted);
         if resource == Resource::Namespaces {
             let children: Vec<Key> = inner
                 .objects

@@ -38,7 +38,7 @@ pub(crate) struct Manifests {
     pub(crate) secret: tower_auth::Secret,
     pub(crate) ca_pem: String,
     pub(crate) image: String,
-    pub(crate) publish_address: Option<String>,
+    pub(crate) publish_address: crate::platform::PublishAddress,
     pub(crate) kube: Option<(kube::Client, String)>,
     pub(crate) admin_group: String,
 }
@@ -162,11 +162,12 @@ impl Admin {
             }
             None => m.minter.agent_token(name, None),
         };
+        let publish_address = m.publish_address.get();
         let proxy_server = match &m.kube {
             Some((client, namespace)) => {
-                kubernetes::publish_address(client, namespace, m.publish_address.as_deref()).await
+                kubernetes::publish_address(client, namespace, publish_address.as_deref()).await
             }
-            None => match &m.publish_address {
+            None => match &publish_address {
                 Some(address) => {
                     crate::manifest::normalize_publish_address(address).map(|(a, _)| a)
                 }

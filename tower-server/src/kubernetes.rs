@@ -86,6 +86,18 @@ pub struct Connection {
     /// Where the host reaches the member's Kubernetes API.
     #[serde(default, rename = "kubernetesAPIEndpoint")]
     pub kubernetes_api_endpoint: String,
+    /// A kubeconfig for the member (base64, as Go writes `[]byte`).
+    #[serde(default)]
+    pub kubeconfig: String,
+    /// Where the host's ks-apiserver reaches the member's KubeSphere API.
+    #[serde(default, rename = "kubesphereAPIEndpoint")]
+    pub kubesphere_api_endpoint: String,
+    /// The port of `kubesphere_api_endpoint` on every tower replica.
+    #[serde(default, rename = "kubesphereAPIServerPort")]
+    pub kubesphere_api_server_port: Option<i64>,
+    /// KubeSphere's old tower's kube-apiserver port (unused by this one; removed).
+    #[serde(default, rename = "kubernetesAPIServerPort")]
+    pub kubernetes_api_server_port: Option<i64>,
 }
 
 /// `Cluster.status`.
@@ -310,6 +322,12 @@ pub struct Controller {
     pub frontend_url: String,
     /// This replica's id (in condition messages).
     pub server_id: String,
+    /// Checks the Clusters' kubeconfig tokens.
+    pub verifier: tower_auth::Verifier,
+    /// What goes into the Clusters' `spec.connection.kubeconfig`.
+    pub credential: crate::kubeconfig::ClusterCredential,
+    /// The Clusters' kubesphere endpoints (off with `--kubesphere-ports off`).
+    pub kubesphere: Option<Arc<crate::ks_endpoint::KubeSphereEndpoints>>,
 }
 
 /// What this replica still has to write into a Cluster's condition.
@@ -341,7 +359,12 @@ impl Controller {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = &mut changed => {}
-                _ = retry.tick() => {}
+                _ = retry.tick() => {
+                    // Failed writes again, and kubeconfigs due for renewal.
+                    for cluster in clusters.values() {
+                        self.reconcile_spec(&api, cluster).await;
+                    }
+                }
                 event = events.next() => match event {
                     None => break,
                     Some(Err(e)) => {
@@ -363,6 +386,9 @@ impl Controller {
         let last_words =
             self.reconcile_conditions(&api, &mut clusters, &mut held, &mut owed, &mut conflicted);
         let _ = tokio::time::timeout(Duration::from_secs(2), last_words).await;
+        if let Some(ks) = &self.kubesphere {
+            ks.close_all();
+        }
     }
 
     async fn apply(
@@ -384,8 +410,12 @@ impl Controller {
                 let listed = listing.take().unwrap_or_default();
                 for name in self.registry.registered() {
                     if !listed.contains(&name) {
-                        self.forget(&name, clusters);
+                        self.forget(&name, clusters).await;
                     }
+                }
+                if let Some(ks) = &self.kubesphere {
+                    let proxies: HashSet<String> = clusters.keys().cloned().collect();
+                    ks.release_absent(&proxies, api).await;
                 }
                 if !self.registry.is_synced() {
                     tracing::info!(
@@ -396,7 +426,7 @@ impl Controller {
                 self.registry.set_synced();
             }
             Event::Apply(cluster) => self.upsert(api, cluster, clusters).await,
-            Event::Delete(cluster) => self.forget(cluster.name(), clusters),
+            Event::Delete(cluster) => self.forget(cluster.name(), clusters).await,
         }
     }
 
@@ -408,7 +438,7 @@ impl Controller {
     ) {
         let name = cluster.name().to_owned();
         if !cluster.is_proxy() {
-            self.forget(&name, clusters);
+            self.forget(&name, clusters).await;
             return;
         }
         if let Err(e) = validate_cluster_name(&name) {
@@ -423,50 +453,18 @@ impl Controller {
                 token: (!token.is_empty()).then(|| token.clone()),
             },
         );
-        let endpoint = format!(
-            "{}/clusters/{name}",
-            self.frontend_url.trim_end_matches('/')
-        );
-        if token.is_empty() || cluster.spec.connection.kubernetes_api_endpoint != endpoint {
-            self.write_spec(api, &cluster, &endpoint).await;
-        }
+        self.reconcile_spec(api, &cluster).await;
         clusters.insert(name, cluster);
     }
 
-    /// Fills the token (minted) and the endpoint. The patch carries the resourceVersion it
-    /// was computed from, so two replicas cannot both mint: the second gets a conflict and
-    /// sees the first one's token in its next event.
-    async fn write_spec(&self, api: &Api<Cluster>, cluster: &Cluster, endpoint: &str) {
-        let name = cluster.name();
-        let mut connection = json!({ "kubernetesAPIEndpoint": endpoint });
-        if cluster.spec.connection.token.is_empty() {
-            connection["token"] = self.minter.agent_token(name, None).into();
-        }
-        let patch = json!({
-            "metadata": { "resourceVersion": cluster.metadata.resource_version },
-            "spec": { "connection": connection },
-        });
-        match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(cluster = %name, %endpoint, minted = connection.get("token").is_some(), "wrote the Cluster's connection")
-            }
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                tracing::debug!(cluster = %name, "Cluster changed meanwhile; the next event brings it");
-            }
-            Err(e) => {
-                tracing::warn!(cluster = %name, error = %e, "writing the Cluster's connection")
-            }
-        }
-    }
-
-    fn forget(&self, name: &str, clusters: &mut HashMap<String, Cluster>) {
-        clusters.remove(name);
+    async fn forget(&self, name: &str, clusters: &mut HashMap<String, Cluster>) {
+        let known = clusters.remove(name).is_some();
         if self.registry.entry(name).is_some() {
             tracing::info!(cluster = %name, "Cluster deleted or no longer of type proxy");
             self.registry.forget(name);
+        }
+        if known && let Some(ks) = &self.kubesphere {
+            ks.forget(name).await;
         }
     }
 

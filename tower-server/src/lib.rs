@@ -13,14 +13,19 @@
 mod admin;
 mod agents;
 pub mod cli;
+mod cluster_spec;
 pub mod connections;
 mod frontend;
 pub mod http2;
 mod idle;
+pub mod ks_endpoint;
+pub mod ks_ports;
+pub mod kubeconfig;
 pub mod kubernetes;
 pub mod manifest;
 pub mod metrics;
 pub mod pki;
+pub mod platform;
 pub mod registry;
 mod status;
 
@@ -128,6 +133,24 @@ pub struct Config {
     pub plaintext_tunnel: bool,
     /// Limits.
     pub limits: Limits,
+    /// The identity of the kubeconfig written into proxy Clusters.
+    pub cluster_kubeconfig: ClusterKubeconfig,
+    /// The clusters' kubesphere endpoints (with `--kubernetes`; `None` when turned off).
+    pub kubesphere: Option<ks_endpoint::KubeSphereEndpointConfig>,
+    /// Where the platform (KubeSphere or Kuberix Enterprise) keeps its settings.
+    pub platform: platform::PlatformNames,
+}
+
+/// The identity of the kubeconfig written into proxy Clusters: the user and groups the
+/// agent impersonates for KubeSphere's cluster controller on the member.
+#[derive(Debug, Clone)]
+pub struct ClusterKubeconfig {
+    /// `--cluster-kubeconfig-user`.
+    pub user: String,
+    /// `--cluster-kubeconfig-group`.
+    pub groups: Vec<String>,
+    /// `--cluster-kubeconfig-ttl`: renewed when a third of it is left.
+    pub ttl: Duration,
 }
 
 /// Where the list of clusters comes from.
@@ -223,6 +246,15 @@ pub async fn run(
         }
     };
     let controller_stop = CancellationToken::new();
+    let publish_address = platform::PublishAddress::new(config.publish_address.clone());
+    let platform_follower = kube.as_ref().map(|(client, _)| {
+        tokio::spawn(platform::follow_publish_address(
+            client.clone(),
+            config.platform.clone(),
+            publish_address.clone(),
+            controller_stop.clone(),
+        ))
+    });
     let server_count = Arc::new(std::sync::atomic::AtomicU16::new(config.server_count));
     let replica_counter = match (&kube, &config.server_count_from) {
         (Some((client, namespace)), Some(deployment)) => {
@@ -238,18 +270,6 @@ pub async fn run(
         }
         _ => None,
     };
-    let controller = kube.as_ref().map(|(client, _)| {
-        tokio::spawn(
-            kubernetes::Controller {
-                client: client.clone(),
-                registry: registry.clone(),
-                minter: Minter::new(&config.secret),
-                frontend_url: config.frontend_url.clone(),
-                server_id: config.server_id.clone(),
-            }
-            .run(controller_stop.clone()),
-        )
-    });
     let metrics = Arc::new(metrics::Metrics::default());
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut metrics_registry);
@@ -294,7 +314,7 @@ pub async fn run(
             secret: config.secret.clone(),
             ca_pem: config.tls.ca_pem.clone(),
             image: config.agent_image.clone(),
-            publish_address: config.publish_address.clone(),
+            publish_address: publish_address.clone(),
             kube: kube.clone(),
             admin_group: config.admin_group.clone(),
         },
@@ -307,6 +327,74 @@ pub async fn run(
     let admission =
         |listener, max| Admission::new(listener, max, limits.connections.per_source, &metrics);
     let loops = TaskTracker::new();
+    // Each proxy Cluster's kubesphere endpoint: a plain-HTTP listener whose requests are
+    // the frontend's, under /clusters/{name}/targets/kubesphere.
+    let kubesphere = match (&kube, &config.kubesphere) {
+        (Some((client, namespace)), Some(ks)) => {
+            let frontend = frontend.clone();
+            let admission = admission("kubesphere", limits.connections.frontend);
+            let (limits, stop_accepting, conns, metrics) = (
+                config.limits.clone(),
+                stop_accepting.clone(),
+                frontend_conns.clone(),
+                metrics.clone(),
+            );
+            let serve_listener: ks_endpoint::ServeListener =
+                Arc::new(move |listener, cluster: String, stop: CancellationToken| {
+                    let frontend = frontend.clone();
+                    // Closed when the server stops accepting, or when the cluster goes.
+                    let stop_accepting = stop_accepting.clone();
+                    let stop_both = stop.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = stop_accepting.cancelled() => stop.cancel(),
+                            () = stop.cancelled() => {}
+                        }
+                    });
+                    let cluster: Arc<str> = cluster.into();
+                    tokio::spawn(serve(
+                        listener,
+                        None,
+                        admission.clone(),
+                        limits.clone(),
+                        stop_both,
+                        conns.clone(),
+                        metrics.clone(),
+                        move |req, peer: Peer| {
+                            let req = ks_endpoint::to_frontend(req, &cluster);
+                            frontend.clone().handle(req, peer.remote)
+                        },
+                    ));
+                });
+            Some(Arc::new(ks_endpoint::KubeSphereEndpoints::new(
+                client.clone(),
+                namespace,
+                ks.clone(),
+                serve_listener,
+            )))
+        }
+        _ => None,
+    };
+    let controller = kube.as_ref().map(|(client, _)| {
+        tokio::spawn(
+            kubernetes::Controller {
+                client: client.clone(),
+                registry: registry.clone(),
+                minter: Minter::new(&config.secret),
+                frontend_url: config.frontend_url.clone(),
+                server_id: config.server_id.clone(),
+                verifier: verifier.clone(),
+                credential: kubeconfig::ClusterCredential {
+                    user: config.cluster_kubeconfig.user.clone(),
+                    groups: config.cluster_kubeconfig.groups.clone(),
+                    ttl: config.cluster_kubeconfig.ttl,
+                    ca_pem: config.tls.ca_pem.clone(),
+                },
+                kubesphere: kubesphere.clone(),
+            }
+            .run(controller_stop.clone()),
+        )
+    });
     let tunnel_tls = (!config.plaintext_tunnel).then(|| acceptor.clone());
     loops.spawn(serve(
         listeners.tunnel,
@@ -371,6 +459,9 @@ pub async fn run(
     }
     if let Some(counter) = replica_counter {
         let _ = counter.await;
+    }
+    if let Some(follower) = platform_follower {
+        let _ = follower.await;
     }
     admin_stop.cancel();
     let _ = admin_loop.await;

@@ -1,0 +1,128 @@
+//! What this server writes into a proxy Cluster's `spec.connection`, for KubeSphere's host
+//! components to use (KubeSphere release-3.4, pkg/apis/cluster/v1alpha1/cluster_types.go):
+//!
+//! - `token`: the agent token (minted when empty, or when it is not a JWT: KubeSphere's
+//!   old tower wrote a hex string no agent of ours can present);
+//! - `kubernetesAPIEndpoint`: `{--frontend-url}/clusters/{name}`;
+//! - `kubeconfig`: that endpoint, Tower's CA and a user token
+//!   ([`crate::kubeconfig::ClusterCredential`]). KubeSphere's cluster controller
+//!   (pkg/controller/cluster/cluster_controller.go, `syncCluster`) skips a Cluster until
+//!   this is set, then builds its client from it alone
+//!   (`clientcmd.RESTConfigFromKubeConfig`) to join and probe the member. Kept as long as
+//!   it is valid, so replicas and restarts leave it alone;
+//! - `kubesphereAPIEndpoint` and `kubesphereAPIServerPort` ([`crate::ks_endpoint`]);
+//! - `kubernetesAPIServerPort` removed: the old tower's unauthenticated kube port is served
+//!   by nobody now.
+//!
+//! One merge patch carries what differs, guarded by the resourceVersion it was computed
+//! from: two replicas never both mint; the loser sees the winner's values next event.
+
+use base64::Engine;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{Map, Value, json};
+
+use crate::kubernetes::{Cluster, Controller};
+
+impl Controller {
+    /// Writes whatever of the Cluster's connection differs from what it should be.
+    pub(crate) async fn reconcile_spec(&self, api: &Api<Cluster>, cluster: &Cluster) {
+        let name = cluster.metadata.name.as_deref().unwrap_or_default();
+        let current = &cluster.spec.connection;
+        let endpoint = format!(
+            "{}/clusters/{name}",
+            self.frontend_url.trim_end_matches('/')
+        );
+        let mut connection = Map::new();
+        if current.kubernetes_api_endpoint != endpoint {
+            connection.insert("kubernetesAPIEndpoint".into(), endpoint.clone().into());
+        }
+        if !looks_like_jwt(&current.token) {
+            if !current.token.is_empty() {
+                tracing::info!(cluster = %name, "replacing a token that is not a JWT (KubeSphere's old tower's)");
+            }
+            let token = self.minter.agent_token(name, None);
+            connection.insert("token".into(), token.into());
+        }
+        let kubeconfig = base64::engine::general_purpose::STANDARD
+            .decode(current.kubeconfig.as_bytes())
+            .unwrap_or_default();
+        if !self
+            .credential
+            .keeps(&self.verifier, &kubeconfig, &endpoint)
+        {
+            match self.credential.render(&self.minter, name, &endpoint) {
+                Ok(yaml) => {
+                    connection.insert(
+                        "kubeconfig".into(),
+                        base64::engine::general_purpose::STANDARD
+                            .encode(yaml)
+                            .into(),
+                    );
+                }
+                Err(e) => tracing::warn!(cluster = %name, error = %e, "rendering the kubeconfig"),
+            }
+        }
+        if let Some(ks) = &self.kubesphere {
+            match ks.reconcile(cluster).await {
+                Ok((port, url)) => {
+                    if current.kubesphere_api_server_port != Some(i64::from(port)) {
+                        connection.insert("kubesphereAPIServerPort".into(), port.into());
+                    }
+                    if current.kubesphere_api_endpoint != url {
+                        connection.insert("kubesphereAPIEndpoint".into(), url.into());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %name, error = %e, "the cluster's kubesphere endpoint; retrying")
+                }
+            }
+        }
+        if current.kubernetes_api_server_port.is_some() {
+            connection.insert("kubernetesAPIServerPort".into(), Value::Null);
+        }
+        if connection.is_empty() {
+            return;
+        }
+        let fields: Vec<String> = connection.keys().cloned().collect();
+        let patch = json!({
+            "metadata": { "resourceVersion": cluster.metadata.resource_version },
+            "spec": { "connection": connection },
+        });
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => tracing::info!(cluster = %name, ?fields, "wrote the Cluster's connection"),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                tracing::debug!(cluster = %name, "Cluster changed meanwhile; the next event brings it");
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %name, error = %e, "writing the Cluster's connection")
+            }
+        }
+    }
+}
+
+/// Three dot-separated base64url parts: what an agent token is.
+fn looks_like_jwt(token: &str) -> bool {
+    let parts: Vec<&str> = token.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_old_towers_hex_tokens_are_not_jwts() {
+        assert!(!looks_like_jwt(""));
+        assert!(!looks_like_jwt("0123456789abcdef0123456789abcdef"));
+        assert!(!looks_like_jwt("a.b"));
+        assert!(looks_like_jwt("eyJh.eyJz.c2ln"));
+    }
+}

@@ -2,19 +2,19 @@
 //! (kubesphere/kubesphere, release-3.4), for tests of what Tower writes into a proxy
 //! Cluster:
 //!
-//! - [`ClusterControllerClient`]: pkg/controller/cluster/cluster_controller.go,
+//! - [`ClusterControllerClient`] models pkg/controller/cluster/cluster_controller.go,
 //!   `syncCluster`, builds its client from `spec.connection.kubeconfig` **alone**
 //!   (`clientcmd.RESTConfigFromKubeConfig`), then reads `/version`, lists nodes, reads the
 //!   `kube-system` namespace's UID, and joins the member to kubefed: a namespace, a
 //!   ServiceAccount and a ClusterRole created **on the member** through that client. Here
 //!   that client is kubectl (client-go) with the decoded kubeconfig and nothing else.
-//! - [`dispatch`] / [`dispatch_websocket`]: pkg/apiserver/dispatch/dispatch.go,
+//! - [`dispatch`] and [`dispatch_websocket`] model pkg/apiserver/dispatch/dispatch.go,
 //!   `clusterDispatch.Dispatch`: of kubesphereAPIEndpoint only the scheme and host:port are
 //!   kept (`u.Host = innCluster.KubesphereURL.Host`, `u.Scheme = …Scheme`), the path is
 //!   the caller's with `/clusters/NAME` cut, the query, the caller's `Host` header and
 //!   `Authorization` (the user's JWT) go through unchanged, over Go's default transport
 //!   (plain HTTP here), and upgrades are proxied (`proxy.NewUpgradeAwareHandler`).
-//! - [`KsApiServer`]: the member's ks-apiserver behind the agent's `kubesphere` target,
+//! - [`KsApiServer`] is the member's ks-apiserver behind the agent's `kubesphere` target,
 //!   which records what reaches it and echoes WebSocket messages.
 
 use std::net::SocketAddr;
@@ -151,14 +151,10 @@ async fn answer(
             )
             .await;
             while let Some(Ok(message)) = ws.next().await {
-                match message {
-                    Message::Binary(_) | Message::Text(_) => {
-                        if ws.send(message).await.is_err() {
-                            return;
-                        }
-                    }
-                    Message::Close(_) => return,
-                    _ => {}
+                let echo = matches!(message, Message::Binary(_) | Message::Text(_));
+                if matches!(message, Message::Close(_)) || (echo && ws.send(message).await.is_err())
+                {
+                    return;
                 }
             }
         });

@@ -797,7 +797,10 @@ fn network_policy_opens_the_tunnel_to_all_the_frontend_to_the_cluster_and_admin_
                 .any(|p| p.port == Some(IntOrString::Int(16000)))
         })
         .expect("the kubesphere rule");
-    assert_eq!(ks_rule.ports.as_ref().unwrap()[0].end_port, Some(16999));
+    assert_eq!(
+        ks_rule.ports.as_deref().unwrap_or_default()[0].end_port,
+        Some(16999)
+    );
     let from = ks_rule.from.as_deref().unwrap_or_default();
     assert_eq!(from.len(), 1);
     assert_eq!(

@@ -314,6 +314,52 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
         },
         || tower.process.log(),
     );
+
+    // Deleted while no replica runs: the garbage collector takes the Service (the Cluster
+    // owns it), and the first replica to start frees the port.
+    kubectl_with_input(
+        &host.kubeconfig,
+        &["create", "-f", "-"],
+        proxy_clusters(&["member-2".into()]).as_bytes(),
+    )
+    .success();
+    let second = wait_connection(&host, &tower, "member-2");
+    wait_for("Service mc-member-2", Duration::from_secs(20), || {
+        get_json(&host, &["service", "-n", "ke-system", "mc-member-2"])
+    });
+    tower.process.kill();
+    kubectl(&host.kubeconfig, &["delete", "cluster", "member-2"]).success();
+    assert!(
+        get_json(&host, &["service", "-n", "ke-system", "mc-member-2"]).is_none(),
+        "collected with its owner"
+    );
+    let table = get_json(
+        &host,
+        &["configmap", "-n", "ke-system", "tower-kubesphere-ports"],
+    )
+    .unwrap();
+    assert_eq!(
+        table["data"][port_of(&second).to_string()],
+        "member-2",
+        "still claimed while no replica runs"
+    );
+    tower.restart();
+    wait_for_with(
+        "the port of the Cluster deleted meanwhile to be freed",
+        Duration::from_secs(20),
+        || {
+            let table = get_json(
+                &host,
+                &["configmap", "-n", "ke-system", "tower-kubesphere-ports"],
+            )
+            .unwrap();
+            table["data"]
+                .as_object()
+                .is_none_or(|d| d.is_empty())
+                .then_some(())
+        },
+        || tower.process.log(),
+    );
 }
 
 #[test]
@@ -331,18 +377,53 @@ fn two_replicas_allocate_ports_for_fifty_clusters_at_once_without_collision() {
         proxy_clusters(&names).as_bytes(),
     )
     .success();
+    let created = started.elapsed();
+    let table_full = |n: usize| {
+        get_json(
+            &host,
+            &["configmap", "-n", "ke-system", "tower-kubesphere-ports"],
+        )
+        .filter(|t| t["data"].as_object().is_some_and(|d| d.len() == n))
+    };
+    wait_for_with(
+        "50 ports claimed",
+        Duration::from_secs(60),
+        || table_full(50),
+        || format!("{}\n{}", a.process.log(), b.process.log()),
+    );
+    let claimed = started.elapsed();
+    let all = wait_for_with(
+        "50 Clusters with their connection written",
+        Duration::from_secs(60),
+        || {
+            let list = get_json(&host, &["clusters"])?;
+            let items = list["items"].as_array()?.clone();
+            let done = items.iter().all(|c| {
+                connection(c, "kubesphereAPIServerPort").is_u64()
+                    && connection(c, "kubeconfig").is_string()
+                    && connection(c, "kubesphereAPIEndpoint").is_string()
+            });
+            (items.len() == 50 && done).then_some(items)
+        },
+        || format!("{}\n{}", a.process.log(), b.process.log()),
+    );
+    let recorded_at = started.elapsed();
+    println!(
+        "50 Clusters, 2 replicas: kubectl create took {created:?}; all ports claimed at {claimed:?}; all recorded in the Clusters at {recorded_at:?}"
+    );
     let mut by_port: BTreeMap<u16, String> = BTreeMap::new();
-    for name in &names {
-        let c = wait_connection(&host, &a, name);
-        let port = port_of(&c);
+    for c in &all {
+        let name = c["metadata"]["name"].as_str().unwrap().to_owned();
+        let port = port_of(c);
         assert!(ports.contains(&port), "{name}: {port} out of {ports:?}");
+        assert_eq!(
+            connection(c, "kubesphereAPIEndpoint"),
+            &Value::from(format!("http://127.0.0.1:{port}"))
+        );
         if let Some(other) = by_port.insert(port, name.clone()) {
             panic!("{name} and {other} share port {port}");
         }
     }
-    let elapsed = started.elapsed();
-    println!("50 Clusters, 2 replicas: every port allocated and recorded in {elapsed:?}");
-
     // The table, the Services and both replicas' listeners agree with the Clusters.
     let table = get_json(
         &host,
@@ -393,6 +474,7 @@ fn two_replicas_allocate_ports_for_fifty_clusters_at_once_without_collision() {
         }
     }
 
+    println!("routing checked at {:?}", started.elapsed());
     // Deleting ten frees their ports and Services on both replicas; ten new ones get
     // ports without colliding with the forty left.
     let deleted: Vec<String> = names.iter().take(10).cloned().collect();
@@ -426,6 +508,7 @@ fn two_replicas_allocate_ports_for_fifty_clusters_at_once_without_collision() {
         },
         || format!("{}\n{}", a.process.log(), b.process.log()),
     );
+    println!("ten deleted and freed at {:?}", started.elapsed());
     let fresh: Vec<String> = (50..60).map(|i| format!("member-{i:02}")).collect();
     kubectl_with_input(
         &host.kubeconfig,

@@ -17,7 +17,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use http::Request;
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +28,7 @@ pub type ServeListener = Arc<dyn Fn(TcpListener, String, CancellationToken) + Se
 
 /// The frontend request for `req`, which reached cluster `cluster`'s kubesphere port:
 /// the same request, its path under `/clusters/{cluster}/targets/kubesphere`.
-pub(crate) fn to_frontend(mut req: Request<Incoming>, cluster: &str) -> Request<Incoming> {
+pub(crate) fn to_frontend<B>(mut req: Request<B>, cluster: &str) -> Request<B> {
     let path = req
         .uri()
         .path_and_query()
@@ -100,7 +99,11 @@ impl KubeSphereEndpoints {
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0);
         let port = self.ports.claim(name, wanted).await?;
-        self.listen(name, port)?;
+        // The port is the cluster's on every replica: one that cannot listen says so (and
+        // tries again next round) without taking the endpoint from the others.
+        if let Err(e) = self.listen(name, port) {
+            tracing::warn!(cluster = name, error = %e, "cannot serve the cluster's kubesphere endpoint on this replica; retrying");
+        }
         if let Some(uid) = cluster.metadata.uid.as_deref() {
             self.services.ensure(name, uid, port).await?;
         }
@@ -163,5 +166,31 @@ impl KubeSphereEndpoints {
         for (_, (_, stop)) in self.open.lock().unwrap_or_else(|e| e.into_inner()).drain() {
             stop.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn routed(uri: &str) -> String {
+        let req = Request::get(uri).body(()).unwrap();
+        to_frontend(req, "member-1").uri().to_string()
+    }
+
+    #[test]
+    fn every_path_and_query_goes_to_the_clusters_kubesphere_target() {
+        assert_eq!(
+            routed("/kapis/resources.kubesphere.io/v1alpha3/namespaces?limit=1"),
+            "/clusters/member-1/targets/kubesphere/kapis/resources.kubesphere.io/v1alpha3/namespaces?limit=1"
+        );
+        assert_eq!(routed("/"), "/clusters/member-1/targets/kubesphere/");
+        // An absolute-form target keeps only its path: the cluster is the port's.
+        assert_eq!(
+            routed("http://elsewhere:80/api/v1/pods"),
+            "/clusters/member-1/targets/kubesphere/api/v1/pods"
+        );
+        assert_eq!(routed("*"), "/clusters/member-1/targets/kubesphere/");
     }
 }

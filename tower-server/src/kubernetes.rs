@@ -4,7 +4,9 @@
 //! after a lost watch, backs off while the API server is away). A Cluster whose
 //! `spec.connection.type` is `proxy` may connect; its `spec.connection.token`, when set,
 //! is the only token accepted (rotate it to revoke), and when empty this server mints one
-//! and writes it there, together with `spec.connection.kubernetesAPIEndpoint`. The same
+//! and writes it there, together with `spec.connection.kubernetesAPIEndpoint` and what
+//! KubeSphere's host components read (the kubeconfig and the kubesphere endpoint, see
+//! `cluster_spec`, [`crate::ks_endpoint`]). The same
 //! task keeps condition `AgentAvailable` true while this replica holds the cluster's
 //! tunnel. The publish address (what members dial) comes from the `tower` Service.
 

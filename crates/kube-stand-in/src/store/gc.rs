@@ -21,8 +21,12 @@ impl Store {
             let dependents: Vec<Key> = inner
                 .objects
                 .iter()
-                // Cheap first: only objects that mention the uid at all are parsed.
-                .filter(|(_, stored)| contains(&stored.json, uid.as_bytes()))
+                // Cheap first (the store holds ~55 MB of bulk configmaps): only objects
+                // that have owners and mention the uid at all are parsed.
+                .filter(|(_, stored)| {
+                    contains(&stored.json, b"\"ownerReferences\"")
+                        && contains(&stored.json, uid.as_bytes())
+                })
                 .filter(|(_, stored)| owned_by(&stored.json, &uid))
                 .map(|(key, _)| key.clone())
                 .collect();
@@ -40,7 +44,7 @@ impl Store {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+    !needle.is_empty() && memchr::memmem::find(haystack, needle).is_some()
 }
 
 fn owned_by(json: &[u8], uid: &str) -> bool {

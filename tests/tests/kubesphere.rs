@@ -37,8 +37,6 @@ fn replica(host: &Member, ports: &str, bind: &str, id: &str, extra: &[&str]) -> 
         "--kubernetes",
         "--kubeconfig",
         host.kubeconfig.to_str().unwrap(),
-        "--frontend-url",
-        &frontend_url,
         "--server-id",
         id,
         "--server-count",
@@ -51,6 +49,11 @@ fn replica(host: &Member, ports: &str, bind: &str, id: &str, extra: &[&str]) -> 
         "127.0.0.1",
     ];
     args.extend_from_slice(extra);
+    // Replicas share one --frontend-url (the tower-proxy Service): with two, each would
+    // write its own into the Clusters, in turn.
+    if !extra.contains(&"--frontend-url") {
+        args.extend(["--frontend-url", &frontend_url]);
+    }
     let server = server().args(&args).frontend_addr(frontend).start();
     wait_for(
         "the first list of Clusters",
@@ -367,8 +370,12 @@ fn two_replicas_allocate_ports_for_fifty_clusters_at_once_without_collision() {
     let host = kubesphere_host();
     let ports = free_port_range(60);
     let range = range_flag(&ports);
-    let a = replica(&host, &range, "127.0.0.1", "tower-a", &[]);
-    let b = replica(&host, &range, "127.0.0.2", "tower-b", &[]);
+    // One frontend URL and one CA, as replicas have from one Deployment and Secret.
+    let pki = tower_e2e::OperatorPki::new();
+    let mut shared = vec!["--frontend-url", "https://tower-proxy.ke-system.svc:9443"];
+    shared.extend(pki.flags());
+    let a = replica(&host, &range, "127.0.0.1", "tower-a", &shared);
+    let b = replica(&host, &range, "127.0.0.2", "tower-b", &shared);
     let names: Vec<String> = (0..50).map(|i| format!("member-{i:02}")).collect();
     let started = Instant::now();
     kubectl_with_input(
@@ -527,6 +534,24 @@ fn two_replicas_allocate_ports_for_fifty_clusters_at_once_without_collision() {
         }
     }
     assert_eq!(now.len(), 50);
+    // Written once, by one replica, and left alone by both since: each re-judges a Cluster
+    // on every event of it (the other's write, both replicas' condition writes), so a
+    // replica that disagreed would have written again. Generation 1 is the create, 2 the
+    // write.
+    let survivors = get_json(&host, &["clusters"]).unwrap();
+    for c in survivors["items"].as_array().unwrap() {
+        let name = c["metadata"]["name"].as_str().unwrap();
+        if fresh.iter().any(|f| f == name) {
+            continue;
+        }
+        assert_eq!(
+            c["metadata"]["generation"],
+            2,
+            "{name}'s spec was written more than once: {c}\n{}\n{}",
+            a.process.log(),
+            b.process.log()
+        );
+    }
 }
 
 #[test]

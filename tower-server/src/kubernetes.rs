@@ -330,6 +330,8 @@ pub struct Controller {
     pub credential: crate::kubeconfig::ClusterCredential,
     /// The Clusters' kubesphere endpoints (off with `--kubesphere-ports off`).
     pub kubesphere: Option<Arc<crate::ks_endpoint::KubeSphereEndpoints>>,
+    /// When this replica last wrote each Cluster's kubeconfig.
+    pub rewrites: crate::cluster_spec::Rewrites,
 }
 
 /// What this replica still has to write into a Cluster's condition.

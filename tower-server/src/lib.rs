@@ -13,7 +13,7 @@
 mod admin;
 mod agents;
 pub mod cli;
-mod cluster_spec;
+pub mod cluster_spec;
 pub mod connections;
 mod frontend;
 pub mod http2;
@@ -391,6 +391,7 @@ pub async fn run(
                     ca_pem: config.tls.ca_pem.clone(),
                 },
                 kubesphere: kubesphere.clone(),
+                rewrites: Default::default(),
             }
             .run(controller_stop.clone()),
         )

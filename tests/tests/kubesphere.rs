@@ -715,6 +715,30 @@ fn the_publish_address_follows_the_platform_config_and_the_flag_wins() {
         || manifest(&tower).filter(|m| m.contains("https://203.0.113.9:8080")),
         || tower.process.log(),
     );
+    // `agent-manifest --kubernetes` reads it too.
+    let cli = std::process::Command::new(tower_e2e::bin_path("tower-server"))
+        .args([
+            "agent-manifest",
+            "--kubernetes",
+            "--cluster",
+            "member-1",
+            "--kubeconfig",
+        ])
+        .arg(&host.kubeconfig)
+        .arg("--jwt-secret-file")
+        .arg(&tower.secret_file)
+        .arg("--state-dir")
+        .arg(&tower.state)
+        .args(names)
+        .env_remove("TOWER_PROXY_PUBLISH_ADDRESS")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        cli.status.success() && printed.contains("https://203.0.113.9:8080"),
+        "{}{printed}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
     // Tower's own setting wins.
     let mut with_flag = names.to_vec();
     with_flag.extend(["--proxy-publish-address", "https://tower.example.com:8080"]);

@@ -747,3 +747,79 @@ fn the_publish_address_follows_the_platform_config_and_the_flag_wins() {
     assert!(m.contains("https://tower.example.com:8080"), "{m}");
     assert!(!m.contains("203.0.113.9"), "{m}");
 }
+
+/// The claims of the token in a Cluster's kubeconfig.
+fn kubeconfig_claims(cluster: &Value) -> (String, Value) {
+    use base64::Engine;
+    let controller = ClusterControllerClient::from_cluster(cluster);
+    let yaml: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&controller.kubeconfig).unwrap()).unwrap();
+    let token = yaml["users"][0]["user"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let payload = token.split('.').nth(1).unwrap();
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    (token, serde_json::from_slice(&claims).unwrap())
+}
+
+#[test]
+fn the_kubeconfig_is_renewed_a_third_before_it_expires_with_the_configured_identity() {
+    let host = kubesphere_host();
+    let tower = replica(
+        &host,
+        "off",
+        "127.0.0.1",
+        "tower-a",
+        &[
+            "--cluster-kubeconfig-ttl",
+            "30s",
+            "--cluster-kubeconfig-user",
+            "ks-controller",
+            "--cluster-kubeconfig-group",
+            "system:masters,ks-admins",
+        ],
+    );
+    kubectl_with_input(
+        &host.kubeconfig,
+        &["create", "-f", "-"],
+        proxy_clusters(&["member-1".into()]).as_bytes(),
+    )
+    .success();
+    let first = wait_for_with(
+        "the kubeconfig",
+        Duration::from_secs(20),
+        || cluster(&host, "member-1").filter(|c| connection(c, "kubeconfig").is_string()),
+        || tower.process.log(),
+    );
+    let (token, claims) = kubeconfig_claims(&first);
+    assert_eq!(claims["username"], "ks-controller");
+    assert_eq!(
+        claims["groups"],
+        serde_json::json!(["system:masters", "ks-admins"])
+    );
+    let exp = claims["exp"].as_u64().unwrap();
+    let renewed = wait_for_with(
+        "the kubeconfig's renewal",
+        Duration::from_secs(40),
+        || cluster(&host, "member-1").filter(|c| kubeconfig_claims(c).0 != token),
+        || tower.process.log(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        now < exp,
+        "renewed before the old token expired ({now} < {exp})"
+    );
+    let (_, renewed_claims) = kubeconfig_claims(&renewed);
+    assert!(renewed_claims["exp"].as_u64().unwrap() > exp);
+    assert_eq!(
+        renewed["metadata"]["generation"],
+        first["metadata"]["generation"].as_u64().unwrap() + 1,
+        "one write per renewal"
+    );
+}

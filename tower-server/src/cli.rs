@@ -319,8 +319,8 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
     if args.cluster_kubeconfig_user.trim().is_empty() {
         return Err("--cluster-kubeconfig-user must not be empty".into());
     }
-    if args.cluster_kubeconfig_ttl < Duration::from_secs(3600) {
-        return Err("--cluster-kubeconfig-ttl must be at least 1h".into());
+    if args.cluster_kubeconfig_ttl < Duration::from_secs(10) {
+        return Err("--cluster-kubeconfig-ttl must be at least 10s (KubeSphere rebuilds its clients at each renewal: keep it long)".into());
     }
     let kubesphere = match parse_port_range(&args.kubesphere_ports)? {
         Some(ports) if args.kubernetes => Some(crate::ks_endpoint::KubeSphereEndpointConfig {

@@ -49,7 +49,7 @@ impl Controller {
         if !self
             .credential
             .keeps(&self.verifier, &kubeconfig, &endpoint)
-            && self.rewrites.allow(name)
+            && self.rewrites.allow(name, self.credential.ttl)
         {
             match self.credential.render(&self.minter, name, &endpoint) {
                 Ok(yaml) => {
@@ -107,8 +107,9 @@ impl Controller {
 /// When this replica last wrote each Cluster's kubeconfig. Replicas that disagree on what
 /// it should be (another --frontend-url, another CA: each replica generated its own
 /// instead of sharing tower-tls) would rewrite it in turn forever, and KubeSphere rebuilds
-/// its clients on every write; one rewrite a minute per cluster is allowed, and a second
-/// within the minute is refused with a warning that says why.
+/// its clients on every write; one write a minute per cluster is allowed (a sixth of the
+/// token's lifetime when that is shorter, so renewals always pass), and another within
+/// that time is refused with a warning that says why.
 #[derive(Debug, Default)]
 pub struct Rewrites(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
 
@@ -116,11 +117,11 @@ pub struct Rewrites(std::sync::Mutex<std::collections::HashMap<String, std::time
 const REWRITE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Rewrites {
-    fn allow(&self, cluster: &str) -> bool {
+    fn allow(&self, cluster: &str, ttl: std::time::Duration) -> bool {
         let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
         match last.get(cluster) {
-            Some(at) if now.duration_since(*at) < REWRITE_EVERY => {
+            Some(at) if now.duration_since(*at) < REWRITE_EVERY.min(ttl / 6) => {
                 tracing::warn!(
                     cluster,
                     "the Cluster's kubeconfig changed to one this replica would not write, within a minute of its own write: do all replicas share --frontend-url and the CA (Secret tower-tls)?"

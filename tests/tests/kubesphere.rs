@@ -534,6 +534,33 @@ fn two_replicas_allocate_ports_for_fifty_clusters_at_once_without_collision() {
         }
     }
     assert_eq!(now.len(), 50);
+    // The table lost (deleted by hand): both replicas claim again, each cluster its own
+    // recorded port, and no port changes hands.
+    kubectl(
+        &host.kubeconfig,
+        &[
+            "delete",
+            "configmap",
+            "-n",
+            "ke-system",
+            "tower-kubesphere-ports",
+        ],
+    )
+    .success();
+    wait_for_with(
+        "the table rebuilt as it was",
+        Duration::from_secs(30),
+        || {
+            let table = table_full(50)?;
+            let rebuilt: BTreeMap<u16, String> = table["data"]
+                .as_object()?
+                .iter()
+                .map(|(p, c)| (p.parse().unwrap(), c.as_str().unwrap().to_owned()))
+                .collect();
+            (rebuilt == now).then_some(())
+        },
+        || format!("{}\n{}", a.process.log(), b.process.log()),
+    );
     // Written once, by one replica, and left alone by both since: each re-judges a Cluster
     // on every event of it (the other's write, both replicas' condition writes), so a
     // replica that disagreed would have written again. Generation 1 is the create, 2 the

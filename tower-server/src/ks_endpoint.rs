@@ -135,6 +135,11 @@ impl KubeSphereEndpoints {
         Ok(())
     }
 
+    /// Checks what this replica holds against the port table (once a round).
+    pub async fn refresh(&self) {
+        self.ports.refresh().await;
+    }
+
     /// Stops serving `cluster` here, and frees its port and Service.
     pub async fn forget(&self, cluster: &str) {
         if let Some((port, stop)) = self

@@ -97,6 +97,31 @@ impl PortTable {
         ))
     }
 
+    /// Forgets what this replica holds that the table no longer says (someone deleted or
+    /// edited the ConfigMap): those clusters claim again on their next round, so a port
+    /// the table lost is never served for two clusters.
+    pub async fn refresh(&self) {
+        let table = match self.api.get_opt(TABLE).await {
+            Ok(table) => table,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the kubesphere port table");
+                return;
+            }
+        };
+        let recorded = table.as_ref().map(ports_of).unwrap_or_default();
+        self.held().retain(|cluster, port| {
+            let kept = recorded.get(port) == Some(cluster);
+            if !kept {
+                tracing::warn!(
+                    cluster,
+                    port,
+                    "the port table no longer says this cluster holds its port: claiming again"
+                );
+            }
+            kept
+        });
+    }
+
     /// Frees the ports of `cluster`.
     pub async fn release(&self, cluster: &str) -> Result<(), String> {
         self.held().remove(cluster);

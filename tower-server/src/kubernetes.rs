@@ -365,6 +365,9 @@ impl Controller {
                 () = &mut changed => {}
                 _ = retry.tick() => {
                     // Failed writes again, and kubeconfigs due for renewal.
+                    if let Some(ks) = &self.kubesphere {
+                        ks.refresh().await;
+                    }
                     for cluster in clusters.values() {
                         self.reconcile_spec(&api, cluster).await;
                     }

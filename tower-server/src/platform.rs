@@ -139,7 +139,9 @@ pub async fn follow_publish_address(
         match event {
             None => return,
             Some(Err(e)) => {
-                tracing::debug!(namespace = %names.namespace, config = %names.config, error = %e, "watching the platform config");
+                // Backed off by the watcher; a 403 here means RBAC for the platform
+                // namespace is missing (README, "With KubeSphere / Kuberix Enterprise").
+                tracing::warn!(namespace = %names.namespace, config = %names.config, error = %e, "watching the platform config for proxyPublishAddress");
             }
             Some(Ok(Event::Apply(c) | Event::InitApply(c))) => address.set_platform(address_in(&c)),
             Some(Ok(Event::Delete(_))) => address.set_platform(None),

@@ -43,8 +43,13 @@ pub const HEADER_REFUSAL: &str = "tower-refusal";
 /// requests on one stream instead of opening a stream per request in flight.
 pub const CAPABILITY_HTTP2: &str = "http2";
 
+/// The agent takes who a caller is from the server's identity assertion (a JWT signed
+/// with the cluster's own key, header `Tower-Identity`), not from the caller's token:
+/// members hold no jwtSecret. The server refuses agents that do not say so.
+pub const CAPABILITY_IDENTITY: &str = "identity";
+
 /// Capabilities this version of the protocol defines.
-pub const CAPABILITIES: &[&str] = &["control", "drain", CAPABILITY_HTTP2];
+pub const CAPABILITIES: &[&str] = &["control", "drain", CAPABILITY_HTTP2, CAPABILITY_IDENTITY];
 
 /// Why a server refuses a tunnel, and the HTTP status that says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -109,7 +109,8 @@ pub struct Image {
 }
 
 impl Image {
-    /// Tower's image as deploy/Containerfile builds it: /tower-server and /tower-agent on
+    /// Tower's image as deploy/Containerfile builds it: /tower-server, /tower-agent and
+    /// /agent (the agent again, under the name KubeSphere's console Deployment runs) on
     /// distroless, `USER 65532:65532`, `ENTRYPOINT ["/tower-server"]`, `CMD ["serve"]`.
     pub fn tower() -> Image {
         Image {
@@ -129,6 +130,8 @@ impl Image {
             files: Some(BTreeMap::from([
                 ("/tower-server".into(), bin_path("tower-server")),
                 ("/tower-agent".into(), bin_path("tower-agent")),
+                // What KubeSphere's console Deployment runs: the same agent.
+                ("/agent".into(), bin_path("tower-agent")),
             ])),
         }
     }

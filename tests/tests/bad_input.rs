@@ -27,7 +27,14 @@ fn bad_tokens(
         (None, "no bearer token"),
         (Some("garbage".into()), "malformed token"),
         (Some(other_secret(&wrong)), "signature does not match"),
-        (Some(Server::minter().sign(&expired)), "token expired"),
+        (
+            Some(if claims["aud"] == "tower-agent" {
+                Server::minter().sign_for_cluster("member-1", &expired)
+            } else {
+                Server::minter().sign(&expired)
+            }),
+            "token expired",
+        ),
         (
             Some(forged(r#"{"alg":"none","typ":"JWT"}"#, &claims.to_string())),
             "alg: none",
@@ -197,6 +204,32 @@ fn tunnel_handshake_refusals_are_plain_http() {
         assert_eq!(reply.status, 401, "{token:?}: {}", reply.body);
         assert!(reply.body.contains(message), "{token:?}: {}", reply.body);
     }
+    // An agent token of an older Tower, signed with the jwtSecret itself: named as such.
+    let legacy = Server::minter().sign(&serde_json::json!({
+        "sub": "member-1", "aud": "tower-agent", "iat": 1_700_000_000u64
+    }));
+    let reply = tunnel.request("GET", "/v1/tunnel", Some(&legacy), &upgrade);
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert!(reply.body.contains("older Tower"), "{}", reply.body);
+    // An agent that checks callers' tokens itself (no `identity` capability) would refuse
+    // every request this server sends it: told to upgrade instead.
+    let old_agent = tunnel.request(
+        "GET",
+        "/v1/tunnel",
+        Some(&good),
+        &[
+            ("connection", "Upgrade"),
+            ("upgrade", "tower-tunnel/1"),
+            ("tower-cluster", "member-1"),
+            ("tower-capabilities", "control,drain,http2"),
+        ],
+    );
+    assert_eq!(old_agent.status, 426, "{}", old_agent.body);
+    assert!(
+        old_agent.body.contains("upgrade tower-agent"),
+        "{}",
+        old_agent.body
+    );
     let mismatch = tunnel.request(
         "GET",
         "/v1/tunnel",
@@ -295,7 +328,10 @@ fn tunnel_handshake_refusals_are_plain_http() {
             pinned_wrong
                 .process
                 .log()
-                .contains("does not contain the CA pinned by --ca-hash")
+                .contains(&format!(
+                    "does not contain the pinned CA: expected sha256:{}",
+                    "0".repeat(64)
+                ))
                 .then_some(())
         },
     );
@@ -468,7 +504,8 @@ mod raw_tunnel {
             let request = format!(
                 "GET /v1/tunnel HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
                  Upgrade: tower-tunnel/1\r\nAuthorization: Bearer {token}\r\n\
-                 Tower-Cluster: {cluster}\r\nTower-Agent-Version: raw-test\r\n\r\n"
+                 Tower-Cluster: {cluster}\r\nTower-Agent-Version: raw-test\r\n\
+                 Tower-Capabilities: control,drain,identity\r\n\r\n"
             );
             let stream = runtime.block_on(async move {
                 let tcp = TcpStream::connect(addr).await.expect("connect");

@@ -175,9 +175,68 @@ impl Flow {
     }
 }
 
-/// README's steps 1-6, from deploy/host to a running agent pod whose Cluster is
-/// `AgentAvailable=True`; `manifest_args` are added to `tower-server agent-manifest`.
-fn seed_flow(manifest_args: &[&str]) -> Flow {
+/// The host half of the flow: deploy/host running behind its balancer, and a proxy
+/// Cluster imported, whose token tower has written.
+struct Host {
+    host: Member,
+    member: Member,
+    pki: OperatorPki,
+    replicas: Vec<Replica>,
+    balancer: Relay,
+}
+
+impl Host {
+    fn logs(&self) -> String {
+        self.replicas
+            .iter()
+            .map(|r| r.pod.log())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+
+    /// Waits for the Cluster's `AgentAvailable` to be `status`.
+    fn wait_available(&self, status: &str, agent: &mut Pod) {
+        let agent_log = agent.log_file();
+        wait_for_with(
+            &format!("AgentAvailable={status}"),
+            Duration::from_secs(30),
+            || {
+                if let Some(code) = agent.exit_code() {
+                    panic!("the agent exited with {code}:\n{}", agent.log());
+                }
+                (cluster_field(
+                    &self.host,
+                    r#"{.status.conditions[?(@.type=="AgentAvailable")].status}"#,
+                ) == status)
+                    .then_some(())
+            },
+            || {
+                format!(
+                    "{}\n---\n{}",
+                    self.replicas[0].pod.log(),
+                    std::fs::read_to_string(&agent_log).unwrap_or_default()
+                )
+            },
+        );
+    }
+
+    /// The whole flow from here, with `agent` the running agent pod.
+    fn with_agent(self, agent: Pod) -> Flow {
+        Flow {
+            _host: self.host,
+            member: self.member,
+            pki: self.pki,
+            replicas: self.replicas,
+            agent,
+            dir: TempDir::new("seed-flow"),
+            _balancer: self.balancer,
+        }
+    }
+}
+
+/// README's steps 1-4: deploy/host, its replicas ready, a proxy Cluster imported and
+/// filled by tower.
+fn host_flow() -> Host {
     let host = Member::start_strict();
     let member = Member::start_strict();
     let pki = OperatorPki::new();
@@ -201,18 +260,29 @@ fn seed_flow(manifest_args: &[&str]) -> Flow {
          spec:\n  provider: private-idc\n  enable: true\n  joinFederation: false\n  connection:\n    type: proxy\n"
     );
     kubectl_with_input(&host.kubeconfig, &["apply", "-f", "-"], cluster.as_bytes()).success();
+    let flow = Host {
+        host,
+        member,
+        pki,
+        replicas,
+        balancer,
+    };
     wait_for_with(
         "tower to write spec.connection.token",
         Duration::from_secs(30),
-        || (!cluster_field(&host, "{.spec.connection.token}").is_empty()).then_some(()),
-        || {
-            replicas
-                .iter()
-                .map(|r| r.pod.log())
-                .collect::<Vec<_>>()
-                .join("\n---\n")
-        },
+        || (!cluster_field(&flow.host, "{.spec.connection.token}").is_empty()).then_some(()),
+        || flow.logs(),
     );
+    flow
+}
+
+/// README's steps 1-6, from deploy/host to a running agent pod whose Cluster is
+/// `AgentAvailable=True`; `manifest_args` are added to `tower-server agent-manifest`.
+fn seed_flow(manifest_args: &[&str]) -> Flow {
+    let flow = host_flow();
+    let Host {
+        member, replicas, ..
+    } = &flow;
 
     // agent.yaml, generated inside a host pod with its own ServiceAccount's rights.
     let mut command = vec![
@@ -228,6 +298,11 @@ fn seed_flow(manifest_args: &[&str]) -> Flow {
         manifest.status.success(),
         "agent-manifest in the host pod: {}",
         String::from_utf8_lossy(&manifest.stderr)
+    );
+    let text = String::from_utf8_lossy(&manifest.stdout);
+    assert!(
+        !text.contains("jwt-secret") && !text.contains(SECRET),
+        "agent.yaml never carries the jwtSecret"
     );
 
     // Step 5: on the member.
@@ -258,32 +333,13 @@ fn seed_flow(manifest_args: &[&str]) -> Flow {
     );
 
     // Step 6: the condition, then kubectl through each replica's frontend.
-    wait_for_with(
-        "AgentAvailable=True",
-        Duration::from_secs(30),
-        || {
-            (cluster_field(
-                &host,
-                r#"{.status.conditions[?(@.type=="AgentAvailable")].status}"#,
-            ) == "True")
-                .then_some(())
-        },
-        || format!("{}\n---\n{}", replicas[0].pod.log(), agent.log()),
-    );
-    let endpoint = cluster_field(&host, "{.spec.connection.kubernetesAPIEndpoint}");
+    flow.wait_available("True", &mut agent);
+    let endpoint = cluster_field(&flow.host, "{.spec.connection.kubernetesAPIEndpoint}");
     assert!(
         endpoint.ends_with(&format!("/clusters/{CLUSTER}")),
         "{endpoint}"
     );
-    Flow {
-        _host: host,
-        member,
-        pki,
-        replicas,
-        agent,
-        dir: TempDir::new("seed-flow"),
-        _balancer: balancer,
-    }
+    flow.with_agent(agent)
 }
 
 #[test]
@@ -376,4 +432,257 @@ fn a_restricted_agent_impersonates_only_the_identities_its_role_names() {
         calls.iter().all(|c| c.user.as_deref() != Some("admin")),
         "no request ran as admin: {calls:?}"
     );
+}
+
+/// The agent Deployment exactly as KubeSphere 3.4's API server renders it for the
+/// console's Add Cluster → Import → Agent connection (kubesphere/kubesphere
+/// pkg/kapis/cluster/v1alpha1/handler.go, the expected YAML in its handler_test.go):
+/// Deployment `cluster-agent` in `kubesphere-system`, one container `agent` running
+/// `/agent` with the Cluster's token and the proxy address as configured (often
+/// `http://IP:8080`), ServiceAccount `kubesphere`, no probes, volumes or securityContext.
+/// Here the agentImage is Tower's.
+fn console_deployment(token: &str, proxy_server: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: cluster-agent
+  namespace: kubesphere-system
+spec:
+  selector:
+    matchLabels:
+      app: agent
+      app.kubernetes.io/part-of: tower
+  template:
+    metadata:
+      labels:
+        app: agent
+        app.kubernetes.io/part-of: tower
+    spec:
+      containers:
+      - command:
+        - /agent
+        - --name={CLUSTER}
+        - --token={token}
+        - --proxy-server={proxy_server}
+        - --keepalive=10s
+        - --kubesphere-service=ks-apiserver.kubesphere-system.svc:80
+        - --kubernetes-service=kubernetes.default.svc:443
+        - --v=0
+        image: tower:test
+        name: agent
+        resources:
+          limits:
+            cpu: "1"
+            memory: 200M
+          requests:
+            cpu: 100m
+            memory: 100M
+      serviceAccountName: kubesphere
+"#
+    )
+}
+
+/// What a KubeSphere member has before the agent comes: its namespace, the `kubesphere`
+/// ServiceAccount bound to cluster-admin (ks-installer's), and the platform
+/// configuration, `kubesphere-config`, whose kubesphere.yaml holds `jwt_secret_line`.
+fn kubesphere_member(member: &Member, jwt_secret_line: &str) {
+    let objects = format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: kubesphere-system
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: kubesphere
+  namespace: kubesphere-system
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: kubesphere
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: cluster-admin
+subjects:
+- kind: ServiceAccount
+  name: kubesphere
+  namespace: kubesphere-system
+---
+{}"#,
+        kubesphere_config(jwt_secret_line)
+    );
+    kubectl_with_input(
+        &member.kubeconfig,
+        &["apply", "-f", "-"],
+        objects.as_bytes(),
+    )
+    .success();
+}
+
+/// ConfigMap `kubesphere-config` as ks-installer writes it, cut to what matters here.
+fn kubesphere_config(jwt_secret_line: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kubesphere-config\n  namespace: kubesphere-system\n\
+         data:\n  kubesphere.yaml: |\n    authentication:\n      authenticateRateLimiterMaxTries: 10\n{jwt_secret_line}\
+         \n    multicluster:\n      clusterRole: member\n"
+    )
+}
+
+/// The console's agent Deployment, created on the member and run by its kubelet.
+fn start_console_agent(flow: &Host, token: &str, proxy_server: &str) -> Pod {
+    let deployment = console_deployment(token, proxy_server);
+    kubectl_with_input(
+        &flow.member.kubeconfig,
+        &["create", "-f", "-"],
+        deployment.as_bytes(),
+    )
+    .success();
+    Kubelet::new(
+        ApiServer::stand_in(&flow.member.api, &flow.member.kubeconfig),
+        Image::tower(),
+    )
+    .start_deployment("kubesphere-system", "cluster-agent", &Overrides::default())
+    .unwrap_or_else(|e| panic!("the console's agent pod must start: {e}"))
+}
+
+#[test]
+fn the_consoles_own_agent_deployment_runs_tower_agent_with_only_the_token() {
+    let flow = host_flow();
+    kubesphere_member(&flow.member, &format!("      jwtSecret: \"{SECRET}\""));
+    let token = cluster_field(&flow.host, "{.spec.connection.token}");
+    // The address as the seed configures it: http://, which Tower still dials with TLS,
+    // verifying the server against the CA pinned in the token.
+    let mut agent = start_console_agent(&flow, &token, &format!("http://{}", flow.balancer.addr));
+    flow.wait_available("True", &mut agent);
+    let log = agent.log();
+    assert!(log.contains("tower tunnels use TLS regardless"), "{log}");
+    let flow = flow.with_agent(agent);
+
+    let admin = flow.kubeconfig(flow.replicas[0].frontend, "admin", &["system:masters"]);
+    let pods = kubectl(&admin, &["get", "pods", "-n", "default", "-o", "name"]).success();
+    assert!(pods.contains("pod/"), "{pods}");
+    let calls = flow.member.api.calls();
+    let call = calls
+        .iter()
+        .rev()
+        .find(|c| {
+            c.path_and_query
+                .starts_with("/api/v1/namespaces/default/pods")
+        })
+        .expect("the list reached the member");
+    // The member saw the pod's own ServiceAccount (not --kubernetes-service's address,
+    // which does not resolve here) impersonate the caller.
+    assert_eq!(
+        call.credential, "serviceaccount:kubesphere-system/kubesphere",
+        "{call:?}"
+    );
+    assert_eq!(call.impersonate_user.as_deref(), Some("admin"));
+    assert_eq!(call.impersonate_groups, ["system:masters"]);
+    assert!(
+        calls
+            .iter()
+            .filter(|c| c.impersonate_user.is_some())
+            .all(|c| c.credential == "serviceaccount:kubesphere-system/kubesphere"),
+        "{calls:?}"
+    );
+    // The agent read its key from kubesphere-config, as the pod's ServiceAccount.
+    assert!(
+        calls.iter().any(|c| c.path_and_query
+            == "/api/v1/namespaces/kubesphere-system/configmaps/kubesphere-config"
+            && c.credential == "serviceaccount:kubesphere-system/kubesphere"),
+        "{calls:?}"
+    );
+}
+
+#[test]
+fn a_wrong_pin_in_the_token_is_refused_with_what_was_expected_and_what_came() {
+    let flow = host_flow();
+    kubesphere_member(&flow.member, &format!("      jwtSecret: \"{SECRET}\""));
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let token = Server::minter().agent_token_pinned(CLUSTER, None, Some(&wrong));
+    let mut agent = start_console_agent(&flow, &token, &format!("https://{}", flow.balancer.addr));
+    let expected = format!("expected {wrong}");
+    wait_for_with(
+        "the agent to refuse the server's certificate",
+        Duration::from_secs(30),
+        || agent.log().contains(&expected).then_some(()),
+        || agent.log(),
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("does not contain the pinned CA")
+            && log.contains("the chain's keys are sha256:"),
+        "{log}"
+    );
+    assert!(agent.exit_code().is_none(), "it keeps trying: {log}");
+    assert_ne!(
+        cluster_field(
+            &flow.host,
+            r#"{.status.conditions[?(@.type=="AgentAvailable")].status}"#
+        ),
+        "True"
+    );
+    // No replica ever saw a tunnel from it.
+    assert!(!flow.logs().contains("tunnel up"), "{}", flow.logs());
+}
+
+#[test]
+fn without_a_jwt_secret_on_the_member_the_agent_connects_but_serves_no_one_until_it_has_one() {
+    let flow = host_flow();
+    // A KubeSphere member whose configuration has no jwtSecret (yet).
+    kubesphere_member(&flow.member, "");
+    let token = cluster_field(&flow.host, "{.spec.connection.token}");
+    let mut agent = start_console_agent(&flow, &token, &format!("https://{}", flow.balancer.addr));
+    flow.wait_available("True", &mut agent);
+    assert!(
+        agent.log().contains(
+            "kubesphere-system/kubesphere-config: kubesphere.yaml has no authentication.jwtSecret"
+        ),
+        "{}",
+        agent.log()
+    );
+    let flow = flow.with_agent(agent);
+    let admin = flow.kubeconfig(flow.replicas[0].frontend, "admin", &["system:masters"]);
+    // (--raw, whose path ignores the server URL's: kubectl's discovery would show a 503
+    // only as "unable to handle".)
+    let raw = format!("/clusters/{CLUSTER}/api/v1/namespaces/default/pods");
+    let refused = kubectl(&admin, &["get", "--raw", &raw]);
+    assert!(!refused.0.status.success());
+    let stderr = refused.stderr();
+    assert!(
+        stderr.contains("ServiceUnavailable")
+            && stderr.contains("cannot check who callers are")
+            && stderr.contains("no authentication.jwtSecret"),
+        "{stderr}"
+    );
+    assert!(
+        flow.member.api.calls().iter().all(|c| !c
+            .path_and_query
+            .starts_with("/api/v1/namespaces/default/pods")),
+        "nothing reached the member's pods"
+    );
+    // The operator fixes the configuration: the agent follows it without a restart.
+    kubectl_with_input(
+        &flow.member.kubeconfig,
+        &["apply", "-f", "-"],
+        kubesphere_config(&format!("      jwtSecret: \"{SECRET}\"")).as_bytes(),
+    )
+    .success();
+    wait_for_with(
+        "the agent to take up the jwtSecret",
+        Duration::from_secs(30),
+        || {
+            kubectl(&admin, &["get", "pods", "-n", "default", "-o", "name"])
+                .0
+                .status
+                .success()
+                .then_some(())
+        },
+        || flow.agent.log(),
+    );
+    assert!(flow.agent.log().contains("identity key (re)loaded"));
 }

@@ -101,7 +101,94 @@ fn no_caller_chooses_an_identity_or_an_origin_on_any_target() {
     assert!(
         headers
             .iter()
-            .any(|l| l.starts_with("authorization: bearer ")),
+            .any(|l| *l == format!("authorization: bearer {}", token.to_ascii_lowercase())),
         "the caller's own token is forwarded to ks-apiserver: {headers:#?}"
     );
+    // The server's identity assertion is for the agent alone.
+    assert!(
+        headers.iter().all(|l| !l.starts_with("tower-identity:")),
+        "{headers:#?}"
+    );
+}
+
+/// `--pass-through-unknown-tokens`: a member ServiceAccount token (what kubefed stores
+/// for a joined member) reaches the member's API server as it is, which authenticates
+/// it; Tower adds no identity of its own. Without the flag it is refused at the door.
+#[test]
+fn a_member_credential_passes_through_only_when_asked_for() {
+    let member = Member::start_strict();
+    let objects = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kube-federation-system\n---\n\
+        apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: member-1-kubefed\n  namespace: kube-federation-system\n---\n\
+        apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: member-1-kubefed\n\
+        roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: cluster-admin\n\
+        subjects:\n- kind: ServiceAccount\n  name: member-1-kubefed\n  namespace: kube-federation-system\n";
+    tower_e2e::kubectl_with_input(
+        &member.kubeconfig,
+        &["apply", "-f", "-"],
+        objects.as_bytes(),
+    )
+    .success();
+    let sa_token = tower_e2e::kubectl(
+        &member.kubeconfig,
+        &[
+            "create",
+            "token",
+            "member-1-kubefed",
+            "-n",
+            "kube-federation-system",
+        ],
+    )
+    .success()
+    .trim()
+    .to_owned();
+    let path = "/clusters/member-1/api/v1/namespaces/default/pods";
+
+    let strict = server().start();
+    let _agent = agent(&strict, &member, "member-1").connect(&strict);
+    let refused = Https::frontend(&strict).get(path, Some(&sa_token));
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert!(
+        refused.body.contains("signature does not match"),
+        "{}",
+        refused.body
+    );
+
+    let open = server().args(&["--pass-through-unknown-tokens"]).start();
+    let _agent = agent(&open, &member, "member-1").connect(&open);
+    let https = Https::frontend(&open);
+    let before = member.api.calls().len();
+    let reply = https.get(path, Some(&sa_token));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let calls = member.api.calls();
+    let call = calls[before..]
+        .iter()
+        .find(|c| {
+            c.path_and_query
+                .starts_with("/api/v1/namespaces/default/pods")
+        })
+        .expect("the request reached the member");
+    assert_eq!(
+        call.credential, "serviceaccount:kube-federation-system/member-1-kubefed",
+        "the member authenticated the caller's own credential: {call:?}"
+    );
+    assert_eq!(call.impersonate_user, None, "{call:?}");
+    // A credential the member does not know: its own 401, not Tower's.
+    let unknown = https.get(path, Some("not-a-credential-of-anyone"));
+    assert_eq!(unknown.status, 401, "{}", unknown.body);
+    assert!(!unknown.body.contains("tower"), "{}", unknown.body);
+    // Tokens this host signed are still judged here: an expired one never passes.
+    let expired = Server::minter().sign(&serde_json::json!({
+        "username": "alice", "token_type": "access_token", "exp": 1_000_000_000u64
+    }));
+    let reply = https.get(path, Some(&expired));
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert!(reply.body.contains("token expired"), "{}", reply.body);
+    // And impersonation stays refused for a passed-through credential too.
+    let reply = https.request(
+        "GET",
+        path,
+        Some(&sa_token),
+        &[("Impersonate-User", "admin")],
+    );
+    assert_eq!(reply.status, 403, "{}", reply.body);
 }

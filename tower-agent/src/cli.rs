@@ -4,19 +4,24 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use tower_auth::{Secret, Verifier};
+use tower_auth::{AgentClaims, Secret};
 use tower_proto::names::validate_cluster_name;
 use tower_tunnel::control::Keepalive;
 use tower_tunnel::dial::{DialConfig, ProxyUrl, ServerAddress};
 use tower_tunnel::tls::{self, CaTrust};
 
+use crate::identity::{IdentityKeys, KeySource, PLATFORM_CONFIGMAPS};
 use crate::upstream::{TokenFile, Upstream};
 use crate::{Backoff, Config};
 
-/// The agent's flags (a public contract: existing agent.yaml files use them).
+/// The agent's flags (a public contract: existing agent.yaml files use them, and so does
+/// the agent Deployment that KubeSphere's console renders for its own agent, started as
+/// `/agent --name= --token= --proxy-server= --keepalive=10s --kubesphere-service=
+/// --kubernetes-service= --v=0`: every one of those is accepted here).
 #[derive(Parser, Debug)]
 #[command(
     name = "tower-agent",
@@ -43,12 +48,18 @@ pub struct Cli {
     /// The server's published tunnel address, e.g. https://139.198.120.120:8080
     #[arg(long, env = "TOWER_PROXY_SERVER")]
     pub proxy_server: String,
-    /// CA certificate (PEM) that signed the server's certificate.
-    #[arg(long, env = "TOWER_CA_FILE", conflicts_with = "ca_hash", required_unless_present_any = ["ca_hash", "insecure_plaintext_tunnel"])]
+    /// CA certificate (PEM) that signed the server's certificate [default: the CA the
+    /// agent token pins].
+    #[arg(long, env = "TOWER_CA_FILE", conflicts_with = "ca_hash")]
     pub ca_file: Option<PathBuf>,
-    /// Pin of the server's CA: sha256:HEX of its SubjectPublicKeyInfo or certificate.
+    /// Pin of the server's CA: sha256:HEX of its SubjectPublicKeyInfo or certificate
+    /// [default: the pin in the agent token].
     #[arg(long, env = "TOWER_CA_HASH")]
     pub ca_hash: Option<String>,
+    /// Dial even though neither a flag nor the agent token names a CA: the server's
+    /// certificate is then not checked, and anyone on the path can read every request.
+    #[arg(long, env = "TOWER_INSECURE_SKIP_TLS_VERIFY", conflicts_with_all = ["ca_file", "ca_hash"])]
+    pub insecure_skip_tls_verify: bool,
     /// Kubeconfig for the member's kube-apiserver (else in-cluster config:
     /// KUBERNETES_SERVICE_HOST/PORT and the ServiceAccount's token and ca.crt).
     #[arg(long, env = "TOWER_KUBECONFIG")]
@@ -58,19 +69,42 @@ pub struct Cli {
     /// Only for tests and unusual mounts: pods get the default path.
     #[arg(long, env = "TOWER_SERVICE_ACCOUNT_DIR", value_name = "DIR")]
     pub service_account_dir: Option<PathBuf>,
-    /// The jwtSecret shared with the host, to verify callers again here.
-    #[arg(long, env = "TOWER_JWT_SECRET_FILE")]
+    /// This cluster's key (what Tower's agent.yaml mounts), to check the server's
+    /// identity assertions: who each caller is.
+    #[arg(long, env = "TOWER_CLUSTER_KEY_FILE", conflicts_with_all = ["jwt_secret_file", "jwt_secret"])]
+    pub cluster_key_file: Option<PathBuf>,
+    /// A jwtSecret shared with the host, to derive this cluster's key from.
+    #[arg(long, env = "TOWER_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
     pub jwt_secret_file: Option<PathBuf>,
-    /// The jwtSecret itself (prefer the file).
+    /// The jwtSecret itself (prefer a file).
     #[arg(long, env = "TOWER_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// Keepalive ping interval (a pong may take as long again).
-    #[arg(long, env = "TOWER_KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Without a key or a jwtSecret: the KubeSphere configuration ConfigMap to read the
+    /// member's jwtSecret from (key kubesphere.yaml, authentication.jwtSecret), as
+    /// [NAMESPACE/]NAME [default: ke-config, then kubesphere-config, in the agent's
+    /// namespace, then in ke-system and kubesphere-system].
+    #[arg(long, env = "TOWER_PLATFORM_CONFIG", value_name = "[NAMESPACE/]NAME")]
+    pub platform_config: Option<String>,
+    /// Keepalive ping interval (a pong may take as long again); a Go duration (`10s`,
+    /// `1m30s`, `1.5h`) or a humantime one (`10 s`).
+    #[arg(long, env = "TOWER_KEEPALIVE", default_value = "10s", value_parser = parse_duration)]
     pub keepalive: Duration,
+    /// Log verbosity as klog's --v (KubeSphere's agent Deployment passes --v=0): 0-1
+    /// info, 2-3 Tower's debug lines, 4-5 all debug, 6+ trace. TOWER_LOG, when set, wins.
+    #[arg(long = "v", value_name = "N", env = "TOWER_V")]
+    pub verbosity: Option<u8>,
+    /// KubeSphere's old agent's flag: refused (tower-agent retries for ever).
+    #[arg(long, hide = true)]
+    pub max_retry: Option<String>,
+    /// KubeSphere's old agent's flag: refused (see --reconnect-max).
+    #[arg(long, hide = true)]
+    pub max_retry_interval: Option<String>,
     /// Serve /healthz and /readyz here.
     #[arg(long, env = "TOWER_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
-    /// The kube-apiserver's HOST:PORT, overriding the kubeconfig's or in-cluster address.
+    /// The kube-apiserver's HOST:PORT, overriding the kubeconfig's address, or the
+    /// in-cluster address when not in a pod. In a pod (KUBERNETES_SERVICE_HOST and _PORT
+    /// set) the pod's own address wins, as it did for KubeSphere's agent.
     #[arg(long, env = "TOWER_KUBERNETES_SERVICE")]
     pub kubernetes_service: Option<String>,
     /// Watches multiplexed on one HTTP/2 connection to the kube-apiserver before another
@@ -85,11 +119,11 @@ pub struct Cli {
     #[arg(long, env = "TOWER_HTTPS_PROXY")]
     pub https_proxy: Option<String>,
     /// Largest reconnect delay.
-    #[arg(long, env = "TOWER_RECONNECT_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOWER_RECONNECT_MAX", default_value = "30s", value_parser = parse_duration)]
     pub reconnect_max: Duration,
     /// On SIGTERM, how long requests in flight get to finish (watches end at once,
     /// cleanly); keep it below the pod's terminationGracePeriodSeconds (30s default).
-    #[arg(long, env = "TOWER_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOWER_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// Dial without TLS: only when a load balancer in front of the server terminates TLS.
     #[arg(long, env = "TOWER_INSECURE_PLAINTEXT_TUNNEL")]
@@ -115,26 +149,21 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         (None, Some(file)) => file.token(),
         (None, None) => return Err("--token or --token-file is required".into()),
     };
-    let secret_bytes = match (&cli.jwt_secret_file, &cli.jwt_secret) {
-        (Some(path), _) => std::fs::read(path)
-            .map_err(|e| format!("reading --jwt-secret-file {}: {e}", path.display()))?,
-        (None, Some(secret)) => secret.clone().into_bytes(),
-        (None, None) => {
-            return Err("the jwtSecret is required to verify callers: --jwt-secret-file PATH or TOWER_JWT_SECRET".into());
-        }
-    };
-    let secret = Secret::new(secret_bytes).ok_or("the jwtSecret is empty")?;
-    let verifier = Verifier::new(&secret);
-    // Catch a token for another cluster (or another secret) before dialing.
-    match verifier.verify_agent(&token) {
-        Ok(claims) if claims.sub != cli.name => {
-            return Err(format!(
-                "--name {:?} does not match the token, which is for cluster {:?}",
-                cli.name, claims.sub
-            ));
-        }
-        Ok(_) => {}
-        Err(e) => return Err(format!("agent token refused: {e}")),
+    refuse_old_agent_flags(cli)?;
+    // The token is the agent's own: its claims are read (its cluster, the CA it pins),
+    // not verified; the server verifies it.
+    let claims = AgentClaims::read_unverified(&token).map_err(|e| {
+        format!(
+            "agent token: {e} (a hex token is one of KubeSphere's old tower: Tower writes a \
+             new token into the Cluster's spec.connection.token; copy the agent Deployment \
+             or agent.yaml again)"
+        )
+    })?;
+    if claims.sub != cli.name {
+        return Err(format!(
+            "--name {:?} does not match the token, which is for cluster {:?}",
+            cli.name, claims.sub
+        ));
     }
     let address =
         ServerAddress::parse(&cli.proxy_server).map_err(|e| format!("--proxy-server: {e}"))?;
@@ -145,16 +174,35 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         if address.plaintext_scheme {
             tracing::info!(proxy_server = %cli.proxy_server, "the proxy address says http://; tower tunnels use TLS regardless");
         }
-        let trust = match (&cli.ca_file, &cli.ca_hash) {
-            (Some(path), _) => {
+        let trust = match (&cli.ca_file, &cli.ca_hash, &claims.ca) {
+            (Some(path), _, _) => {
                 let pem = std::fs::read(path)
                     .map_err(|e| format!("reading --ca-file {}: {e}", path.display()))?;
                 CaTrust::Certificates(
                     tls::certs_from_pem(&pem).map_err(|e| format!("--ca-file: {e}"))?,
                 )
             }
-            (None, Some(pin)) => CaTrust::parse_pin(pin).map_err(|e| format!("--ca-hash: {e}"))?,
-            (None, None) => return Err("--ca-file or --ca-hash is required".into()),
+            (None, Some(pin), _) => {
+                CaTrust::parse_pin(pin).map_err(|e| format!("--ca-hash: {e}"))?
+            }
+            (None, None, Some(pin)) => CaTrust::parse_pin(pin)
+                .map_err(|e| format!("the agent token's CA pin (claim ca): {e}"))?,
+            (None, None, None) if cli.insecure_skip_tls_verify => {
+                tracing::warn!(
+                    "--insecure-skip-tls-verify: the server's certificate is not checked; anyone on the path can read every request"
+                );
+                CaTrust::InsecureAnyServer
+            }
+            (None, None, None) => {
+                return Err(
+                    "no CA to trust: the agent token pins none (it was minted without \
+                     one), and neither --ca-file nor --ca-hash is given. Mint a token that \
+                     pins the Tower CA (tower-server token --ca-cert, or let tower write \
+                     the Cluster's token), give --ca-hash, or, knowing that anyone on the \
+                     path could then read every request, --insecure-skip-tls-verify"
+                        .into(),
+                );
+            }
         };
         Some(tls::client_config(&trust).map_err(|e| e.to_string())?)
     };
@@ -166,6 +214,24 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         return Err(
             "--service-account-dir is for in-cluster mode: it cannot be combined with --kubeconfig"
                 .into(),
+        );
+    }
+    let service_account_dir = cli
+        .service_account_dir
+        .as_deref()
+        .unwrap_or(Path::new(DEFAULT_SERVICE_ACCOUNT_DIR));
+    let service_env = (
+        std::env::var(SERVICE_HOST_ENV).ok(),
+        std::env::var(SERVICE_PORT_ENV).ok(),
+    );
+    let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+    let in_pod = cli.kubeconfig.is_none() && set(&service_env.0) && set(&service_env.1);
+    // In a pod, the pod's own API server address wins, as it did for KubeSphere's agent
+    // (whose Deployment passes --kubernetes-service=kubernetes.default.svc:443 anyway).
+    let kubernetes_service = cli.kubernetes_service.as_deref().filter(|_| !in_pod);
+    if in_pod && cli.kubernetes_service.is_some() {
+        tracing::info!(
+            "in a pod: calling the API server at KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT, not --kubernetes-service"
         );
     }
     let kube_config = match &cli.kubeconfig {
@@ -180,15 +246,8 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
             .map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?
         }
         None => in_cluster_config(
-            cli.kubernetes_service.is_none().then(|| {
-                (
-                    std::env::var(SERVICE_HOST_ENV).ok(),
-                    std::env::var(SERVICE_PORT_ENV).ok(),
-                )
-            }),
-            cli.service_account_dir
-                .as_deref()
-                .unwrap_or(Path::new(DEFAULT_SERVICE_ACCOUNT_DIR)),
+            kubernetes_service.is_none().then_some(service_env),
+            service_account_dir,
         )?,
     };
 
@@ -197,7 +256,7 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         tower_proto::preamble::KUBERNETES_TARGET.to_owned(),
         Upstream::kubernetes(
             &kube_config,
-            cli.kubernetes_service.as_deref(),
+            kubernetes_service,
             cli.upstream_streams_per_connection,
         )?,
     );
@@ -207,6 +266,18 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
     let mut target_names: Vec<String> = targets.keys().cloned().collect();
     target_names.sort();
     let keepalive = Keepalive::from_flag(cli.keepalive)?;
+    let key_source = key_source(cli, &kube_config, service_account_dir)?;
+    let key = key_source.read(&cli.name).await;
+    match (&key_source, &key) {
+        // A file or a secret given on the command line that cannot be read is a mistake
+        // in the agent's configuration: said at once.
+        (KeySource::PlatformConfig { .. }, _) | (_, Ok(_)) => {}
+        (_, Err(e)) => return Err(e.clone()),
+    }
+    if let Err(e) = &key {
+        tracing::error!(error = %e, "no identity key: connecting, but refusing every request with 503 until there is one");
+    }
+    let identity = Arc::new(IdentityKeys::new(&cli.name, key));
     Ok(Config {
         dial: DialConfig {
             host: address.host,
@@ -220,7 +291,8 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
             timeout: Duration::from_secs(15),
         },
         token_file,
-        verifier,
+        identity,
+        key_source,
         targets,
         keepalive,
         shutdown_grace: cli.shutdown_grace,
@@ -229,6 +301,133 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
             ..Backoff::default()
         },
     })
+}
+
+/// Where the key that checks the server's identity assertions comes from: the first of
+/// --cluster-key-file, --jwt-secret-file, TOWER_JWT_SECRET, else the member's KubeSphere
+/// configuration.
+fn key_source(
+    cli: &Cli,
+    kube_config: &kube::Config,
+    service_account_dir: &Path,
+) -> Result<KeySource, String> {
+    if let Some(path) = &cli.cluster_key_file {
+        return Ok(KeySource::ClusterKeyFile(path.clone()));
+    }
+    if let Some(path) = &cli.jwt_secret_file {
+        return Ok(KeySource::JwtSecretFile(path.clone()));
+    }
+    if let Some(secret) = &cli.jwt_secret {
+        return Secret::new(secret)
+            .map(KeySource::JwtSecret)
+            .ok_or_else(|| "TOWER_JWT_SECRET is empty".into());
+    }
+    // The namespace the pod runs in, as Kubernetes mounts it beside the token.
+    let own = std::fs::read_to_string(service_account_dir.join("namespace"))
+        .ok()
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty());
+    let candidates = match &cli.platform_config {
+        Some(given) => match given.split_once('/') {
+            Some((namespace, name)) => vec![(namespace.to_owned(), name.to_owned())],
+            None => vec![(
+                own.clone().ok_or_else(|| {
+                    format!(
+                        "--platform-config {given:?} names no namespace, and the agent's own \
+                     ({}) cannot be read: give NAMESPACE/NAME",
+                        service_account_dir.join("namespace").display()
+                    )
+                })?,
+                given.clone(),
+            )],
+        },
+        None => {
+            let mut candidates: Vec<(String, String)> = own
+                .iter()
+                .flat_map(|ns| {
+                    PLATFORM_CONFIGMAPS
+                        .iter()
+                        .map(|n| (ns.clone(), (*n).to_owned()))
+                })
+                .collect();
+            for fallback in [
+                ("ke-system", "ke-config"),
+                ("kubesphere-system", "kubesphere-config"),
+            ] {
+                let fallback = (fallback.0.to_owned(), fallback.1.to_owned());
+                if !candidates.contains(&fallback) {
+                    candidates.push(fallback);
+                }
+            }
+            candidates
+        }
+    };
+    let client = kube::Client::try_from(kube_config.clone())
+        .map_err(|e| format!("a client for the member's API server: {e}"))?;
+    Ok(KeySource::PlatformConfig { client, candidates })
+}
+
+/// KubeSphere's old agent's flags that mean nothing here: refused with the reason, not
+/// ignored.
+fn refuse_old_agent_flags(cli: &Cli) -> Result<(), String> {
+    if cli.max_retry.is_some() {
+        return Err(
+            "--max-retry (KubeSphere's old agent) is not supported: tower-agent \
+                    dials again for ever, with jittered backoff up to --reconnect-max"
+                .into(),
+        );
+    }
+    if cli.max_retry_interval.is_some() {
+        return Err(
+            "--max-retry-interval (KubeSphere's old agent) is not supported: \
+                    use --reconnect-max DURATION"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// A duration as Go writes it (`10s`, `1m30s`, `1.5h`, `300ms`, `2us`; the `--keepalive`
+/// of KubeSphere's agent Deployment) or as humantime does (`10 s`, `2min`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    parse_go_duration(text.trim())
+        .or_else(|| humantime::parse_duration(text).ok())
+        .ok_or_else(|| format!("{text:?} is not a duration (e.g. 10s, 1m30s, 500ms)"))
+}
+
+/// Go's `time.ParseDuration`, for non-negative durations: decimal numbers, each with a
+/// unit (ns, us, µs, ms, s, m, h); `0` alone is zero.
+fn parse_go_duration(text: &str) -> Option<Duration> {
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = text.strip_prefix('+').unwrap_or(text);
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..number_len].parse().ok()?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let nanos_per_unit = match &rest[..unit_len] {
+            "ns" => 1.0,
+            "us" | "µs" | "μs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * nanos_per_unit;
+    }
+    (total.is_finite() && total < u64::MAX as f64).then(|| Duration::from_nanos(total as u64))
 }
 
 /// Where Kubernetes mounts a pod's ServiceAccount credentials.
@@ -408,5 +607,24 @@ mod tests {
                 .contains("the file is empty")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations_read_as_go_writes_them_and_as_humantime_does() {
+        let ok = |t: &str| parse_duration(t).unwrap();
+        assert_eq!(ok("10s"), Duration::from_secs(10));
+        assert_eq!(ok("1m30s"), Duration::from_secs(90));
+        assert_eq!(ok("1h0m0s"), Duration::from_secs(3600));
+        assert_eq!(ok("1.5h"), Duration::from_secs(5400));
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("2us"), Duration::from_micros(2));
+        assert_eq!(ok("2µs"), Duration::from_micros(2));
+        assert_eq!(ok("0"), Duration::ZERO);
+        assert_eq!(ok("10 s"), Duration::from_secs(10));
+        assert_eq!(ok("2min"), Duration::from_secs(120));
+        for bad in ["", "10", "-1s", "1d2x", "s", "1..5s", "ten seconds"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("is not a duration"), "{bad:?}: {e}");
+        }
     }
 }

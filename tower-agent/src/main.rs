@@ -22,7 +22,12 @@ fn parse() -> (Cli, LogArgs) {
 
 fn main() -> ExitCode {
     let (cli, log) = parse();
-    if let Err(e) = tower_telemetry::init(log.log_format) {
+    // KubeSphere's agent Deployment passes klog's --v; TOWER_LOG still wins.
+    let default_filter = cli.verbosity.map_or_else(
+        || tower_telemetry::DEFAULT_FILTER.to_owned(),
+        tower_telemetry::klog_filter,
+    );
+    if let Err(e) = tower_telemetry::init_with_default(log.log_format, &default_filter) {
         eprintln!("tower-agent: {e}");
         return ExitCode::from(2);
     }

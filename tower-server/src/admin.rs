@@ -37,6 +37,7 @@ pub(crate) struct Manifests {
     pub(crate) minter: tower_auth::Minter,
     pub(crate) secret: tower_auth::Secret,
     pub(crate) ca_pem: String,
+    pub(crate) ca_pin: Option<String>,
     pub(crate) image: String,
     pub(crate) publish_address: crate::platform::PublishAddress,
     pub(crate) kube: Option<(kube::Client, String)>,
@@ -138,7 +139,11 @@ impl Admin {
         name: &str,
     ) -> Result<String, (StatusCode, String)> {
         let m = &self.manifests;
-        m.authorize(req, peer, "agent.yaml (it holds the jwtSecret)")?;
+        m.authorize(
+            req,
+            peer,
+            "agent.yaml (it holds the agent token and the cluster key)",
+        )?;
         tower_proto::names::validate_cluster_name(name)
             .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
         let source = self.registry.source();
@@ -160,7 +165,7 @@ impl Admin {
                     format!("Cluster {name:?} has no token yet: try again in a moment"),
                 ));
             }
-            None => m.minter.agent_token(name, None),
+            None => m.minter.agent_token_pinned(name, None, m.ca_pin.as_deref()),
         };
         let publish_address = m.publish_address.get();
         let proxy_server = match &m.kube {
@@ -179,7 +184,7 @@ impl Admin {
             cluster: name,
             proxy_server: &proxy_server,
             token: &token,
-            jwt_secret: m.secret.expose(),
+            cluster_key: &m.secret.cluster_key(name),
             ca_pem: &m.ca_pem,
             image: &m.image,
             impersonable: crate::manifest::Impersonable::Anyone,

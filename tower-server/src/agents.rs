@@ -207,6 +207,17 @@ impl Acceptor {
         self.registry
             .admits(name, token)
             .map_err(|e| (Refusal::Forbidden, e.to_string()))?;
+        if !handshake::list(header(handshake::HEADER_CAPABILITIES))
+            .any(|c| c == handshake::CAPABILITY_IDENTITY)
+        {
+            return Err((
+                Refusal::UnsupportedVersion,
+                "this agent checks callers' tokens with the jwtSecret itself; this server \
+                 sends identity assertions signed with the cluster's own key instead: \
+                 upgrade tower-agent"
+                    .into(),
+            ));
+        }
         Ok(Admitted {
             replicas: self.holders(handshake::list(header(handshake::HEADER_HELD))),
             token: token.into(),

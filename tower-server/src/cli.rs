@@ -231,6 +231,13 @@ pub struct ServeArgs {
     /// --max-requests-per-cluster.
     #[arg(long, env = "TOWER_MAX_REQUESTS_PER_USER", default_value_t = crate::DEFAULT_MAX_REQUESTS_PER_USER)]
     pub max_requests_per_user: usize,
+    /// Forward a bearer token that this host did not sign (not a jwtSecret-signed user
+    /// token: a member ServiceAccount token, as kubefed stores them for joined members)
+    /// unchanged to the member's API server, which authenticates it; Tower then adds no
+    /// identity and no credential of its own. Off by default: with it, anyone who reaches
+    /// the frontend may present member credentials through Tower.
+    #[arg(long, env = "TOWER_PASS_THROUGH_UNKNOWN_TOKENS")]
+    pub pass_through_unknown_tokens: bool,
     /// A proxied request whose bytes stop moving this long is ended: 504 before the
     /// member answers, a cut body after (the kubelet's streaming idle timeout is 4h too).
     #[arg(long, env = "TOWER_STREAM_IDLE_TIMEOUT", default_value = "4h", value_parser = humantime::parse_duration)]
@@ -374,6 +381,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         },
         kubesphere,
         platform,
+        pass_through_unknown_tokens: args.pass_through_unknown_tokens,
         limits: Limits {
             handshake_timeout: args.handshake_timeout,
             header_read_timeout: args.header_read_timeout,

@@ -1,8 +1,8 @@
 //! What this server writes into a proxy Cluster's `spec.connection`, for KubeSphere's host
 //! components to use (KubeSphere release-3.4, pkg/apis/cluster/v1alpha1/cluster_types.go):
 //!
-//! - `token`: the agent token (minted when empty, or when it is not a JWT: KubeSphere's
-//!   old tower wrote a hex string no agent of ours can present);
+//! - `token`: the agent token (minted when empty or not one this server accepts for the
+//!   cluster: KubeSphere's old tower wrote a hex string no agent of ours can present);
 //! - `kubernetesAPIEndpoint`: `{--frontend-url}/clusters/{name}`;
 //! - `kubeconfig`: that endpoint, Tower's CA and a user token
 //!   ([`crate::kubeconfig::ClusterCredential`]). KubeSphere's cluster controller
@@ -36,11 +36,10 @@ impl Controller {
         if current.kubernetes_api_endpoint != endpoint {
             connection.insert("kubernetesAPIEndpoint".into(), endpoint.clone().into());
         }
-        if !looks_like_jwt(&current.token) {
-            if !current.token.is_empty() {
-                tracing::info!(cluster = %name, "replacing a token that is not a JWT (KubeSphere's old tower's)");
-            }
-            let token = self.minter.agent_token(name, None);
+        if self.needs_token(name, &current.token) {
+            let token = self
+                .minter
+                .agent_token_pinned(name, None, self.ca_pin.as_deref());
             connection.insert("token".into(), token.into());
         }
         let kubeconfig = base64::engine::general_purpose::STANDARD
@@ -133,29 +132,5 @@ impl Rewrites {
                 true
             }
         }
-    }
-}
-
-/// Three dot-separated base64url parts: what an agent token is.
-fn looks_like_jwt(token: &str) -> bool {
-    let parts: Vec<&str> = token.split('.').collect();
-    parts.len() == 3
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_old_towers_hex_tokens_are_not_jwts() {
-        assert!(!looks_like_jwt(""));
-        assert!(!looks_like_jwt("0123456789abcdef0123456789abcdef"));
-        assert!(!looks_like_jwt("a.b"));
-        assert!(looks_like_jwt("eyJh.eyJz.c2ln"));
     }
 }

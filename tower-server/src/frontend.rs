@@ -23,7 +23,8 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tower_auth::Verifier;
+use tower_auth::identity::{Asserter, IDENTITY_HEADER};
+use tower_auth::{AuthError, Identity, Verifier};
 use tower_proto::Preamble;
 use tower_proto::names::validate_cluster_name;
 use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
@@ -37,10 +38,60 @@ use crate::status::{Body, BoxError, failure};
 
 type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
 
+/// How the frontend judges callers and tells members who they are.
+pub(crate) struct CallerAuth {
+    /// Checks user tokens (the jwtSecret).
+    pub(crate) verifier: Verifier,
+    /// Tells each member's agent who the caller is, under that member's own key.
+    pub(crate) asserter: Asserter,
+    /// Bearer tokens this host did not sign go to the member as they are
+    /// (`--pass-through-unknown-tokens`).
+    pub(crate) pass_through: bool,
+}
+
+/// Who is calling, as far as this server can tell.
+enum Caller {
+    /// A user token this host signed, verified.
+    User(Identity),
+    /// A bearer token this host did not sign, passed through
+    /// (`--pass-through-unknown-tokens`); named by a digest of it (for the per-user
+    /// limit and logs, never the token itself).
+    PassThrough(String),
+}
+
+impl Caller {
+    /// The name its requests are counted and logged under.
+    fn name(&self) -> &str {
+        match self {
+            Caller::User(identity) => &identity.user,
+            Caller::PassThrough(key) => key,
+        }
+    }
+}
+
+/// Whether `error` says the token is simply not one of this host's (signed with another
+/// key or algorithm, or not a JWT at all), as opposed to one of ours that is refused
+/// (expired, a refresh token, an agent token, `alg: none`): only the former may pass
+/// through.
+fn not_signed_here(error: &AuthError) -> bool {
+    matches!(
+        error,
+        AuthError::BadSignature | AuthError::Malformed(_) | AuthError::WrongAlgorithm(_)
+    )
+}
+
+/// A pass-through caller's name: `pass-through:` and 16 hex digits of the token's
+/// SHA-256, so each credential has its own share of --max-requests-per-user.
+fn pass_through_key(token: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(token.as_bytes());
+    format!("pass-through:{}", hex::encode(&digest[..8]))
+}
+
 /// Routes frontend requests into tunnels.
 pub(crate) struct Frontend {
     registry: Arc<Registry>,
-    verifier: Verifier,
+    auth: CallerAuth,
     client: Client<TunnelConnector, UpstreamBody>,
     metrics: Arc<Metrics>,
     /// Requests in flight per cluster, each bounded by `max_requests_per_cluster`.
@@ -56,7 +107,7 @@ pub(crate) struct Frontend {
 impl Frontend {
     pub(crate) fn new(
         registry: Arc<Registry>,
-        verifier: Verifier,
+        auth: CallerAuth,
         metrics: Arc<Metrics>,
         server_id: String,
         limits: &crate::Limits,
@@ -73,7 +124,7 @@ impl Frontend {
             .build(connector);
         Frontend {
             registry,
-            verifier,
+            auth,
             client,
             metrics,
             per_cluster: Mutex::new(HashMap::new()),
@@ -162,15 +213,22 @@ impl Frontend {
         remote: std::net::SocketAddr,
     ) -> Result<(Response<Body>, Option<Slots>), ProxyError> {
         let route = Route::parse(req.uri())?;
-        let caller = tower_auth::bearer(
+        let token = tower_auth::bearer(
             req.headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default(),
-        )
-        .ok_or(tower_auth::AuthError::Missing)
-        .and_then(|token| self.verifier.verify_user(token))
-        .map_err(|e| ProxyError::Unauthorized(e.to_string()))?;
+        );
+        let caller = match token
+            .ok_or(AuthError::Missing)
+            .and_then(|token| self.auth.verifier.verify_user(token))
+        {
+            Ok(identity) => Caller::User(identity),
+            Err(e) if self.auth.pass_through && not_signed_here(&e) => {
+                Caller::PassThrough(pass_through_key(token.unwrap_or_default()))
+            }
+            Err(e) => return Err(ProxyError::Unauthorized(e.to_string())),
+        };
         if !self.registry.target_allowed(&route.cluster, &route.target) {
             return Err(ProxyError::Forbidden(format!(
                 "target {:?} of cluster {:?} is not allowed by the clusters file",
@@ -192,9 +250,9 @@ impl Frontend {
                 )));
             }
         };
-        let user_slot = self.user_slot(&route.cluster, &caller.user)?;
+        let user_slot = self.user_slot(&route.cluster, caller.name())?;
         let slot = self.cluster_slot(&route.cluster)?;
-        tracing::debug!(cluster = %route.cluster, target = %route.target, user = caller.user.as_str(), method = req.method().as_str(), path = route.path.as_str(), "proxying");
+        tracing::debug!(cluster = %route.cluster, target = %route.target, user = caller.name(), method = req.method().as_str(), path = route.path.as_str(), "proxying");
         let activity = Activity::new();
 
         let client_upgrade = req
@@ -212,6 +270,26 @@ impl Frontend {
         // this listener saw, not what the caller claims.
         tower_tunnel::http::strip_remote_identity(&mut parts.headers);
         tower_tunnel::http::set_forwarded_for(&mut parts.headers, remote.ip());
+        // The member learns who the caller is from this server's assertion, signed with
+        // the member's own key. The kubernetes target never needs the caller's token (the
+        // agent calls its API server with its own credential), so it stays here; other
+        // targets (ks-apiserver) check it themselves, so it goes along.
+        let assertion = match &caller {
+            Caller::User(identity) => {
+                if route.target == KUBERNETES_TARGET {
+                    parts.headers.remove(header::AUTHORIZATION);
+                }
+                self.auth.asserter.assert(&route.cluster, identity)
+            }
+            // Not ours to judge: it goes as it came, for the member to authenticate.
+            Caller::PassThrough(_) => self.auth.asserter.assert_pass_through(&route.cluster),
+        };
+        parts.headers.insert(
+            IDENTITY_HEADER,
+            header::HeaderValue::from_str(&assertion).map_err(|_| {
+                ProxyError::BadRequest("the token's user name cannot be sent as a header".into())
+            })?,
+        );
         // Streams in the tunnel carry HTTP/1.1, whatever the caller spoke.
         parts.version = http::Version::HTTP_11;
         let metrics = self.metrics.clone();

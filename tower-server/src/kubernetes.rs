@@ -27,7 +27,7 @@ use kube::runtime::watcher::{self, Event};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tower_auth::Minter;
+use tower_auth::{Minter, Verifier};
 use tower_proto::ControlMessage;
 use tower_proto::names::validate_cluster_name;
 
@@ -318,14 +318,17 @@ pub struct Controller {
     pub client: Client,
     /// The registry this replica routes with.
     pub registry: Arc<Registry>,
-    /// Mints tokens for Clusters that have none.
+    /// Mints tokens for Clusters that have none (or one this server cannot verify).
     pub minter: Minter,
+    /// Verifies the tokens Clusters hold (agent tokens and kubeconfig user tokens).
+    pub verifier: Verifier,
+    /// The Tower CA's pin, written into each token so an agent given only the token
+    /// knows whom to trust.
+    pub ca_pin: Option<String>,
     /// Base URL of this server's frontend as the host reaches it.
     pub frontend_url: String,
     /// This replica's id (in condition messages).
     pub server_id: String,
-    /// Checks the Clusters' kubeconfig tokens.
-    pub verifier: tower_auth::Verifier,
     /// What goes into the Clusters' `spec.connection.kubeconfig`.
     pub credential: crate::kubeconfig::ClusterCredential,
     /// The Clusters' kubesphere endpoints (off with `--kubesphere-ports off`).
@@ -462,6 +465,27 @@ impl Controller {
         );
         self.reconcile_spec(api, &cluster).await;
         clusters.insert(name, cluster);
+    }
+
+    /// Whether the Cluster's token must be (re)minted: it has none, or one this server
+    /// does not accept for it (a hex token of KubeSphere's old tower, one signed with the
+    /// jwtSecret itself by an older Tower or with another secret, one for another name,
+    /// an expired one). Replacing it closes any tunnel that used it.
+    pub(crate) fn needs_token(&self, name: &str, token: &str) -> bool {
+        if token.is_empty() {
+            return true;
+        }
+        match self.verifier.verify_agent(token) {
+            Ok(claims) if claims.sub == name => false,
+            Ok(claims) => {
+                tracing::warn!(cluster = name, token_for = %claims.sub, "the Cluster's token is for another cluster: minting a new one");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(cluster = name, error = %e, "the Cluster's token is not one this server accepts: minting a new one");
+                true
+            }
+        }
     }
 
     async fn forget(&self, name: &str, clusters: &mut HashMap<String, Cluster>) {

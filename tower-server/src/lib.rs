@@ -131,6 +131,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Accept agents without TLS (only behind a load balancer that terminates TLS).
     pub plaintext_tunnel: bool,
+    /// Forward bearer tokens this host did not sign to the member's API server as they
+    /// are (`--pass-through-unknown-tokens`).
+    pub pass_through_unknown_tokens: bool,
     /// Limits.
     pub limits: Limits,
     /// The identity of the kubeconfig written into proxy Clusters.
@@ -229,6 +232,7 @@ pub async fn run(
     let frontend_acceptor = TlsAcceptor::from(Arc::new(frontend_tls));
     let acceptor = TlsAcceptor::from(tls);
     let verifier = Verifier::new(&config.secret);
+    let ca_pin = config.tls.ca_pin();
     let (registry, kube) = match &config.registry {
         RegistryConfig::Open => (Registry::new(None), None),
         RegistryConfig::File(list) => (Registry::new(Some(list.clone())), None),
@@ -297,7 +301,11 @@ pub async fn run(
     });
     let frontend = Arc::new(frontend::Frontend::new(
         registry.clone(),
-        verifier.clone(),
+        frontend::CallerAuth {
+            verifier: verifier.clone(),
+            asserter: tower_auth::identity::Asserter::new(&config.secret),
+            pass_through: config.pass_through_unknown_tokens,
+        },
         metrics.clone(),
         config.server_id.clone(),
         &config.limits,
@@ -313,6 +321,7 @@ pub async fn run(
             minter: Minter::new(&config.secret),
             secret: config.secret.clone(),
             ca_pem: config.tls.ca_pem.clone(),
+            ca_pin: ca_pin.clone(),
             image: config.agent_image.clone(),
             publish_address: publish_address.clone(),
             kube: kube.clone(),
@@ -381,9 +390,10 @@ pub async fn run(
                 client: client.clone(),
                 registry: registry.clone(),
                 minter: Minter::new(&config.secret),
+                verifier: Verifier::new(&config.secret),
+                ca_pin: ca_pin.clone(),
                 frontend_url: config.frontend_url.clone(),
                 server_id: config.server_id.clone(),
-                verifier: verifier.clone(),
                 credential: kubeconfig::ClusterCredential {
                     user: config.cluster_kubeconfig.user.clone(),
                     groups: config.cluster_kubeconfig.groups.clone(),

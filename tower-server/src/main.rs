@@ -137,6 +137,10 @@ struct TokenArgs {
     /// Lifetime (e.g. 24h); forever when omitted.
     #[arg(long, env = "TOWER_TTL", value_parser = parse_ttl)]
     ttl: Option<Duration>,
+    /// The Tower CA (PEM; a server's --state-dir holds it as ca.crt): its pin goes into
+    /// the token, so an agent given only the token knows whom to trust.
+    #[arg(long, env = "TOWER_CA_CERT")]
+    ca_cert: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -229,8 +233,7 @@ async fn agent_manifest(args: AgentManifestArgs) -> Result<String, String> {
             ca_path.display()
         )
     })?;
-    tower_tunnel::tls::certs_from_pem(ca_pem.as_bytes())
-        .map_err(|e| format!("{}: {e}", ca_path.display()))?;
+    let ca_pin = ca_pin_of(&ca_pem).map_err(|e| format!("{}: {e}", ca_path.display()))?;
     let (proxy_server, cluster_token) = if args.kubernetes {
         let client = kubernetes::client(args.kubeconfig.as_deref()).await?;
         let configured = match &args.proxy_publish_address {
@@ -271,15 +274,14 @@ async fn agent_manifest(args: AgentManifestArgs) -> Result<String, String> {
         }
         (address, None)
     };
-    let token = args
-        .token
-        .or(cluster_token)
-        .unwrap_or_else(|| Minter::new(&secret).agent_token(&args.cluster, None));
+    let token = args.token.or(cluster_token).unwrap_or_else(|| {
+        Minter::new(&secret).agent_token_pinned(&args.cluster, None, Some(&ca_pin))
+    });
     AgentManifest {
         cluster: &args.cluster,
         proxy_server: &proxy_server,
         token: &token,
-        jwt_secret: secret.expose(),
+        cluster_key: &secret.cluster_key(&args.cluster),
         ca_pem: &ca_pem,
         image: &args
             .image
@@ -406,7 +408,26 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
 
 fn token(args: TokenArgs) -> Result<String, String> {
     validate_cluster_name(&args.cluster).map_err(|e| e.to_string())?;
-    Ok(Minter::new(&args.secret.load()?).agent_token(&args.cluster, args.ttl))
+    let ca_pin = match &args.ca_cert {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| format!("reading --ca-cert {}: {e}", path.display()))?;
+            Some(ca_pin_of(&pem).map_err(|e| format!("--ca-cert {}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    Ok(Minter::new(&args.secret.load()?).agent_token_pinned(
+        &args.cluster,
+        args.ttl,
+        ca_pin.as_deref(),
+    ))
+}
+
+/// The pin of the first certificate in `pem`.
+fn ca_pin_of(pem: &str) -> Result<String, String> {
+    let certs = tower_tunnel::tls::certs_from_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+    let first = certs.first().ok_or("no certificate in it")?;
+    tower_tunnel::tls::spki_pin(first).map_err(|e| e.to_string())
 }
 
 fn user_token(args: UserTokenArgs) -> Result<String, String> {

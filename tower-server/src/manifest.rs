@@ -41,8 +41,9 @@ pub struct AgentManifest<'a> {
     pub proxy_server: &'a str,
     /// The agent token.
     pub token: &'a str,
-    /// The jwtSecret host and member share.
-    pub jwt_secret: &'a [u8],
+    /// This member's cluster key ([`tower_auth::Secret::cluster_key`]): never the
+    /// jwtSecret.
+    pub cluster_key: &'a tower_auth::Secret,
     /// The CA the agent trusts for the tunnel (PEM).
     pub ca_pem: &'a str,
     /// The container image holding `/tower-agent`.
@@ -162,7 +163,7 @@ impl AgentManifest<'_> {
     fn secret(&self) -> Secret {
         let data = [
             ("token", self.token.as_bytes()),
-            ("jwt-secret", self.jwt_secret),
+            ("cluster-key", self.cluster_key.expose()),
             ("ca.crt", self.ca_pem.as_bytes()),
         ]
         .into_iter()
@@ -201,8 +202,8 @@ impl AgentManifest<'_> {
             self.proxy_server.to_owned(),
             "--token-file".into(),
             file("token"),
-            "--jwt-secret-file".into(),
-            file("jwt-secret"),
+            "--cluster-key-file".into(),
+            file("cluster-key"),
             "--ca-file".into(),
             file("ca.crt"),
             "--admin-addr".into(),
@@ -359,7 +360,7 @@ mod tests {
             cluster: "member-1",
             proxy_server: "https://203.0.113.7:8080",
             token: "tok.en.value",
-            jwt_secret: b"s3cret",
+            cluster_key: &tower_auth::Secret::new("cluster-k3y").unwrap(),
             ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
             image: "tower:test",
             impersonable: Impersonable::Anyone,
@@ -376,7 +377,7 @@ mod tests {
             cluster: "member-1",
             proxy_server: "https://203.0.113.7:8080",
             token: "t",
-            jwt_secret: b"s",
+            cluster_key: &tower_auth::Secret::new("k").unwrap(),
             ca_pem: "",
             image: "tower:test",
             impersonable: Impersonable::Only {
@@ -459,7 +460,11 @@ mod tests {
         let secret = strict::<Secret>(&docs[4]);
         let data = secret.data.expect("data");
         assert_eq!(data["token"].0, b"tok.en.value");
-        assert_eq!(data["jwt-secret"].0, b"s3cret");
+        assert_eq!(data["cluster-key"].0, b"cluster-k3y");
+        assert!(
+            !data.contains_key("jwt-secret"),
+            "a member never gets the jwtSecret"
+        );
         assert!(data["ca.crt"].0.starts_with(b"-----BEGIN CERTIFICATE-----"));
         let deployment = strict::<Deployment>(&docs[5]);
         let pod = deployment.spec.template.spec.unwrap();

@@ -17,6 +17,15 @@ pub struct TlsMaterial {
     pub ca_pem: String,
 }
 
+impl TlsMaterial {
+    /// The pin (`sha256:HEX` of its SubjectPublicKeyInfo) of the CA agents should trust:
+    /// the first certificate of `ca_pem`. Agent tokens carry it.
+    pub fn ca_pin(&self) -> Option<String> {
+        let certs = tower_tunnel::tls::certs_from_pem(self.ca_pem.as_bytes()).ok()?;
+        tower_tunnel::tls::spki_pin(certs.first()?).ok()
+    }
+}
+
 /// Where the operator's own files are.
 #[derive(Debug, Clone)]
 pub struct OwnFiles {

@@ -1,16 +1,24 @@
-//! `tower-auth`: the two kinds of JWT Tower accepts, both HS256 with the shared jwtSecret.
+//! `tower-auth`: the JWTs Tower accepts and the keys they are signed with.
 //!
-//! * **Agent tokens** ([`AgentClaims`]): `sub` = cluster name, `aud` = `tower-agent`,
-//!   `iat`, optional `exp`, `jti`. The server takes a tunnel's cluster identity from here.
-//! * **User tokens** ([`UserClaims`]), in KubeSphere's shape: `username` (or `sub`),
-//!   optional `groups`, `token_type` `access_token` or `static_token`, optional `exp`.
-//!   The server checks them before routing; the agent checks them again and
-//!   impersonates the [`Identity`]. What KubeSphere 3.4's issuer refuses is refused here
-//!   too (pkg/apiserver/authentication/token/issuer.go `Verify`): an `exp` in the past,
-//!   with no leeway, and an `iat` later than now plus [`MAXIMUM_CLOCK_SKEW`].
+//! * **User tokens** ([`UserClaims`]), in KubeSphere's shape, HS256 with the host's
+//!   jwtSecret: `username` (or `sub`), optional `groups`, `token_type` `access_token` or
+//!   `static_token`, optional `exp`. Only the server checks them ([`Verifier`]). What
+//!   KubeSphere 3.4's issuer refuses is refused here too
+//!   (pkg/apiserver/authentication/token/issuer.go `Verify`): an `exp` in the past, with no
+//!   leeway, and an `iat` later than now plus [`MAXIMUM_CLOCK_SKEW`].
+//! * **Cluster keys** ([`Secret::cluster_key`]): one key per member, derived from the
+//!   jwtSecret with HMAC-SHA256 over the cluster's name. A member holds its own key, never
+//!   the jwtSecret: with it, it can check what the server says to it and forge nothing
+//!   for another member or for the host.
+//! * **Agent tokens** ([`AgentClaims`]), HS256 with the cluster's key: `sub` = cluster
+//!   name, `aud` = `tower-agent`, `iat`, optional `exp`, `jti`, and `ca`, the pin of the
+//!   Tower CA the agent should trust (so a token alone is enough to dial safely).
+//! * **Identity assertions** ([`identity`]): after verifying a caller, the server tells
+//!   the member's agent who it is in a short-lived JWT signed with that member's key; the
+//!   agent impersonates whom the assertion names.
 //!
-//! [`Verifier`] checks both and refuses each kind of bad token with its own
-//! [`AuthError`]; [`Minter`] makes them (for `tower-server token` and tests).
+//! [`Verifier`] checks user and agent tokens and refuses each kind of bad token with its
+//! own [`AuthError`]; [`Minter`] makes them (for `tower-server token` and tests).
 
 #![forbid(unsafe_code)]
 
@@ -19,8 +27,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
+use hmac::{Hmac, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+pub mod identity;
 
 /// The audience of agent tokens.
 pub const AGENT_AUDIENCE: &str = "tower-agent";
@@ -49,8 +60,12 @@ pub enum AuthError {
     /// Any algorithm but HS256.
     #[error("token algorithm {0:?} refused: only HS256 is accepted")]
     WrongAlgorithm(String),
-    /// The signature does not match the jwtSecret.
-    #[error("token signature does not match this jwtSecret")]
+    /// The signature does not match the jwtSecret (or, for an agent token or an
+    /// assertion, the cluster's key derived from it).
+    #[error(
+        "token signature does not match: not signed with this host's jwtSecret (or, for an \
+         agent token, the cluster's key derived from it)"
+    )]
     BadSignature,
     /// `exp` is in the past.
     #[error("token expired")]
@@ -77,6 +92,16 @@ pub enum AuthError {
     /// A claim is missing or has the wrong type.
     #[error("token claim {0} is missing or malformed")]
     BadClaim(&'static str),
+    /// An agent token signed with the jwtSecret itself, as Tower made them before
+    /// per-cluster keys: the member would need the host's secret to check anything.
+    #[error(
+        "agent token signed with the jwtSecret itself (made by an older Tower): \
+         mint a new one (tower-server token, or empty the Cluster's spec.connection.token)"
+    )]
+    LegacyAgentToken,
+    /// An identity assertion made for another cluster.
+    #[error("identity assertion is for cluster {0:?}, not this one")]
+    WrongCluster(String),
 }
 
 /// The jwtSecret shared by host and members.
@@ -95,11 +120,32 @@ impl Secret {
         (end > 0).then(|| Secret(bytes[..end].to_vec()))
     }
 
-    /// The secret's bytes, for handing it to a member (its agent.yaml).
+    /// The secret's bytes.
     pub fn expose(&self) -> &[u8] {
         &self.0
     }
+
+    /// The key of member `cluster`, derived from this jwtSecret: base64url (no padding)
+    /// of HMAC-SHA256(jwtSecret, `tower cluster key v1` NUL `cluster`), 43 characters.
+    /// What one member holds says nothing of another's key or of the jwtSecret
+    /// (HMAC is a pseudo-random function), and every replica derives the same key with
+    /// no state to share.
+    pub fn cluster_key(&self, cluster: &str) -> Secret {
+        // A key of any length is accepted by HMAC: `new_from_slice` cannot fail.
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(CLUSTER_KEY_CONTEXT);
+        mac.update(&[0]);
+        mac.update(cluster.as_bytes());
+        let key =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        Secret(key.into_bytes())
+    }
 }
+
+/// What a cluster key's derivation is bound to, so the same jwtSecret keyed for any other
+/// purpose never yields a cluster key.
+const CLUSTER_KEY_CONTEXT: &[u8] = b"tower cluster key v1";
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -148,6 +194,19 @@ pub struct AgentClaims {
     /// A unique id, so one token can be told from another in logs.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub jti: String,
+    /// The pin (`sha256:HEX` of the SubjectPublicKeyInfo) of the CA that signs the
+    /// server's certificate: an agent given no CA of its own trusts this one alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+}
+
+impl AgentClaims {
+    /// The claims of `token` as it says them, unverified: for an agent reading its own
+    /// token (its cluster, its CA pin), which it has no key to verify and need not.
+    pub fn read_unverified(token: &str) -> Result<AgentClaims, AuthError> {
+        let value = claims_unverified(token)?;
+        serde_json::from_value(value).map_err(|_| AuthError::BadClaim("sub/aud/iat"))
+    }
 }
 
 /// The claims of a user token, in KubeSphere's shape.
@@ -177,7 +236,7 @@ pub struct UserClaims {
 }
 
 /// Who a verified user token speaks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity {
     /// The user name to impersonate.
     pub user: String,
@@ -192,6 +251,7 @@ pub struct Identity {
 /// not one per request: that was a tenth of the server's CPU per small request.
 #[derive(Clone)]
 pub struct Verifier {
+    secret: Secret,
     key: DecodingKey,
     validation: Validation,
     users: Arc<Mutex<HashMap<String, VerifiedUser>>>,
@@ -226,24 +286,31 @@ impl Verifier {
         // KubeSphere checks exp with no leeway; a token it refuses is refused here too.
         validation.leeway = 0;
         Verifier {
+            secret: secret.clone(),
             key: DecodingKey::from_secret(&secret.0),
             validation,
             users: Arc::default(),
         }
     }
 
-    /// Verifies an agent token and returns its claims.
+    /// Verifies an agent token, signed with the key of the cluster it names (`sub`), and
+    /// returns its claims.
     pub fn verify_agent(&self, token: &str) -> Result<AgentClaims, AuthError> {
-        let value = self.decode(token)?;
-        let user: UserClaims = serde_json::from_value(value.clone()).unwrap_or_default();
-        match &user.aud {
-            Some(aud) if aud.contains(AGENT_AUDIENCE) => {}
-            None if user.token_type.is_some() || user.username.is_some() => {
-                return Err(AuthError::UserTokenAsAgent);
+        // Which cluster's key to check it with is the token's own word; a token that is
+        // no agent token at all is told so before any key is derived.
+        let unverified = claims_unverified(token)?;
+        check_agent_audience(&unverified)?;
+        let cluster = match unverified.get("sub") {
+            Some(serde_json::Value::String(sub)) if !sub.is_empty() => sub,
+            _ => return Err(AuthError::BadClaim("sub")),
+        };
+        let key = DecodingKey::from_secret(&self.secret.cluster_key(cluster).0);
+        let value = match decode(token, &key, &self.validation) {
+            Err(AuthError::BadSignature) if self.decode(token).is_ok() => {
+                return Err(AuthError::LegacyAgentToken);
             }
-            None => return Err(AuthError::BadClaim("aud")),
-            Some(aud) => return Err(AuthError::WrongAudience(aud.describe())),
-        }
+            decoded => decoded?,
+        };
         let claims: AgentClaims =
             serde_json::from_value(value).map_err(|_| AuthError::BadClaim("sub/iat"))?;
         if claims.sub.is_empty() {
@@ -289,7 +356,13 @@ impl Verifier {
     }
 
     fn verify_user_uncached(&self, token: &str) -> Result<(Identity, Option<u64>), AuthError> {
-        let value = self.decode(token)?;
+        let value = match self.decode(token) {
+            // An agent token is signed with its cluster's key: say what it is.
+            Err(AuthError::BadSignature) if is_agent_token(token) => {
+                return Err(AuthError::AgentTokenAsUser);
+            }
+            decoded => decoded?,
+        };
         let claims: UserClaims =
             serde_json::from_value(value).map_err(|_| AuthError::BadClaim("username/groups"))?;
         if claims
@@ -325,27 +398,76 @@ impl Verifier {
     }
 
     fn decode(&self, token: &str) -> Result<serde_json::Value, AuthError> {
-        let token = token.trim();
-        if token.is_empty() {
-            return Err(AuthError::Missing);
-        }
-        check_header(token)?;
-        jsonwebtoken::decode::<serde_json::Value>(token, &self.key, &self.validation)
-            .map(|data| data.claims)
-            .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind;
-                match e.kind() {
-                    ErrorKind::InvalidSignature => AuthError::BadSignature,
-                    ErrorKind::ExpiredSignature => AuthError::Expired,
-                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                    ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm("?".into()),
-                    ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
-                        AuthError::Malformed("claims are not a JSON object")
-                    }
-                    ErrorKind::InvalidClaimFormat(_) => AuthError::BadClaim("exp/nbf"),
-                    _ => AuthError::Malformed("cannot be decoded"),
+        decode(token, &self.key, &self.validation)
+    }
+}
+
+/// Checks `token`'s header, signature (HS256 with `key`), `exp` and `nbf`; returns its
+/// claims.
+fn decode(
+    token: &str,
+    key: &DecodingKey,
+    validation: &Validation,
+) -> Result<serde_json::Value, AuthError> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::Missing);
+    }
+    check_header(token)?;
+    jsonwebtoken::decode::<serde_json::Value>(token, key, validation)
+        .map(|data| data.claims)
+        .map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm("?".into()),
+                ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+                    AuthError::Malformed("claims are not a JSON object")
                 }
-            })
+                ErrorKind::InvalidClaimFormat(_) => AuthError::BadClaim("exp/nbf"),
+                _ => AuthError::Malformed("cannot be decoded"),
+            }
+        })
+}
+
+/// The claims of `token`, read without checking its signature (after its header's).
+fn claims_unverified(token: &str) -> Result<serde_json::Value, AuthError> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::Missing);
+    }
+    check_header(token)?;
+    let payload = token.split('.').nth(1).unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| AuthError::Malformed("claims are not base64url"))?;
+    match serde_json::from_slice(&bytes) {
+        Ok(value @ serde_json::Value::Object(_)) => Ok(value),
+        _ => Err(AuthError::Malformed("claims are not a JSON object")),
+    }
+}
+
+/// Whether `token` says it is an agent token (unverified: only to name a refusal).
+fn is_agent_token(token: &str) -> bool {
+    claims_unverified(token)
+        .ok()
+        .and_then(|v| serde_json::from_value::<UserClaims>(v).ok())
+        .and_then(|claims| claims.aud)
+        .is_some_and(|aud| aud.contains(AGENT_AUDIENCE))
+}
+
+/// Refuses claims that are not an agent token's: a user token, or another audience.
+fn check_agent_audience(claims: &serde_json::Value) -> Result<(), AuthError> {
+    let user: UserClaims = serde_json::from_value(claims.clone()).unwrap_or_default();
+    match &user.aud {
+        Some(aud) if aud.contains(AGENT_AUDIENCE) => Ok(()),
+        None if user.token_type.is_some() || user.username.is_some() => {
+            Err(AuthError::UserTokenAsAgent)
+        }
+        None => Err(AuthError::BadClaim("aud")),
+        Some(aud) => Err(AuthError::WrongAudience(aud.describe())),
     }
 }
 
@@ -377,6 +499,7 @@ fn check_header(token: &str) -> Result<(), AuthError> {
 /// Makes tokens signed with one jwtSecret.
 #[derive(Clone)]
 pub struct Minter {
+    secret: Secret,
     key: EncodingKey,
 }
 
@@ -390,12 +513,25 @@ impl Minter {
     /// A minter for `secret`.
     pub fn new(secret: &Secret) -> Self {
         Minter {
+            secret: secret.clone(),
             key: EncodingKey::from_secret(&secret.0),
         }
     }
 
-    /// An agent token for `cluster`, valid for `ttl` (forever when `None`).
+    /// An agent token for `cluster`, valid for `ttl` (forever when `None`), with no CA
+    /// pin (the agent is then told its CA by a flag).
     pub fn agent_token(&self, cluster: &str, ttl: Option<Duration>) -> String {
+        self.agent_token_pinned(cluster, ttl, None)
+    }
+
+    /// An agent token for `cluster`, valid for `ttl` (forever when `None`), that names the
+    /// CA the agent should trust (`ca_pin`, `sha256:HEX`), signed with the cluster's key.
+    pub fn agent_token_pinned(
+        &self,
+        cluster: &str,
+        ttl: Option<Duration>,
+        ca_pin: Option<&str>,
+    ) -> String {
         let iat = now();
         let claims = AgentClaims {
             sub: cluster.to_owned(),
@@ -403,8 +539,10 @@ impl Minter {
             iat,
             exp: ttl.map(|t| iat.saturating_add(t.as_secs())),
             jti: random_id(),
+            ca: ca_pin.map(str::to_owned),
         };
-        self.sign(&claims)
+        let key = EncodingKey::from_secret(&self.secret.cluster_key(cluster).0);
+        sign(&claims, &key)
     }
 
     /// A KubeSphere-shaped access token for `user` in `groups`, valid for `ttl`.
@@ -421,11 +559,26 @@ impl Minter {
         self.sign(&claims)
     }
 
-    /// Signs arbitrary claims with HS256 (tests use it to build odd tokens).
+    /// Signs arbitrary claims with HS256 and the jwtSecret (tests use it to build odd
+    /// tokens).
     pub fn sign<T: Serialize>(&self, claims: &T) -> String {
-        // HS256 over serde-serializable claims cannot fail.
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.key).unwrap_or_default()
+        sign(claims, &self.key)
     }
+
+    /// Signs arbitrary claims with HS256 and `cluster`'s key (tests use it to build odd
+    /// agent tokens).
+    pub fn sign_for_cluster<T: Serialize>(&self, cluster: &str, claims: &T) -> String {
+        sign(
+            claims,
+            &EncodingKey::from_secret(&self.secret.cluster_key(cluster).0),
+        )
+    }
+}
+
+/// `claims` signed with HS256 and `key`.
+fn sign<T: Serialize>(claims: &T, key: &EncodingKey) -> String {
+    // HS256 over serde-serializable claims cannot fail.
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, key).unwrap_or_default()
 }
 
 /// The token of an `Authorization: Bearer <token>` header value.

@@ -52,6 +52,22 @@ fn kubesphere_token_with_sub_only_is_accepted() {
     assert_eq!(verifier().verify_user(&token).unwrap().user, "admin");
 }
 
+/// Signs agent `claims` with the key of the cluster they name (`sub`), under `alg`.
+fn sign_agent_with(alg: Algorithm, claims: &serde_json::Value) -> String {
+    let key = secret().cluster_key(claims["sub"].as_str().unwrap());
+    jsonwebtoken::encode(
+        &Header::new(alg),
+        claims,
+        &EncodingKey::from_secret(key.expose()),
+    )
+    .unwrap()
+}
+
+/// Signs agent `claims` with HS256 and the key of the cluster they name.
+fn sign_agent(claims: &serde_json::Value) -> String {
+    sign_agent_with(Algorithm::HS256, claims)
+}
+
 /// Signs `claims` with the shared secret under `alg` (an HMAC algorithm).
 fn sign_with(alg: Algorithm, claims: &serde_json::Value) -> String {
     jsonwebtoken::encode(
@@ -63,7 +79,7 @@ fn sign_with(alg: Algorithm, claims: &serde_json::Value) -> String {
 }
 
 /// How many variants [`AuthError`] has; kept in step with [`cause`].
-const VARIANTS: usize = 13;
+const VARIANTS: usize = 15;
 
 /// The word each error's message must contain to name its cause. The match has no
 /// wildcard, so a new variant does not compile until it is listed here and covered below.
@@ -82,6 +98,8 @@ fn cause(error: &AuthError) -> &'static str {
         AuthError::WrongAudience(_) => "audience",
         AuthError::WrongTokenType(_) => "token_type",
         AuthError::BadClaim(_) => "claim",
+        AuthError::LegacyAgentToken => "older tower",
+        AuthError::WrongCluster(_) => "not this one",
     }
 }
 
@@ -113,6 +131,22 @@ fn each_bad_token_has_its_own_error() {
         &serde_json::json!({"username": "root", "token_type": "access_token"}),
     );
     let wrong_aud = minter().sign(&serde_json::json!({"sub": "c1", "aud": "kubernetes", "iat": 1}));
+    let legacy = minter().sign(&serde_json::json!({"sub": "c1", "aud": "tower-agent", "iat": 1}));
+    let for_c2 = identity::Asserter::new(&secret()).assert(
+        "c2",
+        &Identity {
+            user: "bob".into(),
+            groups: vec![],
+        },
+    );
+    // c1's agent, holding c1's key, relabels an assertion for c2 as its own: refused.
+    let c1_key = secret().cluster_key("c1");
+    let relabelled = sign(
+        &serde_json::json!({"aud": "tower-identity", "cluster": "c2", "user": "bob",
+                            "iat": now(), "exp": now() + 60}),
+        &EncodingKey::from_secret(c1_key.expose()),
+    );
+    let c1 = identity::ClusterVerifier::new("c1", &c1_key);
 
     // Every variant, each from a real token (or a missing one).
     let cases: Vec<(Result<(), AuthError>, AuthError)> = vec![
@@ -147,6 +181,15 @@ fn each_bad_token_has_its_own_error() {
         (
             v.verify_user(&no_token_type).map(drop),
             AuthError::BadClaim("token_type"),
+        ),
+        (
+            v.verify_agent(&legacy).map(drop),
+            AuthError::LegacyAgentToken,
+        ),
+        (c1.verify(&for_c2).map(drop), AuthError::BadSignature),
+        (
+            c1.verify(&relabelled).map(drop),
+            AuthError::WrongCluster("c2".into()),
         ),
     ];
     for (got, want) in &cases {
@@ -197,9 +240,7 @@ fn hs384_and_hs512_tokens_signed_with_the_right_secret_are_refused() {
     let user_claims = serde_json::json!({"username": "bob", "token_type": ACCESS_TOKEN});
     // The same claims under HS256 pass, so only the algorithm is at fault below.
     assert_eq!(
-        v.verify_agent(&sign_with(Algorithm::HS256, &agent_claims))
-            .unwrap()
-            .sub,
+        v.verify_agent(&sign_agent(&agent_claims)).unwrap().sub,
         "c1"
     );
     assert_eq!(
@@ -209,7 +250,7 @@ fn hs384_and_hs512_tokens_signed_with_the_right_secret_are_refused() {
         "bob"
     );
     for (alg, name) in [(Algorithm::HS384, "HS384"), (Algorithm::HS512, "HS512")] {
-        let agent = sign_with(alg, &agent_claims);
+        let agent = sign_agent_with(alg, &agent_claims);
         let user = sign_with(alg, &user_claims);
         for refused in [
             v.verify_agent(&agent).map(drop),
@@ -235,17 +276,17 @@ fn an_expired_agent_token_is_refused_as_expired() {
         })
     };
     assert_eq!(
-        v.verify_agent(&minter().sign(&claims(now() - 3600))),
+        v.verify_agent(&sign_agent(&claims(now() - 3600))),
         Err(AuthError::Expired)
     );
     // No leeway: a second past exp is past it, as KubeSphere has it.
     assert_eq!(
-        v.verify_agent(&minter().sign(&claims(now() - 1))),
+        v.verify_agent(&sign_agent(&claims(now() - 1))),
         Err(AuthError::Expired)
     );
     // The same token with an exp ahead is fine.
     assert_eq!(
-        v.verify_agent(&minter().sign(&claims(now() + 3600)))
+        v.verify_agent(&sign_agent(&claims(now() + 3600)))
             .unwrap()
             .jti,
         "j1"
@@ -256,7 +297,7 @@ fn an_expired_agent_token_is_refused_as_expired() {
 fn an_agent_token_for_another_audience_is_refused() {
     let v = verifier();
     let with_aud = |aud: serde_json::Value| {
-        minter().sign(&serde_json::json!({"sub": "c1", "aud": aud, "iat": now()}))
+        sign_agent(&serde_json::json!({"sub": "c1", "aud": aud, "iat": now()}))
     };
     assert_eq!(
         v.verify_agent(&with_aud(serde_json::json!("tower-server"))),

@@ -81,14 +81,53 @@ pub struct LogArgs {
 /// Fails when `TOWER_LOG` is not a valid filter (bad configuration: the binaries exit 2
 /// with the reason) or when a subscriber is already installed.
 pub fn init(format: LogFormat) -> Result<(), String> {
-    let filter = filter(std::env::var_os(FILTER_ENV))?;
+    init_with_default(format, DEFAULT_FILTER)
+}
+
+/// As [`init`], with `default` as the filter when `TOWER_LOG` is unset (a binary's own
+/// verbosity flag, say: [`klog_filter`]).
+pub fn init_with_default(format: LogFormat, default: &str) -> Result<(), String> {
+    let filter = filter_or(std::env::var_os(FILTER_ENV), default)?;
     subscriber(format, filter, colour(), std::io::stderr)
         .try_init()
         .map_err(|e| format!("installing the log subscriber: {e}"))
 }
 
+/// The filter for klog's `--v=N` (the flag KubeSphere's agent Deployment passes): 0 and
+/// 1 are the default; 2 and 3 show Tower's debug lines (klog's V(2) is "useful steady
+/// state"); 4 and 5 every crate's debug lines (V(4) is "debug"); 6 and up Tower's trace.
+pub fn klog_filter(verbosity: u8) -> String {
+    const TOWER: [&str; 6] = [
+        "tower_server",
+        "tower_agent",
+        "tower_tunnel",
+        "tower_auth",
+        "tower_proto",
+        "tower_telemetry",
+    ];
+    let tower_at = |level: &str| {
+        TOWER
+            .iter()
+            .map(|c| format!("{c}={level}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match verbosity {
+        0 | 1 => DEFAULT_FILTER.to_owned(),
+        2 | 3 => format!("error,{}", tower_at("debug")),
+        4 | 5 => "debug".to_owned(),
+        _ => format!("debug,{}", tower_at("trace")),
+    }
+}
+
 /// The filter `TOWER_LOG`'s value (`None` when unset) asks for.
+#[cfg(test)]
 fn filter(value: Option<OsString>) -> Result<EnvFilter, String> {
+    filter_or(value, DEFAULT_FILTER)
+}
+
+/// The filter `TOWER_LOG`'s value asks for, `default` when it is unset or empty.
+fn filter_or(value: Option<OsString>, default: &str) -> Result<EnvFilter, String> {
     let value = match value {
         None => String::new(),
         Some(value) => value
@@ -97,7 +136,7 @@ fn filter(value: Option<OsString>) -> Result<EnvFilter, String> {
     };
     // Empty counts as unset, so a manifest can write `value: ""` for the default.
     let directives = match value.trim() {
-        "" => DEFAULT_FILTER,
+        "" => default,
         set => set,
     };
     EnvFilter::builder()
@@ -462,5 +501,22 @@ mod tests {
             LogArgs::from_arg_matches(&matches).unwrap().log_format,
             LogFormat::Text
         );
+    }
+
+    #[test]
+    fn klog_verbosity_maps_to_valid_filters_that_widen_with_v() {
+        assert_eq!(klog_filter(0), DEFAULT_FILTER);
+        for v in 0..=9 {
+            let directives = klog_filter(v);
+            assert!(
+                filter_or(None, &directives).is_ok(),
+                "--v={v}: {directives}"
+            );
+        }
+        assert!(klog_filter(2).contains("tower_agent=debug"));
+        assert_eq!(klog_filter(4), "debug");
+        assert!(klog_filter(6).contains("tower_agent=trace"));
+        // TOWER_LOG, when set, still wins over the flag.
+        assert!(filter_or(Some("info".into()), &klog_filter(6)).is_ok());
     }
 }

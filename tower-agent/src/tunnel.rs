@@ -1,0 +1,372 @@
+//! One tunnel: the session, its control stream (keepalive, drain, replica counts), and
+//! the HTTP/1.1 and HTTP/2 streams the server opens, each served by [`proxy_service`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_proto::{ControlMessage, StreamKind};
+use tower_tunnel::control::{self, Keepalive};
+use tower_tunnel::dial;
+use tower_tunnel::session::{self, Role};
+use tower_tunnel::{SessionConfig, TunnelStream};
+
+use crate::backoff::Ended;
+use crate::request::{Body, handle_request};
+use crate::{Config, pace};
+
+/// Counts one tunnel in `/readyz` while alive.
+struct UpGuard(Arc<AtomicUsize>);
+
+impl UpGuard {
+    fn new(up: &Arc<AtomicUsize>) -> Self {
+        up.fetch_add(1, Ordering::SeqCst);
+        UpGuard(up.clone())
+    }
+}
+
+impl Drop for UpGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How long after the 101 the server's control stream may take to arrive: a tunnel
+/// without one has no keepalive, so a link that went silent right after the upgrade
+/// would otherwise look up for ever. One keepalive round (ping interval plus pong
+/// deadline) is what a live tunnel is allowed anyway.
+fn control_deadline(keepalive: &Keepalive) -> Duration {
+    keepalive.interval + keepalive.timeout
+}
+
+/// Serves one tunnel until it closes, the server drains it, or shutdown. The tunnel
+/// counts in `up` (readiness) once the server's control stream is open; without one
+/// within [`control_deadline`], the tunnel is dropped.
+pub(crate) async fn hold_tunnel(
+    dialed: dial::Dialed,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    held: watch::Receiver<Vec<String>>,
+    replicas: mpsc::UnboundedSender<usize>,
+    up: &Arc<AtomicUsize>,
+) -> Ended {
+    let dialed_server_id = dialed.hello.server_id.clone();
+    let (handle, mut inbound, driver) =
+        session::start(dialed.io, Role::Agent, &SessionConfig::default());
+    let driver = tokio::spawn(driver.run());
+    let keepalive = config
+        .keepalive
+        .at_most(Duration::from_millis(dialed.hello.keepalive_ms.max(100)));
+    let (drained_tx, mut drained_rx) = mpsc::channel::<()>(1);
+    let control_open = CancellationToken::new();
+    let streams = TaskTracker::new();
+    // Only HTTP streams count for a drain: the control stream lives as long as the tunnel.
+    let requests = TaskTracker::new();
+    let serving = {
+        let handle = handle.clone();
+        let config = config.clone();
+        let streams = streams.clone();
+        let tunnel = TunnelContext {
+            session: handle.clone(),
+            drained: drained_tx,
+            held,
+            shutdown: shutdown.clone(),
+            requests: requests.clone(),
+            replicas,
+            control_open: control_open.clone(),
+        };
+        tokio::spawn(async move {
+            while let Some(stream) = inbound.recv().await {
+                let config = config.clone();
+                let tunnel = tunnel.clone();
+                streams.spawn(async move {
+                    serve_stream(stream, config, keepalive, tunnel).await;
+                });
+            }
+        })
+    };
+    let deadline = control_deadline(&keepalive);
+    // Ready while the control stream is open; resolves only when it did not open in time.
+    let ready = async {
+        if tokio::time::timeout(deadline, control_open.cancelled())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let _up = UpGuard::new(up);
+        std::future::pending::<()>().await;
+    };
+    let ended = tokio::select! {
+        () = handle.closed() => Ended::Closed,
+        () = ready => {
+            tracing::warn!(?deadline, server_id = dialed_server_id.as_str(), "no control stream from the server after the upgrade: dropping the tunnel");
+            handle.close();
+            Ended::Closed
+        }
+        Some(()) = drained_rx.recv() => Ended::Drained,
+        () = shutdown.cancelled() => {
+            // Drain: the server was told (control stream) and routes nothing new here;
+            // idle streams close, watches end cleanly, the rest get the grace period.
+            requests.close();
+            if tokio::time::timeout(config.shutdown_grace, requests.wait()).await.is_err() {
+                tracing::warn!(grace = ?config.shutdown_grace, "grace period over: closing requests still in flight");
+            }
+            handle.close();
+            Ended::Closed
+        }
+    };
+    if matches!(ended, Ended::Drained) {
+        // Let in-flight streams finish on the old tunnel while we dial a new one; the
+        // server closes it when its grace period ends.
+        tokio::spawn(async move {
+            let _ = driver.await;
+            let _ = serving.await;
+        });
+    } else {
+        tower_tunnel::session::finish(driver).await;
+        serving.abort();
+    }
+    ended
+}
+
+/// What every stream of one tunnel shares.
+#[derive(Clone)]
+struct TunnelContext {
+    session: tower_tunnel::SessionHandle,
+    /// Told when the server drains this tunnel.
+    drained: mpsc::Sender<()>,
+    /// The replicas held, for `Held` messages.
+    held: watch::Receiver<Vec<String>>,
+    /// The agent is shutting down: drain.
+    shutdown: CancellationToken,
+    /// HTTP streams in flight.
+    requests: TaskTracker,
+    /// Replica counts the server announces.
+    replicas: mpsc::UnboundedSender<usize>,
+    /// Cancelled when the server's control stream arrives (keepalive runs from then on).
+    control_open: CancellationToken,
+}
+
+async fn serve_stream(
+    mut stream: TunnelStream,
+    config: Arc<Config>,
+    keepalive: Keepalive,
+    tunnel: TunnelContext,
+) {
+    let TunnelContext {
+        session,
+        drained,
+        mut held,
+        shutdown,
+        requests,
+        replicas,
+        control_open,
+    } = tunnel;
+    let preamble = match tokio::time::timeout(Duration::from_secs(10), stream.read_preamble()).await
+    {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "bad stream preamble");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("stream preamble did not arrive in time");
+            return;
+        }
+    };
+    match preamble.kind {
+        StreamKind::Control => {
+            control_open.cancel();
+            let (out_tx, out_rx) = mpsc::channel(2);
+            let out_tx_drain = out_tx.clone();
+            let (events_tx, mut events_rx) = mpsc::channel(8);
+            // Tell the replica which replicas hold this cluster, now and on every change.
+            let tell_held = async move {
+                loop {
+                    let server_ids = held.borrow_and_update().clone();
+                    if out_tx
+                        .send(ControlMessage::Held { server_ids })
+                        .await
+                        .is_err()
+                        || held.changed().await.is_err()
+                    {
+                        break;
+                    }
+                }
+            };
+            let tell_held = tokio::spawn(tell_held);
+            // On shutdown, tell the server to stop routing here (it keeps the tunnel
+            // until the requests on it are done).
+            let grace_ms = config.shutdown_grace.as_millis().min(u128::from(u32::MAX)) as u32;
+            let announce_drain = {
+                let shutdown = shutdown.clone();
+                let out = out_tx_drain;
+                tokio::spawn(async move {
+                    shutdown.cancelled().await;
+                    let _ = out.send(ControlMessage::Drain { grace_ms }).await;
+                })
+            };
+            let watch_events = async {
+                while let Some(event) = events_rx.recv().await {
+                    match event {
+                        ControlMessage::Drain { grace_ms } => {
+                            tracing::info!(
+                                grace_ms,
+                                server_id = preamble.server_id.as_str(),
+                                "server is draining this tunnel"
+                            );
+                            let _ = drained.send(()).await;
+                        }
+                        ControlMessage::ServerInfo { server_count, .. } => {
+                            // The replicas behind the address changed: hold one each.
+                            let _ = replicas.send(usize::from(server_count.max(1)));
+                        }
+                        _ => {}
+                    }
+                }
+            };
+            let health = control::LinkHealth::default();
+            let (result, ()) = tokio::join!(
+                control::run(stream, keepalive, out_rx, events_tx, &health),
+                watch_events
+            );
+            tell_held.abort();
+            announce_drain.abort();
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "control stream failed: closing the tunnel");
+            }
+            session.close();
+        }
+        StreamKind::Http => {
+            let _in_flight = requests.token();
+            // Responses are read from the upstream as fast as the stream takes them, not
+            // as fast as hyper would buffer them.
+            let (stream, pace) = pace::PacedIo::new(stream);
+            let service = proxy_service(config, preamble.target, shutdown.clone(), Some(pace));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(300))
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            // On shutdown: finish the request in progress (if any), then close the stream.
+            let result = until_done(connection, &shutdown, |c| c.graceful_shutdown()).await;
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "tunnel stream ended with an error");
+            }
+        }
+        StreamKind::Http2 => {
+            let _in_flight = requests.token();
+            let service = proxy_service(config, preamble.target, shutdown.clone(), None);
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                // What a response may have buffered beyond what the server's window
+                // takes (hyper's default is ~400 KiB): a watch nobody reads costs the
+                // agent this, and watch events are small.
+                .max_send_buf_size(HTTP2_SEND_BUFFER)
+                // The server counts these requests against its own limit, which is at
+                // most this.
+                .max_concurrent_streams(session::AGENT_MAX_REQUESTS as u32)
+                .max_header_list_size(tower_proto::preamble::HTTP2_MAX_HEADER_LIST)
+                .serve_connection(TokioIo::new(stream), service);
+            // On shutdown: no new requests (GOAWAY); watches end cleanly, the rest finish.
+            let result = until_done(connection, &shutdown, |c| c.graceful_shutdown()).await;
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "HTTP/2 tunnel stream ended with an error");
+            }
+        }
+    }
+}
+
+/// Runs `connection` to its end; when `shutdown` comes first, asks it to finish
+/// gracefully (`graceful_shutdown`) and waits for that.
+async fn until_done<C: Future>(
+    connection: C,
+    shutdown: &CancellationToken,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.cancelled() => {
+            graceful_shutdown(connection.as_mut());
+            connection.await
+        }
+    }
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+/// Most of a response an HTTP/2 stream buffers past what the server's window takes.
+const HTTP2_SEND_BUFFER: usize = 16 * 1024;
+
+/// Serves the requests of one tunnel stream toward `target`; with `pace`, each response
+/// body is read no faster than the stream takes it ([`pace`]).
+fn proxy_service(
+    config: Arc<Config>,
+    target: String,
+    ending: CancellationToken,
+    pace: Option<Arc<pace::Pace>>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = ResponseFuture,
+> + Clone {
+    service_fn(move |req: Request<Incoming>| {
+        let config = config.clone();
+        let target = target.clone();
+        let ending = ending.clone();
+        let pace = pace.clone();
+        // Boxed: checking and sending a request (dialing the upstream, perhaps) is a
+        // large future, and unboxed it would sit in the task of every HTTP/2 stream for
+        // as long as its response runs: 9.3 KiB per watch (heaptrack), for hours.
+        Box::pin(async move {
+            let watch = tower_tunnel::watch_end::is_watch(req.uri());
+            let mut response = handle_request(&config, &target, req).await;
+            if let Some(pace) = pace {
+                response = response.map(|body| pace::PacedBody::new(body, pace).boxed());
+            }
+            // A watch ends cleanly when the agent drains; clients watch again.
+            Ok::<_, Infallible>(if watch {
+                let framer = tower_tunnel::watch_end::Framer::for_content_type(
+                    response.headers().get(header::CONTENT_TYPE),
+                );
+                response.map(|body| {
+                    tower_tunnel::watch_end::EndOnSignal::new(body, framer, ending).boxed()
+                })
+            } else {
+                response
+            })
+        }) as ResponseFuture
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_stream_deadline_is_one_keepalive_round() {
+        assert_eq!(
+            control_deadline(&Keepalive::new(Duration::from_secs(10))),
+            Duration::from_secs(20)
+        );
+        // The pong deadline is at least 2 s, so short intervals still allow for a slow link.
+        assert_eq!(
+            control_deadline(&Keepalive::new(Duration::from_secs(1))),
+            Duration::from_secs(3)
+        );
+    }
+}

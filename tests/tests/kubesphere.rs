@@ -598,10 +598,25 @@ fn a_cluster_imported_under_the_old_tower_is_taken_over() {
         )
     };
     let service = "apiVersion: v1\nkind: Service\nmetadata:\n  name: mc-old-1\n  namespace: ke-system\nspec:\n  type: NodePort\n  selector:\n    app: tower\n  ports:\n  - name: kubernetes\n    port: 6443\n    targetPort: 6001\n  - name: kubesphere\n    port: 80\n    targetPort: 16001\n";
-    let all = format!("{}---\n{}---\n{service}", old("old-1"), old("old-2"));
+    // And where the old tower ran, when that is not tower's namespace now.
+    create_namespace(&host.kubeconfig, "kubesphere-system");
+    let elsewhere = service
+        .replace("mc-old-1", "mc-old-2")
+        .replace("namespace: ke-system", "namespace: kubesphere-system");
+    let all = format!(
+        "{}---\n{}---\n{service}---\n{elsewhere}",
+        old("old-1"),
+        old("old-2")
+    );
     kubectl_with_input(&host.kubeconfig, &["create", "-f", "-"], all.as_bytes()).success();
 
-    let tower = replica(&host, &range_flag(&ports), "127.0.0.1", "tower-a", &[]);
+    let tower = replica(
+        &host,
+        &range_flag(&ports),
+        "127.0.0.1",
+        "tower-a",
+        &["--platform-namespace", "kubesphere-system"],
+    );
     let c1 = wait_for_with(
         "old-1 taken over",
         Duration::from_secs(30),
@@ -672,6 +687,16 @@ fn a_cluster_imported_under_the_old_tower_is_taken_over() {
         svc_ports[0].get("nodePort").is_none_or(Value::is_null),
         "{reused}"
     );
+    // The old tower's Service where it ran is gone; tower's own for old-2 is in ke-system.
+    wait_for("the old mc-old-2 to go", Duration::from_secs(20), || {
+        get_json(&host, &["service", "-n", "kubesphere-system", "mc-old-2"])
+            .is_none()
+            .then_some(())
+    });
+    wait_for("tower's mc-old-2", Duration::from_secs(20), || {
+        get_json(&host, &["service", "-n", "ke-system", "mc-old-2"])
+            .filter(|s| s["spec"]["ports"][0]["port"] == p2)
+    });
 }
 
 fn base64_of(text: &str) -> String {

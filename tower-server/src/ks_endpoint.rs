@@ -71,16 +71,18 @@ pub struct KubeSphereEndpoints {
 }
 
 impl KubeSphereEndpoints {
-    /// The endpoints of Clusters in tower's `namespace`.
+    /// The endpoints of Clusters, kept in tower's `namespace` (the old tower's leftovers
+    /// in `platform_namespace` are removed).
     pub fn new(
         client: kube::Client,
         namespace: &str,
+        platform_namespace: &str,
         config: KubeSphereEndpointConfig,
         serve: ServeListener,
     ) -> Self {
         KubeSphereEndpoints {
             ports: PortTable::new(client.clone(), namespace, config.ports.clone()),
-            services: Services::new(client, namespace),
+            services: Services::new(client, namespace, platform_namespace),
             namespace: namespace.to_owned(),
             config,
             serve,

@@ -241,6 +241,9 @@ pub fn service_name(cluster: &str) -> String {
 /// Cluster. An old tower's Service of that name is taken over (its ports replaced).
 pub struct Services {
     api: Api<Service>,
+    /// The platform's namespace when it is not tower's: where KubeSphere's old tower left
+    /// its `mc-` Services.
+    legacy: Option<Api<Service>>,
     /// The `tower` Service's selector, read once.
     selector: tokio::sync::OnceCell<BTreeMap<String, String>>,
     /// Cluster → (uid, port) of the Service as last written or found.
@@ -248,9 +251,11 @@ pub struct Services {
 }
 
 impl Services {
-    /// Services in `namespace`.
-    pub fn new(client: Client, namespace: &str) -> Self {
+    /// Services in `namespace`; the old tower's in `platform_namespace` are removed.
+    pub fn new(client: Client, namespace: &str, platform_namespace: &str) -> Self {
         Services {
+            legacy: (platform_namespace != namespace)
+                .then(|| Api::namespaced(client.clone(), platform_namespace)),
             api: Api::namespaced(client, namespace),
             selector: tokio::sync::OnceCell::new(),
             done: Mutex::new(HashMap::new()),
@@ -288,6 +293,7 @@ impl Services {
             return Ok(());
         }
         let name = service_name(cluster);
+        self.remove_legacy(cluster, &name).await;
         let selector = self.selector().await;
         let mut labels = part_of_tower();
         labels.insert(
@@ -381,6 +387,35 @@ impl Services {
             // Another replica wrote it meanwhile: judged again next round.
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
             Err(e) => Err(format!("writing Service {name}: {e}")),
+        }
+    }
+
+    /// Deletes the old tower's `mc-{cluster}` in the platform's namespace (it selects pods
+    /// that are gone, on ports nobody serves); one that is tower's own stays.
+    async fn remove_legacy(&self, cluster: &str, name: &str) {
+        let Some(legacy) = &self.legacy else { return };
+        let old = match legacy.get_opt(name).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(cluster, error = %e, "looking for the old tower's Service in the platform namespace");
+                return;
+            }
+        };
+        let ours = old
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(CLUSTER_LABEL));
+        if ours {
+            return;
+        }
+        match legacy.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {
+                tracing::info!(cluster, service = %name, namespace = ?old.metadata.namespace, "deleted the old tower's Service")
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => tracing::warn!(cluster, error = %e, "deleting the old tower's Service"),
         }
     }
 

@@ -378,6 +378,7 @@ pub async fn run(
             Some(Arc::new(ks_endpoint::KubeSphereEndpoints::new(
                 client.clone(),
                 namespace,
+                &config.platform.namespace,
                 ks.clone(),
                 serve_listener,
             )))

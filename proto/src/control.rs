@@ -11,7 +11,9 @@
 //! closes the tunnel. The server sends [`ControlMessage::Drain`] before it goes away and
 //! [`ControlMessage::ServerInfo`] when what it told the agent in the handshake changes;
 //! the agent sends [`ControlMessage::Held`] whenever the set of replicas it holds tunnels
-//! to changes, so every replica can show which others serve the cluster.
+//! to changes, so every replica can show which others serve the cluster. The server sends
+//! [`ControlMessage::Token`] when the cluster's agent token was renewed: the agent dials
+//! with it from then on.
 //! Types this code does not know decode as [`ControlMessage::Unknown`] so that newer
 //! peers can add messages.
 
@@ -28,6 +30,7 @@ const PONG: u8 = 2;
 const DRAIN: u8 = 3;
 const SERVER_INFO: u8 = 4;
 const HELD: u8 = 5;
+const TOKEN: u8 = 6;
 
 /// One control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +62,12 @@ pub enum ControlMessage {
     Held {
         /// Their server ids; none contains a comma.
         server_ids: Vec<String>,
+    },
+    /// The cluster's renewed agent token (server → agent): the one the agent holds stays
+    /// valid until its own `exp`; dial with this one from now on.
+    Token {
+        /// The new agent token (a JWT).
+        token: String,
     },
     /// A message type this code does not know; skipped.
     Unknown {
@@ -106,6 +115,16 @@ impl ControlMessage {
                     });
                 }
                 put_header(dst, HELD, list.len()).put_slice(list.as_bytes());
+            }
+            ControlMessage::Token { token } => {
+                if token.len() > MAX_PAYLOAD {
+                    return Err(DecodeError::TooLong {
+                        what: "agent token",
+                        len: token.len(),
+                        max: MAX_PAYLOAD,
+                    });
+                }
+                put_header(dst, TOKEN, token.len()).put_slice(token.as_bytes());
             }
             ControlMessage::Unknown { kind } => {
                 return Err(DecodeError::Invalid {
@@ -203,6 +222,12 @@ impl ControlMessage {
                         .collect(),
                 }
             }
+            TOKEN => ControlMessage::Token {
+                token: String::from_utf8(payload.to_vec()).map_err(|_| DecodeError::Invalid {
+                    what: "agent token",
+                    reason: "not UTF-8",
+                })?,
+            },
             0 => {
                 return Err(DecodeError::Invalid {
                     what: "control message",
@@ -255,6 +280,17 @@ mod tests {
             server_ids: vec!["tower-0".into(), "tower-1".into()],
         });
         round_trip(ControlMessage::Held { server_ids: vec![] });
+        round_trip(ControlMessage::Token {
+            token: "eyJhbGciOiJIUzI1NiJ9.e30.c2ln".into(),
+        });
+        assert!(
+            ControlMessage::Token {
+                token: "x".repeat(MAX_PAYLOAD + 1)
+            }
+            .encode(&mut BytesMut::new())
+            .is_err()
+        );
+        assert!(ControlMessage::decode(&mut &[TOKEN, 0, 1, 0xff][..]).is_err());
         assert!(
             ControlMessage::Held {
                 server_ids: vec!["a,b".into()]

@@ -691,3 +691,100 @@ fn agent_yaml_from_the_host_connects_the_member() {
     assert_eq!(row[1], "true");
     assert_eq!(row[4], env!("CARGO_PKG_VERSION"));
 }
+
+/// `--agent-token-lifetime`: tower renews a Cluster's token with a third of its life
+/// left, hands the new one to the connected agent over its tunnel (the agent's own file
+/// still holds the old one), keeps accepting the old one until it expires, and when the
+/// tunnel is drained at that expiry the agent comes back with the new one.
+#[test]
+fn a_renewed_token_reaches_the_agent_and_the_tunnel_outlives_the_old_one() {
+    let host = Member::start();
+    let member = Member::start();
+    let server = tower_on(&host, &["--agent-token-lifetime", "30s"]);
+    create(&host, &proxy_cluster("member-1", ""));
+    let minted = wait_for_with(
+        "the token to be written",
+        Duration::from_secs(20),
+        || cluster(&host, "member-1").filter(|c| !token_of(c).is_empty()),
+        || server.process.log(),
+    );
+    let first = token_of(&minted);
+    let exp = |token: &str| {
+        tower_auth::AgentClaims::read_unverified(token)
+            .unwrap()
+            .exp
+            .expect("a minted token expires")
+    };
+    let first_exp = exp(&first);
+    let agent = agent(&server, &member, "member-1")
+        .token(&first)
+        .via_token_file()
+        .connect(&server);
+    wait_available(&host, &server, "member-1", "True");
+
+    // Renewed within its last third (10 s), while the agent is connected.
+    let renewed = wait_for_with(
+        "the token to be renewed",
+        Duration::from_secs(30),
+        || cluster(&host, "member-1").filter(|c| token_of(c) != first),
+        || server.process.log(),
+    );
+    let second = token_of(&renewed);
+    assert!(exp(&second) > first_exp);
+    assert_eq!(
+        renewed["metadata"]["annotations"]["tower.kubesphere.io/previous-agent-token-sha256"],
+        tower_server::registry::token_sha256(&first),
+        "the old token is remembered, by its hash"
+    );
+    wait_for_with(
+        "the agent to be handed the new token",
+        Duration::from_secs(10),
+        || {
+            agent
+                .process
+                .log()
+                .contains("the server renewed this agent's token")
+                .then_some(())
+        },
+        || server.process.log(),
+    );
+    assert!(
+        !server
+            .process
+            .log()
+            .contains("closing the tunnel that used the old one"),
+        "a renewal is no revocation: {}",
+        server.process.log()
+    );
+    // The old token still opens a tunnel until it expires (a restarted agent whose
+    // Deployment carries it), and that agent is handed the new one.
+    let still = dial_tunnel(&server, "member-1", &first);
+    assert_ne!(still.status, 403, "{}", still.body);
+
+    // At the old token's expiry its tunnel is drained; the agent dials again with the
+    // new token (its file still holds the old, expired one) and is admitted.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    wait_for_with(
+        "the old token to expire and the agent to be back",
+        Duration::from_secs(40),
+        || {
+            (now() > first_exp + 1
+                && server.connected("member-1")
+                && agent.process.log().matches("tunnel up").count() >= 2)
+                .then_some(())
+        },
+        || format!("{}\n---\n{}", server.process.log(), agent.process.log()),
+    );
+    let https = Https::frontend(&server);
+    let user = Server::minter().user_token("alice", &[], Some(Duration::from_secs(60)));
+    let reply = https.get(
+        "/clusters/member-1/api/v1/namespaces/default/pods",
+        Some(&user),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}

@@ -291,6 +291,7 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
             timeout: Duration::from_secs(15),
         },
         token_file,
+        renewed_token: crate::RenewedToken::default(),
         identity,
         key_source,
         targets,

@@ -51,6 +51,9 @@ pub struct Config {
     pub dial: DialConfig,
     /// Where `dial.token` came from, if a file: read again before each dial.
     pub token_file: Option<TokenFile>,
+    /// The token the server handed over when it renewed this cluster's (control message
+    /// `Token`): dialed with while it is newer than the file's.
+    pub renewed_token: RenewedToken,
     /// Checks the server's identity assertions.
     pub identity: Arc<IdentityKeys>,
     /// Where the identity key comes from: followed while the agent runs.
@@ -73,6 +76,34 @@ impl std::fmt::Debug for Config {
             .field("cluster", &self.dial.cluster)
             .field("targets", &self.targets.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
+    }
+}
+
+/// A renewed agent token the server handed over, if any.
+#[derive(Debug, Default)]
+pub struct RenewedToken(std::sync::Mutex<Option<String>>);
+
+impl RenewedToken {
+    /// Takes `token` from the server, if it is an agent token for `cluster`; says why not.
+    pub fn offer(&self, cluster: &str, token: String) -> Result<Option<u64>, String> {
+        let claims = tower_auth::AgentClaims::read_unverified(&token)
+            .map_err(|e| format!("the server's renewed token: {e}"))?;
+        if claims.sub != cluster {
+            return Err(format!(
+                "the server's renewed token is for cluster {:?}, not this one",
+                claims.sub
+            ));
+        }
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+        Ok(claims.exp)
+    }
+
+    /// The renewed token, when there is one issued after `current` (a token rotated in
+    /// the agent's own file later wins over it).
+    pub fn newer_than(&self, current: &str) -> Option<String> {
+        let renewed = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let iat = |t: &str| tower_auth::AgentClaims::read_unverified(t).map_or(0, |c| c.iat);
+        (iat(&renewed) > iat(current)).then_some(renewed)
     }
 }
 
@@ -146,6 +177,9 @@ pub async fn run(
         }
         if let Some(file) = &config.token_file {
             dial_config.token = file.token();
+        }
+        if let Some(renewed) = config.renewed_token.newer_than(&dial_config.token) {
+            dial_config.token = renewed;
         }
         let held_ids: Vec<String> = held.iter().cloned().collect();
         let dialed = tokio::select! {

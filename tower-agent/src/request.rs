@@ -355,6 +355,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
             },
             token_file: None,
+            renewed_token: crate::RenewedToken::default(),
             identity: Arc::new(IdentityKeys::new("c1", Ok(secret.cluster_key("c1")))),
             key_source: KeySource::JwtSecret(secret.clone()),
             targets,

@@ -233,6 +233,17 @@ async fn serve_stream(
                             // The replicas behind the address changed: hold one each.
                             let _ = replicas.send(usize::from(server_count.max(1)));
                         }
+                        ControlMessage::Token { token } => {
+                            match config.renewed_token.offer(&config.dial.cluster, token) {
+                                Ok(exp) => tracing::info!(
+                                    valid_until = exp,
+                                    "the server renewed this agent's token: dialing with the new one from now on"
+                                ),
+                                Err(e) => {
+                                    tracing::warn!(error = %tower_telemetry::Escaped(&e), "refused a renewed token")
+                                }
+                            }
+                        }
                         _ => {}
                     }
                 }

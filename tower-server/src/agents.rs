@@ -342,6 +342,14 @@ impl Acceptor {
             retire(old, self.grace);
         }
         tracing::info!(%cluster, %remote, tunnel = id, "agent connected");
+        // It dialed with the token the Cluster's current one renewed (an agent restarted
+        // from a Deployment that carries the old one): give it the new one.
+        if let Some(renewed) = self.registry.renewed_token(&cluster, &token) {
+            tracing::info!(%cluster, tunnel = id, "the agent dialed with a renewed token: giving it the new one");
+            let _ = this_tunnel
+                .control
+                .try_send(tower_proto::ControlMessage::Token { token: renewed });
+        }
 
         let control = control::run(
             control_stream,

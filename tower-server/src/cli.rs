@@ -231,6 +231,13 @@ pub struct ServeArgs {
     /// --max-requests-per-cluster.
     #[arg(long, env = "TOWER_MAX_REQUESTS_PER_USER", default_value_t = crate::DEFAULT_MAX_REQUESTS_PER_USER)]
     pub max_requests_per_user: usize,
+    /// How long the agent tokens tower mints into Clusters are valid (0: for ever). With
+    /// a third of it left a token is renewed: the connected agent is handed the new one
+    /// over its tunnel, and the old one keeps working until it expires, so an agent
+    /// restarted with it (the console's Deployment carries it) still connects and is
+    /// handed the new one. An agent down for the whole last third needs the current token.
+    #[arg(long, env = "TOWER_AGENT_TOKEN_LIFETIME", default_value = "90d", value_parser = humantime::parse_duration)]
+    pub agent_token_lifetime: Duration,
     /// Forward a bearer token that this host did not sign (not a jwtSecret-signed user
     /// token: a member ServiceAccount token, as kubefed stores them for joined members)
     /// unchanged to the member's API server, which authenticates it; Tower then adds no
@@ -382,6 +389,8 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         kubesphere,
         platform,
         pass_through_unknown_tokens: args.pass_through_unknown_tokens,
+        agent_token_lifetime: (!args.agent_token_lifetime.is_zero())
+            .then_some(args.agent_token_lifetime),
         limits: Limits {
             handshake_timeout: args.handshake_timeout,
             header_read_timeout: args.header_read_timeout,

@@ -2,7 +2,8 @@
 //! components to use (KubeSphere release-3.4, pkg/apis/cluster/v1alpha1/cluster_types.go):
 //!
 //! - `token`: the agent token (minted when empty or not one this server accepts for the
-//!   cluster: KubeSphere's old tower wrote a hex string no agent of ours can present);
+//!   cluster: KubeSphere's old tower wrote a hex string no agent of ours can present;
+//!   renewed a third before it expires, the one it replaces remembered in an annotation);
 //! - `kubernetesAPIEndpoint`: `{--frontend-url}/clusters/{name}`;
 //! - `kubeconfig`: that endpoint, Tower's CA and a user token
 //!   ([`crate::kubeconfig::ClusterCredential`]). KubeSphere's cluster controller
@@ -21,7 +22,8 @@ use base64::Engine;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Map, Value, json};
 
-use crate::kubernetes::{Cluster, Controller};
+use crate::kubernetes::{Cluster, Controller, PREVIOUS_TOKEN_ANNOTATION, TokenAction};
+use crate::registry::token_sha256;
 
 impl Controller {
     /// Writes whatever of the Cluster's connection differs from what it should be.
@@ -36,11 +38,19 @@ impl Controller {
         if current.kubernetes_api_endpoint != endpoint {
             connection.insert("kubernetesAPIEndpoint".into(), endpoint.clone().into());
         }
-        if self.needs_token(name, &current.token) {
-            let token = self
-                .minter
-                .agent_token_pinned(name, None, self.ca_pin.as_deref());
+        let mut metadata = json!({ "resourceVersion": cluster.metadata.resource_version });
+        let action = self.token_action(name, &current.token);
+        if action != TokenAction::Keep {
+            let token = self.minter.agent_token_pinned(
+                name,
+                self.agent_token_lifetime,
+                self.ca_pin.as_deref(),
+            );
             connection.insert("token".into(), token.into());
+            // A renewed token stays accepted until it expires; one that was replaced
+            // (unacceptable) does not.
+            let previous = (action == TokenAction::Renew).then(|| token_sha256(&current.token));
+            metadata["annotations"] = json!({ PREVIOUS_TOKEN_ANNOTATION: previous });
         }
         let kubeconfig = base64::engine::general_purpose::STANDARD
             .decode(current.kubeconfig.as_bytes())
@@ -85,7 +95,7 @@ impl Controller {
         }
         let fields: Vec<String> = connection.keys().cloned().collect();
         let patch = json!({
-            "metadata": { "resourceVersion": cluster.metadata.resource_version },
+            "metadata": metadata,
             "spec": { "connection": connection },
         });
         match api

@@ -325,6 +325,9 @@ pub struct Controller {
     /// The Tower CA's pin, written into each token so an agent given only the token
     /// knows whom to trust.
     pub ca_pin: Option<String>,
+    /// How long a minted agent token is valid (`None`: for ever). A token with less
+    /// than a third of it left is renewed; the old one stays accepted until it expires.
+    pub agent_token_lifetime: Option<Duration>,
     /// Base URL of this server's frontend as the host reaches it.
     pub frontend_url: String,
     /// This replica's id (in condition messages).
@@ -335,6 +338,27 @@ pub struct Controller {
     pub kubesphere: Option<Arc<crate::ks_endpoint::KubeSphereEndpoints>>,
     /// When this replica last wrote each Cluster's kubeconfig.
     pub rewrites: crate::cluster_spec::Rewrites,
+}
+
+/// What a Cluster's agent token needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenAction {
+    /// Nothing.
+    Keep,
+    /// A new one in place of none or an unacceptable one (which stops working at once).
+    Mint,
+    /// A new one in place of one that expires soon (which works until it does).
+    Renew,
+}
+
+/// The annotation that remembers the token a renewal replaced (hex SHA-256), so every
+/// replica accepts it until its own `exp` and hands its agent the new one.
+pub const PREVIOUS_TOKEN_ANNOTATION: &str = "tower.kubesphere.io/previous-agent-token-sha256";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What this replica still has to write into a Cluster's condition.
@@ -461,6 +485,12 @@ impl Controller {
             Entry {
                 targets: Vec::new(),
                 token: (!token.is_empty()).then(|| token.clone()),
+                previous_token_sha256: cluster
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(PREVIOUS_TOKEN_ANNOTATION))
+                    .cloned(),
             },
         );
         self.reconcile_spec(api, &cluster).await;
@@ -470,20 +500,29 @@ impl Controller {
     /// Whether the Cluster's token must be (re)minted: it has none, or one this server
     /// does not accept for it (a hex token of KubeSphere's old tower, one signed with the
     /// jwtSecret itself by an older Tower or with another secret, one for another name,
-    /// an expired one). Replacing it closes any tunnel that used it.
-    pub(crate) fn needs_token(&self, name: &str, token: &str) -> bool {
+    /// an expired one): replacing it closes any tunnel that used it. Or it is to be
+    /// renewed: less than a third of its lifetime is left.
+    pub(crate) fn token_action(&self, name: &str, token: &str) -> TokenAction {
         if token.is_empty() {
-            return true;
+            return TokenAction::Mint;
         }
         match self.verifier.verify_agent(token) {
-            Ok(claims) if claims.sub == name => false,
+            Ok(claims) if claims.sub == name => {
+                let renew_within = self.agent_token_lifetime.map(|l| l.as_secs() / 3);
+                match (claims.exp, renew_within) {
+                    (Some(exp), Some(within)) if exp.saturating_sub(unix_now()) < within => {
+                        TokenAction::Renew
+                    }
+                    _ => TokenAction::Keep,
+                }
+            }
             Ok(claims) => {
                 tracing::warn!(cluster = name, token_for = %claims.sub, "the Cluster's token is for another cluster: minting a new one");
-                true
+                TokenAction::Mint
             }
             Err(e) => {
                 tracing::warn!(cluster = name, error = %e, "the Cluster's token is not one this server accepts: minting a new one");
-                true
+                TokenAction::Mint
             }
         }
     }

@@ -134,6 +134,8 @@ pub struct Config {
     /// Forward bearer tokens this host did not sign to the member's API server as they
     /// are (`--pass-through-unknown-tokens`).
     pub pass_through_unknown_tokens: bool,
+    /// How long minted agent tokens are valid (`None`: for ever).
+    pub agent_token_lifetime: Option<Duration>,
     /// Limits.
     pub limits: Limits,
     /// The identity of the kubeconfig written into proxy Clusters.
@@ -393,6 +395,7 @@ pub async fn run(
                 minter: Minter::new(&config.secret),
                 verifier: Verifier::new(&config.secret),
                 ca_pin: ca_pin.clone(),
+                agent_token_lifetime: config.agent_token_lifetime,
                 frontend_url: config.frontend_url.clone(),
                 server_id: config.server_id.clone(),
                 credential: kubeconfig::ClusterCredential {

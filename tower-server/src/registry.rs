@@ -133,6 +133,31 @@ pub struct Entry {
     pub targets: Vec<String>,
     /// When set, the agent's token must be exactly this (a Cluster's `spec.connection.token`).
     pub token: Option<String>,
+    /// The SHA-256 (hex) of the token `token` renewed: still accepted until its own
+    /// `exp`, and an agent that dials with it is given `token`.
+    pub previous_token_sha256: Option<String>,
+}
+
+impl Entry {
+    /// Whether `token` is this entry's current token.
+    fn is_current(&self, token: &str) -> bool {
+        self.token
+            .as_ref()
+            .is_none_or(|t| tower_auth::constant_time_eq(t.as_bytes(), token.as_bytes()))
+    }
+
+    /// Whether `token` is the one this entry's token renewed.
+    fn is_previous(&self, token: &str) -> bool {
+        self.previous_token_sha256.as_ref().is_some_and(|hash| {
+            tower_auth::constant_time_eq(hash.as_bytes(), token_sha256(token).as_bytes())
+        })
+    }
+}
+
+/// Hex SHA-256 of an agent token: how a renewed token is remembered.
+pub fn token_sha256(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
 /// Why an agent may not connect.
@@ -187,6 +212,7 @@ impl Registry {
                         Entry {
                             targets: spec.targets,
                             token: None,
+                            previous_token_sha256: None,
                         },
                     );
                 }
@@ -234,14 +260,21 @@ impl Registry {
         let Some(entry) = allowed.get(name) else {
             return Err(self.not_registered(name));
         };
-        match &entry.token {
-            Some(expected)
-                if !tower_auth::constant_time_eq(expected.as_bytes(), token.as_bytes()) =>
-            {
-                Err(Denied::TokenMismatch(name.to_owned()))
-            }
-            _ => Ok(()),
+        if entry.is_current(token) || entry.is_previous(token) {
+            Ok(())
+        } else {
+            Err(Denied::TokenMismatch(name.to_owned()))
         }
+    }
+
+    /// The token an agent of `name` that dialed with `token` should dial with from now
+    /// on, when `token` is the one the current token renewed.
+    pub fn renewed_token(&self, name: &str, token: &str) -> Option<String> {
+        let allowed = read(&self.allowed);
+        let entry = allowed.get(name)?;
+        (!entry.is_current(token) && entry.is_previous(token))
+            .then(|| entry.token.clone())
+            .flatten()
     }
 
     /// Why `name` may not connect when it is not registered, in the registry's own terms.
@@ -255,17 +288,27 @@ impl Registry {
     }
 
     /// Registers or updates `name`. A tunnel whose token no longer matches is closed.
+    /// A tunnel that used the token the new one renewed stays, and its agent is given
+    /// the new token.
     pub fn upsert(&self, name: &str, entry: Entry) {
-        let revoked = entry.token.as_ref().and_then(|expected| {
-            read(&self.tunnels)
-                .get(name)
-                .filter(|t| !tower_auth::constant_time_eq(expected.as_bytes(), t.token.as_bytes()))
-                .cloned()
-        });
-        let changed = write(&self.allowed).insert(name.to_owned(), entry.clone()) != Some(entry);
-        if let Some(tunnel) = revoked {
-            tracing::warn!(cluster = %name, tunnel = tunnel.id, "the cluster's token changed: closing the tunnel that used the old one");
-            tunnel.session.close();
+        let tunnel = read(&self.tunnels).get(name).cloned();
+        let changed =
+            write(&self.allowed).insert(name.to_owned(), entry.clone()) != Some(entry.clone());
+        if let Some(tunnel) = tunnel.filter(|t| !entry.is_current(&t.token)) {
+            match &entry.token {
+                Some(token) if entry.is_previous(&tunnel.token) => {
+                    if changed {
+                        tracing::info!(cluster = %name, tunnel = tunnel.id, "the cluster's token was renewed: giving the agent the new one");
+                        let _ = tunnel.control.try_send(ControlMessage::Token {
+                            token: token.clone(),
+                        });
+                    }
+                }
+                _ => {
+                    tracing::warn!(cluster = %name, tunnel = tunnel.id, "the cluster's token changed: closing the tunnel that used the old one");
+                    tunnel.session.close();
+                }
+            }
         }
         if changed {
             self.changed.notify_waiters();

@@ -19,6 +19,7 @@
 
 pub mod kubesphere;
 pub mod pod;
+pub mod protobuf_watch;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -893,16 +894,51 @@ where
 /// Reads `response` whole; a body that ends in an error is an `Err`, never a short reply.
 async fn read_reply(response: http::Response<hyper::body::Incoming>) -> Result<Reply, String> {
     let status = response.status().as_u16();
-    let body = response
-        .into_body()
+    let (parts, body) = response.into_parts();
+    let body = body
         .collect()
         .await
         .map_err(|e| format!("body of a {status} response failed: {e}"))?
         .to_bytes();
-    Ok(Reply {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Ok(Reply::new(status, parts.headers, body))
+}
+
+/// A response whose body is read as it arrives ([`Https::stream`]); dropping it closes
+/// the connection.
+pub struct Streaming {
+    /// Status.
+    pub status: u16,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    chunks: std::sync::mpsc::Receiver<Chunk>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// What a streamed body delivered.
+#[derive(Debug)]
+pub enum Chunk {
+    /// Bytes, as they came.
+    Data(Bytes),
+    /// The body ended cleanly.
+    End,
+    /// The body ended in an error (cut).
+    Failed(String),
+}
+
+impl Streaming {
+    /// The next chunk, or `None` when none came within `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<Chunk> {
+        match self.chunks.recv_timeout(timeout) {
+            Ok(chunk) => Some(chunk),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Some(Chunk::End),
+        }
+    }
+
+    /// A header's value as text, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
 
 /// A response whose head was read and whose body is left open ([`Https::open`]).
@@ -919,8 +955,28 @@ pub struct OpenResponse {
 pub struct Reply {
     /// Status.
     pub status: u16,
-    /// Body text.
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body text (lossy UTF-8 of [`Reply::bytes`]).
     pub body: String,
+    /// The body as received, byte for byte (still compressed, when it was).
+    pub bytes: Bytes,
+}
+
+impl Reply {
+    fn new(status: u16, headers: http::HeaderMap, bytes: Bytes) -> Reply {
+        Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+        }
+    }
+
+    /// A header's value as text, if present (and text).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
 
 impl Https {
@@ -1042,6 +1098,71 @@ impl Https {
         })
     }
 
+    /// Sends a GET with `headers` over its own HTTP/1.1 connection, on a thread of its own,
+    /// and returns once the response head is in; the body is read as it arrives
+    /// ([`Streaming::next`]) until the returned value is dropped.
+    pub fn stream(&self, path: &str, token: &str, headers: &[(&str, &str)]) -> Streaming {
+        let (addr, tls) = (self.addr, self.tls.clone());
+        let mut request = http::Request::get(path)
+            .header("host", "localhost")
+            .header("authorization", format!("Bearer {token}"));
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let request = request.body(Empty::<Bytes>::new()).expect("request");
+        let (head_tx, head_rx) = std::sync::mpsc::channel();
+        let (chunk_tx, chunks) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let mut sender = http1_over_tls(addr, tls).await;
+                let response = match sender.send_request(request).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        let _ = head_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let (parts, mut body) = response.into_parts();
+                let _ = head_tx.send(Ok((parts.status.as_u16(), parts.headers)));
+                tokio::pin!(stopped);
+                loop {
+                    let frame = tokio::select! {
+                        _ = &mut stopped => return,
+                        frame = body.frame() => frame,
+                    };
+                    let chunk = match frame {
+                        None => Chunk::End,
+                        Some(Err(e)) => Chunk::Failed(e.to_string()),
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) => Chunk::Data(data),
+                            Err(_) => continue,
+                        },
+                    };
+                    let last = !matches!(chunk, Chunk::Data(_));
+                    if chunk_tx.send(chunk).is_err() || last {
+                        return;
+                    }
+                }
+            });
+        });
+        let (status, headers) = head_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("GET {path}: no response head within 30 s ({e})"))
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        Streaming {
+            status,
+            headers,
+            chunks,
+            _stop: stop,
+        }
+    }
+
     /// Sends a GET over its own HTTP/1.1 connection and reads only the response head;
     /// the response (a watch, say) stays open until the returned value is dropped.
     pub fn open(&self, path: &str, token: &str) -> OpenResponse {
@@ -1135,16 +1256,9 @@ impl Https {
                 .expect("request");
             let response = sender.send_request(request).await.expect("response");
             let status = response.status().as_u16();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .expect("body")
-                .to_bytes();
-            Reply {
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            }
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await.expect("body").to_bytes();
+            Reply::new(status, parts.headers, body)
         })
     }
 
@@ -1657,4 +1771,72 @@ pub fn non_loopback_ip() -> Option<std::net::IpAddr> {
     socket.connect("192.0.2.1:9").ok()?;
     let ip = socket.local_addr().ok()?.ip();
     (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// A pseudo-terminal whose master the test holds, for `kubectl exec -t`: kubectl uses a
+/// TTY only when its stdin is a terminal, sends the terminal's size at the start and again
+/// on SIGWINCH. `script` (util-linux) would give kubectl a terminal too, but sizes it from
+/// its own stdin only when that is a terminal (never under `cargo test`) and offers no way
+/// to resize it later; with the master in hand the test sets each size itself.
+pub struct Pty {
+    master: std::fs::File,
+    slave: std::fs::File,
+}
+
+impl Pty {
+    /// Opens a pseudo-terminal of `cols` × `rows`.
+    pub fn open(cols: u16, rows: u16) -> Pty {
+        use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let master =
+            openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).expect("openpt");
+        grantpt(&master).expect("grantpt");
+        unlockpt(&master).expect("unlockpt");
+        let name = ptsname(&master, Vec::new()).expect("ptsname");
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NOCTTY.bits() as i32)
+            .open(name.to_str().expect("a UTF-8 path"))
+            .expect("open the terminal");
+        let pty = Pty {
+            master: std::fs::File::from(master),
+            slave,
+        };
+        pty.resize(cols, rows);
+        pty
+    }
+
+    /// Sets the terminal's size (what kubectl reads on SIGWINCH).
+    pub fn resize(&self, cols: u16, rows: u16) {
+        rustix::termios::tcsetwinsize(
+            &self.master,
+            rustix::termios::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            },
+        )
+        .expect("set the window size");
+    }
+
+    /// The terminal side, for a child's stdin, stdout or stderr.
+    pub fn terminal(&self) -> Stdio {
+        Stdio::from(self.slave.try_clone().expect("dup the terminal"))
+    }
+
+    /// The master side: what the terminal's user types and reads.
+    pub fn master(&self) -> std::fs::File {
+        self.master.try_clone().expect("dup the master")
+    }
+}
+
+/// Sends SIGWINCH to a process (as a terminal does to its foreground process when resized).
+pub fn signal_window_change(child: &Child) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(child),
+        rustix::process::Signal::WINCH,
+    )
+    .expect("send SIGWINCH");
 }

@@ -1,28 +1,110 @@
 //! Drain on SIGTERM, on both sides: downloads in flight finish, open watches end cleanly
-//! (at an event boundary, as kube-apiserver ends them on shutdown), nothing new is routed
-//! to the one going away, and the process exits without waiting out its grace period.
+//! (at an event boundary, as kube-apiserver ends them on shutdown: a JSON line, a protobuf
+//! frame), nothing new is routed to the one going away, and the process exits without
+//! waiting out its grace period.
 
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tower_e2e::{Https, Member, Server, agent, server, wait_for};
+use tower_e2e::{Https, Member, Server, agent, kubectl_with_input, server, wait_for};
 
-/// A raw watch on configmaps of `default`, read to its end on a thread, once it is open.
+/// What client-go's informers ask for with protobuf.
+const PROTOBUF_WATCH: &str = "application/vnd.kubernetes.protobuf;stream=watch";
+
+/// A raw watch on configmaps of `default` (in protobuf with `protobuf`), read to its end
+/// on a thread, once it is open.
 fn raw_watch(
     server: &Server,
     member: &Member,
+    protobuf: bool,
 ) -> std::thread::JoinHandle<Result<tower_e2e::Reply, String>> {
     let https = Https::frontend(server);
     let user = Server::minter().user_token("alice", &[], None);
+    let accept: &[(&str, &str)] = if protobuf {
+        &[("accept", PROTOBUF_WATCH)]
+    } else {
+        &[]
+    };
     once_called(member, "configmaps?watch=1", move || {
         https.try_request(
             "GET",
             "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1",
             Some(&user),
-            &[],
+            accept,
         )
     })
+}
+
+/// Creates configmaps in `default` one after another (through the member's own API, not
+/// the tunnel) until dropped, so that watches have events in flight when a drain begins.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    made: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Churn {
+    /// Starts creating, and returns once two configmaps are made (their events are on
+    /// their way to the watches).
+    fn start(member: &Member) -> Churn {
+        let kubeconfig = member.kubeconfig.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let made = Arc::new(AtomicUsize::new(0));
+        let (stopped, counted) = (stop.clone(), made.clone());
+        let thread = std::thread::spawn(move || {
+            let mut made = 0;
+            while !stopped.load(Ordering::SeqCst) {
+                // Newlines in the value: 0x0A bytes inside a protobuf frame, too.
+                let yaml = format!(
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: churn-{made}\n  namespace: default\ndata:\n  v: \"a\\nb\\n\"\n"
+                );
+                kubectl_with_input(&kubeconfig, &["create", "-f", "-"], yaml.as_bytes()).success();
+                made += 1;
+                counted.store(made, Ordering::SeqCst);
+            }
+            made
+        });
+        wait_for("the churn to begin", Duration::from_secs(30), || {
+            (made.load(Ordering::SeqCst) >= 2).then_some(())
+        });
+        Churn {
+            stop,
+            made,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let before = self.made.load(Ordering::SeqCst);
+            let made = thread.join().unwrap_or_default();
+            eprintln!("{made} configmaps created, {before} when the watches had ended");
+        }
+    }
+}
+
+/// The protobuf watch delivered events, and its body is whole frames of whole events.
+fn assert_whole_frames(reply: &tower_e2e::Reply) {
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.headers.get("content-type").unwrap(),
+        PROTOBUF_WATCH,
+        "{reply:?}"
+    );
+    let events = tower_e2e::protobuf_watch::decode_body(&reply.bytes)
+        .unwrap_or_else(|e| panic!("a protobuf watch cut mid-event: {e}"));
+    assert!(!events.is_empty(), "an empty watch body proves nothing");
+    assert!(events.iter().any(|e| e.name == "settings"), "{events:?}");
+    eprintln!(
+        "the protobuf watch ended after {} whole events",
+        events.len()
+    );
 }
 
 /// A byte-checked download of `size` bytes, on a thread, once it has started.
@@ -78,9 +160,12 @@ fn a_draining_server_ends_watches_cleanly_and_exits_without_waiting_out_its_grac
     let member = Member::start();
     let mut server = server().args(&["--shutdown-grace", "60s"]).start();
     let _agent = agent(&server, &member, "member-1").connect(&server);
-    let watch = raw_watch(&server, &member);
+    let watch = raw_watch(&server, &member, false);
+    let protobuf_watch = raw_watch(&server, &member, true);
     let size: u64 = 256 << 20;
     let download = download(&server, &member, size);
+
+    let churn = Churn::start(&member);
 
     // Drained mid-flight, or the test proves nothing.
     assert!(!download.is_finished(), "the download ended before SIGTERM");
@@ -92,6 +177,13 @@ fn a_draining_server_ends_watches_cleanly_and_exits_without_waiting_out_its_grac
         .expect("the watch ends cleanly, not cut");
     assert_eq!(watched.status, 200);
     assert_whole_events(&watched.body);
+    assert_whole_frames(
+        &protobuf_watch
+            .join()
+            .unwrap()
+            .expect("the protobuf watch ends cleanly, not cut"),
+    );
+    drop(churn);
     assert_eq!(download.join().expect("the download completes"), size);
     assert_eq!(server.process.wait_exit(Duration::from_secs(30)), Some(0));
     let exited = terminated.elapsed();
@@ -106,9 +198,11 @@ fn a_draining_agent_finishes_its_requests_ends_watches_cleanly_and_exits() {
     let mut agent = agent(&server, &member, "member-1")
         .args(&["--shutdown-grace", "60s"])
         .connect(&server);
-    let watch = raw_watch(&server, &member);
+    let watch = raw_watch(&server, &member, false);
+    let protobuf_watch = raw_watch(&server, &member, true);
     let size: u64 = 256 << 20;
     let download = download(&server, &member, size);
+    let churn = Churn::start(&member);
 
     assert!(!download.is_finished(), "the download ended before SIGTERM");
     let terminated = Instant::now();
@@ -135,6 +229,13 @@ fn a_draining_agent_finishes_its_requests_ends_watches_cleanly_and_exits() {
         .expect("the watch ends cleanly, not cut");
     assert_eq!(watched.status, 200);
     assert_whole_events(&watched.body);
+    assert_whole_frames(
+        &protobuf_watch
+            .join()
+            .unwrap()
+            .expect("the protobuf watch ends cleanly, not cut"),
+    );
+    drop(churn);
     assert_eq!(download.join().expect("the download completes"), size);
     assert_eq!(agent.process.wait_exit(Duration::from_secs(30)), Some(0));
     let exited = terminated.elapsed();

@@ -100,6 +100,23 @@ fn get_create_replace_delete_and_large_lists() {
             "payload of bulk-{i:04} arrived intact"
         );
     }
+    // kubectl asked for gzip (Go's HTTP transport does), so the member sent the list
+    // compressed, and it arrived intact through the tunnel: kubectl read it above.
+    let listed = member
+        .api
+        .calls()
+        .into_iter()
+        .find(|c| {
+            c.path_and_query
+                .starts_with("/api/v1/namespaces/bulk/configmaps")
+        })
+        .expect("the list reached the member");
+    assert_eq!(
+        listed.accept_encoding.as_deref(),
+        Some("gzip"),
+        "{listed:?}"
+    );
+    assert_eq!(member.api.gzipped_responses(), 1);
 
     // The member saw the agent's own credential and the JWT's user and groups, never
     // the caller's JWT.
@@ -663,5 +680,114 @@ fn cp_copies_files_both_ways_over_websocket_and_spdy() {
             assert_eq!(call.impersonate_user.as_deref(), Some("dave"), "{call:?}");
             assert_eq!(call.impersonate_groups, ["devs"], "{call:?}");
         }
+    }
+}
+
+#[test]
+fn exec_with_a_terminal_sends_its_size_and_resizes_over_websocket_and_spdy() {
+    use tower_kube_stand_in::{ExecTransport, TerminalResize};
+    let member = Member::start();
+    let server = server().start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let kc = server.kubeconfig("member-1", "erin", &[]);
+
+    // kubectl falls back to SPDY quietly, so the method the member saw is the proof of
+    // the transport (GET is WebSocket, POST is SPDY), and the stand-in records which
+    // channel carried each size.
+    for (transport, websockets, method) in [
+        (ExecTransport::WebSocket, "true", "GET"),
+        (ExecTransport::Spdy, "false", "POST"),
+    ] {
+        let size = |width, height| TerminalResize {
+            transport,
+            width,
+            height,
+        };
+        let before = member.api.terminal_resizes().len();
+        let sizes = || member.api.terminal_resizes()[before..].to_vec();
+        let execs_before = member
+            .api
+            .calls()
+            .iter()
+            .filter(|c| c.path_and_query.contains("/exec?"))
+            .count();
+        let pty = tower_e2e::Pty::open(80, 24);
+        let mut command = tower_e2e::kubectl_command(&kc);
+        command
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", websockets)
+            .args(["exec", "-t", "-i", "web-0", "--", "cat"])
+            .stdin(pty.terminal())
+            .stdout(pty.terminal())
+            .stderr(pty.terminal());
+        let mut kubectl = command.spawn().expect("kubectl");
+        // What kubectl writes to its terminal, read as the terminal's user would.
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        {
+            let screen = screen.clone();
+            let mut master = pty.master();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = master.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    screen.lock().expect("screen").extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        let shown = || String::from_utf8_lossy(&screen.lock().expect("screen")).into_owned();
+
+        // The size at the start, on the resize channel.
+        let first = wait_for_with(
+            &format!("the terminal's size at the member over {transport:?}"),
+            WAIT,
+            || sizes().first().copied(),
+            || format!("kubectl's terminal: {:?}", shown()),
+        );
+        assert_eq!(first, size(80, 24));
+        // The session is up both ways: typed bytes come back from the pod's `cat`.
+        pty.master().write_all(b"typed\r").expect("type");
+        wait_for_with(
+            &format!("the typed text to come back over {transport:?}"),
+            WAIT,
+            || shown().contains("typed").then_some(()),
+            || format!("kubectl's terminal: {:?}", shown()),
+        );
+
+        // The terminal is resized: kubectl reads the new size on SIGWINCH and sends it.
+        // kubectl installs its SIGWINCH handler in the background, maybe after the first
+        // size went out, so the signal is repeated until the new size arrives.
+        pty.resize(132, 43);
+        wait_for_with(
+            &format!("the new size at the member over {transport:?}"),
+            WAIT,
+            || {
+                tower_e2e::signal_window_change(&kubectl);
+                sizes().contains(&size(132, 43)).then_some(())
+            },
+            || format!("sizes {:?}, terminal {:?}", sizes(), shown()),
+        );
+        let seen = sizes();
+        assert!(
+            seen.iter()
+                .all(|s| *s == size(80, 24) || *s == size(132, 43)),
+            "only the two sizes, on {transport:?}: {seen:?}"
+        );
+        let execs: Vec<_> = member
+            .api
+            .calls()
+            .into_iter()
+            .filter(|c| c.path_and_query.contains("/exec?"))
+            .skip(execs_before)
+            .collect();
+        assert_eq!(execs.len(), 1, "{execs:?}");
+        assert_eq!(execs[0].method, method, "{execs:?}");
+        assert!(execs[0].path_and_query.contains("tty=true"), "{execs:?}");
+
+        // The user leaves: the session ends at the member too.
+        let _ = kubectl.kill();
+        let _ = kubectl.wait();
+        drop(pty);
+        member_streams_close(&member);
     }
 }

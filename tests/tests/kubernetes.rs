@@ -788,3 +788,92 @@ fn a_renewed_token_reaches_the_agent_and_the_tunnel_outlives_the_old_one() {
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
 }
+
+/// On a KubeSphere host, callers are who KubeSphere's Users say: the user must exist and
+/// not be disabled, and the groups impersonated on the member are the User's
+/// `spec.groups` plus `system:authenticated`, whatever the token claims. Disabling a
+/// User locks it out at once. Tokens Tower minted itself keep their claims.
+#[test]
+fn callers_resolve_against_kubesphere_users_and_a_disabled_one_is_locked_out() {
+    let host = Member::start();
+    let member = Member::start();
+    let users = "apiVersion: iam.kubesphere.io/v1alpha2\nkind: User\nmetadata:\n  name: alice\n\
+        spec:\n  email: alice@example.com\n  groups:\n  - devs\nstatus:\n  state: Active\n---\n\
+        apiVersion: iam.kubesphere.io/v1alpha2\nkind: User\nmetadata:\n  name: mallory\n\
+        spec:\n  email: mallory@example.com\nstatus:\n  state: Disabled\n";
+    kubectl_with_input(
+        &host.kubeconfig,
+        &["create", "--validate=false", "-f", "-"],
+        users.as_bytes(),
+    )
+    .success();
+    let server = tower_on(&host, &[]);
+    create(&host, &proxy_cluster("member-1", ""));
+    let minted = wait_for_with(
+        "the token to be written",
+        Duration::from_secs(20),
+        || cluster(&host, "member-1").filter(|c| !token_of(c).is_empty()),
+        || server.process.log(),
+    );
+    let _agent = agent(&server, &member, "member-1")
+        .token(&token_of(&minted))
+        .connect(&server);
+    let https = Https::frontend(&server);
+    let path = "/clusters/member-1/api/v1/namespaces/default/pods";
+    // A token as KubeSphere issues it, claiming more than the User has.
+    let kubesphere_token = |user: &str| {
+        Server::minter().sign(&serde_json::json!({
+            "username": user, "groups": ["system:masters"], "token_type": "access_token",
+            "iss": "kubesphere", "exp": 4_000_000_000u64
+        }))
+    };
+    let before = member.api.calls().len();
+    let reply = https.get(path, Some(&kubesphere_token("alice")));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let calls = member.api.calls();
+    let call = calls[before..]
+        .iter()
+        .find(|c| {
+            c.path_and_query
+                .starts_with("/api/v1/namespaces/default/pods")
+        })
+        .expect("reached the member");
+    assert_eq!(call.impersonate_user.as_deref(), Some("alice"));
+    assert_eq!(
+        call.impersonate_groups,
+        ["devs", "system:authenticated"],
+        "the User's groups, not the token's claim"
+    );
+    for (user, why) in [
+        ("mallory", "is disabled"),
+        ("nobody", "is not a KubeSphere user"),
+    ] {
+        let refused = https.get(path, Some(&kubesphere_token(user)));
+        assert_eq!(refused.status, 401, "{user}: {}", refused.body);
+        assert!(refused.body.contains(why), "{user}: {}", refused.body);
+    }
+    // Tower's own tokens keep their claims.
+    let ops = Server::minter().user_token("ops", &["system:masters".into()], None);
+    assert_eq!(https.get(path, Some(&ops)).status, 200);
+
+    // Disabled while holding a valid token: locked out without a restart.
+    kubectl(
+        &host.kubeconfig,
+        &[
+            "patch",
+            "user",
+            "alice",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"status":{"state":"Disabled"}}"#,
+        ],
+    )
+    .success();
+    wait_for_with(
+        "alice to be locked out",
+        Duration::from_secs(10),
+        || (https.get(path, Some(&kubesphere_token("alice"))).status == 401).then_some(()),
+        || server.process.log(),
+    );
+}

@@ -1,5 +1,6 @@
-//! Limits: requests per cluster (429), streams per tunnel (503), idle streams (cut), each
-//! a clear status counted in `/metrics`; and nothing left behind once callers are gone.
+//! Limits: requests per cluster (429), streams per tunnel (503), idle streams (504 or cut),
+//! each a clear status counted in `/metrics`, the refusals with `Retry-After`; and nothing
+//! left behind once callers are gone.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,8 +8,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tower_e2e::{
-    Agent, Https, KubectlStream, Member, Server, agent, kubectl, kubectl_with_input, server,
-    wait_for,
+    Agent, Https, KubectlStream, Member, Relay, Server, TempDir, agent, kubectl,
+    kubectl_with_input, server, wait_for,
 };
 
 /// A metric's value (an exact name, labels included), 0 when absent.
@@ -64,6 +65,15 @@ fn watches(member: &Member, namespace: &str) -> usize {
         .count()
 }
 
+/// A refusal a caller should retry: `Retry-After: 1` (kubectl and client-go wait that long
+/// and retry), and a `Status` with `reason`.
+fn assert_retry_after(reply: &tower_e2e::Reply, reason: &str) {
+    assert_eq!(reply.header("retry-after"), Some("1"), "{reply:?}");
+    let status: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(status["reason"], reason, "{status}");
+    assert_eq!(status["code"], reply.status, "{status}");
+}
+
 /// member-1's `/version`, as `user`: a small request that needs a place of its own.
 fn version(https: &Https, user: &str) -> tower_e2e::Reply {
     https.get("/clusters/member-1/version", Some(user))
@@ -97,6 +107,7 @@ fn requests_beyond_the_per_cluster_limit_get_429_and_the_slot_comes_back() {
         "{}",
         refused.body
     );
+    assert_retry_after(&refused, "TooManyRequests");
     // At least this one (the watching kubectls may have been turned away too).
     assert!(
         metric(
@@ -154,6 +165,7 @@ fn one_user_past_the_per_user_limit_gets_429_while_others_are_served() {
     );
     let refused = version(&https, &user);
     assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_retry_after(&refused, "TooManyRequests");
     let status: serde_json::Value = serde_json::from_str(&refused.body).unwrap();
     assert_eq!(status["kind"], "Status");
     assert_eq!(status["reason"], "TooManyRequests");
@@ -216,6 +228,7 @@ fn a_full_tunnel_answers_503_and_recovers() {
         "{}",
         refused.body
     );
+    assert_retry_after(&refused, "ServiceUnavailable");
     let third = https.open(
         "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1",
         &user,
@@ -230,6 +243,77 @@ fn a_full_tunnel_answers_503_and_recovers() {
     drop(first);
     drop(second);
     wait_until_served(&https, &user, "a stream to come back");
+}
+
+#[test]
+fn a_cluster_without_its_agent_answers_503_with_retry_after() {
+    let server = server().start();
+    let user = Server::minter().user_token("alice", &[], None);
+    let refused = version(&Https::frontend(&server), &user);
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(
+        refused.body.contains("no agent connected"),
+        "{}",
+        refused.body
+    );
+    assert_retry_after(&refused, "ServiceUnavailable");
+}
+
+#[test]
+fn a_member_that_never_answers_gets_504_at_the_idle_timeout() {
+    // The agent reaches its member through a relay the test can silence.
+    let member = Member::start();
+    let relay = Relay::start(member.api.addr());
+    let dir = TempDir::new("silent-member");
+    let kubeconfig = dir.path().join("kubeconfig");
+    let original = std::fs::read_to_string(&member.kubeconfig).unwrap();
+    let through_relay = original.replace(&member.api.url(), &format!("https://{}", relay.addr));
+    assert_ne!(
+        original,
+        through_relay,
+        "the kubeconfig names {}",
+        member.api.url()
+    );
+    std::fs::write(&kubeconfig, through_relay).unwrap();
+    let server = server().args(&["--stream-idle-timeout", "2s"]).start();
+    let _agent = agent(&server, &member, "member-1")
+        .kubeconfig(&kubeconfig)
+        .connect(&server);
+    let https = Https::frontend(&server);
+    let user = Server::minter().user_token("alice", &[], None);
+    let answered = version(&https, &user);
+    assert_eq!(answered.status, 200, "{}", answered.body);
+
+    // The member goes silent: the connections the agent holds move nothing more, and new
+    // ones reach a listener that accepts and never answers (a hung apiserver).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    relay.set_targets(&[silent.local_addr().unwrap()]);
+    relay.freeze();
+    let started = Instant::now();
+    let timed_out = version(&https, &user);
+    let waited = started.elapsed();
+    assert_eq!(timed_out.status, 504, "{}", timed_out.body);
+    let status: serde_json::Value = serde_json::from_str(&timed_out.body).unwrap();
+    assert_eq!(status["reason"], "Timeout", "{status}");
+    assert_eq!(status["code"], 504, "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer"),
+        "{status}"
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(12),
+        "answered after {waited:?}, the idle timeout is 2 s"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "tower_requests_limited_total{reason=\"idle_timeout\"}"
+        ),
+        1.0
+    );
 }
 
 #[test]

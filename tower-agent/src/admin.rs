@@ -1,4 +1,5 @@
-//! The agent's own HTTP listener: `/healthz` (alive) and `/readyz` (a tunnel is up).
+//! The agent's own HTTP listener: `/healthz` (alive), `/readyz` (a tunnel is up) and
+//! `/metrics` ([`crate::metrics`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 pub(crate) async fn serve_admin(
     listener: TcpListener,
     up: Arc<AtomicUsize>,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -33,16 +35,24 @@ pub(crate) async fn serve_admin(
                 }
             },
         };
-        let up = up.clone();
+        let (up, metrics) = (up.clone(), metrics.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let ready = up.load(Ordering::SeqCst) > 0;
+                let scraped = (req.uri().path() == "/metrics")
+                    .then(|| crate::metrics::response(&metrics, &up));
                 async move {
+                    if let Some(response) = scraped {
+                        return Ok::<_, Infallible>(response);
+                    }
                     let (code, body) = match req.uri().path() {
                         "/healthz" | "/livez" => (StatusCode::OK, "ok\n"),
                         "/readyz" if ready => (StatusCode::OK, "ok: tunnel up\n"),
                         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "tunnel down\n"),
-                        _ => (StatusCode::NOT_FOUND, "endpoints: /healthz /readyz\n"),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "endpoints: /healthz /readyz /metrics\n",
+                        ),
                     };
                     let mut response =
                         Response::new(Full::new(Bytes::from_static(body.as_bytes())));

@@ -295,6 +295,7 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         identity,
         key_source,
         targets,
+        metrics: Default::default(),
         keepalive,
         shutdown_grace: cli.shutdown_grace,
         backoff: Backoff {

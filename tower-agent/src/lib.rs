@@ -22,6 +22,7 @@ mod backoff;
 pub mod cli;
 mod http2;
 pub mod identity;
+pub mod metrics;
 mod pace;
 mod request;
 mod tunnel;
@@ -67,6 +68,8 @@ pub struct Config {
     /// On shutdown, how long requests in flight get to finish (watches end at once,
     /// cleanly).
     pub shutdown_grace: Duration,
+    /// What `/metrics` on the admin listener shows.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Config {
@@ -126,7 +129,13 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let up = Arc::new(AtomicUsize::new(0));
     if let Some(listener) = admin {
-        tokio::spawn(admin::serve_admin(listener, up.clone(), shutdown.clone()));
+        let metrics = config.metrics.clone();
+        tokio::spawn(admin::serve_admin(
+            listener,
+            up.clone(),
+            metrics,
+            shutdown.clone(),
+        ));
     }
     tokio::spawn(
         config
@@ -186,6 +195,9 @@ pub async fn run(
             dialed = dial::dial(&dial_config, &held_ids) => dialed,
             () = shutdown.cancelled() => break,
         };
+        if let Err(e) = &dialed {
+            config.metrics.dial_error(e);
+        }
         match dialed {
             Ok(dialed) => {
                 replicas = usize::from(dialed.hello.server_count.max(1));

@@ -11,6 +11,7 @@ use tower_tunnel::http::{failure, strip_hop_by_hop};
 
 use crate::Config;
 use crate::identity::{IDENTITY_HEADER, IdentityError};
+use crate::metrics::Refused;
 use crate::upstream::{self, Credentials};
 use tower_auth::identity::Asserted;
 
@@ -32,6 +33,7 @@ where
     B::Error: Into<upstream::BoxError>,
 {
     let Some(upstream) = config.targets.get(target) else {
+        config.metrics.refused(Refused::UnknownTarget);
         return reply(failure(
             StatusCode::FORBIDDEN,
             "Forbidden",
@@ -46,6 +48,7 @@ where
         Ok(Asserted::User(identity)) => Some(identity),
         Ok(Asserted::PassThrough) => None,
         Err(e @ IdentityError::NoKey(_)) => {
+            config.metrics.refused(Refused::NoIdentityKey);
             return reply(failure(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailable",
@@ -53,6 +56,7 @@ where
             ));
         }
         Err(e) => {
+            config.metrics.refused(Refused::BadIdentity);
             return reply(failure(
                 StatusCode::UNAUTHORIZED,
                 "Unauthorized",
@@ -63,6 +67,7 @@ where
     if identity.is_none() && matches!(upstream.credentials, Some(Credentials::ClientCertificate)) {
         // kube-apiserver authenticates a client certificate before a bearer token: the
         // caller's credential would run as this agent.
+        config.metrics.refused(Refused::PassThrough);
         return reply(failure(
             StatusCode::FORBIDDEN,
             "Forbidden",
@@ -86,6 +91,7 @@ where
         let user = identity
             .as_ref()
             .map_or("your credential's own", |i| &i.user);
+        config.metrics.refused(Refused::Impersonation);
         return refuse_impersonation(req.headers(), user);
     }
     let client_upgrade = req
@@ -103,6 +109,7 @@ where
     parts.uri = match upstream.uri_for(&path) {
         Ok(uri) => uri,
         Err(e) => {
+            config.metrics.refused(Refused::BadRequest);
             return reply(failure(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
@@ -141,6 +148,7 @@ where
                 parts.headers.insert("impersonate-user", user);
             }
             Err(_) => {
+                config.metrics.refused(Refused::BadRequest);
                 return reply(failure(
                     StatusCode::BAD_REQUEST,
                     "BadRequest",
@@ -155,7 +163,11 @@ where
         }
     }
     let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
-    let mut response = match upstream.send(request).await {
+    let sent = std::time::Instant::now();
+    let answer = upstream.send(request).await;
+    let code = answer.as_ref().ok().map(|r| r.status().as_u16());
+    config.metrics.upstream(target, code, sent.elapsed());
+    let mut response = match answer {
         Ok(response) => response,
         Err(e) => {
             tracing::warn!(%target, error = %e, "upstream request failed");
@@ -361,6 +373,7 @@ mod tests {
             targets,
             keepalive: Keepalive::default(),
             backoff: Backoff::default(),
+            metrics: Default::default(),
             shutdown_grace: Duration::from_secs(1),
         }
     }

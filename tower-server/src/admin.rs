@@ -1,5 +1,6 @@
 //! The admin listener (plain HTTP): `/healthz`, `/readyz`, `/metrics`, `GET /v1/clusters`,
-//! and `GET /v1/clusters/{name}/agent.yaml`.
+//! `GET /v1/clusters/{name}/agent.yaml`, and the status page (`/`, `/clusters/{name}`,
+//! see [`crate::dashboard`]).
 //!
 //! It listens on the pod's address, for the kubelet's probes and Prometheus: health,
 //! readiness, metrics and the cluster table's summary (name, connected, since, the
@@ -29,6 +30,10 @@ pub(crate) struct Admin {
     pub(crate) metrics: MetricsRegistry,
     pub(crate) draining: CancellationToken,
     pub(crate) manifests: Manifests,
+    /// The figures of the last minutes, for the status page.
+    pub(crate) history: Arc<crate::history::History>,
+    /// This replica's id.
+    pub(crate) server_id: String,
 }
 
 /// What agent.yaml is made from.
@@ -105,6 +110,11 @@ impl Admin {
                 );
                 response
             }
+            "/" => self.status_page(&req, peer, None),
+            path if path.starts_with("/clusters/") => {
+                let name = &path["/clusters/".len()..];
+                self.status_page(&req, peer, Some(name))
+            }
             path => match path
                 .strip_prefix("/v1/clusters/")
                 .and_then(|rest| rest.strip_suffix("/agent.yaml"))
@@ -122,7 +132,7 @@ impl Admin {
                 },
                 None => text(
                     StatusCode::NOT_FOUND,
-                    "admin endpoints: /healthz /readyz /metrics /v1/clusters /v1/clusters/{name}/agent.yaml",
+                    "admin endpoints: / (status page) /clusters/{name} /healthz /readyz /metrics /v1/clusters /v1/clusters/{name}/agent.yaml",
                 ),
             },
         }
@@ -130,6 +140,57 @@ impl Admin {
 }
 
 impl Admin {
+    /// The status page: every cluster (`only` = `None`) or one. Open, like the summary of
+    /// `/v1/clusters` and `/metrics`; with a token (sent by the page's script), an admin
+    /// on loopback also sees the agents' versions, and anyone else the reason not.
+    fn status_page(
+        &self,
+        req: &Request<Incoming>,
+        peer: Peer,
+        only: Option<&str>,
+    ) -> Response<Body> {
+        let admin = req.headers().contains_key(header::AUTHORIZATION);
+        if admin && let Err((code, message)) = self.manifests.authorize(req, peer, "agent versions")
+        {
+            return text(code, message);
+        }
+        let ctx = crate::dashboard::Context {
+            server_id: &self.server_id,
+            now: std::time::SystemTime::now(),
+            admin,
+        };
+        let rows = crate::dashboard::rows(&self.registry, &self.history, only, admin);
+        let (code, html) = match only {
+            None => (StatusCode::OK, crate::dashboard::overview(&ctx, &rows)),
+            Some(name) => match rows.first() {
+                Some(row) => (
+                    StatusCode::OK,
+                    crate::dashboard::cluster(&ctx, row, &self.history.points(name)),
+                ),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    crate::dashboard::not_found(&ctx, name),
+                ),
+            },
+        };
+        let mut response = Response::new(full(html));
+        *response.status_mut() = code;
+        let headers = response.headers_mut();
+        for (name, value) in [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ] {
+            headers.insert(name, header::HeaderValue::from_static(value));
+        }
+        if let Ok(csp) = header::HeaderValue::from_str(&crate::dashboard::CSP) {
+            headers.insert(header::CONTENT_SECURITY_POLICY, csp);
+        }
+        response
+    }
+
     /// agent.yaml for `name`, for a caller whose user token puts it in the admin group:
     /// the file holds the jwtSecret, so it is as sensitive as the secret itself.
     async fn agent_yaml(

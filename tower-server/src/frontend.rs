@@ -32,7 +32,7 @@ use tower_tunnel::watch_end::{EndOnSignal, Framer};
 use tower_tunnel::{TunnelError, TunnelStream};
 
 use crate::idle::{Activity, IdleBody, Unread, unless_idle};
-use crate::metrics::{DirectionLabels, Metrics};
+use crate::metrics::{ClusterMetrics, DirectionLabels, Metrics};
 use crate::registry::{Lookup, Registry};
 use crate::status::{Body, BoxError, failure};
 
@@ -47,6 +47,8 @@ pub(crate) struct CallerAuth {
     /// Bearer tokens this host did not sign go to the member as they are
     /// (`--pass-through-unknown-tokens`).
     pub(crate) pass_through: bool,
+    /// With `--kubernetes`: the host's KubeSphere Users, against which callers resolve.
+    pub(crate) users: Option<Arc<crate::users::KubeSphereUsers>>,
 }
 
 /// Who is calling, as far as this server can tell.
@@ -175,12 +177,19 @@ impl Frontend {
         req: Request<Incoming>,
         remote: std::net::SocketAddr,
     ) -> Response<Body> {
+        let started = std::time::Instant::now();
         let in_flight = InFlight::new(self.metrics.clone());
         let unread = req.extensions().get::<Unread>().cloned();
-        let (response, slot) = match self.route(req, remote).await {
+        // Set once the path names a cluster the registry knows: other names count only
+        // in the totals, so they never make a series.
+        let mut cluster = None;
+        let (response, slot) = match self.route(req, remote, &mut cluster).await {
             Ok(routed) => routed,
             Err(e) => (e.response(), None),
         };
+        if let Some(cluster) = &cluster {
+            cluster.observe(response.status().as_u16(), started.elapsed());
+        }
         // A caller that stops reading stops hyper polling the body, and so the body's own
         // idle timer: its connection watches for that apart, and closes.
         if let (Some(slots), Some(unread)) = (&slot, unread) {
@@ -199,6 +208,9 @@ impl Frontend {
                             direction: "response",
                         })
                         .inc_by(data.len() as u64);
+                    if let Some(cluster) = &cluster {
+                        cluster.count_bytes(false, data.len());
+                    }
                 }
                 frame
             })
@@ -211,8 +223,11 @@ impl Frontend {
         &self,
         mut req: Request<Incoming>,
         remote: std::net::SocketAddr,
+        cluster: &mut Option<Arc<ClusterMetrics>>,
     ) -> Result<(Response<Body>, Option<Slots>), ProxyError> {
         let route = Route::parse(req.uri())?;
+        *cluster = self.registry.metrics_of(&route.cluster);
+        let cluster = cluster.clone();
         let token = tower_auth::bearer(
             req.headers()
                 .get(header::AUTHORIZATION)
@@ -221,9 +236,18 @@ impl Frontend {
         );
         let caller = match token
             .ok_or(AuthError::Missing)
-            .and_then(|token| self.auth.verifier.verify_user(token))
+            .and_then(|token| self.auth.verifier.verify_user_issued(token))
         {
-            Ok(identity) => Caller::User(identity),
+            Ok((identity, tower_issued)) => match &self.auth.users {
+                None => Caller::User(identity),
+                Some(users) => match users.resolve(identity, tower_issued) {
+                    Ok(identity) => Caller::User(identity),
+                    Err(e @ crate::users::Refused::NotReady(_)) => {
+                        return Err(ProxyError::Unavailable(e.to_string()));
+                    }
+                    Err(e) => return Err(ProxyError::Unauthorized(e.to_string())),
+                },
+            },
             Err(e) if self.auth.pass_through && not_signed_here(&e) => {
                 Caller::PassThrough(pass_through_key(token.unwrap_or_default()))
             }
@@ -304,6 +328,9 @@ impl Frontend {
                             direction: "request",
                         })
                         .inc_by(data.len() as u64);
+                    if let Some(cluster) = &cluster {
+                        cluster.count_bytes(true, data.len());
+                    }
                 }
                 frame
             })

@@ -15,7 +15,9 @@ mod agents;
 pub mod cli;
 pub mod cluster_spec;
 pub mod connections;
+mod dashboard;
 mod frontend;
+pub mod history;
 pub mod http2;
 mod idle;
 pub mod ks_endpoint;
@@ -28,6 +30,7 @@ pub mod pki;
 pub mod platform;
 pub mod registry;
 mod status;
+pub mod users;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -261,6 +264,15 @@ pub async fn run(
             controller_stop.clone(),
         ))
     });
+    let users = kube.as_ref().map(|(client, _)| {
+        let users = Arc::new(users::KubeSphereUsers::default());
+        tokio::spawn(
+            users
+                .clone()
+                .follow(client.clone(), controller_stop.clone()),
+        );
+        users
+    });
     let server_count = Arc::new(std::sync::atomic::AtomicU16::new(config.server_count));
     let replica_counter = match (&kube, &config.server_count_from) {
         (Some((client, namespace)), Some(deployment)) => {
@@ -280,6 +292,13 @@ pub async fn run(
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut metrics_registry);
     let draining = CancellationToken::new();
+    metrics_registry
+        .sub_registry_with_prefix("tower")
+        .register_collector(Box::new(metrics::ClusterCollector {
+            registry: registry.clone(),
+            draining: draining.clone(),
+        }));
+    let history = Arc::new(history::History::default());
     let sessions = TaskTracker::new();
 
     let agents = Arc::new(agents::Acceptor {
@@ -307,6 +326,7 @@ pub async fn run(
             verifier: verifier.clone(),
             asserter: tower_auth::identity::Asserter::new(&config.secret),
             pass_through: config.pass_through_unknown_tokens,
+            users: users.clone(),
         },
         metrics.clone(),
         config.server_id.clone(),
@@ -329,6 +349,8 @@ pub async fn run(
             kube: kube.clone(),
             admin_group: config.admin_group.clone(),
         },
+        history: history.clone(),
+        server_id: config.server_id.clone(),
     });
 
     let stop_accepting = CancellationToken::new();
@@ -434,6 +456,21 @@ pub async fn run(
     // The admin listener stays up while the server drains: /readyz answers 503 with the
     // reason (rather than refusing connections) and /metrics can still be scraped.
     let admin_stop = CancellationToken::new();
+    // Samples every cluster's figures for the status page's rates and charts.
+    let sampler = {
+        let (registry, stop) = (registry.clone(), admin_stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(history::SAMPLE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => history.sample(&registry),
+                }
+            }
+        })
+    };
     let admin_loop = tokio::spawn(serve(
         listeners.admin,
         None,
@@ -480,6 +517,7 @@ pub async fn run(
     }
     admin_stop.cancel();
     let _ = admin_loop.await;
+    let _ = sampler.await;
     Ok(())
 }
 

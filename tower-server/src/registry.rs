@@ -13,6 +13,7 @@ use tower_proto::names::validate_cluster_name;
 use tower_tunnel::SessionHandle;
 
 use crate::http2::Http2Channel;
+use crate::metrics::ClusterMetrics;
 
 /// One entry of a `--clusters` file.
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +187,10 @@ pub struct Registry {
     /// The last second agent refused per cluster while its live tunnel answered, until a
     /// tunnel is accepted for it again.
     conflicts: RwLock<HashMap<String, Conflict>>,
+    /// The figures of every cluster the registry knows (the names `status` lists): made
+    /// when a cluster registers, dropped when it goes, so the per-cluster series are
+    /// bounded by the registry, never by what callers ask for.
+    metrics: RwLock<HashMap<String, Arc<ClusterMetrics>>>,
 }
 
 /// A second agent refused for a cluster whose live tunnel answered a ping.
@@ -233,6 +238,7 @@ impl Registry {
             // Only Kubernetes has to list its clusters before it knows them.
             synced: AtomicBool::new(source != Source::Kubernetes),
             conflicts: RwLock::new(HashMap::new()),
+            metrics: RwLock::new(HashMap::new()),
         })
     }
 
@@ -294,6 +300,7 @@ impl Registry {
         let tunnel = read(&self.tunnels).get(name).cloned();
         let changed =
             write(&self.allowed).insert(name.to_owned(), entry.clone()) != Some(entry.clone());
+        self.ensure_metrics(name);
         if let Some(tunnel) = tunnel.filter(|t| !entry.is_current(&t.token)) {
             match &entry.token {
                 Some(token) if entry.is_previous(&tunnel.token) => {
@@ -319,6 +326,7 @@ impl Registry {
     pub fn forget(&self, name: &str) {
         let was = write(&self.allowed).remove(name).is_some();
         write(&self.seen).remove(name);
+        write(&self.metrics).remove(name);
         if let Some(tunnel) = read(&self.tunnels).get(name) {
             tracing::info!(cluster = %name, tunnel = tunnel.id, "the cluster is no longer registered: closing its tunnel");
             tunnel.session.close();
@@ -374,6 +382,11 @@ impl Registry {
         let before = !write(&self.seen).insert(name.to_owned());
         write(&self.conflicts).remove(name);
         let old = write(&self.tunnels).insert(name.to_owned(), tunnel);
+        // With no list of clusters, a cluster registers with its first tunnel (whose
+        // token was verified); otherwise it registered already.
+        if self.source == Source::Open || read(&self.allowed).contains_key(name) {
+            self.ensure_metrics(name).state_changed();
+        }
         self.changed.notify_waiters();
         (old, before)
     }
@@ -390,9 +403,43 @@ impl Registry {
             }
         };
         if removed {
+            if let Some(metrics) = read(&self.metrics).get(name) {
+                metrics.state_changed();
+            }
             self.changed.notify_waiters();
         }
         removed
+    }
+
+    /// The figures of `name`, when the registry knows it.
+    pub fn metrics_of(&self, name: &str) -> Option<Arc<ClusterMetrics>> {
+        read(&self.metrics).get(name).cloned()
+    }
+
+    /// Every known cluster's figures, sorted by name.
+    pub fn cluster_metrics(&self) -> Vec<(String, Arc<ClusterMetrics>)> {
+        let mut all: Vec<_> = read(&self.metrics)
+            .iter()
+            .map(|(name, m)| (name.clone(), m.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Whether `name` had a tunnel to this replica since it registered (or this process
+    /// started).
+    pub fn ever_connected(&self, name: &str) -> bool {
+        read(&self.seen).contains(name)
+    }
+
+    fn ensure_metrics(&self, name: &str) -> Arc<ClusterMetrics> {
+        if let Some(metrics) = read(&self.metrics).get(name) {
+            return metrics.clone();
+        }
+        write(&self.metrics)
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Whether `name` has a live tunnel on this replica.

@@ -31,6 +31,10 @@ use serde_json::Value;
 const NAMESPACE: &str = "ke-system";
 /// Deliberately left out of the kustomization (it would patch KubeSphere's own CRD).
 const CRD_FILE: &str = "crd-cluster.yaml";
+/// Alert rules: the PrometheusRule needs the Prometheus Operator's CRD, so it is applied on
+/// its own, not by the kustomization; the plain rules file and its promtool tests are not
+/// Kubernetes objects (tests/tests/alerts.rs checks them with promtool).
+const MONITORING_DIR: &str = "monitoring/";
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -139,6 +143,10 @@ struct Objects {
     network_policies: Vec<NetworkPolicy>,
     /// Kustomization documents, untyped (k8s-openapi has no type for them).
     kustomizations: Vec<Value>,
+    /// PrometheusRule documents, untyped (no type in k8s-openapi either).
+    prometheus_rules: Vec<Value>,
+    /// PodMonitor documents (the Prometheus Operator's), untyped.
+    pod_monitors: Vec<Value>,
     /// For each object, its kind, name and namespace (None for cluster-scoped kinds).
     identities: Vec<(String, String, Option<String>)>,
 }
@@ -146,6 +154,13 @@ struct Objects {
 impl Objects {
     /// Adds one document; panics on a kind this test does not know.
     fn add(&mut self, document: &Value, origin: &str) {
+        // A Prometheus rules file (`groups`) or promtool's tests of one (`rule_files`):
+        // not Kubernetes objects.
+        if document.get("kind").is_none()
+            && (document.get("groups").is_some() || document.get("rule_files").is_some())
+        {
+            return;
+        }
         let api_version = document["apiVersion"].as_str().unwrap_or_default();
         let kind = document["kind"]
             .as_str()
@@ -187,6 +202,15 @@ impl Objects {
             ("kustomize.config.k8s.io/v1beta1", "Kustomization") => {
                 self.kustomizations.push(document.clone())
             }
+            ("monitoring.coreos.com/v1", "PrometheusRule") => {
+                let keys: Vec<&String> = document["spec"]
+                    .as_object()
+                    .map(|spec| spec.keys().collect())
+                    .unwrap_or_default();
+                assert_eq!(keys, ["groups"], "{origin}: spec holds only groups");
+                self.prometheus_rules.push(document.clone())
+            }
+            ("monitoring.coreos.com/v1", "PodMonitor") => self.pod_monitors.push(document.clone()),
             _ => panic!(
                 "{origin}: {api_version} {kind} is not a kind this test knows; teach it \
                  (deserialize it strictly) before shipping it"
@@ -228,7 +252,12 @@ fn load(dir: &Path) -> (Objects, BTreeMap<String, Vec<String>>) {
         let mut kinds = Vec::new();
         for (index, document) in docs.iter().enumerate() {
             objects.add(document, &format!("{relative} document {index}"));
-            kinds.push(document["kind"].as_str().unwrap_or_default().to_owned());
+            kinds.push(
+                document["kind"]
+                    .as_str()
+                    .unwrap_or("PrometheusRules")
+                    .to_owned(),
+            );
         }
         kinds_by_file.insert(relative, kinds);
     }
@@ -361,12 +390,48 @@ fn kustomization_lists_every_host_manifest_but_the_crd() {
         .collect();
     let expected: BTreeSet<String> = manifests
         .into_iter()
-        .filter(|file| file != CRD_FILE)
+        .filter(|file| file != CRD_FILE && !file.starts_with(MONITORING_DIR))
         .collect();
     assert_eq!(resources, expected, "kustomization.yaml resources");
     assert!(
         kinds_by_file.contains_key(CRD_FILE),
         "{CRD_FILE} ships beside them"
+    );
+    // The alert rules and the scrape configuration ship beside them too, applied on
+    // their own. The PodMonitor scrapes the tower pods' admin port, where /metrics is.
+    assert_eq!(objects.prometheus_rules.len(), 1, "one PrometheusRule");
+    assert_eq!(objects.pod_monitors.len(), 1, "one PodMonitor");
+    let monitor = &objects.pod_monitors[0];
+    let pod = tower_pod(&objects);
+    let pod_labels: BTreeMap<String, String> = objects
+        .deployment("tower")
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .expect("pod labels");
+    let selector: BTreeMap<String, String> =
+        serde_json::from_value(monitor["spec"]["selector"]["matchLabels"].clone())
+            .expect("matchLabels");
+    assert!(
+        labels_match(&selector, &pod_labels),
+        "the PodMonitor selects the tower pods"
+    );
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["path"], "/metrics");
+    let port = endpoint["port"].as_str().expect("port name");
+    let container = tower_container(pod);
+    let admin = container
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(port))
+        .unwrap_or_else(|| panic!("no container port {port:?}"));
+    assert_eq!(admin.container_port, 9090, "the admin listener");
+    assert_eq!(
+        kinds_by_file.get("monitoring/prometheusrule.yaml"),
+        Some(&vec!["PrometheusRule".to_owned()])
     );
 
     // The image the kustomization rewrites is the one the Deployment names.

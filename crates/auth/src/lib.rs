@@ -233,7 +233,14 @@ pub struct UserClaims {
     /// Audience; a user token must not carry the agent's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<Audience>,
+    /// Issuer: KubeSphere writes `kubesphere`; tokens Tower mints say [`TOWER_ISSUER`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
 }
+
+/// The `iss` of user tokens Tower mints itself (`tower-server user-token`, kubeconfigs):
+/// their claims stand where KubeSphere's tokens are resolved against its Users.
+pub const TOWER_ISSUER: &str = "tower";
 
 /// Who a verified user token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -261,6 +268,8 @@ pub struct Verifier {
 #[derive(Clone)]
 struct VerifiedUser {
     identity: Identity,
+    /// Whether Tower minted it (`iss` [`TOWER_ISSUER`]).
+    tower_issued: bool,
     /// Unix seconds: its `exp`, or the end of its time in the cache if sooner.
     valid_until: u64,
     /// Whether `valid_until` is the token's own `exp` (then it is refused past it).
@@ -321,13 +330,19 @@ impl Verifier {
 
     /// Verifies a user token and returns who it speaks for.
     pub fn verify_user(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify_user_issued(token).map(|(identity, _)| identity)
+    }
+
+    /// Verifies a user token and returns who it speaks for, and whether Tower minted it
+    /// (`iss` [`TOWER_ISSUER`]).
+    pub fn verify_user_issued(&self, token: &str) -> Result<(Identity, bool), AuthError> {
         let token = token.trim();
         let now = now();
         {
             let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(hit) = users.get(token) {
                 if now < hit.valid_until {
-                    return Ok(hit.identity.clone());
+                    return Ok((hit.identity.clone(), hit.tower_issued));
                 }
                 let expired = hit.expires;
                 users.remove(token);
@@ -337,7 +352,7 @@ impl Verifier {
                 // Remembered long enough: verified again below.
             }
         }
-        let (identity, exp) = self.verify_user_uncached(token)?;
+        let (identity, exp, tower_issued) = self.verify_user_uncached(token)?;
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         if users.len() >= USER_CACHE_CAPACITY {
             users.clear();
@@ -348,14 +363,18 @@ impl Verifier {
             token.to_owned(),
             VerifiedUser {
                 identity: identity.clone(),
+                tower_issued,
                 valid_until: exp.unwrap_or(remember_until).min(remember_until),
                 expires: exp.is_some(),
             },
         );
-        Ok(identity)
+        Ok((identity, tower_issued))
     }
 
-    fn verify_user_uncached(&self, token: &str) -> Result<(Identity, Option<u64>), AuthError> {
+    fn verify_user_uncached(
+        &self,
+        token: &str,
+    ) -> Result<(Identity, Option<u64>, bool), AuthError> {
         let value = match self.decode(token) {
             // An agent token is signed with its cluster's key: say what it is.
             Err(AuthError::BadSignature) if is_agent_token(token) => {
@@ -394,6 +413,7 @@ impl Verifier {
                 groups: claims.groups,
             },
             claims.exp,
+            claims.iss.as_deref() == Some(TOWER_ISSUER),
         ))
     }
 
@@ -554,6 +574,7 @@ impl Minter {
             token_type: Some(ACCESS_TOKEN.to_owned()),
             iat: Some(iat),
             exp: ttl.map(|t| iat.saturating_add(t.as_secs())),
+            iss: Some(TOWER_ISSUER.to_owned()),
             ..UserClaims::default()
         };
         self.sign(&claims)

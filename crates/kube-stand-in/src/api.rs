@@ -16,6 +16,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use serde_json::{Value, json};
 
 use crate::StreamGuard;
+use crate::negotiate::{self, Output};
 use crate::rbac::{self, Attributes};
 use crate::status::ApiError;
 use crate::store::{Filter, PatchKind, Resource, Since, Target};
@@ -37,9 +38,10 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed_unsync()
 }
 
-/// A JSON response.
+/// A JSON response, as the apiserver's `SerializeObject` writes it (gzipped when large).
 pub(crate) fn json_response(code: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(full(body));
+    resp.extensions_mut().insert(negotiate::Serialized);
     *resp.status_mut() = code;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -48,6 +50,16 @@ pub(crate) fn json_response(code: StatusCode, body: impl Into<Bytes>) -> Respons
     resp.headers_mut().insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache, private"),
+    );
+    resp
+}
+
+/// A protobuf response (`application/vnd.kubernetes.protobuf`), gzipped when large.
+fn protobuf_response(code: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut resp = json_response(code, body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(negotiate::PROTOBUF),
     );
     resp
 }
@@ -171,7 +183,10 @@ pub(crate) async fn handle(
         version: req.version(),
         user: None,
         groups: Vec::new(),
+        accept: header_str(headers, "accept").map(str::to_owned),
+        accept_encoding: header_str(headers, "accept-encoding").map(str::to_owned),
     };
+    let gzip = negotiate::accepts_gzip(headers);
     let record = |call: Call| {
         tracing::debug!(method = %call.method, path = %call.path_and_query,
             credential = %call.credential, user = ?call.user, "request");
@@ -218,10 +233,16 @@ pub(crate) async fn handle(
     if !decision.allowed {
         return error_response(&rbac::forbidden(&user.name, &attributes, &decision.reason));
     }
-    match route(&shared, user, req, query).await {
+    let mut resp = match route(&shared, user, req, query).await {
         Ok(resp) => resp,
         Err(err) => error_response(&err),
+    };
+    if gzip && negotiate::gzip_if_large(&mut resp) {
+        shared
+            .gzipped
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
+    resp
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -423,7 +444,16 @@ async fn collection(
             )?;
             let as_table = header_str(req.headers(), "accept").is_some_and(table::wants_table);
             let include = IncludeObject::from_query(query.get("includeObject"));
-            if watch_path || query.flag("watch") {
+            let watching = watch_path || query.flag("watch");
+            let output = if as_table {
+                Output::Json
+            } else {
+                negotiate::output(
+                    header_str(req.headers(), "accept"),
+                    protobuf::writes(resource.api_version(), resource.kind()),
+                )?
+            };
+            if watching {
                 // `sendInitialEvents=true` (the watch-list protocol): the current state as
                 // ADDED events, then a bookmark marking their end.
                 let initial_events = query.flag("sendInitialEvents");
@@ -445,6 +475,7 @@ async fn collection(
                     include,
                     initial_events_end_bookmark: initial_events
                         && query.flag("allowWatchBookmarks"),
+                    output,
                 };
                 return Ok(watch::serve(shared, resource, filter, options));
             }
@@ -456,6 +487,22 @@ async fn collection(
                     .collect();
                 let t = table::table(resource, &objects, &rv.to_string(), true, include);
                 return Ok(json_response(StatusCode::OK, t.to_string()));
+            }
+            if output == Output::Protobuf {
+                let objects = items
+                    .iter()
+                    .map(|item| serde_json::from_slice(item))
+                    .collect::<Result<Vec<Value>, _>>()
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                let body = protobuf::encode_list(
+                    resource.api_version(),
+                    &resource.list_kind(),
+                    resource.kind(),
+                    &rv.to_string(),
+                    &objects,
+                )
+                .map_err(ApiError::internal)?;
+                return Ok(protobuf_response(StatusCode::OK, body));
             }
             Ok(list_response(resource, rv, items))
         }
@@ -505,6 +552,7 @@ fn list_response(resource: Resource, rv: u64, items: Vec<Bytes>) -> Response<Bod
         .chain(std::iter::once(Bytes::from_static(b"]}")))
         .map(|b| Ok::<_, Infallible>(Frame::data(b)));
     let mut resp = Response::new(StreamBody::new(futures::stream::iter(frames)).boxed_unsync());
+    resp.extensions_mut().insert(negotiate::Serialized);
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -539,6 +587,16 @@ async fn object(
                 let include = IncludeObject::from_query(query.get("includeObject"));
                 let t = table::table(resource, &[object], &rv, true, include);
                 return Ok(json_response(StatusCode::OK, t.to_string()));
+            }
+            let output = negotiate::output(
+                header_str(req.headers(), "accept"),
+                protobuf::writes(resource.api_version(), resource.kind()),
+            )?;
+            if output == Output::Protobuf {
+                let object: Value =
+                    serde_json::from_slice(&json).map_err(|e| ApiError::internal(e.to_string()))?;
+                let body = protobuf::encode(&object).map_err(ApiError::internal)?;
+                return Ok(protobuf_response(StatusCode::OK, body));
             }
             Ok(json_response(StatusCode::OK, json))
         }
@@ -707,7 +765,10 @@ fn pod_subresource(
                 exec_ws::serve(shared, req, command, user, files, streams)
             } else if upgrade.starts_with("spdy/") {
                 let hold = StreamGuard::new(shared);
-                Ok(spdy::exec(req, command, user, files, hold).map(BodyExt::boxed_unsync))
+                Ok(
+                    spdy::exec(req, command, user, files, shared.resizes.clone(), hold)
+                        .map(BodyExt::boxed_unsync),
+                )
             } else {
                 Err(ApiError::bad_request("Upgrade request required"))
             }

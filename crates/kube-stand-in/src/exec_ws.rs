@@ -30,6 +30,7 @@ const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
 const ERROR: u8 = 3;
+const RESIZE: u8 = 4;
 const CLOSE: u8 = 255;
 
 /// How long to wait for the client's close frame after sending ours.
@@ -156,7 +157,7 @@ async fn session(
     let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
     let (stdout_tx, mut stdout_rx) = mpsc::channel::<Bytes>(16);
     let (stderr_tx, mut stderr_rx) = mpsc::channel::<Bytes>(16);
-    let _ = streams.tty;
+    let mut resize = crate::tty::ResizeReader::new(crate::ExecTransport::WebSocket);
 
     let finished = {
         // Client → stdin. Ends when the client closes stdin (v5) or the connection.
@@ -177,7 +178,11 @@ async fn session(
                         }
                     }
                     (Some(&CLOSE), Some(&STDIN)) if v5 => stdin_tx = None,
-                    // Resize and anything else: nothing to do for a simulated process.
+                    // A TTY's resize channel; without a TTY the runtime reads none.
+                    (Some(&RESIZE), _) if streams.tty => {
+                        resize.feed(&shared.resizes, &data[1..]);
+                    }
+                    // Anything else: nothing to do for a simulated process.
                     _ => {}
                 }
             }

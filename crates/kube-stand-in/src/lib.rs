@@ -11,9 +11,16 @@
 //!   (merged like a merge patch, without field ownership), delete, server-side `Table`
 //!   printing, and watches that replay an in-memory history and then fan out live
 //!   events from one broadcast channel. No services or clusters are seeded;
+//! * content negotiation (module `negotiate`): `configmaps` and `secrets` are answered in
+//!   protobuf (`application/vnd.kubernetes.protobuf`, watches `…;stream=watch`: length-
+//!   prefixed `WatchEvent`s) to a client that asks for it, as client-go's informers do;
+//!   other kinds in JSON, or 406 to a client that takes no JSON. Objects, lists and errors
+//!   larger than 128 KiB are gzipped for a client that sends `Accept-Encoding: gzip` (as
+//!   kubectl does), never watches; [`StandIn::gzipped_responses`] counts them;
 //! * pod logs (`follow` streams a line every 100 ms), exec and attach over WebSocket
 //!   (`v5.channel.k8s.io`, `v4.channel.k8s.io`) running [`command::run_command`], and the
-//!   SPDY upgrades (exec, port-forward) handed to [`spdy`];
+//!   SPDY upgrades (exec, port-forward) handed to [`spdy`]; a TTY's resize messages (WebSocket
+//!   channel 4, SPDY's `resize` stream) are recorded ([`StandIn::terminal_resizes`]);
 //! * a small in-memory filesystem per pod ([`files::PodFiles`]), shared by every exec into
 //!   it, that the simulated `tar` reads and writes, so `kubectl cp` works both ways;
 //! * a seeded namespace `bulk` whose configmaps total more than 55 MB, and
@@ -72,6 +79,7 @@ mod discovery;
 mod exec_ws;
 pub mod files;
 mod logs;
+mod negotiate;
 mod openapi;
 mod protobuf;
 mod rbac;
@@ -81,6 +89,8 @@ pub mod status;
 mod store;
 mod table;
 mod tls;
+mod tty;
+pub use tty::Resizes;
 mod watch;
 
 pub use auth::ADMIN_USER;
@@ -122,6 +132,31 @@ pub struct Call {
     pub user: Option<String>,
     /// That user's groups (including `system:authenticated` or `system:unauthenticated`).
     pub groups: Vec<String>,
+    /// The `Accept` header, if any.
+    pub accept: Option<String>,
+    /// The `Accept-Encoding` header, if any.
+    pub accept_encoding: Option<String>,
+}
+
+/// How an exec or attach session reached the stand-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecTransport {
+    /// WebSocket (`v5.channel.k8s.io` or `v4.channel.k8s.io`): resizes on channel 4.
+    WebSocket,
+    /// SPDY/3.1: resizes on the stream whose `streamType` is `resize`.
+    Spdy,
+}
+
+/// A terminal size a TTY session's client sent, as the kubelet reads it: a JSON
+/// `{"Width":…,"Height":…}`; sizes with a zero side are ignored, as the kubelet does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalResize {
+    /// Which transport carried it.
+    pub transport: ExecTransport,
+    /// Columns.
+    pub width: u16,
+    /// Rows.
+    pub height: u16,
 }
 
 /// Which credential [`StandIn::kubeconfig_yaml`] embeds.
@@ -155,6 +190,10 @@ pub(crate) struct Shared {
     pub(crate) available: AtomicBool,
     /// Connections closed at once because the stand-in was unavailable.
     pub(crate) refused: AtomicU64,
+    /// Responses sent gzipped.
+    pub(crate) gzipped: AtomicU64,
+    /// Every terminal size TTY sessions received, in order.
+    pub(crate) resizes: Resizes,
 }
 
 /// Counts an open long-lived stream (watch, log follow, exec session) while alive.
@@ -250,6 +289,8 @@ impl StandIn {
             connections: Arc::new(connections::Connections::default()),
             available: AtomicBool::new(true),
             refused: AtomicU64::new(0),
+            gzipped: AtomicU64::new(0),
+            resizes: Resizes::default(),
         });
         shared
             .tracker
@@ -345,6 +386,16 @@ impl StandIn {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// How many responses were sent gzipped (larger than 128 KiB, to a client that asked).
+    pub fn gzipped_responses(&self) -> u64 {
+        self.shared.gzipped.load(Ordering::SeqCst)
+    }
+
+    /// Every terminal size that TTY exec and attach sessions received, in order.
+    pub fn terminal_resizes(&self) -> Vec<TerminalResize> {
+        self.shared.resizes.all()
     }
 
     /// How many long-lived streams (watches, followed logs, exec sessions) are open now.

@@ -1,7 +1,9 @@
 //! Just enough of Kubernetes' protobuf encoding (`application/vnd.kubernetes.protobuf`) to
 //! read what kubectl's typed clients send: `kubectl create token` (a TokenRequest), the
 //! generators `kubectl create configmap|secret generic|serviceaccount|role|clusterrole|
-//! rolebinding|clusterrolebinding`, and `kubectl auth whoami|can-i`.
+//! rolebinding|clusterrolebinding`, and `kubectl auth whoami|can-i`; and to write what a
+//! client-go informer asks for with protobuf: ConfigMaps and Secrets, one or a list, and
+//! their watch events ([`watch_event`]).
 //!
 //! A body is the magic `k8s\0` followed by a `runtime.Unknown` message (`typeMeta` = 1 with
 //! `apiVersion` = 1 and `kind` = 2, `raw` = 2) whose `raw` is the object
@@ -10,6 +12,12 @@
 //! (core/v1, rbac/v1, authentication/v1, authorization/v1) and of apimachinery's meta/v1 `ObjectMeta`, checked
 //! against what kubectl 1.32 sends (`kubectl -v=8`). Fields the stand-in does not model are
 //! skipped; empty strings are left out, as JSON's `omitempty` would.
+//!
+//! Writing is strict the other way: a field of a stored object that its schema lacks is an
+//! error, never silently dropped ([`encode`]). Fields are written in field-number order and
+//! map entries sorted by key, as gogo-protobuf's generated marshallers do; what the JSON
+//! object leaves out is left out (gogo writes every non-pointer field, empty or not, but a
+//! proto2 reader takes an absent field for its zero value: the object read is the same).
 
 use serde_json::{Map, Value, json};
 
@@ -101,8 +109,13 @@ fn unwrap(body: &[u8]) -> Result<(String, String, &[u8]), String> {
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     Str,
+    /// An `int64` behind a pointer (`*int64`): present in JSON whenever set, zero included.
     Int,
+    /// A plain `int64` with `omitempty` (`generation`): zero is left out of JSON.
+    Count,
     Bool,
+    /// `metav1.Time`: the message `{seconds = 1, nanos = 2}`; RFC 3339 (seconds) in JSON.
+    Time,
     Message(&'static [Spec]),
     /// `map<string, string>` (repeated entries with `key` = 1, `value` = 2).
     MapStr,
@@ -113,12 +126,56 @@ enum Kind {
 /// One field of a schema: number, JSON name, kind, repeated.
 type Spec = (u64, &'static str, Kind, bool);
 
+/// apimachinery's meta/v1 `OwnerReference`.
+const OWNER_REFERENCE: &[Spec] = &[
+    (1, "kind", Kind::Str, false),
+    (3, "name", Kind::Str, false),
+    (4, "uid", Kind::Str, false),
+    (5, "apiVersion", Kind::Str, false),
+    (6, "controller", Kind::Bool, false),
+    (7, "blockOwnerDeletion", Kind::Bool, false),
+];
+/// apimachinery's meta/v1 `ObjectMeta` (staging/src/k8s.io/apimachinery/pkg/apis/meta/v1/
+/// generated.proto), without `managedFields` (17), which the stand-in never writes.
 const OBJECT_META: &[Spec] = &[
     (1, "name", Kind::Str, false),
     (2, "generateName", Kind::Str, false),
     (3, "namespace", Kind::Str, false),
+    (4, "selfLink", Kind::Str, false),
+    (5, "uid", Kind::Str, false),
+    (6, "resourceVersion", Kind::Str, false),
+    (7, "generation", Kind::Count, false),
+    (8, "creationTimestamp", Kind::Time, false),
+    (9, "deletionTimestamp", Kind::Time, false),
+    (10, "deletionGracePeriodSeconds", Kind::Int, false),
     (11, "labels", Kind::MapStr, false),
     (12, "annotations", Kind::MapStr, false),
+    (13, "ownerReferences", Kind::Message(OWNER_REFERENCE), true),
+    (14, "finalizers", Kind::Str, true),
+];
+/// meta/v1 `ListMeta`.
+const LIST_META: &[Spec] = &[
+    (1, "selfLink", Kind::Str, false),
+    (2, "resourceVersion", Kind::Str, false),
+    (3, "continue", Kind::Str, false),
+    (4, "remainingItemCount", Kind::Int, false),
+];
+/// meta/v1 `StatusDetails` (its `causes` are not modelled).
+const STATUS_DETAILS: &[Spec] = &[
+    (1, "name", Kind::Str, false),
+    (2, "group", Kind::Str, false),
+    (3, "kind", Kind::Str, false),
+    (5, "retryAfterSeconds", Kind::Int, false),
+    (6, "uid", Kind::Str, false),
+];
+/// meta/v1 `Status`: the object of a watch's ERROR event.
+const STATUS: &[Spec] = &[
+    (1, "metadata", Kind::Message(LIST_META), false),
+    (2, "status", Kind::Str, false),
+    (3, "message", Kind::Str, false),
+    (4, "reason", Kind::Str, false),
+    (5, "details", Kind::Message(STATUS_DETAILS), false),
+    (6, "code", Kind::Int, false),
 ];
 const CONFIG_MAP: &[Spec] = &[
     (1, "metadata", Kind::Message(OBJECT_META), false),
@@ -280,7 +337,14 @@ fn message(bytes: &[u8], schema: &[Spec]) -> Result<Map<String, Value>, String> 
             }
             // int64 on the wire: two's complement in 64 bits.
             (Kind::Int, Field::Varint(v)) => json!(i64::from_ne_bytes(v.to_ne_bytes())),
+            (Kind::Count, Field::Varint(0)) => continue,
+            (Kind::Count, Field::Varint(v)) => json!(i64::from_ne_bytes(v.to_ne_bytes())),
             (Kind::Bool, Field::Varint(v)) => Value::Bool(v != 0),
+            // The zero time (an empty message, as kubectl sends it) is JSON's null: absent.
+            (Kind::Time, Field::Bytes(b)) => match time_seconds(b)? {
+                0 => continue,
+                seconds => Value::String(crate::clock::format_rfc3339(seconds)),
+            },
             (Kind::Message(inner), Field::Bytes(b)) => Value::Object(message(b, inner)?),
             (Kind::MapStr | Kind::MapBytes, Field::Bytes(b)) => {
                 let (k, v) = map_entry(b, kind)?;
@@ -304,6 +368,17 @@ fn message(bytes: &[u8], schema: &[Spec]) -> Result<Map<String, Value>, String> 
     Ok(out)
 }
 
+/// The seconds of a `metav1.Time` message (its nanoseconds are below JSON's precision).
+fn time_seconds(bytes: &[u8]) -> Result<i64, String> {
+    let mut seconds = 0;
+    for (number, field) in fields(bytes)? {
+        if let (1, Field::Varint(v)) = (number, field) {
+            seconds = i64::from_ne_bytes(v.to_ne_bytes());
+        }
+    }
+    Ok(seconds)
+}
+
 /// A protobuf body as the JSON object the stand-in works with; an error says why not (a
 /// kind it has no schema for, or malformed input).
 pub(crate) fn decode(body: &[u8]) -> Result<Value, String> {
@@ -314,6 +389,218 @@ pub(crate) fn decode(body: &[u8]) -> Result<Value, String> {
     object.insert("apiVersion".into(), Value::String(api_version));
     object.insert("kind".into(), Value::String(kind));
     Ok(Value::Object(object))
+}
+
+/// The kinds the stand-in writes as protobuf: those a client-go informer of the tests
+/// lists and watches with protobuf, and `Status` (the object of a watch's ERROR event).
+/// Every other kind is JSON only: a client that will not take JSON gets 406.
+fn output_schema(api_version: &str, kind: &str) -> Option<&'static [Spec]> {
+    Some(match (api_version, kind) {
+        ("v1", "ConfigMap") => CONFIG_MAP,
+        ("v1", "Secret") => SECRET,
+        ("v1", "Status") => STATUS,
+        _ => return None,
+    })
+}
+
+/// Whether the stand-in writes objects of this kind as protobuf.
+pub(crate) fn writes(api_version: &str, kind: &str) -> bool {
+    output_schema(api_version, kind).is_some()
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn put_key(out: &mut Vec<u8>, number: u64, wire_type: u64) {
+    put_varint(out, (number << 3) | wire_type);
+}
+
+/// A length-delimited field (wire type 2): strings, bytes, messages, map entries.
+fn put_bytes(out: &mut Vec<u8>, number: u64, bytes: &[u8]) {
+    put_key(out, number, 2);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Encodes a JSON object by its schema. Every key of `object` must have a field in the
+/// schema (but those in `skip`): a field the stand-in cannot write is an error, never lost.
+fn encode_message(
+    object: &Map<String, Value>,
+    schema: &[Spec],
+    skip: &[&str],
+) -> Result<Vec<u8>, String> {
+    if let Some(key) = object
+        .keys()
+        .find(|k| !skip.contains(&k.as_str()) && !schema.iter().any(|s| s.1 == k.as_str()))
+    {
+        return Err(format!(
+            "field {key:?} has no protobuf field the stand-in writes"
+        ));
+    }
+    let mut specs: Vec<&Spec> = schema.iter().collect();
+    specs.sort_by_key(|s| s.0);
+    let mut out = Vec::new();
+    for &(number, name, kind, repeated) in specs {
+        match object.get(name) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(items)) if repeated => {
+                for item in items {
+                    encode_field(&mut out, number, name, kind, item)?;
+                }
+            }
+            Some(_) if repeated => return Err(format!("field {name} is not a list")),
+            Some(value) => encode_field(&mut out, number, name, kind, value)?,
+        }
+    }
+    Ok(out)
+}
+
+fn encode_field(
+    out: &mut Vec<u8>,
+    number: u64,
+    name: &str,
+    kind: Kind,
+    value: &Value,
+) -> Result<(), String> {
+    let wrong = || format!("field {name} does not fit its protobuf type: {value}");
+    match kind {
+        Kind::Str => put_bytes(out, number, value.as_str().ok_or_else(wrong)?.as_bytes()),
+        Kind::Int | Kind::Count => {
+            let n = value.as_i64().ok_or_else(wrong)?;
+            put_key(out, number, 0);
+            put_varint(out, u64::from_ne_bytes(n.to_ne_bytes()));
+        }
+        Kind::Bool => {
+            put_key(out, number, 0);
+            put_varint(out, u64::from(value.as_bool().ok_or_else(wrong)?));
+        }
+        Kind::Time => {
+            let seconds = value
+                .as_str()
+                .and_then(crate::clock::parse_rfc3339)
+                .ok_or_else(wrong)?;
+            let mut time = Vec::new();
+            put_key(&mut time, 1, 0);
+            put_varint(&mut time, u64::from_ne_bytes(seconds.to_ne_bytes()));
+            put_key(&mut time, 2, 0);
+            put_varint(&mut time, 0);
+            put_bytes(out, number, &time);
+        }
+        Kind::Message(inner) => {
+            let message = encode_message(value.as_object().ok_or_else(wrong)?, inner, &[])?;
+            put_bytes(out, number, &message);
+        }
+        Kind::MapStr | Kind::MapBytes => {
+            let map = value.as_object().ok_or_else(wrong)?;
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            for key in keys {
+                let text = map[key].as_str().ok_or_else(wrong)?;
+                let bytes = if matches!(kind, Kind::MapBytes) {
+                    use base64::Engine as _;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(text)
+                        .map_err(|_| wrong())?
+                } else {
+                    text.as_bytes().to_vec()
+                };
+                let mut entry = Vec::new();
+                put_bytes(&mut entry, 1, key.as_bytes());
+                put_bytes(&mut entry, 2, &bytes);
+                put_bytes(out, number, &entry);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The envelope the protobuf serializer writes (protobuf.go, `Serializer.doEncode`): the
+/// magic, then `runtime.Unknown{typeMeta = 1 {apiVersion = 1, kind = 2}, raw = 2,
+/// contentEncoding = 3, contentType = 4}`, the last two empty.
+fn envelope(api_version: &str, kind: &str, raw: &[u8]) -> Vec<u8> {
+    let mut type_meta = Vec::new();
+    put_bytes(&mut type_meta, 1, api_version.as_bytes());
+    put_bytes(&mut type_meta, 2, kind.as_bytes());
+    let mut out = MAGIC.to_vec();
+    put_bytes(&mut out, 1, &type_meta);
+    put_bytes(&mut out, 2, raw);
+    put_bytes(&mut out, 3, b"");
+    put_bytes(&mut out, 4, b"");
+    out
+}
+
+fn type_of(object: &Map<String, Value>) -> Result<(&str, &str), String> {
+    let field = |name: &str| {
+        object
+            .get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("the object has no {name}"))
+    };
+    Ok((field("apiVersion")?, field("kind")?))
+}
+
+/// One object as a protobuf body (what a GET answers with).
+pub(crate) fn encode(object: &Value) -> Result<Vec<u8>, String> {
+    let object = object.as_object().ok_or("not an object")?;
+    let (api_version, kind) = type_of(object)?;
+    let schema = output_schema(api_version, kind).ok_or_else(|| {
+        format!("the stand-in does not write {api_version}, Kind={kind} as protobuf")
+    })?;
+    // TypeMeta is the envelope's, not a field of the object's message.
+    let raw = encode_message(object, schema, &["apiVersion", "kind"])?;
+    Ok(envelope(api_version, kind, &raw))
+}
+
+/// A list as a protobuf body: `{metadata = 1 (ListMeta), items = 2}`, the items as bare
+/// messages of `item_kind`.
+pub(crate) fn encode_list(
+    api_version: &str,
+    list_kind: &str,
+    item_kind: &str,
+    resource_version: &str,
+    items: &[Value],
+) -> Result<Vec<u8>, String> {
+    let schema = output_schema(api_version, item_kind).ok_or_else(|| {
+        format!("the stand-in does not write {api_version}, Kind={item_kind} as protobuf")
+    })?;
+    let mut meta = Vec::new();
+    put_bytes(&mut meta, 2, resource_version.as_bytes());
+    let mut raw = Vec::new();
+    put_bytes(&mut raw, 1, &meta);
+    for item in items {
+        let item = item.as_object().ok_or("a list item is not an object")?;
+        put_bytes(
+            &mut raw,
+            2,
+            &encode_message(item, schema, &["apiVersion", "kind"])?,
+        );
+    }
+    Ok(envelope(api_version, list_kind, &raw))
+}
+
+/// One event of a protobuf watch, framed, as kube-apiserver writes it
+/// (staging/src/k8s.io/apiserver/pkg/endpoints/handlers/watch.go): the object through the
+/// negotiated serializer, so with the envelope ([`encode`]); the event itself,
+/// `metav1.WatchEvent{type = 1, object = 2 (runtime.RawExtension{raw = 1})}`, through the
+/// protobuf *stream* serializer, which is `NewRawSerializer` (serializer/protobuf.go:
+/// `StreamSerializer: raw`): no magic and no `runtime.Unknown` around the event; then
+/// `LengthDelimitedFramer` (util/framer: a 4-byte big-endian length, then the event).
+pub(crate) fn watch_event(event_type: &str, object: &Value) -> Result<Vec<u8>, String> {
+    let mut raw_extension = Vec::new();
+    put_bytes(&mut raw_extension, 1, &encode(object)?);
+    let mut event = Vec::new();
+    put_bytes(&mut event, 1, event_type.as_bytes());
+    put_bytes(&mut event, 2, &raw_extension);
+    let len = u32::try_from(event.len()).map_err(|_| "a watch event over 4 GiB")?;
+    let mut framed = Vec::with_capacity(4 + event.len());
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(&event);
+    Ok(framed)
 }
 
 #[cfg(test)]
@@ -454,6 +741,95 @@ mod tests {
                    "metadata": {"name": "crb1"},
                    "subjects": [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "u1"}],
                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cr1"}})
+        );
+    }
+
+    #[test]
+    fn writes_what_it_reads() {
+        let object = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {
+                "name": "settings", "namespace": "default", "uid": "u-1",
+                "resourceVersion": "1001", "generation": 3,
+                "creationTimestamp": "2026-12-03T13:11:22Z",
+                "labels": {"b": "2", "a": "1"}, "annotations": {"note": "x"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                     "name": "web", "uid": "u-0", "controller": true}],
+                "finalizers": ["f1", "f2"],
+            },
+            "data": {"mode": "stand-in", "empty": ""},
+            "binaryData": {"bin": "AAEC"},
+            "immutable": false,
+        });
+        let body = encode(&object).expect("encodes");
+        assert!(is_protobuf(&body));
+        assert_eq!(decode(&body).expect("decodes"), object);
+        // Map entries go in key order, whatever the JSON's.
+        let a = body
+            .windows(3)
+            .position(|w| w == b"\x0a\x01a")
+            .expect("label a");
+        let b = body
+            .windows(3)
+            .position(|w| w == b"\x0a\x01b")
+            .expect("label b");
+        assert!(a < b);
+    }
+
+    #[test]
+    fn a_field_it_cannot_write_is_an_error_not_a_loss() {
+        let object = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                            "metadata": {"name": "c", "managedFields": []}});
+        let err = encode(&object).expect_err("managedFields is not modelled");
+        assert!(err.contains("managedFields"), "{err}");
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}});
+        assert!(encode(&pod).expect_err("no schema").contains("Kind=Pod"));
+        assert!(!writes("v1", "Pod") && writes("v1", "Secret"));
+    }
+
+    #[test]
+    fn a_watch_event_is_a_length_prefixed_raw_watch_event_around_an_enveloped_object() {
+        let object = json!({"apiVersion": "v1", "kind": "Secret",
+                            "metadata": {"name": "s"}, "data": {"k": "dg=="}, "type": "Opaque"});
+        let framed = watch_event("MODIFIED", &object).expect("encodes");
+        let len = u32::from_be_bytes(framed[..4].try_into().expect("4 bytes")) as usize;
+        assert_eq!(len, framed.len() - 4);
+        let event = fields(&framed[4..]).expect("a raw WatchEvent: no magic");
+        assert_eq!(event[0], (1, Field::Bytes(b"MODIFIED")));
+        let Field::Bytes(raw_extension) = event[1].1 else {
+            panic!("object is a message: {event:?}");
+        };
+        let raw = fields(raw_extension).expect("RawExtension");
+        let Field::Bytes(inner) = raw[0].1 else {
+            panic!("raw is bytes: {raw:?}");
+        };
+        assert_eq!(decode(inner).expect("the object, enveloped"), object);
+    }
+
+    #[test]
+    fn a_list_holds_bare_items() {
+        let items = [
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}}),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}}),
+        ];
+        let body = encode_list("v1", "ConfigMapList", "ConfigMap", "42", &items).expect("list");
+        let (api_version, kind, raw) = unwrap(&body).expect("envelope");
+        assert_eq!(
+            (api_version.as_str(), kind.as_str()),
+            ("v1", "ConfigMapList")
+        );
+        let list = fields(raw).expect("list");
+        assert_eq!(list.len(), 3);
+        assert_eq!(list[0], (1, Field::Bytes(b"\x12\x0242")));
+        let Field::Bytes(first) = list[1].1 else {
+            panic!("{list:?}")
+        };
+        assert_eq!(
+            message(first, CONFIG_MAP).expect("item"),
+            json!({"metadata": {"name": "a"}})
+                .as_object()
+                .cloned()
+                .expect("map")
         );
     }
 }

@@ -130,6 +130,19 @@ impl ApiError {
         )
     }
 
+    /// 406 Not Acceptable: the client accepts none of the media types served (`served`),
+    /// in the words of the apiserver's negotiation (`errNotAcceptable`).
+    pub fn not_acceptable(served: &[&str]) -> ApiError {
+        ApiError::new(
+            406,
+            "NotAcceptable",
+            format!(
+                "only the following media types are accepted: {}",
+                served.join(", ")
+            ),
+        )
+    }
+
     /// 410 Gone: a watch asked for history the stand-in no longer has.
     pub fn expired(requested: u64, oldest: u64) -> ApiError {
         ApiError::new(

@@ -33,6 +33,8 @@ pub(crate) const BULK_VALUE_LEN: usize = 100 * 1024;
 pub(crate) const KUBESPHERE_CLUSTER_GROUP: &str = "cluster.kubesphere.io";
 /// The version of [`KUBESPHERE_CLUSTER_GROUP`] that is served.
 pub(crate) const KUBESPHERE_CLUSTER_VERSION: &str = "v1alpha1";
+/// The group of KubeSphere's identities (`User` objects).
+pub(crate) const KUBESPHERE_IAM_GROUP: &str = "iam.kubesphere.io";
 /// The RBAC API group.
 pub(crate) const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
 
@@ -74,11 +76,15 @@ pub(crate) enum Resource {
     NetworkPolicies,
     /// Core `v1` `Node`, cluster-scoped: one seeded, `stand-in-node`, where every pod runs.
     Nodes,
+    /// KubeSphere's `iam.kubesphere.io/v1alpha2` `User`, cluster-scoped, free-form (as
+    /// KubeSphere 3.4's CRD: `spec.groups`, `status.state` Active/Disabled, written by
+    /// its controllers without a status subresource).
+    Users,
 }
 
 impl Resource {
     /// Every resource, in discovery order.
-    pub(crate) const ALL: [Resource; 15] = [
+    pub(crate) const ALL: [Resource; 16] = [
         Resource::ConfigMaps,
         Resource::Namespaces,
         Resource::Nodes,
@@ -94,6 +100,7 @@ impl Resource {
         Resource::ClusterRoles,
         Resource::RoleBindings,
         Resource::Roles,
+        Resource::Users,
     ];
 
     /// The resource served at `/api/v1/{plural}` (`group_version` `v1`) or
@@ -121,6 +128,7 @@ impl Resource {
             Resource::PodDisruptionBudgets => "poddisruptionbudgets",
             Resource::NetworkPolicies => "networkpolicies",
             Resource::Nodes => "nodes",
+            Resource::Users => "users",
         }
     }
 
@@ -141,6 +149,7 @@ impl Resource {
             Resource::PodDisruptionBudgets => "poddisruptionbudget",
             Resource::NetworkPolicies => "networkpolicy",
             Resource::Nodes => "node",
+            Resource::Users => "user",
         }
     }
 
@@ -161,6 +170,7 @@ impl Resource {
             Resource::PodDisruptionBudgets => "PodDisruptionBudget",
             Resource::NetworkPolicies => "NetworkPolicy",
             Resource::Nodes => "Node",
+            Resource::Users => "User",
         }
     }
 
@@ -179,6 +189,7 @@ impl Resource {
             | Resource::RoleBindings => RBAC_GROUP,
             Resource::PodDisruptionBudgets => "policy",
             Resource::NetworkPolicies => "networking.k8s.io",
+            Resource::Users => KUBESPHERE_IAM_GROUP,
             _ => "",
         }
     }
@@ -187,6 +198,7 @@ impl Resource {
     pub(crate) fn version(self) -> &'static str {
         match self {
             Resource::Clusters => KUBESPHERE_CLUSTER_VERSION,
+            Resource::Users => "v1alpha2",
             _ => "v1",
         }
     }
@@ -202,6 +214,7 @@ impl Resource {
             | Resource::RoleBindings => "rbac.authorization.k8s.io/v1",
             Resource::PodDisruptionBudgets => "policy/v1",
             Resource::NetworkPolicies => "networking.k8s.io/v1",
+            Resource::Users => "iam.kubesphere.io/v1alpha2",
             _ => "v1",
         }
     }
@@ -226,6 +239,7 @@ impl Resource {
             Resource::NetworkPolicies => &["netpol"],
             Resource::Nodes => &["no"],
             Resource::Clusters
+            | Resource::Users
             | Resource::Secrets
             | Resource::ClusterRoles
             | Resource::ClusterRoleBindings
@@ -240,6 +254,7 @@ impl Resource {
             Resource::Namespaces
                 | Resource::Nodes
                 | Resource::Clusters
+                | Resource::Users
                 | Resource::ClusterRoles
                 | Resource::ClusterRoleBindings
         )
@@ -265,7 +280,7 @@ impl Resource {
     /// Custom resources (not built-in types) refuse a PUT without a
     /// `metadata.resourceVersion` and count `metadata.generation` up on spec changes.
     pub(crate) fn is_custom(self) -> bool {
-        matches!(self, Resource::Clusters)
+        matches!(self, Resource::Clusters | Resource::Users)
     }
 }
 

@@ -146,6 +146,8 @@ fn columns(resource: Resource) -> Value {
                 "Route service traffic to pods with label keys and values matching this selector."
             ),
         ]),
+        // A custom resource without additionalPrinterColumns: name and age.
+        Resource::Users => json!([name, age]),
         // Like a custom resource's additionalPrinterColumns.
         Resource::Clusters => json!([
             name,
@@ -388,6 +390,7 @@ fn cells(resource: Resource, object: &Value) -> Value {
                 selector,
             ])
         }
+        Resource::Users => json!([name, age]),
         Resource::Clusters => {
             // A custom resource's cells: the raw value, or null when the path is missing.
             let ready = object["status"]["conditions"].as_array().and_then(|cs| {

@@ -191,7 +191,7 @@ async fn kubectl_create_f_agent_yaml_and_the_agent_may_impersonate_users_and_gro
         .unwrap();
         let mut keys: Vec<&str> = secret["data"].as_object().unwrap().keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["ca.crt", "jwt-secret", "token"]);
+        assert_eq!(keys, ["ca.crt", "cluster-key", "token"]);
         assert_eq!(secret["type"], "Opaque");
         let role: Value = serde_json::from_str(&h.ok(&["get", "clusterrole", "tower-agent", "-o", "json"]).await).unwrap();
         assert_eq!(role["rules"][0]["verbs"][0], "impersonate");

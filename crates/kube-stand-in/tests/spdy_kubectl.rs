@@ -191,7 +191,14 @@ fn route(req: Request<Incoming>, addr: SocketAddr, log: &UpgradeLog) -> Response
                 );
             }
             let command = query_values(req.uri().query().unwrap_or_default(), "command");
-            spdy::exec(req, command, "tester".to_owned(), PodFiles::new(), ())
+            spdy::exec(
+                req,
+                command,
+                "tester".to_owned(),
+                PodFiles::new(),
+                tower_kube_stand_in::Resizes::default(),
+                (),
+            )
         }
         _ => status(StatusCode::NOT_FOUND, &format!("{path} not found")),
     }

@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 
 use super::frame::{header, rst};
 use super::session::{IncomingStream, StreamSender};
+use crate::ExecTransport;
 use crate::files::PodFiles;
+use crate::tty::{ResizeReader, Resizes};
 
 /// How long the client gets to open the streams it asked for (the kubelet default).
 const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,7 +83,10 @@ pub(crate) async fn serve(
     command: Vec<String>,
     user: String,
     files: PodFiles,
+    resizes: Resizes,
 ) {
+    // Only a TTY has a resize stream to read.
+    let resizes = options.tty.then_some(resizes);
     let mut streams = Streams::default();
     let deadline = tokio::time::Instant::now() + STREAM_CREATION_TIMEOUT;
     while !streams.complete(options) {
@@ -102,7 +107,7 @@ pub(crate) async fn serve(
             Some("stdout") => &mut streams.stdout,
             Some("stderr") => &mut streams.stderr,
             _ => {
-                extra_stream(stream);
+                extra_stream(stream, resizes.clone());
                 continue;
             }
         };
@@ -115,14 +120,15 @@ pub(crate) async fn serve(
     // Streams opened from now on (resize) are accepted and drained.
     tokio::spawn(async move {
         while let Some(stream) = incoming.recv().await {
-            extra_stream(stream);
+            extra_stream(stream, resizes.clone());
         }
     });
     run(streams, protocol, options, command, user, files).await;
 }
 
-/// Accepts a stream the exec has no use for: a `resize` stream is drained, anything else reset.
-fn extra_stream(stream: IncomingStream) {
+/// Accepts a stream besides the command's: a `resize` stream is read (its sizes recorded
+/// in `resizes`, with a TTY) until the client closes it, anything else reset.
+fn extra_stream(stream: IncomingStream, resizes: Option<Resizes>) {
     let IncomingStream {
         headers,
         mut data,
@@ -130,7 +136,12 @@ fn extra_stream(stream: IncomingStream) {
     } = stream;
     tokio::spawn(async move {
         if header(&headers, "streamtype") == Some("resize") {
-            while data.recv().await.is_some() {}
+            let mut reader = ResizeReader::new(ExecTransport::Spdy);
+            while let Some(chunk) = data.recv().await {
+                if let Some(resizes) = &resizes {
+                    reader.feed(resizes, &chunk);
+                }
+            }
             let _ = sender.finish().await;
         } else {
             let _ = sender.reset(rst::REFUSED_STREAM).await;

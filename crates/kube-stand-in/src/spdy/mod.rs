@@ -132,12 +132,13 @@ pub fn portforward(req: Request<Incoming>, hold: impl Send + 'static) -> Respons
 ///
 /// The streams expected are read from the query (`stdin`, `stdout`, `stderr`, `tty`); the
 /// command runs as `user` on the pod's `files` once they are open. Refused upgrades get 400.
-/// `hold` is kept until the session ends.
+/// A TTY's terminal sizes are recorded in `resizes`. `hold` is kept until the session ends.
 pub fn exec(
     req: Request<Incoming>,
     command: Vec<String>,
     user: String,
     files: PodFiles,
+    resizes: crate::Resizes,
     hold: impl Send + 'static,
 ) -> Response<Full<Bytes>> {
     let headers = req.headers();
@@ -169,7 +170,7 @@ pub fn exec(
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 session::serve(TokioIo::new(upgraded), move |incoming| {
-                    exec::serve(incoming, protocol, options, command, user, files)
+                    exec::serve(incoming, protocol, options, command, user, files, resizes)
                 })
                 .await;
             }

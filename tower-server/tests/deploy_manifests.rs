@@ -937,6 +937,7 @@ fn rbac_grants_exactly_what_tower_uses() {
             &["get", "list", "watch", "patch"],
         ),
         triples("cluster.kubesphere.io", "clusters/status", &["patch"]),
+        triples("iam.kubesphere.io", "users", &["list", "watch"]),
     ]
     .concat()
     .into_iter()

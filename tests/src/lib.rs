@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod kubesphere;
 pub mod pod;
 pub mod protobuf_watch;
 
@@ -345,6 +346,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Listens for the frontend on `addr` (a test that must write the frontend's URL
+    /// somewhere before the server starts); the other listeners on port 0.
+    pub fn frontend_addr(mut self, addr: SocketAddr) -> Self {
+        self.addrs = Some(("127.0.0.1:0".into(), addr.to_string(), "127.0.0.1:0".into()));
+        self
+    }
+
     /// Starts the process and waits until it listens.
     pub fn start(self) -> Server {
         let dir = self.dir.unwrap_or_else(|| TempDir::new("server"));
@@ -360,7 +368,12 @@ impl ServerBuilder {
         });
         let mut command = Command::new(bin_path("tower-server"));
         // Short defaults so tests notice things quickly, unless the test sets its own.
-        for (flag, value) in [("--keepalive", "2s"), ("--shutdown-grace", "3s")] {
+        // No fixed ports for the kubesphere endpoints either, unless the test gives its range.
+        for (flag, value) in [
+            ("--keepalive", "2s"),
+            ("--shutdown-grace", "3s"),
+            ("--kubesphere-ports", "off"),
+        ] {
             if !self.args.iter().any(|a| a.starts_with(flag)) {
                 command.env(
                     format!(

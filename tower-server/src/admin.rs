@@ -44,7 +44,7 @@ pub(crate) struct Manifests {
     pub(crate) ca_pem: String,
     pub(crate) ca_pin: Option<String>,
     pub(crate) image: String,
-    pub(crate) publish_address: Option<String>,
+    pub(crate) publish_address: crate::platform::PublishAddress,
     pub(crate) kube: Option<(kube::Client, String)>,
     pub(crate) admin_group: String,
 }
@@ -228,11 +228,12 @@ impl Admin {
             }
             None => m.minter.agent_token_pinned(name, None, m.ca_pin.as_deref()),
         };
+        let publish_address = m.publish_address.get();
         let proxy_server = match &m.kube {
             Some((client, namespace)) => {
-                kubernetes::publish_address(client, namespace, m.publish_address.as_deref()).await
+                kubernetes::publish_address(client, namespace, publish_address.as_deref()).await
             }
-            None => match &m.publish_address {
+            None => match &publish_address {
                 Some(address) => {
                     crate::manifest::normalize_publish_address(address).map(|(a, _)| a)
                 }

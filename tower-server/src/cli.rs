@@ -41,6 +41,42 @@ impl SecretArgs {
     }
 }
 
+/// Names of the platform's objects: Kuberix Enterprise's by default, KubeSphere's with
+/// `--platform-namespace kubesphere-system --platform-config kubesphere-config
+/// --platform-apiserver ks-apiserver`.
+#[derive(Args, Debug, Clone)]
+pub struct PlatformArgs {
+    /// The platform's namespace (KubeSphere: kubesphere-system).
+    #[arg(long, env = "TOWER_PLATFORM_NAMESPACE", default_value = "ke-system")]
+    pub platform_namespace: String,
+    /// The platform's config ConfigMap, whose kubesphere.yaml may set
+    /// multicluster.proxyPublishAddress (KubeSphere: kubesphere-config).
+    #[arg(long, env = "TOWER_PLATFORM_CONFIG", default_value = "ke-config")]
+    pub platform_config: String,
+    /// The platform's API server, the one caller of the kubesphere endpoints (KubeSphere:
+    /// ks-apiserver).
+    #[arg(long, env = "TOWER_PLATFORM_APISERVER", default_value = "ke-apiserver")]
+    pub platform_apiserver: String,
+}
+
+impl PlatformArgs {
+    /// The validated names.
+    pub fn names(&self) -> Result<crate::platform::PlatformNames, String> {
+        for (flag, value) in [
+            ("--platform-namespace", &self.platform_namespace),
+            ("--platform-config", &self.platform_config),
+            ("--platform-apiserver", &self.platform_apiserver),
+        ] {
+            validate_cluster_name(value).map_err(|e| format!("{flag}: {e}"))?;
+        }
+        Ok(crate::platform::PlatformNames {
+            namespace: self.platform_namespace.clone(),
+            config: self.platform_config.clone(),
+            apiserver: self.platform_apiserver.clone(),
+        })
+    }
+}
+
 /// `tower-server serve` flags.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -95,6 +131,40 @@ pub struct ServeArgs {
     /// The image agent.yaml tells members to run.
     #[arg(long, env = "TOWER_AGENT_IMAGE")]
     pub agent_image: Option<String>,
+    /// The platform's names.
+    #[command(flatten)]
+    pub platform: PlatformArgs,
+    /// The user of the kubeconfig written into each proxy Cluster (what KubeSphere's
+    /// cluster controller acts as on the member; the agent impersonates it).
+    #[arg(
+        long,
+        env = "TOWER_CLUSTER_KUBECONFIG_USER",
+        default_value = "kubesphere"
+    )]
+    pub cluster_kubeconfig_user: String,
+    /// Its groups (repeat, or a comma-separated list); joining a member needs
+    /// cluster-admin there.
+    #[arg(
+        long = "cluster-kubeconfig-group",
+        env = "TOWER_CLUSTER_KUBECONFIG_GROUPS",
+        value_delimiter = ',',
+        default_value = "system:masters"
+    )]
+    pub cluster_kubeconfig_groups: Vec<String>,
+    /// Lifetime of its token; a new one is written when a third of it is left.
+    #[arg(long, env = "TOWER_CLUSTER_KUBECONFIG_TTL", default_value = "365days", value_parser = humantime::parse_duration)]
+    pub cluster_kubeconfig_ttl: Duration,
+    /// With --kubernetes: the ports handed out to proxy Clusters for their
+    /// kubesphereAPIEndpoint (FIRST-LAST; every replica listens on each), or `off`.
+    #[arg(long, env = "TOWER_KUBESPHERE_PORTS", default_value = "16000-16999")]
+    pub kubesphere_ports: String,
+    /// Where those ports listen (plain HTTP: keep them inside the host cluster).
+    #[arg(long, env = "TOWER_KUBESPHERE_BIND_ADDRESS", default_value = "0.0.0.0")]
+    pub kubesphere_bind_address: std::net::IpAddr,
+    /// The host written into kubesphereAPIEndpoint (http://HOST:PORT); default: the
+    /// cluster's own Service, mc-{name}.{namespace}.svc.
+    #[arg(long, env = "TOWER_KUBESPHERE_ENDPOINT_HOST")]
+    pub kubesphere_endpoint_host: Option<String>,
     /// Users in this group may fetch agent.yaml from the admin listener.
     #[arg(long, env = "TOWER_ADMIN_GROUP", default_value = "system:masters")]
     pub admin_group: String,
@@ -259,6 +329,25 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         return Err("--idle-connection-timeout must be between 100ms and 24h".into());
     }
     let connections = connection_limits(args, crate::connections::open_file_limit())?;
+    let platform = args.platform.names()?;
+    if args.cluster_kubeconfig_user.trim().is_empty() {
+        return Err("--cluster-kubeconfig-user must not be empty".into());
+    }
+    if args.cluster_kubeconfig_ttl < Duration::from_secs(10) {
+        return Err("--cluster-kubeconfig-ttl must be at least 10s (KubeSphere rebuilds its clients at each renewal: keep it long)".into());
+    }
+    let kubesphere = match parse_port_range(&args.kubesphere_ports)? {
+        Some(ports) if args.kubernetes => Some(crate::ks_endpoint::KubeSphereEndpointConfig {
+            ports,
+            bind: args.kubesphere_bind_address,
+            host: args
+                .kubesphere_endpoint_host
+                .clone()
+                .map(|h| validate_endpoint_host(&h))
+                .transpose()?,
+        }),
+        _ => None,
+    };
     // Last of the checks: it may write the state directory.
     let tls = pki::load_or_generate(
         own.as_ref(),
@@ -292,6 +381,13 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         keepalive,
         shutdown_grace: args.shutdown_grace,
         plaintext_tunnel: args.tunnel_plaintext,
+        cluster_kubeconfig: crate::ClusterKubeconfig {
+            user: args.cluster_kubeconfig_user.clone(),
+            groups: args.cluster_kubeconfig_groups.clone(),
+            ttl: args.cluster_kubeconfig_ttl,
+        },
+        kubesphere,
+        platform,
         pass_through_unknown_tokens: args.pass_through_unknown_tokens,
         agent_token_lifetime: (!args.agent_token_lifetime.is_zero())
             .then_some(args.agent_token_lifetime),
@@ -307,6 +403,35 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
             stream_idle_timeout: args.stream_idle_timeout,
         },
     })
+}
+
+/// `FIRST-LAST` (inclusive), or `off`.
+fn parse_port_range(text: &str) -> Result<Option<std::ops::RangeInclusive<u16>>, String> {
+    if text.trim() == "off" {
+        return Ok(None);
+    }
+    let bad = || format!("--kubesphere-ports {text:?}: want FIRST-LAST (e.g. 16000-16999) or off");
+    let (first, last) = text.trim().split_once('-').ok_or_else(bad)?;
+    let first: u16 = first.trim().parse().map_err(|_| bad())?;
+    let last: u16 = last.trim().parse().map_err(|_| bad())?;
+    if first == 0 || first > last {
+        return Err(bad());
+    }
+    Ok(Some(first..=last))
+}
+
+/// A host name or IP address for `http://HOST:PORT` (IPv6 in brackets).
+fn validate_endpoint_host(host: &str) -> Result<String, String> {
+    let host = host.trim();
+    let url = format!("http://{host}:1/");
+    match url.parse::<http::Uri>() {
+        Ok(uri) if uri.host().is_some() && !host.contains(['/', '@', '?', '#']) => {
+            Ok(host.to_owned())
+        }
+        _ => Err(format!(
+            "--kubesphere-endpoint-host {host:?}: want a host name or IP address"
+        )),
+    }
 }
 
 /// The connection limits the flags ask for, the unset ones sized for a process that may

@@ -4,7 +4,9 @@
 //! after a lost watch, backs off while the API server is away). A Cluster whose
 //! `spec.connection.type` is `proxy` may connect; its `spec.connection.token`, when set,
 //! is the only token accepted (rotate it to revoke), and when empty this server mints one
-//! and writes it there, together with `spec.connection.kubernetesAPIEndpoint`. The same
+//! and writes it there, together with `spec.connection.kubernetesAPIEndpoint` and what
+//! KubeSphere's host components read (the kubeconfig and the kubesphere endpoint, see
+//! `cluster_spec`, [`crate::ks_endpoint`]). The same
 //! task keeps condition `AgentAvailable` true while this replica holds the cluster's
 //! tunnel. The publish address (what members dial) comes from the `tower` Service.
 
@@ -30,7 +32,6 @@ use tower_proto::ControlMessage;
 use tower_proto::names::validate_cluster_name;
 
 use crate::manifest::normalize_publish_address;
-use crate::registry::token_sha256;
 use crate::registry::{Entry, Registry};
 
 /// The API group of KubeSphere's Cluster.
@@ -87,6 +88,18 @@ pub struct Connection {
     /// Where the host reaches the member's Kubernetes API.
     #[serde(default, rename = "kubernetesAPIEndpoint")]
     pub kubernetes_api_endpoint: String,
+    /// A kubeconfig for the member (base64, as Go writes `[]byte`).
+    #[serde(default)]
+    pub kubeconfig: String,
+    /// Where the host's ks-apiserver reaches the member's KubeSphere API.
+    #[serde(default, rename = "kubesphereAPIEndpoint")]
+    pub kubesphere_api_endpoint: String,
+    /// The port of `kubesphere_api_endpoint` on every tower replica.
+    #[serde(default, rename = "kubesphereAPIServerPort")]
+    pub kubesphere_api_server_port: Option<i64>,
+    /// KubeSphere's old tower's kube-apiserver port (unused by this one; removed).
+    #[serde(default, rename = "kubernetesAPIServerPort")]
+    pub kubernetes_api_server_port: Option<i64>,
 }
 
 /// `Cluster.status`.
@@ -307,7 +320,7 @@ pub struct Controller {
     pub registry: Arc<Registry>,
     /// Mints tokens for Clusters that have none (or one this server cannot verify).
     pub minter: Minter,
-    /// Verifies the tokens Clusters hold.
+    /// Verifies the tokens Clusters hold (agent tokens and kubeconfig user tokens).
     pub verifier: Verifier,
     /// The Tower CA's pin, written into each token so an agent given only the token
     /// knows whom to trust.
@@ -319,11 +332,17 @@ pub struct Controller {
     pub frontend_url: String,
     /// This replica's id (in condition messages).
     pub server_id: String,
+    /// What goes into the Clusters' `spec.connection.kubeconfig`.
+    pub credential: crate::kubeconfig::ClusterCredential,
+    /// The Clusters' kubesphere endpoints (off with `--kubesphere-ports off`).
+    pub kubesphere: Option<Arc<crate::ks_endpoint::KubeSphereEndpoints>>,
+    /// When this replica last wrote each Cluster's kubeconfig.
+    pub rewrites: crate::cluster_spec::Rewrites,
 }
 
 /// What a Cluster's agent token needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TokenAction {
+pub(crate) enum TokenAction {
     /// Nothing.
     Keep,
     /// A new one in place of none or an unacceptable one (which stops working at once).
@@ -371,7 +390,15 @@ impl Controller {
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = &mut changed => {}
-                _ = retry.tick() => self.renew_due(&api, &clusters).await,
+                _ = retry.tick() => {
+                    // Failed writes again, and kubeconfigs due for renewal.
+                    if let Some(ks) = &self.kubesphere {
+                        ks.refresh().await;
+                    }
+                    for cluster in clusters.values() {
+                        self.reconcile_spec(&api, cluster).await;
+                    }
+                }
                 event = events.next() => match event {
                     None => break,
                     Some(Err(e)) => {
@@ -393,6 +420,9 @@ impl Controller {
         let last_words =
             self.reconcile_conditions(&api, &mut clusters, &mut held, &mut owed, &mut conflicted);
         let _ = tokio::time::timeout(Duration::from_secs(2), last_words).await;
+        if let Some(ks) = &self.kubesphere {
+            ks.close_all();
+        }
     }
 
     async fn apply(
@@ -414,8 +444,12 @@ impl Controller {
                 let listed = listing.take().unwrap_or_default();
                 for name in self.registry.registered() {
                     if !listed.contains(&name) {
-                        self.forget(&name, clusters);
+                        self.forget(&name, clusters).await;
                     }
+                }
+                if let Some(ks) = &self.kubesphere {
+                    let proxies: HashSet<String> = clusters.keys().cloned().collect();
+                    ks.release_absent(&proxies, api).await;
                 }
                 if !self.registry.is_synced() {
                     tracing::info!(
@@ -426,7 +460,7 @@ impl Controller {
                 self.registry.set_synced();
             }
             Event::Apply(cluster) => self.upsert(api, cluster, clusters).await,
-            Event::Delete(cluster) => self.forget(cluster.name(), clusters),
+            Event::Delete(cluster) => self.forget(cluster.name(), clusters).await,
         }
     }
 
@@ -438,7 +472,7 @@ impl Controller {
     ) {
         let name = cluster.name().to_owned();
         if !cluster.is_proxy() {
-            self.forget(&name, clusters);
+            self.forget(&name, clusters).await;
             return;
         }
         if let Err(e) = validate_cluster_name(&name) {
@@ -459,55 +493,8 @@ impl Controller {
                     .cloned(),
             },
         );
-        let endpoint = format!(
-            "{}/clusters/{name}",
-            self.frontend_url.trim_end_matches('/')
-        );
-        if self.token_action(&name, token) != TokenAction::Keep
-            || cluster.spec.connection.kubernetes_api_endpoint != endpoint
-        {
-            self.write_spec(api, &cluster, &endpoint).await;
-        }
+        self.reconcile_spec(api, &cluster).await;
         clusters.insert(name, cluster);
-    }
-
-    /// Fills the token (minted) and the endpoint. The patch carries the resourceVersion it
-    /// was computed from, so two replicas cannot both mint: the second gets a conflict and
-    /// sees the first one's token in its next event.
-    async fn write_spec(&self, api: &Api<Cluster>, cluster: &Cluster, endpoint: &str) {
-        let name = cluster.name();
-        let mut connection = json!({ "kubernetesAPIEndpoint": endpoint });
-        let mut metadata = json!({ "resourceVersion": cluster.metadata.resource_version });
-        let old = &cluster.spec.connection.token;
-        let action = self.token_action(name, old);
-        if action != TokenAction::Keep {
-            connection["token"] = self
-                .minter
-                .agent_token_pinned(name, self.agent_token_lifetime, self.ca_pin.as_deref())
-                .into();
-            // A renewed token stays accepted until it expires; one that was replaced
-            // (unacceptable) does not.
-            let previous = (action == TokenAction::Renew).then(|| token_sha256(old));
-            metadata["annotations"] = json!({ PREVIOUS_TOKEN_ANNOTATION: previous });
-        }
-        let patch = json!({
-            "metadata": metadata,
-            "spec": { "connection": connection },
-        });
-        match api
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(cluster = %name, %endpoint, minted = connection.get("token").is_some(), "wrote the Cluster's connection")
-            }
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                tracing::debug!(cluster = %name, "Cluster changed meanwhile; the next event brings it");
-            }
-            Err(e) => {
-                tracing::warn!(cluster = %name, error = %e, "writing the Cluster's connection")
-            }
-        }
     }
 
     /// Whether the Cluster's token must be (re)minted: it has none, or one this server
@@ -515,7 +502,7 @@ impl Controller {
     /// jwtSecret itself by an older Tower or with another secret, one for another name,
     /// an expired one): replacing it closes any tunnel that used it. Or it is to be
     /// renewed: less than a third of its lifetime is left.
-    fn token_action(&self, name: &str, token: &str) -> TokenAction {
+    pub(crate) fn token_action(&self, name: &str, token: &str) -> TokenAction {
         if token.is_empty() {
             return TokenAction::Mint;
         }
@@ -540,23 +527,14 @@ impl Controller {
         }
     }
 
-    /// Renews the tokens of `clusters` that are due.
-    async fn renew_due(&self, api: &Api<Cluster>, clusters: &HashMap<String, Cluster>) {
-        for cluster in clusters.values() {
-            if self.token_action(cluster.name(), &cluster.spec.connection.token)
-                == TokenAction::Renew
-            {
-                let endpoint = cluster.spec.connection.kubernetes_api_endpoint.clone();
-                self.write_spec(api, cluster, &endpoint).await;
-            }
-        }
-    }
-
-    fn forget(&self, name: &str, clusters: &mut HashMap<String, Cluster>) {
-        clusters.remove(name);
+    async fn forget(&self, name: &str, clusters: &mut HashMap<String, Cluster>) {
+        let known = clusters.remove(name).is_some();
         if self.registry.entry(name).is_some() {
             tracing::info!(cluster = %name, "Cluster deleted or no longer of type proxy");
             self.registry.forget(name);
+        }
+        if known && let Some(ks) = &self.kubesphere {
+            ks.forget(name).await;
         }
     }
 

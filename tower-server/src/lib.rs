@@ -13,16 +13,21 @@
 mod admin;
 mod agents;
 pub mod cli;
+pub mod cluster_spec;
 pub mod connections;
 mod dashboard;
 mod frontend;
 pub mod history;
 pub mod http2;
 mod idle;
+pub mod ks_endpoint;
+pub mod ks_ports;
+pub mod kubeconfig;
 pub mod kubernetes;
 pub mod manifest;
 pub mod metrics;
 pub mod pki;
+pub mod platform;
 pub mod registry;
 mod status;
 pub mod users;
@@ -136,6 +141,24 @@ pub struct Config {
     pub agent_token_lifetime: Option<Duration>,
     /// Limits.
     pub limits: Limits,
+    /// The identity of the kubeconfig written into proxy Clusters.
+    pub cluster_kubeconfig: ClusterKubeconfig,
+    /// The clusters' kubesphere endpoints (with `--kubernetes`; `None` when turned off).
+    pub kubesphere: Option<ks_endpoint::KubeSphereEndpointConfig>,
+    /// Where the platform (KubeSphere or Kuberix Enterprise) keeps its settings.
+    pub platform: platform::PlatformNames,
+}
+
+/// The identity of the kubeconfig written into proxy Clusters: the user and groups the
+/// agent impersonates for KubeSphere's cluster controller on the member.
+#[derive(Debug, Clone)]
+pub struct ClusterKubeconfig {
+    /// `--cluster-kubeconfig-user`.
+    pub user: String,
+    /// `--cluster-kubeconfig-group`.
+    pub groups: Vec<String>,
+    /// `--cluster-kubeconfig-ttl`: renewed when a third of it is left.
+    pub ttl: Duration,
 }
 
 /// Where the list of clusters comes from.
@@ -232,6 +255,15 @@ pub async fn run(
         }
     };
     let controller_stop = CancellationToken::new();
+    let publish_address = platform::PublishAddress::new(config.publish_address.clone());
+    let platform_follower = kube.as_ref().map(|(client, _)| {
+        tokio::spawn(platform::follow_publish_address(
+            client.clone(),
+            config.platform.clone(),
+            publish_address.clone(),
+            controller_stop.clone(),
+        ))
+    });
     let users = kube.as_ref().map(|(client, _)| {
         let users = Arc::new(users::KubeSphereUsers::default());
         tokio::spawn(
@@ -256,21 +288,6 @@ pub async fn run(
         }
         _ => None,
     };
-    let controller = kube.as_ref().map(|(client, _)| {
-        tokio::spawn(
-            kubernetes::Controller {
-                client: client.clone(),
-                registry: registry.clone(),
-                minter: Minter::new(&config.secret),
-                verifier: Verifier::new(&config.secret),
-                ca_pin: ca_pin.clone(),
-                agent_token_lifetime: config.agent_token_lifetime,
-                frontend_url: config.frontend_url.clone(),
-                server_id: config.server_id.clone(),
-            }
-            .run(controller_stop.clone()),
-        )
-    });
     let metrics = Arc::new(metrics::Metrics::default());
     let mut metrics_registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut metrics_registry);
@@ -328,7 +345,7 @@ pub async fn run(
             ca_pem: config.tls.ca_pem.clone(),
             ca_pin: ca_pin.clone(),
             image: config.agent_image.clone(),
-            publish_address: config.publish_address.clone(),
+            publish_address: publish_address.clone(),
             kube: kube.clone(),
             admin_group: config.admin_group.clone(),
         },
@@ -343,6 +360,78 @@ pub async fn run(
     let admission =
         |listener, max| Admission::new(listener, max, limits.connections.per_source, &metrics);
     let loops = TaskTracker::new();
+    // Each proxy Cluster's kubesphere endpoint: a plain-HTTP listener whose requests are
+    // the frontend's, under /clusters/{name}/targets/kubesphere.
+    let kubesphere = match (&kube, &config.kubesphere) {
+        (Some((client, namespace)), Some(ks)) => {
+            let frontend = frontend.clone();
+            let admission = admission("kubesphere", limits.connections.frontend);
+            let (limits, stop_accepting, conns, metrics) = (
+                config.limits.clone(),
+                stop_accepting.clone(),
+                frontend_conns.clone(),
+                metrics.clone(),
+            );
+            let serve_listener: ks_endpoint::ServeListener =
+                Arc::new(move |listener, cluster: String, stop: CancellationToken| {
+                    let frontend = frontend.clone();
+                    // Closed when the server stops accepting, or when the cluster goes.
+                    let stop_accepting = stop_accepting.clone();
+                    let stop_both = stop.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = stop_accepting.cancelled() => stop.cancel(),
+                            () = stop.cancelled() => {}
+                        }
+                    });
+                    let cluster: Arc<str> = cluster.into();
+                    tokio::spawn(serve(
+                        listener,
+                        None,
+                        admission.clone(),
+                        limits.clone(),
+                        stop_both,
+                        conns.clone(),
+                        metrics.clone(),
+                        move |req, peer: Peer| {
+                            let req = ks_endpoint::to_frontend(req, &cluster);
+                            frontend.clone().handle(req, peer.remote)
+                        },
+                    ));
+                });
+            Some(Arc::new(ks_endpoint::KubeSphereEndpoints::new(
+                client.clone(),
+                namespace,
+                &config.platform.namespace,
+                ks.clone(),
+                serve_listener,
+            )))
+        }
+        _ => None,
+    };
+    let controller = kube.as_ref().map(|(client, _)| {
+        tokio::spawn(
+            kubernetes::Controller {
+                client: client.clone(),
+                registry: registry.clone(),
+                minter: Minter::new(&config.secret),
+                verifier: Verifier::new(&config.secret),
+                ca_pin: ca_pin.clone(),
+                agent_token_lifetime: config.agent_token_lifetime,
+                frontend_url: config.frontend_url.clone(),
+                server_id: config.server_id.clone(),
+                credential: kubeconfig::ClusterCredential {
+                    user: config.cluster_kubeconfig.user.clone(),
+                    groups: config.cluster_kubeconfig.groups.clone(),
+                    ttl: config.cluster_kubeconfig.ttl,
+                    ca_pem: config.tls.ca_pem.clone(),
+                },
+                kubesphere: kubesphere.clone(),
+                rewrites: Default::default(),
+            }
+            .run(controller_stop.clone()),
+        )
+    });
     let tunnel_tls = (!config.plaintext_tunnel).then(|| acceptor.clone());
     loops.spawn(serve(
         listeners.tunnel,
@@ -422,6 +511,9 @@ pub async fn run(
     }
     if let Some(counter) = replica_counter {
         let _ = counter.await;
+    }
+    if let Some(follower) = platform_follower {
+        let _ = follower.await;
     }
     admin_stop.cancel();
     let _ = admin_loop.await;

@@ -83,6 +83,10 @@ struct AgentManifestArgs {
     /// Namespace of tower's own objects.
     #[arg(long, env = "TOWER_NAMESPACE", default_value = "ke-system")]
     namespace: String,
+    /// With --kubernetes and no --proxy-publish-address, the platform config's
+    /// multicluster.proxyPublishAddress is used.
+    #[command(flatten)]
+    platform: tower_server::cli::PlatformArgs,
     /// Let the agent impersonate only these users on the member (repeat, or a
     /// comma-separated list); without it, any user and group (cluster-admin equivalent).
     #[arg(
@@ -232,12 +236,14 @@ async fn agent_manifest(args: AgentManifestArgs) -> Result<String, String> {
     let ca_pin = ca_pin_of(&ca_pem).map_err(|e| format!("{}: {e}", ca_path.display()))?;
     let (proxy_server, cluster_token) = if args.kubernetes {
         let client = kubernetes::client(args.kubeconfig.as_deref()).await?;
-        let address = kubernetes::publish_address(
-            &client,
-            &args.namespace,
-            args.proxy_publish_address.as_deref(),
-        )
-        .await?;
+        let configured = match &args.proxy_publish_address {
+            Some(address) => Some(address.clone()),
+            None => {
+                tower_server::platform::read_publish_address(&client, &args.platform.names()?).await
+            }
+        };
+        let address =
+            kubernetes::publish_address(&client, &args.namespace, configured.as_deref()).await?;
         let clusters: kube::Api<kubernetes::Cluster> = kube::Api::all(client);
         let cluster = clusters
             .get_opt(&args.cluster)
@@ -465,87 +471,13 @@ fn kubeconfig(args: KubeconfigArgs) -> Result<String, String> {
         }
         None => None,
     };
-    let name = args.cluster.as_str();
-    let user = format!("{name}-user");
-    let config = kubeconfig::Config {
-        api_version: "v1",
-        kind: "Config",
-        clusters: [kubeconfig::Named {
-            name,
-            cluster: kubeconfig::Cluster {
-                server: &server,
-                certificate_authority_data: certificate_authority_data.as_deref(),
-            },
-        }],
-        users: [kubeconfig::NamedUser {
-            name: &user,
-            user: kubeconfig::User { token: &args.token },
-        }],
-        contexts: [kubeconfig::NamedContext {
-            name,
-            context: kubeconfig::Context {
-                cluster: name,
-                user: &user,
-            },
-        }],
-        current_context: name,
-    };
-    // serde_yaml quotes and escapes whatever needs it: values go in as given.
-    serde_yaml::to_string(&config).map_err(|e| format!("writing the kubeconfig: {e}"))
-}
-
-/// The kubeconfig `tower-server kubeconfig` prints, field by field in kubectl's order.
-mod kubeconfig {
-    use serde::Serialize;
-
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub(crate) struct Config<'a> {
-        pub(crate) api_version: &'a str,
-        pub(crate) kind: &'a str,
-        pub(crate) clusters: [Named<'a>; 1],
-        pub(crate) users: [NamedUser<'a>; 1],
-        pub(crate) contexts: [NamedContext<'a>; 1],
-        #[serde(rename = "current-context")]
-        pub(crate) current_context: &'a str,
-    }
-
-    #[derive(Serialize)]
-    pub(crate) struct Named<'a> {
-        pub(crate) name: &'a str,
-        pub(crate) cluster: Cluster<'a>,
-    }
-
-    #[derive(Serialize)]
-    #[serde(rename_all = "kebab-case")]
-    pub(crate) struct Cluster<'a> {
-        pub(crate) server: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub(crate) certificate_authority_data: Option<&'a str>,
-    }
-
-    #[derive(Serialize)]
-    pub(crate) struct NamedUser<'a> {
-        pub(crate) name: &'a str,
-        pub(crate) user: User<'a>,
-    }
-
-    #[derive(Serialize)]
-    pub(crate) struct User<'a> {
-        pub(crate) token: &'a str,
-    }
-
-    #[derive(Serialize)]
-    pub(crate) struct NamedContext<'a> {
-        pub(crate) name: &'a str,
-        pub(crate) context: Context<'a>,
-    }
-
-    #[derive(Serialize)]
-    pub(crate) struct Context<'a> {
-        pub(crate) cluster: &'a str,
-        pub(crate) user: &'a str,
-    }
+    tower_server::kubeconfig::Config::new(
+        &args.cluster,
+        &server,
+        &args.token,
+        certificate_authority_data,
+    )
+    .to_yaml()
 }
 
 fn serve(args: ServeArgs) -> ExitCode {

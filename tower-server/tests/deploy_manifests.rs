@@ -847,8 +847,46 @@ fn network_policy_opens_the_tunnel_to_all_the_frontend_to_the_cluster_and_admin_
     }
     assert_eq!(
         opened.keys().copied().collect::<Vec<_>>(),
-        [8080, 9090, 9443],
-        "the three listeners, nothing else"
+        [8080, 9090, 9443, 16000],
+        "the three listeners and the kubesphere endpoints, nothing else"
+    );
+    // The kubesphere endpoints (plain HTTP): --kubesphere-ports' default range, from the
+    // platform's API server pods only.
+    let ks_rule = rules
+        .iter()
+        .find(|r| {
+            r.ports
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|p| p.port == Some(IntOrString::Int(16000)))
+        })
+        .expect("the kubesphere rule");
+    assert_eq!(
+        ks_rule.ports.as_deref().unwrap_or_default()[0].end_port,
+        Some(16999)
+    );
+    let from = ks_rule.from.as_deref().unwrap_or_default();
+    assert_eq!(from.len(), 1);
+    assert_eq!(
+        from[0]
+            .pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone()),
+        Some(BTreeMap::from([(
+            "app".to_owned(),
+            "ke-apiserver".to_owned()
+        )]))
+    );
+    assert_eq!(
+        from[0]
+            .namespace_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone()),
+        Some(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_owned(),
+            "ke-system".to_owned()
+        )]))
     );
     assert!(
         opened[&8080].is_none(),
@@ -912,16 +950,38 @@ fn rbac_grants_exactly_what_tower_uses() {
     let role = &objects.roles[0];
     assert_eq!(role.metadata.name.as_deref(), Some("tower"));
     assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
-    // By name only: the `tower` Service and Deployment.
+    // By name: the `tower` Service and Deployment, the port table, the platform config;
+    // by any name only what must be: creating, and the clusters' Services (mc-{cluster}).
     let rules = role.rules.as_deref().unwrap_or_default();
-    assert!(
-        rules
-            .iter()
-            .all(|r| r.resource_names.as_deref() == Some(&["tower".to_owned()][..])),
-        "{rules:?}"
-    );
+    for rule in rules {
+        let names = rule.resource_names.clone().unwrap_or_default();
+        let resources = rule.resources.clone().unwrap_or_default();
+        if names.is_empty() {
+            assert!(
+                rule.verbs == ["create"]
+                    || (resources == ["services"]
+                        && !rule.verbs.iter().any(|v| v == "list" || v == "watch")),
+                "{rule:?}"
+            );
+        } else {
+            assert!(
+                [
+                    &["tower".to_owned()][..],
+                    &["tower-kubesphere-ports".to_owned()],
+                    &["ke-config".to_owned()]
+                ]
+                .contains(&names.as_slice()),
+                "{rule:?}"
+            );
+        }
+    }
     let expected: BTreeSet<_> = [
-        triples("", "services", &["get"]),
+        triples("", "services", &["get", "create", "update", "delete"]),
+        triples(
+            "",
+            "configmaps",
+            &["get", "update", "create", "list", "watch"],
+        ),
         triples("apps", "deployments", &["get", "list", "watch"]),
     ]
     .concat()

@@ -191,6 +191,7 @@ mod tests {
             [
                 "configmaps",
                 "namespaces",
+                "nodes",
                 "pods",
                 "pods/attach",
                 "pods/exec",
@@ -203,11 +204,11 @@ mod tests {
                 "services/status"
             ]
         );
-        let token = &core["resources"][9];
+        let token = &core["resources"][10];
         assert_eq!(token["kind"], "TokenRequest");
         assert_eq!(token["group"], "authentication.k8s.io");
         assert_eq!(token["verbs"], json!(["create"]));
-        let svc = &core["resources"][10];
+        let svc = &core["resources"][11];
         assert_eq!(svc["shortNames"], json!(["svc"]));
         assert_eq!(svc["namespaced"], true);
     }

@@ -16,6 +16,8 @@ use tokio::sync::broadcast;
 use crate::clock;
 use crate::status::ApiError;
 
+mod gc;
+
 /// How many events the history keeps for watches that resume from a resourceVersion.
 const HISTORY_CAP: usize = 4096;
 /// Capacity of the broadcast channel; a watch that falls this far behind is ended with 410.
@@ -72,6 +74,8 @@ pub(crate) enum Resource {
     PodDisruptionBudgets,
     /// `networking.k8s.io/v1` `NetworkPolicy`, stored as given (no network to enforce it).
     NetworkPolicies,
+    /// Core `v1` `Node`, cluster-scoped: one seeded, `stand-in-node`, where every pod runs.
+    Nodes,
     /// KubeSphere's `iam.kubesphere.io/v1alpha2` `User`, cluster-scoped, free-form (as
     /// KubeSphere 3.4's CRD: `spec.groups`, `status.state` Active/Disabled, written by
     /// its controllers without a status subresource).
@@ -80,9 +84,10 @@ pub(crate) enum Resource {
 
 impl Resource {
     /// Every resource, in discovery order.
-    pub(crate) const ALL: [Resource; 15] = [
+    pub(crate) const ALL: [Resource; 16] = [
         Resource::ConfigMaps,
         Resource::Namespaces,
+        Resource::Nodes,
         Resource::Pods,
         Resource::Secrets,
         Resource::ServiceAccounts,
@@ -122,6 +127,7 @@ impl Resource {
             Resource::RoleBindings => "rolebindings",
             Resource::PodDisruptionBudgets => "poddisruptionbudgets",
             Resource::NetworkPolicies => "networkpolicies",
+            Resource::Nodes => "nodes",
             Resource::Users => "users",
         }
     }
@@ -142,6 +148,7 @@ impl Resource {
             Resource::RoleBindings => "rolebinding",
             Resource::PodDisruptionBudgets => "poddisruptionbudget",
             Resource::NetworkPolicies => "networkpolicy",
+            Resource::Nodes => "node",
             Resource::Users => "user",
         }
     }
@@ -162,6 +169,7 @@ impl Resource {
             Resource::RoleBindings => "RoleBinding",
             Resource::PodDisruptionBudgets => "PodDisruptionBudget",
             Resource::NetworkPolicies => "NetworkPolicy",
+            Resource::Nodes => "Node",
             Resource::Users => "User",
         }
     }
@@ -229,6 +237,7 @@ impl Resource {
             Resource::ServiceAccounts => &["sa"],
             Resource::PodDisruptionBudgets => &["pdb"],
             Resource::NetworkPolicies => &["netpol"],
+            Resource::Nodes => &["no"],
             Resource::Clusters
             | Resource::Users
             | Resource::Secrets
@@ -243,6 +252,7 @@ impl Resource {
         !matches!(
             self,
             Resource::Namespaces
+                | Resource::Nodes
                 | Resource::Clusters
                 | Resource::Users
                 | Resource::ClusterRoles
@@ -591,6 +601,7 @@ impl Store {
                 "",
                 json!({"metadata": {"name": "bulk"}}),
             ),
+            (Resource::Nodes, "", gc::seed_node(NODE_NAME)),
             (Resource::Pods, "default", seed_pod("web-0")),
             (Resource::Pods, "default", seed_pod("web-1")),
             (
@@ -951,6 +962,7 @@ impl Store {
     ) -> Result<Bytes, ApiError> {
         let mut inner = self.lock();
         let deleted = self.delete_locked(&mut inner, resource, namespace, name)?;
+        self.collect_garbage(&mut inner, &deleted);
         if resource == Resource::Namespaces {
             let children: Vec<Key> = inner
                 .objects

@@ -58,6 +58,11 @@ fn columns(resource: Resource) -> Value {
             column("Status", "string", "", 0, "The status of the namespace"),
             age
         ]),
+        Resource::Nodes => json!([
+            name,
+            column("Status", "string", "", 0, "The status of the node"),
+            age
+        ]),
         Resource::Pods => json!([
             name,
             column(
@@ -337,6 +342,7 @@ fn cells(resource: Resource, object: &Value) -> Value {
                 age
             ])
         }
+        Resource::Nodes => json!([name, "Ready", age]),
         Resource::Pods => {
             let containers = object["spec"]["containers"].as_array().map_or(0, Vec::len);
             let ready = object["status"]["containerStatuses"]

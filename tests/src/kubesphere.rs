@@ -1,0 +1,435 @@
+//! Stand-ins for KubeSphere's host components, modelled on KubeSphere's source
+//! (kubesphere/kubesphere, release-3.4), for tests of what Tower writes into a proxy
+//! Cluster:
+//!
+//! - [`ClusterControllerClient`] models pkg/controller/cluster/cluster_controller.go,
+//!   `syncCluster`, builds its client from `spec.connection.kubeconfig` **alone**
+//!   (`clientcmd.RESTConfigFromKubeConfig`), then reads `/version`, lists nodes, reads the
+//!   `kube-system` namespace's UID, and joins the member to kubefed: a namespace, a
+//!   ServiceAccount and a ClusterRole created **on the member** through that client. Here
+//!   that client is kubectl (client-go) with the decoded kubeconfig and nothing else.
+//! - [`dispatch`] and [`dispatch_websocket`] model pkg/apiserver/dispatch/dispatch.go,
+//!   `clusterDispatch.Dispatch`: of kubesphereAPIEndpoint only the scheme and host:port are
+//!   kept (`u.Host = innCluster.KubesphereURL.Host`, `u.Scheme = …Scheme`), the path is
+//!   the caller's with `/clusters/NAME` cut, the query, the caller's `Host` header and
+//!   `Authorization` (the user's JWT) go through unchanged, over Go's default transport
+//!   (plain HTTP here), and upgrades are proxied (`proxy.NewUpgradeAwareHandler`).
+//! - [`KsApiServer`] is the member's ks-apiserver behind the agent's `kubesphere` target,
+//!   which records what reaches it and echoes WebSocket messages.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use crate::{Kubectl, TempDir, kubectl};
+
+/// Creates `namespace` (a JSON body: the stand-in reads protobuf for a few kinds only).
+pub fn create_namespace(kubeconfig: &Path, namespace: &str) {
+    let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n");
+    crate::kubectl_with_input(kubeconfig, &["create", "-f", "-"], yaml.as_bytes()).success();
+}
+
+/// One request as the ks-apiserver stand-in saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// The `Host` header.
+    pub host: String,
+    /// The `Authorization` header.
+    pub authorization: String,
+    /// The body's length.
+    pub body_len: usize,
+    /// Headers whose names start with `impersonate-` or `x-remote-`.
+    pub identity_headers: Vec<String>,
+}
+
+/// The member's ks-apiserver: answers `{"seen": N}` (the request's number) to every plain
+/// request, echoes each WebSocket message, and records every request.
+pub struct KsApiServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl KsApiServer {
+    /// Starts it on 127.0.0.1:0.
+    pub fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let recorded = seen.clone();
+        runtime.spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let recorded = recorded.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(req, &recorded).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        KsApiServer {
+            addr,
+            seen,
+            _runtime: runtime,
+        }
+    }
+
+    /// What reached it so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+}
+
+async fn answer(
+    mut req: http::Request<Incoming>,
+    recorded: &Mutex<Vec<Seen>>,
+) -> http::Response<Full<Bytes>> {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut seen = Seen {
+        method: req.method().to_string(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        host: header("host"),
+        authorization: header("authorization"),
+        body_len: 0,
+        identity_headers: req
+            .headers()
+            .keys()
+            .map(|k| k.as_str().to_owned())
+            .filter(|k| k.starts_with("impersonate-") || k.starts_with("x-remote-"))
+            .collect(),
+    };
+    if let Some(key) = req.headers().get("sec-websocket-key").cloned() {
+        let protocol = req.headers().get("sec-websocket-protocol").cloned();
+        recorded.lock().expect("seen").push(seen);
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                None,
+            )
+            .await;
+            while let Some(Ok(message)) = ws.next().await {
+                let echo = matches!(message, Message::Binary(_) | Message::Text(_));
+                if matches!(message, Message::Close(_)) || (echo && ws.send(message).await.is_err())
+                {
+                    return;
+                }
+            }
+        });
+        let mut response = http::Response::builder()
+            .status(101)
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", derive_accept_key(key.as_bytes()));
+        if let Some(protocol) = protocol {
+            // The first offered protocol, as the apiserver picks v4.channel.k8s.io.
+            let first = protocol
+                .to_str()
+                .unwrap_or_default()
+                .split(',')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            response = response.header("sec-websocket-protocol", first);
+        }
+        return response.body(Full::new(Bytes::new())).expect("101");
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    seen.body_len = body.len();
+    let n = {
+        let mut all = recorded.lock().expect("seen");
+        all.push(seen);
+        all.len()
+    };
+    http::Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(format!(
+            "{{\"seen\":{n},\"bodyBytes\":{}}}",
+            body.len()
+        ))))
+        .expect("response")
+}
+
+/// scheme://host:port of a kubesphereAPIEndpoint: all the dispatcher keeps of it.
+pub fn endpoint_base(endpoint: &str) -> String {
+    let uri: http::Uri = endpoint.parse().expect("kubesphereAPIEndpoint is a URL");
+    format!(
+        "{}://{}",
+        uri.scheme_str().expect("a scheme"),
+        uri.authority().expect("host:port")
+    )
+}
+
+/// What the dispatcher got back: status and body.
+#[derive(Debug)]
+pub struct Dispatched {
+    /// Status.
+    pub status: u16,
+    /// Body.
+    pub body: String,
+}
+
+/// A request of a caller that reached the host's ks-apiserver at `/…/clusters/NAME{path}`
+/// with `host` as its Host header, forwarded as the dispatcher does to `endpoint`.
+pub fn dispatch(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    host: &str,
+    jwt: &str,
+    body: &[u8],
+) -> Dispatched {
+    let uri: http::Uri = format!("{}{path}", endpoint_base(endpoint))
+        .parse()
+        .expect("uri");
+    assert_eq!(
+        uri.scheme_str(),
+        Some("http"),
+        "Go's default transport has no CA for Tower: the endpoint must be plain HTTP"
+    );
+    let addr = uri.authority().expect("authority").to_string();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().expect("path").as_str())
+        .header("host", host)
+        .header("authorization", format!("Bearer {jwt}"))
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .expect("request");
+    runtime().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        let response = sender.send_request(request).await.expect("response");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        Dispatched {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    })
+}
+
+/// A console exec over WebSocket through the dispatcher: opens `path` on `endpoint` with
+/// the caller's Host and JWT, sends each of `messages` and returns what came back.
+pub fn dispatch_websocket(
+    endpoint: &str,
+    path: &str,
+    host: &str,
+    jwt: &str,
+    messages: &[&[u8]],
+) -> Result<Vec<Vec<u8>>, String> {
+    let base = endpoint_base(endpoint);
+    let addr = base.trim_start_matches("http://").to_owned();
+    let request = http::Request::builder()
+        .uri(format!("ws://{addr}{path}"))
+        .header("host", host)
+        .header("authorization", format!("Bearer {jwt}"))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header(
+            "sec-websocket-key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        )
+        .header("sec-websocket-protocol", "v4.channel.k8s.io")
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let messages: Vec<Vec<u8>> = messages.iter().map(|m| m.to_vec()).collect();
+    runtime().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let (mut ws, response) = tokio_tungstenite::client_async(request, tcp)
+            .await
+            .map_err(|e| format!("WebSocket handshake: {e}"))?;
+        if response.status() != 101 {
+            return Err(format!("status {}", response.status()));
+        }
+        let mut echoed = Vec::new();
+        for message in messages {
+            ws.send(Message::binary(message))
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+                .await
+                .map_err(|_| "no echo within 10s".to_owned())?
+                .ok_or("closed")?
+                .map_err(|e| e.to_string())?;
+            echoed.push(reply.into_data().to_vec());
+        }
+        let _ = ws.close(None).await;
+        Ok(echoed)
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The cluster controller's client: kubectl with the Cluster's kubeconfig, decoded from
+/// `spec.connection.kubeconfig`, and nothing else (no other file, no environment).
+pub struct ClusterControllerClient {
+    /// The kubeconfig file.
+    pub kubeconfig: PathBuf,
+    _dir: TempDir,
+}
+
+impl ClusterControllerClient {
+    /// From a Cluster's `spec.connection.kubeconfig` (base64, as Go's `[]byte` is in JSON).
+    pub fn from_cluster(cluster: &serde_json::Value) -> Self {
+        let encoded = cluster["spec"]["connection"]["kubeconfig"]
+            .as_str()
+            .expect("spec.connection.kubeconfig is set");
+        let yaml = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .expect("spec.connection.kubeconfig is base64");
+        let dir = TempDir::new("ks-controller");
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, yaml).expect("write kubeconfig");
+        ClusterControllerClient {
+            kubeconfig,
+            _dir: dir,
+        }
+    }
+
+    /// kubectl through that client.
+    pub fn kubectl(&self, args: &[&str]) -> Kubectl {
+        kubectl(&self.kubeconfig, args)
+    }
+
+    /// What `syncCluster` does through the client: (Kubernetes version, node count,
+    /// kube-system UID), after joining (namespace, ServiceAccount and ClusterRole on the
+    /// member, as kubefedctl's join creates them).
+    pub fn sync(&self) -> (String, usize, String) {
+        // JSON bodies, as client-go's typed clients send by default.
+        let join = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kube-federation-system\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: member-1-kubesphere\n  namespace: kube-federation-system\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: kubefed-controller-manager:member-1-kubesphere\nrules:\n- apiGroups: [\"*\"]\n  resources: [\"*\"]\n  verbs: [\"*\"]\n";
+        crate::kubectl_with_input(&self.kubeconfig, &["create", "-f", "-"], join.as_bytes())
+            .success();
+        // `Discovery().ServerVersion()`: GET {server path}/version (`kubectl get --raw`
+        // would drop the server's path, which client-go's AbsPath keeps).
+        let version: serde_json::Value =
+            serde_json::from_str(&self.kubectl(&["version", "-o", "json"]).success())
+                .expect("version JSON");
+        let version = &version["serverVersion"];
+        let nodes: serde_json::Value =
+            serde_json::from_str(&self.kubectl(&["get", "nodes", "-o", "json"]).success())
+                .expect("nodes JSON");
+        let uid = self
+            .kubectl(&[
+                "get",
+                "namespace",
+                "kube-system",
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ])
+            .success();
+        (
+            version["gitVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            nodes["items"].as_array().map_or(0, Vec::len),
+            uid.trim().to_owned(),
+        )
+    }
+}
+
+/// A range of `n` ports free on 127.0.0.1 and 127.0.0.2 when looked at (the kubesphere
+/// endpoints take fixed ports by design: every replica listens on the same one).
+pub fn free_port_range(n: u16) -> std::ops::RangeInclusive<u16> {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let first: u16 = rng.random_range(20000..60000);
+        let last = first + n - 1;
+        let free = (first..=last).all(|p| {
+            ["127.0.0.1", "127.0.0.2"]
+                .iter()
+                .all(|ip| std::net::TcpListener::bind((*ip, p)).is_ok())
+        });
+        if free {
+            return first..=last;
+        }
+    }
+    panic!("no {n} free ports in a row on 127.0.0.1 and 127.0.0.2");
+}
+
+/// A free port on 127.0.0.1 when looked at.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Whether something listens on `addr`.
+pub fn listening(addr: SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_ok()
+}
+
+/// Writes `yaml` to a file in `dir` (for `kubectl create -f`).
+pub fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).expect("write");
+    path
+}

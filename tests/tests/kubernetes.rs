@@ -495,7 +495,7 @@ fn agent_manifest_cli(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn the_publish_address_comes_from_the_load_balancer_then_the_setting_else_an_error() {
+fn the_publish_address_comes_from_the_setting_then_the_load_balancer_else_an_error() {
     let host = Member::start();
     let server = tower_on(&host, &[]);
     create(
@@ -544,7 +544,8 @@ fn the_publish_address_comes_from_the_load_balancer_then_the_setting_else_an_err
     assert!(yaml.contains("https://139.198.120.120:8080"), "{yaml}");
     assert!(!yaml.contains("http://139"), "{yaml}");
 
-    // Once the LoadBalancer has an address, it wins.
+    // Once the LoadBalancer has an address, it is used when no address is configured;
+    // a configured one still wins, as in KubeSphere's own rule.
     kubectl(
         &host.kubeconfig,
         &[
@@ -562,7 +563,11 @@ fn the_publish_address_comes_from_the_load_balancer_then_the_setting_else_an_err
         ],
     )
     .success();
-    let balanced = cli(&["--proxy-publish-address", "https://other.example.com:8080"]);
+    let configured = cli(&["--proxy-publish-address", "https://other.example.com:8080"]);
+    assert_eq!(configured.status.code(), Some(0), "{configured:?}");
+    let yaml = String::from_utf8_lossy(&configured.stdout);
+    assert!(yaml.contains("https://other.example.com:8080"), "{yaml}");
+    let balanced = cli(&[]);
     assert_eq!(balanced.status.code(), Some(0), "{balanced:?}");
     let yaml = String::from_utf8_lossy(&balanced.stdout);
     assert!(yaml.contains("https://203.0.113.7:8080"), "{yaml}");

@@ -217,9 +217,14 @@ pub fn choose_publish_address(
     namespace: &str,
     service_exists: bool,
 ) -> Result<String, String> {
+    // A configured proxyPublishAddress wins, the LoadBalancer's ingress is the fallback:
+    // KubeSphere's API server renders the console's agent Deployment by the same rule
+    // (pkg/kapis/cluster/v1alpha1/handler.go: "use service ingress address only when
+    // proxyPublishAddress is not provided"), so agent.yaml and that Deployment dial the
+    // same address.
     let address = match (ingress, configured) {
-        (Some(ingress), _) => ingress,
-        (None, Some(configured)) => configured.to_owned(),
+        (_, Some(configured)) => configured.to_owned(),
+        (Some(ingress), None) => ingress,
         (None, None) if service_exists => {
             return Err(format!(
                 "Service {namespace}/{TOWER_SERVICE} has no EXTERNAL-IP yet (its LoadBalancer is pending, or the cluster has none): set proxyPublishAddress (--proxy-publish-address or TOWER_PROXY_PUBLISH_ADDRESS) to an https://HOST:PORT that members can reach"
@@ -772,11 +777,21 @@ mod tests {
     }
 
     #[test]
-    fn publish_address_prefers_the_ingress_then_the_setting_then_says_what_to_do() {
+    fn publish_address_prefers_the_setting_then_the_ingress_then_says_what_to_do() {
         assert_eq!(
             choose_publish_address(
                 Some("https://203.0.113.7:8080".into()),
                 Some("https://other:8080"),
+                "ke-system",
+                true
+            )
+            .unwrap(),
+            "https://other:8080"
+        );
+        assert_eq!(
+            choose_publish_address(
+                Some("https://203.0.113.7:8080".into()),
+                None,
                 "ke-system",
                 true
             )

@@ -682,6 +682,11 @@ async fn object(
             Ok(json_response(StatusCode::OK, json))
         }
         Method::DELETE if target == Target::Object => {
+            // kubectl sends DeleteOptions; the apiserver reads them (Go's server would
+            // drain them anyway). Left unread, hyper closes the connection after the
+            // answer without saying so, and a client that pooled it fails its next
+            // request: a real apiserver never does that to a kept-alive connection.
+            read_body(req).await?;
             let json = shared.store.delete(resource, namespace, name)?;
             Ok(json_response(StatusCode::OK, json))
         }

@@ -558,3 +558,17 @@ fn the_old_agents_other_flags_and_an_unpinned_token_are_refused_with_the_reason(
         "{stderr}"
     );
 }
+
+/// An explicit --ca-file wins over the pin inside the token: a token whose pin names
+/// another CA still connects when the operator gives the right CA file.
+#[test]
+fn an_explicit_ca_file_wins_over_the_tokens_pin() {
+    let member = Member::start();
+    let server = server().start();
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let token = Server::minter().agent_token_pinned("member-1", None, Some(&wrong));
+    let _agent = agent(&server, &member, "member-1")
+        .token(&token)
+        .connect(&server);
+    assert!(server.connected("member-1"));
+}

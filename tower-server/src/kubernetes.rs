@@ -194,8 +194,8 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
     Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 
-/// The address members dial: the `tower` Service's LoadBalancer ingress, else the
-/// configured `proxyPublishAddress`, else an error that says what to set.
+/// The address members dial: the configured `proxyPublishAddress`, else the `tower`
+/// Service's LoadBalancer ingress, else an error that says what to set.
 pub async fn publish_address(
     client: &Client,
     namespace: &str,

@@ -738,8 +738,8 @@ fn a_renewed_token_reaches_the_agent_and_the_tunnel_outlives_the_old_one() {
     assert!(exp(&second) > first_exp);
     assert_eq!(
         renewed["metadata"]["annotations"]["tower.kubesphere.io/previous-agent-token-sha256"],
-        tower_server::registry::token_sha256(&first),
-        "the old token is remembered, by its hash"
+        tower_server::kubernetes::previous_token_note(&first, &second),
+        "the old token is remembered, by its hash, for the token that renewed it"
     );
     wait_for_with(
         "the agent to be handed the new token",

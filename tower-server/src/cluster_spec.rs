@@ -23,7 +23,6 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Map, Value, json};
 
 use crate::kubernetes::{Cluster, Controller, PREVIOUS_TOKEN_ANNOTATION, TokenAction};
-use crate::registry::token_sha256;
 
 impl Controller {
     /// Writes whatever of the Cluster's connection differs from what it should be.
@@ -46,11 +45,13 @@ impl Controller {
                 self.agent_token_lifetime,
                 self.ca_pin.as_deref(),
             );
-            connection.insert("token".into(), token.into());
             // A renewed token stays accepted until it expires; one that was replaced
-            // (unacceptable) does not.
-            let previous = (action == TokenAction::Renew).then(|| token_sha256(&current.token));
+            // (unacceptable) does not. The note names the token that renewed it, so a
+            // token an operator writes by hand later (a revocation) ends it.
+            let previous = (action == TokenAction::Renew)
+                .then(|| crate::kubernetes::previous_token_note(&current.token, &token));
             metadata["annotations"] = json!({ PREVIOUS_TOKEN_ANNOTATION: previous });
+            connection.insert("token".into(), token.into());
         }
         let kubeconfig = base64::engine::general_purpose::STANDARD
             .decode(current.kubeconfig.as_bytes())

@@ -32,7 +32,7 @@ use tower_proto::ControlMessage;
 use tower_proto::names::validate_cluster_name;
 
 use crate::manifest::normalize_publish_address;
-use crate::registry::{Entry, Registry};
+use crate::registry::{Entry, Registry, token_sha256};
 
 /// The API group of KubeSphere's Cluster.
 pub const GROUP: &str = "cluster.kubesphere.io";
@@ -356,9 +356,29 @@ pub(crate) enum TokenAction {
     Renew,
 }
 
-/// The annotation that remembers the token a renewal replaced (hex SHA-256), so every
-/// replica accepts it until its own `exp` and hands its agent the new one.
+/// The annotation that remembers the token a renewal replaced, so every replica accepts
+/// it until its own `exp` and hands its agent the new one: `HEX/JTI`, the old token's
+/// SHA-256 and the `jti` of the token that renewed it ([`previous_token_note`]).
 pub const PREVIOUS_TOKEN_ANNOTATION: &str = "tower.kubesphere.io/previous-agent-token-sha256";
+
+/// The [`PREVIOUS_TOKEN_ANNOTATION`] for `old` renewed by `new`.
+pub fn previous_token_note(old: &str, new: &str) -> String {
+    format!("{}/{}", token_sha256(old), jti_of(new))
+}
+
+/// The old token's SHA-256 from a [`PREVIOUS_TOKEN_ANNOTATION`], if `current` is the
+/// token that renewed it: after a token written by hand (a revocation) the old one is
+/// no longer accepted.
+fn previous_token_of(note: &str, current: &str) -> Option<String> {
+    let (hash, jti) = note.split_once('/')?;
+    (!jti.is_empty() && jti == jti_of(current)).then(|| hash.to_owned())
+}
+
+fn jti_of(token: &str) -> String {
+    tower_auth::AgentClaims::read_unverified(token)
+        .map(|c| c.jti)
+        .unwrap_or_default()
+}
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -495,7 +515,7 @@ impl Controller {
                     .annotations
                     .as_ref()
                     .and_then(|a| a.get(PREVIOUS_TOKEN_ANNOTATION))
-                    .cloned(),
+                    .and_then(|note| previous_token_of(note, token)),
             },
         );
         self.reconcile_spec(api, &cluster).await;
@@ -806,6 +826,18 @@ mod tests {
         let pending = choose_publish_address(None, None, "ke-system", true).unwrap_err();
         assert!(pending.contains("no EXTERNAL-IP"), "{pending}");
         assert!(pending.contains("proxyPublishAddress"), "{pending}");
+    }
+
+    #[test]
+    fn a_renewal_note_holds_only_while_the_renewing_token_is_current() {
+        let minter = tower_auth::Minter::new(&tower_auth::Secret::new("s").unwrap());
+        let old = minter.agent_token("c1", None);
+        let renewed = minter.agent_token("c1", None);
+        let by_hand = minter.agent_token("c1", None);
+        let note = previous_token_note(&old, &renewed);
+        assert_eq!(previous_token_of(&note, &renewed), Some(token_sha256(&old)));
+        assert_eq!(previous_token_of(&note, &by_hand), None);
+        assert_eq!(previous_token_of(&token_sha256(&old), &renewed), None);
     }
 
     #[test]

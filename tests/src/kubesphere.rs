@@ -227,43 +227,90 @@ pub fn dispatch(
     jwt: &str,
     body: &[u8],
 ) -> Dispatched {
-    let uri: http::Uri = format!("{}{path}", endpoint_base(endpoint))
-        .parse()
-        .expect("uri");
+    let base: http::Uri = endpoint_base(endpoint).parse().expect("uri");
     assert_eq!(
-        uri.scheme_str(),
+        base.scheme_str(),
         Some("http"),
         "Go's default transport has no CA for Tower: the endpoint must be plain HTTP"
     );
-    let addr = uri.authority().expect("authority").to_string();
-    let request = http::Request::builder()
-        .method(method)
-        .uri(uri.path_and_query().expect("path").as_str())
-        .header("host", host)
-        .header("authorization", format!("Bearer {jwt}"))
-        .body(Full::new(Bytes::copy_from_slice(body)))
-        .expect("request");
+    let addr = base.authority().expect("authority").to_string();
+    let request = dispatched_request(method, path, host, jwt, body);
     runtime().block_on(async move {
         let tcp = tokio::net::TcpStream::connect(&addr)
             .await
             .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-        tokio::spawn(connection);
-        let response = sender.send_request(request).await.expect("response");
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        Dispatched {
-            status,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        }
+        exchange(tcp, request).await
     })
+}
+
+/// [`dispatch`] by a dispatcher whose roots include the Tower CA (`ca_pem`), to an https
+/// `endpoint` whose host resolves to `addr`: the certificate must cover the endpoint's
+/// host, as Go's transport checks it.
+pub fn dispatch_tls(
+    endpoint: &str,
+    ca_pem: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    jwt: &str,
+) -> Result<Dispatched, String> {
+    let base: http::Uri = endpoint_base(endpoint).parse().expect("uri");
+    assert_eq!(base.scheme_str(), Some("https"), "{endpoint}");
+    let name = rustls::pki_types::ServerName::try_from(base.host().expect("host").to_owned())
+        .map_err(|e| e.to_string())?;
+    let roots = tower_tunnel::tls::certs_from_pem(ca_pem.as_bytes()).expect("CA");
+    let tls = tower_tunnel::tls::client_config(&tower_tunnel::tls::CaTrust::Certificates(roots))
+        .expect("TLS client");
+    let request = dispatched_request(method, path, &base.authority().expect("authority").to_string(), jwt, b"");
+    runtime().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        Ok(exchange(tls, request).await)
+    })
+}
+
+fn dispatched_request(
+    method: &str,
+    path: &str,
+    host: &str,
+    jwt: &str,
+    body: &[u8],
+) -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .header("authorization", format!("Bearer {jwt}"))
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .expect("request")
+}
+
+/// Sends `request` over HTTP/1.1 on `io` and reads the answer whole.
+async fn exchange<T>(io: T, request: http::Request<Full<Bytes>>) -> Dispatched
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Dispatched {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
 }
 
 /// A console exec over WebSocket through the dispatcher: opens `path` on `endpoint` with

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tower_e2e::kubesphere::{
-    ClusterControllerClient, KsApiServer, create_namespace, dispatch, dispatch_websocket,
-    free_port, free_port_range, listening,
+    ClusterControllerClient, KsApiServer, create_namespace, dispatch, dispatch_tls,
+    dispatch_websocket, free_port, free_port_range, listening,
 };
 use tower_e2e::{
     Member, Server, admin_get, admin_get_as, agent, kubectl, kubectl_with_input, server, wait_for,
@@ -29,7 +29,9 @@ fn kubesphere_host() -> Member {
 }
 
 /// A replica with the kubesphere endpoints on `ports`, listening on `bind` (replicas on
-/// one machine take one loopback address each: the port is the same on every replica).
+/// one machine take one loopback address each: the port is the same on every replica),
+/// written as http://127.0.0.1:PORT (with --kubesphere-tls in `extra`, as the default
+/// https://mc-NAME.ke-system.svc:PORT instead).
 fn replica(host: &Member, ports: &str, bind: &str, id: &str, extra: &[&str]) -> Server {
     let frontend: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let frontend_url = format!("https://127.0.0.1:{}", frontend.port());
@@ -45,9 +47,10 @@ fn replica(host: &Member, ports: &str, bind: &str, id: &str, extra: &[&str]) -> 
         ports,
         "--kubesphere-bind-address",
         bind,
-        "--kubesphere-endpoint-host",
-        "127.0.0.1",
     ];
+    if !extra.contains(&"--kubesphere-tls") {
+        args.extend(["--kubesphere-endpoint-host", "127.0.0.1"]);
+    }
     args.extend_from_slice(extra);
     // Replicas share one --frontend-url (the tower-proxy Service): with two, each would
     // write its own into the Clusters, in turn.
@@ -363,6 +366,80 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
         },
         || tower.process.log(),
     );
+}
+
+/// `--kubesphere-tls`: the endpoint is https on the cluster's Service name, and a caller
+/// that trusts the Tower CA and checks that name (as Go's transport does) reaches the
+/// member's ks-apiserver; plain HTTP on the port gets nothing through.
+#[test]
+fn with_kubesphere_tls_the_endpoint_is_https_under_the_tower_ca() {
+    let host = kubesphere_host();
+    let member = Member::start();
+    let ks = KsApiServer::start();
+    let ports = free_port_range(2);
+    let tower = replica(
+        &host,
+        &range_flag(&ports),
+        "127.0.0.1",
+        "tower-a",
+        &["--kubesphere-tls"],
+    );
+    kubectl_with_input(
+        &host.kubeconfig,
+        &["create", "-f", "-"],
+        proxy_clusters(&["member-1".into()]).as_bytes(),
+    )
+    .success();
+    let written = wait_connection(&host, &tower, "member-1");
+    let port = port_of(&written);
+    let endpoint = connection(&written, "kubesphereAPIEndpoint")
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(endpoint, format!("https://mc-member-1.ke-system.svc:{port}"));
+    let token = connection(&written, "token").as_str().unwrap().to_owned();
+    let _agent = agent(&tower, &member, "member-1")
+        .token(&token)
+        .args(&["--kubesphere-service", &ks.addr.to_string()])
+        .connect(&tower);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let jwt = Server::minter().user_token("alice", &[], Some(Duration::from_secs(600)));
+
+    let got = dispatch_tls(&endpoint, &tower.ca_pem, addr, "GET", "/kapis/x?y=1", &jwt)
+        .unwrap_or_else(|e| panic!("{e}\n{}", tower.process.log()));
+    assert_eq!(got.status, 200, "{}", got.body);
+    let seen = ks.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].path, "/kapis/x?y=1");
+    assert_eq!(seen[0].authorization, format!("Bearer {jwt}"));
+
+    // The certificate covers tower's namespace's Services only: the same port under a
+    // name in another namespace fails the caller's check.
+    let elsewhere = format!("https://mc-member-1.default.svc:{port}");
+    let refused = dispatch_tls(&elsewhere, &tower.ca_pem, addr, "GET", "/kapis/x", &jwt)
+        .expect_err("a name the certificate does not cover");
+    assert!(refused.contains("certificate"), "{refused}");
+
+    // Plain HTTP on a TLS port: a TLS alert at most, never an HTTP answer or a request
+    // reaching the member.
+    let mut plain = std::net::TcpStream::connect(addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut plain,
+        format!("GET /kapis/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {jwt}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(ks.seen().len(), 1, "nothing more reached the member");
 }
 
 #[test]

@@ -120,8 +120,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TOWER_NAMESPACE", default_value = "ke-system")]
     pub namespace: String,
     /// The address members dial, https://HOST:PORT (goes into agent.yaml and the
-    /// certificate's names); with --kubernetes the `tower` Service's LoadBalancer ingress
-    /// wins when it has one.
+    /// certificate's names); with --kubernetes, the `tower` Service's LoadBalancer
+    /// ingress is used only when neither this nor the platform config sets one.
     #[arg(long, env = "TOWER_PROXY_PUBLISH_ADDRESS")]
     pub proxy_publish_address: Option<String>,
     /// This server's frontend as the host reaches it; Clusters get
@@ -158,9 +158,16 @@ pub struct ServeArgs {
     /// kubesphereAPIEndpoint (FIRST-LAST; every replica listens on each), or `off`.
     #[arg(long, env = "TOWER_KUBESPHERE_PORTS", default_value = "16000-16999")]
     pub kubesphere_ports: String,
-    /// Where those ports listen (plain HTTP: keep them inside the host cluster).
+    /// Where those ports listen (plain HTTP unless --kubesphere-tls: keep them inside
+    /// the host cluster).
     #[arg(long, env = "TOWER_KUBESPHERE_BIND_ADDRESS", default_value = "0.0.0.0")]
     pub kubesphere_bind_address: std::net::IpAddr,
+    /// Serve those ports over TLS with the frontend's certificate and write
+    /// https://HOST:PORT. Only for callers that trust the Tower CA: KubeSphere's
+    /// ks-apiserver dispatches with Go's default transport (system roots only), so it
+    /// needs the CA added to its image's roots first.
+    #[arg(long, env = "TOWER_KUBESPHERE_TLS")]
+    pub kubesphere_tls: bool,
     /// The host written into kubesphereAPIEndpoint (http://HOST:PORT); default: the
     /// cluster's own Service, mc-{name}.{namespace}.svc.
     #[arg(long, env = "TOWER_KUBESPHERE_ENDPOINT_HOST")]
@@ -340,6 +347,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         Some(ports) if args.kubernetes => Some(crate::ks_endpoint::KubeSphereEndpointConfig {
             ports,
             bind: args.kubesphere_bind_address,
+            tls: args.kubesphere_tls,
             host: args
                 .kubesphere_endpoint_host
                 .clone()
@@ -348,6 +356,10 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         }),
         _ => None,
     };
+    if args.kubesphere_tls && args.kubesphere_endpoint_host.is_none() {
+        // The generated certificate covers every cluster's Service, mc-NAME.NAMESPACE.svc.
+        extra_sans.push(format!("*.{}.svc", args.namespace));
+    }
     // Last of the checks: it may write the state directory.
     let tls = pki::load_or_generate(
         own.as_ref(),

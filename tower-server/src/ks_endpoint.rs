@@ -1,5 +1,6 @@
-//! `spec.connection.kubesphereAPIEndpoint`: a plain-HTTP address per proxy Cluster that
-//! forwards everything to the member's `kubesphere` target.
+//! `spec.connection.kubesphereAPIEndpoint`: an address per proxy Cluster that forwards
+//! everything to the member's `kubesphere` target: plain HTTP, or with `--kubesphere-tls`
+//! TLS with the frontend's certificate (for callers that trust the Tower CA).
 //!
 //! KubeSphere's ks-apiserver dispatcher (release-3.4, pkg/apiserver/dispatch/dispatch.go)
 //! forwards `/{api,apis,kapis}/clusters/NAME/…` for a proxy Cluster to its
@@ -54,6 +55,8 @@ pub struct KubeSphereEndpointConfig {
     pub ports: std::ops::RangeInclusive<u16>,
     /// Where this replica listens on them (`--kubesphere-bind-address`).
     pub bind: IpAddr,
+    /// TLS with the frontend's certificate, and `https://` endpoints (`--kubesphere-tls`).
+    pub tls: bool,
     /// The host written into kubesphereAPIEndpoint (`--kubesphere-endpoint-host`); else
     /// the cluster's Service, `mc-{cluster}.{namespace}.svc`.
     pub host: Option<String>,
@@ -113,7 +116,8 @@ impl KubeSphereEndpoints {
             Some(host) => host.clone(),
             None => format!("{}.{}.svc", service_name(name), self.namespace),
         };
-        Ok((port, format!("http://{host}:{port}")))
+        let scheme = if self.config.tls { "https" } else { "http" };
+        Ok((port, format!("{scheme}://{host}:{port}")))
     }
 
     /// Opens this replica's listener for `cluster` on `port` (closing one on another port).

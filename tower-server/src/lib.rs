@@ -360,11 +360,13 @@ pub async fn run(
     let admission =
         |listener, max| Admission::new(listener, max, limits.connections.per_source, &metrics);
     let loops = TaskTracker::new();
-    // Each proxy Cluster's kubesphere endpoint: a plain-HTTP listener whose requests are
-    // the frontend's, under /clusters/{name}/targets/kubesphere.
+    // Each proxy Cluster's kubesphere endpoint: a listener (plain HTTP, or TLS with the
+    // frontend's certificate) whose requests are the frontend's, under
+    // /clusters/{name}/targets/kubesphere.
     let kubesphere = match (&kube, &config.kubesphere) {
         (Some((client, namespace)), Some(ks)) => {
             let frontend = frontend.clone();
+            let tls = ks.tls.then(|| frontend_acceptor.clone());
             let admission = admission("kubesphere", limits.connections.frontend);
             let (limits, stop_accepting, conns, metrics) = (
                 config.limits.clone(),
@@ -387,7 +389,7 @@ pub async fn run(
                     let cluster: Arc<str> = cluster.into();
                     tokio::spawn(serve(
                         listener,
-                        None,
+                        tls.clone(),
                         admission.clone(),
                         limits.clone(),
                         stop_both,

@@ -56,7 +56,7 @@ struct AgentManifestArgs {
     #[arg(long, env = "TOWER_CLUSTER")]
     cluster: String,
     /// The address members dial, https://HOST:PORT (with --kubernetes, the `tower`
-    /// Service's LoadBalancer ingress wins when it has one).
+    /// Service's LoadBalancer ingress is used only when this is unset).
     #[arg(long, env = "TOWER_PROXY_PUBLISH_ADDRESS")]
     proxy_publish_address: Option<String>,
     #[command(flatten)]

@@ -176,10 +176,15 @@ fn serving_problem(
     let Some((leaf, intermediates)) = chain.split_first() else {
         return Some(format!("{CERT} holds no certificate"));
     };
-    // Names a client could not ask for (a wildcard, a host name with `_`) are left out.
-    let names = sans
-        .iter()
-        .filter_map(|san| Some((san, ServerName::try_from(san.as_str()).ok()?)));
+    // A wildcard is checked with a name it covers; names a client could not ask for (a
+    // host name with `_`) are left out.
+    let names = sans.iter().filter_map(|san| {
+        let probe = match san.strip_prefix("*.") {
+            Some(parent) => format!("wildcard-probe.{parent}"),
+            None => san.clone(),
+        };
+        Some((san, ServerName::try_from(probe).ok()?))
+    });
     for (san, name) in names {
         if let Err(e) =
             verifier.verify_server_cert(leaf, intermediates, &name, &[], UnixTime::now())

@@ -57,8 +57,14 @@ pub enum AuthError {
     /// `alg: none`.
     #[error("unsigned token (alg: none) refused")]
     Unsigned,
-    /// Any algorithm but HS256.
-    #[error("token algorithm {0:?} refused: only HS256 is accepted")]
+    /// Any algorithm but HS256. KubeSphere signs access, refresh and static tokens with
+    /// HS256 and only its OIDC ID tokens with RS256 (release-3.4 and master,
+    /// pkg/apiserver/authentication/token/issuer.go, `IssueTo`): an RS256 token is not one
+    /// of its API credentials.
+    #[error(
+        "token algorithm {0:?} refused: only HS256 is accepted (KubeSphere signs its access \
+         and static tokens with HS256; RS256 only its OIDC ID tokens, no API credential)"
+    )]
     WrongAlgorithm(String),
     /// The signature does not match the jwtSecret (or, for an agent token or an
     /// assertion, the cluster's key derived from it).

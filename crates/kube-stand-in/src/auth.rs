@@ -179,19 +179,35 @@ struct Claims {
     kubernetes: KubernetesClaims,
 }
 
-/// Issues and validates ServiceAccount tokens: JWTs signed with a key generated at start
-/// (HS256 here; kube-apiserver signs with RS256 or ES256, which clients never check).
-#[derive(Debug)]
+/// Issues and validates ServiceAccount tokens: JWTs signed with an ECDSA P-256 key
+/// generated at start, ES256, as kube-apiserver signs with an EC
+/// `--service-account-key-file` (RS256 with an RSA one; pkg/serviceaccount/jwt.go
+/// `signerFromECDSAPrivateKey`). Not HS256: a proxy that tells tokens apart by their
+/// algorithm (Tower passes through what is not KubeSphere's) must meet the real ones.
 pub(crate) struct TokenIssuer {
-    key: [u8; 32],
+    signing: EncodingKey,
+    verifying: DecodingKey,
     /// Seconds added to the wall clock for token lifetimes ([`crate::StandIn::advance_clock`]).
     offset: AtomicI64,
 }
 
+impl std::fmt::Debug for TokenIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenIssuer")
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for TokenIssuer {
     fn default() -> Self {
+        // A fresh P-256 key in PEM always parses back: a failure here is a bug.
+        let key = rcgen::KeyPair::generate().expect("generating an ECDSA P-256 key");
         TokenIssuer {
-            key: rand::random(),
+            signing: EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())
+                .expect("the key just generated"),
+            verifying: DecodingKey::from_ec_pem(key.public_key_pem().as_bytes())
+                .expect("the key just generated"),
             offset: AtomicI64::new(0),
         }
     }
@@ -209,14 +225,14 @@ impl TokenIssuer {
     }
 
     fn validate(&self, token: &str, store: &Store) -> Option<Authenticated> {
-        let mut validation = Validation::new(Algorithm::HS256);
+        let mut validation = Validation::new(Algorithm::ES256);
         validation.required_spec_claims.clear();
         validation.validate_exp = false;
         validation.validate_nbf = false;
         validation.validate_aud = false;
         let claims = jsonwebtoken::decode::<Claims>(
             token,
-            &DecodingKey::from_secret(&self.key),
+            &self.verifying,
             &validation,
         )
         .ok()?
@@ -390,9 +406,9 @@ impl TokenIssuer {
             },
         };
         let token = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
+            &Header::new(Algorithm::ES256),
             &claims,
-            &EncodingKey::from_secret(&self.key),
+            &self.signing,
         )
         .map_err(|e| ApiError::internal(format!("failed to generate token: {e}")))?;
         Ok(json!({

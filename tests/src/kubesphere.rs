@@ -261,7 +261,13 @@ pub fn dispatch_tls(
     let roots = tower_tunnel::tls::certs_from_pem(ca_pem.as_bytes()).expect("CA");
     let tls = tower_tunnel::tls::client_config(&tower_tunnel::tls::CaTrust::Certificates(roots))
         .expect("TLS client");
-    let request = dispatched_request(method, path, &base.authority().expect("authority").to_string(), jwt, b"");
+    let request = dispatched_request(
+        method,
+        path,
+        base.authority().expect("authority").as_str(),
+        jwt,
+        b"",
+    );
     runtime().block_on(async move {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await

@@ -396,7 +396,10 @@ fn with_kubesphere_tls_the_endpoint_is_https_under_the_tower_ca() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(endpoint, format!("https://mc-member-1.ke-system.svc:{port}"));
+    assert_eq!(
+        endpoint,
+        format!("https://mc-member-1.ke-system.svc:{port}")
+    );
     let token = connection(&written, "token").as_str().unwrap().to_owned();
     let _agent = agent(&tower, &member, "member-1")
         .token(&token)

@@ -170,6 +170,7 @@ where
     let mut response = match answer {
         Ok(response) => response,
         Err(e) => {
+            let e = tower_tunnel::http::error_chain(&*e);
             tracing::warn!(%target, error = %e, "upstream request failed");
             return reply(failure(
                 StatusCode::BAD_GATEWAY,

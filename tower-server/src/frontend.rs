@@ -370,7 +370,7 @@ impl Frontend {
                     return ProxyError::Unavailable(format!(
                         "cluster {:?}: {} (--max-streams-per-tunnel): retry later",
                         route.cluster,
-                        error_chain(&*e)
+                        tower_tunnel::http::error_chain(&*e)
                     ));
                 }
                 Some(TunnelError::Unacknowledged(_)) => {
@@ -378,7 +378,7 @@ impl Frontend {
                     return ProxyError::Unavailable(format!(
                         "cluster {:?}: {}: retry later",
                         route.cluster,
-                        error_chain(&*e)
+                        tower_tunnel::http::error_chain(&*e)
                     ));
                 }
                 _ => {}
@@ -387,7 +387,7 @@ impl Frontend {
             ProxyError::BadGateway(format!(
                 "cluster {:?}: the tunnel failed: {}",
                 route.cluster,
-                error_chain(&*e)
+                tower_tunnel::http::error_chain(&*e)
             ))
         })?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -656,17 +656,6 @@ impl Route {
             .path_and_query(self.path.as_str())
             .build()
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Counts a request in flight until dropped.

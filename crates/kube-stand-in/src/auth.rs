@@ -201,13 +201,11 @@ impl std::fmt::Debug for TokenIssuer {
 
 impl Default for TokenIssuer {
     fn default() -> Self {
-        // A fresh P-256 key in PEM always parses back: a failure here is a bug.
+        // rcgen's default key: ECDSA P-256. PKCS#8 to sign, the SEC1 point to verify.
         let key = rcgen::KeyPair::generate().expect("generating an ECDSA P-256 key");
         TokenIssuer {
-            signing: EncodingKey::from_ec_pem(key.serialize_pem().as_bytes())
-                .expect("the key just generated"),
-            verifying: DecodingKey::from_ec_pem(key.public_key_pem().as_bytes())
-                .expect("the key just generated"),
+            signing: EncodingKey::from_ec_der(&key.serialize_der()),
+            verifying: DecodingKey::from_ec_der(key.public_key_raw()),
             offset: AtomicI64::new(0),
         }
     }
@@ -230,13 +228,9 @@ impl TokenIssuer {
         validation.validate_exp = false;
         validation.validate_nbf = false;
         validation.validate_aud = false;
-        let claims = jsonwebtoken::decode::<Claims>(
-            token,
-            &self.verifying,
-            &validation,
-        )
-        .ok()?
-        .claims;
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.verifying, &validation)
+            .ok()?
+            .claims;
         let now = self.now();
         if claims.exp <= now
             || claims.iss != API_AUDIENCE
@@ -405,12 +399,8 @@ impl TokenIssuer {
                 secret,
             },
         };
-        let token = jsonwebtoken::encode(
-            &Header::new(Algorithm::ES256),
-            &claims,
-            &self.signing,
-        )
-        .map_err(|e| ApiError::internal(format!("failed to generate token: {e}")))?;
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.signing)
+            .map_err(|e| ApiError::internal(format!("failed to generate token: {e}")))?;
         Ok(json!({
             "kind": "TokenRequest",
             "apiVersion": "authentication.k8s.io/v1",

@@ -1,5 +1,5 @@
 //! HTTP helpers both proxies (server frontend, agent) share: hop-by-hop header removal,
-//! joining two upgraded connections, and Kubernetes `Status` error bodies.
+//! joining two upgraded connections, Kubernetes `Status` error bodies and error texts.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,6 +10,19 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// An error and each of its causes, `: `-separated: hyper's and hyper-util's errors say
+/// what went wrong (`connection closed before message completed`) only in their sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 /// A Kubernetes `Status` failure with `code`, a machine `reason` and a human `message`.
 pub fn failure(code: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {

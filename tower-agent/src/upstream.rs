@@ -259,8 +259,45 @@ impl Upstream {
             }
             _ => request,
         };
-        Ok(self.client.request(request).await?.map(|b| b.boxed()))
+        let replay = replayable(&request).then(|| head_copy(&request));
+        match (self.client.request(request).await, replay) {
+            (Ok(response), _) => Ok(response.map(|b| b.boxed())),
+            // Connecting failed: a new connection would meet the same.
+            (Err(e), Some(replay)) if !e.is_connect() => {
+                tracing::debug!(
+                    error = %tower_tunnel::http::error_chain(&e),
+                    "a request without a body failed before its answer; sending it once more"
+                );
+                Ok(self.client.request(replay).await?.map(|b| b.boxed()))
+            }
+            (Err(e), _) => Err(e.into()),
+        }
     }
+}
+
+/// Whether a request that failed before any answer may be sent once more, as Go's HTTP
+/// client does (net/http `Request.isReplayable`, used by the transport's
+/// `shouldRetryRequest`): an idempotent method and no body. A pooled connection the
+/// upstream (or a load balancer before it) closed as idle, just as the request went out
+/// on it, fails that way; the request never reached a handler.
+fn replayable<B: http_body::Body>(request: &Request<B>) -> bool {
+    use http::Method;
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE].contains(request.method())
+        && request.body().is_end_stream()
+}
+
+/// The same request line and headers, with no body (only for [`replayable`] requests).
+fn head_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 /// Largest read buffer of an HTTP/1.1 connection to an upstream (hyper's default is
@@ -284,6 +321,118 @@ fn client(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// An upstream that answers the first request on each connection and closes the
+    /// connection, unanswered, when a second one arrives on it (an idle keep-alive
+    /// connection closed just as it was reused); counts those it cut, by method.
+    async fn closing_on_reuse() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(Mutex::new(Vec::new()));
+        let seen = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let cut = seen.clone();
+                tokio::spawn(async move {
+                    let mut served = 0;
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        let method = head.split(' ').next().unwrap_or_default().to_owned();
+                        // Each test request's body, if any, is "x" (content-length: 1).
+                        let body =
+                            usize::from(head.to_ascii_lowercase().contains("content-length: 1"));
+                        while buf.len() < end + 4 + body {
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..end + 4 + body);
+                        if served == 1 {
+                            cut.lock().unwrap().push(method);
+                            return;
+                        }
+                        served += 1;
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tcp.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, cut)
+    }
+
+    fn request(upstream: &Upstream, method: &str, body: &'static [u8]) -> Request<UpstreamBody> {
+        let mut request = Request::new(
+            http_body_util::Full::new(Bytes::from_static(body))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *request.method_mut() = method.parse().unwrap();
+        *request.uri_mut() = upstream.uri_for("/x").unwrap();
+        request
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_body_is_sent_again_when_its_reused_connection_closes() {
+        let (addr, cut) = closing_on_reuse().await;
+        let upstream = Upstream::named(&addr.to_string()).unwrap();
+        // Whether a request goes out on the pooled connection or a new one is the pool's
+        // race with the connection's return: go on until a few did.
+        for _ in 0..200 {
+            let response = upstream.send(request(&upstream, "GET", b"")).await;
+            let response =
+                response.unwrap_or_else(|e| panic!("{}", tower_tunnel::http::error_chain(&*e)));
+            assert_eq!(response.status(), 200);
+            assert_eq!(
+                response.into_body().collect().await.unwrap().to_bytes(),
+                "ok"
+            );
+            if cut.lock().unwrap().len() >= 3 {
+                break;
+            }
+        }
+        assert!(
+            cut.lock().unwrap().len() >= 3,
+            "no GET went out on a reused connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_with_a_body_is_never_sent_twice() {
+        let (addr, cut) = closing_on_reuse().await;
+        let upstream = Upstream::named(&addr.to_string()).unwrap();
+        for _ in 0..200 {
+            let first = upstream.send(request(&upstream, "GET", b"")).await.unwrap();
+            first.into_body().collect().await.unwrap();
+            let before = cut.lock().unwrap().len();
+            let posted = upstream.send(request(&upstream, "POST", b"x")).await;
+            let cut_now = cut.lock().unwrap().clone();
+            if cut_now.len() > before && cut_now.last().map(String::as_str) == Some("POST") {
+                // The POST reached the upstream on a reused connection that closed: it
+                // fails, and was not sent on a new one.
+                assert!(posted.is_err(), "a POST cut by its upstream was answered");
+                return;
+            }
+            if let Ok(response) = posted {
+                response.into_body().collect().await.unwrap();
+            }
+        }
+        panic!("no POST went out on a reused connection");
+    }
 
     /// Writes `content` the way kubelet rotates a projected token: a new file renamed over
     /// the old one.

@@ -11,7 +11,8 @@
 //! (latency at concurrency 1, requests/s at 64 and 256), B3 head-of-line (small-request
 //! latency while a bulk download runs, through the tunnel and directly), B4 many watches
 //! over one tunnel ([`watch`]), B5 many idle agents on one server ([`agents`]), B6
-//! reconnect after a server restart, B7 CPU per request and per GiB on each side. The
+//! reconnect after a server restart, B7 CPU per request and per GiB on each side, B8 the
+//! tunnel over a WAN (a delaying relay between agent and server; [`wan`]). The
 //! upstream of B1, B2 and B6 is nginx from the Debian packages ([`nginx`]; the stand-in API
 //! server when nginx is not installed): `/version` for small requests, `/debug/bytes` for
 //! bulk. B3 (see [`Bench::b3`]), B4's watches and B5's agents use the stand-in. Every scenario
@@ -22,9 +23,11 @@
 #![forbid(unsafe_code)]
 
 mod agents;
+mod delay;
 mod load;
 mod nginx;
 mod stats;
+mod wan;
 mod watch;
 
 use std::time::{Duration, Instant};
@@ -56,7 +59,7 @@ pub(crate) fn tower_server() -> tower_e2e::ServerBuilder {
         .env("TOWER_MAX_TUNNEL_CONNECTIONS", "50000")
 }
 
-const USAGE: &str = "usage: tower-bench [--quick] [--only B1,B2,B3,B4,B5,B6,B7]";
+const USAGE: &str = "usage: tower-bench [--quick] [--only B1,B2,B3,B4,B5,B6,B7,B8]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -113,6 +116,9 @@ fn main() {
     }
     if selected("B6") {
         bench.b6();
+    }
+    if selected("B8") {
+        bench.b8();
     }
     let Bench {
         rt,

@@ -13,7 +13,7 @@
 //! over one tunnel ([`watch`]), B5 many idle agents on one server ([`agents`]), B6
 //! reconnect after a server restart, B7 CPU per request and per GiB on each side, B8 the
 //! tunnel over a WAN (a delaying relay between agent and server; [`wan`]). The
-//! upstream of B1, B2 and B6 is nginx from the Debian packages ([`nginx`]; the stand-in API
+//! upstream of B1, B2, B6 and B8 is nginx from the Debian packages ([`nginx`]; the stand-in API
 //! server when nginx is not installed): `/version` for small requests, `/debug/bytes` for
 //! bulk. B3 (see [`Bench::b3`]), B4's watches and B5's agents use the stand-in. Every scenario
 //! runs in rounds and reports the median and the spread (min-max) of each figure;
@@ -245,7 +245,7 @@ struct Bench {
     bulk_divisor: u64,
     rt: tokio::runtime::Runtime,
     member: Member,
-    /// The upstream of B1, B2 and B6 when nginx is installed (else the stand-in is).
+    /// The upstream of B1, B2, B6 and B8 when nginx is installed (else the stand-in is).
     nginx: Option<Nginx>,
     server: Server,
     agent: Agent,
@@ -266,7 +266,7 @@ impl Bench {
             None if stand_in_asked => None,
             None => {
                 println!(
-                    "tower-bench: nginx is not installed (apt-get install -y nginx): B1, B2 and B6 use the stand-in as their upstream"
+                    "tower-bench: nginx is not installed (apt-get install -y nginx): B1, B2, B6 and B8 use the stand-in as their upstream"
                 );
                 None
             }
@@ -305,7 +305,7 @@ impl Bench {
         [self.server.process.pid(), self.agent.process.pid()]
     }
 
-    /// The upstream of B1, B2 and B6: (name, address, CA, token).
+    /// The upstream of B1, B2, B6 and B8: (name, address, CA, token).
     fn upstream(&self) -> (String, std::net::SocketAddr, &str, &str) {
         match &self.nginx {
             Some(n) => (n.version.clone(), n.addr, &n.ca_pem, n.token()),

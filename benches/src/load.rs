@@ -311,3 +311,59 @@ async fn download(
     conn.abort();
     result
 }
+
+/// One GET of `target`'s path on a fresh connection, read whole: the time from the TCP
+/// connect to the body's last byte (connect, TLS handshake and request, as a new client
+/// pays them).
+pub(crate) async fn fresh_request(target: &Target) -> Result<Duration, String> {
+    let started = Instant::now();
+    let (mut sender, conn) = target.handshake::<Empty<Bytes>>().await?;
+    let conn = tokio::spawn(conn);
+    let response = sender
+        .send_request(target.get(&target.path))
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = response.status();
+    let body = response.into_body().collect().await;
+    let took = started.elapsed();
+    conn.abort();
+    if !status.is_success() {
+        return Err(format!("status {status}"));
+    }
+    body.map_err(|e| format!("body: {e}"))?;
+    Ok(took)
+}
+
+/// A download of `target`'s path on a connection opened first (not timed), checking every
+/// byte against the stand-in's pattern: the bytes, and the time from sending the request
+/// to the body's last byte.
+pub(crate) async fn timed_download(target: &Target) -> Result<(u64, Duration), String> {
+    let (mut sender, conn) = target.handshake::<Empty<Bytes>>().await?;
+    let conn = tokio::spawn(conn);
+    let started = Instant::now();
+    let result = async {
+        let response = sender
+            .send_request(target.get(&target.path))
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        if response.status() != http::StatusCode::OK {
+            return Err(format!("status {}", response.status()));
+        }
+        let mut body = response.into_body();
+        let mut offset = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("body cut after {offset} bytes: {e}"))?;
+            if let Some(data) = frame.data_ref() {
+                if let Some(at) = tower_e2e::pattern_mismatch(offset, data) {
+                    return Err(format!("byte {at} is wrong"));
+                }
+                offset += data.len() as u64;
+            }
+        }
+        Ok(offset)
+    }
+    .await;
+    let took = started.elapsed();
+    conn.abort();
+    result.map(|bytes| (bytes, took))
+}

@@ -11,8 +11,9 @@
 //! (latency at concurrency 1, requests/s at 64 and 256), B3 head-of-line (small-request
 //! latency while a bulk download runs, through the tunnel and directly), B4 many watches
 //! over one tunnel ([`watch`]), B5 many idle agents on one server ([`agents`]), B6
-//! reconnect after a server restart, B7 CPU per request and per GiB on each side. The
-//! upstream of B1, B2 and B6 is nginx from the Debian packages ([`nginx`]; the stand-in API
+//! reconnect after a server restart, B7 CPU per request and per GiB on each side, B8 the
+//! tunnel over a WAN (a delaying relay between agent and server; [`wan`]). The
+//! upstream of B1, B2, B6 and B8 is nginx from the Debian packages ([`nginx`]; the stand-in API
 //! server when nginx is not installed): `/version` for small requests, `/debug/bytes` for
 //! bulk. B3 (see [`Bench::b3`]), B4's watches and B5's agents use the stand-in. Every scenario
 //! runs in rounds and reports the median and the spread (min-max) of each figure;
@@ -22,9 +23,11 @@
 #![forbid(unsafe_code)]
 
 mod agents;
+mod delay;
 mod load;
 mod nginx;
 mod stats;
+mod wan;
 mod watch;
 
 use std::time::{Duration, Instant};
@@ -56,7 +59,7 @@ pub(crate) fn tower_server() -> tower_e2e::ServerBuilder {
         .env("TOWER_MAX_TUNNEL_CONNECTIONS", "50000")
 }
 
-const USAGE: &str = "usage: tower-bench [--quick] [--only B1,B2,B3,B4,B5,B6,B7]";
+const USAGE: &str = "usage: tower-bench [--quick] [--only B1,B2,B3,B4,B5,B6,B7,B8]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -113,6 +116,9 @@ fn main() {
     }
     if selected("B6") {
         bench.b6();
+    }
+    if selected("B8") {
+        bench.b8();
     }
     let Bench {
         rt,
@@ -239,7 +245,7 @@ struct Bench {
     bulk_divisor: u64,
     rt: tokio::runtime::Runtime,
     member: Member,
-    /// The upstream of B1, B2 and B6 when nginx is installed (else the stand-in is).
+    /// The upstream of B1, B2, B6 and B8 when nginx is installed (else the stand-in is).
     nginx: Option<Nginx>,
     server: Server,
     agent: Agent,
@@ -260,7 +266,7 @@ impl Bench {
             None if stand_in_asked => None,
             None => {
                 println!(
-                    "tower-bench: nginx is not installed (apt-get install -y nginx): B1, B2 and B6 use the stand-in as their upstream"
+                    "tower-bench: nginx is not installed (apt-get install -y nginx): B1, B2, B6 and B8 use the stand-in as their upstream"
                 );
                 None
             }
@@ -299,7 +305,7 @@ impl Bench {
         [self.server.process.pid(), self.agent.process.pid()]
     }
 
-    /// The upstream of B1, B2 and B6: (name, address, CA, token).
+    /// The upstream of B1, B2, B6 and B8: (name, address, CA, token).
     fn upstream(&self) -> (String, std::net::SocketAddr, &str, &str) {
         match &self.nginx {
             Some(n) => (n.version.clone(), n.addr, &n.ca_pem, n.token()),

@@ -1,4 +1,4 @@
-//! The upstream of B1, B2, B6 and B7: nginx from the Debian packages, over TLS, serving
+//! The upstream of B1, B2, B6, B7 and B8: nginx from the Debian packages, over TLS, serving
 //! what the stand-in serves for those scenarios under the same paths: `/version` (the
 //! same JSON) and `/debug/bytes?size=N` (N bytes of the stand-in's pattern, from a file
 //! written before first use). B4's watches need an API server, so B4 keeps the stand-in;

@@ -10,7 +10,8 @@
 //! Scenarios: B1 bulk download (MB/s; peak RSS of both sides), B2 small requests
 //! (latency at concurrency 1, requests/s at 64 and 256), B3 head-of-line (small-request
 //! latency while a bulk download runs, through the tunnel and directly), B4 many watches
-//! over one tunnel ([`watch`]), B5 many idle agents on one server ([`agents`]), B6
+//! over one tunnel ([`watch`]), B5 many idle agents on one server ([`agents`]), B9
+//! how many members one server serves ([`scale`]), B6
 //! reconnect after a server restart, B7 CPU per request and per GiB on each side. The
 //! upstream of B1, B2 and B6 is nginx from the Debian packages ([`nginx`]; the stand-in API
 //! server when nginx is not installed): `/version` for small requests, `/debug/bytes` for
@@ -24,6 +25,7 @@
 mod agents;
 mod load;
 mod nginx;
+mod scale;
 mod stats;
 mod watch;
 
@@ -56,7 +58,7 @@ pub(crate) fn tower_server() -> tower_e2e::ServerBuilder {
         .env("TOWER_MAX_TUNNEL_CONNECTIONS", "50000")
 }
 
-const USAGE: &str = "usage: tower-bench [--quick] [--only B1,B2,B3,B4,B5,B6,B7]";
+const USAGE: &str = "usage: tower-bench [--quick] [--only B1,B2,B3,B4,B5,B6,B7,B9]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -158,6 +160,9 @@ fn main() {
         let n = if quick { 200 } else { 1_000 };
         let b5 = agents::b5(&member, n, 3, Duration::from_secs(120));
         results.insert("B5".into(), b5);
+    }
+    if selected("B9") {
+        results.insert("B9".into(), scale::run(&member, &user, quick, open_files));
     }
 
     let elapsed = run_started.elapsed();

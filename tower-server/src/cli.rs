@@ -205,9 +205,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TOWER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
     /// TLS handshakes in progress at once on each listener; connections past it wait
-    /// (accepted, their handshake deadline not yet running) for one to finish, so that a
-    /// fleet redialing together after a restart is served in turn instead of all at
-    /// once, each too slowly to beat its deadline. 0 = no bound.
+    /// (accepted, their handshake deadline not yet running) for one to finish. 0 (the
+    /// default) = no bound: B9 measured 10,000 agents back sooner without one.
     #[arg(long, env = "TOWER_MAX_CONCURRENT_HANDSHAKES", default_value_t = crate::DEFAULT_MAX_CONCURRENT_HANDSHAKES)]
     pub max_concurrent_handshakes: usize,
     /// How long a client may take to send its request headers; a connection that sends

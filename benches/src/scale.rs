@@ -89,18 +89,28 @@ impl Round {
 /// tunnel in this process and in the server), then Kubernetes mode.
 pub(crate) fn run(member: &Member, user: &str, quick: bool, open_files: u64) -> Value {
     let most = usize::try_from(open_files.saturating_sub(2_000)).unwrap_or(usize::MAX);
-    let (sizes, rounds) = if quick {
+    let (mut sizes, rounds) = if quick {
         (vec![10, 1_000], 1)
     } else {
         (vec![10, 100, 1_000, 10_000], 3)
     };
+    // `TOWER_BENCH_B9=10000` (a comma-separated list; `0` for none): other sizes, for
+    // side-by-side runs of one change; `TOWER_BENCH_B9_KUBE=0` leaves Kubernetes mode out.
+    if let Ok(list) = std::env::var("TOWER_BENCH_B9") {
+        sizes = list
+            .split(',')
+            .filter_map(|n| n.trim().parse().ok())
+            .filter(|n| *n > 0)
+            .collect();
+    }
     if sizes.iter().any(|n| *n > most) {
         println!("tower-bench: B9: {open_files} open files allow at most {most} members; capping");
     }
     let sizes: Vec<usize> = sizes.into_iter().map(|n| n.min(most)).collect();
     let members = b9(member, user, &sizes, rounds, quick);
     let clusters = if quick { 500 } else { 10_000 };
-    let kubernetes = b9_kubernetes(member, clusters.min(most), (50.0, 100), quick);
+    let kubernetes = (std::env::var("TOWER_BENCH_B9_KUBE").as_deref() != Ok("0"))
+        .then(|| b9_kubernetes(member, clusters.min(most), (50.0, 100), quick));
     json!({ "members": members, "kubernetes": kubernetes })
 }
 
@@ -317,7 +327,9 @@ pub(crate) fn b9_kubernetes(member: &Member, n: usize, rate: (f64, u32), quick: 
     let arriving = absent / 2;
     hosted.create_proxy_clusters(&names);
     let setup_rate = (2_000.0, 4_000);
-    let grace = Duration::from_secs(if quick { 3 } else { 5 });
+    // Past the time all agents take to come back (else the ones not back yet are written
+    // False, then True again: correct in the end, but writes the pace must carry).
+    let grace = Duration::from_secs(if quick { 8 } else { 30 });
     let limit = Duration::from_secs(if quick { 60 } else { 600 });
     let mut server = crate::tower_server()
         .args(&[

@@ -12,8 +12,9 @@
 //! latency while a bulk download runs, through the tunnel and directly), B4 many watches
 //! over one tunnel ([`watch`]), B5 many idle agents on one server ([`agents`]), B6
 //! reconnect after a server restart, B7 CPU per request and per GiB on each side, B8 the
-//! tunnel over a WAN (a delaying relay between agent and server; [`wan`]). The
-//! upstream of B1, B2, B6 and B8 is nginx from the Debian packages ([`nginx`]; the stand-in API
+//! tunnel over a WAN (a delaying relay between agent and server; [`wan`]), B9 how many
+//! members one server serves ([`scale`]). The upstream of B1, B2, B6 and B8 is nginx
+//! from the Debian packages ([`nginx`]; the stand-in API
 //! server when nginx is not installed): `/version` for small requests, `/debug/bytes` for
 //! bulk. B3 (see [`Bench::b3`]), B4's watches and B5's agents use the stand-in. Every scenario
 //! runs in rounds and reports the median and the spread (min-max) of each figure;
@@ -26,6 +27,7 @@ mod agents;
 mod delay;
 mod load;
 mod nginx;
+mod scale;
 mod stats;
 mod wan;
 mod watch;
@@ -59,7 +61,7 @@ pub(crate) fn tower_server() -> tower_e2e::ServerBuilder {
         .env("TOWER_MAX_TUNNEL_CONNECTIONS", "50000")
 }
 
-const USAGE: &str = "usage: tower-bench [--quick] [--only B1,B2,B3,B4,B5,B6,B7,B8]";
+const USAGE: &str = "usage: tower-bench [--quick] [--only B1,B2,B3,B4,B5,B6,B7,B8,B9]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -164,6 +166,9 @@ fn main() {
         let n = if quick { 200 } else { 1_000 };
         let b5 = agents::b5(&member, n, 3, Duration::from_secs(120));
         results.insert("B5".into(), b5);
+    }
+    if selected("B9") {
+        results.insert("B9".into(), scale::run(&member, &user, quick, open_files));
     }
 
     let elapsed = run_started.elapsed();

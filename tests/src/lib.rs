@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod fleet;
 pub mod kubesphere;
 pub mod pod;
 pub mod protobuf_watch;
@@ -491,6 +492,13 @@ impl Server {
         let Server { process, dir, .. } = fresh;
         self.process = process;
         self.dir = dir;
+    }
+
+    /// Like [`Server::restart`], with `env` set over the server's own from now on.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.extra_env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self.restart();
     }
 
     /// The `/v1/clusters` table.

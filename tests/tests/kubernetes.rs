@@ -882,3 +882,104 @@ fn callers_resolve_against_kubesphere_users_and_a_disabled_one_is_locked_out() {
         || server.process.log(),
     );
 }
+
+/// The server's requests to the host API keep to `--kube-api-qps`/`--kube-api-burst`
+/// (the list, the watch, every spec and condition write), and every Cluster still ends
+/// with the right `AgentAvailable`: after the first start, and after a restart during
+/// which some agents left and some came (the leavers' `True` turns `False` once the
+/// agents' grace to come back is over).
+#[test]
+fn requests_to_the_host_keep_to_the_api_pace_and_every_cluster_converges() {
+    use std::collections::HashMap;
+    use std::time::Instant;
+    use tower_e2e::fleet::{ClusterHost, Fleet, clusters, most_within};
+
+    const QPS: f64 = 20.0;
+    const BURST: usize = 5;
+    let host = Member::start();
+    let member = Member::start();
+    let hosted = ClusterHost::new(&host);
+    let dir = TempDir::new("paced");
+    let kubeconfig = hosted.kubeconfig_with_token("paced-tower", dir.path());
+    let names = clusters("paced", 50);
+    hosted.create_proxy_clusters(&names);
+    let started = Instant::now();
+    let mut server = server()
+        .args(&[
+            "--kubernetes",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--frontend-url",
+            FRONTEND_URL,
+            "--kube-api-qps",
+            "20",
+            "--kube-api-burst",
+            "5",
+            "--agent-return-grace",
+            "2s",
+        ])
+        .start();
+    let mut fleet = Fleet::new();
+    // Five without an agent.
+    fleet.start(&server, &member, &names[5..]);
+    let mut want: HashMap<String, &str> = names
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.clone(), if i < 5 { "False" } else { "True" }))
+        .collect();
+    let converged = |want: &HashMap<String, &str>, server: &Server| {
+        wait_for_with(
+            "every Cluster's AgentAvailable",
+            Duration::from_secs(90),
+            || hosted.wrong(want).is_empty().then_some(()),
+            || format!("wrong: {:?}\n{}", hosted.wrong(want), server.process.log()),
+        )
+    };
+    converged(&want, &server);
+    // 50 spec writes (endpoint and kubeconfig), 50 conditions, the list and the watch:
+    // at 20 a second after a burst of 5, well over 4 s.
+    let calls_of = |since: Instant| -> Vec<Instant> {
+        host.api
+            .calls()
+            .into_iter()
+            .filter(|c| c.credential == "token#1" && c.at >= since)
+            .map(|c| c.at)
+            .collect()
+    };
+    let first = calls_of(started);
+    assert!(first.len() >= 100, "{} requests", first.len());
+    let span = *first.last().unwrap() - first[0];
+    let least = Duration::from_secs_f64((first.len() - BURST) as f64 / QPS * 0.95);
+    assert!(
+        span >= least,
+        "{} requests took {span:?}: the pace was not kept (at least {least:?})",
+        first.len()
+    );
+    let most = most_within(&first, Duration::from_secs(1));
+    assert!(
+        most <= QPS as usize + BURST,
+        "{most} requests within one second: over qps + burst"
+    );
+
+    // Down: two agents leave, two of the absent ones come; then it starts again.
+    let killed = Instant::now();
+    server.process.kill();
+    let leaving: Vec<String> = names[5..7].iter().map(|(n, _)| n.clone()).collect();
+    fleet.stop_agents(&leaving);
+    fleet.start(&server, &member, &names[..2]);
+    for name in &leaving {
+        want.insert(name.clone(), "False");
+    }
+    for (name, _) in &names[..2] {
+        want.insert(name.clone(), "True");
+    }
+    server.restart();
+    converged(&want, &server);
+    let after = calls_of(killed);
+    let most = most_within(&after, Duration::from_secs(1));
+    assert!(
+        most <= QPS as usize + BURST,
+        "{most} requests within one second after the restart"
+    );
+    fleet.stop();
+}

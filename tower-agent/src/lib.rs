@@ -30,7 +30,6 @@ pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -127,7 +126,7 @@ pub async fn run(
     admin: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
-    let up = Arc::new(AtomicUsize::new(0));
+    let up = config.metrics.up.clone();
     if let Some(listener) = admin {
         let metrics = config.metrics.clone();
         tokio::spawn(admin::serve_admin(

@@ -15,7 +15,7 @@
 //! series is fixed by its flags. Counting a request takes a read lock and a histogram
 //! observation; nothing is allocated after a target's first request.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -98,6 +98,11 @@ pub struct Metrics {
     upstream: Family<TargetClassLabels, Histogram>,
     failures: Family<TargetLabels, Counter>,
     targets: RwLock<Vec<TargetMetrics>>,
+    /// Tunnels up now (readiness; what `tunnels` shows when encoded). Agents that share
+    /// one `Metrics` (the bench runs thousands in one process) share the count.
+    pub(crate) up: Arc<AtomicUsize>,
+    /// Every dial that gave no tunnel, whatever the reason.
+    dials_failed: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -144,6 +149,8 @@ impl Default for Metrics {
             upstream: upstream.clone(),
             failures,
             targets: RwLock::new(Vec::new()),
+            up: Arc::default(),
+            dials_failed: AtomicU64::new(0),
         }
     }
 }
@@ -172,6 +179,17 @@ impl Metrics {
         self.dial_failures
             .get_or_create(&ReasonLabels { reason })
             .inc();
+        self.dials_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tunnels up now, across every agent that shares these metrics.
+    pub fn tunnels_up(&self) -> usize {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Dials that gave no tunnel so far, whatever the reason.
+    pub fn dials_failed(&self) -> u64 {
+        self.dials_failed.load(Ordering::Relaxed)
     }
 
     /// Counts a dial that failed with `error`.

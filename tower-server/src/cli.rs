@@ -119,6 +119,19 @@ pub struct ServeArgs {
     /// Namespace of tower's own objects.
     #[arg(long, env = "TOWER_NAMESPACE", default_value = "ke-system")]
     pub namespace: String,
+    /// With --kubernetes: requests per second to the API server, every request counted
+    /// (the Cluster list and watch, condition and spec writes), as client-go's QPS.
+    #[arg(long, env = "TOWER_KUBE_API_QPS", default_value_t = 50.0)]
+    pub kube_api_qps: f64,
+    /// With --kubernetes: requests that may go at once after a quiet spell (client-go's
+    /// Burst).
+    #[arg(long, env = "TOWER_KUBE_API_BURST", default_value_t = 100)]
+    pub kube_api_burst: u32,
+    /// With --kubernetes: how long after a start a Cluster whose AgentAvailable is True
+    /// waits for its agent to dial again before it is written False (agents redial
+    /// within their --reconnect-max, 30 s by default).
+    #[arg(long, env = "TOWER_AGENT_RETURN_GRACE", default_value = "40s", value_parser = humantime::parse_duration)]
+    pub agent_return_grace: Duration,
     /// The address members dial, https://HOST:PORT (goes into agent.yaml and the
     /// certificate's names); with --kubernetes, the `tower` Service's LoadBalancer
     /// ingress is used only when neither this nor the platform config sets one.
@@ -198,6 +211,11 @@ pub struct ServeArgs {
     /// How long a TLS handshake may take (agents and callers).
     #[arg(long, env = "TOWER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once on each listener; connections past it wait
+    /// (accepted, their handshake deadline not yet running) for one to finish. 0 (the
+    /// default) = no bound: B9 measured 10,000 agents back sooner without one.
+    #[arg(long, env = "TOWER_MAX_CONCURRENT_HANDSHAKES", default_value_t = crate::DEFAULT_MAX_CONCURRENT_HANDSHAKES)]
+    pub max_concurrent_handshakes: usize,
     /// How long a client may take to send its request headers; a connection that sends
     /// no request this long after it opens (HTTP/1.1 and HTTP/2), or between two requests
     /// (HTTP/1.1), is closed.
@@ -265,9 +283,23 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
         (Some(path), _) => RegistryConfig::File(registry::load_clusters_file(path)?),
         (None, true) => {
             validate_cluster_name(&args.namespace).map_err(|e| format!("--namespace: {e}"))?;
+            if !(args.kube_api_qps > 0.0 && args.kube_api_qps.is_finite()) {
+                return Err(format!(
+                    "--kube-api-qps {} must be a number above 0",
+                    args.kube_api_qps
+                ));
+            }
+            if args.kube_api_burst == 0 {
+                return Err("--kube-api-burst must be at least 1".into());
+            }
             RegistryConfig::Kubernetes {
                 kubeconfig: args.kubeconfig.clone(),
                 namespace: args.namespace.clone(),
+                api_rate: crate::api_pace::ApiRate {
+                    qps: args.kube_api_qps,
+                    burst: args.kube_api_burst,
+                },
+                agent_return_grace: args.agent_return_grace,
             }
         }
         (None, false) => RegistryConfig::Open,
@@ -405,6 +437,7 @@ pub fn build_config(args: &ServeArgs) -> Result<Config, String> {
             .then_some(args.agent_token_lifetime),
         limits: Limits {
             handshake_timeout: args.handshake_timeout,
+            max_concurrent_handshakes: args.max_concurrent_handshakes,
             header_read_timeout: args.header_read_timeout,
             idle_connection_timeout: args.idle_connection_timeout,
             connections,

@@ -11,7 +11,7 @@
 //! tunnel. The publish address (what members dial) comes from the `tower` Service.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,8 +177,12 @@ impl Cluster {
     }
 }
 
-/// A client from `--kubeconfig`, else in-cluster (or `KUBECONFIG`).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
+/// A client from `--kubeconfig`, else in-cluster (or `KUBECONFIG`), whose requests keep
+/// to `rate` ([`crate::api_pace`]).
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    rate: crate::api_pace::ApiRate,
+) -> Result<Client, String> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
@@ -191,7 +195,10 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
             .await
             .map_err(|e| format!("no in-cluster Kubernetes configuration: {e}"))?,
     };
-    Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| format!("Kubernetes client: {e}"))?;
+    let pace = crate::api_pace::PaceLayer(crate::api_pace::ApiPace::new(rate));
+    Ok(builder.with_layer(&pace).build())
 }
 
 /// The address members dial: the configured `proxyPublishAddress`, else the `tower`
@@ -343,6 +350,9 @@ pub struct Controller {
     pub kubesphere: Option<Arc<crate::ks_endpoint::KubeSphereEndpoints>>,
     /// When this replica last wrote each Cluster's kubeconfig.
     pub rewrites: crate::cluster_spec::Rewrites,
+    /// How long after the first list a Cluster whose `AgentAvailable` is `True` waits
+    /// for its agent before this replica writes it `False` (`--agent-return-grace`).
+    pub agent_return_grace: Duration,
 }
 
 /// What a Cluster's agent token needs.
@@ -393,35 +403,99 @@ enum Owed {
     Unavailable,
 }
 
+/// The controller's view between events: the Clusters as last seen, and what this
+/// replica still owes them.
+#[derive(Default)]
+struct State {
+    clusters: HashMap<String, Cluster>,
+    /// The names of the list in progress.
+    listing: Option<HashSet<String>>,
+    /// Clusters whose tunnel this replica held (and said so).
+    held: HashSet<String>,
+    /// The `AgentAvailable` each cluster is still owed.
+    owed: HashMap<String, Owed>,
+    /// Owed clusters in the order they are written; each name once ([`State::queued`]).
+    due: VecDeque<String>,
+    queued: HashSet<String>,
+    /// Owed clusters whose last write failed: queued again at the next retry tick.
+    failed: Vec<String>,
+    /// Clusters whose `AgentConflict` this replica set.
+    conflicted: HashSet<String>,
+    /// Whether the CRD has a status subresource: `None` until a write tells (KubeSphere's
+    /// own has none, so each condition would otherwise cost a refused `/status` patch).
+    status_subresource: Option<bool>,
+}
+
+impl State {
+    fn owe(&mut self, name: &str, owed: Owed) {
+        self.owed.insert(name.to_owned(), owed);
+        if self.queued.insert(name.to_owned()) {
+            self.due.push_back(name.to_owned());
+        }
+    }
+}
+
 impl Controller {
     /// Runs until `stop`: keeps the registry in step with the Cluster objects and the
-    /// Cluster objects in step with the tunnels.
+    /// Cluster objects in step with the tunnels. Each event looks only at the clusters it
+    /// touched (a tunnel up or down, a Cluster changed), never at all of them, and owed
+    /// conditions are written one per turn, between events: at 10,000 Clusters the
+    /// writes after a restart take minutes at the API pace, and the watch keeps being
+    /// read meanwhile.
     pub async fn run(self, stop: CancellationToken) {
         let api: Api<Cluster> = Api::all(self.client.clone());
         let mut events = watcher::watcher(api.clone(), watcher::Config::default())
             .default_backoff()
             .boxed();
-        let mut clusters: HashMap<String, Cluster> = HashMap::new();
-        let mut listing: Option<HashSet<String>> = None;
-        let mut held: HashSet<String> = HashSet::new();
-        let mut owed: HashMap<String, Owed> = HashMap::new();
-        let mut conflicted: HashSet<String> = HashSet::new();
+        let mut state = State::default();
+        // Once the first list is in: Clusters still `True` without a tunnel here when the
+        // grace is over are written `False` (their agents had the grace to come back).
+        let mut grace_ends: Option<tokio::time::Instant> = None;
+        let mut grace_over = false;
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let changed = self.registry.changed().notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            let grace = async {
+                match grace_ends {
+                    Some(at) if !grace_over => tokio::time::sleep_until(at).await,
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = &mut changed => {}
+                () = grace => {
+                    grace_over = true;
+                    let names: Vec<String> = state.clusters.keys().cloned().collect();
+                    for name in &names {
+                        self.assess(name, &mut state);
+                        let stale = !self.registry.is_connected(name)
+                            && state.clusters.get(name).and_then(|c| c.condition(AGENT_AVAILABLE)).is_some_and(|c| c.status == "True");
+                        if stale {
+                            state.owe(name, Owed::Unavailable);
+                        }
+                    }
+                    tracing::info!(owed = state.owed.len(), "the agents' grace to come back is over");
+                }
                 _ = retry.tick() => {
                     // Failed writes again, and kubeconfigs due for renewal.
                     if let Some(ks) = &self.kubesphere {
                         ks.refresh().await;
                     }
-                    for cluster in clusters.values() {
+                    for cluster in state.clusters.values() {
                         self.reconcile_spec(&api, cluster).await;
+                    }
+                    for name in std::mem::take(&mut state.failed) {
+                        if let Some(owed) = state.owed.get(&name).copied() {
+                            state.owe(&name, owed);
+                        }
+                    }
+                    let names: Vec<String> = state.clusters.keys().cloned().collect();
+                    for name in &names {
+                        self.assess(name, &mut state);
                     }
                 }
                 event = events.next() => match event {
@@ -431,49 +505,135 @@ impl Controller {
                         tracing::warn!(error = %e, "watching Cluster objects");
                         continue;
                     }
-                    Some(Ok(event)) => self.apply(&api, event, &mut clusters, &mut listing).await,
+                    Some(Ok(event)) => {
+                        let listed = matches!(event, Event::InitDone);
+                        self.apply(&api, event, &mut state).await;
+                        if listed && grace_ends.is_none() {
+                            grace_ends = Some(tokio::time::Instant::now() + self.agent_return_grace);
+                        }
+                    }
                 },
+                () = std::future::ready(()), if !state.due.is_empty() => {
+                    self.write_next(&api, &mut state).await;
+                }
             }
-            self.reconcile_conditions(&api, &mut clusters, &mut held, &mut owed, &mut conflicted)
-                .await;
+            for name in self.registry.take_touched() {
+                self.assess(&name, &mut state);
+            }
+            let mut conflicts = self.registry.conflicted();
+            conflicts.extend(state.conflicted.iter().cloned());
+            conflicts.sort();
+            conflicts.dedup();
+            self.reconcile_conflicts(&api, &mut state, &conflicts).await;
         }
         // Say so before going: whichever replica still holds a tunnel says it back.
-        for name in &held {
-            owed.insert(name.clone(), Owed::Unavailable);
+        for name in std::mem::take(&mut state.held) {
+            state.owe(&name, Owed::Unavailable);
         }
-        held.clear();
-        let last_words =
-            self.reconcile_conditions(&api, &mut clusters, &mut held, &mut owed, &mut conflicted);
+        let last_words = async {
+            while !state.due.is_empty() {
+                self.write_next(&api, &mut state).await;
+            }
+        };
         let _ = tokio::time::timeout(Duration::from_secs(2), last_words).await;
         if let Some(ks) = &self.kubesphere {
             ks.close_all();
         }
     }
 
-    async fn apply(
-        &self,
-        api: &Api<Cluster>,
-        event: Event<Cluster>,
-        clusters: &mut HashMap<String, Cluster>,
-        listing: &mut Option<HashSet<String>>,
-    ) {
+    /// What `name`'s `AgentAvailable` should become, from this replica's view: `True`
+    /// while it holds the tunnel, `False` once when it loses it (or when the condition is
+    /// missing). Replicas that still hold a tunnel see the `False` and write `True` back.
+    fn assess(&self, name: &str, state: &mut State) {
+        let Some(cluster) = state.clusters.get(name) else {
+            state.held.remove(name);
+            state.owed.remove(name);
+            state.conflicted.remove(name);
+            return;
+        };
+        let missing = cluster.condition(AGENT_AVAILABLE).is_none();
+        if self.registry.is_connected(name) {
+            state.held.insert(name.to_owned());
+            state.owe(name, Owed::Available);
+        } else if state.held.remove(name) || missing {
+            state.owe(name, Owed::Unavailable);
+        } else if state.owed.get(name) == Some(&Owed::Available) {
+            state.owed.remove(name);
+        }
+    }
+
+    /// Writes the next owed condition, unless the Cluster already says it.
+    async fn write_next(&self, api: &Api<Cluster>, state: &mut State) {
+        let Some(name) = state.due.pop_front() else {
+            return;
+        };
+        state.queued.remove(&name);
+        let (Some(want), Some(cluster)) = (
+            state.owed.get(&name).copied(),
+            state.clusters.get_mut(&name),
+        ) else {
+            state.owed.remove(&name);
+            return;
+        };
+        let (status, reason, message) = match want {
+            Owed::Available => (
+                "True",
+                "AgentConnected",
+                format!(
+                    "the agent holds a tunnel to tower-server {}",
+                    self.server_id
+                ),
+            ),
+            Owed::Unavailable => (
+                "False",
+                "AgentNotConnected",
+                format!("no agent tunnel on tower-server {}", self.server_id),
+            ),
+        };
+        if cluster
+            .condition(AGENT_AVAILABLE)
+            .is_some_and(|c| c.status == status)
+        {
+            state.owed.remove(&name);
+            return;
+        }
+        let written = write_condition(
+            api,
+            &name,
+            cluster,
+            AGENT_AVAILABLE,
+            (status, reason, &message),
+            &mut state.status_subresource,
+        )
+        .await;
+        if written {
+            state.owed.remove(&name);
+        } else {
+            state.failed.push(name);
+        }
+    }
+
+    async fn apply(&self, api: &Api<Cluster>, event: Event<Cluster>, state: &mut State) {
         match event {
-            Event::Init => *listing = Some(HashSet::new()),
+            Event::Init => state.listing = Some(HashSet::new()),
             Event::InitApply(cluster) => {
-                if let Some(listed) = listing.as_mut() {
-                    listed.insert(cluster.name().to_owned());
+                let name = cluster.name().to_owned();
+                if let Some(listed) = state.listing.as_mut() {
+                    listed.insert(name.clone());
                 }
-                self.upsert(api, cluster, clusters).await;
+                self.upsert(api, cluster, &mut state.clusters).await;
+                self.assess(&name, state);
             }
             Event::InitDone => {
-                let listed = listing.take().unwrap_or_default();
+                let listed = state.listing.take().unwrap_or_default();
                 for name in self.registry.registered() {
                     if !listed.contains(&name) {
-                        self.forget(&name, clusters).await;
+                        self.forget(&name, &mut state.clusters).await;
+                        self.assess(&name, state);
                     }
                 }
                 if let Some(ks) = &self.kubesphere {
-                    let proxies: HashSet<String> = clusters.keys().cloned().collect();
+                    let proxies: HashSet<String> = state.clusters.keys().cloned().collect();
                     ks.release_absent(&proxies, api).await;
                 }
                 if !self.registry.is_synced() {
@@ -484,8 +644,15 @@ impl Controller {
                 }
                 self.registry.set_synced();
             }
-            Event::Apply(cluster) => self.upsert(api, cluster, clusters).await,
-            Event::Delete(cluster) => self.forget(cluster.name(), clusters).await,
+            Event::Apply(cluster) => {
+                let name = cluster.name().to_owned();
+                self.upsert(api, cluster, &mut state.clusters).await;
+                self.assess(&name, state);
+            }
+            Event::Delete(cluster) => {
+                self.forget(cluster.name(), &mut state.clusters).await;
+                self.assess(cluster.name(), state);
+            }
         }
     }
 
@@ -563,84 +730,20 @@ impl Controller {
         }
     }
 
-    /// Writes `AgentAvailable` where this replica's view says it must change: `True` while
-    /// it holds the tunnel, `False` once when it loses it (or when the condition is
-    /// missing). Replicas that still hold a tunnel see the `False` and write `True` back.
-    async fn reconcile_conditions(
-        &self,
-        api: &Api<Cluster>,
-        clusters: &mut HashMap<String, Cluster>,
-        held: &mut HashSet<String>,
-        owed: &mut HashMap<String, Owed>,
-        conflicted: &mut HashSet<String>,
-    ) {
-        for (name, cluster) in clusters.iter() {
-            let connected = self.registry.is_connected(name);
-            if connected {
-                held.insert(name.clone());
-                owed.insert(name.clone(), Owed::Available);
-            } else if held.remove(name) || cluster.condition(AGENT_AVAILABLE).is_none() {
-                owed.insert(name.clone(), Owed::Unavailable);
-            } else if owed.get(name) == Some(&Owed::Available) {
-                owed.remove(name);
-            }
-        }
-        held.retain(|name| clusters.contains_key(name));
-        owed.retain(|name, _| clusters.contains_key(name));
-        let due: Vec<(String, Owed)> = owed.iter().map(|(n, o)| (n.clone(), *o)).collect();
-        for (name, want) in due {
-            let Some(cluster) = clusters.get_mut(&name) else {
-                continue;
-            };
-            let (status, reason, message) = match want {
-                Owed::Available => (
-                    "True",
-                    "AgentConnected",
-                    format!(
-                        "the agent holds a tunnel to tower-server {}",
-                        self.server_id
-                    ),
-                ),
-                Owed::Unavailable => (
-                    "False",
-                    "AgentNotConnected",
-                    format!("no agent tunnel on tower-server {}", self.server_id),
-                ),
-            };
-            if cluster
-                .condition(AGENT_AVAILABLE)
-                .is_some_and(|c| c.status == status)
-            {
-                owed.remove(&name);
-                continue;
-            }
-            if write_condition(
-                api,
-                &name,
-                cluster,
-                AGENT_AVAILABLE,
-                status,
-                reason,
-                &message,
-            )
-            .await
-            {
-                owed.remove(&name);
-            }
-        }
-        self.reconcile_conflicts(api, clusters, conflicted).await;
-    }
-
     /// Writes `AgentConflict`: `True` when this replica refused a second agent, `False`
     /// once it accepted a tunnel for that cluster again. A replica that saw no conflict
     /// leaves the condition alone, so replicas never overwrite each other's.
-    async fn reconcile_conflicts(
-        &self,
-        api: &Api<Cluster>,
-        clusters: &mut HashMap<String, Cluster>,
-        conflicted: &mut HashSet<String>,
-    ) {
-        for (name, cluster) in clusters.iter_mut() {
+    async fn reconcile_conflicts(&self, api: &Api<Cluster>, state: &mut State, names: &[String]) {
+        let State {
+            clusters,
+            conflicted,
+            status_subresource,
+            ..
+        } = state;
+        for name in names {
+            let Some(cluster) = clusters.get_mut(name) else {
+                continue;
+            };
             let (status, reason, message) = match self.registry.conflict(name) {
                 Some(c) => (
                     "True",
@@ -665,7 +768,16 @@ impl Controller {
             {
                 continue;
             }
-            if write_condition(api, name, cluster, AGENT_CONFLICT, status, reason, &message).await {
+            if write_condition(
+                api,
+                name,
+                cluster,
+                AGENT_CONFLICT,
+                (status, reason, &message),
+                status_subresource,
+            )
+            .await
+            {
                 if status == "True" {
                     conflicted.insert(name.clone());
                 } else {
@@ -685,18 +797,30 @@ async fn write_condition(
     name: &str,
     cluster: &mut Cluster,
     type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
+    (status, reason, message): (&str, &str, &str),
+    status_subresource: &mut Option<bool>,
 ) -> bool {
     let conditions = with_condition(cluster, type_, status, reason, message);
     let patch = json!({ "status": { "conditions": conditions } });
     let params = PatchParams::default();
-    let mut written = api.patch_status(name, &params, &Patch::Merge(&patch)).await;
-    if matches!(&written, Err(kube::Error::Api(e)) if e.code == 404) {
+    let mut written = if *status_subresource == Some(false) {
+        api.patch(name, &params, &Patch::Merge(&patch)).await
+    } else {
+        let through_status = api.patch_status(name, &params, &Patch::Merge(&patch)).await;
+        if through_status.is_ok() {
+            *status_subresource = Some(true);
+        }
+        through_status
+    };
+    if *status_subresource != Some(false)
+        && matches!(&written, Err(kube::Error::Api(e)) if e.code == 404)
+    {
         // KubeSphere's own CRD has no status subresource: status is written with
-        // the object itself there.
+        // the object itself there (and from now on at once).
         written = api.patch(name, &params, &Patch::Merge(&patch)).await;
+        if written.is_ok() {
+            *status_subresource = Some(false);
+        }
     }
     match written {
         Ok(_) => {

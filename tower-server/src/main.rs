@@ -235,7 +235,11 @@ async fn agent_manifest(args: AgentManifestArgs) -> Result<String, String> {
     })?;
     let ca_pin = ca_pin_of(&ca_pem).map_err(|e| format!("{}: {e}", ca_path.display()))?;
     let (proxy_server, cluster_token) = if args.kubernetes {
-        let client = kubernetes::client(args.kubeconfig.as_deref()).await?;
+        let client = kubernetes::client(
+            args.kubeconfig.as_deref(),
+            tower_server::api_pace::ApiRate::default(),
+        )
+        .await?;
         let configured = match &args.proxy_publish_address {
             Some(address) => Some(address.clone()),
             None => {

@@ -191,6 +191,9 @@ pub struct Registry {
     /// when a cluster registers, dropped when it goes, so the per-cluster series are
     /// bounded by the registry, never by what callers ask for.
     metrics: RwLock<HashMap<String, Arc<ClusterMetrics>>>,
+    /// Clusters whose tunnel, entry or conflict changed since [`Registry::take_touched`]
+    /// (kept only for Kubernetes, whose controller takes them: it looks at those alone).
+    touched: std::sync::Mutex<HashSet<String>>,
 }
 
 /// A second agent refused for a cluster whose live tunnel answered a ping.
@@ -239,12 +242,35 @@ impl Registry {
             synced: AtomicBool::new(source != Source::Kubernetes),
             conflicts: RwLock::new(HashMap::new()),
             metrics: RwLock::new(HashMap::new()),
+            touched: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
     /// Whether the registry has its first full list of clusters.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// Notes that `name` changed, for [`Registry::take_touched`].
+    fn touch(&self, name: &str) {
+        if self.source == Source::Kubernetes {
+            self.touched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.to_owned());
+        }
+    }
+
+    /// The clusters whose tunnel, entry or conflict changed since the last call (only
+    /// with Kubernetes as the source; else none).
+    pub fn take_touched(&self) -> Vec<String> {
+        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        touched.drain().collect()
+    }
+
+    /// The clusters for which a second agent was refused since their last tunnel.
+    pub fn conflicted(&self) -> Vec<String> {
+        read(&self.conflicts).keys().cloned().collect()
     }
 
     /// Marks the first full list as received.
@@ -318,6 +344,7 @@ impl Registry {
             }
         }
         if changed {
+            self.touch(name);
             self.changed.notify_waiters();
         }
     }
@@ -332,6 +359,7 @@ impl Registry {
             tunnel.session.close();
         }
         if was {
+            self.touch(name);
             self.changed.notify_waiters();
         }
     }
@@ -368,6 +396,7 @@ impl Registry {
     /// Records that a second agent for `name` was refused.
     pub fn record_conflict(&self, name: &str, conflict: Conflict) {
         write(&self.conflicts).insert(name.to_owned(), conflict);
+        self.touch(name);
         self.changed.notify_waiters();
     }
 
@@ -387,6 +416,7 @@ impl Registry {
         if self.source == Source::Open || read(&self.allowed).contains_key(name) {
             self.ensure_metrics(name).state_changed();
         }
+        self.touch(name);
         self.changed.notify_waiters();
         (old, before)
     }
@@ -406,6 +436,7 @@ impl Registry {
             if let Some(metrics) = read(&self.metrics).get(name) {
                 metrics.state_changed();
             }
+            self.touch(name);
             self.changed.notify_waiters();
         }
         removed

@@ -185,6 +185,7 @@ pub(crate) async fn handle(
         groups: Vec::new(),
         accept: header_str(headers, "accept").map(str::to_owned),
         accept_encoding: header_str(headers, "accept-encoding").map(str::to_owned),
+        at: std::time::Instant::now(),
     };
     let gzip = negotiate::accepts_gzip(headers);
     let record = |call: Call| {
@@ -479,7 +480,43 @@ async fn collection(
                 };
                 return Ok(watch::serve(shared, resource, filter, options));
             }
-            let (rv, items) = shared.store.list(resource, &filter);
+            // `limit` and `continue`, as kube-apiserver pages a list: the token names the
+            // list's resourceVersion and the last object given; each page starts after it.
+            let limit = query
+                .get("limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|l| *l > 0 && !as_table && output != Output::Protobuf);
+            let resumed = match query.get("continue").filter(|c| !c.is_empty()) {
+                Some(token) => Some(ContinueToken::parse(token)?),
+                None => None,
+            };
+            let (rv, items, next) = match limit {
+                Some(limit) => {
+                    let after = resumed
+                        .as_ref()
+                        .map(|t| (t.namespace.as_str(), t.name.as_str()));
+                    let (rv, items, next) = shared.store.list_page(resource, &filter, after, limit);
+                    let rv = resumed.as_ref().map_or(rv, |t| t.rv);
+                    let next = next.map(|(namespace, name)| ContinueToken {
+                        rv,
+                        namespace,
+                        name,
+                    });
+                    (rv, items, next)
+                }
+                None => {
+                    let (rv, items) = shared.store.list(resource, &filter);
+                    (rv, items, None)
+                }
+            };
+            if let Some(next) = next {
+                return Ok(list_response_continued(
+                    resource,
+                    rv,
+                    items,
+                    &next.to_string(),
+                ));
+            }
             if as_table {
                 let objects: Vec<Value> = items
                     .iter()
@@ -521,6 +558,53 @@ async fn collection(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// Where a paged list goes on: `{rv}:{namespace}/{name}` of the last object given.
+struct ContinueToken {
+    rv: u64,
+    namespace: String,
+    name: String,
+}
+
+impl ContinueToken {
+    fn parse(token: &str) -> Result<ContinueToken, ApiError> {
+        let bad = || ApiError::bad_request(format!("invalid continue token {token:?}"));
+        let (rv, key) = token.split_once(':').ok_or_else(bad)?;
+        let (namespace, name) = key.split_once('/').ok_or_else(bad)?;
+        Ok(ContinueToken {
+            rv: rv.parse().map_err(|_| bad())?,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for ContinueToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.rv, self.namespace, self.name)
+    }
+}
+
+/// One page of a list, with its `continue` token.
+fn list_response_continued(
+    resource: Resource,
+    rv: u64,
+    items: Vec<Bytes>,
+    token: &str,
+) -> Response<Body> {
+    let metadata = json!({"resourceVersion": rv.to_string(), "continue": token});
+    let items: Vec<Value> = items
+        .iter()
+        .filter_map(|b| serde_json::from_slice(b).ok())
+        .collect();
+    let list = json!({
+        "kind": resource.list_kind(),
+        "apiVersion": resource.api_version(),
+        "metadata": metadata,
+        "items": items,
+    });
+    json_response(StatusCode::OK, list.to_string())
 }
 
 /// A `…List` body: small lists in one piece, large ones streamed item by item straight from

@@ -136,6 +136,8 @@ pub struct Call {
     pub accept: Option<String>,
     /// The `Accept-Encoding` header, if any.
     pub accept_encoding: Option<String>,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 /// How an exec or attach session reached the stand-in.

@@ -730,6 +730,41 @@ impl Store {
         (inner.rv, items)
     }
 
+    /// One page of [`Store::list`]: at most `limit` objects after the (namespace, name)
+    /// `after`, and the last one's key when more follow (for a `continue` token).
+    pub(crate) fn list_page(
+        &self,
+        resource: Resource,
+        filter: &Filter,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> (u64, Vec<Bytes>, Option<(String, String)>) {
+        let inner = self.lock();
+        let start = match after {
+            Some((ns, name)) => (resource, ns.to_owned(), name.to_owned()),
+            None => (
+                resource,
+                filter.namespace.clone().unwrap_or_default(),
+                String::new(),
+            ),
+        };
+        let mut matching = inner
+            .objects
+            .range((std::ops::Bound::Excluded(start), std::ops::Bound::Unbounded))
+            .take_while(move |((r, ns, _), _)| {
+                *r == resource && filter.namespace.as_deref().is_none_or(|want| want == ns)
+            })
+            .filter(move |((_, ns, name), s)| filter.matches(ns, name, &s.labels));
+        let mut items = Vec::new();
+        let mut last = None;
+        for ((_, ns, name), stored) in matching.by_ref().take(limit) {
+            items.push(stored.json.clone());
+            last = Some((ns.clone(), name.clone()));
+        }
+        let more = matching.next().is_some();
+        (inner.rv, items, last.filter(|_| more))
+    }
+
     fn matching<'a>(
         inner: &'a Inner,
         resource: Resource,

@@ -19,6 +19,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Writes are gathered up to this size before they are pushed on without a flush: a
 /// 64 KiB frame (yamux's largest here) and its header fit.
 const CAPACITY: usize = 80 * 1024;
+/// The buffer a session starts with: what an idle tunnel writes (pings, a window
+/// update) fits. It grows as writes need, up to [`CAPACITY`], and keeps what it grew to:
+/// a busy tunnel reallocates a few times in its life, and the 10,000 idle tunnels of a
+/// large fleet do not each hold 80 KiB of address space and the pages they touched
+/// (B9).
+const INITIAL: usize = 512;
 
 /// Buffers writes until the driver flushes (or until [`CAPACITY`] is reached).
 pub(crate) struct Coalesce<T> {
@@ -43,7 +49,7 @@ struct State<T> {
 pub(crate) fn coalesce<T>(inner: T) -> (Coalesce<T>, Flusher<T>) {
     let state = Arc::new(Mutex::new(State {
         inner,
-        buf: Vec::with_capacity(CAPACITY),
+        buf: Vec::with_capacity(INITIAL),
         written: 0,
         due: false,
     }));
@@ -119,6 +125,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         if data.len() >= CAPACITY {
             // Too big to gather: pass it straight on.
             return Pin::new(&mut state.inner).poll_write(cx, data);
+        }
+        let needed = state.buf.len() + data.len();
+        if needed > state.buf.capacity() {
+            // Doubling, but never past CAPACITY (Vec's own growth could double 80 KiB).
+            let grown = needed.next_power_of_two().min(CAPACITY);
+            let len = state.buf.len();
+            state.buf.reserve_exact(grown - len);
         }
         state.buf.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))

@@ -100,23 +100,26 @@ fn get_create_replace_delete_and_large_lists() {
             "payload of bulk-{i:04} arrived intact"
         );
     }
-    // kubectl asked for gzip (Go's HTTP transport does), so the member sent the list
-    // compressed, and it arrived intact through the tunnel: kubectl read it above.
-    let listed = member
+    // kubectl lists in pages of 500 (`--chunk-size`), as the member's API server pages
+    // (limit and continue): two pages for 550. It asked for gzip (Go's HTTP transport
+    // does), so the member sent each page compressed, and they arrived intact through
+    // the tunnel: kubectl read them above.
+    let pages: Vec<_> = member
         .api
         .calls()
         .into_iter()
-        .find(|c| {
+        .filter(|c| {
             c.path_and_query
                 .starts_with("/api/v1/namespaces/bulk/configmaps")
         })
-        .expect("the list reached the member");
-    assert_eq!(
-        listed.accept_encoding.as_deref(),
-        Some("gzip"),
-        "{listed:?}"
-    );
-    assert_eq!(member.api.gzipped_responses(), 1);
+        .collect();
+    assert_eq!(pages.len(), 2, "{pages:?}");
+    assert!(pages[0].path_and_query.contains("limit=500"), "{pages:?}");
+    assert!(pages[1].path_and_query.contains("continue="), "{pages:?}");
+    for page in &pages {
+        assert_eq!(page.accept_encoding.as_deref(), Some("gzip"), "{page:?}");
+    }
+    assert_eq!(member.api.gzipped_responses(), 2);
 
     // The member saw the agent's own credential and the JWT's user and groups, never
     // the caller's JWT.

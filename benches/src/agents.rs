@@ -9,7 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use clap::Parser as _;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower_e2e::{Member, Server};
@@ -117,29 +116,11 @@ fn round(member: &Member, n: usize, limit: Duration) -> Round {
         .build()
         .expect("agents' runtime");
     let minter = Server::minter();
-    let proxy_server = format!("https://{}", server.tunnel);
-    let ca_file = server.ca_file.display().to_string();
-    let kubeconfig = member.kubeconfig.display().to_string();
-    let secret_file = server.secret_file.display().to_string();
     let configs: Vec<tower_agent::Config> = (0..n)
         .map(|i| {
             let name = format!("idle-{i:04}");
             let token = minter.agent_token(&name, None);
-            let flags = [
-                ("--name", name.as_str()),
-                ("--token", &token),
-                ("--proxy-server", &proxy_server),
-                ("--ca-file", &ca_file),
-                ("--kubeconfig", &kubeconfig),
-                ("--jwt-secret-file", &secret_file),
-                ("--shutdown-grace", "1s"),
-            ];
-            let args =
-                std::iter::once("tower-agent").chain(flags.iter().flat_map(|(k, v)| [*k, *v]));
-            let cli = tower_agent::cli::Cli::try_parse_from(args).expect("agent flags");
-            runtime
-                .block_on(tower_agent::cli::build_config(&cli))
-                .expect("agent config")
+            tower_e2e::fleet::agent_config(&runtime, &server, member, &name, &token)
         })
         .collect();
 

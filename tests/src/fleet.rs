@@ -38,6 +38,36 @@ pub fn clusters(prefix: &str, n: usize) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The configuration `tower-agent` builds from its flags for cluster `name` with `token`,
+/// dialing `server` and serving `member`'s API server (built on `runtime`, as the binary
+/// builds it on its own).
+pub fn agent_config(
+    runtime: &tokio::runtime::Runtime,
+    server: &Server,
+    member: &Member,
+    name: &str,
+    token: &str,
+) -> tower_agent::Config {
+    let proxy_server = format!("https://{}", server.tunnel);
+    let ca_file = server.ca_file.display().to_string();
+    let kubeconfig = member.kubeconfig.display().to_string();
+    let secret_file = server.secret_file.display().to_string();
+    let flags = [
+        ("--name", name),
+        ("--token", token),
+        ("--proxy-server", &proxy_server),
+        ("--ca-file", &ca_file),
+        ("--kubeconfig", &kubeconfig),
+        ("--jwt-secret-file", &secret_file),
+        ("--shutdown-grace", "1s"),
+    ];
+    let args = std::iter::once("tower-agent").chain(flags.iter().flat_map(|(k, v)| [*k, *v]));
+    let cli = tower_agent::cli::Cli::try_parse_from(args).expect("agent flags");
+    runtime
+        .block_on(tower_agent::cli::build_config(&cli))
+        .expect("agent config")
+}
+
 impl Default for Fleet {
     fn default() -> Self {
         Self::new()
@@ -61,27 +91,8 @@ impl Fleet {
     /// Starts an agent for each (name, token) of `clusters`, dialing `server` and
     /// serving `member`'s API server.
     pub fn start(&mut self, server: &Server, member: &Member, clusters: &[(String, String)]) {
-        let proxy_server = format!("https://{}", server.tunnel);
-        let ca_file = server.ca_file.display().to_string();
-        let kubeconfig = member.kubeconfig.display().to_string();
-        let secret_file = server.secret_file.display().to_string();
         for (name, token) in clusters {
-            let flags = [
-                ("--name", name.as_str()),
-                ("--token", token.as_str()),
-                ("--proxy-server", &proxy_server),
-                ("--ca-file", &ca_file),
-                ("--kubeconfig", &kubeconfig),
-                ("--jwt-secret-file", &secret_file),
-                ("--shutdown-grace", "1s"),
-            ];
-            let args =
-                std::iter::once("tower-agent").chain(flags.iter().flat_map(|(k, v)| [*k, *v]));
-            let cli = tower_agent::cli::Cli::try_parse_from(args).expect("agent flags");
-            let mut config = self
-                .runtime
-                .block_on(tower_agent::cli::build_config(&cli))
-                .expect("agent config");
+            let mut config = agent_config(&self.runtime, server, member, name, token);
             config.metrics = self.metrics.clone();
             let stop = CancellationToken::new();
             let task = self.runtime.spawn({

@@ -285,31 +285,38 @@ async fn download(
         return Err(format!("status {}", response.status()));
     }
     started.store(true, Ordering::Release);
+    let result = read_pattern(response.into_body(), pace, stop).await;
+    conn.abort();
+    result
+}
+
+/// Reads a body, checking every byte against the stand-in's pattern, at most `pace`
+/// bytes/s if given, until it ends or `stop` is set: the bytes read.
+async fn read_pattern(
+    mut body: hyper::body::Incoming,
+    pace: Option<u64>,
+    stop: &AtomicBool,
+) -> Result<u64, String> {
     let begun = tokio::time::Instant::now();
-    let mut body = response.into_body();
     let mut offset = 0u64;
-    let result = loop {
-        if stop.load(Ordering::Acquire) {
-            break Ok(offset);
-        }
+    while !stop.load(Ordering::Acquire) {
         let Some(frame) = body.frame().await else {
-            break Ok(offset);
+            break;
         };
         let frame = frame.map_err(|e| format!("body cut after {offset} bytes: {e}"))?;
         let Some(data) = frame.data_ref() else {
             continue;
         };
         if let Some(at) = tower_e2e::pattern_mismatch(offset, data) {
-            break Err(format!("byte {at} is wrong"));
+            return Err(format!("byte {at} is wrong"));
         }
         offset += data.len() as u64;
         if let Some(rate) = pace {
             let due = Duration::from_secs_f64(offset as f64 / rate as f64);
             tokio::time::sleep_until(begun + due).await;
         }
-    };
-    conn.abort();
-    result
+    }
+    Ok(offset)
 }
 
 /// One GET of `target`'s path on a fresh connection, read whole: the time from the TCP
@@ -349,18 +356,7 @@ pub(crate) async fn timed_download(target: &Target) -> Result<(u64, Duration), S
         if response.status() != http::StatusCode::OK {
             return Err(format!("status {}", response.status()));
         }
-        let mut body = response.into_body();
-        let mut offset = 0u64;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("body cut after {offset} bytes: {e}"))?;
-            if let Some(data) = frame.data_ref() {
-                if let Some(at) = tower_e2e::pattern_mismatch(offset, data) {
-                    return Err(format!("byte {at} is wrong"));
-                }
-                offset += data.len() as u64;
-            }
-        }
-        Ok(offset)
+        read_pattern(response.into_body(), None, &AtomicBool::new(false)).await
     }
     .await;
     let took = started.elapsed();

@@ -99,6 +99,16 @@ fn proxy_clusters(names: &[String]) -> String {
         .join("---\n")
 }
 
+/// Creates proxy Cluster `name` on `host`, as an operator importing a member does.
+fn create_proxy_cluster(host: &Member, name: &str) {
+    kubectl_with_input(
+        &host.kubeconfig,
+        &["create", "-f", "-"],
+        proxy_clusters(&[name.into()]).as_bytes(),
+    )
+    .success();
+}
+
 /// Waits until Cluster `name` has everything tower writes.
 fn wait_connection(host: &Member, server: &Server, name: &str) -> Value {
     wait_for_with(
@@ -132,12 +142,7 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
     let ks = KsApiServer::start();
     let ports = free_port_range(4);
     let mut tower = replica(&host, &range_flag(&ports), "127.0.0.1", "tower-a", &[]);
-    kubectl_with_input(
-        &host.kubeconfig,
-        &["create", "-f", "-"],
-        proxy_clusters(&["member-1".into()]).as_bytes(),
-    )
-    .success();
+    create_proxy_cluster(&host, "member-1");
     let written = wait_connection(&host, &tower, "member-1");
     let port = port_of(&written);
     assert!(ports.contains(&port), "{port} in {ports:?}");
@@ -323,12 +328,7 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
 
     // Deleted while no replica runs: the garbage collector takes the Service (the Cluster
     // owns it), and the first replica to start frees the port.
-    kubectl_with_input(
-        &host.kubeconfig,
-        &["create", "-f", "-"],
-        proxy_clusters(&["member-2".into()]).as_bytes(),
-    )
-    .success();
+    create_proxy_cluster(&host, "member-2");
     let second = wait_connection(&host, &tower, "member-2");
     wait_for("Service mc-member-2", Duration::from_secs(20), || {
         get_json(&host, &["service", "-n", "ke-system", "mc-member-2"])
@@ -384,12 +384,7 @@ fn with_kubesphere_tls_the_endpoint_is_https_under_the_tower_ca() {
         "tower-a",
         &["--kubesphere-tls"],
     );
-    kubectl_with_input(
-        &host.kubeconfig,
-        &["create", "-f", "-"],
-        proxy_clusters(&["member-1".into()]).as_bytes(),
-    )
-    .success();
+    create_proxy_cluster(&host, "member-1");
     let written = wait_connection(&host, &tower, "member-1");
     let port = port_of(&written);
     let endpoint = connection(&written, "kubesphereAPIEndpoint")
@@ -808,12 +803,7 @@ fn the_publish_address_follows_the_platform_config_and_the_flag_wins() {
         "ks-apiserver",
     ];
     let tower = replica(&host, "off", "127.0.0.1", "tower-a", &names);
-    kubectl_with_input(
-        &host.kubeconfig,
-        &["create", "-f", "-"],
-        proxy_clusters(&["member-1".into()]).as_bytes(),
-    )
-    .success();
+    create_proxy_cluster(&host, "member-1");
     let admin = Server::minter().user_token(
         "admin",
         &["system:masters".into()],
@@ -914,12 +904,7 @@ fn the_kubeconfig_is_renewed_a_third_before_it_expires_with_the_configured_ident
             "system:masters,ks-admins",
         ],
     );
-    kubectl_with_input(
-        &host.kubeconfig,
-        &["create", "-f", "-"],
-        proxy_clusters(&["member-1".into()]).as_bytes(),
-    )
-    .success();
+    create_proxy_cluster(&host, "member-1");
     let first = wait_for_with(
         "the kubeconfig",
         Duration::from_secs(20),

@@ -15,6 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kube::client::ConfigExt;
 use secrecy::ExposeSecret;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::http2::{Http2Pool, Sent};
 
@@ -138,7 +139,12 @@ pub struct Upstream {
     /// Scheme and authority (and any path prefix) of the upstream.
     base: Uri,
     /// HTTP/1.1: everything but watches, plain-HTTP targets, and servers without HTTP/2.
+    /// Reads [`UPSTREAM_READ_BUFFER`] at a time.
     client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    /// The same, reading [`WIDE_READ_BUFFER`] at a time, for the responses that hold one
+    /// of `wide_slots` (see [`Upstream::send`]).
+    wide: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    wide_slots: Arc<Semaphore>,
     /// HTTP/2 for watches, when the upstream is the kube-apiserver over TLS.
     http2: Option<Http2Pool>,
     /// Credentials for the kube-apiserver; `None` for named targets, which get the
@@ -197,12 +203,7 @@ impl Upstream {
             .then(|| Http2Pool::new(&base, tls, streams_per_connection))
             .transpose()?;
         let connector = HttpsConnector::from((http, Arc::new(http1_tls)));
-        Ok(Upstream {
-            base,
-            client: client(connector),
-            http2,
-            credentials: Some(credentials),
-        })
+        Ok(Upstream::http1(base, connector, http2, Some(credentials)))
     }
 
     /// A named target reached over plain HTTP inside the member (`HOST:PORT`).
@@ -218,12 +219,23 @@ impl Upstream {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
         let connector = HttpsConnector::from((http, Arc::new(tls)));
-        Ok(Upstream {
+        Ok(Upstream::http1(base, connector, None, None))
+    }
+
+    fn http1(
+        base: Uri,
+        connector: HttpsConnector<HttpConnector>,
+        http2: Option<Http2Pool>,
+        credentials: Option<Credentials>,
+    ) -> Self {
+        Upstream {
             base,
-            client: client(connector),
-            http2: None,
-            credentials: None,
-        })
+            client: client(connector.clone(), UPSTREAM_READ_BUFFER, 256),
+            wide: client(connector, WIDE_READ_BUFFER, WIDE_READERS),
+            wide_slots: Arc::new(Semaphore::new(WIDE_READERS)),
+            http2,
+            credentials,
+        }
     }
 
     /// The upstream URI for a request's path and query.
@@ -242,7 +254,9 @@ impl Upstream {
     /// pooled HTTP/1.1 connections: on one HTTP/2 connection a small request's response
     /// waits in TCP behind the bytes of a large download or list (B3: probe p99 35 ms
     /// during a download over HTTP/2, 13 ms over HTTP/1.1), and short requests cost the
-    /// agent more latency over HTTP/2 (B2 c=1: about +40 us).
+    /// agent more latency over HTTP/2 (B2 c=1: about +40 us). Over HTTP/1.1, a response
+    /// reads its upstream [`WIDE_READ_BUFFER`] at a time while it holds one of the
+    /// [`WIDE_READERS`] slots, else [`UPSTREAM_READ_BUFFER`].
     pub(crate) async fn send(
         &self,
         request: Request<UpstreamBody>,
@@ -259,19 +273,69 @@ impl Upstream {
             }
             _ => request,
         };
+        let slot = (!long_lived(&request))
+            .then(|| self.wide_slots.clone().try_acquire_owned().ok())
+            .flatten();
+        let client = if slot.is_some() {
+            &self.wide
+        } else {
+            &self.client
+        };
         let replay = replayable(&request).then(|| head_copy(&request));
-        match (self.client.request(request).await, replay) {
-            (Ok(response), _) => Ok(response.map(|b| b.boxed())),
+        let response = match (client.request(request).await, replay) {
+            (Ok(response), _) => response,
             // Connecting failed: a new connection would meet the same.
             (Err(e), Some(replay)) if !e.is_connect() => {
                 tracing::debug!(
                     error = %tower_tunnel::http::error_chain(&e),
                     "a request without a body failed before its answer; sending it once more"
                 );
-                Ok(self.client.request(replay).await?.map(|b| b.boxed()))
+                client.request(replay).await?
             }
-            (Err(e), _) => Err(e.into()),
-        }
+            (Err(e), _) => return Err(e.into()),
+        };
+        Ok(response.map(|body| match slot {
+            Some(slot) => WithSlot { body, _slot: slot }.boxed(),
+            None => body.boxed(),
+        }))
+    }
+}
+
+/// Whether a response may stream for minutes or hours at the pace of events (a watch,
+/// `logs -f`, an upgrade): those never take a wide read slot, which they would hold
+/// for their whole life.
+fn long_lived<B>(request: &Request<B>) -> bool {
+    tower_tunnel::watch_end::is_watch(request.uri())
+        || request.headers().contains_key(header::UPGRADE)
+        || request.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|kv| matches!(kv, "follow=1" | "follow=true" | "follow=True"))
+        })
+}
+
+/// A response body read with the wide buffer, holding its slot until it is dropped.
+struct WithSlot<B> {
+    body: B,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for WithSlot<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -307,13 +371,30 @@ fn head_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
 /// same 8 KiB).
 const UPSTREAM_READ_BUFFER: usize = 8 * 1024;
 
+/// The read buffer of a response that holds a wide slot: one TLS record's plaintext,
+/// which is what one read of a TLS upstream yields. 8 KiB reads cut every record in two,
+/// and every chunk costs a yamux frame and a write to the tunnel: a download cost the
+/// agent twice the system calls (201 against 102 per MiB, BENCHMARKS.md). But what a
+/// response nobody reads holds in the agent grows with it (500 unread downloads, all at
+/// 16 KiB: 80-91 MiB over idle, against 55-57 MiB at 8 KiB), so only [`WIDE_READERS`]
+/// responses at once read this wide.
+const WIDE_READ_BUFFER: usize = 16 * 1024;
+
+/// How many responses per upstream read [`WIDE_READ_BUFFER`] at a time; the rest read
+/// [`UPSTREAM_READ_BUFFER`]. A slot is taken when the request is sent, if one is free
+/// and the response is not long-lived ([`long_lived`]), and given back when its body is
+/// done or dropped.
+const WIDE_READERS: usize = 32;
+
 fn client(
     connector: HttpsConnector<HttpConnector>,
+    read_buffer: usize,
+    max_idle: usize,
 ) -> Client<HttpsConnector<HttpConnector>, UpstreamBody> {
     Client::builder(TokioExecutor::new())
-        .http1_max_buf_size(UPSTREAM_READ_BUFFER)
+        .http1_max_buf_size(read_buffer)
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
+        .pool_max_idle_per_host(max_idle)
         .build(connector)
 }
 
@@ -432,6 +513,106 @@ mod tests {
             }
         }
         panic!("no POST went out on a reused connection");
+    }
+
+    /// An upstream that answers every request with `size` bytes, keeping connections.
+    async fn big_answers(size: usize) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let body = vec![b'x'; size];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.clear();
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                        if tcp.write_all(head.as_bytes()).await.is_err()
+                            || tcp.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn get(upstream: &Upstream, path: &str) -> Request<UpstreamBody> {
+        let mut request = request(upstream, "GET", b"");
+        *request.uri_mut() = upstream.uri_for(path).unwrap();
+        request
+    }
+
+    /// The largest chunk of a response body, and its length.
+    async fn chunks(response: Response<ResponseBody>) -> (usize, usize) {
+        let mut body = response.into_body();
+        let (mut largest, mut total) = (0, 0);
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                largest = largest.max(data.len());
+                total += data.len();
+            }
+        }
+        (largest, total)
+    }
+
+    #[tokio::test]
+    async fn responses_read_wide_while_a_slot_is_free_and_8_kib_after() {
+        const SIZE: usize = 1 << 20;
+        let addr = big_answers(SIZE).await;
+        let upstream = Upstream::named(&addr.to_string()).unwrap();
+        let free = || upstream.wide_slots.available_permits();
+        // Long-lived responses never take a slot: they would hold it for hours.
+        let _watch = upstream
+            .send(get(&upstream, "/api/v1/pods?watch=1"))
+            .await
+            .unwrap();
+        let _follow = upstream
+            .send(get(
+                &upstream,
+                "/api/v1/namespaces/d/pods/p/log?follow=true",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(free(), WIDE_READERS, "a watch or logs -f took a wide slot");
+        // Responses nobody reads hold their slots, up to all of them.
+        let mut unread = Vec::new();
+        for _ in 0..WIDE_READERS {
+            unread.push(upstream.send(get(&upstream, "/x")).await.unwrap());
+        }
+        assert_eq!(free(), 0);
+        // The next is served all the same, 8 KiB at a time.
+        let narrow = upstream.send(get(&upstream, "/x")).await.unwrap();
+        let (largest, total) = chunks(narrow).await;
+        assert_eq!(total, SIZE);
+        assert!(
+            largest <= UPSTREAM_READ_BUFFER,
+            "a {largest}-byte chunk without a slot"
+        );
+        // A response dropped unread gives its slot back; the next reads wider chunks.
+        unread.pop();
+        assert_eq!(free(), 1);
+        let wide = upstream.send(get(&upstream, "/x")).await.unwrap();
+        assert_eq!(free(), 0);
+        let (largest, total) = chunks(wide).await;
+        assert_eq!(total, SIZE);
+        // (hyper may read a little past its limit into a buffer's spare capacity.)
+        assert!(
+            largest > UPSTREAM_READ_BUFFER,
+            "the largest chunk with a slot was {largest} bytes"
+        );
+        assert_eq!(free(), 1, "a body read to its end kept its slot");
     }
 
     /// Writes `content` the way kubelet rotates a projected token: a new file renamed over

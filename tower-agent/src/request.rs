@@ -4,7 +4,7 @@
 //! the caller's identity impersonated.
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{HeaderName, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use tower_tunnel::http::{failure, strip_hop_by_hop};
@@ -14,6 +14,11 @@ use crate::identity::{IDENTITY_HEADER, IdentityError};
 use crate::metrics::Refused;
 use crate::upstream::{self, Credentials};
 use tower_auth::identity::Asserted;
+
+/// The header names the agent reads, removes or sets on every request, parsed once.
+const IDENTITY: HeaderName = HeaderName::from_static(IDENTITY_HEADER);
+const IMPERSONATE_USER: HeaderName = HeaderName::from_static("impersonate-user");
+const IMPERSONATE_GROUP: HeaderName = HeaderName::from_static("impersonate-group");
 
 /// A response body toward the tunnel.
 pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
@@ -40,11 +45,10 @@ where
             &format!("target {target:?} is not on this agent's allowlist"),
         ));
     };
-    let identity = match config.identity.verify(
-        req.headers()
-            .get(IDENTITY_HEADER)
-            .and_then(|v| v.to_str().ok()),
-    ) {
+    let identity = match config
+        .identity
+        .verify(req.headers().get(&IDENTITY).and_then(|v| v.to_str().ok()))
+    {
         Ok(Asserted::User(identity)) => Some(identity),
         Ok(Asserted::PassThrough) => None,
         Err(e @ IdentityError::NoKey(_)) => {
@@ -119,7 +123,7 @@ where
     };
     strip_hop_by_hop(&mut parts.headers);
     // Meant for this agent alone.
-    parts.headers.remove(IDENTITY_HEADER);
+    parts.headers.remove(&IDENTITY);
     // The server strips these too; the member is the authority, so it checks again.
     tower_tunnel::http::strip_remote_identity(&mut parts.headers);
     parts.headers.remove(header::HOST);
@@ -145,7 +149,7 @@ where
         }
         match header::HeaderValue::from_str(&identity.user) {
             Ok(user) => {
-                parts.headers.insert("impersonate-user", user);
+                parts.headers.insert(IMPERSONATE_USER, user);
             }
             Err(_) => {
                 config.metrics.refused(Refused::BadRequest);
@@ -158,7 +162,7 @@ where
         }
         for group in &identity.groups {
             if let Ok(group) = header::HeaderValue::from_str(group) {
-                parts.headers.append("impersonate-group", group);
+                parts.headers.append(&IMPERSONATE_GROUP, group);
             }
         }
     }

@@ -11,12 +11,15 @@
 //!
 //! Both sides remember what they made or checked ([`Asserter`], [`ClusterVerifier`]), so
 //! a caller that sends many requests costs one signature and one check per
-//! [`ASSERTION_LIFETIME`] / 2, not one per request.
+//! [`ASSERTION_LIFETIME`] / 2, not one per request. Those caches are looked up on every
+//! request (the agent's by a ~300-byte assertion), so they hash with foldhash rather
+//! than SipHash; a key is only inserted after its signature checked, so nobody can fill
+//! them with chosen collisions.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -132,7 +135,7 @@ impl Asserter {
             .entry(cluster.to_owned())
             .or_insert_with(|| ClusterAssertions {
                 key: EncodingKey::from_secret(self.secret.cluster_key(cluster).expose()),
-                made: HashMap::new(),
+                made: HashMap::default(),
                 pass_through: None,
             });
         let lifetime = ASSERTION_LIFETIME.as_secs();

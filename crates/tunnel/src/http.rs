@@ -184,21 +184,25 @@ pub fn strip_remote_identity(headers: &mut HeaderMap) {
 /// hop saw, `peer`. The member's API server appends the agent's address to it, so its
 /// audit log's sourceIPs read [caller, agent].
 pub fn set_forwarded_for(headers: &mut HeaderMap, peer: std::net::IpAddr) {
-    let caller_said: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            let name = name.as_str();
-            name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
-        })
-        .cloned()
-        .collect();
-    for name in caller_said {
-        headers.remove(name);
+    let forwarding = |name: &HeaderName| {
+        let name = name.as_str();
+        name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
+    };
+    // Callers seldom send any: then nothing is collected or looked up.
+    if headers.keys().any(forwarding) {
+        let caller_said: Vec<HeaderName> =
+            headers.keys().filter(|n| forwarding(n)).cloned().collect();
+        for name in caller_said {
+            headers.remove(name);
+        }
     }
     if let Ok(value) = HeaderValue::from_str(&peer.to_string()) {
-        headers.insert("x-forwarded-for", value);
+        headers.insert(X_FORWARDED_FOR, value);
     }
 }
+
+/// Parsed once, not on every request.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 #[cfg(test)]
 mod tests {

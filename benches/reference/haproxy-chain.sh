@@ -8,6 +8,8 @@
 # caller -> tower-server -> tower-agent -> kube-apiserver, done by a mature C proxy.
 # Then the same through a TCP-mode haproxy (no TLS termination, no HTTP parsing), and
 # through Tower itself (tower-server + tower-agent, user JWT), all with the same client.
+# For each relay, the CPU it spent per request at c=64 (for haproxy's 1-hop row, the
+# process holds both hops' frontends, only one of them busy).
 #
 # Needs: release builds (see BENCHMARKS.md), haproxy, wrk, openssl, curl, python3 (to pick
 # free ports: haproxy cannot bind port 0). Everything listens on 127.0.0.1 only.
@@ -79,21 +81,38 @@ done
 haproxy -f "$D/http.cfg" -D -p "$D/http.pid"
 haproxy -f "$D/tcp.cfg" -D -p "$D/tcp.pid"
 sleep 0.5
+# CPU seconds (user + system, in clock ticks) the processes $@ have used so far.
+cpu_ticks() {
+  local total=0 p
+  for p in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  echo "$total"
+}
+TICK=$(getconf CLK_TCK)
+# run NAME ADDR [TOKEN [PID...]]: PIDs are the relays between client and upstream, whose
+# CPU per request over the c=64 phase is printed (issue 18's goal: at most 35 us for
+# tower-server and tower-agent together).
 run() {
   local name=$1 addr=$2 token=${3:-T}
-  local one many bulk
+  shift $(($# < 3 ? $# : 3))
+  local one many bulk before after cpu=-
   one=$(wrk -t1 -c1 -d5s --latency -H "Authorization: Bearer $token" "https://$addr/version")
+  [ $# -gt 0 ] && before=$(cpu_ticks "$@")
   many=$(wrk -t2 -c64 -d5s -H "Authorization: Bearer $token" "https://$addr/version")
+  if [ $# -gt 0 ]; then
+    after=$(cpu_ticks "$@")
+    cpu=$(awk -v t=$((after - before)) -v hz="$TICK" -v n="$(awk '/requests in/{print $1}' <<<"$many")" \
+      'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+  fi
   # One 1 GiB download (B1's size; curl discards the bytes, so the client is cheaper
   # than tower-bench's, which checks them).
   bulk=$(curl -sfk -o /dev/null -w '%{speed_download}' -H "Authorization: Bearer $token" \
     "https://$addr/debug/bytes?size=1073741824")
-  printf '%-34s c=1 p50 %8s  p99 %8s   c=64 %10s req/s   bulk %5.0f MB/s\n' "$name" \
+  printf '%-34s c=1 p50 %8s  p99 %8s   c=64 %10s req/s  relay CPU %6s us/req   bulk %5.0f MB/s\n' "$name" \
     "$(awk '$1=="50%"{print $2}' <<<"$one")" "$(awk '$1=="99%"{print $2}' <<<"$one")" \
-    "$(awk '/Requests\/sec/{print $2}' <<<"$many")" "$(awk -v b="$bulk" 'BEGIN{print b/1e6}')"
+    "$(awk '/Requests\/sec/{print $2}' <<<"$many")" "$cpu" "$(awk -v b="$bulk" 'BEGIN{print b/1e6}')"
 }
 run "direct" "$UP"
-run "haproxy TCP relay (1 hop)" "127.0.0.1:$P3"
-run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2"
-run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1"
-run "tower (server + agent)" "$FRONTEND/clusters/c1" "$USER_TOKEN"
+run "haproxy TCP relay (1 hop)" "127.0.0.1:$P3" T "$(cat "$D/tcp.pid")"
+run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$(cat "$D/http.pid")"
+run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$(cat "$D/http.pid")"
+run "tower (server + agent)" "$FRONTEND/clusters/c1" "$USER_TOKEN" "$SV" "$AG"

@@ -20,54 +20,7 @@ N_SMALL=${N_SMALL:-2000}
 BULK_MIB=${BULK_MIB:-64}
 NATIVE_MIB=${NATIVE_MIB:-1024}
 
-# Runs "$@" in place of this (background) shell, so that its pid is the program's and
-# signals reach it; under cachegrind writing to file $1 when COUNT is set.
-under() {
-  local out=$1
-  shift
-  if [ -n "${COUNT:-}" ]; then
-    exec valgrind --tool=cachegrind --cache-sim=no --branch-sim=no --cachegrind-out-file="$out" "$@"
-  else
-    exec "$@"
-  fi
-}
-
-# Starts the stand-in, server and agent (each under `under`) in directory $D, and waits
-# until a request goes through. Sets SI, SV, AG (pids), BASE and USER_TOKEN.
-start() {
-  "$B/kube-stand-in" --listen 127.0.0.1:0 --token T --kubeconfig-out "$D/kc" >"$D/si.out" 2>/dev/null &
-  SI=$!
-  for _ in $(seq 100); do grep -q listening "$D/si.out" 2>/dev/null && break; sleep 0.1; done
-  echo -n "counts-run-jwt-secret-0123456789abcdef" >"$D/secret"
-  TOWER_LOG=warn under "$D/server.cg" "$B/tower-server" serve \
-    --tunnel-addr 127.0.0.1:0 --proxy-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
-    --jwt-secret-file "$D/secret" --state-dir "$D/st" >"$D/sv.out" 2>"$D/sv.err" &
-  SV=$!
-  for _ in $(seq 600); do grep -q frontend "$D/sv.out" 2>/dev/null && break; sleep 0.1; done
-  local tunnel frontend
-  tunnel=$(grep -o '"tunnel":"[^"]*"' "$D/sv.out" | cut -d'"' -f4)
-  frontend=$(grep -o '"frontend":"[^"]*"' "$D/sv.out" | cut -d'"' -f4)
-  TOWER_LOG=warn under "$D/agent.cg" "$B/tower-agent" --name c1 \
-    --proxy-server "https://$tunnel" \
-    --token "$("$B/tower-server" token --jwt-secret-file "$D/secret" --cluster c1)" \
-    --ca-file "$D/st/ca.crt" --kubeconfig "$D/kc" --jwt-secret-file "$D/secret" >/dev/null 2>"$D/ag.err" &
-  AG=$!
-  USER_TOKEN=$("$B/tower-server" user-token --jwt-secret-file "$D/secret" --user alice)
-  BASE="https://$frontend/clusters/c1"
-  for _ in $(seq 600); do
-    curl -sfk -o /dev/null -H "Authorization: Bearer $USER_TOKEN" "$BASE/version" && return
-    sleep 0.1
-  done
-  echo "counts.sh: Tower did not answer" >&2
-  exit 1
-}
-
-stop() {
-  kill -INT "$AG" "$SV" 2>/dev/null || true
-  wait "$AG" "$SV" 2>/dev/null || true
-  kill "$SI" 2>/dev/null || true
-  wait "$SI" 2>/dev/null || true
-}
+source "$(dirname "$0")/tower.sh"
 
 # Downloads `mib` MiB and checks that all of it came.
 download() {
@@ -83,7 +36,7 @@ download() {
 counted() {
   local small=$1 mib=$2
   D=$(mktemp -d)
-  COUNT=1 start
+  COUNT=1 start_tower
   if [ "$small" -gt 0 ]; then
     python3 -c "import sys;[print(f'url = \"{sys.argv[1]}/version\"\noutput = /dev/null') for _ in range(int(sys.argv[2]))]" \
       "$BASE" "$small" >"$D/urls"
@@ -91,7 +44,7 @@ counted() {
       { echo "counts.sh: a small request failed" >&2; exit 1; }
   fi
   [ "$mib" -gt 0 ] && download "$mib" >/dev/null
-  stop
+  stop_tower
   if [ -n "${KEEP:-}" ]; then
     mkdir -p "$KEEP"
     cp "$D/server.cg" "$KEEP/server-$small-$mib.cg"
@@ -113,7 +66,7 @@ awk -v s0="$s0" -v a0="$a0" -v s1="$s1" -v a1="$a1" -v s2="$s2" -v a2="$a2" \
 
 # Natively: system calls, context switches and CPU time during one download.
 D=$(mktemp -d)
-start
+start_tower
 download 64 >/dev/null # warm: pools, windows
 events=raw_syscalls:sys_enter,context-switches,task-clock
 perf stat -e "$events" -p "$SV" -o "$D/server.perf" &
@@ -132,5 +85,5 @@ for side in server agent; do
     "$D/$side.perf"
 done
 awk -v b="$speed" 'BEGIN { printf "download: %.0f MB/s\n", b / 1e6 }'
-stop
+stop_tower
 rm -rf "$D"

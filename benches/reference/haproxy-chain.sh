@@ -20,10 +20,8 @@ SI=; SV=; AG=
 trap 'kill $(cat "$D"/*.pid 2>/dev/null) $SI $SV $AG 2>/dev/null; rm -rf "$D"' EXIT
 free_port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
 
-"$B/kube-stand-in" --listen 127.0.0.1:0 --token T --kubeconfig-out "$D/kc" > "$D/si.out" 2>/dev/null &
-SI=$!
-for _ in $(seq 50); do grep -q listening "$D/si.out" 2>/dev/null && break; sleep 0.1; done
-UP=$(sed 's|listening on https://||' "$D/si.out")
+source "$(dirname "$0")/tower.sh"
+start_tower
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$D/k.pem" \
   -out "$D/c.pem" -days 1 -subj /CN=localhost 2>/dev/null
 cat "$D/c.pem" "$D/k.pem" > "$D/ck.pem"
@@ -61,23 +59,6 @@ frontend f
 backend b
   server s $UP
 CFG
-echo -n "reference-run-jwt-secret-0123456789" > "$D/secret"
-TOWER_LOG=warn "$B/tower-server" serve --tunnel-addr 127.0.0.1:0 --proxy-addr 127.0.0.1:0 \
-  --admin-addr 127.0.0.1:0 --jwt-secret-file "$D/secret" --state-dir "$D/st" > "$D/sv.out" 2>/dev/null &
-SV=$!
-for _ in $(seq 50); do grep -q frontend "$D/sv.out" 2>/dev/null && break; sleep 0.1; done
-TUNNEL=$(grep -o '"tunnel":"[^"]*"' "$D/sv.out" | cut -d'"' -f4)
-FRONTEND=$(grep -o '"frontend":"[^"]*"' "$D/sv.out" | cut -d'"' -f4)
-TOWER_LOG=warn "$B/tower-agent" --name c1 --proxy-server "https://$TUNNEL" \
-  --token "$("$B/tower-server" token --jwt-secret-file "$D/secret" --cluster c1)" \
-  --ca-file "$D/st/ca.crt" --kubeconfig "$D/kc" --jwt-secret-file "$D/secret" > /dev/null 2>&1 &
-AG=$!
-USER_TOKEN=$("$B/tower-server" user-token --jwt-secret-file "$D/secret" --user alice)
-for _ in $(seq 100); do
-  curl -sfk -o /dev/null -H "Authorization: Bearer $USER_TOKEN" \
-    "https://$FRONTEND/clusters/c1/version" && break
-  sleep 0.1
-done
 haproxy -f "$D/http.cfg" -D -p "$D/http.pid"
 haproxy -f "$D/tcp.cfg" -D -p "$D/tcp.pid"
 sleep 0.5
@@ -115,4 +96,4 @@ run "direct" "$UP"
 run "haproxy TCP relay (1 hop)" "127.0.0.1:$P3" T "$(cat "$D/tcp.pid")"
 run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$(cat "$D/http.pid")"
 run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$(cat "$D/http.pid")"
-run "tower (server + agent)" "$FRONTEND/clusters/c1" "$USER_TOKEN" "$SV" "$AG"
+run "tower (server + agent)" "${BASE#https://}" "$USER_TOKEN" "$SV" "$AG"

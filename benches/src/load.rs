@@ -277,6 +277,18 @@ async fn download(
 ) -> Result<u64, String> {
     let (mut sender, conn) = target.handshake::<Empty<Bytes>>().await?;
     let conn = tokio::spawn(conn);
+    let response = get_ok(&mut sender, target).await?;
+    started.store(true, Ordering::Release);
+    let result = read_pattern(response.into_body(), pace, stop).await;
+    conn.abort();
+    result
+}
+
+/// GETs `target`'s path on `sender`: the response, unless it is not a 200.
+async fn get_ok(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    target: &Target,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
     let response = sender
         .send_request(target.get(&target.path))
         .await
@@ -284,10 +296,7 @@ async fn download(
     if response.status() != http::StatusCode::OK {
         return Err(format!("status {}", response.status()));
     }
-    started.store(true, Ordering::Release);
-    let result = read_pattern(response.into_body(), pace, stop).await;
-    conn.abort();
-    result
+    Ok(response)
 }
 
 /// Reads a body, checking every byte against the stand-in's pattern, at most `pace`
@@ -349,13 +358,7 @@ pub(crate) async fn timed_download(target: &Target) -> Result<(u64, Duration), S
     let conn = tokio::spawn(conn);
     let started = Instant::now();
     let result = async {
-        let response = sender
-            .send_request(target.get(&target.path))
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        if response.status() != http::StatusCode::OK {
-            return Err(format!("status {}", response.status()));
-        }
+        let response = get_ok(&mut sender, target).await?;
         read_pattern(response.into_body(), None, &AtomicBool::new(false)).await
     }
     .await;

@@ -15,7 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kube::client::ConfigExt;
 use secrecy::ExposeSecret;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::http2::{Http2Pool, Sent};
 
@@ -295,7 +295,13 @@ impl Upstream {
             (Err(e), _) => return Err(e.into()),
         };
         Ok(response.map(|body| match slot {
-            Some(slot) => WithSlot { body, _slot: slot }.boxed(),
+            // The body holds its slot until it is dropped.
+            Some(slot) => body
+                .map_frame(move |frame| {
+                    let _held = &slot;
+                    frame
+                })
+                .boxed(),
             None => body.boxed(),
         }))
     }
@@ -311,32 +317,6 @@ fn long_lived<B>(request: &Request<B>) -> bool {
             q.split('&')
                 .any(|kv| matches!(kv, "follow=1" | "follow=true" | "follow=True"))
         })
-}
-
-/// A response body read with the wide buffer, holding its slot until it is dropped.
-struct WithSlot<B> {
-    body: B,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl<B: http_body::Body + Unpin> http_body::Body for WithSlot<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// Whether a request that failed before any answer may be sent once more, as Go's HTTP

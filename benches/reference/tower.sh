@@ -1,0 +1,56 @@
+# Sourced by the reference scripts: the stand-in, tower-server and tower-agent from $B,
+# all on 127.0.0.1, their files in $D.
+
+# Runs "$@" in place of this (background) shell, so that its pid is the program's and
+# signals reach it; under cachegrind writing to file $1 when COUNT is set.
+under() {
+  local out=$1
+  shift
+  if [ -n "${COUNT:-}" ]; then
+    exec valgrind --tool=cachegrind --cache-sim=no --branch-sim=no --cachegrind-out-file="$out" "$@"
+  else
+    exec "$@"
+  fi
+}
+
+# Starts the stand-in, then server and agent (each under `under`), and waits until a
+# request goes through. Sets SI, SV, AG (pids), UP (the stand-in's address), FRONTEND,
+# BASE (cluster c1 through the frontend) and USER_TOKEN.
+start_tower() {
+  "$B/kube-stand-in" --listen 127.0.0.1:0 --token T --kubeconfig-out "$D/kc" >"$D/si.out" 2>/dev/null &
+  SI=$!
+  for _ in $(seq 100); do grep -q listening "$D/si.out" 2>/dev/null && break; sleep 0.1; done
+  UP=$(sed 's|listening on https://||' "$D/si.out")
+  echo -n "reference-run-jwt-secret-0123456789" >"$D/secret"
+  TOWER_LOG=warn under "$D/server.cg" "$B/tower-server" serve \
+    --tunnel-addr 127.0.0.1:0 --proxy-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+    --jwt-secret-file "$D/secret" --state-dir "$D/st" >"$D/sv.out" 2>"$D/sv.err" &
+  SV=$!
+  # Generous waits: under valgrind, start-up takes seconds.
+  for _ in $(seq 600); do grep -q frontend "$D/sv.out" 2>/dev/null && break; sleep 0.1; done
+  local tunnel
+  tunnel=$(grep -o '"tunnel":"[^"]*"' "$D/sv.out" | cut -d'"' -f4)
+  FRONTEND=$(grep -o '"frontend":"[^"]*"' "$D/sv.out" | cut -d'"' -f4)
+  TOWER_LOG=warn under "$D/agent.cg" "$B/tower-agent" --name c1 \
+    --proxy-server "https://$tunnel" \
+    --token "$("$B/tower-server" token --jwt-secret-file "$D/secret" --cluster c1)" \
+    --ca-file "$D/st/ca.crt" --kubeconfig "$D/kc" --jwt-secret-file "$D/secret" >/dev/null 2>"$D/ag.err" &
+  AG=$!
+  USER_TOKEN=$("$B/tower-server" user-token --jwt-secret-file "$D/secret" --user alice)
+  BASE="https://$FRONTEND/clusters/c1"
+  for _ in $(seq 600); do
+    curl -sfk -o /dev/null -H "Authorization: Bearer $USER_TOKEN" "$BASE/version" && return
+    sleep 0.1
+  done
+  echo "$0: Tower did not answer" >&2
+  exit 1
+}
+
+# Stops server and agent (SIGINT: they drain and exit, and cachegrind writes its files),
+# then the stand-in.
+stop_tower() {
+  kill -INT "$AG" "$SV" 2>/dev/null || true
+  wait "$AG" "$SV" 2>/dev/null || true
+  kill "$SI" 2>/dev/null || true
+  wait "$SI" 2>/dev/null || true
+}

@@ -266,7 +266,11 @@ impl Upstream {
                 if tower_tunnel::watch_end::is_watch(request.uri())
                     && !request.headers().contains_key(header::UPGRADE) =>
             {
-                match pool.send(request).await? {
+                // Boxed: the pool's send may dial (TCP, TLS, the HTTP/2 handshake), a
+                // future of kilobytes that would otherwise sit in every request's future
+                // and be copied each time one is boxed (callgrind: ~9.6 K instructions of
+                // memcpy per small request, a tenth of the agent's work).
+                match Box::pin(pool.send(request)).await? {
                     Sent::Response(response) => return Ok(response.map(|b| b.boxed())),
                     Sent::Declined(request) => request,
                 }

@@ -82,8 +82,8 @@ pub struct Cli {
     pub jwt_secret: Option<String>,
     /// Without a key or a jwtSecret: the KubeSphere configuration ConfigMap to read the
     /// member's jwtSecret from (key kubesphere.yaml, authentication.jwtSecret), as
-    /// [NAMESPACE/]NAME [default: ke-config, then kubesphere-config, in the agent's
-    /// namespace, then in ke-system and kubesphere-system].
+    /// [NAMESPACE/]NAME [default: the first found of ke-config and kubesphere-config in
+    /// the agent's namespace, ke-system/ke-config, kubesphere-system/kubesphere-config].
     #[arg(long, env = "TOWER_PLATFORM_CONFIG", value_name = "[NAMESPACE/]NAME")]
     pub platform_config: Option<String>,
     /// Keepalive ping interval (a pong may take as long again); a Go duration (`10s`,

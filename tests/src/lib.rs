@@ -657,7 +657,13 @@ impl AgentBuilder {
             .env_remove("NO_PROXY")
             .env_remove("no_proxy")
             .env("TOWER_LOG", "info,tower_agent=debug");
-        if !self.args.iter().any(|a| a.starts_with("--ca-hash")) {
+        // --ca-hash and --insecure-skip-tls-verify conflict with --ca-file (and a test
+        // that gives one means the agent to do without the file).
+        if !self
+            .args
+            .iter()
+            .any(|a| a.starts_with("--ca-hash") || a.starts_with("--insecure-skip-tls-verify"))
+        {
             command.arg("--ca-file").arg(&self.ca_file);
         }
         command.args(&self.args);

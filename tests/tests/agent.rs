@@ -527,11 +527,35 @@ fn the_old_agents_other_flags_and_an_unpinned_token_are_refused_with_the_reason(
     for (flag, says) in [
         ("--max-retry=5", "tower-agent dials again for ever"),
         ("--max-retry-interval=5m", "use --reconnect-max"),
+        // klog's, which the old agent registered too: named as such, with what to use.
+        ("--log-dir=/var/log/agent", "writes no log files"),
+        ("--log-file=/var/log/agent.log", "writes no log files"),
+        ("--logtostderr=false", "writes no log files"),
+        ("--vmodule=agent=4", "use TOWER_LOG"),
+        ("--skip-headers", "--log-format text|json"),
     ] {
         let (code, stderr) = run(agent_command(&server, "member-1").arg(flag));
         assert_eq!(code, Some(2), "{flag}: {stderr}");
         assert!(stderr.contains(says), "{flag}: {stderr}");
+        if !flag.starts_with("--max-retry") {
+            assert!(stderr.contains("one of klog's flags"), "{flag}: {stderr}");
+        }
     }
+    // klog's flags that ask for what tower-agent does anyway pass, each with a line
+    // saying so; the agent goes on to its next check (here: no API server to serve).
+    let (code, stderr) = run(agent_command(&server, "member-1").args([
+        "--logtostderr",
+        "--alsologtostderr=true",
+        "--stderrthreshold=INFO",
+    ]));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("tower-agent logs to standard error anyway")
+            && stderr.contains("--alsologtostderr=true")
+            && stderr.contains("--stderrthreshold=INFO")
+            && stderr.contains("not running in a cluster"),
+        "{stderr}"
+    );
     // A hex token of KubeSphere's old tower: not silently dialed with.
     let (code, stderr) = run(agent_command_without_token(&server, "member-1")
         .args(["--token", "0123456789abcdef0123456789abcdef"]));
@@ -571,4 +595,115 @@ fn an_explicit_ca_file_wins_over_the_tokens_pin() {
         .token(&token)
         .connect(&server);
     assert!(server.connected("member-1"));
+}
+
+/// The `sha256:` pin of `server`'s CA, as Tower writes it into tokens.
+fn ca_pin(server: &Server) -> String {
+    let ca = tower_tunnel::tls::certs_from_pem(server.ca_pem.as_bytes()).expect("CA");
+    tower_tunnel::tls::spki_pin(&ca[0]).expect("pin")
+}
+
+/// `pods` listed through the frontend as alice: the tunnel serves requests.
+fn serves(server: &Server) {
+    let kc = server.kubeconfig("member-1", "alice", &[]);
+    let pods = kubectl(&kc, &["get", "pods", "-o", "name"]).success();
+    assert!(pods.contains("pod/web-0"), "{pods}");
+}
+
+/// Waits until the agent's log says it refused the server for not holding `pin`.
+fn wait_refused_for(agent: &tower_e2e::Agent, pin: &str) {
+    let expected = format!("does not contain the pinned CA: expected {pin}");
+    wait_for_with(
+        "the agent to refuse the server's certificate",
+        Duration::from_secs(20),
+        || agent.process.log().contains(&expected).then_some(()),
+        || agent.process.log(),
+    );
+}
+
+/// An explicit --ca-hash wins over the pin inside the token, both ways: a token pinned to
+/// another CA connects with the right --ca-hash, and a token pinned to the right CA is
+/// refused with a wrong one.
+#[test]
+fn an_explicit_ca_hash_wins_over_the_tokens_pin() {
+    let member = Member::start();
+    let server = server().start();
+    let right = ca_pin(&server);
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+
+    let token = Server::minter().agent_token_pinned("member-1", None, Some(&wrong));
+    let agent_right = agent(&server, &member, "member-1")
+        .token(&token)
+        .args(&[&format!("--ca-hash={right}")])
+        .connect(&server);
+    serves(&server);
+    drop(agent_right);
+    wait_for(
+        "the first agent's tunnel to close",
+        Duration::from_secs(10),
+        || (!server.connected("member-1")).then_some(()),
+    );
+
+    let token = Server::minter().agent_token_pinned("member-1", None, Some(&right));
+    let agent_wrong = agent(&server, &member, "member-1")
+        .token(&token)
+        .args(&[&format!("--ca-hash={wrong}")])
+        .spawn();
+    wait_refused_for(&agent_wrong, &wrong);
+    assert_eq!(agent_wrong.readyz(), 503);
+    assert!(!server.connected("member-1"));
+}
+
+/// A token that pins no CA connects with --insecure-skip-tls-verify, serves, and says
+/// loudly that the server is not checked; a token that pins one keeps its pin with the
+/// flag (a wrong pin is still refused) and the log says the flag was ignored.
+#[test]
+fn insecure_skip_tls_verify_dials_an_unpinned_token_and_never_overrides_a_pin() {
+    let member = Member::start();
+    let server = server().start();
+    let unpinned = Server::minter().agent_token("member-1", None);
+    let insecure = agent(&server, &member, "member-1")
+        .token(&unpinned)
+        .args(&["--insecure-skip-tls-verify"])
+        .connect(&server);
+    serves(&server);
+    let log = insecure.process.log();
+    let warning = log
+        .lines()
+        .find(|l| {
+            l.contains(
+                "--insecure-skip-tls-verify: the agent token pins no CA and no --ca-file or \
+                 --ca-hash is given, so the server's certificate is not checked",
+            )
+        })
+        .unwrap_or_else(|| panic!("no warning about the unchecked server:\n{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    drop(insecure);
+    wait_for(
+        "the first agent's tunnel to close",
+        Duration::from_secs(10),
+        || (!server.connected("member-1")).then_some(()),
+    );
+
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let pinned = Server::minter().agent_token_pinned("member-1", None, Some(&wrong));
+    let kept = agent(&server, &member, "member-1")
+        .token(&pinned)
+        .args(&["--insecure-skip-tls-verify"])
+        .spawn();
+    wait_refused_for(&kept, &wrong);
+    let log = kept.process.log();
+    let ignored = log
+        .lines()
+        .find(|l| {
+            l.contains(
+                "--insecure-skip-tls-verify is ignored: the agent token pins the server's CA",
+            )
+        })
+        .unwrap_or_else(|| panic!("no line saying the flag was ignored:\n{log}"));
+    assert!(
+        ignored.contains("WARN") && ignored.contains(&wrong),
+        "{ignored}"
+    );
+    assert!(!server.connected("member-1"));
 }

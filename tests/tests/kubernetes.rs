@@ -983,3 +983,78 @@ fn requests_to_the_host_keep_to_the_api_pace_and_every_cluster_converges() {
     );
     fleet.stop();
 }
+
+/// A Cluster's token that pins another CA (the Tower CA was replaced) is rewritten with
+/// one pinning the server's CA, and the old one is treated as renewed, not revoked: an
+/// agent that still holds it gets in and is handed the new one. A token that pins the
+/// server's CA is kept.
+#[test]
+fn a_token_pinning_another_ca_is_repinned_and_its_holder_handed_the_new_one() {
+    let host = Member::start();
+    let member = Member::start();
+    let server = tower_on(&host, &[]);
+    let ca = tower_tunnel::tls::certs_from_pem(server.ca_pem.as_bytes()).expect("CA");
+    let pin = tower_tunnel::tls::spki_pin(&ca[0]).expect("pin");
+
+    let current = Server::minter().agent_token_pinned("member-2", None, Some(&pin));
+    create(&host, &proxy_cluster("member-2", &current));
+    let written = wait_for_with(
+        "member-2's endpoint to be written",
+        Duration::from_secs(20),
+        || {
+            cluster(&host, "member-2")
+                .filter(|c| c["spec"]["connection"]["kubernetesAPIEndpoint"].is_string())
+        },
+        || server.process.log(),
+    );
+    assert_eq!(
+        token_of(&written),
+        current,
+        "a token with the right pin is kept"
+    );
+
+    let stale = Server::minter().agent_token_pinned(
+        "member-1",
+        None,
+        Some(&format!("sha256:{}", "ab".repeat(32))),
+    );
+    create(&host, &proxy_cluster("member-1", &stale));
+    let repinned = wait_for_with(
+        "the token to be re-pinned",
+        Duration::from_secs(20),
+        || cluster(&host, "member-1").filter(|c| token_of(c) != stale),
+        || server.process.log(),
+    );
+    let new = token_of(&repinned);
+    let claims = tower_auth::AgentClaims::read_unverified(&new).unwrap();
+    assert_eq!(claims.ca.as_deref(), Some(pin.as_str()));
+    assert_eq!(
+        repinned["metadata"]["annotations"]["tower.kubesphere.io/previous-agent-token-sha256"],
+        tower_server::kubernetes::previous_token_note(&stale, &new),
+    );
+    assert!(
+        server
+            .process
+            .log()
+            .contains("pins another CA than this server's"),
+        "{}",
+        server.process.log()
+    );
+    // An agent that trusts the CA by file, with the stale token: admitted and handed the
+    // new one.
+    let holder = agent(&server, &member, "member-1")
+        .token(&stale)
+        .connect(&server);
+    wait_for_with(
+        "the agent to be handed the re-pinned token",
+        Duration::from_secs(10),
+        || {
+            holder
+                .process
+                .log()
+                .contains("the server renewed this agent's token")
+                .then_some(())
+        },
+        || server.process.log(),
+    );
+}

@@ -58,6 +58,7 @@ pub struct Cli {
     pub ca_hash: Option<String>,
     /// Dial even though neither a flag nor the agent token names a CA: the server's
     /// certificate is then not checked, and anyone on the path can read every request.
+    /// Ignored, with a warning, when the agent token pins a CA.
     #[arg(long, env = "TOWER_INSECURE_SKIP_TLS_VERIFY", conflicts_with_all = ["ca_file", "ca_hash"])]
     pub insecure_skip_tls_verify: bool,
     /// Kubeconfig for the member's kube-apiserver (else in-cluster config:
@@ -81,8 +82,8 @@ pub struct Cli {
     pub jwt_secret: Option<String>,
     /// Without a key or a jwtSecret: the KubeSphere configuration ConfigMap to read the
     /// member's jwtSecret from (key kubesphere.yaml, authentication.jwtSecret), as
-    /// [NAMESPACE/]NAME [default: ke-config, then kubesphere-config, in the agent's
-    /// namespace, then in ke-system and kubesphere-system].
+    /// [NAMESPACE/]NAME [default: the first found of ke-config and kubesphere-config in
+    /// the agent's namespace, ke-system/ke-config, kubesphere-system/kubesphere-config].
     #[arg(long, env = "TOWER_PLATFORM_CONFIG", value_name = "[NAMESPACE/]NAME")]
     pub platform_config: Option<String>,
     /// Keepalive ping interval (a pong may take as long again); a Go duration (`10s`,
@@ -93,12 +94,10 @@ pub struct Cli {
     /// info, 2-3 Tower's debug lines, 4-5 all debug, 6+ trace. TOWER_LOG, when set, wins.
     #[arg(long = "v", value_name = "N", env = "TOWER_V")]
     pub verbosity: Option<u8>,
-    /// KubeSphere's old agent's flag: refused (tower-agent retries for ever).
-    #[arg(long, hide = true)]
-    pub max_retry: Option<String>,
-    /// KubeSphere's old agent's flag: refused (see --reconnect-max).
-    #[arg(long, hide = true)]
-    pub max_retry_interval: Option<String>,
+    /// KubeSphere's old agent's other flags: refused with what to use instead, or, where
+    /// tower-agent already does what they ask, accepted with a line saying so.
+    #[command(flatten)]
+    pub old_agent: OldAgentFlags,
     /// Serve /healthz and /readyz here.
     #[arg(long, env = "TOWER_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
@@ -130,6 +129,64 @@ pub struct Cli {
     pub insecure_plaintext_tunnel: bool,
 }
 
+/// Flags of KubeSphere's old agent that tower-agent has no use for, hidden from `--help`.
+///
+/// Its own (kubesphere/tower `cmd/agent/app/options.go`): `--max-retry` and
+/// `--max-retry-interval`. It also registered klog's (`cmd/agent/app/agent.go`:
+/// `klog.InitFlags` into a Go FlagSet, then each name's `_` turned into `-`); its go.mod
+/// pins k8s.io/klog/v2 v2.90.1, whose `klog.go` `init` defines exactly `log_dir`,
+/// `log_file`, `log_file_max_size`, `logtostderr`, `alsologtostderr`, `v`,
+/// `add_dir_header`, `skip_headers`, `one_output`, `skip_log_headers`, `stderrthreshold`,
+/// `vmodule` and `log_backtrace_at` (klog v1.0.0, which older releases used, the same
+/// but `one_output`). `--v` is [`Cli::verbosity`]. `--log-flush-frequency` is
+/// k8s.io/component-base's, which the old agent never registered: it gets clap's error.
+/// Boolean ones take Go's forms: `--flag`, `--flag=true`, `--flag=0`, …
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct OldAgentFlags {
+    /// Refused: tower-agent retries for ever.
+    #[arg(long, hide = true)]
+    pub max_retry: Option<String>,
+    /// Refused: see --reconnect-max.
+    #[arg(long, hide = true)]
+    pub max_retry_interval: Option<String>,
+    /// klog: refused (log files).
+    #[arg(long, hide = true)]
+    pub log_dir: Option<String>,
+    /// klog: refused (log files).
+    #[arg(long, hide = true)]
+    pub log_file: Option<String>,
+    /// klog: refused (log files).
+    #[arg(long, hide = true)]
+    pub log_file_max_size: Option<String>,
+    /// klog: `true` (klog's default) accepted, `false` (log files) refused.
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub logtostderr: Option<String>,
+    /// klog: accepted (no effect, as in klog while it logs to stderr).
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub alsologtostderr: Option<String>,
+    /// klog: accepted (no effect, as in klog while it logs to stderr).
+    #[arg(long, hide = true)]
+    pub stderrthreshold: Option<String>,
+    /// klog: `false` accepted, `true` refused (line format).
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub add_dir_header: Option<String>,
+    /// klog: `false` accepted, `true` refused (line format).
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub skip_headers: Option<String>,
+    /// klog: `false` accepted, `true` refused (log files).
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub one_output: Option<String>,
+    /// klog: `false` accepted, `true` refused (log files).
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub skip_log_headers: Option<String>,
+    /// klog: refused (per-file verbosity: TOWER_LOG).
+    #[arg(long, hide = true)]
+    pub vmodule: Option<String>,
+    /// klog: refused (no equivalent).
+    #[arg(long, hide = true)]
+    pub log_backtrace_at: Option<String>,
+}
+
 /// Validates the flags into a [`Config`]; the error says which flag is wrong.
 pub async fn build_config(cli: &Cli) -> Result<Config, String> {
     validate_cluster_name(&cli.name).map_err(|e| format!("--name: {e}"))?;
@@ -149,7 +206,9 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         (None, Some(file)) => file.token(),
         (None, None) => return Err("--token or --token-file is required".into()),
     };
-    refuse_old_agent_flags(cli)?;
+    for (flag, why) in old_agent_flags(&cli.old_agent)? {
+        tracing::info!(flag = %flag, "{why}");
+    }
     // The token is the agent's own: its claims are read (its cluster, the CA it pins),
     // not verified; the server verifies it.
     let claims = AgentClaims::read_unverified(&token).map_err(|e| {
@@ -185,11 +244,21 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
             (None, Some(pin), _) => {
                 CaTrust::parse_pin(pin).map_err(|e| format!("--ca-hash: {e}"))?
             }
-            (None, None, Some(pin)) => CaTrust::parse_pin(pin)
-                .map_err(|e| format!("the agent token's CA pin (claim ca): {e}"))?,
+            (None, None, Some(pin)) => {
+                if cli.insecure_skip_tls_verify {
+                    // The token says whom to trust: the flag, which is for a token that
+                    // does not, must not turn that check off.
+                    tracing::warn!(
+                        ca_pin = %pin,
+                        "--insecure-skip-tls-verify is ignored: the agent token pins the server's CA, and the server is checked against that pin"
+                    );
+                }
+                CaTrust::parse_pin(pin)
+                    .map_err(|e| format!("the agent token's CA pin (claim ca): {e}"))?
+            }
             (None, None, None) if cli.insecure_skip_tls_verify => {
                 tracing::warn!(
-                    "--insecure-skip-tls-verify: the server's certificate is not checked; anyone on the path can read every request"
+                    "--insecure-skip-tls-verify: the agent token pins no CA and no --ca-file or --ca-hash is given, so the server's certificate is not checked: anyone on the path can read every request"
                 );
                 CaTrust::InsecureAnyServer
             }
@@ -266,7 +335,16 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
     let mut target_names: Vec<String> = targets.keys().cloned().collect();
     target_names.sort();
     let keepalive = Keepalive::from_flag(cli.keepalive)?;
-    let key_source = key_source(cli, &kube_config, service_account_dir)?;
+    // The namespace the pod runs in, as Kubernetes mounts it beside the token.
+    let namespace_file = service_account_dir.join("namespace");
+    let own_namespace = std::fs::read_to_string(&namespace_file)
+        .ok()
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty());
+    let key_source = key_source(cli, own_namespace.as_deref(), &namespace_file, || {
+        kube::Client::try_from(kube_config.clone())
+            .map_err(|e| format!("a client for the member's API server: {e}"))
+    })?;
     let key = key_source.read(&cli.name).await;
     match (&key_source, &key) {
         // A file or a secret given on the command line that cannot be read is a mistake
@@ -307,16 +385,21 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
 
 /// Where the key that checks the server's identity assertions comes from: the first of
 /// --cluster-key-file, --jwt-secret-file, TOWER_JWT_SECRET, else the member's KubeSphere
-/// configuration.
+/// configuration ([`platform_config_candidates`]), read with a client `client` builds.
+/// The namespace the agent runs in is `own_namespace` (read from `namespace_file`).
 fn key_source(
     cli: &Cli,
-    kube_config: &kube::Config,
-    service_account_dir: &Path,
+    own_namespace: Option<&str>,
+    namespace_file: &Path,
+    client: impl FnOnce() -> Result<kube::Client, String>,
 ) -> Result<KeySource, String> {
     if let Some(path) = &cli.cluster_key_file {
         return Ok(KeySource::ClusterKeyFile(path.clone()));
     }
     if let Some(path) = &cli.jwt_secret_file {
+        if let Some(given) = &cli.platform_config {
+            tracing::info!(platform_config = %given, "--jwt-secret-file gives the jwtSecret: --platform-config is not read");
+        }
         return Ok(KeySource::JwtSecretFile(path.clone()));
     }
     if let Some(secret) = &cli.jwt_secret {
@@ -324,69 +407,185 @@ fn key_source(
             .map(KeySource::JwtSecret)
             .ok_or_else(|| "TOWER_JWT_SECRET is empty".into());
     }
-    // The namespace the pod runs in, as Kubernetes mounts it beside the token.
-    let own = std::fs::read_to_string(service_account_dir.join("namespace"))
-        .ok()
-        .map(|n| n.trim().to_owned())
-        .filter(|n| !n.is_empty());
-    let candidates = match &cli.platform_config {
-        Some(given) => match given.split_once('/') {
-            Some((namespace, name)) => vec![(namespace.to_owned(), name.to_owned())],
-            None => vec![(
-                own.clone().ok_or_else(|| {
-                    format!(
-                        "--platform-config {given:?} names no namespace, and the agent's own \
-                     ({}) cannot be read: give NAMESPACE/NAME",
-                        service_account_dir.join("namespace").display()
-                    )
-                })?,
-                given.clone(),
-            )],
-        },
-        None => {
-            let mut candidates: Vec<(String, String)> = own
-                .iter()
-                .flat_map(|ns| {
-                    PLATFORM_CONFIGMAPS
-                        .iter()
-                        .map(|n| (ns.clone(), (*n).to_owned()))
-                })
-                .collect();
-            for fallback in [
-                ("ke-system", "ke-config"),
-                ("kubesphere-system", "kubesphere-config"),
-            ] {
-                let fallback = (fallback.0.to_owned(), fallback.1.to_owned());
-                if !candidates.contains(&fallback) {
-                    candidates.push(fallback);
-                }
-            }
-            candidates
-        }
-    };
-    let client = kube::Client::try_from(kube_config.clone())
-        .map_err(|e| format!("a client for the member's API server: {e}"))?;
-    Ok(KeySource::PlatformConfig { client, candidates })
+    let candidates = platform_config_candidates(
+        cli.platform_config.as_deref(),
+        own_namespace,
+        namespace_file,
+    )?;
+    Ok(KeySource::PlatformConfig {
+        client: client()?,
+        candidates,
+    })
 }
 
-/// KubeSphere's old agent's flags that mean nothing here: refused with the reason, not
-/// ignored.
-fn refuse_old_agent_flags(cli: &Cli) -> Result<(), String> {
-    if cli.max_retry.is_some() {
+/// The ConfigMaps (namespace, name) the member's jwtSecret is looked for in, in order (the
+/// first that exists is read: [`KeySource::read`]): `--platform-config` alone when given
+/// (`NAMESPACE/NAME`, or `NAME` in the agent's own namespace), else `ke-config` then
+/// `kubesphere-config` in the agent's own namespace (when known), then
+/// `ke-system/ke-config` (Kuberix Enterprise's) and `kubesphere-system/kubesphere-config`
+/// (KubeSphere's), each once.
+fn platform_config_candidates(
+    given: Option<&str>,
+    own_namespace: Option<&str>,
+    namespace_file: &Path,
+) -> Result<Vec<(String, String)>, String> {
+    if let Some(given) = given {
+        return match (given.split_once('/'), own_namespace) {
+            (Some((namespace, name)), _) => Ok(vec![(namespace.to_owned(), name.to_owned())]),
+            (None, Some(own)) => Ok(vec![(own.to_owned(), given.to_owned())]),
+            (None, None) => Err(format!(
+                "--platform-config {given:?} names no namespace, and the agent's own \
+                 ({}) cannot be read: give NAMESPACE/NAME",
+                namespace_file.display()
+            )),
+        };
+    }
+    let mut candidates: Vec<(String, String)> = own_namespace
+        .iter()
+        .flat_map(|ns| {
+            PLATFORM_CONFIGMAPS
+                .iter()
+                .map(|n| ((*ns).to_owned(), (*n).to_owned()))
+        })
+        .collect();
+    for fallback in [
+        ("ke-system", "ke-config"),
+        ("kubesphere-system", "kubesphere-config"),
+    ] {
+        let fallback = (fallback.0.to_owned(), fallback.1.to_owned());
+        if !candidates.contains(&fallback) {
+            candidates.push(fallback);
+        }
+    }
+    Ok(candidates)
+}
+
+/// What tower-agent makes of KubeSphere's old agent's flags ([`OldAgentFlags`]): the first
+/// that asks for something it does not do is refused with the reason and what to use
+/// instead; the others, which ask for what it does anyway, come back as (flag, why) to be
+/// logged, so none is ignored silently. Harmless: `--logtostderr` (tower-agent logs to
+/// standard error and nowhere else), `--alsologtostderr` and `--stderrthreshold` (klog
+/// itself ignores them while it logs to stderr, its default), and a boolean set to klog's
+/// default. Refused: whatever asks for log files, another line format, per-file
+/// verbosity or stack traces.
+fn old_agent_flags(old: &OldAgentFlags) -> Result<Vec<(String, String)>, String> {
+    const FILES: &str = "tower-agent writes no log files: it logs to standard error \
+                         (kubectl logs), as much as --v or TOWER_LOG asks";
+    const FORMAT: &str = "tower-agent's lines have one format, chosen with --log-format text|json";
+    let klog = |flag: &str, value: &str, why: &str| {
+        format!(
+            "--{flag}={value} (one of klog's flags, which KubeSphere's old agent accepted) \
+             is not supported: {why}"
+        )
+    };
+    if old.max_retry.is_some() {
         return Err(
             "--max-retry (KubeSphere's old agent) is not supported: tower-agent \
                     dials again for ever, with jittered backoff up to --reconnect-max"
                 .into(),
         );
     }
-    if cli.max_retry_interval.is_some() {
+    if old.max_retry_interval.is_some() {
         return Err(
             "--max-retry-interval (KubeSphere's old agent) is not supported: \
                     use --reconnect-max DURATION"
                 .into(),
         );
     }
-    Ok(())
+    for (flag, value) in [
+        ("log-dir", &old.log_dir),
+        ("log-file", &old.log_file),
+        ("log-file-max-size", &old.log_file_max_size),
+    ] {
+        if let Some(value) = value {
+            return Err(klog(flag, value, FILES));
+        }
+    }
+    if let Some(value) = &old.vmodule {
+        return Err(klog(
+            "vmodule",
+            value,
+            "for more detail from one part, use TOWER_LOG (e.g. \
+             TOWER_LOG=info,tower_agent::upstream=debug), or --v for all of it",
+        ));
+    }
+    if let Some(value) = &old.log_backtrace_at {
+        return Err(klog(
+            "log-backtrace-at",
+            value,
+            "there is no stack trace at a log line; raise --v or TOWER_LOG instead",
+        ));
+    }
+    let mut accepted = Vec::new();
+    let mut note = |flag: &str, why: String| accepted.push((format!("--{flag}"), why));
+    // Booleans other than --logtostderr: klog's default (false) asks for nothing.
+    for (flag, value, why) in [
+        ("add-dir-header", &old.add_dir_header, FORMAT),
+        ("skip-headers", &old.skip_headers, FORMAT),
+        ("one-output", &old.one_output, FILES),
+        ("skip-log-headers", &old.skip_log_headers, FILES),
+    ] {
+        let Some(value) = value else { continue };
+        match parse_go_bool(value) {
+            Some(false) => note(
+                flag,
+                format!(
+                    "--{flag}={value} (KubeSphere's old agent's klog flag) is klog's \
+                     default, which asks for nothing"
+                ),
+            ),
+            Some(true) => return Err(klog(flag, value, why)),
+            None => return Err(not_a_bool(flag, value)),
+        }
+    }
+    if let Some(value) = &old.logtostderr {
+        match parse_go_bool(value) {
+            Some(true) => note(
+                "logtostderr",
+                "--logtostderr (KubeSphere's old agent's klog flag): tower-agent logs to \
+                 standard error anyway"
+                    .into(),
+            ),
+            Some(false) => return Err(klog("logtostderr", value, FILES)),
+            None => return Err(not_a_bool("logtostderr", value)),
+        }
+    }
+    if let Some(value) = &old.alsologtostderr {
+        if parse_go_bool(value).is_none() {
+            return Err(not_a_bool("alsologtostderr", value));
+        }
+        note(
+            "alsologtostderr",
+            format!(
+                "--alsologtostderr={value} (KubeSphere's old agent's klog flag) has no \
+                 effect: tower-agent logs to standard error only"
+            ),
+        );
+    }
+    if let Some(value) = &old.stderrthreshold {
+        note(
+            "stderrthreshold",
+            format!(
+                "--stderrthreshold={value} (KubeSphere's old agent's klog flag) has no \
+                 effect: every line tower-agent logs goes to standard error; --v or \
+                 TOWER_LOG chooses which"
+            ),
+        );
+    }
+    Ok(accepted)
+}
+
+/// A boolean as Go's `strconv.ParseBool` reads it (klog's flags are Go flags).
+fn parse_go_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+fn not_a_bool(flag: &str, value: &str) -> String {
+    format!("--{flag}={value:?}: not a boolean (true or false)")
 }
 
 /// A duration as Go writes it (`10s`, `1m30s`, `1.5h`, `300ms`, `2us`; the `--keepalive`
@@ -609,6 +808,158 @@ mod tests {
                 .contains("the file is empty")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The agent's flags as parsed from `args` after the required ones.
+    fn cli(args: &[&str]) -> Cli {
+        let mut argv = vec![
+            "tower-agent",
+            "--name=c1",
+            "--token=t",
+            "--proxy-server=https://tower:8080",
+        ];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap()
+    }
+
+    fn no_client() -> Result<kube::Client, String> {
+        Err("would read the platform ConfigMap".into())
+    }
+
+    #[test]
+    fn a_key_or_jwt_secret_file_wins_over_the_platform_config() {
+        let file = Path::new("/sa/namespace");
+        let given = |args: &[&str]| {
+            key_source(&cli(args), Some("kubesphere-system"), file, || {
+                panic!("a key given as a flag builds no client")
+            })
+            .unwrap()
+            .describe()
+        };
+        assert_eq!(
+            given(&[
+                "--jwt-secret-file=/etc/jwt",
+                "--platform-config=kubesphere-system/kubesphere-config"
+            ]),
+            "--jwt-secret-file /etc/jwt"
+        );
+        assert_eq!(
+            given(&["--jwt-secret-file=/etc/jwt"]),
+            "--jwt-secret-file /etc/jwt"
+        );
+        assert_eq!(
+            given(&["--cluster-key-file=/etc/key", "--platform-config=x/y"]),
+            "--cluster-key-file /etc/key"
+        );
+        // Without one, the member's configuration, in the agent's own namespace first.
+        let error = key_source(&cli(&[]), Some("kubesphere-system"), file, no_client).unwrap_err();
+        assert_eq!(error, "would read the platform ConfigMap");
+    }
+
+    #[test]
+    fn the_platform_config_is_looked_for_in_the_agents_namespace_then_the_platforms() {
+        let file = Path::new("/sa/namespace");
+        let names = |given: Option<&str>, own: Option<&str>| {
+            platform_config_candidates(given, own, file).map(|c| {
+                c.into_iter()
+                    .map(|(ns, name)| format!("{ns}/{name}"))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            names(None, Some("my-ns")).unwrap(),
+            [
+                "my-ns/ke-config",
+                "my-ns/kubesphere-config",
+                "ke-system/ke-config",
+                "kubesphere-system/kubesphere-config"
+            ]
+        );
+        // The console's Deployment runs in kubesphere-system: each ConfigMap once.
+        assert_eq!(
+            names(None, Some("kubesphere-system")).unwrap(),
+            [
+                "kubesphere-system/ke-config",
+                "kubesphere-system/kubesphere-config",
+                "ke-system/ke-config"
+            ]
+        );
+        assert_eq!(
+            names(None, None).unwrap(),
+            ["ke-system/ke-config", "kubesphere-system/kubesphere-config"]
+        );
+        // --platform-config alone when given.
+        assert_eq!(
+            names(Some("ops/platform"), Some("my-ns")).unwrap(),
+            ["ops/platform"]
+        );
+        assert_eq!(
+            names(Some("platform"), Some("my-ns")).unwrap(),
+            ["my-ns/platform"]
+        );
+        let error = names(Some("platform"), None).unwrap_err();
+        assert!(
+            error.contains("names no namespace") && error.contains("/sa/namespace"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_old_agents_klog_flags_are_refused_with_what_to_use_or_accepted_with_a_note() {
+        let judged = |args: &[&str]| old_agent_flags(&cli(args).old_agent);
+        for (args, says) in [
+            (&["--log-dir=/var/log/agent"][..], "writes no log files"),
+            (
+                &["--log-dir", "/var/log/agent"][..],
+                "--log-dir=/var/log/agent",
+            ),
+            (
+                &["--log-file=/var/log/agent.log"][..],
+                "writes no log files",
+            ),
+            (&["--log-file-max-size=100"][..], "writes no log files"),
+            (&["--logtostderr=false"][..], "writes no log files"),
+            (&["--one-output"][..], "writes no log files"),
+            (&["--skip-log-headers=true"][..], "writes no log files"),
+            (&["--skip-headers"][..], "--log-format"),
+            (&["--add-dir-header=1"][..], "--log-format"),
+            (&["--vmodule=agent=4"][..], "TOWER_LOG"),
+            (&["--log-backtrace-at=agent.go:10"][..], "TOWER_LOG"),
+            (&["--logtostderr=maybe"][..], "not a boolean"),
+            (&["--max-retry=5"][..], "dials again for ever"),
+            (&["--max-retry-interval=5m"][..], "--reconnect-max"),
+        ] {
+            let error = judged(args).unwrap_err();
+            assert!(error.contains(says), "{args:?}: {error}");
+            if !args[0].starts_with("--max-retry") && !error.contains("not a boolean") {
+                assert!(error.contains("one of klog's flags"), "{args:?}: {error}");
+            }
+        }
+        // What tower-agent does anyway: accepted, each with a line saying so.
+        let accepted = judged(&[
+            "--logtostderr",
+            "--alsologtostderr=true",
+            "--stderrthreshold=INFO",
+            "--skip-headers=false",
+            "--v=2",
+        ])
+        .unwrap();
+        let flags: Vec<&str> = accepted.iter().map(|(flag, _)| flag.as_str()).collect();
+        assert_eq!(
+            flags,
+            [
+                "--skip-headers",
+                "--logtostderr",
+                "--alsologtostderr",
+                "--stderrthreshold"
+            ]
+        );
+        assert!(accepted[1].1.contains("logs to standard error anyway"));
+        assert!(judged(&[]).unwrap().is_empty());
+        // --log-flush-frequency is component-base's, never the old agent's: clap's error.
+        let mut argv = vec!["tower-agent", "--name=c1", "--token=t", "--proxy-server=x"];
+        argv.push("--log-flush-frequency=5s");
+        assert!(Cli::try_parse_from(argv).is_err());
     }
 
     #[test]

@@ -94,28 +94,46 @@ impl KeySource {
             }
             KeySource::JwtSecret(secret) => Ok(secret.cluster_key(cluster)),
             KeySource::PlatformConfig { client, candidates } => {
-                let mut tried = Vec::new();
-                for (namespace, name) in candidates {
+                let secret = jwt_secret_from_platform_config(candidates, |namespace, name| {
                     let api: kube::Api<ConfigMap> =
-                        kube::Api::namespaced(client.clone(), namespace);
-                    match api.get_opt(name).await {
-                        Ok(Some(map)) => {
-                            let secret = jwt_secret_of(&map)
-                                .map_err(|why| format!("ConfigMap {namespace}/{name}: {why}"))?;
-                            return Ok(secret.cluster_key(cluster));
-                        }
-                        Ok(None) => tried.push(format!("{namespace}/{name}: not found")),
-                        Err(e) => tried.push(format!("{namespace}/{name}: {e}")),
-                    }
-                }
-                Err(format!(
-                    "no KubeSphere configuration to take the jwtSecret from ({}); \
-                     give --cluster-key-file or --jwt-secret-file",
-                    tried.join("; ")
-                ))
+                        kube::Api::namespaced(client.clone(), &namespace);
+                    async move { api.get_opt(&name).await.map_err(|e| e.to_string()) }
+                })
+                .await?;
+                Ok(secret.cluster_key(cluster))
             }
         }
     }
+}
+
+/// The jwtSecret of the first of `candidates` (namespace, name) that `get` finds: one
+/// that is not found, or cannot be read, is passed over; the first found is the
+/// member's configuration, and is read or the error says what it lacks (a later one is
+/// not looked at: it would be another platform's). The error lists every one tried.
+async fn jwt_secret_from_platform_config<F, Fut>(
+    candidates: &[(String, String)],
+    mut get: F,
+) -> Result<Secret, String>
+where
+    F: FnMut(String, String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<ConfigMap>, String>>,
+{
+    let mut tried = Vec::new();
+    for (namespace, name) in candidates {
+        match get(namespace.clone(), name.clone()).await {
+            Ok(Some(map)) => {
+                return jwt_secret_of(&map)
+                    .map_err(|why| format!("ConfigMap {namespace}/{name}: {why}"));
+            }
+            Ok(None) => tried.push(format!("{namespace}/{name}: not found")),
+            Err(e) => tried.push(format!("{namespace}/{name}: {e}")),
+        }
+    }
+    Err(format!(
+        "no KubeSphere configuration to take the jwtSecret from ({}); \
+         give --cluster-key-file or --jwt-secret-file",
+        tried.join("; ")
+    ))
 }
 
 /// The jwtSecret in a platform ConfigMap: `authentication.jwtSecret` of its
@@ -256,6 +274,7 @@ impl IdentityKeys {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::collections::HashMap;
     use tower_auth::Identity;
     use tower_auth::identity::Asserter;
 
@@ -282,6 +301,119 @@ mod tests {
             let error = jwt_secret_of(&config_map(yaml)).unwrap_err();
             assert!(error.contains(why), "{yaml:?}: {error}");
         }
+    }
+
+    /// The member's ConfigMaps as a lookup: (namespace, name) → its jwtSecret line.
+    async fn lookup(
+        maps: &[(&str, &str, &str)],
+        candidates: &[(&str, &str)],
+    ) -> (Result<Secret, String>, Vec<String>) {
+        let maps: HashMap<(String, String), ConfigMap> = maps
+            .iter()
+            .map(|(ns, name, line)| {
+                let yaml = format!("authentication:\n{line}\n");
+                ((ns.to_string(), name.to_string()), config_map(Some(&yaml)))
+            })
+            .collect();
+        let candidates: Vec<(String, String)> = candidates
+            .iter()
+            .map(|(ns, name)| (ns.to_string(), name.to_string()))
+            .collect();
+        let asked = std::sync::Mutex::new(Vec::new());
+        let found = jwt_secret_from_platform_config(&candidates, |ns, name| {
+            asked.lock().unwrap().push(format!("{ns}/{name}"));
+            let map = if ns == "forbidden" {
+                Err("configmaps is forbidden".to_owned())
+            } else {
+                Ok(maps.get(&(ns, name)).cloned())
+            };
+            async move { map }
+        })
+        .await;
+        (found, asked.into_inner().unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_first_platform_config_found_in_order_gives_the_jwt_secret() {
+        let order = [
+            ("my-ns", "ke-config"),
+            ("my-ns", "kubesphere-config"),
+            ("ke-system", "ke-config"),
+            ("kubesphere-system", "kubesphere-config"),
+        ];
+        // Only KubeSphere's own: every earlier one is asked for first.
+        let (found, asked) = lookup(
+            &[("kubesphere-system", "kubesphere-config", "  jwtSecret: ks")],
+            &order,
+        )
+        .await;
+        assert_eq!(found.unwrap().expose(), b"ks");
+        assert_eq!(
+            asked,
+            [
+                "my-ns/ke-config",
+                "my-ns/kubesphere-config",
+                "ke-system/ke-config",
+                "kubesphere-system/kubesphere-config"
+            ]
+        );
+        // The agent's own namespace before the platforms' namespaces, and Kuberix
+        // Enterprise's name before KubeSphere's: the first found is read, no later one.
+        let (found, asked) = lookup(
+            &[
+                ("my-ns", "kubesphere-config", "  jwtSecret: own"),
+                ("ke-system", "ke-config", "  jwtSecret: ke"),
+                ("kubesphere-system", "kubesphere-config", "  jwtSecret: ks"),
+            ],
+            &order,
+        )
+        .await;
+        assert_eq!(found.unwrap().expose(), b"own");
+        assert_eq!(asked, ["my-ns/ke-config", "my-ns/kubesphere-config"]);
+        let (found, _) = lookup(
+            &[
+                ("ke-system", "ke-config", "  jwtSecret: ke"),
+                ("kubesphere-system", "kubesphere-config", "  jwtSecret: ks"),
+            ],
+            &order,
+        )
+        .await;
+        assert_eq!(found.unwrap().expose(), b"ke");
+        // The first found without a jwtSecret is an error naming it: a later one is
+        // another platform's.
+        let (found, asked) = lookup(
+            &[
+                ("ke-system", "ke-config", "  other: x"),
+                ("kubesphere-system", "kubesphere-config", "  jwtSecret: ks"),
+            ],
+            &order,
+        )
+        .await;
+        let error = found.unwrap_err();
+        assert!(
+            error.contains(
+                "ConfigMap ke-system/ke-config: kubesphere.yaml has no authentication.jwtSecret"
+            ),
+            "{error}"
+        );
+        assert_eq!(asked.len(), 3);
+        // One that cannot be read is passed over; none found lists every one tried.
+        let (found, _) = lookup(
+            &[("kubesphere-system", "kubesphere-config", "  jwtSecret: ks")],
+            &[
+                ("forbidden", "ke-config"),
+                ("kubesphere-system", "kubesphere-config"),
+            ],
+        )
+        .await;
+        assert_eq!(found.unwrap().expose(), b"ks");
+        let error = lookup(&[], &order[2..]).await.0.unwrap_err();
+        assert!(
+            error.contains(
+                "(ke-system/ke-config: not found; kubesphere-system/kubesphere-config: not found)"
+            ),
+            "{error}"
+        );
     }
 
     #[test]

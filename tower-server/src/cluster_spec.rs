@@ -3,7 +3,8 @@
 //!
 //! - `token`: the agent token (minted when empty or not one this server accepts for the
 //!   cluster: KubeSphere's old tower wrote a hex string no agent of ours can present;
-//!   renewed a third before it expires, the one it replaces remembered in an annotation);
+//!   renewed a third before it expires, and re-pinned when it pins no CA or another than
+//!   this server's, the one it replaces remembered in an annotation either way);
 //! - `kubernetesAPIEndpoint`: `{--frontend-url}/clusters/{name}`;
 //! - `kubeconfig`: that endpoint, Tower's CA and a user token
 //!   ([`crate::kubeconfig::ClusterCredential`]). KubeSphere's cluster controller
@@ -38,7 +39,16 @@ impl Controller {
             connection.insert("kubernetesAPIEndpoint".into(), endpoint.clone().into());
         }
         let mut metadata = json!({ "resourceVersion": cluster.metadata.resource_version });
-        let action = self.token_action(name, &current.token);
+        let mut action = self.token_action(name, &current.token);
+        // Replicas that disagree on the CA (each generated its own instead of sharing
+        // tower-tls) would re-pin each other's tokens for ever: one re-pin a minute.
+        if action == TokenAction::Repin && !self.repins.allow(name, REWRITE_EVERY) {
+            tracing::warn!(
+                cluster = %name,
+                "the Cluster's token changed to one pinning another CA within a minute of this replica's own re-pin: do all replicas share the CA (Secret tower-tls)?"
+            );
+            action = TokenAction::Keep;
+        }
         if action != TokenAction::Keep {
             let token = self.minter.agent_token_pinned(
                 name,
@@ -48,7 +58,7 @@ impl Controller {
             // A renewed token stays accepted until it expires; one that was replaced
             // (unacceptable) does not. The note names the token that renewed it, so a
             // token an operator writes by hand later (a revocation) ends it.
-            let previous = (action == TokenAction::Renew)
+            let previous = matches!(action, TokenAction::Renew | TokenAction::Repin)
                 .then(|| crate::kubernetes::previous_token_note(&current.token, &token));
             metadata["annotations"] = json!({ PREVIOUS_TOKEN_ANNOTATION: previous });
             connection.insert("token".into(), token.into());
@@ -59,7 +69,7 @@ impl Controller {
         if !self
             .credential
             .keeps(&self.verifier, &kubeconfig, &endpoint)
-            && self.rewrites.allow(name, self.credential.ttl)
+            && self.allow_kubeconfig_rewrite(name)
         {
             match self.credential.render(&self.minter, name, &endpoint) {
                 Ok(yaml) => {
@@ -114,30 +124,44 @@ impl Controller {
     }
 }
 
-/// When this replica last wrote each Cluster's kubeconfig. Replicas that disagree on what
-/// it should be (another --frontend-url, another CA: each replica generated its own
-/// instead of sharing tower-tls) would rewrite it in turn forever, and KubeSphere rebuilds
-/// its clients on every write; one write a minute per cluster is allowed (a sixth of the
-/// token's lifetime when that is shorter, so renewals always pass), and another within
-/// that time is refused with a warning that says why.
+impl Controller {
+    /// Whether this replica may write the Cluster's kubeconfig now: one write a minute per
+    /// cluster (a sixth of the user token's lifetime when that is shorter, so renewals
+    /// always pass); another within that time is refused with a warning that says why.
+    fn allow_kubeconfig_rewrite(&self, name: &str) -> bool {
+        let allowed = self
+            .rewrites
+            .allow(name, REWRITE_EVERY.min(self.credential.ttl / 6));
+        if !allowed {
+            tracing::warn!(
+                cluster = name,
+                "the Cluster's kubeconfig changed to one this replica would not write, within a minute of its own write: do all replicas share --frontend-url and the CA (Secret tower-tls)?"
+            );
+        }
+        allowed
+    }
+}
+
+/// When this replica last wrote something of each Cluster that replicas could disagree
+/// on: its kubeconfig (another --frontend-url, another CA: each replica generated its own
+/// instead of sharing tower-tls), or its token's CA pin. Replicas that disagree would
+/// rewrite it in turn forever, and KubeSphere rebuilds its clients on every write, so
+/// such writes are spaced out ([`Rewrites::allow`]).
 #[derive(Debug, Default)]
 pub struct Rewrites(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
 
-/// The least time between two kubeconfig writes of one Cluster by one replica.
+/// The least time between two kubeconfig writes, or two token re-pins, of one Cluster by
+/// one replica.
 const REWRITE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Rewrites {
-    fn allow(&self, cluster: &str, ttl: std::time::Duration) -> bool {
+    /// Whether `cluster` may be written now, `every` after this replica's last write of
+    /// it (which this call then becomes).
+    fn allow(&self, cluster: &str, every: std::time::Duration) -> bool {
         let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
         match last.get(cluster) {
-            Some(at) if now.duration_since(*at) < REWRITE_EVERY.min(ttl / 6) => {
-                tracing::warn!(
-                    cluster,
-                    "the Cluster's kubeconfig changed to one this replica would not write, within a minute of its own write: do all replicas share --frontend-url and the CA (Secret tower-tls)?"
-                );
-                false
-            }
+            Some(at) if now.duration_since(*at) < every => false,
             _ => {
                 last.insert(cluster.to_owned(), now);
                 true

@@ -350,6 +350,8 @@ pub struct Controller {
     pub kubesphere: Option<Arc<crate::ks_endpoint::KubeSphereEndpoints>>,
     /// When this replica last wrote each Cluster's kubeconfig.
     pub rewrites: crate::cluster_spec::Rewrites,
+    /// When this replica last re-pinned each Cluster's token ([`TokenAction::Repin`]).
+    pub repins: crate::cluster_spec::Rewrites,
     /// How long after the first list a Cluster whose `AgentAvailable` is `True` waits
     /// for its agent before this replica writes it `False` (`--agent-return-grace`).
     pub agent_return_grace: Duration,
@@ -364,6 +366,12 @@ pub(crate) enum TokenAction {
     Mint,
     /// A new one in place of one that expires soon (which works until it does).
     Renew,
+    /// A new one in place of a valid one that pins another CA than this server's, or
+    /// none: the Tower CA was replaced, or the token was minted without a pin (by an
+    /// older Tower, or by hand). The old one works until it expires, as after a renewal:
+    /// nothing is wrong with it but the CA it names, and an agent given its own CA
+    /// (agent.yaml's `--ca-file`) still reaches the server with it.
+    Repin,
 }
 
 /// The annotation that remembers the token a renewal replaced, so every replica accepts
@@ -394,6 +402,72 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Whether a Cluster's token must be (re)minted: it has none, or one this server does not
+/// accept for it (a hex token of KubeSphere's old tower, one signed with the jwtSecret
+/// itself by an older Tower or with another secret, one for another name, an expired
+/// one): replacing it closes any tunnel that used it. Or it is to be renewed: less than a
+/// third of `lifetime` is left at `now`. Or it is to be re-pinned: it pins no CA, or
+/// another than `ca_pin` (this server's), so an agent given only the token (the console's
+/// Deployment) would refuse this server for ever. A server that knows no CA pin keeps
+/// whatever pin a token carries.
+pub(crate) fn token_action(
+    verifier: &Verifier,
+    name: &str,
+    token: &str,
+    lifetime: Option<Duration>,
+    ca_pin: Option<&str>,
+    now: u64,
+) -> TokenAction {
+    if token.is_empty() {
+        return TokenAction::Mint;
+    }
+    let claims = match verifier.verify_agent(token) {
+        Ok(claims) if claims.sub == name => claims,
+        Ok(claims) => {
+            tracing::warn!(cluster = name, token_for = %claims.sub, "the Cluster's token is for another cluster: minting a new one");
+            return TokenAction::Mint;
+        }
+        Err(e) => {
+            tracing::warn!(cluster = name, error = %e, "the Cluster's token is not one this server accepts: minting a new one");
+            return TokenAction::Mint;
+        }
+    };
+    let renew_within = lifetime.map(|l| l.as_secs() / 3);
+    if let (Some(exp), Some(within)) = (claims.exp, renew_within)
+        && exp.saturating_sub(now) < within
+    {
+        return TokenAction::Renew;
+    }
+    let Some(ca_pin) = ca_pin else {
+        return TokenAction::Keep;
+    };
+    match claims.ca.as_deref() {
+        Some(pinned) if same_pin(pinned, ca_pin) => TokenAction::Keep,
+        Some(pinned) => {
+            tracing::warn!(
+                cluster = name,
+                token_pins = pinned,
+                server_ca = ca_pin,
+                "the Cluster's token pins another CA than this server's (was the Tower CA replaced?): writing one that pins this server's CA; the old one is accepted until it expires"
+            );
+            TokenAction::Repin
+        }
+        None => {
+            tracing::info!(
+                cluster = name,
+                server_ca = ca_pin,
+                "the Cluster's token pins no CA: writing one that pins this server's, so an agent given only the token can check whom it dials; the old one is accepted until it expires"
+            );
+            TokenAction::Repin
+        }
+    }
+}
+
+/// Whether two `sha256:HEX` pins name the same key (hex in either case).
+fn same_pin(a: &str, b: &str) -> bool {
+    a.trim().eq_ignore_ascii_case(b.trim())
 }
 
 /// What this replica still has to write into a Cluster's condition.
@@ -689,34 +763,16 @@ impl Controller {
         clusters.insert(name, cluster);
     }
 
-    /// Whether the Cluster's token must be (re)minted: it has none, or one this server
-    /// does not accept for it (a hex token of KubeSphere's old tower, one signed with the
-    /// jwtSecret itself by an older Tower or with another secret, one for another name,
-    /// an expired one): replacing it closes any tunnel that used it. Or it is to be
-    /// renewed: less than a third of its lifetime is left.
+    /// What the Cluster's token needs, as [`token_action`] judges it for this server.
     pub(crate) fn token_action(&self, name: &str, token: &str) -> TokenAction {
-        if token.is_empty() {
-            return TokenAction::Mint;
-        }
-        match self.verifier.verify_agent(token) {
-            Ok(claims) if claims.sub == name => {
-                let renew_within = self.agent_token_lifetime.map(|l| l.as_secs() / 3);
-                match (claims.exp, renew_within) {
-                    (Some(exp), Some(within)) if exp.saturating_sub(unix_now()) < within => {
-                        TokenAction::Renew
-                    }
-                    _ => TokenAction::Keep,
-                }
-            }
-            Ok(claims) => {
-                tracing::warn!(cluster = name, token_for = %claims.sub, "the Cluster's token is for another cluster: minting a new one");
-                TokenAction::Mint
-            }
-            Err(e) => {
-                tracing::warn!(cluster = name, error = %e, "the Cluster's token is not one this server accepts: minting a new one");
-                TokenAction::Mint
-            }
-        }
+        token_action(
+            &self.verifier,
+            name,
+            token,
+            self.agent_token_lifetime,
+            self.ca_pin.as_deref(),
+            unix_now(),
+        )
     }
 
     async fn forget(&self, name: &str, clusters: &mut HashMap<String, Cluster>) {
@@ -962,6 +1018,47 @@ mod tests {
         assert_eq!(previous_token_of(&note, &renewed), Some(token_sha256(&old)));
         assert_eq!(previous_token_of(&note, &by_hand), None);
         assert_eq!(previous_token_of(&token_sha256(&old), &renewed), None);
+    }
+
+    #[test]
+    fn a_token_pinning_another_ca_or_none_is_repinned_and_one_pinning_this_servers_kept() {
+        let secret = tower_auth::Secret::new("s").unwrap();
+        let (minter, verifier) = (Minter::new(&secret), Verifier::new(&secret));
+        let ours = format!("sha256:{}", "ab".repeat(32));
+        let replaced = format!("sha256:{}", "cd".repeat(32));
+        let day = Duration::from_secs(86_400);
+        let now = unix_now();
+        let action = |token: &str, server_pin: Option<&str>| {
+            token_action(&verifier, "c1", token, Some(90 * day), server_pin, now)
+        };
+        let pinned = |pin: Option<&str>| minter.agent_token_pinned("c1", Some(90 * day), pin);
+
+        assert_eq!(action(&pinned(Some(&ours)), Some(&ours)), TokenAction::Keep);
+        // The same pin with its hex in capitals is the same key.
+        let upper = format!("sha256:{}", "AB".repeat(32));
+        assert_eq!(
+            action(&pinned(Some(&upper)), Some(&ours)),
+            TokenAction::Keep
+        );
+        // The Tower CA was replaced: the console's Deployment would fail closed for ever.
+        assert_eq!(
+            action(&pinned(Some(&replaced)), Some(&ours)),
+            TokenAction::Repin
+        );
+        // Minted without a pin (an older Tower, by hand): given one.
+        assert_eq!(action(&pinned(None), Some(&ours)), TokenAction::Repin);
+        // A server that knows no pin judges no pin.
+        assert_eq!(action(&pinned(Some(&replaced)), None), TokenAction::Keep);
+        assert_eq!(action(&pinned(None), None), TokenAction::Keep);
+
+        // What was there before still decides first: none, not acceptable, for another
+        // cluster, or due for renewal (whose new token carries the pin anyway).
+        assert_eq!(action("", Some(&ours)), TokenAction::Mint);
+        assert_eq!(action("0123abcd", Some(&ours)), TokenAction::Mint);
+        let other = minter.agent_token_pinned("c2", None, Some(&ours));
+        assert_eq!(action(&other, Some(&ours)), TokenAction::Mint);
+        let ending = minter.agent_token_pinned("c1", Some(day), Some(&replaced));
+        assert_eq!(action(&ending, Some(&ours)), TokenAction::Renew);
     }
 
     #[test]

@@ -455,6 +455,7 @@ pub async fn run(
                 },
                 kubesphere: kubesphere.clone(),
                 rewrites: Default::default(),
+                repins: Default::default(),
                 agent_return_grace,
             }
             .run(controller_stop.clone()),

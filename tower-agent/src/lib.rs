@@ -24,6 +24,7 @@ mod http2;
 pub mod identity;
 pub mod metrics;
 mod pace;
+mod pool;
 mod request;
 mod tunnel;
 pub mod upstream;

@@ -10,14 +10,13 @@ use http::{Request, Response, Uri, header};
 use http_body_util::BodyExt as _;
 use http_body_util::combinators::BoxBody;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use kube::client::ConfigExt;
 use secrecy::ExposeSecret;
 use tokio::sync::Semaphore;
 
 use crate::http2::{Http2Pool, Sent};
+use crate::pool::{Http1Pool, SendError};
 
 /// Request bodies sent upstream.
 pub(crate) type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -140,10 +139,10 @@ pub struct Upstream {
     base: Uri,
     /// HTTP/1.1: everything but watches, plain-HTTP targets, and servers without HTTP/2.
     /// Reads [`UPSTREAM_READ_BUFFER`] at a time.
-    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    client: Http1Pool,
     /// The same, reading [`WIDE_READ_BUFFER`] at a time, for the responses that hold one
     /// of `wide_slots` (see [`Upstream::send`]).
-    wide: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    wide: Http1Pool,
     wide_slots: Arc<Semaphore>,
     /// HTTP/2 for watches, when the upstream is the kube-apiserver over TLS.
     http2: Option<Http2Pool>,
@@ -230,8 +229,8 @@ impl Upstream {
     ) -> Self {
         Upstream {
             base,
-            client: client(connector.clone(), UPSTREAM_READ_BUFFER, 256),
-            wide: client(connector, WIDE_READ_BUFFER, WIDE_READERS),
+            client: Http1Pool::new(connector.clone(), UPSTREAM_READ_BUFFER, 256),
+            wide: Http1Pool::new(connector, WIDE_READ_BUFFER, WIDE_READERS),
             wide_slots: Arc::new(Semaphore::new(WIDE_READERS)),
             http2,
             credentials,
@@ -286,15 +285,15 @@ impl Upstream {
             &self.client
         };
         let replay = replayable(&request).then(|| head_copy(&request));
-        let response = match (client.request(request).await, replay) {
+        let response = match (client.send(request).await, replay) {
             (Ok(response), _) => response,
             // Connecting failed: a new connection would meet the same.
-            (Err(e), Some(replay)) if !e.is_connect() => {
+            (Err(e @ SendError::Send(_)), Some(replay)) => {
                 tracing::debug!(
                     error = %tower_tunnel::http::error_chain(&e),
                     "a request without a body failed before its answer; sending it once more"
                 );
-                client.request(replay).await?
+                client.send(replay).await?
             }
             (Err(e), _) => return Err(e.into()),
         };
@@ -369,18 +368,6 @@ const WIDE_READ_BUFFER: usize = 16 * 1024;
 /// and the response is not long-lived ([`long_lived`]), and given back when its body is
 /// done or dropped.
 const WIDE_READERS: usize = 32;
-
-fn client(
-    connector: HttpsConnector<HttpConnector>,
-    read_buffer: usize,
-    max_idle: usize,
-) -> Client<HttpsConnector<HttpConnector>, UpstreamBody> {
-    Client::builder(TokioExecutor::new())
-        .http1_max_buf_size(read_buffer)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(max_idle)
-        .build(connector)
-}
 
 #[cfg(test)]
 mod tests {

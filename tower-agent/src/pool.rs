@@ -1,0 +1,434 @@
+//! The agent's HTTP/1.1 connections to one upstream, pooled here rather than by
+//! hyper-util's legacy `Client`, which cost a small request ~14 K instructions (a SipHash
+//! of the scheme and authority, byte by byte, on every checkout and return; a race of a
+//! checkout against a connect) and a task spawned per request to put the connection
+//! back once it is ready again: one more hand-off between tasks, and with two workers
+//! one more wake of the other thread (BENCHMARKS.md, "Where a small request's
+//! instructions go").
+//!
+//! Here a connection goes back to the pool when its response body ends, in the task
+//! that read it; a checkout takes the newest idle connection that is ready, so a
+//! connection still finishing (hyper marks it ready once it has read the response's
+//! end) is passed over, never waited for. What hyper-util did that is kept: the `Host`
+//! header and the origin-form request target ([`prepare`]); a request refused by a
+//! pooled connection before any of it was written goes out on another (its
+//! `retry_canceled_requests`); idle connections are closed after [`IDLE_TIMEOUT`], and at
+//! most `max_idle` are kept.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower_service::Service as _;
+
+use crate::upstream::{BoxError, UpstreamBody};
+
+/// How long a connection may sit idle in the pool (hyper-util's default, which the agent
+/// used before).
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// No connection could be made: a new one would meet the same.
+    Connect(BoxError),
+    /// The request failed on its connection (perhaps after it was written).
+    Send(hyper::Error),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => write!(f, "connecting: {e}"),
+            SendError::Send(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SendError::Connect(e) => Some(&**e),
+            SendError::Send(e) => Some(e),
+        }
+    }
+}
+
+/// HTTP/1.1 connections to one upstream, each reading at most `read_buffer` at a time.
+pub(crate) struct Http1Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connector: HttpsConnector<HttpConnector>,
+    read_buffer: usize,
+    max_idle: usize,
+    /// Oldest first; checkouts take from the end.
+    idle: Mutex<Vec<Idle>>,
+    /// Started with the first connection: a task that closes idle connections past
+    /// [`IDLE_TIMEOUT`] while the pool lives.
+    reaping: std::sync::Once,
+}
+
+struct Idle {
+    sender: SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+impl Http1Pool {
+    /// A pool that keeps at most `max_idle` idle connections.
+    pub(crate) fn new(
+        connector: HttpsConnector<HttpConnector>,
+        read_buffer: usize,
+        max_idle: usize,
+    ) -> Self {
+        Http1Pool {
+            inner: Arc::new(Inner {
+                connector,
+                read_buffer,
+                max_idle,
+                idle: Mutex::new(Vec::new()),
+                reaping: std::sync::Once::new(),
+            }),
+        }
+    }
+
+    /// Sends `request` (absolute URI) on an idle connection that is ready, or a new one.
+    pub(crate) async fn send(
+        &self,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let uri = request.uri().clone();
+        prepare(&mut request);
+        loop {
+            let (mut sender, reused) = match self.inner.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.inner.connect(&uri).await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.inner.clone().watch(response, sender)),
+                Err(mut e) => match e.take_message() {
+                    // Refused before any of it was written (the connection closed while
+                    // idle): another connection may take it; a new one failing so will not.
+                    Some(back) if reused => request = back,
+                    _ => return Err(SendError::Send(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Idle connections now (for tests).
+    #[cfg(test)]
+    pub(crate) fn idle(&self) -> usize {
+        self.inner.lock().len()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest idle connection that is ready; closed and expired ones are dropped on
+    /// the way, ones not ready yet stay.
+    fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
+        let mut idle = self.lock();
+        let now = Instant::now();
+        let mut at = idle.len();
+        while at > 0 {
+            at -= 1;
+            let entry = &idle[at];
+            if entry.sender.is_closed() || now.duration_since(entry.since) >= IDLE_TIMEOUT {
+                idle.remove(at);
+            } else if entry.sender.is_ready() {
+                return Some(idle.remove(at).sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, sender: SendRequest<UpstreamBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(self: &Arc<Self>, uri: &Uri) -> Result<SendRequest<UpstreamBody>, SendError> {
+        self.reaping
+            .call_once(|| drop(tokio::spawn(reap(Arc::downgrade(self)))));
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(SendError::Connect)?;
+        let io = connector
+            .call(uri.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let (sender, connection) = http1::Builder::new()
+            .max_buf_size(self.read_buffer)
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// The response, whose body puts `sender` back when it ends. An upgraded connection
+    /// (101) is the upgrade's; one whose body is dropped unread is closed by hyper.
+    fn watch(
+        self: Arc<Self>,
+        response: Response<Incoming>,
+        sender: SendRequest<UpstreamBody>,
+    ) -> Response<PooledBody> {
+        let back = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            None
+        } else if response.body().is_end_stream() {
+            self.put(sender);
+            None
+        } else {
+            Some((self, sender))
+        };
+        response.map(|body| PooledBody { body, back })
+    }
+}
+
+/// Closes idle connections past [`IDLE_TIMEOUT`], while the pool lives.
+async fn reap(pool: Weak<Inner>) {
+    let mut every = tokio::time::interval(IDLE_TIMEOUT / 3);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        pool.lock()
+            .retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+    }
+}
+
+/// What hyper-util's client did to a request before sending it on an HTTP/1.1
+/// connection: a `Host` header from the URI when there is none, and the request target in
+/// origin form (`/path?query`; authority form for CONNECT).
+fn prepare(request: &mut Request<UpstreamBody>) {
+    let uri = request.uri().clone();
+    if let Some(host) = uri.host()
+        && !request.headers().contains_key(header::HOST)
+    {
+        let value = match uri.port_u16() {
+            Some(port) if Some(port) != default_port(&uri) => format!("{host}:{port}"),
+            _ => host.to_owned(),
+        };
+        // A host a URI parsed with is always a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            request.headers_mut().insert(header::HOST, value);
+        }
+    }
+    let mut parts = http::uri::Parts::default();
+    if request.method() == Method::CONNECT {
+        parts.authority = uri.authority().cloned();
+    } else {
+        parts.path_and_query = uri.path_and_query().cloned();
+    }
+    if let Ok(target) = Uri::from_parts(parts) {
+        *request.uri_mut() = target;
+    }
+}
+
+fn default_port(uri: &Uri) -> Option<u16> {
+    match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    }
+}
+
+/// A response body from the pool: its connection goes back when it ends.
+pub(crate) struct PooledBody {
+    body: Incoming,
+    back: Option<(Arc<Inner>, SendRequest<UpstreamBody>)>,
+}
+
+impl PooledBody {
+    fn give_back(&mut self) {
+        if let Some((pool, sender)) = self.back.take() {
+            pool.put(sender);
+        }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.give_back(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.give_back(),
+            // An error: the connection is not reused.
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    /// An upstream that answers every request with `size` bytes on keep-alive
+    /// connections, and counts the connections it accepted.
+    async fn upstream(size: usize) -> (Uri, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let service =
+                    hyper::service::service_fn(move |_req: Request<Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from(vec![b'x'; size]),
+                        )))
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                );
+            }
+        });
+        (format!("http://{addr}/x").parse().unwrap(), accepted)
+    }
+
+    fn pool() -> Http1Pool {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let tls = rustls::ClientConfig::builder_with_provider(tower_tunnel::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        Http1Pool::new(HttpsConnector::from((http, Arc::new(tls))), 8 * 1024, 4)
+    }
+
+    fn get(uri: &Uri) -> Request<UpstreamBody> {
+        let mut request = Request::new(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *request.uri_mut() = uri.clone();
+        request
+    }
+
+    #[tokio::test]
+    async fn a_connection_goes_back_when_its_body_ends_and_is_used_again() {
+        let (uri, accepted) = upstream(100_000).await;
+        let pool = pool();
+        for _ in 0..20 {
+            let response = pool.send(get(&uri)).await.unwrap();
+            assert_eq!(response.status(), 200);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body.len(), 100_000);
+            assert_eq!(pool.idle(), 1);
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection served all"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unread_takes_its_connection_with_it() {
+        let (uri, accepted) = upstream(1_000_000).await;
+        let pool = pool();
+        let response = pool.send(get(&uri)).await.unwrap();
+        drop(response);
+        assert_eq!(pool.idle(), 0);
+        let response = pool.send(get(&uri)).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 1_000_000);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn at_most_max_idle_connections_are_kept() {
+        let (uri, accepted) = upstream(10).await;
+        let pool = pool();
+        // Six responses in flight at once take six connections; four are kept.
+        let mut responses = Vec::new();
+        for _ in 0..6 {
+            responses.push(pool.send(get(&uri)).await.unwrap());
+        }
+        for response in responses {
+            response.into_body().collect().await.unwrap();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 6);
+        assert_eq!(pool.idle(), 4);
+    }
+
+    #[test]
+    fn requests_carry_a_host_and_an_origin_form_target() {
+        for (uri, host) in [
+            ("https://10.0.0.1:6443/api/v1/pods?watch=1", "10.0.0.1:6443"),
+            (
+                "https://kubernetes.default.svc/version",
+                "kubernetes.default.svc",
+            ),
+            ("http://ks-apiserver:80/kapis", "ks-apiserver"),
+        ] {
+            let mut request = get(&uri.parse().unwrap());
+            prepare(&mut request);
+            assert_eq!(request.headers()[header::HOST], host, "{uri}");
+            let target = uri.split_once("//").unwrap().1;
+            let target = &target[target.find('/').unwrap()..];
+            assert_eq!(request.uri().to_string(), target);
+        }
+        // A Host the caller set is kept.
+        let mut request = get(&"https://a:6443/x".parse().unwrap());
+        request
+            .headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("b"));
+        prepare(&mut request);
+        assert_eq!(request.headers()[header::HOST], "b");
+    }
+}

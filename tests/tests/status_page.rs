@@ -68,6 +68,8 @@ impl WebDriverCompatibleCommand for SessionCommand {
 /// A chromedriver and a headless Chromium session it drives.
 struct Browser {
     client: Client,
+    /// Where Chromium saves downloads.
+    downloads: PathBuf,
     _driver: Process,
     _profile: TempDir,
 }
@@ -77,6 +79,8 @@ impl Browser {
         let chromium = tool(&["chromium", "chromium-browser"], "chromium");
         let chromedriver = tool(&["chromedriver"], "chromium-driver");
         let profile = TempDir::new("chromium-profile");
+        let downloads = profile.path().join("downloads");
+        std::fs::create_dir_all(&downloads).expect("downloads dir");
         let port = free_port();
         let mut command = Command::new(chromedriver);
         command.arg(format!("--port={port}"));
@@ -102,8 +106,12 @@ impl Browser {
                 "--window-size=1400,900",
             ],
         });
+        options["prefs"] = json!({
+            "download.default_directory": downloads,
+            "download.prompt_for_download": false,
+        });
         if !javascript {
-            options["prefs"] = json!({ "profile.managed_default_content_settings.javascript": 2 });
+            options["prefs"]["profile.managed_default_content_settings.javascript"] = json!(2);
         }
         let mut capabilities = serde_json::Map::new();
         capabilities.insert("goog:chromeOptions".into(), options);
@@ -122,6 +130,7 @@ impl Browser {
             });
         Browser {
             client,
+            downloads,
             _driver: driver,
             _profile: profile,
         }
@@ -134,6 +143,16 @@ impl Browser {
             .issue_cmd(SessionCommand { method, path, body })
             .await
             .unwrap_or_else(|e| panic!("WebDriver {what}: {e}"))
+    }
+
+    /// A Chrome DevTools Protocol command, through chromedriver.
+    async fn cdp(&self, cmd: &str, params: Value) -> Value {
+        self.command(
+            http::Method::POST,
+            "goog/cdp/execute".into(),
+            Some(json!({ "cmd": cmd, "params": params })),
+        )
+        .await
     }
 
     /// The accessible name Chromium computes for the first element matching `css` (its
@@ -290,6 +309,25 @@ async fn console_problems(b: &Browser) -> Vec<String> {
         .into_iter()
         .filter(|m| m.starts_with("\"SEVERE\"") || m.starts_with("\"WARNING\""))
         .collect()
+}
+
+/// agent.yaml with the value of its Secret's `token` (minted afresh on each fetch) left
+/// out; fails if there is none.
+fn without_token(yaml: &str) -> String {
+    let mut found = false;
+    let masked = yaml
+        .lines()
+        .map(|line| match line.strip_prefix("  token: ") {
+            Some(token) if !token.is_empty() => {
+                found = true;
+                "  token: …"
+            }
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(found, "no token in\n{yaml}");
+    masked
 }
 
 /// This replica's id (`--server-id`), which the table shows as holding the tunnels.
@@ -808,6 +846,76 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
         );
         b.screenshot(&shots, "5-cluster-page").await;
 
+        // Copy: the clipboard then holds agent.yaml. Read back with the permission a
+        // person would grant on the browser's prompt.
+        b.cdp(
+            "Browser.grantPermissions",
+            json!({
+                "origin": format!("http://{}", server.admin),
+                "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"],
+            }),
+        )
+        .await;
+        let status = |want: &'static str| {
+            let b = &b;
+            async move {
+                b.until(want, Duration::from_secs(10), || async {
+                    (b.text("#agent-yaml-status").await.as_deref() == Some(want)).then_some(())
+                })
+                .await;
+            }
+        };
+        b.client
+            .find(Locator::Id("agent-yaml-copy"))
+            .await
+            .expect("button")
+            .click()
+            .await
+            .expect("click");
+        status("Copied agent.yaml to the clipboard.").await;
+        let copied = b
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1]; navigator.clipboard.readText().then(done, e => done('clipboard: ' + e));",
+                vec![],
+            )
+            .await
+            .expect("script");
+        // Each fetch of agent.yaml mints a fresh agent token: what Copy fetched is shown
+        // in the text area, and differs from the first only there.
+        let shown = b
+            .client
+            .find(Locator::Id("agent-yaml"))
+            .await
+            .expect("text area")
+            .prop("value")
+            .await
+            .expect("value")
+            .expect("a value");
+        assert_eq!(copied.as_str(), Some(shown.as_str()), "the clipboard");
+        assert_eq!(without_token(&shown), without_token(&yaml));
+
+        // Download: a file named for the cluster, holding agent.yaml.
+        b.client
+            .find(Locator::Id("agent-yaml-download"))
+            .await
+            .expect("button")
+            .click()
+            .await
+            .expect("click");
+        status("Downloaded member-1-agent.yaml.").await;
+        let file = b.downloads.join("member-1-agent.yaml");
+        let downloaded = b
+            .until("the download", Duration::from_secs(10), || async {
+                std::fs::read_to_string(&file).ok().filter(|t| !t.is_empty())
+            })
+            .await;
+        assert_eq!(
+            without_token(&downloaded),
+            without_token(&yaml),
+            "{}",
+            file.display()
+        );
         b.client.clone().close().await.expect("close");
     });
 

@@ -10,12 +10,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use fantoccini::wd::WebDriverCompatibleCommand;
 use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
 use tower_e2e::{
-    Https, Member, Process, TempDir, admin_get, admin_token, agent, free_port, kubectl, server,
-    wait_for,
+    Https, Member, Process, TempDir, admin_get, admin_token, agent, free_port, kubectl,
+    kubectl_with_input, metric_value, server, wait_for,
 };
 
 /// An executable from PATH or /usr/bin, or a failure that says which package has it.
@@ -33,9 +35,41 @@ fn tool(names: &[&str], package: &str) -> PathBuf {
         })
 }
 
+/// A WebDriver command fantoccini has no method for: `method` on `path`, below the
+/// session's URL, with a JSON `body`.
+#[derive(Debug)]
+struct SessionCommand {
+    method: http::Method,
+    path: String,
+    body: Option<Value>,
+}
+
+impl WebDriverCompatibleCommand for SessionCommand {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base.join(&format!(
+            "session/{}/{}",
+            session.unwrap_or_default(),
+            self.path
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (
+            self.method.clone(),
+            self.body.as_ref().map(Value::to_string),
+        )
+    }
+}
+
 /// A chromedriver and a headless Chromium session it drives.
 struct Browser {
     client: Client,
+    /// Where Chromium saves downloads.
+    downloads: PathBuf,
     _driver: Process,
     _profile: TempDir,
 }
@@ -45,6 +79,8 @@ impl Browser {
         let chromium = tool(&["chromium", "chromium-browser"], "chromium");
         let chromedriver = tool(&["chromedriver"], "chromium-driver");
         let profile = TempDir::new("chromium-profile");
+        let downloads = profile.path().join("downloads");
+        std::fs::create_dir_all(&downloads).expect("downloads dir");
         let port = free_port();
         let mut command = Command::new(chromedriver);
         command.arg(format!("--port={port}"));
@@ -70,12 +106,17 @@ impl Browser {
                 "--window-size=1400,900",
             ],
         });
+        options["prefs"] = json!({
+            "download.default_directory": downloads,
+            "download.prompt_for_download": false,
+        });
         if !javascript {
-            options["prefs"] =
-                serde_json::json!({ "profile.managed_default_content_settings.javascript": 2 });
+            options["prefs"]["profile.managed_default_content_settings.javascript"] = json!(2);
         }
         let mut capabilities = serde_json::Map::new();
         capabilities.insert("goog:chromeOptions".into(), options);
+        // The console's messages, for what failed to load or was refused.
+        capabilities.insert("goog:loggingPrefs".into(), json!({ "browser": "ALL" }));
         let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(capabilities)
             .connect(&format!("http://127.0.0.1:{port}"))
@@ -89,9 +130,55 @@ impl Browser {
             });
         Browser {
             client,
+            downloads,
             _driver: driver,
             _profile: profile,
         }
+    }
+
+    /// Sends a WebDriver command fantoccini has no method for.
+    async fn command(&self, method: http::Method, path: String, body: Option<Value>) -> Value {
+        let what = format!("{method} {path}");
+        self.client
+            .issue_cmd(SessionCommand { method, path, body })
+            .await
+            .unwrap_or_else(|e| panic!("WebDriver {what}: {e}"))
+    }
+
+    /// A Chrome DevTools Protocol command, through chromedriver.
+    async fn cdp(&self, cmd: &str, params: Value) -> Value {
+        self.command(
+            http::Method::POST,
+            "goog/cdp/execute".into(),
+            Some(json!({ "cmd": cmd, "params": params })),
+        )
+        .await
+    }
+
+    /// The accessible name Chromium computes for the first element matching `css` (its
+    /// accessibility tree, as a screen reader gets it: WebDriver's Get Computed Label).
+    async fn accessible_name(&self, css: &str) -> String {
+        let element = self
+            .client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        let path = format!("element/{}/computedlabel", element.element_id());
+        let name = self.command(http::Method::GET, path, None).await;
+        name.as_str().unwrap_or_default().to_owned()
+    }
+
+    /// The console's messages since the last call, as "LEVEL message".
+    async fn console(&self) -> Vec<String> {
+        let body = Some(json!({ "type": "browser" }));
+        let log = self
+            .command(http::Method::POST, "se/log".into(), body)
+            .await;
+        log.as_array()
+            .into_iter()
+            .flatten()
+            .map(|entry| format!("{} {}", entry["level"], entry["message"]))
+            .collect()
     }
 
     /// The visible text of the first element matching `css`, if there is one.
@@ -159,6 +246,93 @@ async fn cell(b: &Browser, cluster: &str, column: &str) -> String {
         .unwrap_or_default()
 }
 
+/// How many seconds ago a Since cell says ("12 s ago": 12); a minute or more is `None`.
+fn seconds_ago(text: &str) -> Option<u64> {
+    text.strip_suffix(" s ago")?.parse().ok()
+}
+
+/// The bytes a cell shows ("8.1 KiB", "512 B"), to the precision it shows them.
+fn shown_bytes(text: &str) -> f64 {
+    let parsed = text.split_once(' ').and_then(|(n, unit)| {
+        let n: f64 = n.parse().ok()?;
+        let power = ["B", "KiB", "MiB", "GiB", "TiB"]
+            .iter()
+            .position(|u| *u == unit)?;
+        Some(n * 1024f64.powi(i32::try_from(power).ok()?))
+    });
+    parsed.unwrap_or_else(|| panic!("not a byte count: {text:?}"))
+}
+
+/// When `/v1/clusters` says `cluster` connected (RFC 3339, as served).
+fn connected_since(server: &tower_e2e::Server, cluster: &str) -> String {
+    let list = server.clusters();
+    let entry = list
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["name"] == cluster))
+        .unwrap_or_else(|| panic!("{cluster} not in {list}"));
+    entry["connected_since"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{cluster} not connected: {entry}"))
+        .to_owned()
+}
+
+/// The head (status line and headers, names lower-cased) of the admin listener's answer
+/// to `GET path`.
+fn response_head(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).expect("read");
+    let response = String::from_utf8_lossy(&response);
+    let (head, _) = response.split_once("\r\n\r\n").expect("a head");
+    head.lines()
+        .map(|line| match line.split_once(':') {
+            Some((name, value)) => format!("{}:{value}", name.to_ascii_lowercase()),
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The console's errors and warnings (a resource that failed to load, one the policy
+/// refused, a script error) since the last look.
+async fn console_problems(b: &Browser) -> Vec<String> {
+    b.console()
+        .await
+        .into_iter()
+        .filter(|m| m.starts_with("\"SEVERE\"") || m.starts_with("\"WARNING\""))
+        .collect()
+}
+
+/// agent.yaml with the value of its Secret's `token` (minted afresh on each fetch) left
+/// out; fails if there is none.
+fn without_token(yaml: &str) -> String {
+    let mut found = false;
+    let masked = yaml
+        .lines()
+        .map(|line| match line.strip_prefix("  token: ") {
+            Some(token) if !token.is_empty() => {
+                found = true;
+                "  token: …"
+            }
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(found, "no token in\n{yaml}");
+    masked
+}
+
+/// This replica's id (`--server-id`), which the table shows as holding the tunnels.
+const REPLICA: &str = "status-page-replica";
+
 fn screenshots() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page");
     std::fs::create_dir_all(&dir).expect("screenshot dir");
@@ -183,6 +357,8 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
             clusters.to_str().expect("path"),
             "--proxy-publish-address",
             "https://tower.example.com:8080",
+            "--server-id",
+            REPLICA,
         ])
         .start();
     let _first = agent(&server, &member, "member-1").connect(&server);
@@ -194,6 +370,20 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
         .build()
         .expect("runtime");
     let b = runtime.block_on(Browser::start(true));
+
+    // Served with a policy that allows the page's own inline style and script, by their
+    // hashes, and nothing else.
+    let head = response_head(server.admin, "/");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let csp = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-security-policy:"))
+        .unwrap_or_else(|| panic!("no Content-Security-Policy in\n{head}"))
+        .trim();
+    assert!(csp.starts_with("default-src 'none';"), "{csp}");
+    assert!(csp.contains("connect-src 'self'"), "{csp}");
+    assert_eq!(csp.matches("'sha256-").count(), 2, "{csp}");
+    assert!(!csp.contains("unsafe") && !csp.contains("http"), "{csp}");
 
     // Every registered cluster, connected or not, in a real table.
     runtime.block_on(async {
@@ -231,8 +421,61 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
         assert_eq!(cell(&b, "member-1", "agent").await, "hidden");
         assert_eq!(cell(&b, "member-1", "rps").await, "0");
         assert_eq!(cell(&b, "member-1", "p50").await, "—");
+        assert_eq!(cell(&b, "member-1", "bytes-in").await, "0 B");
+        // Connected since: a moment ago, the instant /v1/clusters gives in full.
+        for cluster in ["member-1", "member-2"] {
+            let since = cell(&b, cluster, "since").await;
+            let ago = seconds_ago(&since).unwrap_or_else(|| panic!("{cluster}: {since:?}"));
+            assert!(ago < 60, "{cluster} connected {since}");
+            assert_eq!(
+                b.attr(&format!("#row-{cluster} [data-col=since] time"), "datetime")
+                    .await,
+                Some(connected_since(&server, cluster)),
+                "{cluster}"
+            );
+        }
         // The script runs (and refreshes the page in place).
         assert_eq!(b.count("html[data-js=on]").await, 1);
+        // Under the policy above: the inline style applies (the sticky row headers are
+        // its), the script ran, and nothing was refused or failed to load.
+        let position = b
+            .client
+            .execute(
+                "return getComputedStyle(document.querySelector('#clusters tbody th[scope=row]')).position;",
+                vec![],
+            )
+            .await
+            .expect("script");
+        assert_eq!(position, "sticky", "the inline style applies");
+        let problems = console_problems(&b).await;
+        assert!(problems.is_empty(), "the console: {problems:#?}");
+
+        // For a screen reader: each label names an input that exists, and the
+        // accessibility tree has it as that input's name; the skip link leads somewhere.
+        for (id, name) in [
+            ("token", "User token in the admin group (--admin-group)"),
+            ("filter", "Filter clusters by name"),
+        ] {
+            let labelled = b
+                .client
+                .execute(
+                    "const l = document.querySelector(`label[for=\"${arguments[0]}\"]`); return !!l && !!l.control && l.control.id === arguments[0] && l.control.tagName === 'INPUT';",
+                    vec![json!(id)],
+                )
+                .await
+                .expect("script");
+            assert_eq!(labelled, true, "label[for={id}] names the input #{id}");
+            assert_eq!(b.accessible_name(&format!("#{id}")).await, name);
+        }
+        let target = b
+            .client
+            .execute(
+                "const a = document.querySelector('a[href^=\"#\"]'); const t = a && document.getElementById(a.getAttribute('href').slice(1)); return t ? t.tagName : null;",
+                vec![],
+            )
+            .await
+            .expect("script");
+        assert_eq!(target, "MAIN", "the skip link's target");
         b.screenshot(&shots, "1-two-connected").await;
     });
 
@@ -241,6 +484,19 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
     for _ in 0..3 {
         kubectl(&kc, &["get", "pods"]).success();
     }
+    // A request with a body: an 8 KiB value in a ConfigMap.
+    let body = 8192;
+    let manifest = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: sized\n  namespace: default\ndata:\n  k: {}\n",
+        "v".repeat(body)
+    );
+    kubectl_with_input(&kc, &["create", "-f", "-"], manifest.as_bytes()).success();
+    let request_bytes = metric_value(
+        server.admin,
+        "tower_cluster_bytes_total{cluster=\"member-1\",direction=\"request\"}",
+    )
+    .expect("member-1's request bytes");
+    assert!(request_bytes >= body as f64, "{request_bytes}");
     let https = Https::frontend(&server);
     let token =
         tower_e2e::Server::minter().user_token("alice", &[], Some(Duration::from_secs(3600)));
@@ -265,7 +521,12 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
                 let rps = cell(&b, "member-1", "rps").await;
                 let p50 = cell(&b, "member-1", "p50").await;
                 let out = cell(&b, "member-1", "bytes-out").await;
-                (rps != "0" && p50.ends_with("ms") && out != "0 B").then_some(())
+                let bytes_in = cell(&b, "member-1", "bytes-in").await;
+                (rps != "0"
+                    && p50.ends_with("ms")
+                    && out != "0 B"
+                    && shown_bytes(&bytes_in) >= body as f64)
+                    .then_some(())
             },
         )
         .await;
@@ -290,6 +551,28 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
             .await
             .expect("script");
         assert_eq!(same, true, "the page was reloaded instead of refreshed");
+        // Everything it loaded (the page, and each refresh since) came from its own
+        // origin, whole; nothing failed or was refused.
+        let loaded = b
+            .client
+            .execute(
+                "return performance.getEntriesByType('navigation').concat(performance.getEntriesByType('resource')).map(e => ({ url: e.name, origin: new URL(e.name).origin, status: e.responseStatus, type: e.initiatorType }));",
+                vec![],
+            )
+            .await
+            .expect("script");
+        let loaded = loaded.as_array().expect("entries");
+        assert!(
+            loaded.iter().any(|e| e["type"] == "fetch"),
+            "a refresh: {loaded:#?}"
+        );
+        let origin = format!("http://{}", server.admin);
+        for entry in loaded {
+            assert_eq!(entry["origin"], origin.as_str(), "{entry}");
+            assert_eq!(entry["status"], 200, "{entry}");
+        }
+        let problems = console_problems(&b).await;
+        assert!(problems.is_empty(), "the console: {problems:#?}");
         b.screenshot(&shots, "2-after-traffic").await;
 
         // A token that is not an admin's is refused with the reason, and not kept.
@@ -320,11 +603,51 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
             (cell(&b, "member-1", "agent").await == env!("CARGO_PKG_VERSION")).then_some(())
         })
         .await;
-        // The replicas holding the tunnels.
-        assert!(!cell(&b, "member-1", "replicas").await.is_empty());
+        // The replicas holding the tunnels: this one, as /v1/clusters says.
+        assert_eq!(cell(&b, "member-1", "replicas").await, REPLICA);
+        assert_eq!(
+            b.text("header strong").await.as_deref(),
+            Some(REPLICA),
+            "the replica that answers"
+        );
     });
+    let listed = server.clusters();
+    let member_1 = listed
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["name"] == "member-1"))
+        .expect("member-1 listed");
+    assert_eq!(member_1["replicas"], json!([REPLICA]), "{listed}");
 
-    // member-2's agent stops: its row turns, and leads the table.
+    // Open streams. member-2 has carried no request: only its tunnel's control stream
+    // (member-1's connections are pooled, each holding a stream). One more while a
+    // download through it is open, back to one when its caller goes.
+    let streams = |want: &'static str| {
+        let b = &b;
+        async move {
+            b.until(
+                &format!("member-2's streams at {want}"),
+                Duration::from_secs(20),
+                || async { (cell(b, "member-2", "streams").await == want).then_some(()) },
+            )
+            .await;
+        }
+    };
+    runtime.block_on(streams("1"));
+    let held = https.open("/clusters/member-2/debug/bytes?size=4000000000", &token);
+    assert_eq!(held.status, 200, "{}", held.head);
+    runtime.block_on(streams("2"));
+    drop(held);
+    runtime.block_on(streams("1"));
+
+    // member-2's agent stops: its row turns, and leads the table. Since then, not since it
+    // connected: a second later, so that the page can tell the two apart.
+    let connected = humantime::parse_rfc3339(&connected_since(&server, "member-2")).expect("time");
+    wait_for(
+        "a second past member-2's connection",
+        Duration::from_secs(5),
+        || (SystemTime::now() >= connected + Duration::from_secs(1)).then_some(()),
+    );
+    let killed = SystemTime::now();
     second.process.kill();
     wait_for("member-2 to disconnect", Duration::from_secs(20), || {
         (!server.connected("member-2")).then_some(())
@@ -335,7 +658,21 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
         })
         .await;
         assert_eq!(cell(&b, "member-2", "state").await, "▲ Disconnected");
+        let since = cell(&b, "member-2", "since").await;
+        let ago = seconds_ago(&since).unwrap_or_else(|| panic!("disconnected {since:?}"));
+        assert!(ago < 60, "disconnected {since}");
+        let at = b
+            .attr("#row-member-2 [data-col=since] time", "datetime")
+            .await
+            .expect("a time");
+        let at = humantime::parse_rfc3339(&at).expect("RFC 3339");
+        // (The page shows whole seconds.)
+        assert!(
+            at > connected && at + Duration::from_secs(1) > killed,
+            "disconnected since {at:?}: connected {connected:?}, stopped {killed:?}"
+        );
         assert_eq!(cell(&b, "member-2", "streams").await, "0");
+        assert_eq!(cell(&b, "member-2", "replicas").await, "—");
         assert_eq!(cell(&b, "member-2", "rtt").await, "—");
         assert_eq!(
             b.attr("#clusters tbody tr", "data-cluster").await.as_deref(),
@@ -423,6 +760,11 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
                 .attr("id")
                 .await
                 .expect("id");
+            if tabs == 1 {
+                let first = b.client.active_element().await.expect("focus");
+                let text = first.text().await.expect("text");
+                assert_eq!(text, "Skip to content", "Tab first reaches the skip link");
+            }
             if id.as_deref() == Some("link-member-2") {
                 reached = Some(tabs);
                 break;
@@ -469,6 +811,8 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
             assert_eq!(b.attr(&format!("#{chart}"), "role").await.as_deref(), Some("img"));
             let caption = b.text(&format!("#{chart}-caption")).await.expect("caption");
             assert!(!caption.contains("no samples"), "{caption}");
+            // A screen reader names the image by its caption.
+            assert_eq!(b.accessible_name(&format!("#{chart}")).await, caption);
         }
         assert!(b.count("#points tbody tr").await >= 1);
         // agent.yaml with an admin token, sent as a header (never in the URL).
@@ -501,6 +845,77 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
             "the token never goes into a URL"
         );
         b.screenshot(&shots, "5-cluster-page").await;
+
+        // Copy: the clipboard then holds agent.yaml. Read back with the permission a
+        // person would grant on the browser's prompt.
+        b.cdp(
+            "Browser.grantPermissions",
+            json!({
+                "origin": format!("http://{}", server.admin),
+                "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"],
+            }),
+        )
+        .await;
+        let status = |want: &'static str| {
+            let b = &b;
+            async move {
+                b.until(want, Duration::from_secs(10), || async {
+                    (b.text("#agent-yaml-status").await.as_deref() == Some(want)).then_some(())
+                })
+                .await;
+            }
+        };
+        b.client
+            .find(Locator::Id("agent-yaml-copy"))
+            .await
+            .expect("button")
+            .click()
+            .await
+            .expect("click");
+        status("Copied agent.yaml to the clipboard.").await;
+        let copied = b
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1]; navigator.clipboard.readText().then(done, e => done('clipboard: ' + e));",
+                vec![],
+            )
+            .await
+            .expect("script");
+        // Each fetch of agent.yaml mints a fresh agent token: what Copy fetched is shown
+        // in the text area, and differs from the first only there.
+        let shown = b
+            .client
+            .find(Locator::Id("agent-yaml"))
+            .await
+            .expect("text area")
+            .prop("value")
+            .await
+            .expect("value")
+            .expect("a value");
+        assert_eq!(copied.as_str(), Some(shown.as_str()), "the clipboard");
+        assert_eq!(without_token(&shown), without_token(&yaml));
+
+        // Download: a file named for the cluster, holding agent.yaml.
+        b.client
+            .find(Locator::Id("agent-yaml-download"))
+            .await
+            .expect("button")
+            .click()
+            .await
+            .expect("click");
+        status("Downloaded member-1-agent.yaml.").await;
+        let file = b.downloads.join("member-1-agent.yaml");
+        let downloaded = b
+            .until("the download", Duration::from_secs(10), || async {
+                std::fs::read_to_string(&file).ok().filter(|t| !t.is_empty())
+            })
+            .await;
+        assert_eq!(
+            without_token(&downloaded),
+            without_token(&yaml),
+            "{}",
+            file.display()
+        );
         b.client.clone().close().await.expect("close");
     });
 

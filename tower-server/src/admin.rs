@@ -1,6 +1,6 @@
 //! The admin listener (plain HTTP): `/healthz`, `/readyz`, `/metrics`, `GET /v1/clusters`,
 //! `GET /v1/clusters/{name}/agent.yaml`, and the status page (`/`, `/clusters/{name}`,
-//! see [`crate::dashboard`]).
+//! its icon `/favicon.svg`, see [`crate::dashboard`]).
 //!
 //! It listens on the pod's address, for the kubelet's probes and Prometheus: health,
 //! readiness, metrics and the cluster table's summary (name, connected, since, the
@@ -111,6 +111,18 @@ impl Admin {
                 response
             }
             "/" => self.status_page(&req, peer, None),
+            crate::dashboard::ICON_PATH => {
+                let mut response = Response::new(full(crate::dashboard::ICON));
+                let headers = response.headers_mut();
+                for (name, value) in [
+                    (header::CONTENT_TYPE, "image/svg+xml"),
+                    (header::CACHE_CONTROL, "max-age=86400"),
+                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                ] {
+                    headers.insert(name, header::HeaderValue::from_static(value));
+                }
+                response
+            }
             path if path.starts_with("/clusters/") => {
                 let name = &path["/clusters/".len()..];
                 self.status_page(&req, peer, Some(name))

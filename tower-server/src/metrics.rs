@@ -508,12 +508,19 @@ mod tests {
     use crate::registry::{ClusterSpec, Registry};
 
     fn scrape(registry: &std::sync::Arc<Registry>) -> String {
+        scrape_draining(registry, &tokio_util::sync::CancellationToken::new())
+    }
+
+    fn scrape_draining(
+        registry: &std::sync::Arc<Registry>,
+        draining: &tokio_util::sync::CancellationToken,
+    ) -> String {
         let mut metrics = prometheus_client::registry::Registry::default();
         metrics
             .sub_registry_with_prefix("tower")
             .register_collector(Box::new(ClusterCollector {
                 registry: registry.clone(),
-                draining: tokio_util::sync::CancellationToken::new(),
+                draining: draining.clone(),
             }));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &metrics).unwrap();
@@ -557,6 +564,25 @@ mod tests {
         let text = scrape(&registry);
         assert!(!text.contains("cluster=\"a\""), "{text}");
         assert!(text.contains("cluster=\"b\""));
+    }
+
+    #[test]
+    fn ready_only_once_synced_and_until_draining() {
+        let ready = |registry: &std::sync::Arc<Registry>, draining| {
+            let text = scrape_draining(registry, draining);
+            text.lines()
+                .find_map(|l| l.strip_prefix("tower_ready "))
+                .unwrap_or_else(|| panic!("no tower_ready in\n{text}"))
+                .to_owned()
+        };
+        let draining = tokio_util::sync::CancellationToken::new();
+        // Cluster objects not listed yet: /readyz says 503, and so does the metric.
+        let registry = Registry::with_source(crate::registry::Source::Kubernetes);
+        assert_eq!(ready(&registry, &draining), "0");
+        registry.set_synced();
+        assert_eq!(ready(&registry, &draining), "1");
+        draining.cancel();
+        assert_eq!(ready(&registry, &draining), "0");
     }
 
     #[test]

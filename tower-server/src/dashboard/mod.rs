@@ -5,7 +5,8 @@
 //! reloads itself), and with it, its script fetches the same page every few seconds and
 //! swaps the live part in, so there is one renderer. Nothing is loaded from elsewhere:
 //! the style and the script are inline (allowed by their hashes in the
-//! Content-Security-Policy, which allows nothing else), the charts are inline SVG.
+//! Content-Security-Policy, which allows nothing else), the charts are inline SVG, and
+//! the icon comes from this listener.
 //! A token typed on the page goes only in an `Authorization` header, to this listener.
 
 use std::fmt::Write as _;
@@ -19,6 +20,11 @@ use crate::history::{POINTS, Point, Recent, SAMPLE_EVERY, WINDOW};
 
 const STYLE: &str = include_str!("style.css");
 const SCRIPT: &str = include_str!("page.js");
+/// The page's icon, served at [`ICON_PATH`]: declared, so that no browser asks for a
+/// `/favicon.ico` that is not there (a failed load on every visit).
+pub(crate) const ICON: &str = include_str!("icon.svg");
+/// Where the admin listener serves [`ICON`].
+pub(crate) const ICON_PATH: &str = "/favicon.svg";
 /// How often the page refreshes itself (with or without JavaScript), seconds.
 pub(crate) const REFRESH_SECONDS: u64 = 5;
 
@@ -243,6 +249,7 @@ fn page(
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <title>{title}</title>\n\
+         <link rel=\"icon\" href=\"{ICON_PATH}\" type=\"image/svg+xml\">\n\
          <noscript><meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\"></noscript>\n\
          <style>{STYLE}</style>\n</head>\n\
          <body data-refresh=\"{REFRESH_SECONDS}\"{data}>\n\
@@ -698,6 +705,11 @@ mod tests {
         // Inline style attributes would be refused by that policy.
         let html = cluster(&ctx(false), &row("a", State::Connected), &[]);
         assert!(!html.contains(" style="));
+        // The icon is declared, from this listener (`img-src 'self'`), so that the
+        // browser asks for no /favicon.ico.
+        assert!(html.contains("<link rel=\"icon\" href=\"/favicon.svg\""));
+        assert!(csp.contains("img-src 'self'"));
+        assert!(ICON.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
     }
 
     #[test]

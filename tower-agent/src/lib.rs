@@ -24,7 +24,6 @@ mod http2;
 pub mod identity;
 pub mod metrics;
 mod pace;
-mod pool;
 mod request;
 mod tunnel;
 pub mod upstream;

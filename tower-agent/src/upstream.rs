@@ -16,7 +16,7 @@ use secrecy::ExposeSecret;
 use tokio::sync::Semaphore;
 
 use crate::http2::{Http2Pool, Sent};
-use crate::pool::{Http1Pool, SendError};
+use tower_tunnel::pool::{Http1Pool, SendError};
 
 /// Request bodies sent upstream.
 pub(crate) type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -139,10 +139,10 @@ pub struct Upstream {
     base: Uri,
     /// HTTP/1.1: everything but watches, plain-HTTP targets, and servers without HTTP/2.
     /// Reads [`UPSTREAM_READ_BUFFER`] at a time.
-    client: Http1Pool,
+    client: Http1Pool<HttpsConnector<HttpConnector>, UpstreamBody>,
     /// The same, reading [`WIDE_READ_BUFFER`] at a time, for the responses that hold one
     /// of `wide_slots` (see [`Upstream::send`]).
-    wide: Http1Pool,
+    wide: Http1Pool<HttpsConnector<HttpConnector>, UpstreamBody>,
     wide_slots: Arc<Semaphore>,
     /// HTTP/2 for watches, when the upstream is the kube-apiserver over TLS.
     http2: Option<Http2Pool>,
@@ -229,8 +229,8 @@ impl Upstream {
     ) -> Self {
         Upstream {
             base,
-            client: Http1Pool::new(connector.clone(), UPSTREAM_READ_BUFFER, 256),
-            wide: Http1Pool::new(connector, WIDE_READ_BUFFER, WIDE_READERS),
+            client: Http1Pool::new(connector.clone(), Some(UPSTREAM_READ_BUFFER), 256),
+            wide: Http1Pool::new(connector, Some(WIDE_READ_BUFFER), WIDE_READERS),
             wide_slots: Arc::new(Semaphore::new(WIDE_READERS)),
             http2,
             credentials,

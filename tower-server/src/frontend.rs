@@ -17,10 +17,9 @@ use bytes::Bytes;
 use http::header;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
+use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower_auth::identity::{Asserter, IDENTITY_HEADER};
@@ -28,6 +27,7 @@ use tower_auth::{AuthError, Identity, Verifier};
 use tower_proto::Preamble;
 use tower_proto::names::validate_cluster_name;
 use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
+use tower_tunnel::pool::Http1Pool;
 use tower_tunnel::watch_end::{EndOnSignal, Framer};
 use tower_tunnel::{TunnelError, TunnelStream};
 
@@ -94,7 +94,8 @@ fn pass_through_key(token: &str) -> String {
 pub(crate) struct Frontend {
     registry: Arc<Registry>,
     auth: CallerAuth,
-    client: Client<TunnelConnector, UpstreamBody>,
+    /// HTTP/1.1 over the tunnels' streams, pooled per `{target}.{tunnel}.{cluster}`.
+    client: Http1Pool<TunnelConnector, UpstreamBody>,
     metrics: Arc<Metrics>,
     /// Requests in flight per cluster, each bounded by `max_requests_per_cluster`.
     per_cluster: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -120,10 +121,7 @@ impl Frontend {
             server_id: server_id.into(),
             metrics: metrics.clone(),
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let client = Http1Pool::new(connector, None, 256);
         Frontend {
             registry,
             auth,
@@ -347,9 +345,9 @@ impl Frontend {
                 Some(channel) => channel
                     .send(&route.target, upstream)
                     .await
-                    .map(|(response, slot)| (response, Some(slot))),
-                None => match self.client.request(upstream).await {
-                    Ok(response) => Ok((response, None)),
+                    .map(|(response, slot)| (response.map(Either::Right), Some(slot))),
+                None => match self.client.send(upstream).await {
+                    Ok(response) => Ok((response.map(Either::Left), None)),
                     Err(e) => Err(e.into()),
                 },
             }
@@ -729,12 +727,6 @@ pub(crate) struct TunnelConn {
 impl Drop for TunnelConn {
     fn drop(&mut self) {
         self.metrics.streams.dec();
-    }
-}
-
-impl Connection for TunnelConn {
-    fn connected(&self) -> Connected {
-        Connected::new()
     }
 }
 

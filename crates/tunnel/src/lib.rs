@@ -17,6 +17,7 @@ pub mod control;
 pub mod dial;
 mod frames;
 pub mod http;
+pub mod pool;
 mod queued;
 pub mod session;
 pub mod stream;

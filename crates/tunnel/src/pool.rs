@@ -1,20 +1,22 @@
-//! The agent's HTTP/1.1 connections to one upstream, pooled here rather than by
-//! hyper-util's legacy `Client`, which cost a small request ~14 K instructions (a SipHash
-//! of the scheme and authority, byte by byte, on every checkout and return; a race of a
-//! checkout against a connect) and a task spawned per request to put the connection
-//! back once it is ready again: one more hand-off between tasks, and with two workers
-//! one more wake of the other thread (BENCHMARKS.md, "Where a small request's
+//! HTTP/1.1 client connections, pooled by authority: the agent's to its upstreams, the
+//! server's tunnel streams to each cluster. Used in place of hyper-util's legacy
+//! `Client`, which cost a small request ~14 K instructions on each side (callgrind): a
+//! SipHash of the scheme and authority, byte by byte, at every checkout and return; a
+//! race of a checkout against a connect; and a task spawned per request to put the
+//! connection back once it is ready again, one more hand-off between tasks (and with two
+//! workers a wake of the other thread; BENCHMARKS.md, "Where a small request's
 //! instructions go").
 //!
-//! Here a connection goes back to the pool when its response body ends, in the task
-//! that read it; a checkout takes the newest idle connection that is ready, so a
-//! connection still finishing (hyper marks it ready once it has read the response's
-//! end) is passed over, never waited for. What hyper-util did that is kept: the `Host`
-//! header and the origin-form request target ([`prepare`]); a request refused by a
-//! pooled connection before any of it was written goes out on another (its
-//! `retry_canceled_requests`); idle connections are closed after [`IDLE_TIMEOUT`], and at
-//! most `max_idle` are kept.
+//! Here a connection goes back to the pool when its response body ends, in the task that
+//! read it; a checkout takes the newest idle connection that is ready, so one still
+//! finishing (hyper marks it ready once it has read the response's end) is passed over,
+//! never waited for. What hyper-util did that is kept: the `Host` header and the
+//! origin-form request target ([`prepare`]); a request refused by a pooled connection
+//! before any of it was written goes out on another (its `retry_canceled_requests`); idle
+//! connections are closed after [`IDLE_TIMEOUT`], and at most `max_idle` are kept per
+//! authority.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -22,21 +24,20 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use tower_service::Service as _;
+use tower_service::Service;
 
-use crate::upstream::{BoxError, UpstreamBody};
+/// Any error of a connector or a body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// How long a connection may sit idle in the pool (hyper-util's default, which the agent
-/// used before).
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a connection may sit idle in the pool (hyper-util's default, which both
+/// sides used before).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Why a request got no response.
 #[derive(Debug)]
-pub(crate) enum SendError {
+pub enum SendError {
     /// No connection could be made: a new one would meet the same.
     Connect(BoxError),
     /// The request failed on its connection (perhaps after it was written).
@@ -45,10 +46,11 @@ pub(crate) enum SendError {
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SendError::Connect(e) => write!(f, "connecting: {e}"),
-            SendError::Send(e) => write!(f, "{e}"),
-        }
+        // The cause follows as the source (`http::error_chain`).
+        f.write_str(match self {
+            SendError::Connect(_) => "connecting",
+            SendError::Send(_) => "sending the request",
+        })
     }
 }
 
@@ -61,59 +63,68 @@ impl std::error::Error for SendError {
     }
 }
 
-/// HTTP/1.1 connections to one upstream, each reading at most `read_buffer` at a time.
-pub(crate) struct Http1Pool {
-    inner: Arc<Inner>,
+/// HTTP/1.1 connections made by `C`, pooled by the request URI's authority.
+pub struct Http1Pool<C, B> {
+    inner: Arc<Inner<C, B>>,
 }
 
-struct Inner {
-    connector: HttpsConnector<HttpConnector>,
-    read_buffer: usize,
+struct Inner<C, B> {
+    connector: C,
+    /// Largest read buffer of a connection; hyper's default when `None`.
+    read_buffer: Option<usize>,
     max_idle: usize,
-    /// Oldest first; checkouts take from the end.
-    idle: Mutex<Vec<Idle>>,
+    /// Per authority, oldest first; checkouts take from the end.
+    idle: Mutex<HashMap<String, Vec<Idle<B>>>>,
     /// Started with the first connection: a task that closes idle connections past
     /// [`IDLE_TIMEOUT`] while the pool lives.
     reaping: std::sync::Once,
 }
 
-struct Idle {
-    sender: SendRequest<UpstreamBody>,
+struct Idle<B> {
+    sender: SendRequest<B>,
     since: Instant,
 }
 
-impl Http1Pool {
-    /// A pool that keeps at most `max_idle` idle connections.
-    pub(crate) fn new(
-        connector: HttpsConnector<HttpConnector>,
-        read_buffer: usize,
-        max_idle: usize,
-    ) -> Self {
+impl<C, B> Http1Pool<C, B>
+where
+    C: Service<Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// A pool that keeps at most `max_idle` idle connections per authority, each reading
+    /// at most `read_buffer` at a time (hyper's default when `None`).
+    pub fn new(connector: C, read_buffer: Option<usize>, max_idle: usize) -> Self {
         Http1Pool {
             inner: Arc::new(Inner {
                 connector,
                 read_buffer,
                 max_idle,
-                idle: Mutex::new(Vec::new()),
+                idle: Mutex::new(HashMap::new()),
                 reaping: std::sync::Once::new(),
             }),
         }
     }
 
-    /// Sends `request` (absolute URI) on an idle connection that is ready, or a new one.
-    pub(crate) async fn send(
+    /// Sends `request` (absolute URI) on an idle connection to its authority that is
+    /// ready, or a new one.
+    pub async fn send(
         &self,
-        mut request: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, SendError> {
+        mut request: Request<B>,
+    ) -> Result<Response<PooledBody<B>>, SendError> {
         let uri = request.uri().clone();
+        let key = uri.authority().map_or("", |a| a.as_str());
         prepare(&mut request);
         loop {
-            let (mut sender, reused) = match self.inner.checkout() {
+            let (mut sender, reused) = match self.inner.checkout(key) {
                 Some(sender) => (sender, true),
                 None => (self.inner.connect(&uri).await?, false),
             };
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.inner.clone().watch(response, sender)),
+                Ok(response) => return Ok(watch(&self.inner, key, response, sender)),
                 Err(mut e) => match e.take_message() {
                     // Refused before any of it was written (the connection closed while
                     // idle): another connection may take it; a new one failing so will not.
@@ -124,109 +135,155 @@ impl Http1Pool {
         }
     }
 
-    /// Idle connections now (for tests).
-    #[cfg(test)]
-    pub(crate) fn idle(&self) -> usize {
-        self.inner.lock().len()
+    /// Idle connections to `authority` now.
+    pub fn idle(&self, authority: &str) -> usize {
+        self.inner.lock().get(authority).map_or(0, Vec::len)
     }
 }
 
-impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+impl<C, B> Inner<C, B> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle<B>>>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The newest idle connection that is ready; closed and expired ones are dropped on
-    /// the way, ones not ready yet stay.
-    fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
+    /// The newest idle connection to `key` that is ready; closed and expired ones are
+    /// dropped on the way, ones not ready yet stay.
+    fn checkout(&self, key: &str) -> Option<SendRequest<B>> {
         let mut idle = self.lock();
+        let list = idle.get_mut(key)?;
         let now = Instant::now();
-        let mut at = idle.len();
+        let mut at = list.len();
+        let mut found = None;
         while at > 0 {
             at -= 1;
-            let entry = &idle[at];
+            let entry = &list[at];
             if entry.sender.is_closed() || now.duration_since(entry.since) >= IDLE_TIMEOUT {
-                idle.remove(at);
+                list.remove(at);
             } else if entry.sender.is_ready() {
-                return Some(idle.remove(at).sender);
+                found = Some(list.remove(at).sender);
+                break;
             }
         }
-        None
+        if list.is_empty() {
+            idle.remove(key);
+        }
+        found
     }
 
-    fn put(&self, sender: SendRequest<UpstreamBody>) {
+    fn put(&self, key: &str, sender: SendRequest<B>) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.lock();
-        if idle.len() < self.max_idle {
-            idle.push(Idle {
+        let list = match idle.get_mut(key) {
+            Some(list) => list,
+            None => idle.entry(key.to_owned()).or_default(),
+        };
+        if list.len() < self.max_idle {
+            list.push(Idle {
                 sender,
                 since: Instant::now(),
             });
         }
     }
+}
 
-    async fn connect(self: &Arc<Self>, uri: &Uri) -> Result<SendRequest<UpstreamBody>, SendError> {
+impl<C, B> Inner<C, B>
+where
+    C: Service<Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    async fn connect(self: &Arc<Self>, uri: &Uri) -> Result<SendRequest<B>, SendError> {
         self.reaping
             .call_once(|| drop(tokio::spawn(reap(Arc::downgrade(self)))));
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
-            .map_err(SendError::Connect)?;
+            .map_err(|e| SendError::Connect(e.into()))?;
         let io = connector
             .call(uri.clone())
             .await
-            .map_err(SendError::Connect)?;
-        let (sender, connection) = http1::Builder::new()
-            .max_buf_size(self.read_buffer)
+            .map_err(|e| SendError::Connect(e.into()))?;
+        let mut builder = http1::Builder::new();
+        if let Some(read_buffer) = self.read_buffer {
+            builder.max_buf_size(read_buffer);
+        }
+        let (sender, connection) = builder
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
         tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
+                tracing::debug!(error = %e, "HTTP/1.1 client connection ended with an error");
             }
         });
         Ok(sender)
     }
+}
 
-    /// The response, whose body puts `sender` back when it ends. An upgraded connection
-    /// (101) is the upgrade's; one whose body is dropped unread is closed by hyper.
-    fn watch(
-        self: Arc<Self>,
-        response: Response<Incoming>,
-        sender: SendRequest<UpstreamBody>,
-    ) -> Response<PooledBody> {
-        let back = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            None
-        } else if response.body().is_end_stream() {
-            self.put(sender);
-            None
-        } else {
-            Some((self, sender))
-        };
-        response.map(|body| PooledBody { body, back })
+/// The response, whose body puts `sender` back when it ends. An upgraded connection
+/// (101) is the upgrade's; one whose body is dropped unread is closed by hyper.
+fn watch<C, B>(
+    pool: &Arc<Inner<C, B>>,
+    key: &str,
+    response: Response<Incoming>,
+    sender: SendRequest<B>,
+) -> Response<PooledBody<B>>
+where
+    C: Send + Sync + 'static,
+    B: Send + 'static,
+{
+    let back = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        None
+    } else if response.body().is_end_stream() {
+        pool.put(key, sender);
+        None
+    } else {
+        let pool: Arc<dyn PutBack<B>> = pool.clone();
+        Some(Back {
+            pool,
+            key: key.to_owned(),
+            sender,
+        })
+    };
+    response.map(|body| PooledBody { body, back })
+}
+
+/// A pool a connection goes back to, whatever its connector.
+trait PutBack<B>: Send + Sync {
+    fn put_back(&self, key: &str, sender: SendRequest<B>);
+}
+
+impl<C: Send + Sync, B: Send> PutBack<B> for Inner<C, B> {
+    fn put_back(&self, key: &str, sender: SendRequest<B>) {
+        self.put(key, sender);
     }
 }
 
 /// Closes idle connections past [`IDLE_TIMEOUT`], while the pool lives.
-async fn reap(pool: Weak<Inner>) {
+async fn reap<C, B>(pool: Weak<Inner<C, B>>) {
     let mut every = tokio::time::interval(IDLE_TIMEOUT / 3);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         let now = Instant::now();
-        pool.lock()
-            .retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+        pool.lock().retain(|_, list| {
+            list.retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+            !list.is_empty()
+        });
     }
 }
 
 /// What hyper-util's client did to a request before sending it on an HTTP/1.1
 /// connection: a `Host` header from the URI when there is none, and the request target in
 /// origin form (`/path?query`; authority form for CONNECT).
-fn prepare(request: &mut Request<UpstreamBody>) {
+fn prepare<B>(request: &mut Request<B>) {
     let uri = request.uri().clone();
     if let Some(host) = uri.host()
         && !request.headers().contains_key(header::HOST)
@@ -260,20 +317,26 @@ fn default_port(uri: &Uri) -> Option<u16> {
 }
 
 /// A response body from the pool: its connection goes back when it ends.
-pub(crate) struct PooledBody {
+pub struct PooledBody<B> {
     body: Incoming,
-    back: Option<(Arc<Inner>, SendRequest<UpstreamBody>)>,
+    back: Option<Back<B>>,
 }
 
-impl PooledBody {
+struct Back<B> {
+    pool: Arc<dyn PutBack<B>>,
+    key: String,
+    sender: SendRequest<B>,
+}
+
+impl<B> PooledBody<B> {
     fn give_back(&mut self) {
-        if let Some((pool, sender)) = self.back.take() {
-            pool.put(sender);
+        if let Some(back) = self.back.take() {
+            back.pool.put_back(&back.key, back.sender);
         }
     }
 }
 
-impl hyper::body::Body for PooledBody {
+impl<B> Body for PooledBody<B> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -309,6 +372,8 @@ mod tests {
 
     use http_body_util::BodyExt as _;
 
+    use hyper_util::client::legacy::connect::HttpConnector;
+
     use super::*;
 
     /// An upstream that answers every request with `size` bytes on keep-alive
@@ -337,25 +402,20 @@ mod tests {
         (format!("http://{addr}/x").parse().unwrap(), accepted)
     }
 
-    fn pool() -> Http1Pool {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let tls = rustls::ClientConfig::builder_with_provider(tower_tunnel::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        Http1Pool::new(HttpsConnector::from((http, Arc::new(tls))), 8 * 1024, 4)
+    type Empty = http_body_util::Empty<Bytes>;
+
+    fn pool() -> Http1Pool<HttpConnector, Empty> {
+        Http1Pool::new(HttpConnector::new(), Some(8 * 1024), 4)
     }
 
-    fn get(uri: &Uri) -> Request<UpstreamBody> {
-        let mut request = Request::new(
-            http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
+    fn get(uri: &Uri) -> Request<Empty> {
+        let mut request = Request::new(Empty::new());
         *request.uri_mut() = uri.clone();
         request
+    }
+
+    fn idle(pool: &Http1Pool<HttpConnector, Empty>, uri: &Uri) -> usize {
+        pool.idle(uri.authority().unwrap().as_str())
     }
 
     #[tokio::test]
@@ -367,7 +427,7 @@ mod tests {
             assert_eq!(response.status(), 200);
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body.len(), 100_000);
-            assert_eq!(pool.idle(), 1);
+            assert_eq!(idle(&pool, &uri), 1);
         }
         assert_eq!(
             accepted.load(Ordering::SeqCst),
@@ -382,12 +442,12 @@ mod tests {
         let pool = pool();
         let response = pool.send(get(&uri)).await.unwrap();
         drop(response);
-        assert_eq!(pool.idle(), 0);
+        assert_eq!(idle(&pool, &uri), 0);
         let response = pool.send(get(&uri)).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 1_000_000);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
-        assert_eq!(pool.idle(), 1);
+        assert_eq!(idle(&pool, &uri), 1);
     }
 
     #[tokio::test]
@@ -403,7 +463,7 @@ mod tests {
             response.into_body().collect().await.unwrap();
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 6);
-        assert_eq!(pool.idle(), 4);
+        assert_eq!(idle(&pool, &uri), 4);
     }
 
     #[test]

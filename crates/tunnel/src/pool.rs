@@ -136,7 +136,8 @@ where
     }
 
     /// Idle connections to `authority` now.
-    pub fn idle(&self, authority: &str) -> usize {
+    #[cfg(test)]
+    fn idle(&self, authority: &str) -> usize {
         self.inner.lock().get(authority).map_or(0, Vec::len)
     }
 }
@@ -150,24 +151,21 @@ impl<C, B> Inner<C, B> {
     /// dropped on the way, ones not ready yet stay.
     fn checkout(&self, key: &str) -> Option<SendRequest<B>> {
         let mut idle = self.lock();
+        // An emptied list stays (the connection usually comes back to it, without its key
+        // allocated again); the reaper drops lists that stay empty.
         let list = idle.get_mut(key)?;
         let now = Instant::now();
         let mut at = list.len();
-        let mut found = None;
         while at > 0 {
             at -= 1;
             let entry = &list[at];
             if entry.sender.is_closed() || now.duration_since(entry.since) >= IDLE_TIMEOUT {
                 list.remove(at);
             } else if entry.sender.is_ready() {
-                found = Some(list.remove(at).sender);
-                break;
+                return Some(list.remove(at).sender);
             }
         }
-        if list.is_empty() {
-            idle.remove(key);
-        }
-        found
+        None
     }
 
     fn put(&self, key: &str, sender: SendRequest<B>) {

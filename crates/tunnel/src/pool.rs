@@ -121,7 +121,7 @@ where
         loop {
             let (mut sender, reused) = match self.inner.checkout(key) {
                 Some(sender) => (sender, true),
-                None => (self.inner.connect(&uri).await?, false),
+                None => (self.connect(&uri).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(watch(&self.inner, key, response, sender)),
@@ -133,6 +133,36 @@ where
                 },
             }
         }
+    }
+
+    /// A new connection to `uri`'s authority, driven by a task of its own.
+    async fn connect(&self, uri: &Uri) -> Result<SendRequest<B>, SendError> {
+        let inner = &self.inner;
+        inner
+            .reaping
+            .call_once(|| drop(tokio::spawn(reap(Arc::downgrade(inner)))));
+        let mut connector = inner.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        let io = connector
+            .call(uri.clone())
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        let mut builder = http1::Builder::new();
+        if let Some(read_buffer) = inner.read_buffer {
+            builder.max_buf_size(read_buffer);
+        }
+        let (sender, connection) = builder
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "HTTP/1.1 client connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 
     /// Idle connections to `authority` now.
@@ -183,44 +213,6 @@ impl<C, B> Inner<C, B> {
                 since: Instant::now(),
             });
         }
-    }
-}
-
-impl<C, B> Inner<C, B>
-where
-    C: Service<Uri> + Clone + Send + Sync + 'static,
-    C::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    C::Error: Into<BoxError>,
-    C::Future: Send,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    async fn connect(self: &Arc<Self>, uri: &Uri) -> Result<SendRequest<B>, SendError> {
-        self.reaping
-            .call_once(|| drop(tokio::spawn(reap(Arc::downgrade(self)))));
-        let mut connector = self.connector.clone();
-        std::future::poll_fn(|cx| connector.poll_ready(cx))
-            .await
-            .map_err(|e| SendError::Connect(e.into()))?;
-        let io = connector
-            .call(uri.clone())
-            .await
-            .map_err(|e| SendError::Connect(e.into()))?;
-        let mut builder = http1::Builder::new();
-        if let Some(read_buffer) = self.read_buffer {
-            builder.max_buf_size(read_buffer);
-        }
-        let (sender, connection) = builder
-            .handshake(io)
-            .await
-            .map_err(|e| SendError::Connect(e.into()))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "HTTP/1.1 client connection ended with an error");
-            }
-        });
-        Ok(sender)
     }
 }
 

@@ -1,6 +1,6 @@
 //! HTTP/1.1 client connections, pooled by authority: the agent's to its upstreams, the
 //! server's tunnel streams to each cluster. Used in place of hyper-util's legacy
-//! `Client`, which cost a small request ~14 K instructions on each side (callgrind): a
+//! `Client`, which cost the agent ~14 K instructions per small request (callgrind): a
 //! SipHash of the scheme and authority, byte by byte, at every checkout and return; a
 //! race of a checkout against a connect; and a task spawned per request to put the
 //! connection back once it is ready again, one more hand-off between tasks (and with two

@@ -189,6 +189,17 @@ impl Browser {
         }
     }
 
+    /// Clicks the element with id `id` (which must be there), as a person would.
+    async fn click(&self, id: &str) {
+        self.client
+            .find(Locator::Id(id))
+            .await
+            .unwrap_or_else(|e| panic!("#{id}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking #{id}: {e}"));
+    }
+
     async fn attr(&self, css: &str, name: &str) -> Option<String> {
         let element = self.client.find(Locator::Css(css)).await.ok()?;
         element.attr(name).await.ok().flatten()
@@ -782,13 +793,7 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
         b.client.back().await.expect("back");
 
         // One cluster: its figures, charts drawn from the samples, and its agent.yaml.
-        b.client
-            .find(Locator::Id("link-member-1"))
-            .await
-            .expect("link")
-            .click()
-            .await
-            .expect("follow the link");
+        b.click("link-member-1").await;
         let heading = b
             .until("the cluster page", Duration::from_secs(10), || async {
                 b.text("#cluster-heading").await
@@ -823,13 +828,7 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
             .send_keys(&format!("{}\u{E007}", admin_token()))
             .await
             .expect("type");
-        b.client
-            .find(Locator::Id("agent-yaml-show"))
-            .await
-            .expect("button")
-            .click()
-            .await
-            .expect("click");
+        b.click("agent-yaml-show").await;
         let yaml = b
             .until("agent.yaml", Duration::from_secs(10), || async {
                 let area = b.client.find(Locator::Id("agent-yaml")).await.ok()?;
@@ -865,13 +864,7 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
                 .await;
             }
         };
-        b.client
-            .find(Locator::Id("agent-yaml-copy"))
-            .await
-            .expect("button")
-            .click()
-            .await
-            .expect("click");
+        b.click("agent-yaml-copy").await;
         status("Copied agent.yaml to the clipboard.").await;
         let copied = b
             .client
@@ -896,13 +889,7 @@ fn the_status_page_shows_the_fleet_in_a_real_browser() {
         assert_eq!(without_token(&shown), without_token(&yaml));
 
         // Download: a file named for the cluster, holding agent.yaml.
-        b.client
-            .find(Locator::Id("agent-yaml-download"))
-            .await
-            .expect("button")
-            .click()
-            .await
-            .expect("click");
+        b.click("agent-yaml-download").await;
         status("Downloaded member-1-agent.yaml.").await;
         let file = b.downloads.join("member-1-agent.yaml");
         let downloaded = b

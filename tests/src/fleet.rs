@@ -234,8 +234,10 @@ impl<'a> ClusterHost<'a> {
         });
     }
 
-    /// Every Cluster's `AgentAvailable` status (`None`: no such condition).
-    pub fn agent_available(&self) -> std::collections::HashMap<String, Option<String>> {
+    /// Every Cluster's `AgentAvailable` status (`None`: no such condition), and whether
+    /// its `spec.connection.kubeconfig` is written (what KubeSphere's cluster controller
+    /// waits for before it uses the Cluster).
+    pub fn agent_available(&self) -> std::collections::HashMap<String, (Option<String>, bool)> {
         let (addr, token) = (self.host.api.addr(), self.host.api.token().to_owned());
         let body = self.runtime.block_on(async {
             let mut sender = crate::http1_over_tls::<http_body_util::Empty<bytes::Bytes>>(
@@ -273,19 +275,26 @@ impl<'a> ClusterHost<'a> {
                                 .find(|c| c["type"] == "AgentAvailable")
                                 .and_then(|c| c["status"].as_str().map(str::to_owned))
                         });
-                        (name, status)
+                        let kubeconfig = c["spec"]["connection"]["kubeconfig"]
+                            .as_str()
+                            .is_some_and(|k| !k.is_empty());
+                        (name, (status, kubeconfig))
                     })
                     .collect()
             })
             .unwrap_or_default()
     }
 
-    /// The clusters of `want` whose `AgentAvailable` is not `want[name]` (`True` or `False`).
+    /// The clusters of `want` whose `AgentAvailable` is not `want[name]` (`True` or
+    /// `False`), or whose kubeconfig is not written yet.
     pub fn wrong(&self, want: &std::collections::HashMap<String, &str>) -> Vec<String> {
         let now = self.agent_available();
         let mut wrong: Vec<String> = want
             .iter()
-            .filter(|(name, status)| now.get(*name).cloned().flatten().as_deref() != Some(**status))
+            .filter(|(name, status)| match now.get(*name) {
+                Some((Some(is), true)) => is != **status,
+                _ => true,
+            })
             .map(|(name, _)| name.clone())
             .collect();
         wrong.sort();

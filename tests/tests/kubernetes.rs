@@ -888,6 +888,67 @@ fn callers_resolve_against_kubesphere_users_and_a_disabled_one_is_locked_out() {
 /// with the right `AgentAvailable`: after the first start, and after a restart during
 /// which some agents left and some came (the leavers' `True` turns `False` once the
 /// agents' grace to come back is over).
+/// A server that has not listed its Cluster objects yet (it just started; the API server
+/// is away) holds an agent's dial until the list is in, then admits it: a fleet that
+/// comes back with a restarted server is admitted as soon as the server knows its
+/// Clusters, instead of being refused into its backoff.
+#[test]
+fn a_dial_before_the_first_list_is_held_until_the_list_is_in_then_admitted() {
+    let host = Member::start();
+    let token = Server::minter().agent_token("member-1", None);
+    create(&host, &proxy_cluster("member-1", &token));
+    host.api.set_available(false);
+    let kubeconfig = host.kubeconfig.to_str().unwrap();
+    let server = server()
+        .args(&[
+            "--kubernetes",
+            "--kubeconfig",
+            kubeconfig,
+            "--frontend-url",
+            FRONTEND_URL,
+        ])
+        .start();
+    assert_eq!(admin_get(server.admin, "/readyz").0, 503);
+    let https = Https::to(&server, server.tunnel);
+    let dial = std::thread::spawn(move || {
+        let upgrade = [
+            ("connection", "Upgrade"),
+            ("upgrade", "tower-tunnel/1"),
+            ("tower-cluster", "member-1"),
+            ("tower-capabilities", "identity"),
+        ];
+        let started = std::time::Instant::now();
+        let reply = https.request("GET", "/v1/tunnel", Some(&token), &upgrade);
+        (reply, started.elapsed())
+    });
+    // The server tries the API server and is refused twice (its watcher backs off 0.8 s
+    // and more between tries) while the dial waits.
+    let refused = host.api.refused_connections();
+    wait_for_with(
+        "the server to try the API server again",
+        Duration::from_secs(20),
+        || (host.api.refused_connections() >= refused + 2).then_some(()),
+        || server.process.log(),
+    );
+    assert!(!dial.is_finished(), "the dial was answered before the list");
+    host.api.set_available(true);
+    let (reply, took) = dial.join().unwrap();
+    assert_eq!(
+        reply.status,
+        101,
+        "{}\n{}",
+        reply.body,
+        server.process.log()
+    );
+    // A refusal comes in milliseconds; this answer waited for the list.
+    assert!(took > Duration::from_millis(500), "answered after {took:?}");
+    assert!(
+        !server.process.log().contains("refused a tunnel"),
+        "{}",
+        server.process.log()
+    );
+}
+
 #[test]
 fn requests_to_the_host_keep_to_the_api_pace_and_every_cluster_converges() {
     use std::collections::HashMap;

@@ -27,6 +27,10 @@ use crate::status::{Body, text};
 /// The longest a newcomer waits while the cluster's live tunnel is asked for a pong.
 const CONFLICT_PROBE: Duration = Duration::from_secs(3);
 
+/// The longest a dial waits for this server's first list of Cluster objects before it is
+/// refused (503): below the agent's dial timeout (15 s by default), so the agent hears why.
+const HOLD_UNTIL_LISTED: Duration = Duration::from_secs(10);
+
 /// Accepts agent tunnels.
 pub(crate) struct Acceptor {
     pub(crate) registry: Arc<Registry>,
@@ -52,7 +56,25 @@ impl Acceptor {
         if req.uri().path() == "/healthz" {
             return text(StatusCode::OK, "ok");
         }
-        match self.admit(&req) {
+        let mut admitted = self.admit(&req);
+        if matches!(admitted, Err((Refusal::Draining, _)))
+            && !self.registry.is_synced()
+            && !self.draining.is_cancelled()
+        {
+            // The agent's credentials passed, but the Cluster objects are not listed yet
+            // (this server just started). Holding the dial until they are admits a fleet
+            // that comes back together at once, where a refusal costs each agent a TLS
+            // handshake per retry and climbs its backoff: 10,000 agents refused for the
+            // 2.5 s of a list took 30 s to all come back (B9, Kubernetes mode).
+            let listed = tokio::select! {
+                listed = self.registry.wait_synced(HOLD_UNTIL_LISTED) => listed,
+                () = self.draining.cancelled() => false,
+            };
+            if listed {
+                admitted = self.admit(&req);
+            }
+        }
+        match admitted {
             Ok(admitted) => match self.second_agent(&admitted.cluster, remote).await {
                 Some(refused) => refused,
                 None => self.upgrade(req, admitted, remote),

@@ -62,6 +62,16 @@ pub struct KubeSphereEndpointConfig {
     pub host: Option<String>,
 }
 
+/// A Cluster's kubesphere endpoint, as [`KubeSphereEndpoints::reconcile`] left it.
+pub struct Endpoint {
+    /// The cluster's port (the same on every replica).
+    pub port: u16,
+    /// The URL to record as `kubesphereAPIEndpoint`.
+    pub url: String,
+    /// Whether this replica listens on the port (else it tries again soon).
+    pub listening: bool,
+}
+
 /// The clusters' ports, Services and this replica's listeners.
 pub struct KubeSphereEndpoints {
     config: KubeSphereEndpointConfig,
@@ -94,8 +104,8 @@ impl KubeSphereEndpoints {
     }
 
     /// Claims `cluster`'s port, keeps its Service and listens on it; returns the port and
-    /// the endpoint URL to record.
-    pub async fn reconcile(&self, cluster: &Cluster) -> Result<(u16, String), String> {
+    /// the endpoint URL to record, and whether this replica listens on it.
+    pub async fn reconcile(&self, cluster: &Cluster) -> Result<Endpoint, String> {
         let name = cluster.metadata.name.as_deref().unwrap_or_default();
         let wanted = cluster
             .spec
@@ -106,9 +116,13 @@ impl KubeSphereEndpoints {
         let port = self.ports.claim(name, wanted).await?;
         // The port is the cluster's on every replica: one that cannot listen says so (and
         // tries again next round) without taking the endpoint from the others.
-        if let Err(e) = self.listen(name, port) {
-            tracing::warn!(cluster = name, error = %e, "cannot serve the cluster's kubesphere endpoint on this replica; retrying");
-        }
+        let listening = match self.listen(name, port) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(cluster = name, error = %e, "cannot serve the cluster's kubesphere endpoint on this replica; retrying");
+                false
+            }
+        };
         if let Some(uid) = cluster.metadata.uid.as_deref() {
             self.services.ensure(name, uid, port).await?;
         }
@@ -117,7 +131,11 @@ impl KubeSphereEndpoints {
             None => format!("{}.{}.svc", service_name(name), self.namespace),
         };
         let scheme = if self.config.tls { "https" } else { "http" };
-        Ok((port, format!("{scheme}://{host}:{port}")))
+        Ok(Endpoint {
+            port,
+            url: format!("{scheme}://{host}:{port}"),
+            listening,
+        })
     }
 
     /// Opens this replica's listener for `cluster` on `port` (closing one on another port).
@@ -142,8 +160,8 @@ impl KubeSphereEndpoints {
     }
 
     /// Checks what this replica holds against the port table (once a round).
-    pub async fn refresh(&self) {
-        self.ports.refresh().await;
+    pub async fn refresh(&self) -> Vec<String> {
+        self.ports.refresh().await
     }
 
     /// Stops serving `cluster` here, and frees its port and Service.

@@ -99,19 +99,21 @@ impl PortTable {
 
     /// Forgets what this replica holds that the table no longer says (someone deleted or
     /// edited the ConfigMap): those clusters claim again on their next round, so a port
-    /// the table lost is never served for two clusters.
-    pub async fn refresh(&self) {
+    /// the table lost is never served for two clusters. Returns those clusters.
+    pub async fn refresh(&self) -> Vec<String> {
         let table = match self.api.get_opt(TABLE).await {
             Ok(table) => table,
             Err(e) => {
                 tracing::debug!(error = %e, "reading the kubesphere port table");
-                return;
+                return Vec::new();
             }
         };
         let recorded = table.as_ref().map(ports_of).unwrap_or_default();
+        let mut lost = Vec::new();
         self.held().retain(|cluster, port| {
             let kept = recorded.get(port) == Some(cluster);
             if !kept {
+                lost.push(cluster.clone());
                 tracing::warn!(
                     cluster,
                     port,
@@ -120,6 +122,7 @@ impl PortTable {
             }
             kept
         });
+        lost
     }
 
     /// Frees the ports of `cluster`.

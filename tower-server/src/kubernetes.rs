@@ -50,7 +50,7 @@ pub const TOWER_SERVICE: &str = "tower";
 /// The tunnel port when the Service does not say.
 const DEFAULT_TUNNEL_PORT: i32 = 8080;
 /// How often failed writes are retried.
-const RETRY: Duration = Duration::from_secs(5);
+pub(crate) const RETRY: Duration = Duration::from_secs(5);
 
 /// A KubeSphere `Cluster` (only the fields tower reads or writes; writes are patches, so
 /// fields tower does not know are never lost).
@@ -477,6 +477,39 @@ enum Owed {
     Unavailable,
 }
 
+/// Cluster names in the order they were queued, each once.
+#[derive(Default)]
+struct Queue {
+    order: VecDeque<String>,
+    queued: HashSet<String>,
+}
+
+impl Queue {
+    fn push(&mut self, name: &str) {
+        if self.queued.insert(name.to_owned()) {
+            self.order.push_back(name.to_owned());
+        }
+    }
+
+    fn pop(&mut self) -> Option<String> {
+        let name = self.order.pop_front()?;
+        self.queued.remove(&name);
+        Some(name)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+/// When a Cluster's spec was last checked ([`Controller::reconcile_spec`]).
+struct Checked {
+    /// The resourceVersion checked: an event with the same one needs no new check.
+    resource_version: Option<String>,
+    /// When to check it again although it did not change (renewals, failed writes).
+    recheck_at: tokio::time::Instant,
+}
+
 /// The controller's view between events: the Clusters as last seen, and what this
 /// replica still owes them.
 #[derive(Default)]
@@ -488,9 +521,16 @@ struct State {
     held: HashSet<String>,
     /// The `AgentAvailable` each cluster is still owed.
     owed: HashMap<String, Owed>,
-    /// Owed clusters in the order they are written; each name once ([`State::queued`]).
-    due: VecDeque<String>,
-    queued: HashSet<String>,
+    /// Owed clusters in the order they are written.
+    due: Queue,
+    /// Clusters whose spec is to be checked, one per turn: new or changed ones, and ones
+    /// whose recheck is due. A list of 10,000 is taken in (and agents admitted) without
+    /// waiting for 10,000 checks, and an unchanged Cluster is not checked again until its
+    /// recheck.
+    specs: Queue,
+    checked: HashMap<String, Checked>,
+    /// Whether the last turn's work was a condition write (the next is a spec check).
+    spec_turn: bool,
     /// Owed clusters whose last write failed: queued again at the next retry tick.
     failed: Vec<String>,
     /// Clusters whose `AgentConflict` this replica set.
@@ -503,9 +543,7 @@ struct State {
 impl State {
     fn owe(&mut self, name: &str, owed: Owed) {
         self.owed.insert(name.to_owned(), owed);
-        if self.queued.insert(name.to_owned()) {
-            self.due.push_back(name.to_owned());
-        }
+        self.due.push(name);
     }
 }
 
@@ -538,40 +576,13 @@ impl Controller {
                     _ => std::future::pending().await,
                 }
             };
+            // In this order: the watch first (a list of 10,000 is taken in, and agents
+            // admitted, before any write), then the timers, then one write or spec check
+            // (in turn, so neither waits for all of the other), then the wake-up for
+            // tunnels that changed (handled after every turn anyway).
             tokio::select! {
+                biased;
                 () = stop.cancelled() => break,
-                () = &mut changed => {}
-                () = grace => {
-                    grace_over = true;
-                    let names: Vec<String> = state.clusters.keys().cloned().collect();
-                    for name in &names {
-                        self.assess(name, &mut state);
-                        let stale = !self.registry.is_connected(name)
-                            && state.clusters.get(name).and_then(|c| c.condition(AGENT_AVAILABLE)).is_some_and(|c| c.status == "True");
-                        if stale {
-                            state.owe(name, Owed::Unavailable);
-                        }
-                    }
-                    tracing::info!(owed = state.owed.len(), "the agents' grace to come back is over");
-                }
-                _ = retry.tick() => {
-                    // Failed writes again, and kubeconfigs due for renewal.
-                    if let Some(ks) = &self.kubesphere {
-                        ks.refresh().await;
-                    }
-                    for cluster in state.clusters.values() {
-                        self.reconcile_spec(&api, cluster).await;
-                    }
-                    for name in std::mem::take(&mut state.failed) {
-                        if let Some(owed) = state.owed.get(&name).copied() {
-                            state.owe(&name, owed);
-                        }
-                    }
-                    let names: Vec<String> = state.clusters.keys().cloned().collect();
-                    for name in &names {
-                        self.assess(name, &mut state);
-                    }
-                }
                 event = events.next() => match event {
                     None => break,
                     Some(Err(e)) => {
@@ -587,9 +598,53 @@ impl Controller {
                         }
                     }
                 },
-                () = std::future::ready(()), if !state.due.is_empty() => {
-                    self.write_next(&api, &mut state).await;
+                () = grace => {
+                    grace_over = true;
+                    let names: Vec<String> = state.clusters.keys().cloned().collect();
+                    for name in &names {
+                        self.assess(name, &mut state);
+                        let stale = !self.registry.is_connected(name)
+                            && state.clusters.get(name).and_then(|c| c.condition(AGENT_AVAILABLE)).is_some_and(|c| c.status == "True");
+                        if stale {
+                            state.owe(name, Owed::Unavailable);
+                        }
+                    }
+                    tracing::info!(owed = state.owed.len(), "the agents' grace to come back is over");
                 }
+                _ = retry.tick() => {
+                    // Failed writes again, and the specs whose recheck is due.
+                    if let Some(ks) = &self.kubesphere {
+                        for name in ks.refresh().await {
+                            state.specs.push(&name);
+                        }
+                    }
+                    // Those due before the next tick, so that none waits longer than
+                    // its recheck time (renewals are timed by it).
+                    let next_tick = tokio::time::Instant::now() + RETRY;
+                    for (name, checked) in &state.checked {
+                        if checked.recheck_at <= next_tick {
+                            state.specs.push(name);
+                        }
+                    }
+                    for name in std::mem::take(&mut state.failed) {
+                        if let Some(owed) = state.owed.get(&name).copied() {
+                            state.owe(&name, owed);
+                        }
+                    }
+                    let names: Vec<String> = state.clusters.keys().cloned().collect();
+                    for name in &names {
+                        self.assess(name, &mut state);
+                    }
+                }
+                () = std::future::ready(()), if !state.due.is_empty() || !state.specs.is_empty() => {
+                    state.spec_turn = !state.spec_turn;
+                    if state.due.is_empty() || (state.spec_turn && !state.specs.is_empty()) {
+                        self.check_next_spec(&api, &mut state).await;
+                    } else {
+                        self.write_next(&api, &mut state).await;
+                    }
+                }
+                () = &mut changed => {}
             }
             for name in self.registry.take_touched() {
                 self.assess(&name, &mut state);
@@ -636,12 +691,29 @@ impl Controller {
         }
     }
 
-    /// Writes the next owed condition, unless the Cluster already says it.
-    async fn write_next(&self, api: &Api<Cluster>, state: &mut State) {
-        let Some(name) = state.due.pop_front() else {
+    /// Checks the next queued Cluster's spec, and when to check it again.
+    async fn check_next_spec(&self, api: &Api<Cluster>, state: &mut State) {
+        let Some(name) = state.specs.pop() else {
             return;
         };
-        state.queued.remove(&name);
+        let Some(cluster) = state.clusters.get(&name) else {
+            return;
+        };
+        let recheck_in = self.reconcile_spec(api, cluster).await;
+        state.checked.insert(
+            name,
+            Checked {
+                resource_version: cluster.metadata.resource_version.clone(),
+                recheck_at: tokio::time::Instant::now() + recheck_in,
+            },
+        );
+    }
+
+    /// Writes the next owed condition, unless the Cluster already says it.
+    async fn write_next(&self, api: &Api<Cluster>, state: &mut State) {
+        let Some(name) = state.due.pop() else {
+            return;
+        };
         let (Some(want), Some(cluster)) = (
             state.owed.get(&name).copied(),
             state.clusters.get_mut(&name),
@@ -695,14 +767,14 @@ impl Controller {
                 if let Some(listed) = state.listing.as_mut() {
                     listed.insert(name.clone());
                 }
-                self.upsert(api, cluster, &mut state.clusters).await;
+                self.upsert(cluster, state).await;
                 self.assess(&name, state);
             }
             Event::InitDone => {
                 let listed = state.listing.take().unwrap_or_default();
                 for name in self.registry.registered() {
                     if !listed.contains(&name) {
-                        self.forget(&name, &mut state.clusters).await;
+                        self.forget(&name, state).await;
                         self.assess(&name, state);
                     }
                 }
@@ -720,25 +792,22 @@ impl Controller {
             }
             Event::Apply(cluster) => {
                 let name = cluster.name().to_owned();
-                self.upsert(api, cluster, &mut state.clusters).await;
+                self.upsert(cluster, state).await;
                 self.assess(&name, state);
             }
             Event::Delete(cluster) => {
-                self.forget(cluster.name(), &mut state.clusters).await;
+                self.forget(cluster.name(), state).await;
                 self.assess(cluster.name(), state);
             }
         }
     }
 
-    async fn upsert(
-        &self,
-        api: &Api<Cluster>,
-        cluster: Cluster,
-        clusters: &mut HashMap<String, Cluster>,
-    ) {
+    /// Routes by the Cluster at once (its token is the one agents are admitted with),
+    /// and queues its spec check unless this resourceVersion was checked.
+    async fn upsert(&self, cluster: Cluster, state: &mut State) {
         let name = cluster.name().to_owned();
         if !cluster.is_proxy() {
-            self.forget(&name, clusters).await;
+            self.forget(&name, state).await;
             return;
         }
         if let Err(e) = validate_cluster_name(&name) {
@@ -759,8 +828,14 @@ impl Controller {
                     .and_then(|note| previous_token_of(note, token)),
             },
         );
-        self.reconcile_spec(api, &cluster).await;
-        clusters.insert(name, cluster);
+        let checked = state
+            .checked
+            .get(&name)
+            .is_some_and(|c| c.resource_version == cluster.metadata.resource_version);
+        if !checked {
+            state.specs.push(&name);
+        }
+        state.clusters.insert(name, cluster);
     }
 
     /// What the Cluster's token needs, as [`token_action`] judges it for this server.
@@ -775,8 +850,11 @@ impl Controller {
         )
     }
 
-    async fn forget(&self, name: &str, clusters: &mut HashMap<String, Cluster>) {
-        let known = clusters.remove(name).is_some();
+    async fn forget(&self, name: &str, state: &mut State) {
+        let known = state.clusters.remove(name).is_some();
+        state.checked.remove(name);
+        self.rewrites.forget(name);
+        self.repins.forget(name);
         if self.registry.entry(name).is_some() {
             tracing::info!(cluster = %name, "Cluster deleted or no longer of type proxy");
             self.registry.forget(name);
@@ -847,7 +925,8 @@ impl Controller {
 
 /// Patches one condition of `cluster` (through `/status`, or through the object where the
 /// CRD has no status subresource, as KubeSphere's own); true when written or when the
-/// Cluster is gone. What was written is kept in `cluster` until the watch brings it back.
+/// Cluster is gone. What was written, and the resourceVersion it made, are kept in
+/// `cluster` until the watch brings it back.
 async fn write_condition(
     api: &Api<Cluster>,
     name: &str,
@@ -879,9 +958,12 @@ async fn write_condition(
         }
     }
     match written {
-        Ok(_) => {
+        Ok(written) => {
             tracing::info!(cluster = %name, %status, "set condition {type_}");
             cluster.status.get_or_insert_default().conditions = conditions;
+            // A spec write before the watch brings this one back is then made against
+            // the resourceVersion that is current, not refused as a conflict.
+            cluster.metadata.resource_version = written.metadata.resource_version;
             true
         }
         Err(kube::Error::Api(e)) if e.code == 404 => true,
@@ -1059,6 +1141,20 @@ mod tests {
         assert_eq!(action(&other, Some(&ours)), TokenAction::Mint);
         let ending = minter.agent_token_pinned("c1", Some(day), Some(&replaced));
         assert_eq!(action(&ending, Some(&ours)), TokenAction::Renew);
+    }
+
+    #[test]
+    fn a_queue_keeps_each_name_once_in_the_order_first_queued() {
+        let mut queue = Queue::default();
+        for name in ["b", "a", "b", "c", "a"] {
+            queue.push(name);
+        }
+        let drained: Vec<String> = std::iter::from_fn(|| queue.pop()).collect();
+        assert_eq!(drained, ["b", "a", "c"]);
+        assert!(queue.is_empty());
+        // Once taken, a name may be queued again.
+        queue.push("a");
+        assert_eq!(queue.pop().as_deref(), Some("a"));
     }
 
     #[test]

@@ -2,9 +2,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
@@ -183,7 +183,8 @@ pub struct Registry {
     seen: RwLock<HashSet<String>>,
     next_id: AtomicU64,
     changed: Notify,
-    synced: AtomicBool,
+    /// Whether the first full list is in ([`Registry::wait_synced`] waits on it).
+    synced: tokio::sync::watch::Sender<bool>,
     /// The last second agent refused per cluster while its live tunnel answered, until a
     /// tunnel is accepted for it again.
     conflicts: RwLock<HashMap<String, Conflict>>,
@@ -239,7 +240,7 @@ impl Registry {
             next_id: AtomicU64::new(1),
             changed: Notify::new(),
             // Only Kubernetes has to list its clusters before it knows them.
-            synced: AtomicBool::new(source != Source::Kubernetes),
+            synced: tokio::sync::watch::Sender::new(source != Source::Kubernetes),
             conflicts: RwLock::new(HashMap::new()),
             metrics: RwLock::new(HashMap::new()),
             touched: std::sync::Mutex::new(HashSet::new()),
@@ -248,7 +249,16 @@ impl Registry {
 
     /// Whether the registry has its first full list of clusters.
     pub fn is_synced(&self) -> bool {
-        self.synced.load(Ordering::Acquire)
+        *self.synced.borrow()
+    }
+
+    /// Waits at most `limit` for the first full list: whether it is in.
+    pub async fn wait_synced(&self, limit: Duration) -> bool {
+        let mut synced = self.synced.subscribe();
+        matches!(
+            tokio::time::timeout(limit, synced.wait_for(|s| *s)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Notes that `name` changed, for [`Registry::take_touched`].
@@ -275,7 +285,7 @@ impl Registry {
 
     /// Marks the first full list as received.
     pub fn set_synced(&self) {
-        self.synced.store(true, Ordering::Release);
+        self.synced.send_replace(true);
     }
 
     /// Where the registry's clusters come from.

@@ -155,7 +155,19 @@ impl SessionHandle {
 }
 
 /// Streams the peer opened (only the agent receives any).
-pub type Inbound = mpsc::Receiver<TunnelStream>;
+pub struct Inbound(Option<mpsc::Receiver<TunnelStream>>);
+
+impl Inbound {
+    /// The next stream the peer opened; `None` once the session ended, and at once on
+    /// the server, which holds no channel for them: a channel's first block of slots
+    /// (5 KiB of `TunnelStream`s) was the largest thing an idle tunnel cost the server.
+    pub async fn recv(&mut self) -> Option<TunnelStream> {
+        match &mut self.0 {
+            Some(streams) => streams.recv().await,
+            None => None,
+        }
+    }
+}
 
 /// Starts a session on an established connection.
 ///
@@ -193,7 +205,13 @@ where
     let io = WatchFrames::new(io, violated.clone(), queued.clone());
     let connection = yamux::Connection::new(io.compat(), yamux_config, mode);
     let (commands, command_rx) = mpsc::unbounded_channel();
-    let (inbound_tx, inbound) = mpsc::channel(1024);
+    let (inbound_tx, inbound) = match role {
+        Role::Agent => {
+            let (tx, rx) = mpsc::channel(1024);
+            (Some(tx), Inbound(Some(rx)))
+        }
+        Role::Server => (None, Inbound(None)),
+    };
     let handle = SessionHandle {
         commands,
         slots: Arc::new(Semaphore::new(config.max_streams)),
@@ -207,7 +225,7 @@ where
         connection,
         flusher,
         commands: command_rx,
-        inbound: (role == Role::Agent).then_some(inbound_tx),
+        inbound: inbound_tx,
         close: handle.close.clone(),
         closed: handle.closed.clone(),
         streams_end: handle.streams_end.clone(),
@@ -456,17 +474,24 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    #[tokio::test]
+    async fn the_server_holds_no_inbound_channel_and_its_inbound_ends_at_once() {
+        let (a, _b) = tokio::io::duplex(1 << 10);
+        let (_server, mut inbound, _driver) = start(a, Role::Server, &SessionConfig::default());
+        assert!(inbound.0.is_none());
+        assert!(inbound.recv().await.is_none());
+    }
+
     fn pair(max_streams: usize) -> (SessionHandle, SessionHandle, Inbound) {
         let (a, b) = tokio::io::duplex(1 << 20);
         let config = SessionConfig {
             max_streams,
             ..SessionConfig::default()
         };
-        let (server, mut server_inbound, server_driver) = start(a, Role::Server, &config);
+        let (server, _, server_driver) = start(a, Role::Server, &config);
         let (agent, agent_inbound, agent_driver) = start(b, Role::Agent, &config);
         tokio::spawn(server_driver.run());
         tokio::spawn(agent_driver.run());
-        server_inbound.close();
         (server, agent, agent_inbound)
     }
 

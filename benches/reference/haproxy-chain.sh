@@ -11,9 +11,17 @@
 # For each relay, the CPU it spent per request at c=64 (for haproxy's 1-hop row, the
 # process holds both hops' frontends, only one of them busy).
 #
+# DEPLOYED=1 gives every relay process one thread, as Tower is deployed: both Deployments
+# (deploy/host, the agent's) limit their pod to 1 CPU, so tokio runs one worker
+# (TOKIO_WORKER_THREADS=1 here), and haproxy's two hops run as two processes with
+# `nbthread 1` (one per pod, as Tower's are), in place of one process with a thread per
+# core holding both.
+#
 # Needs: release builds (see BENCHMARKS.md), haproxy, wrk, openssl, curl, python3 (to pick
 # free ports: haproxy cannot bind port 0). Everything listens on 127.0.0.1 only.
 set -euo pipefail
+DEPLOYED=${DEPLOYED:-}
+[ -n "$DEPLOYED" ] && export TOKIO_WORKER_THREADS=1
 B=${B:-$(cd "$(dirname "$0")/../.." && pwd)/target/release}
 D=$(mktemp -d)
 SI=; SV=; AG=
@@ -59,7 +67,16 @@ frontend f
 backend b
   server s $UP
 CFG
-haproxy -f "$D/http.cfg" -D -p "$D/http.pid"
+if [ -n "$DEPLOYED" ]; then
+  # One process per hop, one thread each: split http.cfg at its second frontend.
+  awk '/^frontend two/{exit} {print}' "$D/http.cfg" | sed 's/^global/global\n  nbthread 1/' >"$D/hop1.cfg"
+  { printf 'global\n  nbthread 1\n  maxconn 2000\n'; awk '/^defaults/{p=1} /^frontend one/{p=0} /^frontend two/{p=1} p' "$D/http.cfg"; } >"$D/hop2.cfg"
+  sed -i 's/^defaults/global\n  nbthread 1\ndefaults/' "$D/tcp.cfg"
+  haproxy -f "$D/hop1.cfg" -D -p "$D/hop1.pid"
+  haproxy -f "$D/hop2.cfg" -D -p "$D/hop2.pid"
+else
+  haproxy -f "$D/http.cfg" -D -p "$D/http.pid"
+fi
 haproxy -f "$D/tcp.cfg" -D -p "$D/tcp.pid"
 sleep 0.5
 # CPU seconds (user + system, in clock ticks) the processes $@ have used so far.
@@ -94,6 +111,12 @@ run() {
 }
 run "direct" "$UP"
 run "haproxy TCP relay (1 hop)" "127.0.0.1:$P3" T "$(cat "$D/tcp.pid")"
-run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$(cat "$D/http.pid")"
-run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$(cat "$D/http.pid")"
+if [ -n "$DEPLOYED" ]; then
+  echo "(DEPLOYED: one thread per relay process, one process per hop)"
+  run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$(cat "$D/hop2.pid")"
+  run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$(cat "$D/hop1.pid")" "$(cat "$D/hop2.pid")"
+else
+  run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$(cat "$D/http.pid")"
+  run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$(cat "$D/http.pid")"
+fi
 run "tower (server + agent)" "${BASE#https://}" "$USER_TOKEN" "$SV" "$AG"

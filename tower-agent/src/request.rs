@@ -143,8 +143,16 @@ where
             parts.headers.remove(name);
         }
         match credentials {
-            Credentials::Token(token) => set_bearer(&mut parts.headers, token),
-            Credentials::TokenFile(file) => set_bearer(&mut parts.headers, &file.token()),
+            Credentials::Token(authorization) => {
+                parts
+                    .headers
+                    .insert(header::AUTHORIZATION, authorization.clone());
+            }
+            Credentials::TokenFile(file) => {
+                parts
+                    .headers
+                    .insert(header::AUTHORIZATION, file.authorization());
+            }
             Credentials::ClientCertificate | Credentials::None => {}
         }
         match header::HeaderValue::from_str(&identity.user) {
@@ -252,12 +260,6 @@ fn is_discovery(method: &http::Method, path: &str) -> bool {
         (Some("apis"), Some(_), _) => segments.next().is_none(),
         (Some("openapi"), Some("v2"), None) | (Some("openapi"), Some("v3"), _) => true,
         _ => false,
-    }
-}
-
-fn set_bearer(headers: &mut http::HeaderMap, token: &str) {
-    if let Ok(value) = header::HeaderValue::from_str(&format!("Bearer {token}")) {
-        headers.insert(header::AUTHORIZATION, value);
     }
 }
 

@@ -37,8 +37,9 @@ pub const DEFAULT_STREAMS_PER_CONNECTION: usize = 100;
 pub enum Credentials {
     /// A client certificate (in the TLS config); nothing to add to requests.
     ClientCertificate,
-    /// A fixed bearer token from the kubeconfig.
-    Token(String),
+    /// A fixed bearer token from the kubeconfig, as its `Authorization` value (built once,
+    /// not per request).
+    Token(http::HeaderValue),
     /// A ServiceAccount token file, re-read when it rotates.
     TokenFile(TokenFile),
     /// No credentials.
@@ -66,6 +67,8 @@ pub struct TokenFile {
 #[derive(Debug)]
 struct CachedToken {
     token: String,
+    /// `Bearer {token}`, marked sensitive.
+    authorization: http::HeaderValue,
     checked_at: Instant,
 }
 
@@ -74,11 +77,14 @@ impl TokenFile {
     /// once `check_every` has passed since the last check.
     pub fn new(path: PathBuf, check_every: Duration) -> Result<Self, String> {
         let token = read_token(&path)?;
+        let authorization =
+            bearer(&token).map_err(|e| format!("token file {}: {e}", path.display()))?;
         Ok(TokenFile {
             path,
             check_every,
             cached: Mutex::new(CachedToken {
                 token,
+                authorization,
                 checked_at: Instant::now(),
             }),
         })
@@ -89,8 +95,18 @@ impl TokenFile {
         self.token_at(Instant::now())
     }
 
+    /// The current token as an `Authorization` value.
+    pub fn authorization(&self) -> http::HeaderValue {
+        self.refreshed(Instant::now(), |c| c.authorization.clone())
+    }
+
     /// The token as of `now` (the clock is a parameter so tests need not sleep).
     fn token_at(&self, now: Instant) -> String {
+        self.refreshed(now, |c| c.token.clone())
+    }
+
+    /// `take` of the cached token, re-read first if the check interval has passed at `now`.
+    fn refreshed<T>(&self, now: Instant, take: impl Fn(&CachedToken) -> T) -> T {
         let lock = || {
             self.cached
                 .lock()
@@ -99,26 +115,39 @@ impl TokenFile {
         {
             let mut cached = lock();
             if now.saturating_duration_since(cached.checked_at) < self.check_every {
-                return cached.token.clone();
+                return take(&cached);
             }
             // This request re-reads the file, outside the lock: the requests meanwhile
             // keep using the cached token instead of waiting for the read.
             cached.checked_at = now;
         }
-        let read = read_token(&self.path);
+        let read = read_token(&self.path).and_then(|token| {
+            let authorization =
+                bearer(&token).map_err(|e| format!("token file {}: {e}", self.path.display()))?;
+            Ok((token, authorization))
+        });
         let mut cached = lock();
         match read {
-            Ok(token) => {
+            Ok((token, authorization)) => {
                 if token != cached.token {
                     tracing::info!(path = %self.path.display(), "token file rotated: using the new token");
                     cached.token = token;
+                    cached.authorization = authorization;
                 }
             }
             // At most once per check interval, so this cannot flood the log.
             Err(e) => tracing::warn!(error = %e, "keeping the previous token"),
         }
-        cached.token.clone()
+        take(&cached)
     }
+}
+
+/// `Bearer {token}` as a header value, marked sensitive (never logged).
+pub fn bearer(token: &str) -> Result<http::HeaderValue, String> {
+    let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| "the token holds characters an HTTP header cannot".to_owned())?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Reads a token file: trimmed, and never empty.
@@ -181,7 +210,9 @@ impl Upstream {
         {
             Credentials::ClientCertificate
         } else if let Some(token) = &auth.token {
-            Credentials::Token(token.expose_secret().to_owned())
+            Credentials::Token(
+                bearer(token.expose_secret()).map_err(|e| format!("the kubeconfig's user: {e}"))?,
+            )
         } else if let Some(path) = &auth.token_file {
             Credentials::TokenFile(TokenFile::new(path.into(), TOKEN_FILE_CHECK_INTERVAL)?)
         } else if auth.exec.is_some() || auth.auth_provider.is_some() {
@@ -642,6 +673,23 @@ mod tests {
         // A clock that goes backwards (the lock taken by an older `now`) re-reads nothing.
         replace(&path, "fifth");
         assert_eq!(file.token_at(t0), "fourth");
+
+        // The Authorization value follows the token, and is marked sensitive.
+        let authorization = file.refreshed(t0, |c| c.authorization.clone());
+        assert_eq!(authorization, "Bearer fourth");
+        assert!(authorization.is_sensitive());
+        // A token no header can carry is kept out like an unreadable one.
+        replace(&path, "six\nth");
+        assert_eq!(file.token_at(t0 + 6 * second), "fourth");
+        assert_eq!(
+            file.refreshed(t0 + 6 * second, |c| c.authorization.clone()),
+            "Bearer fourth"
+        );
+        replace(&path, "seventh");
+        assert_eq!(
+            file.refreshed(t0 + 7 * second, |c| c.authorization.clone()),
+            "Bearer seventh"
+        );
 
         // Starting without a usable file is an error that names the file.
         std::fs::remove_file(&path).unwrap();

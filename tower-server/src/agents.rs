@@ -324,7 +324,7 @@ impl Acceptor {
         let (control_tx, control_rx) = mpsc::channel(8);
         let (events_tx, mut events_rx) = mpsc::channel(8);
         let id = self.registry.next_id();
-        let tunnel = Tunnel {
+        let tunnel = Arc::new(Tunnel {
             id,
             session: handle.clone(),
             control: control_tx,
@@ -342,7 +342,7 @@ impl Acceptor {
                 ))
             }),
             health: Arc::default(),
-        };
+        });
         let token = tunnel.token.clone();
         let replicas = tunnel.replicas.clone();
         let health = tunnel.health.clone();
@@ -463,7 +463,7 @@ async fn until_unix(exp: Option<u64>) {
 
 /// Drains a tunnel that a newer one replaced (or whose token expired): tells the agent (which stops using it), then
 /// closes it after `grace`, so requests still running on it can finish.
-pub(crate) fn retire(tunnel: Tunnel, grace: Duration) {
+pub(crate) fn retire(tunnel: Arc<Tunnel>, grace: Duration) {
     tokio::spawn(async move {
         let _ = tunnel
             .control

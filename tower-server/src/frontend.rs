@@ -463,16 +463,18 @@ struct Slots {
 }
 
 /// Requests in flight per cluster and user, each count at most `max`. A count that drops
-/// to zero is removed, so users who come and go leave nothing behind.
+/// to zero is removed, so users who come and go leave nothing behind. Keyed by
+/// `{cluster}/{user}` (a cluster name has no `/`), shared with the slots, so a request
+/// costs one key, not a pair of strings looked up and copied.
 struct UserSlots {
-    counts: Arc<Mutex<HashMap<(String, String), usize>>>,
+    counts: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     max: usize,
 }
 
 /// One request's place among its user's requests to a cluster, given back on drop.
 struct UserSlot {
-    counts: Arc<Mutex<HashMap<(String, String), usize>>>,
-    key: (String, String),
+    counts: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    key: Arc<str>,
 }
 
 impl UserSlots {
@@ -485,15 +487,23 @@ impl UserSlots {
 
     /// A place for `user`'s request to `cluster`; `None` when the user has `max`.
     fn take(&self, cluster: &str, user: &str) -> Option<UserSlot> {
-        let key = (cluster.to_owned(), user.to_owned());
+        let wanted = format!("{cluster}/{user}");
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        match counts.get_mut(&key) {
-            Some(count) if *count >= self.max => return None,
-            Some(count) => *count += 1,
-            None => {
-                counts.insert(key.clone(), 1);
+        let key = match counts.get_key_value(wanted.as_str()) {
+            Some((_, count)) if *count >= self.max => return None,
+            Some((key, _)) => {
+                let key = key.clone();
+                if let Some(count) = counts.get_mut(&key) {
+                    *count += 1;
+                }
+                key
             }
-        }
+            None => {
+                let key: Arc<str> = wanted.into();
+                counts.insert(key.clone(), 1);
+                key
+            }
+        };
         Some(UserSlot {
             counts: self.counts.clone(),
             key,
@@ -808,8 +818,13 @@ mod tests {
         let a3 = slots.take("c1", "alice").unwrap();
         assert!(slots.take("c1", "alice").is_none());
         assert_eq!(slots.users(), 3);
+        // A user name may hold the key's `/` (a cluster name may not): still its own.
+        let slashed = slots.take("c1", "alice/x").unwrap();
+        let _also = slots.take("c1", "alice/x").unwrap();
+        assert!(slots.take("c1", "alice/x").is_none());
+        drop(slashed);
         // Once a user has nothing in flight, nothing of theirs is kept.
-        drop((a2, a3, bob, elsewhere));
+        drop((a2, a3, bob, elsewhere, _also));
         assert_eq!(slots.users(), 0);
     }
 

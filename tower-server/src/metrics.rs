@@ -17,8 +17,8 @@ use tower_proto::handshake::Refusal;
 /// Labels of `tower_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
-    /// HTTP status class or code ("200", "503", …).
-    pub code: String,
+    /// HTTP status code (encoded as its digits, "200", "503", …).
+    pub code: u16,
 }
 
 /// Labels of `tower_bytes_total`.
@@ -168,11 +168,7 @@ impl Metrics {
 
     /// Counts a response with `code`.
     pub fn count_status(&self, code: u16) {
-        self.requests
-            .get_or_create(&StatusLabels {
-                code: code.to_string(),
-            })
-            .inc();
+        self.requests.get_or_create(&StatusLabels { code }).inc();
     }
 }
 

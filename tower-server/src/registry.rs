@@ -179,7 +179,9 @@ pub enum Denied {
 pub struct Registry {
     source: Source,
     allowed: RwLock<HashMap<String, Entry>>,
-    tunnels: RwLock<HashMap<String, Tunnel>>,
+    /// Shared, so that routing a request takes a reference count, not a copy of the
+    /// tunnel's strings.
+    tunnels: RwLock<HashMap<String, Arc<Tunnel>>>,
     seen: RwLock<HashSet<String>>,
     next_id: AtomicU64,
     changed: Notify,
@@ -417,7 +419,7 @@ impl Registry {
 
     /// Installs `tunnel` for `name`; returns the tunnel it replaces, and whether the
     /// cluster had connected before.
-    pub fn insert(&self, name: &str, tunnel: Tunnel) -> (Option<Tunnel>, bool) {
+    pub fn insert(&self, name: &str, tunnel: Arc<Tunnel>) -> (Option<Arc<Tunnel>>, bool) {
         let before = !write(&self.seen).insert(name.to_owned());
         write(&self.conflicts).remove(name);
         let old = write(&self.tunnels).insert(name.to_owned(), tunnel);
@@ -491,7 +493,7 @@ impl Registry {
     }
 
     /// The live tunnel of `name`, or why there is none.
-    pub fn tunnel(&self, name: &str) -> Result<Tunnel, Lookup> {
+    pub fn tunnel(&self, name: &str) -> Result<Arc<Tunnel>, Lookup> {
         if let Some(t) = read(&self.tunnels)
             .get(name)
             .filter(|t| !t.session.is_closed())
@@ -513,7 +515,7 @@ impl Registry {
     }
 
     /// Every live tunnel.
-    pub fn tunnels(&self) -> Vec<Tunnel> {
+    pub fn tunnels(&self) -> Vec<Arc<Tunnel>> {
         read(&self.tunnels).values().cloned().collect()
     }
 

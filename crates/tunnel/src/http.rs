@@ -195,8 +195,14 @@ pub fn set_forwarded_for(headers: &mut HeaderMap, peer: std::net::IpAddr) {
     for name in caller_said {
         headers.remove(name);
     }
-    if let Ok(value) = HeaderValue::from_str(&peer.to_string()) {
-        headers.insert(X_FORWARDED_FOR, value);
+    // Written on the stack: the longest address, IPv4-mapped IPv6, is 45 bytes.
+    let mut text = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut text[..]);
+    if std::io::Write::write_fmt(&mut cursor, format_args!("{peer}")).is_ok() {
+        let len = usize::try_from(cursor.position()).unwrap_or(0);
+        if let Ok(value) = HeaderValue::from_bytes(&text[..len]) {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
     }
 }
 
@@ -277,6 +283,21 @@ mod tests {
                 ("x-forwarded-for".to_owned(), "192.0.2.7".to_owned()),
             ]
         );
+    }
+
+    #[test]
+    fn the_forwarded_address_is_written_whole_for_every_kind_of_address() {
+        for address in [
+            "192.0.2.7",
+            "::1",
+            "2001:db8::7",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let mut h = HeaderMap::new();
+            set_forwarded_for(&mut h, address.parse().unwrap());
+            assert_eq!(h[X_FORWARDED_FOR], address);
+        }
     }
 
     #[test]

@@ -925,8 +925,7 @@ impl Controller {
 
 /// Patches one condition of `cluster` (through `/status`, or through the object where the
 /// CRD has no status subresource, as KubeSphere's own); true when written or when the
-/// Cluster is gone. What was written, and the resourceVersion it made, are kept in
-/// `cluster` until the watch brings it back.
+/// Cluster is gone. `cluster` becomes the Cluster as the write left it.
 async fn write_condition(
     api: &Api<Cluster>,
     name: &str,
@@ -960,10 +959,13 @@ async fn write_condition(
     match written {
         Ok(written) => {
             tracing::info!(cluster = %name, %status, "set condition {type_}");
-            cluster.status.get_or_insert_default().conditions = conditions;
-            // A spec write before the watch brings this one back is then made against
-            // the resourceVersion that is current, not refused as a conflict.
-            cluster.metadata.resource_version = written.metadata.resource_version;
+            // The answer is the whole Cluster as it is now: a spec check before the watch
+            // brings it is made against it, not against the resourceVersion from before
+            // (refused as a conflict, and its retry held a minute). The whole of it, not
+            // only its resourceVersion: what another replica wrote meanwhile (a token it
+            // minted) must be seen, or a patch guarded by the new version would
+            // overwrite it.
+            *cluster = written;
             true
         }
         Err(kube::Error::Api(e)) if e.code == 404 => true,

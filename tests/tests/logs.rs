@@ -184,6 +184,12 @@ fn json_logs_are_one_object_per_line_by_env_var_and_by_flag() {
                 .is_some_and(|id| !id.is_empty()),
             "{up}"
         );
+        // SIGTERM: an orderly stop says so, and warns of nothing (the tunnel it closes
+        // itself is no failure).
+        let stopping = line_with(how, &lines, "shutting down: draining the tunnel");
+        assert_eq!(stopping["level"], "INFO", "{stopping}");
+        let warnings: Vec<_> = lines.iter().filter(|l| l["level"] == "WARN").collect();
+        assert!(warnings.is_empty(), "{how}: {warnings:#?}");
     }
 }
 

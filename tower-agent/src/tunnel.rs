@@ -119,6 +119,7 @@ pub(crate) async fn hold_tunnel(
         () = shutdown.cancelled() => {
             // Drain: the server was told (control stream) and routes nothing new here;
             // idle streams close, watches end cleanly, the rest get the grace period.
+            tracing::info!(server_id = dialed_server_id.as_str(), grace = ?config.shutdown_grace, "shutting down: draining the tunnel");
             requests.close();
             if tokio::time::timeout(config.shutdown_grace, requests.wait()).await.is_err() {
                 tracing::warn!(grace = ?config.shutdown_grace, "grace period over: closing requests still in flight");
@@ -255,8 +256,13 @@ async fn serve_stream(
             );
             tell_held.abort();
             announce_drain.abort();
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "control stream failed: closing the tunnel");
+            match result {
+                // This agent is stopping and closed the tunnel itself: nothing failed.
+                Err(e) if shutdown.is_cancelled() => {
+                    tracing::debug!(error = %e, "control stream closed on shutdown");
+                }
+                Err(e) => tracing::warn!(error = %e, "control stream failed: closing the tunnel"),
+                Ok(()) => {}
             }
             session.close();
         }

@@ -4,6 +4,7 @@
 //! the caller's identity impersonated.
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{HeaderName, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -105,12 +106,8 @@ where
     let (mut parts, body) = req.into_parts();
     // Whatever the tunnel stream spoke; the upstream pools pick their own version.
     parts.version = http::Version::HTTP_11;
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    parts.uri = match upstream.uri_for(&path) {
+    let root = PathAndQuery::from_static("/");
+    parts.uri = match upstream.uri_for(parts.uri.path_and_query().unwrap_or(&root)) {
         Ok(uri) => uri,
         Err(e) => {
             config.metrics.refused(Refused::BadRequest);

@@ -346,10 +346,7 @@ mod tests {
     use super::*;
 
     fn peer(local: &str) -> Peer {
-        Peer {
-            remote: "192.0.2.9:40000".parse().unwrap(),
-            local: local.parse().unwrap(),
-        }
+        Peer::new("192.0.2.9:40000".parse().unwrap(), local.parse().unwrap())
     }
 
     #[test]

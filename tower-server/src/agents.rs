@@ -342,6 +342,12 @@ impl Acceptor {
                 ))
             }),
             health: Arc::default(),
+            kubernetes_authority: crate::frontend::pool_authority(
+                tower_proto::preamble::KUBERNETES_TARGET,
+                id,
+                &cluster,
+            )
+            .ok(),
         });
         let token = tunnel.token.clone();
         let replicas = tunnel.replicas.clone();

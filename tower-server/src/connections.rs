@@ -27,12 +27,24 @@ use tokio::time::Instant;
 use crate::metrics::{ConnectionRefusalLabels, ListenerLabels, Metrics};
 
 /// The two ends of an accepted connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Peer {
     /// The client's address.
     pub(crate) remote: SocketAddr,
     /// The address the client dialed (this host's end).
     pub(crate) local: SocketAddr,
+    /// `remote`'s address as the `X-Forwarded-For` its proxied requests carry.
+    pub(crate) forwarded_for: http::HeaderValue,
+}
+
+impl Peer {
+    pub(crate) fn new(remote: SocketAddr, local: SocketAddr) -> Peer {
+        Peer {
+            remote,
+            local,
+            forwarded_for: tower_tunnel::http::forwarded_for(remote.ip()),
+        }
+    }
 }
 
 /// How many connections each listener takes.

@@ -173,7 +173,7 @@ impl Frontend {
     pub(crate) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        remote: std::net::SocketAddr,
+        forwarded_for: header::HeaderValue,
     ) -> Response<Body> {
         let started = std::time::Instant::now();
         let in_flight = InFlight::new(self.metrics.clone());
@@ -181,7 +181,7 @@ impl Frontend {
         // Set once the path names a cluster the registry knows: other names count only
         // in the totals, so they never make a series.
         let mut cluster = None;
-        let (response, slot) = match self.route(req, remote, &mut cluster).await {
+        let (response, slot) = match self.route(req, forwarded_for, &mut cluster).await {
             Ok(routed) => routed,
             Err(e) => (e.response(), None),
         };
@@ -220,7 +220,7 @@ impl Frontend {
     async fn route(
         &self,
         mut req: Request<Incoming>,
-        remote: std::net::SocketAddr,
+        forwarded_for: header::HeaderValue,
         cluster: &mut Option<Arc<ClusterMetrics>>,
     ) -> Result<(Response<Body>, Option<Slots>), ProxyError> {
         let route = Route::parse(req.uri())?;
@@ -283,7 +283,7 @@ impl Frontend {
             .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         parts.uri = route
-            .upstream_uri(tunnel.id)
+            .upstream_uri(tunnel.id, tunnel.kubernetes_authority.as_ref())
             .map_err(|e| ProxyError::BadRequest(format!("bad path: {e}")))?;
         // Judged on the member's path: `/clusters/watch/…` is a cluster, not a watch.
         let watch = tower_tunnel::watch_end::is_watch(&parts.uri);
@@ -291,7 +291,7 @@ impl Frontend {
         // Identity is the verified token's alone; where the request came from is what
         // this listener saw, not what the caller claims.
         tower_tunnel::http::strip_remote_identity(&mut parts.headers);
-        tower_tunnel::http::set_forwarded_for(&mut parts.headers, remote.ip());
+        tower_tunnel::http::set_forwarded_for(&mut parts.headers, forwarded_for);
         // The member learns who the caller is from this server's assertion, signed with
         // the member's own key. The kubernetes target never needs the caller's token (the
         // agent calls its API server with its own credential), so it stays here; other
@@ -653,17 +653,35 @@ impl Route {
         })
     }
 
-    /// The URI the pooled client sends: the authority `{target}.{tunnel}.{cluster}` keys
-    /// the connection pool. With the tunnel's id in it, requests routed after an agent
-    /// redialed take streams of the new tunnel, never idle ones pooled on the old (which
-    /// may be a dead link the server has not noticed yet).
-    fn upstream_uri(&self, tunnel: u64) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme("http")
-            .authority(format!("{}.{tunnel}.{}", self.target, self.cluster))
-            .path_and_query(self.path.as_str())
-            .build()
+    /// The URI the pooled client sends, to [`pool_authority`]; `kubernetes` is the
+    /// tunnel's, made when it came up.
+    fn upstream_uri(
+        &self,
+        tunnel: u64,
+        kubernetes: Option<&http::uri::Authority>,
+    ) -> Result<Uri, http::Error> {
+        let authority = match kubernetes {
+            Some(authority) if self.target == KUBERNETES_TARGET => authority.clone(),
+            _ => pool_authority(&self.target, tunnel, &self.cluster)?,
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(self.path.as_str().try_into()?);
+        Ok(Uri::from_parts(parts)?)
     }
+}
+
+/// The authority `{target}.{tunnel}.{cluster}` of the URIs the frontend sends a tunnel's
+/// requests to: it keys the connection pool. With the tunnel's id in it, requests routed
+/// after an agent redialed take streams of the new tunnel, never idle ones pooled on the
+/// old (which may be a dead link the server has not noticed yet).
+pub(crate) fn pool_authority(
+    target: &str,
+    tunnel: u64,
+    cluster: &str,
+) -> Result<http::uri::Authority, http::uri::InvalidUri> {
+    http::uri::Authority::try_from(format!("{target}.{tunnel}.{cluster}"))
 }
 
 /// Counts a request in flight until dropped.
@@ -705,7 +723,7 @@ impl tower_service::Service<Uri> for TunnelConnector {
         let this = self.clone();
         Box::pin(async move {
             let host = uri.host().ok_or("upstream URI without a host")?;
-            // `{target}.{tunnel}.{cluster}` (see `Route::upstream_uri`): the tunnel id
+            // `{target}.{tunnel}.{cluster}` (see `pool_authority`): the tunnel id
             // only keys the pool; a new connection takes the cluster's tunnel of now.
             let (target, cluster) = host
                 .split_once('.')
@@ -794,14 +812,25 @@ mod tests {
             ("kubesphere", "/kapis/x")
         );
         assert_eq!(
-            ks.upstream_uri(7).unwrap().to_string(),
+            ks.upstream_uri(7, None).unwrap().to_string(),
             "http://kubesphere.7.m/kapis/x"
         );
         // Dotted cluster names keep their dots after the tunnel id.
         let dotted = parse("/clusters/eu.prod-1/api").unwrap();
         assert_eq!(
-            dotted.upstream_uri(12).unwrap().host(),
+            dotted.upstream_uri(12, None).unwrap().host(),
             Some("kubernetes.12.eu.prod-1")
+        );
+        // The tunnel's own authority serves its kubernetes target, and only that.
+        let made = pool_authority(KUBERNETES_TARGET, 12, "eu.prod-1").unwrap();
+        assert_eq!(
+            dotted.upstream_uri(12, Some(&made)).unwrap(),
+            dotted.upstream_uri(12, None).unwrap()
+        );
+        let other = pool_authority(KUBERNETES_TARGET, 3, "elsewhere").unwrap();
+        assert_eq!(
+            ks.upstream_uri(7, Some(&other)).unwrap().to_string(),
+            "http://kubesphere.7.m/kapis/x"
         );
     }
 

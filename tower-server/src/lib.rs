@@ -416,7 +416,7 @@ pub async fn run(
                         metrics.clone(),
                         move |req, peer: Peer| {
                             let req = ks_endpoint::to_frontend(req, &cluster);
-                            frontend.clone().handle(req, peer.remote)
+                            frontend.clone().handle(req, peer.forwarded_for)
                         },
                     ));
                 });
@@ -480,7 +480,7 @@ pub async fn run(
         stop_accepting.clone(),
         frontend_conns.clone(),
         metrics.clone(),
-        move |req, peer: Peer| frontend.clone().handle(req, peer.remote),
+        move |req, peer: Peer| frontend.clone().handle(req, peer.forwarded_for),
     ));
     // The admin listener stays up while the server drains: /readyz answers 503 with the
     // reason (rather than refusing connections) and /metrics can still be scraped.
@@ -625,10 +625,7 @@ async fn serve<F, Fut>(
                 continue;
             }
         };
-        let peer = Peer {
-            remote,
-            local: tcp.local_addr().unwrap_or(remote),
-        };
+        let peer = Peer::new(remote, tcp.local_addr().unwrap_or(remote));
         let _ = tcp.set_nodelay(true);
         let tls = tls.clone();
         let handler = handler.clone();
@@ -678,7 +675,7 @@ async fn serve<F, Fut>(
                 // would otherwise be inline in the task of every HTTP/2 stream, or in
                 // every HTTP/1.1 connection's task, for as long as the response runs:
                 // about 9 KiB each for a watch that lasts hours.
-                let response = Box::pin(handler(req, peer));
+                let response = Box::pin(handler(req, peer.clone()));
                 async move {
                     let response = response.await;
                     // Open until the response body is done with.

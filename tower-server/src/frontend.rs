@@ -6,7 +6,7 @@
 //! stream both ways; upgrades (exec, attach, port-forward) are joined end to end once
 //! both sides have switched protocols.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt as _};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -465,7 +465,8 @@ struct Slots {
 /// Requests in flight per cluster and user, each count at most `max`. A count that drops
 /// to zero is removed, so users who come and go leave nothing behind. Keyed by
 /// `{cluster}/{user}` (a cluster name has no `/`), shared with the slots, so a request
-/// costs one key, not a pair of strings looked up and copied.
+/// costs one key, not a pair of strings looked up and copied; hashed with foldhash, as
+/// the user is a verified identity's.
 struct UserSlots {
     counts: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     max: usize,

@@ -1,6 +1,8 @@
 //! Which clusters may connect and which tunnel serves each.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use foldhash::{HashMap, HashMapExt as _};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -178,6 +180,10 @@ pub enum Denied {
 }
 
 /// The cluster table.
+///
+/// Its maps hash with foldhash, not SipHash: routing looks a cluster up in two or three
+/// of them on every request. Their keys are names the operator listed or an agent token
+/// admitted, never ones a caller chooses.
 #[derive(Debug)]
 pub struct Registry {
     source: Source,

@@ -223,7 +223,10 @@ impl Frontend {
         forwarded_for: header::HeaderValue,
         cluster: &mut Option<Arc<ClusterMetrics>>,
     ) -> Result<(Response<Body>, Option<Slots>), ProxyError> {
-        let route = Route::parse(req.uri())?;
+        // A copy (of reference counts) for the route to borrow from while the request
+        // moves on.
+        let uri = req.uri().clone();
+        let route = Route::parse(&uri)?;
         *cluster = self.registry.metrics_of(&route.cluster);
         let cluster = cluster.clone();
         let token = tower_auth::bearer(
@@ -338,7 +341,7 @@ impl Frontend {
         // thousand, a stream and an HTTP/1.1 codec each would cost both sides ~25 KiB.
         // Only for targets the agent announced: one shared stream each, at most 16.
         let channel = tunnel.http2.as_ref().filter(|_| {
-            watch && client_upgrade.is_none() && tunnel.targets.contains(&route.target)
+            watch && client_upgrade.is_none() && tunnel.targets.iter().any(|t| t == route.target)
         });
         let sent = async {
             match channel {
@@ -427,16 +430,16 @@ impl Frontend {
         let metrics = self.metrics.clone();
         let draining = self.draining.clone();
         let body_activity = activity.clone();
-        let framer = Framer::for_content_type(response.headers().get(header::CONTENT_TYPE));
+        let framer =
+            watch.then(|| Framer::for_content_type(response.headers().get(header::CONTENT_TYPE)));
         let response = response.map(|b| {
             let body = IdleBody::new(b, body_activity, self.idle_timeout, move || {
                 metrics.count_limited("idle_timeout");
             });
             // A watch ends cleanly when this server drains; clients watch again elsewhere.
-            if watch {
-                EndOnSignal::new(body, framer, draining).boxed()
-            } else {
-                body.boxed()
+            match framer {
+                Some(framer) => EndOnSignal::new(body, framer, draining).boxed(),
+                None => body.boxed(),
             }
         });
         Ok((
@@ -607,19 +610,19 @@ impl ProxyError {
     }
 }
 
-/// Where a frontend path leads.
+/// Where a frontend path leads: names borrowed from the request's URI.
 #[derive(Debug, PartialEq, Eq)]
-struct Route {
-    cluster: String,
-    target: String,
+struct Route<'a> {
+    cluster: &'a str,
+    target: &'a str,
     /// Path and query to send to the member, starting with `/`.
     path: String,
 }
 
-impl Route {
+impl<'a> Route<'a> {
     /// `/clusters/{name}/{rest}` → kubernetes; `/clusters/{name}/targets/{target}/{rest}`
     /// → a named target.
-    fn parse(uri: &Uri) -> Result<Route, ProxyError> {
+    fn parse(uri: &'a Uri) -> Result<Route<'a>, ProxyError> {
         let bad = ProxyError::BadRequest;
         let path = uri.path();
         let Some(rest) = path.strip_prefix("/clusters/") else {
@@ -638,9 +641,9 @@ impl Route {
                         target.chars().take(64).collect::<String>()
                     )));
                 }
-                (target.to_owned(), rest)
+                (target, rest)
             }
-            None => (KUBERNETES_TARGET.to_owned(), rest),
+            None => (KUBERNETES_TARGET, rest),
         };
         let mut path = format!("/{rest}");
         if let Some(query) = uri.query() {
@@ -648,7 +651,7 @@ impl Route {
             path.push_str(query);
         }
         Ok(Route {
-            cluster: cluster.to_owned(),
+            cluster,
             target,
             path,
         })
@@ -792,32 +795,38 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn parse(path: &str) -> Result<Route, StatusCode> {
-        Route::parse(&path.parse().unwrap()).map_err(|e| e.status())
+    /// Why `path` is refused.
+    fn refusal(path: &str) -> StatusCode {
+        Route::parse(&path.parse().unwrap()).unwrap_err().status()
     }
 
     #[test]
     fn routes_kubernetes_and_named_targets() {
+        let uris: Vec<Uri> = [
+            "/clusters/member-1/api/v1/pods?watch=1",
+            "/clusters/m",
+            "/clusters/m/targets/kubesphere/kapis/x",
+            "/clusters/eu.prod-1/api",
+        ]
+        .iter()
+        .map(|u| u.parse().unwrap())
+        .collect();
+        let [pods, root, ks, dotted] = [0, 1, 2, 3].map(|i| Route::parse(&uris[i]).unwrap());
         assert_eq!(
-            parse("/clusters/member-1/api/v1/pods?watch=1").unwrap(),
+            pods,
             Route {
-                cluster: "member-1".into(),
-                target: "kubernetes".into(),
+                cluster: "member-1",
+                target: "kubernetes",
                 path: "/api/v1/pods?watch=1".into()
             }
         );
-        assert_eq!(parse("/clusters/m").unwrap().path, "/");
-        let ks = parse("/clusters/m/targets/kubesphere/kapis/x").unwrap();
-        assert_eq!(
-            (ks.target.as_str(), ks.path.as_str()),
-            ("kubesphere", "/kapis/x")
-        );
+        assert_eq!(root.path, "/");
+        assert_eq!((ks.target, ks.path.as_str()), ("kubesphere", "/kapis/x"));
         assert_eq!(
             ks.upstream_uri(7, None).unwrap().to_string(),
             "http://kubesphere.7.m/kapis/x"
         );
         // Dotted cluster names keep their dots after the tunnel id.
-        let dotted = parse("/clusters/eu.prod-1/api").unwrap();
         assert_eq!(
             dotted.upstream_uri(12, None).unwrap().host(),
             Some("kubernetes.12.eu.prod-1")
@@ -868,8 +877,8 @@ mod tests {
             "/clusters/a/targets/../x",
             "/clusters/a/targets/Not_A_Label/x",
         ] {
-            assert_eq!(parse(bad), Err(StatusCode::BAD_REQUEST), "{bad}");
+            assert_eq!(refusal(bad), StatusCode::BAD_REQUEST, "{bad}");
         }
-        assert_eq!(parse("/api/v1"), Err(StatusCode::NOT_FOUND));
+        assert_eq!(refusal("/api/v1"), StatusCode::NOT_FOUND);
     }
 }

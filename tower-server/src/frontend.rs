@@ -32,7 +32,7 @@ use tower_tunnel::watch_end::{EndOnSignal, Framer};
 use tower_tunnel::{TunnelError, TunnelStream};
 
 use crate::idle::{Activity, IdleBody, Unread, unless_idle};
-use crate::metrics::{ClusterMetrics, DirectionLabels, Metrics};
+use crate::metrics::{ClusterMetrics, Metrics};
 use crate::registry::{Lookup, Registry};
 use crate::status::{Body, BoxError, failure};
 
@@ -200,12 +200,7 @@ impl Frontend {
             .map_frame(move |frame| {
                 let _held_until_the_body_ends = (&in_flight, &slot);
                 if let Some(data) = frame.data_ref() {
-                    metrics
-                        .bytes
-                        .get_or_create(&DirectionLabels {
-                            direction: "response",
-                        })
-                        .inc_by(data.len() as u64);
+                    metrics.count_bytes(false, data.len());
                     if let Some(cluster) = &cluster {
                         cluster.count_bytes(false, data.len());
                     }
@@ -323,12 +318,7 @@ impl Frontend {
             .map_frame(move |frame| {
                 request_activity.touch();
                 if let Some(data) = frame.data_ref() {
-                    metrics
-                        .bytes
-                        .get_or_create(&DirectionLabels {
-                            direction: "request",
-                        })
-                        .inc_by(data.len() as u64);
+                    metrics.count_bytes(true, data.len());
                     if let Some(cluster) = &cluster {
                         cluster.count_bytes(true, data.len());
                     }

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub requests: Family<StatusLabels, Counter>,
     /// Body bytes proxied, by direction.
     pub bytes: Family<DirectionLabels, Counter>,
+    /// `bytes`' request and response series, looked up once: a lookup hashes and locks,
+    /// and bodies count every frame.
+    bytes_series: [std::sync::OnceLock<Counter>; 2],
     /// Tunnels accepted for a cluster that had connected before.
     pub reconnects: Counter,
     /// Tunnel handshakes refused, by why.
@@ -164,6 +167,21 @@ impl Metrics {
         self.refused_tunnels
             .get_or_create(&RefusalLabels::of(refusal))
             .inc();
+    }
+
+    /// Counts body bytes proxied caller → member (`request`) or back.
+    pub fn count_bytes(&self, request: bool, n: usize) {
+        let (series, direction) = match request {
+            true => (&self.bytes_series[0], "request"),
+            false => (&self.bytes_series[1], "response"),
+        };
+        series
+            .get_or_init(|| {
+                self.bytes
+                    .get_or_create(&DirectionLabels { direction })
+                    .clone()
+            })
+            .inc_by(n as u64);
     }
 
     /// Counts a response with `code`.

@@ -424,8 +424,9 @@ mod tests {
             user: "alice".into(),
             groups: vec![],
         };
-        let assertion = Asserter::new(&secret).assert("c1", &alice);
-        let refused = keys.verify(Some(&assertion)).unwrap_err();
+        let made = Asserter::new(&secret).assert("c1", &alice);
+        let assertion = made.to_str().unwrap();
+        let refused = keys.verify(Some(assertion)).unwrap_err();
         assert!(matches!(refused, IdentityError::NoKey(_)));
         assert!(refused.to_string().contains("ConfigMap x: not found"));
         assert!(keys.set(Ok(secret.cluster_key("c1"))));
@@ -434,14 +435,14 @@ mod tests {
             "same key: no change"
         );
         assert_eq!(
-            keys.verify(Some(&assertion)).unwrap(),
+            keys.verify(Some(assertion)).unwrap(),
             Asserted::User(alice.clone())
         );
         assert_eq!(keys.verify(None).unwrap_err(), IdentityError::Missing);
         // Another secret on the member: the assertion does not verify, and the message
         // says where to look.
         assert!(keys.set(Ok(Secret::new("other").unwrap().cluster_key("c1"))));
-        let mismatch = keys.verify(Some(&assertion)).unwrap_err();
+        let mismatch = keys.verify(Some(assertion)).unwrap_err();
         assert!(
             mismatch.to_string().contains("differs from the host's"),
             "{mismatch}"

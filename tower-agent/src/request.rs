@@ -384,7 +384,7 @@ mod tests {
 
     /// A request as the server sends it: `assertion` says who the caller is; the
     /// caller's own token comes along (as it does to targets other than kubernetes).
-    fn request(assertion: &str, extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    fn request(assertion: &header::HeaderValue, extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
         let mut builder = Request::get("/api/v1/pods")
             .header("host", "tower-frontend:9443")
             .header(IDENTITY_HEADER, assertion)
@@ -501,7 +501,7 @@ mod tests {
         for (assertion, why) in [
             ("", "no identity assertion"),
             (
-                other_host.as_str(),
+                other_host.to_str().unwrap(),
                 "does not verify with this member's key",
             ),
             (
@@ -512,7 +512,10 @@ mod tests {
             let refused = handle_request(
                 &config,
                 KUBERNETES_TARGET,
-                request(assertion, &[("impersonate-user", "root")]),
+                request(
+                    &header::HeaderValue::from_str(assertion).unwrap(),
+                    &[("impersonate-user", "root")],
+                ),
             )
             .await;
             assert_eq!(refused.status(), 401, "the identity is checked first");

@@ -35,6 +35,9 @@ pub(crate) struct Peer {
     pub(crate) local: SocketAddr,
     /// `remote`'s address as the `X-Forwarded-For` its proxied requests carry.
     pub(crate) forwarded_for: http::HeaderValue,
+    /// The responses the connection's handlers ask to watch: one nobody reads closes
+    /// the connection.
+    pub(crate) unread: crate::idle::Unread,
 }
 
 impl Peer {
@@ -43,6 +46,7 @@ impl Peer {
             remote,
             local,
             forwarded_for: tower_tunnel::http::forwarded_for(remote.ip()),
+            unread: crate::idle::Unread::default(),
         }
     }
 }

@@ -31,7 +31,8 @@ use tower_tunnel::pool::Http1Pool;
 use tower_tunnel::watch_end::{EndOnSignal, Framer};
 use tower_tunnel::{TunnelError, TunnelStream};
 
-use crate::idle::{Activity, IdleBody, Unread, unless_idle};
+use crate::connections::Peer;
+use crate::idle::{Activity, IdleBody, unless_idle};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::registry::{Lookup, Registry};
 use crate::status::{Body, BoxError, failure};
@@ -173,11 +174,15 @@ impl Frontend {
     pub(crate) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        forwarded_for: header::HeaderValue,
+        peer: Peer,
     ) -> Response<Body> {
         let started = std::time::Instant::now();
         let in_flight = InFlight::new(self.metrics.clone());
-        let unread = req.extensions().get::<Unread>().cloned();
+        let Peer {
+            forwarded_for,
+            unread,
+            ..
+        } = peer;
         // Set once the path names a cluster the registry knows: other names count only
         // in the totals, so they never make a series.
         let mut cluster = None;
@@ -190,7 +195,7 @@ impl Frontend {
         }
         // A caller that stops reading stops hyper polling the body, and so the body's own
         // idle timer: its connection watches for that apart, and closes.
-        if let (Some(slots), Some(unread)) = (&slot, unread) {
+        if let Some(slots) = &slot {
             unread.watch(&slots.activity);
         }
         self.metrics.count_status(response.status().as_u16());
@@ -304,12 +309,7 @@ impl Frontend {
             // Not ours to judge: it goes as it came, for the member to authenticate.
             Caller::PassThrough(_) => self.auth.asserter.assert_pass_through(&route.cluster),
         };
-        parts.headers.insert(
-            IDENTITY_HEADER,
-            header::HeaderValue::from_str(&assertion).map_err(|_| {
-                ProxyError::BadRequest("the token's user name cannot be sent as a header".into())
-            })?,
-        );
+        parts.headers.insert(IDENTITY_HEADER, assertion);
         // Streams in the tunnel carry HTTP/1.1, whatever the caller spoke.
         parts.version = http::Version::HTTP_11;
         let metrics = self.metrics.clone();

@@ -67,8 +67,8 @@ pub(crate) async fn unless_idle<F: Future>(
 
 /// The responses one connection is serving, watched for a caller that stops reading: its
 /// socket (or HTTP/2 window) fills, hyper stops polling the body, and so [`IdleBody`]'s own
-/// timer, which runs only when polled, never fires. Each listener puts one in every
-/// request's extensions, and its connection task closes the connection once
+/// timer, which runs only when polled, never fires. Each connection has one (its
+/// `Peer`'s, handed to every request's handler), and its task closes the connection once
 /// [`Unread::stalled_past`] resolves, which drops the responses and all they hold.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Unread(Arc<Mutex<Watched>>);

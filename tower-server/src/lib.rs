@@ -416,7 +416,7 @@ pub async fn run(
                         metrics.clone(),
                         move |req, peer: Peer| {
                             let req = ks_endpoint::to_frontend(req, &cluster);
-                            frontend.clone().handle(req, peer.forwarded_for)
+                            frontend.clone().handle(req, peer)
                         },
                     ));
                 });
@@ -480,7 +480,7 @@ pub async fn run(
         stop_accepting.clone(),
         frontend_conns.clone(),
         metrics.clone(),
-        move |req, peer: Peer| frontend.clone().handle(req, peer.forwarded_for),
+        move |req, peer: Peer| frontend.clone().handle(req, peer),
     ));
     // The admin listener stays up while the server drains: /readyz answers 503 with the
     // reason (rather than refusing connections) and /metrics can still be scraped.
@@ -662,14 +662,12 @@ async fn serve<F, Fut>(
             let http2 =
                 matches!(&io, Either::Left(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2"));
             // The responses a handler asks to watch: one nobody reads closes the connection.
-            let unread = idle::Unread::default();
-            let watched = unread.clone();
+            let unread = peer.unread.clone();
             // The requests open on an HTTP/2 connection, which closes when it has none for
             // long (hyper's header read timeout does that for HTTP/1.1).
             let requests = Arc::new(OpenRequests::default());
             let counted = requests.clone();
-            let service = service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(watched.clone());
+            let service = service_fn(move |req: Request<Incoming>| {
                 let open = http2.then(|| counted.start());
                 // Boxed: the request's future is large (routing, dialing a stream) and
                 // would otherwise be inline in the task of every HTTP/2 stream, or in

@@ -70,7 +70,8 @@ pub enum Asserted {
 
 /// An assertion the server made, and when it makes a fresh one instead.
 struct Made {
-    assertion: String,
+    /// Ready to send: a request takes a reference count, not a copy.
+    assertion: http::HeaderValue,
     renew_at: u64,
 }
 
@@ -105,17 +106,17 @@ impl Asserter {
 
     /// The assertion that `identity` calls `cluster`: the one made earlier while it has
     /// more than half its life left, else a new one.
-    pub fn assert(&self, cluster: &str, identity: &Identity) -> String {
+    pub fn assert(&self, cluster: &str, identity: &Identity) -> http::HeaderValue {
         self.made(cluster, Some(identity))
     }
 
     /// The assertion that a request to `cluster` carries a credential for the member to
     /// judge ([`Asserted::PassThrough`]).
-    pub fn assert_pass_through(&self, cluster: &str) -> String {
+    pub fn assert_pass_through(&self, cluster: &str) -> http::HeaderValue {
         self.made(cluster, None)
     }
 
-    fn made(&self, cluster: &str, identity: Option<&Identity>) -> String {
+    fn made(&self, cluster: &str, identity: Option<&Identity>) -> http::HeaderValue {
         let now = now();
         let mut clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(made) = clusters
@@ -151,6 +152,9 @@ impl Asserter {
             },
             &assertions.key,
         );
+        // A JWT (base64url and dots) is always a valid header value.
+        let assertion = http::HeaderValue::try_from(assertion)
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
         let made = Made {
             assertion: assertion.clone(),
             renew_at: now.saturating_add(lifetime / 2),
@@ -300,28 +304,35 @@ mod tests {
         let assertion = asserter.assert("member-a", &alice());
         assert_eq!(asserter.assert("member-a", &alice()), assertion);
         assert_eq!(
-            verifier_of("member-a").verify(&assertion).unwrap(),
+            verifier_of("member-a")
+                .verify(assertion.to_str().unwrap())
+                .unwrap(),
             Asserted::User(alice())
         );
         let pass_through = asserter.assert_pass_through("member-a");
         assert_eq!(
-            verifier_of("member-a").verify(&pass_through).unwrap(),
+            verifier_of("member-a")
+                .verify(pass_through.to_str().unwrap())
+                .unwrap(),
             Asserted::PassThrough
         );
         assert_ne!(pass_through, assertion);
         assert_eq!(asserter.assert_pass_through("member-a"), pass_through);
         assert_eq!(
-            verifier_of("member-b").verify(&pass_through).unwrap_err(),
+            verifier_of("member-b")
+                .verify(pass_through.to_str().unwrap())
+                .unwrap_err(),
             AuthError::BadSignature
         );
     }
 
     #[test]
     fn an_assertion_for_one_member_is_worthless_to_another() {
-        let assertion = Asserter::new(&secret()).assert("member-a", &alice());
+        let made = Asserter::new(&secret()).assert("member-a", &alice());
+        let assertion = made.to_str().unwrap();
         // Member b's key does not verify it.
         assert_eq!(
-            verifier_of("member-b").verify(&assertion).unwrap_err(),
+            verifier_of("member-b").verify(assertion).unwrap_err(),
             AuthError::BadSignature
         );
         // Member a, holding its own key, cannot relabel it for b: signing with a's key
@@ -359,7 +370,7 @@ mod tests {
         let assertion = Asserter::new(&secret()).assert("member-a", &alice());
         assert!(
             crate::Verifier::new(&secret())
-                .verify_user(&assertion)
+                .verify_user(assertion.to_str().unwrap())
                 .is_err()
         );
     }

@@ -341,6 +341,8 @@ fn proxy_service(
     Error = Infallible,
     Future = ResponseFuture,
 > + Clone {
+    // Shared: every request on the stream takes a reference count, not a copy.
+    let target: Arc<str> = target.into();
     service_fn(move |req: Request<Incoming>| {
         let config = config.clone();
         let target = target.clone();

@@ -276,17 +276,10 @@ async fn reap<C, B>(pool: Weak<Inner<C, B>>) {
 /// origin form (`/path?query`; authority form for CONNECT).
 fn prepare<B>(request: &mut Request<B>) {
     let uri = request.uri().clone();
-    if let Some(host) = uri.host()
-        && !request.headers().contains_key(header::HOST)
+    if !request.headers().contains_key(header::HOST)
+        && let Some(value) = host_header(&uri)
     {
-        let value = match uri.port_u16() {
-            Some(port) if Some(port) != default_port(&uri) => format!("{host}:{port}"),
-            _ => host.to_owned(),
-        };
-        // A host a URI parsed with is always a valid header value.
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            request.headers_mut().insert(header::HOST, value);
-        }
+        request.headers_mut().insert(header::HOST, value);
     }
     let mut parts = http::uri::Parts::default();
     if request.method() == Method::CONNECT {
@@ -297,6 +290,19 @@ fn prepare<B>(request: &mut Request<B>) {
     if let Ok(target) = Uri::from_parts(parts) {
         *request.uri_mut() = target;
     }
+}
+
+/// The `Host` header a request to `uri` gets when it has none: the host, and the port
+/// unless it is the scheme's default. Callers that send many requests to one authority
+/// make it once and set it themselves.
+pub fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let value = match uri.port_u16() {
+        Some(port) if Some(port) != default_port(uri) => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    // A host a URI parsed with is always a valid header value.
+    HeaderValue::from_str(&value).ok()
 }
 
 fn default_port(uri: &Uri) -> Option<u16> {

@@ -26,35 +26,11 @@ B=${B:-$(cd "$(dirname "$0")/../.." && pwd)/target/release}
 D=$(mktemp -d)
 SI=; SV=; AG=
 trap 'kill $(cat "$D"/*.pid 2>/dev/null) $SI $SV $AG 2>/dev/null; rm -rf "$D"' EXIT
-free_port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
 
 source "$(dirname "$0")/tower.sh"
 start_tower
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$D/k.pem" \
-  -out "$D/c.pem" -days 1 -subj /CN=localhost 2>/dev/null
-cat "$D/c.pem" "$D/k.pem" > "$D/ck.pem"
 P1=$(free_port); P2=$(free_port); P3=$(free_port)
-cat > "$D/http.cfg" <<CFG
-global
-  maxconn 2000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend one
-  bind 127.0.0.1:$P1 ssl crt $D/ck.pem
-  default_backend to_two
-backend to_two
-  http-reuse always
-  server s 127.0.0.1:$P2 ssl verify none
-frontend two
-  bind 127.0.0.1:$P2 ssl crt $D/ck.pem
-  default_backend to_upstream
-backend to_upstream
-  http-reuse always
-  server s $UP ssl verify none
-CFG
+haproxy_chain_config "$P1" "$P2"
 cat > "$D/tcp.cfg" <<CFG
 defaults
   mode tcp

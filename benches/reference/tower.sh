@@ -54,3 +54,37 @@ stop_tower() {
   kill "$SI" 2>/dev/null || true
   wait "$SI" 2>/dev/null || true
 }
+
+# Writes "$D/http.cfg": haproxy's two chained HTTP+TLS hops, Tower's topology (caller ->
+# hop one on port $1 -> hop two on port $2 -> the stand-in at $UP), each with keep-alive
+# to its upstream, and "$D/ck.pem", their certificate. `nbthread 1` when $3 is set.
+haproxy_chain_config() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$D/k.pem" \
+    -out "$D/c.pem" -days 1 -subj /CN=localhost 2>/dev/null
+  cat "$D/c.pem" "$D/k.pem" >"$D/ck.pem"
+  cat >"$D/http.cfg" <<CFG
+global
+  maxconn 2000
+${3:+  nbthread 1}
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend one
+  bind 127.0.0.1:$1 ssl crt $D/ck.pem
+  default_backend to_two
+backend to_two
+  http-reuse always
+  server s 127.0.0.1:$2 ssl verify none
+frontend two
+  bind 127.0.0.1:$2 ssl crt $D/ck.pem
+  default_backend to_upstream
+backend to_upstream
+  http-reuse always
+  server s $UP ssl verify none
+CFG
+}
+
+# A free port on 127.0.0.1 (haproxy cannot bind port 0).
+free_port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }

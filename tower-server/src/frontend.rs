@@ -227,7 +227,7 @@ impl Frontend {
         // moves on.
         let uri = req.uri().clone();
         let route = Route::parse(&uri)?;
-        *cluster = self.registry.metrics_of(&route.cluster);
+        *cluster = self.registry.metrics_of(route.cluster);
         let cluster = cluster.clone();
         let token = tower_auth::bearer(
             req.headers()
@@ -254,13 +254,13 @@ impl Frontend {
             }
             Err(e) => return Err(ProxyError::Unauthorized(e.to_string())),
         };
-        if !self.registry.target_allowed(&route.cluster, &route.target) {
+        if !self.registry.target_allowed(route.cluster, route.target) {
             return Err(ProxyError::Forbidden(format!(
                 "target {:?} of cluster {:?} is not allowed by the clusters file",
                 route.target, route.cluster
             )));
         }
-        let tunnel = match self.registry.tunnel(&route.cluster) {
+        let tunnel = match self.registry.tunnel(route.cluster) {
             Ok(tunnel) => tunnel,
             Err(Lookup::Unknown) => {
                 return Err(ProxyError::NotFound(format!(
@@ -275,8 +275,8 @@ impl Frontend {
                 )));
             }
         };
-        let user_slot = self.user_slot(&route.cluster, caller.name())?;
-        let slot = self.cluster_slot(&route.cluster)?;
+        let user_slot = self.user_slot(route.cluster, caller.name())?;
+        let slot = self.cluster_slot(route.cluster)?;
         tracing::debug!(cluster = %route.cluster, target = %route.target, user = caller.name(), method = req.method().as_str(), path = route.path.as_str(), "proxying");
         let activity = Activity::new();
 
@@ -304,10 +304,10 @@ impl Frontend {
                 if route.target == KUBERNETES_TARGET {
                     parts.headers.remove(header::AUTHORIZATION);
                 }
-                self.auth.asserter.assert(&route.cluster, identity)
+                self.auth.asserter.assert(route.cluster, identity)
             }
             // Not ours to judge: it goes as it came, for the member to authenticate.
-            Caller::PassThrough(_) => self.auth.asserter.assert_pass_through(&route.cluster),
+            Caller::PassThrough(_) => self.auth.asserter.assert_pass_through(route.cluster),
         };
         parts.headers.insert(IDENTITY_HEADER, assertion);
         // Streams in the tunnel carry HTTP/1.1, whatever the caller spoke.
@@ -336,7 +336,7 @@ impl Frontend {
         let sent = async {
             match channel {
                 Some(channel) => channel
-                    .send(&route.target, upstream)
+                    .send(route.target, upstream)
                     .await
                     .map(|(response, slot)| (response.map(Either::Right), Some(slot))),
                 None => match self.client.send(upstream).await {
@@ -656,7 +656,7 @@ impl<'a> Route<'a> {
     ) -> Result<Uri, http::Error> {
         let authority = match kubernetes {
             Some(authority) if self.target == KUBERNETES_TARGET => authority.clone(),
-            _ => pool_authority(&self.target, tunnel, &self.cluster)?,
+            _ => pool_authority(self.target, tunnel, self.cluster)?,
         };
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(http::uri::Scheme::HTTP);

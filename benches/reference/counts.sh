@@ -17,7 +17,8 @@
 # kubectl speaks) and with HTTP/1.1 (as wrk and the reference script's haproxy chain).
 # Tower runs one tokio worker per process here, as deployed (its pods have one CPU): with
 # two, the work stealing between them moves the counts by ~1 % from run to run; with one
-# they repeat to 0.1 %. HAPROXY=1 also counts haproxy's two HTTP+TLS hops (one process,
+# they repeat to ~0.5 % (what is left: the readiness probes before the counted requests
+# make a varying number of TLS handshakes). HAPROXY=1 also counts haproxy's two HTTP+TLS hops (one process,
 # one thread) over the same HTTP/1.1 requests: the same work, done by a C proxy.
 # Needs release builds (see BENCHMARKS.md), valgrind, perf, curl and python3 (and haproxy
 # and openssl for HAPROXY=1).

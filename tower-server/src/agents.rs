@@ -342,12 +342,11 @@ impl Acceptor {
                 ))
             }),
             health: Arc::default(),
-            kubernetes_authority: crate::frontend::pool_authority(
+            kubernetes: crate::frontend::PoolAddress::new(
                 tower_proto::preamble::KUBERNETES_TARGET,
                 id,
                 &cluster,
-            )
-            .ok(),
+            ),
         });
         let token = tunnel.token.clone();
         let replicas = tunnel.replicas.clone();

@@ -285,9 +285,21 @@ impl Frontend {
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        let kubernetes = tunnel
+            .kubernetes
+            .as_ref()
+            .filter(|_| route.target == KUBERNETES_TARGET);
         parts.uri = route
-            .upstream_uri(tunnel.id, tunnel.kubernetes_authority.as_ref())
+            .upstream_uri(tunnel.id, kubernetes.map(|k| &k.authority))
             .map_err(|e| ProxyError::BadRequest(format!("bad path: {e}")))?;
+        // An HTTP/2 caller's request has no Host (its authority is in the URI), and the
+        // tunnel stream speaks HTTP/1.1, which needs one: the pool would format it per
+        // request. What it says does not matter: the agent sets its upstream's own.
+        if let Some(kubernetes) = kubernetes
+            && !parts.headers.contains_key(header::HOST)
+        {
+            parts.headers.insert(header::HOST, kubernetes.host.clone());
+        }
         // Judged on the member's path: `/clusters/watch/…` is a cluster, not a watch.
         let watch = tower_tunnel::watch_end::is_watch(&parts.uri);
         tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
@@ -663,6 +675,22 @@ impl<'a> Route<'a> {
         parts.authority = Some(authority);
         parts.path_and_query = Some(self.path.as_str().try_into()?);
         Ok(Uri::from_parts(parts)?)
+    }
+}
+
+/// Where the frontend sends a tunnel's requests for one target: the authority of their
+/// URIs ([`pool_authority`]) and the same as a `Host` header.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolAddress {
+    pub(crate) authority: http::uri::Authority,
+    pub(crate) host: header::HeaderValue,
+}
+
+impl PoolAddress {
+    pub(crate) fn new(target: &str, tunnel: u64, cluster: &str) -> Option<PoolAddress> {
+        let authority = pool_authority(target, tunnel, cluster).ok()?;
+        let host = header::HeaderValue::from_str(authority.as_str()).ok()?;
+        Some(PoolAddress { authority, host })
     }
 }
 

@@ -80,9 +80,9 @@ pub struct Tunnel {
     pub http2: Option<Arc<Http2Channel>>,
     /// Pongs and round trip of the tunnel's control stream.
     pub health: Arc<tower_tunnel::control::LinkHealth>,
-    /// Where the frontend sends this tunnel's requests to the kubernetes target
-    /// ([`crate::frontend::pool_authority`]), made once instead of per request.
-    pub kubernetes_authority: Option<http::uri::Authority>,
+    /// Where the frontend sends this tunnel's requests to the kubernetes target, made
+    /// once instead of per request.
+    pub(crate) kubernetes: Option<crate::frontend::PoolAddress>,
 }
 
 /// What `/v1/clusters` shows of one cluster.

@@ -451,9 +451,17 @@ impl ClusterControllerClient {
 /// endpoints take fixed ports by design: every replica listens on the same one).
 pub fn free_port_range(n: u16) -> std::ops::RangeInclusive<u16> {
     use rand::Rng;
+    // Below the kernel's ephemeral ports, as Tower's default range (16000-16999) is: an
+    // outgoing connection's local port in the range (the replicas' own watches, kubectl,
+    // the tests beside this one) makes a listener's bind there fail while it lasts, and
+    // a range drawn up to 60000 met one (a port never listened on in 20 s).
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
     let mut rng = rand::rng();
     for _ in 0..200 {
-        let first: u16 = rng.random_range(20000..60000);
+        let first: u16 = rng.random_range(10000..ephemeral.saturating_sub(n).max(10001));
         let last = first + n - 1;
         let free = (first..=last).all(|p| {
             ["127.0.0.1", "127.0.0.2"]

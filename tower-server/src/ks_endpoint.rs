@@ -72,6 +72,21 @@ pub struct Endpoint {
     pub listening: bool,
 }
 
+/// The kernel's range of local ports for outgoing connections ("LOW HIGH").
+const EPHEMERAL_PORTS: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// The part of `ports` inside `ephemeral` (the text of [`EPHEMERAL_PORTS`]). A listener's
+/// bind on a port an established connection uses as its local port fails (EADDRINUSE,
+/// SO_REUSEADDR or not) for as long as that connection lives.
+fn ephemeral_overlap(ports: &std::ops::RangeInclusive<u16>, ephemeral: &str) -> Option<(u16, u16)> {
+    let mut bounds = ephemeral.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(low)), Some(Ok(high))) = (bounds.next(), bounds.next()) else {
+        return None;
+    };
+    let (first, last) = ((*ports.start()).max(low), (*ports.end()).min(high));
+    (first <= last).then_some((first, last))
+}
+
 /// The clusters' ports, Services and this replica's listeners.
 pub struct KubeSphereEndpoints {
     config: KubeSphereEndpointConfig,
@@ -93,6 +108,16 @@ impl KubeSphereEndpoints {
         config: KubeSphereEndpointConfig,
         serve: ServeListener,
     ) -> Self {
+        if let Some((first, last)) = std::fs::read_to_string(EPHEMERAL_PORTS)
+            .ok()
+            .and_then(|ephemeral| ephemeral_overlap(&config.ports, &ephemeral))
+        {
+            tracing::warn!(
+                first,
+                last,
+                "--kubesphere-ports overlaps the ports the kernel hands to outgoing connections ({EPHEMERAL_PORTS}): a cluster's port held by one of them cannot be listened on until it closes; choose a range below them"
+            );
+        }
         KubeSphereEndpoints {
             ports: PortTable::new(client.clone(), namespace, config.ports.clone()),
             services: Services::new(client, namespace, platform_namespace),
@@ -206,6 +231,25 @@ mod tests {
     fn routed(uri: &str) -> String {
         let req = Request::get(uri).body(()).unwrap();
         to_frontend(req, "member-1").uri().to_string()
+    }
+
+    #[test]
+    fn a_range_among_the_ephemeral_ports_is_found() {
+        let linux = "32768\t60999\n";
+        assert_eq!(ephemeral_overlap(&(16000..=16999), linux), None);
+        assert_eq!(
+            ephemeral_overlap(&(40000..=40999), linux),
+            Some((40000, 40999))
+        );
+        assert_eq!(
+            ephemeral_overlap(&(32000..=33000), linux),
+            Some((32768, 33000))
+        );
+        assert_eq!(
+            ephemeral_overlap(&(60000..=65535), linux),
+            Some((60000, 60999))
+        );
+        assert_eq!(ephemeral_overlap(&(40000..=40999), "garbage"), None);
     }
 
     #[test]

@@ -302,7 +302,7 @@ impl Upstream {
         &self,
         request: Request<UpstreamBody>,
     ) -> Result<Response<ResponseBody>, BoxError> {
-        let request = match &self.http2 {
+        let mut request = match &self.http2 {
             Some(pool)
                 if tower_tunnel::watch_end::is_watch(request.uri())
                     && !request.headers().contains_key(header::UPGRADE) =>
@@ -318,7 +318,6 @@ impl Upstream {
             }
             _ => request,
         };
-        let mut request = request;
         if let Some(host) = &self.host
             && !request.headers().contains_key(header::HOST)
         {

@@ -6,7 +6,6 @@
 //! stream both ways; upgrades (exec, attach, port-forward) are joined end to end once
 //! both sides have switched protocols.
 
-use foldhash::{HashMap, HashMapExt as _};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -14,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt as _};
 use http::header;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;

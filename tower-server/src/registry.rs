@@ -1,13 +1,12 @@
 //! Which clusters may connect and which tunnel serves each.
 
 use std::collections::HashSet;
-
-use foldhash::{HashMap, HashMapExt as _};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use foldhash::{HashMap, HashMapExt as _};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tower_proto::ControlMessage;

@@ -16,13 +16,13 @@
 //! connections are closed after [`IDLE_TIMEOUT`], and at most `max_idle` are kept per
 //! authority.
 
-use foldhash::{HashMap, HashMapExt as _};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt as _};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};

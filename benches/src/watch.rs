@@ -140,7 +140,8 @@ impl Side {
 /// Runs B4 for each (protocol, N) in `runs`, `rounds` times (each round: directly against
 /// a fresh stand-in, then through a fresh tower-server + tower-agent to it), `events`
 /// events per side; prints the rows (medians over the rounds, and spreads) and returns
-/// the JSON.
+/// the JSON, with what went wrong in any round (a watch that did not open, an event not
+/// delivered): figures over fewer watches than asked for are no figures of B4.
 pub(crate) fn b4(
     rt: &Runtime,
     user: &str,
@@ -148,8 +149,9 @@ pub(crate) fn b4(
     rounds: usize,
     events: usize,
     open_limit: Duration,
-) -> Value {
+) -> (Value, Vec<String>) {
     let mut out = serde_json::Map::new();
+    let mut failures = Vec::new();
     for &(protocol, n) in runs {
         let (mut direct, mut tunnel) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
@@ -210,6 +212,19 @@ pub(crate) fn b4(
             Protocol::Http1 => n.to_string(),
             Protocol::Http2 => format!("{n} http2"),
         };
+        for (side, sides) in [("direct", &direct), ("tunnel", &tunnel)] {
+            if let Some(failed) = sides.iter().find(|s| s.opened < n || s.missed > 0) {
+                failures.push(format!(
+                    "B4 N={key}, {side}: opened {} of {n}, {} deliveries missed{}",
+                    failed.opened,
+                    failed.missed,
+                    failed
+                        .first_error
+                        .as_deref()
+                        .map_or(String::new(), |e| format!(" (first error: {e})")),
+                ));
+            }
+        }
         let sides = |sides: &[Side], names: &[&str]| {
             json!({
                 "open_all_s": over(sides, |s| s.open_time.as_secs_f64()).to_json(),
@@ -228,7 +243,7 @@ pub(crate) fn b4(
             }),
         );
     }
-    Value::Object(out)
+    (Value::Object(out), failures)
 }
 
 /// One figure of each round's side.

@@ -22,7 +22,10 @@ start_tower() {
   for _ in $(seq 100); do grep -q listening "$D/si.out" 2>/dev/null && break; sleep 0.1; done
   UP=$(sed 's|listening on https://||' "$D/si.out")
   echo -n "reference-run-jwt-secret-0123456789" >"$D/secret"
-  TOWER_LOG=warn under "$D/server.cg" "$B/tower-server" serve \
+  # The server says when the agent's tunnel is up, so that readiness is waited for in
+  # its log: a request polled until it answers would cost each run a varying number of
+  # TLS handshakes (1-1.5 M instructions each under counts.sh's valgrind).
+  TOWER_LOG=warn,tower_server::agents=info under "$D/server.cg" "$B/tower-server" serve \
     --tunnel-addr 127.0.0.1:0 --proxy-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
     --jwt-secret-file "$D/secret" --state-dir "$D/st" >"$D/sv.out" 2>"$D/sv.err" &
   SV=$!
@@ -38,7 +41,8 @@ start_tower() {
   AG=$!
   USER_TOKEN=$("$B/tower-server" user-token --jwt-secret-file "$D/secret" --user alice)
   BASE="https://$FRONTEND/clusters/c1"
-  for _ in $(seq 600); do
+  for _ in $(seq 600); do grep -q "agent connected" "$D/sv.err" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 100); do
     curl -sfk -o /dev/null -H "Authorization: Bearer $USER_TOKEN" "$BASE/version" && return
     sleep 0.1
   done

@@ -2,9 +2,11 @@
 //!
 //! An HTTP/2 connection that sends its preface, answers pings and never a request is
 //! closed after the first-request deadline, one whose last request ended after the idle
-//! deadline (hyper closes neither by itself). A flood of connections past the frontend's
-//! limit is closed as soon as accepted, counted and logged a line per interval, while the
-//! admin listener keeps answering the kubelet's probes and agents keep connecting.
+//! deadline (hyper closes neither by itself); an HTTP/1.1 one whose next request does not
+//! come within the header read timeout, but never during a long request. A flood of
+//! connections past the frontend's limit is closed as soon as accepted, counted and
+//! logged a line per interval, while the admin listener keeps answering the kubelet's
+//! probes and agents keep connecting.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -180,6 +182,70 @@ fn http2_connections_without_requests_are_closed_after_the_first_request_and_idl
         metric(
             &server,
             "tower_requests_limited_total{reason=\"connection_idle_timeout\"}"
+        ) >= 1.0
+    );
+}
+
+/// An HTTP/1.1 connection is closed once no request came for --header-read-timeout after
+/// its last response ended, but never while a request runs longer than that (a watch).
+/// The server keeps one timer per connection for this, not hyper's one per request.
+#[test]
+fn http1_connections_close_when_idle_between_requests_never_during_one() {
+    let member = Member::start();
+    let server = server().args(&["--header-read-timeout", "1s"]).start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let https = Https::frontend(&server);
+    let user = Server::minter().user_token("alice", &[], None);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (status, body, took, closed_after) = runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(server.frontend)
+            .await
+            .expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(https.tls().clone()))
+            .connect("localhost".try_into().expect("name"), tcp)
+            .await
+            .expect("TLS");
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("handshake");
+        let connection = tokio::spawn(connection);
+        let started = Instant::now();
+        let response = sender
+            .send_request(
+                http::Request::get(
+                    "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=2",
+                )
+                .header("host", "localhost")
+                .header("authorization", format!("Bearer {user}"))
+                .body(Empty::<Bytes>::new())
+                .expect("request"),
+            )
+            .await
+            .expect("response");
+        let status = response.status();
+        let body = response.into_body().collect().await.map(|b| b.to_bytes());
+        let ended = Instant::now();
+        tokio::time::timeout(Duration::from_secs(8), connection)
+            .await
+            .expect("the idle connection to be closed")
+            .expect("connection task")
+            .expect("a clean close between requests");
+        (status, body, ended - started, ended.elapsed())
+    });
+    assert_eq!(status, 200);
+    body.expect("the watch's body, whole: not cut at the 1 s header read timeout");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "the watch ended after {took:?}, before its own 2 s"
+    );
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(5),
+        "closed {closed_after:?} after its response ended; the deadline is 1 s"
+    );
+    assert!(
+        metric(
+            &server,
+            "tower_requests_limited_total{reason=\"header_read_timeout\"}"
         ) >= 1.0
     );
 }

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tower_tunnel::requests::RequestGuard;
 
 /// What one stream has taken and what its response bodies have given, shared by the
 /// stream's [`PacedIo`] and each of its [`PacedBody`]s.
@@ -100,6 +101,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PacedIo<T> {
 pub(crate) struct PacedBody<B> {
     inner: B,
     pace: Arc<Pace>,
+    /// Its request, counted open on the stream until the body is gone.
+    open: Option<RequestGuard>,
 }
 
 impl<B> PacedBody<B> {
@@ -108,7 +111,17 @@ impl<B> PacedBody<B> {
     pub(crate) fn new(inner: B, pace: Arc<Pace>) -> Self {
         pace.given
             .store(pace.taken.load(Ordering::Acquire), Ordering::Release);
-        PacedBody { inner, pace }
+        PacedBody {
+            inner,
+            pace,
+            open: None,
+        }
+    }
+
+    /// Holds `open` (its request's count on the stream) until the body is gone.
+    pub(crate) fn holding(mut self, open: RequestGuard) -> Self {
+        self.open = Some(open);
+        self
     }
 }
 

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tower_proto::{ControlMessage, StreamKind};
 use tower_tunnel::control::{self, Keepalive};
 use tower_tunnel::dial;
+use tower_tunnel::requests::OpenRequests;
 use tower_tunnel::session::{self, Role};
 use tower_tunnel::{SessionConfig, TunnelStream};
 
@@ -271,15 +272,15 @@ async fn serve_stream(
             // Responses are read from the upstream as fast as the stream takes them, not
             // as fast as hyper would buffer them.
             let (stream, pace) = pace::PacedIo::new(stream);
-            let service = proxy_service(config, preamble.target, shutdown.clone(), Some(pace));
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(300))
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            // On shutdown: finish the request in progress (if any), then close the stream.
-            let result = until_done(connection, &shutdown, |c| c.graceful_shutdown()).await;
-            if let Err(e) = result {
+            let requests = Arc::new(OpenRequests::default());
+            let service = proxy_service(
+                config,
+                preamble.target,
+                shutdown.clone(),
+                Some((pace, requests.clone())),
+            );
+            let served = serve_http1(stream, service, &requests, &shutdown, STREAM_IDLE_TIMEOUT);
+            if let Err(e) = served.await {
                 tracing::debug!(error = %e, "tunnel stream ended with an error");
             }
         }
@@ -306,6 +307,33 @@ async fn serve_stream(
     }
 }
 
+/// Serves HTTP/1.1 (with upgrades) on `io` until the server closes it, or `shutdown`
+/// (the request in progress, if any, finishes first), or no request of `requests` (which
+/// `service` counts) was open for `idle`: no timer for hyper, whose header read timeout
+/// would arm one per request.
+async fn serve_http1<I, S>(
+    io: I,
+    service: S,
+    requests: &OpenRequests,
+    shutdown: &CancellationToken,
+    idle: Duration,
+) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Body>,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::select! {
+        result = until_done(connection, shutdown, |c| c.graceful_shutdown()) => result,
+        _ = requests.idle(idle, idle) => {
+            tracing::debug!(timeout = ?idle, "tunnel stream without a request: closed");
+            Ok(())
+        }
+    }
+}
+
 /// Runs `connection` to its end; when `shutdown` comes first, asks it to finish
 /// gracefully (`graceful_shutdown`) and waits for that.
 async fn until_done<C: Future>(
@@ -328,13 +356,18 @@ type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infalli
 /// Most of a response an HTTP/2 stream buffers past what the server's window takes.
 const HTTP2_SEND_BUFFER: usize = 16 * 1024;
 
-/// Serves the requests of one tunnel stream toward `target`; with `pace`, each response
-/// body is read no faster than the stream takes it ([`pace`]).
+/// How long an HTTP/1.1 tunnel stream may go without a request, from its opening or its
+/// last response's end: past the server's pool, which closes a stream idle for 90 s.
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Serves the requests of one tunnel stream toward `target`; with `stream` (an HTTP/1.1
+/// stream's pace and open requests), each response body is read no faster than the
+/// stream takes it ([`pace`]) and counts its request open until it is gone.
 fn proxy_service(
     config: Arc<Config>,
     target: String,
     ending: CancellationToken,
-    pace: Option<Arc<pace::Pace>>,
+    stream: Option<(Arc<pace::Pace>, Arc<OpenRequests>)>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Body>,
@@ -347,15 +380,17 @@ fn proxy_service(
         let config = config.clone();
         let target = target.clone();
         let ending = ending.clone();
-        let pace = pace.clone();
+        let stream = stream.clone();
         // Boxed: checking and sending a request (dialing the upstream, perhaps) is a
         // large future, and unboxed it would sit in the task of every HTTP/2 stream for
         // as long as its response runs: 9.3 KiB per watch (heaptrack), for hours.
         Box::pin(async move {
             let watch = tower_tunnel::watch_end::is_watch(req.uri());
+            let paced = stream.map(|(pace, requests)| (pace, requests.start()));
             let mut response = handle_request(&config, &target, req).await;
-            if let Some(pace) = pace {
-                response = response.map(|body| pace::PacedBody::new(body, pace).boxed());
+            if let Some((pace, open)) = paced {
+                response =
+                    response.map(|body| pace::PacedBody::new(body, pace).holding(open).boxed());
             }
             // A watch ends cleanly when the agent drains; clients watch again.
             Ok::<_, Infallible>(if watch {
@@ -374,7 +409,66 @@ fn proxy_service(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A stream the server leaves without a request is closed `idle` after its last
+    /// response ended (or after it opened), never while a request is open.
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_stream_without_requests_is_closed_after_the_idle_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let idle = Duration::from_secs(300);
+        let requests = Arc::new(OpenRequests::default());
+        let counted = requests.clone();
+        // Each response is held open for 400 s (longer than `idle`) by its body, which
+        // holds its request's count, as the agent's responses do.
+        let service = service_fn(move |_req: Request<Incoming>| {
+            let open = counted.start();
+            async move {
+                let body = futures::stream::once(async move {
+                    tokio::time::sleep(Duration::from_secs(400)).await;
+                    drop(open);
+                    Ok::<_, Infallible>(hyper::body::Frame::data(bytes::Bytes::from("done")))
+                });
+                let body = http_body_util::StreamBody::new(body).map_err(|never| match never {});
+                Ok::<_, Infallible>(Response::new(body.boxed()))
+            }
+        });
+        let (mut client, io) = tokio::io::duplex(64 * 1024);
+        let shutdown = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let served = tokio::spawn({
+            let requests = requests.clone();
+            async move { serve_http1(io, service, &requests, &shutdown, idle).await }
+        });
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The response (chunked: "done") comes after 400 s, past `idle`, whole.
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !answer.ends_with(b"0\r\n\r\n") {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed mid-response: {:?}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let ended = tokio::time::Instant::now();
+        assert_eq!(ended - started, Duration::from_secs(400));
+        assert!(String::from_utf8_lossy(&answer).contains("done"));
+        // Then nothing: closed `idle` after the response ended.
+        tokio::time::timeout(idle * 2, served)
+            .await
+            .expect("the idle stream to be closed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended.elapsed(), idle);
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+    }
 
     #[test]
     fn the_control_stream_deadline_is_one_keepalive_round() {

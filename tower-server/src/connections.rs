@@ -1,21 +1,16 @@
-//! What a listener lets in, and how long a connection may sit without a request.
+//! What a listener lets in. (How long a connection may then sit without a request is
+//! [`tower_tunnel::requests::OpenRequests`], which the agent's tunnel streams share.)
 //!
 //! * [`Admission`]: at most so many connections on a listener, and so many from one source
 //!   address; one more is closed as soon as it is accepted (before any TLS), counted in
 //!   `tower_connections_refused_total`. Each listener has its own, so a flood of the
 //!   frontend leaves room for agents on the tunnel listener and for the kubelet's probes
 //!   on the admin listener.
-//! * [`OpenRequests`]: the requests an HTTP/2 connection is serving; [`OpenRequests::idle`]
-//!   resolves once it has served none for a deadline (the first-request deadline before
-//!   its first request, the idle deadline after its last). hyper gives HTTP/1.1 both with
-//!   its header read timeout, and HTTP/2 neither: a client that answers pings and sends no
-//!   request would otherwise hold its connection forever.
 //! * [`LogThrottle`]: at most one line per interval for events a flood repeats (refused
 //!   connections, failed accepts), with the count of those left out.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -314,103 +309,6 @@ impl LogThrottle {
     }
 }
 
-/// The requests one connection is serving now.
-///
-/// Nothing here wakes the watcher per request: it sleeps to its deadline and then looks
-/// at when the last request ended. A request used to notify it going to and from zero,
-/// and it armed a new timer each time (~1.7 K instructions per request on an HTTP/2
-/// connection that serves one request at a time, as kubectl's does; callgrind).
-#[derive(Debug)]
-pub(crate) struct OpenRequests {
-    open: AtomicUsize,
-    served: AtomicBool,
-    /// When a request last ended, as nanoseconds since `origin`.
-    ended: AtomicU64,
-    origin: Instant,
-}
-
-impl Default for OpenRequests {
-    fn default() -> Self {
-        OpenRequests {
-            open: AtomicUsize::new(0),
-            served: AtomicBool::new(false),
-            ended: AtomicU64::new(0),
-            origin: Instant::now(),
-        }
-    }
-}
-
-/// Why a connection was closed for want of requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Idle {
-    /// No request came within the first-request deadline.
-    NoFirstRequest,
-    /// No request was open for the idle deadline.
-    Idle,
-}
-
-impl Idle {
-    /// The `reason` label of `tower_requests_limited_total`.
-    pub(crate) fn reason(self) -> &'static str {
-        match self {
-            Idle::NoFirstRequest => "first_request_timeout",
-            Idle::Idle => "connection_idle_timeout",
-        }
-    }
-}
-
-impl OpenRequests {
-    /// Counts a request open until the returned guard is dropped (with its response body).
-    pub(crate) fn start(self: &Arc<Self>) -> RequestGuard {
-        self.served.store(true, Ordering::Relaxed);
-        self.open.fetch_add(1, Ordering::AcqRel);
-        RequestGuard(self.clone())
-    }
-
-    /// Resolves once no request has been open for `first` since now and no request
-    /// ended since, or for `idle` since the last one ended.
-    pub(crate) async fn idle(&self, first: Duration, idle: Duration) -> Idle {
-        let start = Instant::now();
-        let mut deadline = start + first;
-        loop {
-            tokio::time::sleep_until(deadline).await;
-            if self.open.load(Ordering::Acquire) > 0 {
-                // It can be idle no sooner than `idle` after its open requests end.
-                deadline = Instant::now() + idle;
-                continue;
-            }
-            let ended = self.origin + Duration::from_nanos(self.ended.load(Ordering::Acquire));
-            let due = if ended > start {
-                ended + idle
-            } else {
-                start + first
-            };
-            if Instant::now() >= due {
-                return if self.served.load(Ordering::Relaxed) {
-                    Idle::Idle
-                } else {
-                    Idle::NoFirstRequest
-                };
-            }
-            deadline = due;
-        }
-    }
-}
-
-/// A request counted in [`OpenRequests`].
-#[derive(Debug)]
-pub(crate) struct RequestGuard(Arc<OpenRequests>);
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        let requests = &self.0;
-        // Before the count drops: whoever sees it at zero sees when that was.
-        let since = u64::try_from(requests.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        requests.ended.fetch_max(since, Ordering::AcqRel);
-        requests.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -475,47 +373,5 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(throttle.allow(), Some(500));
         assert_eq!(throttle.allow(), None);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_without_requests_is_idle_after_its_deadlines() {
-        let first = Duration::from_secs(10);
-        let idle = Duration::from_secs(60);
-        // Never a request: the first-request deadline.
-        let requests = Arc::new(OpenRequests::default());
-        let start = Instant::now();
-        assert_eq!(requests.idle(first, idle).await, Idle::NoFirstRequest);
-        assert_eq!(start.elapsed(), first);
-
-        // A request open for 100 s keeps it; then the idle deadline counts from its end.
-        let requests = Arc::new(OpenRequests::default());
-        let watcher = tokio::spawn({
-            let requests = requests.clone();
-            async move { requests.idle(first, idle).await }
-        });
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let request = requests.start();
-        tokio::time::sleep(Duration::from_secs(100)).await;
-        assert!(!watcher.is_finished());
-        let ended = Instant::now();
-        drop(request);
-        assert_eq!(watcher.await.unwrap(), Idle::Idle);
-        assert_eq!(ended.elapsed(), idle);
-
-        // Short requests one after another (as kubectl sends them) each move the idle
-        // deadline to the end of the last; the watcher is not woken by any of them.
-        let requests = Arc::new(OpenRequests::default());
-        let watcher = tokio::spawn({
-            let requests = requests.clone();
-            async move { requests.idle(first, idle).await }
-        });
-        for _ in 0..30 {
-            tokio::time::sleep(Duration::from_secs(7)).await;
-            drop(requests.start());
-        }
-        let ended = Instant::now();
-        assert!(!watcher.is_finished());
-        assert_eq!(watcher.await.unwrap(), Idle::Idle);
-        assert_eq!(ended.elapsed(), idle);
     }
 }

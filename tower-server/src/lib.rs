@@ -53,9 +53,10 @@ use tower_proto::ControlMessage;
 use tower_proto::handshake::ServerHello;
 use tower_tunnel::SessionConfig;
 use tower_tunnel::control::Keepalive;
+use tower_tunnel::requests::OpenRequests;
 
 pub use crate::connections::ConnectionLimits;
-use crate::connections::{Admission, OpenRequests, Peer};
+use crate::connections::{Admission, Peer};
 use crate::pki::TlsMaterial;
 use crate::registry::{ClusterSpec, Registry, Source};
 use crate::status::Body;
@@ -663,12 +664,13 @@ async fn serve<F, Fut>(
                 matches!(&io, Either::Left(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2"));
             // The responses a handler asks to watch: one nobody reads closes the connection.
             let unread = peer.unread.clone();
-            // The requests open on an HTTP/2 connection, which closes when it has none for
-            // long (hyper's header read timeout does that for HTTP/1.1).
+            // The requests open on the connection, which closes when it has none for long:
+            // one timer per connection, where hyper's header read timeout would arm one
+            // per HTTP/1.1 request.
             let requests = Arc::new(OpenRequests::default());
             let counted = requests.clone();
             let service = service_fn(move |req: Request<Incoming>| {
-                let open = http2.then(|| counted.start());
+                let open = counted.start();
                 // Boxed: the request's future is large (routing, dialing a stream) and
                 // would otherwise be inline in the task of every HTTP/2 stream, or in
                 // every HTTP/1.1 connection's task, for as long as the response runs:
@@ -677,16 +679,13 @@ async fn serve<F, Fut>(
                 async move {
                     let response = response.await;
                     // Open until the response body is done with.
-                    let response = match open {
-                        Some(open) => response.map(|body| {
-                            body.map_frame(move |frame| {
-                                let _open_until_the_body_ends = &open;
-                                frame
-                            })
-                            .boxed()
-                        }),
-                        None => response,
-                    };
+                    let response = response.map(|body| {
+                        body.map_frame(move |frame| {
+                            let _open_until_the_body_ends = &open;
+                            frame
+                        })
+                        .boxed()
+                    });
                     Ok::<_, Infallible>(response)
                 }
             });
@@ -724,19 +723,41 @@ async fn serve<F, Fut>(
                         }
                     }
                 } else {
+                    // No timer for hyper: its header read timeout arms one per request (a
+                    // boxed sleep, registered and cancelled). The first request, and each
+                    // next one, must come within --header-read-timeout of the connection
+                    // opening or the last response ending, as hyper's would ask: a client
+                    // that trickles its headers never opens a request.
                     let connection = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(limits.header_read_timeout)
                         .max_buf_size(limits.max_header_bytes.max(8192))
                         .serve_connection(TokioIo::new(io), service)
                         .with_upgrades();
                     let mut connection = Box::pin(connection);
+                    let headers_late = || async {
+                        requests
+                            .idle(limits.header_read_timeout, limits.header_read_timeout)
+                            .await;
+                    };
                     tokio::select! {
                         result = connection.as_mut() => result,
                         () = finish.cancelled() => {
                             // Finish the request in flight, then close.
                             connection.as_mut().graceful_shutdown();
-                            connection.await
+                            tokio::select! {
+                                result = connection.as_mut() => result,
+                                () = headers_late() => Ok(()),
+                            }
+                        }
+                        () = headers_late() => {
+                            tracing::debug!(%remote, "no request headers within --header-read-timeout: closed");
+                            metrics.count_limited("header_read_timeout");
+                            // No request is open: hyper closes at once, and cleanly (TLS
+                            // close_notify), unless the client does not read even that.
+                            connection.as_mut().graceful_shutdown();
+                            tokio::select! {
+                                result = connection.as_mut() => result,
+                                () = headers_late() => Ok(()),
+                            }
                         }
                     }
                 }
@@ -752,11 +773,9 @@ async fn serve<F, Fut>(
                 }
             };
             if let Err(e) = result {
-                // hyper answered 431 itself, or cut a client too slow with its headers.
+                // hyper answered 431 itself.
                 if e.is_parse_too_large() {
                     metrics.count_limited("header_too_large");
-                } else if e.is_timeout() {
-                    metrics.count_limited("header_read_timeout");
                 }
                 tracing::debug!(%remote, error = %e, "connection ended with an error");
             }

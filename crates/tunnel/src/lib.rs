@@ -9,6 +9,8 @@
 //! * [`http`]: what both proxies share: hop-by-hop headers, upgrades, `Status` errors.
 //! * [`control`]: the control stream: keepalive pings with a pong deadline, drain.
 //! * [`stream`]: a yamux stream as tokio and hyper I/O, and its preamble.
+//! * [`requests`]: the requests a connection (or tunnel stream) serves, and when it has
+//!   served none for long.
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +21,7 @@ mod frames;
 pub mod http;
 pub mod pool;
 mod queued;
+pub mod requests;
 pub mod session;
 pub mod stream;
 pub mod tls;

@@ -738,21 +738,21 @@ async fn serve<F, Fut>(
                             .idle(limits.header_read_timeout, limits.header_read_timeout)
                             .await;
                     };
-                    tokio::select! {
-                        result = connection.as_mut() => result,
-                        () = finish.cancelled() => {
-                            // Finish the request in flight, then close.
-                            connection.as_mut().graceful_shutdown();
-                            tokio::select! {
-                                result = connection.as_mut() => result,
-                                () = headers_late() => Ok(()),
-                            }
-                        }
+                    let ended = tokio::select! {
+                        result = connection.as_mut() => Some(result),
+                        // Finish the request in flight, then close.
+                        () = finish.cancelled() => None,
                         () = headers_late() => {
                             tracing::debug!(%remote, "no request headers within --header-read-timeout: closed");
                             metrics.count_limited("header_read_timeout");
                             // No request is open: hyper closes at once, and cleanly (TLS
                             // close_notify), unless the client does not read even that.
+                            None
+                        }
+                    };
+                    match ended {
+                        Some(result) => result,
+                        None => {
                             connection.as_mut().graceful_shutdown();
                             tokio::select! {
                                 result = connection.as_mut() => result,

@@ -30,7 +30,7 @@ trap 'kill $(cat "$D"/*.pid 2>/dev/null) $SI $SV $AG 2>/dev/null; rm -rf "$D"' E
 source "$(dirname "$0")/tower.sh"
 start_tower
 P1=$(free_port); P2=$(free_port); P3=$(free_port)
-haproxy_chain_config "$P1" "$P2"
+start_haproxy_chain "$P1" "$P2"
 cat > "$D/tcp.cfg" <<CFG
 defaults
   mode tcp
@@ -43,16 +43,7 @@ frontend f
 backend b
   server s $UP
 CFG
-if [ -n "$DEPLOYED" ]; then
-  # One process per hop, one thread each: split http.cfg at its second frontend.
-  awk '/^frontend two/{exit} {print}' "$D/http.cfg" | sed 's/^global/global\n  nbthread 1/' >"$D/hop1.cfg"
-  { printf 'global\n  nbthread 1\n  maxconn 2000\n'; awk '/^defaults/{p=1} /^frontend one/{p=0} /^frontend two/{p=1} p' "$D/http.cfg"; } >"$D/hop2.cfg"
-  sed -i 's/^defaults/global\n  nbthread 1\ndefaults/' "$D/tcp.cfg"
-  haproxy -f "$D/hop1.cfg" -D -p "$D/hop1.pid"
-  haproxy -f "$D/hop2.cfg" -D -p "$D/hop2.pid"
-else
-  haproxy -f "$D/http.cfg" -D -p "$D/http.pid"
-fi
+[ -n "$DEPLOYED" ] && sed -i 's/^defaults/global\n  nbthread 1\ndefaults/' "$D/tcp.cfg"
 haproxy -f "$D/tcp.cfg" -D -p "$D/tcp.pid"
 sleep 0.5
 # CPU seconds (user + system, in clock ticks) the processes $@ have used so far.
@@ -89,10 +80,10 @@ run "direct" "$UP"
 run "haproxy TCP relay (1 hop)" "127.0.0.1:$P3" T "$(cat "$D/tcp.pid")"
 if [ -n "$DEPLOYED" ]; then
   echo "(DEPLOYED: one thread per relay process, one process per hop)"
-  run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$(cat "$D/hop2.pid")"
-  run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$(cat "$D/hop1.pid")" "$(cat "$D/hop2.pid")"
+  run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$HOP2"
+  run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$HOP1" "$HOP2"
 else
-  run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$(cat "$D/http.pid")"
-  run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$(cat "$D/http.pid")"
+  run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$HOP1"
+  run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$HOP1"
 fi
 run "tower (server + agent)" "${BASE#https://}" "$USER_TOKEN" "$SV" "$AG"

@@ -92,3 +92,25 @@ CFG
 
 # A free port on 127.0.0.1 (haproxy cannot bind port 0).
 free_port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
+
+# Starts haproxy's two chained HTTP+TLS hops (see haproxy_chain_config) on ports $1 and
+# $2: one process with a thread per core holding both, or, with DEPLOYED set, one
+# process per hop with one thread each, as Tower is deployed (one pod per hop, 1 CPU).
+# Sets HOP1 and HOP2, the pids whose CPU is each hop's (the same pid twice when one
+# process holds both).
+start_haproxy_chain() {
+  haproxy_chain_config "$1" "$2"
+  if [ -n "${DEPLOYED:-}" ]; then
+    # Split http.cfg at its second frontend.
+    awk '/^frontend two/{exit} {print}' "$D/http.cfg" | sed 's/^global/global\n  nbthread 1/' >"$D/hop1.cfg"
+    { printf 'global\n  nbthread 1\n  maxconn 2000\n'; awk '/^defaults/{p=1} /^frontend one/{p=0} /^frontend two/{p=1} p' "$D/http.cfg"; } >"$D/hop2.cfg"
+    haproxy -f "$D/hop1.cfg" -D -p "$D/hop1.pid"
+    haproxy -f "$D/hop2.cfg" -D -p "$D/hop2.pid"
+    HOP1=$(cat "$D/hop1.pid")
+    HOP2=$(cat "$D/hop2.pid")
+  else
+    haproxy -f "$D/http.cfg" -D -p "$D/http.pid"
+    HOP1=$(cat "$D/http.pid")
+    HOP2=$HOP1
+  fi
+}

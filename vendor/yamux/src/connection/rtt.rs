@@ -28,6 +28,10 @@ pub(crate) struct Rtt {
     inner: Arc<Mutex<RttInner>>,
     /// Next ping identifier, used for matching pongs.
     next_id: Arc<AtomicU32>,
+    /// The largest receive window a stream of this connection has grown to (Tower's
+    /// patch, see `Config::set_fast_window_ramp`): like the round-trip time, a fact
+    /// about the path that every stream shares.
+    learned_window: Arc<AtomicU32>,
 }
 
 impl Rtt {
@@ -40,7 +44,18 @@ impl Rtt {
                 },
             })),
             next_id: Arc::new(AtomicU32::new(0)),
+            learned_window: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// The largest receive window a stream of this connection has grown to; 0 if none grew.
+    pub(crate) fn learned_window(&self) -> u32 {
+        self.learned_window.load(Ordering::Relaxed)
+    }
+
+    /// Records that a stream's receive window grew to `window`.
+    pub(crate) fn learn_window(&self, window: u32) {
+        self.learned_window.fetch_max(window, Ordering::Relaxed);
     }
 
     pub(crate) fn next_ping(&mut self) -> Option<Frame<Ping>> {
@@ -102,6 +117,7 @@ impl quickcheck::Arbitrary for Rtt {
         Self {
             inner: Arc::new(Mutex::new(RttInner::arbitrary(g))),
             next_id: Arc::new(AtomicU32::new(0)),
+            learned_window: Arc::new(AtomicU32::new(0)),
         }
     }
 }

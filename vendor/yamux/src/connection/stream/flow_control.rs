@@ -86,22 +86,43 @@ impl FlowController {
         {
             let mut accumulated_max_stream_windows = self.accumulated_max_stream_windows.lock();
 
-            // Ideally one can just double it:
-            let new_max = self.max_receive_window.saturating_mul(2);
+            // Ideally one can just double it (Tower's patch: quadruple it, see
+            // `Config::set_fast_window_ramp`):
+            let factor = if self.config.fast_window_ramp { 4 } else { 2 };
+            let new_max = self.max_receive_window.saturating_mul(factor);
+
+            // The part of the connection limit no stream has taken yet:
+            let free: usize =
+                // the overall configured conneciton limit
+                self.config.max_connection_receive_window.unwrap_or(usize::MAX)
+                // minus the minimum amount of window guaranteed to each stream
+                - self.config.max_num_streams * DEFAULT_CREDIT as usize
+                // minus the amount of bytes beyond the minimum amount (`DEFAULT_CREDIT`)
+                // already allocated by this and other streams on the connection.
+                - *accumulated_max_stream_windows;
+
+            // Tower's patch: or jump to half the largest window this connection's streams
+            // grew to, taking at most half of what is free.
+            let new_max = if self.config.fast_window_ramp {
+                let jump = cmp::min(
+                    self.rtt.learned_window() / 2,
+                    self.max_receive_window
+                        .saturating_add((free / 2).try_into().unwrap_or(u32::MAX)),
+                );
+                cmp::max(new_max, jump)
+            } else {
+                new_max
+            };
 
             // But one has to consider the configured connection limit:
             let new_max = {
-                let connection_limit: usize = self.max_receive_window as usize +
-                    // the overall configured conneciton limit
-                    (self.config.max_connection_receive_window.unwrap_or(usize::MAX)
-                    // minus the minimum amount of window guaranteed to each stream
-                    - self.config.max_num_streams * DEFAULT_CREDIT as usize
-                    // minus the amount of bytes beyond the minimum amount (`DEFAULT_CREDIT`)
-                    // already allocated by this and other streams on the connection.
-                    - *accumulated_max_stream_windows);
+                let connection_limit: usize = self.max_receive_window as usize + free;
 
                 cmp::min(new_max, connection_limit.try_into().unwrap_or(u32::MAX))
             };
+            if self.config.fast_window_ramp {
+                self.rtt.learn_window(new_max);
+            }
 
             // Account for the additional credit on the accumulated connection counter.
             *accumulated_max_stream_windows += (new_max - self.max_receive_window) as usize;

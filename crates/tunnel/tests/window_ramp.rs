@@ -1,0 +1,281 @@
+//! A tunnel stream's receive window over a link with a round-trip time: a download on a
+//! new stream starts from what the tunnel's earlier downloads needed, instead of yamux's
+//! 256 KiB doubled once a round trip (B8's 1 Gbit/s x 100 ms link spent ~0.6 s of 2.2 s
+//! in that ramp). The windows are read off the wire: a relay between server and agent
+//! delays the server's frames by one round trip and records the window updates it sends.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tower_tunnel::session::{self, Role};
+use tower_tunnel::{SessionConfig, TunnelStream};
+
+const KIB: u64 = 1024;
+const TYPE_DATA: u8 = 0;
+const TYPE_WINDOW_UPDATE: u8 = 1;
+const TYPE_PING: u8 = 2;
+const FLAG_SYN: u16 = 1;
+const FLAG_ACK: u16 = 2;
+const MIB: u64 = 1024 * KIB;
+/// The link's round trip, all of it on the way from server to agent: the server's
+/// window updates take a round trip to reach the agent, the agent's data arrives at
+/// once, and yamux's own ping (sent as a session starts) measures the round trip.
+/// Long enough that yamux's "half the window went by within two round trips" holds
+/// on a busy test machine.
+const RTT: Duration = Duration::from_millis(200);
+
+/// What the relay saw.
+#[derive(Default)]
+struct Wire {
+    /// Per stream opened by the server, in order: the deltas of the server's window
+    /// updates, each with the stream's data bytes that had passed toward the server by
+    /// then.
+    updates: Vec<(u32, Vec<(u64, u64)>)>,
+    /// Data bytes that passed toward the server, per stream id.
+    passed: Vec<(u32, u64)>,
+}
+
+impl Wire {
+    fn passed(&self, stream: u32) -> u64 {
+        self.passed
+            .iter()
+            .find(|(id, _)| *id == stream)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// The window the server granted `stream` after its `n`-th update, at least: the
+    /// protocol's 256 KiB plus the updates, less what the agent sent so far (the server
+    /// consumed no more than that).
+    fn window_after(&self, stream: usize, n: usize) -> u64 {
+        let updates = &self.updates[stream].1;
+        let granted: u64 = updates[..n].iter().map(|(delta, _)| delta).sum();
+        (256 * KIB + granted).saturating_sub(updates[n - 1].1)
+    }
+}
+
+/// The 12-byte yamux frame headers in a byte stream (version, type, flags, stream id,
+/// length; data frames carry `length` bytes of body).
+#[derive(Default)]
+struct Frames {
+    pending: Vec<u8>,
+    /// The data frame whose body is being read: its stream and the bytes left.
+    body: Option<(u32, u64)>,
+}
+
+struct Header {
+    kind: u8,
+    flags: u16,
+    stream: u32,
+    length: u32,
+}
+
+/// What a frame scan met.
+enum Seen<'a> {
+    Header(&'a Header),
+    /// Data body bytes of a stream.
+    Body(u32, u64),
+}
+
+impl Frames {
+    /// Feeds the bytes that follow those fed before.
+    fn feed(&mut self, mut bytes: &[u8], mut on: impl FnMut(Seen<'_>)) {
+        while !bytes.is_empty() {
+            if let Some((stream, left)) = self.body {
+                let n = left.min(bytes.len() as u64);
+                on(Seen::Body(stream, n));
+                bytes = &bytes[n as usize..];
+                self.body = Some((stream, left - n)).filter(|(_, left)| *left > 0);
+                continue;
+            }
+            let take = (12 - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() < 12 {
+                return;
+            }
+            let p = std::mem::take(&mut self.pending);
+            let header = Header {
+                kind: p[1],
+                flags: u16::from_be_bytes([p[2], p[3]]),
+                stream: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+                length: u32::from_be_bytes([p[8], p[9], p[10], p[11]]),
+            };
+            on(Seen::Header(&header));
+            if header.kind == TYPE_DATA && header.length > 0 {
+                self.body = Some((header.stream, u64::from(header.length)));
+            }
+        }
+    }
+}
+
+/// Copies `from` to `to`, each chunk released `delay` after it was read (pipelined),
+/// showing each chunk to `look` as it is read.
+fn relay<R, W>(
+    mut from: R,
+    mut to: W,
+    delay: Duration,
+    mut look: impl FnMut(&[u8]) + Send + 'static,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    look(&buf[..n]);
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// A server session and an agent session joined by the relay, and what the relay saw.
+struct Link {
+    server: session::SessionHandle,
+    _agent: session::SessionHandle,
+    inbound: session::Inbound,
+    wire: Arc<Mutex<Wire>>,
+    ponged: Arc<Notify>,
+}
+
+fn link() -> Link {
+    let (server_io, server_end) = tokio::io::duplex(1 << 20);
+    let (agent_io, agent_end) = tokio::io::duplex(1 << 20);
+    let (server_read, server_write) = tokio::io::split(server_end);
+    let (agent_read, agent_write) = tokio::io::split(agent_end);
+    let wire = Arc::new(Mutex::new(Wire::default()));
+    let ponged = Arc::new(Notify::new());
+
+    let mut frames = Frames::default();
+    let w = wire.clone();
+    relay(server_read, agent_write, RTT, move |bytes| {
+        let mut wire = w.lock().unwrap();
+        frames.feed(bytes, |seen| {
+            let Seen::Header(h) = seen else { return };
+            if matches!(h.kind, TYPE_DATA | TYPE_WINDOW_UPDATE) && h.flags & FLAG_SYN != 0 {
+                wire.updates.push((h.stream, Vec::new()));
+            }
+            if h.kind == TYPE_WINDOW_UPDATE && h.length > 0 {
+                let passed = wire.passed(h.stream);
+                if let Some((_, updates)) = wire.updates.iter_mut().find(|(id, _)| *id == h.stream)
+                {
+                    updates.push((u64::from(h.length), passed));
+                }
+            }
+        });
+    });
+
+    let mut frames = Frames::default();
+    let (w, p) = (wire.clone(), ponged.clone());
+    relay(agent_read, server_write, Duration::ZERO, move |bytes| {
+        let mut wire = w.lock().unwrap();
+        frames.feed(bytes, |seen| match seen {
+            // The agent's answer to the server's ping (its own pings carry no ACK).
+            Seen::Header(h) if h.kind == TYPE_PING && h.flags & FLAG_ACK != 0 => {
+                p.notify_one();
+            }
+            Seen::Body(stream, n) => match wire.passed.iter_mut().find(|(id, _)| *id == stream) {
+                Some((_, passed)) => *passed += n,
+                None => wire.passed.push((stream, n)),
+            },
+            Seen::Header(_) => {}
+        });
+    });
+
+    let config = SessionConfig::default();
+    let (server, _, server_driver) = session::start(server_io, Role::Server, &config);
+    let (agent, inbound, agent_driver) = session::start(agent_io, Role::Agent, &config);
+    tokio::spawn(server_driver.run());
+    tokio::spawn(agent_driver.run());
+    Link {
+        server,
+        _agent: agent,
+        inbound,
+        wire,
+        ponged,
+    }
+}
+
+impl Link {
+    /// The agent sends `bytes` on a stream the server opens; the server reads them all.
+    async fn download(&mut self, bytes: u64) {
+        let mut stream: TunnelStream = self.server.open_stream().await.unwrap();
+        // Opens the stream on the wire.
+        stream.write_all(b"go").await.unwrap();
+        let mut theirs = self.inbound.recv().await.unwrap();
+        let sender = tokio::spawn(async move {
+            let mut go = [0; 2];
+            theirs.read_exact(&mut go).await.unwrap();
+            let chunk = vec![7u8; 64 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64);
+                theirs.write_all(&chunk[..n as usize]).await.unwrap();
+                left -= n;
+            }
+            theirs.shutdown().await.unwrap();
+        });
+        let mut buf = vec![0; 256 * 1024];
+        let mut got = 0;
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        assert_eq!(got, bytes, "the download arrived whole");
+        sender.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_ramps_fast_and_the_next_starts_from_what_the_tunnel_learned() {
+    let mut link = link();
+    // yamux grows windows only once it knows the round trip.
+    link.ponged.notified().await;
+    link.download(32 * MIB).await;
+    link.download(16 * MIB).await;
+
+    let wire = std::mem::take(&mut *link.wire.lock().unwrap());
+    assert_eq!(wire.updates.len(), 2, "two streams opened");
+    let [first, second] = [0, 1].map(|s| {
+        let n = wire.updates[s].1.len();
+        (1..=n).map(|k| wire.window_after(s, k)).collect::<Vec<_>>()
+    });
+    let seen = format!(
+        "windows after each update: first stream {first:?}, second {second:?}; updates {:?}",
+        wire.updates
+    );
+    assert!(!first.is_empty() && !second.is_empty(), "{seen}");
+    // Four times a round trip: 1 MiB after the first update, where yamux's doubling
+    // gives 512 KiB.
+    assert!(first[0] >= 768 * KIB, "{seen}");
+    // And it keeps growing four times a round trip (to ~25 MiB for 32 MiB).
+    assert!(first.iter().max() >= Some(&(8 * MIB)), "{seen}");
+    // The second stream jumps at once to half what the first grew to, where yamux would
+    // start it from 256 KiB again: 512 KiB after its first update.
+    assert!(second[0] >= 4 * MIB, "{seen}");
+}

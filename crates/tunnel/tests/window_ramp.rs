@@ -219,36 +219,57 @@ fn link() -> Link {
 }
 
 impl Link {
+    /// A stream the server opened, and the agent's end of it.
+    async fn open(&mut self) -> (TunnelStream, TunnelStream) {
+        let mut ours = self.server.open_stream().await.unwrap();
+        // Opens the stream on the wire.
+        ours.write_all(b"go").await.unwrap();
+        let mut theirs = self.inbound.recv().await.unwrap();
+        let mut go = [0; 2];
+        theirs.read_exact(&mut go).await.unwrap();
+        (ours, theirs)
+    }
+
     /// The agent sends `bytes` on a stream the server opens; the server reads them all.
     async fn download(&mut self, bytes: u64) {
-        let mut stream: TunnelStream = self.server.open_stream().await.unwrap();
-        // Opens the stream on the wire.
-        stream.write_all(b"go").await.unwrap();
-        let mut theirs = self.inbound.recv().await.unwrap();
-        let sender = tokio::spawn(async move {
-            let mut go = [0; 2];
-            theirs.read_exact(&mut go).await.unwrap();
-            let chunk = vec![7u8; 64 * 1024];
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(chunk.len() as u64);
-                theirs.write_all(&chunk[..n as usize]).await.unwrap();
-                left -= n;
-            }
-            theirs.shutdown().await.unwrap();
-        });
+        let (mut ours, mut theirs) = self.open().await;
+        send(&mut ours, &mut theirs, bytes).await;
+    }
+}
+
+/// The agent's end sends `bytes`; the server's end reads exactly them.
+async fn send(ours: &mut TunnelStream, theirs: &mut TunnelStream, bytes: u64) {
+    let sender = async {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64);
+            theirs.write_all(&chunk[..n as usize]).await.unwrap();
+            left -= n;
+        }
+        theirs.flush().await.unwrap();
+    };
+    let receiver = async {
         let mut buf = vec![0; 256 * 1024];
         let mut got = 0;
-        loop {
-            let n = stream.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
+        while got < bytes {
+            let n = ours.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream ended after {got} of {bytes} bytes");
             got += n as u64;
         }
         assert_eq!(got, bytes, "the download arrived whole");
-        sender.await.unwrap();
-    }
+    };
+    tokio::join!(sender, receiver);
+}
+
+/// The windows the server granted each stream, after each of its updates.
+fn windows(wire: &Wire) -> Vec<Vec<u64>> {
+    (0..wire.updates.len())
+        .map(|s| {
+            let n = wire.updates[s].1.len();
+            (1..=n).map(|k| wire.window_after(s, k)).collect()
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,15 +281,12 @@ async fn a_download_ramps_fast_and_the_next_starts_from_what_the_tunnel_learned(
     link.download(16 * MIB).await;
 
     let wire = std::mem::take(&mut *link.wire.lock().unwrap());
-    assert_eq!(wire.updates.len(), 2, "two streams opened");
-    let [first, second] = [0, 1].map(|s| {
-        let n = wire.updates[s].1.len();
-        (1..=n).map(|k| wire.window_after(s, k)).collect::<Vec<_>>()
-    });
     let seen = format!(
-        "windows after each update: first stream {first:?}, second {second:?}; updates {:?}",
+        "windows after each update: {:?}; updates {:?}",
+        windows(&wire),
         wire.updates
     );
+    let [first, second] = <[Vec<u64>; 2]>::try_from(windows(&wire)).expect(&seen);
     assert!(!first.is_empty() && !second.is_empty(), "{seen}");
     // Four times a round trip: 1 MiB after the first update, where yamux's doubling
     // gives 512 KiB.
@@ -278,4 +296,30 @@ async fn a_download_ramps_fast_and_the_next_starts_from_what_the_tunnel_learned(
     // The second stream jumps at once to half what the first grew to, where yamux would
     // start it from 256 KiB again: 512 KiB after its first update.
     assert!(second[0] >= 4 * MIB, "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_sat_idle_grows_at_the_first_update_of_its_next_download() {
+    let mut link = link();
+    link.ponged.notified().await;
+    let (mut ours, mut theirs) = link.open().await;
+    // Small responses, as a pooled stream carries between downloads: no window update.
+    for _ in 0..4 {
+        send(&mut ours, &mut theirs, 2 * KIB).await;
+    }
+    // Idle for longer than yamux's two round trips: the pause between requests is the
+    // behaviour under test.
+    tokio::time::sleep(RTT * 3).await;
+    send(&mut ours, &mut theirs, 8 * MIB).await;
+
+    let wire = std::mem::take(&mut *link.wire.lock().unwrap());
+    let seen = format!(
+        "windows after each update: {:?}; updates {:?}",
+        windows(&wire),
+        wire.updates
+    );
+    let [stream] = <[Vec<u64>; 1]>::try_from(windows(&wire)).expect(&seen);
+    // Grown four times at the first update (1 MiB), where measuring from the stream's
+    // last update, seconds ago, left it at 256 KiB.
+    assert!(stream.first() >= Some(&(768 * KIB)), "{seen}");
 }

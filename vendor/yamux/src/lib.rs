@@ -179,8 +179,10 @@ impl Config {
     /// never take all of it from the next one). The connection thus remembers what its
     /// streams needed, in the spirit of RFC 9040's temporal sharing of TCP control-block
     /// state; half, because auto-tuning grows a busy stream's window toward twice the
-    /// bandwidth-delay product or more. The wire protocol is unchanged: only window
-    /// updates are larger.
+    /// bandwidth-delay product or more. And a stream that sat idle for two round trips
+    /// measures its next burst from that burst's first byte, not from its last window
+    /// update long ago (see `Burst`). The wire protocol is unchanged: only window updates
+    /// are larger.
     pub fn set_fast_window_ramp(&mut self, b: bool) -> &mut Self {
         self.fast_window_ramp = b;
         self

@@ -16,6 +16,34 @@ pub(crate) struct FlowController {
     receive_window: u32,
     max_receive_window: u32,
     send_window: u32,
+    /// Tower's patch, see `Config::set_fast_window_ramp`.
+    burst: Burst,
+}
+
+/// The stream's data since it last sat idle for two round trips (Tower's patch).
+///
+/// Auto-tuning asks whether the sender used half its window within two round trips of
+/// the last window update. A stream that sat idle (a pooled connection between
+/// requests) last updated its window long ago, so the first update of its next download
+/// never grows the window, costing that download a round trip. A burst is measured from
+/// its own first byte instead, once it has brought a quarter of the window (so a trickle
+/// of small messages, each arriving after a pause, never counts as fast).
+#[derive(Debug, Clone, Copy)]
+struct Burst {
+    start: Instant,
+    last_data: Instant,
+    bytes: u32,
+}
+
+impl Burst {
+    fn new() -> Self {
+        let now = Instant::now();
+        Burst {
+            start: now,
+            last_data: now,
+            bytes: 0,
+        }
+    }
 }
 
 impl FlowController {
@@ -34,6 +62,7 @@ impl FlowController {
             accumulated_max_stream_windows,
             max_receive_window: DEFAULT_CREDIT,
             last_window_update: Instant::now(),
+            burst: Burst::new(),
         }
     }
 
@@ -78,11 +107,16 @@ impl FlowController {
         // above strategy.
         //
         // https://docs.google.com/document/d/1F2YfdDXKpy20WVKJueEf4abn_LVZHhMUMS5gX6Pgjl4/edit?usp=sharing
-        if self
-            .rtt
-            .get()
+        let rtt = self.rtt.get();
+        // Tower's patch: or the current burst brought a quarter of the window or more
+        // within two round trips of its first byte (see `Burst`).
+        let fast_burst = self.config.fast_window_ramp
+            && self.burst.bytes >= self.max_receive_window / 4
+            && rtt.is_some_and(|rtt| self.burst.start.elapsed() < rtt * 2);
+        if rtt
             .map(|rtt| self.last_window_update.elapsed() < rtt * 2)
             .unwrap_or(false)
+            || fast_burst
         {
             let mut accumulated_max_stream_windows = self.accumulated_max_stream_windows.lock();
 
@@ -211,6 +245,19 @@ impl FlowController {
             .receive_window
             .checked_sub(i)
             .ok_or(ConnectionError::InvalidWindowUpdate)?;
+        if self.config.fast_window_ramp {
+            let now = Instant::now();
+            let idle = self
+                .rtt
+                .get()
+                .is_some_and(|rtt| now.duration_since(self.burst.last_data) > rtt * 2);
+            if idle {
+                self.burst.start = now;
+                self.burst.bytes = 0;
+            }
+            self.burst.bytes = self.burst.bytes.saturating_add(i);
+            self.burst.last_data = now;
+        }
         Ok(())
     }
 }
@@ -255,6 +302,7 @@ mod tests {
                     receive_window: self.controller.receive_window,
                     max_receive_window: self.controller.max_receive_window,
                     send_window: self.controller.send_window,
+                    burst: self.controller.burst,
                 },
                 buffer_len: self.buffer_len,
             }
@@ -301,6 +349,7 @@ mod tests {
                     receive_window,
                     max_receive_window,
                     send_window,
+                    burst: Burst::new(),
                 },
                 buffer_len,
             }

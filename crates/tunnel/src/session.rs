@@ -198,8 +198,9 @@ where
     // A stream's window starts at 256 KiB and doubles at most once a round trip: over a
     // 1 Gbit/s x 100 ms WAN a download spent ~0.6 s of 2.2 s ramping (B8). This grows it
     // four times a round trip, at once to what the tunnel's earlier downloads needed, and
-    // from the first update of a download on a pooled stream (vendor/README.md). Only the receiving side's setting matters: the server's, for
-    // responses; the agent's, for uploads.
+    // from the first update of a download on a pooled stream (vendor/README.md). Only
+    // the receiving side's setting matters: the server's for responses, the agent's for
+    // uploads.
     yamux_config.set_fast_window_ramp(true);
     let mode = match role {
         Role::Server => yamux::Mode::Client,

@@ -308,13 +308,16 @@ impl futures::stream::Stream for Stream {
     }
 }
 
-// Like the `futures::stream::Stream` impl above, but copies bytes into the
-// provided mutable slice.
-impl AsyncRead for Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+impl Stream {
+    /// Like [`AsyncRead::poll_read`], but hands the buffered data to `put`, `max` bytes
+    /// at most in all, instead of copying it into an initialised slice (Tower's patch): a
+    /// caller can copy it into memory it has not initialised (tokio's
+    /// `ReadBuf::put_slice`), where `poll_read` makes it zero the memory first.
+    pub fn poll_read_with(
+        &mut self,
         cx: &mut Context,
-        buf: &mut [u8],
+        max: usize,
+        mut put: impl FnMut(&[u8]),
     ) -> Poll<io::Result<usize>> {
         if !self.config.read_after_close && self.sender.is_closed() {
             return Poll::Ready(Ok(0));
@@ -335,11 +338,11 @@ impl AsyncRead for Stream {
                 shared.buffer.pop();
                 continue;
             }
-            let k = std::cmp::min(chunk.len(), buf.len() - n);
-            buf[n..n + k].copy_from_slice(&chunk.as_ref()[..k]);
+            let k = std::cmp::min(chunk.len(), max - n);
+            put(&chunk.as_ref()[..k]);
             n += k;
             chunk.advance(k);
-            if n == buf.len() {
+            if n == max {
                 break;
             }
         }
@@ -360,6 +363,23 @@ impl AsyncRead for Stream {
         shared.reader = Some(cx.waker().clone());
 
         Poll::Pending
+    }
+}
+
+// Like the `futures::stream::Stream` impl above, but copies bytes into the
+// provided mutable slice.
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let max = buf.len();
+        let mut n = 0;
+        self.poll_read_with(cx, max, |data| {
+            buf[n..n + data.len()].copy_from_slice(data);
+            n += data.len();
+        })
     }
 }
 

@@ -582,14 +582,14 @@ mod tests {
         });
         let mut s = server.open_stream().await.unwrap();
         s.write_all(b"go").await.unwrap();
-        let (mut got, mut reads, mut zeroed) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut got, mut reads, mut initialized) = (Vec::new(), Vec::new(), Vec::new());
         loop {
-            let (read, initialized) = read_fresh(&mut s).await;
+            let (read, init) = read_fresh(&mut s).await;
             if read.is_empty() {
                 break;
             }
             reads.push(read.len());
-            zeroed.push(initialized);
+            initialized.push(init);
             got.extend_from_slice(&read);
         }
         sender.await.unwrap();
@@ -601,11 +601,8 @@ mod tests {
             "bytes lost or out of order"
         );
         // No read zeroes memory: each initializes only the bytes it fills.
-        for (i, (&n, &initialized)) in reads.iter().zip(&zeroed).enumerate() {
-            assert_eq!(
-                initialized, n,
-                "read {i} initialized {initialized} bytes for {n}"
-            );
+        for (i, (&n, &init)) in reads.iter().zip(&initialized).enumerate() {
+            assert_eq!(init, n, "read {i} initialized {init} bytes for {n}");
         }
         // And a read takes what is there, up to the buffer: a long stream is read in big
         // reads (small ones would multiply the work of a bulk transfer).

@@ -16,8 +16,10 @@
 //! every task ready and looked for I/O ([`tokio::task::yield_now`]'s deferral, which
 //! wakes no other worker), so the other streams' frames go with it: 0.1 writes per
 //! request. With nothing else ready (one request at a time) it costs the driver one more
-//! poll and the worker a look for I/O before it would have slept: c=1 p50 through Tower
-//! 0-8 µs higher, inside the run-to-run spread (BENCHMARKS.md).
+//! poll and the worker a look for I/O; with two or more workers also a wake-up of a
+//! sleeping one (tokio wakes another worker when a searching one finds work): c=1 p50
+//! a few µs higher with one worker, as deployed, and up to ~20 µs with two on a 2-core
+//! machine (BENCHMARKS.md, "Issue 18's goals").
 
 use std::io;
 use std::pin::Pin;

@@ -760,7 +760,8 @@ mod tests {
                 stream
             }));
         }
-        // Only the opens' frames (none: a stream opens with its first frame) went out.
+        // What went out before the writers start (an open sends nothing: a stream opens
+        // with its first frame).
         let before = writes.load(std::sync::atomic::Ordering::Relaxed);
         // Woken from a task on the worker, all 32 are ready in the same turn.
         tokio::spawn(async move { go.send(true).unwrap() })

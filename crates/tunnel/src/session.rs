@@ -479,8 +479,12 @@ pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    use std::task::Context;
     use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
     #[tokio::test]
     async fn the_server_holds_no_inbound_channel_and_its_inbound_ends_at_once() {
@@ -673,40 +677,33 @@ mod tests {
     /// Counts the writes that reach the socket under a session.
     struct CountWrites<T> {
         inner: T,
-        writes: Arc<std::sync::atomic::AtomicUsize>,
+        writes: Arc<AtomicUsize>,
     }
 
     impl<T: AsyncRead + Unpin> AsyncRead for CountWrites<T> {
         fn poll_read(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
         }
     }
 
     impl<T: AsyncWrite + Unpin> AsyncWrite for CountWrites<T> {
         fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
             data: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            self.writes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+        ) -> Poll<io::Result<usize>> {
+            self.writes.fetch_add(1, Relaxed);
+            Pin::new(&mut self.inner).poll_write(cx, data)
         }
-        fn poll_flush(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
         }
-        fn poll_shutdown(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
         }
     }
 
@@ -718,7 +715,7 @@ mod tests {
     async fn frames_written_by_tasks_ready_together_leave_together() {
         const STREAMS: usize = 32;
         let (a, b) = tokio::io::duplex(1 << 20);
-        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writes = Arc::new(AtomicUsize::new(0));
         let a = CountWrites {
             inner: a,
             writes: writes.clone(),
@@ -762,13 +759,13 @@ mod tests {
         }
         // What went out before the writers start (an open sends nothing: a stream opens
         // with its first frame).
-        let before = writes.load(std::sync::atomic::Ordering::Relaxed);
+        let before = writes.load(Relaxed);
         // Woken from a task on the worker, all 32 are ready in the same turn.
         tokio::spawn(async move { go.send(true).unwrap() })
             .await
             .unwrap();
         all_received.await.unwrap();
-        let sent = writes.load(std::sync::atomic::Ordering::Relaxed) - before;
+        let sent = writes.load(Relaxed) - before;
         assert!(
             (1..=2).contains(&sent),
             "{STREAMS} streams' frames took {sent} writes"

@@ -61,7 +61,10 @@ stop_tower() {
 
 # Writes "$D/http.cfg": haproxy's two chained HTTP+TLS hops, Tower's topology (caller ->
 # hop one on port $1 -> hop two on port $2 -> the stand-in at $UP), each with keep-alive
-# to its upstream, and "$D/ck.pem", their certificate. `nbthread 1` when $3 is set.
+# to its upstream, and "$D/ck.pem", their certificate. `nbthread 1` when $3 is set. Each
+# hop offers callers HTTP/2 as well as HTTP/1.1, as Tower's frontend does, so that a
+# client that prefers HTTP/2 (curl) speaks the same protocol to both; between the hops,
+# and to the upstream, HTTP/1.1.
 haproxy_chain_config() {
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$D/k.pem" \
     -out "$D/c.pem" -days 1 -subj /CN=localhost 2>/dev/null
@@ -76,13 +79,13 @@ defaults
   timeout client 60s
   timeout server 60s
 frontend one
-  bind 127.0.0.1:$1 ssl crt $D/ck.pem
+  bind 127.0.0.1:$1 ssl crt $D/ck.pem alpn h2,http/1.1
   default_backend to_two
 backend to_two
   http-reuse always
   server s 127.0.0.1:$2 ssl verify none
 frontend two
-  bind 127.0.0.1:$2 ssl crt $D/ck.pem
+  bind 127.0.0.1:$2 ssl crt $D/ck.pem alpn h2,http/1.1
   default_backend to_upstream
 backend to_upstream
   http-reuse always

@@ -697,10 +697,12 @@ impl Bench {
         }
     }
 
-    /// B7: CPU, from B1's and B2's rounds (a dash for one that did not run): medians,
+    /// B7: CPU, from B1's and B2's rounds (a dash for one that did not run), and per small
+    /// request with one tokio worker per process ([`Bench::cpu_one_worker`]): medians,
     /// spreads in brackets.
     fn b7(&mut self, small: Option<[Samples; 2]>, bulk: Option<[Samples; 2]>) {
         let small = small.map(|c| c.map(|s| s.scaled(1e6)));
+        let deployed = Some(self.cpu_one_worker().map(|s| s.scaled(1e6)));
         let show = |v: &Option<[Samples; 2]>, i: usize, unit: &str, digits: usize| {
             v.as_ref().map_or("-".into(), |v| {
                 format!(
@@ -719,14 +721,74 @@ impl Bench {
             show(&small, 1, "us/request", 1),
             show(&bulk, 1, "s/GiB", 2),
         );
+        println!(
+            "{:<36} server {}; agent {}",
+            "B7 CPU, one worker (as deployed)",
+            show(&deployed, 0, "us/request", 1),
+            show(&deployed, 1, "us/request", 1),
+        );
         let at = |v: &Option<[Samples; 2]>, i: usize| v.as_ref().map(|v| v[i].to_json());
         self.results.insert(
             "B7".into(),
             json!({
                 "server_us_per_request": at(&small, 0), "agent_us_per_request": at(&small, 1),
                 "server_s_per_gib": at(&bulk, 0), "agent_s_per_gib": at(&bulk, 1),
+                "one_worker": {
+                    "server_us_per_request": at(&deployed, 0),
+                    "agent_us_per_request": at(&deployed, 1),
+                },
             }),
         );
+    }
+
+    /// CPU seconds per small request of [server, agent] at c=64 and c=256 (B2's loads, to
+    /// B2's upstream), per round, through a second server and agent that run one tokio
+    /// worker each: as deployed, where both Deployments limit their pod to 1 CPU and tokio
+    /// sizes its pool to that. B2's pair runs a worker per core of this machine.
+    fn cpu_one_worker(&mut self) -> [Samples; 2] {
+        let server = tower_server().env("TOKIO_WORKER_THREADS", "1").start();
+        let kubeconfig = self
+            .nginx
+            .as_ref()
+            .map_or(&self.member.kubeconfig, |n| &n.kubeconfig);
+        let agent = agent(&server, &self.member, "bench")
+            .kubeconfig(kubeconfig)
+            .env("TOWER_LOG", TOWER_LOG)
+            .env("TOKIO_WORKER_THREADS", "1")
+            .connect(&server);
+        let target = Target::new(
+            &server.ca_pem,
+            server.frontend,
+            "/clusters/bench/version".into(),
+            &self.user,
+        );
+        let (rounds, at_64_and_256) = if self.quick { (3, 20_000) } else { (5, 40_000) };
+        let limit = self.limit();
+        let pids = [server.process.pid(), agent.process.pid()];
+        self.rt.block_on(load::run(&target, 1, 200, limit)); // warm the pools
+        let mut cpu: [Samples; 2] = Default::default();
+        let mut errors = 0;
+        for _ in 0..rounds {
+            let (mut spent, mut requests) = ([Duration::ZERO; 2], 0usize);
+            for c in [64usize, 256] {
+                let before = pids.map(cpu_time);
+                let run = self
+                    .rt
+                    .block_on(load::run(&target, c, at_64_and_256 / c, limit));
+                let after = pids.map(cpu_time);
+                spent = [0, 1].map(|p| spent[p] + (after[p] - before[p]));
+                requests += run.latencies.len();
+                errors += run.errors;
+            }
+            Samples::push_all(
+                cpu.each_mut(),
+                cpu_per(spent, [Duration::ZERO; 2], requests as f64),
+            );
+        }
+        if errors > 0 {
+            println!("{:<36} errors: tunnel {errors}", "");
+        }
+        cpu
     }
 
     /// B6: reconnect after a server restart (SIGKILL, start again on the same ports).

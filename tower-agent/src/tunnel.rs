@@ -272,7 +272,9 @@ async fn serve_stream(
             // Responses are read from the upstream as fast as the stream takes them, not
             // as fast as hyper would buffer them.
             let (stream, pace) = pace::PacedIo::new(stream);
-            let requests = Arc::new(OpenRequests::default());
+            // Each request also counts among the session's exchanges, which the tunnel's
+            // flushes go by.
+            let requests = Arc::new(OpenRequests::counting(session.exchanges()));
             let service = proxy_service(
                 config,
                 preamble.target,

@@ -27,6 +27,7 @@ use tower_auth::{AuthError, Identity, Verifier};
 use tower_proto::Preamble;
 use tower_proto::names::validate_cluster_name;
 use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
+use tower_tunnel::exchanges::Exchange;
 use tower_tunnel::pool::Http1Pool;
 use tower_tunnel::watch_end::{EndOnSignal, Framer};
 use tower_tunnel::{TunnelError, TunnelStream};
@@ -345,6 +346,10 @@ impl Frontend {
         let channel = tunnel.http2.as_ref().filter(|_| {
             watch && client_upgrade.is_none() && tunnel.targets.iter().any(|t| t == route.target)
         });
+        // Counted among the session's exchanges while it runs, as the agent counts it:
+        // with several in flight, the tunnel gathers their frames into shared writes.
+        // Watches on the shared HTTP/2 stream are that stream's codec's to gather.
+        let exchange = channel.is_none().then(|| tunnel.session.exchange());
         let sent = async {
             match channel {
                 Some(channel) => channel
@@ -408,6 +413,7 @@ impl Frontend {
                     _user: user_slot,
                     _cluster: slot,
                     _stream: stream_slot,
+                    _exchange: exchange,
                     activity: activity.clone(),
                 },
                 InFlight::new(self.metrics.clone()),
@@ -450,6 +456,7 @@ impl Frontend {
                 _user: user_slot,
                 _cluster: slot,
                 _stream: stream_slot,
+                _exchange: exchange,
                 activity,
             }),
         ))
@@ -457,12 +464,13 @@ impl Frontend {
 }
 
 /// What a proxied response holds until its body ends: its place among its user's and
-/// its cluster's requests in flight, and among the tunnel's streams when it shares an
-/// HTTP/2 stream.
+/// its cluster's requests in flight, among the tunnel's streams when it shares an
+/// HTTP/2 stream, and among the session's exchanges when it has a stream of its own.
 struct Slots {
     _user: UserSlot,
     _cluster: OwnedSemaphorePermit,
     _stream: Option<OwnedSemaphorePermit>,
+    _exchange: Option<Exchange>,
     /// When the request last moved a byte.
     activity: Arc<Activity>,
 }

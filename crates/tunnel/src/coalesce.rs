@@ -15,11 +15,14 @@
 //! worker each, wrk at c=64; `perf stat`). The flush now waits until the worker has run
 //! every task ready and looked for I/O ([`tokio::task::yield_now`]'s deferral, which
 //! wakes no other worker), so the other streams' frames go with it: 0.1 writes per
-//! request. With nothing else ready (one request at a time) it costs the driver one more
-//! poll and the worker a look for I/O; with two or more workers also a wake-up of a
-//! sleeping one (tokio wakes another worker when a searching one finds work): c=1 p50
-//! a few µs higher with one worker, as deployed, and up to ~20 µs with two on a 2-core
-//! machine (BENCHMARKS.md, "Issue 18's goals").
+//! request. With nothing else ready (one request at a time) the wait cost the driver one
+//! more poll and the worker a look for I/O (+10 % instructions per request on both
+//! sides, `benches/reference/counts.sh`); with two or more workers also a wake-up of a
+//! sleeping one (tokio wakes another worker when a searching one finds work: 2.9 and 3.2
+//! `futex` calls per request). So the flush waits only while a second exchange is in
+//! flight on the session ([`crate::exchanges`]), or while what is due fills a TLS record
+//! (a download, whose next chunks come in the same turn); a small write of a lone
+//! exchange goes at once, as nothing else is coming.
 
 use std::io;
 use std::pin::Pin;
@@ -29,9 +32,17 @@ use std::task::{Context, Poll, Wake, Waker, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::exchanges::Exchanges;
+
 /// Writes are gathered up to this size before they are pushed on without a flush: a
 /// 64 KiB frame (yamux's largest here) and its header fit.
 const CAPACITY: usize = 80 * 1024;
+/// Due bytes from which a flush waits for the end of the turn even with one exchange in
+/// flight: a TLS record's worth, which a small response does not fill and a download's
+/// every chunk does (the agent reads its upstream a record at a time). A download alone
+/// writes its next chunks in the same turn: sent frame by frame, it cost the agent 126
+/// system calls per MiB against 96 (counts.sh).
+const STREAMING: usize = 16 * 1024;
 /// The buffer a session starts with: what an idle tunnel writes (pings, a window
 /// update) fits. It grows as writes need, up to [`CAPACITY`], and keeps what it grew to:
 /// a busy tunnel reallocates a few times in its life, and the 10,000 idle tunnels of a
@@ -47,6 +58,8 @@ pub(crate) struct Coalesce<T> {
 /// The driver's hand on the same buffer: flushes what yamux asked to flush.
 pub(crate) struct Flusher<T> {
     state: Arc<Mutex<State<T>>>,
+    /// Whether another stream may write in the same turn.
+    exchanges: Exchanges,
 }
 
 struct State<T> {
@@ -77,8 +90,9 @@ impl Wake for TurnEnd {
     }
 }
 
-/// A coalescing writer over `inner`, and the flusher its driver calls.
-pub(crate) fn coalesce<T>(inner: T) -> (Coalesce<T>, Flusher<T>) {
+/// A coalescing writer over `inner`, and the flusher its driver calls, which waits for
+/// the end of the worker's turn while `exchanges` has several in flight.
+pub(crate) fn coalesce<T>(inner: T, exchanges: Exchanges) -> (Coalesce<T>, Flusher<T>) {
     let state = Arc::new(Mutex::new(State {
         inner,
         buf: Vec::with_capacity(INITIAL),
@@ -90,7 +104,7 @@ pub(crate) fn coalesce<T>(inner: T) -> (Coalesce<T>, Flusher<T>) {
         Coalesce {
             state: state.clone(),
         },
-        Flusher { state },
+        Flusher { state, exchanges },
     )
 }
 
@@ -125,32 +139,40 @@ impl<T: AsyncWrite + Unpin> State<T> {
 }
 
 impl<T: AsyncWrite + Unpin> Flusher<T> {
-    /// Pushes out what yamux flushed since the last time, once the worker's turn is over
-    /// (see the module's documentation); ready at once if nothing is due.
+    /// Pushes out what yamux flushed since the last time: once the worker's turn is over
+    /// while several exchanges are in flight, else now (see the module's documentation);
+    /// ready at once if nothing is due.
     pub(crate) fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut state = lock(&self.state);
         if !state.due {
             return Poll::Ready(Ok(()));
         }
-        match &state.turn_end {
-            None => {
-                let turn_end = Arc::new(TurnEnd {
-                    over: AtomicBool::new(false),
-                    driver: cx.waker().clone(),
-                });
-                // Its first poll hands the waker to the worker, to be woken when the
-                // worker runs out of ready tasks (at once outside a runtime), and is
-                // Pending; the future itself is not needed after that.
-                let waker = Waker::from(turn_end.clone());
-                let _ = std::pin::pin!(tokio::task::yield_now())
-                    .as_mut()
-                    .poll(&mut Context::from_waker(&waker));
-                state.turn_end = Some(turn_end);
-                return Poll::Pending;
+        if self.exchanges.several() || state.buf.len() - state.written >= STREAMING {
+            match &state.turn_end {
+                None => {
+                    let turn_end = Arc::new(TurnEnd {
+                        over: AtomicBool::new(false),
+                        driver: cx.waker().clone(),
+                    });
+                    // Its first poll hands the waker to the worker, to be woken when the
+                    // worker runs out of ready tasks (at once outside a runtime), and is
+                    // Pending; the future itself is not needed after that.
+                    let waker = Waker::from(turn_end.clone());
+                    let _ = std::pin::pin!(tokio::task::yield_now())
+                        .as_mut()
+                        .poll(&mut Context::from_waker(&waker));
+                    state.turn_end = Some(turn_end);
+                    return Poll::Pending;
+                }
+                Some(turn_end) if !turn_end.over.load(Ordering::Acquire) => {
+                    return Poll::Pending;
+                }
+                Some(_) => {}
             }
-            Some(turn_end) if !turn_end.over.load(Ordering::Acquire) => return Poll::Pending,
-            Some(_) => state.turn_end = None,
         }
+        // The turn is over, or nothing else is coming: a wait begun earlier is moot (its
+        // waker may still fire, and finds nothing due).
+        state.turn_end = None;
         state.poll_flush(cx)
     }
 }
@@ -243,7 +265,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_flushed_in_one_turn_leave_as_one_write() {
-        let (mut c, flusher) = coalesce(Counting::default());
+        let (mut c, flusher) = coalesce(Counting::default(), Exchanges::default());
         // Two frames, each header then body and a flush, as yamux writes them.
         for body in [100, 40] {
             c.write_all(&[0u8; 12]).await.unwrap();
@@ -273,10 +295,63 @@ mod tests {
         assert_eq!(writes(&c), [164, 5 + 12 + 64 * 1024, CAPACITY, 7]);
     }
 
+    /// One frame, header and body, as yamux writes and flushes it.
+    async fn frame(c: &mut Coalesce<Counting>, body: usize) {
+        c.write_all(&[0u8; 12]).await.unwrap();
+        c.write_all(&vec![1u8; body]).await.unwrap();
+        c.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_flush_waits_for_the_turn_only_for_several_exchanges_or_a_download() {
+        let exchanges = Exchanges::default();
+        let (mut c, flusher) = coalesce(Counting::default(), exchanges.clone());
+        let poll = |f: &Flusher<Counting>| {
+            f.poll_flush(&mut Context::from_waker(Waker::noop()))
+                .map(Result::unwrap)
+        };
+        // None in flight (pings, window updates) or one (a request alone): at once.
+        frame(&mut c, 10).await;
+        assert!(poll(&flusher).is_ready());
+        assert_eq!(writes(&c), [22]);
+        let first = exchanges.begin();
+        frame(&mut c, 20).await;
+        assert!(poll(&flusher).is_ready());
+        assert_eq!(writes(&c), [22, 32]);
+        // Two: the flush waits for the end of the worker's turn, and what other streams
+        // write before then goes with it.
+        let second = exchanges.begin();
+        frame(&mut c, 30).await;
+        assert!(poll(&flusher).is_pending());
+        frame(&mut c, 40).await;
+        assert!(poll(&flusher).is_pending());
+        assert_eq!(writes(&c), [22, 32]);
+        tokio::task::yield_now().await;
+        assert!(poll(&flusher).is_ready());
+        assert_eq!(writes(&c), [22, 32, 42 + 52]);
+        // A wait begun while two were in flight ends when one of them does.
+        frame(&mut c, 50).await;
+        assert!(poll(&flusher).is_pending());
+        drop(second);
+        assert!(poll(&flusher).is_ready());
+        assert_eq!(writes(&c), [22, 32, 94, 62]);
+        // One in flight, but a download's chunk: it waits, and the next goes with it.
+        frame(&mut c, STREAMING).await;
+        assert!(poll(&flusher).is_pending());
+        frame(&mut c, 60).await;
+        tokio::task::yield_now().await;
+        assert!(poll(&flusher).is_ready());
+        assert_eq!(writes(&c), [22, 32, 94, 62, 12 + STREAMING + 72]);
+        drop(first);
+    }
+
     #[tokio::test]
     async fn bytes_arrive_intact_through_a_pipe() {
         let (a, mut b) = tokio::io::duplex(1024);
-        let (mut c, flusher) = coalesce(a);
+        // Several exchanges in flight: every flush waits for the end of the turn.
+        let exchanges = Exchanges::default();
+        let _in_flight = [exchanges.begin(), exchanges.begin()];
+        let (mut c, flusher) = coalesce(a, exchanges.clone());
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
         let writer = tokio::spawn(async move {

@@ -11,12 +11,14 @@
 //! * [`stream`]: a yamux stream as tokio and hyper I/O, and its preamble.
 //! * [`requests`]: the requests a connection (or tunnel stream) serves, and when it has
 //!   served none for long.
+//! * [`exchanges`]: the requests in flight on a session, which its flush goes by.
 
 #![forbid(unsafe_code)]
 
 mod coalesce;
 pub mod control;
 pub mod dial;
+pub mod exchanges;
 mod frames;
 pub mod http;
 pub mod pool;

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::exchanges::{Exchange, Exchanges};
+
 /// The requests one connection is serving now.
 ///
 /// Nothing here wakes the watcher per request: it sleeps to its deadline and then looks
@@ -28,6 +30,8 @@ pub struct OpenRequests {
     /// When a request last ended, as nanoseconds since `origin`.
     ended: AtomicU64,
     origin: Instant,
+    /// The session's count each request also adds to, on a tunnel stream.
+    session: Option<Exchanges>,
 }
 
 impl Default for OpenRequests {
@@ -37,6 +41,7 @@ impl Default for OpenRequests {
             served: AtomicBool::new(false),
             ended: AtomicU64::new(0),
             origin: Instant::now(),
+            session: None,
         }
     }
 }
@@ -61,11 +66,23 @@ impl Idle {
 }
 
 impl OpenRequests {
+    /// The requests of one stream of a session, each also counted among the session's
+    /// exchanges while open ([`crate::SessionHandle::exchange`]).
+    pub fn counting(session: &Exchanges) -> Self {
+        OpenRequests {
+            session: Some(session.clone()),
+            ..OpenRequests::default()
+        }
+    }
+
     /// Counts a request open until the returned guard is dropped (with its response body).
     pub fn start(self: &Arc<Self>) -> RequestGuard {
         self.served.store(true, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::AcqRel);
-        RequestGuard(self.clone())
+        RequestGuard {
+            requests: self.clone(),
+            _exchange: self.session.as_ref().map(Exchanges::begin),
+        }
     }
 
     /// Resolves once no request has been open for `first` since now and no request
@@ -98,13 +115,17 @@ impl OpenRequests {
     }
 }
 
-/// A request counted in [`OpenRequests`].
+/// A request counted in [`OpenRequests`] (and among its session's exchanges, if counted
+/// there).
 #[derive(Debug)]
-pub struct RequestGuard(Arc<OpenRequests>);
+pub struct RequestGuard {
+    requests: Arc<OpenRequests>,
+    _exchange: Option<Exchange>,
+}
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        let requests = &self.0;
+        let requests = &self.requests;
         // Before the count drops: whoever sees it at zero sees when that was.
         let since = u64::try_from(requests.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
         requests.ended.fetch_max(since, Ordering::AcqRel);

@@ -14,6 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 use crate::coalesce::{Coalesce, Flusher, coalesce};
+use crate::exchanges::{Exchange, Exchanges};
 use crate::frames::WatchFrames;
 use crate::queued::Queued;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +85,8 @@ pub struct SessionHandle {
     streams_end: CancellationToken,
     /// What the streams have queued in yamux.
     queued: Queued,
+    /// The exchanges in flight, which the flush goes by.
+    exchanges: Exchanges,
 }
 
 impl std::fmt::Debug for Command {
@@ -131,6 +134,21 @@ impl SessionHandle {
             .clone()
             .try_acquire_owned()
             .map_err(|_| TunnelError::StreamLimit(self.max_streams))
+    }
+
+    /// Counts a request and its response in flight on this session until the guard is
+    /// dropped: while several are, the session's flushes wait for the end of the
+    /// worker's turn and gather the frames of the streams that write in it
+    /// ([`crate::exchanges`]). Held from before the request's first write to the end of
+    /// its response body.
+    pub fn exchange(&self) -> Exchange {
+        self.exchanges.begin()
+    }
+
+    /// The count [`SessionHandle::exchange`] adds to, for the per-stream request counts
+    /// that also count here ([`crate::requests::OpenRequests::counting`]).
+    pub fn exchanges(&self) -> &Exchanges {
+        &self.exchanges
     }
 
     /// Streams open now (through this handle's slots), multiplexed requests included.
@@ -208,7 +226,8 @@ where
     };
     let violated = CancellationToken::new();
     let queued = Queued::default();
-    let (io, flusher) = coalesce(io);
+    let exchanges = Exchanges::default();
+    let (io, flusher) = coalesce(io, exchanges.clone());
     let io = WatchFrames::new(io, violated.clone(), queued.clone());
     let connection = yamux::Connection::new(io.compat(), yamux_config, mode);
     let (commands, command_rx) = mpsc::unbounded_channel();
@@ -227,6 +246,7 @@ where
         closed: CancellationToken::new(),
         streams_end: CancellationToken::new(),
         queued,
+        exchanges,
     };
     let driver = Driver {
         connection,
@@ -751,10 +771,12 @@ mod tests {
         let mut writers = Vec::new();
         for mut stream in streams {
             let mut ready = ready.clone();
+            // Each a request in flight, as the proxies count them.
+            let exchange = server.exchange();
             writers.push(tokio::spawn(async move {
                 ready.wait_for(|go| *go).await.unwrap();
                 stream.write_all(&[7u8; 100]).await.unwrap();
-                stream
+                (stream, exchange)
             }));
         }
         // What went out before the writers start (an open sends nothing: a stream opens

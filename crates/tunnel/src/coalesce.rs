@@ -91,7 +91,8 @@ impl Wake for TurnEnd {
 }
 
 /// A coalescing writer over `inner`, and the flusher its driver calls, which waits for
-/// the end of the worker's turn while `exchanges` has several in flight.
+/// the end of the worker's turn while `exchanges` has several in flight or a download's
+/// bytes are due.
 pub(crate) fn coalesce<T>(inner: T, exchanges: Exchanges) -> (Coalesce<T>, Flusher<T>) {
     let state = Arc::new(Mutex::new(State {
         inner,
@@ -140,8 +141,8 @@ impl<T: AsyncWrite + Unpin> State<T> {
 
 impl<T: AsyncWrite + Unpin> Flusher<T> {
     /// Pushes out what yamux flushed since the last time: once the worker's turn is over
-    /// while several exchanges are in flight, else now (see the module's documentation);
-    /// ready at once if nothing is due.
+    /// while several exchanges are in flight or [`STREAMING`] bytes are due, else now (see
+    /// the module's documentation); ready at once if nothing is due.
     pub(crate) fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut state = lock(&self.state);
         if !state.due {

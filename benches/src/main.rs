@@ -35,7 +35,7 @@ mod watch;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tower_e2e::{Agent, Https, Member, RssPeaks, Server, agent, server};
+use tower_e2e::{Agent, AgentBuilder, Https, Member, RssPeaks, Server, agent, server};
 
 use crate::load::{Target, cpu_time};
 use crate::nginx::Nginx;
@@ -259,6 +259,15 @@ fn raise_open_files(want: u64) -> u64 {
     }
 }
 
+/// Cluster `bench`'s agent on `server`, serving B1's, B2's, B6's and B8's upstream: nginx
+/// when it runs, else the stand-in.
+fn bench_agent(server: &Server, member: &Member, nginx: Option<&Nginx>) -> AgentBuilder {
+    let kubeconfig = nginx.map_or(&member.kubeconfig, |n| &n.kubeconfig);
+    agent(server, member, "bench")
+        .kubeconfig(kubeconfig)
+        .env("TOWER_LOG", TOWER_LOG)
+}
+
 /// The shared setup of B1–B3, B6 and B7: the stand-in, one server and one agent.
 struct Bench {
     quick: bool,
@@ -294,11 +303,7 @@ impl Bench {
             }
         };
         let server = tower_server().start();
-        let kubeconfig = nginx.as_ref().map_or(&member.kubeconfig, |n| &n.kubeconfig);
-        let agent = agent(&server, &member, "bench")
-            .kubeconfig(kubeconfig)
-            .env("TOWER_LOG", TOWER_LOG)
-            .connect(&server);
+        let agent = bench_agent(&server, &member, nginx.as_ref()).connect(&server);
         let stand_in_agent = nginx.as_ref().map(|_| {
             tower_e2e::agent(&server, &member, STAND_IN_CLUSTER)
                 .env("TOWER_LOG", TOWER_LOG)
@@ -747,13 +752,7 @@ impl Bench {
     /// sizes its pool to that. B2's pair runs a worker per core of this machine.
     fn cpu_one_worker(&mut self) -> [Samples; 2] {
         let server = tower_server().env("TOKIO_WORKER_THREADS", "1").start();
-        let kubeconfig = self
-            .nginx
-            .as_ref()
-            .map_or(&self.member.kubeconfig, |n| &n.kubeconfig);
-        let agent = agent(&server, &self.member, "bench")
-            .kubeconfig(kubeconfig)
-            .env("TOWER_LOG", TOWER_LOG)
+        let agent = bench_agent(&server, &self.member, self.nginx.as_ref())
             .env("TOKIO_WORKER_THREADS", "1")
             .connect(&server);
         let target = Target::new(

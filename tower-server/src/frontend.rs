@@ -349,7 +349,9 @@ impl Frontend {
         // Counted among the session's exchanges while it runs, as the agent counts it:
         // with several in flight, the tunnel gathers their frames into shared writes.
         // Watches on the shared HTTP/2 stream are that stream's codec's to gather.
-        let exchange = channel.is_none().then(|| tunnel.session.exchange());
+        let exchange = channel
+            .is_none()
+            .then(|| tunnel.session.exchanges().begin());
         let sent = async {
             match channel {
                 Some(channel) => channel

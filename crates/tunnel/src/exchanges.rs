@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The count of one session's exchanges in flight ([`crate::SessionHandle::exchange`]).
+/// The count of one session's exchanges in flight ([`crate::SessionHandle::exchanges`]).
 #[derive(Clone, Debug, Default)]
 pub struct Exchanges(Arc<AtomicUsize>);
 

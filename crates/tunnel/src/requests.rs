@@ -67,7 +67,7 @@ impl Idle {
 
 impl OpenRequests {
     /// The requests of one stream of a session, each also counted among the session's
-    /// exchanges while open ([`crate::SessionHandle::exchange`]).
+    /// exchanges while open ([`crate::SessionHandle::exchanges`]).
     pub fn counting(session: &Exchanges) -> Self {
         OpenRequests {
             session: Some(session.clone()),
@@ -137,6 +137,23 @@ impl Drop for RequestGuard {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_streams_requests_count_among_its_sessions_exchanges_while_open() {
+        let session = Exchanges::default();
+        let requests = Arc::new(OpenRequests::counting(&session));
+        let first = requests.start();
+        assert!(!session.several());
+        let second = requests.start();
+        assert!(session.several(), "two open requests are two exchanges");
+        drop(second);
+        assert!(!session.several());
+        // Another stream's request on the same session counts too.
+        let other = Arc::new(OpenRequests::counting(&session)).start();
+        assert!(session.several());
+        drop((first, other));
+        assert!(!session.several());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_without_requests_is_idle_after_its_deadlines() {

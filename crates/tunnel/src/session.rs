@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 use crate::coalesce::{Coalesce, Flusher, coalesce};
-use crate::exchanges::{Exchange, Exchanges};
+use crate::exchanges::Exchanges;
 use crate::frames::WatchFrames;
 use crate::queued::Queued;
 use tokio_util::sync::CancellationToken;
@@ -136,17 +136,11 @@ impl SessionHandle {
             .map_err(|_| TunnelError::StreamLimit(self.max_streams))
     }
 
-    /// Counts a request and its response in flight on this session until the guard is
-    /// dropped: while several are, the session's flushes wait for the end of the
-    /// worker's turn and gather the frames of the streams that write in it
-    /// ([`crate::exchanges`]). Held from before the request's first write to the end of
-    /// its response body.
-    pub fn exchange(&self) -> Exchange {
-        self.exchanges.begin()
-    }
-
-    /// The count [`SessionHandle::exchange`] adds to, for the per-stream request counts
-    /// that also count here ([`crate::requests::OpenRequests::counting`]).
+    /// The requests and responses in flight on this session, each counted from before
+    /// the request's first write to the end of its response body ([`Exchanges::begin`],
+    /// or a stream's [`crate::requests::OpenRequests::counting`]): while several are,
+    /// the session's flushes wait for the end of the worker's turn and gather the frames
+    /// of the streams that write in it ([`crate::exchanges`]).
     pub fn exchanges(&self) -> &Exchanges {
         &self.exchanges
     }
@@ -772,7 +766,7 @@ mod tests {
         for mut stream in streams {
             let mut ready = ready.clone();
             // Each a request in flight, as the proxies count them.
-            let exchange = server.exchange();
+            let exchange = server.exchanges().begin();
             writers.push(tokio::spawn(async move {
                 ready.wait_for(|go| *go).await.unwrap();
                 stream.write_all(&[7u8; 100]).await.unwrap();

@@ -463,6 +463,106 @@ mod tests {
         assert_eq!(idle(&pool, &uri), 4);
     }
 
+    /// `HttpConnector`'s connections, counting the reads their tasks attempt.
+    #[derive(Clone)]
+    struct CountReads {
+        inner: HttpConnector,
+        reads: Arc<AtomicUsize>,
+    }
+
+    struct Counted {
+        io: hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+        reads: Arc<AtomicUsize>,
+    }
+
+    impl Service<Uri> for CountReads {
+        type Response = Counted;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn std::future::Future<Output = Result<Counted, BoxError>> + Send>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            self.inner.poll_ready(cx).map_err(Into::into)
+        }
+
+        fn call(&mut self, uri: Uri) -> Self::Future {
+            let (connecting, reads) = (self.inner.call(uri), self.reads.clone());
+            Box::pin(async move {
+                let io = connecting.await?;
+                Ok(Counted { io, reads })
+            })
+        }
+    }
+
+    impl hyper::rt::Read for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: hyper::rt::ReadBufCursor<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl hyper::rt::Write for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// Reading a small response's body does not wake its connection's task, which
+    /// finished the body when it read it (vendor/README.md, hyper). With two workers, such
+    /// a wake costs tower-agent a wake of the other worker per request: the stream task's
+    /// next wake, of the session driver, pushes the connection's task out of tokio's LIFO
+    /// slot onto the run queue, and that notifies a parked worker.
+    #[tokio::test]
+    async fn reading_a_finished_body_leaves_its_connection_task_alone() {
+        let (uri, accepted) = upstream(10).await;
+        let reads = Arc::new(AtomicUsize::new(0));
+        let connector = CountReads {
+            inner: HttpConnector::new(),
+            reads: reads.clone(),
+        };
+        let pool = Http1Pool::new(connector, None, 4);
+        for _ in 0..3 {
+            let mut body = pool.send(get(&uri)).await.unwrap().into_body();
+            // The connection's task read the whole response (one segment) and left.
+            let quiet = reads.load(Ordering::SeqCst);
+            let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(data.len(), 10);
+            assert!(body.frame().await.is_none());
+            // Anything woken runs before this task resumes (one thread).
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(
+                reads.load(Ordering::SeqCst),
+                quiet,
+                "the connection's task was polled again"
+            );
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection served all"
+        );
+    }
+
     #[test]
     fn requests_carry_a_host_and_an_origin_form_target() {
         for (uri, host) in [

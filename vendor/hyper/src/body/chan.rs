@@ -172,8 +172,13 @@ impl Receiver {
             false
         };
         if let Some(item) = state.item.take() {
+            // Room for the next item: wake the sender, unless it is gone (its task
+            // holds nothing more to send, and a wake would only poll it in vain).
+            let sender_open = state.sender_open;
             drop(state);
-            self.shared.sender_waker.wake();
+            if sender_open {
+                self.shared.sender_waker.wake();
+            }
             return Poll::Ready(Some(item));
         }
         if let Some(err) = state.pending_error.take() {

@@ -29,6 +29,11 @@ pub(crate) const DEFAULT_MAX_BUFFER_SIZE: usize = 8192 + 4096 * 100;
 /// forces a flush if the queue gets this big.
 const MAX_BUF_LIST_BUFFERS: usize = 16;
 
+/// The least room left behind the last message that a read for the next one uses as it is
+/// (`Buffered::poll_read_head_from_io`): a request or response head of a few hundred bytes
+/// to a few KiB fits, and a larger one reads on into a new block.
+const SPARE_ROOM: usize = 4096;
+
 pub(crate) struct Buffered<T, B> {
     flush_pipeline: bool,
     io: T,
@@ -221,7 +226,7 @@ where
                     self.partial_len = None;
                 }
             }
-            if ready!(self.poll_read_from_io(cx)).map_err(crate::Error::new_io)? == 0 {
+            if ready!(self.poll_read_head_from_io(cx)).map_err(crate::Error::new_io)? == 0 {
                 trace!("parse eof");
                 return Poll::Ready(Err(crate::Error::new_incomplete()));
             }
@@ -229,6 +234,27 @@ where
     }
 
     pub(crate) fn poll_read_from_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.poll_read_from_io_into(cx, false)
+    }
+
+    /// Reads for the start of the next message, or to see whether the peer sent one or
+    /// closed, while the buffer holds nothing: into the room the last message left in the
+    /// buffer when it has at least `SPARE_ROOM`, without reserving the read strategy's
+    /// full size first. That room is usually in a block still shared with the last
+    /// message's header values, so reserving would allocate a new block for every message
+    /// on a keep-alive connection (Tower's change; vendor/README.md).
+    pub(crate) fn poll_read_head_from_io(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_from_io_into(cx, true)
+    }
+
+    fn poll_read_from_io_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        head: bool,
+    ) -> Poll<io::Result<usize>> {
         self.read_blocked = false;
         // Get the next amount to allocate, but make sure we don't go over
         // the max read buf size configured.
@@ -238,7 +264,9 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
-        if self.read_buf_remaining_mut() < next {
+        let room = self.read_buf_remaining_mut();
+        let spare = head && self.read_buf.is_empty() && room >= SPARE_ROOM;
+        if room < next && !spare {
             self.read_buf.reserve(next);
         }
 

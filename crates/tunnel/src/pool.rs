@@ -563,6 +563,36 @@ mod tests {
         );
     }
 
+    /// A keep-alive connection reads its next response into the room its last one left
+    /// in the read buffer, instead of a new block for every response (vendor/README.md,
+    /// hyper's second change). Seen through the bodies: hyper hands them out as slices of
+    /// that buffer, and while the first is held its block cannot be reused.
+    #[tokio::test]
+    async fn a_connection_reads_its_next_response_into_the_room_left() {
+        let (uri, accepted) = upstream(10).await;
+        let pool = pool();
+        let mut chunks = Vec::new();
+        for _ in 0..3 {
+            let mut body = pool.send(get(&uri)).await.unwrap().into_body();
+            let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert!(body.frame().await.is_none());
+            chunks.push(data);
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection served all"
+        );
+        let first = chunks[0].as_ptr() as usize;
+        for later in &chunks[1..] {
+            let at = later.as_ptr() as usize;
+            assert!(
+                at > first && at - first < 8 * 1024,
+                "a response read into a block of its own ({at:#x}, the first at {first:#x})"
+            );
+        }
+    }
+
     #[test]
     fn requests_carry_a_host_and_an_origin_form_target() {
         for (uri, host) in [

@@ -411,6 +411,15 @@ mod tests {
         request
     }
 
+    /// The upstream accepted one connection, which served every request.
+    fn served_by_one(accepted: &AtomicUsize) {
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection served all"
+        );
+    }
+
     fn idle(pool: &Http1Pool<HttpConnector, Empty>, uri: &Uri) -> usize {
         pool.idle(uri.authority().unwrap().as_str())
     }
@@ -426,11 +435,7 @@ mod tests {
             assert_eq!(body.len(), 100_000);
             assert_eq!(idle(&pool, &uri), 1);
         }
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            1,
-            "one connection served all"
-        );
+        served_by_one(&accepted);
     }
 
     #[tokio::test]
@@ -556,11 +561,7 @@ mod tests {
                 "the connection's task was polled again"
             );
         }
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            1,
-            "one connection served all"
-        );
+        served_by_one(&accepted);
     }
 
     /// A keep-alive connection reads its next response into the room its last one left
@@ -578,11 +579,7 @@ mod tests {
             assert!(body.frame().await.is_none());
             chunks.push(data);
         }
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            1,
-            "one connection served all"
-        );
+        served_by_one(&accepted);
         let first = chunks[0].as_ptr() as usize;
         for later in &chunks[1..] {
             let at = later.as_ptr() as usize;

@@ -21,6 +21,7 @@ use tower_tunnel::control::{self, Keepalive};
 use tower_tunnel::dial;
 use tower_tunnel::requests::OpenRequests;
 use tower_tunnel::session::{self, Role};
+use tower_tunnel::woken::woken_only;
 use tower_tunnel::{SessionConfig, TunnelStream};
 
 use crate::backoff::Ended;
@@ -346,7 +347,8 @@ async fn until_done<C: Future>(
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => result,
-        () = shutdown.cancelled() => {
+        // Polled with every turn of the connection's task: through only when it fires.
+        () = woken_only(shutdown.cancelled()) => {
             graceful_shutdown(connection.as_mut());
             connection.await
         }

@@ -54,6 +54,7 @@ use tower_proto::handshake::ServerHello;
 use tower_tunnel::SessionConfig;
 use tower_tunnel::control::Keepalive;
 use tower_tunnel::requests::OpenRequests;
+use tower_tunnel::woken::woken_only;
 
 pub use crate::connections::ConnectionLimits;
 use crate::connections::{Admission, Peer};
@@ -702,7 +703,7 @@ async fn serve<F, Fut>(
                     let mut connection = Box::pin(connection);
                     tokio::select! {
                         result = connection.as_mut() => result,
-                        () = finish.cancelled() => {
+                        () = woken_only(finish.cancelled()) => {
                             // A GOAWAY: requests in flight finish, new ones go elsewhere.
                             connection.as_mut().graceful_shutdown();
                             connection.await
@@ -741,7 +742,7 @@ async fn serve<F, Fut>(
                     let ended = tokio::select! {
                         result = connection.as_mut() => Some(result),
                         // Finish the request in flight, then close.
-                        () = finish.cancelled() => None,
+                        () = woken_only(finish.cancelled()) => None,
                         () = headers_late() => {
                             tracing::debug!(%remote, "no request headers within --header-read-timeout: closed");
                             metrics.count_limited("header_read_timeout");

@@ -28,6 +28,7 @@ pub mod session;
 pub mod stream;
 pub mod tls;
 pub mod watch_end;
+pub mod woken;
 
 pub use session::{SessionConfig, SessionHandle};
 pub use stream::TunnelStream;

@@ -17,6 +17,7 @@ use crate::coalesce::{Coalesce, Flusher, coalesce};
 use crate::exchanges::Exchanges;
 use crate::frames::WatchFrames;
 use crate::queued::Queued;
+use crate::woken::woken_only;
 use tokio_util::sync::CancellationToken;
 
 use crate::{TunnelError, TunnelStream};
@@ -295,9 +296,10 @@ where
         let mut pending: VecDeque<oneshot::Sender<Result<yamux::Stream, TunnelError>>> =
             VecDeque::new();
         let close = self.close.clone();
-        let mut close_requested = std::pin::pin!(close.cancelled());
+        // Polled every turn, fired once at most: polled through only when they fire.
+        let mut close_requested = std::pin::pin!(woken_only(close.cancelled()));
         let violated = self.violated.clone();
-        let mut violation = std::pin::pin!(violated.cancelled());
+        let mut violation = std::pin::pin!(woken_only(violated.cancelled()));
         let mut warned_inbound = false;
         loop {
             let event = poll_fn(|cx| {

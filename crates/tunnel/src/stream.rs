@@ -13,6 +13,7 @@ use tower_proto::Preamble;
 
 use crate::TunnelError;
 use crate::queued::Queued;
+use crate::woken::{WokenOnly, woken_only};
 
 /// One stream of a tunnel. Holds a slot of its session's stream limit until dropped.
 ///
@@ -22,8 +23,9 @@ use crate::queued::Queued;
 pub struct TunnelStream {
     inner: Compat<yamux::Stream>,
     /// Resolves when the session is closing or over; polled only when yamux has nothing
-    /// for us, so a busy stream pays nothing for it.
-    session_over: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// for us, so a busy stream pays nothing for it, and then only through its wake
+    /// ([`woken_only`]).
+    session_over: Pin<Box<WokenOnly<WaitForCancellationFutureOwned>>>,
     /// Permits for bytes queued in yamux, one per byte, shared by the session's streams
     /// ([`crate::queued`]).
     queued: PollSemaphore,
@@ -50,7 +52,7 @@ impl TunnelStream {
     ) -> Self {
         TunnelStream {
             inner: stream.compat(),
-            session_over: Box::pin(session_over.clone().cancelled_owned()),
+            session_over: Box::pin(woken_only(session_over.clone().cancelled_owned())),
             queued: PollSemaphore::new(queued.semaphore()),
             _slot: slot,
         }

@@ -354,8 +354,9 @@ impl Frontend {
             .then(|| tunnel.session.exchanges().begin());
         let sent = async {
             match channel {
-                Some(channel) => channel
-                    .send(route.target, upstream)
+                // Boxed: watches only, and its future (kilobytes) would otherwise be part
+                // of every request's, copied with it.
+                Some(channel) => Box::pin(channel.send(route.target, upstream))
                     .await
                     .map(|(response, slot)| (response.map(Either::Right), Some(slot))),
                 None => match self.client.send(upstream).await {

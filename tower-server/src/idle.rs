@@ -45,22 +45,51 @@ impl Activity {
 #[error("no bytes moved for {0:?} (--stream-idle-timeout): stream closed")]
 pub(crate) struct IdleTimeout(pub(crate) Duration);
 
+pin_project_lite::pin_project! {
+    /// What [`unless_idle`] returns.
+    pub(crate) struct UnlessIdle<'a, F> {
+        #[pin]
+        future: F,
+        activity: &'a Activity,
+        timeout: Duration,
+        #[pin]
+        sleep: Sleep,
+    }
+}
+
 /// Waits for `future` while `activity` shows bytes moving; `Err` once idle for `timeout`.
-pub(crate) async fn unless_idle<F: Future>(
+///
+/// A future of its own rather than an `async fn`: that held `future` twice (the argument
+/// and the pinned local), and the frontend's is a request's send, so every request's
+/// future grew by it and was copied with it (BENCHMARKS.md, "Smaller request futures").
+pub(crate) fn unless_idle<F: Future>(
     future: F,
     activity: &Activity,
     timeout: Duration,
-) -> Result<F::Output, IdleTimeout> {
-    tokio::pin!(future);
-    loop {
-        let deadline = activity.deadline(timeout);
-        tokio::select! {
-            out = &mut future => return Ok(out),
-            () = tokio::time::sleep_until(deadline) => {
-                if activity.deadline(timeout) <= Instant::now() {
-                    return Err(IdleTimeout(timeout));
-                }
+) -> UnlessIdle<'_, F> {
+    UnlessIdle {
+        future,
+        activity,
+        timeout,
+        sleep: tokio::time::sleep_until(activity.deadline(timeout)),
+    }
+}
+
+impl<F: Future> Future for UnlessIdle<'_, F> {
+    type Output = Result<F::Output, IdleTimeout>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.future.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        loop {
+            ready!(this.sleep.as_mut().poll(cx));
+            let deadline = this.activity.deadline(*this.timeout);
+            if deadline <= Instant::now() {
+                return Poll::Ready(Err(IdleTimeout(*this.timeout)));
             }
+            this.sleep.as_mut().reset(deadline);
         }
     }
 }

@@ -122,7 +122,9 @@ where
         loop {
             let (mut sender, reused) = match self.inner.checkout(key) {
                 Some(sender) => (sender, true),
-                None => (self.connect(&uri).await?, false),
+                // Boxed: a connect (the connector's dial and TLS handshake, hyper's
+                // handshake) is kilobytes of future that every request's would carry.
+                None => (Box::pin(self.connect(&uri)).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(watch(&self.inner, key, response, sender)),

@@ -33,6 +33,10 @@ use tower_tunnel::watch_end::{EndOnSignal, Framer};
 use tower_tunnel::{TunnelError, TunnelStream};
 
 use crate::connections::Peer;
+
+/// The assertion's header, as a name made once: inserted by its `&str`, a custom name
+/// is copied into a new allocation per request.
+const IDENTITY: header::HeaderName = header::HeaderName::from_static(IDENTITY_HEADER);
 use crate::idle::{Activity, IdleBody, unless_idle};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::registry::{Lookup, Registry};
@@ -322,7 +326,7 @@ impl Frontend {
             // Not ours to judge: it goes as it came, for the member to authenticate.
             Caller::PassThrough(_) => self.auth.asserter.assert_pass_through(route.cluster),
         };
-        parts.headers.insert(IDENTITY_HEADER, assertion);
+        parts.headers.insert(IDENTITY, assertion);
         // Streams in the tunnel carry HTTP/1.1, whatever the caller spoke.
         parts.version = http::Version::HTTP_11;
         let metrics = self.metrics.clone();
@@ -479,19 +483,29 @@ struct Slots {
 }
 
 /// Requests in flight per cluster and user, each count at most `max`. A count that drops
-/// to zero is removed, so users who come and go leave nothing behind. Keyed by
-/// `{cluster}/{user}` (a cluster name has no `/`), shared with the slots, so a request
-/// costs one key, not a pair of strings looked up and copied; hashed with foldhash, as
-/// the user is a verified identity's.
+/// to zero is removed, and a cluster left without users too, so users who come and go
+/// leave nothing behind. Keyed by cluster, then by user; each entry keeps its own name
+/// beside its count, shared with the slots, so a request looks both up by the `&str`s it
+/// has and copies nothing (before, a `{cluster}/{user}` key was formatted per request).
+/// Hashed with foldhash, as the user is a verified identity's.
 struct UserSlots {
-    counts: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    counts: Arc<Mutex<Clusters>>,
     max: usize,
+}
+
+type Clusters = HashMap<Arc<str>, Named<HashMap<Arc<str>, Named<usize>>>>;
+
+/// A map's value with the name it is kept under.
+struct Named<T> {
+    name: Arc<str>,
+    value: T,
 }
 
 /// One request's place among its user's requests to a cluster, given back on drop.
 struct UserSlot {
-    counts: Arc<Mutex<HashMap<Arc<str>, usize>>>,
-    key: Arc<str>,
+    counts: Arc<Mutex<Clusters>>,
+    cluster: Arc<str>,
+    user: Arc<str>,
 }
 
 impl UserSlots {
@@ -504,43 +518,56 @@ impl UserSlots {
 
     /// A place for `user`'s request to `cluster`; `None` when the user has `max`.
     fn take(&self, cluster: &str, user: &str) -> Option<UserSlot> {
-        let wanted = format!("{cluster}/{user}");
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let key = match counts.get_key_value(wanted.as_str()) {
-            Some((_, count)) if *count >= self.max => return None,
-            Some((key, _)) => {
-                let key = key.clone();
-                if let Some(count) = counts.get_mut(&key) {
-                    *count += 1;
-                }
-                key
-            }
-            None => {
-                let key: Arc<str> = wanted.into();
-                counts.insert(key.clone(), 1);
-                key
-            }
-        };
+        if !counts.contains_key(cluster) {
+            let name: Arc<str> = cluster.into();
+            counts.insert(
+                name.clone(),
+                Named {
+                    name,
+                    value: HashMap::new(),
+                },
+            );
+        }
+        let users = counts.get_mut(cluster)?;
+        if !users.value.contains_key(user) {
+            let name: Arc<str> = user.into();
+            users.value.insert(name.clone(), Named { name, value: 0 });
+        }
+        let cluster = users.name.clone();
+        let count = users.value.get_mut(user)?;
+        if count.value >= self.max {
+            return None;
+        }
+        count.value += 1;
         Some(UserSlot {
             counts: self.counts.clone(),
-            key,
+            cluster,
+            user: count.name.clone(),
         })
     }
 
     #[cfg(test)]
     fn users(&self) -> usize {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).len()
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.values().map(|users| users.value.len()).sum()
     }
 }
 
 impl Drop for UserSlot {
     fn drop(&mut self) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = counts.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.key);
+        let Some(users) = counts.get_mut(&*self.cluster) else {
+            return;
+        };
+        if let Some(count) = users.value.get_mut(&*self.user) {
+            count.value -= 1;
+            if count.value == 0 {
+                users.value.remove(&*self.user);
             }
+        }
+        if users.value.is_empty() {
+            counts.remove(&*self.cluster);
         }
     }
 }

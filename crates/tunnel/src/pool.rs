@@ -75,10 +75,17 @@ struct Inner<C, B> {
     max_idle: usize,
     /// Per authority, oldest first; checkouts take from the end. Hashed with foldhash:
     /// looked up twice a request, by authorities the proxies make themselves.
-    idle: Mutex<HashMap<String, Vec<Idle<B>>>>,
+    idle: Mutex<HashMap<Arc<str>, Parked<B>>>,
     /// Started with the first connection: a task that closes idle connections past
     /// [`IDLE_TIMEOUT`] while the pool lives.
     reaping: std::sync::Once,
+}
+
+/// An authority's idle connections, and its name: the map's key, shared with the
+/// responses whose connections go back to it (a reference count per request, not a copy).
+struct Parked<B> {
+    key: Arc<str>,
+    idle: Vec<Idle<B>>,
 }
 
 struct Idle<B> {
@@ -117,14 +124,18 @@ where
         mut request: Request<B>,
     ) -> Result<Response<PooledBody<B>>, SendError> {
         let uri = request.uri().clone();
-        let key = uri.authority().map_or("", |a| a.as_str());
+        let authority = uri.authority().map_or("", |a| a.as_str());
         prepare(&mut request);
         loop {
-            let (mut sender, reused) = match self.inner.checkout(key) {
-                Some(sender) => (sender, true),
+            let (mut sender, reused, key) = match self.inner.checkout(authority) {
+                Some((sender, key)) => (sender, true, key),
                 // Boxed: a connect (the connector's dial and TLS handshake, hyper's
                 // handshake) is kilobytes of future that every request's would carry.
-                None => (Box::pin(self.connect(&uri)).await?, false),
+                None => (
+                    Box::pin(self.connect(&uri)).await?,
+                    false,
+                    self.inner.key(authority),
+                ),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(watch(&self.inner, key, response, sender)),
@@ -171,22 +182,23 @@ where
     /// Idle connections to `authority` now.
     #[cfg(test)]
     fn idle(&self, authority: &str) -> usize {
-        self.inner.lock().get(authority).map_or(0, Vec::len)
+        self.inner.lock().get(authority).map_or(0, |p| p.idle.len())
     }
 }
 
 impl<C, B> Inner<C, B> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle<B>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Parked<B>>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The newest idle connection to `key` that is ready; closed and expired ones are
-    /// dropped on the way, ones not ready yet stay.
-    fn checkout(&self, key: &str) -> Option<SendRequest<B>> {
+    /// The newest idle connection to `key` that is ready, with the pool's name for `key`;
+    /// closed and expired ones are dropped on the way, ones not ready yet stay.
+    fn checkout(&self, key: &str) -> Option<(SendRequest<B>, Arc<str>)> {
         let mut idle = self.lock();
         // An emptied list stays (the connection usually comes back to it, without its key
         // allocated again); the reaper drops lists that stay empty.
-        let list = idle.get_mut(key)?;
+        let parked = idle.get_mut(key)?;
+        let list = &mut parked.idle;
         let now = Instant::now();
         let mut at = list.len();
         while at > 0 {
@@ -195,20 +207,45 @@ impl<C, B> Inner<C, B> {
             if entry.sender.is_closed() || now.duration_since(entry.since) >= IDLE_TIMEOUT {
                 list.remove(at);
             } else if entry.sender.is_ready() {
-                return Some(list.remove(at).sender);
+                return Some((list.remove(at).sender, parked.key.clone()));
             }
         }
         None
     }
 
-    fn put(&self, key: &str, sender: SendRequest<B>) {
+    /// The pool's name for `key`, kept (with no connections yet) if it had none.
+    fn key(&self, key: &str) -> Arc<str> {
+        let mut idle = self.lock();
+        if let Some(parked) = idle.get(key) {
+            return parked.key.clone();
+        }
+        let name: Arc<str> = key.into();
+        idle.insert(
+            name.clone(),
+            Parked {
+                key: name.clone(),
+                idle: Vec::new(),
+            },
+        );
+        name
+    }
+
+    fn put(&self, key: &Arc<str>, sender: SendRequest<B>) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.lock();
-        let list = match idle.get_mut(key) {
-            Some(list) => list,
-            None => idle.entry(key.to_owned()).or_default(),
+        let list = match idle.get_mut(&**key) {
+            Some(parked) => &mut parked.idle,
+            None => {
+                &mut idle
+                    .entry(key.clone())
+                    .or_insert_with(|| Parked {
+                        key: key.clone(),
+                        idle: Vec::new(),
+                    })
+                    .idle
+            }
         };
         if list.len() < self.max_idle {
             list.push(Idle {
@@ -223,7 +260,7 @@ impl<C, B> Inner<C, B> {
 /// (101) is the upgrade's; one whose body is dropped unread is closed by hyper.
 fn watch<C, B>(
     pool: &Arc<Inner<C, B>>,
-    key: &str,
+    key: Arc<str>,
     response: Response<Incoming>,
     sender: SendRequest<B>,
 ) -> Response<PooledBody<B>>
@@ -234,26 +271,22 @@ where
     let back = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         None
     } else if response.body().is_end_stream() {
-        pool.put(key, sender);
+        pool.put(&key, sender);
         None
     } else {
         let pool: Arc<dyn PutBack<B>> = pool.clone();
-        Some(Back {
-            pool,
-            key: key.to_owned(),
-            sender,
-        })
+        Some(Back { pool, key, sender })
     };
     response.map(|body| PooledBody { body, back })
 }
 
 /// A pool a connection goes back to, whatever its connector.
 trait PutBack<B>: Send + Sync {
-    fn put_back(&self, key: &str, sender: SendRequest<B>);
+    fn put_back(&self, key: &Arc<str>, sender: SendRequest<B>);
 }
 
 impl<C: Send + Sync, B: Send> PutBack<B> for Inner<C, B> {
-    fn put_back(&self, key: &str, sender: SendRequest<B>) {
+    fn put_back(&self, key: &Arc<str>, sender: SendRequest<B>) {
         self.put(key, sender);
     }
 }
@@ -266,9 +299,11 @@ async fn reap<C, B>(pool: Weak<Inner<C, B>>) {
         every.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         let now = Instant::now();
-        pool.lock().retain(|_, list| {
-            list.retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
-            !list.is_empty()
+        pool.lock().retain(|_, parked| {
+            parked
+                .idle
+                .retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+            !parked.idle.is_empty()
         });
     }
 }
@@ -323,7 +358,7 @@ pub struct PooledBody<B> {
 
 struct Back<B> {
     pool: Arc<dyn PutBack<B>>,
-    key: String,
+    key: Arc<str>,
     sender: SendRequest<B>,
 }
 

@@ -298,14 +298,22 @@ impl Upstream {
     /// agent more latency over HTTP/2 (B2 c=1: about +40 us). Over HTTP/1.1, a response
     /// reads its upstream [`WIDE_READ_BUFFER`] at a time while it holds one of the
     /// [`WIDE_READERS`] slots, else [`UPSTREAM_READ_BUFFER`].
-    pub(crate) async fn send(
+    ///
+    /// Returns an `async` block rather than being an `async fn`, and takes the request
+    /// back from the HTTP/2 pool into the same place: each copy of it would be a quarter
+    /// kilobyte more in every request's future (BENCHMARKS.md, "Smaller request futures").
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold `request` twice in the future"
+    )]
+    pub(crate) fn send(
         &self,
-        request: Request<UpstreamBody>,
-    ) -> Result<Response<ResponseBody>, BoxError> {
-        let mut request = match &self.http2 {
-            Some(pool)
-                if tower_tunnel::watch_end::is_watch(request.uri())
-                    && !request.headers().contains_key(header::UPGRADE) =>
+        mut request: Request<UpstreamBody>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, BoxError>> + '_ {
+        async move {
+            if let Some(pool) = &self.http2
+                && tower_tunnel::watch_end::is_watch(request.uri())
+                && !request.headers().contains_key(header::UPGRADE)
             {
                 // Boxed: the pool's send may dial (TCP, TLS, the HTTP/2 handshake), a
                 // future of kilobytes that would otherwise sit in every request's future
@@ -313,48 +321,58 @@ impl Upstream {
                 // memcpy per small request, a tenth of the agent's work).
                 match Box::pin(pool.send(request)).await? {
                     Sent::Response(response) => return Ok(response.map(|b| b.boxed())),
-                    Sent::Declined(request) => request,
+                    Sent::Declined(declined) => request = declined,
                 }
             }
-            _ => request,
-        };
-        if let Some(host) = &self.host
-            && !request.headers().contains_key(header::HOST)
-        {
-            request.headers_mut().insert(header::HOST, host.clone());
-        }
-        let slot = (!long_lived(&request))
-            .then(|| self.wide_slots.clone().try_acquire_owned().ok())
-            .flatten();
-        let client = if slot.is_some() {
-            &self.wide
-        } else {
-            &self.client
-        };
-        let replay = replayable(&request).then(|| head_copy(&request));
-        let response = match (client.send(request).await, replay) {
-            (Ok(response), _) => response,
-            // Connecting failed: a new connection would meet the same.
-            (Err(e @ SendError::Send(_)), Some(replay)) => {
-                tracing::debug!(
-                    error = %tower_tunnel::http::error_chain(&e),
-                    "a request without a body failed before its answer; sending it once more"
-                );
-                client.send(replay).await?
+            if let Some(host) = &self.host
+                && !request.headers().contains_key(header::HOST)
+            {
+                request.headers_mut().insert(header::HOST, host.clone());
             }
-            (Err(e), _) => return Err(e.into()),
-        };
-        Ok(response.map(|body| match slot {
-            // The body holds its slot until it is dropped.
-            Some(slot) => body
-                .map_frame(move |frame| {
-                    let _held = &slot;
-                    frame
-                })
-                .boxed(),
-            None => body.boxed(),
-        }))
+            let slot = (!long_lived(&request))
+                .then(|| self.wide_slots.clone().try_acquire_owned().ok())
+                .flatten();
+            let client = if slot.is_some() {
+                &self.wide
+            } else {
+                &self.client
+            };
+            let replay = replayable(&request).then(|| head_copy(&request));
+            // The second try is awaited after this match, not in it: a match's scrutinee
+            // (the first answer, and the copy) would stay in the future across it.
+            let again = match client.send(request).await {
+                Ok(response) => return Ok(holding(response, slot)),
+                Err(e) => match (e, replay) {
+                    // Connecting failed: a new connection would meet the same.
+                    (e @ SendError::Send(_), Some(replay)) => {
+                        tracing::debug!(
+                            error = %tower_tunnel::http::error_chain(&e),
+                            "a request without a body failed before its answer; sending it once more"
+                        );
+                        replay
+                    }
+                    (e, _) => return Err(e.into()),
+                },
+            };
+            Ok(holding(client.send(again).await?, slot))
+        }
     }
+}
+
+/// `response`, its body holding `slot` (a wide read slot) until it is dropped.
+fn holding(
+    response: Response<tower_tunnel::pool::PooledBody<UpstreamBody>>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Response<ResponseBody> {
+    response.map(|body| match slot {
+        Some(slot) => body
+            .map_frame(move |frame| {
+                let _held = &slot;
+                frame
+            })
+            .boxed(),
+        None => body.boxed(),
+    })
 }
 
 /// Whether a response may stream for minutes or hours at the pace of events (a watch,

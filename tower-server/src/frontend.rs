@@ -176,297 +176,317 @@ impl Frontend {
     }
 
     /// Answers one frontend request.
-    pub(crate) async fn handle(
+    ///
+    /// This and [`Frontend::route`] return an `async` block rather than being `async fn`s:
+    /// an `async fn` keeps its arguments twice in its future (as captured, and as the
+    /// locals they are moved into), and this future is boxed and copied per request
+    /// (BENCHMARKS.md, "Smaller request futures").
+    pub(crate) fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: Peer,
-    ) -> Response<Body> {
+    ) -> impl Future<Output = Response<Body>> {
         let started = std::time::Instant::now();
         let in_flight = InFlight::new(self.metrics.clone());
+        // Only what the request needs of its connection goes into the future.
         let Peer {
             forwarded_for,
             unread,
             ..
         } = peer;
-        // Set once the path names a cluster the registry knows: other names count only
-        // in the totals, so they never make a series.
-        let mut cluster = None;
-        let (response, slot) = match self.route(req, forwarded_for, &mut cluster).await {
-            Ok(routed) => routed,
-            Err(e) => (e.response(), None),
-        };
-        if let Some(cluster) = &cluster {
-            cluster.observe(response.status().as_u16(), started.elapsed());
-        }
-        // A caller that stops reading stops hyper polling the body, and so the body's own
-        // idle timer: its connection watches for that apart, and closes.
-        if let Some(slots) = &slot {
-            unread.watch(&slots.activity);
-        }
-        self.metrics.count_status(response.status().as_u16());
-        let metrics = self.metrics.clone();
-        let (parts, body) = response.into_parts();
-        let body = body
-            .map_frame(move |frame| {
-                let _held_until_the_body_ends = (&in_flight, &slot);
-                if let Some(data) = frame.data_ref() {
-                    metrics.count_bytes(false, data.len());
-                    if let Some(cluster) = &cluster {
-                        cluster.count_bytes(false, data.len());
+        async move {
+            // Set once the path names a cluster the registry knows: other names count only
+            // in the totals, so they never make a series.
+            let mut cluster = None;
+            let (response, slot) = match self.route(req, forwarded_for, &mut cluster).await {
+                Ok(routed) => routed,
+                Err(e) => (e.response(), None),
+            };
+            if let Some(cluster) = &cluster {
+                cluster.observe(response.status().as_u16(), started.elapsed());
+            }
+            // A caller that stops reading stops hyper polling the body, and so the body's own
+            // idle timer: its connection watches for that apart, and closes.
+            if let Some(slots) = &slot {
+                unread.watch(&slots.activity);
+            }
+            self.metrics.count_status(response.status().as_u16());
+            let metrics = self.metrics.clone();
+            let (parts, body) = response.into_parts();
+            let body = body
+                .map_frame(move |frame| {
+                    let _held_until_the_body_ends = (&in_flight, &slot);
+                    if let Some(data) = frame.data_ref() {
+                        metrics.count_bytes(false, data.len());
+                        if let Some(cluster) = &cluster {
+                            cluster.count_bytes(false, data.len());
+                        }
                     }
-                }
-                frame
-            })
-            .boxed();
-        Response::from_parts(parts, body)
+                    frame
+                })
+                .boxed();
+            Response::from_parts(parts, body)
+        }
     }
 
     /// Proxies `req`; the response comes with the cluster slot it holds until its body ends.
-    async fn route(
-        &self,
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold its arguments twice in the future (see handle)"
+    )]
+    fn route<'a>(
+        &'a self,
         mut req: Request<Incoming>,
         forwarded_for: header::HeaderValue,
-        cluster: &mut Option<Arc<ClusterMetrics>>,
-    ) -> Result<(Response<Body>, Option<Slots>), ProxyError> {
-        // A copy (of reference counts) for the route to borrow from while the request
-        // moves on.
-        let uri = req.uri().clone();
-        let route = Route::parse(&uri)?;
-        *cluster = self.registry.metrics_of(route.cluster);
-        let cluster = cluster.clone();
-        let token = tower_auth::bearer(
-            req.headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default(),
-        );
-        let caller = match token
-            .ok_or(AuthError::Missing)
-            .and_then(|token| self.auth.verifier.verify_user_issued(token))
-        {
-            Ok((identity, tower_issued)) => match &self.auth.users {
-                None => Caller::User(identity),
-                Some(users) => match users.resolve(identity, tower_issued) {
-                    Ok(identity) => Caller::User(identity),
-                    Err(e @ crate::users::Refused::NotReady(_)) => {
-                        return Err(ProxyError::Unavailable(e.to_string()));
-                    }
-                    Err(e) => return Err(ProxyError::Unauthorized(e.to_string())),
+        cluster: &'a mut Option<Arc<ClusterMetrics>>,
+    ) -> impl Future<Output = Result<(Response<Body>, Option<Slots>), ProxyError>> + 'a {
+        async move {
+            // A copy (of reference counts) for the route to borrow from while the request
+            // moves on.
+            let uri = req.uri().clone();
+            let route = Route::parse(&uri)?;
+            *cluster = self.registry.metrics_of(route.cluster);
+            let cluster = cluster.clone();
+            let token = tower_auth::bearer(
+                req.headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default(),
+            );
+            let caller = match token
+                .ok_or(AuthError::Missing)
+                .and_then(|token| self.auth.verifier.verify_user_issued(token))
+            {
+                Ok((identity, tower_issued)) => match &self.auth.users {
+                    None => Caller::User(identity),
+                    Some(users) => match users.resolve(identity, tower_issued) {
+                        Ok(identity) => Caller::User(identity),
+                        Err(e @ crate::users::Refused::NotReady(_)) => {
+                            return Err(ProxyError::Unavailable(e.to_string()));
+                        }
+                        Err(e) => return Err(ProxyError::Unauthorized(e.to_string())),
+                    },
                 },
-            },
-            Err(e) if self.auth.pass_through && not_signed_here(&e) => {
-                Caller::PassThrough(pass_through_key(token.unwrap_or_default()))
-            }
-            Err(e) => return Err(ProxyError::Unauthorized(e.to_string())),
-        };
-        if !self.registry.target_allowed(route.cluster, route.target) {
-            return Err(ProxyError::Forbidden(format!(
-                "target {:?} of cluster {:?} is not allowed by the clusters file",
-                route.target, route.cluster
-            )));
-        }
-        let tunnel = match self.registry.tunnel(route.cluster) {
-            Ok(tunnel) => tunnel,
-            Err(Lookup::Unknown) => {
-                return Err(ProxyError::NotFound(format!(
-                    "cluster {:?} is not registered with tower",
-                    route.cluster
+                Err(e) if self.auth.pass_through && not_signed_here(&e) => {
+                    Caller::PassThrough(pass_through_key(token.unwrap_or_default()))
+                }
+                Err(e) => return Err(ProxyError::Unauthorized(e.to_string())),
+            };
+            if !self.registry.target_allowed(route.cluster, route.target) {
+                return Err(ProxyError::Forbidden(format!(
+                    "target {:?} of cluster {:?} is not allowed by the clusters file",
+                    route.target, route.cluster
                 )));
             }
-            Err(Lookup::Disconnected) => {
-                return Err(ProxyError::Unavailable(format!(
-                    "cluster {:?} has no agent connected: its tower-agent is down or cannot reach this server",
-                    route.cluster
-                )));
-            }
-        };
-        let user_slot = self.user_slot(route.cluster, caller.name())?;
-        let slot = self.cluster_slot(route.cluster)?;
-        tracing::debug!(cluster = %route.cluster, target = %route.target, user = caller.name(), method = req.method().as_str(), path = route.path.as_str(), "proxying");
-        let activity = Activity::new();
+            let tunnel = match self.registry.tunnel(route.cluster) {
+                Ok(tunnel) => tunnel,
+                Err(Lookup::Unknown) => {
+                    return Err(ProxyError::NotFound(format!(
+                        "cluster {:?} is not registered with tower",
+                        route.cluster
+                    )));
+                }
+                Err(Lookup::Disconnected) => {
+                    return Err(ProxyError::Unavailable(format!(
+                        "cluster {:?} has no agent connected: its tower-agent is down or cannot reach this server",
+                        route.cluster
+                    )));
+                }
+            };
+            let user_slot = self.user_slot(route.cluster, caller.name())?;
+            let slot = self.cluster_slot(route.cluster)?;
+            tracing::debug!(cluster = %route.cluster, target = %route.target, user = caller.name(), method = req.method().as_str(), path = route.path.as_str(), "proxying");
+            let activity = Activity::new();
 
-        let client_upgrade = req
-            .headers()
-            .contains_key(header::UPGRADE)
-            .then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        let kubernetes = tunnel
-            .kubernetes
-            .as_ref()
-            .filter(|_| route.target == KUBERNETES_TARGET);
-        parts.uri = route
-            .upstream_uri(tunnel.id, kubernetes.map(|k| &k.authority))
-            .map_err(|e| ProxyError::BadRequest(format!("bad path: {e}")))?;
-        // An HTTP/2 caller's request has no Host (its authority is in the URI), and the
-        // tunnel stream speaks HTTP/1.1, which needs one: the pool would format it per
-        // request. What it says does not matter: the agent sets its upstream's own.
-        if let Some(kubernetes) = kubernetes
-            && !parts.headers.contains_key(header::HOST)
-        {
-            parts.headers.insert(header::HOST, kubernetes.host.clone());
-        }
-        // Judged on the member's path: `/clusters/watch/…` is a cluster, not a watch.
-        let watch = tower_tunnel::watch_end::is_watch(&parts.uri);
-        tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
-        // Identity is the verified token's alone; where the request came from is what
-        // this listener saw, not what the caller claims.
-        tower_tunnel::http::strip_remote_identity(&mut parts.headers);
-        tower_tunnel::http::set_forwarded_for(&mut parts.headers, forwarded_for);
-        // The member learns who the caller is from this server's assertion, signed with
-        // the member's own key. The kubernetes target never needs the caller's token (the
-        // agent calls its API server with its own credential), so it stays here; other
-        // targets (ks-apiserver) check it themselves, so it goes along.
-        let assertion = match &caller {
-            Caller::User(identity) => {
-                if route.target == KUBERNETES_TARGET {
-                    parts.headers.remove(header::AUTHORIZATION);
+            let client_upgrade = req
+                .headers()
+                .contains_key(header::UPGRADE)
+                .then(|| hyper::upgrade::on(&mut req));
+            // In a block of its own: the parts of the request it builds are dead once
+            // it is built, and so take no room in the future across the send.
+            let (upstream, watch) = {
+                let (mut parts, body) = req.into_parts();
+                let kubernetes = tunnel
+                    .kubernetes
+                    .as_ref()
+                    .filter(|_| route.target == KUBERNETES_TARGET);
+                parts.uri = route
+                    .upstream_uri(tunnel.id, kubernetes.map(|k| &k.authority))
+                    .map_err(|e| ProxyError::BadRequest(format!("bad path: {e}")))?;
+                // An HTTP/2 caller's request has no Host (its authority is in the URI), and the
+                // tunnel stream speaks HTTP/1.1, which needs one: the pool would format it per
+                // request. What it says does not matter: the agent sets its upstream's own.
+                if let Some(kubernetes) = kubernetes
+                    && !parts.headers.contains_key(header::HOST)
+                {
+                    parts.headers.insert(header::HOST, kubernetes.host.clone());
                 }
-                self.auth.asserter.assert(route.cluster, identity)
-            }
-            // Not ours to judge: it goes as it came, for the member to authenticate.
-            Caller::PassThrough(_) => self.auth.asserter.assert_pass_through(route.cluster),
-        };
-        parts.headers.insert(IDENTITY, assertion);
-        // Streams in the tunnel carry HTTP/1.1, whatever the caller spoke.
-        parts.version = http::Version::HTTP_11;
-        let metrics = self.metrics.clone();
-        let request_activity = activity.clone();
-        let body = body
-            .map_frame(move |frame| {
-                request_activity.touch();
-                if let Some(data) = frame.data_ref() {
-                    metrics.count_bytes(true, data.len());
-                    if let Some(cluster) = &cluster {
-                        cluster.count_bytes(true, data.len());
+                // Judged on the member's path: `/clusters/watch/…` is a cluster, not a watch.
+                let watch = tower_tunnel::watch_end::is_watch(&parts.uri);
+                tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
+                // Identity is the verified token's alone; where the request came from is what
+                // this listener saw, not what the caller claims.
+                tower_tunnel::http::strip_remote_identity(&mut parts.headers);
+                tower_tunnel::http::set_forwarded_for(&mut parts.headers, forwarded_for);
+                // The member learns who the caller is from this server's assertion, signed with
+                // the member's own key. The kubernetes target never needs the caller's token (the
+                // agent calls its API server with its own credential), so it stays here; other
+                // targets (ks-apiserver) check it themselves, so it goes along.
+                let assertion = match &caller {
+                    Caller::User(identity) => {
+                        if route.target == KUBERNETES_TARGET {
+                            parts.headers.remove(header::AUTHORIZATION);
+                        }
+                        self.auth.asserter.assert(route.cluster, identity)
                     }
+                    // Not ours to judge: it goes as it came, for the member to authenticate.
+                    Caller::PassThrough(_) => self.auth.asserter.assert_pass_through(route.cluster),
+                };
+                parts.headers.insert(IDENTITY, assertion);
+                // Streams in the tunnel carry HTTP/1.1, whatever the caller spoke.
+                parts.version = http::Version::HTTP_11;
+                let metrics = self.metrics.clone();
+                let request_activity = activity.clone();
+                let body = body
+                    .map_frame(move |frame| {
+                        request_activity.touch();
+                        if let Some(data) = frame.data_ref() {
+                            metrics.count_bytes(true, data.len());
+                            if let Some(cluster) = &cluster {
+                                cluster.count_bytes(true, data.len());
+                            }
+                        }
+                        frame
+                    })
+                    .boxed_unsync();
+                (Request::from_parts(parts, body), watch)
+            };
+            // Watches ride the tunnel's HTTP/2 connection when the agent serves one: by the
+            // thousand, a stream and an HTTP/1.1 codec each would cost both sides ~25 KiB.
+            // Only for targets the agent announced: one shared stream each, at most 16.
+            let channel = tunnel.http2.as_ref().filter(|_| {
+                watch
+                    && client_upgrade.is_none()
+                    && tunnel.targets.iter().any(|t| t == route.target)
+            });
+            // Counted among the session's exchanges while it runs, as the agent counts it:
+            // with several in flight, the tunnel gathers their frames into shared writes.
+            // Watches on the shared HTTP/2 stream are that stream's codec's to gather.
+            let exchange = channel
+                .is_none()
+                .then(|| tunnel.session.exchanges().begin());
+            let sent = async {
+                match channel {
+                    // Boxed: watches only, and its future (kilobytes) would otherwise be part
+                    // of every request's, copied with it.
+                    Some(channel) => Box::pin(channel.send(route.target, upstream))
+                        .await
+                        .map(|(response, slot)| (response.map(Either::Right), Some(slot))),
+                    None => match self.client.send(upstream).await {
+                        Ok(response) => Ok((response.map(Either::Left), None)),
+                        Err(e) => Err(e.into()),
+                    },
                 }
-                frame
-            })
-            .boxed_unsync();
-        let upstream = Request::from_parts(parts, body);
-        // Watches ride the tunnel's HTTP/2 connection when the agent serves one: by the
-        // thousand, a stream and an HTTP/1.1 codec each would cost both sides ~25 KiB.
-        // Only for targets the agent announced: one shared stream each, at most 16.
-        let channel = tunnel.http2.as_ref().filter(|_| {
-            watch && client_upgrade.is_none() && tunnel.targets.iter().any(|t| t == route.target)
-        });
-        // Counted among the session's exchanges while it runs, as the agent counts it:
-        // with several in flight, the tunnel gathers their frames into shared writes.
-        // Watches on the shared HTTP/2 stream are that stream's codec's to gather.
-        let exchange = channel
-            .is_none()
-            .then(|| tunnel.session.exchanges().begin());
-        let sent = async {
-            match channel {
-                // Boxed: watches only, and its future (kilobytes) would otherwise be part
-                // of every request's, copied with it.
-                Some(channel) => Box::pin(channel.send(route.target, upstream))
-                    .await
-                    .map(|(response, slot)| (response.map(Either::Right), Some(slot))),
-                None => match self.client.send(upstream).await {
-                    Ok(response) => Ok((response.map(Either::Left), None)),
-                    Err(e) => Err(e.into()),
-                },
-            }
-        };
-        let answer = unless_idle(sent, &activity, self.idle_timeout)
-            .await
-            .map_err(|e| {
-                self.metrics.count_limited("idle_timeout");
-                ProxyError::GatewayTimeout(format!(
-                    "cluster {:?} did not answer: {e}",
-                    route.cluster
+            };
+            let answer = unless_idle(sent, &activity, self.idle_timeout)
+                .await
+                .map_err(|e| {
+                    self.metrics.count_limited("idle_timeout");
+                    ProxyError::GatewayTimeout(format!(
+                        "cluster {:?} did not answer: {e}",
+                        route.cluster
+                    ))
+                })?;
+            let (mut response, stream_slot) = answer.map_err(|e: BoxError| {
+                match tunnel_error(&*e) {
+                    Some(TunnelError::StreamLimit(_)) => {
+                        self.metrics.count_limited("stream_limit");
+                        return ProxyError::Unavailable(format!(
+                            "cluster {:?}: {} (--max-streams-per-tunnel): retry later",
+                            route.cluster,
+                            tower_tunnel::http::error_chain(&*e)
+                        ));
+                    }
+                    Some(TunnelError::Unacknowledged(_)) => {
+                        self.metrics.count_limited("unacknowledged_streams");
+                        return ProxyError::Unavailable(format!(
+                            "cluster {:?}: {}: retry later",
+                            route.cluster,
+                            tower_tunnel::http::error_chain(&*e)
+                        ));
+                    }
+                    _ => {}
+                }
+                tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
+                ProxyError::BadGateway(format!(
+                    "cluster {:?}: the tunnel failed: {}",
+                    route.cluster,
+                    tower_tunnel::http::error_chain(&*e)
                 ))
             })?;
-        let (mut response, stream_slot) = answer.map_err(|e: BoxError| {
-            match tunnel_error(&*e) {
-                Some(TunnelError::StreamLimit(_)) => {
-                    self.metrics.count_limited("stream_limit");
-                    return ProxyError::Unavailable(format!(
-                        "cluster {:?}: {} (--max-streams-per-tunnel): retry later",
-                        route.cluster,
-                        tower_tunnel::http::error_chain(&*e)
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let Some(client_upgrade) = client_upgrade else {
+                    return Err(ProxyError::BadGateway(
+                        "the member switched protocols on a request that did not ask to".into(),
                     ));
-                }
-                Some(TunnelError::Unacknowledged(_)) => {
-                    self.metrics.count_limited("unacknowledged_streams");
-                    return ProxyError::Unavailable(format!(
-                        "cluster {:?}: {}: retry later",
-                        route.cluster,
-                        tower_tunnel::http::error_chain(&*e)
-                    ));
-                }
-                _ => {}
+                };
+                // hyper drops a 101's body once its head is sent, so the session itself holds
+                // the request's places (cluster and stream), counts in flight, and ends when
+                // idle as long as a response body would.
+                let agent_upgrade = hyper::upgrade::on(&mut response);
+                let held = (
+                    Slots {
+                        _user: user_slot,
+                        _cluster: slot,
+                        _stream: stream_slot,
+                        _exchange: exchange,
+                        activity: activity.clone(),
+                    },
+                    InFlight::new(self.metrics.clone()),
+                );
+                let (idle, metrics) = (self.idle_timeout, self.metrics.clone());
+                tokio::spawn(async move {
+                    let touch = {
+                        let activity = activity.clone();
+                        move || activity.touch()
+                    };
+                    let joined =
+                        tower_tunnel::http::join_upgrades(client_upgrade, agent_upgrade, touch);
+                    if unless_idle(joined, &activity, idle).await.is_err() {
+                        tracing::debug!(?idle, "upgraded connection idle: closed");
+                        metrics.count_limited("idle_timeout");
+                    }
+                    drop(held);
+                });
+                return Ok((response.map(|b| b.map_err(BoxError::from).boxed()), None));
             }
-            tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
-            ProxyError::BadGateway(format!(
-                "cluster {:?}: the tunnel failed: {}",
-                route.cluster,
-                tower_tunnel::http::error_chain(&*e)
-            ))
-        })?;
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
-                return Err(ProxyError::BadGateway(
-                    "the member switched protocols on a request that did not ask to".into(),
-                ));
-            };
-            // hyper drops a 101's body once its head is sent, so the session itself holds
-            // the request's places (cluster and stream), counts in flight, and ends when
-            // idle as long as a response body would.
-            let agent_upgrade = hyper::upgrade::on(&mut response);
-            let held = (
-                Slots {
+            tower_tunnel::http::strip_hop_by_hop(response.headers_mut());
+            let metrics = self.metrics.clone();
+            let draining = self.draining.clone();
+            let body_activity = activity.clone();
+            let framer = watch
+                .then(|| Framer::for_content_type(response.headers().get(header::CONTENT_TYPE)));
+            let response = response.map(|b| {
+                let body = IdleBody::new(b, body_activity, self.idle_timeout, move || {
+                    metrics.count_limited("idle_timeout");
+                });
+                // A watch ends cleanly when this server drains; clients watch again elsewhere.
+                match framer {
+                    Some(framer) => EndOnSignal::new(body, framer, draining).boxed(),
+                    None => body.boxed(),
+                }
+            });
+            Ok((
+                response,
+                Some(Slots {
                     _user: user_slot,
                     _cluster: slot,
                     _stream: stream_slot,
                     _exchange: exchange,
-                    activity: activity.clone(),
-                },
-                InFlight::new(self.metrics.clone()),
-            );
-            let (idle, metrics) = (self.idle_timeout, self.metrics.clone());
-            tokio::spawn(async move {
-                let touch = {
-                    let activity = activity.clone();
-                    move || activity.touch()
-                };
-                let joined =
-                    tower_tunnel::http::join_upgrades(client_upgrade, agent_upgrade, touch);
-                if unless_idle(joined, &activity, idle).await.is_err() {
-                    tracing::debug!(?idle, "upgraded connection idle: closed");
-                    metrics.count_limited("idle_timeout");
-                }
-                drop(held);
-            });
-            return Ok((response.map(|b| b.map_err(BoxError::from).boxed()), None));
+                    activity,
+                }),
+            ))
         }
-        tower_tunnel::http::strip_hop_by_hop(response.headers_mut());
-        let metrics = self.metrics.clone();
-        let draining = self.draining.clone();
-        let body_activity = activity.clone();
-        let framer =
-            watch.then(|| Framer::for_content_type(response.headers().get(header::CONTENT_TYPE)));
-        let response = response.map(|b| {
-            let body = IdleBody::new(b, body_activity, self.idle_timeout, move || {
-                metrics.count_limited("idle_timeout");
-            });
-            // A watch ends cleanly when this server drains; clients watch again elsewhere.
-            match framer {
-                Some(framer) => EndOnSignal::new(body, framer, draining).boxed(),
-                None => body.boxed(),
-            }
-        });
-        Ok((
-            response,
-            Some(Slots {
-                _user: user_slot,
-                _cluster: slot,
-                _stream: stream_slot,
-                _exchange: exchange,
-                activity,
-            }),
-        ))
     }
 }
 

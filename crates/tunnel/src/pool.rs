@@ -16,6 +16,7 @@
 //! connections are closed after [`IDLE_TIMEOUT`], and at most `max_idle` are kept per
 //! authority.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
@@ -119,32 +120,39 @@ where
 
     /// Sends `request` (absolute URI) on an idle connection to its authority that is
     /// ready, or a new one.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: that holds its arguments twice in its future (as captured, and
+    /// as the locals they are moved into), and so every request's future held two copies
+    /// of the request (BENCHMARKS.md, "Smaller request futures").
+    pub fn send(
         &self,
         mut request: Request<B>,
-    ) -> Result<Response<PooledBody<B>>, SendError> {
+    ) -> impl Future<Output = Result<Response<PooledBody<B>>, SendError>> + '_ {
         let uri = request.uri().clone();
-        let authority = uri.authority().map_or("", |a| a.as_str());
         prepare(&mut request);
-        loop {
-            let (mut sender, reused, key) = match self.inner.checkout(authority) {
-                Some((sender, key)) => (sender, true, key),
-                // Boxed: a connect (the connector's dial and TLS handshake, hyper's
-                // handshake) is kilobytes of future that every request's would carry.
-                None => (
-                    Box::pin(self.connect(&uri)).await?,
-                    false,
-                    self.inner.key(authority),
-                ),
-            };
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(watch(&self.inner, key, response, sender)),
-                Err(mut e) => match e.take_message() {
-                    // Refused before any of it was written (the connection closed while
-                    // idle): another connection may take it; a new one failing so will not.
-                    Some(back) if reused => request = back,
-                    _ => return Err(SendError::Send(e.into_error())),
-                },
+        async move {
+            let authority = uri.authority().map_or("", |a| a.as_str());
+            loop {
+                let (mut sender, reused, key) = match self.inner.checkout(authority) {
+                    Some((sender, key)) => (sender, true, key),
+                    // Boxed: a connect (the connector's dial and TLS handshake, hyper's
+                    // handshake) is kilobytes of future that every request's would carry.
+                    None => (
+                        Box::pin(self.connect(&uri)).await?,
+                        false,
+                        self.inner.key(authority),
+                    ),
+                };
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(watch(&self.inner, key, response, sender)),
+                    Err(mut e) => match e.take_message() {
+                        // Refused before any of it was written (the connection closed
+                        // while idle): another connection may take it; a new one failing
+                        // so will not.
+                        Some(back) if reused => request = back,
+                        _ => return Err(SendError::Send(e.into_error())),
+                    },
+                }
             }
         }
     }

@@ -25,8 +25,6 @@ pin_project_lite::pin_project! {
         #[pin]
         future: F,
         gate: Arc<Gate>,
-        // The gate's waker, handed to `future` at every poll it gets.
-        gate_waker: Waker,
         // The task waker the gate holds, compared with each poll's (`will_wake`) without
         // taking the gate's lock.
         task: Option<Waker>,
@@ -67,7 +65,6 @@ pub fn woken_only<F: Future<Output = ()>>(future: F) -> WokenOnly<F> {
     });
     WokenOnly {
         future,
-        gate_waker: Waker::from(gate.clone()),
         gate,
         task: None,
         done: false,
@@ -93,7 +90,10 @@ impl<F: Future<Output = ()>> Future for WokenOnly<F> {
         {
             return Poll::Pending;
         }
-        let polled = this.future.poll(&mut Context::from_waker(this.gate_waker));
+        // The gate's waker, made for the few polls that go through (kept, it would be
+        // 16 bytes more in every future that holds one of these).
+        let gate = Waker::from(this.gate.clone());
+        let polled = this.future.poll(&mut Context::from_waker(&gate));
         *this.done = polled.is_ready();
         polled
     }

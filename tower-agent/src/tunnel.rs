@@ -14,14 +14,14 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 use tower_proto::{ControlMessage, StreamKind};
 use tower_tunnel::control::{self, Keepalive};
 use tower_tunnel::dial;
 use tower_tunnel::requests::OpenRequests;
 use tower_tunnel::session::{self, Role};
-use tower_tunnel::woken::woken_only;
+use tower_tunnel::woken::{WokenOnly, woken_only};
 use tower_tunnel::{SessionConfig, TunnelStream};
 
 use crate::backoff::Ended;
@@ -337,21 +337,56 @@ where
     }
 }
 
+pin_project_lite::pin_project! {
+    /// What [`until_done`] returns.
+    struct UntilDone<'a, C, G> {
+        #[pin]
+        connection: C,
+        // Polled with every turn of the connection's task: through only when it fires.
+        #[pin]
+        shutdown: WokenOnly<WaitForCancellationFuture<'a>>,
+        graceful_shutdown: Option<G>,
+    }
+}
+
 /// Runs `connection` to its end; when `shutdown` comes first, asks it to finish
 /// gracefully (`graceful_shutdown`) and waits for that.
-async fn until_done<C: Future>(
+///
+/// A future of its own rather than an `async fn`, which would hold `connection` (a hyper
+/// connection, 1-2 KiB) twice in every tunnel stream's task: as captured, and as the
+/// pinned local it is moved into.
+fn until_done<C, G>(
     connection: C,
     shutdown: &CancellationToken,
-    graceful_shutdown: impl FnOnce(Pin<&mut C>),
-) -> C::Output {
-    tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => result,
-        // Polled with every turn of the connection's task: through only when it fires.
-        () = woken_only(shutdown.cancelled()) => {
-            graceful_shutdown(connection.as_mut());
-            connection.await
+    graceful_shutdown: G,
+) -> UntilDone<'_, C, G>
+where
+    C: Future,
+    G: FnOnce(Pin<&mut C>),
+{
+    UntilDone {
+        connection,
+        shutdown: woken_only(shutdown.cancelled()),
+        graceful_shutdown: Some(graceful_shutdown),
+    }
+}
+
+impl<C, G> Future for UntilDone<'_, C, G>
+where
+    C: Future,
+    G: FnOnce(Pin<&mut C>),
+{
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<C::Output> {
+        let mut this = self.project();
+        if this.graceful_shutdown.is_some()
+            && this.shutdown.poll(cx).is_ready()
+            && let Some(graceful_shutdown) = this.graceful_shutdown.take()
+        {
+            graceful_shutdown(this.connection.as_mut());
         }
+        this.connection.poll(cx)
     }
 }
 

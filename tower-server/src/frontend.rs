@@ -216,12 +216,7 @@ impl Frontend {
             let body = body
                 .map_frame(move |frame| {
                     let _held_until_the_body_ends = (&in_flight, &slot);
-                    if let Some(data) = frame.data_ref() {
-                        metrics.count_bytes(false, data.len());
-                        if let Some(cluster) = &cluster {
-                            cluster.count_bytes(false, data.len());
-                        }
-                    }
+                    count_frame(&metrics, cluster.as_deref(), false, &frame);
                     frame
                 })
                 .boxed();
@@ -350,12 +345,7 @@ impl Frontend {
                 let body = body
                     .map_frame(move |frame| {
                         request_activity.touch();
-                        if let Some(data) = frame.data_ref() {
-                            metrics.count_bytes(true, data.len());
-                            if let Some(cluster) = &cluster {
-                                cluster.count_bytes(true, data.len());
-                            }
-                        }
+                        count_frame(&metrics, cluster.as_deref(), true, &frame);
                         frame
                     })
                     .boxed_unsync();
@@ -486,6 +476,22 @@ impl Frontend {
                     activity,
                 }),
             ))
+        }
+    }
+}
+
+/// Counts a body frame's bytes, caller → member (`request`) or back, in the totals and,
+/// once the path named a known cluster, in the cluster's series.
+fn count_frame(
+    metrics: &Metrics,
+    cluster: Option<&ClusterMetrics>,
+    request: bool,
+    frame: &hyper::body::Frame<Bytes>,
+) {
+    if let Some(data) = frame.data_ref() {
+        metrics.count_bytes(request, data.len());
+        if let Some(cluster) = cluster {
+            cluster.count_bytes(request, data.len());
         }
     }
 }

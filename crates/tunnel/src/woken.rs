@@ -149,27 +149,30 @@ mod tests {
         }
     }
 
+    /// Polls `future` as `task` would.
+    fn poll_as<F: Future>(future: Pin<&mut F>, task: &Arc<Task>) -> Poll<F::Output> {
+        future.poll(&mut Context::from_waker(&Waker::from(task.clone())))
+    }
+
     #[test]
     fn polls_its_future_only_after_the_future_woke_the_task() {
         let probe = Arc::new(Probe::default());
         let task = Arc::new(Task::default());
-        let waker = Waker::from(task.clone());
-        let mut cx = Context::from_waker(&waker);
         let mut gated = std::pin::pin!(woken_only(Polled(probe.clone())));
 
         // The first poll registers; polls woken by something else do not reach it.
         for _ in 0..5 {
-            assert!(gated.as_mut().poll(&mut cx).is_pending());
+            assert!(poll_as(gated.as_mut(), &task).is_pending());
         }
         assert_eq!(probe.polls.load(Ordering::Relaxed), 1);
 
         // Its wake reaches the task, and the next poll reaches the future.
         probe.fire();
         assert_eq!(task.0.load(Ordering::Relaxed), 1);
-        assert!(gated.as_mut().poll(&mut cx).is_ready());
+        assert!(poll_as(gated.as_mut(), &task).is_ready());
         assert_eq!(probe.polls.load(Ordering::Relaxed), 2);
         // And stays ready, as a cancellation does.
-        assert!(gated.as_mut().poll(&mut cx).is_ready());
+        assert!(poll_as(gated.as_mut(), &task).is_ready());
         assert_eq!(probe.polls.load(Ordering::Relaxed), 2);
     }
 
@@ -178,20 +181,8 @@ mod tests {
         let probe = Arc::new(Probe::default());
         let (first, second) = (Arc::new(Task::default()), Arc::new(Task::default()));
         let mut gated = std::pin::pin!(woken_only(Polled(probe.clone())));
-        let waker = Waker::from(first.clone());
-        assert!(
-            gated
-                .as_mut()
-                .poll(&mut Context::from_waker(&waker))
-                .is_pending()
-        );
-        let waker = Waker::from(second.clone());
-        assert!(
-            gated
-                .as_mut()
-                .poll(&mut Context::from_waker(&waker))
-                .is_pending()
-        );
+        assert!(poll_as(gated.as_mut(), &first).is_pending());
+        assert!(poll_as(gated.as_mut(), &second).is_pending());
         probe.fire();
         assert_eq!(first.0.load(Ordering::Relaxed), 0);
         assert_eq!(second.0.load(Ordering::Relaxed), 1);

@@ -79,18 +79,30 @@ impl<F: Future> Future for UnlessIdle<'_, F> {
     type Output = Result<F::Output, IdleTimeout>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(out) = this.future.poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        loop {
-            ready!(this.sleep.as_mut().poll(cx));
-            let deadline = this.activity.deadline(*this.timeout);
-            if deadline <= Instant::now() {
-                return Poll::Ready(Err(IdleTimeout(*this.timeout)));
-            }
-            this.sleep.as_mut().reset(deadline);
+        ready!(poll_idle(this.sleep, this.activity, *this.timeout, cx));
+        Poll::Ready(Err(IdleTimeout(*this.timeout)))
+    }
+}
+
+/// Ready once `activity` has moved nothing for `timeout`; until then `sleep` is re-armed
+/// to the deadline the latest activity sets.
+fn poll_idle(
+    mut sleep: Pin<&mut Sleep>,
+    activity: &Activity,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    loop {
+        ready!(sleep.as_mut().poll(cx));
+        let deadline = activity.deadline(timeout);
+        if deadline <= Instant::now() {
+            return Poll::Ready(());
         }
+        sleep.as_mut().reset(deadline);
     }
 }
 
@@ -197,17 +209,11 @@ where
             this.activity.touch();
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        loop {
-            ready!(this.sleep.as_mut().poll(cx));
-            let deadline = this.activity.deadline(*this.timeout);
-            if deadline <= Instant::now() {
-                if let Some(report) = this.on_timeout.take() {
-                    report();
-                }
-                return Poll::Ready(Some(Err(Box::new(IdleTimeout(*this.timeout)))));
-            }
-            this.sleep.as_mut().reset(deadline);
+        ready!(poll_idle(this.sleep, this.activity, *this.timeout, cx));
+        if let Some(report) = this.on_timeout.take() {
+            report();
         }
+        Poll::Ready(Some(Err(Box::new(IdleTimeout(*this.timeout)))))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -89,6 +89,15 @@ struct Parked<B> {
     idle: Vec<Idle<B>>,
 }
 
+impl<B> Parked<B> {
+    fn new(key: &Arc<str>) -> Self {
+        Parked {
+            key: key.clone(),
+            idle: Vec::new(),
+        }
+    }
+}
+
 struct Idle<B> {
     sender: SendRequest<B>,
     since: Instant,
@@ -228,13 +237,7 @@ impl<C, B> Inner<C, B> {
             return parked.key.clone();
         }
         let name: Arc<str> = key.into();
-        idle.insert(
-            name.clone(),
-            Parked {
-                key: name.clone(),
-                idle: Vec::new(),
-            },
-        );
+        idle.insert(name.clone(), Parked::new(&name));
         name
     }
 
@@ -248,10 +251,7 @@ impl<C, B> Inner<C, B> {
             None => {
                 &mut idle
                     .entry(key.clone())
-                    .or_insert_with(|| Parked {
-                        key: key.clone(),
-                        idle: Vec::new(),
-                    })
+                    .or_insert_with(|| Parked::new(key))
                     .idle
             }
         };

@@ -267,7 +267,9 @@ fn chaos_never_corrupts_a_body_silently() {
         wait_for_with(
             &format!("member-1 to be connected ({why})"),
             Duration::from_secs(20),
-            || server.connected("member-1").then_some(()),
+            // The agent's readiness too: right after an agent is killed the server may
+            // not yet have read the dead tunnel's end, and still show it connected.
+            || (agent.readyz() == 200 && server.connected("member-1")).then_some(()),
             || {
                 format!(
                     "server log:\n{}\nagent log:\n{}",

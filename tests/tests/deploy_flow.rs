@@ -673,16 +673,16 @@ fn without_a_jwt_secret_on_the_member_the_agent_connects_but_serves_no_one_until
     )
     .success();
     wait_for_with(
-        "the agent to take up the jwtSecret",
+        "the agent to take up the jwtSecret (and say so: it logs once the key is in use)",
         Duration::from_secs(30),
         || {
-            kubectl(&admin, &["get", "pods", "-n", "default", "-o", "name"])
+            (kubectl(&admin, &["get", "pods", "-n", "default", "-o", "name"])
                 .0
                 .status
                 .success()
-                .then_some(())
+                && flow.agent.log().contains("identity key (re)loaded"))
+            .then_some(())
         },
         || flow.agent.log(),
     );
-    assert!(flow.agent.log().contains("identity key (re)loaded"));
 }

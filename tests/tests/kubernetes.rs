@@ -274,16 +274,20 @@ fn two_replicas_share_one_minted_token_and_keep_the_condition_true_when_one_leav
     };
     let before = status_writes();
     a.process.terminate();
-    wait_for(
-        "False from a, then True from b",
+    // The False itself, not only a count of writes: a's last words. a logs them once its
+    // PATCH is answered, and b's True (set off by the watch event of that PATCH) may be
+    // counted first, so both are waited for.
+    wait_for_with(
+        "False from a (in its log), then True from b",
         Duration::from_secs(20),
-        || (status_writes() >= before + 2).then_some(()),
-    );
-    // The False itself, not only a count of writes: a's last words.
-    let last_words = a.process.log();
-    assert!(
-        last_words.contains("set condition AgentAvailable cluster=member-1 status=False"),
-        "{last_words}"
+        || {
+            (status_writes() >= before + 2
+                && a.process
+                    .log()
+                    .contains("set condition AgentAvailable cluster=member-1 status=False"))
+            .then_some(())
+        },
+        || a.process.log(),
     );
     let after = wait_available(&host, &b, "member-1", "True");
     assert!(b.connected("member-1"));
@@ -922,22 +926,30 @@ fn a_dial_before_the_first_list_is_held_until_the_list_is_in_then_admitted() {
             ("tower-cluster", "member-1"),
             ("tower-capabilities", "identity"),
         ];
-        let started = std::time::Instant::now();
         let reply = https.request("GET", "/v1/tunnel", Some(&token), &upgrade);
-        (reply, started.elapsed())
+        (reply, std::time::Instant::now())
     });
-    // The server tries the API server and is refused twice (its watcher backs off 0.8 s
-    // and more between tries) while the dial waits.
-    let refused = host.api.refused_connections();
+    // The server tries the API server and is refused (its watchers back off 0.8 s and
+    // more between tries) while the dial waits. Four watchers are refused at once: the
+    // Cluster watcher's own failures are what is waited for.
     wait_for_with(
-        "the server to try the API server again",
+        "the Cluster watcher to be refused twice",
         Duration::from_secs(20),
-        || (host.api.refused_connections() >= refused + 2).then_some(()),
+        || {
+            (server
+                .process
+                .log()
+                .matches("watching Cluster objects")
+                .count()
+                >= 2)
+                .then_some(())
+        },
         || server.process.log(),
     );
     assert!(!dial.is_finished(), "the dial was answered before the list");
+    let available = std::time::Instant::now();
     host.api.set_available(true);
-    let (reply, took) = dial.join().unwrap();
+    let (reply, answered) = dial.join().unwrap();
     assert_eq!(
         reply.status,
         101,
@@ -945,8 +957,12 @@ fn a_dial_before_the_first_list_is_held_until_the_list_is_in_then_admitted() {
         reply.body,
         server.process.log()
     );
-    // A refusal comes in milliseconds; this answer waited for the list.
-    assert!(took > Duration::from_millis(500), "answered after {took:?}");
+    // This answer waited for the list, which could come only once the API server was back.
+    assert!(
+        answered > available,
+        "answered {:?} before the API server was back",
+        available - answered
+    );
     assert!(
         !server.process.log().contains("refused a tunnel"),
         "{}",
@@ -962,6 +978,9 @@ fn requests_to_the_host_keep_to_the_api_pace_and_every_cluster_converges() {
 
     const QPS: f64 = 20.0;
     const BURST: usize = 5;
+    // Arrivals bunched by a quarter-second stall between the server and the stand-in; an
+    // unpaced client would send all 100 at once.
+    const SLACK: usize = 5;
     let host = Member::start();
     let member = Member::start();
     let hosted = ClusterHost::new(&host);
@@ -1015,7 +1034,9 @@ fn requests_to_the_host_keep_to_the_api_pace_and_every_cluster_converges() {
     let first = calls_of(started);
     assert!(first.len() >= 100, "{} requests", first.len());
     let span = *first.last().unwrap() - first[0];
-    let least = Duration::from_secs_f64((first.len() - BURST) as f64 / QPS * 0.95);
+    // Counted where the requests arrive, so a stall in the stand-in (whose process also
+    // runs the agents) shifts them: a 10 % margin below, a quarter second's worth above.
+    let least = Duration::from_secs_f64((first.len() - BURST) as f64 / QPS * 0.9);
     assert!(
         span >= least,
         "{} requests took {span:?}: the pace was not kept (at least {least:?})",
@@ -1023,7 +1044,7 @@ fn requests_to_the_host_keep_to_the_api_pace_and_every_cluster_converges() {
     );
     let most = most_within(&first, Duration::from_secs(1));
     assert!(
-        most <= QPS as usize + BURST,
+        most <= QPS as usize + BURST + SLACK,
         "{most} requests within one second: over qps + burst"
     );
 
@@ -1044,7 +1065,7 @@ fn requests_to_the_host_keep_to_the_api_pace_and_every_cluster_converges() {
     let after = calls_of(killed);
     let most = most_within(&after, Duration::from_secs(1));
     assert!(
-        most <= QPS as usize + BURST,
+        most <= QPS as usize + BURST + SLACK,
         "{most} requests within one second after the restart"
     );
     fleet.stop();

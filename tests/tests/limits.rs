@@ -353,30 +353,35 @@ fn a_silent_stream_is_cut_at_the_idle_timeout_and_a_busy_one_is_not() {
         1.0
     );
 
-    // Events every second keep a watch alive past the timeout, to its own clean end.
+    // Events every half second (and a kubectl run, under a second even on a loaded
+    // machine) keep a watch alive past the timeout, to its own clean end.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let pacer = {
         let kubeconfig = member.kubeconfig.clone();
+        let watching = watching.clone();
         std::thread::spawn(move || {
-            for i in 0..5 {
-                std::thread::sleep(Duration::from_secs(1));
+            let mut i = 0;
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(500));
                 let yaml = format!(
                     "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: tick-{i}\n  namespace: default\n"
                 );
                 kubectl_with_input(&kubeconfig, &["create", "-f", "-"], yaml.as_bytes()).success();
+                i += 1;
             }
         })
     };
-    let busy = https
-        .try_request(
-            "GET",
-            "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=6",
-            Some(&user),
-            &[],
-        )
-        .expect("a busy watch ends cleanly");
+    let busy = https.try_request(
+        "GET",
+        "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1&timeoutSeconds=8",
+        Some(&user),
+        &[],
+    );
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    pacer.join().unwrap();
+    let busy = busy.expect("a busy watch ends cleanly");
     assert_eq!(busy.status, 200);
     assert!(busy.body.contains("tick-2"), "{}", busy.body);
-    pacer.join().unwrap();
     assert_eq!(
         metric(
             &server,

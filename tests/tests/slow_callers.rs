@@ -152,9 +152,11 @@ fn a_thousand_hanging_requests_from_one_user_leave_the_cluster_answering_another
         "bob's /version with {HANGING} of mallory's requests hanging: median {median:?}, max {most:?} ({} requests)",
         latencies.len()
     );
-    // A bound with a wide margin for a loaded machine (a few ms here), not a benchmark.
+    // Bounds with a wide margin for a loaded machine (a few ms here), not a benchmark: the
+    // median says bob is served at once; the slowest may meet one scheduler stall (what
+    // this guards against, a tunnel out of streams, shows as a timeout).
     assert!(
-        most < Duration::from_millis(100),
+        median < Duration::from_millis(100) && most < Duration::from_secs(2),
         "bob waited {most:?} (median {median:?})"
     );
     assert_eq!(

@@ -402,9 +402,10 @@ impl Acceptor {
                     }
                     ControlMessage::Drain { grace_ms } => {
                         // The agent is going away: route nothing new here; what runs on
-                        // the tunnel finishes, and the agent closes it.
-                        tracing::info!(%cluster, tunnel = id, grace_ms, "agent is draining: unrouted");
+                        // the tunnel finishes, and the agent closes it. Logged once done, so
+                        // the line says the tunnel is unrouted.
                         self.registry.remove(&cluster, id);
+                        tracing::info!(%cluster, tunnel = id, grace_ms, "agent is draining: unrouted");
                     }
                     event => tracing::debug!(%cluster, ?event, "control message from agent"),
                 },

@@ -450,7 +450,8 @@ mod tests {
         let relay = DelayRelay::start(echo().await, link).expect("relay");
         let took = echo_through(relay.addr, 8 << 20, 64 * 1024).await;
         assert!(took >= 2 * link.rtt(), "{took:?}");
-        assert!(took < Duration::from_secs(6), "{took:?}: not pipelined");
+        // Below the unpipelined 12.8 s with room for a loaded machine.
+        assert!(took < Duration::from_secs(10), "{took:?}: not pipelined");
     }
 
     #[tokio::test]
@@ -463,8 +464,10 @@ mod tests {
         let took = echo_through(relay.addr, total, 3_000).await;
         let sending = Duration::from_secs_f64(total as f64 * 8.0 / 40e6);
         assert!(took >= sending + 2 * link.rtt(), "{took:?}");
-        // Generous: the cap, not the relay's speed, is what this run met.
-        assert!(took < 8 * sending, "{took:?}: far below the rate");
+        // Generous (a loaded machine's debug build wakes the relay late): the cap, not the
+        // relay's speed, is what this run met; a relay that ignored the rate would not be
+        // caught here but by the lower bound above.
+        assert!(took < 30 * sending, "{took:?}: far below the rate");
     }
 
     #[tokio::test]

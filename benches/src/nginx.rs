@@ -260,7 +260,8 @@ mod tests {
         let target = crate::load::Target::new(&nginx.ca_pem, nginx.addr, "/version".into(), TOKEN);
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         let run = runtime.block_on(async {
-            let limit = Duration::from_secs(10);
+            // The counts are what is checked, not the speed: room for a loaded machine.
+            let limit = Duration::from_secs(60);
             tokio::time::timeout(limit, crate::load::run(&target, 4, 1_100, limit)).await
         });
         let run = run.expect("a connection went unserved");

@@ -60,9 +60,12 @@ fn main() -> ExitCode {
             .as_ref()
             .and_then(|l| l.local_addr().ok())
             .map(|a| a.to_string());
-        println!("{}", serde_json::json!({ "admin": admin_addr }));
         let shutdown = CancellationToken::new();
-        tokio::spawn(signal_to(shutdown.clone()));
+        if let Err(e) = cancel_on_signal(shutdown.clone()) {
+            eprintln!("tower-agent: installing the signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+        println!("{}", serde_json::json!({ "admin": admin_addr }));
         match tower_agent::run(config, admin, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -73,20 +76,19 @@ fn main() -> ExitCode {
     })
 }
 
-async fn signal_to(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            shutdown.cancel();
-            return;
+/// Cancels `shutdown` at SIGTERM or SIGINT. The handlers are installed when this returns:
+/// it is called before the line on stdout that tells a parent (a test, a script) it may
+/// signal, as a signal before them would kill the process instead of draining it.
+fn cancel_on_signal(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-    shutdown.cancel();
+        shutdown.cancel();
+    });
+    Ok(())
 }

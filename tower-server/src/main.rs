@@ -534,6 +534,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
         let local =
             |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let shutdown = CancellationToken::new();
+        if let Err(e) = cancel_on_signal(shutdown.clone()) {
+            eprintln!("tower-server: installing the signal handlers: {e}");
+            return ExitCode::from(1);
+        }
         // One line on stdout says where everything listens (tests bind port 0).
         println!(
             "{}",
@@ -552,8 +557,6 @@ fn serve(args: ServeArgs) -> ExitCode {
             max_connections = ?config.limits.connections,
             "tower-server listening"
         );
-        let shutdown = CancellationToken::new();
-        tokio::spawn(signal_to(shutdown.clone()));
         match tower_server::run(config, listeners, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -564,27 +567,21 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
-async fn signal_to(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
+/// Cancels `shutdown` at SIGTERM or SIGINT. The handlers are installed when this returns:
+/// it is called before the line on stdout that tells a parent (a test, a script) it may
+/// signal, as a signal before them would kill the process instead of draining it.
+fn cancel_on_signal(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    shutdown.cancel();
+        shutdown.cancel();
+    });
+    Ok(())
 }
 
 #[cfg(test)]

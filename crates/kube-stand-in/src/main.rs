@@ -79,23 +79,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, stand_in.kubeconfig_yaml(KubeconfigAuth::Token))
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    // Installed before the line that tells a parent it may signal us.
+    let shutdown = shutdown_signal()?;
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "listening on {}", stand_in.url())?;
         stdout.flush()?;
     }
-    shutdown_signal().await?;
+    shutdown.await;
     stand_in.shutdown();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), stand_in.wait_stopped()).await;
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Resolves at SIGTERM or SIGINT; both handlers are installed when this returns.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }

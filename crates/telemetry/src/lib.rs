@@ -320,12 +320,23 @@ mod tests {
         }
     }
 
+    /// Runs `f` with `subscriber` as the thread's default, one test at a time: tracing
+    /// caches each call site's interest across all live dispatchers, and a call site first
+    /// hit on one thread while another thread's test builds its dispatcher can keep an
+    /// interest computed for the wrong filter (tracing-core's `callsite.rs`, the rebuild
+    /// that is not under its lock), so a line would leak through or vanish.
+    fn with_subscriber(subscriber: impl tracing::Subscriber + Send + Sync, f: impl FnOnce()) {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::subscriber::with_default(subscriber, f);
+    }
+
     /// What a subscriber with `TOWER_LOG` = `env` writes for a dependency's WARN (rustls's
     /// IP-as-SNI line, under its real target) and two of Tower's lines.
     fn logged(format: LogFormat, env: Option<&str>, ansi: bool) -> String {
         let out = Captured::default();
         let filter = filter(env.map(OsString::from)).unwrap();
-        tracing::subscriber::with_default(subscriber(format, filter, ansi, out.clone()), || {
+        with_subscriber(subscriber(format, filter, ansi, out.clone()), || {
             tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI extension: ignoring IP address presented as hostname (127.0.0.1)");
             tracing::info!(target: "hyper_util::client::legacy::pool", "pooling idle connection");
             tracing::info!(target: "tower_server::agents", cluster = "member-1", tunnel = 7, "agent connected");
@@ -436,7 +447,7 @@ mod tests {
         let evil = "HS256\nFORGED INFO tower_server: hi\u{1b}[31m\u{85}\u{202e}\u{2028}x";
         let out = Captured::default();
         let filter = filter(Some("info".into())).unwrap();
-        tracing::subscriber::with_default(
+        with_subscriber(
             subscriber(LogFormat::Text, filter, false, out.clone()),
             || {
                 tracing::info!(reason = %evil, quoted = ?evil, plain = evil, n = 7, "refused {evil}");

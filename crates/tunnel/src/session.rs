@@ -794,8 +794,11 @@ mod tests {
             .unwrap();
         all_received.await.unwrap();
         let sent = writes.load(Relaxed) - before;
+        // One write, or two when tokio's maintenance tick (every 61st) falls inside the
+        // turn; plus, when the agent's thread started late, the pong to the ping yamux
+        // sends as its session starts. Each frame alone would be 32.
         assert!(
-            (1..=2).contains(&sent),
+            (1..=3).contains(&sent),
             "{STREAMS} streams' frames took {sent} writes"
         );
         for writer in writers {

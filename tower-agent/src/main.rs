@@ -61,7 +61,7 @@ fn main() -> ExitCode {
             .and_then(|l| l.local_addr().ok())
             .map(|a| a.to_string());
         let shutdown = CancellationToken::new();
-        if let Err(e) = cancel_on_signal(shutdown.clone()) {
+        if let Err(e) = tower_tunnel::shutdown::cancel_on_signal(shutdown.clone()) {
             eprintln!("tower-agent: installing the signal handlers: {e}");
             return ExitCode::from(1);
         }
@@ -74,21 +74,4 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-/// Cancels `shutdown` at SIGTERM or SIGINT. The handlers are installed when this returns:
-/// it is called before the line on stdout that tells a parent (a test, a script) it may
-/// signal, as a signal before them would kill the process instead of draining it.
-fn cancel_on_signal(shutdown: CancellationToken) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        shutdown.cancel();
-    });
-    Ok(())
 }

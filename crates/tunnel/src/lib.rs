@@ -12,6 +12,7 @@
 //! * [`requests`]: the requests a connection (or tunnel stream) serves, and when it has
 //!   served none for long.
 //! * [`exchanges`]: the requests in flight on a session, which its flush goes by.
+//! * [`shutdown`]: the signals (SIGTERM, SIGINT) that start either binary's drain.
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod pool;
 mod queued;
 pub mod requests;
 pub mod session;
+pub mod shutdown;
 pub mod stream;
 pub mod tls;
 pub mod watch_end;

@@ -119,6 +119,14 @@ fn download(server: &Server, member: &Member, size: u64) -> std::thread::JoinHan
     })
 }
 
+/// The bytes `download` got; when its thread panicked (a cut body), the logs from `logs`
+/// go with the failure, the processes' own account of why.
+fn completed(download: std::thread::JoinHandle<u64>, logs: impl Fn() -> String) -> u64 {
+    download
+        .join()
+        .unwrap_or_else(|_| panic!("the download was cut (its panic is above)\n{}", logs()))
+}
+
 /// Runs `request` on a thread and returns once the member has seen one more call whose
 /// path contains `path`.
 fn once_called<T: Send + 'static>(
@@ -184,7 +192,7 @@ fn a_draining_server_ends_watches_cleanly_and_exits_without_waiting_out_its_grac
             .expect("the protobuf watch ends cleanly, not cut"),
     );
     drop(churn);
-    assert_eq!(download.join().expect("the download completes"), size);
+    assert_eq!(completed(download, || server.process.log()), size);
     assert_eq!(server.process.wait_exit(Duration::from_secs(30)), Some(0));
     let exited = terminated.elapsed();
     eprintln!("server drained and exited {exited:?} after SIGTERM (grace 60s)");
@@ -236,7 +244,14 @@ fn a_draining_agent_finishes_its_requests_ends_watches_cleanly_and_exits() {
             .expect("the protobuf watch ends cleanly, not cut"),
     );
     drop(churn);
-    assert_eq!(download.join().expect("the download completes"), size);
+    assert_eq!(
+        completed(download, || format!(
+            "agent log:\n{}\nserver log:\n{}",
+            agent.process.log(),
+            server.process.log()
+        )),
+        size
+    );
     assert_eq!(agent.process.wait_exit(Duration::from_secs(30)), Some(0));
     let exited = terminated.elapsed();
     eprintln!("agent drained and exited {exited:?} after SIGTERM (grace 60s)");

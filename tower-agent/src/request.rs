@@ -28,6 +28,21 @@ fn reply(response: Response<Full<Bytes>>) -> Response<Body> {
     response.map(|b| b.map_err(|never| match never {}).boxed())
 }
 
+/// Counts the refusal `why` and answers it with a `Status` saying `message`, with the
+/// code and Kubernetes reason of that kind of refusal.
+fn refuse(config: &Config, why: Refused, message: &str) -> Response<Body> {
+    config.metrics.refused(why);
+    let (code, reason) = match why {
+        Refused::BadIdentity => (StatusCode::UNAUTHORIZED, "Unauthorized"),
+        Refused::NoIdentityKey => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+        Refused::PassThrough | Refused::Impersonation | Refused::UnknownTarget => {
+            (StatusCode::FORBIDDEN, "Forbidden")
+        }
+        Refused::BadRequest => (StatusCode::BAD_REQUEST, "BadRequest"),
+    };
+    reply(failure(code, reason, message))
+}
+
 /// Checks, rewrites and forwards one request to `target`.
 ///
 /// Returns an `async` block rather than being an `async fn`, which would keep `req` twice
@@ -48,12 +63,11 @@ where
 {
     async move {
         let Some(upstream) = config.targets.get(target) else {
-            config.metrics.refused(Refused::UnknownTarget);
-            return reply(failure(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
+            return refuse(
+                config,
+                Refused::UnknownTarget,
                 &format!("target {target:?} is not on this agent's allowlist"),
-            ));
+            );
         };
         let identity = match config
             .identity
@@ -62,20 +76,10 @@ where
             Ok(Asserted::User(identity)) => Some(identity),
             Ok(Asserted::PassThrough) => None,
             Err(e @ IdentityError::NoKey(_)) => {
-                config.metrics.refused(Refused::NoIdentityKey);
-                return reply(failure(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    &e.to_string(),
-                ));
+                return refuse(config, Refused::NoIdentityKey, &e.to_string());
             }
             Err(e) => {
-                config.metrics.refused(Refused::BadIdentity);
-                return reply(failure(
-                    StatusCode::UNAUTHORIZED,
-                    "Unauthorized",
-                    &e.to_string(),
-                ));
+                return refuse(config, Refused::BadIdentity, &e.to_string());
             }
         };
         if identity.is_none()
@@ -83,14 +87,13 @@ where
         {
             // kube-apiserver authenticates a client certificate before a bearer token: the
             // caller's credential would run as this agent.
-            config.metrics.refused(Refused::PassThrough);
-            return reply(failure(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
+            return refuse(
+                config,
+                Refused::PassThrough,
                 "tower-agent: this agent calls its API server with a client certificate, \
              which would take the place of your credential: pass-through needs an agent \
              that uses a token (in a pod, its ServiceAccount)",
-            ));
+            );
         }
         // On every target: a target without credentials of ours (ks-apiserver) proxies to its
         // own kube-apiserver with a privileged credential, where Impersonate-* would act.
@@ -124,12 +127,7 @@ where
             parts.uri = match upstream.uri_for(parts.uri.path_and_query().unwrap_or(&root)) {
                 Ok(uri) => uri,
                 Err(e) => {
-                    config.metrics.refused(Refused::BadRequest);
-                    return reply(failure(
-                        StatusCode::BAD_REQUEST,
-                        "BadRequest",
-                        &e.to_string(),
-                    ));
+                    return refuse(config, Refused::BadRequest, &e.to_string());
                 }
             };
             strip_hop_by_hop(&mut parts.headers);
@@ -171,12 +169,11 @@ where
                         parts.headers.insert(IMPERSONATE_USER, user);
                     }
                     Err(_) => {
-                        config.metrics.refused(Refused::BadRequest);
-                        return reply(failure(
-                            StatusCode::BAD_REQUEST,
-                            "BadRequest",
+                        return refuse(
+                            config,
+                            Refused::BadRequest,
                             "the token's user name cannot be sent as a header",
-                        ));
+                        );
                     }
                 }
                 for group in &identity.groups {

@@ -392,24 +392,21 @@ impl Frontend {
                     ))
                 })?;
             let (mut response, stream_slot) = answer.map_err(|e: BoxError| {
-                match tunnel_error(&*e) {
+                // A limit of the tunnel's (the metric's reason, the flag that sets it): 503.
+                let limit = match tunnel_error(&*e) {
                     Some(TunnelError::StreamLimit(_)) => {
-                        self.metrics.count_limited("stream_limit");
-                        return ProxyError::Unavailable(format!(
-                            "cluster {:?}: {} (--max-streams-per-tunnel): retry later",
-                            route.cluster,
-                            tower_tunnel::http::error_chain(&*e)
-                        ));
+                        Some(("stream_limit", " (--max-streams-per-tunnel)"))
                     }
-                    Some(TunnelError::Unacknowledged(_)) => {
-                        self.metrics.count_limited("unacknowledged_streams");
-                        return ProxyError::Unavailable(format!(
-                            "cluster {:?}: {}: retry later",
-                            route.cluster,
-                            tower_tunnel::http::error_chain(&*e)
-                        ));
-                    }
-                    _ => {}
+                    Some(TunnelError::Unacknowledged(_)) => Some(("unacknowledged_streams", "")),
+                    _ => None,
+                };
+                if let Some((reason, flag)) = limit {
+                    self.metrics.count_limited(reason);
+                    return ProxyError::Unavailable(format!(
+                        "cluster {:?}: {}{flag}: retry later",
+                        route.cluster,
+                        tower_tunnel::http::error_chain(&*e)
+                    ));
                 }
                 tracing::warn!(cluster = %route.cluster, error = %e, "tunnel request failed");
                 ProxyError::BadGateway(format!(

@@ -178,6 +178,24 @@ impl<T: AsyncWrite + Unpin> Flusher<T> {
     }
 }
 
+impl<T: AsyncRead + Unpin> Flusher<T> {
+    /// Reads and drops what the peer still sends until it closes its side: called once
+    /// a close went out. A socket closed while bytes still arrive is reset (RFC 1122,
+    /// 4.2.2.13, "new data is received after CLOSE is called"), and the reset throws away
+    /// what the kernel had not sent yet: the tail of a download the peer is still
+    /// reading, and answering with window updates. The peer closes on the GoAway.
+    pub(crate) fn poll_linger(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut scratch = [0u8; 2048];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            ready!(Pin::new(&mut lock(&self.state).inner).poll_read(cx, &mut buf))?;
+            if buf.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
     fn poll_read(
         self: Pin<&mut Self>,

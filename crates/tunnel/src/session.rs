@@ -361,14 +361,31 @@ where
                     // close_notify. On a dead link (the reason for most closes: a missed
                     // pong) that waits on TCP's retransmission timeout, ~15 minutes, while
                     // `closed()` keeps the agent from redialing: bound it here.
+                    let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
                     let connection = &mut self.connection;
                     let close = poll_fn(|cx| connection.poll_close(cx));
-                    return match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
-                        Ok(closed) => closed.map_err(|e| TunnelError::Closed(e.to_string())),
-                        Err(_) => Err(TunnelError::Closed(format!(
-                            "the close did not get through within {CLOSE_TIMEOUT:?}: connection dropped"
-                        ))),
-                    };
+                    match tokio::time::timeout_at(deadline, close).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(TunnelError::Closed(e.to_string())),
+                        Err(_) => {
+                            return Err(TunnelError::Closed(format!(
+                                "the close did not get through within {CLOSE_TIMEOUT:?}: connection dropped"
+                            )));
+                        }
+                    }
+                    // The socket stays open, read, until the peer closes too: dropped
+                    // now, it would be reset by the peer's next bytes, and the reset
+                    // would lose what it has not read yet (`Flusher::poll_linger`).
+                    let flusher = &self.flusher;
+                    let linger = poll_fn(|cx| flusher.poll_linger(cx));
+                    match tokio::time::timeout_at(deadline, linger).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(error = %e, "after the close"),
+                        Err(_) => tracing::debug!(
+                            "the peer did not close within {CLOSE_TIMEOUT:?} of ours"
+                        ),
+                    }
+                    return Ok(());
                 }
                 Event::Violated => {
                     for reply in pending.drain(..) {
@@ -954,5 +971,59 @@ mod tests {
             .await
             .expect("the agent's stream still waits after its session ended");
         assert!(matches!(after, Ok(0) | Err(_)), "{after:?}");
+    }
+
+    /// A closing session keeps its socket until the peer closes too. Bytes the peer sends
+    /// after the close (a window update for what it is still reading) would otherwise
+    /// arrive at a closed socket, which the kernel answers with a reset, throwing away
+    /// what it had not sent: the peer would lose the end of its data and the GoAway.
+    #[tokio::test]
+    async fn a_close_reaches_a_peer_still_sending_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // A small receive buffer: what the session sends waits in its kernel.
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut peer = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (near, _) = listener.accept().await.unwrap();
+        let (handle, _inbound, driver) = start(near, Role::Server, &SessionConfig::default());
+        let driver = tokio::spawn(driver.run());
+        for _ in 0..4 {
+            let mut stream = handle.open_stream().await.unwrap();
+            // A window each (the peer grants no more); cut short by the close.
+            tokio::spawn(async move { stream.write_all(&[7; 256 * 1024]).await });
+        }
+        let mut received = vec![0; 4096];
+        let mut n = 0;
+        while n < 4096 {
+            n += peer.read(&mut received[n..]).await.unwrap();
+        }
+
+        handle.close();
+        // Sent before the driver runs again: it never reads these. A yamux pong (a Ping
+        // with the ACK flag), as a peer answers pings.
+        let pong = [0u8, 2, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0];
+        peer.write_all(&pong).await.unwrap();
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest)
+            .await
+            .expect("the session's close reset the connection");
+        received.extend_from_slice(&rest);
+        drop(peer);
+
+        // Every frame whole, and the GoAway (type 3) last.
+        let mut at = 0;
+        let mut last = None;
+        while let Some(header) = received.get(at..at + 12) {
+            let length = u32::from_be_bytes(header[8..12].try_into().unwrap()) as usize;
+            at += 12 + if header[1] == 0 { length } else { 0 };
+            last = Some(header[1]);
+        }
+        assert_eq!(at, received.len(), "a frame cut short");
+        assert_eq!(last, Some(3), "the GoAway did not arrive");
+        let ended = tokio::time::timeout(CLOSE_TIMEOUT, driver).await.unwrap();
+        assert!(ended.unwrap().is_ok());
     }
 }

@@ -3,6 +3,8 @@
 //! identity headers), and the call to the upstream with the agent's own credential and
 //! the caller's identity impersonated.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderName, Request, Response, StatusCode, header};
@@ -47,24 +49,27 @@ fn refuse(config: &Config, why: Refused, message: &str) -> Response<Body> {
 ///
 /// Returns an `async` block rather than being an `async fn`, which would keep `req` twice
 /// in the future (as captured, and as the local it is moved into): the future is boxed
-/// and copied per request (BENCHMARKS.md, "Smaller request futures").
+/// and copied per request (BENCHMARKS.md, "Smaller request futures"). It owns what it
+/// uses, so the caller can make it where the request is and box it as it is, instead of
+/// in a block of its own that would hold the request once more.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn would hold `req` twice in the future"
 )]
-pub(crate) fn handle_request<'a, B>(
-    config: &'a Config,
-    target: &'a str,
+pub(crate) fn handle_request<B>(
+    config: Arc<Config>,
+    target: Arc<str>,
     mut req: Request<B>,
-) -> impl Future<Output = Response<Body>> + 'a
+) -> impl Future<Output = Response<Body>> + 'static
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<upstream::BoxError>,
 {
     async move {
+        let target: &str = &target;
         let Some(upstream) = config.targets.get(target) else {
             return refuse(
-                config,
+                &config,
                 Refused::UnknownTarget,
                 &format!("target {target:?} is not on this agent's allowlist"),
             );
@@ -76,10 +81,10 @@ where
             Ok(Asserted::User(identity)) => Some(identity),
             Ok(Asserted::PassThrough) => None,
             Err(e @ IdentityError::NoKey(_)) => {
-                return refuse(config, Refused::NoIdentityKey, &e.to_string());
+                return refuse(&config, Refused::NoIdentityKey, &e.to_string());
             }
             Err(e) => {
-                return refuse(config, Refused::BadIdentity, &e.to_string());
+                return refuse(&config, Refused::BadIdentity, &e.to_string());
             }
         };
         if identity.is_none()
@@ -88,7 +93,7 @@ where
             // kube-apiserver authenticates a client certificate before a bearer token: the
             // caller's credential would run as this agent.
             return refuse(
-                config,
+                &config,
                 Refused::PassThrough,
                 "tower-agent: this agent calls its API server with a client certificate, \
              which would take the place of your credential: pass-through needs an agent \
@@ -127,7 +132,7 @@ where
             parts.uri = match upstream.uri_for(parts.uri.path_and_query().unwrap_or(&root)) {
                 Ok(uri) => uri,
                 Err(e) => {
-                    return refuse(config, Refused::BadRequest, &e.to_string());
+                    return refuse(&config, Refused::BadRequest, &e.to_string());
                 }
             };
             strip_hop_by_hop(&mut parts.headers);
@@ -170,7 +175,7 @@ where
                     }
                     Err(_) => {
                         return refuse(
-                            config,
+                            &config,
                             Refused::BadRequest,
                             "the token's user name cannot be sent as a header",
                         );
@@ -412,7 +417,7 @@ mod tests {
     async fn the_agent_impersonates_only_whom_the_servers_assertion_names() {
         let secret = Secret::new("the host's secret").unwrap();
         let (url, mut seen) = recording_upstream().await;
-        let config = agent_config(&url, &secret);
+        let config = Arc::new(agent_config(&url, &secret));
         let alice = Asserter::new(&secret).assert(
             "c1",
             &Identity {
@@ -433,7 +438,12 @@ mod tests {
             &[("impersonate-extra-scopes", "x")][..],
             &[("Impersonate-User", "alice")][..],
         ] {
-            let response = handle_request(&config, KUBERNETES_TARGET, request(&alice, asked)).await;
+            let response = handle_request(
+                config.clone(),
+                KUBERNETES_TARGET.into(),
+                request(&alice, asked),
+            )
+            .await;
             assert_eq!(response.status(), 403, "{asked:?}");
             assert_eq!(response.headers()["content-type"], "application/json");
             let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -461,7 +471,12 @@ mod tests {
             ("x-remote-user", "root"),
             ("x-remote-group", "system:masters"),
         ];
-        let response = handle_request(&config, KUBERNETES_TARGET, request(&alice, &forged)).await;
+        let response = handle_request(
+            config.clone(),
+            KUBERNETES_TARGET.into(),
+            request(&alice, &forged),
+        )
+        .await;
         assert_eq!(response.status(), 200);
         let headers = seen.recv().await.unwrap();
         assert!(headers.get("x-remote-user").is_none() && headers.get("x-remote-group").is_none());
@@ -485,7 +500,7 @@ mod tests {
             ],
         );
         *discovery.uri_mut() = "/apis/apps/v1".parse().unwrap();
-        let response = handle_request(&config, KUBERNETES_TARGET, discovery).await;
+        let response = handle_request(config.clone(), KUBERNETES_TARGET.into(), discovery).await;
         assert_eq!(response.status(), 200);
         let headers = seen.recv().await.unwrap();
         assert_eq!(headers["impersonate-user"], "alice");
@@ -523,8 +538,8 @@ mod tests {
             ),
         ] {
             let refused = handle_request(
-                &config,
-                KUBERNETES_TARGET,
+                config.clone(),
+                KUBERNETES_TARGET.into(),
                 request(
                     &header::HeaderValue::from_str(assertion).unwrap(),
                     &[("impersonate-user", "root")],
@@ -537,19 +552,20 @@ mod tests {
         }
 
         // Without a key (the member's KubeSphere configuration unreadable): 503, why.
-        let keyless = Config {
+        let keyless = Arc::new(Config {
             identity: Arc::new(IdentityKeys::new(
                 "c1",
                 Err("ConfigMap ke-system/ke-config: not found".into()),
             )),
             ..agent_config(&url, &secret)
-        };
-        let refused = handle_request(&keyless, KUBERNETES_TARGET, request(&alice, &[])).await;
+        });
+        let refused = handle_request(keyless, KUBERNETES_TARGET.into(), request(&alice, &[])).await;
         assert_eq!(refused.status(), 503);
         let body = refused.into_body().collect().await.unwrap().to_bytes();
         assert!(String::from_utf8_lossy(&body).contains("ke-system/ke-config: not found"));
 
-        let elsewhere = handle_request(&config, "dashboard", request(&alice, &[])).await;
+        let elsewhere =
+            handle_request(config.clone(), "dashboard".into(), request(&alice, &[])).await;
         assert_eq!(elsewhere.status(), 403);
         assert!(
             seen.try_recv().is_err(),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -416,17 +417,20 @@ fn proxy_service(
     // Shared: every request on the stream takes a reference count, not a copy.
     let target: Arc<str> = target.into();
     service_fn(move |req: Request<Incoming>| {
-        let config = config.clone();
-        let target = target.clone();
         let ending = ending.clone();
-        let stream = stream.clone();
+        let watch = tower_tunnel::watch_end::is_watch(req.uri());
+        let paced = stream
+            .as_ref()
+            .map(|(pace, requests)| (pace.clone(), requests.start()));
+        // Made here, taking the request, and finished by a closure (`map`): an async block
+        // that took the request to call this, or that awaited it, would hold the request
+        // or the whole future once more in every request's (the future is boxed and
+        // copied per request).
+        let handled = handle_request(config.clone(), target.clone(), req);
         // Boxed: checking and sending a request (dialing the upstream, perhaps) is a
         // large future, and unboxed it would sit in the task of every HTTP/2 stream for
         // as long as its response runs: 9.3 KiB per watch (heaptrack), for hours.
-        Box::pin(async move {
-            let watch = tower_tunnel::watch_end::is_watch(req.uri());
-            let paced = stream.map(|(pace, requests)| (pace, requests.start()));
-            let mut response = handle_request(&config, &target, req).await;
+        Box::pin(handled.map(move |mut response| {
             if let Some((pace, open)) = paced {
                 response =
                     response.map(|body| pace::PacedBody::new(body, pace).holding(open).boxed());
@@ -442,7 +446,7 @@ fn proxy_service(
             } else {
                 response
             })
-        }) as ResponseFuture
+        })) as ResponseFuture
     })
 }
 

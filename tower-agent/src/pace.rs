@@ -71,6 +71,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for PacedIo<T> {
     }
 }
 
+impl<T> PacedIo<T> {
+    /// Counts what a write took, and wakes the body waiting for it.
+    fn took(&self, written: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = written
+            && *n > 0
+        {
+            self.pace.taken.fetch_add(*n as u64, Ordering::AcqRel);
+            self.pace.waiting.wake();
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for PacedIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -78,13 +90,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PacedIo<T> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let written = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = written
-            && n > 0
-        {
-            self.pace.taken.fetch_add(n as u64, Ordering::AcqRel);
-            self.pace.waiting.wake();
-        }
+        self.took(&written);
         written
+    }
+
+    /// Forwarded, so that hyper queues the body's chunks rather than copying them into
+    /// its own buffer first (it does for I/O that cannot write vectored).
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.took(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -174,6 +197,29 @@ mod tests {
     fn body(chunks: usize, size: usize) -> impl Body<Data = Bytes, Error = std::io::Error> + Unpin {
         let frames = (0..chunks).map(move |_| Ok(Frame::data(Bytes::from(vec![7u8; size]))));
         StreamBody::new(futures::stream::iter(frames))
+    }
+
+    /// hyper writes vectored when the stream can: those writes count as taken too.
+    #[tokio::test]
+    async fn vectored_writes_count_as_taken() {
+        let (near, _far) = tokio::io::duplex(1024);
+        let near_vectored = near.is_write_vectored();
+        let (mut io, pace) = PacedIo::new(near);
+        assert_eq!(io.is_write_vectored(), near_vectored);
+        let taken = pace.clone();
+        let mut body = PacedBody::new(body(2, 64), pace);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(futures::poll!(body.frame()).is_pending());
+        let slices = [
+            std::io::IoSlice::new(&first[..10]),
+            std::io::IoSlice::new(&first[10..]),
+        ];
+        let n = io.write_vectored(&slices).await.unwrap();
+        assert!(n >= 10, "{n}");
+        assert_eq!(taken.taken.load(Ordering::Acquire), n as u64);
+        io.write_all(&first[n..]).await.unwrap();
+        let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(second.len(), 64);
     }
 
     #[tokio::test]

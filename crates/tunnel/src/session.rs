@@ -663,6 +663,43 @@ mod tests {
     /// yamux opens no more than 256 streams the peer has not acknowledged. The agent
     /// acknowledges each stream as it accepts it, so streams it never writes to (requests
     /// its upstream has not answered) do not stop the server from opening more.
+    /// A vectored write gathers its slices into one frame, up to the frame's limit, and
+    /// what arrives is every byte in order: hyper writes a message's head and body this
+    /// way, where it would otherwise copy them into one buffer first.
+    #[tokio::test]
+    async fn vectored_writes_gather_their_slices_and_lose_nothing() {
+        use std::io::IoSlice;
+        let (server, _agent, mut inbound) = pair(8);
+        let mut s = server.open_stream().await.unwrap();
+        assert!(s.is_write_vectored());
+        let head = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let small = [
+            IoSlice::new(&head),
+            IoSlice::new(b"5\r\n"),
+            IoSlice::new(b"hello"),
+        ];
+        // All of a small message at once: one frame.
+        assert_eq!(s.write_vectored(&small).await.unwrap(), head.len() + 3 + 5);
+        let mut sent = [&head[..], b"5\r\n", b"hello"].concat();
+        // A large one a frame at a time, each as much as the frame takes.
+        let mut at = 0;
+        while at < body.len() {
+            let slices = [IoSlice::new(&head[..4]), IoSlice::new(&body[at..])];
+            let n = s.write_vectored(&slices).await.unwrap();
+            assert!(n > 4 && n <= crate::stream::MAX_FRAME, "{n}");
+            sent.extend_from_slice(&head[..4]);
+            sent.extend_from_slice(&body[at..at + n - 4]);
+            at += n - 4;
+        }
+        s.shutdown().await.unwrap();
+        let mut accepted = inbound.recv().await.unwrap();
+        let mut got = Vec::new();
+        accepted.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "the bytes arrived changed or out of order");
+    }
+
     #[tokio::test]
     async fn streams_the_agent_never_answers_do_not_hold_back_new_ones() {
         let (server, _agent, _inbound) = pair(1000);

@@ -132,9 +132,7 @@ impl AsyncRead for TunnelStream {
 }
 
 impl AsyncWrite for TunnelStream {
-    /// Takes the session's permits for what yamux may queue of `buf` (waiting in line
-    /// while the session has [`crate::queued::QUEUE_LIMIT`] bytes queued), then hands
-    /// yamux what the stream's send window takes; unused permits go back at once.
+    /// One frame of `buf`, as [`TunnelStream::poll_write_frame`] queues it.
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -143,27 +141,31 @@ impl AsyncWrite for TunnelStream {
         if buf.is_empty() {
             return Pin::new(&mut self.inner).poll_write(cx, buf);
         }
-        // yamux takes one frame per write: at most its largest.
-        let want = buf.len().min(MAX_FRAME);
-        let Poll::Ready(permit) = self.queued.poll_acquire_many(cx, want as u32) else {
-            return self.pending_unless_over(cx);
-        };
-        // The semaphore is never closed; without a permit, go on unbounded.
-        if let Some(permit) = permit {
-            permit.forget();
+        self.poll_write_frame(cx, buf.len(), |inner, cx| {
+            Pin::new(inner).poll_write(cx, buf)
+        })
+    }
+
+    /// Gathers the slices into one frame (the vendored yamux's `poll_write_vectored`):
+    /// hyper then queues a body's chunks behind the head instead of copying them into a
+    /// buffer of its own first, which it does for I/O that cannot write vectored. One
+    /// copy less per byte of every body the tunnel carries.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if len == 0 {
+            return Poll::Ready(Ok(0));
         }
-        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        let used = match written {
-            Poll::Ready(Ok(n)) => n.min(want),
-            _ => 0,
-        };
-        if used < want {
-            self.queued.add_permits(want - used);
-        }
-        match written {
-            Poll::Pending => self.pending_unless_over(cx),
-            ready => ready,
-        }
+        self.poll_write_frame(cx, len, |inner, cx| {
+            futures::AsyncWrite::poll_write_vectored(Pin::new(inner.get_mut()), cx, bufs)
+        })
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -175,6 +177,41 @@ impl AsyncWrite for TunnelStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match Pin::new(&mut self.inner).poll_shutdown(cx) {
+            Poll::Pending => self.pending_unless_over(cx),
+            ready => ready,
+        }
+    }
+}
+
+impl TunnelStream {
+    /// Takes the session's permits for what yamux may queue of `len` bytes (waiting in
+    /// line while the session has [`crate::queued::QUEUE_LIMIT`] bytes queued), then
+    /// has `write` hand yamux what the stream's send window takes; unused permits go back
+    /// at once.
+    fn poll_write_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        write: impl FnOnce(&mut Compat<yamux::Stream>, &mut Context<'_>) -> Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        // yamux takes one frame per write: at most its largest.
+        let want = len.min(MAX_FRAME);
+        let Poll::Ready(permit) = self.queued.poll_acquire_many(cx, want as u32) else {
+            return self.pending_unless_over(cx);
+        };
+        // The semaphore is never closed; without a permit, go on unbounded.
+        if let Some(permit) = permit {
+            permit.forget();
+        }
+        let written = write(&mut self.inner, cx);
+        let used = match written {
+            Poll::Ready(Ok(n)) => n.min(want),
+            _ => 0,
+        };
+        if used < want {
+            self.queued.add_permits(want - used);
+        }
+        match written {
             Poll::Pending => self.pending_unless_over(cx),
             ready => ready,
         }

@@ -383,11 +383,16 @@ impl AsyncRead for Stream {
     }
 }
 
-impl AsyncWrite for Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
+impl Stream {
+    /// Queues one data frame of up to `len` bytes (as the send window and
+    /// `split_send_size` allow) that `fill` writes into the frame's body, given how many
+    /// it takes. `AsyncWrite::poll_write` and, Tower's patch, `poll_write_vectored`,
+    /// which gathers its slices into the one frame instead of writing only the first.
+    fn poll_write_with(
+        &mut self,
         cx: &mut Context,
-        buf: &[u8],
+        len: usize,
+        fill: impl FnOnce(&mut Vec<u8>, usize),
     ) -> Poll<io::Result<usize>> {
         ready!(self
             .sender
@@ -404,12 +409,15 @@ impl AsyncWrite for Stream {
                 shared.writer = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            let k = std::cmp::min(shared.send_window() as usize, buf.len());
+            let k = std::cmp::min(shared.send_window() as usize, len);
             let k = std::cmp::min(k, self.config.split_send_size);
             shared
                 .consume_send_window(k as u32)
                 .expect("not exceed receive window");
-            Vec::from(&buf[..k])
+            let mut body = Vec::with_capacity(k);
+            fill(&mut body, k);
+            debug_assert_eq!(body.len(), k);
+            body
         };
         let n = body.len();
         let mut frame = Frame::data(self.id, body).expect("body <= u32::MAX").left();
@@ -430,6 +438,39 @@ impl AsyncWrite for Stream {
             .start_send(cmd)
             .map_err(|_| self.write_zero_err())?;
         Poll::Ready(Ok(n))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_with(cx, buf.len(), |body, k| {
+            body.extend_from_slice(&buf[..k])
+        })
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        self.poll_write_with(cx, len, |body, mut k| {
+            for buf in bufs {
+                let take = std::cmp::min(buf.len(), k);
+                body.extend_from_slice(&buf[..take]);
+                k -= take;
+                if k == 0 {
+                    break;
+                }
+            }
+        })
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {

@@ -179,20 +179,16 @@ impl<T: AsyncWrite + Unpin> Flusher<T> {
 }
 
 impl<T: AsyncRead + Unpin> Flusher<T> {
-    /// Reads and drops what the peer still sends until it closes its side: called once
-    /// a close went out. A socket closed while bytes still arrive is reset (RFC 1122,
-    /// 4.2.2.13, "new data is received after CLOSE is called"), and the reset throws away
-    /// what the kernel had not sent yet: the tail of a download the peer is still
-    /// reading, and answering with window updates. The peer closes on the GoAway.
-    pub(crate) fn poll_linger(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Reads and drops what the peer sends, once a close went out: how many bytes, 0 when
+    /// the peer has closed its side. A socket closed while bytes still arrive is reset
+    /// (RFC 1122, 4.2.2.13, "new data is received after CLOSE is called"), and the reset
+    /// throws away what the kernel had not sent yet: the tail of a download the peer is
+    /// still reading, and answering with window updates. The peer closes on the GoAway.
+    pub(crate) fn poll_discard(&self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let mut scratch = [0u8; 2048];
-        loop {
-            let mut buf = ReadBuf::new(&mut scratch);
-            ready!(Pin::new(&mut lock(&self.state).inner).poll_read(cx, &mut buf))?;
-            if buf.filled().is_empty() {
-                return Poll::Ready(Ok(()));
-            }
-        }
+        let mut buf = ReadBuf::new(&mut scratch);
+        ready!(Pin::new(&mut lock(&self.state).inner).poll_read(cx, &mut buf))?;
+        Poll::Ready(Ok(buf.filled().len()))
     }
 }
 

@@ -375,15 +375,31 @@ where
                     }
                     // The socket stays open, read, until the peer closes too: dropped
                     // now, it would be reset by the peer's next bytes, and the reset
-                    // would lose what it has not read yet (`Flusher::poll_linger`).
+                    // would lose what it has not read yet (`Flusher::poll_discard`). A
+                    // peer that stays silent for LINGER_QUIET is not reading anything
+                    // (a dead link, a hung server): no need to wait for it.
                     let flusher = &self.flusher;
-                    let linger = poll_fn(|cx| flusher.poll_linger(cx));
-                    match tokio::time::timeout_at(deadline, linger).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::debug!(error = %e, "after the close"),
-                        Err(_) => tracing::debug!(
-                            "the peer did not close within {CLOSE_TIMEOUT:?} of ours"
-                        ),
+                    let linger = async {
+                        loop {
+                            let read = poll_fn(|cx| flusher.poll_discard(cx));
+                            match tokio::time::timeout(LINGER_QUIET, read).await {
+                                Ok(Ok(0)) => return,
+                                Ok(Ok(_)) => {}
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "after the close");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(
+                                        "the peer sent nothing for {LINGER_QUIET:?} after the close"
+                                    );
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    if tokio::time::timeout_at(deadline, linger).await.is_err() {
+                        tracing::debug!("the peer did not close within {CLOSE_TIMEOUT:?} of ours");
                     }
                     return Ok(());
                 }
@@ -517,6 +533,12 @@ pub async fn finish(driver: tokio::task::JoinHandle<Result<(), TunnelError>>) {
 
 /// How long a closing session may take.
 pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// After a close, how long a silent peer is waited for. A peer still reading what the
+/// session sent answers with window updates at least every half window it reads (at
+/// 1 Mbit/s, one 256 KiB window's half a second); a peer silent this long is gone or
+/// hung, and the session's end (the agent's redial) does not wait on it.
+const LINGER_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
@@ -897,6 +919,25 @@ mod tests {
             matches!(&ended, Err(TunnelError::Closed(why)) if why.contains("did not get through")),
             "{ended:?}"
         );
+    }
+
+    /// A close to a peer that takes the bytes but never answers (a hung server) ends once
+    /// the peer has been silent for [`LINGER_QUIET`], not at [`CLOSE_TIMEOUT`]: the agent
+    /// redials when its session has ended.
+    #[tokio::test(start_paused = true)]
+    async fn a_close_waits_for_a_silent_peer_only_briefly() {
+        let (near, _silent_peer) = tokio::io::duplex(1 << 16);
+        let (handle, _inbound, driver) = start(near, Role::Server, &SessionConfig::default());
+        let driver = tokio::spawn(driver.run());
+        let asked = tokio::time::Instant::now();
+        handle.close();
+        handle.closed().await;
+        let took = asked.elapsed();
+        assert!(
+            took >= LINGER_QUIET && took < LINGER_QUIET + Duration::from_millis(100),
+            "{took:?}"
+        );
+        assert!(driver.await.unwrap().is_ok());
     }
 
     /// Streams writing faster than the link takes their bytes queue at most

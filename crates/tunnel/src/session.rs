@@ -682,9 +682,6 @@ mod tests {
         );
     }
 
-    /// yamux opens no more than 256 streams the peer has not acknowledged. The agent
-    /// acknowledges each stream as it accepts it, so streams it never writes to (requests
-    /// its upstream has not answered) do not stop the server from opening more.
     /// A vectored write gathers its slices into one frame, up to the frame's limit, and
     /// what arrives is every byte in order: hyper writes a message's head and body this
     /// way, where it would otherwise copy them into one buffer first.
@@ -722,6 +719,9 @@ mod tests {
         assert!(got == sent, "the bytes arrived changed or out of order");
     }
 
+    /// yamux opens no more than 256 streams the peer has not acknowledged. The agent
+    /// acknowledges each stream as it accepts it, so streams it never writes to (requests
+    /// its upstream has not answered) do not stop the server from opening more.
     #[tokio::test]
     async fn streams_the_agent_never_answers_do_not_hold_back_new_ones() {
         let (server, _agent, _inbound) = pair(1000);

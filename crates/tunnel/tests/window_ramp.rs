@@ -1,10 +1,12 @@
 //! A tunnel stream's receive window over a link with a round-trip time: a download on a
 //! new stream starts from what the tunnel's earlier downloads needed, instead of yamux's
 //! 256 KiB doubled once a round trip (B8's 1 Gbit/s x 100 ms link spent ~0.6 s of 2.2 s
-//! in that ramp). The windows are read off the wire: a relay between server and agent
-//! delays the server's frames by one round trip and records the window updates it sends.
+//! in that ramp), and stops growing when the round trip rises (a queue). The windows are
+//! read off the wire: a relay between server and agent delays the server's frames by one
+//! round trip and records the window updates it sends.
 #![allow(clippy::unwrap_used)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -112,12 +114,12 @@ impl Frames {
     }
 }
 
-/// Copies `from` to `to`, each chunk released `delay` after it was read (pipelined),
-/// showing each chunk to `look` as it is read.
+/// Copies `from` to `to`, each chunk released `delay` (milliseconds, read as the chunk
+/// is) after it was read (pipelined), showing each chunk to `look` as it is read.
 fn relay<R, W>(
     mut from: R,
     mut to: W,
-    delay: Duration,
+    delay: Arc<AtomicU64>,
     mut look: impl FnMut(&[u8]) + Send + 'static,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -139,6 +141,7 @@ fn relay<R, W>(
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     look(&buf[..n]);
+                    let delay = Duration::from_millis(delay.load(Ordering::Relaxed));
                     if tx
                         .send((Instant::now() + delay, buf[..n].to_vec()))
                         .is_err()
@@ -158,9 +161,12 @@ struct Link {
     inbound: session::Inbound,
     wire: Arc<Mutex<Wire>>,
     ponged: Arc<Notify>,
+    /// The round trip, in milliseconds, for what the relay reads from now on.
+    rtt: Arc<AtomicU64>,
 }
 
-fn link() -> Link {
+fn link(rtt: Duration) -> Link {
+    let rtt = Arc::new(AtomicU64::new(rtt.as_millis() as u64));
     let (server_io, server_end) = tokio::io::duplex(1 << 20);
     let (agent_io, agent_end) = tokio::io::duplex(1 << 20);
     let (server_read, server_write) = tokio::io::split(server_end);
@@ -170,7 +176,7 @@ fn link() -> Link {
 
     let mut frames = Frames::default();
     let w = wire.clone();
-    relay(server_read, agent_write, RTT, move |bytes| {
+    relay(server_read, agent_write, rtt.clone(), move |bytes| {
         let mut wire = w.lock().unwrap();
         frames.feed(bytes, |seen| {
             let Seen::Header(h) = seen else { return };
@@ -189,7 +195,8 @@ fn link() -> Link {
 
     let mut frames = Frames::default();
     let (w, p) = (wire.clone(), ponged.clone());
-    relay(agent_read, server_write, Duration::ZERO, move |bytes| {
+    let no_delay = Arc::new(AtomicU64::new(0));
+    relay(agent_read, server_write, no_delay, move |bytes| {
         let mut wire = w.lock().unwrap();
         frames.feed(bytes, |seen| match seen {
             // The agent's answer to the server's ping (its own pings carry no ACK).
@@ -215,6 +222,7 @@ fn link() -> Link {
         inbound,
         wire,
         ponged,
+        rtt,
     }
 }
 
@@ -274,7 +282,7 @@ fn windows(wire: &Wire) -> Vec<Vec<u64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_ramps_fast_and_the_next_starts_from_what_the_tunnel_learned() {
-    let mut link = link();
+    let mut link = link(RTT);
     // yamux grows windows only once it knows the round trip.
     link.ponged.notified().await;
     link.download(32 * MIB).await;
@@ -300,7 +308,7 @@ async fn a_download_ramps_fast_and_the_next_starts_from_what_the_tunnel_learned(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_sat_idle_grows_at_the_first_update_of_its_next_download() {
-    let mut link = link();
+    let mut link = link(RTT);
     link.ponged.notified().await;
     let (mut ours, mut theirs) = link.open().await;
     // Small responses, as a pooled stream carries between downloads: no window update.
@@ -322,4 +330,31 @@ async fn a_stream_that_sat_idle_grows_at_the_first_update_of_its_next_download()
     // Grown four times at the first update (1 MiB), where measuring from the stream's
     // last update, seconds ago, left it at 256 KiB.
     assert!(stream.first() >= Some(&(768 * KIB)), "{seen}");
+}
+
+/// A window grown past what the path holds only queues data on it, which shows as a
+/// longer round trip (on loopback the queue is the sockets' buffers and the processes'
+/// backlog, and a grown window cost B3's probe milliseconds). So a window grows only
+/// while the round trip stays within twice the least seen: here the link's round trip
+/// rises tenfold after the session measured it, and the download's window, which would
+/// grow to ~14 MiB by 5 MiB into it (as in the first test), stops within a round trip of
+/// yamux seeing the rise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_stops_growing_once_the_round_trip_has_risen() {
+    let mut link = link(RTT / 10);
+    link.ponged.notified().await;
+    link.rtt.store(RTT.as_millis() as u64, Ordering::Relaxed);
+    link.download(8 * MIB).await;
+
+    let wire = std::mem::take(&mut *link.wire.lock().unwrap());
+    let seen = format!(
+        "windows after each update: {:?}; updates {:?}",
+        windows(&wire),
+        wire.updates
+    );
+    let [first] = <[Vec<u64>; 1]>::try_from(windows(&wire)).expect(&seen);
+    // It grew at first (the first update, before a sample of the new round trip: 1 MiB)
+    // and then at most once more (4 MiB) before the pong of a ping sent on the way.
+    assert!(first.first() >= Some(&(768 * KIB)), "{seen}");
+    assert!(first.iter().max() <= Some(&(4 * MIB + 256 * KIB)), "{seen}");
 }

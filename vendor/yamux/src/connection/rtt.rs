@@ -10,6 +10,7 @@
 
 //! Connection round-trip time measurement
 
+use std::cmp;
 use std::sync::{
     atomic::{AtomicU32, Ordering},
     Arc,
@@ -39,6 +40,8 @@ impl Rtt {
         Self {
             inner: Arc::new(Mutex::new(RttInner {
                 rtt: None,
+                min: MinFilter::new(),
+                sampled_at: None,
                 state: RttState::Waiting {
                     next: Instant::now(),
                 },
@@ -97,6 +100,9 @@ impl Rtt {
 
         let rtt = sent_at.elapsed();
         inner.rtt = Some(rtt);
+        let now = Instant::now();
+        inner.min.push(rtt, now);
+        inner.sampled_at = Some(now);
         log::debug!("received pong {received_id}, estimated round-trip-time {rtt:?}");
 
         inner.state = RttState::Waiting {
@@ -108,6 +114,77 @@ impl Rtt {
 
     pub(crate) fn get(&self) -> Option<Duration> {
         self.inner.lock().rtt
+    }
+
+    /// Asks for the next sample sooner than `PING_INTERVAL` (Tower's patch): data is
+    /// flowing, and whether its window may grow depends on the latest round trip.
+    pub(crate) fn sample_soon(&self) {
+        let inner = &mut *self.inner.lock();
+        let (Some(min), Some(sampled_at)) = (inner.min.get(), inner.sampled_at) else {
+            return;
+        };
+        if let RttState::Waiting { next } = &mut inner.state {
+            let due = sampled_at + cmp::max(min * BUSY_PINGS_PER_RTT, BUSY_PING_INTERVAL);
+            if due < *next {
+                *next = due;
+            }
+        }
+    }
+
+    /// Whether the latest round trip is within twice the least seen lately (Tower's
+    /// patch; true until both are known). A window grown past what the path holds
+    /// only fills a queue on it (on loopback: the sockets' buffers and the processes'
+    /// backlog), and the queue shows as a longer round trip; growth that fills a long,
+    /// fast link does not lengthen it.
+    pub(crate) fn near_min(&self) -> bool {
+        let inner = self.inner.lock();
+        match (inner.rtt, inner.min.get()) {
+            (Some(rtt), Some(min)) => rtt <= min * 2,
+            _ => true,
+        }
+    }
+}
+
+/// While data flows (Tower's patch), a sample every this many least round trips ...
+const BUSY_PINGS_PER_RTT: u32 = 8;
+/// ... but no more often than this: on loopback the least round trip is tens of
+/// microseconds.
+const BUSY_PING_INTERVAL: Duration = Duration::from_millis(1);
+/// The least round trip is the least of the samples of the last one or two such
+/// periods, so that a path whose round trip rose for good (a new route) is not held to
+/// the old one for the connection's life.
+const MIN_RTT_PERIOD: Duration = Duration::from_secs(30);
+
+/// The least of the samples of the current period and the one before (Tower's patch).
+#[derive(Debug, Clone, Copy)]
+struct MinFilter {
+    previous: Option<Duration>,
+    current: Option<Duration>,
+    current_since: Instant,
+}
+
+impl MinFilter {
+    fn new() -> Self {
+        MinFilter {
+            previous: None,
+            current: None,
+            current_since: Instant::now(),
+        }
+    }
+
+    fn push(&mut self, sample: Duration, now: Instant) {
+        if now.duration_since(self.current_since) >= MIN_RTT_PERIOD {
+            self.previous = self.current.take();
+            self.current_since = now;
+        }
+        self.current = Some(self.current.map_or(sample, |min| min.min(sample)));
+    }
+
+    fn get(&self) -> Option<Duration> {
+        match (self.previous, self.current) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -127,6 +204,10 @@ impl quickcheck::Arbitrary for Rtt {
 struct RttInner {
     state: RttState,
     rtt: Option<Duration>,
+    /// The least round trip seen lately (Tower's patch).
+    min: MinFilter,
+    /// When the latest sample arrived (Tower's patch).
+    sampled_at: Option<Instant>,
 }
 
 #[cfg(test)]
@@ -139,6 +220,8 @@ impl quickcheck::Arbitrary for RttInner {
             } else {
                 None
             },
+            min: MinFilter::new(),
+            sampled_at: None,
         }
     }
 }

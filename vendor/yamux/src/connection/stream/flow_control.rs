@@ -113,10 +113,16 @@ impl FlowController {
         let fast_burst = self.config.fast_window_ramp
             && self.burst.bytes >= self.max_receive_window / 4
             && rtt.is_some_and(|rtt| self.burst.start.elapsed() < rtt * 2);
-        if rtt
+        // Tower's patch: and the round trip has not risen, see `Rtt::near_min`.
+        let near_min = !self.config.fast_window_ramp || {
+            self.rtt.sample_soon();
+            self.rtt.near_min()
+        };
+        if (rtt
             .map(|rtt| self.last_window_update.elapsed() < rtt * 2)
             .unwrap_or(false)
-            || fast_burst
+            || fast_burst)
+            && near_min
         {
             let mut accumulated_max_stream_windows = self.accumulated_max_stream_windows.lock();
 

@@ -150,9 +150,10 @@ const BUSY_PINGS_PER_RTT: u32 = 8;
 /// ... but no more often than this: on loopback the least round trip is tens of
 /// microseconds.
 const BUSY_PING_INTERVAL: Duration = Duration::from_millis(1);
-/// The least round trip is the least of the samples of the last one or two such
-/// periods, so that a path whose round trip rose for good (a new route) is not held to
-/// the old one for the connection's life.
+/// The least round trip is the least of the samples of the current such period and the
+/// one before it (a period starts at the first sample after the last one ended, so after
+/// a quiet spell "the one before" may be older), so that a path whose round trip rose for
+/// good (a new route) is not held to the old one for the connection's life.
 const MIN_RTT_PERIOD: Duration = Duration::from_secs(30);
 
 /// The least of the samples of the current period and the one before (Tower's patch).

@@ -238,6 +238,18 @@ impl Link {
         (ours, theirs)
     }
 
+    /// The windows the server granted each stream after each of its updates, taken from
+    /// what the relay saw so far, and the wire's account for a failed assertion.
+    fn windows(&self) -> (Vec<Vec<u64>>, String) {
+        let wire = std::mem::take(&mut *self.wire.lock().unwrap());
+        let windows = windows(&wire);
+        let seen = format!(
+            "windows after each update: {windows:?}; updates {:?}",
+            wire.updates
+        );
+        (windows, seen)
+    }
+
     /// The agent sends `bytes` on a stream the server opens; the server reads them all.
     async fn download(&mut self, bytes: u64) {
         let (mut ours, mut theirs) = self.open().await;
@@ -288,13 +300,8 @@ async fn a_download_ramps_fast_and_the_next_starts_from_what_the_tunnel_learned(
     link.download(32 * MIB).await;
     link.download(16 * MIB).await;
 
-    let wire = std::mem::take(&mut *link.wire.lock().unwrap());
-    let seen = format!(
-        "windows after each update: {:?}; updates {:?}",
-        windows(&wire),
-        wire.updates
-    );
-    let [first, second] = <[Vec<u64>; 2]>::try_from(windows(&wire)).expect(&seen);
+    let (windows, seen) = link.windows();
+    let [first, second] = <[Vec<u64>; 2]>::try_from(windows).expect(&seen);
     assert!(!first.is_empty() && !second.is_empty(), "{seen}");
     // Four times a round trip: 1 MiB after the first update, where yamux's doubling
     // gives 512 KiB.
@@ -320,13 +327,8 @@ async fn a_stream_that_sat_idle_grows_at_the_first_update_of_its_next_download()
     tokio::time::sleep(RTT * 3).await;
     send(&mut ours, &mut theirs, 8 * MIB).await;
 
-    let wire = std::mem::take(&mut *link.wire.lock().unwrap());
-    let seen = format!(
-        "windows after each update: {:?}; updates {:?}",
-        windows(&wire),
-        wire.updates
-    );
-    let [stream] = <[Vec<u64>; 1]>::try_from(windows(&wire)).expect(&seen);
+    let (windows, seen) = link.windows();
+    let [stream] = <[Vec<u64>; 1]>::try_from(windows).expect(&seen);
     // Grown four times at the first update (1 MiB), where measuring from the stream's
     // last update, seconds ago, left it at 256 KiB.
     assert!(stream.first() >= Some(&(768 * KIB)), "{seen}");
@@ -346,13 +348,8 @@ async fn a_window_stops_growing_once_the_round_trip_has_risen() {
     link.rtt.store(RTT.as_millis() as u64, Ordering::Relaxed);
     link.download(8 * MIB).await;
 
-    let wire = std::mem::take(&mut *link.wire.lock().unwrap());
-    let seen = format!(
-        "windows after each update: {:?}; updates {:?}",
-        windows(&wire),
-        wire.updates
-    );
-    let [first] = <[Vec<u64>; 1]>::try_from(windows(&wire)).expect(&seen);
+    let (windows, seen) = link.windows();
+    let [first] = <[Vec<u64>; 1]>::try_from(windows).expect(&seen);
     // It grew at first (the first update, before a sample of the new round trip: 1 MiB)
     // and then at most once more (4 MiB) before the pong of a ping sent on the way.
     assert!(first.first() >= Some(&(768 * KIB)), "{seen}");

@@ -355,3 +355,21 @@ async fn a_window_stops_growing_once_the_round_trip_has_risen() {
     assert!(first.first() >= Some(&(768 * KIB)), "{seen}");
     assert!(first.iter().max() <= Some(&(4 * MIB + 256 * KIB)), "{seen}");
 }
+
+/// On a short path (a least round trip under 10 ms: loopback, a LAN), a download's first
+/// growth, on a round trip sampled while the tunnel was idle, only doubles the window;
+/// growing fourfold or jumping waits for a round trip sampled during the download, a
+/// round trip later. (On loopback the idle sample let every download's window reach
+/// 1 MiB, a queue that B3's probe waited behind.) Over the long link of the tests above
+/// the first growth is fourfold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_short_path_a_download_first_grows_only_twofold() {
+    let mut link = link(Duration::ZERO);
+    link.ponged.notified().await;
+    link.download(4 * MIB).await;
+
+    let (windows, seen) = link.windows();
+    let [first] = <[Vec<u64>; 1]>::try_from(windows).expect(&seen);
+    let grown = *first.first().expect(&seen);
+    assert!((384 * KIB..=640 * KIB).contains(&grown), "{seen}");
+}

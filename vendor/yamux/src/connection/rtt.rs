@@ -41,7 +41,7 @@ impl Rtt {
             inner: Arc::new(Mutex::new(RttInner {
                 rtt: None,
                 min: MinFilter::new(),
-                sampled_at: None,
+                sample_sent_at: None,
                 state: RttState::Waiting {
                     next: Instant::now(),
                 },
@@ -100,9 +100,8 @@ impl Rtt {
 
         let rtt = sent_at.elapsed();
         inner.rtt = Some(rtt);
-        let now = Instant::now();
-        inner.min.push(rtt, now);
-        inner.sampled_at = Some(now);
+        inner.min.push(rtt, Instant::now());
+        inner.sample_sent_at = Some(sent_at);
         log::debug!("received pong {received_id}, estimated round-trip-time {rtt:?}");
 
         inner.state = RttState::Waiting {
@@ -120,15 +119,24 @@ impl Rtt {
     /// flowing, and whether its window may grow depends on the latest round trip.
     pub(crate) fn sample_soon(&self) {
         let inner = &mut *self.inner.lock();
-        let (Some(min), Some(sampled_at)) = (inner.min.get(), inner.sampled_at) else {
+        let (Some(min), Some(sample_sent_at)) = (inner.min.get(), inner.sample_sent_at) else {
             return;
         };
         if let RttState::Waiting { next } = &mut inner.state {
-            let due = sampled_at + cmp::max(min * BUSY_PINGS_PER_RTT, BUSY_PING_INTERVAL);
+            let due = sample_sent_at + cmp::max(min * BUSY_PINGS_PER_RTT, BUSY_PING_INTERVAL);
             if due < *next {
                 *next = due;
             }
         }
+    }
+
+    /// Whether the path is short and the ping of its latest round trip went out before
+    /// `since` (Tower's patch; a download's start): the round trip of an idle tunnel,
+    /// which says nothing of the queue the download itself makes.
+    pub(crate) fn stale_on_short_path(&self, since: Instant) -> bool {
+        let inner = self.inner.lock();
+        inner.min.get().is_some_and(|min| min < SHORT_PATH)
+            && inner.sample_sent_at.is_none_or(|at| at < since)
     }
 
     /// Whether the latest round trip is within twice the least seen lately (Tower's
@@ -145,6 +153,10 @@ impl Rtt {
     }
 }
 
+/// A path whose least round trip is under this is short (Tower's patch): a loopback, a
+/// LAN, a region. Waiting there for a round trip sampled during a download costs the
+/// download at most this much.
+const SHORT_PATH: Duration = Duration::from_millis(10);
 /// While data flows (Tower's patch), a sample every this many least round trips ...
 const BUSY_PINGS_PER_RTT: u32 = 8;
 /// ... but no more often than this: on loopback the least round trip is tens of
@@ -207,8 +219,8 @@ struct RttInner {
     rtt: Option<Duration>,
     /// The least round trip seen lately (Tower's patch).
     min: MinFilter,
-    /// When the latest sample arrived (Tower's patch).
-    sampled_at: Option<Instant>,
+    /// When the latest sample's ping was sent (Tower's patch).
+    sample_sent_at: Option<Instant>,
 }
 
 #[cfg(test)]
@@ -222,7 +234,7 @@ impl quickcheck::Arbitrary for RttInner {
                 None
             },
             min: MinFilter::new(),
-            sampled_at: None,
+            sample_sent_at: None,
         }
     }
 }

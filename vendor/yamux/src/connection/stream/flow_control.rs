@@ -126,9 +126,21 @@ impl FlowController {
         {
             let mut accumulated_max_stream_windows = self.accumulated_max_stream_windows.lock();
 
+            // Tower's patch: a download's first growth on a short path, on a round trip
+            // sampled before the download began, only doubles and does not jump below:
+            // on loopback the sample of an idle tunnel let every download grow to 1 MiB,
+            // and a window past what the path holds is a queue that a small response on
+            // the same tunnel waits behind (B3). The sample asked for above (a ping, sent
+            // at once) comes a round trip later, and the growth after it goes by it.
+            let cautious =
+                self.config.fast_window_ramp && self.rtt.stale_on_short_path(self.burst.start);
             // Ideally one can just double it (Tower's patch: quadruple it, see
             // `Config::set_fast_window_ramp`):
-            let factor = if self.config.fast_window_ramp { 4 } else { 2 };
+            let factor = if self.config.fast_window_ramp && !cautious {
+                4
+            } else {
+                2
+            };
             let new_max = self.max_receive_window.saturating_mul(factor);
 
             // The part of the connection limit no stream has taken yet:
@@ -143,7 +155,7 @@ impl FlowController {
 
             // Tower's patch: or jump to half the largest window this connection's streams
             // grew to, taking at most half of what is free.
-            let new_max = if self.config.fast_window_ramp {
+            let new_max = if self.config.fast_window_ramp && !cautious {
                 let jump = cmp::min(
                     self.rtt.learned_window() / 2,
                     self.max_receive_window

@@ -132,15 +132,11 @@ impl FlowController {
             // and a window past what the path holds is a queue that a small response on
             // the same tunnel waits behind (B3). The sample asked for above (a ping, sent
             // at once) comes a round trip later, and the growth after it goes by it.
-            let cautious =
-                self.config.fast_window_ramp && self.rtt.stale_on_short_path(self.burst.start);
+            let fast =
+                self.config.fast_window_ramp && !self.rtt.stale_on_short_path(self.burst.start);
             // Ideally one can just double it (Tower's patch: quadruple it, see
             // `Config::set_fast_window_ramp`):
-            let factor = if self.config.fast_window_ramp && !cautious {
-                4
-            } else {
-                2
-            };
+            let factor = if fast { 4 } else { 2 };
             let new_max = self.max_receive_window.saturating_mul(factor);
 
             // The part of the connection limit no stream has taken yet:
@@ -155,7 +151,7 @@ impl FlowController {
 
             // Tower's patch: or jump to half the largest window this connection's streams
             // grew to, taking at most half of what is free.
-            let new_max = if self.config.fast_window_ramp && !cautious {
+            let new_max = if fast {
                 let jump = cmp::min(
                     self.rtt.learned_window() / 2,
                     self.max_receive_window

@@ -682,6 +682,62 @@ mod tests {
         );
     }
 
+    /// The vendored yamux reuses spent frame bodies, process-wide, for new frames of
+    /// either direction (`vendor/yamux/src/spare.rs`): several streams, each echoing
+    /// megabytes of its own bytes back, must each get back exactly their own, none of
+    /// another stream's or of an earlier frame's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_streams_get_only_their_own_bytes_while_bodies_are_reused() {
+        const STREAMS: u8 = 4;
+        const LEN: usize = 3 << 20;
+        let pattern = |stream: u8| -> Vec<u8> {
+            (0..LEN)
+                .map(|k| (k % 253) as u8 ^ stream.wrapping_mul(67))
+                .collect()
+        };
+        let (server, _agent, mut inbound) = pair(16);
+        let echo = tokio::spawn(async move {
+            let mut echoes = Vec::new();
+            for _ in 0..STREAMS {
+                let s = inbound.recv().await.unwrap();
+                echoes.push(tokio::spawn(async move {
+                    let (mut r, mut w) = tokio::io::split(s);
+                    tokio::io::copy(&mut r, &mut w).await.unwrap();
+                    w.shutdown().await.unwrap();
+                }));
+            }
+            for e in echoes {
+                e.await.unwrap();
+            }
+        });
+        let mut callers = Vec::new();
+        for stream in 0..STREAMS {
+            let s = server.open_stream().await.unwrap();
+            callers.push(tokio::spawn(async move {
+                let sent = pattern(stream);
+                let (mut r, mut w) = tokio::io::split(s);
+                let out = sent.clone();
+                let writer = tokio::spawn(async move {
+                    // Writes of odd sizes, so frames of many lengths come and go.
+                    for part in out.chunks(100_003) {
+                        w.write_all(part).await.unwrap();
+                    }
+                    w.shutdown().await.unwrap();
+                });
+                let mut back = Vec::with_capacity(LEN);
+                r.read_to_end(&mut back).await.unwrap();
+                writer.await.unwrap();
+                assert_eq!(back.len(), LEN, "stream {stream}: length");
+                let first_wrong = back.iter().zip(&sent).position(|(a, b)| a != b);
+                assert_eq!(first_wrong, None, "stream {stream}: bytes differ");
+            }));
+        }
+        for c in callers {
+            c.await.unwrap();
+        }
+        echo.await.unwrap();
+    }
+
     /// A vectored write gathers its slices into one frame, up to the frame's limit, and
     /// what arrives is every byte in order: hyper writes a message's head and body this
     /// way, where it would otherwise copy them into one buffer first.

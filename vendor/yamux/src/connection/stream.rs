@@ -335,7 +335,9 @@ impl Stream {
         let mut n = 0;
         while let Some(chunk) = shared.buffer.front_mut() {
             if chunk.is_empty() {
-                shared.buffer.pop();
+                if let Some(spent) = shared.buffer.pop() {
+                    crate::spare::recycle(spent.into_vec());
+                }
                 continue;
             }
             let k = std::cmp::min(chunk.len(), max - n);
@@ -414,7 +416,7 @@ impl Stream {
             shared
                 .consume_send_window(k as u32)
                 .expect("not exceed receive window");
-            let mut body = Vec::with_capacity(k);
+            let mut body = crate::spare::empty(k);
             fill(&mut body, k);
             debug_assert_eq!(body.len(), k);
             body

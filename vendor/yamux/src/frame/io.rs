@@ -149,7 +149,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Sink<Frame<()>> for Io<T> {
                         }
 
                         if *offset == buffer.len() {
-                            this.write_state = WriteState::Init;
+                            let sent = std::mem::replace(&mut this.write_state, WriteState::Init);
+                            if let WriteState::Body { buffer, .. } = sent {
+                                crate::spare::recycle(buffer);
+                            }
                         }
                     }
                 },
@@ -245,7 +248,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Stream for Io<T> {
                         this.read_state = ReadState::Body {
                             header,
                             offset: 0,
-                            buffer: vec![0; body_len],
+                            buffer: crate::spare::body(body_len),
                         };
 
                         continue;

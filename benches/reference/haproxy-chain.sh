@@ -17,10 +17,18 @@
 # `nbthread 1` (one per pod, as Tower's are), in place of one process with a thread per
 # core holding both.
 #
+# ROUNDS=N (default 1) runs the two rows issue 18 compares (haproxy's two HTTP+TLS hops and
+# Tower) N - 1 more times after the table, alternating which goes first, and ends with
+# each goal's figure round by round, its median and how many rounds met it. This VM's
+# speed moves by a third within minutes (BENCHMARKS.md), so a single row pair decides
+# little; rounds taken back to back share the host's state.
+#
 # Needs: release builds (see BENCHMARKS.md), haproxy, wrk, openssl, curl, python3 (to pick
-# free ports: haproxy cannot bind port 0). Everything listens on 127.0.0.1 only.
+# free ports: haproxy cannot bind port 0, and for the rounds' summary). Everything listens
+# on 127.0.0.1 only.
 set -euo pipefail
 DEPLOYED=${DEPLOYED:-}
+ROUNDS=${ROUNDS:-1}
 [ -n "$DEPLOYED" ] && export TOKIO_WORKER_THREADS=1
 B=${B:-$(cd "$(dirname "$0")/../.." && pwd)/target/release}
 D=$(mktemp -d)
@@ -68,10 +76,14 @@ run() {
     cpu=$(awk -v t=$((after - before)) -v hz="$TICK" -v n="$(awk '/requests in/{print $1}' <<<"$many")" \
       'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
   fi
+  local p50 rps h1
+  p50=$(awk '$1=="50%"{print $2}' <<<"$one")
+  rps=$(awk '/Requests\/sec/{print $2}' <<<"$many")
+  h1=$(bulk "$addr" "$token" 1.1)
   printf '%-34s c=1 p50 %8s  p99 %8s   c=64 %10s req/s  relay CPU %6s us/req   bulk %s, h2 %s\n' "$name" \
-    "$(awk '$1=="50%"{print $2}' <<<"$one")" "$(awk '$1=="99%"{print $2}' <<<"$one")" \
-    "$(awk '/Requests\/sec/{print $2}' <<<"$many")" "$cpu" "$(bulk "$addr" "$token" 1.1)" \
-    "$(bulk "$addr" "$token" 2)"
+    "$p50" "$(awk '$1=="99%"{print $2}' <<<"$one")" "$rps" "$cpu" "$h1" "$(bulk "$addr" "$token" 2)"
+  # For the rounds' summary: name, c=1 p50, c=64 requests/s, CPU, HTTP/1.1 bulk MB/s.
+  echo "$name|$p50|$rps|$cpu|${h1% MB/s}" >>"$D/rows"
 }
 # bulk ADDR TOKEN VERSION: one 1 GiB download (B1's size) over HTTP/VERSION, in MB/s.
 # curl discards the bytes, so the client is cheaper than tower-bench's, which checks
@@ -100,3 +112,24 @@ else
   run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$HOP1"
 fi
 run "tower (server + agent)" "${BASE#https://}" "$USER_TOKEN" "$SV" "$AG"
+
+# The further rounds: haproxy's two hops and Tower, in turn.
+two_hops() {
+  if [ -n "$DEPLOYED" ]; then
+    run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$HOP1" "$HOP2"
+  else
+    run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$HOP1"
+  fi
+}
+for round in $(seq 2 "$ROUNDS"); do
+  echo "(round $round)"
+  if [ $((round % 2)) = 0 ]; then
+    run "tower (server + agent)" "${BASE#https://}" "$USER_TOKEN" "$SV" "$AG"
+    two_hops
+  else
+    two_hops
+    run "tower (server + agent)" "${BASE#https://}" "$USER_TOKEN" "$SV" "$AG"
+  fi
+done
+[ "$ROUNDS" -gt 1 ] && python3 "$(dirname "$0")/rounds.py" "$D/rows"
+exit 0

@@ -25,9 +25,9 @@
 #![forbid(unsafe_code)]
 
 mod chunks;
-mod spare;
 mod error;
 mod frame;
+mod spare;
 
 pub(crate) mod connection;
 mod tagged_stream;

@@ -57,9 +57,13 @@ impl Pool {
     }
 
     fn body(&self, len: usize) -> Vec<u8> {
-        let mut body = self.spare(len).unwrap_or_default();
-        body.resize(len, 0);
-        body
+        match self.spare(len) {
+            Some(mut body) => {
+                body.resize(len, 0);
+                body
+            }
+            None => vec![0; len],
+        }
     }
 
     fn empty(&self, len: usize) -> Vec<u8> {

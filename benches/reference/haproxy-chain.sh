@@ -101,19 +101,8 @@ bulk() {
     printf '%10s' -
   fi
 }
-run "direct" "$UP"
-run "haproxy TCP relay (1 hop)" "127.0.0.1:$P3" T "$(cat "$D/tcp.pid")"
-if [ -n "$DEPLOYED" ]; then
-  echo "(DEPLOYED: one thread per relay process, one process per hop)"
-  run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$HOP2"
-  run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$HOP1" "$HOP2"
-else
-  run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$HOP1"
-  run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$HOP1"
-fi
-run "tower (server + agent)" "${BASE#https://}" "$USER_TOKEN" "$SV" "$AG"
-
-# The further rounds: haproxy's two hops and Tower, in turn.
+# The two rows issue 18 compares: haproxy's two HTTP+TLS hops (as one process, or as two
+# with DEPLOYED) and Tower.
 two_hops() {
   if [ -n "$DEPLOYED" ]; then
     run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$HOP1" "$HOP2"
@@ -121,14 +110,29 @@ two_hops() {
     run "haproxy HTTP+TLS (2 hops)" "127.0.0.1:$P1" T "$HOP1"
   fi
 }
+tower() {
+  run "tower (server + agent)" "${BASE#https://}" "$USER_TOKEN" "$SV" "$AG"
+}
+run "direct" "$UP"
+run "haproxy TCP relay (1 hop)" "127.0.0.1:$P3" T "$(cat "$D/tcp.pid")"
+if [ -n "$DEPLOYED" ]; then
+  echo "(DEPLOYED: one thread per relay process, one process per hop)"
+  run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$HOP2"
+else
+  run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$HOP1"
+fi
+two_hops
+tower
+
+# The further rounds, alternating which of the two goes first.
 for round in $(seq 2 "$ROUNDS"); do
   echo "(round $round)"
   if [ $((round % 2)) = 0 ]; then
-    run "tower (server + agent)" "${BASE#https://}" "$USER_TOKEN" "$SV" "$AG"
+    tower
     two_hops
   else
     two_hops
-    run "tower (server + agent)" "${BASE#https://}" "$USER_TOKEN" "$SV" "$AG"
+    tower
   fi
 done
 [ "$ROUNDS" -gt 1 ] && python3 "$(dirname "$0")/rounds.py" "$D/rows"

@@ -20,11 +20,11 @@ use parking_lot::Mutex;
 
 /// Bodies smaller than this come from the allocator as before: its small bins are cheap,
 /// and a small body can sit in a slow stream's buffer for long.
-pub(crate) const SMALLEST: usize = 16 * 1024;
+const SMALLEST: usize = 16 * 1024;
 /// The largest body kept (Tower's tunnel writes frames of at most 64 KiB).
-pub(crate) const LARGEST: usize = 64 * 1024;
+const LARGEST: usize = 64 * 1024;
 /// How many bodies the pool keeps at most: 1 MiB at [`LARGEST`].
-pub(crate) const KEEP: usize = 16;
+const KEEP: usize = 16;
 
 static SPARE: Pool = Pool::new();
 
@@ -107,13 +107,16 @@ mod tests {
         let at = body.as_ptr();
         pool.recycle(body);
 
+        // Cut to the frame's length, still holding the old bytes: the caller's to
+        // overwrite whole, as the frame reader does.
+        let again = pool.body(SMALLEST);
+        assert_eq!((again.as_ptr(), again.len()), (at, SMALLEST));
+        assert!(again.iter().all(|&b| b == 7));
+        pool.recycle(again);
+
         let again = pool.empty(SMALLEST);
         assert_eq!(again.as_ptr(), at);
         assert!(again.is_empty() && again.capacity() >= LARGEST);
-        pool.recycle(again);
-        // Resized to the frame's length; its old bytes are the caller's to overwrite.
-        let again = pool.body(SMALLEST);
-        assert_eq!((again.as_ptr(), again.len()), (at, SMALLEST));
     }
 
     #[test]

@@ -17,17 +17,34 @@
 # `nbthread 1` (one per pod, as Tower's are), in place of one process with a thread per
 # core holding both.
 #
+# APART=1 (with DEPLOYED) puts each relay on a core of its own: tower-server and haproxy's
+# first hop on CPU 0, tower-agent and the second hop on CPU 1 (client and upstream
+# float). Deployed, the two hops run in different clusters and never take turns on one
+# core, as they can here: with both Tower processes on one core a download ran 436-475
+# MB/s, on two 674-726, and left to the scheduler either (BENCHMARKS.md, "Two relays on
+# two cores").
+#
 # ROUNDS=N (default 1) runs the two rows issue 18 compares (haproxy's two HTTP+TLS hops and
 # Tower) N - 1 more times after the table, alternating which goes first, and ends with
 # each goal's figure round by round, its median and how many rounds met it. This VM's
 # speed moves by a third within minutes (BENCHMARKS.md), so a single row pair decides
 # little; rounds taken back to back share the host's state.
 #
+# GLIBC=DIR runs every program the comparison times (stand-in, Tower, haproxy, wrk, curl)
+# under the glibc in DIR instead of the machine's: GLIBC=$(benches/reference/debian13-glibc.sh)
+# is the one Tower's image ships (Debian 13's), whose memcpy differs from Debian 12's where
+# a relay spends much of its time on AMD Zen (BENCHMARKS.md, "glibc's memcpy on AMD Zen").
+#
 # Needs: release builds (see BENCHMARKS.md), haproxy, wrk, openssl, curl, python3 (to pick
 # free ports: haproxy cannot bind port 0, and for the rounds' summary). Everything listens
 # on 127.0.0.1 only.
 set -euo pipefail
 DEPLOYED=${DEPLOYED:-}
+APART=${APART:-}
+if [ -n "$APART" ] && [ -z "$DEPLOYED" ]; then
+  echo "$0: APART needs DEPLOYED (one process per haproxy hop)" >&2
+  exit 1
+fi
 ROUNDS=${ROUNDS:-1}
 [ -n "$DEPLOYED" ] && export TOKIO_WORKER_THREADS=1
 B=${B:-$(cd "$(dirname "$0")/../.." && pwd)/target/release}
@@ -39,6 +56,11 @@ source "$(dirname "$0")/tower.sh"
 start_tower
 P1=$(free_port); P2=$(free_port); P3=$(free_port)
 start_haproxy_chain "$P1" "$P2"
+if [ -n "$APART" ]; then
+  for pin in "0 $SV" "0 $HOP1" "1 $AG" "1 $HOP2"; do
+    taskset -a -p -c $pin >/dev/null
+  done
+fi
 cat > "$D/tcp.cfg" <<CFG
 defaults
   mode tcp
@@ -52,7 +74,7 @@ backend b
   server s $UP
 CFG
 [ -n "$DEPLOYED" ] && sed -i 's/^defaults/global\n  nbthread 1\ndefaults/' "$D/tcp.cfg"
-haproxy -f "$D/tcp.cfg" -D -p "$D/tcp.pid"
+on_glibc haproxy -f "$D/tcp.cfg" -D -p "$D/tcp.pid"
 sleep 0.5
 # CPU seconds (user + system, in clock ticks) the processes $@ have used so far.
 cpu_ticks() {
@@ -68,9 +90,9 @@ run() {
   local name=$1 addr=$2 token=${3:-T}
   shift $(($# < 3 ? $# : 3))
   local one many bulk before after cpu=-
-  one=$(wrk -t1 -c1 -d5s --latency -H "Authorization: Bearer $token" "https://$addr/version")
+  one=$(on_glibc wrk -t1 -c1 -d5s --latency -H "Authorization: Bearer $token" "https://$addr/version")
   [ $# -gt 0 ] && before=$(cpu_ticks "$@")
-  many=$(wrk -t2 -c64 -d5s -H "Authorization: Bearer $token" "https://$addr/version")
+  many=$(on_glibc wrk -t2 -c64 -d5s -H "Authorization: Bearer $token" "https://$addr/version")
   if [ $# -gt 0 ]; then
     after=$(cpu_ticks "$@")
     cpu=$(awk -v t=$((after - before)) -v hz="$TICK" -v n="$(awk '/requests in/{print $1}' <<<"$many")" \
@@ -93,7 +115,7 @@ run() {
 # curl got the other protocol.
 bulk() {
   local got
-  got=$(curl -sfk "--http$3" -o /dev/null -w '%{http_version} %{speed_download}' \
+  got=$(on_glibc curl -sfk "--http$3" -o /dev/null -w '%{http_version} %{speed_download}' \
     -H "Authorization: Bearer $2" "https://$1/debug/bytes?size=1073741824")
   if [ "${got%% *}" = "$3" ]; then
     awk -v b="${got#* }" 'BEGIN{printf "%5.0f MB/s", b/1e6}'
@@ -116,7 +138,7 @@ tower() {
 run "direct" "$UP"
 run "haproxy TCP relay (1 hop)" "127.0.0.1:$P3" T "$(cat "$D/tcp.pid")"
 if [ -n "$DEPLOYED" ]; then
-  echo "(DEPLOYED: one thread per relay process, one process per hop)"
+  echo "(DEPLOYED: one thread per relay process, one process per hop${APART:+, each relay on a core of its own})"
   run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$HOP2"
 else
   run "haproxy HTTP+TLS (1 hop)" "127.0.0.1:$P2" T "$HOP1"

@@ -1,15 +1,33 @@
 # Sourced by the reference scripts: the stand-in, tower-server and tower-agent from $B,
 # all on 127.0.0.1, their files in $D.
 
+# ON_GLIBC: what to put before a program so that it runs under the glibc in $GLIBC (a
+# directory with another glibc's ld-linux-x86-64.so.2 and libraries, from
+# debian13-glibc.sh) instead of the machine's; empty without GLIBC. The loader finds that
+# glibc's libraries first and everything else (libssl, libgcc_s, ...) in the machine's.
+ON_GLIBC=()
+if [ -n "${GLIBC:-}" ]; then
+  ON_GLIBC=("$GLIBC/ld-linux-x86-64.so.2" --library-path "$GLIBC:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu")
+fi
+# Runs program $1 (found on PATH: the loader does not search it) with arguments under
+# $GLIBC's glibc, or as is.
+on_glibc() {
+  local program
+  program=$(command -v "$1")
+  shift
+  "${ON_GLIBC[@]}" "$program" "$@"
+}
+
 # Runs "$@" in place of this (background) shell, so that its pid is the program's and
-# signals reach it; under cachegrind writing to file $1 when COUNT is set.
+# signals reach it; under cachegrind writing to file $1 when COUNT is set; under $GLIBC's
+# glibc when that is set.
 under() {
   local out=$1
   shift
   if [ -n "${COUNT:-}" ]; then
-    exec valgrind --tool=cachegrind --cache-sim=no --branch-sim=no --cachegrind-out-file="$out" "$@"
+    exec valgrind --tool=cachegrind --cache-sim=no --branch-sim=no --cachegrind-out-file="$out" "${ON_GLIBC[@]}" "$@"
   else
-    exec "$@"
+    exec "${ON_GLIBC[@]}" "$@"
   fi
 }
 
@@ -17,7 +35,7 @@ under() {
 # request goes through. Sets SI, SV, AG (pids), UP (the stand-in's address), FRONTEND,
 # BASE (cluster c1 through the frontend) and USER_TOKEN.
 start_tower() {
-  "$B/kube-stand-in" --listen 127.0.0.1:0 --token T --kubeconfig-out "$D/kc" >"$D/si.out" 2>/dev/null &
+  "${ON_GLIBC[@]}" "$B/kube-stand-in" --listen 127.0.0.1:0 --token T --kubeconfig-out "$D/kc" >"$D/si.out" 2>/dev/null &
   SI=$!
   for _ in $(seq 100); do grep -q listening "$D/si.out" 2>/dev/null && break; sleep 0.1; done
   UP=$(sed 's|listening on https://||' "$D/si.out")
@@ -107,12 +125,12 @@ start_haproxy_chain() {
     # Split http.cfg at its second frontend.
     awk '/^frontend two/{exit} {print}' "$D/http.cfg" | sed 's/^global/global\n  nbthread 1/' >"$D/hop1.cfg"
     { printf 'global\n  nbthread 1\n  maxconn 2000\n'; awk '/^defaults/{p=1} /^frontend one/{p=0} /^frontend two/{p=1} p' "$D/http.cfg"; } >"$D/hop2.cfg"
-    haproxy -f "$D/hop1.cfg" -D -p "$D/hop1.pid"
-    haproxy -f "$D/hop2.cfg" -D -p "$D/hop2.pid"
+    on_glibc haproxy -f "$D/hop1.cfg" -D -p "$D/hop1.pid"
+    on_glibc haproxy -f "$D/hop2.cfg" -D -p "$D/hop2.pid"
     HOP1=$(cat "$D/hop1.pid")
     HOP2=$(cat "$D/hop2.pid")
   else
-    haproxy -f "$D/http.cfg" -D -p "$D/http.pid"
+    on_glibc haproxy -f "$D/http.cfg" -D -p "$D/http.pid"
     HOP1=$(cat "$D/http.pid")
     HOP2=$HOP1
   fi

@@ -5,9 +5,9 @@
 # comparison (stand-in, Tower, haproxy, wrk, curl) under the image's glibc rather than the
 # machine's, e.g.
 #   GLIBC=$(benches/reference/debian13-glibc.sh) benches/reference/haproxy-chain.sh
-# Why it matters (BENCHMARKS.md, "glibc's memcpy on AMD Zen"): Debian 12's glibc 2.36 copies
-# anything over 2 KiB with REP MOVSB, which AMD Zen 3 and 4 run many times slower when the
-# destination is misaligned; glibc 2.39 and later do not use it there.
+# Why it matters (BENCHMARKS.md, "glibc's memcpy on AMD Zen"): on AMD Zen, Debian 12's glibc
+# 2.36 copies anything over 2 KiB with REP MOVSB, slow there for some alignments of source
+# and destination; Debian 13's 2.41 uses it only from 24 MiB.
 # Needs: curl, xz, dpkg-deb; reaches deb.debian.org. x86_64 only.
 set -euo pipefail
 out=$(cd "$(dirname "$0")/../.." && pwd)/target/glibc-debian13

@@ -53,6 +53,7 @@ use tower_proto::ControlMessage;
 use tower_proto::handshake::ServerHello;
 use tower_tunnel::SessionConfig;
 use tower_tunnel::control::Keepalive;
+use tower_tunnel::read_ahead::ReadAhead;
 use tower_tunnel::requests::OpenRequests;
 use tower_tunnel::woken::woken_only;
 
@@ -644,7 +645,7 @@ async fn serve<F, Fut>(
                         Some(handshakes) => handshakes.clone().acquire_owned().await.ok(),
                         None => None,
                     };
-                    match tokio::time::timeout(limits.handshake_timeout, tls.accept(tcp)).await {
+                    match tokio::time::timeout(limits.handshake_timeout, tls.accept(ReadAhead::new(tcp))).await {
                         Ok(Ok(stream)) => Either::Left(stream),
                         Ok(Err(e)) => {
                             tracing::debug!(%remote, error = %e, "TLS handshake failed");

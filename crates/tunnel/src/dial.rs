@@ -404,7 +404,7 @@ async fn dial_inner(config: &DialConfig, held: &[String]) -> Result<Dialed, Tunn
             let name = ServerName::try_from(config.host.clone())
                 .map_err(|e| TunnelError::Tls(format!("server name {:?}: {e}", config.host)))?;
             let stream = tokio_rustls::TlsConnector::from(tls.clone())
-                .connect(name, tcp)
+                .connect(name, crate::read_ahead::ReadAhead::new(tcp))
                 .await
                 .map_err(|e| TunnelError::Tls(format!("handshake with {}: {e}", config.host)))?;
             upgrade(stream, config, held).await

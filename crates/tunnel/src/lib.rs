@@ -24,6 +24,7 @@ mod frames;
 pub mod http;
 pub mod pool;
 mod queued;
+pub mod read_ahead;
 pub mod requests;
 pub mod session;
 pub mod shutdown;

@@ -50,7 +50,8 @@ impl<T> ReadAhead<T> {
     }
 
     /// Whether the connection holds a buffer now.
-    pub fn is_reading_ahead(&self) -> bool {
+    #[cfg(test)]
+    fn is_reading_ahead(&self) -> bool {
         self.ahead.is_some()
     }
 
@@ -138,6 +139,9 @@ mod tests {
 
     use super::*;
 
+    /// What rustls asks for once its record buffer has grown: one record at most.
+    const RECORD: usize = 16_709;
+
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8).collect()
     }
@@ -164,7 +168,7 @@ mod tests {
         let sent = pattern(4 << 20);
         writer.write_all(&sent).await.unwrap();
         let mut reader = ReadAhead::new(reader);
-        let got = read_in_pieces(&mut reader, sent.len(), 16_709).await;
+        let got = read_in_pieces(&mut reader, sent.len(), RECORD).await;
         assert!(got == sent, "bytes lost or reordered");
         assert!(reader.is_reading_ahead(), "a backlog read without a buffer");
     }
@@ -176,12 +180,12 @@ mod tests {
         // A backlog, then a trickle: every piece written is read before the next.
         let backlog = pattern(1 << 20);
         writer.write_all(&backlog).await.unwrap();
-        assert!(read_in_pieces(&mut reader, backlog.len(), 16_709).await == backlog);
+        assert!(read_in_pieces(&mut reader, backlog.len(), RECORD).await == backlog);
         assert!(reader.is_reading_ahead());
         for i in 0..2 * usize::from(IDLE_AFTER) {
             let piece = pattern(100 + i);
             writer.write_all(&piece).await.unwrap();
-            assert!(read_in_pieces(&mut reader, piece.len(), 16_709).await == piece);
+            assert!(read_in_pieces(&mut reader, piece.len(), RECORD).await == piece);
         }
         assert!(
             !reader.is_reading_ahead(),
@@ -202,7 +206,7 @@ mod tests {
         near.write_all(&sent).await.unwrap();
         near.shutdown().await.unwrap();
         let mut got = Vec::new();
-        let mut buf = vec![0; 16_709];
+        let mut buf = vec![0; RECORD];
         loop {
             match far.read(&mut buf).await.unwrap() {
                 0 => break,
@@ -210,6 +214,8 @@ mod tests {
             }
         }
         assert!(got == sent);
+        // The end came through the buffer, not around it.
+        assert!(far.is_reading_ahead());
         far.write_all(b"back").await.unwrap();
         let mut back = [0; 4];
         near.read_exact(&mut back).await.unwrap();

@@ -331,6 +331,13 @@ pub fn server() -> ServerBuilder {
     ServerBuilder::default()
 }
 
+/// What a pod limited to one CPU gives either binary: one tokio worker
+/// (`available_parallelism` follows the cgroup's quota; tokio's variable says the same).
+pub const ONE_CPU: (&str, &str) = ("TOKIO_WORKER_THREADS", "1");
+
+/// What either binary logs when it runs the current-thread runtime (one worker).
+pub const CURRENT_THREAD_LOG: &str = "scheduler=\"current-thread\"";
+
 /// The shared jwtSecret of every test.
 pub const SECRET: &str = "e2e-jwt-secret-shared-by-host-and-members";
 
@@ -345,6 +352,12 @@ impl ServerBuilder {
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
         self
+    }
+
+    /// Runs the process as deployed: its pod has one CPU, so one tokio worker and the
+    /// current-thread runtime (`tower_tunnel::runtime`).
+    pub fn one_cpu(self) -> Self {
+        self.env(ONE_CPU.0, ONE_CPU.1)
     }
 
     /// Listens for the frontend on `addr` (a test that must write the frontend's URL
@@ -587,6 +600,11 @@ impl AgentBuilder {
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
         self
+    }
+
+    /// Runs the process as deployed, on one CPU (see [`ServerBuilder::one_cpu`]).
+    pub fn one_cpu(self) -> Self {
+        self.env(ONE_CPU.0, ONE_CPU.1)
     }
 
     /// Dials this address instead of the server's tunnel listener (a relay, a proxy).

@@ -558,6 +558,13 @@ fn the_old_agents_other_flags_and_an_unpinned_token_are_refused_with_the_reason(
             && stderr.contains("not running in a cluster"),
         "{stderr}"
     );
+    // A worker count that is not one is configuration, refused before anything runs.
+    for bad in ["0", "two"] {
+        let (code, stderr) =
+            run(agent_command(&server, "member-1").env("TOKIO_WORKER_THREADS", bad));
+        assert_eq!(code, Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("TOKIO_WORKER_THREADS"), "{bad}: {stderr}");
+    }
     // A hex token of KubeSphere's old tower: not silently dialed with.
     let (code, stderr) = run(agent_command_without_token(&server, "member-1")
         .args(["--token", "0123456789abcdef0123456789abcdef"]));

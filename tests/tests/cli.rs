@@ -334,6 +334,20 @@ fn bad_usage_exits_2_with_the_reason() {
     };
     let mut bad_ca = kubeconfig("m", "https://h", "t");
     bad_ca.extend(["--ca-cert", secret]);
+    let state = dir.path().join("state");
+    let serve_anywhere = vec![
+        "serve",
+        "--jwt-secret-file",
+        secret,
+        "--state-dir",
+        path(&state),
+        "--tunnel-addr",
+        "127.0.0.1:0",
+        "--proxy-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
     let none: &[(&str, &str)] = &[];
     let ttl_env: &[(&str, &str)] = &[
         ("TOWER_JWT_SECRET", SECRET),
@@ -442,6 +456,17 @@ fn bad_usage_exits_2_with_the_reason() {
             ],
             none,
             vec!["--stream-idle-timeout must be between"],
+        ),
+        // A worker count for the runtime that is not one (tokio's own variable).
+        (
+            serve_anywhere.clone(),
+            &[("TOKIO_WORKER_THREADS", "0")],
+            vec!["TOKIO_WORKER_THREADS", "at least 1"],
+        ),
+        (
+            serve_anywhere,
+            &[("TOKIO_WORKER_THREADS", "two")],
+            vec!["TOKIO_WORKER_THREADS", "\"two\""],
         ),
     ];
     for (args, env, names) in cases {

@@ -3,7 +3,10 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use tower_e2e::{KubectlStream, Member, agent, kubectl, kubectl_with_input, server, wait_for_with};
+use tower_e2e::{
+    Agent, CURRENT_THREAD_LOG, KubectlStream, Member, Server, agent, kubectl, kubectl_with_input,
+    server, wait_for_with,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -16,6 +19,16 @@ fn member_streams_close(member: &Member) {
         || (member.api.open_streams() == 0).then_some(()),
         || format!("{} still open at the member", member.api.open_streams()),
     );
+}
+
+/// Both processes run the current-thread runtime, as on one CPU (their logs say so).
+fn on_current_thread(server: &Server, agent: &Agent) {
+    for (who, log) in [
+        ("server", server.process.log()),
+        ("agent", agent.process.log()),
+    ] {
+        assert!(log.contains(CURRENT_THREAD_LOG), "{who}: {log}");
+    }
 }
 
 #[test]
@@ -237,8 +250,12 @@ fn apply_patch_and_attach_through_the_tunnel() {
 #[test]
 fn watch_and_logs_stream_event_by_event() {
     let member = Member::start();
-    let server = server().start();
-    let _agent = agent(&server, &member, "member-1").connect(&server);
+    // As deployed: one CPU each, so both run the current-thread runtime.
+    let server = server().one_cpu().start();
+    let _agent = agent(&server, &member, "member-1")
+        .one_cpu()
+        .connect(&server);
+    on_current_thread(&server, &_agent);
     let kc = server.kubeconfig("member-1", "bob", &["viewers"]);
 
     let watch = KubectlStream::spawn(
@@ -321,8 +338,12 @@ fn watch_and_logs_stream_event_by_event() {
 #[test]
 fn exec_and_port_forward_upgrade_end_to_end() {
     let member = Member::start();
-    let server = server().start();
-    let _agent = agent(&server, &member, "member-1").connect(&server);
+    // As deployed: one CPU each, so both run the current-thread runtime.
+    let server = server().one_cpu().start();
+    let _agent = agent(&server, &member, "member-1")
+        .one_cpu()
+        .connect(&server);
+    on_current_thread(&server, &_agent);
     let kc = server.kubeconfig("member-1", "carol", &["devs"]);
 
     let echoed = kubectl_with_input(
@@ -441,8 +462,12 @@ fn exec_and_port_forward_upgrade_end_to_end() {
 #[test]
 fn large_downloads_stream_without_buffering() {
     let member = Member::start();
-    let server = server().start();
-    let agent = agent(&server, &member, "member-1").connect(&server);
+    // As deployed: one CPU each, so both run the current-thread runtime.
+    let server = server().one_cpu().start();
+    let agent = agent(&server, &member, "member-1")
+        .one_cpu()
+        .connect(&server);
+    on_current_thread(&server, &agent);
     let https = tower_e2e::Https::frontend(&server);
     let user = tower_e2e::Server::minter().user_token("alice", &[], None);
     let size: u64 = 1 << 30;

@@ -505,11 +505,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tower_tunnel::runtime::build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tower-server: starting the runtime: {e}");
-            return ExitCode::from(1);
+            // A bad TOKIO_WORKER_THREADS is configuration (2); tokio failing, a runtime failure.
+            let bad_setting = e.kind() == std::io::ErrorKind::InvalidInput;
+            return ExitCode::from(if bad_setting { 2 } else { 1 });
         }
     };
     runtime.block_on(async move {

@@ -12,6 +12,7 @@
 //! * [`requests`]: the requests a connection (or tunnel stream) serves, and when it has
 //!   served none for long.
 //! * [`exchanges`]: the requests in flight on a session, which its flush goes by.
+//! * [`runtime`]: the tokio runtime both binaries run on (current-thread on one CPU).
 //! * [`shutdown`]: the signals (SIGTERM, SIGINT) that start either binary's drain.
 
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod pool;
 mod queued;
 pub mod read_ahead;
 pub mod requests;
+pub mod runtime;
 pub mod session;
 pub mod shutdown;
 pub mod stream;

@@ -15,6 +15,7 @@ mod agents;
 pub mod api_pace;
 pub mod cli;
 pub mod cluster_spec;
+pub mod commands;
 pub mod connections;
 mod dashboard;
 mod frontend;

@@ -238,6 +238,14 @@ impl Link {
         (ours, theirs)
     }
 
+    /// Waits for the connection's first pong: yamux grows windows only once it knows the
+    /// round trip, and a connection that never pings would leave a test waiting for ever.
+    async fn first_pong(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.ponged.notified())
+            .await
+            .expect("no pong within 10 s: yamux did not ping");
+    }
+
     /// The windows the server granted each stream after each of its updates, taken from
     /// what the relay saw so far, and the wire's account for a failed assertion.
     fn windows(&self) -> (Vec<Vec<u64>>, String) {
@@ -296,7 +304,7 @@ fn windows(wire: &Wire) -> Vec<Vec<u64>> {
 async fn a_download_ramps_fast_and_the_next_starts_from_what_the_tunnel_learned() {
     let mut link = link(RTT);
     // yamux grows windows only once it knows the round trip.
-    link.ponged.notified().await;
+    link.first_pong().await;
     link.download(32 * MIB).await;
     link.download(16 * MIB).await;
 
@@ -316,7 +324,7 @@ async fn a_download_ramps_fast_and_the_next_starts_from_what_the_tunnel_learned(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_sat_idle_grows_at_the_first_update_of_its_next_download() {
     let mut link = link(RTT);
-    link.ponged.notified().await;
+    link.first_pong().await;
     let (mut ours, mut theirs) = link.open().await;
     // Small responses, as a pooled stream carries between downloads: no window update.
     for _ in 0..4 {
@@ -344,7 +352,7 @@ async fn a_stream_that_sat_idle_grows_at_the_first_update_of_its_next_download()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_stops_growing_once_the_round_trip_has_risen() {
     let mut link = link(RTT / 10);
-    link.ponged.notified().await;
+    link.first_pong().await;
     link.rtt.store(RTT.as_millis() as u64, Ordering::Relaxed);
     link.download(8 * MIB).await;
 
@@ -365,7 +373,7 @@ async fn a_window_stops_growing_once_the_round_trip_has_risen() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_short_path_a_download_first_grows_only_twofold() {
     let mut link = link(Duration::ZERO);
-    link.ponged.notified().await;
+    link.first_pong().await;
     link.download(4 * MIB).await;
 
     let (windows, seen) = link.windows();

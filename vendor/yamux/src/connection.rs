@@ -399,14 +399,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Active<T> {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Stream>> {
+        // Tower's patch: whether a ping is due is asked once per poll, not once per frame
+        // the loop below moves: asking reads the clock, and a busy poll moves many frames.
+        let mut ping_unasked = true;
         loop {
             if self.socket.poll_ready_unpin(cx).is_ready() {
                 // Note `next_ping` does not register a waker and thus if not called regularly (idle
                 // connection) no ping is sent. This is deliberate as an idle connection does not
                 // need RTT measurements to increase its stream receive window.
-                if let Some(frame) = self.rtt.next_ping() {
-                    self.socket.start_send_unpin(frame.into())?;
-                    continue;
+                if std::mem::take(&mut ping_unasked) {
+                    if let Some(frame) = self.rtt.next_ping() {
+                        self.socket.start_send_unpin(frame.into())?;
+                        continue;
+                    }
                 }
 
                 // Privilege pending `Pong` and `GoAway` `Frame`s

@@ -6,7 +6,8 @@
 //! runtime is tokio's current-thread scheduler instead of a work-stealing one with a
 //! single worker: with nobody to steal from, the work-stealing scheduler's queues,
 //! searching and parking protocol only cost (BENCHMARKS.md, "One CPU: the current-thread
-//! runtime").
+//! runtime"). linkerd2-proxy (its `linkerd2-proxy/src/rt.rs`) makes the same
+//! choice, for the same reason: its threaded scheduler "would provide no benefit".
 
 use std::env::{self, VarError};
 use std::io;

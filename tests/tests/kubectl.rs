@@ -252,10 +252,10 @@ fn watch_and_logs_stream_event_by_event() {
     let member = Member::start();
     // As deployed: one CPU each, so both run the current-thread runtime.
     let server = server().one_cpu().start();
-    let _agent = agent(&server, &member, "member-1")
+    let agent = agent(&server, &member, "member-1")
         .one_cpu()
         .connect(&server);
-    on_current_thread(&server, &_agent);
+    on_current_thread(&server, &agent);
     let kc = server.kubeconfig("member-1", "bob", &["viewers"]);
 
     let watch = KubectlStream::spawn(
@@ -340,10 +340,10 @@ fn exec_and_port_forward_upgrade_end_to_end() {
     let member = Member::start();
     // As deployed: one CPU each, so both run the current-thread runtime.
     let server = server().one_cpu().start();
-    let _agent = agent(&server, &member, "member-1")
+    let agent = agent(&server, &member, "member-1")
         .one_cpu()
         .connect(&server);
-    on_current_thread(&server, &_agent);
+    on_current_thread(&server, &agent);
     let kc = server.kubeconfig("member-1", "carol", &["devs"]);
 
     let echoed = kubectl_with_input(

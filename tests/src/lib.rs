@@ -338,6 +338,17 @@ pub const ONE_CPU: (&str, &str) = ("TOKIO_WORKER_THREADS", "1");
 /// What either binary logs when it runs the current-thread runtime (one worker).
 pub const CURRENT_THREAD_LOG: &str = "scheduler=\"current-thread\"";
 
+/// `tower-server serve`'s (and `tower-local`'s) three listeners, each on a free port of
+/// loopback.
+pub const ANY_PORTS: [&str; 6] = [
+    "--tunnel-addr",
+    "127.0.0.1:0",
+    "--proxy-addr",
+    "127.0.0.1:0",
+    "--admin-addr",
+    "127.0.0.1:0",
+];
+
 /// The shared jwtSecret of every test.
 pub const SECRET: &str = "e2e-jwt-secret-shared-by-host-and-members";
 

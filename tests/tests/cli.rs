@@ -10,7 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use tower_e2e::{
-    Member, SECRET, TempDir, agent, bin_path, kubectl, kubectl_command, run_with_input, server,
+    ANY_PORTS, Member, SECRET, TempDir, agent, bin_path, kubectl, kubectl_command, run_with_input,
+    server,
 };
 
 /// Runs `tower-server ARGS` with `env` and none of the caller's own TOWER_ variables.
@@ -335,19 +336,9 @@ fn bad_usage_exits_2_with_the_reason() {
     let mut bad_ca = kubeconfig("m", "https://h", "t");
     bad_ca.extend(["--ca-cert", secret]);
     let state = dir.path().join("state");
-    let serve_anywhere = vec![
-        "serve",
-        "--jwt-secret-file",
-        secret,
-        "--state-dir",
-        path(&state),
-        "--tunnel-addr",
-        "127.0.0.1:0",
-        "--proxy-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ];
+    let mut serve_anywhere = vec!["serve", "--jwt-secret-file", secret, "--state-dir"];
+    serve_anywhere.push(path(&state));
+    serve_anywhere.extend(ANY_PORTS);
     let none: &[(&str, &str)] = &[];
     let ttl_env: &[(&str, &str)] = &[
         ("TOWER_JWT_SECRET", SECRET),

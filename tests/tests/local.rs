@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use tower_e2e::{Member, TempDir};
+use tower_e2e::{ANY_PORTS, Member, TempDir};
 
 /// Runs `tower-local --check` on port 0 (it exits once `kubectl version` has worked
 /// through the tunnel); returns its stdout.
@@ -11,14 +11,7 @@ fn check(dir: &TempDir, extra: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_tower-local"))
         .args(["--check", "--dir"])
         .arg(dir.path())
-        .args([
-            "--tunnel-addr",
-            "127.0.0.1:0",
-            "--proxy-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
+        .args(ANY_PORTS)
         .args(extra)
         .env_remove("KUBECONFIG")
         .env("HOME", std::env::temp_dir())

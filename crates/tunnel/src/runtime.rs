@@ -31,19 +31,18 @@ pub fn build() -> io::Result<tokio::runtime::Runtime> {
 
 /// A runtime of `workers` workers: current-thread for one.
 fn with_workers(workers: usize) -> io::Result<tokio::runtime::Runtime> {
-    let scheduler = if workers == 1 {
-        "current-thread"
-    } else {
-        "multi-thread"
-    };
-    tracing::info!(workers, scheduler, "tokio runtime");
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
+    // One decision, so that the line the tests read says what was built.
+    let (scheduler, mut builder) = if workers == 1 {
+        (
+            "current-thread",
+            tokio::runtime::Builder::new_current_thread(),
+        )
     } else {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder.worker_threads(workers);
-        builder
+        ("multi-thread", builder)
     };
+    tracing::info!(workers, scheduler, "tokio runtime");
     builder.enable_all().build()
 }
 

@@ -72,7 +72,10 @@ pub(crate) fn error_response(err: &ApiError) -> Response<Body> {
     )
 }
 
-/// Decoded query parameters, in order (repeated keys such as `command` are kept).
+/// Decoded query parameters, in order (repeated keys such as `command` are kept), as Go's
+/// `url.ParseQuery` reads a query (kube-apiserver's `req.URL.Query()`): pairs split at
+/// `&`, key and value unescaped with `+` as a space, and a pair that holds a `;` or an
+/// invalid escape dropped.
 #[derive(Debug, Default)]
 pub(crate) struct Query(Vec<(String, String)>);
 
@@ -82,10 +85,10 @@ impl Query {
             query
                 .unwrap_or("")
                 .split('&')
-                .filter(|p| !p.is_empty())
-                .map(|pair| {
+                .filter(|p| !p.is_empty() && !p.contains(';'))
+                .filter_map(|pair| {
                     let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    (percent_decode(k), percent_decode(v))
+                    Some((percent_decode(k)?, percent_decode(v)?))
                 })
                 .collect(),
         )
@@ -106,35 +109,44 @@ impl Query {
             .collect()
     }
 
+    /// A boolean option (`watch`, `follow`, `stdin`, ...) as the parameter codec converts
+    /// it: true when present with any first value but a false one ([`is_false`]).
     pub(crate) fn flag(&self, key: &str) -> bool {
-        matches!(self.get(key), Some("1" | "true" | "True" | "yes"))
+        self.get(key).is_some_and(|v| !is_false(v))
     }
 }
 
-fn percent_decode(s: &str) -> String {
+/// Whether a boolean option's value is false: apimachinery's `Convert_Slice_string_To_bool`
+/// (k8s.io/apimachinery/pkg/runtime/conversion.go) takes only `0` and `false` (Go's
+/// `strings.EqualFold`, under which `ſ` is an `s`) as false; anything else, an empty value
+/// too, is true.
+pub(crate) fn is_false(value: &str) -> bool {
+    value == "0" || value.replace('\u{17F}', "s").eq_ignore_ascii_case("false")
+}
+
+/// `s` unescaped as Go's `url.QueryUnescape` does, or `None` where an escape is not `%`
+/// and two hex digits.
+fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
                 }
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
             }
             b => out.push(b),
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Some(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Authenticates, impersonates, records, authorizes and routes one request, in the order of
@@ -999,6 +1011,31 @@ mod tests {
         assert_eq!(q.all("command"), ["sh", "-c", "exit 3"]);
         assert!(q.flag("stdin"));
         assert_eq!(q.get("x"), Some("a b"));
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+
+    /// As `url.ParseQuery`: a pair with an invalid escape or a `;` is dropped, the rest
+    /// kept.
+    #[test]
+    fn query_pairs_go_would_not_parse_are_dropped() {
+        for bad in ["%zz", "%4", "%", "a%g1"] {
+            assert_eq!(percent_decode(bad), None, "{bad}");
+        }
+        let q = Query::parse(Some("watch=%zz&a=1;b=2&%zz=1&watch=1&c=%41"));
+        assert_eq!(q.all("watch"), ["1"]);
+        assert_eq!((q.get("a"), q.get("c")), (None, Some("A")));
+    }
+
+    /// kube-apiserver's boolean options: only `0` and `false` (any case) are false.
+    #[test]
+    fn flags_are_true_unless_zero_or_false() {
+        let q = Query::parse(Some(
+            "a=1&b=true&c=TRUE&d=t&e=yes&f&g=&h=0&i=false&j=FALSE&k=fal%C5%BFe&m=0&m=1",
+        ));
+        for on in ["a", "b", "c", "d", "e", "f", "g"] {
+            assert!(q.flag(on), "{on}");
+        }
+        for off in ["h", "i", "j", "k", "m", "absent"] {
+            assert!(!q.flag(off), "{off}");
+        }
     }
 }

@@ -158,7 +158,7 @@ impl Attributes {
                     .map(|(_, v)| v.as_str())
             };
             info.verb = match param("watch") {
-                Some(v) if v == "0" || v.eq_ignore_ascii_case("false") => "list",
+                Some(v) if crate::api::is_false(v) => "list",
                 Some(_) => "watch",
                 None => "list",
             }

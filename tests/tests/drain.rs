@@ -14,12 +14,18 @@ use tower_e2e::{Https, Member, Server, agent, kubectl_with_input, server, wait_f
 /// What client-go's informers ask for with protobuf.
 const PROTOBUF_WATCH: &str = "application/vnd.kubernetes.protobuf;stream=watch";
 
-/// A raw watch on configmaps of `default` (in protobuf with `protobuf`), read to its end
-/// on a thread, once it is open.
+/// A raw watch on configmaps of `default` (in protobuf with `protobuf`), asked for with
+/// the query `watch` (`watch=1`, say), read to its end on a thread, once it is open.
+///
+/// kube-apiserver takes any value of `watch` but `0` and `false` for true, none too
+/// (`Convert_Slice_string_To_bool`), so Tower must know the watch by every spelling to
+/// end it cleanly: one it took for a plain request would hold the drain until the grace
+/// period ran out, and be cut then.
 fn raw_watch(
     server: &Server,
     member: &Member,
     protobuf: bool,
+    watch: &str,
 ) -> std::thread::JoinHandle<Result<tower_e2e::Reply, String>> {
     let https = Https::frontend(server);
     let user = Server::minter().user_token("alice", &[], None);
@@ -28,13 +34,9 @@ fn raw_watch(
     } else {
         &[]
     };
-    once_called(member, "configmaps?watch=1", move || {
-        https.try_request(
-            "GET",
-            "/clusters/member-1/api/v1/namespaces/default/configmaps?watch=1",
-            Some(&user),
-            accept,
-        )
+    let path = format!("/clusters/member-1/api/v1/namespaces/default/configmaps?{watch}");
+    once_called(member, &format!("configmaps?{watch}"), move || {
+        https.try_request("GET", &path, Some(&user), accept)
     })
 }
 
@@ -168,8 +170,8 @@ fn a_draining_server_ends_watches_cleanly_and_exits_without_waiting_out_its_grac
     let member = Member::start();
     let mut server = server().args(&["--shutdown-grace", "60s"]).start();
     let _agent = agent(&server, &member, "member-1").connect(&server);
-    let watch = raw_watch(&server, &member, false);
-    let protobuf_watch = raw_watch(&server, &member, true);
+    let watch = raw_watch(&server, &member, false, "watch");
+    let protobuf_watch = raw_watch(&server, &member, true, "watch=1");
     let size: u64 = 256 << 20;
     let download = download(&server, &member, size);
 
@@ -206,8 +208,8 @@ fn a_draining_agent_finishes_its_requests_ends_watches_cleanly_and_exits() {
     let mut agent = agent(&server, &member, "member-1")
         .args(&["--shutdown-grace", "60s"])
         .connect(&server);
-    let watch = raw_watch(&server, &member, false);
-    let protobuf_watch = raw_watch(&server, &member, true);
+    let watch = raw_watch(&server, &member, false, "watch=yes");
+    let protobuf_watch = raw_watch(&server, &member, true, "watch=1");
     let size: u64 = 256 << 20;
     let download = download(&server, &member, size);
     let churn = Churn::start(&member);

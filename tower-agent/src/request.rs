@@ -67,6 +67,8 @@ where
 {
     async move {
         let target: &str = &target;
+        // On the member's path, before the upstream's base is put in front of it.
+        let watch = tower_tunnel::request_info::is_watch(req.method(), req.uri());
         let Some(upstream) = config.targets.get(target) else {
             return refuse(
                 &config,
@@ -190,7 +192,7 @@ where
             Request::from_parts(parts, body.map_err(Into::into).boxed_unsync())
         };
         let sent = std::time::Instant::now();
-        let answer = upstream.send(request).await;
+        let answer = upstream.send(request, watch).await;
         let code = answer.as_ref().ok().map(|r| r.status().as_u16());
         config.metrics.upstream(target, code, sent.elapsed());
         let mut response = match answer {

@@ -287,7 +287,8 @@ impl Upstream {
         Ok(Uri::from_parts(parts)?)
     }
 
-    /// Sends a request: a watch over HTTP/2 when there is a pool, anything else over
+    /// Sends a request: a watch (`watch`, as [`tower_tunnel::request_info::is_watch`]
+    /// resolves the member's path) over HTTP/2 when there is a pool, anything else over
     /// HTTP/1.1.
     ///
     /// Watches are the requests that come by the thousand and sit mostly idle for hours:
@@ -309,10 +310,11 @@ impl Upstream {
     pub(crate) fn send(
         &self,
         mut request: Request<UpstreamBody>,
+        watch: bool,
     ) -> impl Future<Output = Result<Response<ResponseBody>, BoxError>> + '_ {
         async move {
             if let Some(pool) = &self.http2
-                && tower_tunnel::watch_end::is_watch(request.uri())
+                && watch
                 && !request.headers().contains_key(header::UPGRADE)
             {
                 // Boxed: the pool's send may dial (TCP, TLS, the HTTP/2 handshake), a
@@ -329,7 +331,7 @@ impl Upstream {
             {
                 request.headers_mut().insert(header::HOST, host.clone());
             }
-            let slot = (!long_lived(&request))
+            let slot = (!long_lived(&request, watch))
                 .then(|| self.wide_slots.clone().try_acquire_owned().ok())
                 .flatten();
             let client = if slot.is_some() {
@@ -378,13 +380,10 @@ fn holding(
 /// Whether a response may stream for minutes or hours at the pace of events (a watch,
 /// `logs -f`, an upgrade): those never take a wide read slot, which they would hold
 /// for their whole life.
-fn long_lived<B>(request: &Request<B>) -> bool {
-    tower_tunnel::watch_end::is_watch(request.uri())
+fn long_lived<B>(request: &Request<B>, watch: bool) -> bool {
+    watch
         || request.headers().contains_key(header::UPGRADE)
-        || request.uri().query().is_some_and(|q| {
-            q.split('&')
-                .any(|kv| matches!(kv, "follow=1" | "follow=true" | "follow=True"))
-        })
+        || tower_tunnel::request_info::query_flag(request.uri().query(), "follow")
 }
 
 /// Whether a request that failed before any answer may be sent once more, as Go's HTTP
@@ -510,7 +509,7 @@ mod tests {
         // Whether a request goes out on the pooled connection or a new one is the pool's
         // race with the connection's return: go on until a few did.
         for _ in 0..200 {
-            let response = upstream.send(request(&upstream, "GET", b"")).await;
+            let response = upstream.send(request(&upstream, "GET", b""), false).await;
             let response =
                 response.unwrap_or_else(|e| panic!("{}", tower_tunnel::http::error_chain(&*e)));
             assert_eq!(response.status(), 200);
@@ -533,10 +532,13 @@ mod tests {
         let (addr, cut) = closing_on_reuse().await;
         let upstream = Upstream::named(&addr.to_string()).unwrap();
         for _ in 0..200 {
-            let first = upstream.send(request(&upstream, "GET", b"")).await.unwrap();
+            let first = upstream
+                .send(request(&upstream, "GET", b""), false)
+                .await
+                .unwrap();
             first.into_body().collect().await.unwrap();
             let before = cut.lock().unwrap().len();
-            let posted = upstream.send(request(&upstream, "POST", b"x")).await;
+            let posted = upstream.send(request(&upstream, "POST", b"x"), false).await;
             let cut_now = cut.lock().unwrap().clone();
             if cut_now.len() > before && cut_now.last().map(String::as_str) == Some("POST") {
                 // The POST reached the upstream on a reused connection that closed: it
@@ -611,25 +613,25 @@ mod tests {
         let free = || upstream.wide_slots.available_permits();
         // Long-lived responses never take a slot: they would hold it for hours.
         let _watch = upstream
-            .send(get(&upstream, "/api/v1/pods?watch=1"))
+            .send(get(&upstream, "/api/v1/pods?watch=1"), true)
             .await
             .unwrap();
         let _follow = upstream
-            .send(get(
-                &upstream,
-                "/api/v1/namespaces/d/pods/p/log?follow=true",
-            ))
+            .send(
+                get(&upstream, "/api/v1/namespaces/d/pods/p/log?follow=true"),
+                false,
+            )
             .await
             .unwrap();
         assert_eq!(free(), WIDE_READERS, "a watch or logs -f took a wide slot");
         // Responses nobody reads hold their slots, up to all of them.
         let mut unread = Vec::new();
         for _ in 0..WIDE_READERS {
-            unread.push(upstream.send(get(&upstream, "/x")).await.unwrap());
+            unread.push(upstream.send(get(&upstream, "/x"), false).await.unwrap());
         }
         assert_eq!(free(), 0);
         // The next is served all the same, 8 KiB at a time.
-        let narrow = upstream.send(get(&upstream, "/x")).await.unwrap();
+        let narrow = upstream.send(get(&upstream, "/x"), false).await.unwrap();
         let (largest, total) = chunks(narrow).await;
         assert_eq!(total, SIZE);
         assert!(
@@ -639,7 +641,7 @@ mod tests {
         // A response dropped unread gives its slot back; the next reads wider chunks.
         unread.pop();
         assert_eq!(free(), 1);
-        let wide = upstream.send(get(&upstream, "/x")).await.unwrap();
+        let wide = upstream.send(get(&upstream, "/x"), false).await.unwrap();
         assert_eq!(free(), 0);
         let (largest, total) = chunks(wide).await;
         assert_eq!(total, SIZE);

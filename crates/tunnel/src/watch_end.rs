@@ -16,24 +16,6 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-/// Whether a request (its Kubernetes API path) is a watch: `?watch=1|true`, or the
-/// deprecated watch paths `/api/{version}/watch/…` and `/apis/{group}/{version}/watch/…`.
-/// Only there: a namespace or an object may be called `watch`, and a body taken for a
-/// watch's is ended early on drain.
-pub fn is_watch(uri: &http::Uri) -> bool {
-    let mut segments = uri.path().split('/').skip(1);
-    let watch_path = match segments.next() {
-        Some("api") => segments.nth(1) == Some("watch"),
-        Some("apis") => segments.nth(2) == Some("watch"),
-        _ => false,
-    };
-    watch_path
-        || uri.query().is_some_and(|q| {
-            q.split('&')
-                .any(|kv| matches!(kv, "watch=1" | "watch=true" | "watch=True"))
-        })
-}
-
 /// Where the events of a watch body begin and end, tracked over the bytes passed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Framer {
@@ -358,34 +340,5 @@ mod tests {
         assert!(pb.at_boundary());
         assert_eq!(pb.advance(&[0, 0], false), 2);
         assert!(!pb.at_boundary());
-    }
-
-    #[test]
-    fn watches_are_recognised() {
-        let yes = [
-            "/api/v1/pods?watch=1",
-            "/api/v1/pods?limit=5&watch=true",
-            "/api/v1/watch/pods",
-            "/api/v1/watch/namespaces/default/pods/web-0",
-            "/apis/apps/v1/watch/deployments",
-        ];
-        for uri in yes {
-            assert!(is_watch(&uri.parse().unwrap()), "{uri}");
-        }
-        let no = [
-            "/api/v1/pods",
-            "/api/v1/pods?watch=0",
-            "/api/v1/pods?watchy=1",
-            // Names that are only names.
-            "/api/v1/namespaces/watch/pods",
-            "/api/v1/namespaces/default/configmaps/watch",
-            "/apis/apps/v1/namespaces/watch/deployments",
-            "/apis/watch/v1/things",
-            "/clusters/watch/api/v1/pods",
-            "/kapis/watch/x",
-        ];
-        for uri in no {
-            assert!(!is_watch(&uri.parse().unwrap()), "{uri}");
-        }
     }
 }

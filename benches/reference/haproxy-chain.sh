@@ -75,7 +75,7 @@ backend b
 CFG
 [ -n "$DEPLOYED" ] && sed -i 's/^defaults/global\n  nbthread 1\ndefaults/' "$D/tcp.cfg"
 on_glibc haproxy -f "$D/tcp.cfg" -D -p "$D/tcp.pid"
-sleep 0.5
+wait_answer "https://127.0.0.1:$P3/version" || { echo "$0: the TCP relay did not answer" >&2; exit 1; }
 # CPU seconds (user + system, in clock ticks) the processes $@ have used so far.
 cpu_ticks() {
   local total=0 p

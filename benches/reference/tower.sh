@@ -118,7 +118,7 @@ free_port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0)
 # $2: one process with a thread per core holding both, or, with DEPLOYED set, one
 # process per hop with one thread each, as Tower is deployed (one pod per hop, 1 CPU).
 # Sets HOP1 and HOP2, the pids whose CPU is each hop's (the same pid twice when one
-# process holds both).
+# process holds both), and returns once a request goes through both hops.
 start_haproxy_chain() {
   haproxy_chain_config "$1" "$2"
   if [ -n "${DEPLOYED:-}" ]; then
@@ -134,4 +134,14 @@ start_haproxy_chain() {
     HOP1=$(cat "$D/http.pid")
     HOP2=$HOP1
   fi
+  wait_answer "https://127.0.0.1:$1/version" || { echo "$0: haproxy's chain did not answer" >&2; exit 1; }
+}
+
+# Returns once URL answers a request with the stand-in's token (T), false after 10 s.
+wait_answer() {
+  for _ in $(seq 100); do
+    curl -sfk -o /dev/null -H "Authorization: Bearer T" "$1" && return 0
+    sleep 0.1
+  done
+  return 1
 }

@@ -84,10 +84,7 @@ counted_haproxy() {
   valgrind --tool=cachegrind --cache-sim=no --branch-sim=no --cachegrind-out-file="$D/hap.cg" \
     "$(PATH="$PATH:/usr/sbin" command -v haproxy)" -db -f "$D/http.cfg" >/dev/null 2>&1 &
   hp=$!
-  for _ in $(seq 600); do
-    curl -sfk -o /dev/null -H "Authorization: Bearer T" "https://127.0.0.1:$p1/version" && break
-    sleep 0.1
-  done
+  wait_answer "https://127.0.0.1:$p1/version" T 60 || { echo "$0: haproxy's chain did not answer" >&2; exit 1; }
   [ "$small" -gt 0 ] && small_requests "https://127.0.0.1:$p1" "$small" --http1.1 T
   kill -USR1 "$hp" # haproxy's soft stop: it exits, and cachegrind writes its file
   wait "$hp" || true

@@ -60,12 +60,7 @@ start_tower() {
   USER_TOKEN=$("$B/tower-server" user-token --jwt-secret-file "$D/secret" --user alice)
   BASE="https://$FRONTEND/clusters/c1"
   for _ in $(seq 600); do grep -q "agent connected" "$D/sv.err" 2>/dev/null && break; sleep 0.1; done
-  for _ in $(seq 100); do
-    curl -sfk -o /dev/null -H "Authorization: Bearer $USER_TOKEN" "$BASE/version" && return
-    sleep 0.1
-  done
-  echo "$0: Tower did not answer" >&2
-  exit 1
+  wait_answer "$BASE/version" "$USER_TOKEN" || { echo "$0: Tower did not answer" >&2; exit 1; }
 }
 
 # Stops server and agent (SIGINT: they drain and exit, and cachegrind writes its files),
@@ -137,10 +132,11 @@ start_haproxy_chain() {
   wait_answer "https://127.0.0.1:$1/version" || { echo "$0: haproxy's chain did not answer" >&2; exit 1; }
 }
 
-# Returns once URL answers a request with the stand-in's token (T), false after 10 s.
+# wait_answer URL [TOKEN [SECONDS]]: returns once URL answers a request with TOKEN (the
+# stand-in's, T, by default), false after SECONDS (10).
 wait_answer() {
-  for _ in $(seq 100); do
-    curl -sfk -o /dev/null -H "Authorization: Bearer T" "$1" && return 0
+  for _ in $(seq "$((${3:-10} * 10))"); do
+    curl -sfk -o /dev/null -H "Authorization: Bearer ${2:-T}" "$1" && return 0
     sleep 0.1
   done
   return 1

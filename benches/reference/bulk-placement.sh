@@ -13,10 +13,11 @@
 #
 # On a machine of two cores the four busy processes (curl, two relays, the stand-in) share
 # them, and where the kernel puts the two relays decides the rate as much as what each
-# byte costs them (BENCHMARKS.md, "Issue 18's goals, session 30").
+# byte costs them (BENCHMARKS.md, "Issue 18's goals, session 30: where the relays run").
 #
-# Needs: release builds (see BENCHMARKS.md), haproxy, openssl, curl, python3. GLIBC=DIR as
-# in haproxy-chain.sh. Everything listens on 127.0.0.1 only.
+# Needs: release builds (see BENCHMARKS.md), haproxy, openssl, curl, GNU time
+# (/usr/bin/time), python3. GLIBC=DIR as in haproxy-chain.sh. Everything listens on
+# 127.0.0.1 only.
 set -euo pipefail
 export DEPLOYED=1 TOKIO_WORKER_THREADS=1
 ROUNDS=${ROUNDS:-3}
@@ -37,6 +38,7 @@ download() {
   local sampler=$!
   # Let the sampler take its first reading of every counter before the download starts.
   for _ in $(seq 50); do [ -s "$D/placement" ] && break; sleep 0.02; done
+  [ -s "$D/placement" ] || { echo "$0: placement.py did not start" >&2; exit 1; }
   local curl_time
   curl_time=$( { /usr/bin/time -f '%U %S' "${ON_GLIBC[@]}" "$(command -v curl)" -sfk --http1.1 \
     -o /dev/null -w '%{speed_download}\n' -H "Authorization: Bearer $token" \

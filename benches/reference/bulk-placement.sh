@@ -23,8 +23,8 @@ export DEPLOYED=1 TOKIO_WORKER_THREADS=1
 ROUNDS=${ROUNDS:-3}
 B=${B:-$(cd "$(dirname "$0")/../.." && pwd)/target/release}
 D=$(mktemp -d)
-SI=; SV=; AG=
-trap 'kill $(cat "$D"/*.pid 2>/dev/null) $SI $SV $AG 2>/dev/null; rm -rf "$D"' EXIT
+SI=; SV=; AG=; SAMPLER=
+trap 'kill $(cat "$D"/*.pid 2>/dev/null) $SAMPLER $SI $SV $AG 2>/dev/null; rm -rf "$D"' EXIT
 
 source "$(dirname "$0")/tower.sh"
 start_tower
@@ -35,7 +35,7 @@ start_haproxy_chain "$P1" "$P2"
 download() {
   local name=$1 addr=$2 token=$3 first=$4 second=$5
   python3 "$(dirname "$0")/placement.py" "$first" "$second" "$SI" >"$D/placement" &
-  local sampler=$!
+  SAMPLER=$!
   # Let the sampler take its first reading of every counter before the download starts.
   for _ in $(seq 50); do [ -s "$D/placement" ] && break; sleep 0.02; done
   [ -s "$D/placement" ] || { echo "$0: placement.py did not start" >&2; exit 1; }
@@ -43,8 +43,9 @@ download() {
   curl_time=$( { /usr/bin/time -f '%U %S' "${ON_GLIBC[@]}" "$(command -v curl)" -sfk --http1.1 \
     -o /dev/null -w '%{speed_download}\n' -H "Authorization: Bearer $token" \
     "https://$addr/debug/bytes?size=1073741824" >"$D/speed"; } 2>&1)
-  kill -INT "$sampler"
-  wait "$sampler" || true
+  kill -INT "$SAMPLER"
+  wait "$SAMPLER" || { echo "$0: placement.py failed" >&2; exit 1; }
+  SAMPLER=
   printf '%-8s %5.0f MB/s  curl %.2f s/GiB  %s\n' "$name" "$(awk '{print $1 / 1e6}' "$D/speed")" \
     "$(awk '{print $1 + $2}' <<<"$curl_time")" "$(tail -1 "$D/placement")"
 }

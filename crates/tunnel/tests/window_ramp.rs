@@ -381,3 +381,64 @@ async fn on_a_short_path_a_download_first_grows_only_twofold() {
     let grown = *first.first().expect(&seen);
     assert!((384 * KIB..=640 * KIB).contains(&grown), "{seen}");
 }
+
+/// On a short path, while another stream of the tunnel receives data (here a small
+/// response every few milliseconds, as a client's requests get), a download's window
+/// stays at yamux's 256 KiB, though the tunnel's earlier download grew one: past what
+/// the path holds a window is only a queue, and the other stream's responses wait behind
+/// it (B3's probe, milliseconds). A download that follows the other stream's data,
+/// not beside it, grows its window again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_short_path_a_download_beside_other_traffic_keeps_256_kib() {
+    let mut link = link(Duration::ZERO);
+    link.first_pong().await;
+    link.download(4 * MIB).await;
+    download_beside_chatter(&mut link, 8 * MIB, false).await;
+    link.download(4 * MIB).await;
+
+    let (windows, seen) = link.windows();
+    let [alone, _chat, beside, after] = <[Vec<u64>; 4]>::try_from(windows).expect(&seen);
+    assert!(alone.iter().max() >= Some(&(384 * KIB)), "{seen}");
+    // 8 MiB through a 256 KiB window: updates every 128 KiB or so.
+    assert!(beside.len() >= 16, "{seen}");
+    assert!(beside.iter().all(|w| *w <= 256 * KIB), "{seen}");
+    assert!(after.iter().max() >= Some(&(384 * KIB)), "{seen}");
+}
+
+/// The control stream's keepalives do not hold a download back: a stream excluded from
+/// sharing chats beside a download, and the download's window grows as if alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_on_a_stream_excluded_from_sharing_does_not_hold_a_download_back() {
+    let mut link = link(Duration::ZERO);
+    link.first_pong().await;
+    download_beside_chatter(&mut link, 4 * MIB, true).await;
+
+    let (windows, seen) = link.windows();
+    let [_chat, beside] = <[Vec<u64>; 2]>::try_from(windows).expect(&seen);
+    assert!(beside.iter().max() >= Some(&(384 * KIB)), "{seen}");
+}
+
+/// A download of `bytes` on a new stream while another stream (excluded from sharing
+/// when `excluded`) receives 512 bytes every 5 ms, from before the download starts
+/// until it ends.
+async fn download_beside_chatter(link: &mut Link, bytes: u64, excluded: bool) {
+    let (mut chat_ours, mut chat_theirs) = link.open().await;
+    if excluded {
+        chat_ours.exclude_from_sharing();
+    }
+    send(&mut chat_ours, &mut chat_theirs, 512).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let chatter = tokio::spawn(async move {
+        tokio::pin!(stopped);
+        loop {
+            send(&mut chat_ours, &mut chat_theirs, 512).await;
+            tokio::select! {
+                _ = &mut stopped => return,
+                () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+    });
+    link.download(bytes).await;
+    stop.send(()).unwrap();
+    chatter.await.unwrap();
+}

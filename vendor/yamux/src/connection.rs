@@ -15,6 +15,7 @@
 mod cleanup;
 mod closing;
 mod rtt;
+mod sharing;
 mod stream;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -302,6 +303,9 @@ struct Active<T> {
 
     rtt: rtt::Rtt,
 
+    /// Which streams received data lately (Tower's patch).
+    sharing: sharing::Sharing,
+
     /// A stream's `max_stream_receive_window` can grow beyond [`DEFAULT_CREDIT`], see
     /// [`Stream::next_window_update`]. This field is the sum of the bytes by which all streams'
     /// `max_stream_receive_window` have each exceeded [`DEFAULT_CREDIT`]. Used to enforce
@@ -375,6 +379,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Active<T> {
             pending_write_frame: None,
             new_outbound_stream_waker: None,
             rtt: rtt::Rtt::new(),
+            sharing: Default::default(),
             accumulated_max_stream_windows: Default::default(),
         }
     }
@@ -833,6 +838,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Active<T> {
             credit,
             sender,
             self.rtt.clone(),
+            self.sharing.clone(),
             self.accumulated_max_stream_windows.clone(),
         )
     }
@@ -852,6 +858,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Active<T> {
             config,
             sender,
             self.rtt.clone(),
+            self.sharing.clone(),
             self.accumulated_max_stream_windows.clone(),
         )
     }

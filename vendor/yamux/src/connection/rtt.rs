@@ -135,8 +135,12 @@ impl Rtt {
     /// which says nothing of the queue the download itself makes.
     pub(crate) fn stale_on_short_path(&self, since: Instant) -> bool {
         let inner = self.inner.lock();
-        inner.min.get().is_some_and(|min| min < SHORT_PATH)
-            && inner.sample_sent_at.is_none_or(|at| at < since)
+        inner.is_short_path() && inner.sample_sent_at.is_none_or(|at| at < since)
+    }
+
+    /// Whether the least round trip seen lately is under `SHORT_PATH` (Tower's patch).
+    pub(crate) fn short_path(&self) -> bool {
+        self.inner.lock().is_short_path()
     }
 
     /// Whether the latest round trip is within twice the least seen lately (Tower's
@@ -221,6 +225,12 @@ struct RttInner {
     min: MinFilter,
     /// When the latest sample's ping was sent (Tower's patch).
     sample_sent_at: Option<Instant>,
+}
+
+impl RttInner {
+    fn is_short_path(&self) -> bool {
+        self.min.get().is_some_and(|min| min < SHORT_PATH)
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 // at https://opensource.org/licenses/MIT.
 
 use crate::connection::rtt::Rtt;
+use crate::connection::sharing::Sharing;
 use crate::frame::header::ACK;
 use crate::ConnectionError;
 use crate::{
@@ -132,6 +133,7 @@ impl Stream {
         send_window: u32,
         sender: mpsc::Sender<StreamCommand>,
         rtt: rtt::Rtt,
+        sharing: Sharing,
         accumulated_max_stream_windows: Arc<Mutex<usize>>,
     ) -> Self {
         Self {
@@ -142,10 +144,12 @@ impl Stream {
             sender,
             flag: Flag::Ack,
             shared: Arc::new(Mutex::new(Shared::new(
+                id,
                 DEFAULT_CREDIT,
                 send_window,
                 accumulated_max_stream_windows,
                 rtt,
+                sharing,
                 config,
             ))),
         }
@@ -157,6 +161,7 @@ impl Stream {
         config: Arc<Config>,
         sender: mpsc::Sender<StreamCommand>,
         rtt: rtt::Rtt,
+        sharing: Sharing,
         accumulated_max_stream_windows: Arc<Mutex<usize>>,
     ) -> Self {
         Self {
@@ -167,10 +172,12 @@ impl Stream {
             sender,
             flag: Flag::Syn,
             shared: Arc::new(Mutex::new(Shared::new(
+                id,
                 DEFAULT_CREDIT,
                 DEFAULT_CREDIT,
                 accumulated_max_stream_windows,
                 rtt,
+                sharing,
                 config,
             ))),
         }
@@ -179,6 +186,14 @@ impl Stream {
     /// Get this stream's identifier.
     pub fn id(&self) -> StreamId {
         self.id
+    }
+
+    /// From now on, this stream's data does not hold the windows of the connection's
+    /// other streams back (Tower's patch, see `Config::set_fast_window_ramp`): for a
+    /// stream of a few small messages, such as keepalives, that wait behind a download
+    /// without harm.
+    pub fn exclude_from_sharing(&mut self) {
+        self.shared().flow_controller.exclude_from_sharing();
     }
 
     pub fn is_write_closed(&self) -> bool {
@@ -517,10 +532,12 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn new(
+        id: StreamId,
         receive_window: u32,
         send_window: u32,
         accumulated_max_stream_windows: Arc<Mutex<usize>>,
         rtt: Rtt,
+        sharing: Sharing,
         config: Arc<Config>,
     ) -> Self {
         Shared {
@@ -528,10 +545,12 @@ impl Shared {
                 acknowledged: false,
             },
             flow_controller: FlowController::new(
+                id,
                 receive_window,
                 send_window,
                 accumulated_max_stream_windows,
                 rtt,
+                sharing,
                 config,
             ),
             buffer: Chunks::new(),
@@ -650,6 +669,7 @@ mod tests {
             Arc::new(Config::default()),
             sender,
             Rtt::new(),
+            Sharing::default(),
             Default::default(),
         );
 

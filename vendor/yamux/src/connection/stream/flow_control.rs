@@ -1,12 +1,27 @@
 use std::{cmp, sync::Arc};
 
 use parking_lot::Mutex;
-use web_time::Instant;
+use web_time::{Duration, Instant};
 
-use crate::{connection::rtt::Rtt, Config, ConnectionError, DEFAULT_CREDIT};
+use crate::{
+    connection::{rtt::Rtt, sharing::Sharing},
+    frame::header::StreamId,
+    Config, ConnectionError, DEFAULT_CREDIT,
+};
+
+/// How long after another stream of the connection last received data a stream counts
+/// as sharing it (Tower's patch, see `FlowController::shared_cap`): longer than the
+/// pauses between a client's requests, so that a download's window does not grow back
+/// between them.
+const SHARING_SPELL: Duration = Duration::from_secs(1);
+/// A stream that received no data for this long starts anew when its data resumes
+/// (Tower's patch, see `FlowController::active_since`).
+const QUIET: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub(crate) struct FlowController {
+    /// The stream's own id (Tower's patch, for `sharing`).
+    stream: StreamId,
     config: Arc<Config>,
     last_window_update: Instant,
     /// See [`Connection::rtt`].
@@ -18,6 +33,14 @@ pub(crate) struct FlowController {
     send_window: u32,
     /// Tower's patch, see `Config::set_fast_window_ramp`.
     burst: Burst,
+    /// Which of the connection's streams received data lately (Tower's patch).
+    sharing: Sharing,
+    /// Whether this stream's data counts in `sharing` (Tower's patch).
+    shares: bool,
+    /// When this stream's data last resumed after `QUIET` without (Tower's patch):
+    /// other streams' data before it is no one this stream's window holds up. So a
+    /// download that follows another is not taken for one beside it.
+    active_since: Instant,
 }
 
 /// The stream's data since it last sat idle for two round trips (Tower's patch).
@@ -48,13 +71,19 @@ impl Burst {
 
 impl FlowController {
     pub(crate) fn new(
+        stream: StreamId,
         receive_window: u32,
         send_window: u32,
         accumulated_max_stream_windows: Arc<Mutex<usize>>,
         rtt: Rtt,
+        sharing: Sharing,
         config: Arc<Config>,
     ) -> Self {
         Self {
+            stream,
+            sharing,
+            shares: true,
+            active_since: Instant::now(),
             receive_window,
             send_window,
             config,
@@ -80,6 +109,11 @@ impl FlowController {
         // Don't send an update in case half or more of the window is still available to the sender.
         if next_window_update < self.max_receive_window / 2 {
             return None;
+        }
+        // Tower's patch: an update within a cap is due only when this one is (it is
+        // `max_receive_window - cap` smaller, and its threshold half of `cap`).
+        if let Some(cap) = self.shared_cap() {
+            return self.next_window_update_within(cap, buffer_len);
         }
 
         log::trace!(
@@ -198,6 +232,44 @@ impl FlowController {
         Some(next_window_update)
     }
 
+    /// The window this stream may use now, if less than the one it grew to (Tower's
+    /// patch): on a short path, while another stream of the connection receives data
+    /// (within the last `SHARING_SPELL`, and since this stream's data began), yamux's
+    /// 256 KiB. Past what the path holds, a window is a queue (on loopback, the
+    /// sockets' buffers and the processes' backlog; see `Rtt::near_min`), and every
+    /// other stream's data waits behind it: a small response behind a download waited
+    /// milliseconds (BENCHMARKS.md, B3). A stream alone, as a download is most of the
+    /// time, keeps the window it grew to, which on loopback is worth a fifth of its rate
+    /// through the processes' scheduling delays; over a long path the window is the
+    /// bandwidth-delay product and no stream holds it back.
+    fn shared_cap(&self) -> Option<u32> {
+        let sharing = self.config.fast_window_ramp
+            && self.rtt.short_path()
+            && self
+                .sharing
+                .others_last(self.stream)
+                .is_some_and(|at| at >= self.active_since && at.elapsed() < SHARING_SPELL);
+        sharing.then_some(DEFAULT_CREDIT)
+    }
+
+    /// The window update that brings what the sender may send, with what is buffered,
+    /// back to `cap` (Tower's patch, see `shared_cap`); `None` while the sender still
+    /// has half of that. Credit already granted past `cap` cannot be taken back: it is
+    /// used up first. The window's grown size is kept for when the stream is alone again.
+    fn next_window_update_within(&mut self, cap: u32, buffer_len: usize) -> Option<u32> {
+        let held = self
+            .receive_window
+            .saturating_add(buffer_len.try_into().unwrap_or(u32::MAX));
+        let next_window_update = cap.saturating_sub(held);
+        if next_window_update < cap / 2 {
+            return None;
+        }
+        self.last_window_update = Instant::now();
+        self.receive_window += next_window_update;
+        self.assert_invariants(buffer_len);
+        Some(next_window_update)
+    }
+
     fn assert_invariants(&self, buffer_len: usize) {
         if !cfg!(debug_assertions) {
             return;
@@ -234,6 +306,11 @@ impl FlowController {
         }
     }
 
+    /// See `Stream::exclude_from_sharing`.
+    pub(crate) fn exclude_from_sharing(&mut self) {
+        self.shares = false;
+    }
+
     pub(crate) fn send_window(&self) -> u32 {
         self.send_window
     }
@@ -261,6 +338,12 @@ impl FlowController {
             .ok_or(ConnectionError::InvalidWindowUpdate)?;
         if self.config.fast_window_ramp {
             let now = Instant::now();
+            if self.shares {
+                self.sharing.record(self.stream, now);
+            }
+            if now.duration_since(self.burst.last_data) > QUIET {
+                self.active_since = now;
+            }
             let idle = self
                 .rtt
                 .get()
@@ -294,7 +377,6 @@ impl Drop for FlowController {
 mod tests {
     use super::*;
     use quickcheck::{GenRange, QuickCheck};
-    use web_time::Duration;
 
     #[derive(Debug)]
     struct Input {
@@ -307,6 +389,10 @@ mod tests {
         fn clone(&self) -> Self {
             Self {
                 controller: FlowController {
+                    stream: self.controller.stream,
+                    sharing: self.controller.sharing.clone(),
+                    shares: self.controller.shares,
+                    active_since: self.controller.active_since,
                     config: self.controller.config.clone(),
                     accumulated_max_stream_windows: Arc::new(Mutex::new(
                         *self.controller.accumulated_max_stream_windows.lock(),
@@ -356,6 +442,10 @@ mod tests {
 
             Self {
                 controller: FlowController {
+                    stream: StreamId::new(1),
+                    sharing: Sharing::default(),
+                    shares: true,
+                    active_since: Instant::now(),
                     accumulated_max_stream_windows,
                     rtt,
                     last_window_update,

@@ -192,7 +192,6 @@ async fn serve_stream(
     };
     match preamble.kind {
         StreamKind::Control => {
-            stream.exclude_from_sharing();
             control_open.cancel();
             let (out_tx, out_rx) = mpsc::channel(2);
             let out_tx_drain = out_tx.clone();

@@ -307,7 +307,6 @@ impl Acceptor {
         let driver = tokio::spawn(driver.run());
         let control_stream = async {
             let mut stream = handle.open_stream().await?;
-            stream.exclude_from_sharing();
             stream
                 .write_preamble(&Preamble::control(&self.hello.server_id))
                 .await?;

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 use tokio_util::sync::{CancellationToken, PollSemaphore, WaitForCancellationFutureOwned};
-use tower_proto::Preamble;
+use tower_proto::{Preamble, StreamKind};
 
 use crate::TunnelError;
 use crate::queued::Queued;
@@ -70,16 +70,21 @@ impl TunnelStream {
         }
     }
 
-    /// From now on, this stream's data does not count as another stream's beside a
-    /// download (whose window yamux then holds at 256 KiB on a short path; vendor/README.md,
-    /// the seventh change): for the control stream, whose keepalives wait behind a
-    /// download without harm and would otherwise slow every download they meet.
-    pub fn exclude_from_sharing(&mut self) {
+    /// From now on, the data this end receives does not count as another stream's beside
+    /// a transfer (whose window yamux then holds at 256 KiB on a short path;
+    /// vendor/README.md, the seventh change). Done for both ends of the control stream by
+    /// [`Self::write_preamble`] and [`Self::read_preamble`]: its keepalives wait behind a
+    /// download without harm and would otherwise slow every transfer they meet.
+    fn exclude_from_sharing(&mut self) {
         self.inner.get_mut().exclude_from_sharing();
     }
 
-    /// Writes `preamble` at the start of the stream.
+    /// Writes `preamble` at the start of the stream (and leaves a control stream out of
+    /// sharing: [`Self::exclude_from_sharing`]).
     pub async fn write_preamble(&mut self, preamble: &Preamble) -> Result<(), TunnelError> {
+        if preamble.kind == StreamKind::Control {
+            self.exclude_from_sharing();
+        }
         let mut buf = BytesMut::with_capacity(64);
         preamble
             .encode(&mut buf)
@@ -89,7 +94,8 @@ impl TunnelStream {
             .map_err(|e| TunnelError::io("writing stream preamble", e))
     }
 
-    /// Reads the preamble at the start of the stream, and not a byte more.
+    /// Reads the preamble at the start of the stream, and not a byte more (and leaves a
+    /// control stream out of sharing: [`Self::exclude_from_sharing`]).
     pub async fn read_preamble(&mut self) -> Result<Preamble, TunnelError> {
         let mut buf = BytesMut::with_capacity(64);
         let mut want = 4;
@@ -101,7 +107,12 @@ impl TunnelStream {
                 .map_err(|e| TunnelError::io("reading stream preamble", e))?;
             let mut view = &buf[..];
             match Preamble::decode(&mut view) {
-                Ok(Some(preamble)) => return Ok(preamble),
+                Ok(Some(preamble)) => {
+                    if preamble.kind == StreamKind::Control {
+                        self.exclude_from_sharing();
+                    }
+                    return Ok(preamble);
+                }
                 Ok(None) => {
                     // The header says how long the body is; ask for exactly that.
                     let body = u16::from_be_bytes([buf[2], buf[3]]) as usize;

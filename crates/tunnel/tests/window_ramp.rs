@@ -1,9 +1,10 @@
 //! A tunnel stream's receive window over a link with a round-trip time: a download on a
 //! new stream starts from what the tunnel's earlier downloads needed, instead of yamux's
 //! 256 KiB doubled once a round trip (B8's 1 Gbit/s x 100 ms link spent ~0.6 s of 2.2 s
-//! in that ramp), and stops growing when the round trip rises (a queue). The windows are
-//! read off the wire: a relay between server and agent delays the server's frames by one
-//! round trip and records the window updates it sends.
+//! in that ramp), and stops growing when the round trip rises (a queue); on a short path
+//! it is held at 256 KiB beside other streams' data. The windows are read off the wire:
+//! a relay between server and agent delays the server's frames by one round trip, and
+//! the relays record the window updates each side sends.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
+use tower_proto::{Preamble, StreamKind};
 use tower_tunnel::session::{self, Role};
 use tower_tunnel::{SessionConfig, TunnelStream};
 
@@ -30,16 +32,20 @@ const MIB: u64 = 1024 * KIB;
 /// on a busy test machine.
 const RTT: Duration = Duration::from_millis(200);
 
-/// What the relay saw.
+/// What the relays saw of one direction of data: toward the server ([`DOWN`], a
+/// download: the server grants the windows) or toward the agent ([`UP`], an upload).
 #[derive(Default)]
 struct Wire {
-    /// Per stream opened by the server, in order: the deltas of the server's window
-    /// updates, each with the stream's data bytes that had passed toward the server by
-    /// then.
+    /// Per stream opened by the server, in order: the deltas of the receiver's window
+    /// updates, each with the stream's data bytes that had passed toward it by then.
     updates: Vec<(u32, Vec<(u64, u64)>)>,
-    /// Data bytes that passed toward the server, per stream id.
+    /// Data bytes that passed toward the receiver, per stream id.
     passed: Vec<(u32, u64)>,
 }
+
+/// [`Link::wire`]'s index of downloads (data toward the server) and of uploads.
+const DOWN: usize = 0;
+const UP: usize = 1;
 
 impl Wire {
     fn passed(&self, stream: u32) -> u64 {
@@ -49,9 +55,9 @@ impl Wire {
             .map_or(0, |(_, n)| *n)
     }
 
-    /// The window the server granted `stream` after its `n`-th update, at least: the
-    /// protocol's 256 KiB plus the updates, less what the agent sent so far (the server
-    /// consumed no more than that).
+    /// The window the receiver granted `stream` after its `n`-th update, at least: the
+    /// protocol's 256 KiB plus the updates, less what the sender sent so far (the
+    /// receiver consumed no more than that).
     fn window_after(&self, stream: usize, n: usize) -> u64 {
         let updates = &self.updates[stream].1;
         let granted: u64 = updates[..n].iter().map(|(delta, _)| delta).sum();
@@ -114,6 +120,49 @@ impl Frames {
     }
 }
 
+/// What a relay looks for in the frames of the session that grants `granting`'s windows
+/// (and sends the other direction's data): each stream the server opens, the window
+/// updates, the data bytes, and the pong that answers the other session's ping.
+fn watch(
+    wire: Arc<Mutex<[Wire; 2]>>,
+    granting: usize,
+    ponged: Arc<Notify>,
+) -> impl FnMut(&[u8]) + Send + 'static {
+    let mut frames = Frames::default();
+    move |bytes| {
+        let mut wire = wire.lock().unwrap();
+        frames.feed(bytes, |seen| match seen {
+            Seen::Header(h) => {
+                if matches!(h.kind, TYPE_DATA | TYPE_WINDOW_UPDATE) && h.flags & FLAG_SYN != 0 {
+                    for wire in wire.iter_mut() {
+                        wire.updates.push((h.stream, Vec::new()));
+                    }
+                }
+                let wire = &mut wire[granting];
+                if h.kind == TYPE_WINDOW_UPDATE && h.length > 0 {
+                    let passed = wire.passed(h.stream);
+                    if let Some((_, updates)) =
+                        wire.updates.iter_mut().find(|(id, _)| *id == h.stream)
+                    {
+                        updates.push((u64::from(h.length), passed));
+                    }
+                }
+                // A pong (a session's own pings carry no ACK).
+                if h.kind == TYPE_PING && h.flags & FLAG_ACK != 0 {
+                    ponged.notify_one();
+                }
+            }
+            Seen::Body(stream, n) => {
+                let wire = &mut wire[1 - granting];
+                match wire.passed.iter_mut().find(|(id, _)| *id == stream) {
+                    Some((_, passed)) => *passed += n,
+                    None => wire.passed.push((stream, n)),
+                }
+            }
+        });
+    }
+}
+
 /// Copies `from` to `to`, each chunk released `delay` (milliseconds, read as the chunk
 /// is) after it was read (pipelined), showing each chunk to `look` as it is read.
 fn relay<R, W>(
@@ -159,8 +208,10 @@ struct Link {
     server: session::SessionHandle,
     _agent: session::SessionHandle,
     inbound: session::Inbound,
-    wire: Arc<Mutex<Wire>>,
-    ponged: Arc<Notify>,
+    /// Per direction of data ([`DOWN`], [`UP`]).
+    wire: Arc<Mutex<[Wire; 2]>>,
+    /// Each session's first pong: [`DOWN`] the server's, [`UP`] the agent's.
+    ponged: [Arc<Notify>; 2],
     /// The round trip, in milliseconds, for what the relay reads from now on.
     rtt: Arc<AtomicU64>,
 }
@@ -171,45 +222,21 @@ fn link(rtt: Duration) -> Link {
     let (agent_io, agent_end) = tokio::io::duplex(1 << 20);
     let (server_read, server_write) = tokio::io::split(server_end);
     let (agent_read, agent_write) = tokio::io::split(agent_end);
-    let wire = Arc::new(Mutex::new(Wire::default()));
-    let ponged = Arc::new(Notify::new());
-
-    let mut frames = Frames::default();
-    let w = wire.clone();
-    relay(server_read, agent_write, rtt.clone(), move |bytes| {
-        let mut wire = w.lock().unwrap();
-        frames.feed(bytes, |seen| {
-            let Seen::Header(h) = seen else { return };
-            if matches!(h.kind, TYPE_DATA | TYPE_WINDOW_UPDATE) && h.flags & FLAG_SYN != 0 {
-                wire.updates.push((h.stream, Vec::new()));
-            }
-            if h.kind == TYPE_WINDOW_UPDATE && h.length > 0 {
-                let passed = wire.passed(h.stream);
-                if let Some((_, updates)) = wire.updates.iter_mut().find(|(id, _)| *id == h.stream)
-                {
-                    updates.push((u64::from(h.length), passed));
-                }
-            }
-        });
-    });
-
-    let mut frames = Frames::default();
-    let (w, p) = (wire.clone(), ponged.clone());
-    let no_delay = Arc::new(AtomicU64::new(0));
-    relay(agent_read, server_write, no_delay, move |bytes| {
-        let mut wire = w.lock().unwrap();
-        frames.feed(bytes, |seen| match seen {
-            // The agent's answer to the server's ping (its own pings carry no ACK).
-            Seen::Header(h) if h.kind == TYPE_PING && h.flags & FLAG_ACK != 0 => {
-                p.notify_one();
-            }
-            Seen::Body(stream, n) => match wire.passed.iter_mut().find(|(id, _)| *id == stream) {
-                Some((_, passed)) => *passed += n,
-                None => wire.passed.push((stream, n)),
-            },
-            Seen::Header(_) => {}
-        });
-    });
+    let wire = Arc::new(Mutex::new(<[Wire; 2]>::default()));
+    let ponged = [Arc::new(Notify::new()), Arc::new(Notify::new())];
+    // The server's frames carry its window updates for downloads and an upload's data.
+    relay(
+        server_read,
+        agent_write,
+        rtt.clone(),
+        watch(wire.clone(), DOWN, ponged[UP].clone()),
+    );
+    relay(
+        agent_read,
+        server_write,
+        Arc::new(AtomicU64::new(0)),
+        watch(wire.clone(), UP, ponged[DOWN].clone()),
+    );
 
     let config = SessionConfig::default();
     let (server, _, server_driver) = session::start(server_io, Role::Server, &config);
@@ -238,18 +265,23 @@ impl Link {
         (ours, theirs)
     }
 
-    /// Waits for the connection's first pong: yamux grows windows only once it knows the
-    /// round trip, and a connection that never pings would leave a test waiting for ever.
+    /// Waits for each session's first pong: yamux grows windows only once it knows the
+    /// round trip, and a session that never pings would leave a test waiting for ever.
     async fn first_pong(&self) {
-        tokio::time::timeout(Duration::from_secs(10), self.ponged.notified())
-            .await
-            .expect("no pong within 10 s: yamux did not ping");
+        for (ponged, whose) in self.ponged.iter().zip(["server", "agent"]) {
+            tokio::time::timeout(Duration::from_secs(10), ponged.notified())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("no pong within 10 s: the {whose}'s yamux did not ping")
+                });
+        }
     }
 
-    /// The windows the server granted each stream after each of its updates, taken from
-    /// what the relay saw so far, and the wire's account for a failed assertion.
-    fn windows(&self) -> (Vec<Vec<u64>>, String) {
-        let wire = std::mem::take(&mut *self.wire.lock().unwrap());
+    /// The windows the receiver of `way` ([`DOWN`], [`UP`]) granted each stream after
+    /// each of its updates, taken from what the relays saw so far, and the wire's
+    /// account for a failed assertion.
+    fn windows(&self, way: usize) -> (Vec<Vec<u64>>, String) {
+        let wire = std::mem::take(&mut self.wire.lock().unwrap()[way]);
         let windows = windows(&wire);
         let seen = format!(
             "windows after each update: {windows:?}; updates {:?}",
@@ -263,9 +295,15 @@ impl Link {
         let (mut ours, mut theirs) = self.open().await;
         send(&mut ours, &mut theirs, bytes).await;
     }
+
+    /// The server sends `bytes` on a stream it opens; the agent reads them all.
+    async fn upload(&mut self, bytes: u64) {
+        let (mut ours, mut theirs) = self.open().await;
+        send(&mut theirs, &mut ours, bytes).await;
+    }
 }
 
-/// The agent's end sends `bytes`; the server's end reads exactly them.
+/// `theirs` sends `bytes`; `ours` reads exactly them.
 async fn send(ours: &mut TunnelStream, theirs: &mut TunnelStream, bytes: u64) {
     let sender = async {
         let chunk = vec![7u8; 64 * 1024];
@@ -308,7 +346,7 @@ async fn a_download_ramps_fast_and_the_next_starts_from_what_the_tunnel_learned(
     link.download(32 * MIB).await;
     link.download(16 * MIB).await;
 
-    let (windows, seen) = link.windows();
+    let (windows, seen) = link.windows(DOWN);
     let [first, second] = <[Vec<u64>; 2]>::try_from(windows).expect(&seen);
     assert!(!first.is_empty() && !second.is_empty(), "{seen}");
     // Four times a round trip: 1 MiB after the first update, where yamux's doubling
@@ -335,7 +373,7 @@ async fn a_stream_that_sat_idle_grows_at_the_first_update_of_its_next_download()
     tokio::time::sleep(RTT * 3).await;
     send(&mut ours, &mut theirs, 8 * MIB).await;
 
-    let (windows, seen) = link.windows();
+    let (windows, seen) = link.windows(DOWN);
     let [stream] = <[Vec<u64>; 1]>::try_from(windows).expect(&seen);
     // Grown four times at the first update (1 MiB), where measuring from the stream's
     // last update, seconds ago, left it at 256 KiB.
@@ -356,7 +394,7 @@ async fn a_window_stops_growing_once_the_round_trip_has_risen() {
     link.rtt.store(RTT.as_millis() as u64, Ordering::Relaxed);
     link.download(8 * MIB).await;
 
-    let (windows, seen) = link.windows();
+    let (windows, seen) = link.windows(DOWN);
     let [first] = <[Vec<u64>; 1]>::try_from(windows).expect(&seen);
     // It grew at first (the first update, before a sample of the new round trip: 1 MiB)
     // and then at most once more (4 MiB) before the pong of a ping sent on the way.
@@ -376,7 +414,7 @@ async fn on_a_short_path_a_download_first_grows_only_twofold() {
     link.first_pong().await;
     link.download(4 * MIB).await;
 
-    let (windows, seen) = link.windows();
+    let (windows, seen) = link.windows(DOWN);
     let [first] = <[Vec<u64>; 1]>::try_from(windows).expect(&seen);
     let grown = *first.first().expect(&seen);
     assert!((384 * KIB..=640 * KIB).contains(&grown), "{seen}");
@@ -393,10 +431,10 @@ async fn on_a_short_path_a_download_beside_other_traffic_keeps_256_kib() {
     let mut link = link(Duration::ZERO);
     link.first_pong().await;
     link.download(4 * MIB).await;
-    download_beside_chatter(&mut link, 8 * MIB, false).await;
+    download_beside_chatter(&mut link, 8 * MIB).await;
     link.download(4 * MIB).await;
 
-    let (windows, seen) = link.windows();
+    let (windows, seen) = link.windows(DOWN);
     let [alone, _chat, beside, after] = <[Vec<u64>; 4]>::try_from(windows).expect(&seen);
     assert!(alone.iter().max() >= Some(&(384 * KIB)), "{seen}");
     // 8 MiB through a 256 KiB window: updates every 128 KiB or so.
@@ -405,40 +443,107 @@ async fn on_a_short_path_a_download_beside_other_traffic_keeps_256_kib() {
     assert!(after.iter().max() >= Some(&(384 * KIB)), "{seen}");
 }
 
-/// The control stream's keepalives do not hold a download back: a stream excluded from
-/// sharing chats beside a download, and the download's window grows as if alone.
+/// The same holds for an upload: the agent's end of a stream holds its window at 256
+/// KiB while another stream receives data beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traffic_on_a_stream_excluded_from_sharing_does_not_hold_a_download_back() {
+async fn on_a_short_path_an_upload_beside_other_traffic_keeps_256_kib() {
     let mut link = link(Duration::ZERO);
     link.first_pong().await;
-    download_beside_chatter(&mut link, 4 * MIB, true).await;
+    link.upload(4 * MIB).await;
+    let chatter = Chatter::start(&mut link, false).await;
+    link.upload(8 * MIB).await;
+    chatter.stop().await;
 
-    let (windows, seen) = link.windows();
-    let [_chat, beside] = <[Vec<u64>; 2]>::try_from(windows).expect(&seen);
-    assert!(beside.iter().max() >= Some(&(384 * KIB)), "{seen}");
+    let (windows, seen) = link.windows(UP);
+    let [alone, _chat, beside] = <[Vec<u64>; 3]>::try_from(windows).expect(&seen);
+    assert!(alone.iter().max() >= Some(&(384 * KIB)), "{seen}");
+    // 8 MiB through a 256 KiB window takes dozens of updates, through a grown one a
+    // handful. On a loaded machine the first few updates (a few milliseconds) may come
+    // before the agent sees the other stream's next message, and grow.
+    assert!(beside.len() >= 16, "{seen}");
+    assert!(
+        beside.iter().rev().take(8).all(|w| *w <= 256 * KIB),
+        "{seen}"
+    );
 }
 
-/// A download of `bytes` on a new stream while another stream (excluded from sharing
-/// when `excluded`) receives 512 bytes every 5 ms, from before the download starts
-/// until it ends.
-async fn download_beside_chatter(link: &mut Link, bytes: u64, excluded: bool) {
-    let (mut chat_ours, mut chat_theirs) = link.open().await;
-    if excluded {
-        chat_ours.exclude_from_sharing();
-    }
-    send(&mut chat_ours, &mut chat_theirs, 512).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let chatter = tokio::spawn(async move {
-        tokio::pin!(stopped);
-        loop {
-            send(&mut chat_ours, &mut chat_theirs, 512).await;
-            tokio::select! {
-                _ = &mut stopped => return,
-                () = tokio::time::sleep(Duration::from_millis(5)) => {}
-            }
-        }
-    });
+/// The control stream's messages (keepalives every 10 s each way, drains, tokens) hold
+/// back neither a download nor an upload: [`TunnelStream::write_preamble`] and
+/// [`TunnelStream::read_preamble`] leave both ends of a control stream out of sharing,
+/// and with messages going both ways on it, each transfer's window grows as if alone
+/// (held, it would be 256 KiB from the first update after a message on: from the
+/// second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_streams_messages_hold_back_neither_a_download_nor_an_upload() {
+    let mut link = link(Duration::ZERO);
+    link.first_pong().await;
+    let chatter = Chatter::start(&mut link, true).await;
+    link.download(4 * MIB).await;
+    link.upload(4 * MIB).await;
+    chatter.stop().await;
+
+    let (windows, seen) = link.windows(DOWN);
+    let [_control, download, _upload] = <[Vec<u64>; 3]>::try_from(windows).expect(&seen);
+    assert!(
+        download.iter().skip(1).max() >= Some(&(384 * KIB)),
+        "{seen}"
+    );
+    let (windows, seen) = link.windows(UP);
+    let [_control, _download, upload] = <[Vec<u64>; 3]>::try_from(windows).expect(&seen);
+    assert!(upload.iter().skip(1).max() >= Some(&(384 * KIB)), "{seen}");
+}
+
+/// A download of `bytes` on a new stream while another stream chatters (see
+/// [`Chatter`]), from before the download starts until it ends.
+async fn download_beside_chatter(link: &mut Link, bytes: u64) {
+    let chatter = Chatter::start(link, false).await;
     link.download(bytes).await;
-    stop.send(()).unwrap();
-    chatter.await.unwrap();
+    chatter.stop().await;
+}
+
+/// A stream the server opened (a control stream, its preamble written and read, when
+/// `control`) on which 512 bytes go each way every 5 ms.
+struct Chatter {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Chatter {
+    /// Opens the stream and starts the chatter, its first exchange done.
+    async fn start(link: &mut Link, control: bool) -> Chatter {
+        let (mut ours, mut theirs) = if control {
+            let mut ours = link.server.open_stream().await.unwrap();
+            ours.write_preamble(&Preamble::control("server-0"))
+                .await
+                .unwrap();
+            let mut theirs = link.inbound.recv().await.unwrap();
+            let preamble = theirs.read_preamble().await.unwrap();
+            assert_eq!(preamble.kind, StreamKind::Control);
+            (ours, theirs)
+        } else {
+            link.open().await
+        };
+        let mut exchange = async move || {
+            send(&mut ours, &mut theirs, 512).await;
+            send(&mut theirs, &mut ours, 512).await;
+        };
+        exchange().await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            tokio::pin!(stopped);
+            loop {
+                exchange().await;
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+            }
+        });
+        Chatter { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap();
+    }
 }

@@ -206,6 +206,20 @@ impl MinFilter {
 }
 
 #[cfg(test)]
+impl Rtt {
+    /// Records a least round trip of `least`, then a latest of `latest`, each as if its
+    /// ping went out now (Tower's patch, for tests).
+    pub(crate) fn set_samples(&self, least: Duration, latest: Duration) {
+        let inner = &mut *self.inner.lock();
+        let now = Instant::now();
+        inner.min.push(least, now);
+        inner.min.push(latest, now);
+        inner.rtt = Some(latest);
+        inner.sample_sent_at = Some(now);
+    }
+}
+
+#[cfg(test)]
 impl quickcheck::Arbitrary for Rtt {
     fn arbitrary(g: &mut quickcheck::Gen) -> Self {
         Self {

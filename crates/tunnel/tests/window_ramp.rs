@@ -453,7 +453,9 @@ async fn on_a_short_path_a_download_beside_other_traffic_keeps_256_kib() {
     let mut link = link(Duration::ZERO);
     link.first_pong().await;
     link.download(4 * MIB).await;
-    download_beside_chatter(&mut link, 8 * MIB).await;
+    let chatter = Chatter::start(&mut link, false).await;
+    link.download(8 * MIB).await;
+    chatter.stop().await;
     link.download(4 * MIB).await;
 
     let (windows, seen) = link.windows(DOWN);
@@ -492,9 +494,9 @@ async fn on_a_short_path_an_upload_beside_other_traffic_keeps_256_kib() {
 /// The control stream's messages (keepalives every 10 s each way, drains, tokens) hold
 /// back neither a download nor an upload: [`TunnelStream::write_preamble`] and
 /// [`TunnelStream::read_preamble`] leave both ends of a control stream out of sharing,
-/// and with messages going both ways on it, each transfer's window grows as if alone
-/// (held, it would be 256 KiB from the first update after a message on: from the
-/// second).
+/// and with messages going both ways on it, each transfer's window grows as if alone.
+/// (A held window would stay at 256 KiB from the first update after a message, so
+/// every update but the first.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_streams_messages_hold_back_neither_a_download_nor_an_upload() {
     let mut link = link(Duration::ZERO);
@@ -513,14 +515,6 @@ async fn the_control_streams_messages_hold_back_neither_a_download_nor_an_upload
     let (windows, seen) = link.windows(UP);
     let [_control, _download, upload] = <[Vec<u64>; 3]>::try_from(windows).expect(&seen);
     assert!(upload.iter().skip(1).max() >= Some(&(384 * KIB)), "{seen}");
-}
-
-/// A download of `bytes` on a new stream while another stream chatters (see
-/// [`Chatter`]), from before the download starts until it ends.
-async fn download_beside_chatter(link: &mut Link, bytes: u64) {
-    let chatter = Chatter::start(link, false).await;
-    link.download(bytes).await;
-    chatter.stop().await;
 }
 
 /// A stream the server opened (a control stream, its preamble written and read, when

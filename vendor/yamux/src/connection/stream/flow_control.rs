@@ -161,7 +161,8 @@ impl FlowController {
             self.rtt.sample_soon();
             self.rtt.near_min()
         };
-        let under_short_path_window = self.config.fast_window_ramp
+        let under_short_path_window = !near_min
+            && self.config.fast_window_ramp
             && self.max_receive_window < SHORT_PATH_WINDOW
             && self.rtt.short_path();
         if (rtt

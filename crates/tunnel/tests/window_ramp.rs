@@ -438,7 +438,9 @@ async fn on_a_short_path_a_download_first_grows_only_twofold() {
 
     let (windows, seen) = link.windows(DOWN);
     let [first] = <[Vec<u64>; 1]>::try_from(windows).expect(&seen);
-    let grown = *first.first().expect(&seen);
+    // On a loaded machine the first update may come before the reader took half the
+    // window in time, and leave it at 256 KiB: the growth is the first window past it.
+    let grown = *first.iter().find(|w| **w > 256 * KIB).expect(&seen);
     assert!((384 * KIB..=640 * KIB).contains(&grown), "{seen}");
 }
 

@@ -14,6 +14,9 @@ use tower_e2e::{Https, Member, Server, agent, kubectl_with_input, server, wait_f
 /// What client-go's informers ask for with protobuf.
 const PROTOBUF_WATCH: &str = "application/vnd.kubernetes.protobuf;stream=watch";
 
+/// A watch `raw_watch` opened, in a thread of its own: its whole reply, or why it was cut.
+type RawWatch = std::thread::JoinHandle<Result<tower_e2e::Reply, String>>;
+
 /// A raw watch on configmaps of `default` (in protobuf with `protobuf`), asked for with
 /// the query `watch` (`watch=1`, say), read to its end on a thread, once it is open.
 ///
@@ -21,12 +24,7 @@ const PROTOBUF_WATCH: &str = "application/vnd.kubernetes.protobuf;stream=watch";
 /// (`Convert_Slice_string_To_bool`), so Tower must know the watch by every spelling to
 /// end it cleanly: one it took for a plain request would hold the drain until the grace
 /// period ran out, and be cut then.
-fn raw_watch(
-    server: &Server,
-    member: &Member,
-    protobuf: bool,
-    watch: &str,
-) -> std::thread::JoinHandle<Result<tower_e2e::Reply, String>> {
+fn raw_watch(server: &Server, member: &Member, protobuf: bool, watch: &str) -> RawWatch {
     let https = Https::frontend(server);
     let user = Server::minter().user_token("alice", &[], None);
     let accept: &[(&str, &str)] = if protobuf {
@@ -156,6 +154,23 @@ fn once_called<T: Send + 'static>(
 
 /// The watch delivered events (the initial ADDED ones at least: `default` holds
 /// configmaps), and every line of its body is a whole JSON event.
+/// Both of `raw_watch`'s watches, JSON and protobuf, ended cleanly: whole events, whole
+/// frames, not cut.
+fn assert_watches_end_cleanly(json: RawWatch, protobuf: RawWatch) {
+    let watched = json
+        .join()
+        .unwrap()
+        .expect("the watch ends cleanly, not cut");
+    assert_eq!(watched.status, 200);
+    assert_whole_events(&watched.body);
+    assert_whole_frames(
+        &protobuf
+            .join()
+            .unwrap()
+            .expect("the protobuf watch ends cleanly, not cut"),
+    );
+}
+
 fn assert_whole_events(body: &str) {
     assert!(!body.is_empty(), "an empty watch body proves nothing");
     assert!(body.ends_with('\n'), "{body:?}");
@@ -181,18 +196,7 @@ fn a_draining_server_ends_watches_cleanly_and_exits_without_waiting_out_its_grac
     assert!(!download.is_finished(), "the download ended before SIGTERM");
     let terminated = Instant::now();
     server.process.terminate();
-    let watched = watch
-        .join()
-        .unwrap()
-        .expect("the watch ends cleanly, not cut");
-    assert_eq!(watched.status, 200);
-    assert_whole_events(&watched.body);
-    assert_whole_frames(
-        &protobuf_watch
-            .join()
-            .unwrap()
-            .expect("the protobuf watch ends cleanly, not cut"),
-    );
+    assert_watches_end_cleanly(watch, protobuf_watch);
     drop(churn);
     assert_eq!(completed(download, || server.process.log()), size);
     assert_eq!(server.process.wait_exit(Duration::from_secs(30)), Some(0));
@@ -233,18 +237,7 @@ fn a_draining_agent_finishes_its_requests_ends_watches_cleanly_and_exits() {
     let fresh = Https::frontend(&server).get("/clusters/member-1/version", Some(&user));
     assert_eq!(fresh.status, 503, "{}", fresh.body);
 
-    let watched = watch
-        .join()
-        .unwrap()
-        .expect("the watch ends cleanly, not cut");
-    assert_eq!(watched.status, 200);
-    assert_whole_events(&watched.body);
-    assert_whole_frames(
-        &protobuf_watch
-            .join()
-            .unwrap()
-            .expect("the protobuf watch ends cleanly, not cut"),
-    );
+    assert_watches_end_cleanly(watch, protobuf_watch);
     drop(churn);
     assert_eq!(
         completed(download, || format!(

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tower_e2e::{
-    Agent, Https, KubectlStream, Member, Relay, Server, TempDir, agent, kubectl,
+    Agent, Https, KubectlStream, Member, OpenResponse, Relay, Server, TempDir, agent, kubectl,
     kubectl_with_input, server, wait_for,
 };
 
@@ -50,6 +50,23 @@ fn open_watch(kc: &std::path::Path, member: &Member, namespace: &str) -> Kubectl
         (watches(member, namespace) > before).then_some(())
     });
     watch
+}
+
+/// Opens a watch on member-1's configmaps in `namespace` as `user`, straight over HTTPS,
+/// and waits until it is open at the member.
+fn open_raw_watch(https: &Https, member: &Member, user: &str, namespace: &str) -> OpenResponse {
+    let before = watches(member, namespace);
+    let open = https.open(
+        &format!("/clusters/member-1/api/v1/namespaces/{namespace}/configmaps?watch=1"),
+        user,
+    );
+    assert_eq!(open.status, 200, "{}", open.head);
+    wait_for(
+        "the watch to reach the member",
+        Duration::from_secs(10),
+        || (watches(member, namespace) > before).then_some(()),
+    );
+    open
 }
 
 fn watches(member: &Member, namespace: &str) -> usize {
@@ -134,20 +151,7 @@ fn one_user_past_the_per_user_limit_gets_429_while_others_are_served() {
         _agent,
         ..
     } = rig(&["--max-requests-per-user", "2"]);
-    let watch = |namespace: &str| {
-        let before = watches(&member, namespace);
-        let open = https.open(
-            &format!("/clusters/member-1/api/v1/namespaces/{namespace}/configmaps?watch=1"),
-            &user,
-        );
-        assert_eq!(open.status, 200, "{}", open.head);
-        wait_for(
-            "the watch to reach the member",
-            Duration::from_secs(10),
-            || (watches(&member, namespace) > before).then_some(()),
-        );
-        open
-    };
+    let watch = |namespace: &str| open_raw_watch(&https, &member, &user, namespace);
     let first = watch("default");
     let _second = watch("kube-system");
 
@@ -205,20 +209,7 @@ fn a_full_tunnel_answers_503_and_recovers() {
         _agent,
         ..
     } = rig(&["--max-streams-per-tunnel", "3"]);
-    let watch = |namespace: &str| {
-        let before = watches(&member, namespace);
-        let open = https.open(
-            &format!("/clusters/member-1/api/v1/namespaces/{namespace}/configmaps?watch=1"),
-            &user,
-        );
-        assert_eq!(open.status, 200, "{}", open.head);
-        wait_for(
-            "the watch to reach the member",
-            Duration::from_secs(10),
-            || (watches(&member, namespace) > before).then_some(()),
-        );
-        open
-    };
+    let watch = |namespace: &str| open_raw_watch(&https, &member, &user, namespace);
     let first = watch("default");
     let second = watch("kube-system");
     let refused = version(&https, &user);

@@ -1,0 +1,457 @@
+//! What the apiserver's registry does to an object of some kinds before storing it: the
+//! defaults it fills in and the validation it refuses with 422, each modelled on the
+//! kube-apiserver source named at the function.
+
+use serde_json::{Map, Value, json};
+
+use super::{Inner, RBAC_GROUP, Resource};
+use crate::status::ApiError;
+
+/// Checks `kind` and `apiVersion` of a request body (both may be left out).
+pub(super) fn check_type(resource: Resource, obj: &Map<String, Value>) -> Result<(), ApiError> {
+    match obj.get("kind").and_then(Value::as_str) {
+        None | Some("") => {}
+        Some(k) if k == resource.kind() => {}
+        Some(k) => {
+            return Err(ApiError::bad_request(format!(
+                "the kind of the object ({k}) does not match the resource ({})",
+                resource.plural()
+            )));
+        }
+    }
+    match obj.get("apiVersion").and_then(Value::as_str) {
+        None | Some("") => Ok(()),
+        Some(v) if v == resource.api_version() => Ok(()),
+        Some(v) => Err(ApiError::bad_request(format!(
+            "the API version in the data ({v}) does not match the expected API version ({})",
+            resource.api_version()
+        ))),
+    }
+}
+
+/// `{Kind}[.{group}] "{name}" is invalid: …`, the apiserver's 422 for failed validation
+/// (`apierrors.NewInvalid`): one field error as is, several in brackets.
+fn invalid_object(resource: Resource, name: &str, errors: &[String]) -> ApiError {
+    let kind = match resource.group() {
+        "" => resource.kind().to_owned(),
+        group => format!("{}.{group}", resource.kind()),
+    };
+    let detail = match errors {
+        [one] => one.clone(),
+        many => format!("[{}]", many.join(", ")),
+    };
+    ApiError::invalid(format!("{kind} \"{name}\" is invalid: {detail}"))
+}
+
+/// The strings of a JSON array (missing or not an array: none).
+fn strings(value: Option<&Value>) -> Vec<String> {
+    value
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A Secret as the apiserver stores it. `stringData` is write-only: each entry overwrites
+/// the `data` entry of the same key, base64-encoded (Convert_v1_Secret_To_core_Secret in
+/// pkg/apis/core/v1/conversion.go). `type` defaults to `Opaque`
+/// (pkg/apis/core/v1/defaults.go) and may not change (ValidateSecretUpdate in
+/// pkg/apis/core/validation/validation.go); `data` values must be base64, and the typed
+/// secrets need their keys (ValidateSecret).
+pub(super) fn secret_defaults(
+    name: &str,
+    obj: &mut Map<String, Value>,
+    old: Option<&Map<String, Value>>,
+) -> Result<(), ApiError> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut data = match obj.remove("data") {
+        Some(Value::Object(data)) => data,
+        None | Some(Value::Null) => Map::new(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "Secret in version \"v1\" cannot be handled as a Secret: data must be an object",
+            ));
+        }
+    };
+    for (key, value) in &data {
+        let decoded = value.as_str().map(|v| b64.decode(v));
+        if !matches!(decoded, Some(Ok(_))) {
+            return Err(ApiError::bad_request(format!(
+                "Secret in version \"v1\" cannot be handled as a Secret: illegal base64 data in data[{key:?}]"
+            )));
+        }
+    }
+    match obj.remove("stringData") {
+        Some(Value::Object(string_data)) => {
+            for (key, value) in string_data {
+                let text = match value {
+                    Value::String(text) => text,
+                    other => other.to_string(),
+                };
+                data.insert(key, Value::String(b64.encode(text)));
+            }
+        }
+        None | Some(Value::Null) => {}
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "Secret in version \"v1\" cannot be handled as a Secret: stringData must be an object",
+            ));
+        }
+    }
+    let ty = obj
+        .get("type")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .unwrap_or("Opaque")
+        .to_owned();
+    let mut errors = Vec::new();
+    if let Some(old_type) = old
+        .and_then(|o| o.get("type"))
+        .and_then(Value::as_str)
+        .filter(|t| *t != ty)
+    {
+        errors.push(format!(
+            "type: Invalid value: \"{ty}\": field is immutable (was \"{old_type}\")"
+        ));
+    }
+    let required: &[&str] = match ty.as_str() {
+        "kubernetes.io/tls" => &["tls.crt", "tls.key"],
+        "kubernetes.io/dockerconfigjson" => &[".dockerconfigjson"],
+        "kubernetes.io/dockercfg" => &[".dockercfg"],
+        _ => &[],
+    };
+    for key in required {
+        if !data.contains_key(*key) {
+            errors.push(format!("data[{key}]: Required value"));
+        }
+    }
+    for key in data.keys() {
+        let valid = !key.is_empty()
+            && key.len() <= 253
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid {
+            errors.push(format!(
+                "data[{key}]: Invalid value: \"{key}\": a valid config key must consist of alphanumeric characters, '-', '_' or '.'"
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(invalid_object(Resource::Secrets, name, &errors));
+    }
+    obj.insert("type".into(), Value::String(ty));
+    if !data.is_empty() {
+        obj.insert("data".into(), Value::Object(data));
+    }
+    Ok(())
+}
+
+/// ValidatePolicyRule (pkg/apis/rbac/validation/validation.go): every rule names verbs, and
+/// either non-resource URLs (cluster roles only) or API groups and resources.
+pub(super) fn validate_role(
+    resource: Resource,
+    name: &str,
+    obj: &Map<String, Value>,
+) -> Result<(), ApiError> {
+    let namespaced = resource.namespaced();
+    let mut errors = Vec::new();
+    let rules = match obj.get("rules") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(rules)) => rules.clone(),
+        Some(_) => return Err(ApiError::bad_request("rules must be an array")),
+    };
+    for (i, rule) in rules.iter().enumerate() {
+        let field = |f: &str| format!("rules[{i}].{f}");
+        if strings(rule.get("verbs")).is_empty() {
+            errors.push(format!(
+                "{}: Required value: verbs must contain at least one value",
+                field("verbs")
+            ));
+        }
+        let urls = strings(rule.get("nonResourceURLs"));
+        if !urls.is_empty() {
+            if namespaced {
+                errors.push(format!(
+                    "{}: Invalid value: {urls:?}: namespaced rules cannot apply to non-resource URLs",
+                    field("nonResourceURLs")
+                ));
+            }
+            let has_resources = ["apiGroups", "resources", "resourceNames"]
+                .iter()
+                .any(|f| !strings(rule.get(*f)).is_empty());
+            if has_resources {
+                errors.push(format!(
+                    "{}: Invalid value: {urls:?}: rules cannot apply to both regular resources and non-resource URLs",
+                    field("nonResourceURLs")
+                ));
+            }
+            continue;
+        }
+        if rule
+            .get("apiGroups")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        {
+            errors.push(format!(
+                "{}: Required value: resource rules must supply at least one api group",
+                field("apiGroups")
+            ));
+        }
+        if strings(rule.get("resources")).is_empty() {
+            errors.push(format!(
+                "{}: Required value: resource rules must supply at least one resource",
+                field("resources")
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid_object(resource, name, &errors))
+    }
+}
+
+/// A binding's defaults and validation: `roleRef.apiGroup` and each User or Group subject's
+/// `apiGroup` default to the RBAC group (SetDefaults_Subject and the binding defaults in
+/// pkg/apis/rbac/v1/defaults.go); ValidateRoleBinding / ValidateClusterRoleBinding check the
+/// role reference and subjects, and the Update variants refuse a changed `roleRef`
+/// (pkg/apis/rbac/validation/validation.go).
+pub(super) fn binding_defaults(
+    resource: Resource,
+    name: &str,
+    obj: &mut Map<String, Value>,
+    old: Option<&Map<String, Value>>,
+) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    let role_ref = obj
+        .entry("roleRef")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let Value::Object(role_ref) = role_ref else {
+        return Err(ApiError::bad_request("roleRef must be an object"));
+    };
+    if role_ref
+        .get("apiGroup")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        role_ref.insert("apiGroup".into(), Value::String(RBAC_GROUP.into()));
+    }
+    let role_ref = Value::Object(role_ref.clone());
+    let api_group = role_ref["apiGroup"].as_str().unwrap_or("");
+    if api_group != RBAC_GROUP {
+        errors.push(format!(
+            "roleRef.apiGroup: Unsupported value: \"{api_group}\": supported values: \"{RBAC_GROUP}\""
+        ));
+    }
+    let kind = role_ref["kind"].as_str().unwrap_or("");
+    let kinds: &[&str] = if resource == Resource::RoleBindings {
+        &["Role", "ClusterRole"]
+    } else {
+        &["ClusterRole"]
+    };
+    if !kinds.contains(&kind) {
+        let supported: Vec<String> = kinds.iter().map(|k| format!("\"{k}\"")).collect();
+        errors.push(format!(
+            "roleRef.kind: Unsupported value: \"{kind}\": supported values: {}",
+            supported.join(", ")
+        ));
+    }
+    if role_ref["name"].as_str().is_none_or(str::is_empty) {
+        errors.push("roleRef.name: Required value".to_owned());
+    }
+    if let Some(old_ref) = old.and_then(|o| o.get("roleRef"))
+        && *old_ref != role_ref
+    {
+        errors.push(format!(
+            "roleRef: Invalid value: rbac.RoleRef{{APIGroup:\"{api_group}\", Kind:\"{kind}\", Name:\"{}\"}}: cannot change roleRef",
+            role_ref["name"].as_str().unwrap_or("")
+        ));
+    }
+    if let Some(Value::Array(subjects)) = obj.get_mut("subjects") {
+        for (i, subject) in subjects.iter_mut().enumerate() {
+            let Some(subject) = subject.as_object_mut() else {
+                errors.push(format!("subjects[{i}]: Invalid value: must be an object"));
+                continue;
+            };
+            let kind = subject
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            if subject
+                .get("name")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                errors.push(format!("subjects[{i}].name: Required value"));
+            }
+            match kind.as_str() {
+                "User" | "Group" => {
+                    let group = subject
+                        .entry("apiGroup")
+                        .or_insert_with(|| Value::String(RBAC_GROUP.into()));
+                    if group.as_str().is_none_or(str::is_empty) {
+                        *group = Value::String(RBAC_GROUP.into());
+                    }
+                    if group.as_str() != Some(RBAC_GROUP) {
+                        errors.push(format!(
+                            "subjects[{i}].apiGroup: Unsupported value: {group}: supported values: \"{RBAC_GROUP}\""
+                        ));
+                    }
+                }
+                "ServiceAccount" => {
+                    if resource == Resource::ClusterRoleBindings
+                        && subject
+                            .get("namespace")
+                            .and_then(Value::as_str)
+                            .is_none_or(str::is_empty)
+                    {
+                        errors.push(format!("subjects[{i}].namespace: Required value"));
+                    }
+                }
+                other => errors.push(format!(
+                    "subjects[{i}].kind: Unsupported value: \"{other}\": supported values: \"ServiceAccount\", \"User\", \"Group\""
+                )),
+            }
+        }
+    }
+    obj.insert("roleRef".into(), role_ref);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid_object(resource, name, &errors))
+    }
+}
+
+/// The service types the apiserver accepts.
+const SERVICE_TYPES: [&str; 4] = ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
+/// The first node port handed out (the apiserver's default range is 30000-32767).
+const NODE_PORT_BASE: u32 = 30000;
+/// How many node ports the default range holds.
+const NODE_PORT_RANGE: u32 = 2768;
+
+/// A Service's defaults and allocations, as the apiserver's service REST storage fills them
+/// in: `type` (ClusterIP), `sessionAffinity`, port protocols and target ports, a cluster IP
+/// from 10.96.0.0/16 (kept across updates; changing it is refused), and node ports for
+/// NodePort and LoadBalancer services.
+pub(super) fn service_defaults(
+    inner: &mut Inner,
+    name: &str,
+    obj: &mut Map<String, Value>,
+    old: Option<&Map<String, Value>>,
+) -> Result<(), ApiError> {
+    let invalid = |field: &str, detail: String| {
+        ApiError::invalid(format!("Service \"{name}\" is invalid: {field}: {detail}"))
+    };
+    let old_spec = old
+        .and_then(|o| o.get("spec"))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let spec = match obj
+        .entry("spec")
+        .or_insert_with(|| Value::Object(Map::new()))
+    {
+        Value::Object(spec) => spec,
+        _ => return Err(invalid("spec", "Invalid value: must be an object".into())),
+    };
+    let ty = spec
+        .entry("type")
+        .or_insert_with(|| Value::String("ClusterIP".into()))
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    if !SERVICE_TYPES.contains(&ty.as_str()) {
+        return Err(invalid(
+            "spec.type",
+            format!(
+                "Unsupported value: \"{ty}\": supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""
+            ),
+        ));
+    }
+    spec.entry("sessionAffinity")
+        .or_insert_with(|| Value::String("None".into()));
+    if ty == "ExternalName" {
+        return Ok(());
+    }
+    // The cluster IP is allocated once and immutable afterwards.
+    let requested = spec
+        .get("clusterIP")
+        .and_then(Value::as_str)
+        .filter(|ip| !ip.is_empty())
+        .map(str::to_owned);
+    let previous = old_spec
+        .get("clusterIP")
+        .and_then(Value::as_str)
+        .filter(|ip| !ip.is_empty())
+        .map(str::to_owned);
+    let cluster_ip = match (requested, previous) {
+        (Some(new), Some(old)) if new != old => {
+            return Err(invalid(
+                "spec.clusterIPs[0]",
+                format!("Invalid value: []string{{\"{new}\"}}: may not change once set"),
+            ));
+        }
+        (Some(ip), _) | (None, Some(ip)) => ip,
+        (None, None) => {
+            inner.cluster_ips += 1;
+            let n = inner.cluster_ips;
+            format!("10.96.{}.{}", (n / 254) % 256, n % 254 + 1)
+        }
+    };
+    spec.insert("clusterIP".into(), Value::String(cluster_ip.clone()));
+    spec.insert("clusterIPs".into(), json!([cluster_ip]));
+    spec.entry("ipFamilies").or_insert_with(|| json!(["IPv4"]));
+    spec.entry("ipFamilyPolicy")
+        .or_insert_with(|| Value::String("SingleStack".into()));
+    spec.entry("internalTrafficPolicy")
+        .or_insert_with(|| Value::String("Cluster".into()));
+    let node_ports = ty == "NodePort" || ty == "LoadBalancer";
+    if node_ports {
+        spec.entry("externalTrafficPolicy")
+            .or_insert_with(|| Value::String("Cluster".into()));
+    }
+    if ty == "LoadBalancer" {
+        spec.entry("allocateLoadBalancerNodePorts")
+            .or_insert(Value::Bool(true));
+    }
+    let old_ports = old_spec
+        .get("ports")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+        for port in ports.iter_mut().filter_map(Value::as_object_mut) {
+            port.entry("protocol")
+                .or_insert_with(|| Value::String("TCP".into()));
+            if let Some(number) = port.get("port").cloned() {
+                port.entry("targetPort").or_insert(number);
+            }
+            if node_ports
+                && port
+                    .get("nodePort")
+                    .is_none_or(|p| p.as_u64().unwrap_or(0) == 0)
+            {
+                let kept = old_ports
+                    .iter()
+                    .find(|old| old["port"] == port["port"] && old["protocol"] == port["protocol"])
+                    .and_then(|old| old.get("nodePort"))
+                    .filter(|p| p.as_u64().is_some_and(|p| p > 0))
+                    .cloned();
+                let node_port = kept.unwrap_or_else(|| {
+                    let n = inner.node_ports % NODE_PORT_RANGE;
+                    inner.node_ports += 1;
+                    Value::from(NODE_PORT_BASE + n)
+                });
+                port.insert("nodePort".into(), node_port);
+            }
+        }
+    }
+    Ok(())
+}

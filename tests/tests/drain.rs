@@ -152,8 +152,6 @@ fn once_called<T: Send + 'static>(
     thread
 }
 
-/// The watch delivered events (the initial ADDED ones at least: `default` holds
-/// configmaps), and every line of its body is a whole JSON event.
 /// Both of `raw_watch`'s watches, JSON and protobuf, ended cleanly: whole events, whole
 /// frames, not cut.
 fn assert_watches_end_cleanly(json: RawWatch, protobuf: RawWatch) {
@@ -171,6 +169,8 @@ fn assert_watches_end_cleanly(json: RawWatch, protobuf: RawWatch) {
     );
 }
 
+/// The watch delivered events (the initial ADDED ones at least: `default` holds
+/// configmaps), and every line of its body is a whole JSON event.
 fn assert_whole_events(body: &str) {
     assert!(!body.is_empty(), "an empty watch body proves nothing");
     assert!(body.ends_with('\n'), "{body:?}");

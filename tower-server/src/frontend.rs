@@ -5,11 +5,12 @@
 //! which checks it again; watches share one HTTP/2 stream ([`crate::http2`]). Bodies
 //! stream both ways; upgrades (exec, attach, port-forward) are joined end to end once
 //! both sides have switched protocols.
+//!
+//! The per-user limit is in `user_slots`; how the pool opens tunnel streams, in
+//! `connector`.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,28 +21,33 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower_auth::identity::{Asserter, IDENTITY_HEADER};
 use tower_auth::{AuthError, Identity, Verifier};
-use tower_proto::Preamble;
 use tower_proto::names::validate_cluster_name;
 use tower_proto::preamble::{KUBERNETES_TARGET, is_target_name};
+use tower_tunnel::TunnelError;
 use tower_tunnel::exchanges::Exchange;
 use tower_tunnel::pool::Http1Pool;
 use tower_tunnel::watch_end::{EndOnSignal, Framer};
-use tower_tunnel::{TunnelError, TunnelStream};
 
 use crate::connections::Peer;
-
-/// The assertion's header, as a name made once: inserted by its `&str`, a custom name
-/// is copied into a new allocation per request.
-const IDENTITY: header::HeaderName = header::HeaderName::from_static(IDENTITY_HEADER);
 use crate::idle::{Activity, IdleBody, unless_idle};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::registry::{Lookup, Registry};
 use crate::status::{Body, BoxError, failure};
+
+mod connector;
+mod user_slots;
+
+use connector::InFlight;
+pub(crate) use connector::{PoolAddress, TunnelConnector, pool_authority};
+use user_slots::{UserSlot, UserSlots};
+
+/// The assertion's header, as a name made once: inserted by its `&str`, a custom name
+/// is copied into a new allocation per request.
+const IDENTITY: header::HeaderName = header::HeaderName::from_static(IDENTITY_HEADER);
 
 type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -509,96 +515,6 @@ struct Slots {
     activity: Arc<Activity>,
 }
 
-/// Requests in flight per cluster and user, each count at most `max`. A count that drops
-/// to zero is removed, and a cluster left without users too, so users who come and go
-/// leave nothing behind. Keyed by cluster, then by user; each entry keeps its own name
-/// beside its count, shared with the slots, so a request looks both up by the `&str`s it
-/// has and copies nothing (before, a `{cluster}/{user}` key was formatted per request).
-/// Hashed with foldhash, as the user is a verified identity's.
-struct UserSlots {
-    counts: Arc<Mutex<Clusters>>,
-    max: usize,
-}
-
-type Clusters = HashMap<Arc<str>, Named<HashMap<Arc<str>, Named<usize>>>>;
-
-/// A map's value with the name it is kept under.
-struct Named<T> {
-    name: Arc<str>,
-    value: T,
-}
-
-/// One request's place among its user's requests to a cluster, given back on drop.
-struct UserSlot {
-    counts: Arc<Mutex<Clusters>>,
-    cluster: Arc<str>,
-    user: Arc<str>,
-}
-
-impl UserSlots {
-    fn new(max: usize) -> Self {
-        UserSlots {
-            counts: Arc::default(),
-            max,
-        }
-    }
-
-    /// A place for `user`'s request to `cluster`; `None` when the user has `max`.
-    fn take(&self, cluster: &str, user: &str) -> Option<UserSlot> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if !counts.contains_key(cluster) {
-            let name: Arc<str> = cluster.into();
-            counts.insert(
-                name.clone(),
-                Named {
-                    name,
-                    value: HashMap::new(),
-                },
-            );
-        }
-        let users = counts.get_mut(cluster)?;
-        if !users.value.contains_key(user) {
-            let name: Arc<str> = user.into();
-            users.value.insert(name.clone(), Named { name, value: 0 });
-        }
-        let cluster = users.name.clone();
-        let count = users.value.get_mut(user)?;
-        if count.value >= self.max {
-            return None;
-        }
-        count.value += 1;
-        Some(UserSlot {
-            counts: self.counts.clone(),
-            cluster,
-            user: count.name.clone(),
-        })
-    }
-
-    #[cfg(test)]
-    fn users(&self) -> usize {
-        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        counts.values().map(|users| users.value.len()).sum()
-    }
-}
-
-impl Drop for UserSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(users) = counts.get_mut(&*self.cluster) else {
-            return;
-        };
-        if let Some(count) = users.value.get_mut(&*self.user) {
-            count.value -= 1;
-            if count.value == 0 {
-                users.value.remove(&*self.user);
-            }
-        }
-        if users.value.is_empty() {
-            counts.remove(&*self.cluster);
-        }
-    }
-}
-
 /// The [`TunnelError`] somewhere in `e`'s chain of causes.
 fn tunnel_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a TunnelError> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -743,142 +659,6 @@ impl<'a> Route<'a> {
     }
 }
 
-/// Where the frontend sends a tunnel's requests for one target: the authority of their
-/// URIs ([`pool_authority`]) and the same as a `Host` header.
-#[derive(Debug, Clone)]
-pub(crate) struct PoolAddress {
-    pub(crate) authority: http::uri::Authority,
-    pub(crate) host: header::HeaderValue,
-}
-
-impl PoolAddress {
-    pub(crate) fn new(target: &str, tunnel: u64, cluster: &str) -> Option<PoolAddress> {
-        let authority = pool_authority(target, tunnel, cluster).ok()?;
-        let host = header::HeaderValue::from_str(authority.as_str()).ok()?;
-        Some(PoolAddress { authority, host })
-    }
-}
-
-/// The authority `{target}.{tunnel}.{cluster}` of the URIs the frontend sends a tunnel's
-/// requests to: it keys the connection pool. With the tunnel's id in it, requests routed
-/// after an agent redialed take streams of the new tunnel, never idle ones pooled on the
-/// old (which may be a dead link the server has not noticed yet).
-pub(crate) fn pool_authority(
-    target: &str,
-    tunnel: u64,
-    cluster: &str,
-) -> Result<http::uri::Authority, http::uri::InvalidUri> {
-    http::uri::Authority::try_from(format!("{target}.{tunnel}.{cluster}"))
-}
-
-/// Counts a request in flight until dropped.
-struct InFlight(Arc<Metrics>);
-
-impl InFlight {
-    fn new(metrics: Arc<Metrics>) -> Self {
-        metrics.in_flight.inc();
-        InFlight(metrics)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.dec();
-    }
-}
-
-/// Opens a tunnel stream per pooled connection; `http://{target}.{tunnel}.{cluster}/`.
-#[derive(Clone)]
-pub(crate) struct TunnelConnector {
-    registry: Arc<Registry>,
-    server_id: Arc<str>,
-    metrics: Arc<Metrics>,
-}
-
-type ConnectError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<Uri> for TunnelConnector {
-    type Response = TunnelConn;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<TunnelConn, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let host = uri.host().ok_or("upstream URI without a host")?;
-            // `{target}.{tunnel}.{cluster}` (see `pool_authority`): the tunnel id
-            // only keys the pool; a new connection takes the cluster's tunnel of now.
-            let (target, cluster) = host
-                .split_once('.')
-                .and_then(|(target, rest)| Some((target, rest.split_once('.')?.1)))
-                .ok_or("upstream URI without a target and a tunnel")?;
-            let tunnel = this
-                .registry
-                .tunnel(cluster)
-                .map_err(|_| format!("cluster {cluster:?} has no agent connected"))?;
-            let mut stream = tunnel.session.open_stream().await?;
-            stream
-                .write_preamble(&Preamble::http(target, &*this.server_id))
-                .await?;
-            this.metrics.streams.inc();
-            Ok(TunnelConn {
-                io: TokioIo::new(stream),
-                metrics: this.metrics.clone(),
-            })
-        })
-    }
-}
-
-/// A pooled connection: one tunnel stream.
-///
-/// Not vectored, though the stream is: what the server writes into the tunnel is request
-/// heads (and the rare upload), which hyper's copy into one buffer costs less than its
-/// queue of buffers does (counts.sh: +289 instructions per small request with it, and
-/// nothing for downloads, whose bytes go the other way; the agent's responses are
-/// vectored, `tower_agent::pace::PacedIo`).
-pub(crate) struct TunnelConn {
-    io: TokioIo<TunnelStream>,
-    metrics: Arc<Metrics>,
-}
-
-impl Drop for TunnelConn {
-    fn drop(&mut self) {
-        self.metrics.streams.dec();
-    }
-}
-
-impl hyper::rt::Read for TunnelConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for TunnelConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -931,29 +711,6 @@ mod tests {
             ks.upstream_uri(7, Some(&other)).unwrap().to_string(),
             "http://kubesphere.7.m/kapis/x"
         );
-    }
-
-    #[test]
-    fn each_user_has_its_own_places_per_cluster_and_gives_them_back() {
-        let slots = UserSlots::new(2);
-        let a1 = slots.take("c1", "alice").unwrap();
-        let a2 = slots.take("c1", "alice").unwrap();
-        assert!(slots.take("c1", "alice").is_none(), "alice's third to c1");
-        // Other users, and alice toward other clusters, are not affected.
-        let bob = slots.take("c1", "bob").unwrap();
-        let elsewhere = slots.take("c2", "alice").unwrap();
-        drop(a1);
-        let a3 = slots.take("c1", "alice").unwrap();
-        assert!(slots.take("c1", "alice").is_none());
-        assert_eq!(slots.users(), 3);
-        // A user name may hold the key's `/` (a cluster name may not): still its own.
-        let slashed = slots.take("c1", "alice/x").unwrap();
-        let _also = slots.take("c1", "alice/x").unwrap();
-        assert!(slots.take("c1", "alice/x").is_none());
-        drop(slashed);
-        // Once a user has nothing in flight, nothing of theirs is kept.
-        drop((a2, a3, bob, elsewhere, _also));
-        assert_eq!(slots.users(), 0);
     }
 
     #[test]

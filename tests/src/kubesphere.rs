@@ -475,14 +475,6 @@ pub fn free_port_range(n: u16) -> std::ops::RangeInclusive<u16> {
     panic!("no {n} free ports in a row on 127.0.0.1 and 127.0.0.2");
 }
 
-/// A free port on 127.0.0.1 when looked at.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// Whether something listens on `addr`.
 pub fn listening(addr: SocketAddr) -> bool {
     std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_ok()

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tower_e2e::kubesphere::{
     ClusterControllerClient, KsApiServer, create_namespace, dispatch, dispatch_tls,
-    dispatch_websocket, free_port, free_port_range, listening,
+    dispatch_websocket, free_port_range, listening,
 };
 use tower_e2e::{
-    Member, Server, admin_get, admin_get_as, agent, kubectl, kubectl_with_input, server, wait_for,
-    wait_for_with,
+    Member, Server, admin_get, admin_get_as, agent, free_port, kubectl, kubectl_with_input, server,
+    wait_for, wait_for_with,
 };
 
 /// A host API server as KubeSphere's: its Cluster CRD has no status subresource, and

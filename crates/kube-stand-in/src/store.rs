@@ -7,8 +7,9 @@
 //! to the object keeps the stored `.status`, a write to `…/status` changes nothing else.
 //!
 //! Beside it: the resource types served (`resource`), list and watch selectors (`filter`),
-//! the patch formats (`patch`), per-kind defaults and validation (`validation`), and
-//! what the garbage collector and node controller add (`gc`).
+//! the patch formats (`patch`), per-kind defaults and validation (`validation`), what
+//! finalizers do to deletes and updates (`finalize`), and what the garbage collector and
+//! node controller add (`gc`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -21,6 +22,7 @@ use crate::clock;
 use crate::status::ApiError;
 
 mod filter;
+mod finalize;
 mod gc;
 mod patch;
 mod resource;
@@ -609,7 +611,8 @@ impl Store {
         Ok(object)
     }
 
-    /// Deletes an object and returns it (with the deletion's resourceVersion).
+    /// Deletes an object and returns it (with the deletion's resourceVersion); one with
+    /// finalizers is only marked terminating, and returned as it now is.
     pub(crate) fn delete(
         &self,
         resource: Resource,
@@ -617,6 +620,10 @@ impl Store {
         name: &str,
     ) -> Result<Bytes, ApiError> {
         let mut inner = self.lock();
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        if let Some(terminating) = self.mark_terminating(&mut inner, &key)? {
+            return Ok(terminating);
+        }
         let deleted = self.delete_locked(&mut inner, resource, namespace, name)?;
         self.collect_garbage(&mut inner, &deleted);
         if resource == Resource::Namespaces {
@@ -811,7 +818,10 @@ impl Store {
                 None => obj.remove("status"),
             };
             meta = old_meta.cloned().unwrap_or_default();
-        } else if self.status_subresource(resource) {
+        } else {
+            finalize::before_write(resource, &name, old_meta, &mut meta)?;
+        }
+        if write != Write::Status && self.status_subresource(resource) {
             // Writes to the object itself never change `.status`.
             match old_status.clone() {
                 Some(status) => obj.insert("status".into(), status),
@@ -911,6 +921,7 @@ impl Store {
             _ => {}
         }
 
+        let finished = existing_value.is_some() && finalize::finished(&meta);
         let mut out = Map::new();
         out.insert("kind".into(), Value::String(resource.kind().into()));
         out.insert(
@@ -926,19 +937,25 @@ impl Store {
             serde_json::to_vec(&Value::Object(out))
                 .map_err(|e| ApiError::internal(format!("serializing: {e}")))?,
         );
-        let kind = if existing_value.is_some() {
-            EventType::Modified
+        let kind = if finished {
+            // `shouldDeleteDuringUpdate`: the write took the last finalizer away.
+            inner.objects.remove(&key);
+            EventType::Deleted
         } else {
-            EventType::Added
+            let replaced = inner.objects.insert(
+                key,
+                Stored {
+                    json: json.clone(),
+                    rv,
+                    labels: labels.clone(),
+                },
+            );
+            if replaced.is_some() {
+                EventType::Modified
+            } else {
+                EventType::Added
+            }
         };
-        inner.objects.insert(
-            key,
-            Stored {
-                json: json.clone(),
-                rv,
-                labels: labels.clone(),
-            },
-        );
         if resource.is_rbac() {
             self.rbac_generation
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -952,6 +969,9 @@ impl Store {
             labels,
             json.clone(),
         );
+        if finished {
+            self.collect_garbage(inner, &json);
+        }
         Ok(json)
     }
 

@@ -196,6 +196,8 @@ pub(crate) struct Shared {
     pub(crate) gzipped: AtomicU64,
     /// Every terminal size TTY sessions received, in order.
     pub(crate) resizes: Resizes,
+    /// Set by [`StandIn::hold_watch_events`]: open watches send no live event until cleared.
+    pub(crate) watches_held: tokio::sync::watch::Sender<bool>,
 }
 
 /// Counts an open long-lived stream (watch, log follow, exec session) while alive.
@@ -293,6 +295,7 @@ impl StandIn {
             refused: AtomicU64::new(0),
             gzipped: AtomicU64::new(0),
             resizes: Resizes::default(),
+            watches_held: tokio::sync::watch::Sender::new(false),
         });
         shared
             .tracker
@@ -411,6 +414,14 @@ impl StandIn {
     /// change `.status` too.
     pub fn set_cluster_status_subresource(&self, on: bool) {
         self.shared.store.set_cluster_status_subresource(on);
+    }
+
+    /// `true`: open watches keep each live event back (in order, none lost) until called
+    /// with `false`, as an apiserver's watch cache lagging behind etcd does. A watcher's
+    /// copy of an object then trails what reads and writes see, so a test can make a
+    /// client write from a stale copy on purpose.
+    pub fn hold_watch_events(&self, held: bool) {
+        self.shared.watches_held.send_replace(held);
     }
 
     /// Abruptly closes every open connection, as if the apiserver had died: in-flight

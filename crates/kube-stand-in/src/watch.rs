@@ -184,6 +184,12 @@ impl WatchState {
             };
             match received {
                 Ok(event) if self.filter.matches_event(self.resource, &event) => {
+                    let mut held = self.shared.watches_held.subscribe();
+                    tokio::select! {
+                        () = cancel.cancelled() => return None,
+                        () = sleep_until_opt(deadline) => return None,
+                        released = held.wait_for(|held| !held) => drop(released),
+                    }
                     return Some(self.render_event(&event));
                 }
                 Ok(_) => {}

@@ -242,3 +242,55 @@ async fn unavailable_refuses_connections_until_available_again() {
     .await
     .expect("test deadline");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_watch_events_arrive_in_order_once_released() {
+    tokio::time::timeout(TEST_DEADLINE, async {
+        let h = Harness::start().await;
+        let mut c = h.connect().await;
+        let resp = c
+            .request("POST", CLUSTERS, Some(TOKEN), Some(cluster("member-a")))
+            .await;
+        assert_eq!(resp.status(), 201);
+        let mut watcher = h.connect().await;
+        let mut events = EventReader::new(watcher.get(&format!("{CLUSTERS}?watch=true")).await);
+        let added = events.next(EVENT_DEADLINE).await.unwrap();
+        assert_eq!(added["type"], "ADDED");
+
+        h.stand_in.hold_watch_events(true);
+        let mut object = added["object"].clone();
+        for status in ["False", "True"] {
+            object["status"] = json!({"conditions": [{"type": "Ready", "status": status}]});
+            let resp = c
+                .request(
+                    "PUT",
+                    &format!("{CLUSTERS}/member-a/status"),
+                    Some(TOKEN),
+                    Some(object.clone()),
+                )
+                .await;
+            assert_eq!(resp.status(), 200);
+            object = body_json(resp).await;
+        }
+        // Reads see the writes; the watch does not, yet.
+        let resp = c
+            .request("GET", &format!("{CLUSTERS}/member-a"), Some(TOKEN), None)
+            .await;
+        assert_eq!(
+            body_json(resp).await["status"]["conditions"][0]["status"],
+            "True"
+        );
+        let early =
+            tokio::time::timeout(Duration::from_millis(300), events.next(EVENT_DEADLINE)).await;
+        assert!(early.is_err(), "an event came through the hold: {early:?}");
+
+        h.stand_in.hold_watch_events(false);
+        for status in ["False", "True"] {
+            let event = events.next(EVENT_DEADLINE).await.unwrap();
+            assert_eq!(event["type"], "MODIFIED");
+            assert_eq!(event["object"]["status"]["conditions"][0]["status"], status);
+        }
+    })
+    .await
+    .expect("test deadline");
+}

@@ -226,6 +226,105 @@ fn the_condition_is_written_where_kubesphere_crds_have_no_status_subresource() {
     wait_available(&host, &server, "member-1", "True");
 }
 
+/// What KubeSphere's cluster controller does each sync: its condition set on the Cluster it
+/// read, written back with an `Update` (a PUT carrying that resourceVersion), as
+/// `syncCluster` and `updateClusterCondition` in kubesphere/kubesphere
+/// `pkg/controller/cluster/cluster_controller.go` do; to `…/status` where the CRD has
+/// a status subresource (KubeSphere's own has none).
+fn kubesphere_sets_condition(
+    host: &Member,
+    status_subresource: bool,
+    name: &str,
+    type_: &str,
+    status: &str,
+) {
+    let mut read = cluster(host, name).expect("the Cluster");
+    let mut conditions: Vec<Value> = read["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    conditions.retain(|c| c["type"] != type_);
+    conditions.push(serde_json::json!({
+        "type": type_, "status": status, "reason": type_, "message": "set by ks-controller-manager",
+        "lastUpdateTime": "2026-12-06T00:00:00Z", "lastTransitionTime": "2026-12-06T00:00:00Z",
+    }));
+    read["status"]["conditions"] = Value::Array(conditions);
+    let mut args = vec!["replace", "-f", "-"];
+    if status_subresource {
+        args.push("--subresource=status");
+    }
+    kubectl_with_input(&host.kubeconfig, &args, read.to_string().as_bytes()).success();
+}
+
+fn condition_status(cluster: &Value, type_: &str) -> Option<String> {
+    cluster["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str())
+        .map(str::to_owned)
+}
+
+#[test]
+fn a_condition_write_keeps_what_kubesphere_wrote_since_towers_copy() {
+    for status_subresource in [false, true] {
+        let host = Member::start();
+        host.api.set_cluster_status_subresource(status_subresource);
+        let member = Member::start();
+        let server = tower_on(&host, &[]);
+        let token = Server::minter().agent_token("member-1", None);
+        create(&host, &proxy_cluster("member-1", &token));
+        let agent = agent(&server, &member, "member-1")
+            .token(&token)
+            .connect(&server);
+        wait_available(&host, &server, "member-1", "True");
+
+        // Tower's copy of the Cluster stops following (a watch cache that lags), and
+        // KubeSphere's controller writes its condition meanwhile.
+        host.api.hold_watch_events(true);
+        kubesphere_sets_condition(&host, status_subresource, "member-1", "Ready", "True");
+        // The agent leaves: tower writes AgentAvailable=False from its stale copy. The API
+        // server refuses that copy's resourceVersion; tower reads the Cluster again.
+        drop(agent);
+        let after = wait_available(&host, &server, "member-1", "False");
+        assert_eq!(
+            condition_status(&after, "Ready").as_deref(),
+            Some("True"),
+            "KubeSphere's condition was lost (status subresource {status_subresource}): {}\n{}",
+            after["status"],
+            server.process.log()
+        );
+        host.api.hold_watch_events(false);
+    }
+}
+
+#[test]
+fn a_status_subresource_added_under_a_running_tower_is_found() {
+    let host = Member::start();
+    host.api.set_cluster_status_subresource(false);
+    let member = Member::start();
+    let server = tower_on(&host, &[]);
+    let token = Server::minter().agent_token("member-1", None);
+    create(&host, &proxy_cluster("member-1", &token));
+    let agent = agent(&server, &member, "member-1")
+        .token(&token)
+        .connect(&server);
+    wait_available(&host, &server, "member-1", "True");
+    // KubeSphere's CRD gains a status subresource (an upgrade): a status written with the
+    // object is now ignored, with a 200.
+    host.api.set_cluster_status_subresource(true);
+    drop(agent);
+    wait_available(&host, &server, "member-1", "False");
+    assert!(
+        server
+            .process
+            .log()
+            .contains("trying its status subresource"),
+        "{}",
+        server.process.log()
+    );
+}
+
 #[test]
 fn two_replicas_share_one_minted_token_and_keep_the_condition_true_when_one_leaves() {
     let host = Member::start();

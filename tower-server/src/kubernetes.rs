@@ -10,8 +10,9 @@
 //! task keeps condition `AgentAvailable` true while this replica holds the cluster's
 //! tunnel. The publish address (what members dial) comes from the `tower` Service.
 //!
-//! The Cluster type is in `cluster`; the client, the publish address and the replica
-//! count, which the server reads from its own cluster besides Clusters, in `host`.
+//! The Cluster type is in `cluster`; how a condition is written beside other writers', in
+//! `condition`; the client, the publish address and the replica count, which the server
+//! reads from its own cluster besides Clusters, in `host`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -19,17 +20,18 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_auth::{Minter, Verifier};
 use tower_proto::names::validate_cluster_name;
 
 use crate::registry::{Entry, Registry, token_sha256};
+use condition::write_condition;
 
 mod cluster;
+mod condition;
 mod host;
 
 pub use cluster::{
@@ -644,93 +646,6 @@ impl Controller {
     }
 }
 
-/// Patches one condition of `cluster` (through `/status`, or through the object where the
-/// CRD has no status subresource, as KubeSphere's own); true when written or when the
-/// Cluster is gone. `cluster` becomes the Cluster as the write left it.
-async fn write_condition(
-    api: &Api<Cluster>,
-    name: &str,
-    cluster: &mut Cluster,
-    type_: &str,
-    (status, reason, message): (&str, &str, &str),
-    status_subresource: &mut Option<bool>,
-) -> bool {
-    let conditions = with_condition(cluster, type_, status, reason, message);
-    let patch = json!({ "status": { "conditions": conditions } });
-    let params = PatchParams::default();
-    let mut written = if *status_subresource == Some(false) {
-        api.patch(name, &params, &Patch::Merge(&patch)).await
-    } else {
-        let through_status = api.patch_status(name, &params, &Patch::Merge(&patch)).await;
-        if through_status.is_ok() {
-            *status_subresource = Some(true);
-        }
-        through_status
-    };
-    if *status_subresource != Some(false)
-        && matches!(&written, Err(kube::Error::Api(e)) if e.code == 404)
-    {
-        // KubeSphere's own CRD has no status subresource: status is written with
-        // the object itself there (and from now on at once).
-        written = api.patch(name, &params, &Patch::Merge(&patch)).await;
-        if written.is_ok() {
-            *status_subresource = Some(false);
-        }
-    }
-    match written {
-        Ok(written) => {
-            tracing::info!(cluster = %name, %status, "set condition {type_}");
-            // The answer is the whole Cluster as it is now: a spec check before the watch
-            // brings it is made against it, not against the resourceVersion from before
-            // (refused as a conflict, and its retry held a minute). The whole of it, not
-            // only its resourceVersion: what another replica wrote meanwhile (a token it
-            // minted) must be seen, or a patch guarded by the new version would
-            // overwrite it.
-            *cluster = written;
-            true
-        }
-        Err(kube::Error::Api(e)) if e.code == 404 => true,
-        Err(e) => {
-            tracing::warn!(cluster = %name, error = %e, "writing condition {type_}; retrying");
-            false
-        }
-    }
-}
-
-/// `cluster`'s conditions with `type_` set; the transition time moves only when the
-/// status does.
-fn with_condition(
-    cluster: &Cluster,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-) -> Vec<Condition> {
-    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let mut conditions = cluster
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let previous = conditions
-        .iter()
-        .position(|c| c.type_ == type_)
-        .map(|i| conditions.remove(i));
-    let transition = match &previous {
-        Some(p) if p.status == status => p.last_transition_time.clone(),
-        _ => None,
-    };
-    conditions.push(Condition {
-        type_: type_.into(),
-        status: status.into(),
-        last_update_time: Some(now.clone()),
-        last_transition_time: Some(transition.unwrap_or(now)),
-        reason: Some(reason.into()),
-        message: Some(message.into()),
-    });
-    conditions
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -801,35 +716,5 @@ mod tests {
         // Once taken, a name may be queued again.
         queue.push("a");
         assert_eq!(queue.pop().as_deref(), Some("a"));
-    }
-
-    #[test]
-    fn the_transition_time_moves_only_with_the_status() {
-        let mut cluster = Cluster::default();
-        let first = with_condition(&cluster, AGENT_AVAILABLE, "True", "AgentConnected", "m");
-        let mut old = first[0].clone();
-        old.last_transition_time = Some("2020-01-01T00:00:00Z".into());
-        cluster.status = Some(ClusterStatus {
-            conditions: vec![
-                Condition {
-                    type_: "Ready".into(),
-                    status: "True".into(),
-                    ..Condition::default()
-                },
-                old,
-            ],
-        });
-        let same = with_condition(&cluster, AGENT_AVAILABLE, "True", "AgentConnected", "m");
-        assert_eq!(same.len(), 2, "other conditions are kept");
-        assert_eq!(
-            same[1].last_transition_time.as_deref(),
-            Some("2020-01-01T00:00:00Z")
-        );
-        let flipped = with_condition(&cluster, AGENT_AVAILABLE, "False", "AgentNotConnected", "m");
-        assert_ne!(
-            flipped[1].last_transition_time.as_deref(),
-            Some("2020-01-01T00:00:00Z")
-        );
-        assert_eq!(flipped[1].status, "False");
     }
 }

@@ -325,6 +325,102 @@ fn a_status_subresource_added_under_a_running_tower_is_found() {
     );
 }
 
+/// KubeSphere's cluster controller puts `finalizer.cluster.kubesphere.io` on every Cluster;
+/// when one is deleted it unjoins the member and cleans up there, through the agent, and
+/// only then removes the finalizer (`syncCluster` in kubesphere/kubesphere
+/// `pkg/controller/cluster/cluster_controller.go`).
+#[test]
+fn a_terminating_cluster_stays_routed_and_untouched_until_its_finalizer_is_removed() {
+    let host = Member::start();
+    let member = Member::start();
+    let server = tower_on(&host, &[]);
+    let token = Server::minter().agent_token("member-1", None);
+    let yaml = proxy_cluster("member-1", &token).replace(
+        "  name: member-1\n",
+        "  name: member-1\n  finalizers: [finalizer.cluster.kubesphere.io]\n",
+    );
+    create(&host, &yaml);
+    let _agent = agent(&server, &member, "member-1")
+        .token(&token)
+        .connect(&server);
+    wait_available(&host, &server, "member-1", "True");
+    let kc = server.kubeconfig("member-1", "alice", &[]);
+
+    kubectl(
+        &host.kubeconfig,
+        &["delete", "cluster", "member-1", "--wait=false"],
+    )
+    .success();
+    let terminating = wait_for_with(
+        "the Cluster to be terminating",
+        Duration::from_secs(20),
+        || cluster(&host, "member-1").filter(|c| c["metadata"]["deletionTimestamp"].is_string()),
+        || server.process.log(),
+    );
+    // The controller's cleanup reaches the member through tower meanwhile.
+    assert!(
+        kubectl(&kc, &["get", "pods", "-o", "name"])
+            .success()
+            .contains("pod/web-0")
+    );
+    // Tower writes nothing into a Cluster on its way out: an endpoint it would otherwise
+    // put right at once stays as written.
+    let skipped = "the Cluster is being deleted";
+    let checks = || server.process.log().matches(skipped).count();
+    wait_for("tower to see the deletion", Duration::from_secs(20), || {
+        (checks() >= 1).then_some(())
+    });
+    let before = checks();
+    kubectl(
+        &host.kubeconfig,
+        &[
+            "patch",
+            "cluster",
+            "member-1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"connection":{"kubernetesAPIEndpoint":"https://elsewhere.example"}}}"#,
+        ],
+    )
+    .success();
+    wait_for(
+        "tower to check the changed Cluster",
+        Duration::from_secs(20),
+        || (checks() > before).then_some(()),
+    );
+    let after = cluster(&host, "member-1").expect("still terminating");
+    assert_eq!(
+        after["spec"]["connection"]["kubernetesAPIEndpoint"],
+        "https://elsewhere.example",
+        "{}",
+        server.process.log()
+    );
+    assert_eq!(token_of(&after), token_of(&terminating));
+
+    // The controller is done: it removes its finalizer, the Cluster goes, so does the route.
+    kubectl(
+        &host.kubeconfig,
+        &[
+            "patch",
+            "cluster",
+            "member-1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+    )
+    .success();
+    assert!(cluster(&host, "member-1").is_none());
+    wait_for(
+        "the deleted cluster's tunnel to close",
+        Duration::from_secs(10),
+        || (!server.connected("member-1")).then_some(()),
+    );
+    assert_ne!(kubectl(&kc, &["get", "pods"]).code(), Some(0));
+}
+
 #[test]
 fn two_replicas_share_one_minted_token_and_keep_the_condition_true_when_one_leaves() {
     let host = Member::start();

@@ -306,8 +306,51 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
     let again = dispatch(&endpoint, "GET", "/kapis/again", host_header, &jwt, b"");
     assert_eq!(again.status, 200, "{}", again.body);
 
-    // Deleting the Cluster frees its port and Service, and closes the listener.
-    kubectl(&host.kubeconfig, &["delete", "cluster", "member-1"]).success();
+    // KubeSphere's cluster controller holds a deleted Cluster with its finalizer while it
+    // cleans up on the member (`syncCluster`): a replica that restarts meanwhile serves
+    // the port the Cluster records again, though it writes nothing into it.
+    let finalizers = |value: &str| {
+        kubectl(
+            &host.kubeconfig,
+            &[
+                "patch",
+                "cluster",
+                "member-1",
+                "--type",
+                "merge",
+                "-p",
+                &format!(r#"{{"metadata":{{"finalizers":{value}}}}}"#),
+            ],
+        )
+        .success();
+    };
+    finalizers(r#"["finalizer.cluster.kubesphere.io"]"#);
+    kubectl(
+        &host.kubeconfig,
+        &["delete", "cluster", "member-1", "--wait=false"],
+    )
+    .success();
+    wait_for(
+        "the Cluster to be terminating",
+        Duration::from_secs(20),
+        || cluster(&host, "member-1").filter(|c| c["metadata"]["deletionTimestamp"].is_string()),
+    );
+    tower.restart();
+    wait_for_with(
+        "the restarted replica to serve the terminating Cluster's port",
+        Duration::from_secs(20),
+        || listening(format!("127.0.0.1:{port}").parse().unwrap()).then_some(()),
+        || tower.process.log(),
+    );
+    wait_for("the agent to be back", Duration::from_secs(20), || {
+        tower.connected("member-1").then_some(())
+    });
+    let cleanup = dispatch(&endpoint, "GET", "/kapis/cleanup", host_header, &jwt, b"");
+    assert_eq!(cleanup.status, 200, "{}", cleanup.body);
+
+    // The controller is done and removes its finalizer: the Cluster goes, and with it its
+    // port and Service, and the listener closes.
+    finalizers("null");
     wait_for_with(
         "the port, the Service and the listener to go",
         Duration::from_secs(20),

@@ -18,6 +18,7 @@
 //!
 //! One merge patch carries what differs, guarded by the resourceVersion it was computed
 //! from: two replicas never both mint; the loser sees the winner's values next event.
+//! Nothing is written into a Cluster that is being deleted (it stays routed meanwhile).
 
 use std::time::Duration;
 
@@ -33,8 +34,21 @@ impl Controller {
     /// failed or was held back, else in time for the next renewal ([`Self::recheck_every`]).
     pub(crate) async fn reconcile_spec(&self, api: &Api<Cluster>, cluster: &Cluster) -> Duration {
         let mut recheck_in = self.recheck_every();
-        let mut retry = || recheck_in = recheck_in.min(RETRY);
         let name = cluster.metadata.name.as_deref().unwrap_or_default();
+        if cluster.metadata.deletion_timestamp.is_some() {
+            // Terminating: KubeSphere's finalizer holds the Cluster while its cluster
+            // controller cleans up on the member through the agent, so it stays routed.
+            // Nothing is written into it: no token is minted for a cluster on its way out,
+            // and no write races the controller's Update that removes the finalizer.
+            tracing::info!(cluster = %name, "the Cluster is being deleted: routing it until it is gone, writing nothing into its spec");
+            if let Some(ks) = &self.kubesphere
+                && !ks.keep_serving(cluster)
+            {
+                return RETRY;
+            }
+            return recheck_in;
+        }
+        let mut retry = || recheck_in = recheck_in.min(RETRY);
         let current = &cluster.spec.connection;
         let endpoint = format!(
             "{}/clusters/{name}",

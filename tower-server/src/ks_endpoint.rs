@@ -132,13 +132,7 @@ impl KubeSphereEndpoints {
     /// the endpoint URL to record, and whether this replica listens on it.
     pub async fn reconcile(&self, cluster: &Cluster) -> Result<Endpoint, String> {
         let name = cluster.metadata.name.as_deref().unwrap_or_default();
-        let wanted = cluster
-            .spec
-            .connection
-            .kubesphere_api_server_port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0);
-        let port = self.ports.claim(name, wanted).await?;
+        let port = self.ports.claim(name, recorded_port(cluster)).await?;
         // The port is the cluster's on every replica: one that cannot listen says so (and
         // tries again next round) without taking the endpoint from the others.
         let listening = match self.listen(name, port) {
@@ -164,6 +158,23 @@ impl KubeSphereEndpoints {
     }
 
     /// Opens this replica's listener for `cluster` on `port` (closing one on another port).
+    /// Serves `cluster`'s kubesphere endpoint on the port its Cluster records, claiming
+    /// nothing and writing nothing (a Cluster that is being deleted); false when it
+    /// records a port this replica cannot listen on.
+    pub fn keep_serving(&self, cluster: &Cluster) -> bool {
+        let name = cluster.metadata.name.as_deref().unwrap_or_default();
+        let Some(port) = recorded_port(cluster) else {
+            return true;
+        };
+        match self.listen(name, port) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(cluster = name, error = %e, "cannot serve the cluster's kubesphere endpoint on this replica; retrying");
+                false
+            }
+        }
+    }
+
     fn listen(&self, cluster: &str, port: u16) -> Result<(), String> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((current, stop)) = open.get(cluster) {
@@ -221,6 +232,16 @@ impl KubeSphereEndpoints {
             stop.cancel();
         }
     }
+}
+
+/// The kubesphere port the Cluster records, if any.
+fn recorded_port(cluster: &Cluster) -> Option<u16> {
+    cluster
+        .spec
+        .connection
+        .kubesphere_api_server_port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
 }
 
 #[cfg(test)]

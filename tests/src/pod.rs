@@ -9,6 +9,8 @@
 //!   is false (pod, then ServiceAccount), a projected `kube-api-access-*` volume (token from
 //!   TokenRequest, `ca.crt` from ConfigMap `kube-root-ca.crt`, `namespace` from the downward
 //!   API, defaultMode 0644) is mounted read-only at /var/run/secrets/kubernetes.io/serviceaccount.
+//!   Then Pod Security admission at the level the namespace's
+//!   `pod-security.kubernetes.io/enforce` label sets ([`security`]).
 //! - **Environment** (pkg/kubelet/kubelet_pods.go `makeEnvironmentVariables`,
 //!   pkg/kubelet/envvars/envvars.go): service-link variables for every Service of the
 //!   namespace with a cluster IP unless `enableServiceLinks: false`; the master service's
@@ -38,9 +40,13 @@
 //! network: only listen addresses may be remapped ([`Overrides`]).
 //!
 //! Not modelled: images (the [`Image`] maps an entrypoint path to a binary of this
-//! workspace; Tower's is read from deploy/Containerfile's final stage, [`FinalStage`]), probes run by a loop (tests call [`Pod::http_probe`] themselves), restarts
-//! (an exited container is reported by [`Pod::exit_code`], i.e. CrashLoopBackOff),
-//! resource limits, seccomp, `subPath`, `envFrom`, and other volume types (refused).
+//! workspace; Tower's is read from deploy/Containerfile's final stage, [`FinalStage`]);
+//! probes run by a loop (tests call [`Pod::http_probe`] themselves; as pods share the
+//! machine's network, it checks that a listen address the manifest writes for the probe's
+//! port takes every address, where a kubelet would probe the pod's IP); restarts (an
+//! exited container is reported by [`Pod::exit_code`], i.e. CrashLoopBackOff); resource
+//! limits; seccomp (but Pod Security admission checks that it is asked for); `subPath`,
+//! `envFrom`, and other volume types (refused).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -50,13 +56,15 @@ use std::process::{ChildStdout, Command, Output};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EnvVar, KeyToPath, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
-    Secret, Service, ServiceAccount, Volume, VolumeMount,
+    ConfigMap, Container, EnvVar, KeyToPath, Namespace, ObjectFieldSelector, PodSpec,
+    PodTemplateSpec, Probe, Secret, Service, ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 
 use crate::{Process, TempDir, bin_path};
+
+pub mod security;
 
 /// Where ServiceAccount admission mounts the API credentials.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -383,6 +391,12 @@ impl Kubelet {
                 .unwrap_or_else(|| "default".into()),
         };
         self.admit(&meta, &mut spec)?;
+        // Validating admission runs after the mutating ServiceAccount admission.
+        let namespace: Option<Namespace> = self.get(&["namespace", namespace], namespace)?;
+        let labels = namespace
+            .and_then(|n| n.metadata.labels)
+            .unwrap_or_default();
+        security::admit(pod_name, &labels, &spec)?;
         let [container] = &spec.containers[..] else {
             return Err(format!(
                 "the pod runner starts pods of one container; this one has {}",
@@ -946,6 +960,29 @@ impl Pod {
                 .flatten()
                 .any(|p| p.container_port == *port);
             assert!(declared, "probe port {port} is not a container port");
+            // A kubelet probes the pod's IP (pkg/probe/http/request.go, `GetProbeUrl`): a
+            // listen address for the port in the manifest must take every address. Pods
+            // here share the machine's loopback, so the probe itself could not tell.
+            let written = container
+                .args
+                .iter()
+                .chain(container.command.iter())
+                .flatten()
+                .chain(
+                    container
+                        .env
+                        .iter()
+                        .flatten()
+                        .filter_map(|e| e.value.as_ref()),
+                )
+                .filter_map(|value| value.parse::<std::net::SocketAddr>().ok())
+                .filter(|listen| i32::from(listen.port()) == *port);
+            for listen in written {
+                assert!(
+                    listen.ip().is_unspecified(),
+                    "the container listens on {listen} for its probe port: a kubelet probing the pod's IP would fail"
+                );
+            }
         }
         let path = get.path.as_deref().unwrap_or("/");
         (200..400).contains(&crate::admin_get(addr, path).0)

@@ -40,6 +40,17 @@ fn address(line: &serde_json::Value, key: &str) -> SocketAddr {
         .unwrap_or_else(|| panic!("no {key} address in {line}"))
 }
 
+/// What an operator who enforces the restricted Pod Security Standard on Tower's namespace
+/// sets (a security review's first ask): Tower's pods must still be admitted.
+fn enforce_restricted(kubeconfig: &Path, namespace: &str) {
+    let label = format!("{}=restricted", tower_e2e::pod::security::ENFORCE_LABEL);
+    kubectl(
+        kubeconfig,
+        &["label", "namespace", namespace, &label, "--overwrite"],
+    )
+    .success();
+}
+
 /// Steps 1-3 of the README on the host: deploy/host applied with kubectl, the two
 /// Secrets and tower-config created, then every replica of the `tower` Deployment
 /// started from what the API server stored.
@@ -50,6 +61,7 @@ fn deploy_host(host: &Member, pki: &OperatorPki, publish: SocketAddr) -> Vec<Rep
         &["apply", "-k", deploy_host.to_str().expect("path")],
     );
     applied.success();
+    enforce_restricted(&host.kubeconfig, NAMESPACE);
     let dir = TempDir::new("host-secrets");
     let file = |name: &str, content: &str| {
         let path = dir.path().join(name);
@@ -307,6 +319,7 @@ fn seed_flow(manifest_args: &[&str]) -> Flow {
 
     // Step 5: on the member.
     kubectl_with_input(&member.kubeconfig, &["create", "-f", "-"], &manifest.stdout).success();
+    enforce_restricted(&member.kubeconfig, NAMESPACE);
     let kubelet = Kubelet::new(
         ApiServer::stand_in(&member.api, &member.kubeconfig),
         Image::tower(),

@@ -412,3 +412,30 @@ fn the_machine_keeps_its_own_mounts_and_directories() {
         assert!(!Path::new(path).exists(), "{path} was left on the machine");
     }
 }
+
+#[test]
+fn a_namespace_that_enforces_restricted_admits_only_pods_that_meet_it() {
+    let (member, kubelet) = cluster();
+    let label = format!("{}=restricted", tower_e2e::pod::security::ENFORCE_LABEL);
+    tower_e2e::kubectl(&member.kubeconfig, &["label", "namespace", NS, &label]).success();
+
+    let bare = template("id -u", serde_json::json!({}), serde_json::json!({}));
+    let refused = kubelet
+        .start(NS, "runner-test", &bare, &Overrides::default())
+        .expect_err("a pod short of restricted is refused");
+    assert!(
+        refused.starts_with(r#"pods "runner-test" is forbidden: violates PodSecurity "restricted:latest": allowPrivilegeEscalation != false"#),
+        "{refused}"
+    );
+
+    let hardened = template(
+        "id -u",
+        serde_json::json!({"securityContext": {"seccompProfile": {"type": "RuntimeDefault"}}}),
+        serde_json::json!({"securityContext": {
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]},
+        }}),
+    );
+    let (code, stdout, log) = run(&kubelet, &hardened);
+    assert_eq!((code, stdout.trim()), (0, "65532"), "{log}");
+}

@@ -495,7 +495,8 @@ mod tests {
             assert_eq!(get.path.as_deref(), Some(path));
             assert_eq!(get.port, IntOrString::Int(AGENT_ADMIN_PORT));
         }
-        assert!(flag("--admin-addr").ends_with(&format!(":{AGENT_ADMIN_PORT}")));
+        // A kubelet probes the pod's IP: the admin listener takes every address.
+        assert_eq!(flag("--admin-addr"), format!("0.0.0.0:{AGENT_ADMIN_PORT}"));
     }
 
     #[test]

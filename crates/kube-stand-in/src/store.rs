@@ -933,6 +933,17 @@ impl Store {
             obj.into_iter()
                 .filter(|(k, _)| k != "kind" && k != "apiVersion"),
         );
+        if !finished
+            && let Some(old) = &existing_value
+            && same_but_version(old, &out)
+            && let Some(stored) = inner.objects.get(&key)
+        {
+            // etcd3's `GuaranteedUpdate` (staging/src/k8s.io/apiserver/pkg/storage/etcd3/
+            // store.go): an update that changes nothing is not written. The object keeps
+            // its resourceVersion, and watchers see no event.
+            inner.rv -= 1;
+            return Ok(stored.json.clone());
+        }
         let json = Bytes::from(
             serde_json::to_vec(&Value::Object(out))
                 .map_err(|e| ApiError::internal(format!("serializing: {e}")))?,
@@ -1085,6 +1096,18 @@ enum Write {
     Status,
 }
 
+/// Whether two objects are the same but for their resourceVersion.
+fn same_but_version(old: &Map<String, Value>, new: &Map<String, Value>) -> bool {
+    let without_version = |object: &Map<String, Value>| {
+        let mut object = object.clone();
+        if let Some(Value::Object(meta)) = object.get_mut("metadata") {
+            meta.remove("resourceVersion");
+        }
+        object
+    };
+    old.len() == new.len() && without_version(old) == without_version(new)
+}
+
 /// Everything `metadata.generation` counts changes of: all but metadata, status and the type.
 fn spec_part(obj: &Map<String, Value>) -> BTreeMap<&str, &Value> {
     obj.iter()
@@ -1226,7 +1249,9 @@ mod tests {
             .replace(Resource::ConfigMaps, "default", "a", Target::Object, stale)
             .expect_err("stale");
         assert_eq!((err.code, err.reason), (409, "Conflict"));
-        let replaced = value(
+        // A replace that changes nothing is not written: same version, no event.
+        let rv = store.resource_version();
+        let same = value(
             &store
                 .replace(
                     Resource::ConfigMaps,
@@ -1234,6 +1259,21 @@ mod tests {
                     "a",
                     Target::Object,
                     created.clone(),
+                )
+                .expect("replace"),
+        );
+        assert_eq!(same, created);
+        assert_eq!(store.resource_version(), rv);
+        let mut changed = created.clone();
+        changed["data"]["k"] = json!("v2");
+        let replaced = value(
+            &store
+                .replace(
+                    Resource::ConfigMaps,
+                    "default",
+                    "a",
+                    Target::Object,
+                    changed,
                 )
                 .expect("replace"),
         );

@@ -629,11 +629,29 @@ pub fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// [`admin_get`] with a bearer token.
 pub fn admin_get_as(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    get_within(
+        addr,
+        path,
+        token,
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    )
+}
+
+/// A plain-HTTP GET that connects within `connect` and whose every read takes at most
+/// `read`: (status, body); (0, error) when it fails or runs out of time.
+pub(crate) fn get_within(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    connect: Duration,
+    read: Duration,
+) -> (u16, String) {
     use std::io::{Read, Write};
-    let Ok(mut tcp) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+    let Ok(mut tcp) = std::net::TcpStream::connect_timeout(&addr, connect) else {
         return (0, "connect failed".into());
     };
-    let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = tcp.set_read_timeout(Some(read));
     let authorization = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();

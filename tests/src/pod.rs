@@ -53,7 +53,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdout, Command, Output};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, EnvVar, KeyToPath, Namespace, ObjectFieldSelector, PodSpec,
@@ -943,7 +943,9 @@ impl Pod {
     }
 
     /// Runs the container's `httpGet` probe (`readiness` or liveness) against `addr`, the
-    /// address its probe port was remapped to: true for a status in 200..400, as kubelet.
+    /// address its probe port was remapped to: true for a status in 200..400 within the
+    /// probe's `timeoutSeconds`, as kubelet; liveness fails only after `failureThreshold`
+    /// failures in a row.
     pub fn http_probe(&self, readiness: bool, addr: std::net::SocketAddr) -> bool {
         let container = &self.spec.containers[0];
         let probe: &Probe = if readiness {
@@ -985,7 +987,28 @@ impl Pod {
             }
         }
         let path = get.path.as_deref().unwrap_or("/");
-        (200..400).contains(&crate::admin_get(addr, path).0)
+        // The kubelet's client gives up after `timeoutSeconds` (default 1): a slower
+        // answer is a failed probe (pkg/probe/http/http.go).
+        let timeout = Duration::from_secs(
+            probe
+                .timeout_seconds
+                .map_or(1, |s| s.max(1))
+                .unsigned_abs()
+                .into(),
+        );
+        let passes = || {
+            let started = Instant::now();
+            let (code, _) = crate::get_within(addr, path, None, timeout, timeout);
+            (200..400).contains(&code) && started.elapsed() <= timeout
+        };
+        // A container is restarted only after `failureThreshold` (default 3) liveness
+        // failures in a row; one readiness success makes it ready.
+        let attempts = if readiness {
+            1
+        } else {
+            probe.failure_threshold.map_or(3, |n| n.max(1))
+        };
+        (0..attempts).any(|_| passes())
     }
 
     /// Runs `argv` in the container (`kubectl exec`): same mounts, identity and

@@ -840,13 +840,18 @@ impl Store {
             .cloned()
             .unwrap_or_else(|| Value::String(clock::now_rfc3339()));
         if resource.is_custom() {
-            // `metadata.generation` counts changes to anything but metadata and status.
+            // `metadata.generation` counts changes to anything but metadata
+            // (apiextensions-apiserver's customresource `strategy.go`, `PrepareForUpdate`):
+            // a write to the object without a status subresource changes `.status` too,
+            // and counts; with one, `.status` was kept above, and writes to `…/status`
+            // never count.
+            let with_status = write != Write::Status;
             let old_generation = old_meta
                 .and_then(|m| m.get("generation"))
                 .and_then(Value::as_i64);
             let generation = match (&existing_value, old_generation) {
                 (Some(old), Some(g)) => {
-                    if spec_part(old) == spec_part(&obj) {
+                    if spec_part(old, with_status) == spec_part(&obj, with_status) {
                         g
                     } else {
                         g + 1
@@ -1108,10 +1113,15 @@ fn same_but_version(old: &Map<String, Value>, new: &Map<String, Value>) -> bool 
     old.len() == new.len() && without_version(old) == without_version(new)
 }
 
-/// Everything `metadata.generation` counts changes of: all but metadata, status and the type.
-fn spec_part(obj: &Map<String, Value>) -> BTreeMap<&str, &Value> {
+/// Everything `metadata.generation` counts changes of: all but metadata and the type, and
+/// `.status` only `with_status`.
+fn spec_part(obj: &Map<String, Value>, with_status: bool) -> BTreeMap<&str, &Value> {
     obj.iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status" | "kind" | "apiVersion"))
+        .filter(|(k, _)| match k.as_str() {
+            "metadata" | "kind" | "apiVersion" => false,
+            "status" => with_status,
+            _ => true,
+        })
         .map(|(k, v)| (k.as_str(), v))
         .collect()
 }
@@ -1644,6 +1654,24 @@ mod tests {
                 .expect("json patch"),
         );
         assert_eq!(relabelled["metadata"]["generation"], 2);
+
+        // Without a status subresource (KubeSphere's CRD) the status is written with the
+        // object, and counts.
+        store.set_cluster_status_subresource(false);
+        let restatus = value(
+            &store
+                .patch(
+                    Resource::Clusters,
+                    "",
+                    "member-1",
+                    Target::Object,
+                    PatchKind::Merge,
+                    &json!({"status": {"conditions": []}}),
+                )
+                .expect("patch"),
+        );
+        assert_eq!(restatus["status"]["conditions"], json!([]));
+        assert_eq!(restatus["metadata"]["generation"], 3);
     }
 
     #[test]

@@ -980,9 +980,11 @@ fn the_kubeconfig_is_renewed_a_third_before_it_expires_with_the_configured_ident
     );
     let (_, renewed_claims) = kubeconfig_claims(&renewed);
     assert!(renewed_claims["exp"].as_u64().unwrap() > exp);
-    assert_eq!(
-        renewed["metadata"]["generation"],
-        first["metadata"]["generation"].as_u64().unwrap() + 1,
-        "one write per renewal"
-    );
+    // One spec write per renewal: the first and this one. (Not told by the generation:
+    // with KubeSphere's CRD, which has no status subresource, condition writes count too.)
+    let log = tower.process.log();
+    let writes = log
+        .matches("wrote the Cluster's connection cluster=member-1 fields=")
+        .count();
+    assert_eq!(writes, 2, "one write per renewal:\n{log}");
 }

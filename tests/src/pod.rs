@@ -223,10 +223,10 @@ impl Kubelet {
             ));
         };
         let identity = Identity::of(&spec, container, &self.image)?;
-        let env = self.environment(&meta, &spec, container, overrides)?;
+        let (env, expansion) = self.environment(&meta, &spec, container, overrides)?;
         let dir = TempDir::new("pod");
         let mounts = self.volumes(&meta, &spec, container, &identity, dir.path())?;
-        let argv = self.argv(container, &env, overrides)?;
+        let argv = self.argv(container, &expansion, overrides)?;
         let read_only_root = container
             .security_context
             .as_ref()

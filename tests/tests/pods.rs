@@ -303,6 +303,9 @@ fn environment_service_links_and_the_service_account_token() {
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "WHERE", "value": "$(POD_NAMESPACE)/$(POD_NAME) $$(kept)"},
+        // Only service links and the container's own env are named: not the image's ENV,
+        // nor HOSTNAME, which the runtime adds.
+        {"name": "NAMED", "value": "$(TOWER_SERVICE_PORT) $(PATH) $(HOSTNAME)"},
     ]});
     let script = format!(
         "env | sort; stat -c 'mode %a' {SERVICE_ACCOUNT_DIR}/..data/token; \
@@ -319,6 +322,8 @@ fn environment_service_links_and_the_service_account_token() {
         "POD_NAME=runner-test",
         "POD_NAMESPACE=pods",
         "WHERE=pods/runner-test $(kept)",
+        "NAMED=8080 $(PATH) $(HOSTNAME)",
+        "HOSTNAME=runner-test",
         "TOWER_SERVICE_PORT=8080",
         "TOWER_SERVICE_PORT_TUNNEL=8080",
         "mode 644",
@@ -370,7 +375,11 @@ fn environment_service_links_and_the_service_account_token() {
         ),
     );
     assert_eq!(code, 0);
-    assert!(!stdout.contains("TOWER_"), "{stdout}");
+    assert!(!stdout.lines().any(|l| l.starts_with("TOWER_")), "{stdout}");
+    assert!(
+        stdout.contains("NAMED=$(TOWER_SERVICE_PORT) $(PATH) $(HOSTNAME)"),
+        "{stdout}"
+    );
     assert!(stdout.contains("KUBERNETES_SERVICE_HOST="), "{stdout}");
 }
 

@@ -10,19 +10,25 @@ use k8s_openapi::api::core::v1::{
 
 use super::{Kubelet, Overrides, PodMeta};
 
+/// Environment variables, in order.
+type Env = Vec<(String, String)>;
+
 impl Kubelet {
+    /// The container's environment, and what `$(VAR)` in its `env` values, command and
+    /// args may name: the service links and the container's own `env`, not the image's
+    /// `ENV` nor `HOSTNAME` (`makeEnvironmentVariables` expands with
+    /// `expansion.MappingFuncFor(tmpEnv, serviceEnv)` and returns only those; the
+    /// runtime adds the image's).
     pub(super) fn environment(
         &self,
         meta: &PodMeta,
         spec: &PodSpec,
         container: &Container,
         overrides: &Overrides,
-    ) -> Result<Vec<(String, String)>, String> {
+    ) -> Result<(Env, Env), String> {
         if container.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
             return Err("envFrom is not modelled by the pod runner".into());
         }
-        let mut env: Vec<(String, String)> = self.image.env.clone();
-        env.push(("HOSTNAME".into(), meta.name.clone()));
         // Service links first: the container's own env overrides them (kubelet_pods.go).
         let mut services = BTreeMap::new();
         if spec.enable_service_links.unwrap_or(true) {
@@ -43,22 +49,30 @@ impl Kubelet {
             "KUBERNETES_SERVICE_PORT".into(),
             self.api.service_port.to_string(),
         );
-        env.extend(services);
+        let mut kubelet: Env = services.into_iter().collect();
         for var in container.env.iter().flatten() {
-            if let Some(value) = self.env_value(meta, var, &env)? {
-                set(&mut env, &var.name, value);
+            if let Some(value) = self.env_value(meta, var, &kubelet)? {
+                set(&mut kubelet, &var.name, value);
             }
         }
         for (name, value) in &overrides.env {
+            set(&mut kubelet, name, value.clone());
+        }
+        let kubelet: Env = kubelet
+            .into_iter()
+            .map(|(k, v)| (k, overrides.apply(v)))
+            .collect();
+        let mut env: Env = self
+            .image
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), overrides.apply(v.clone())))
+            .collect();
+        env.push(("HOSTNAME".into(), meta.name.clone()));
+        for (name, value) in &kubelet {
             set(&mut env, name, value.clone());
         }
-        Ok(env
-            .into_iter()
-            .map(|(k, v)| {
-                let v = overrides.apply(v);
-                (k, v)
-            })
-            .collect())
+        Ok((env, kubelet))
     }
 
     /// One `env` entry's value; `None` for an optional reference that is absent.

@@ -87,8 +87,13 @@ pub(crate) fn anonymous() -> UserInfo {
     }
 }
 
+/// `group.AuthenticatedGroupAdder`: `system:authenticated` unless the user is in it or in
+/// `system:unauthenticated` already.
 fn with_authenticated(mut groups: Vec<String>) -> Vec<String> {
-    if !groups.iter().any(|g| g == AUTHENTICATED) {
+    if !groups
+        .iter()
+        .any(|g| g == AUTHENTICATED || g == UNAUTHENTICATED)
+    {
         groups.push(AUTHENTICATED.to_owned());
     }
     groups
@@ -104,7 +109,9 @@ pub(crate) fn authenticate(
     tokens: &TokenIssuer,
     store: &Store,
 ) -> Authentication {
-    if let Some(cert) = client_cert {
+    // x509's `CommonNameUserConversion`: a certificate without a common name names no
+    // user, and the request goes on to the other authenticators.
+    if let Some(cert) = client_cert.filter(|c| !c.common_name.is_empty()) {
         return Authentication::User(Authenticated {
             user: UserInfo {
                 name: cert.common_name.clone(),
@@ -117,18 +124,25 @@ pub(crate) fn authenticate(
     let Some(authorization) = headers.get(header::AUTHORIZATION) else {
         return Authentication::Anonymous;
     };
-    let bearer = authorization
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
-    let Some(bearer) = bearer else {
+    // request/bearertoken/bearertoken.go: the header trimmed, split on single spaces into
+    // at most three; the token is the second part. An empty one (two spaces after
+    // `Bearer`) is no credential at all: the request is anonymous.
+    let Ok(authorization) = authorization.to_str() else {
         return Authentication::Rejected;
     };
+    let mut parts = authorization.trim().splitn(3, ' ');
+    let scheme = parts.next().unwrap_or_default();
+    let Some(bearer) = parts
+        .next()
+        .filter(|_| scheme.eq_ignore_ascii_case("bearer"))
+    else {
+        // Other schemes: a real apiserver would go on to its other authenticators and,
+        // with none, serve the request as anonymous; refused here, which is stricter.
+        return Authentication::Rejected;
+    };
+    if bearer.is_empty() {
+        return Authentication::Anonymous;
+    }
     if let Some(credential) = static_token(bearer) {
         return Authentication::User(Authenticated {
             user: UserInfo {
@@ -669,6 +683,67 @@ pub(crate) fn impersonate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_read_as_the_apiserver_reads_them() {
+        let store = Store::seeded();
+        let issuer = TokenIssuer::default();
+        let auth = |value: &str, cert: Option<&ClientCert>| {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = HeaderValue::from_str(value)
+                && !value.is_empty()
+            {
+                headers.insert(header::AUTHORIZATION, value);
+            }
+            let static_token = |t: &str| (t == "s3cret").then(|| "token".to_owned());
+            authenticate(&headers, cert, static_token, &issuer, &store)
+        };
+        let user = |a: Authentication| match a {
+            Authentication::User(u) => Some(u.user),
+            _ => None,
+        };
+        let name = |a| user(a).map(|u| u.name);
+        assert_eq!(
+            name(auth("Bearer s3cret", None)).as_deref(),
+            Some(ADMIN_USER)
+        );
+        // The second of at most three space-separated parts, whatever follows.
+        assert_eq!(
+            name(auth("bearer s3cret more", None)).as_deref(),
+            Some(ADMIN_USER)
+        );
+        // A space before the token leaves it empty: no credential, anonymous.
+        assert!(matches!(
+            auth("Bearer  s3cret", None),
+            Authentication::Anonymous
+        ));
+        assert!(matches!(
+            auth("Bearer nope", None),
+            Authentication::Rejected
+        ));
+        // A certificate without a common name names nobody: the token decides.
+        let nameless = ClientCert {
+            common_name: String::new(),
+            organizations: vec!["system:masters".into()],
+        };
+        assert_eq!(
+            name(auth("Bearer s3cret", Some(&nameless))).as_deref(),
+            Some(ADMIN_USER)
+        );
+        assert!(matches!(
+            auth("", Some(&nameless)),
+            Authentication::Anonymous
+        ));
+        // A user in system:unauthenticated is not made authenticated as well.
+        let unauthenticated = ClientCert {
+            common_name: "x".into(),
+            organizations: vec![UNAUTHENTICATED.into()],
+        };
+        assert_eq!(
+            user(auth("", Some(&unauthenticated))).map(|u| u.groups),
+            Some(vec![UNAUTHENTICATED.to_owned()])
+        );
+    }
 
     #[test]
     fn service_account_user_names_split_like_the_apiserver() {

@@ -16,6 +16,10 @@
 //!   (plain HTTP here), and upgrades are proxied (`proxy.NewUpgradeAwareHandler`).
 //! - [`KsApiServer`] is the member's ks-apiserver behind the agent's `kubesphere` target,
 //!   which records what reaches it and echoes WebSocket messages.
+//! - [`set_cluster_finalizers`] and [`delete_held`]: a Cluster's deletion as `syncCluster`
+//!   meets it. The controller puts [`CLUSTER_FINALIZER`] on every Cluster; a deleted one
+//!   stays, terminating, while it cleans up on the member through the agent, until it
+//!   removes the finalizer.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,6 +36,44 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 use crate::{Kubectl, TempDir, kubectl};
+
+/// The finalizer KubeSphere's cluster controller puts on every Cluster.
+pub const CLUSTER_FINALIZER: &str = "finalizer.cluster.kubesphere.io";
+
+/// Sets Cluster `name`'s finalizers (`[]`: none) with a merge patch, as the controller's
+/// `Update` does.
+pub fn set_cluster_finalizers(kubeconfig: &Path, name: &str, finalizers: &[&str]) {
+    let patch = serde_json::json!({"metadata": {"finalizers": finalizers}});
+    kubectl(
+        kubeconfig,
+        &[
+            "patch",
+            "cluster",
+            name,
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+        ],
+    )
+    .success();
+}
+
+/// Deletes Cluster `name`, which a finalizer holds, and returns it once it is terminating.
+pub fn delete_held(kubeconfig: &Path, name: &str) -> serde_json::Value {
+    kubectl(kubeconfig, &["delete", "cluster", name, "--wait=false"]).success();
+    crate::wait_for(
+        "the Cluster to be terminating",
+        std::time::Duration::from_secs(20),
+        || {
+            let out = kubectl(kubeconfig, &["get", "cluster", name, "-o", "json"]);
+            let cluster: serde_json::Value = serde_json::from_str(&out.success()).ok()?;
+            cluster["metadata"]["deletionTimestamp"]
+                .is_string()
+                .then_some(cluster)
+        },
+    )
+}
 
 /// Creates `namespace` (a JSON body: the stand-in reads protobuf for a few kinds only).
 pub fn create_namespace(kubeconfig: &Path, namespace: &str) {

@@ -7,9 +7,10 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use tower_e2e::kubesphere::{CLUSTER_FINALIZER, delete_held, set_cluster_finalizers};
 use tower_e2e::{
-    Https, Member, SECRET, Server, TempDir, admin_get, admin_get_as, agent, bin_path, kubectl,
-    kubectl_with_input, server, wait_for, wait_for_with,
+    Agent, Https, Member, SECRET, Server, TempDir, admin_get, admin_get_as, agent, bin_path,
+    kubectl, kubectl_with_input, server, wait_for, wait_for_with,
 };
 
 const FRONTEND_URL: &str = "https://tower.example.com:9443";
@@ -87,6 +88,35 @@ fn token_of(cluster: &Value) -> String {
         .as_str()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// A tower on a host whose Cluster CRD has `status_subresource` or not, and `member-1`'s
+/// agent connected to it, its Cluster `AgentAvailable=True`.
+struct Connected {
+    host: Member,
+    server: Server,
+    agent: Agent,
+    _member: Member,
+}
+
+fn connected(status_subresource: bool) -> Connected {
+    let host = Member::start();
+    host.api.set_cluster_status_subresource(status_subresource);
+    let member = Member::start();
+    let server = tower_on(&host, &[]);
+    let token = Server::minter().agent_token("member-1", None);
+    create(&host, &proxy_cluster("member-1", &token));
+    wait_available(&host, &server, "member-1", "False");
+    let agent = agent(&server, &member, "member-1")
+        .token(&token)
+        .connect(&server);
+    wait_available(&host, &server, "member-1", "True");
+    Connected {
+        host,
+        server,
+        agent,
+        _member: member,
+    }
 }
 
 #[test]
@@ -213,17 +243,8 @@ fn a_proxy_cluster_gets_a_token_an_endpoint_and_its_condition_follows_the_agent(
 
 #[test]
 fn the_condition_is_written_where_kubesphere_crds_have_no_status_subresource() {
-    let host = Member::start();
-    host.api.set_cluster_status_subresource(false);
-    let member = Member::start();
-    let server = tower_on(&host, &[]);
-    let token = Server::minter().agent_token("member-1", None);
-    create(&host, &proxy_cluster("member-1", &token));
-    wait_available(&host, &server, "member-1", "False");
-    let _agent = agent(&server, &member, "member-1")
-        .token(&token)
-        .connect(&server);
-    wait_available(&host, &server, "member-1", "True");
+    // False with no agent, then True with it (`connected` waits for both).
+    connected(false);
 }
 
 /// What KubeSphere's cluster controller does each sync: its condition set on the Cluster it
@@ -268,16 +289,12 @@ fn condition_status(cluster: &Value, type_: &str) -> Option<String> {
 #[test]
 fn a_condition_write_keeps_what_kubesphere_wrote_since_towers_copy() {
     for status_subresource in [false, true] {
-        let host = Member::start();
-        host.api.set_cluster_status_subresource(status_subresource);
-        let member = Member::start();
-        let server = tower_on(&host, &[]);
-        let token = Server::minter().agent_token("member-1", None);
-        create(&host, &proxy_cluster("member-1", &token));
-        let agent = agent(&server, &member, "member-1")
-            .token(&token)
-            .connect(&server);
-        wait_available(&host, &server, "member-1", "True");
+        let Connected {
+            host,
+            server,
+            agent,
+            _member,
+        } = connected(status_subresource);
 
         // Tower's copy of the Cluster stops following (a watch cache that lags), and
         // KubeSphere's controller writes its condition meanwhile.
@@ -300,16 +317,12 @@ fn a_condition_write_keeps_what_kubesphere_wrote_since_towers_copy() {
 
 #[test]
 fn a_status_subresource_added_under_a_running_tower_is_found() {
-    let host = Member::start();
-    host.api.set_cluster_status_subresource(false);
-    let member = Member::start();
-    let server = tower_on(&host, &[]);
-    let token = Server::minter().agent_token("member-1", None);
-    create(&host, &proxy_cluster("member-1", &token));
-    let agent = agent(&server, &member, "member-1")
-        .token(&token)
-        .connect(&server);
-    wait_available(&host, &server, "member-1", "True");
+    let Connected {
+        host,
+        server,
+        agent,
+        _member,
+    } = connected(false);
     // KubeSphere's CRD gains a status subresource (an upgrade): a status written with the
     // object is now ignored, with a 200.
     host.api.set_cluster_status_subresource(true);
@@ -335,28 +348,15 @@ fn a_terminating_cluster_stays_routed_and_untouched_until_its_finalizer_is_remov
     let member = Member::start();
     let server = tower_on(&host, &[]);
     let token = Server::minter().agent_token("member-1", None);
-    let yaml = proxy_cluster("member-1", &token).replace(
-        "  name: member-1\n",
-        "  name: member-1\n  finalizers: [finalizer.cluster.kubesphere.io]\n",
-    );
-    create(&host, &yaml);
+    create(&host, &proxy_cluster("member-1", &token));
+    set_cluster_finalizers(&host.kubeconfig, "member-1", &[CLUSTER_FINALIZER]);
     let _agent = agent(&server, &member, "member-1")
         .token(&token)
         .connect(&server);
     wait_available(&host, &server, "member-1", "True");
     let kc = server.kubeconfig("member-1", "alice", &[]);
 
-    kubectl(
-        &host.kubeconfig,
-        &["delete", "cluster", "member-1", "--wait=false"],
-    )
-    .success();
-    let terminating = wait_for_with(
-        "the Cluster to be terminating",
-        Duration::from_secs(20),
-        || cluster(&host, "member-1").filter(|c| c["metadata"]["deletionTimestamp"].is_string()),
-        || server.process.log(),
-    );
+    let terminating = delete_held(&host.kubeconfig, "member-1");
     // The controller's cleanup reaches the member through tower meanwhile.
     assert!(
         kubectl(&kc, &["get", "pods", "-o", "name"])
@@ -399,19 +399,7 @@ fn a_terminating_cluster_stays_routed_and_untouched_until_its_finalizer_is_remov
     assert_eq!(token_of(&after), token_of(&terminating));
 
     // The controller is done: it removes its finalizer, the Cluster goes, so does the route.
-    kubectl(
-        &host.kubeconfig,
-        &[
-            "patch",
-            "cluster",
-            "member-1",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"metadata":{"finalizers":null}}"#,
-        ],
-    )
-    .success();
+    set_cluster_finalizers(&host.kubeconfig, "member-1", &[]);
     assert!(cluster(&host, "member-1").is_none());
     wait_for(
         "the deleted cluster's tunnel to close",

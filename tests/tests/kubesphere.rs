@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tower_e2e::kubesphere::{
-    ClusterControllerClient, KsApiServer, create_namespace, dispatch, dispatch_tls,
-    dispatch_websocket, free_port_range, listening,
+    CLUSTER_FINALIZER, ClusterControllerClient, KsApiServer, create_namespace, delete_held,
+    dispatch, dispatch_tls, dispatch_websocket, free_port_range, listening, set_cluster_finalizers,
 };
 use tower_e2e::{
     Member, Server, admin_get, admin_get_as, agent, free_port, kubectl, kubectl_with_input, server,
@@ -309,32 +309,8 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
     // KubeSphere's cluster controller holds a deleted Cluster with its finalizer while it
     // cleans up on the member (`syncCluster`): a replica that restarts meanwhile serves
     // the port the Cluster records again, though it writes nothing into it.
-    let finalizers = |value: &str| {
-        kubectl(
-            &host.kubeconfig,
-            &[
-                "patch",
-                "cluster",
-                "member-1",
-                "--type",
-                "merge",
-                "-p",
-                &format!(r#"{{"metadata":{{"finalizers":{value}}}}}"#),
-            ],
-        )
-        .success();
-    };
-    finalizers(r#"["finalizer.cluster.kubesphere.io"]"#);
-    kubectl(
-        &host.kubeconfig,
-        &["delete", "cluster", "member-1", "--wait=false"],
-    )
-    .success();
-    wait_for(
-        "the Cluster to be terminating",
-        Duration::from_secs(20),
-        || cluster(&host, "member-1").filter(|c| c["metadata"]["deletionTimestamp"].is_string()),
-    );
+    set_cluster_finalizers(&host.kubeconfig, "member-1", &[CLUSTER_FINALIZER]);
+    delete_held(&host.kubeconfig, "member-1");
     tower.restart();
     wait_for_with(
         "the restarted replica to serve the terminating Cluster's port",
@@ -350,7 +326,7 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
 
     // The controller is done and removes its finalizer: the Cluster goes, and with it its
     // port and Service, and the listener closes.
-    finalizers("null");
+    set_cluster_finalizers(&host.kubeconfig, "member-1", &[]);
     wait_for_with(
         "the port, the Service and the listener to go",
         Duration::from_secs(20),

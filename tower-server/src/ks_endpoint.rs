@@ -157,7 +157,6 @@ impl KubeSphereEndpoints {
         })
     }
 
-    /// Opens this replica's listener for `cluster` on `port` (closing one on another port).
     /// Serves `cluster`'s kubesphere endpoint on the port its Cluster records, claiming
     /// nothing and writing nothing (a Cluster that is being deleted); false when it
     /// records a port this replica cannot listen on.
@@ -175,6 +174,7 @@ impl KubeSphereEndpoints {
         }
     }
 
+    /// Opens this replica's listener for `cluster` on `port` (closing one on another port).
     fn listen(&self, cluster: &str, port: u16) -> Result<(), String> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((current, stop)) = open.get(cluster) {

@@ -874,8 +874,8 @@ impl Store {
             }
             _ => {}
         }
-        inner.rv += 1;
-        let rv = inner.rv;
+        // The version this write will have; taken below unless the write changes nothing.
+        let rv = inner.rv + 1;
         meta.insert("uid".into(), uid);
         meta.insert("creationTimestamp".into(), created);
         meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
@@ -946,9 +946,9 @@ impl Store {
             // etcd3's `GuaranteedUpdate` (staging/src/k8s.io/apiserver/pkg/storage/etcd3/
             // store.go): an update that changes nothing is not written. The object keeps
             // its resourceVersion, and watchers see no event.
-            inner.rv -= 1;
             return Ok(stored.json.clone());
         }
+        inner.rv = rv;
         let json = Bytes::from(
             serde_json::to_vec(&Value::Object(out))
                 .map_err(|e| ApiError::internal(format!("serializing: {e}")))?,

@@ -567,6 +567,17 @@ impl Store {
         self.write_locked(inner, key.0, &key.1, Some(&key.2), object, target.write())
     }
 
+    /// The object stored at `key`, parsed, beside its stored form; 404 when there is none.
+    fn stored<'a>(inner: &'a Inner, key: &Key) -> Result<(Value, &'a Stored), ApiError> {
+        let stored = inner
+            .objects
+            .get(key)
+            .ok_or_else(|| ApiError::not_found(&key.0.qualified_plural(), &key.2))?;
+        let object = serde_json::from_slice(&stored.json)
+            .map_err(|e| ApiError::internal(format!("stored object is not JSON: {e}")))?;
+        Ok((object, stored))
+    }
+
     /// The stored object with `patch` applied and its current resourceVersion.
     fn patched(
         inner: &Inner,
@@ -575,12 +586,7 @@ impl Store {
         patch: &Value,
     ) -> Result<Value, ApiError> {
         let (resource, name) = (key.0, key.2.as_str());
-        let stored = inner
-            .objects
-            .get(key)
-            .ok_or_else(|| ApiError::not_found(&resource.qualified_plural(), name))?;
-        let mut object: Value = serde_json::from_slice(&stored.json)
-            .map_err(|e| ApiError::internal(format!("stored object is not JSON: {e}")))?;
+        let (mut object, stored) = Self::stored(inner, key)?;
         let current_rv = stored.rv.to_string();
         match kind {
             PatchKind::Merge => {

@@ -102,12 +102,7 @@ impl Store {
         key: &Key,
     ) -> Result<Option<Bytes>, ApiError> {
         let (resource, namespace, name) = key;
-        let stored = inner
-            .objects
-            .get(key)
-            .ok_or_else(|| ApiError::not_found(&resource.qualified_plural(), name))?;
-        let mut object: Value = serde_json::from_slice(&stored.json)
-            .map_err(|e| ApiError::internal(format!("stored object is not JSON: {e}")))?;
+        let (mut object, stored) = Self::stored(inner, key)?;
         let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) else {
             return Ok(None);
         };

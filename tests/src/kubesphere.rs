@@ -2,12 +2,19 @@
 //! (kubesphere/kubesphere, release-3.4), for tests of what Tower writes into a proxy
 //! Cluster:
 //!
-//! - [`ClusterControllerClient`] models pkg/controller/cluster/cluster_controller.go,
-//!   `syncCluster`, builds its client from `spec.connection.kubeconfig` **alone**
-//!   (`clientcmd.RESTConfigFromKubeConfig`), then reads `/version`, lists nodes, reads the
-//!   `kube-system` namespace's UID, and joins the member to kubefed: a namespace, a
-//!   ServiceAccount and a ClusterRole created **on the member** through that client. Here
-//!   that client is kubectl (client-go) with the decoded kubeconfig and nothing else.
+//! - [`ClusterControllerClient`] models pkg/controller/cluster/cluster_controller.go
+//!   (v3.4.1), `syncCluster`: it builds its client from `spec.connection.kubeconfig`
+//!   **alone** (`clientcmd.RESTConfigFromKubeConfig`) and, in its order, joins the member
+//!   to kubefed (a namespace, a ServiceAccount and a ClusterRole created **on the member**),
+//!   reads `/version`, lists nodes, reads the member's ks-apiserver's configz and version
+//!   through the apiserver's service proxy (`proxyFormat`, over `rest.TransportFor`), reads
+//!   the `kube-system` namespace's UID, writes the cluster's name into the member's
+//!   `kubesphere-config` (`setClusterNameInConfigMap`) and lists the ClusterRoleBindings
+//!   that name KubeSphere users (`syncClusterMembers`). Its client is kubectl (client-go)
+//!   with the decoded kubeconfig and nothing else, and for the two service-proxy reads, an
+//!   HTTPS client with that kubeconfig's server, CA and token.
+//! - [`install_member_kubesphere`]: what a KubeSphere install puts on the member that
+//!   `syncCluster` reads.
 //! - [`dispatch`] and [`dispatch_websocket`] model pkg/apiserver/dispatch/dispatch.go,
 //!   `clusterDispatch.Dispatch`: of kubesphereAPIEndpoint only the scheme and host:port are
 //!   kept (`u.Host = innCluster.KubesphereURL.Host`, `u.Scheme = …Scheme`), the path is
@@ -98,8 +105,10 @@ pub struct Seen {
     pub identity_headers: Vec<String>,
 }
 
-/// The member's ks-apiserver: answers `{"seen": N}` (the request's number) to every plain
-/// request, echoes each WebSocket message, and records every request.
+/// The member's ks-apiserver: answers its configz and version (which it serves to anyone:
+/// v3.4.1 pkg/apiserver/apiserver.go, `excludedPaths`) as [`CONFIGZ`] and [`VERSION`],
+/// `{"seen": N}` (the request's number) to every other plain request, echoes each
+/// WebSocket message, and records every request.
 pub struct KsApiServer {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -226,18 +235,51 @@ async fn answer(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     seen.body_len = body.len();
+    let fixed = match seen.path.as_str() {
+        "/kapis/config.kubesphere.io/v1alpha2/configs/configz" => Some(CONFIGZ),
+        "/kapis/version" => Some(VERSION),
+        _ => None,
+    };
     let n = {
         let mut all = recorded.lock().expect("seen");
         all.push(seen);
         all.len()
     };
+    let body = fixed.map_or_else(
+        || format!("{{\"seen\":{n},\"bodyBytes\":{}}}", body.len()),
+        str::to_owned,
+    );
     http::Response::builder()
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(format!(
-            "{{\"seen\":{n},\"bodyBytes\":{}}}",
-            body.len()
-        ))))
+        .body(Full::new(Bytes::from(body)))
         .expect("response")
+}
+
+/// What the member's ks-apiserver answers at `/kapis/config.kubesphere.io/v1alpha2/configs/configz`
+/// (`Config.ToMap`: each component, enabled or not).
+pub const CONFIGZ: &str = r#"{"alerting":false,"auditing":false,"devops":false,"events":false,"logging":false,"monitoring":true,"multicluster":true,"network":false,"network.ippool":false,"network.topology":false,"notification":true,"openpitrix":true,"servicemesh":false}"#;
+
+/// What it answers at `/kapis/version` (a `version.Info`).
+pub const VERSION: &str = r#"{"gitVersion":"v3.4.1","gitMajor":"3","gitMinor":"4","gitTreeState":"clean","goVersion":"go1.19","compiler":"gc","platform":"linux/amd64"}"#;
+
+/// What a KubeSphere install (ks-installer) puts on a member that `syncCluster` reads
+/// through the agent: namespace `kubesphere-system`; Service `ks-apiserver`, port 80 to
+/// 9090, unnamed, with Endpoints at `ks` (the stand-in has no endpoints controller: they
+/// are written here as it would write them); and ConfigMap `kubesphere-config`, whose
+/// `kubesphere.yaml` says this is a member.
+pub fn install_member_kubesphere(member: &Path, ks: &KsApiServer) {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kubesphere-system\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata:\n  name: ks-apiserver\n  namespace: kubesphere-system\n\
+         spec:\n  selector:\n    app: ks-apiserver\n  ports:\n  - protocol: TCP\n    port: 80\n    targetPort: 9090\n---\n\
+         apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: ks-apiserver\n  namespace: kubesphere-system\n\
+         subsets:\n- addresses:\n  - ip: {ip}\n  ports:\n  - port: {port}\n    protocol: TCP\n---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kubesphere-config\n  namespace: kubesphere-system\n\
+         data:\n  kubesphere.yaml: |\n    monitoring:\n      endpoint: http://prometheus-operated.kubesphere-monitoring-system.svc:9090\n    multicluster:\n      clusterRole: member\n",
+        ip = ks.addr.ip(),
+        port = ks.addr.port(),
+    );
+    crate::kubectl_with_input(member, &["create", "-f", "-"], yaml.as_bytes()).success();
 }
 
 /// scheme://host:port of a kubesphereAPIEndpoint: all the dispatcher keeps of it.
@@ -452,12 +494,14 @@ impl ClusterControllerClient {
         kubectl(&self.kubeconfig, args)
     }
 
-    /// What `syncCluster` does through the client: (Kubernetes version, node count,
-    /// kube-system UID), after joining (namespace, ServiceAccount and ClusterRole on the
-    /// member, as kubefedctl's join creates them).
-    pub fn sync(&self) -> (String, usize, String) {
+    /// What `syncCluster` does through the client for Cluster `name`, in its order; see
+    /// the module's documentation. Each step whose failure fails the sync panics; the two
+    /// the controller only logs (configz, KubeSphere's version) are `None` when they fail.
+    pub fn sync(&self, name: &str) -> Synced {
         // JSON bodies, as client-go's typed clients send by default.
-        let join = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kube-federation-system\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: member-1-kubesphere\n  namespace: kube-federation-system\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: kubefed-controller-manager:member-1-kubesphere\nrules:\n- apiGroups: [\"*\"]\n  resources: [\"*\"]\n  verbs: [\"*\"]\n";
+        let join = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kube-federation-system\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {name}-kubesphere\n  namespace: kube-federation-system\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: kubefed-controller-manager:{name}-kubesphere\nrules:\n- apiGroups: [\"*\"]\n  resources: [\"*\"]\n  verbs: [\"*\"]\n"
+        );
         crate::kubectl_with_input(&self.kubeconfig, &["create", "-f", "-"], join.as_bytes())
             .success();
         // `Discovery().ServerVersion()`: GET {server path}/version (`kubectl get --raw`
@@ -469,6 +513,13 @@ impl ClusterControllerClient {
         let nodes: serde_json::Value =
             serde_json::from_str(&self.kubectl(&["get", "nodes", "-o", "json"]).success())
                 .expect("nodes JSON");
+        // `tryToFetchKubeSphereComponents` and `tryFetchKubeSphereVersion`.
+        let configz = self
+            .through_service_proxy("kapis/config.kubesphere.io/v1alpha2/configs/configz")
+            .and_then(|v| v.as_object().cloned());
+        let kubesphere_version = self
+            .through_service_proxy("kapis/version")
+            .and_then(|v| v["gitVersion"].as_str().map(str::to_owned));
         let uid = self
             .kubectl(&[
                 "get",
@@ -478,15 +529,107 @@ impl ClusterControllerClient {
                 "jsonpath={.metadata.uid}",
             ])
             .success();
-        (
-            version["gitVersion"]
+        self.set_cluster_name_in_config_map(name);
+        // `syncClusterMembers`: the bindings that name KubeSphere users.
+        self.kubectl(&[
+            "get",
+            "clusterrolebindings",
+            "-l",
+            "iam.kubesphere.io/user-ref",
+            "-o",
+            "json",
+        ])
+        .success();
+        Synced {
+            kubernetes_version: version["gitVersion"]
                 .as_str()
                 .unwrap_or_default()
                 .to_owned(),
-            nodes["items"].as_array().map_or(0, Vec::len),
-            uid.trim().to_owned(),
-        )
+            node_count: nodes["items"].as_array().map_or(0, Vec::len),
+            uid: uid.trim().to_owned(),
+            configz,
+            kubesphere_version,
+        }
     }
+
+    /// GET `{server}/api/v1/namespaces/kubesphere-system/services/:ks-apiserver:80/proxy/{path}`
+    /// with the kubeconfig's CA and token, as a 200 with JSON, else `None` (the
+    /// controller's 5 s client timeout stands for the 30 s of [`crate::Https`]).
+    fn through_service_proxy(&self, path: &str) -> Option<serde_json::Value> {
+        let config: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&self.kubeconfig).ok()?).ok()?;
+        let server: http::Uri = config["clusters"][0]["cluster"]["server"]
+            .as_str()?
+            .parse()
+            .ok()?;
+        let ca = base64::engine::general_purpose::STANDARD
+            .decode(config["clusters"][0]["cluster"]["certificate-authority-data"].as_str()?)
+            .ok()?;
+        let token = config["users"][0]["user"]["token"].as_str()?;
+        let authority = server.authority()?.as_str();
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+            .ok()?
+            .next()?;
+        let https = crate::Https::with_ca(std::str::from_utf8(&ca).ok()?, addr);
+        let url = format!(
+            "{}/api/v1/namespaces/kubesphere-system/services/:ks-apiserver:80/proxy/{path}",
+            server.path().trim_end_matches('/')
+        );
+        let reply = https.try_request("GET", &url, Some(token), &[]).ok()?;
+        (reply.status == 200)
+            .then(|| serde_json::from_str(&reply.body).ok())
+            .flatten()
+    }
+
+    /// `setClusterNameInConfigMap`: the member's `kubesphere-config` names the cluster.
+    fn set_cluster_name_in_config_map(&self, name: &str) {
+        let read = self.kubectl(&[
+            "get",
+            "configmap",
+            "kubesphere-config",
+            "-n",
+            "kubesphere-system",
+            "-o",
+            "json",
+        ]);
+        let mut cm: serde_json::Value =
+            serde_json::from_str(&read.success()).expect("ConfigMap JSON");
+        let mut config: serde_yaml::Value =
+            serde_yaml::from_str(cm["data"]["kubesphere.yaml"].as_str().unwrap_or_default())
+                .expect("kubesphere.yaml");
+        if config["multicluster"]["clusterName"].as_str() == Some(name) {
+            return;
+        }
+        if !config["multicluster"].is_mapping() {
+            config["multicluster"] = serde_yaml::Value::Mapping(serde_yaml::Mapping::new());
+        }
+        config["multicluster"]["clusterName"] = name.into();
+        cm["data"]["kubesphere.yaml"] = serde_yaml::to_string(&config)
+            .expect("kubesphere.yaml")
+            .into();
+        // An `Update`: the object as read, resourceVersion and all.
+        crate::kubectl_with_input(
+            &self.kubeconfig,
+            &["replace", "-f", "-"],
+            cm.to_string().as_bytes(),
+        )
+        .success();
+    }
+}
+
+/// What [`ClusterControllerClient::sync`] read from the member.
+#[derive(Debug)]
+pub struct Synced {
+    /// `status.kubernetesVersion`.
+    pub kubernetes_version: String,
+    /// `status.nodeCount`.
+    pub node_count: usize,
+    /// `status.uid`: the member's kube-system namespace's UID.
+    pub uid: String,
+    /// `status.configz`, when the member's ks-apiserver answered.
+    pub configz: Option<serde_json::Map<String, serde_json::Value>>,
+    /// `status.kubeSphereVersion`, when the member's ks-apiserver answered.
+    pub kubesphere_version: Option<String>,
 }
 
 /// A range of `n` ports free on 127.0.0.1 and 127.0.0.2 when looked at (the kubesphere

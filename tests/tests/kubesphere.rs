@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tower_e2e::kubesphere::{
-    CLUSTER_FINALIZER, ClusterControllerClient, KsApiServer, create_namespace, delete_held,
-    dispatch, dispatch_tls, dispatch_websocket, free_port_range, listening, set_cluster_finalizers,
+    CLUSTER_FINALIZER, CONFIGZ, ClusterControllerClient, KsApiServer, Seen, create_namespace,
+    delete_held, dispatch, dispatch_tls, dispatch_websocket, free_port_range,
+    install_member_kubesphere, listening, set_cluster_finalizers,
 };
 use tower_e2e::{
     Member, Server, admin_get, admin_get_as, agent, free_port, kubectl, kubectl_with_input, server,
@@ -173,10 +174,52 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
         .connect(&tower);
 
     // KubeSphere's cluster controller: a client from the kubeconfig alone.
+    install_member_kubesphere(&member.kubeconfig, &ks);
     let controller = ClusterControllerClient::from_cluster(&written);
-    let (version, nodes, uid) = controller.sync();
-    assert!(version.starts_with('v'), "{version}");
-    assert_eq!(nodes, 1);
+    let synced = controller.sync("member-1");
+    assert!(
+        synced.kubernetes_version.starts_with('v'),
+        "{}",
+        synced.kubernetes_version
+    );
+    assert_eq!(synced.node_count, 1);
+    // The member's ks-apiserver, read through the member's apiserver's service proxy.
+    let configz: Value = serde_json::from_str(CONFIGZ).unwrap();
+    assert_eq!(
+        synced.configz.map(Value::Object),
+        Some(configz),
+        "{:?}",
+        ks.seen()
+    );
+    assert_eq!(synced.kubesphere_version.as_deref(), Some("v3.4.1"));
+    let proxied: Vec<Seen> = ks.seen();
+    assert_eq!(
+        proxied
+            .iter()
+            .map(|s| (s.path.as_str(), s.authorization.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("/kapis/config.kubesphere.io/v1alpha2/configs/configz", ""),
+            ("/kapis/version", "")
+        ],
+        "the apiserver keeps the caller's credentials to itself"
+    );
+    // The member now knows its name.
+    let config = kubectl(
+        &member.kubeconfig,
+        &[
+            "get",
+            "configmap",
+            "kubesphere-config",
+            "-n",
+            "kubesphere-system",
+            "-o",
+            "jsonpath={.data.kubesphere\\.yaml}",
+        ],
+    )
+    .success();
+    assert!(config.contains("clusterName: member-1"), "{config}");
+    assert!(config.contains("clusterRole: member"), "{config}");
     let kube_system = kubectl(
         &member.kubeconfig,
         &[
@@ -189,7 +232,7 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
     )
     .success();
     assert_eq!(
-        uid,
+        synced.uid,
         kube_system.trim(),
         "the member's kube-system, not the host's"
     );
@@ -256,7 +299,7 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
     )
     .expect("exec over WebSocket");
     assert_eq!(echoed, vec![b"\x00ls\n".to_vec(), b"\x00exit\n".to_vec()]);
-    let seen = ks.seen();
+    let seen = ks.seen().split_off(proxied.len());
     assert_eq!(seen.len(), 3, "{seen:?}");
     let (get, post, ws) = (&seen[0], &seen[1], &seen[2]);
     assert_eq!(
@@ -288,7 +331,7 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
     // A caller without a valid JWT does not get through.
     let refused = dispatch(&endpoint, "GET", "/kapis/x", host_header, "not-a-jwt", b"");
     assert_eq!(refused.status, 401, "{}", refused.body);
-    assert_eq!(ks.seen().len(), 3);
+    assert_eq!(ks.seen().len(), proxied.len() + 3);
 
     // A restart leaves the kubeconfig, token, port and endpoint as they were.
     let before = cluster(&host, "member-1").unwrap();

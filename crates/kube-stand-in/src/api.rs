@@ -21,7 +21,10 @@ use crate::rbac::{self, Attributes};
 use crate::status::ApiError;
 use crate::store::{Filter, PatchKind, Resource, Since, Target};
 use crate::table::{self, IncludeObject};
-use crate::{Call, Shared, auth, discovery, exec_ws, logs, openapi, protobuf, review, spdy, watch};
+use crate::{
+    Call, Shared, auth, discovery, exec_ws, logs, openapi, protobuf, review, service_proxy, spdy,
+    watch,
+};
 
 /// The response body type of every handler.
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -411,6 +414,9 @@ async fn resource_route(
                 [name] => object(shared, user, req, r, ns, name, Target::Object, &query).await,
                 [name, "status"] if shared.store.status_subresource(r) && !watch_path => {
                     object(shared, user, req, r, ns, name, Target::Status, &query).await
+                }
+                [name, "proxy", tail @ ..] if r == Resource::Services && !watch_path => {
+                    service_proxy::serve(shared, req, ns, name, tail).await
                 }
                 [name, sub] if r == Resource::Pods && !watch_path => {
                     pod_subresource(shared, user.name.clone(), req, ns, name, sub, &query)

@@ -106,6 +106,13 @@ pub(crate) fn api_resources_json(group_version: &str) -> Option<String> {
                 &["create", "get"],
             ));
         }
+        if r == Resource::Services {
+            resources.push(sub(
+                "proxy",
+                "ServiceProxyOptions",
+                &["create", "delete", "get", "patch", "update"],
+            ));
+        }
         if r == Resource::ServiceAccounts {
             let mut token = sub("token", "TokenRequest", &["create"]);
             token["group"] = json!("authentication.k8s.io");
@@ -190,6 +197,7 @@ mod tests {
             names,
             [
                 "configmaps",
+                "endpoints",
                 "namespaces",
                 "nodes",
                 "pods",
@@ -201,15 +209,22 @@ mod tests {
                 "serviceaccounts",
                 "serviceaccounts/token",
                 "services",
+                "services/proxy",
                 "services/status"
             ]
         );
-        let token = &core["resources"][10];
+        let token = &core["resources"][11];
         assert_eq!(token["kind"], "TokenRequest");
         assert_eq!(token["group"], "authentication.k8s.io");
         assert_eq!(token["verbs"], json!(["create"]));
-        let svc = &core["resources"][11];
+        let svc = &core["resources"][12];
         assert_eq!(svc["shortNames"], json!(["svc"]));
         assert_eq!(svc["namespaced"], true);
+        let proxy = &core["resources"][13];
+        assert_eq!(proxy["kind"], "ServiceProxyOptions");
+        assert_eq!(
+            proxy["verbs"],
+            json!(["create", "delete", "get", "patch", "update"])
+        );
     }
 }

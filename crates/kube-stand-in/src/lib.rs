@@ -28,6 +28,9 @@
 //! * `services` (core `v1`: a cluster IP and node ports are allocated) and KubeSphere's
 //!   cluster-scoped, free-form `clusters` (`cluster.kubesphere.io/v1alpha1`, served like a
 //!   custom resource) both have a `status` subresource: only `…/status` changes `.status`;
+//! * the service proxy (`services/{[scheme:]name[:port]}/proxy/…`, module
+//!   `service_proxy`) to an address the Service's `endpoints` name; Endpoints are stored as
+//!   written (no endpoints controller), so a test points them at a listener of its own;
 //! * `secrets` (`stringData` folded into `data`), `serviceaccounts` (with the `token`
 //!   subresource: TokenRequest, so `kubectl create token` works), the four RBAC kinds
 //!   (`rbac.authorization.k8s.io/v1`) and `poddisruptionbudgets` (`policy/v1`), so that
@@ -84,6 +87,7 @@ mod openapi;
 mod protobuf;
 mod rbac;
 mod review;
+mod service_proxy;
 pub mod spdy;
 pub mod status;
 mod store;

@@ -152,6 +152,11 @@ impl ApiError {
         )
     }
 
+    /// 503 Service Unavailable.
+    pub fn service_unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(503, "ServiceUnavailable", message)
+    }
+
     /// 500 Internal Error.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(500, "InternalError", message)

@@ -107,6 +107,18 @@ fn columns(resource: Resource) -> Value {
             ),
             age
         ]),
+        // printers.go's endpointColumnDefinitions: NAME, ENDPOINTS, AGE.
+        Resource::Endpoints => json!([
+            name,
+            column(
+                "Endpoints",
+                "string",
+                "",
+                0,
+                "The set of all endpoints is the union of all subsets."
+            ),
+            age
+        ]),
         Resource::Services => json!([
             name,
             column(
@@ -363,6 +375,7 @@ fn cells(resource: Resource, object: &Value) -> Value {
                 + object["binaryData"].as_object().map_or(0, |d| d.len());
             json!([name, data, age])
         }
+        Resource::Endpoints => json!([name, endpoints_cell(object), age]),
         Resource::Services => {
             let spec = &object["spec"];
             let selector = spec["selector"]
@@ -546,9 +559,69 @@ mod tests {
     }
 }
 
+/// An Endpoints' cell, as printers.go's `formatEndpoints`: `ip:port` for each port and
+/// address of each subset (the address alone where a subset has no ports), the first three,
+/// then ` + N more...`.
+fn endpoints_cell(object: &Value) -> String {
+    const MAX: usize = 3;
+    let mut list = Vec::new();
+    let mut count = 0;
+    for subset in object["subsets"].as_array().into_iter().flatten() {
+        let ips: Vec<&str> = subset["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["ip"].as_str())
+            .collect();
+        let ports: Vec<Option<i64>> = match subset["ports"].as_array() {
+            Some(ports) if !ports.is_empty() => ports.iter().map(|p| p["port"].as_i64()).collect(),
+            _ => vec![None],
+        };
+        for port in ports {
+            count += ips.len();
+            for ip in &ips {
+                if list.len() < MAX {
+                    list.push(match port {
+                        // net.JoinHostPort brackets an IPv6 address.
+                        Some(p) if ip.contains(':') => format!("[{ip}]:{p}"),
+                        Some(p) => format!("{ip}:{p}"),
+                        None => (*ip).to_owned(),
+                    });
+                }
+            }
+        }
+    }
+    match list.len() {
+        0 => "<none>".to_owned(),
+        n if count > n => format!("{} + {} more...", list.join(","), count - n),
+        _ => list.join(","),
+    }
+}
+
 #[cfg(test)]
 mod service_and_cluster_tests {
     use super::*;
+
+    #[test]
+    fn endpoints_rows_show_the_first_three_addresses_as_kubectl_does() {
+        let cell = |subsets: Value| endpoints_cell(&json!({"subsets": subsets}));
+        assert_eq!(cell(json!([])), "<none>");
+        assert_eq!(
+            cell(
+                json!([{"addresses": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}],
+                         "ports": [{"port": 9090}]}])
+            ),
+            "10.0.0.1:9090,[fd00::1]:9090"
+        );
+        assert_eq!(
+            cell(
+                json!([{"addresses": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}],
+                         "ports": [{"name": "a", "port": 1}, {"name": "b", "port": 2}]},
+                        {"addresses": [{"ip": "10.0.0.3"}]}])
+            ),
+            "10.0.0.1:1,10.0.0.2:1,10.0.0.1:2 + 2 more..."
+        );
+    }
 
     #[test]
     fn service_rows_show_ports_and_ingress() {

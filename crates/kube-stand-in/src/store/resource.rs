@@ -19,8 +19,12 @@ pub(crate) enum Resource {
     Pods,
     /// Core `v1` `ConfigMap`.
     ConfigMaps,
-    /// Core `v1` `Service`, with a `status` subresource.
+    /// Core `v1` `Service`, with a `status` subresource and the `proxy` subresource
+    /// (`crate::service_proxy`).
     Services,
+    /// Core `v1` `Endpoints`, stored as given: no endpoints controller fills them in from a
+    /// Service's selector and its ready pods; a test writes them as that controller would.
+    Endpoints,
     /// KubeSphere's `cluster.kubesphere.io/v1alpha1` `Cluster`, cluster-scoped, free-form,
     /// with a `status` subresource (served like a custom resource).
     Clusters,
@@ -56,8 +60,9 @@ pub(crate) enum Resource {
 
 impl Resource {
     /// Every resource, in discovery order.
-    pub(crate) const ALL: [Resource; 16] = [
+    pub(crate) const ALL: [Resource; 17] = [
         Resource::ConfigMaps,
+        Resource::Endpoints,
         Resource::Namespaces,
         Resource::Nodes,
         Resource::Pods,
@@ -89,6 +94,7 @@ impl Resource {
             Resource::Pods => "pods",
             Resource::ConfigMaps => "configmaps",
             Resource::Services => "services",
+            Resource::Endpoints => "endpoints",
             Resource::Clusters => "clusters",
             Resource::Deployments => "deployments",
             Resource::Secrets => "secrets",
@@ -110,6 +116,7 @@ impl Resource {
             Resource::Pods => "pod",
             Resource::ConfigMaps => "configmap",
             Resource::Services => "service",
+            Resource::Endpoints => "endpoints",
             Resource::Clusters => "cluster",
             Resource::Deployments => "deployment",
             Resource::Secrets => "secret",
@@ -131,6 +138,7 @@ impl Resource {
             Resource::Pods => "Pod",
             Resource::ConfigMaps => "ConfigMap",
             Resource::Services => "Service",
+            Resource::Endpoints => "Endpoints",
             Resource::Clusters => "Cluster",
             Resource::Deployments => "Deployment",
             Resource::Secrets => "Secret",
@@ -205,6 +213,7 @@ impl Resource {
             Resource::Pods => &["po"],
             Resource::ConfigMaps => &["cm"],
             Resource::Services => &["svc"],
+            Resource::Endpoints => &["ep"],
             Resource::Deployments => &["deploy"],
             Resource::ServiceAccounts => &["sa"],
             Resource::PodDisruptionBudgets => &["pdb"],

@@ -32,8 +32,12 @@
 //!   `verifyRunAsNonRoot`), no new privileges, no capabilities, and a read-only root when
 //!   `readOnlyRootFilesystem` is set (volume mounts keep their own mode).
 //!
+//! - **Resources** (pkg/kubelet/cm/helpers_linux.go): `limits.cpu` and `limits.memory`
+//!   applied through a cgroup of the container's own (`limits`), so that Tower's binaries
+//!   size their runtime from the CPU quota as they do in a real pod.
+//!
 //! Beside this file: the image (`image`), the environment (`env`), the volumes' files
-//! (`volumes`) and Pod Security admission ([`security`]).
+//! (`volumes`), resource limits (`limits`) and Pod Security admission ([`security`]).
 //!
 //! How: the container runs in a private mount namespace (`unshare --mount`), where each
 //! volume is bind-mounted at its `mountPath` (a missing mount point is created on an
@@ -48,7 +52,7 @@
 //! machine's network, it checks that a listen address the manifest writes for the probe's
 //! port takes every address, where a kubelet would probe the pod's IP); restarts (an
 //! exited container is reported by [`Pod::exit_code`], i.e. CrashLoopBackOff); resource
-//! limits; seccomp (but Pod Security admission checks that it is asked for); `subPath`,
+//! requests; seccomp (but Pod Security admission checks that it is asked for); `subPath`,
 //! `envFrom`, and other volume types (refused).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -68,6 +72,7 @@ use crate::{Process, TempDir};
 
 mod env;
 mod image;
+mod limits;
 pub mod security;
 mod volumes;
 
@@ -223,6 +228,10 @@ impl Kubelet {
             ));
         };
         let identity = Identity::of(&spec, container, &self.image)?;
+        let cgroup = limits::Cgroup::create(
+            &format!("{}-{pod_name}", meta.namespace),
+            limits::Limits::of(container)?,
+        )?;
         let (env, expansion) = self.environment(&meta, &spec, container, overrides)?;
         let dir = TempDir::new("pod");
         let mounts = self.volumes(&meta, &spec, container, &identity, dir.path())?;
@@ -249,7 +258,10 @@ impl Kubelet {
             binaries,
             host_paths: self.image.files.is_none(),
         };
-        let script = setup_script(dir.path(), &mounts, read_only_root, &runtime, &argv)?;
+        let join = cgroup
+            .as_ref()
+            .map_or_else(String::new, limits::Cgroup::join_script);
+        let script = setup_script(dir.path(), &join, &mounts, read_only_root, &runtime, &argv)?;
         let script_path = dir.path().join("start.sh");
         std::fs::write(&script_path, script).map_err(|e| e.to_string())?;
         let mut command = Command::new("/usr/bin/unshare");
@@ -264,6 +276,7 @@ impl Kubelet {
             namespace: meta.namespace,
             spec,
             process,
+            _cgroup: cgroup,
             stdout: Some(stdout),
             runtime,
             _dir: dir,
@@ -381,6 +394,8 @@ pub struct Pod {
     /// The spec it runs, after admission.
     pub spec: PodSpec,
     process: Process,
+    /// Removed once `process` is gone (fields drop in this order).
+    _cgroup: Option<limits::Cgroup>,
     stdout: Option<ChildStdout>,
     runtime: Runtime,
     _dir: TempDir,
@@ -633,15 +648,17 @@ impl Runtime {
     }
 }
 
-/// The shell script run in the new mount namespace: mounts, then `exec setpriv … argv`.
+/// The shell script run in the new mount namespace: `prelude` (joining the container's
+/// cgroup), mounts, then `exec setpriv … argv`.
 fn setup_script(
     dir: &Path,
+    prelude: &str,
     mounts: &[Mount],
     read_only_root: bool,
     runtime: &Runtime,
     argv: &[String],
 ) -> Result<String, String> {
-    let mut script = String::from("set -eu\n");
+    let mut script = format!("set -eu\n{prelude}");
     let mut overlaid: BTreeSet<PathBuf> = BTreeSet::new();
     let mut sorted: Vec<&Mount> = mounts.iter().collect();
     sorted.sort_by_key(|m| m.target.components().count());

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use tower_e2e::pod::{ApiServer, Image, Kubelet, Overrides, Pod};
 use tower_e2e::{
-    Member, OperatorPki, Relay, SECRET, Server, TempDir, kubectl, kubectl_with_input, wait_for_with,
+    CURRENT_THREAD_LOG, Member, OperatorPki, Relay, SECRET, Server, TempDir, kubectl,
+    kubectl_with_input, wait_for_with,
 };
 
 const NAMESPACE: &str = "ke-system";
@@ -410,6 +411,15 @@ fn the_seed_flow_runs_from_the_shipped_manifests_to_kubectl_on_the_member() {
     for replica in replicas {
         let log = replica.pod.log();
         assert!(!log.contains("forbidden"), "{log}");
+    }
+    // Each pod's limits give it one CPU, so each binary runs tokio's current-thread
+    // runtime, as deployed.
+    for log in replicas
+        .iter()
+        .map(|r| r.pod.log())
+        .chain([flow.agent.log()])
+    {
+        assert!(log.contains(CURRENT_THREAD_LOG), "{log}");
     }
     assert!(flow.agent.exit_code().is_none(), "the agent keeps running");
 }

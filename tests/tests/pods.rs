@@ -448,3 +448,23 @@ fn a_namespace_that_enforces_restricted_admits_only_pods_that_meet_it() {
     let (code, stdout, log) = run(&kubelet, &hardened);
     assert_eq!((code, stdout.trim()), (0, "65532"), "{log}");
 }
+
+/// `limits.memory` is the limit of the container's cgroup: a buffer past it is the
+/// kernel's to kill (OOMKilled, exit 137), and the same command under a larger limit runs.
+#[test]
+fn a_container_past_its_memory_limit_is_killed() {
+    let (_member, kubelet) = cluster();
+    // A 128 MiB buffer, written by dd as it reads.
+    let script = "dd if=/dev/zero of=/dev/null bs=128M count=1";
+    let limited = |memory: &str| {
+        template(
+            script,
+            serde_json::json!({}),
+            serde_json::json!({"resources": {"limits": {"memory": memory}}}),
+        )
+    };
+    let (code, _, log) = run(&kubelet, &limited("512Mi"));
+    assert_eq!(code, 0, "{log}");
+    let (code, _, log) = run(&kubelet, &limited("64Mi"));
+    assert_eq!(code, 137, "OOMKilled: {log}");
+}

@@ -38,6 +38,8 @@ const SAMPLE: Duration = Duration::from_millis(10);
 const PEAK_WINDOW: Duration = Duration::from_millis(100);
 /// The cluster whose routing latency is measured (always one of the N).
 const PROBE_CLUSTER: &str = "scale-00000";
+/// The Deployment tower-server runs as: its memory limit is what the peaks must stay under.
+const DEPLOYMENT: &str = include_str!("../../deploy/host/deployment.yaml");
 
 /// What one N measured.
 struct Round {
@@ -60,6 +62,10 @@ struct Round {
     dials_failed: u64,
     /// Server RSS after the restart, all back and settled.
     restarted_kib: u64,
+    /// The server's peak RSS (`VmHWM`) through the first connect of all N, and through the
+    /// restart's reconnect (the restarted process's own peak).
+    connect_peak_kib: u64,
+    restart_peak_kib: u64,
 }
 
 impl Round {
@@ -72,7 +78,8 @@ impl Round {
             "members": self.n,
             "connected": self.connected,
             "connect_all_s": self.connect_all.as_secs_f64(),
-            "server_rss_kib": {"idle": self.idle_kib, "settled": self.settled_kib, "after_restart": self.restarted_kib},
+            "server_rss_kib": {"idle": self.idle_kib, "settled": self.settled_kib, "after_restart": self.restarted_kib,
+                               "peak_connect": self.connect_peak_kib, "peak_restart": self.restart_peak_kib},
             "server_kib_per_member": self.kib_per_member(),
             "routing_p50_us": self.p50_us,
             "routing_p99_us": self.p99_us,
@@ -138,6 +145,9 @@ pub(crate) fn b9(
         let peak = over(&|r| r.peak_rate);
         let connect = over(&|r| r.connect_all.as_secs_f64());
         let failed = over(&|r| r.dials_failed as f64);
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let connect_peak = over(&|r| mib(r.connect_peak_kib));
+        let restart_peak = over(&|r| mib(r.restart_peak_kib));
         crate::row(
             &format!("B9 N={n}: server KiB/member"),
             "-",
@@ -166,6 +176,21 @@ pub(crate) fn b9(
             failed.median(),
             connect.median()
         );
+        crate::row(
+            &format!("B9 N={n}: server peak RSS (MiB)"),
+            "-",
+            &format!(
+                "{:.0} / {:.0}",
+                connect_peak.median(),
+                restart_peak.median()
+            ),
+            "",
+            &format!("<= {:.0}", mib(deployed_limit_kib())),
+        );
+        println!(
+            "{:<36} through the first connect / the restart's reconnect; the limit is deploy/host's",
+            ""
+        );
         if rounds > 1 {
             println!(
                 "{:<36} spread over {rounds} rounds: KiB/member {}, p99 {} us, back {} s",
@@ -192,6 +217,8 @@ pub(crate) fn b9(
             "restart_peak_tunnels_per_s": peak.to_json(),
             "restart_dials_failed": failed.to_json(),
             "connect_all_s": connect.to_json(),
+            "server_peak_rss_mib": {"connect": connect_peak.to_json(), "restart": restart_peak.to_json(),
+                                    "deployed_limit": mib(deployed_limit_kib())},
             "rounds": all.iter().map(Round::to_json).collect::<Vec<_>>(),
         }));
     }
@@ -212,6 +239,7 @@ fn round(member: &Member, user: &str, n: usize, quick: bool) -> Round {
     let connected = fleet.tunnels_up();
     std::thread::sleep(SETTLE);
     let settled_kib = server.process.rss_kib();
+    let connect_peak_kib = server.process.peak_rss_kib();
 
     // One member's routing latency, the others idle.
     let probe = Target::new(
@@ -260,6 +288,7 @@ fn round(member: &Member, user: &str, n: usize, quick: bool) -> Round {
     let peak_rate = peak_rate(&samples);
     std::thread::sleep(SETTLE);
     let restarted_kib = server.process.rss_kib();
+    let restart_peak_kib = server.process.peak_rss_kib();
 
     fleet.stop();
     drop(server);
@@ -277,7 +306,17 @@ fn round(member: &Member, user: &str, n: usize, quick: bool) -> Round {
         peak_rate,
         dials_failed,
         restarted_kib,
+        connect_peak_kib,
+        restart_peak_kib,
     }
+}
+
+/// tower-server's memory limit in deploy/host, in KiB.
+fn deployed_limit_kib() -> u64 {
+    tower_e2e::pod::deployment_memory_limit(DEPLOYMENT)
+        .expect("deploy/host/deployment.yaml")
+        .expect("deploy/host's tower-server has a memory limit")
+        / 1024
 }
 
 /// The most tunnels that came up within any [`PEAK_WINDOW`], per second.

@@ -78,6 +78,20 @@ mod volumes;
 
 use env::expand;
 pub use image::{FinalStage, Image};
+
+/// `limits.memory` in bytes of the first container of the Deployment `yaml` (one
+/// document), as a kubelet would apply it; `None` when it sets none.
+pub fn deployment_memory_limit(yaml: &str) -> Result<Option<u64>, String> {
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        serde_yaml::from_str(yaml).map_err(|e| format!("a Deployment: {e}"))?;
+    let container = deployment
+        .spec
+        .template
+        .spec
+        .and_then(|s| s.containers.into_iter().next())
+        .ok_or("the Deployment has no container")?;
+    Ok(limits::Limits::of(&container)?.memory)
+}
 use volumes::Mount;
 
 /// Where ServiceAccount admission mounts the API credentials.

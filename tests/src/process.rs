@@ -120,6 +120,12 @@ impl Process {
         rss_kib(self.pid())
     }
 
+    /// The most its resident set has been since it started, in KiB (`VmHWM`); 0 when it
+    /// is gone.
+    pub fn peak_rss_kib(&self) -> u64 {
+        status_kib(self.pid(), "VmHWM:")
+    }
+
     /// Sends SIGKILL and reaps.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -161,10 +167,15 @@ impl Drop for Process {
 
 /// Resident set size of `pid` in KiB (Linux, from /proc); 0 when it is gone.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `… kB` line of `/proc/{pid}/status`; 0 when the process is gone.
+fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }

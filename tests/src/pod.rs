@@ -242,8 +242,9 @@ impl Kubelet {
             ));
         };
         let identity = Identity::of(&spec, container, &self.image)?;
+        // Its own even when a test reuses a pod's name while another runs.
         let cgroup = limits::Cgroup::create(
-            &format!("{}-{pod_name}", meta.namespace),
+            &format!("{}-{pod_name}-{}", meta.namespace, random_suffix()),
             limits::Limits::of(container)?,
         )?;
         let (env, expansion) = self.environment(&meta, &spec, container, overrides)?;

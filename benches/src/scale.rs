@@ -135,6 +135,7 @@ pub(crate) fn b9(
     quick: bool,
 ) -> Value {
     let mut out = Vec::new();
+    let limit_mib = deployed_limit_kib() as f64 / 1024.0;
     for &n in sizes {
         let all: Vec<Round> = (0..rounds).map(|_| round(member, user, n, quick)).collect();
         let over = |f: &dyn Fn(&Round) -> f64| all.iter().map(f).collect::<Samples>();
@@ -185,7 +186,7 @@ pub(crate) fn b9(
                 restart_peak.median()
             ),
             "",
-            &format!("<= {:.0}", mib(deployed_limit_kib())),
+            &format!("<= {limit_mib:.0}"),
         );
         println!(
             "{:<36} through the first connect / the restart's reconnect; the limit is deploy/host's",
@@ -218,7 +219,7 @@ pub(crate) fn b9(
             "restart_dials_failed": failed.to_json(),
             "connect_all_s": connect.to_json(),
             "server_peak_rss_mib": {"connect": connect_peak.to_json(), "restart": restart_peak.to_json(),
-                                    "deployed_limit": mib(deployed_limit_kib())},
+                                    "deployed_limit": limit_mib},
             "rounds": all.iter().map(Round::to_json).collect::<Vec<_>>(),
         }));
     }

@@ -583,17 +583,7 @@ impl ClusterControllerClient {
 
     /// `setClusterNameInConfigMap`: the member's `kubesphere-config` names the cluster.
     fn set_cluster_name_in_config_map(&self, name: &str) {
-        let read = self.kubectl(&[
-            "get",
-            "configmap",
-            "kubesphere-config",
-            "-n",
-            "kubesphere-system",
-            "-o",
-            "json",
-        ]);
-        let mut cm: serde_json::Value =
-            serde_json::from_str(&read.success()).expect("ConfigMap JSON");
+        let mut cm = kubesphere_config(&self.kubeconfig);
         let mut config: serde_yaml::Value =
             serde_yaml::from_str(cm["data"]["kubesphere.yaml"].as_str().unwrap_or_default())
                 .expect("kubesphere.yaml");
@@ -615,6 +605,23 @@ impl ClusterControllerClient {
         )
         .success();
     }
+}
+
+/// The member's `kubesphere-system/kubesphere-config` ConfigMap, read with `kubeconfig`.
+pub fn kubesphere_config(kubeconfig: &Path) -> serde_json::Value {
+    let read = kubectl(
+        kubeconfig,
+        &[
+            "get",
+            "configmap",
+            "kubesphere-config",
+            "-n",
+            "kubesphere-system",
+            "-o",
+            "json",
+        ],
+    );
+    serde_json::from_str(&read.success()).expect("ConfigMap JSON")
 }
 
 /// What [`ClusterControllerClient::sync`] read from the member.

@@ -31,7 +31,6 @@
 //!   `runAsNonRoot` refusing uid 0 (pkg/kubelet/kuberuntime/security_context_others.go
 //!   `verifyRunAsNonRoot`), no new privileges, no capabilities, and a read-only root when
 //!   `readOnlyRootFilesystem` is set (volume mounts keep their own mode).
-//!
 //! - **Resources** (pkg/kubelet/cm/helpers_linux.go): `limits.cpu` and `limits.memory`
 //!   applied through a cgroup of the container's own (`limits`), so that Tower's binaries
 //!   size their runtime from the CPU quota as they do in a real pod.

@@ -13,7 +13,7 @@ use serde_json::Value;
 use tower_e2e::kubesphere::{
     CLUSTER_FINALIZER, CONFIGZ, ClusterControllerClient, KsApiServer, Seen, create_namespace,
     delete_held, dispatch, dispatch_tls, dispatch_websocket, free_port_range,
-    install_member_kubesphere, listening, set_cluster_finalizers,
+    install_member_kubesphere, kubesphere_config, listening, set_cluster_finalizers,
 };
 use tower_e2e::{
     Member, Server, admin_get, admin_get_as, agent, free_port, kubectl, kubectl_with_input, server,
@@ -205,19 +205,10 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
         "the apiserver keeps the caller's credentials to itself"
     );
     // The member now knows its name.
-    let config = kubectl(
-        &member.kubeconfig,
-        &[
-            "get",
-            "configmap",
-            "kubesphere-config",
-            "-n",
-            "kubesphere-system",
-            "-o",
-            "jsonpath={.data.kubesphere\\.yaml}",
-        ],
-    )
-    .success();
+    let config = kubesphere_config(&member.kubeconfig)["data"]["kubesphere.yaml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(config.contains("clusterName: member-1"), "{config}");
     assert!(config.contains("clusterRole: member"), "{config}");
     let kube_system = kubectl(

@@ -290,7 +290,7 @@ impl Kubelet {
             namespace: meta.namespace,
             spec,
             process,
-            _cgroup: cgroup,
+            cgroup,
             stdout: Some(stdout),
             runtime,
             _dir: dir,
@@ -409,7 +409,7 @@ pub struct Pod {
     pub spec: PodSpec,
     process: Process,
     /// Removed once `process` is gone (fields drop in this order).
-    _cgroup: Option<limits::Cgroup>,
+    cgroup: Option<limits::Cgroup>,
     stdout: Option<ChildStdout>,
     runtime: Runtime,
     _dir: TempDir,
@@ -533,15 +533,26 @@ impl Pod {
         (0..attempts).any(|_| passes())
     }
 
-    /// Runs `argv` in the container (`kubectl exec`): same mounts, identity and
-    /// environment; `argv[0]` is a path in the image.
+    /// Runs `argv` in the container (`kubectl exec`): same mounts, identity, environment
+    /// and cgroup (as the runtime's exec joins the container's); `argv[0]` is a path in
+    /// the image.
     pub fn exec(&self, argv: &[&str]) -> Output {
         let binary = self
             .runtime
             .in_pod(argv[0])
             .unwrap_or_else(|e| panic!("exec in pod {}: {e}", self.name));
-        let mut command = Command::new("/usr/bin/nsenter");
+        let join = self
+            .cgroup
+            .as_ref()
+            .map_or_else(String::new, limits::Cgroup::join_script);
+        let mut command = Command::new("/bin/sh");
         command
+            .args([
+                "-c",
+                &format!("{join}exec \"$@\""),
+                "sh",
+                "/usr/bin/nsenter",
+            ])
             .arg("--target")
             .arg(self.process.pid().to_string())
             .args(["--mount", "--"])

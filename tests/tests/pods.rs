@@ -467,4 +467,34 @@ fn a_container_past_its_memory_limit_is_killed() {
     assert_eq!(code, 0, "{log}");
     let (code, _, log) = run(&kubelet, &limited("64Mi"));
     assert_eq!(code, 137, "OOMKilled: {log}");
+    // What `kubectl exec` runs counts against the limit too.
+    let pod = kubelet
+        .start(
+            NS,
+            "runner-test",
+            &template(
+                "sleep 60",
+                serde_json::json!({}),
+                serde_json::json!({"resources": {"limits": {"memory": "64Mi"}}}),
+            ),
+            &Overrides::default(),
+        )
+        .unwrap_or_else(|e| panic!("the pod should start: {e}"));
+    let small = pod.exec(&[
+        "/bin/dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=16M",
+        "count=1",
+    ]);
+    assert!(small.status.success(), "{small:?}");
+    let large = pod.exec(&[
+        "/bin/dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=128M",
+        "count=1",
+    ]);
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(large.status.signal(), Some(9), "OOMKilled: {large:?}");
 }

@@ -115,7 +115,9 @@ fn resolve(shared: &Shared, namespace: &str, id: &str) -> Result<String, ApiErro
             })?;
     }
     let endpoints = object(Resource::Endpoints)?;
-    let subsets = endpoints["subsets"].as_array().cloned().unwrap_or_default();
+    let subsets = endpoints["subsets"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
     if subsets.is_empty() {
         return Err(ApiError::service_unavailable(format!(
             "no endpoints available for service {name:?}"

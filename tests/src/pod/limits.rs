@@ -15,7 +15,7 @@
 //! a test must not pass with its limits silently dropped.
 //!
 //! Not modelled: requests (`cpu.shares`, the scheduler's fit), pod-level cgroups and
-//! QoS classes, and processes started by [`super::Pod::exec`], which stay outside.
+//! QoS classes.
 
 use std::path::{Path, PathBuf};
 

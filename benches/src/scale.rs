@@ -7,7 +7,8 @@
 //! time, at its default 10 s keepalive):
 //!
 //! - **memory**: the server's RSS once all N are up and a few seconds idle, minus its
-//!   RSS before the first dialed, over N;
+//!   RSS before the first dialed, over N; and its peak (`VmHWM`) through the first
+//!   connect and through the restart's reconnect, against deploy/host's memory limit;
 //! - **routing**: p50/p99 of small requests (`/version`) to one member, one at a time,
 //!   through the frontend, with the other N − 1 idle;
 //! - **restart**: the server is killed (SIGKILL) and started again on the same ports;
@@ -18,7 +19,8 @@
 //! Kubernetes mode ([`b9_kubernetes`]): Cluster objects on the stand-in (the host API
 //! server), the server in `--kubernetes` mode paced to `--kube-api-qps`/`--kube-api-burst`,
 //! and the time until every Cluster's `AgentAvailable` condition is right after a restart
-//! during which some agents left and others arrived.
+//! during which some agents left and others arrived, with the restarted server's idle
+//! RSS and its peak since the restart.
 
 use std::time::{Duration, Instant};
 
@@ -350,6 +352,10 @@ struct KubeRun {
     agents_back: Duration,
     /// The server's CPU (cores) once converged, with every agent idle.
     idle_cpu: f64,
+    /// The restarted server's RSS then, and its peak since it started (`VmHWM`: the
+    /// first list, the agents' reconnect and the writes), in KiB.
+    idle_kib: u64,
+    peak_kib: u64,
     grace: Duration,
     wrong_at_end: Vec<String>,
     /// The server's requests to the host API from the kill until converged.
@@ -470,6 +476,8 @@ pub(crate) fn b9_kubernetes(member: &Member, n: usize, rate: (f64, u32), quick: 
     std::thread::sleep(idle_window);
     let idle_cpu = (crate::load::cpu_time(server.process.pid()) - cpu_before).as_secs_f64()
         / idle_window.as_secs_f64();
+    let idle_kib = server.process.rss_kib();
+    let peak_kib = server.process.peak_rss_kib();
 
     let calls: Vec<_> = host
         .api
@@ -502,6 +510,8 @@ pub(crate) fn b9_kubernetes(member: &Member, n: usize, rate: (f64, u32), quick: 
         most_back,
         agents_back,
         idle_cpu,
+        idle_kib,
+        peak_kib,
         grace,
         wrong_at_end,
         requests: calls.len(),
@@ -519,6 +529,15 @@ pub(crate) fn b9_kubernetes(member: &Member, n: usize, rate: (f64, u32), quick: 
         &secs(run.restart_converged),
         "",
         &format!("qps {}/{}", rate.0, rate.1),
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let limit_mib = mib(deployed_limit_kib());
+    crate::row(
+        &format!("B9 kube {n} Clusters: server RSS idle / peak (MiB)"),
+        "-",
+        &format!("{:.0} / {:.0}", mib(run.idle_kib), mib(run.peak_kib)),
+        "",
+        &format!("<= {limit_mib:.0}"),
     );
     println!(
         "{:<36} server up {:.1} s, ready {:.1} s, agents back (half / 99 % / all) {:.1} / {:.1} / {:.1} s after the kill; with {} absent, {} gone, {} arrived (grace {:?}): {} requests ({} writes, {} list pages), at most {} in one second (qps+burst {}); {} wrong at the end; idle after: {:.1} % of a core; first start at qps {}/{}: {} s",
@@ -556,6 +575,7 @@ pub(crate) fn b9_kubernetes(member: &Member, n: usize, rate: (f64, u32), quick: 
         "agents_back_s": run.agents_back.as_secs_f64(),
         "wrong_at_end": run.wrong_at_end.len(),
         "idle_cpu_cores": run.idle_cpu,
+        "server_rss_mib": {"idle": mib(run.idle_kib), "peak_since_restart": mib(run.peak_kib), "deployed_limit": limit_mib},
         "requests_after_restart": run.requests,
         "writes_after_restart": run.writes,
         "list_pages_after_restart": run.list_pages,

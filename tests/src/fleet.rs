@@ -204,8 +204,11 @@ impl<'a> ClusterHost<'a> {
         path
     }
 
-    /// Creates a proxy Cluster for each (name, token), `spec.connection.token` set.
+    /// Creates a proxy Cluster for each (name, token), `spec.connection.token` set, with
+    /// the `metadata.managedFields` a real API server would hold for it ([`MANAGED_FIELDS`]).
     pub fn create_proxy_clusters(&self, clusters: &[(String, String)]) {
+        let managed: serde_json::Value =
+            serde_json::from_str(MANAGED_FIELDS).expect("MANAGED_FIELDS is JSON");
         let (addr, token) = (self.host.api.addr(), self.host.api.token().to_owned());
         self.runtime.block_on(async {
             let mut sender =
@@ -215,7 +218,7 @@ impl<'a> ClusterHost<'a> {
                 let body = serde_json::json!({
                     "apiVersion": "cluster.kubesphere.io/v1alpha1",
                     "kind": "Cluster",
-                    "metadata": {"name": name},
+                    "metadata": {"name": name, "managedFields": managed},
                     "spec": {"joinFederation": true, "connection": {"type": "proxy", "token": agent_token}},
                 });
                 let request = http::Request::post(CLUSTERS)
@@ -314,3 +317,24 @@ pub fn most_within(times: &[Instant], window: Duration) -> usize {
     }
     most
 }
+
+/// The `metadata.managedFields` a real API server keeps on a proxy Cluster that
+/// KubeSphere's console created, its cluster controller and tower-server wrote to: one
+/// entry per writer, each the set of fields it set (FieldsV1). The stand-in does not track
+/// field managers, so [`ClusterHost::create_proxy_clusters`] writes these with each
+/// Cluster, for what Tower receives with every list and watch event to weigh what it
+/// would on a real host.
+pub const MANAGED_FIELDS: &str = r#"[
+ {"manager":"ks-apiserver","operation":"Update","apiVersion":"cluster.kubesphere.io/v1alpha1","time":"2026-12-07T00:00:00Z","fieldsType":"FieldsV1",
+  "fieldsV1":{"f:metadata":{"f:annotations":{".":{},"f:kubesphere.io/creator":{},"f:kubesphere.io/description":{}},"f:labels":{".":{},"f:cluster.kubesphere.io/group":{},"f:cluster-role.kubesphere.io/member":{}}},
+   "f:spec":{".":{},"f:connection":{".":{},"f:type":{},"f:token":{}},"f:enable":{},"f:joinFederation":{},"f:provider":{}}}},
+ {"manager":"controller-manager","operation":"Update","apiVersion":"cluster.kubesphere.io/v1alpha1","time":"2026-12-07T00:00:05Z","fieldsType":"FieldsV1",
+  "fieldsV1":{"f:metadata":{"f:finalizers":{".":{},"v:\"finalizer.cluster.kubesphere.io\"":{}}},
+   "f:status":{".":{},"f:conditions":{".":{},"k:{\"type\":\"Federated\"}":{".":{},"f:lastTransitionTime":{},"f:lastUpdateTime":{},"f:message":{},"f:reason":{},"f:status":{},"f:type":{}},"k:{\"type\":\"Ready\"}":{".":{},"f:lastTransitionTime":{},"f:lastUpdateTime":{},"f:message":{},"f:reason":{},"f:status":{},"f:type":{}}},
+    "f:configz":{".":{},"f:alerting":{},"f:auditing":{},"f:devops":{},"f:events":{},"f:logging":{},"f:monitoring":{},"f:multicluster":{},"f:network":{},"f:network.ippool":{},"f:network.topology":{},"f:notification":{},"f:openpitrix":{},"f:servicemesh":{}},
+    "f:kubeSphereVersion":{},"f:kubernetesVersion":{},"f:nodeCount":{},"f:uid":{}}}},
+ {"manager":"tower-server","operation":"Update","apiVersion":"cluster.kubesphere.io/v1alpha1","time":"2026-12-07T00:00:01Z","fieldsType":"FieldsV1",
+  "fieldsV1":{"f:metadata":{"f:annotations":{"f:tower.kubesphere.io/previous-token":{}}},
+   "f:spec":{"f:connection":{"f:kubeconfig":{},"f:kubernetesAPIEndpoint":{},"f:kubesphereAPIEndpoint":{},"f:kubesphereAPIServerPort":{}}},
+   "f:status":{"f:conditions":{"k:{\"type\":\"AgentAvailable\"}":{".":{},"f:lastTransitionTime":{},"f:lastUpdateTime":{},"f:message":{},"f:reason":{},"f:status":{},"f:type":{}}}}}}
+]"#;

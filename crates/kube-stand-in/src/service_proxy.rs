@@ -208,7 +208,15 @@ pub(crate) async fn serve(
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(&e))?;
-        shared.tracker.spawn(connection);
+        // Tracked, and ended at the stand-in's shutdown even if the backend never
+        // answers (a timed-out exchange leaves it waiting).
+        let cancel = shared.cancel.clone();
+        shared.tracker.spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                () = cancel.cancelled() => {}
+            }
+        });
         let answer = sender
             .send_request(outgoing)
             .await

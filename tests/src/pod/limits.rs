@@ -41,13 +41,17 @@ impl Limits {
     pub(super) fn of(container: &Container) -> Result<Limits, String> {
         let limits = container.resources.as_ref().and_then(|r| r.limits.as_ref());
         let get = |name: &str| limits.and_then(|l| l.get(name));
+        // A limit of 0 is none: `MilliCPUToQuota` gives no quota for 0, and the runtime
+        // sets no memory limit for 0.
         Ok(Limits {
             milli_cpu: get("cpu")
                 .map(|q| quantity(q).map(|v| (v * 1000.0).ceil() as u64))
-                .transpose()?,
+                .transpose()?
+                .filter(|m| *m > 0),
             memory: get("memory")
                 .map(|q| quantity(q).map(|v| v.ceil() as u64))
-                .transpose()?,
+                .transpose()?
+                .filter(|b| *b > 0),
         })
     }
 
@@ -322,6 +326,7 @@ mod tests {
         // The kernel's least quota.
         assert_eq!(limits(Some("1m"), None).cpu_quota_us(), Some(1_000));
         assert_eq!(limits(None, None), Limits::default());
+        assert_eq!(limits(Some("0"), Some("0")), Limits::default());
         for bad in ["1x", "", "-1", "1.2.3"] {
             assert!(quantity(&Quantity(bad.into())).is_err(), "{bad}");
         }

@@ -221,7 +221,8 @@ impl<'a> ClusterHost<'a> {
                     "metadata": {"name": name, "managedFields": managed},
                     "spec": {"joinFederation": true, "connection": {"type": "proxy", "token": agent_token}},
                 });
-                let request = http::Request::post(CLUSTERS)
+                // Created as the console creates them: through ks-apiserver.
+                let request = http::Request::post(format!("{CLUSTERS}?fieldManager=ks-apiserver"))
                     .header("host", "localhost")
                     .header("authorization", format!("Bearer {token}"))
                     .header("content-type", "application/json")
@@ -320,21 +321,21 @@ pub fn most_within(times: &[Instant], window: Duration) -> usize {
 
 /// The `metadata.managedFields` a real API server keeps on a proxy Cluster that
 /// KubeSphere's console created, its cluster controller and tower-server wrote to: one
-/// entry per writer, each the set of fields it set (FieldsV1). The stand-in does not track
-/// field managers, so [`ClusterHost::create_proxy_clusters`] writes these with each
-/// Cluster, for what Tower receives with every list and watch event to weigh what it
-/// would on a real host.
+/// entry per writer, each the set of fields it set (FieldsV1). The Cluster CRD (ks-core's
+/// `cluster.kubesphere.io_clusters.yaml`, v3.4.1) has no list markers, so its conditions
+/// are one atomic field. [`ClusterHost::create_proxy_clusters`] creates each Cluster with
+/// these, as a host that has run for a while holds them; the stand-in records the writes
+/// made after (tower-server's own condition writes among them) as the apiserver does.
 pub const MANAGED_FIELDS: &str = r#"[
  {"manager":"ks-apiserver","operation":"Update","apiVersion":"cluster.kubesphere.io/v1alpha1","time":"2026-12-07T00:00:00Z","fieldsType":"FieldsV1",
   "fieldsV1":{"f:metadata":{"f:annotations":{".":{},"f:kubesphere.io/creator":{},"f:kubesphere.io/description":{}},"f:labels":{".":{},"f:cluster.kubesphere.io/group":{},"f:cluster-role.kubesphere.io/member":{}}},
    "f:spec":{".":{},"f:connection":{".":{},"f:type":{},"f:token":{}},"f:enable":{},"f:joinFederation":{},"f:provider":{}}}},
  {"manager":"controller-manager","operation":"Update","apiVersion":"cluster.kubesphere.io/v1alpha1","time":"2026-12-07T00:00:05Z","fieldsType":"FieldsV1",
   "fieldsV1":{"f:metadata":{"f:finalizers":{".":{},"v:\"finalizer.cluster.kubesphere.io\"":{}}},
-   "f:status":{".":{},"f:conditions":{".":{},"k:{\"type\":\"Federated\"}":{".":{},"f:lastTransitionTime":{},"f:lastUpdateTime":{},"f:message":{},"f:reason":{},"f:status":{},"f:type":{}},"k:{\"type\":\"Ready\"}":{".":{},"f:lastTransitionTime":{},"f:lastUpdateTime":{},"f:message":{},"f:reason":{},"f:status":{},"f:type":{}}},
+   "f:status":{".":{},"f:conditions":{},
     "f:configz":{".":{},"f:alerting":{},"f:auditing":{},"f:devops":{},"f:events":{},"f:logging":{},"f:monitoring":{},"f:multicluster":{},"f:network":{},"f:network.ippool":{},"f:network.topology":{},"f:notification":{},"f:openpitrix":{},"f:servicemesh":{}},
     "f:kubeSphereVersion":{},"f:kubernetesVersion":{},"f:nodeCount":{},"f:uid":{}}}},
  {"manager":"tower-server","operation":"Update","apiVersion":"cluster.kubesphere.io/v1alpha1","time":"2026-12-07T00:00:01Z","fieldsType":"FieldsV1",
   "fieldsV1":{"f:metadata":{"f:annotations":{"f:tower.kubesphere.io/previous-token":{}}},
-   "f:spec":{"f:connection":{"f:kubeconfig":{},"f:kubernetesAPIEndpoint":{},"f:kubesphereAPIEndpoint":{},"f:kubesphereAPIServerPort":{}}},
-   "f:status":{"f:conditions":{"k:{\"type\":\"AgentAvailable\"}":{".":{},"f:lastTransitionTime":{},"f:lastUpdateTime":{},"f:message":{},"f:reason":{},"f:status":{},"f:type":{}}}}}}
+   "f:spec":{"f:connection":{"f:kubeconfig":{},"f:kubernetesAPIEndpoint":{},"f:kubesphereAPIEndpoint":{},"f:kubesphereAPIServerPort":{}}}}}
 ]"#;

@@ -187,10 +187,26 @@ fn apply_patch_and_attach_through_the_tunnel() {
     .success();
     assert_eq!(value(), "three");
     // Server-side apply: a PATCH whose body type (application/apply-patch+yaml) the member
-    // must see unchanged.
-    let out = kubectl_with_input(
+    // must see unchanged. The member's apiserver refuses it: `data.key` now belongs to
+    // kubectl-patch, and its 409 (a Status with a cause per field) reaches kubectl whole.
+    let refused = kubectl_with_input(
         &kc,
         &["apply", "--server-side", "-f", "-"],
+        manifest("four").as_bytes(),
+    );
+    assert_eq!(refused.code(), Some(1), "{}", refused.stderr());
+    assert!(
+        refused.stderr().contains(
+            "Apply failed with 1 conflict: conflict with \"kubectl-patch\" using v1: .data.key"
+        ),
+        "{}",
+        refused.stderr()
+    );
+    assert_eq!(value(), "three");
+    // `force=true` takes the field.
+    let out = kubectl_with_input(
+        &kc,
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
         manifest("four").as_bytes(),
     );
     assert_eq!(out.success().trim(), "configmap/applied serverside-applied");
@@ -201,27 +217,54 @@ fn apply_patch_and_attach_through_the_tunnel() {
         .into_iter()
         .filter(|c| c.method == "PATCH")
         .collect();
-    // Which manager sent each: the client-side apply, the patch, the server-side apply, and
-    // kubectl bringing the client-side apply's annotation up to date after it.
+    // Which manager sent each (kubectl 1.32, `apply.go`): the client-side apply, the patch,
+    // the refused apply, the forced one, kubectl keeping the client-side apply's
+    // annotation under a manager of its own, then moving what the client-side apply's
+    // manager still owns to its server-side one (a JSON patch of managedFields, made
+    // because the member's objects carry them) and applying once more.
     let managers: Vec<_> = patches
         .iter()
         .map(|c| {
-            c.path_and_query
-                .split(['?', '&'])
-                .find_map(|p| p.strip_prefix("fieldManager="))
-                .unwrap_or("")
+            let query = c.path_and_query.split_once('?').map_or("", |(_, q)| q);
+            let param = |name: &str| {
+                query
+                    .split('&')
+                    .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+                    .unwrap_or("")
+            };
+            (param("fieldManager"), param("force"))
         })
         .collect();
     assert_eq!(
         managers,
         [
-            "kubectl-client-side-apply",
-            "kubectl-patch",
-            "kubectl",
-            "kubectl-last-applied"
+            ("kubectl-client-side-apply", ""),
+            ("kubectl-patch", ""),
+            ("kubectl", "false"),
+            ("kubectl", "true"),
+            ("kubectl-last-applied", ""),
+            ("kubectl", ""),
+            ("kubectl", "true"),
         ],
         "{patches:?}"
     );
+    // The member recorded each writer's fields: Tower passed every manager through.
+    let fields = kubectl(
+        &kc,
+        &[
+            "get",
+            "configmap",
+            "applied",
+            "--show-managed-fields",
+            "-o",
+            "jsonpath={range .metadata.managedFields[*]}{.manager}:{.operation} {end}",
+        ],
+    )
+    .success();
+    // (Ordered by the second each was written, so compared as a set.)
+    let mut fields: Vec<&str> = fields.split_whitespace().collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["kubectl-last-applied:Apply", "kubectl:Apply"]);
 
     // attach: stdin reaches the container's process and its output comes back.
     let attached = kubectl_with_input(&kc, &["attach", "-i", "web-0"], b"attached through tower\n");

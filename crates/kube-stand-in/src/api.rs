@@ -19,7 +19,7 @@ use crate::StreamGuard;
 use crate::negotiate::{self, Output};
 use crate::rbac::{self, Attributes};
 use crate::status::ApiError;
-use crate::store::{Filter, PatchKind, Resource, Since, Target};
+use crate::store::{self, Filter, PatchKind, Resource, Since, Target};
 use crate::table::{self, IncludeObject};
 use crate::{
     Call, Shared, auth, discovery, exec_ws, logs, openapi, protobuf, review, service_proxy, spdy,
@@ -200,6 +200,7 @@ pub(crate) async fn handle(
         groups: Vec::new(),
         accept: header_str(headers, "accept").map(str::to_owned),
         accept_encoding: header_str(headers, "accept-encoding").map(str::to_owned),
+        user_agent: header_str(headers, "user-agent").map(str::to_owned),
         at: std::time::Instant::now(),
     };
     let gzip = negotiate::accepts_gzip(headers);
@@ -565,13 +566,14 @@ async fn collection(
             let Some(ns) = namespace.or((!resource.namespaced()).then_some("")) else {
                 return Err(ApiError::method_not_allowed());
             };
+            let manager = field_manager(&req, &query);
             let body = read_json(req).await?;
             if resource.is_rbac() {
                 shared
                     .authorizer
                     .check_rbac_write(&shared.store, user, resource, ns, &body)?;
             }
-            let created = shared.store.create(resource, ns, body)?;
+            let created = shared.store.create_by(resource, ns, body, &manager)?;
             Ok(json_response(StatusCode::CREATED, created))
         }
         _ => Err(ApiError::method_not_allowed()),
@@ -703,6 +705,7 @@ async fn object(
             Ok(json_response(StatusCode::OK, json))
         }
         Method::PUT => {
+            let manager = field_manager(&req, query);
             let body = read_json(req).await?;
             if resource.is_rbac() {
                 shared.authorizer.check_rbac_write(
@@ -713,12 +716,15 @@ async fn object(
                     &body,
                 )?;
             }
-            let json = shared
-                .store
-                .replace(resource, namespace, name, target, body)?;
+            let json =
+                shared
+                    .store
+                    .replace_by(resource, namespace, (name, target), body, &manager)?;
             Ok(json_response(StatusCode::OK, json))
         }
         Method::PATCH => {
+            let manager = field_manager(&req, query);
+            let force = query.get("force");
             let content_type = header_str(req.headers(), "content-type")
                 .unwrap_or("")
                 .split(';')
@@ -753,9 +759,23 @@ async fn object(
                             &result,
                         )?;
                     }
-                    let (json, created) = shared
-                        .store
-                        .apply(resource, namespace, name, target, &config)?;
+                    // `force` is a bool (`PatchOptions.Force`): "true" or "false".
+                    let force = match force {
+                        None | Some("false") => false,
+                        Some("true") => true,
+                        Some(other) => {
+                            return Err(ApiError::bad_request(format!(
+                                "invalid value for force: {other:?}"
+                            )));
+                        }
+                    };
+                    let (json, created) = shared.store.apply(
+                        resource,
+                        namespace,
+                        (name, target),
+                        &config,
+                        (&manager, force),
+                    )?;
                     let code = if created {
                         StatusCode::CREATED
                     } else {
@@ -765,6 +785,12 @@ async fn object(
                 }
                 other => return Err(ApiError::unsupported_media_type(other)),
             };
+            if force.is_some() {
+                // `validatePatchOptions`.
+                return Err(ApiError::invalid(
+                    "PatchOptions.meta.k8s.io \"\" is invalid: force: Forbidden: may not be specified for non-apply patch",
+                ));
+            }
             let patch = read_json(req).await?;
             if resource.is_rbac() {
                 let result = shared
@@ -778,9 +804,13 @@ async fn object(
                     &result,
                 )?;
             }
-            let json = shared
-                .store
-                .patch(resource, namespace, name, target, kind, &patch)?;
+            let json = shared.store.patch_by(
+                resource,
+                namespace,
+                (name, target),
+                (kind, &patch),
+                &manager,
+            )?;
             Ok(json_response(StatusCode::OK, json))
         }
         Method::DELETE if target == Target::Object => {
@@ -794,6 +824,14 @@ async fn object(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// The field manager of a write: its `fieldManager`, else its User-Agent's prefix.
+fn field_manager(req: &Request<Incoming>, query: &Query) -> String {
+    store::manager_name(
+        query.get("fieldManager"),
+        header_str(req.headers(), "user-agent"),
+    )
 }
 
 /// `POST serviceaccounts/{name}/token`: TokenRequest.

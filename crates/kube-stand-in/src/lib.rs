@@ -140,6 +140,8 @@ pub struct Call {
     pub accept: Option<String>,
     /// The `Accept-Encoding` header, if any.
     pub accept_encoding: Option<String>,
+    /// The `User-Agent` header, if any (a write's field manager when it names none).
+    pub user_agent: Option<String>,
     /// When it arrived.
     pub at: std::time::Instant,
 }

@@ -121,6 +121,8 @@ enum Kind {
     MapStr,
     /// `map<string, bytes>`.
     MapBytes,
+    /// A message whose field 1 holds the value as JSON bytes (`FieldsV1.Raw`).
+    RawJson,
 }
 
 /// One field of a schema: number, JSON name, kind, repeated.
@@ -135,8 +137,18 @@ const OWNER_REFERENCE: &[Spec] = &[
     (6, "controller", Kind::Bool, false),
     (7, "blockOwnerDeletion", Kind::Bool, false),
 ];
+/// meta/v1 `ManagedFieldsEntry`; `fieldsV1` is `FieldsV1 {bytes Raw = 1}`, the JSON.
+const MANAGED_FIELDS_ENTRY: &[Spec] = &[
+    (1, "manager", Kind::Str, false),
+    (2, "operation", Kind::Str, false),
+    (3, "apiVersion", Kind::Str, false),
+    (4, "time", Kind::Time, false),
+    (6, "fieldsType", Kind::Str, false),
+    (7, "fieldsV1", Kind::RawJson, false),
+    (8, "subresource", Kind::Str, false),
+];
 /// apimachinery's meta/v1 `ObjectMeta` (staging/src/k8s.io/apimachinery/pkg/apis/meta/v1/
-/// generated.proto), without `managedFields` (17), which the stand-in never writes.
+/// generated.proto).
 const OBJECT_META: &[Spec] = &[
     (1, "name", Kind::Str, false),
     (2, "generateName", Kind::Str, false),
@@ -152,6 +164,12 @@ const OBJECT_META: &[Spec] = &[
     (12, "annotations", Kind::MapStr, false),
     (13, "ownerReferences", Kind::Message(OWNER_REFERENCE), true),
     (14, "finalizers", Kind::Str, true),
+    (
+        17,
+        "managedFields",
+        Kind::Message(MANAGED_FIELDS_ENTRY),
+        true,
+    ),
 ];
 /// meta/v1 `ListMeta`.
 const LIST_META: &[Spec] = &[
@@ -346,6 +364,14 @@ fn message(bytes: &[u8], schema: &[Spec]) -> Result<Map<String, Value>, String> 
                 seconds => Value::String(crate::clock::format_rfc3339(seconds)),
             },
             (Kind::Message(inner), Field::Bytes(b)) => Value::Object(message(b, inner)?),
+            (Kind::RawJson, Field::Bytes(b)) => {
+                let raw = fields(b)?.into_iter().find_map(|(n, f)| match (n, f) {
+                    (1, Field::Bytes(raw)) => Some(raw),
+                    _ => None,
+                });
+                serde_json::from_slice(raw.unwrap_or(b"{}"))
+                    .map_err(|e| format!("field {name} is not JSON: {e}"))?
+            }
             (Kind::MapStr | Kind::MapBytes, Field::Bytes(b)) => {
                 let (k, v) = map_entry(b, kind)?;
                 let entry = out.entry(name).or_insert_with(|| Value::Object(Map::new()));
@@ -493,6 +519,11 @@ fn encode_field(
         }
         Kind::Message(inner) => {
             let message = encode_message(value.as_object().ok_or_else(wrong)?, inner, &[])?;
+            put_bytes(out, number, &message);
+        }
+        Kind::RawJson => {
+            let mut message = Vec::new();
+            put_bytes(&mut message, 1, value.to_string().as_bytes());
             put_bytes(out, number, &message);
         }
         Kind::MapStr | Kind::MapBytes => {
@@ -756,6 +787,13 @@ mod tests {
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
                                      "name": "web", "uid": "u-0", "controller": true}],
                 "finalizers": ["f1", "f2"],
+                "managedFields": [{"manager": "kubectl-create", "operation": "Update",
+                                   "apiVersion": "v1", "time": "2026-12-07T03:00:00Z",
+                                   "fieldsType": "FieldsV1",
+                                   "fieldsV1": {"f:data": {".": {}, "f:mode": {}}}},
+                                  {"manager": "tower", "operation": "Update",
+                                   "apiVersion": "v1", "fieldsType": "FieldsV1",
+                                   "fieldsV1": {"f:status": {}}, "subresource": "status"}],
             },
             "data": {"mode": "stand-in", "empty": ""},
             "binaryData": {"bin": "AAEC"},
@@ -779,9 +817,9 @@ mod tests {
     #[test]
     fn a_field_it_cannot_write_is_an_error_not_a_loss() {
         let object = json!({"apiVersion": "v1", "kind": "ConfigMap",
-                            "metadata": {"name": "c", "managedFields": []}});
-        let err = encode(&object).expect_err("managedFields is not modelled");
-        assert!(err.contains("managedFields"), "{err}");
+                            "metadata": {"name": "c", "initializers": {}}});
+        let err = encode(&object).expect_err("initializers are not modelled");
+        assert!(err.contains("initializers"), "{err}");
         let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}});
         assert!(encode(&pod).expect_err("no schema").contains("Kind=Pod"));
         assert!(!writes("v1", "Pod") && writes("v1", "Secret"));

@@ -15,7 +15,7 @@ pub struct ApiError {
     /// Human-readable message; kubectl prints it.
     pub message: String,
     /// `Status.details`, when the error is about a resource or one object.
-    pub details: Option<StatusDetails>,
+    pub details: Option<Box<StatusDetails>>,
 }
 
 /// `Status.details`: which resource (or object) an error is about. Empty fields are left
@@ -28,6 +28,19 @@ pub struct StatusDetails {
     pub group: String,
     /// The resource, e.g. `pods` (the apiserver puts the resource in `kind`).
     pub kind: String,
+    /// `Status.details.causes`: what exactly failed, field by field.
+    pub causes: Vec<StatusCause>,
+}
+
+/// One of `Status.details.causes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusCause {
+    /// Its type (`reason` in JSON), e.g. `FieldManagerConflict`.
+    pub reason: &'static str,
+    /// What the cause is, for a reader.
+    pub message: String,
+    /// The field it is about, e.g. `.data.key`.
+    pub field: String,
 }
 
 impl ApiError {
@@ -82,11 +95,23 @@ impl ApiError {
         name: &str,
     ) -> ApiError {
         let mut err = ApiError::new(403, "Forbidden", message);
-        err.details = Some(StatusDetails {
+        err.details = Some(Box::new(StatusDetails {
             name: name.to_owned(),
             group: group.to_owned(),
             kind: resource.to_owned(),
-        });
+            causes: Vec::new(),
+        }));
+        err
+    }
+
+    /// 409 for a server-side apply's conflicts with other field managers
+    /// (`errors.NewApplyConflict`): details with no object, a cause per field.
+    pub fn apply_conflict(message: String, causes: Vec<StatusCause>) -> ApiError {
+        let mut err = ApiError::new(409, "Conflict", message);
+        err.details = Some(Box::new(StatusDetails {
+            causes,
+            ..StatusDetails::default()
+        }));
         err
     }
 
@@ -174,11 +199,12 @@ impl ApiError {
     fn with_details(mut self, plural: &str, name: &str) -> ApiError {
         // `pods` or `clusters.cluster.kubesphere.io`: the group is after the first dot.
         let (kind, group) = plural.split_once('.').unwrap_or((plural, ""));
-        self.details = Some(StatusDetails {
+        self.details = Some(Box::new(StatusDetails {
             name: name.to_owned(),
             group: group.to_owned(),
             kind: kind.to_owned(),
-        });
+            causes: Vec::new(),
+        }));
         self
     }
 
@@ -203,6 +229,14 @@ impl ApiError {
                 if !value.is_empty() {
                     d.insert(key.to_owned(), json!(value));
                 }
+            }
+            if !details.causes.is_empty() {
+                let causes = details
+                    .causes
+                    .iter()
+                    .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
+                    .collect();
+                d.insert("causes".to_owned(), serde_json::Value::Array(causes));
             }
             status["details"] = serde_json::Value::Object(d);
         }

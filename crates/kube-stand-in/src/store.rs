@@ -21,6 +21,7 @@ use tokio::sync::broadcast;
 use crate::clock;
 use crate::status::ApiError;
 
+mod fields;
 mod filter;
 mod finalize;
 mod gc;
@@ -28,6 +29,8 @@ mod patch;
 mod resource;
 mod validation;
 
+pub(crate) use fields::manager_name;
+use fields::{Managed, Scope, Writer};
 pub(crate) use filter::Filter;
 use patch::{json_patch, merge_patch, strip_directives};
 pub(crate) use resource::{RBAC_GROUP, Resource};
@@ -408,16 +411,44 @@ impl Store {
             .map(|(_, s)| s)
     }
 
-    /// Creates an object (POST).
+    /// Creates an object as the stand-in itself (seeds, tests): no field manager recorded.
     pub(crate) fn create(
         &self,
         resource: Resource,
         namespace: &str,
         object: Value,
     ) -> Result<Bytes, ApiError> {
+        self.create_tracked(resource, namespace, object, Track::Untracked)
+    }
+
+    /// Creates an object (POST) for `manager`.
+    pub(crate) fn create_by(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        object: Value,
+        manager: &str,
+    ) -> Result<Bytes, ApiError> {
+        self.create_tracked(resource, namespace, object, Track::Update(manager))
+    }
+
+    fn create_tracked(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        object: Value,
+        track: Track<'_>,
+    ) -> Result<Bytes, ApiError> {
         let mut inner = self.lock();
-        let created =
-            self.write_locked(&mut inner, resource, namespace, None, object, Write::Create)?;
+        let created = self.write_locked(
+            &mut inner,
+            resource,
+            namespace,
+            None,
+            object,
+            Write::Create,
+            track,
+        )?;
         if resource == Resource::Namespaces {
             self.default_service_account(&mut inner, &created);
         }
@@ -441,10 +472,13 @@ impl Store {
             None,
             json!({"metadata": {"name": "default"}}),
             Write::Create,
+            Track::Update("kube-controller-manager"),
         );
     }
 
-    /// Replaces an object (PUT), or with [`Target::Status`] only its `.status`.
+    /// Replaces an object (PUT), or with [`Target::Status`] only its `.status`, as the
+    /// stand-in itself.
+    #[cfg(test)]
     pub(crate) fn replace(
         &self,
         resource: Resource,
@@ -454,13 +488,38 @@ impl Store {
         object: Value,
     ) -> Result<Bytes, ApiError> {
         let mut inner = self.lock();
+        let write = target.write();
+        let name = Some(name);
+        self.write_locked(
+            &mut inner,
+            resource,
+            namespace,
+            name,
+            object,
+            write,
+            Track::Untracked,
+        )
+    }
+
+    /// [`Store::replace`] for `manager`.
+    pub(crate) fn replace_by(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        (name, target): (&str, Target),
+        object: Value,
+        manager: &str,
+    ) -> Result<Bytes, ApiError> {
+        let mut inner = self.lock();
+        let (write, track) = (target.write(), Track::Update(manager));
         self.write_locked(
             &mut inner,
             resource,
             namespace,
             Some(name),
             object,
-            target.write(),
+            write,
+            track,
         )
     }
 
@@ -469,6 +528,7 @@ impl Store {
     /// object either way; with [`Target::Status`] only the resulting `.status` is kept, with
     /// [`Target::Object`] the stored `.status` is kept if the resource has a status
     /// subresource.
+    #[cfg(test)]
     pub(crate) fn patch(
         &self,
         resource: Resource,
@@ -479,49 +539,81 @@ impl Store {
         patch: &Value,
     ) -> Result<Bytes, ApiError> {
         let key = (resource, namespace.to_owned(), name.to_owned());
-        self.patch_locked(&mut self.lock(), &key, target, kind, patch)
+        self.patch_locked(
+            &mut self.lock(),
+            &key,
+            target,
+            kind,
+            patch,
+            Track::Untracked,
+        )
     }
 
-    /// Server-side apply (`application/apply-patch+yaml`) without field ownership: the
-    /// applied configuration is merged into the object like a merge patch, or creates the
-    /// object when there is none. Returns the object and whether it was created.
+    /// [`Store::patch`] for `manager`.
+    pub(crate) fn patch_by(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        (name, target): (&str, Target),
+        (kind, patch): (PatchKind, &Value),
+        manager: &str,
+    ) -> Result<Bytes, ApiError> {
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        let track = Track::Update(manager);
+        self.patch_locked(&mut self.lock(), &key, target, kind, patch, track)
+    }
+
+    /// Server-side apply (`application/apply-patch+yaml`) by `manager`: the configuration
+    /// merged into the object (or creating it), with field ownership, conflicts and
+    /// pruning (`fields`). Returns the object and whether it was created.
     pub(crate) fn apply(
         &self,
         resource: Resource,
         namespace: &str,
-        name: &str,
-        target: Target,
+        (name, target): (&str, Target),
         config: &Value,
+        (manager, force): (&str, bool),
     ) -> Result<(Bytes, bool), ApiError> {
-        for field in ["apiVersion", "kind"] {
-            if config
-                .get(field)
-                .and_then(Value::as_str)
-                .is_none_or(str::is_empty)
-            {
-                return Err(ApiError::bad_request(format!(
-                    "{field} must be set in an apply configuration"
-                )));
-            }
-        }
+        check_apply_config(resource, config)?;
         let mut inner = self.lock();
         let key = (resource, namespace.to_owned(), name.to_owned());
-        if inner.objects.contains_key(&key) || target == Target::Status {
-            let object = self.patch_locked(&mut inner, &key, target, PatchKind::Merge, config)?;
-            return Ok((object, false));
-        }
+        let live = match Self::stored(&inner, &key) {
+            Ok((live, stored)) => {
+                if let Some(rv) = config
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    && rv != stored.rv.to_string()
+                {
+                    return Err(ApiError::conflict(&resource.qualified_plural(), name));
+                }
+                Some(live)
+            }
+            Err(e) if target == Target::Status => return Err(e),
+            Err(_) => None,
+        };
+        let writer = Writer {
+            manager,
+            scope: self.scope(resource, target.write()),
+        };
+        let (object, managed) = fields::apply(resource, live.as_ref(), config, writer, force)?;
+        let (write, created) = match live {
+            Some(_) => (target.write(), false),
+            None => (Write::Create, true),
+        };
+        let track = Track::Applied(managed);
         let object = self.write_locked(
             &mut inner,
             resource,
             namespace,
             Some(name),
-            config.clone(),
-            Write::Create,
+            object,
+            write,
+            track,
         )?;
-        if resource == Resource::Namespaces {
+        if created && resource == Resource::Namespaces {
             self.default_service_account(&mut inner, &object);
         }
-        Ok((object, true))
+        Ok((object, created))
     }
 
     /// What a patch would make of an object, without writing it (for checks that need the
@@ -538,7 +630,8 @@ impl Store {
         Self::patched(&self.lock(), &key, kind, patch)
     }
 
-    /// What a server-side apply would make of an object, without writing it.
+    /// What a server-side apply would make of an object, conflicts aside, without writing
+    /// it.
     pub(crate) fn preview_apply(
         &self,
         resource: Resource,
@@ -546,12 +639,18 @@ impl Store {
         name: &str,
         config: &Value,
     ) -> Result<Value, ApiError> {
+        check_apply_config(resource, config)?;
         let key = (resource, namespace.to_owned(), name.to_owned());
-        let inner = self.lock();
-        if inner.objects.contains_key(&key) {
-            Self::patched(&inner, &key, PatchKind::Merge, config)
-        } else {
-            Ok(config.clone())
+        let live = Self::stored(&self.lock(), &key).ok().map(|(live, _)| live);
+        Ok(fields::preview_apply(resource, live.as_ref(), config))
+    }
+
+    /// Which part of an object a write can own fields of.
+    fn scope(&self, resource: Resource, write: Write) -> Scope {
+        match write {
+            Write::Status => Scope::StatusOnly,
+            _ if self.status_subresource(resource) => Scope::WithoutStatus,
+            _ => Scope::Whole,
         }
     }
 
@@ -562,9 +661,11 @@ impl Store {
         target: Target,
         kind: PatchKind,
         patch: &Value,
+        track: Track<'_>,
     ) -> Result<Bytes, ApiError> {
         let object = Self::patched(inner, key, kind, patch)?;
-        self.write_locked(inner, key.0, &key.1, Some(&key.2), object, target.write())
+        let name = Some(key.2.as_str());
+        self.write_locked(inner, key.0, &key.1, name, object, target.write(), track)
     }
 
     /// The object stored at `key`, parsed, beside its stored form; 404 when there is none.
@@ -685,10 +786,57 @@ impl Store {
         Ok(json)
     }
 
-    /// The one write path: validates `object` against `resource`, fills in server-owned
-    /// metadata and defaults, stores it and publishes the event. [`Write::Status`] keeps the
-    /// stored object and takes only `.status` (and the resourceVersion precondition) from
-    /// `object`.
+    /// Sets `meta`'s `managedFields` for a write of `obj` (without its metadata) over
+    /// `live`: what an update's manager took (`fields::update`), what an apply worked out,
+    /// or, for the stand-in's own writes, what the object had.
+    fn track(
+        &self,
+        resource: Resource,
+        write: Write,
+        live: Option<&Map<String, Value>>,
+        obj: &Map<String, Value>,
+        meta: &mut Map<String, Value>,
+        track: Track<'_>,
+    ) {
+        let managed = match track {
+            Track::Untracked => {
+                let stored = live
+                    .and_then(|l| l.get("metadata"))
+                    .and_then(|m| m.get("managedFields"))
+                    .cloned();
+                match stored {
+                    Some(stored) => meta.insert("managedFields".into(), stored),
+                    None => meta.remove("managedFields"),
+                };
+                return;
+            }
+            Track::Applied(managed) => managed,
+            Track::Update(manager) => {
+                let scope = self.scope(resource, write);
+                let live = live.map(|l| Value::Object(l.clone()));
+                let mut new = obj.clone();
+                new.insert("metadata".into(), Value::Object(meta.clone()));
+                let mut new = Value::Object(new);
+                let managed = Managed::of_write(live.as_ref(), &new, scope);
+                if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.remove("managedFields");
+                }
+                let writer = Writer { manager, scope };
+                fields::update(resource, live.as_ref(), &new, managed, writer)
+            }
+        };
+        match managed.encode() {
+            Some(encoded) => meta.insert("managedFields".into(), encoded),
+            None => meta.remove("managedFields"),
+        };
+    }
+
+    /// The one write path: validates `object` against `resource`, records who set what
+    /// (`track`), fills in server-owned metadata and defaults, stores it and publishes the
+    /// event. [`Write::Status`] keeps the stored object and takes only `.status` (and the
+    /// resourceVersion precondition) from `object`.
+    // What is written, where, and by whom: each is needed.
+    #[allow(clippy::too_many_arguments)]
     fn write_locked(
         &self,
         inner: &mut Inner,
@@ -697,6 +845,7 @@ impl Store {
         path_name: Option<&str>,
         object: Value,
         write: Write,
+        track: Track<'_>,
     ) -> Result<Bytes, ApiError> {
         let Value::Object(mut obj) = object else {
             return Err(ApiError::bad_request(
@@ -834,6 +983,14 @@ impl Store {
                 None => obj.remove("status"),
             };
         }
+        self.track(
+            resource,
+            write,
+            existing_value.as_ref(),
+            &obj,
+            &mut meta,
+            track,
+        );
         let uid = old_meta
             .and_then(|m| m.get("uid"))
             .cloned()
@@ -1093,6 +1250,46 @@ impl Target {
             Target::Status => Write::Status,
         }
     }
+}
+
+/// What a write records in `metadata.managedFields`.
+enum Track<'a> {
+    /// The stand-in's own write (a seed, a controller it models): what the object had.
+    Untracked,
+    /// An update (create, replace, patch) by this field manager.
+    Update(&'a str),
+    /// A server-side apply's result, worked out with its conflicts.
+    Applied(Managed),
+}
+
+/// What an apply configuration must be (`fieldmanager.go`, `structuredmerge.go`
+/// `Apply`, `versioncheck.go`): typed, of the resource's version, without managedFields.
+fn check_apply_config(resource: Resource, config: &Value) -> Result<(), ApiError> {
+    for field in ["apiVersion", "kind"] {
+        if config
+            .get(field)
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Err(ApiError::bad_request(format!(
+                "{field} must be set in an apply configuration"
+            )));
+        }
+    }
+    let api_version = config["apiVersion"].as_str().unwrap_or("");
+    if api_version != resource.api_version() {
+        return Err(ApiError::bad_request(format!(
+            "Incorrect version specified in apply patch. Specified patch version: {api_version}, expected: {}",
+            resource.api_version()
+        )));
+    }
+    if config
+        .pointer("/metadata/managedFields")
+        .is_some_and(|m| !m.is_null())
+    {
+        return Err(ApiError::bad_request("metadata.managedFields must be nil"));
+    }
+    Ok(())
 }
 
 /// What a write may change.

@@ -612,11 +612,26 @@ fn the_consoles_own_agent_deployment_runs_tower_agent_with_only_the_token() {
             .all(|c| c.credential == "serviceaccount:kubesphere-system/kubesphere"),
         "{calls:?}"
     );
-    // The agent read its key from kubesphere-config, as the pod's ServiceAccount.
+    // The agent read its key from kubesphere-config, as the pod's ServiceAccount, saying
+    // what it is (the member's audit log names it); what it relayed kept kubectl's own
+    // (`kubectl/…`, `kubectl-dispatcher/…` for its version check).
     assert!(
         calls.iter().any(|c| c.path_and_query
             == "/api/v1/namespaces/kubesphere-system/configmaps/kubesphere-config"
-            && c.credential == "serviceaccount:kubesphere-system/kubesphere"),
+            && c.credential == "serviceaccount:kubesphere-system/kubesphere"
+            && c.user_agent
+                .as_deref()
+                .is_some_and(|ua| ua.starts_with("tower-agent/"))),
+        "{calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .filter(|c| c.impersonate_user.is_some())
+            .all(|c| c
+                .user_agent
+                .as_deref()
+                .is_some_and(|ua| ua.starts_with("kubectl"))),
         "{calls:?}"
     );
 }

@@ -172,6 +172,48 @@ fn a_proxy_cluster_gets_a_token_an_endpoint_and_its_condition_follows_the_agent(
         .clone();
     assert_eq!(condition["reason"], "AgentConnected");
     assert!(condition["lastTransitionTime"].is_string(), "{condition}");
+    // The host's API server records tower-server as the writer of what it wrote (named by
+    // its User-Agent), beside kubectl, which created the Cluster.
+    let out = kubectl(
+        &host.kubeconfig,
+        &[
+            "get",
+            "cluster",
+            "member-1",
+            "--show-managed-fields",
+            "-o",
+            "json",
+        ],
+    )
+    .success();
+    let managed: Value = serde_json::from_str(&out).unwrap();
+    let managed = managed["metadata"]["managedFields"].as_array().unwrap();
+    let managers: Vec<&str> = managed
+        .iter()
+        .map(|e| e["manager"].as_str().unwrap())
+        .collect();
+    assert!(managers.contains(&"kubectl-create"), "{managers:?}");
+    assert!(
+        !managers.contains(&""),
+        "a write with no manager: {managers:?}"
+    );
+    let towers: Vec<&Value> = managed
+        .iter()
+        .filter(|e| e["manager"] == "tower-server")
+        .map(|e| &e["fieldsV1"])
+        .collect();
+    assert!(
+        towers
+            .iter()
+            .any(|f| f["f:spec"]["f:connection"]["f:token"].is_object()),
+        "{towers:?}"
+    );
+    assert!(
+        towers
+            .iter()
+            .any(|f| f["f:status"]["f:conditions"].is_object()),
+        "{towers:?}"
+    );
     let kc = server.kubeconfig("member-1", "alice", &[]);
     assert!(
         kubectl(&kc, &["get", "pods", "-o", "name"])

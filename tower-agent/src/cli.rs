@@ -291,7 +291,14 @@ pub async fn build_config(cli: &Cli) -> Result<Config, String> {
         .map(|n| n.trim().to_owned())
         .filter(|n| !n.is_empty());
     let key_source = key_source(cli, own_namespace.as_deref(), &namespace_file, || {
-        kube::Client::try_from(kube_config.clone())
+        // The agent's own calls (reading its key) say what made them, for the member's
+        // audit log; what it relays keeps its caller's User-Agent.
+        let mut own = kube_config.clone();
+        own.headers.push((
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(concat!("tower-agent/", env!("CARGO_PKG_VERSION"))),
+        ));
+        kube::Client::try_from(own)
             .map_err(|e| format!("a client for the member's API server: {e}"))
     })?;
     let key = key_source.read(&cli.name).await;

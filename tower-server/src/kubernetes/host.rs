@@ -23,13 +23,20 @@ pub const TOWER_SERVICE: &str = "tower";
 /// The tunnel port when the Service does not say.
 const DEFAULT_TUNNEL_PORT: i32 = 8080;
 
+/// What tower-server's requests to the host's API server say they are. The API server
+/// names a write's field manager after the User-Agent up to its first `/`
+/// (`managerOrUserAgent`), so what tower-server wrote shows as `tower-server` in
+/// `metadata.managedFields` (kube-rs sends no User-Agent of its own: the manager would be
+/// empty), and audit logs name it too.
+const USER_AGENT: &str = concat!("tower-server/", env!("CARGO_PKG_VERSION"));
+
 /// A client from `--kubeconfig`, else in-cluster (or `KUBECONFIG`), whose requests keep
 /// to `rate` ([`crate::api_pace`]).
 pub async fn client(
     kubeconfig: Option<&Path>,
     rate: crate::api_pace::ApiRate,
 ) -> Result<Client, String> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| format!("reading --kubeconfig {}: {e}", path.display()))?;
@@ -41,6 +48,10 @@ pub async fn client(
             .await
             .map_err(|e| format!("no in-cluster Kubernetes configuration: {e}"))?,
     };
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
     let builder = kube::client::ClientBuilder::try_from(config)
         .map_err(|e| format!("Kubernetes client: {e}"))?;
     let pace = crate::api_pace::PaceLayer(crate::api_pace::ApiPace::new(rate));

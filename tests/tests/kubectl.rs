@@ -266,6 +266,63 @@ fn apply_patch_and_attach_through_the_tunnel() {
     fields.sort_unstable();
     assert_eq!(fields, ["kubectl-last-applied:Apply", "kubectl:Apply"]);
 
+    // Server-side dry runs: the member checks and answers each, and stores nothing. A
+    // Tower that lost `dryRun` on the way would make every one a real write.
+    let out = kubectl_with_input(
+        &kc,
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--dry-run=server",
+            "-f",
+            "-",
+        ],
+        manifest("five").as_bytes(),
+    );
+    assert_eq!(
+        out.success().trim(),
+        "configmap/applied serverside-applied (server dry run)"
+    );
+    assert_eq!(value(), "four");
+    let out = kubectl(
+        &kc,
+        &[
+            "create",
+            "configmap",
+            "dry",
+            "--from-literal=a=b",
+            "--dry-run=server",
+            "-o",
+            "jsonpath={.metadata.uid}/{.metadata.resourceVersion}",
+        ],
+    );
+    let out = out.success();
+    assert!(
+        out.ends_with('/') && out.len() > 1,
+        "a uid, no resourceVersion: {out}"
+    );
+    let missing = kubectl(&kc, &["get", "configmap", "dry"]);
+    assert!(
+        missing.stderr().contains("NotFound"),
+        "{}",
+        missing.stderr()
+    );
+    let out = kubectl(&kc, &["delete", "configmap", "applied", "--dry-run=server"]);
+    assert_eq!(
+        out.success().trim(),
+        "configmap \"applied\" deleted (server dry run)"
+    );
+    assert_eq!(value(), "four");
+    // (The apply and the create say so in the query, the delete in its DeleteOptions.)
+    let dry_runs = member
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.path_and_query.contains("dryRun=All"))
+        .count();
+    assert_eq!(dry_runs, 2);
+
     // attach: stdin reaches the container's process and its output comes back.
     let attached = kubectl_with_input(&kc, &["attach", "-i", "web-0"], b"attached through tower\n");
     assert_eq!(attached.success(), "attached through tower\n");

@@ -19,7 +19,7 @@ use crate::StreamGuard;
 use crate::negotiate::{self, Output};
 use crate::rbac::{self, Attributes};
 use crate::status::ApiError;
-use crate::store::{self, Filter, PatchKind, Resource, Since, Target};
+use crate::store::{self, By, Filter, PatchKind, Resource, Since, Target};
 use crate::table::{self, IncludeObject};
 use crate::{
     Call, Shared, auth, discovery, exec_ws, logs, openapi, protobuf, review, service_proxy, spdy,
@@ -567,13 +567,17 @@ async fn collection(
                 return Err(ApiError::method_not_allowed());
             };
             let manager = field_manager(&req, &query);
+            let by = By {
+                manager: &manager,
+                dry_run: dry_run(&query.all("dryRun"), "CreateOptions")?,
+            };
             let body = read_json(req).await?;
             if resource.is_rbac() {
                 shared
                     .authorizer
                     .check_rbac_write(&shared.store, user, resource, ns, &body)?;
             }
-            let created = shared.store.create_by(resource, ns, body, &manager)?;
+            let created = shared.store.create_by(resource, ns, body, by)?;
             Ok(json_response(StatusCode::CREATED, created))
         }
         _ => Err(ApiError::method_not_allowed()),
@@ -706,6 +710,10 @@ async fn object(
         }
         Method::PUT => {
             let manager = field_manager(&req, query);
+            let by = By {
+                manager: &manager,
+                dry_run: dry_run(&query.all("dryRun"), "UpdateOptions")?,
+            };
             let body = read_json(req).await?;
             if resource.is_rbac() {
                 shared.authorizer.check_rbac_write(
@@ -716,14 +724,17 @@ async fn object(
                     &body,
                 )?;
             }
-            let json =
-                shared
-                    .store
-                    .replace_by(resource, namespace, (name, target), body, &manager)?;
+            let json = shared
+                .store
+                .replace_by(resource, namespace, (name, target), body, by)?;
             Ok(json_response(StatusCode::OK, json))
         }
         Method::PATCH => {
             let manager = field_manager(&req, query);
+            let by = By {
+                manager: &manager,
+                dry_run: dry_run(&query.all("dryRun"), "PatchOptions")?,
+            };
             let force = query.get("force");
             let content_type = header_str(req.headers(), "content-type")
                 .unwrap_or("")
@@ -774,7 +785,7 @@ async fn object(
                         namespace,
                         (name, target),
                         &config,
-                        (&manager, force),
+                        (by, force),
                     )?;
                     let code = if created {
                         StatusCode::CREATED
@@ -804,13 +815,10 @@ async fn object(
                     &result,
                 )?;
             }
-            let json = shared.store.patch_by(
-                resource,
-                namespace,
-                (name, target),
-                (kind, &patch),
-                &manager,
-            )?;
+            let json =
+                shared
+                    .store
+                    .patch_by(resource, namespace, (name, target), (kind, &patch), by)?;
             Ok(json_response(StatusCode::OK, json))
         }
         Method::DELETE if target == Target::Object => {
@@ -818,12 +826,38 @@ async fn object(
             // drain them anyway). Left unread, hyper closes the connection after the
             // answer without saying so, and a client that pooled it fails its next
             // request: a real apiserver never does that to a kept-alive connection.
-            read_body(req).await?;
-            let json = shared.store.delete(resource, namespace, name)?;
+            let options = read_body(req).await?;
+            // DeleteOptions come in the body (kubectl's way) or the query.
+            let mut dry_run_values = query.all("dryRun");
+            if !options.is_empty()
+                && let Some(values) = parse_json(&options)?
+                    .get("dryRun")
+                    .and_then(Value::as_array)
+            {
+                dry_run_values.extend(values.iter().map(|v| v.as_str().unwrap_or("").to_owned()));
+            }
+            let json = if dry_run(&dry_run_values, "DeleteOptions")? {
+                shared.store.delete_dry_run(resource, namespace, name)?
+            } else {
+                shared.store.delete(resource, namespace, name)?
+            };
             Ok(json_response(StatusCode::OK, json))
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+/// Whether a write is a dry run (`dryRun` values all `All`); any other value is refused as
+/// `ValidateDryRun` refuses it, in the words of the request's `options` kind.
+fn dry_run(values: &[String], options: &str) -> Result<bool, ApiError> {
+    if values.iter().any(|v| v != "All") {
+        let quoted: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
+        return Err(ApiError::invalid(format!(
+            "{options}.meta.k8s.io \"\" is invalid: dryRun: Unsupported value: []string{{{}}}: supported values: \"All\"",
+            quoted.join(", ")
+        )));
+    }
+    Ok(!values.is_empty())
 }
 
 /// The field manager of a write: its `fieldManager`, else its User-Agent's prefix.

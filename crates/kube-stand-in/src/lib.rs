@@ -8,7 +8,8 @@
 //!   `/openapi/v3`; `/openapi/v2` is a 404 on purpose);
 //! * `namespaces`, `pods`, `configmaps`, `services` and KubeSphere `clusters` in memory: get,
 //!   list, create, replace, merge and strategic-merge patch, JSON patch, server-side apply
-//!   (merged like a merge patch, without field ownership), delete, server-side `Table`
+//!   with field ownership (`metadata.managedFields`, conflicts, `force`: `store::fields`),
+//!   server-side dry runs (`dryRun=All`: answered, never stored), delete, server-side `Table`
 //!   printing, and watches that replay an in-memory history and then fan out live
 //!   events from one broadcast channel. No services or clusters are seeded;
 //! * content negotiation (module `negotiate`): `configmaps` and `secrets` are answered in

@@ -421,15 +421,15 @@ impl Store {
         self.create_tracked(resource, namespace, object, Track::Untracked)
     }
 
-    /// Creates an object (POST) for `manager`.
+    /// Creates an object (POST) for a client.
     pub(crate) fn create_by(
         &self,
         resource: Resource,
         namespace: &str,
         object: Value,
-        manager: &str,
+        by: By<'_>,
     ) -> Result<Bytes, ApiError> {
-        self.create_tracked(resource, namespace, object, Track::Update(manager))
+        self.create_tracked(resource, namespace, object, Track::Update(by))
     }
 
     fn create_tracked(
@@ -439,6 +439,7 @@ impl Store {
         object: Value,
         track: Track<'_>,
     ) -> Result<Bytes, ApiError> {
+        let dry_run = track.dry_run();
         let mut inner = self.lock();
         let created = self.write_locked(
             &mut inner,
@@ -449,7 +450,7 @@ impl Store {
             Write::Create,
             track,
         )?;
-        if resource == Resource::Namespaces {
+        if resource == Resource::Namespaces && !dry_run {
             self.default_service_account(&mut inner, &created);
         }
         Ok(created)
@@ -472,7 +473,10 @@ impl Store {
             None,
             json!({"metadata": {"name": "default"}}),
             Write::Create,
-            Track::Update("kube-controller-manager"),
+            Track::Update(By {
+                manager: "kube-controller-manager",
+                dry_run: false,
+            }),
         );
     }
 
@@ -501,17 +505,17 @@ impl Store {
         )
     }
 
-    /// [`Store::replace`] for `manager`.
+    /// [`Store::replace`] for a client.
     pub(crate) fn replace_by(
         &self,
         resource: Resource,
         namespace: &str,
         (name, target): (&str, Target),
         object: Value,
-        manager: &str,
+        by: By<'_>,
     ) -> Result<Bytes, ApiError> {
         let mut inner = self.lock();
-        let (write, track) = (target.write(), Track::Update(manager));
+        let (write, track) = (target.write(), Track::Update(by));
         self.write_locked(
             &mut inner,
             resource,
@@ -549,21 +553,21 @@ impl Store {
         )
     }
 
-    /// [`Store::patch`] for `manager`.
+    /// [`Store::patch`] for a client.
     pub(crate) fn patch_by(
         &self,
         resource: Resource,
         namespace: &str,
         (name, target): (&str, Target),
         (kind, patch): (PatchKind, &Value),
-        manager: &str,
+        by: By<'_>,
     ) -> Result<Bytes, ApiError> {
         let key = (resource, namespace.to_owned(), name.to_owned());
-        let track = Track::Update(manager);
+        let track = Track::Update(by);
         self.patch_locked(&mut self.lock(), &key, target, kind, patch, track)
     }
 
-    /// Server-side apply (`application/apply-patch+yaml`) by `manager`: the configuration
+    /// Server-side apply (`application/apply-patch+yaml`) by a client: the configuration
     /// merged into the object (or creating it), with field ownership, conflicts and
     /// pruning (`fields`). Returns the object and whether it was created.
     pub(crate) fn apply(
@@ -572,7 +576,7 @@ impl Store {
         namespace: &str,
         (name, target): (&str, Target),
         config: &Value,
-        (manager, force): (&str, bool),
+        (by, force): (By<'_>, bool),
     ) -> Result<(Bytes, bool), ApiError> {
         check_apply_config(resource, config)?;
         let mut inner = self.lock();
@@ -592,7 +596,7 @@ impl Store {
             Err(_) => None,
         };
         let writer = Writer {
-            manager,
+            manager: by.manager,
             scope: self.scope(resource, target.write()),
         };
         let (object, managed) = fields::apply(resource, live.as_ref(), config, writer, force)?;
@@ -600,7 +604,7 @@ impl Store {
             Some(_) => (target.write(), false),
             None => (Write::Create, true),
         };
-        let track = Track::Applied(managed);
+        let track = Track::Applied(managed, by.dry_run);
         let object = self.write_locked(
             &mut inner,
             resource,
@@ -610,7 +614,7 @@ impl Store {
             write,
             track,
         )?;
-        if created && resource == Resource::Namespaces {
+        if created && resource == Resource::Namespaces && !by.dry_run {
             self.default_service_account(&mut inner, &object);
         }
         Ok((object, created))
@@ -810,8 +814,8 @@ impl Store {
                 };
                 return;
             }
-            Track::Applied(managed) => managed,
-            Track::Update(manager) => {
+            Track::Applied(managed, _) => managed,
+            Track::Update(By { manager, .. }) => {
                 let scope = self.scope(resource, write);
                 let live = live.map(|l| Value::Object(l.clone()));
                 let mut new = obj.clone();
@@ -847,6 +851,7 @@ impl Store {
         write: Write,
         track: Track<'_>,
     ) -> Result<Bytes, ApiError> {
+        let dry_run = track.dry_run();
         let Value::Object(mut obj) = object else {
             return Err(ApiError::bad_request(
                 "the request body is not a JSON object",
@@ -1111,6 +1116,21 @@ impl Store {
             // its resourceVersion, and watchers see no event.
             return Ok(stored.json.clone());
         }
+        if dry_run {
+            // `DryRunnableStorage` (staging/src/k8s.io/apiserver/pkg/registry/generic/
+            // registry/dryrun.go): all but the storing. A created object has no
+            // resourceVersion yet; an updated one keeps the stored one.
+            let stored_rv = inner.objects.get(&key).map(|s| s.rv.to_string());
+            if let Some(Value::Object(meta)) = out.get_mut("metadata") {
+                match stored_rv {
+                    Some(rv) => meta.insert("resourceVersion".into(), Value::String(rv)),
+                    None => meta.remove("resourceVersion"),
+                };
+            }
+            return serde_json::to_vec(&Value::Object(out))
+                .map(Bytes::from)
+                .map_err(|e| ApiError::internal(format!("serializing: {e}")));
+        }
         inner.rv = rv;
         let json = Bytes::from(
             serde_json::to_vec(&Value::Object(out))
@@ -1252,14 +1272,34 @@ impl Target {
     }
 }
 
-/// What a write records in `metadata.managedFields`.
+/// A client's write: who makes it, and whether it is only a dry run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct By<'a> {
+    /// Its field manager (`fieldManager`, else the User-Agent's prefix).
+    pub(crate) manager: &'a str,
+    /// `dryRun=All`: checked, defaulted and answered as the write would be, never stored
+    /// (the apiserver's `DryRunnableStorage`).
+    pub(crate) dry_run: bool,
+}
+
+/// What a write records in `metadata.managedFields`, and whether it is stored.
 enum Track<'a> {
     /// The stand-in's own write (a seed, a controller it models): what the object had.
     Untracked,
-    /// An update (create, replace, patch) by this field manager.
-    Update(&'a str),
-    /// A server-side apply's result, worked out with its conflicts.
-    Applied(Managed),
+    /// An update (create, replace, patch) by a client.
+    Update(By<'a>),
+    /// A server-side apply's result, worked out with its conflicts; a dry run or not.
+    Applied(Managed, bool),
+}
+
+impl Track<'_> {
+    fn dry_run(&self) -> bool {
+        match self {
+            Track::Untracked => false,
+            Track::Update(by) => by.dry_run,
+            Track::Applied(_, dry_run) => *dry_run,
+        }
+    }
 }
 
 /// What an apply configuration must be (`fieldmanager.go`, `structuredmerge.go`
@@ -1441,6 +1481,95 @@ mod tests {
         assert!(total >= 55_000_000, "bulk total {total}");
         let (_, all) = store.list(Resource::ConfigMaps, &Filter::default());
         assert_eq!(all.len(), BULK_COUNT + 1);
+    }
+
+    #[test]
+    fn a_dry_run_answers_and_stores_nothing() {
+        let store = Store::seeded();
+        let r = Resource::ConfigMaps;
+        let dry = By {
+            manager: "kubectl-create",
+            dry_run: true,
+        };
+        let before = store.resource_version();
+        let mut watch = store
+            .watch(r, &Filter::default(), Since::Now)
+            .expect("watch");
+        let object = json!({"metadata": {"name": "dry"}, "data": {"a": "b"}});
+        let created = value(
+            &store
+                .create_by(r, "default", object, dry)
+                .expect("dry create"),
+        );
+        assert!(created["metadata"]["uid"].is_string(), "{created}");
+        assert!(
+            created["metadata"].get("resourceVersion").is_none(),
+            "{created}"
+        );
+        assert_eq!(
+            created["metadata"]["managedFields"][0]["manager"],
+            "kubectl-create"
+        );
+        assert_eq!(
+            store.get(r, "default", "dry").expect_err("not stored").code,
+            404
+        );
+        // Names are generated, still nothing stored; a new namespace gets no account.
+        let generated = json!({"metadata": {"generateName": "dry-"}});
+        let generated = value(&store.create_by(r, "default", generated, dry).expect("dry"));
+        assert!(
+            generated["metadata"]["name"]
+                .as_str()
+                .expect("name")
+                .starts_with("dry-")
+        );
+        let ns = json!({"metadata": {"name": "dry-ns"}});
+        store
+            .create_by(Resource::Namespaces, "", ns, dry)
+            .expect("dry namespace");
+        let accounts = Filter::new(Some("dry-ns".into()), None, None).expect("filter");
+        assert!(
+            store
+                .list(Resource::ServiceAccounts, &accounts)
+                .1
+                .is_empty()
+        );
+
+        let target = ("settings", Target::Object);
+        let patch = json!({"data": {"mode": "dry"}});
+        let patched = value(
+            &store
+                .patch_by(r, "default", target, (PatchKind::Merge, &patch), dry)
+                .expect("dry patch"),
+        );
+        assert_eq!(patched["data"]["mode"], "dry");
+        let stored = value(&store.get(r, "default", "settings").expect("settings"));
+        assert_ne!(stored["data"]["mode"], "dry");
+        assert_eq!(
+            patched["metadata"]["resourceVersion"],
+            stored["metadata"]["resourceVersion"]
+        );
+        let config = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                            "metadata": {"name": "settings"}, "data": {"mode": "applied"}});
+        let (applied, _) = store
+            .apply(r, "default", target, &config, (dry, true))
+            .expect("dry apply");
+        assert_eq!(value(&applied)["data"]["mode"], "applied");
+        store
+            .delete_dry_run(r, "default", "settings")
+            .expect("dry delete");
+        assert_eq!(
+            value(&store.get(r, "default", "settings").expect("still there")),
+            stored
+        );
+        assert_eq!(store.resource_version(), before);
+        assert!(
+            matches!(
+                watch.live.try_recv(),
+                Err(broadcast::error::TryRecvError::Empty)
+            ),
+            "a dry run published an event"
+        );
     }
 
     #[test]

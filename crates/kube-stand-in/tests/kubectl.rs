@@ -209,6 +209,18 @@ async fn server_side_apply_creates_then_merges() {
         for (body, query, code, message) in [
             (r#"{"metadata":{"name":"ssa"}}"#, "?fieldManager=me", 400, "apiVersion must be set"),
             (r#"{"apiVersion":"v1","kind":"ConfigMap"}"#, "", 422, "fieldManager: Required value"),
+            (
+                r#"{"apiVersion":"v1","kind":"ConfigMap"}"#,
+                "?fieldManager=me&dryRun=Maybe",
+                422,
+                r#"dryRun: Unsupported value: []string{"Maybe"}: supported values: "All""#,
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"ConfigMap","data":{"key":"x"}}"#,
+                "?fieldManager=me",
+                409,
+                r#"Apply failed with 1 conflict: conflict with "kubectl": .data.key"#,
+            ),
         ] {
             let path = format!("/api/v1/namespaces/default/configmaps/ssa{query}");
             let resp = client.patch(&path, "application/apply-patch+yaml", body).await;

@@ -638,7 +638,14 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::store::{PatchKind, Store, Target};
+    use crate::store::{By, PatchKind, Store, Target};
+
+    fn by(manager: &str) -> By<'_> {
+        By {
+            manager,
+            dry_run: false,
+        }
+    }
 
     fn value(b: &Bytes) -> Value {
         serde_json::from_slice(b).unwrap()
@@ -701,7 +708,7 @@ mod tests {
                 r,
                 "default",
                 config_map(json!({"key": "one"})),
-                "kubectl-client-side-apply",
+                by("kubectl-client-side-apply"),
             )
             .unwrap();
         assert_eq!(
@@ -718,7 +725,7 @@ mod tests {
                 "default",
                 ("cm", Target::Object),
                 (PatchKind::Merge, &json!({"data": {"key": "three"}})),
-                "kubectl-patch",
+                by("kubectl-patch"),
             )
             .unwrap();
         // The patch took `data.key`; the creator keeps `data` itself.
@@ -738,7 +745,7 @@ mod tests {
                 "default",
                 ("cm", Target::Object),
                 &four,
-                ("kubectl", false),
+                (by("kubectl"), false),
             )
             .unwrap_err();
         assert_eq!(err.code, 409);
@@ -763,7 +770,7 @@ mod tests {
                 "default",
                 ("cm", Target::Object),
                 &four,
-                ("kubectl", true),
+                (by("kubectl"), true),
             )
             .unwrap();
         assert!(!created);
@@ -784,7 +791,7 @@ mod tests {
                 "default",
                 ("cm", Target::Object),
                 &four,
-                ("other", false),
+                (by("other"), false),
             )
             .unwrap();
         assert_eq!(entries(&value(&shared)).len(), 3);
@@ -797,7 +804,7 @@ mod tests {
                 "default",
                 ("cm", Target::Object),
                 &only_new,
-                ("kubectl", false),
+                (by("kubectl"), false),
             )
             .unwrap();
         assert_eq!(
@@ -811,7 +818,7 @@ mod tests {
                 "default",
                 ("cm", Target::Object),
                 &only_new,
-                ("other", false),
+                (by("other"), false),
             )
             .unwrap();
         assert_eq!(value(&pruned)["data"], json!({"new": "x"}));
@@ -826,7 +833,7 @@ mod tests {
         config["metadata"]["name"] = json!("settings");
         config["apiVersion"] = json!("v2");
         let err = store
-            .apply(r, "default", target, &config, ("m", false))
+            .apply(r, "default", target, &config, (by("m"), false))
             .unwrap_err();
         assert_eq!(err.code, 400);
         assert!(
@@ -837,7 +844,7 @@ mod tests {
         config["apiVersion"] = json!("v1");
         config["metadata"]["managedFields"] = json!([]);
         let err = store
-            .apply(r, "default", target, &config, ("m", false))
+            .apply(r, "default", target, &config, (by("m"), false))
             .unwrap_err();
         assert_eq!(err.message, "metadata.managedFields must be nil");
     }
@@ -856,7 +863,7 @@ mod tests {
             json!([{"name": "web", "image": "web:1", "ports": [{"containerPort": 80}]}]),
         );
         let (created, was_created) = store
-            .apply(r, "default", target, &web, ("a", false))
+            .apply(r, "default", target, &web, (by("a"), false))
             .unwrap();
         assert!(was_created);
         let fields = &entries(&value(&created))[0].3;
@@ -871,7 +878,7 @@ mod tests {
         // A second applier adds its own container: no conflict, both kept.
         let sidecar = deployment(json!([{"name": "sidecar", "image": "side:1"}]));
         let (both, _) = store
-            .apply(r, "default", target, &sidecar, ("b", false))
+            .apply(r, "default", target, &sidecar, (by("b"), false))
             .unwrap();
         let both = value(&both);
         let names: Vec<&str> = both["spec"]["template"]["spec"]["containers"]
@@ -884,7 +891,7 @@ mod tests {
         // Changing the other's container's image is a conflict on that item's field.
         let steal = deployment(json!([{"name": "web", "image": "web:2"}]));
         let err = store
-            .apply(r, "default", target, &steal, ("b", false))
+            .apply(r, "default", target, &steal, (by("b"), false))
             .unwrap_err();
         assert_eq!(
             err.message,
@@ -899,7 +906,7 @@ mod tests {
         let r = Resource::Clusters;
         let cluster = json!({"apiVersion": "cluster.kubesphere.io/v1alpha1", "kind": "Cluster",
                              "metadata": {"name": "m1"}, "spec": {"provider": "x"}});
-        let created = value(&store.create_by(r, "", cluster, "ks-apiserver").unwrap());
+        let created = value(&store.create_by(r, "", cluster, by("ks-apiserver")).unwrap());
         assert_eq!(
             entries(&created),
             [entry(
@@ -916,7 +923,7 @@ mod tests {
                 "",
                 ("m1", Target::Status),
                 (PatchKind::Merge, &status),
-                "tower-server",
+                by("tower-server"),
             )
             .unwrap();
         let written = entries(&value(&written));
@@ -954,7 +961,7 @@ mod tests {
                 r,
                 "default",
                 config_map(json!({"key": "one"})),
-                "kubectl-client-side-apply",
+                by("kubectl-client-side-apply"),
             )
             .unwrap();
         // kubectl's migration to server-side apply rewrites the entries with a JSON patch.
@@ -967,7 +974,7 @@ mod tests {
                 "default",
                 ("cm", Target::Object),
                 (PatchKind::Json, &ops),
-                "kubectl",
+                by("kubectl"),
             )
             .unwrap();
         assert_eq!(
@@ -987,7 +994,7 @@ mod tests {
                 "default",
                 ("cm", Target::Object),
                 replaced,
-                "kubectl-replace",
+                by("kubectl-replace"),
             )
             .unwrap();
         assert_eq!(entries(&value(&replaced)).len(), 2);

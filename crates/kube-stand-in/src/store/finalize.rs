@@ -94,6 +94,29 @@ pub(super) fn before_write(
 }
 
 impl Store {
+    /// What a delete would answer without deleting (`dryRun=All`): the object, marked
+    /// terminating when finalizers hold it.
+    pub(crate) fn delete_dry_run(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Bytes, ApiError> {
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        let (mut object, _) = Self::stored(&self.lock(), &key)?;
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut)
+            && !finalizers(meta).is_empty()
+            && !terminating(meta)
+        {
+            meta.insert(
+                DELETION_TIMESTAMP.into(),
+                Value::String(clock::now_rfc3339()),
+            );
+            meta.insert(GRACE_PERIOD.into(), Value::from(0));
+        }
+        Ok(Bytes::from(object.to_string()))
+    }
+
     /// A DELETE of the object at `key`: if it has finalizers it is marked terminating (once)
     /// and returned, `Some`; without finalizers, `None`, and the caller deletes it.
     pub(super) fn mark_terminating(

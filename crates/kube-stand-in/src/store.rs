@@ -34,7 +34,9 @@ use fields::{Managed, Scope, Writer};
 pub(crate) use filter::Filter;
 use patch::{json_patch, merge_patch, strip_directives};
 pub(crate) use resource::{RBAC_GROUP, Resource};
-use validation::{binding_defaults, check_type, secret_defaults, service_defaults, validate_role};
+use validation::{
+    binding_defaults, check_type, secret_defaults, service_defaults, validate_meta, validate_role,
+};
 
 /// How many events the history keeps for watches that resume from a resourceVersion.
 const HISTORY_CAP: usize = 4096;
@@ -987,6 +989,9 @@ impl Store {
                 Some(status) => obj.insert("status".into(), status),
                 None => obj.remove("status"),
             };
+        }
+        if write != Write::Status {
+            validate_meta(resource, &name, &meta)?;
         }
         self.track(
             resource,

@@ -455,3 +455,251 @@ pub(super) fn service_defaults(
     }
     Ok(())
 }
+
+/// `ValidateObjectMeta`'s checks of what a writer chooses (k8s.io/apimachinery/pkg/api/
+/// validation/objectmeta.go, pkg/apis/core/validation `ValidateNamespaceName` /
+/// `ValidateServiceName`, meta/v1/validation `ValidateLabels`, and `util/validation`'s
+/// `IsQualifiedName`, `IsValidLabelValue`, `IsDNS1123Label`, `IsDNS1035Label`): a
+/// Namespace's name is a DNS-1123 label and a Service's a DNS-1035 label (the others'
+/// names are checked as subdomains by the store); label keys are qualified names and
+/// their values at most 63 characters of `[-A-Za-z0-9_.]` starting and ending
+/// alphanumeric; annotation keys are qualified names, and keys and values together at most
+/// 256 KiB.
+pub(super) fn validate_meta(
+    resource: Resource,
+    name: &str,
+    meta: &Map<String, Value>,
+) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    let label = |value: &str| value.len() <= 63 && dns_label(value, false);
+    match resource {
+        Resource::Namespaces if !label(name) => errors.push(format!(
+            "metadata.name: Invalid value: {name:?}: {}",
+            if name.len() > 63 {
+                "must be no more than 63 characters".to_owned()
+            } else {
+                regex_error(
+                    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character",
+                    "[a-z0-9]([-a-z0-9]*[a-z0-9])?",
+                    &["my-name", "123-abc"],
+                )
+            }
+        )),
+        Resource::Services if !(name.len() <= 63 && dns_label(name, true)) => errors.push(format!(
+            "metadata.name: Invalid value: {name:?}: {}",
+            if name.len() > 63 {
+                "must be no more than 63 characters".to_owned()
+            } else {
+                regex_error(
+                    "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character",
+                    "[a-z]([-a-z0-9]*[a-z0-9])?",
+                    &["my-name", "abc-123"],
+                )
+            }
+        )),
+        _ => {}
+    }
+    let map = |field: &str| -> Vec<(String, String)> {
+        meta.get(field)
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (key, value) in map("labels") {
+        for msg in qualified_name(&key) {
+            errors.push(format!("metadata.labels: Invalid value: {key:?}: {msg}"));
+        }
+        if value.len() > 63 {
+            errors.push(format!(
+                "metadata.labels: Invalid value: {value:?}: must be no more than 63 characters"
+            ));
+        }
+        if !(value.is_empty() || qualified_name_part(&value)) {
+            errors.push(format!(
+                "metadata.labels: Invalid value: {value:?}: {}",
+                regex_error(
+                    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character",
+                    "(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?",
+                    &["MyValue", "my_value", "12345"],
+                )
+            ));
+        }
+    }
+    let mut total = 0;
+    for (key, value) in map("annotations") {
+        for msg in qualified_name(&key.to_ascii_lowercase()) {
+            errors.push(format!(
+                "metadata.annotations: Invalid value: {key:?}: {msg}"
+            ));
+        }
+        total += key.len() + value.len();
+    }
+    const ANNOTATIONS_MAX: usize = 256 * 1024;
+    if total > ANNOTATIONS_MAX {
+        errors.push(format!(
+            "metadata.annotations: Too long: may not be more than {ANNOTATIONS_MAX} bytes"
+        ));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid_object(resource, name, &errors))
+    }
+}
+
+/// `RegexError`: the message, its examples and the regex.
+fn regex_error(message: &str, regex: &str, examples: &[&str]) -> String {
+    let examples: Vec<String> = examples.iter().map(|e| format!("'{e}', ")).collect();
+    format!(
+        "{message} (e.g. {}regex used for validation is '{regex}')",
+        examples.join(" or ")
+    )
+}
+
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?` (DNS-1123 label), or with `alpha_first`
+/// `[a-z]([-a-z0-9]*[a-z0-9])?` (DNS-1035 label); the length is checked apart.
+fn dns_label(value: &str, alpha_first: bool) -> bool {
+    let bytes = value.as_bytes();
+    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    let lower_alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    (if alpha_first {
+        first.is_ascii_lowercase()
+    } else {
+        lower_alnum(first)
+    }) && lower_alnum(last)
+        && bytes.iter().all(|b| lower_alnum(b) || *b == b'-')
+}
+
+/// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, the name part of a qualified name.
+fn qualified_name_part(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    first.is_ascii_alphanumeric()
+        && last.is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// `IsQualifiedName`: what is wrong with a label or annotation key (nothing: empty).
+fn qualified_name(key: &str) -> Vec<String> {
+    const NAME: &str = "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character";
+    const FORMAT: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
+    let mut errors = Vec::new();
+    let parts: Vec<&str> = key.split('/').collect();
+    let name = match parts.as_slice() {
+        [name] => *name,
+        [prefix, name] => {
+            let subdomain = prefix.len() <= 253
+                && prefix
+                    .split('.')
+                    .all(|label| label.len() <= 63 && dns_label(label, false));
+            if prefix.is_empty() {
+                errors.push("prefix part must be non-empty".to_owned());
+            } else if !subdomain {
+                errors.push(format!(
+                    "prefix part {}",
+                    regex_error(
+                        "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+                        "[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*",
+                        &["example.com"],
+                    )
+                ));
+            }
+            name
+        }
+        _ => {
+            return vec![format!(
+                "a qualified name {} with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')",
+                regex_error(NAME, FORMAT, &["MyName", "my.name", "123-abc"])
+            )];
+        }
+    };
+    if name.is_empty() {
+        errors.push("name part must be non-empty".to_owned());
+    } else if name.len() > 63 {
+        errors.push("name part must be no more than 63 characters".to_owned());
+    }
+    if !qualified_name_part(name) {
+        errors.push(format!(
+            "name part {}",
+            regex_error(NAME, FORMAT, &["MyName", "my.name", "123-abc"])
+        ));
+    }
+    errors
+}
+
+#[cfg(test)]
+mod meta_tests {
+    use super::*;
+
+    fn meta(value: Value) -> Map<String, Value> {
+        value.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn names_labels_and_annotations_are_checked_as_the_apiserver_checks_them() {
+        let ok = meta(
+            json!({"labels": {"app.kubernetes.io/name": "tower", "empty": "",
+                                        "tower.kubesphere.io/cluster": "eu.prod-1_a"},
+                             "annotations": {"Example.com/Note": "anything at all: 😀"}}),
+        );
+        assert!(validate_meta(Resource::Services, "mc-member-1", &ok).is_ok());
+        let long = "a".repeat(64);
+        let err = validate_meta(
+            Resource::Services,
+            "mc-x",
+            &meta(json!({"labels": {"tower.kubesphere.io/cluster": long}})),
+        )
+        .expect_err("a label value of 64 characters");
+        assert_eq!(err.code, 422);
+        assert_eq!(
+            err.message,
+            format!(
+                "Service \"mc-x\" is invalid: metadata.labels: Invalid value: \"{long}\": must be no more than 63 characters"
+            )
+        );
+        for (key, value) in [
+            ("a/b/c", "v"),
+            ("-a", "v"),
+            ("Example.com/a", "v"),
+            ("a", "-v"),
+            ("a", "v w"),
+        ] {
+            let labels = meta(json!({"labels": {key: value}}));
+            assert!(
+                validate_meta(Resource::ConfigMaps, "c", &labels).is_err(),
+                "{key}={value}"
+            );
+        }
+        let big = meta(json!({"annotations": {"a": "x".repeat(256 * 1024)}}));
+        let err = validate_meta(Resource::ConfigMaps, "c", &big).expect_err("too large");
+        assert!(
+            err.message.contains("may not be more than 262144 bytes"),
+            "{}",
+            err.message
+        );
+        // Names: a Service's is a DNS-1035 label, a Namespace's a DNS-1123 label.
+        for (resource, name) in [
+            (Resource::Services, "1abc"),
+            (Resource::Services, "a.b"),
+            (Resource::Services, &"s".repeat(64)),
+            (Resource::Namespaces, "a.b"),
+        ] {
+            assert!(
+                validate_meta(resource, name, &Map::new()).is_err(),
+                "{name}"
+            );
+        }
+        assert!(validate_meta(Resource::Namespaces, "1abc", &Map::new()).is_ok());
+        assert!(validate_meta(Resource::ConfigMaps, "a.b", &Map::new()).is_ok());
+    }
+}

@@ -424,6 +424,48 @@ fn kubesphere_host_components_reach_the_member_through_what_tower_writes() {
 /// `--kubesphere-tls`: the endpoint is https on the cluster's Service name, and a caller
 /// that trusts the Tower CA and checks that name (as Go's transport does) reaches the
 /// member's ks-apiserver; plain HTTP on the port gets nothing through.
+/// A Cluster's name is a DNS subdomain, up to 253 characters; a Service's name and a
+/// label's value hold at most 63. A real API server refuses the Service of a longer name
+/// otherwise.
+#[test]
+fn a_cluster_with_a_long_name_gets_its_port_and_service() {
+    let host = kubesphere_host();
+    let ports = free_port_range(2);
+    let tower = replica(&host, &range_flag(&ports), "127.0.0.1", "tower-a", &[]);
+    let long = format!(
+        "eu-central-1.production.{}.member-{}",
+        "region-".repeat(8) + "a",
+        "b".repeat(30)
+    );
+    assert!(long.len() > 100, "{}", long.len());
+    create_proxy_cluster(&host, &long);
+    let written = wait_connection(&host, &tower, &long);
+    let name = tower_server::ks_ports::service_name(&long);
+    let service = wait_for_with(
+        &format!("Service {name}"),
+        Duration::from_secs(20),
+        || get_json(&host, &["service", "-n", "ke-system", &name]),
+        || tower.process.log(),
+    );
+    assert_eq!(service["spec"]["ports"][0]["port"], port_of(&written));
+    assert_eq!(
+        service["metadata"]["ownerReferences"][0]["name"],
+        long.as_str()
+    );
+    let label = service["metadata"]["labels"]["tower.kubesphere.io/cluster"]
+        .as_str()
+        .unwrap();
+    assert!(
+        label.len() <= 63 && long.starts_with(&label[..40]),
+        "{label}"
+    );
+    assert!(
+        !tower.process.log().contains("is invalid"),
+        "{}",
+        tower.process.log()
+    );
+}
+
 #[test]
 fn with_kubesphere_tls_the_endpoint_is_https_under_the_tower_ca() {
     let host = kubesphere_host();

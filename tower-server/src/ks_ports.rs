@@ -22,10 +22,11 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
 
+pub use crate::cluster_label::CLUSTER_LABEL;
+use crate::cluster_label::cluster_label;
+
 /// The ConfigMap (in tower's namespace) whose `data` maps each taken port to its cluster.
 pub const TABLE: &str = "tower-kubesphere-ports";
-/// The label that names the Cluster a Service serves.
-pub const CLUSTER_LABEL: &str = "tower.kubesphere.io/cluster";
 /// How often a claim is retried after conflicts before it waits for the next round.
 const CLAIM_ATTEMPTS: usize = 50;
 
@@ -230,13 +231,7 @@ fn part_of_tower() -> BTreeMap<String, String> {
 /// `mc-{cluster}`, the old tower's Service name, made a DNS label (dots become dashes; a
 /// name too long is cut and given a hash of the whole).
 pub fn service_name(cluster: &str) -> String {
-    let name = format!("mc-{}", cluster.replace('.', "-"));
-    if name.len() <= 63 {
-        return name;
-    }
-    use sha2::Digest;
-    let hash = hex::encode(&sha2::Sha256::digest(cluster.as_bytes())[..4]);
-    format!("{}-{hash}", name[..54].trim_end_matches('-'))
+    crate::cluster_label::within_63(format!("mc-{}", cluster.replace('.', "-")), cluster)
 }
 
 /// Keeps each cluster's Service: `mc-{cluster}` in tower's namespace, port = target port
@@ -303,7 +298,7 @@ impl Services {
             "app.kubernetes.io/component".into(),
             "kubesphere-endpoint".into(),
         );
-        labels.insert(CLUSTER_LABEL.into(), cluster.into());
+        labels.insert(CLUSTER_LABEL.into(), cluster_label(cluster));
         let owner = OwnerReference {
             api_version: format!(
                 "{}/{}",
@@ -443,7 +438,7 @@ impl Services {
                 .labels
                 .as_ref()
                 .and_then(|l| l.get(CLUSTER_LABEL))
-                .is_some_and(|c| c == cluster),
+                .is_some_and(|c| *c == cluster_label(cluster)),
             _ => false,
         };
         if ours {

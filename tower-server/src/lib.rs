@@ -14,6 +14,7 @@ mod admin;
 mod agents;
 pub mod api_pace;
 pub mod cli;
+pub mod cluster_label;
 pub mod cluster_spec;
 pub mod commands;
 pub mod connections;

@@ -308,7 +308,10 @@ fn labels(cluster: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), AGENT_NAME.to_owned()),
         ("app.kubernetes.io/part-of".to_owned(), "tower".to_owned()),
-        ("tower.kubesphere.io/cluster".to_owned(), cluster.to_owned()),
+        (
+            crate::cluster_label::CLUSTER_LABEL.to_owned(),
+            crate::cluster_label::cluster_label(cluster),
+        ),
     ])
 }
 
@@ -367,6 +370,43 @@ mod tests {
         }
         .render()
         .expect("renders")
+    }
+
+    #[test]
+    fn a_long_cluster_name_labels_every_object_with_a_valid_label_value() {
+        let cluster = format!("{}.{}", "a".repeat(60), "b".repeat(60));
+        let text = AgentManifest {
+            cluster: &cluster,
+            proxy_server: "https://203.0.113.7:8080",
+            token: "t",
+            cluster_key: &tower_auth::Secret::new("k").unwrap(),
+            ca_pem: "",
+            image: "tower:test",
+            impersonable: Impersonable::Anyone,
+        }
+        .render()
+        .expect("renders");
+        let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde_json::Value::deserialize(d).expect("yaml"))
+            .collect();
+        let mut labelled = 0;
+        for document in &documents {
+            for labels in [
+                &document["metadata"]["labels"],
+                &document["spec"]["template"]["metadata"]["labels"],
+            ] {
+                if let Some(value) = labels[crate::cluster_label::CLUSTER_LABEL].as_str() {
+                    assert!(value.len() <= 63, "{value}");
+                    assert!(value.starts_with(&"a".repeat(54)), "{value}");
+                    labelled += 1;
+                }
+            }
+        }
+        assert!(
+            labelled >= documents.len(),
+            "{labelled} labels in {}",
+            documents.len()
+        );
     }
 
     #[test]

@@ -35,7 +35,8 @@ pub(crate) use filter::Filter;
 use patch::{json_patch, merge_patch, strip_directives};
 pub(crate) use resource::{RBAC_GROUP, Resource};
 use validation::{
-    binding_defaults, check_type, secret_defaults, service_defaults, validate_meta, validate_role,
+    binding_defaults, check_type, dns_subdomain, secret_defaults, service_defaults, validate_meta,
+    validate_role,
 };
 
 /// How many events the history keeps for watches that resume from a resourceVersion.
@@ -897,7 +898,7 @@ impl Store {
         let valid = if resource.is_rbac() {
             !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '%'])
         } else {
-            valid_name(&name)
+            dns_subdomain(&name)
         };
         if !valid {
             return Err(ApiError::invalid(format!(
@@ -1443,16 +1444,6 @@ fn short_suffix(mut n: u64) -> String {
             char::from(c)
         })
         .collect()
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 #[cfg(test)]

@@ -703,6 +703,10 @@ mod tests {
     fn updates_take_what_they_change_and_applies_conflict_over_it() {
         let store = Store::seeded();
         let r = Resource::ConfigMaps;
+        let apply = |config: &Value, manager: &str, force: bool| {
+            let target = ("cm", Target::Object);
+            store.apply(r, "default", target, config, (by(manager), force))
+        };
         let created = store
             .create_by(
                 r,
@@ -739,15 +743,7 @@ mod tests {
 
         // An apply that would change the patch's field is refused, naming it.
         let four = config_map(json!({"key": "four"}));
-        let err = store
-            .apply(
-                r,
-                "default",
-                ("cm", Target::Object),
-                &four,
-                (by("kubectl"), false),
-            )
-            .unwrap_err();
+        let err = apply(&four, "kubectl", false).unwrap_err();
         assert_eq!(err.code, 409);
         assert_eq!(
             err.message,
@@ -764,15 +760,7 @@ mod tests {
         );
 
         // Forced, it takes the field.
-        let (applied, created) = store
-            .apply(
-                r,
-                "default",
-                ("cm", Target::Object),
-                &four,
-                (by("kubectl"), true),
-            )
-            .unwrap();
+        let (applied, created) = apply(&four, "kubectl", true).unwrap();
         assert!(!created);
         let applied = value(&applied);
         assert_eq!(applied["data"]["key"], "four");
@@ -785,42 +773,18 @@ mod tests {
         );
 
         // Another applier setting the same value shares the field: no conflict.
-        let (shared, _) = store
-            .apply(
-                r,
-                "default",
-                ("cm", Target::Object),
-                &four,
-                (by("other"), false),
-            )
-            .unwrap();
+        let (shared, _) = apply(&four, "other", false).unwrap();
         assert_eq!(entries(&value(&shared)).len(), 3);
 
         // What an applier stops applying goes, unless someone else owns it.
         let only_new = config_map(json!({"new": "x"}));
-        let (pruned, _) = store
-            .apply(
-                r,
-                "default",
-                ("cm", Target::Object),
-                &only_new,
-                (by("kubectl"), false),
-            )
-            .unwrap();
+        let (pruned, _) = apply(&only_new, "kubectl", false).unwrap();
         assert_eq!(
             value(&pruned)["data"],
             json!({"key": "four", "new": "x"}),
             "`other` owns key"
         );
-        let (pruned, _) = store
-            .apply(
-                r,
-                "default",
-                ("cm", Target::Object),
-                &only_new,
-                (by("other"), false),
-            )
-            .unwrap();
+        let (pruned, _) = apply(&only_new, "other", false).unwrap();
         assert_eq!(value(&pruned)["data"], json!({"new": "x"}));
     }
 

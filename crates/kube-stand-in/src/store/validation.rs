@@ -576,6 +576,13 @@ fn dns_label(value: &str, alpha_first: bool) -> bool {
         && bytes.iter().all(|b| lower_alnum(b) || *b == b'-')
 }
 
+/// `IsDNS1123Subdomain`: at most 253 characters matching
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*` (its labels' length is
+/// not checked), what most objects' names must be.
+pub(super) fn dns_subdomain(value: &str) -> bool {
+    value.len() <= 253 && value.split('.').all(|label| dns_label(label, false))
+}
+
 /// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, the name part of a qualified name.
 fn qualified_name_part(value: &str) -> bool {
     let bytes = value.as_bytes();
@@ -598,13 +605,9 @@ fn qualified_name(key: &str) -> Vec<String> {
     let name = match parts.as_slice() {
         [name] => *name,
         [prefix, name] => {
-            let subdomain = prefix.len() <= 253
-                && prefix
-                    .split('.')
-                    .all(|label| label.len() <= 63 && dns_label(label, false));
             if prefix.is_empty() {
                 errors.push("prefix part must be non-empty".to_owned());
-            } else if !subdomain {
+            } else if !dns_subdomain(prefix) {
                 errors.push(format!(
                     "prefix part {}",
                     regex_error(
@@ -700,6 +703,13 @@ mod meta_tests {
             );
         }
         assert!(validate_meta(Resource::Namespaces, "1abc", &Map::new()).is_ok());
+        for bad in ["a..b", "a.-b", "-a", "a.", "A", &"a".repeat(254)] {
+            assert!(!dns_subdomain(bad), "{bad}");
+        }
+        assert!(
+            dns_subdomain(&format!("{}.b", "a".repeat(100))),
+            "labels' length unchecked"
+        );
         assert!(validate_meta(Resource::ConfigMaps, "a.b", &Map::new()).is_ok());
     }
 }

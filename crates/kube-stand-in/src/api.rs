@@ -570,6 +570,7 @@ async fn collection(
             let by = By {
                 manager: &manager,
                 dry_run: dry_run(&query.all("dryRun"), "CreateOptions")?,
+                strict: query.get("fieldValidation") == Some("Strict"),
             };
             let body = read_json(req).await?;
             if resource.is_rbac() {
@@ -713,6 +714,7 @@ async fn object(
             let by = By {
                 manager: &manager,
                 dry_run: dry_run(&query.all("dryRun"), "UpdateOptions")?,
+                strict: query.get("fieldValidation") == Some("Strict"),
             };
             let body = read_json(req).await?;
             if resource.is_rbac() {
@@ -734,6 +736,7 @@ async fn object(
             let by = By {
                 manager: &manager,
                 dry_run: dry_run(&query.all("dryRun"), "PatchOptions")?,
+                strict: query.get("fieldValidation") == Some("Strict"),
             };
             let force = query.get("force");
             let content_type = header_str(req.headers(), "content-type")

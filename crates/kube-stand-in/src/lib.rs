@@ -27,8 +27,9 @@
 //! * a seeded namespace `bulk` whose configmaps total more than 55 MB, and
 //!   `/debug/bytes?size=N` for raw throughput;
 //! * `services` (core `v1`: a cluster IP and node ports are allocated) and KubeSphere's
-//!   cluster-scoped, free-form `clusters` (`cluster.kubesphere.io/v1alpha1`, served like a
-//!   custom resource) both have a `status` subresource: only `…/status` changes `.status`;
+//!   cluster-scoped `clusters` (`cluster.kubesphere.io/v1alpha1`, served like a custom
+//!   resource: pruned and checked against v3.4.1's CRD schema, module `store::crd`) both
+//!   have a `status` subresource: only `…/status` changes `.status`;
 //! * the service proxy (`services/{[scheme:]name[:port]}/proxy/…`, module
 //!   `service_proxy`) to an address the Service's `endpoints` name; Endpoints are stored as
 //!   written (no endpoints controller), so a test points them at a listener of its own;

@@ -21,6 +21,7 @@ use tokio::sync::broadcast;
 use crate::clock;
 use crate::status::ApiError;
 
+mod crd;
 mod fields;
 mod filter;
 mod finalize;
@@ -479,6 +480,7 @@ impl Store {
             Track::Update(By {
                 manager: "kube-controller-manager",
                 dry_run: false,
+                strict: false,
             }),
         );
     }
@@ -607,7 +609,7 @@ impl Store {
             Some(_) => (target.write(), false),
             None => (Write::Create, true),
         };
-        let track = Track::Applied(managed, by.dry_run);
+        let track = Track::Applied(managed, by);
         let object = self.write_locked(
             &mut inner,
             resource,
@@ -994,6 +996,9 @@ impl Store {
         if write != Write::Status {
             validate_meta(resource, &name, &meta)?;
         }
+        if resource == Resource::Clusters {
+            crd::prune_and_validate(&mut obj, &name, track.strict())?;
+        }
         self.track(
             resource,
             write,
@@ -1286,6 +1291,9 @@ pub(crate) struct By<'a> {
     /// `dryRun=All`: checked, defaulted and answered as the write would be, never stored
     /// (the apiserver's `DryRunnableStorage`).
     pub(crate) dry_run: bool,
+    /// `fieldValidation=Strict`: a field a custom resource's schema does not declare is
+    /// refused instead of dropped.
+    pub(crate) strict: bool,
 }
 
 /// What a write records in `metadata.managedFields`, and whether it is stored.
@@ -1294,17 +1302,24 @@ enum Track<'a> {
     Untracked,
     /// An update (create, replace, patch) by a client.
     Update(By<'a>),
-    /// A server-side apply's result, worked out with its conflicts; a dry run or not.
-    Applied(Managed, bool),
+    /// A server-side apply's result, worked out with its conflicts, by a client.
+    Applied(Managed, By<'a>),
 }
 
 impl Track<'_> {
-    fn dry_run(&self) -> bool {
+    fn by(&self) -> Option<&By<'_>> {
         match self {
-            Track::Untracked => false,
-            Track::Update(by) => by.dry_run,
-            Track::Applied(_, dry_run) => *dry_run,
+            Track::Untracked => None,
+            Track::Update(by) | Track::Applied(_, by) => Some(by),
         }
+    }
+
+    fn strict(&self) -> bool {
+        self.by().is_some_and(|by| by.strict)
+    }
+
+    fn dry_run(&self) -> bool {
+        self.by().is_some_and(|by| by.dry_run)
     }
 }
 
@@ -1486,6 +1501,7 @@ mod tests {
         let dry = By {
             manager: "kubectl-create",
             dry_run: true,
+            strict: false,
         };
         let before = store.resource_version();
         let mut watch = store
@@ -1893,11 +1909,10 @@ mod tests {
     }
 
     #[test]
-    fn clusters_are_free_form_custom_resources() {
+    fn clusters_are_custom_resources_pruned_to_their_schema() {
         let store = Store::seeded();
         let mut body = cluster("member-1", "proxy");
         body["spec"]["connection"]["kubernetesAPIEndpoint"] = json!("https://10.0.0.1:6443");
-        body["spec"]["anything"] = json!({"nested": [1, 2, 3]});
         body["status"] = json!({"conditions": [{"type": "Ready", "status": "True"}]});
         let created = value(
             &store
@@ -1907,6 +1922,12 @@ mod tests {
         assert_eq!(created["apiVersion"], "cluster.kubesphere.io/v1alpha1");
         assert_eq!(created["kind"], "Cluster");
         assert_eq!(created["spec"], body["spec"]);
+        // A field the CRD's schema does not declare is dropped (`store::crd`).
+        let mut extra = body.clone();
+        extra["metadata"]["name"] = json!("member-9");
+        extra["spec"]["anything"] = json!({"nested": [1, 2, 3]});
+        let pruned = value(&store.create(Resource::Clusters, "", extra).expect("create"));
+        assert_eq!(pruned["spec"], body["spec"]);
         assert!(created["metadata"].get("namespace").is_none());
         assert_eq!(created["metadata"]["generation"], 1);
         assert!(

@@ -644,6 +644,7 @@ mod tests {
         By {
             manager,
             dry_run: false,
+            strict: false,
         }
     }
 

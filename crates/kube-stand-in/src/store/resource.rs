@@ -25,8 +25,9 @@ pub(crate) enum Resource {
     /// Core `v1` `Endpoints`, stored as given: no endpoints controller fills them in from a
     /// Service's selector and its ready pods; a test writes them as that controller would.
     Endpoints,
-    /// KubeSphere's `cluster.kubesphere.io/v1alpha1` `Cluster`, cluster-scoped, free-form,
-    /// with a `status` subresource (served like a custom resource).
+    /// KubeSphere's `cluster.kubesphere.io/v1alpha1` `Cluster`, cluster-scoped, pruned and
+    /// checked against its CRD's schema (`store::crd`), with a `status` subresource
+    /// (served like a custom resource).
     Clusters,
     /// `apps/v1` `Deployment`, stored as given (no controller acts on it), with a `status`
     /// subresource.

@@ -567,11 +567,7 @@ async fn collection(
                 return Err(ApiError::method_not_allowed());
             };
             let manager = field_manager(&req, &query);
-            let by = By {
-                manager: &manager,
-                dry_run: dry_run(&query.all("dryRun"), "CreateOptions")?,
-                strict: query.get("fieldValidation") == Some("Strict"),
-            };
+            let by = client_write(&manager, &query, "CreateOptions")?;
             let body = read_json(req).await?;
             if resource.is_rbac() {
                 shared
@@ -711,11 +707,7 @@ async fn object(
         }
         Method::PUT => {
             let manager = field_manager(&req, query);
-            let by = By {
-                manager: &manager,
-                dry_run: dry_run(&query.all("dryRun"), "UpdateOptions")?,
-                strict: query.get("fieldValidation") == Some("Strict"),
-            };
+            let by = client_write(&manager, query, "UpdateOptions")?;
             let body = read_json(req).await?;
             if resource.is_rbac() {
                 shared.authorizer.check_rbac_write(
@@ -733,11 +725,7 @@ async fn object(
         }
         Method::PATCH => {
             let manager = field_manager(&req, query);
-            let by = By {
-                manager: &manager,
-                dry_run: dry_run(&query.all("dryRun"), "PatchOptions")?,
-                strict: query.get("fieldValidation") == Some("Strict"),
-            };
+            let by = client_write(&manager, query, "PatchOptions")?;
             let force = query.get("force");
             let content_type = header_str(req.headers(), "content-type")
                 .unwrap_or("")
@@ -832,10 +820,12 @@ async fn object(
             let options = read_body(req).await?;
             // DeleteOptions come in the body (kubectl's way) or the query.
             let mut dry_run_values = query.all("dryRun");
-            if !options.is_empty()
-                && let Some(values) = parse_json(&options)?
-                    .get("dryRun")
-                    .and_then(Value::as_array)
+            // (A protobuf body, which the stand-in does not decode, is read as none.)
+            if let Some(values) = serde_json::from_slice::<Value>(&options)
+                .ok()
+                .as_ref()
+                .and_then(|o| o.get("dryRun"))
+                .and_then(Value::as_array)
             {
                 dry_run_values.extend(values.iter().map(|v| v.as_str().unwrap_or("").to_owned()));
             }
@@ -861,6 +851,17 @@ fn dry_run(values: &[String], options: &str) -> Result<bool, ApiError> {
         )));
     }
     Ok(!values.is_empty())
+}
+
+/// A client's write as the store takes it: who makes it (`manager`), `dryRun` (refused in
+/// the words of `options`, the request's options kind, when not `All`) and
+/// `fieldValidation=Strict`.
+fn client_write<'a>(manager: &'a str, query: &Query, options: &str) -> Result<By<'a>, ApiError> {
+    Ok(By {
+        manager,
+        dry_run: dry_run(&query.all("dryRun"), options)?,
+        strict: query.get("fieldValidation") == Some("Strict"),
+    })
 }
 
 /// The field manager of a write: its `fieldManager`, else its User-Agent's prefix.

@@ -12,6 +12,8 @@
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
+use super::Resource;
+use super::validation::invalid_object;
 use crate::status::ApiError;
 
 /// A node of the schema.
@@ -127,13 +129,7 @@ pub(super) fn prune_and_validate(
     if errors.is_empty() {
         Ok(())
     } else {
-        let detail = match errors.as_slice() {
-            [one] => one.clone(),
-            many => format!("[{}]", many.join(", ")),
-        };
-        Err(ApiError::invalid(format!(
-            "Cluster.cluster.kubesphere.io \"{name}\" is invalid: {detail}"
-        )))
+        Err(invalid_object(Resource::Clusters, name, &errors))
     }
 }
 

@@ -31,7 +31,7 @@ pub(super) fn check_type(resource: Resource, obj: &Map<String, Value>) -> Result
 
 /// `{Kind}[.{group}] "{name}" is invalid: …`, the apiserver's 422 for failed validation
 /// (`apierrors.NewInvalid`): one field error as is, several in brackets.
-fn invalid_object(resource: Resource, name: &str, errors: &[String]) -> ApiError {
+pub(super) fn invalid_object(resource: Resource, name: &str, errors: &[String]) -> ApiError {
     let kind = match resource.group() {
         "" => resource.kind().to_owned(),
         group => format!("{}.{group}", resource.kind()),

@@ -314,6 +314,36 @@ fn apply_patch_and_attach_through_the_tunnel() {
         "configmap \"applied\" deleted (server dry run)"
     );
     assert_eq!(value(), "four");
+    // A field a custom resource's schema does not declare: refused under kubectl's default
+    // strict validation; with `--validate=warn` dropped, and the member's `Warning` header
+    // reaches kubectl through Tower.
+    let cluster = "apiVersion: cluster.kubesphere.io/v1alpha1\nkind: Cluster\nmetadata:\n  name: warned\nspec:\n  provider: x\n  anything: 1\n";
+    let strict = kubectl_with_input(&kc, &["create", "-f", "-"], cluster.as_bytes());
+    assert!(
+        strict
+            .stderr()
+            .contains("strict decoding error: unknown field \"spec.anything\""),
+        "{}",
+        strict.stderr()
+    );
+    let warned = kubectl_with_input(
+        &kc,
+        &["create", "--validate=warn", "-f", "-"],
+        cluster.as_bytes(),
+    );
+    assert_eq!(
+        warned.success().trim(),
+        "cluster.cluster.kubesphere.io/warned created"
+    );
+    assert!(
+        warned
+            .stderr()
+            .contains("Warning: unknown field \"spec.anything\""),
+        "{}",
+        warned.stderr()
+    );
+    kubectl(&kc, &["delete", "cluster", "warned"]).success();
+
     // (The apply and the create say so in the query, the delete in its DeleteOptions.)
     let dry_runs = member
         .api

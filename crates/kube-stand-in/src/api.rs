@@ -567,7 +567,8 @@ async fn collection(
                 return Err(ApiError::method_not_allowed());
             };
             let manager = field_manager(&req, &query);
-            let by = client_write(&manager, &query, "CreateOptions")?;
+            let warnings = Warnings::default();
+            let by = client_write(&manager, &query, "CreateOptions", &warnings)?;
             let body = read_json(req).await?;
             if resource.is_rbac() {
                 shared
@@ -575,7 +576,7 @@ async fn collection(
                     .check_rbac_write(&shared.store, user, resource, ns, &body)?;
             }
             let created = shared.store.create_by(resource, ns, body, by)?;
-            Ok(json_response(StatusCode::CREATED, created))
+            Ok(warnings.on(json_response(StatusCode::CREATED, created)))
         }
         _ => Err(ApiError::method_not_allowed()),
     }
@@ -707,7 +708,8 @@ async fn object(
         }
         Method::PUT => {
             let manager = field_manager(&req, query);
-            let by = client_write(&manager, query, "UpdateOptions")?;
+            let warnings = Warnings::default();
+            let by = client_write(&manager, query, "UpdateOptions", &warnings)?;
             let body = read_json(req).await?;
             if resource.is_rbac() {
                 shared.authorizer.check_rbac_write(
@@ -721,11 +723,12 @@ async fn object(
             let json = shared
                 .store
                 .replace_by(resource, namespace, (name, target), body, by)?;
-            Ok(json_response(StatusCode::OK, json))
+            Ok(warnings.on(json_response(StatusCode::OK, json)))
         }
         Method::PATCH => {
             let manager = field_manager(&req, query);
-            let by = client_write(&manager, query, "PatchOptions")?;
+            let warnings = Warnings::default();
+            let by = client_write(&manager, query, "PatchOptions", &warnings)?;
             let force = query.get("force");
             let content_type = header_str(req.headers(), "content-type")
                 .unwrap_or("")
@@ -783,7 +786,7 @@ async fn object(
                     } else {
                         StatusCode::OK
                     };
-                    return Ok(json_response(code, json));
+                    return Ok(warnings.on(json_response(code, json)));
                 }
                 other => return Err(ApiError::unsupported_media_type(other)),
             };
@@ -810,7 +813,7 @@ async fn object(
                 shared
                     .store
                     .patch_by(resource, namespace, (name, target), (kind, &patch), by)?;
-            Ok(json_response(StatusCode::OK, json))
+            Ok(warnings.on(json_response(StatusCode::OK, json)))
         }
         Method::DELETE if target == Target::Object => {
             // kubectl sends DeleteOptions; the apiserver reads them (Go's server would
@@ -854,14 +857,38 @@ fn dry_run(values: &[String], options: &str) -> Result<bool, ApiError> {
 }
 
 /// A client's write as the store takes it: who makes it (`manager`), `dryRun` (refused in
-/// the words of `options`, the request's options kind, when not `All`) and
-/// `fieldValidation=Strict`.
-fn client_write<'a>(manager: &'a str, query: &Query, options: &str) -> Result<By<'a>, ApiError> {
+/// the words of `options`, the request's options kind, when not `All`),
+/// `fieldValidation=Strict`, and where its warnings go.
+fn client_write<'a>(
+    manager: &'a str,
+    query: &Query,
+    options: &str,
+    warnings: &'a Warnings,
+) -> Result<By<'a>, ApiError> {
     Ok(By {
         manager,
         dry_run: dry_run(&query.all("dryRun"), options)?,
         strict: query.get("fieldValidation") == Some("Strict"),
+        warnings: &warnings.0,
     })
+}
+
+/// What a write warns its client of, sent as `Warning` headers (k8s.io/apiserver's
+/// `warning` package: `299 - "<text>"`, the text quoted as Go's `strconv.Quote` does).
+#[derive(Default)]
+struct Warnings(std::sync::Mutex<Vec<String>>);
+
+impl Warnings {
+    fn on(&self, mut resp: Response<Body>) -> Response<Body> {
+        let texts = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for text in texts {
+            let quoted = serde_json::Value::String(text).to_string();
+            if let Ok(value) = HeaderValue::from_str(&format!("299 - {quoted}")) {
+                resp.headers_mut().append(header::WARNING, value);
+            }
+        }
+        resp
+    }
 }
 
 /// The field manager of a write: its `fieldManager`, else its User-Agent's prefix.

@@ -481,6 +481,7 @@ impl Store {
                 manager: "kube-controller-manager",
                 dry_run: false,
                 strict: false,
+                warnings: &std::sync::Mutex::new(Vec::new()),
             }),
         );
     }
@@ -997,7 +998,11 @@ impl Store {
             validate_meta(resource, &name, &meta)?;
         }
         if resource == Resource::Clusters {
-            crd::prune_and_validate(&mut obj, &name, track.strict())?;
+            let dropped = crd::prune_and_validate(&mut obj, &name, track.strict())?;
+            if let Some(by) = track.by() {
+                let mut warnings = by.warnings.lock().unwrap_or_else(|e| e.into_inner());
+                warnings.extend(dropped.into_iter().map(|f| format!("unknown field {f:?}")));
+            }
         }
         self.track(
             resource,
@@ -1294,6 +1299,9 @@ pub(crate) struct By<'a> {
     /// `fieldValidation=Strict`: a field a custom resource's schema does not declare is
     /// refused instead of dropped.
     pub(crate) strict: bool,
+    /// Where the write's warnings go (sent to the client as `Warning` headers): a field
+    /// dropped because the schema does not declare it (`fieldValidation=Warn`, the default).
+    pub(crate) warnings: &'a std::sync::Mutex<Vec<String>>,
 }
 
 /// What a write records in `metadata.managedFields`, and whether it is stored.
@@ -1498,10 +1506,12 @@ mod tests {
     fn a_dry_run_answers_and_stores_nothing() {
         let store = Store::seeded();
         let r = Resource::ConfigMaps;
+        let warnings = std::sync::Mutex::new(Vec::new());
         let dry = By {
             manager: "kubectl-create",
             dry_run: true,
             strict: false,
+            warnings: &warnings,
         };
         let before = store.resource_version();
         let mut watch = store

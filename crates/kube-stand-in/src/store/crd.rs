@@ -5,9 +5,8 @@
 //! kubesphere/kubesphere v3.4.1 (Tower's `deploy/host/crd-cluster.yaml` has the same
 //! fields). A field the schema does not declare is dropped (`structuralpruning.Prune`),
 //! or refused with 400 when the request asks `fieldValidation=Strict` (kubectl does); a
-//! declared one must have its type and format (kube-openapi's validator: 422). Not
-//! modelled: the `Warning` header a dropped field earns under the default
-//! `fieldValidation=Warn`.
+//! declared one must have its type and format (kube-openapi's validator: 422). Under the
+//! default `fieldValidation=Warn` each dropped field is a `Warning` header to the client.
 
 use base64::Engine as _;
 use serde_json::{Map, Value};
@@ -104,14 +103,15 @@ const CLUSTER: Schema = Object(
 );
 
 /// Prunes `cluster` (the whole object) to the schema, or with `strict` refuses what it
-/// would prune; then checks every declared field's type and format.
+/// would prune; then checks every declared field's type and format. Returns the fields
+/// dropped (`spec.anything`).
 pub(super) fn prune_and_validate(
     cluster: &mut Map<String, Value>,
     name: &str,
     strict: bool,
-) -> Result<(), ApiError> {
+) -> Result<Vec<String>, ApiError> {
     let Object(fields, _) = CLUSTER else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let mut unknown = Vec::new();
     let mut errors = Vec::new();
@@ -127,7 +127,7 @@ pub(super) fn prune_and_validate(
         )));
     }
     if errors.is_empty() {
-        Ok(())
+        Ok(unknown)
     } else {
         Err(invalid_object(Resource::Clusters, name, &errors))
     }
@@ -254,7 +254,8 @@ mod tests {
                        "conditions": [{"type": "Ready", "status": "True",
                                        "lastTransitionTime": "2026-12-07T03:00:00Z", "extra": 1}]},
         }));
-        prune_and_validate(&mut cluster, "m", false).expect("valid once pruned");
+        let dropped = prune_and_validate(&mut cluster, "m", false).expect("valid once pruned");
+        assert_eq!(dropped, ["spec.anything", "status.conditions[0].extra"]);
         assert!(cluster["spec"].get("anything").is_none());
         assert!(cluster["status"]["conditions"][0].get("extra").is_none());
         assert_eq!(

@@ -640,11 +640,14 @@ mod tests {
     use super::*;
     use crate::store::{By, PatchKind, Store, Target};
 
+    static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
     fn by(manager: &str) -> By<'_> {
         By {
             manager,
             dry_run: false,
             strict: false,
+            warnings: &WARNINGS,
         }
     }
 

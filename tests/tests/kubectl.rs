@@ -343,6 +343,22 @@ fn apply_patch_and_attach_through_the_tunnel() {
         warned.stderr()
     );
     kubectl(&kc, &["delete", "cluster", "warned"]).success();
+    // `--validate=false` (fieldValidation=Ignore): dropped without a word.
+    let ignored = kubectl_with_input(
+        &kc,
+        &["create", "--validate=false", "-f", "-"],
+        cluster.as_bytes(),
+    );
+    assert_eq!(
+        ignored.success().trim(),
+        "cluster.cluster.kubesphere.io/warned created"
+    );
+    assert!(
+        !ignored.stderr().contains("Warning"),
+        "{}",
+        ignored.stderr()
+    );
+    kubectl(&kc, &["delete", "cluster", "warned"]).success();
 
     // (The apply and the create say so in the query, the delete in its DeleteOptions.)
     let dry_runs = member

@@ -567,7 +567,7 @@ async fn collection(
                 return Err(ApiError::method_not_allowed());
             };
             let manager = field_manager(&req, &query);
-            let warnings = Warnings::default();
+            let warnings = Warnings::for_request(&query);
             let by = client_write(&manager, &query, "CreateOptions", &warnings)?;
             let body = read_json(req).await?;
             if resource.is_rbac() {
@@ -708,7 +708,7 @@ async fn object(
         }
         Method::PUT => {
             let manager = field_manager(&req, query);
-            let warnings = Warnings::default();
+            let warnings = Warnings::for_request(query);
             let by = client_write(&manager, query, "UpdateOptions", &warnings)?;
             let body = read_json(req).await?;
             if resource.is_rbac() {
@@ -727,7 +727,7 @@ async fn object(
         }
         Method::PATCH => {
             let manager = field_manager(&req, query);
-            let warnings = Warnings::default();
+            let warnings = Warnings::for_request(query);
             let by = client_write(&manager, query, "PatchOptions", &warnings)?;
             let force = query.get("force");
             let content_type = header_str(req.headers(), "content-type")
@@ -865,22 +865,42 @@ fn client_write<'a>(
     options: &str,
     warnings: &'a Warnings,
 ) -> Result<By<'a>, ApiError> {
+    let field_validation = query.get("fieldValidation").unwrap_or("");
+    if !matches!(field_validation, "" | "Ignore" | "Warn" | "Strict") {
+        // `ValidateFieldValidation`.
+        return Err(ApiError::invalid(format!(
+            "{options}.meta.k8s.io \"\" is invalid: fieldValidation: Unsupported value: {field_validation:?}: supported values: \"Ignore\", \"Strict\", \"Warn\""
+        )));
+    }
     Ok(By {
         manager,
         dry_run: dry_run(&query.all("dryRun"), options)?,
-        strict: query.get("fieldValidation") == Some("Strict"),
-        warnings: &warnings.0,
+        strict: field_validation == "Strict",
+        warnings: &warnings.texts,
     })
 }
 
 /// What a write warns its client of, sent as `Warning` headers (k8s.io/apiserver's
-/// `warning` package: `299 - "<text>"`, the text quoted as Go's `strconv.Quote` does).
-#[derive(Default)]
-struct Warnings(std::sync::Mutex<Vec<String>>);
+/// `warning` package: `299 - "<text>"`, the text quoted as Go's `strconv.Quote` does);
+/// none under `fieldValidation=Ignore`, which drops unknown fields silently.
+struct Warnings {
+    texts: std::sync::Mutex<Vec<String>>,
+    silent: bool,
+}
 
 impl Warnings {
+    fn for_request(query: &Query) -> Warnings {
+        Warnings {
+            texts: std::sync::Mutex::new(Vec::new()),
+            silent: query.get("fieldValidation") == Some("Ignore"),
+        }
+    }
+
     fn on(&self, mut resp: Response<Body>) -> Response<Body> {
-        let texts = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let texts = std::mem::take(&mut *self.texts.lock().unwrap_or_else(|e| e.into_inner()));
+        if self.silent {
+            return resp;
+        }
         for text in texts {
             let quoted = serde_json::Value::String(text).to_string();
             if let Ok(value) = HeaderValue::from_str(&format!("299 - {quoted}")) {

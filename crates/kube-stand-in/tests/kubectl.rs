@@ -211,6 +211,12 @@ async fn server_side_apply_creates_then_merges() {
             (r#"{"apiVersion":"v1","kind":"ConfigMap"}"#, "", 422, "fieldManager: Required value"),
             (
                 r#"{"apiVersion":"v1","kind":"ConfigMap"}"#,
+                "?fieldManager=me&fieldValidation=Loose",
+                422,
+                r#"fieldValidation: Unsupported value: "Loose""#,
+            ),
+            (
+                r#"{"apiVersion":"v1","kind":"ConfigMap"}"#,
                 "?fieldManager=me&dryRun=Maybe",
                 422,
                 r#"dryRun: Unsupported value: []string{"Maybe"}: supported values: "All""#,

@@ -359,6 +359,58 @@ fn apply_patch_and_attach_through_the_tunnel() {
         ignored.stderr()
     );
     kubectl(&kc, &["delete", "cluster", "warned"]).success();
+    // The same for a built-in kind, which the member decodes into its Go struct: a
+    // misspelt field deep in a pod template is refused, or with `--validate=warn` dropped
+    // and named; server-side apply refuses it whatever kubectl asks.
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: typo\nspec:\n  selector:\n    matchLabels: {app: typo}\n  template:\n    metadata:\n      labels: {app: typo}\n    spec:\n      containers:\n      - name: app\n        image: app\n        securityContext:\n          readOnlyRootFileSystem: true\n          runAsNonRoot: true\n";
+    let typo = "spec.template.spec.containers[0].securityContext.readOnlyRootFileSystem";
+    let strict = kubectl_with_input(&kc, &["create", "-f", "-"], deployment.as_bytes());
+    assert!(
+        strict.stderr().contains(&format!(
+            "Deployment in version \"v1\" cannot be handled as a Deployment: strict decoding error: unknown field \"{typo}\""
+        )),
+        "{}",
+        strict.stderr()
+    );
+    let ssa = kubectl_with_input(
+        &kc,
+        &["apply", "--server-side", "--validate=warn", "-f", "-"],
+        deployment.as_bytes(),
+    );
+    assert!(
+        ssa.stderr().contains(
+            "failed to create typed patch object (default/typo; apps/v1, Kind=Deployment): \
+             .spec.template.spec.containers[name=\"app\"].securityContext.readOnlyRootFileSystem: \
+             field not declared in schema"
+        ),
+        "{}",
+        ssa.stderr()
+    );
+    let warned = kubectl_with_input(
+        &kc,
+        &["create", "--validate=warn", "-f", "-"],
+        deployment.as_bytes(),
+    );
+    assert_eq!(warned.success().trim(), "deployment.apps/typo created");
+    assert!(
+        warned
+            .stderr()
+            .contains(&format!("Warning: unknown field \"{typo}\"")),
+        "{}",
+        warned.stderr()
+    );
+    let context = kubectl(
+        &kc,
+        &[
+            "get",
+            "deployment",
+            "typo",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].securityContext}",
+        ],
+    );
+    assert_eq!(context.success(), r#"{"runAsNonRoot":true}"#);
+    kubectl(&kc, &["delete", "deployment", "typo"]).success();
 
     // (The apply and the create say so in the query, the delete in its DeleteOptions.)
     let dry_runs = member

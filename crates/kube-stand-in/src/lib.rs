@@ -9,7 +9,10 @@
 //! * `namespaces`, `pods`, `configmaps`, `services` and KubeSphere `clusters` in memory: get,
 //!   list, create, replace, merge and strategic-merge patch, JSON patch, server-side apply
 //!   with field ownership (`metadata.managedFields`, conflicts, `force`: `store::fields`),
-//!   server-side dry runs (`dryRun=All`: answered, never stored), delete, server-side `Table`
+//!   server-side dry runs (`dryRun=All`: answered, never stored), unknown fields dropped,
+//!   named in `Warning` headers or refused (`fieldValidation`; built-in kinds decoded as
+//!   their types, `store::decode`; Clusters by their CRD's schema, `store::crd`), delete,
+//!   server-side `Table`
 //!   printing, and watches that replay an in-memory history and then fan out live
 //!   events from one broadcast channel. No services or clusters are seeded;
 //! * content negotiation (module `negotiate`): `configmaps` and `secrets` are answered in

@@ -22,6 +22,7 @@ use crate::clock;
 use crate::status::ApiError;
 
 mod crd;
+mod decode;
 mod fields;
 mod filter;
 mod finalize;
@@ -585,6 +586,7 @@ impl Store {
         (by, force): (By<'_>, bool),
     ) -> Result<(Bytes, bool), ApiError> {
         check_apply_config(resource, config)?;
+        decode::check_apply_config(resource, namespace, name, config)?;
         let mut inner = self.lock();
         let key = (resource, namespace.to_owned(), name.to_owned());
         let live = match Self::stored(&inner, &key) {
@@ -994,15 +996,19 @@ impl Store {
                 None => obj.remove("status"),
             };
         }
+        // Decoding (built-in kinds) or the CRD's pruning drops undeclared fields before
+        // anything validates.
+        let dropped = if resource == Resource::Clusters {
+            crd::prune_and_validate(&mut obj, &name, track.strict())?
+        } else {
+            decode::decode_object(resource, &mut obj, &mut meta, track.strict())?
+        };
+        if let Some(by) = track.by() {
+            let mut warnings = by.warnings.lock().unwrap_or_else(|e| e.into_inner());
+            warnings.extend(dropped.into_iter().map(|f| format!("unknown field {f:?}")));
+        }
         if write != Write::Status {
             validate_meta(resource, &name, &meta)?;
-        }
-        if resource == Resource::Clusters {
-            let dropped = crd::prune_and_validate(&mut obj, &name, track.strict())?;
-            if let Some(by) = track.by() {
-                let mut warnings = by.warnings.lock().unwrap_or_else(|e| e.into_inner());
-                warnings.extend(dropped.into_iter().map(|f| format!("unknown field {f:?}")));
-            }
         }
         self.track(
             resource,

@@ -550,7 +550,7 @@ async fn secrets_fold_string_data_into_base64_data() {
         // The apiserver's refusals: bad base64, a changed type, a TLS secret without its keys.
         let bad = h.write("bad.yaml", "apiVersion: v1\nkind: Secret\nmetadata:\n  name: bad\ndata:\n  k: \"not base64!\"\n");
         let stderr = h.fails(&["create", "-f", bad.to_str().unwrap()]).await;
-        assert!(stderr.contains("illegal base64 data"), "{stderr}");
+        assert!(stderr.contains("cannot be handled as a Secret: illegal base64 data at input byte 3"), "{stderr}");
         let stderr = h.fails(&["patch", "secret", "creds", "-p", r#"{"type":"kubernetes.io/tls"}"#]).await;
         assert!(stderr.contains("field is immutable"), "{stderr}");
         let tls = h.write("tls.yaml", "apiVersion: v1\nkind: Secret\nmetadata:\n  name: t\ntype: kubernetes.io/tls\n");

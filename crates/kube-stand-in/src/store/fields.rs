@@ -631,6 +631,16 @@ pub(crate) fn preview_apply(resource: Resource, live: Option<&Value>, config: &V
     }
 }
 
+/// The field at `steps` of an apply configuration, as structured-merge-diff's errors name
+/// it (`.spec.template.spec.containers[name="a"].foo`).
+pub(crate) fn path_string_of(
+    resource: Resource,
+    config: &Value,
+    steps: &[super::decode::Step],
+) -> String {
+    typed::path_of_steps(resource, config, steps)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -9,6 +9,7 @@ use serde_json::{Map, Value, json};
 
 use super::{Path, Scope, Set};
 use crate::store::Resource;
+use crate::store::decode::Step;
 
 /// The object a create is compared with: the zero value of the type, whose non-pointer
 /// structs exist before anything is set (so a Deployment's creator owns
@@ -425,4 +426,28 @@ pub(super) fn path_string(path: &[String]) -> String {
         }
     }
     out
+}
+
+/// The field at `steps` of `value` as structured-merge-diff names it: a keyed list's item
+/// by its key (`.spec.template.spec.containers[name="a"].image`), other items by index.
+pub(super) fn path_of_steps(resource: Resource, value: &Value, steps: &[Step]) -> String {
+    let mut path = Path::new();
+    let mut at = Some(value);
+    for step in steps {
+        match step {
+            Step::Key(key) => {
+                path.push(format!("f:{key}"));
+                at = at.and_then(|v| v.get(key));
+            }
+            Step::Index(i) => {
+                let item = at.and_then(|v| v.get(*i));
+                let element = item
+                    .and_then(|item| item_element(shape(resource, &path), item))
+                    .unwrap_or_else(|| format!("i:{i}"));
+                path.push(element);
+                at = item;
+            }
+        }
+    }
+    path_string(&path)
 }

@@ -411,6 +411,58 @@ fn apply_patch_and_attach_through_the_tunnel() {
     );
     assert_eq!(context.success(), r#"{"runAsNonRoot":true}"#);
     kubectl(&kc, &["delete", "deployment", "typo"]).success();
+    // kubectl's client-side apply of a built-in kind sends a strategic merge patch of only
+    // what changed: the member merges a pod template's containers by name, where a merge
+    // patch would have replaced the list with the one container the patch names.
+    let two = |image_a: &str, env: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: merged\nspec:\n  selector:\n    matchLabels: {{app: merged}}\n  template:\n    metadata:\n      labels: {{app: merged}}\n    spec:\n      containers:\n      - name: a\n        image: {image_a}\n        env: [{env}]\n      - name: b\n        image: b:1\n        ports: [{{containerPort: 8080}}]\n"
+        )
+    };
+    let containers = || {
+        kubectl(
+            &kc,
+            &[
+                "get",
+                "deployment",
+                "merged",
+                "-o",
+                "jsonpath={range .spec.template.spec.containers[*]}{.name}={.image}/{.env[*].name}/{.ports[*].containerPort};{end}",
+            ],
+        )
+        .success()
+    };
+    kubectl_with_input(
+        &kc,
+        &["apply", "-f", "-"],
+        two("a:1", "{name: ONE, value: '1'}").as_bytes(),
+    )
+    .success();
+    let out = kubectl_with_input(
+        &kc,
+        &["apply", "-f", "-"],
+        two("a:2", "{name: ONE, value: '1'}, {name: TWO, value: '2'}").as_bytes(),
+    );
+    assert_eq!(out.success().trim(), "deployment.apps/merged configured");
+    assert_eq!(containers(), "a=a:2/ONE TWO/;b=b:1//8080;");
+    let sidecar = r#"{"spec":{"template":{"spec":{"containers":[{"name":"c","image":"c:1"}]}}}}"#;
+    kubectl(&kc, &["patch", "deployment", "merged", "-p", sidecar]).success();
+    assert_eq!(containers(), "a=a:2/ONE TWO/;b=b:1//8080;c=c:1//;");
+    let patched = kubectl(
+        &kc,
+        &[
+            "patch",
+            "deployment",
+            "merged",
+            "--type",
+            "merge",
+            "-p",
+            sidecar,
+        ],
+    );
+    patched.success();
+    assert_eq!(containers(), "c=c:1//;");
+    kubectl(&kc, &["delete", "deployment", "merged"]).success();
 
     // (The apply and the create say so in the query, the delete in its DeleteOptions.)
     let dry_runs = member

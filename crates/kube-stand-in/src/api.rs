@@ -741,7 +741,7 @@ async fn object(
                 "application/merge-patch+json" => PatchKind::Merge,
                 // Like a real apiserver: custom resources have no strategic merge.
                 "application/strategic-merge-patch+json" if !resource.is_custom() => {
-                    PatchKind::Merge
+                    PatchKind::Strategic
                 }
                 "application/json-patch+json" => PatchKind::Json,
                 // Server-side apply. kubectl sends the configuration as JSON, which is YAML.

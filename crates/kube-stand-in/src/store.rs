@@ -29,13 +29,15 @@ mod finalize;
 mod gc;
 mod patch;
 mod resource;
+mod strategic;
 mod validation;
 
 pub(crate) use fields::manager_name;
 use fields::{Managed, Scope, Writer};
 pub(crate) use filter::Filter;
-use patch::{json_patch, merge_patch, strip_directives};
+use patch::{json_patch, merge_patch};
 pub(crate) use resource::{RBAC_GROUP, Resource};
+use strategic::{PatchError, strategic_merge};
 use validation::{
     binding_defaults, check_type, dns_subdomain, secret_defaults, service_defaults, validate_meta,
     validate_role,
@@ -534,8 +536,7 @@ impl Store {
         )
     }
 
-    /// Applies a patch: JSON merge patch, strategic merge patch (treated as a merge patch with
-    /// its `$`-directives dropped) or RFC 6902 JSON patch. The patch applies to the whole
+    /// Applies a patch: JSON merge patch, strategic merge patch or RFC 6902 JSON patch. The patch applies to the whole
     /// object either way; with [`Target::Status`] only the resulting `.status` is kept, with
     /// [`Target::Object`] the stored `.status` is kept if the resource has a status
     /// subresource.
@@ -702,8 +703,7 @@ impl Store {
         let (mut object, stored) = Self::stored(inner, key)?;
         let current_rv = stored.rv.to_string();
         match kind {
-            PatchKind::Merge => {
-                let patch = strip_directives(patch);
+            PatchKind::Merge | PatchKind::Strategic => {
                 if let Some(rv) = patch
                     .pointer("/metadata/resourceVersion")
                     .and_then(Value::as_str)
@@ -711,7 +711,14 @@ impl Store {
                 {
                     return Err(ApiError::conflict(&resource.qualified_plural(), name));
                 }
-                merge_patch(&mut object, &patch);
+                if kind == PatchKind::Merge {
+                    merge_patch(&mut object, patch);
+                } else {
+                    strategic_merge(resource, &mut object, patch).map_err(|e| match e {
+                        PatchError::BadRequest(m) => ApiError::bad_request(m),
+                        PatchError::Internal(m) => ApiError::internal(m),
+                    })?;
+                }
             }
             PatchKind::Json => {
                 json_patch(&mut object, patch).map_err(ApiError::invalid)?;
@@ -1270,8 +1277,10 @@ impl Store {
 /// The flavour of a PATCH body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PatchKind {
-    /// `application/merge-patch+json` or `application/strategic-merge-patch+json`.
+    /// `application/merge-patch+json` (RFC 7386).
     Merge,
+    /// `application/strategic-merge-patch+json`, built-in kinds only (`store::strategic`).
+    Strategic,
     /// `application/json-patch+json`.
     Json,
 }

@@ -1,6 +1,5 @@
-//! The patch formats a PATCH may carry: JSON merge patch (RFC 7386), JSON patch (RFC
-//! 6902), and strategic merge patch, which the stand-in applies as a merge patch once its
-//! directives are dropped.
+//! The patch formats a PATCH may carry: JSON merge patch (RFC 7386) and JSON patch (RFC
+//! 6902); strategic merge patch is `strategic.rs`.
 
 use serde_json::{Map, Value};
 

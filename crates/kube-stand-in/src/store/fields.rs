@@ -25,8 +25,8 @@
 //! The schema is a table ([`shape`]), not the OpenAPI models: the maps, atomic fields and
 //! keyed lists of the types the stand-in serves; every other object is a struct and every
 //! other list atomic, which is what a custom resource without list markers (KubeSphere's
-//! Cluster) has. Not modelled: the cap of ten update managers (`capmanagers.go`), field sets
-//! across API versions, duplicate items of a keyed list, key fields' defaults other than a
+//! Cluster) has. Update managers are capped at ten, the oldest merged into `ancient-changes`
+//! (`capmanagers.go`). Not modelled: field sets across API versions, duplicate items of a keyed list, key fields' defaults other than a
 //! port's `protocol`. Fields the stand-in defaults or allocates itself (a Service's cluster
 //! IP, a pod's status) are owned by nobody, where a real apiserver's defaulting at decode
 //! gives the writer the defaults.
@@ -57,6 +57,10 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 const KUBECTL: &str = "kubectl";
 /// `validation.FieldManagerMaxLength`.
 const MANAGER_MAX_LEN: usize = 128;
+/// `DefaultMaxUpdateManagers`: the most Update entries an object keeps.
+const MAX_UPDATE_MANAGERS: usize = 10;
+/// `capManagersManager.oldUpdatesManagerName`: where the oldest Update entries go.
+const ANCIENT_CHANGES: &str = "ancient-changes";
 
 /// Who makes a write: the apiserver's `managerOrUserAgent`.
 pub(crate) fn manager_name(field_manager: Option<&str>, user_agent: Option<&str>) -> String {
@@ -359,6 +363,69 @@ impl Managed {
         self.0.retain(|e| !e.fields.is_empty());
     }
 
+    /// `capManagersManager.capUpdateManagers`: past [`MAX_UPDATE_MANAGERS`] Update
+    /// entries, the oldest (by time in seconds, then by name) are merged, per apiVersion,
+    /// into an `ancient-changes` entry, which takes the newest merged entry's time. The
+    /// first of a version met becomes that entry unless one exists; it is not itself
+    /// counted as merged.
+    fn cap_update_managers(&mut self) {
+        let mut updaters: Vec<usize> = (0..self.0.len())
+            .filter(|&i| self.0[i].operation == Operation::Update)
+            .collect();
+        if updaters.len() <= MAX_UPDATE_MANAGERS {
+            return;
+        }
+        // RFC 3339 times in UTC order as text; none is the epoch.
+        updaters.sort_by(|&i, &j| {
+            let (p, q) = (&self.0[i], &self.0[j]);
+            let seconds = |e: &Entry| e.time.as_deref().unwrap_or("").get(..19).map(str::to_owned);
+            seconds(p)
+                .cmp(&seconds(q))
+                .then_with(|| p.manager.cmp(&q.manager))
+                .then_with(|| p.subresource.cmp(&q.subresource))
+        });
+        let bucket_of = |entries: &[Entry], version: &str| {
+            entries
+                .iter()
+                .position(|e| e.is(ANCIENT_CHANGES, Operation::Update, version, ""))
+        };
+        let mut first_of_version: BTreeMap<String, usize> = BTreeMap::new();
+        let mut merged = Vec::new();
+        let mut length = updaters.len();
+        for &i in &updaters {
+            if length <= MAX_UPDATE_MANAGERS {
+                break;
+            }
+            let version = self.0[i].api_version.clone();
+            let Some(&first) = first_of_version.get(&version) else {
+                first_of_version.insert(version, i);
+                continue;
+            };
+            let bucket = match bucket_of(&self.0, &version) {
+                Some(bucket) => bucket,
+                None => {
+                    let entry = &mut self.0[first];
+                    entry.manager = ANCIENT_CHANGES.to_owned();
+                    entry.subresource = String::new();
+                    first
+                }
+            };
+            if bucket == i {
+                continue;
+            }
+            let (fields, time) = (self.0[i].fields.clone(), self.0[i].time.clone());
+            self.0[bucket].fields.extend(fields);
+            self.0[bucket].time = time;
+            merged.push(i);
+            length -= 1;
+        }
+        let mut i = 0;
+        self.0.retain(|_| {
+            i += 1;
+            !merged.contains(&(i - 1))
+        });
+    }
+
     /// The union of every manager's fields.
     fn owned(&self) -> Set {
         self.0
@@ -440,6 +507,7 @@ pub(crate) fn update(
         }
     }
     managed.drop_empty();
+    managed.cap_update_managers();
     managed
 }
 
@@ -711,6 +779,53 @@ mod tests {
             manager_name(None, Some(&"x".repeat(200))).len(),
             MANAGER_MAX_LEN
         );
+    }
+
+    #[test]
+    fn past_ten_update_managers_the_oldest_are_merged_into_ancient_changes() {
+        let store = Store::seeded();
+        let r = Resource::ConfigMaps;
+        store
+            .create_by(r, "default", config_map(json!({})), by("creator"))
+            .unwrap();
+        let mut last = Value::Null;
+        for i in 0..11 {
+            let patch = json!({"data": {format!("k{i:02}"): "v"}});
+            let target = ("cm", Target::Object);
+            let written = store
+                .patch_by(
+                    r,
+                    "default",
+                    target,
+                    (PatchKind::Merge, &patch),
+                    by(&format!("m{i:02}")),
+                )
+                .unwrap();
+            last = value(&written);
+        }
+        // Twelve updaters (the creator keeps `data` itself) in the same second or so: by
+        // time, then by name, `creator` is the oldest and becomes the bucket, and m00 and
+        // m01 are merged into it.
+        let got: Vec<(String, Value)> = entries(&last)
+            .into_iter()
+            .map(|(manager, _, _, fields)| (manager, fields))
+            .collect();
+        assert_eq!(got.len(), 10, "{got:?}");
+        let ancient: Vec<&(String, Value)> =
+            got.iter().filter(|(m, _)| m == "ancient-changes").collect();
+        assert_eq!(
+            ancient,
+            [&(
+                "ancient-changes".to_owned(),
+                json!({"f:data": {".": {}, "f:k00": {}, "f:k01": {}}})
+            )]
+        );
+        let gone = ["creator", "m00", "m01"];
+        assert!(
+            !got.iter().any(|(m, _)| gone.contains(&m.as_str())),
+            "{got:?}"
+        );
+        assert!(got.iter().any(|(m, _)| m == "m10"), "{got:?}");
     }
 
     #[test]

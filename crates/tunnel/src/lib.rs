@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+mod answer_first;
 mod coalesce;
 pub mod control;
 pub mod dial;

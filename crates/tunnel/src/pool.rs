@@ -29,6 +29,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use tower_service::Service;
 
+use crate::answer_first::AnswerFirst;
+
 /// Any error of a connector or a body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -185,7 +187,7 @@ where
             builder.max_buf_size(read_buffer);
         }
         let (sender, connection) = builder
-            .handshake(io)
+            .handshake(AnswerFirst::new(io))
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
         tokio::spawn(async move {
@@ -467,6 +469,80 @@ mod tests {
 
     fn idle(pool: &Http1Pool<HttpConnector, Empty>, uri: &Uri) -> usize {
         pool.idle(uri.authority().unwrap().as_str())
+    }
+
+    /// An upstream that refuses a request's body, as a kube-apiserver past its 3 MiB does:
+    /// it reads the head and a little of the body, answers 413 and closes with the rest
+    /// unread, which resets the connection while the body is still being sent. The
+    /// answer reaches the caller (see `answer_first`), every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_sent_before_the_body_was_all_read_reaches_the_caller() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let mut some = vec![0; 64 * 1024];
+                let _ = tcp.read(&mut some).await.unwrap();
+                tcp.write_all(
+                    b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-length: 9\r\n\
+                      connection: close\r\n\r\ntoo large",
+                )
+                .await
+                .unwrap();
+                drop(tcp);
+            }
+        });
+        let pool = Http1Pool::new(HttpConnector::new(), Some(8 * 1024), 4);
+        let uri: Uri = format!("http://{addr}/upload").parse().unwrap();
+        for _ in 0..20 {
+            // 8 MiB in chunks of 64 KiB, each written as it comes.
+            let chunks = futures::stream::iter(
+                (0..128).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'x'; 64 << 10])))),
+            );
+            let mut request = Request::new(http_body_util::StreamBody::new(chunks));
+            *request.method_mut() = Method::POST;
+            *request.uri_mut() = uri.clone();
+            let response = pool.send(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"too large");
+        }
+    }
+
+    /// The same upstream without an answer: the reset is the caller's error, at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_without_an_answer_is_an_error_not_a_wait() {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let mut some = vec![0; 64 * 1024];
+                let _ = tcp.read(&mut some).await.unwrap();
+                drop(tcp);
+            }
+        });
+        let pool = Http1Pool::new(HttpConnector::new(), Some(8 * 1024), 4);
+        let uri: Uri = format!("http://{addr}/upload").parse().unwrap();
+        for _ in 0..5 {
+            let chunks = futures::stream::iter(
+                (0..128).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'x'; 64 << 10])))),
+            );
+            let mut request = Request::new(http_body_util::StreamBody::new(chunks));
+            *request.method_mut() = Method::POST;
+            *request.uri_mut() = uri.clone();
+            let sent = tokio::time::timeout(Duration::from_secs(10), pool.send(request)).await;
+            match sent {
+                // The reset, as the read met it.
+                Ok(Err(SendError::Send(_))) => {}
+                Ok(Err(e)) => panic!("not a send error: {e}"),
+                Ok(Ok(response)) => panic!("an answer nobody sent: {}", response.status()),
+                Err(_) => panic!("no error within 10 s"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -611,3 +611,67 @@ fn a_stream_limit_above_what_agents_accept_is_refused_with_the_bound() {
         );
     }
 }
+
+#[test]
+fn a_body_past_the_members_limit_gets_its_413_through_the_tunnel_and_the_tunnel_serves_on() {
+    let Rig {
+        member: _member,
+        server: _server,
+        kc,
+        https,
+        user,
+        _agent,
+    } = rig(&[]);
+    let dir = TempDir::new("big-bodies");
+    let create = |name: &str, len: usize| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, vec![b'x'; len]).unwrap();
+        let from = format!("--from-file={}", path.display());
+        kubectl(&kc, &["create", "configmap", name, &from])
+    };
+    // Past kube-apiserver's 3 MiB the member answers 413 once it has read 3 MiB and a byte,
+    // while kubectl is still sending the rest; Tower brings the answer back whole.
+    let out = create("huge", 4 << 20);
+    assert!(
+        out.stderr().contains(
+            "error: failed to create configmap: Request entity too large: limit is 3145728"
+        ),
+        "{}",
+        out.stderr()
+    );
+    // The same streamed over HTTP/1.1: the 413 and its words, not a cut connection.
+    let reply = https
+        .try_upload(
+            "/clusters/member-1/api/v1/namespaces/default/configmaps",
+            &user,
+            8 << 20,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert_eq!(reply.status, 413, "{}", reply.body);
+    assert!(
+        reply
+            .body
+            .contains("Request entity too large: limit is 3145728"),
+        "{}",
+        reply.body
+    );
+    // Under 3 MiB but past what a ConfigMap's values may hold: the member's validation.
+    let out = create("big", (1 << 20) + 1);
+    assert!(
+        out.stderr().contains(
+            r#"ConfigMap "big" is invalid: []: Too long: may not be more than 1048576 bytes"#
+        ),
+        "{}",
+        out.stderr()
+    );
+    // 1 MiB fits, whole, and the tunnel serves on.
+    create("fits", 1 << 20).success();
+    let value = kubectl(
+        &kc,
+        &["get", "configmap", "fits", "-o", "jsonpath={.data.fits}"],
+    )
+    .success();
+    assert_eq!(value.len(), 1 << 20);
+    assert_eq!(version(&https, &user).status, 200);
+}

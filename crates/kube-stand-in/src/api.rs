@@ -29,8 +29,9 @@ use crate::{
 /// The response body type of every handler.
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// Largest request body accepted (objects are small; the bulk data is generated server-side).
-const MAX_REQUEST_BODY: usize = 16 * 1024 * 1024;
+/// Largest request body accepted: kube-apiserver's `MaxRequestBodyBytes` default, 3 MiB
+/// (k8s.io/apiserver `server/config.go`); past it, 413.
+const MAX_REQUEST_BODY: usize = 3 * 1024 * 1024;
 /// Lists smaller than this are sent with a Content-Length; larger ones are streamed.
 const STREAM_LIST_ABOVE: usize = 1024 * 1024;
 /// Chunk size of `/debug/bytes`.
@@ -1011,7 +1012,13 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     Ok(Limited::new(req.into_body(), MAX_REQUEST_BODY)
         .collect()
         .await
-        .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::request_entity_too_large(MAX_REQUEST_BODY)
+            } else {
+                ApiError::bad_request(format!("reading the request body: {e}"))
+            }
+        })?
         .to_bytes())
 }
 

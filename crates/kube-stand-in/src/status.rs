@@ -168,6 +168,16 @@ impl ApiError {
         )
     }
 
+    /// 413: a request body past the apiserver's `MaxRequestBodyBytes` (`limitedReadBody`
+    /// in k8s.io/apiserver's `handlers/rest.go`).
+    pub fn request_entity_too_large(limit: usize) -> ApiError {
+        ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("Request entity too large: limit is {limit}"),
+        )
+    }
+
     /// 410 Gone: a watch asked for history the stand-in no longer has.
     pub fn expired(requested: u64, oldest: u64) -> ApiError {
         ApiError::new(

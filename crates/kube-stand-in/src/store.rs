@@ -39,8 +39,8 @@ use patch::{json_patch, merge_patch};
 pub(crate) use resource::{RBAC_GROUP, Resource};
 use strategic::{PatchError, strategic_merge};
 use validation::{
-    binding_defaults, check_type, dns_subdomain, secret_defaults, service_defaults, validate_meta,
-    validate_role,
+    binding_defaults, check_type, dns_subdomain, secret_defaults, service_defaults,
+    validate_config_map, validate_meta, validate_role,
 };
 
 /// How many events the history keeps for watches that resume from a resourceVersion.
@@ -1065,6 +1065,7 @@ impl Store {
             Resource::Secrets if write != Write::Status => {
                 secret_defaults(&name, &mut obj, existing_value.as_ref())?;
             }
+            Resource::ConfigMaps => validate_config_map(&name, &obj)?,
             Resource::Roles | Resource::ClusterRoles => validate_role(resource, &name, &obj)?,
             Resource::RoleBindings | Resource::ClusterRoleBindings => {
                 binding_defaults(resource, &name, &mut obj, existing_value.as_ref())?;

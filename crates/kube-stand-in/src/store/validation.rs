@@ -109,17 +109,16 @@ pub(super) fn secret_defaults(
             errors.push(format!("data[{key}]: Required value"));
         }
     }
-    for key in data.keys() {
-        let valid = !key.is_empty()
-            && key.len() <= 253
-            && key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !valid {
-            errors.push(format!(
-                "data[{key}]: Invalid value: \"{key}\": a valid config key must consist of alphanumeric characters, '-', '_' or '.'"
-            ));
-        }
+    let mut size = 0;
+    for (key, value) in &data {
+        check_config_key("data", key, &mut errors);
+        size += value
+            .as_str()
+            .and_then(|v| b64.decode(v).ok())
+            .map_or(0, |bytes| bytes.len());
+    }
+    if size > MAX_DATA_SIZE {
+        errors.push(too_long("data"));
     }
     if !errors.is_empty() {
         return Err(invalid_object(Resource::Secrets, name, &errors));
@@ -129,6 +128,69 @@ pub(super) fn secret_defaults(
         obj.insert("data".into(), Value::Object(data));
     }
     Ok(())
+}
+
+/// `core.MaxSecretSize`: the most bytes a Secret's or a ConfigMap's values may hold.
+const MAX_DATA_SIZE: usize = 1024 * 1024;
+
+/// `field.TooLong` for [`MAX_DATA_SIZE`] (the wording of Kubernetes 1.30 and later).
+fn too_long(path: &str) -> String {
+    format!("{path}: Too long: may not be more than {MAX_DATA_SIZE} bytes")
+}
+
+/// `IsConfigMapKey`, for the key of a ConfigMap's or a Secret's `bag`.
+fn check_config_key(bag: &str, key: &str, errors: &mut Vec<String>) {
+    let valid = !key.is_empty()
+        && key.len() <= 253
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !valid {
+        errors.push(format!(
+            "{bag}[{key}]: Invalid value: \"{key}\": a valid config key must consist of alphanumeric characters, '-', '_' or '.'"
+        ));
+    }
+}
+
+/// `ValidateConfigMap` (pkg/apis/core/validation/validation.go): keys are config keys, in
+/// one of `data` and `binaryData` only, and the values (`binaryData` decoded) hold at most
+/// 1 MiB in all.
+pub(super) fn validate_config_map(name: &str, obj: &Map<String, Value>) -> Result<(), ApiError> {
+    use base64::Engine as _;
+    let bag = |field: &str| obj.get(field).and_then(Value::as_object);
+    let (data, binary) = (bag("data"), bag("binaryData"));
+    let mut errors = Vec::new();
+    let mut size = 0;
+    for (key, value) in data.into_iter().flatten() {
+        check_config_key("data", key, &mut errors);
+        if binary.is_some_and(|b| b.contains_key(key)) {
+            errors.push(format!(
+                "data[{key}]: Invalid value: \"{key}\": duplicate of key present in binaryData"
+            ));
+        }
+        size += value.as_str().map_or(0, str::len);
+    }
+    for (key, value) in binary.into_iter().flatten() {
+        check_config_key("binaryData", key, &mut errors);
+        if data.is_some_and(|d| d.contains_key(key)) {
+            errors.push(format!(
+                "binaryData[{key}]: Invalid value: \"{key}\": duplicate of key present in data"
+            ));
+        }
+        size += value
+            .as_str()
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+            .map_or(0, |bytes| bytes.len());
+    }
+    if size > MAX_DATA_SIZE {
+        // The error names no field: it is the whole object's.
+        errors.push(too_long("[]"));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid_object(Resource::ConfigMaps, name, &errors))
+    }
 }
 
 /// ValidatePolicyRule (pkg/apis/rbac/validation/validation.go): every rule names verbs, and

@@ -899,3 +899,34 @@ fn yamux_rule_violations_after_the_upgrade_close_the_tunnel() {
     ]);
     arena.back_to_baseline();
 }
+
+/// Tower refuses some requests before it reads their bodies (a bad token, a cluster without
+/// its agent). A client still sending a large body must get that answer,
+/// not a reset that destroys it: over HTTP/1.1, with the body streamed, every time.
+#[test]
+fn an_early_refusal_of_a_large_upload_reaches_the_caller() {
+    let member = Member::start();
+    let server = server().start();
+    let _agent = agent(&server, &member, "member-1").connect(&server);
+    let https = Https::frontend(&server);
+    let user = Server::minter().user_token("alice", &[], None);
+    for _ in 0..5 {
+        for (path, token, status) in [
+            (
+                "/clusters/member-1/api/v1/namespaces/default/configmaps",
+                "garbage",
+                401,
+            ),
+            (
+                "/clusters/nowhere/api/v1/namespaces/default/configmaps",
+                user.as_str(),
+                503,
+            ),
+        ] {
+            let reply = https
+                .try_upload(path, token, 64 << 20, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(reply.status, status, "{path}: {}", reply.body);
+        }
+    }
+}

@@ -27,6 +27,7 @@ pub mod ks_endpoint;
 pub mod ks_ports;
 pub mod kubeconfig;
 pub mod kubernetes;
+mod linger;
 mod listener;
 pub mod manifest;
 pub mod metrics;

@@ -23,6 +23,7 @@ use tower_tunnel::woken::woken_only;
 
 use crate::Limits;
 use crate::connections::{Admission, Peer};
+use crate::linger::Lingering;
 use crate::metrics;
 use crate::status::Body;
 
@@ -234,9 +235,11 @@ pub(crate) async fn serve<F, Fut>(
                     // next one, must come within --header-read-timeout of the connection
                     // opening or the last response ending, as hyper's would ask: a client
                     // that trickles its headers never opens a request.
+                    // A lingering close: an answer given before a request's body was
+                    // read reaches a client still sending it (see `linger`).
                     let connection = hyper::server::conn::http1::Builder::new()
                         .max_buf_size(limits.max_header_bytes.max(8192))
-                        .serve_connection(TokioIo::new(io), service)
+                        .serve_connection(TokioIo::new(Lingering::new(io)), service)
                         .with_upgrades();
                     let mut connection = Box::pin(connection);
                     let headers_late = || async {

@@ -656,6 +656,22 @@ fn a_body_past_the_members_limit_gets_its_413_through_the_tunnel_and_the_tunnel_
         "{}",
         reply.body
     );
+    // tower-agent itself refuses impersonation before it reads the body (403) and resets
+    // the tunnel stream the rest of the body was coming on: the answer still arrives.
+    let huge = dir.path().join("huge");
+    let from = format!("--from-file={}", huge.display());
+    for _ in 0..3 {
+        let out = kubectl(
+            &kc,
+            &["create", "configmap", "as-bob", &from, "--as", "bob"],
+        );
+        assert!(
+            out.stderr()
+                .contains("Tower impersonates the user of your token"),
+            "{}",
+            out.stderr()
+        );
+    }
     // Under 3 MiB but past what a ConfigMap's values may hold: the member's validation.
     let out = create("big", (1 << 20) + 1);
     assert!(

@@ -40,7 +40,7 @@ pub(crate) use resource::{RBAC_GROUP, Resource};
 use strategic::{PatchError, strategic_merge};
 use validation::{
     binding_defaults, check_type, dns_subdomain, secret_defaults, service_defaults,
-    validate_config_map, validate_meta, validate_role,
+    validate_config_map, validate_deployment_update, validate_meta, validate_role,
 };
 
 /// How many events the history keeps for watches that resume from a resourceVersion.
@@ -1065,7 +1065,10 @@ impl Store {
             Resource::Secrets if write != Write::Status => {
                 secret_defaults(&name, &mut obj, existing_value.as_ref())?;
             }
-            Resource::ConfigMaps => validate_config_map(&name, &obj)?,
+            Resource::ConfigMaps => validate_config_map(&name, &obj, existing_value.as_ref())?,
+            Resource::Deployments if write != Write::Status => {
+                validate_deployment_update(&name, &obj, existing_value.as_ref())?;
+            }
             Resource::Roles | Resource::ClusterRoles => validate_role(resource, &name, &obj)?,
             Resource::RoleBindings | Resource::ClusterRoleBindings => {
                 binding_defaults(resource, &name, &mut obj, existing_value.as_ref())?;
@@ -1691,6 +1694,95 @@ mod tests {
         assert_eq!(patched["metadata"]["labels"], json!({"tier": "front"}));
         assert!(patched.get("$setElementOrder/containers").is_none());
         assert_eq!(patched["status"]["phase"], "Running");
+    }
+
+    #[test]
+    fn immutable_values_and_a_deployments_selector_stay_as_written() {
+        let store = Store::seeded();
+        let patch = |r: Resource, name: &str, p: Value| {
+            store.patch(r, "default", name, Target::Object, PatchKind::Merge, &p)
+        };
+        let refused = |result: Result<Bytes, ApiError>| {
+            let err = result.expect_err("refused");
+            assert_eq!(err.code, 422, "{}", err.message);
+            err.message
+        };
+        let forbidden = "Forbidden: field is immutable when `immutable` is set";
+        store
+            .create(
+                Resource::ConfigMaps,
+                "default",
+                json!({"metadata": {"name": "c"}, "data": {"k": "v"}, "immutable": true}),
+            )
+            .expect("create");
+        let message = refused(patch(
+            Resource::ConfigMaps,
+            "c",
+            json!({"data": {"k": "w"}}),
+        ));
+        assert!(
+            message.ends_with(&format!("data: {forbidden}")),
+            "{message}"
+        );
+        let message = refused(patch(
+            Resource::ConfigMaps,
+            "c",
+            json!({"immutable": false}),
+        ));
+        assert!(
+            message.ends_with(&format!("immutable: {forbidden}")),
+            "{message}"
+        );
+        patch(
+            Resource::ConfigMaps,
+            "c",
+            json!({"metadata": {"labels": {"a": "b"}}}),
+        )
+        .expect("metadata may change");
+
+        store
+            .create(
+                Resource::Secrets,
+                "default",
+                json!({"metadata": {"name": "s"}, "stringData": {"k": "v"}, "immutable": true}),
+            )
+            .expect("create");
+        let message = refused(patch(
+            Resource::Secrets,
+            "s",
+            json!({"stringData": {"k": "w"}}),
+        ));
+        assert!(
+            message.ends_with(&format!("data: {forbidden}")),
+            "{message}"
+        );
+        patch(Resource::Secrets, "s", json!({"stringData": {"k": "v"}}))
+            .expect("the same value is no change");
+
+        let labels = json!({"app": "a"});
+        store
+            .create(
+                Resource::Deployments,
+                "default",
+                json!({"metadata": {"name": "d"}, "spec": {
+                    "selector": {"matchLabels": labels},
+                    "template": {"metadata": {"labels": labels},
+                        "spec": {"containers": [{"name": "a", "image": "a"}]}}}}),
+            )
+            .expect("create");
+        let message = refused(patch(
+            Resource::Deployments,
+            "d",
+            json!({"spec": {"selector": {"matchLabels": {"app": "b"}}}}),
+        ));
+        assert!(
+            message.ends_with(
+                r#"spec.selector: Invalid value: {"matchLabels":{"app":"b"}}: field is immutable"#
+            ),
+            "{message}"
+        );
+        patch(Resource::Deployments, "d", json!({"spec": {"replicas": 3}}))
+            .expect("the rest of the spec may change");
     }
 
     #[test]

@@ -61,7 +61,7 @@ fn strings(value: Option<&Value>) -> Vec<String> {
 /// pkg/apis/core/v1/conversion.go). `type` defaults to `Opaque`
 /// (pkg/apis/core/v1/defaults.go) and may not change (ValidateSecretUpdate in
 /// pkg/apis/core/validation/validation.go); the typed secrets need their keys
-/// (ValidateSecret).
+/// (ValidateSecret); an `immutable` one keeps its data.
 pub(super) fn secret_defaults(
     name: &str,
     obj: &mut Map<String, Value>,
@@ -120,6 +120,11 @@ pub(super) fn secret_defaults(
     if size > MAX_DATA_SIZE {
         errors.push(too_long("data"));
     }
+    if old.is_some_and(|o| o.get("immutable") == Some(&Value::Bool(true))) {
+        let mut folded = obj.clone();
+        folded.insert("data".into(), Value::Object(data.clone()));
+        immutable_values(old, &folded, &["data"], &mut errors);
+    }
     if !errors.is_empty() {
         return Err(invalid_object(Resource::Secrets, name, &errors));
     }
@@ -128,6 +133,57 @@ pub(super) fn secret_defaults(
         obj.insert("data".into(), Value::Object(data));
     }
     Ok(())
+}
+
+/// `ValidateConfigMapUpdate` and `ValidateSecretUpdate`: once `old` was written with
+/// `immutable: true`, the flag stays and the values `bags` (`data`, …) may not change.
+fn immutable_values(
+    old: Option<&Map<String, Value>>,
+    new: &Map<String, Value>,
+    bags: &[&str],
+    errors: &mut Vec<String>,
+) {
+    let Some(old) = old.filter(|o| o.get("immutable") == Some(&Value::Bool(true))) else {
+        return;
+    };
+    let forbidden =
+        |field: &str| format!("{field}: Forbidden: field is immutable when `immutable` is set");
+    if new.get("immutable") != Some(&Value::Bool(true)) {
+        errors.push(forbidden("immutable"));
+    }
+    for bag in bags {
+        // An empty map is no map (`omitempty`).
+        let values = |o: &Map<String, Value>| {
+            o.get(*bag)
+                .and_then(Value::as_object)
+                .filter(|m| !m.is_empty())
+                .cloned()
+        };
+        if values(old) != values(new) {
+            errors.push(forbidden(bag));
+        }
+    }
+}
+
+/// `ValidateDeploymentUpdate`: a Deployment's `spec.selector` never changes (apps/v1).
+/// The value is shown as JSON where Go prints its struct.
+pub(super) fn validate_deployment_update(
+    name: &str,
+    new: &Map<String, Value>,
+    old: Option<&Map<String, Value>>,
+) -> Result<(), ApiError> {
+    let selector = |o: &Map<String, Value>| o.get("spec").and_then(|s| s.get("selector")).cloned();
+    match old {
+        Some(old) if selector(old) != selector(new) => Err(invalid_object(
+            Resource::Deployments,
+            name,
+            &[format!(
+                "spec.selector: Invalid value: {}: field is immutable",
+                selector(new).unwrap_or(Value::Null)
+            )],
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `core.MaxSecretSize`: the most bytes a Secret's or a ConfigMap's values may hold.
@@ -154,8 +210,12 @@ fn check_config_key(bag: &str, key: &str, errors: &mut Vec<String>) {
 
 /// `ValidateConfigMap` (pkg/apis/core/validation/validation.go): keys are config keys, in
 /// one of `data` and `binaryData` only, and the values (`binaryData` decoded) hold at most
-/// 1 MiB in all.
-pub(super) fn validate_config_map(name: &str, obj: &Map<String, Value>) -> Result<(), ApiError> {
+/// 1 MiB in all; once written `immutable`, they stay as they are.
+pub(super) fn validate_config_map(
+    name: &str,
+    obj: &Map<String, Value>,
+    old: Option<&Map<String, Value>>,
+) -> Result<(), ApiError> {
     use base64::Engine as _;
     let bag = |field: &str| obj.get(field).and_then(Value::as_object);
     let (data, binary) = (bag("data"), bag("binaryData"));
@@ -186,6 +246,7 @@ pub(super) fn validate_config_map(name: &str, obj: &Map<String, Value>) -> Resul
         // The error names no field: it is the whole object's.
         errors.push(too_long("[]"));
     }
+    immutable_values(old, obj, &["data", "binaryData"], &mut errors);
     if errors.is_empty() {
         Ok(())
     } else {

@@ -471,12 +471,10 @@ mod tests {
         pool.idle(uri.authority().unwrap().as_str())
     }
 
-    /// An upstream that refuses a request's body, as a kube-apiserver past its 3 MiB does:
-    /// it reads the head and a little of the body, answers 413 and closes with the rest
-    /// unread, which resets the connection while the body is still being sent. The
-    /// answer reaches the caller (see `answer_first`), every time.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_answer_sent_before_the_body_was_all_read_reaches_the_caller() {
+    /// An upstream that takes a little of each request (the head and some of the body),
+    /// then writes `answer` and closes with the rest unread, which resets the connection
+    /// while the body is still being sent (a kube-apiserver past its 3 MiB answers 413 so).
+    async fn refusing_upstream(answer: &'static [u8]) -> Uri {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -485,26 +483,42 @@ mod tests {
                 let (mut tcp, _) = listener.accept().await.unwrap();
                 let mut some = vec![0; 64 * 1024];
                 let _ = tcp.read(&mut some).await.unwrap();
-                tcp.write_all(
-                    b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-length: 9\r\n\
-                      connection: close\r\n\r\ntoo large",
-                )
-                .await
-                .unwrap();
+                tcp.write_all(answer).await.unwrap();
                 drop(tcp);
             }
         });
+        format!("http://{addr}/upload").parse().unwrap()
+    }
+
+    type Chunks = http_body_util::StreamBody<
+        futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>,
+    >;
+
+    /// A POST of 8 MiB in chunks of 64 KiB, each written as it comes.
+    fn upload(uri: &Uri) -> Request<Chunks> {
+        let chunks: Vec<Result<Frame<Bytes>, BoxError>> = (0..128)
+            .map(|_| Ok(Frame::data(Bytes::from(vec![b'x'; 64 << 10]))))
+            .collect();
+        let mut request = Request::new(http_body_util::StreamBody::new(futures::stream::iter(
+            chunks,
+        )));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri.clone();
+        request
+    }
+
+    /// The answer of an upstream that refused the body reaches the caller (see
+    /// `answer_first`), every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_sent_before_the_body_was_all_read_reaches_the_caller() {
+        let uri = refusing_upstream(
+            b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-length: 9\r\n\
+              connection: close\r\n\r\ntoo large",
+        )
+        .await;
         let pool = Http1Pool::new(HttpConnector::new(), Some(8 * 1024), 4);
-        let uri: Uri = format!("http://{addr}/upload").parse().unwrap();
         for _ in 0..20 {
-            // 8 MiB in chunks of 64 KiB, each written as it comes.
-            let chunks = futures::stream::iter(
-                (0..128).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'x'; 64 << 10])))),
-            );
-            let mut request = Request::new(http_body_util::StreamBody::new(chunks));
-            *request.method_mut() = Method::POST;
-            *request.uri_mut() = uri.clone();
-            let response = pool.send(request).await.unwrap();
+            let response = pool.send(upload(&uri)).await.unwrap();
             assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"too large");
@@ -514,27 +528,10 @@ mod tests {
     /// The same upstream without an answer: the reset is the caller's error, at once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reset_without_an_answer_is_an_error_not_a_wait() {
-        use tokio::io::AsyncReadExt as _;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let (mut tcp, _) = listener.accept().await.unwrap();
-                let mut some = vec![0; 64 * 1024];
-                let _ = tcp.read(&mut some).await.unwrap();
-                drop(tcp);
-            }
-        });
+        let uri = refusing_upstream(b"").await;
         let pool = Http1Pool::new(HttpConnector::new(), Some(8 * 1024), 4);
-        let uri: Uri = format!("http://{addr}/upload").parse().unwrap();
         for _ in 0..5 {
-            let chunks = futures::stream::iter(
-                (0..128).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'x'; 64 << 10])))),
-            );
-            let mut request = Request::new(http_body_util::StreamBody::new(chunks));
-            *request.method_mut() = Method::POST;
-            *request.uri_mut() = uri.clone();
-            let sent = tokio::time::timeout(Duration::from_secs(10), pool.send(request)).await;
+            let sent = tokio::time::timeout(Duration::from_secs(10), pool.send(upload(&uri))).await;
             match sent {
                 // The reset, as the read met it.
                 Ok(Err(SendError::Send(_))) => {}

@@ -112,7 +112,7 @@ fn path_steps(path: &serde_path_to_error::Path) -> Vec<Step> {
 }
 
 /// sigs.k8s.io/json's way of naming a field: `spec.containers[0].name`.
-pub(crate) fn go_path(steps: &[Step]) -> String {
+fn go_path(steps: &[Step]) -> String {
     let mut out = String::new();
     for step in steps {
         match step {

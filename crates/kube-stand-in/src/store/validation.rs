@@ -151,15 +151,14 @@ fn immutable_values(
     if new.get("immutable") != Some(&Value::Bool(true)) {
         errors.push(forbidden("immutable"));
     }
+    // An empty map is no map (`omitempty`).
+    fn values<'a>(o: &'a Map<String, Value>, bag: &str) -> Option<&'a Map<String, Value>> {
+        o.get(bag)
+            .and_then(Value::as_object)
+            .filter(|m| !m.is_empty())
+    }
     for bag in bags {
-        // An empty map is no map (`omitempty`).
-        let values = |o: &Map<String, Value>| {
-            o.get(*bag)
-                .and_then(Value::as_object)
-                .filter(|m| !m.is_empty())
-                .cloned()
-        };
-        if values(old) != values(new) {
+        if values(old, bag) != values(new, bag) {
             errors.push(forbidden(bag));
         }
     }
@@ -172,14 +171,16 @@ pub(super) fn validate_deployment_update(
     new: &Map<String, Value>,
     old: Option<&Map<String, Value>>,
 ) -> Result<(), ApiError> {
-    let selector = |o: &Map<String, Value>| o.get("spec").and_then(|s| s.get("selector")).cloned();
+    fn selector(o: &Map<String, Value>) -> Option<&Value> {
+        o.get("spec").and_then(|s| s.get("selector"))
+    }
     match old {
         Some(old) if selector(old) != selector(new) => Err(invalid_object(
             Resource::Deployments,
             name,
             &[format!(
                 "spec.selector: Invalid value: {}: field is immutable",
-                selector(new).unwrap_or(Value::Null)
+                selector(new).unwrap_or(&Value::Null)
             )],
         )),
         _ => Ok(()),

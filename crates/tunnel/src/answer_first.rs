@@ -8,8 +8,11 @@
 //! close reaches the client as a reset, and its next write fails with EPIPE or ECONNRESET;
 //! hyper's client gives up on the connection at that error, though the answer may already
 //! wait in the socket. A caller of Tower then got 502 ("could not reach its kubernetes
-//! upstream: … Broken pipe") for the member's 413 (tests/tests/limits.rs). RFC 9112 9.5
-//! asks a client sending a body to watch for such an answer and stop sending.
+//! upstream: … Broken pipe") for the member's 413 (tests/tests/limits.rs). The same holds
+//! over the tunnel: tower-agent refusing `--as` answers before it reads the body and drops
+//! the stream, which yamux resets, and tower-server's next write on it fails with
+//! `WriteZero`. RFC 9112 9.5 asks a client sending a body to watch for such an answer and
+//! stop sending.
 //!
 //! [`AnswerFirst`] takes every write after such an error and drops it, so hyper goes on to
 //! read: the answer if the peer sent one, else the read fails as the connection did (a
@@ -50,11 +53,13 @@ impl<T> AnswerFirst<T> {
     }
 }
 
-/// A write error that means the peer closed the connection (a reset, or a write after it).
+/// A write error that means the peer closed the connection: a TCP reset, or a write
+/// after it; over the tunnel, yamux's `WriteZero` ("connection is closed") for a stream
+/// the agent reset after answering (tower-agent refusing `--as` before reading the body).
 fn peer_closed(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::WriteZero
     )
 }
 

@@ -572,6 +572,70 @@ mod tests {
         (server, agent, agent_inbound)
     }
 
+    /// Opens a tunnel stream per connection, as tower-server's frontend does.
+    #[derive(Clone)]
+    struct OverTunnel(SessionHandle);
+
+    impl tower_service::Service<http::Uri> for OverTunnel {
+        type Response = hyper_util::rt::TokioIo<TunnelStream>;
+        type Error = TunnelError;
+        type Future =
+            Pin<Box<dyn std::future::Future<Output = Result<Self::Response, TunnelError>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), TunnelError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Uri) -> Self::Future {
+            let session = self.0.clone();
+            Box::pin(async move {
+                session
+                    .open_stream()
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            })
+        }
+    }
+
+    /// The agent answers before it read a request's body and drops the stream, which
+    /// resets it while the server still sends the body (tower-agent refusing `--as`): the
+    /// server's HTTP/1.1 client over the tunnel hands the caller that answer, every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_before_the_body_comes_back_over_a_reset_stream() {
+        use bytes::Bytes;
+        use http_body_util::BodyExt as _;
+        let (server, _agent, mut inbound) = pair(64);
+        tokio::spawn(async move {
+            while let Some(mut s) = inbound.recv().await {
+                tokio::spawn(async move {
+                    let mut some = vec![0; 64 << 10];
+                    let _ = s.read(&mut some).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 6\r\n\r\nrefuse")
+                        .await;
+                    let _ = s.flush().await;
+                });
+            }
+        });
+        let pool = crate::pool::Http1Pool::new(OverTunnel(server), None, 4);
+        for _ in 0..20 {
+            let chunks: Vec<Result<hyper::body::Frame<Bytes>, io::Error>> = (0..128)
+                .map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![b'x'; 64 << 10]))))
+                .collect();
+            let body = http_body_util::StreamBody::new(futures::stream::iter(chunks));
+            let request = http::Request::post("http://agent/upload")
+                .body(body)
+                .unwrap();
+            let response = tokio::time::timeout(Duration::from_secs(10), pool.send(request))
+                .await
+                .expect("an answer or an error within 10 s")
+                .unwrap();
+            assert_eq!(response.status(), 403);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"refuse");
+        }
+    }
+
     #[tokio::test]
     async fn server_opens_streams_and_bytes_flow_both_ways() {
         let (server, _agent, mut inbound) = pair(8);

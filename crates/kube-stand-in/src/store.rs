@@ -40,7 +40,7 @@ pub(crate) use resource::{RBAC_GROUP, Resource};
 use strategic::{PatchError, strategic_merge};
 use validation::{
     binding_defaults, check_type, dns_subdomain, secret_defaults, service_defaults,
-    validate_config_map, validate_deployment_update, validate_meta, validate_role,
+    validate_config_map, validate_deployment, validate_meta, validate_role,
 };
 
 /// How many events the history keeps for watches that resume from a resourceVersion.
@@ -1067,7 +1067,7 @@ impl Store {
             }
             Resource::ConfigMaps => validate_config_map(&name, &obj, existing_value.as_ref())?,
             Resource::Deployments if write != Write::Status => {
-                validate_deployment_update(&name, &obj, existing_value.as_ref())?;
+                validate_deployment(&name, &obj, existing_value.as_ref())?;
             }
             Resource::Roles | Resource::ClusterRoles => validate_role(resource, &name, &obj)?,
             Resource::RoleBindings | Resource::ClusterRoleBindings => {
@@ -1773,7 +1773,8 @@ mod tests {
         let message = refused(patch(
             Resource::Deployments,
             "d",
-            json!({"spec": {"selector": {"matchLabels": {"app": "b"}}}}),
+            json!({"spec": {"selector": {"matchLabels": {"app": "b"}},
+                "template": {"metadata": {"labels": {"app": "b"}}}}}),
         ));
         assert!(
             message.ends_with(
@@ -1781,6 +1782,43 @@ mod tests {
             ),
             "{message}"
         );
+        // The template's labels must match the selector, which may not be empty.
+        let message = refused(patch(
+            Resource::Deployments,
+            "d",
+            json!({"spec": {"template": {"metadata": {"labels": {"app": "z"}}}}}),
+        ));
+        assert!(
+            message.ends_with(
+                r#"spec.template.metadata.labels: Invalid value: {"app":"z"}: `selector` does not match template `labels`"#
+            ),
+            "{message}"
+        );
+        let empty = store.create(
+            Resource::Deployments,
+            "default",
+            json!({"metadata": {"name": "e"}, "spec": {"selector": {},
+                "template": {"spec": {"containers": [{"name": "a", "image": "a"}]}}}}),
+        );
+        let message = refused(empty);
+        assert!(
+            message.ends_with(
+                "spec.selector: Invalid value: {}: empty selector is invalid for deployment"
+            ),
+            "{message}"
+        );
+        let expressions = json!({"matchExpressions": [
+            {"key": "app", "operator": "In", "values": ["a", "b"]},
+            {"key": "tier", "operator": "DoesNotExist"}]});
+        store
+            .create(
+                Resource::Deployments,
+                "default",
+                json!({"metadata": {"name": "x"}, "spec": {"selector": expressions,
+                    "template": {"metadata": {"labels": {"app": "b"}},
+                        "spec": {"containers": [{"name": "a", "image": "a"}]}}}}),
+            )
+            .expect("matched by its expressions");
         patch(Resource::Deployments, "d", json!({"spec": {"replicas": 3}}))
             .expect("the rest of the spec may change");
     }

@@ -949,7 +949,9 @@ mod tests {
         let deployment = |containers: Value| {
             json!({"apiVersion": "apps/v1", "kind": "Deployment",
                    "metadata": {"name": "d", "namespace": "default"},
-                   "spec": {"template": {"spec": {"containers": containers}}}})
+                   "spec": {"selector": {"matchLabels": {"app": "d"}},
+                            "template": {"metadata": {"labels": {"app": "d"}},
+                                         "spec": {"containers": containers}}}})
         };
         let target = ("d", Target::Object);
         let web = deployment(

@@ -164,9 +164,11 @@ fn immutable_values(
     }
 }
 
-/// `ValidateDeploymentUpdate`: a Deployment's `spec.selector` never changes (apps/v1).
-/// The value is shown as JSON where Go prints its struct.
-pub(super) fn validate_deployment_update(
+/// `ValidateDeploymentSpec` and `ValidateDeploymentUpdate` (apps/v1): the selector is
+/// there and not empty, the pod template's labels match it
+/// (`ValidatePodTemplateSpecForReplicaSet`), and it never changes. Values are shown as
+/// JSON where Go prints its structs and maps.
+pub(super) fn validate_deployment(
     name: &str,
     new: &Map<String, Value>,
     old: Option<&Map<String, Value>>,
@@ -174,17 +176,80 @@ pub(super) fn validate_deployment_update(
     fn selector(o: &Map<String, Value>) -> Option<&Value> {
         o.get("spec").and_then(|s| s.get("selector"))
     }
-    match old {
-        Some(old) if selector(old) != selector(new) => Err(invalid_object(
-            Resource::Deployments,
-            name,
-            &[format!(
-                "spec.selector: Invalid value: {}: field is immutable",
-                selector(new).unwrap_or(&Value::Null)
-            )],
-        )),
-        _ => Ok(()),
+    let mut errors = Vec::new();
+    match selector(new) {
+        None | Some(Value::Null) => errors.push("spec.selector: Required value".to_owned()),
+        Some(chosen) => {
+            let labels = new
+                .get("spec")
+                .and_then(|s| s.pointer("/template/metadata/labels"))
+                .and_then(Value::as_object);
+            let terms = |field: &str| {
+                chosen
+                    .get(field)
+                    .and_then(|v| v.as_object().map(Map::len).or(v.as_array().map(Vec::len)))
+                    .unwrap_or(0)
+            };
+            if terms("matchLabels") + terms("matchExpressions") == 0 {
+                errors.push(format!(
+                    "spec.selector: Invalid value: {chosen}: empty selector is invalid for deployment"
+                ));
+            } else if !selector_matches(chosen, labels) {
+                let shown = labels.map_or(Value::Null, |l| Value::Object(l.clone()));
+                errors.push(format!(
+                    "spec.template.metadata.labels: Invalid value: {shown}: `selector` does not match template `labels`"
+                ));
+            }
+        }
     }
+    if let Some(old) = old
+        && selector(old) != selector(new)
+    {
+        errors.push(format!(
+            "spec.selector: Invalid value: {}: field is immutable",
+            selector(new).unwrap_or(&Value::Null)
+        ));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid_object(Resource::Deployments, name, &errors))
+    }
+}
+
+/// Whether a `LabelSelector` (`matchLabels`, and `matchExpressions` with `In`, `NotIn`,
+/// `Exists`, `DoesNotExist`) selects `labels` (`metav1.LabelSelectorAsSelector`).
+fn selector_matches(selector: &Value, labels: Option<&Map<String, Value>>) -> bool {
+    let label = |key: &str| labels.and_then(|l| l.get(key)).and_then(Value::as_str);
+    let by_labels = selector
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .all(|(key, value)| label(key) == value.as_str());
+    let by_expressions = selector
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .all(|term| {
+            let key = term.get("key").and_then(Value::as_str).unwrap_or("");
+            let values: Vec<&str> = term
+                .get("values")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            match (term.get("operator").and_then(Value::as_str), label(key)) {
+                (Some("In"), Some(v)) => values.contains(&v),
+                (Some("NotIn"), v) => v.is_none_or(|v| !values.contains(&v)),
+                (Some("Exists"), v) => v.is_some(),
+                (Some("DoesNotExist"), v) => v.is_none(),
+                _ => false,
+            }
+        });
+    by_labels && by_expressions
 }
 
 /// `core.MaxSecretSize`: the most bytes a Secret's or a ConfigMap's values may hold.

@@ -410,7 +410,7 @@ impl<B> Body for PooledBody<B> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -490,12 +490,12 @@ mod tests {
         format!("http://{addr}/upload").parse().unwrap()
     }
 
-    type Chunks = http_body_util::StreamBody<
+    pub(crate) type Chunks = http_body_util::StreamBody<
         futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, BoxError>>>,
     >;
 
     /// A POST of 8 MiB in chunks of 64 KiB, each written as it comes.
-    fn upload(uri: &Uri) -> Request<Chunks> {
+    pub(crate) fn upload(uri: &Uri) -> Request<Chunks> {
         let chunks: Vec<Result<Frame<Bytes>, BoxError>> = (0..128)
             .map(|_| Ok(Frame::data(Bytes::from(vec![b'x'; 64 << 10]))))
             .collect();

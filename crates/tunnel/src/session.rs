@@ -602,7 +602,6 @@ mod tests {
     /// server's HTTP/1.1 client over the tunnel hands the caller that answer, every time.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_answer_before_the_body_comes_back_over_a_reset_stream() {
-        use bytes::Bytes;
         use http_body_util::BodyExt as _;
         let (server, _agent, mut inbound) = pair(64);
         tokio::spawn(async move {
@@ -619,13 +618,8 @@ mod tests {
         });
         let pool = crate::pool::Http1Pool::new(OverTunnel(server), None, 4);
         for _ in 0..20 {
-            let chunks: Vec<Result<hyper::body::Frame<Bytes>, io::Error>> = (0..128)
-                .map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![b'x'; 64 << 10]))))
-                .collect();
-            let body = http_body_util::StreamBody::new(futures::stream::iter(chunks));
-            let request = http::Request::post("http://agent/upload")
-                .body(body)
-                .unwrap();
+            let uri = http::Uri::from_static("http://agent/upload");
+            let request = crate::pool::tests::upload(&uri);
             let response = tokio::time::timeout(Duration::from_secs(10), pool.send(request))
                 .await
                 .expect("an answer or an error within 10 s")

@@ -9,6 +9,9 @@
 //! * [`names`]: the rule cluster names follow.
 //! * [`control`]: messages on the control stream ([`ControlMessage`]: ping, pong, drain,
 //!   server info).
+//! * [`request_info`]: which requests are watches, as the API servers behind the tunnel
+//!   decide it: both ends must agree, since a watch rides the tunnel's shared HTTP/2
+//!   stream.
 //!
 //! See `docs/protocol.md` for the picture.
 
@@ -18,6 +21,7 @@ pub mod control;
 pub mod handshake;
 pub mod names;
 pub mod preamble;
+pub mod request_info;
 
 pub use control::ControlMessage;
 pub use preamble::{Preamble, StreamKind};

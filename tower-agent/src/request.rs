@@ -68,7 +68,7 @@ where
     async move {
         let target: &str = &target;
         // On the member's path, before the upstream's base is put in front of it.
-        let watch = tower_tunnel::request_info::is_watch(req.method(), req.uri());
+        let watch = tower_proto::request_info::is_watch(req.method(), req.uri());
         let Some(upstream) = config.targets.get(target) else {
             return refuse(
                 &config,

@@ -418,7 +418,7 @@ fn proxy_service(
     let target: Arc<str> = target.into();
     service_fn(move |req: Request<Incoming>| {
         let ending = ending.clone();
-        let watch = tower_tunnel::request_info::is_watch(req.method(), req.uri());
+        let watch = tower_proto::request_info::is_watch(req.method(), req.uri());
         let paced = stream
             .as_ref()
             .map(|(pace, requests)| (pace.clone(), requests.start()));

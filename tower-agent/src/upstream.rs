@@ -287,7 +287,7 @@ impl Upstream {
         Ok(Uri::from_parts(parts)?)
     }
 
-    /// Sends a request: a watch (`watch`, as [`tower_tunnel::request_info::is_watch`]
+    /// Sends a request: a watch (`watch`, as [`tower_proto::request_info::is_watch`]
     /// resolves the member's path) over HTTP/2 when there is a pool, anything else over
     /// HTTP/1.1.
     ///
@@ -383,7 +383,7 @@ fn holding(
 fn long_lived<B>(request: &Request<B>, watch: bool) -> bool {
     watch
         || request.headers().contains_key(header::UPGRADE)
-        || tower_tunnel::request_info::query_flag(request.uri().query(), "follow")
+        || tower_proto::request_info::query_flag(request.uri().query(), "follow")
 }
 
 /// Whether a request that failed before any answer may be sent once more, as Go's HTTP

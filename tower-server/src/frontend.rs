@@ -324,7 +324,7 @@ impl Frontend {
                     parts.headers.insert(header::HOST, kubernetes.host.clone());
                 }
                 // Judged on the member's path: `/clusters/watch/…` is a cluster, not a watch.
-                let watch = tower_tunnel::request_info::is_watch(&parts.method, &parts.uri);
+                let watch = tower_proto::request_info::is_watch(&parts.method, &parts.uri);
                 tower_tunnel::http::strip_hop_by_hop(&mut parts.headers);
                 // Identity is the verified token's alone; where the request came from is what
                 // this listener saw, not what the caller claims.

@@ -27,7 +27,6 @@ pub mod http;
 pub mod pool;
 mod queued;
 pub mod read_ahead;
-pub mod request_info;
 pub mod requests;
 pub mod runtime;
 pub mod session;

@@ -442,7 +442,7 @@ fn decode(
         return Err(AuthError::Missing);
     }
     check_header(token)?;
-    jsonwebtoken::decode::<serde_json::Value>(token, key, validation)
+    let claims = jsonwebtoken::decode::<serde_json::Value>(token, key, validation)
         .map(|data| data.claims)
         .map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
@@ -457,7 +457,19 @@ fn decode(
                 ErrorKind::InvalidClaimFormat(_) => AuthError::BadClaim("exp/nbf"),
                 _ => AuthError::Malformed("cannot be decoded"),
             }
-        })
+        })?;
+    // jsonwebtoken holds a token valid through the second its `exp` names (`exp < now`
+    // expires it); KubeSphere refuses it from that second on: golang-jwt v4's
+    // `now.Before(exp)`, with a `now` that has its fractions of a second
+    // (pkg/apiserver/authentication/token/issuer.go, `Verify`). Refused here as there,
+    // and as the verifiers' caches refuse a remembered token (`now < valid_until`).
+    let exp = claims.get("exp").and_then(serde_json::Value::as_u64);
+    if validation.validate_exp
+        && exp.is_some_and(|exp| exp.saturating_add(validation.leeway) <= now())
+    {
+        return Err(AuthError::Expired);
+    }
+    Ok(claims)
 }
 
 /// The claims of `token`, read without checking its signature (after its header's).

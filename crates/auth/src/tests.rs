@@ -271,6 +271,30 @@ fn hs384_and_hs512_tokens_signed_with_the_right_secret_are_refused() {
 }
 
 #[test]
+fn a_token_is_refused_from_the_second_its_exp_names_as_kubesphere_refuses_it() {
+    let v = verifier();
+    let user = |exp: u64| {
+        Minter::new(&secret()).sign(&serde_json::json!({
+            "username": "alice", "token_type": ACCESS_TOKEN, "iat": now() - 60, "exp": exp
+        }))
+    };
+    let agent = |exp: u64| {
+        sign_agent(&serde_json::json!({
+            "sub": "c1", "aud": AGENT_AUDIENCE, "iat": now() - 60, "exp": exp
+        }))
+    };
+    // Whatever second the checks run in, it is no earlier than `now()` here.
+    let exp = now();
+    assert_eq!(v.verify_user(&user(exp)), Err(AuthError::Expired));
+    assert_eq!(
+        v.verify_agent(&agent(exp)).map(drop),
+        Err(AuthError::Expired)
+    );
+    assert!(v.verify_user(&user(exp + 60)).is_ok());
+    assert!(v.verify_agent(&agent(exp + 60)).is_ok());
+}
+
+#[test]
 fn an_expired_agent_token_is_refused_as_expired() {
     let v = verifier();
     let claims = |exp: u64| {

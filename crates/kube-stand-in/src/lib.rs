@@ -33,6 +33,8 @@
 //!   cluster-scoped `clusters` (`cluster.kubesphere.io/v1alpha1`, served like a custom
 //!   resource: pruned and checked against v3.4.1's CRD schema, module `store::crd`) both
 //!   have a `status` subresource: only `…/status` changes `.status`;
+//! * KubeSphere's `users` (`iam.kubesphere.io/v1alpha2`), pruned and checked against
+//!   v3.4.1's CRD schema like `clusters`, with no status subresource;
 //! * the service proxy (`services/{[scheme:]name[:port]}/proxy/…`, module
 //!   `service_proxy`) to an address the Service's `endpoints` name; Endpoints are stored as
 //!   written (no endpoints controller), so a test points them at a listener of its own;

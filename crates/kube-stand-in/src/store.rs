@@ -1005,8 +1005,8 @@ impl Store {
         }
         // Decoding (built-in kinds) or the CRD's pruning drops undeclared fields before
         // anything validates.
-        let dropped = if resource == Resource::Clusters {
-            crd::prune_and_validate(&mut obj, &name, track.strict())?
+        let dropped = if crd::schema_of(resource).is_some() {
+            crd::prune_and_validate(resource, &mut obj, &name, track.strict())?
         } else {
             decode::decode_object(resource, &mut obj, &mut meta, track.strict())?
         };
@@ -2062,6 +2062,35 @@ mod tests {
             )
             .expect_err("missing");
         assert_eq!(err.code, 404);
+    }
+
+    #[test]
+    fn users_are_written_as_kubesphere_s_crd_has_them() {
+        let store = Store::seeded();
+        let user = |spec: Value| {
+            json!({"apiVersion": "iam.kubesphere.io/v1alpha2", "kind": "User",
+                   "metadata": {"name": "alice"}, "spec": spec,
+                   "status": {"state": "Disabled"}})
+        };
+        let err = store
+            .create(Resource::Users, "", user(json!({"groups": ["devs"]})))
+            .expect_err("no email");
+        assert_eq!(err.code, 422, "{}", err.message);
+        let created = value(
+            &store
+                .create(
+                    Resource::Users,
+                    "",
+                    user(json!({"email": "alice@example.com", "groups": ["devs"], "x": 1})),
+                )
+                .expect("create"),
+        );
+        assert_eq!(
+            created["spec"],
+            json!({"email": "alice@example.com", "groups": ["devs"]})
+        );
+        // No status subresource: the object's own writes carry its state.
+        assert_eq!(created["status"]["state"], "Disabled");
     }
 
     #[test]

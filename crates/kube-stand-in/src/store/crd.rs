@@ -1,12 +1,15 @@
-//! The structural schema of KubeSphere's Cluster CRD and what apiextensions-apiserver does
-//! with it on every write of a Cluster.
+//! The structural schemas of KubeSphere's CRDs that the stand-in serves (Cluster, User)
+//! and what apiextensions-apiserver does with them on every write.
 //!
-//! The schema is ks-core's `config/ks-core/crds/cluster.kubesphere.io_clusters.yaml` at
-//! kubesphere/kubesphere v3.4.1 (Tower's `deploy/host/crd-cluster.yaml` has the same
-//! fields). A field the schema does not declare is dropped (`structuralpruning.Prune`),
-//! or refused with 400 when the request asks `fieldValidation=Strict` (kubectl does); a
-//! declared one must have its type and format (kube-openapi's validator: 422). Under the
-//! default `fieldValidation=Warn` each dropped field is a `Warning` header to the client.
+//! The schemas are ks-core's `config/ks-core/crds/cluster.kubesphere.io_clusters.yaml`
+//! (Tower's `deploy/host/crd-cluster.yaml` has the same fields) and
+//! `config/ks-core/crds/iam.kubesphere.io_users.yaml` at kubesphere/kubesphere v3.4.1. A
+//! field the schema does not declare is dropped (`structuralpruning.Prune`), or refused
+//! with 400 when the request asks `fieldValidation=Strict` (kubectl does); a declared one
+//! must have its type and format, and a required one must be there (kube-openapi's
+//! validator: 422). Under the default `fieldValidation=Warn` each dropped field is a
+//! `Warning` header to the client. Not modelled: the User CRD's `spec.password` length
+//! and pattern (Tower never writes Users; KubeSphere's webhook hashes the password).
 
 use base64::Engine as _;
 use serde_json::{Map, Value};
@@ -17,7 +20,7 @@ use crate::status::ApiError;
 
 /// A node of the schema.
 #[derive(Debug, Clone, Copy)]
-enum Schema {
+pub(super) enum Schema {
     /// `type: string`.
     Str,
     /// `type: string, format: byte`: base64.
@@ -102,34 +105,91 @@ const CLUSTER: Schema = Object(
     &[],
 );
 
-/// Prunes `cluster` (the whole object) to the schema, or with `strict` refuses what it
-/// would prune; then checks every declared field's type and format. Returns the fields
-/// dropped (`spec.anything`).
+/// KubeSphere 3.4's `User`: `spec.email` required, `spec.groups` a list of strings,
+/// `status.state` a string (Active, Disabled, AuthLimitExceeded; the CRD has no enum),
+/// no status subresource.
+const USER: Schema = Object(
+    &[
+        ("apiVersion", Str),
+        ("kind", Str),
+        ("metadata", Meta),
+        (
+            "spec",
+            Object(
+                &[
+                    ("description", Str),
+                    ("displayName", Str),
+                    ("email", Str),
+                    ("groups", List(&Str)),
+                    ("lang", Str),
+                    ("password", Str),
+                ],
+                &["email"],
+            ),
+        ),
+        (
+            "status",
+            Object(
+                &[
+                    ("lastLoginTime", DateTime),
+                    ("lastTransitionTime", DateTime),
+                    ("reason", Str),
+                    ("state", Str),
+                ],
+                &[],
+            ),
+        ),
+    ],
+    &["spec"],
+);
+
+/// The schema of `resource`'s CRD, if it is one of KubeSphere's.
+pub(super) fn schema_of(resource: Resource) -> Option<&'static Schema> {
+    match resource {
+        Resource::Clusters => Some(&CLUSTER),
+        Resource::Users => Some(&USER),
+        _ => None,
+    }
+}
+
+/// Prunes `object` (the whole object) to `resource`'s schema, or with `strict` refuses
+/// what it would prune; then checks every declared field's type and format and that the
+/// required ones are there. Returns the fields dropped (`spec.anything`); a resource
+/// that is no CRD here is left alone.
 pub(super) fn prune_and_validate(
-    cluster: &mut Map<String, Value>,
+    resource: Resource,
+    object: &mut Map<String, Value>,
     name: &str,
     strict: bool,
 ) -> Result<Vec<String>, ApiError> {
-    let Object(fields, _) = CLUSTER else {
+    let Some(Object(fields, required)) = schema_of(resource) else {
         return Ok(Vec::new());
     };
     let mut unknown = Vec::new();
     let mut errors = Vec::new();
-    walk_object(cluster, fields, &[], "", &mut unknown, &mut errors);
+    walk_object(object, fields, required, "", &mut unknown, &mut errors);
     if strict && !unknown.is_empty() {
         let unknown: Vec<String> = unknown
             .iter()
             .map(|f| format!("unknown field {f:?}"))
             .collect();
+        let (kind, version) = (
+            resource.kind(),
+            resource
+                .api_version()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default(),
+        );
         return Err(ApiError::bad_request(format!(
-            "Cluster in version \"v1alpha1\" cannot be handled as a Cluster: strict decoding error: {}",
+            "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
             unknown.join(", ")
         )));
     }
     if errors.is_empty() {
         Ok(unknown)
     } else {
-        Err(invalid_object(Resource::Clusters, name, &errors))
+        Err(invalid_object(resource, name, &errors))
     }
 }
 
@@ -254,7 +314,8 @@ mod tests {
                        "conditions": [{"type": "Ready", "status": "True",
                                        "lastTransitionTime": "2026-12-07T03:00:00Z", "extra": 1}]},
         }));
-        let dropped = prune_and_validate(&mut cluster, "m", false).expect("valid once pruned");
+        let dropped = prune_and_validate(Resource::Clusters, &mut cluster, "m", false)
+            .expect("valid once pruned");
         assert_eq!(dropped, ["spec.anything", "status.conditions[0].extra"]);
         assert!(cluster["spec"].get("anything").is_none());
         assert!(cluster["status"]["conditions"][0].get("extra").is_none());
@@ -268,7 +329,8 @@ mod tests {
         );
 
         let mut strict = object(json!({"spec": {"anything": 1, "connection": {"other": 2}}}));
-        let err = prune_and_validate(&mut strict, "m", true).expect_err("strict");
+        let err =
+            prune_and_validate(Resource::Clusters, &mut strict, "m", true).expect_err("strict");
         assert_eq!(err.code, 400);
         assert!(
             err.message.ends_with(
@@ -300,12 +362,69 @@ mod tests {
                 "must be of type boolean",
             ),
         ] {
-            let err = prune_and_validate(&mut object(bad), "m", false).expect_err(message);
+            let err = prune_and_validate(Resource::Clusters, &mut object(bad), "m", false)
+                .expect_err(message);
             assert_eq!(err.code, 422);
             assert!(err.message.contains(message), "{}", err.message);
             assert!(
                 err.message
                     .starts_with("Cluster.cluster.kubesphere.io \"m\" is invalid: ")
+            );
+        }
+    }
+
+    #[test]
+    fn users_are_pruned_to_kubesphere_s_schema_and_need_an_email() {
+        let mut user = object(json!({
+            "apiVersion": "iam.kubesphere.io/v1alpha2", "kind": "User",
+            "metadata": {"name": "alice"},
+            "spec": {"email": "alice@example.com", "groups": ["devs"], "role": "admin"},
+            "status": {"state": "Disabled", "lastTransitionTime": "2026-12-07T03:00:00Z"},
+        }));
+        let dropped =
+            prune_and_validate(Resource::Users, &mut user, "alice", false).expect("valid");
+        assert_eq!(dropped, ["spec.role"]);
+        assert_eq!(user["spec"]["groups"], json!(["devs"]));
+        assert_eq!(user["status"]["state"], "Disabled");
+
+        let err = prune_and_validate(
+            Resource::Users,
+            &mut object(json!({"spec": {"x": 1}})),
+            "u",
+            true,
+        )
+        .expect_err("strict");
+        assert_eq!(
+            (err.code, err.message.as_str()),
+            (
+                400,
+                "User in version \"v1alpha2\" cannot be handled as a User: strict decoding error: unknown field \"spec.x\""
+            )
+        );
+        for (bad, message) in [
+            (json!({"metadata": {"name": "u"}}), "spec: Required value"),
+            (
+                json!({"spec": {"groups": ["devs"]}}),
+                "spec.email: Required value",
+            ),
+            (
+                json!({"spec": {"email": "u@example.com", "groups": "devs"}}),
+                "spec.groups in body must be of type array",
+            ),
+            (
+                json!({"spec": {"email": "u@example.com"}, "status": {"state": true}}),
+                "status.state in body must be of type string",
+            ),
+        ] {
+            let err = prune_and_validate(Resource::Users, &mut object(bad), "u", false)
+                .expect_err(message);
+            assert_eq!(err.code, 422);
+            assert!(err.message.contains(message), "{}", err.message);
+            assert!(
+                err.message
+                    .starts_with("User.iam.kubesphere.io \"u\" is invalid: "),
+                "{}",
+                err.message
             );
         }
     }

@@ -53,9 +53,10 @@ pub(crate) enum Resource {
     NetworkPolicies,
     /// Core `v1` `Node`, cluster-scoped: one seeded, `stand-in-node`, where every pod runs.
     Nodes,
-    /// KubeSphere's `iam.kubesphere.io/v1alpha2` `User`, cluster-scoped, free-form (as
-    /// KubeSphere 3.4's CRD: `spec.groups`, `status.state` Active/Disabled, written by
-    /// its controllers without a status subresource).
+    /// KubeSphere's `iam.kubesphere.io/v1alpha2` `User`, cluster-scoped, pruned and checked
+    /// against KubeSphere 3.4's CRD (`store::crd`: `spec.email` required, `spec.groups`,
+    /// `status.state` Active/Disabled, written by its controllers without a status
+    /// subresource).
     Users,
 }
 

@@ -1,31 +1,4 @@
 #![forbid(unsafe_code)]
 #![no_main]
-//! Any bytes: decoding never panics, a partial preamble consumes nothing, and whatever
-//! decodes re-encodes to the bytes it consumed.
-use bytes::BytesMut;
-use libfuzzer_sys::fuzz_target;
-use tower_proto::Preamble;
-
-fuzz_target!(|data: &[u8]| {
-    let mut view = data;
-    match Preamble::decode(&mut view) {
-        Ok(Some(preamble)) => {
-            let used = data.len() - view.len();
-            let mut again = BytesMut::new();
-            preamble
-                .encode(&mut again)
-                .expect("a decoded preamble encodes");
-            let mut reread = &again[..];
-            assert_eq!(
-                Preamble::decode(&mut reread).expect("re-decodes"),
-                Some(preamble)
-            );
-            assert!(
-                again.len() <= used,
-                "unknown fields are dropped, nothing is added"
-            );
-        }
-        Ok(None) => assert_eq!(view.len(), data.len()),
-        Err(_) => {}
-    }
-});
+//! See `tower_fuzz::preamble`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tower_fuzz::preamble::check(data));

@@ -171,22 +171,30 @@ where
                     }
                     Credentials::ClientCertificate | Credentials::None => {}
                 }
-                match header::HeaderValue::from_str(&identity.user) {
-                    Ok(user) => {
-                        parts.headers.insert(IMPERSONATE_USER, user);
-                    }
-                    Err(_) => {
+                // As client-go sends them (`ImpersonatingRoundTripper`): the names' bytes,
+                // UTF-8 included, which Go's server takes (`httpguts.ValidHeaderFieldValue`
+                // refuses only control characters). A name that cannot be sent refuses the
+                // request: a group left out could be one a policy denies.
+                let Ok(user) = header::HeaderValue::from_bytes(identity.user.as_bytes()) else {
+                    return refuse(
+                        &config,
+                        Refused::BadRequest,
+                        "the token's user name cannot be sent as a header",
+                    );
+                };
+                parts.headers.insert(IMPERSONATE_USER, user);
+                for group in &identity.groups {
+                    let Ok(group) = header::HeaderValue::from_bytes(group.as_bytes()) else {
                         return refuse(
                             &config,
                             Refused::BadRequest,
-                            "the token's user name cannot be sent as a header",
+                            &format!(
+                                "the token's group {:?} cannot be sent as a header",
+                                group.chars().take(64).collect::<String>()
+                            ),
                         );
-                    }
-                }
-                for group in &identity.groups {
-                    if let Ok(group) = header::HeaderValue::from_str(group) {
-                        parts.headers.append(&IMPERSONATE_GROUP, group);
-                    }
+                    };
+                    parts.headers.append(&IMPERSONATE_GROUP, group);
                 }
             }
             Request::from_parts(parts, body.map_err(Into::into).boxed_unsync())
@@ -413,6 +421,54 @@ mod tests {
             builder = builder.header(*k, *v);
         }
         builder.body(Full::new(Bytes::new())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn names_go_as_their_bytes_and_a_group_that_cannot_be_sent_refuses_the_request() {
+        let secret = Secret::new("the host's secret").unwrap();
+        let (url, mut seen) = recording_upstream().await;
+        let config = Arc::new(agent_config(&url, &secret));
+        let assert = |user: &str, groups: &[&str]| {
+            Asserter::new(&secret).assert(
+                "c1",
+                &Identity {
+                    user: user.into(),
+                    groups: groups.iter().map(|g| g.to_string()).collect(),
+                },
+            )
+        };
+        let zoe = assert("zoë", &["équipe", "devs"]);
+        let response =
+            handle_request(config.clone(), KUBERNETES_TARGET.into(), request(&zoe, &[])).await;
+        assert_eq!(response.status(), 200);
+        let headers = seen.recv().await.unwrap();
+        assert_eq!(headers["impersonate-user"].as_bytes(), "zoë".as_bytes());
+        let groups: Vec<_> = headers
+            .get_all("impersonate-group")
+            .iter()
+            .map(|g| g.as_bytes())
+            .collect();
+        assert_eq!(groups, ["équipe".as_bytes(), b"devs"]);
+
+        for (user, groups) in [("alice", &["devs", "bad\ngroup"][..]), ("bad\ruser", &[])] {
+            let response = handle_request(
+                config.clone(),
+                KUBERNETES_TARGET.into(),
+                request(&assert(user, groups), &[]),
+            )
+            .await;
+            assert_eq!(response.status(), 400, "{user:?} {groups:?}");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert!(
+                String::from_utf8_lossy(&body).contains("cannot be sent as a header"),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        assert!(
+            seen.try_recv().is_err(),
+            "refused requests never reach the upstream"
+        );
     }
 
     #[tokio::test]

@@ -303,6 +303,19 @@ mod tests {
         value.as_object().cloned().unwrap_or_default()
     }
 
+    /// `bad`, an object of `resource` named `x`, is refused with 422 and `message`.
+    fn assert_invalid(resource: Resource, bad: Value, message: &str) {
+        let err = prune_and_validate(resource, &mut object(bad), "x", false).expect_err(message);
+        assert_eq!(err.code, 422);
+        assert!(err.message.contains(message), "{}", err.message);
+        let prefix = format!(
+            "{}.{} \"x\" is invalid: ",
+            resource.kind(),
+            resource.api_version().split('/').next().unwrap_or_default()
+        );
+        assert!(err.message.starts_with(&prefix), "{}", err.message);
+    }
+
     #[test]
     fn undeclared_fields_are_pruned_or_refused_and_declared_ones_checked() {
         let mut cluster = object(json!({
@@ -362,14 +375,7 @@ mod tests {
                 "must be of type boolean",
             ),
         ] {
-            let err = prune_and_validate(Resource::Clusters, &mut object(bad), "m", false)
-                .expect_err(message);
-            assert_eq!(err.code, 422);
-            assert!(err.message.contains(message), "{}", err.message);
-            assert!(
-                err.message
-                    .starts_with("Cluster.cluster.kubesphere.io \"m\" is invalid: ")
-            );
+            assert_invalid(Resource::Clusters, bad, message);
         }
     }
 
@@ -416,16 +422,7 @@ mod tests {
                 "status.state in body must be of type string",
             ),
         ] {
-            let err = prune_and_validate(Resource::Users, &mut object(bad), "u", false)
-                .expect_err(message);
-            assert_eq!(err.code, 422);
-            assert!(err.message.contains(message), "{}", err.message);
-            assert!(
-                err.message
-                    .starts_with("User.iam.kubesphere.io \"u\" is invalid: "),
-                "{}",
-                err.message
-            );
+            assert_invalid(Resource::Users, bad, message);
         }
     }
 }

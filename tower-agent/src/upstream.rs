@@ -163,6 +163,43 @@ fn read_token(path: &std::path::Path) -> Result<String, String> {
     Ok(token)
 }
 
+/// Why a request's path cannot be sent to an upstream.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UriError {
+    /// A `.` or `..` segment below a base path.
+    #[error(
+        "the path has a \".\" or \"..\" segment, which this agent does not send below its \
+         upstream's base path {0:?}"
+    )]
+    DotSegment(String),
+    /// Not a URI once joined.
+    #[error(transparent)]
+    Http(#[from] http::Error),
+}
+
+/// Whether `path` has a segment that is `.` or `..`, with its dots escaped (`%2e`) or not.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let mut rest = segment;
+        let mut dots = 0;
+        while !rest.is_empty() {
+            if let Some(after) = rest.strip_prefix('.') {
+                rest = after;
+            } else if let Some(after) = rest
+                .get(..3)
+                .filter(|escape| escape.eq_ignore_ascii_case("%2e"))
+                .and_then(|_| rest.get(3..))
+            {
+                rest = after;
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        matches!(dots, 1 | 2)
+    })
+}
+
 /// One upstream the agent forwards to.
 pub struct Upstream {
     /// Scheme and authority (and any path prefix) of the upstream.
@@ -274,17 +311,27 @@ impl Upstream {
     }
 
     /// The upstream URI for a request's path and query.
-    pub(crate) fn uri_for(&self, path_and_query: &PathAndQuery) -> Result<Uri, http::Error> {
+    ///
+    /// Below a base with a path (a kubeconfig's server behind a proxy that routes by path,
+    /// as Rancher's `…/k8s/clusters/{id}`), a path with a `.` or `..` segment, escaped or
+    /// not, is refused: a hop that normalises the path (nginx does, before it routes)
+    /// would take `{prefix}/../{other}` out of the prefix, to whatever else that proxy
+    /// serves, with this agent's credentials.
+    pub(crate) fn uri_for(&self, path_and_query: &PathAndQuery) -> Result<Uri, UriError> {
         let prefix = self.base.path().trim_end_matches('/');
         let mut parts = self.base.clone().into_parts();
         parts.path_and_query = Some(if prefix.is_empty() {
             // The usual base (`https://host:6443`): the request's own, already parsed,
             // where formatting and parsing it again cost ~1 K instructions a request.
             path_and_query.clone()
+        } else if has_dot_segment(path_and_query.path()) {
+            return Err(UriError::DotSegment(prefix.to_owned()));
         } else {
-            format!("{prefix}{path_and_query}").parse()?
+            format!("{prefix}{path_and_query}")
+                .parse()
+                .map_err(http::Error::from)?
         });
-        Ok(Uri::from_parts(parts)?)
+        Ok(Uri::from_parts(parts).map_err(http::Error::from)?)
     }
 
     /// Sends a request: a watch (`watch`, as [`tower_proto::request_info::is_watch`]
@@ -753,6 +800,41 @@ mod tests {
                 .unwrap()
                 .to_string(),
             "https://10.0.0.1:6443/k8s/clusters/c-1/api/v1/pods?watch=1"
+        );
+        // Nothing leaves the base path: a dot segment below it, escaped or not, is refused.
+        for path in [
+            "/../c-2/api/v1/secrets",
+            "/api/v1/%2e%2E/%2E%2e/c-2/api",
+            "/api/./v1",
+            "/api/v1/.",
+            "/api/v1/%2e",
+            "/api/.%2e",
+        ] {
+            let refused = upstream.uri_for(&path.parse().unwrap()).unwrap_err();
+            assert!(
+                refused.to_string().contains("/k8s/clusters/c-1"),
+                "{path}: {refused}"
+            );
+        }
+        for path in [
+            "/api/v1/namespaces/a..b/pods",
+            "/api/...",
+            "/api/.x",
+            "/api/%2e%2e%2e",
+        ] {
+            assert!(upstream.uri_for(&path.parse().unwrap()).is_ok(), "{path}");
+        }
+        // A query is not a path.
+        assert!(upstream.uri_for(&"/api?x=/../y".parse().unwrap()).is_ok());
+        // Without a base path there is nothing to leave: the member's server judges.
+        let plain = kube::Config::new("https://10.0.0.1:6443".parse().unwrap());
+        let plain = Upstream::kubernetes(&plain, None, DEFAULT_STREAMS_PER_CONNECTION).unwrap();
+        assert_eq!(
+            plain
+                .uri_for(&"/api/../x".parse().unwrap())
+                .unwrap()
+                .to_string(),
+            "https://10.0.0.1:6443/api/../x"
         );
         let named = Upstream::named("ks-apiserver.kubesphere-system.svc:80").unwrap();
         assert_eq!(

@@ -204,6 +204,15 @@ fn hmac_key(key: &[u8]) -> Vec<u8> {
     key
 }
 
+/// Whether an `aud` claim (a string or a list) names the agent's audience.
+fn names_agent(aud: &Value) -> bool {
+    match aud {
+        Value::String(aud) => aud == AGENT_AUDIENCE,
+        Value::Array(list) => list.iter().any(|a| a == AGENT_AUDIENCE),
+        _ => false,
+    }
+}
+
 /// Panics if the claims have an `exp` more than `leeway` seconds before `now`.
 fn assert_not_expired(claims: &Value, now: i64, leeway: i64) {
     if let Some(exp) = claims.get("exp").and_then(Value::as_f64) {
@@ -307,7 +316,7 @@ pub fn check(input: Input) -> Verified {
             claims["token_type"]
         );
         assert!(
-            !claims["aud"].to_string().contains(AGENT_AUDIENCE),
+            !names_agent(&claims["aud"]),
             "an agent's token verified as a user's: {input:?}"
         );
         assert_not_expired(&claims, now, 0);
@@ -321,10 +330,8 @@ pub fn check(input: Input) -> Verified {
             "an agent token verified without its cluster's key: {input:?}"
         );
         assert!(
-            serde_json::to_value(&claims.aud)
-                .expect("an audience serializes")
-                .to_string()
-                .contains(AGENT_AUDIENCE)
+            names_agent(&serde_json::to_value(&claims.aud).expect("an audience serializes")),
+            "{input:?}"
         );
     }
     let _ = AgentClaims::read_unverified(&token);

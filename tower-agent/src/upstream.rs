@@ -180,23 +180,8 @@ pub(crate) enum UriError {
 /// Whether `path` has a segment that is `.` or `..`, with its dots escaped (`%2e`) or not.
 fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|segment| {
-        let mut rest = segment;
-        let mut dots = 0;
-        while !rest.is_empty() {
-            if let Some(after) = rest.strip_prefix('.') {
-                rest = after;
-            } else if let Some(after) = rest
-                .get(..3)
-                .filter(|escape| escape.eq_ignore_ascii_case("%2e"))
-                .and_then(|_| rest.get(3..))
-            {
-                rest = after;
-            } else {
-                return false;
-            }
-            dots += 1;
-        }
-        matches!(dots, 1 | 2)
+        let unescaped = segment.to_ascii_lowercase().replace("%2e", ".");
+        unescaped == "." || unescaped == ".."
     })
 }
 

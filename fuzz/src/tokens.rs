@@ -247,13 +247,10 @@ pub fn check(input: Input) -> Verified {
     )
     .expect("seconds fit");
     let header = match &input.header {
-        Header::Hs256 => json!({"alg": "HS256", "typ": "JWT"}).to_string(),
-        Header::Alg(alg) => json!({"alg": alg.text()}).to_string(),
-        Header::Json(text) | Header::Raw(text) => text.clone(),
-    };
-    let header = match &input.header {
+        Header::Hs256 => URL_SAFE_NO_PAD.encode(json!({"alg": "HS256", "typ": "JWT"}).to_string()),
+        Header::Alg(alg) => URL_SAFE_NO_PAD.encode(json!({"alg": alg.text()}).to_string()),
+        Header::Json(text) => URL_SAFE_NO_PAD.encode(text),
         Header::Raw(text) => text.clone(),
-        _ => URL_SAFE_NO_PAD.encode(header),
     };
     let mut claims = match &input.base {
         Base::User(exp) => json!({

@@ -522,10 +522,12 @@ impl Bench {
         cpu
     }
 
-    /// B3: small-request latency (one at a time, the *probe*) while a bulk download runs,
-    /// in rounds. Each round measures both probes idle, then once for each [`PAIRINGS`]
-    /// entry, which together separate head-of-line blocking in the tunnel from CPU
-    /// contention on a small machine.
+    /// B3: small-request latency (one at a time, each [`PROBE_EVERY`] after the one
+    /// before: the *probe*) while a bulk download runs, in rounds. Each round measures
+    /// both probes idle, then once for each [`PAIRINGS`] entry, which together separate
+    /// head-of-line blocking in the tunnel from CPU contention on a small machine; then
+    /// the first two pairings again with probes sent back to back, as B3 sent them until
+    /// 2026-12-07 (see [`load::paced`] for why it paces them).
     ///
     /// Its upstream is the stand-in, not nginx: an nginx worker serving a fast reader
     /// over TLS starves its other connections until that download ends. With one worker,
@@ -536,35 +538,35 @@ impl Bench {
     fn b3(&mut self) {
         let (rounds, n) = if self.quick { (3, 500) } else { (3, 2500) };
         // The download stops when the probe is done: the size only has to outlast it (a
-        // probe through the tunnel takes 4-7 ms a request during a tunnel download, and
-        // the stand-in makes the bytes as it sends them).
+        // paced probe takes at least `n` × 2 ms; a direct download runs up to 2.4 GB/s
+        // here; the stand-in makes the bytes as it sends them).
         let size: u64 = if self.quick {
-            (2 << 30) / self.bulk_divisor
+            (8 << 30) / self.bulk_divisor
         } else {
-            16 << 30
+            32 << 30
         };
         // The slow reader's probe sends four times the requests: its window updates
         // release the bulk in bursts, and a p99 of 2,500 probes is the 25th worst of a
-        // handful of bursts.
+        // handful of bursts. Its download outlasts the probe twice over.
         let slow_n = 4 * n;
-        let slow_size = SLOW_READER_RATE * if self.quick { 4 } else { 10 };
+        let slow_size = SLOW_READER_RATE * (2 * (PROBE_EVERY * slow_n as u32).as_secs() + 4);
         let small_direct = self.stand_in_target("/version");
         let small_tunnel =
             self.tunnel_target(&format!("/clusters/{}/version", self.stand_in_cluster()));
         let limit = self.limit();
         self.rt.block_on(load::run(&small_tunnel, 1, 200, limit)); // warm the pools
-        // Per probe (direct, tunnel): its idle p99.
-        let mut idle: [Samples; 2] = Default::default();
+        // Per pacing (paced, back to back) and probe (direct, tunnel): its idle p99.
+        let mut idle: [[Samples; 2]; 2] = Default::default();
         let mut busy: Vec<Busy> = PAIRINGS.iter().map(|_| Busy::default()).collect();
         let mut notes = Vec::new();
         for _ in 0..rounds {
-            let idle_p99 = [&small_direct, &small_tunnel].map(|probe| {
-                us(self
-                    .rt
-                    .block_on(load::run(probe, 1, n, limit))
-                    .percentile(0.99))
+            let idle_p99 = [true, false].map(|paced| {
+                [&small_direct, &small_tunnel]
+                    .map(|probe| us(self.probe(probe, n, paced).percentile(0.99)))
             });
-            Samples::push_all(idle.each_mut(), idle_p99);
+            for (idle, p99) in idle.iter_mut().zip(idle_p99) {
+                Samples::push_all(idle.each_mut(), p99);
+            }
             for (pairing, busy) in PAIRINGS.iter().zip(&mut busy) {
                 let probe = if pairing.tunnel_probe {
                     &small_tunnel
@@ -576,8 +578,7 @@ impl Bench {
                 } else {
                     (n, size, None)
                 };
-                let got =
-                    self.probe_during_download(pairing.tunnel_bulk, probe, requests, bytes, pace);
+                let got = self.probe_during_download(pairing, probe, requests, bytes, pace);
                 if got.download_ended_first {
                     notes.push(format!(
                         "{}: the download ended before the probe did (raise its size)",
@@ -589,8 +590,9 @@ impl Bench {
                 }
                 let p99 = us(got.p99);
                 busy.p99.push(p99);
-                busy.over_idle
-                    .push(p99 / idle_p99[usize::from(pairing.tunnel_probe)]);
+                busy.over_idle.push(
+                    p99 / idle_p99[usize::from(!pairing.paced)][usize::from(pairing.tunnel_probe)],
+                );
                 busy.max.push(us(got.max));
                 busy.seconds.push(got.seconds);
                 busy.bulk_mbps.push(got.bulk_mbps);
@@ -601,16 +603,14 @@ impl Bench {
             &busy[i.expect("a pairing of PAIRINGS")]
         };
         // Per round: the tunnel probe's p99 over the direct probe's, same tunnel bulk.
-        let (t_t, d_t) = (
-            of("tunnel_probe_tunnel_bulk"),
-            of("direct_probe_tunnel_bulk"),
-        );
-        let tunnel_over_direct: Samples = t_t
-            .p99
-            .iter()
-            .zip(d_t.p99.iter())
-            .map(|(t, d)| t / d)
-            .collect();
+        let tunnel_over_direct = |pacing: &str| -> Samples {
+            let (t, d) = (
+                of(&format!("tunnel_probe_tunnel_bulk{pacing}")),
+                of(&format!("direct_probe_tunnel_bulk{pacing}")),
+            );
+            t.p99.iter().zip(d.p99.iter()).map(|(t, d)| t / d).collect()
+        };
+        let (paced, back_to_back) = (tunnel_over_direct(""), tunnel_over_direct("_back_to_back"));
         // Rows: direct probe | tunnel probe, each "idle p99 -> busy p99" (medians); the
         // ratio column is the median of each round's busy/idle.
         for (label, bulk, target) in [
@@ -623,7 +623,7 @@ impl Bench {
                 of(&format!("tunnel_probe_{bulk}")),
             );
             let shift = |probe: usize, busy: &Busy| {
-                format!("{:.0}->{:.0}", idle[probe].median(), busy.p99.median())
+                format!("{:.0}->{:.0}", idle[0][probe].median(), busy.p99.median())
             };
             let ratio = format!("{:.1}x/{:.1}x", d.over_idle.median(), t.over_idle.median());
             let spread = format!("{}x/{}x", d.over_idle.spread(1), t.over_idle.spread(1));
@@ -637,8 +637,15 @@ impl Bench {
             "B3 tunnel probe p99 / direct probe p99",
             "",
             "",
-            &format!("{:.1}x", tunnel_over_direct.median()),
-            "(same tunnel bulk)",
+            &format!("{:.1}x", paced.median()),
+            "<= 2x (issue 18; same tunnel bulk)",
+        );
+        println!(
+            "{:<36} spread over {rounds} rounds {}x; probes back to back {:.1}x [{}x]",
+            "",
+            paced.spread(1),
+            back_to_back.median(),
+            back_to_back.spread(1)
         );
         for note in notes {
             println!("{:<36} {note}", "");
@@ -649,8 +656,13 @@ impl Bench {
             "download_bytes": size,
             "slow_reader_bytes_per_second": SLOW_READER_RATE,
             "slow_reader_probe_requests": slow_n,
-            "idle_p99_us": {"direct": idle[0].to_json(), "tunnel": idle[1].to_json()},
-            "tunnel_over_direct_probe_p99": tunnel_over_direct.to_json(),
+            "probe_every_us": PROBE_EVERY.as_micros() as u64,
+            "idle_p99_us": {
+                "direct": idle[0][0].to_json(), "tunnel": idle[0][1].to_json(),
+                "back_to_back": {"direct": idle[1][0].to_json(), "tunnel": idle[1][1].to_json()},
+            },
+            "tunnel_over_direct_probe_p99": paced.to_json(),
+            "tunnel_over_direct_probe_p99_back_to_back": back_to_back.to_json(),
         });
         for (pairing, busy) in PAIRINGS.iter().zip(&busy) {
             b3[pairing.key] = json!({
@@ -662,19 +674,30 @@ impl Bench {
         self.results.insert("B3".into(), b3);
     }
 
-    /// Runs `n` requests to `probe`, one at a time, while a download of up to `size` bytes
-    /// runs through the tunnel (`via_tunnel`) or directly from the stand-in; the download
-    /// stops when the probe is done.
+    /// B3's probe: `n` requests to `target`, one at a time, each [`PROBE_EVERY`] after the
+    /// one before (`paced`) or back to back.
+    fn probe(&self, target: &Target, n: usize, paced: bool) -> load::Run {
+        if paced {
+            let limit = self.limit() + PROBE_EVERY * n as u32;
+            self.rt.block_on(load::paced(target, n, PROBE_EVERY, limit))
+        } else {
+            self.rt.block_on(load::run(target, 1, n, self.limit()))
+        }
+    }
+
+    /// Runs `n` requests to `probe` as `pairing` paces them while a download of up to
+    /// `size` bytes runs through the tunnel or directly from the stand-in, as `pairing`
+    /// has it; the download stops when the probe is done.
     fn probe_during_download(
         &self,
-        via_tunnel: bool,
+        pairing: &Pairing,
         probe: &Target,
         n: usize,
         size: u64,
         pace: Option<u64>,
     ) -> Probe {
         let path = format!("/debug/bytes?size={size}");
-        let bulk = if via_tunnel {
+        let bulk = if pairing.tunnel_bulk {
             self.tunnel_target(&format!("/clusters/{}{path}", self.stand_in_cluster()))
         } else {
             self.stand_in_target(&path)
@@ -684,7 +707,7 @@ impl Bench {
             panic!("the bulk download did not start: {e}");
         }
         let started = Instant::now();
-        let mut during = self.rt.block_on(load::run(probe, 1, n, self.limit()));
+        let mut during = self.probe(probe, n, pairing.paced);
         let elapsed = started.elapsed();
         let done = download
             .finish()
@@ -832,6 +855,12 @@ impl Bench {
 /// The cluster B3 goes through when the main agent serves nginx.
 const STAND_IN_CLUSTER: &str = "bench-stand-in";
 
+/// How often B3's probe sends a request: each this long after the one before, or at once
+/// when the one before took longer (see [`load::paced`]). Longer than a probe takes
+/// through the tunnel during a download at the median (about 1 ms), so both probes
+/// mostly wait between requests, as a console or a kubectl does.
+const PROBE_EVERY: Duration = Duration::from_millis(2);
+
 /// How fast B3's slow reader reads its download (bytes per second).
 const SLOW_READER_RATE: u64 = 16 << 20;
 
@@ -844,10 +873,12 @@ struct Pairing {
     /// The bulk's reader takes [`SLOW_READER_RATE`]: the tunnel carries it at a fraction
     /// of the CPU, held back by flow control (what stalls a Konnectivity tunnel).
     slow: bool,
+    /// The probe sends a request each [`PROBE_EVERY`]; else back to back.
+    paced: bool,
 }
 
 /// B3's pairings; the table finds them by `key`.
-const PAIRINGS: [Pairing; 6] = [
+const PAIRINGS: [Pairing; 8] = [
     // Head-of-line blocking in the tunnel and CPU contention.
     Pairing {
         key: "tunnel_probe_tunnel_bulk",
@@ -855,6 +886,7 @@ const PAIRINGS: [Pairing; 6] = [
         tunnel_probe: true,
         tunnel_bulk: true,
         slow: false,
+        paced: true,
     },
     // The same contention, but nothing of the probe's path is shared with the bulk.
     Pairing {
@@ -863,6 +895,7 @@ const PAIRINGS: [Pairing; 6] = [
         tunnel_probe: false,
         tunnel_bulk: true,
         slow: false,
+        paced: true,
     },
     // No tunnel anywhere.
     Pairing {
@@ -871,6 +904,7 @@ const PAIRINGS: [Pairing; 6] = [
         tunnel_probe: false,
         tunnel_bulk: false,
         slow: false,
+        paced: true,
     },
     // Contention, but no shared tunnel.
     Pairing {
@@ -879,6 +913,7 @@ const PAIRINGS: [Pairing; 6] = [
         tunnel_probe: true,
         tunnel_bulk: false,
         slow: false,
+        paced: true,
     },
     // Flow control, little CPU.
     Pairing {
@@ -887,6 +922,7 @@ const PAIRINGS: [Pairing; 6] = [
         tunnel_probe: true,
         tunnel_bulk: true,
         slow: true,
+        paced: true,
     },
     // What the slow bulk's CPU does to a request that does not cross the tunnel.
     Pairing {
@@ -895,6 +931,24 @@ const PAIRINGS: [Pairing; 6] = [
         tunnel_probe: false,
         tunnel_bulk: true,
         slow: true,
+        paced: true,
+    },
+    // The first two with the probe sent back to back, as B3 sent it until 2026-12-07.
+    Pairing {
+        key: "tunnel_probe_tunnel_bulk_back_to_back",
+        what: "tunnel probe back to back, tunnel bulk",
+        tunnel_probe: true,
+        tunnel_bulk: true,
+        slow: false,
+        paced: false,
+    },
+    Pairing {
+        key: "direct_probe_tunnel_bulk_back_to_back",
+        what: "direct probe back to back, tunnel bulk",
+        tunnel_probe: false,
+        tunnel_bulk: true,
+        slow: false,
+        paced: false,
     },
 ];
 

@@ -571,12 +571,12 @@ impl Bench {
                 } else {
                     &small_direct
                 };
-                let (requests, bytes, pace) = if pairing.slow {
-                    (slow_n, slow_size, Some(SLOW_READER_RATE))
+                let (requests, bytes) = if pairing.slow {
+                    (slow_n, slow_size)
                 } else {
-                    (n, size, None)
+                    (n, size)
                 };
-                let got = self.probe_during_download(pairing, probe, requests, bytes, pace);
+                let got = self.probe_during_download(pairing, probe, requests, bytes);
                 if got.download_ended_first {
                     notes.push(format!(
                         "{}: the download ended before the probe did (raise its size)",
@@ -683,16 +683,16 @@ impl Bench {
         }
     }
 
-    /// Runs `n` requests to `probe` as `pairing` paces them while a download of up to
-    /// `size` bytes runs through the tunnel or directly from the stand-in, as `pairing`
-    /// has it; the download stops when the probe is done.
+    /// Runs `n` requests to `probe` while a download of up to `size` bytes runs, each
+    /// as `pairing` has it (paced or back to back; through the tunnel or directly from
+    /// the stand-in, read at once or by a slow reader); the download stops when the
+    /// probe is done.
     fn probe_during_download(
         &self,
         pairing: &Pairing,
         probe: &Target,
         n: usize,
         size: u64,
-        pace: Option<u64>,
     ) -> Probe {
         let path = format!("/debug/bytes?size={size}");
         let bulk = if pairing.tunnel_bulk {
@@ -700,7 +700,7 @@ impl Bench {
         } else {
             self.stand_in_target(&path)
         };
-        let download = load::Download::start(&bulk, pace);
+        let download = load::Download::start(&bulk, pairing.slow.then_some(SLOW_READER_RATE));
         if let Err(e) = download.wait_started(Duration::from_secs(10)) {
             panic!("the bulk download did not start: {e}");
         }
